@@ -1,0 +1,164 @@
+"""Pydantic models shared by the MCP tools, the CLI, the runtimes and the registry file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DestroyResult",
+    "DirEntry",
+    "DirListing",
+    "ExecResult",
+    "FileContent",
+    "LogsResult",
+    "RuntimeDetail",
+    "SSHInfo",
+    "Timings",
+    "Workspace",
+    "WorkspaceList",
+    "WorkspaceRecord",
+    "WorkspaceState",
+    "WorkspaceStatus",
+    "WorkspaceType",
+    "WriteResult",
+]
+
+WorkspaceType = Literal["container", "vm", "incus"]
+WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SSHInfo(BaseModel):
+    """How to reach the workspace's sshd; the host key is pinned by the server."""
+
+    host: str
+    port: int = 22
+    user: str
+    host_key_fingerprint: str = Field(description="SHA256 fingerprint of the pinned host key")
+
+
+class Timings(BaseModel):
+    """Seconds spent in each phase of the last create/start."""
+
+    image_s: float | None = Field(default=None, description="Building or finding the root image")
+    boot_s: float | None = Field(default=None, description="From launching the runtime until it runs")
+    ssh_s: float | None = Field(default=None, description="Until SSH answered with the pinned key")
+    total_s: float | None = None
+
+
+class WorkspaceRecord(BaseModel):
+    """One workspace as the registry stores it. The source of truth for names and addresses."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    type: WorkspaceType = "container"
+    state: WorkspaceState = "creating"
+    runtime: str = Field(description="The runtime that realises it: 'nspawn', 'nixos', ...")
+    ip: str
+    mac: str
+    cid: int
+    user: str
+    packages: list[str] = Field(default_factory=list)
+    host_key_fingerprint: str = ""
+    image: str | None = Field(default=None, description="Root image key (direct mode)")
+    pid: int | None = Field(default=None, description="Supervised process (direct mode)")
+    pid_start_time: int | None = Field(default=None, description="/proc start time of pid, to detect PID reuse")
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    last_error: str | None = None
+    timings: Timings | None = None
+
+
+class Workspace(BaseModel):
+    """A workspace as tools and the CLI report it."""
+
+    name: str
+    type: WorkspaceType
+    state: WorkspaceState
+    ip: str
+    user: str
+    workspace_dir: str = Field(description="The project directory inside the workspace; exec's default cwd")
+    host_workspace_dir: str = Field(description="The same directory on the host; it survives restarts")
+    ssh: SSHInfo
+    packages: list[str] = Field(default_factory=list)
+    created_at: datetime
+    started_at: datetime | None = None
+    last_error: str | None = None
+    timings: Timings | None = None
+
+
+class RuntimeDetail(BaseModel):
+    """What the runtime says about a workspace right now."""
+
+    runtime: str
+    running: bool
+    pid: int | None = None
+    unit: str | None = Field(default=None, description="systemd unit (nixos mode)")
+    unit_state: str | None = None
+    uptime_s: float | None = None
+    detail: str | None = None
+
+
+class WorkspaceStatus(Workspace):
+    """A workspace plus live runtime detail."""
+
+    runtime: RuntimeDetail
+
+
+class WorkspaceList(BaseModel):
+    workspaces: list[Workspace]
+
+
+class DestroyResult(BaseModel):
+    name: str
+    destroyed: bool = True
+    kept_data: bool = Field(default=False, description="True when the host workspace directory was kept")
+
+
+class ExecResult(BaseModel):
+    exit_code: int | None = Field(description="The command's exit status; null when it was killed by a signal")
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    truncated: bool = Field(default=False, description="True when stdout or stderr was cut at the output cap")
+    duration_ms: float
+
+
+class FileContent(BaseModel):
+    path: str = Field(description="Absolute path inside the workspace")
+    content: str
+    encoding: Literal["utf-8", "base64"]
+    size: int = Field(description="Total size of the file in bytes")
+    offset: int = 0
+    truncated: bool = Field(description="True when bytes remain after this chunk")
+    next_offset: int | None = Field(default=None, description="Pass as offset to read the rest")
+
+
+class WriteResult(BaseModel):
+    path: str
+    bytes_written: int
+
+
+class DirEntry(BaseModel):
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mtime: datetime
+
+
+class DirListing(BaseModel):
+    path: str
+    entries: list[DirEntry]
+
+
+class LogsResult(BaseModel):
+    name: str
+    log: str
+    lines: int

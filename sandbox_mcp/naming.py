@@ -1,0 +1,165 @@
+"""Names, addresses and identifiers: pure functions, no I/O.
+
+The MAC and vsock CID derivations match the NixOS module (``nix/modules/lib.nix``)
+bit for bit, so a workspace has the same identity in both modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+
+from .errors import Conflict, InvalidSpec
+
+__all__ = [
+    "CID_OFFSET",
+    "FIRST_HOST_OFFSET",
+    "MAX_NAME_LEN",
+    "allocate_ip",
+    "check_identity_collisions",
+    "cid_for",
+    "mac_for",
+    "netns_name",
+    "tap_name",
+    "validate_ip",
+    "validate_name",
+    "validate_packages",
+    "veth_names",
+]
+
+MAX_NAME_LEN = 12  # "vm-" + 12 = 15, Linux's IFNAMSIZ - 1
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+# Debian package names (policy 5.6.7), optionally with a version or release: "jq", "python3-venv", "gcc=4:12.2.0-3"
+_DEB_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+# Nix attribute paths: "ripgrep", "python3Packages.requests"
+_NIX_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_][A-Za-z0-9_'-]*)*$")
+
+CID_OFFSET = 100  # CIDs 0-2 are reserved by vsock(7); 3-99 are left for manual assignment
+FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
+
+
+def validate_name(name: str) -> str:
+    """Check a workspace name: lowercase letters, digits and '-', starting with a letter, ≤ 12 characters.
+
+    Raises:
+        InvalidSpec: with the rule that was broken.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec("workspace name is empty; use lowercase letters, digits and '-', e.g. 'myproject'")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidSpec(
+            f"workspace name {name!r} is {len(name)} characters; the limit is {MAX_NAME_LEN} "
+            f"(its network interface 'vm-NAME' must fit Linux's 15-character limit)"
+        )
+    if not _NAME_RE.match(name):
+        raise InvalidSpec(
+            f"workspace name {name!r} is invalid: use lowercase letters, digits and '-', "
+            f"starting with a letter (e.g. 'web-2')"
+        )
+    if name.endswith("-"):
+        raise InvalidSpec(f"workspace name {name!r} must not end with '-'")
+    return name
+
+
+def validate_packages(packages: Iterable[str], flavour: str = "debian") -> list[str]:
+    """Validate package names before they reach a shell or a Nix file.
+
+    ``flavour`` is ``"debian"`` (direct mode, apt names) or ``"nix"`` (attribute paths).
+    Returns the sorted, de-duplicated list.
+    """
+    pattern = _DEB_PACKAGE_RE if flavour == "debian" else _NIX_ATTR_RE
+    out = set()
+    for pkg in packages:
+        if not isinstance(pkg, str) or not pattern.match(pkg) or len(pkg) > 128:
+            example = "'jq' or 'python3-venv'" if flavour == "debian" else "'ripgrep' or 'python3Packages.requests'"
+            raise InvalidSpec(f"package {pkg!r} is not a valid {flavour} package name; expected e.g. {example}")
+        out.add(pkg)
+    return sorted(out)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def mac_for(name: str) -> str:
+    """Deterministic locally administered unicast MAC: ``02:`` + the first 5 bytes of sha256(name)."""
+    h = _digest(name)
+    return "02:" + ":".join(h[i : i + 2] for i in range(0, 10, 2))
+
+
+def cid_for(name: str) -> int:
+    """Deterministic vsock CID: the first 24 bits of sha256(name), offset past the reserved values."""
+    return CID_OFFSET + int(_digest(name)[:6], 16)
+
+
+def veth_names(name: str) -> tuple[str, str]:
+    """The host-side and container-side names of a container's veth pair (≤ 15 characters)."""
+    return f"sb-{name}", f"sc-{name}"
+
+
+def tap_name(name: str) -> str:
+    return f"vm-{name}"
+
+
+def netns_name(name: str) -> str:
+    return f"sbx-{name}"
+
+
+def check_identity_collisions(name: str, others: Mapping[str, tuple[str, int]]) -> None:
+    """Refuse a name whose derived MAC or CID equals another workspace's.
+
+    ``others`` maps existing workspace names to their ``(mac, cid)``.
+
+    Raises:
+        Conflict: naming the other workspace, so the user can pick another name.
+    """
+    mac, cid = mac_for(name), cid_for(name)
+    for other, (omac, ocid) in others.items():
+        if other == name:
+            continue
+        if omac == mac:
+            raise Conflict(f"workspace name {name!r} derives MAC {mac}, already used by {other!r}; pick another name")
+        if ocid == cid:
+            raise Conflict(f"workspace name {name!r} derives vsock CID {cid}, already used by {other!r}; pick another name")
+
+
+def validate_ip(ip: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """Check that ``ip`` is a usable workspace address in ``subnet`` (not network, broadcast or the host)."""
+    try:
+        addr = ipaddress.IPv4Address(ip)
+    except (ipaddress.AddressValueError, ValueError) as exc:
+        raise InvalidSpec(f"{ip!r} is not an IPv4 address; use e.g. '{subnet.network_address + 20}'") from exc
+    if addr not in subnet:
+        raise InvalidSpec(f"IP {ip} is outside the workspace subnet {subnet}")
+    if addr in (subnet.network_address, subnet.broadcast_address, subnet.network_address + 1):
+        raise InvalidSpec(f"IP {ip} is reserved in {subnet} (network, broadcast or the host's address)")
+    return addr
+
+
+def allocate_ip(
+    subnet: ipaddress.IPv4Network,
+    taken: Iterable[str | ipaddress.IPv4Address],
+    requested: str | None = None,
+) -> str:
+    """Return ``requested`` if it is valid and free, else the lowest free address from ``.10`` on.
+
+    ``taken`` holds the registry's addresses and those live on the host.
+
+    Raises:
+        InvalidSpec: ``requested`` is malformed or outside the subnet.
+        Conflict: ``requested`` is in use, or the subnet is full.
+    """
+    used = {ipaddress.IPv4Address(str(t)) for t in taken}
+    if requested is not None:
+        addr = validate_ip(requested, subnet)
+        if addr in used:
+            raise Conflict(f"IP {addr} is already in use; omit ip to get a free one allocated")
+        return str(addr)
+    start = int(subnet.network_address) + FIRST_HOST_OFFSET
+    for n in range(start, int(subnet.broadcast_address)):
+        addr = ipaddress.IPv4Address(n)
+        if addr not in used:
+            return str(addr)
+    raise Conflict(f"no free IP left in {subnet}; destroy unused workspaces or set SANDBOX_MCP_SUBNET to a larger one")

@@ -1,0 +1,51 @@
+"""Where a workspace's state lives on the host (``<state>/<name>/...``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["WorkspacePaths"]
+
+
+@dataclass(frozen=True)
+class WorkspacePaths:
+    """The host-side directories of one workspace.
+
+    ``workspace``, ``ssh_host_keys`` and ``claude_config`` are the persistent,
+    user-visible parts; ``runtime`` holds what a runtime regenerates (console log).
+    """
+
+    root: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, name: str) -> WorkspacePaths:
+        return cls(state_dir / name)
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def ssh_host_keys(self) -> Path:
+        return self.root / "ssh-host-keys"
+
+    @property
+    def host_key(self) -> Path:
+        return self.ssh_host_keys / "ssh_host_ed25519_key"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.ssh_host_keys / "authorized_keys"
+
+    @property
+    def claude_config(self) -> Path:
+        return self.root / "claude-config"
+
+    @property
+    def runtime(self) -> Path:
+        return self.root / "runtime"
+
+    @property
+    def console_log(self) -> Path:
+        return self.runtime / "console.log"
