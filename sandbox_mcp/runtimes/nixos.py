@@ -1,0 +1,559 @@
+"""The nixos runtime: declare the workspace to the NixOS module, rebuild, drive its systemd unit.
+
+The module (``nix/``) reads a JSON registry with ``lib.importJSON`` and merges its workspaces
+with the declared ones. Adding a workspace means: add it to the registry, write its
+``<name>.nix`` template (once; people may edit it), let git know both files when the flake is
+a git repository, and run ``nixos-rebuild switch`` through the configured escalation. A
+failed rebuild puts the registry back byte for byte. Values from the user only ever reach
+Nix as JSON data, never as Nix code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+
+from .. import hostcmd
+from ..config import Settings
+from ..errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
+from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..naming import validate_ip, validate_name, validate_packages
+from .base import Progress, Runtime, no_progress
+
+__all__ = [
+    "CONTAINER_NAME_MAX",
+    "REGISTRY_VERSION",
+    "SHOW_PROPERTIES",
+    "WORKSPACE_TEMPLATE",
+    "NixosRuntime",
+    "nixos_mode_available",
+    "parse_unit_show",
+    "unit_for",
+]
+
+REGISTRY_VERSION = 1
+CONTAINER_NAME_MAX = 11  # nixpkgs' containers with privateNetwork refuse longer names (ve-NAME ≤ 15)
+SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic")
+_QUERY_TIMEOUT_S = 30.0
+_GIT_TIMEOUT_S = 60.0
+_LOCK_POLL_S = 0.2
+_OUTPUT_TAIL_LINES = 40  # CommandFailed quotes the last 15 of them
+_KEY_RE = re.compile(r"^(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\r\n]*)?$")
+
+# The same for every workspace: nothing from the request is written into Nix code, and an
+# unedited file is recognisable (destroy removes it, an edited one stays).
+WORKSPACE_TEMPLATE = """\
+# Extra NixOS configuration for one sandbox-mcp workspace (the file name is the workspace's name).
+#
+# sandbox-mcp writes this file once, when the workspace is created, and never overwrites it:
+# edit it freely and rebuild (nixos-rebuild switch) to apply your changes.
+#
+# - The workspace name becomes the hostname; the user, network, SSH and the workspace
+#   directory come from the sandboxed-workspace module.
+# - Packages requested through sandbox-mcp live in the registry (sandboxed-workspaces.json),
+#   not here; add more of your own below.
+{ config, lib, pkgs, ... }:
+{
+  # environment.systemPackages = [ pkgs.htop ];
+}
+"""
+
+_UNIT_PATTERNS: dict[str, str] = {
+    "container": "container@{}",
+    "vm": "microvm@{}",
+    "incus": "incus-workspace-{}",
+}
+
+
+def unit_for(type_: WorkspaceType, name: str) -> str:
+    """The systemd unit the module declares for a workspace: ``container@NAME``, ``microvm@NAME``
+    or ``incus-workspace-NAME``.
+
+    Raises:
+        InvalidSpec: an unknown type or an invalid name.
+    """
+    if type_ not in _UNIT_PATTERNS:
+        raise InvalidSpec(f"workspace type {type_!r} is not one of {sorted(_UNIT_PATTERNS)}")
+    return _UNIT_PATTERNS[type_].format(validate_name(name))
+
+
+def parse_unit_show(text: str, now_monotonic_s: float) -> RuntimeDetail:
+    """Read ``systemctl show -p …`` output (``Key=Value`` lines) into a :class:`RuntimeDetail`.
+
+    ``now_monotonic_s`` is ``time.monotonic()`` (CLOCK_MONOTONIC, the clock systemd's
+    ``…TimestampMonotonic`` values count in microseconds). Never raises on odd input: a
+    missing or malformed value is left out.
+    """
+    props: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            props[key.strip()] = value.strip()
+    active = props.get("ActiveState") or "unknown"
+    sub = props.get("SubState")
+    running = active in ("active", "reloading")
+    pid = _positive_int(props.get("MainPID"))
+    since_us = _positive_int(props.get("ActiveEnterTimestampMonotonic"))
+    uptime = max(0.0, now_monotonic_s - since_us / 1e6) if running and since_us else None
+    detail = None
+    if props.get("LoadState") == "not-found":
+        detail = "the unit does not exist: the workspace is not in the running NixOS configuration; rebuild"
+    return RuntimeDetail(
+        runtime="nixos",
+        running=running,
+        pid=pid if running else None,
+        unit_state=f"{active} ({sub})" if sub else active,
+        uptime_s=uptime,
+        detail=detail,
+    )
+
+
+def _positive_int(value: str | None) -> int | None:
+    try:
+        n = int(value or "")
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def nixos_mode_available(settings: Settings, root: Path = Path("/")) -> bool:
+    """True on a NixOS host (``/etc/NIXOS`` or ``/run/current-system``) whose flake and host are configured.
+
+    ``mode = "auto"`` picks the nixos runtime when this holds. ``root`` is for tests.
+    """
+    on_nixos = (root / "etc/NIXOS").exists() or (root / "run/current-system").exists()
+    return on_nixos and bool(settings.nixos.flake) and bool(settings.nixos.host)
+
+
+def _git_root(path: Path) -> Path | None:
+    """The work tree holding ``path``, found as Nix finds it: the nearest parent with ``.git``."""
+    for p in (path, *path.parents):
+        if (p / ".git").exists():
+            return p
+    return None
+
+
+def _tail(lines: Sequence[str], n: int = _OUTPUT_TAIL_LINES) -> str:
+    return "\n".join(lines[-n:])
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _Snapshot:
+    """The registry and per-workspace file as they were before a change, to put back on failure."""
+
+    def __init__(self, registry: Path, registry_bytes: bytes | None, registry_mode: int) -> None:
+        self.registry = registry
+        self.registry_bytes = registry_bytes
+        self.registry_mode = registry_mode
+        self.created: list[Path] = []  # files this change created; removed on restore
+
+
+class NixosRuntime(Runtime):
+    """Workspaces declared to the ``sandboxed-workspace`` NixOS module and run by its systemd units.
+
+    ``client_public_key`` is the server's SSH client public key (one ``authorized_keys``
+    line); it is put into the registry's ``authorizedKeys`` so the server can log in.
+    ``command_prefix`` is prepended to every systemctl/journalctl/nixos-rebuild command
+    (not git): tests point it at a recording stand-in script; normally it is empty.
+    """
+
+    name: ClassVar[str] = "nixos"
+    types: ClassVar[frozenset[WorkspaceType]] = frozenset({"container", "vm", "incus"})
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client_public_key: str,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        """Raises:
+        InvalidSpec: nixos.flake or nixos.host is not set, the flake is not an absolute
+            directory path, or the key is not a single public key line.
+        """
+        super().__init__(settings)
+        cfg = settings.nixos
+        if not cfg.flake or not cfg.host:
+            raise InvalidSpec(
+                "nixos mode needs the flake directory and the host attribute: set nixos.flake and nixos.host "
+                "(SANDBOX_MCP_NIXOS_FLAKE=/etc/nixos SANDBOX_MCP_NIXOS_HOST=<nixosConfigurations name>)"
+            )
+        flake = Path(cfg.flake).expanduser()
+        if not flake.is_absolute():
+            raise InvalidSpec(f"nixos.flake must be an absolute directory path, got {cfg.flake!r}")
+        key = client_public_key.strip() if isinstance(client_public_key, str) else ""
+        if not _KEY_RE.match(key):
+            raise InvalidSpec("client_public_key must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+        self.flake = flake
+        self.client_public_key = key
+        self.command_prefix = [str(a) for a in command_prefix]
+        self.registry_path = (cfg.registry_file or flake / "sandboxed-workspaces.json").expanduser().absolute()
+        self.config_dir = (cfg.workspace_config_dir or flake / "workspaces").expanduser().absolute()
+        # Fail early on a bad host attribute rather than after writing the registry.
+        hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+
+    # ---- the commands, as data --------------------------------------------------------------
+
+    def rebuild_argv(self) -> list[str]:
+        """The rebuild this runtime runs (after the command prefix)."""
+        cfg = self.settings.nixos
+        assert cfg.host is not None
+        return self.command_prefix + hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+
+    def systemctl_argv(self, action: str, record: WorkspaceRecord) -> list[str]:
+        return self.command_prefix + hostcmd.systemctl_argv(
+            action, unit_for(record.type, record.name), self.settings.nixos.escalation
+        )
+
+    def status_argv(self, record: WorkspaceRecord) -> list[str]:
+        return self.command_prefix + hostcmd.systemctl_show_argv(unit_for(record.type, record.name), SHOW_PROPERTIES)
+
+    def logs_argv(self, record: WorkspaceRecord, lines: int) -> list[str]:
+        return self.command_prefix + hostcmd.journalctl_argv(unit_for(record.type, record.name), lines)
+
+    def workspace_file(self, name: str) -> Path:
+        return self.config_dir / f"{validate_name(name)}.nix"
+
+    def registry_entry(self, record: WorkspaceRecord) -> dict[str, Any]:
+        """The registry value for one workspace, in the module's fixed format.
+
+        Raises:
+            InvalidSpec: the name, type, IP or a package attribute path is invalid (nothing changed).
+        """
+        validate_name(record.name)
+        if record.type not in self.types:
+            raise InvalidSpec(f"workspace type {record.type!r} is not one of {sorted(self.types)}")
+        if record.type == "container" and len(record.name) > CONTAINER_NAME_MAX:
+            raise InvalidSpec(
+                f"workspace name {record.name!r} is {len(record.name)} characters; NixOS containers allow at most "
+                f"{CONTAINER_NAME_MAX} (nixpkgs' private-network containers cap it): pick a shorter name"
+            )
+        validate_ip(record.ip, self.settings.subnet)
+        return {
+            "type": record.type,
+            "ip": record.ip,
+            "packages": validate_packages(record.packages, "nix"),
+            "autoStart": False,  # the server starts units itself
+            "config": os.path.relpath(self.workspace_file(record.name), self.registry_path.parent),
+            "vcpu": None,
+            "memory": None,
+            "hostKey": None,  # the module's setup unit makes the host key; the server pins what it made
+        }
+
+    # ---- the registry -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, progress: Progress | None = None) -> AsyncIterator[None]:
+        """Hold ``<registry>.lock`` (flock) across read, write and rebuild.
+
+        Polls instead of blocking in a thread, so a cancelled wait never leaves a lock taken.
+        """
+        lock_path = self.registry_path.with_name(self.registry_path.name + ".lock")
+        try:
+            self.registry_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BackendError(
+                f"cannot open the registry lock {lock_path}: {exc}; the server's user must be able to write "
+                f"to {self.registry_path.parent}"
+            ) from exc
+        try:
+            await self._acquire(fd, lock_path, progress)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    async def _acquire(self, fd: int, lock_path: Path, progress: Progress | None) -> None:
+        told = False
+        try:
+            with anyio.fail_after(self.settings.nixos.rebuild_timeout_s):
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return
+                    except OSError as exc:
+                        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                            raise BackendError(f"cannot lock {lock_path}: {exc}") from exc
+                    if progress is not None and not told:
+                        await progress("waiting for another change to the NixOS registry to finish", None)
+                        told = True
+                    await anyio.sleep(_LOCK_POLL_S)
+        except TimeoutError as exc:
+            raise CommandTimeout(f"the registry lock {lock_path} stayed taken; is another rebuild stuck?") from exc
+
+    def _read_registry(self) -> tuple[dict[str, Any], _Snapshot]:
+        path = self.registry_path
+        try:
+            raw: bytes | None = path.read_bytes()
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            raw, mode = None, 0o644
+        except OSError as exc:
+            raise BackendError(f"cannot read the registry {path}: {exc}") from exc
+        snap = _Snapshot(path, raw, mode)
+        if raw is None:
+            return {"version": REGISTRY_VERSION, "authorizedKeys": [], "workspaces": {}}, snap
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BackendError(f"the registry {path} is not valid JSON ({exc}); fix or remove it") from exc
+        if not isinstance(data, dict) or data.get("version") != REGISTRY_VERSION:
+            raise BackendError(
+                f"the registry {path} is not a version-{REGISTRY_VERSION} sandbox-mcp registry; "
+                f"fix it or move it away"
+            )
+        if not isinstance(data.get("authorizedKeys", []), list) or not isinstance(data.get("workspaces", {}), dict):
+            raise BackendError(f"the registry {path} has a malformed authorizedKeys or workspaces; fix it")
+        data.setdefault("authorizedKeys", [])
+        data.setdefault("workspaces", {})
+        return data, snap
+
+    def _write_registry(self, data: dict[str, Any], snap: _Snapshot) -> None:
+        ordered = {
+            "version": REGISTRY_VERSION,
+            "authorizedKeys": data["authorizedKeys"],
+            "workspaces": dict(sorted(data["workspaces"].items())),
+            **{k: v for k, v in data.items() if k not in ("version", "authorizedKeys", "workspaces")},
+        }
+        try:
+            _write_atomic(self.registry_path, (json.dumps(ordered, indent=2) + "\n").encode(), snap.registry_mode)
+        except OSError as exc:
+            raise BackendError(f"cannot write the registry {self.registry_path}: {exc}") from exc
+        if snap.registry_bytes is None:
+            snap.created.append(self.registry_path)
+
+    def _write_template(self, name: str, snap: _Snapshot) -> Path:
+        path = self.workspace_file(name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "x") as f:  # "x": never overwrite what a person may have edited
+                f.write(WORKSPACE_TEMPLATE)
+            snap.created.append(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise BackendError(f"cannot write {path}: {exc}") from exc
+        return path
+
+    async def _restore(self, snap: _Snapshot) -> None:
+        """Put the registry back byte for byte and remove the files this change created."""
+        if snap.registry_bytes is not None:
+            _write_atomic(snap.registry, snap.registry_bytes, snap.registry_mode)
+        removed = []
+        for path in snap.created:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+        await self._git_forget(removed)
+
+    def _git_files(self, files: Sequence[Path]) -> tuple[Path | None, list[Path]]:
+        root = _git_root(self.flake)
+        if root is None:
+            return None, []
+        return root, [f for f in files if f.is_relative_to(root)]
+
+    async def _git_intent_to_add(self, files: Sequence[Path]) -> None:
+        root, inside = self._git_files(files)
+        if root is None or not inside:
+            return
+        try:
+            await hostcmd.run(hostcmd.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
+        except CommandFailed as exc:
+            raise CommandFailed(
+                exc.argv,
+                exc.exit_status,
+                exc.stderr,
+                hint=f"the flake {self.flake} is a git repository and nixos-rebuild only sees files git knows; "
+                f"the server's user must be able to run git there",
+            ) from exc
+
+    async def _git_forget(self, files: Sequence[Path]) -> None:
+        root, inside = self._git_files(files)
+        if root is not None and inside:
+            await hostcmd.run(hostcmd.git_forget_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S, check=False)
+
+    async def _rebuild_or_restore(self, snap: _Snapshot, progress: Progress, what: str) -> None:
+        """Rebuild; on any failure put the previous files back and raise with the rebuild's output tail."""
+        argv = self.rebuild_argv()
+        output: list[str] = []
+
+        async def on_line(line: str) -> None:
+            output.append(line)
+            del output[:-_OUTPUT_TAIL_LINES]
+            await progress(line, None)
+
+        await progress(f"{what}: running {' '.join(argv)}", None)
+        try:
+            await hostcmd.run(argv, timeout_s=self.settings.nixos.rebuild_timeout_s, on_line=on_line)
+        except CommandFailed as exc:
+            with anyio.CancelScope(shield=True):
+                await self._restore(snap)
+            raise CommandFailed(
+                exc.argv,
+                exc.exit_status,
+                _tail(output) or exc.stderr,
+                hint=f"the previous configuration was restored ({self.registry_path}); "
+                f"fix the cause above and try again",
+            ) from exc
+        except BaseException:
+            # Timeout, cancellation, a missing program: the registry goes back all the same.
+            with anyio.CancelScope(shield=True):
+                await self._restore(snap)
+            raise
+
+    # ---- Runtime ----------------------------------------------------------------------------
+
+    async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
+        """Add the workspace to the registry, write its ``.nix`` file if absent, and rebuild.
+
+        Raises:
+            InvalidSpec: invalid name/type/IP/packages, or a container name over 11 characters
+                (nothing is changed on disk).
+            Conflict: the registry already holds this name with other settings, or its IP.
+            CommandFailed: the rebuild failed; the previous registry was restored and the
+                message ends with the rebuild's output.
+            CommandTimeout: the rebuild took longer than nixos.rebuild_timeout_s (registry restored).
+            BackendError: files could not be written, or a program is missing.
+        """
+        entry = self.registry_entry(record)
+        async with self._locked(progress):
+            data, snap = self._read_registry()
+            workspaces: dict[str, Any] = data["workspaces"]
+            existing = workspaces.get(record.name)
+            if existing is not None and existing != entry:
+                raise Conflict(
+                    f"the NixOS registry {self.registry_path} already declares a workspace {record.name!r} "
+                    f"with other settings; destroy_workspace it or remove it from the registry"
+                )
+            for other, spec in workspaces.items():
+                if other != record.name and isinstance(spec, dict) and spec.get("ip") == record.ip:
+                    raise Conflict(f"IP {record.ip} is already used by {other!r} in {self.registry_path}")
+            workspaces[record.name] = entry
+            if self.client_public_key not in data["authorizedKeys"]:
+                data["authorizedKeys"].append(self.client_public_key)
+            try:
+                self._write_registry(data, snap)
+                ws_file = self._write_template(record.name, snap)
+                await self._git_intent_to_add([self.registry_path, ws_file])
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._restore(snap)
+                raise
+            await self._rebuild_or_restore(snap, progress, f"declaring workspace {record.name!r}")
+        await progress(f"workspace {record.name!r} is declared in the NixOS configuration", 1.0)
+        return record
+
+    async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
+        """``systemctl start`` the workspace's unit (escalated).
+
+        Raises:
+            CommandFailed: the unit failed to start (see workspace_logs).
+            CommandTimeout: it did not start within boot_timeout_s.
+        """
+        argv = self.systemctl_argv("start", record)
+        await progress(f"starting {unit_for(record.type, record.name)}", None)
+        try:
+            await hostcmd.run(argv, timeout_s=self.settings.boot_timeout_s)
+        except CommandFailed as exc:
+            raise CommandFailed(
+                exc.argv, exc.exit_status, exc.stderr, hint="call workspace_logs to see why the unit failed"
+            ) from exc
+        return record
+
+    async def stop(self, record: WorkspaceRecord) -> None:
+        """``systemctl stop`` the unit (escalated). A unit that is not loaded counts as stopped.
+
+        Raises:
+            CommandFailed: systemctl failed for another reason.
+            CommandTimeout: the unit did not stop in time.
+        """
+        argv = self.systemctl_argv("stop", record)
+        done = await hostcmd.run(argv, timeout_s=self.settings.stop_timeout_s * 3, check=False)
+        # 5: "Unit … not loaded" — it is gone already, which is what stop wants.
+        if done.returncode not in (0, 5):
+            raise CommandFailed(argv, done.returncode, done.stderr or done.stdout)
+
+    async def destroy(self, record: WorkspaceRecord) -> None:
+        """Remove the workspace from the registry and rebuild; an unedited ``.nix`` file is removed too.
+
+        A ``.nix`` file someone edited stays. Idempotent.
+
+        Raises:
+            CommandFailed: the rebuild failed; the previous registry was restored.
+            CommandTimeout: the rebuild took too long (registry restored).
+            BackendError: files could not be written, or a program is missing.
+        """
+        async with self._locked():
+            data, snap = self._read_registry()
+            if record.name in data["workspaces"]:
+                del data["workspaces"][record.name]
+                try:
+                    self._write_registry(data, snap)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._restore(snap)
+                    raise
+                await self._rebuild_or_restore(snap, no_progress, f"removing workspace {record.name!r}")
+            ws_file = self.workspace_file(record.name)
+            try:
+                pristine = ws_file.read_text() == WORKSPACE_TEMPLATE
+            except (FileNotFoundError, UnicodeDecodeError):
+                pristine = False
+            if pristine:
+                ws_file.unlink()
+                await self._git_forget([ws_file])
+
+    async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
+        """The unit's state from ``systemctl show``.
+
+        Raises:
+            CommandFailed / CommandTimeout: systemctl could not be asked.
+        """
+        unit = unit_for(record.type, record.name)
+        done = await hostcmd.run(self.status_argv(record), timeout_s=_QUERY_TIMEOUT_S)
+        detail = parse_unit_show(done.stdout, time.monotonic())
+        return detail.model_copy(update={"unit": unit})
+
+    async def logs(self, record: WorkspaceRecord, lines: int) -> str:
+        """The unit's journal tail (``journalctl -u UNIT -n LINES``).
+
+        Raises:
+            InvalidSpec: ``lines`` outside 1..100000.
+            CommandFailed / CommandTimeout: journalctl failed.
+        """
+        done = await hostcmd.run(self.logs_argv(record, lines), timeout_s=_QUERY_TIMEOUT_S)
+        if not done.stdout.strip() and done.stderr.strip():
+            # e.g. "No journal files were opened due to insufficient permissions."
+            return done.stderr.strip() + "\n(add the server's user to the systemd-journal group to read unit logs)"
+        return done.stdout
