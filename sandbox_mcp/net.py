@@ -1,0 +1,507 @@
+"""The host side of direct mode's network, over netlink: the bridge and each workspace's namespace.
+
+Layout (names from :mod:`sandbox_mcp.naming`)::
+
+    host netns                              named netns /run/netns/sbx-NAME
+    ┌──────────────────────────────┐        ┌──────────────────────────────┐
+    │ bridge (settings.bridge)     │        │ lo (up)                      │
+    │   host_ip/prefix             │        │ sc-NAME  MAC mac_for(NAME)   │
+    │   └─ port sb-NAME ═══════════╪═ veth ═╪═ ip/prefix, default via host │
+    └──────────────────────────────┘        └──────────────────────────────┘
+
+systemd-nspawn then joins the namespace with ``--network-namespace-path``; the
+container configures nothing itself. This is the only module that imports
+pyroute2; netlink and OS errors are translated here into :class:`BackendError`
+or :class:`Conflict`, keeping the cause.
+
+Named namespaces are made as ``ip netns add`` makes them (a bind mount of the
+namespace on ``/run/netns/NAME``, with ``/run/netns`` a shared mount), but from
+a short-lived thread rather than a forked process: network namespaces are per
+thread, so the thread unshares, opens a netlink socket inside the new namespace
+for us, bind-mounts it and ends. Forking a threaded server (what
+``pyroute2.netns.create`` does) is slower and riskier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .config import Settings
+from .errors import BackendError, Conflict, InvalidSpec, SandboxError
+from .naming import mac_for, netns_name, validate_ip, validate_name, veth_names
+
+__all__ = ["NETNS_DIR", "HostNetwork"]
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")  # where iproute2 (`ip netns`, `ip -n`) looks for named namespaces
+
+# Neighbour states that do not show a live peer: never resolved, or resolution failed.
+_NUD_INCOMPLETE = 0x01
+_NUD_FAILED = 0x20
+_DEAD_NEIGHBOUR = _NUD_INCOMPLETE | _NUD_FAILED
+
+_CLONE_NEWNET = 0x40000000
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SHARED = 1 << 20
+_MNT_DETACH = 2
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
+
+
+class HostNetwork:
+    """The bridge and the per-workspace network namespaces of direct mode, on this host.
+
+    Every method needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN for the namespace mounts).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def bridge(self) -> str:
+        return self.settings.bridge
+
+    @property
+    def host_interface(self) -> ipaddress.IPv4Interface:
+        """The bridge's address with the subnet's prefix, e.g. ``192.168.83.1/24``."""
+        return ipaddress.IPv4Interface(f"{self.settings.host_ip}/{self.settings.subnet.prefixlen}")
+
+    @staticmethod
+    def netns_path(name: str) -> Path:
+        """The bind mount of workspace ``name``'s network namespace (for ``--network-namespace-path``)."""
+        return NETNS_DIR / netns_name(name)
+
+    # -- the bridge ---------------------------------------------------------------------------
+
+    async def ensure_bridge(self) -> None:
+        """Create the bridge, give it the host address and bring it up, as far as that is missing.
+
+        Changes nothing when all is in place (one link lookup, one address dump).
+
+        Raises:
+            Conflict: a non-bridge link has the bridge's name; the bridge holds another address
+                in the subnet; or another interface holds an address overlapping the subnet.
+            BackendError: netlink refused a change (e.g. not running as root).
+        """
+        async with _iproute() as ipr:
+            await self._ensure_bridge(ipr)
+
+    async def _ensure_bridge(self, ipr: AsyncIPRoute) -> int:
+        """Do :meth:`ensure_bridge` on an open socket; return the bridge's interface index."""
+        subnet, want = self.settings.subnet, self.host_interface
+        link = await _get_link(ipr, self.bridge)
+        self._check_is_bridge(link)
+        index = link["index"] if link is not None else None
+        have_address = False
+        for addr in await _ipv4_addresses(ipr):
+            if not addr.network.overlaps(subnet):
+                continue
+            if addr.index == index and addr.interface == want:
+                have_address = True
+            elif addr.index == index:
+                raise Conflict(
+                    f"bridge {self.bridge} holds {addr.interface}, not {want}; remove that address, "
+                    f"or set SANDBOX_MCP_BRIDGE to another bridge name and SANDBOX_MCP_SUBNET to a free subnet"
+                )
+            else:
+                raise Conflict(
+                    f"interface {addr.ifname} already holds {addr.interface}, which overlaps the workspace "
+                    f"subnet {subnet}; set SANDBOX_MCP_SUBNET to a free subnet "
+                    f"(and SANDBOX_MCP_BRIDGE if {self.bridge} is taken too)"
+                )
+        try:
+            if link is None:
+                link = await self._create_bridge(ipr)
+                index = link["index"]
+            if not have_address:
+                await _ignore_exists(
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(want.ip),
+                        prefixlen=want.network.prefixlen,
+                        broadcast=str(want.network.broadcast_address),
+                    )
+                )
+            if not link["flags"] & 1:  # IFF_UP
+                await ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            raise _translate(exc, f"setting up bridge {self.bridge} ({want})") from exc
+        return index
+
+    async def _create_bridge(self, ipr: AsyncIPRoute) -> Any:
+        # A fixed MAC: otherwise the bridge takes the lowest MAC among its ports and changes it as
+        # workspaces come and go, leaving stale ARP entries for the host address in the others.
+        # The "bridge:" prefix keeps it apart from every workspace's mac_for(name).
+        try:
+            await ipr.link(
+                "add", ifname=self.bridge, kind="bridge", address=mac_for(f"bridge:{self.bridge}"), state="up"
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:  # else another process made it just now: check what it made
+                raise
+        link = await _get_link(ipr, self.bridge)
+        self._check_is_bridge(link)
+        if link is None:
+            raise BackendError(f"bridge {self.bridge} vanished right after it was created; try again")
+        return link
+
+    def _check_is_bridge(self, link: Any) -> None:
+        if link is not None and _kind(link) != "bridge":
+            raise Conflict(
+                f"network interface {self.bridge} exists and is not a bridge (kind {_kind(link)!r}); "
+                f"set SANDBOX_MCP_BRIDGE to another name"
+            )
+
+    async def remove_bridge(self) -> None:
+        """Delete the bridge (its ports are released, not deleted); nothing happens if it is absent.
+
+        Raises:
+            Conflict: a link of that name exists but is not a bridge (left alone).
+            BackendError: netlink refused the deletion.
+        """
+        async with _iproute() as ipr:
+            link = await _get_link(ipr, self.bridge)
+            if link is None:
+                return
+            self._check_is_bridge(link)
+            try:
+                await ipr.link("del", index=link["index"])
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise _translate(exc, f"deleting bridge {self.bridge}") from exc
+
+    async def live_addresses(self) -> set[str]:
+        """The subnet's IPv4 addresses in use here: on any host interface, or answering ARP on the bridge.
+
+        Neighbours whose resolution is incomplete or failed are not counted.
+
+        Raises:
+            BackendError: netlink refused the dump.
+        """
+        subnet = self.settings.subnet
+        async with _iproute() as ipr:
+            used = {str(a.interface.ip) for a in await _ipv4_addresses(ipr) if a.interface.ip in subnet}
+            link = await _get_link(ipr, self.bridge)
+            if link is None:
+                return used
+            try:
+                async for neigh in await ipr.neigh("dump", family=socket.AF_INET, ifindex=link["index"]):
+                    dst = neigh.get("NDA_DST")
+                    if dst and not neigh["state"] & _DEAD_NEIGHBOUR and ipaddress.IPv4Address(dst) in subnet:
+                        used.add(dst)
+            except NetlinkError as exc:
+                raise _translate(exc, f"listing ARP neighbours on {self.bridge}") from exc
+        return used
+
+    # -- workspaces ---------------------------------------------------------------------------
+
+    async def setup_workspace(self, name: str, ip: str, mac: str) -> Path:
+        """Give workspace ``name`` its network namespace, joined to the bridge; return the namespace path.
+
+        Makes the bridge first if needed (:meth:`ensure_bridge`), and removes what an earlier run of
+        the same name left behind. Inside the namespace: ``lo`` up, ``sc-NAME`` with ``mac`` and
+        ``ip``/prefix, up, and a default route via the host's bridge address. On failure, whatever
+        this call made is removed again.
+
+        Raises:
+            InvalidSpec: ``name``, ``ip`` or ``mac`` is malformed, or ``ip`` is outside the subnet.
+            Conflict: an interface or namespace of that name appeared meanwhile and is not ours
+                to remove, or the bridge conflicts (see :meth:`ensure_bridge`).
+            BackendError: netlink or the namespace mount failed.
+        """
+        validate_name(name)
+        address = validate_ip(ip, self.settings.subnet)
+        mac = _validate_mac(mac)
+        host_if, ws_if = veth_names(name)
+        path = self.netns_path(name)
+        prefixlen = self.settings.subnet.prefixlen
+
+        await self.teardown_workspace(name)
+        async with _iproute() as ipr:
+            bridge_index = await self._ensure_bridge(ipr)
+            try:
+                with anyio.CancelScope(shield=True):  # a cancelled wait must not lose a made namespace
+                    ns_socket = await _create_netns(path)
+                async with _iproute(fileno=ns_socket) as nsr:
+                    step = f"creating veth pair {host_if}/{ws_if} on bridge {self.bridge}"
+                    nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        await ipr.link(
+                            "add",
+                            ifname=host_if,
+                            kind="veth",
+                            master=bridge_index,
+                            state="up",
+                            peer={"ifname": ws_if, "address": mac, "net_ns_fd": nsfd},
+                        )
+                        step = f"configuring {ws_if} ({address}/{prefixlen}, {mac}) in {path}"
+                        ws_index = (await nsr.link("get", ifname=ws_if))[0]["index"]
+                        await nsr.link("set", index=_LOOPBACK_INDEX, state="up")
+                        await nsr.addr(
+                            "add",
+                            index=ws_index,
+                            address=str(address),
+                            prefixlen=prefixlen,
+                            broadcast=str(self.settings.subnet.broadcast_address),
+                        )
+                        await nsr.link("set", index=ws_index, state="up")
+                        await nsr.route("add", dst="0.0.0.0/0", gateway=str(self.settings.host_ip))
+                    except NetlinkError as exc:
+                        raise _translate(exc, step) from exc
+                    finally:
+                        os.close(nsfd)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.teardown_workspace(name)
+                    except SandboxError as cleanup_exc:
+                        log.warning("cleaning up after a failed setup of %s: %s", name, cleanup_exc)
+                raise
+        return path
+
+    async def teardown_workspace(self, name: str) -> None:
+        """Remove workspace ``name``'s veth pair and network namespace; nothing happens if they are absent.
+
+        A link called ``sb-NAME`` that is not a veth is not ours and is left alone. Processes still
+        inside the namespace keep it alive until they exit; only its name goes.
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            BackendError: netlink refused the deletion, or the namespace could not be unmounted.
+        """
+        validate_name(name)
+        host_if, _ = veth_names(name)
+        with anyio.CancelScope(shield=True):  # half a teardown is worse than a late one
+            async with _iproute() as ipr:
+                link = await _get_link(ipr, host_if)
+                if link is not None and _kind(link) == "veth":
+                    try:
+                        await ipr.link("del", index=link["index"])  # takes the peer inside the netns along
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENODEV:
+                            raise _translate(exc, f"deleting veth {host_if}") from exc
+            _remove_netns(self.netns_path(name))
+
+    async def leftovers(self) -> list[str]:
+        """Names of workspaces that have a host veth (``sb-NAME``) or a named namespace (``sbx-NAME``) here.
+
+        For the start-up reconcile: those whose workspace is not running can be torn down.
+
+        Raises:
+            BackendError: netlink refused the dump.
+        """
+        names: set[str] = set()
+        async with _iproute() as ipr:
+            try:
+                async for link in await ipr.link("dump"):
+                    ws = _workspace_of(link.get("IFLA_IFNAME") or "", lambda n: veth_names(n)[0])
+                    if ws is not None and _kind(link) == "veth":
+                        names.add(ws)
+            except NetlinkError as exc:
+                raise _translate(exc, "listing network interfaces") from exc
+        try:
+            entries = os.listdir(NETNS_DIR)
+        except FileNotFoundError:
+            entries = []
+        names.update(ws for entry in entries if (ws := _workspace_of(entry, netns_name)) is not None)
+        return sorted(names)
+
+
+# -- netlink helpers ----------------------------------------------------------------------------
+
+
+class _Address:
+    """One IPv4 address of the host, as the dump shows it."""
+
+    __slots__ = ("ifname", "index", "interface")
+
+    def __init__(self, ifname: str, index: int, interface: ipaddress.IPv4Interface) -> None:
+        self.ifname, self.index, self.interface = ifname, index, interface
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return self.interface.network
+
+
+@asynccontextmanager
+async def _iproute(**kwargs: Any) -> AsyncIterator[AsyncIPRoute]:
+    """An rtnetlink socket; ``fileno`` adopts a socket made elsewhere (in another namespace)."""
+    fileno = kwargs.get("fileno")
+    try:
+        ipr = AsyncIPRoute(**kwargs)
+    except (NetlinkError, OSError) as exc:
+        if fileno is not None:
+            os.close(fileno)
+        raise _translate(exc, "opening a netlink socket") from exc
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+async def _get_link(ipr: AsyncIPRoute, ifname: str) -> Any | None:
+    """The link called ``ifname``, or None."""
+    try:
+        return (await ipr.link("get", ifname=ifname))[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise _translate(exc, f"looking up network interface {ifname}") from exc
+
+
+async def _ipv4_addresses(ipr: AsyncIPRoute) -> list[_Address]:
+    try:
+        out = []
+        async for msg in await ipr.addr("dump", family=socket.AF_INET):
+            # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's on point-to-point links.
+            local = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            iface = ipaddress.IPv4Interface(f"{local}/{msg['prefixlen']}")
+            out.append(_Address(msg.get("IFA_LABEL") or f"#{msg['index']}", msg["index"], iface))
+        return out
+    except NetlinkError as exc:
+        raise _translate(exc, "listing the host's addresses") from exc
+
+
+async def _ignore_exists(request: Any) -> None:
+    try:
+        await request
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def _kind(link: Any) -> str | None:
+    return link.get(("linkinfo", "kind"))
+
+
+def _workspace_of(name: str, derive: Callable[[str], str]) -> str | None:
+    """The workspace whose derived interface/namespace name is ``name`` (``derive`` from naming), or None."""
+    prefix = derive("")
+    if not name.startswith(prefix):
+        return None
+    candidate = name[len(prefix) :]
+    try:
+        validate_name(candidate)
+    except InvalidSpec:
+        return None
+    return candidate if derive(candidate) == name else None
+
+
+def _validate_mac(mac: str) -> str:
+    norm = mac.lower() if isinstance(mac, str) else ""
+    if not _MAC_RE.match(norm) or int(norm[:2], 16) & 1:
+        raise InvalidSpec(f"MAC {mac!r} is not a unicast MAC address like 02:12:34:56:78:9a")
+    return norm
+
+
+def _translate(exc: BaseException, doing: str) -> SandboxError:
+    """A netlink or OS error while ``doing`` something, as our own error."""
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or 0
+    reason = os.strerror(code) if code else str(exc)
+    if code == errno.EEXIST:
+        return Conflict(f"{doing}: {reason}; something else holds that name, remove it or pick another name")
+    if code in (errno.EPERM, errno.EACCES):
+        return BackendError(f"{doing}: {reason}; direct mode needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+    return BackendError(f"{doing} failed: {reason}")
+
+
+# -- named network namespaces ---------------------------------------------------------------------
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _share_rundir(rundir: Path) -> None:
+    """Make ``rundir`` a shared mount, binding it onto itself first if it is none, as iproute2 does.
+
+    Shared, so that unmounting a namespace here also unmounts the copies in mount namespaces
+    cloned meanwhile, which would otherwise keep the namespace alive.
+    """
+    rundir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    target = bytes(rundir)
+    if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
+        return
+    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+        _check(-1, f"making {rundir} a shared mount")
+    _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
+    _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
+
+
+def _make_netns(path: Path) -> int:
+    """Create a network namespace bound at ``path``; return an rtnetlink socket (fd) inside it.
+
+    Must run in a thread of its own that ends afterwards: it moves that thread into the new namespace.
+    """
+    _share_rundir(path.parent)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _check(_libc.mount(b"/proc/thread-self/ns/net", bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    except BaseException:
+        _remove_netns(path)
+        raise
+    return sock.detach()
+
+
+async def _create_netns(path: Path) -> int:
+    """Run :func:`_make_netns` in a fresh thread.
+
+    Raises:
+        Conflict: ``path`` exists already.
+        BackendError: the namespace could not be made or mounted.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-netns")
+    try:
+        return await asyncio.wrap_future(pool.submit(_make_netns, path))
+    except FileExistsError as exc:
+        raise Conflict(f"network namespace {path} exists already; another process is setting it up") from exc
+    except OSError as exc:
+        raise _translate(exc, f"creating network namespace {path}") from exc
+    finally:
+        pool.shutdown(wait=False)  # one task per thread: its namespace is not the host's any more
+
+
+def _remove_netns(path: Path) -> None:
+    """Unmount and delete a named namespace; nothing happens if it is absent.
+
+    Raises:
+        BackendError: it is there but cannot be unmounted or deleted.
+    """
+    if _libc.umount2(bytes(path), _MNT_DETACH) != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOENT):  # EINVAL: a bare file left by an interrupted setup
+            raise _translate(OSError(code, os.strerror(code)), f"unmounting network namespace {path}")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _translate(exc, f"removing network namespace {path}") from exc

@@ -1,0 +1,450 @@
+"""sandbox_mcp.net against the real kernel, each test inside network and mount namespaces of its own.
+
+Every scenario runs in a forked child that first unshares its network and mount namespaces, makes
+all mounts private and puts a fresh tmpfs on /run: the bridge, the veths, the named namespaces in
+/run/netns and all traffic exist only there, and vanish when the child exits. The parent checks
+the results and that nothing leaked into the host's link table or /run/netns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import json
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sandbox_mcp.config import Settings
+from sandbox_mcp.errors import SandboxError
+from sandbox_mcp.naming import mac_for
+from sandbox_mcp.net import NETNS_DIR, HostNetwork
+
+BRIDGE = "sbxt-br"
+SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
+TEST_MARKERS = ("sbxt", "tnet")  # every link and namespace these tests make contains one of these
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates bridges, veths and network namespaces"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's `ip` to inspect the results"),
+]
+
+
+# -- running a scenario in private namespaces ---------------------------------------------------------
+
+
+def _enter_private_namespaces() -> None:
+    if _libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET | CLONE_NEWNS)")
+    if _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "making / private")
+    if _libc.mount(b"tmpfs", b"/run", b"tmpfs", 0, b"mode=0755") != 0:
+        raise OSError(ctypes.get_errno(), "mounting a tmpfs on /run")
+
+
+def isolated(fn: Callable[..., Any], *args: Any, timeout: float = 60) -> Any:
+    """Run ``fn(*args)`` in a forked child inside fresh network and mount namespaces; return its result.
+
+    An exception in the child fails the test with the child's traceback.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(r)
+            try:
+                _enter_private_namespaces()
+                outcome: tuple[str, Any] = ("ok", fn(*args))
+            except BaseException:
+                outcome = ("error", traceback.format_exc())
+            with os.fdopen(w, "wb") as out:
+                out.write(pickle.dumps(outcome))
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                    pytest.fail(f"scenario {fn.__name__} did not finish within {timeout} s")
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)  # no-op unless it hangs; its namespaces die with it
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    if not chunks:
+        pytest.fail(f"scenario {fn.__name__} died without a result")
+    kind, value = pickle.loads(b"".join(chunks))
+    if kind == "error":
+        pytest.fail(f"scenario {fn.__name__} raised in its namespace:\n{value}", pytrace=False)
+    return value
+
+
+def _host_traces() -> set[str]:
+    names = {name for _, name in socket.if_nameindex()}
+    if NETNS_DIR.is_dir():
+        names |= {f"netns:{entry}" for entry in os.listdir(NETNS_DIR)}
+    return {n for n in names if any(marker in n for marker in TEST_MARKERS)}
+
+
+@pytest.fixture(autouse=True)
+def host_untouched():
+    """Fail if a test leaves (or finds) one of its links or namespaces in the host's namespaces."""
+    assert _host_traces() == set(), "leftovers of an earlier run on the host; remove them first"
+    yield
+    assert _host_traces() == set()
+
+
+# -- helpers used inside the child --------------------------------------------------------------------
+
+
+def _net() -> HostNetwork:
+    return HostNetwork(Settings(bridge=BRIDGE, subnet=SUBNET))
+
+
+def ip_json(*args: str) -> Any:
+    out = subprocess.run(["ip", "-j", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def add_foreign_link(name: str) -> None:
+    """A link that is neither a veth nor a bridge: a dummy, or an ifb where the kernel lacks dummy."""
+    for kind in ("dummy", "ifb"):
+        if subprocess.run(["ip", "link", "add", name, "type", kind], capture_output=True).returncode == 0:
+            return
+    raise RuntimeError(f"this kernel makes neither dummy nor ifb links; cannot add {name}")
+
+
+def link_names() -> set[str]:
+    return {name for _, name in socket.if_nameindex()}
+
+
+async def outcome(aw: Any) -> tuple[str, str]:
+    """What an awaitable raised, as (class name, message); ("ok", "") if nothing."""
+    try:
+        await aw
+    except SandboxError as exc:
+        return type(exc).__name__, str(exc)
+    return "ok", ""
+
+
+def socket_in_netns(path: Path, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket inside the network namespace bound at ``path`` (made by a thread that enters it)."""
+    made: list[socket.socket] = []
+
+    def enter_and_make() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {path}")
+        finally:
+            os.close(fd)
+        made.append(socket.socket(socket.AF_INET, kind))
+
+    thread = threading.Thread(target=enter_and_make)
+    thread.start()
+    thread.join()
+    assert made, f"could not make a socket in {path}"
+    return made[0]
+
+
+def echo_once(listener: socket.socket, peer: tuple[str, int] | None = None) -> threading.Thread:
+    """Accept one connection on ``listener`` and send back what it reads, in a thread."""
+
+    def serve() -> None:
+        conn, addr = listener.accept()
+        with conn:
+            conn.sendall(f"{addr[0]}:".encode() + conn.recv(100))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def round_trip(client: socket.socket, dst: tuple[str, int]) -> str:
+    with client:
+        client.settimeout(5)
+        client.connect(dst)
+        client.sendall(b"hello")
+        return client.recv(100).decode()
+
+
+# -- scenarios (run in the child) and tests (check in the parent) -------------------------------------
+
+
+def scenario_bridge_idempotent() -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        net = _net()
+        await net.ensure_bridge()
+        first = ip_json("-d", "addr", "show", BRIDGE)[0]
+        await net.ensure_bridge()
+        second = ip_json("-d", "addr", "show", BRIDGE)[0]
+        # a port with any MAC must not change the bridge's MAC (it would stale other workspaces' ARP)
+        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
+        with_port = ip_json("link", "show", BRIDGE)[0]
+        await net.teardown_workspace("tnet1")
+        await net.remove_bridge()
+        gone = BRIDGE not in link_names()
+        await net.remove_bridge()  # idempotent
+        return {"first": first, "second": second, "with_port": with_port, "gone": gone}
+
+    return asyncio.run(main())
+
+
+def test_ensure_bridge_creates_bridge_with_address_and_is_idempotent():
+    r = isolated(scenario_bridge_idempotent)
+    first, second = r["first"], r["second"]
+    assert first["linkinfo"]["info_kind"] == "bridge"
+    assert "UP" in first["flags"]
+    inet = [(a["local"], a["prefixlen"]) for a in first["addr_info"] if a["family"] == "inet"]
+    assert inet == [("10.77.0.1", 24)]
+    assert second["ifindex"] == first["ifindex"]
+    assert second["addr_info"] == first["addr_info"]
+    assert second["address"] == first["address"] == r["with_port"]["address"]
+    assert r["gone"]
+
+
+def scenario_conflicts() -> dict[str, tuple[str, str]]:
+    async def main() -> dict[str, tuple[str, str]]:
+        net, out = _net(), {}
+        # another interface holds an address whose network overlaps the subnet
+        add_foreign_link("tnet-foreign")
+        sh("ip", "addr", "add", "10.77.5.5/16", "dev", "tnet-foreign")
+        out["overlap"] = await outcome(net.ensure_bridge())
+        out["bridge_made_anyway"] = ("yes" if BRIDGE in link_names() else "no", "")
+        out["setup"] = await outcome(net.setup_workspace("tnet2", "10.77.0.12", mac_for("tnet2")))
+        out["netns_made_anyway"] = ("yes" if net.netns_path("tnet2").exists() else "no", "")
+        sh("ip", "link", "del", "tnet-foreign")
+        # the bridge exists with another address in the subnet
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", "10.77.0.2/24", "dev", BRIDGE)
+        out["bridge_other_address"] = await outcome(net.ensure_bridge())
+        sh("ip", "link", "del", BRIDGE)
+        # a link of the bridge's name that is no bridge
+        add_foreign_link(BRIDGE)
+        out["not_a_bridge"] = await outcome(net.ensure_bridge())
+        out["remove_not_a_bridge"] = await outcome(net.remove_bridge())
+        out["foreign_survives"] = ("yes" if BRIDGE in link_names() else "no", "")
+        return out
+
+    return asyncio.run(main())
+
+
+def test_ensure_bridge_refuses_conflicts():
+    r = isolated(scenario_conflicts)
+    kind, msg = r["overlap"]
+    assert kind == "Conflict"
+    assert "tnet-foreign" in msg and "10.77.5.5/16" in msg and "SANDBOX_MCP_SUBNET" in msg
+    assert r["bridge_made_anyway"][0] == "no"
+    assert r["setup"][0] == "Conflict"
+    assert r["netns_made_anyway"][0] == "no"
+    kind, msg = r["bridge_other_address"]
+    assert kind == "Conflict"
+    assert BRIDGE in msg and "10.77.0.2/24" in msg and "SANDBOX_MCP_BRIDGE" in msg
+    kind, msg = r["not_a_bridge"]
+    assert kind == "Conflict" and "not a bridge" in msg and "SANDBOX_MCP_BRIDGE" in msg
+    assert r["remove_not_a_bridge"][0] == "Conflict"
+    assert r["foreign_survives"][0] == "yes"
+
+
+def scenario_workspace_network() -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        net = _net()
+        name, ip = "tnet1", "10.77.0.10"
+        path = await net.setup_workspace(name, ip, mac_for(name))
+        r: dict[str, Any] = {"path": str(path), "mac": mac_for(name)}
+        r["fstype"] = sh("stat", "-f", "-c", "%T", str(path)).strip()
+        r["ns_links"] = ip_json("-n", "sbx-tnet1", "addr")
+        r["ns_routes"] = ip_json("-n", "sbx-tnet1", "route")
+        r["host_veth"] = ip_json("-d", "link", "show", "sb-tnet1")[0]
+        r["live_before"] = sorted(await net.live_addresses())
+
+        # host -> workspace over the bridge (ARP included)
+        listener = socket_in_netns(path)
+        listener.bind((ip, 0))
+        listener.listen(1)
+        server = echo_once(listener)
+        r["to_workspace"] = round_trip(socket.socket(), (ip, listener.getsockname()[1]))
+        server.join(5)
+        listener.close()
+        r["live_after"] = sorted(await net.live_addresses())
+
+        # workspace -> an address of the host outside the subnet: needs the default route
+        add_foreign_link("tnet-far")
+        sh("ip", "addr", "add", "10.99.0.1/32", "dev", "tnet-far")
+        sh("ip", "link", "set", "tnet-far", "up")
+        far = socket.socket()
+        far.bind(("10.99.0.1", 0))
+        far.listen(1)
+        server = echo_once(far)
+        r["from_workspace"] = round_trip(socket_in_netns(path), ("10.99.0.1", far.getsockname()[1]))
+        server.join(5)
+        far.close()
+        await net.teardown_workspace(name)
+        await net.remove_bridge()
+        return r
+
+    return asyncio.run(main())
+
+
+def test_setup_workspace_builds_a_working_namespace():
+    r = isolated(scenario_workspace_network)
+    assert r["path"] == "/run/netns/sbx-tnet1"
+    assert r["fstype"] == "nsfs"
+    links = {link["ifname"]: link for link in r["ns_links"]}
+    assert set(links) == {"lo", "sc-tnet1"}
+    assert "UP" in links["lo"]["flags"]
+    ws = links["sc-tnet1"]
+    assert ws["address"] == r["mac"]
+    assert "UP" in ws["flags"]
+    assert [(a["local"], a["prefixlen"]) for a in ws["addr_info"] if a["family"] == "inet"] == [("10.77.0.10", 24)]
+    default = [rt for rt in r["ns_routes"] if rt["dst"] == "default"]
+    assert default == [{**default[0], "gateway": "10.77.0.1", "dev": "sc-tnet1"}]
+    veth = r["host_veth"]
+    assert veth["linkinfo"]["info_kind"] == "veth"
+    assert veth["master"] == BRIDGE
+    assert "UP" in veth["flags"]
+    assert r["live_before"] == ["10.77.0.1"]
+    assert r["to_workspace"] == "10.77.0.1:hello"  # the workspace saw the host's bridge address
+    assert r["live_after"] == ["10.77.0.1", "10.77.0.10"]  # the workspace via ARP on the bridge
+    assert r["from_workspace"] == "10.77.0.10:hello"
+
+
+def scenario_teardown_and_leftovers() -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        net, r = _net(), {}
+        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
+        await net.setup_workspace("tnet2", "10.77.0.11", mac_for("tnet2"))
+        old_index = socket.if_nametoindex("sb-tnet1")
+        # a second setup of the same name replaces what the first one left
+        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
+        r["replaced"] = socket.if_nametoindex("sb-tnet1") != old_index
+        r["netns_after_replace"] = sorted(os.listdir(NETNS_DIR))
+        # stale states: a namespace whose host veth is gone; a bare mount point from an interrupted setup
+        sh("ip", "link", "del", "sb-tnet2")
+        (NETNS_DIR / "sbx-tnet3").touch()
+        # things that are not ours: other namespaces, a non-veth with our prefix, malformed names
+        (NETNS_DIR / "tnet-other").touch()
+        (NETNS_DIR / "sbx-TNET").touch()
+        add_foreign_link("sb-tnet4")
+        r["leftovers"] = await net.leftovers()
+        for name in r["leftovers"]:
+            await net.teardown_workspace(name)
+        await net.teardown_workspace("tnet1")  # again: nothing there
+        await net.teardown_workspace("tnet9")  # never existed
+        r["leftovers_after"] = await net.leftovers()
+        r["netns_after"] = sorted(os.listdir(NETNS_DIR))
+        r["links_after"] = sorted(n for n in link_names() if n.startswith(("sb-", "sc-")))
+        return r
+
+    return asyncio.run(main())
+
+
+def test_teardown_is_idempotent_and_leftovers_are_found():
+    r = isolated(scenario_teardown_and_leftovers)
+    assert r["replaced"]
+    assert r["netns_after_replace"] == ["sbx-tnet1", "sbx-tnet2"]
+    assert r["leftovers"] == ["tnet1", "tnet2", "tnet3"]
+    assert r["leftovers_after"] == []
+    assert r["netns_after"] == ["sbx-TNET", "tnet-other"]
+    assert r["links_after"] == ["sb-tnet4"]  # the foreign link was not ours to delete
+
+
+def scenario_failure_half_way() -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        net, r = _net(), {}
+        await net.ensure_bridge()
+        # a foreign link (not a veth, so teardown leaves it alone) holds the host-side veth name:
+        # setup fails after it has made the namespace
+        add_foreign_link("sb-tnet5")
+        r["clash"] = await outcome(net.setup_workspace("tnet5", "10.77.0.15", mac_for("tnet5")))
+        r["netns"] = sorted(os.listdir(NETNS_DIR))
+        r["links"] = sorted(n for n in link_names() if n.startswith(("sb-", "sc-")))
+        r["kind"] = ip_json("-d", "link", "show", "sb-tnet5")[0]["linkinfo"]["info_kind"]
+        r["leftovers"] = await net.leftovers()
+        # bad input is refused before anything changes
+        r["bad_ip"] = await outcome(net.setup_workspace("tnet6", "10.78.0.5", mac_for("tnet6")))
+        r["host_ip"] = await outcome(net.setup_workspace("tnet6", "10.77.0.1", mac_for("tnet6")))
+        r["bad_mac"] = await outcome(net.setup_workspace("tnet6", "10.77.0.16", "01:00:5e:00:00:01"))
+        r["bad_name"] = await outcome(net.setup_workspace("Tnet6", "10.77.0.16", mac_for("tnet6")))
+        r["netns_after_bad"] = sorted(os.listdir(NETNS_DIR))
+        return r
+
+    return asyncio.run(main())
+
+
+def test_failed_setup_leaves_nothing_behind():
+    r = isolated(scenario_failure_half_way)
+    kind, msg = r["clash"]
+    assert kind == "Conflict" and "sb-tnet5" in msg
+    assert r["netns"] == []
+    assert r["links"] == ["sb-tnet5"]
+    assert r["kind"] in ("dummy", "ifb")
+    assert r["leftovers"] == []
+    for key in ("bad_ip", "host_ip", "bad_mac", "bad_name"):
+        assert r[key][0] == "InvalidSpec", key
+    assert r["netns_after_bad"] == []
+
+
+def scenario_cancelled_setup() -> list[str]:
+    async def main() -> list[str]:
+        net = _net()
+        await net.ensure_bridge()
+        # Cancel at successive points of the setup, the way the MCP server's task groups do (an anyio
+        # cancel scope cancels every later await in it, cleanup's included, unless shielded).
+        # Whatever was made must be gone again.
+        seen = []
+        for delay in (0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.5):
+            with anyio.move_on_after(delay) as scope:
+                await net.setup_workspace("tnet7", "10.77.0.17", mac_for("tnet7"))
+            if scope.cancelled_caught:
+                seen.append("cancelled")
+            else:
+                seen.append("done")
+                await net.teardown_workspace("tnet7")
+            seen.extend(await net.leftovers())
+        return seen
+
+    return anyio.run(main)
+
+
+def test_cancelled_setup_leaves_nothing_behind():
+    seen = isolated(scenario_cancelled_setup)
+    assert set(seen) <= {"done", "cancelled"}, seen  # a workspace name here is a leftover
+    assert "cancelled" in seen and seen[-1] == "done", seen
