@@ -246,7 +246,7 @@ def install_claude(
         base = Path(claude_config_dir) if claude_config_dir else None
         config_file = (base or home) / ".claude.json"
         skills_dest = (base or home / ".claude") / "skills"
-        cwd = home
+        cwd = home if home.is_dir() else Path("/")  # user scope does not depend on the cwd
 
     config = _read_json(config_file)
     servers = config.get("mcpServers")
