@@ -240,8 +240,9 @@ class HostNetwork:
         path = self.netns_path(name)
         prefixlen = self.settings.subnet.prefixlen
 
-        await self.teardown_workspace(name)
         async with _iproute() as ipr:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(ipr, name)  # what an earlier run left behind
             bridge_index = await self._ensure_bridge(ipr)
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled wait must not lose a made namespace
@@ -277,7 +278,7 @@ class HostNetwork:
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self.teardown_workspace(name)
+                        await self._teardown(ipr, name)
                     except SandboxError as cleanup_exc:
                         log.warning("cleaning up after a failed setup of %s: %s", name, cleanup_exc)
                 raise
@@ -294,17 +295,20 @@ class HostNetwork:
             BackendError: netlink refused the deletion, or the namespace could not be unmounted.
         """
         validate_name(name)
-        host_if, _ = veth_names(name)
         with anyio.CancelScope(shield=True):  # half a teardown is worse than a late one
             async with _iproute() as ipr:
-                link = await _get_link(ipr, host_if)
-                if link is not None and _kind(link) == "veth":
-                    try:
-                        await ipr.link("del", index=link["index"])  # takes the peer inside the netns along
-                    except NetlinkError as exc:
-                        if exc.code != errno.ENODEV:
-                            raise _translate(exc, f"deleting veth {host_if}") from exc
-            _remove_netns(self.netns_path(name))
+                await self._teardown(ipr, name)
+
+    async def _teardown(self, ipr: AsyncIPRoute, name: str) -> None:
+        host_if, _ = veth_names(name)
+        link = await _get_link(ipr, host_if)
+        if link is not None and _kind(link) == "veth":
+            try:
+                await ipr.link("del", index=link["index"])  # takes the peer inside the netns along
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise _translate(exc, f"deleting veth {host_if}") from exc
+        _remove_netns(self.netns_path(name))
 
     async def leftovers(self) -> list[str]:
         """Names of workspaces that have a host veth (``sb-NAME``) or a named namespace (``sbx-NAME``) here.
