@@ -1,0 +1,153 @@
+# The guest configuration shared by all three backends.
+#
+#   import ./base.nix { inherit hostConfig name ws; }
+#
+# returns a NixOS module for the workspace `name` (its options `ws`). The
+# backends add what differs (mounts, interfaces, image format) on top.
+{
+  hostConfig,
+  name,
+  ws,
+}:
+{
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = hostConfig.sandboxed-workspace;
+  wlib = import ./lib.nix { inherit lib; };
+  user = cfg.user.name;
+  home = "/home/${user}";
+  workspaceDir = "${home}/workspace";
+  claudeDir = "${home}/claude-config";
+  prefixLength = toString (wlib.prefixLengthOf cfg.network.subnet);
+  nameservers = if cfg.network.dns then [ cfg.network.hostAddress ] else cfg.network.nameservers;
+  # The registry's keys are the MCP server's client key.
+  authorizedKeys = cfg.user.authorizedKeys ++ (cfg.registry.authorizedKeys or [ ]);
+
+  claude =
+    if cfg.claude.package == null then
+      null
+    else if cfg.claude.skipPermissions then
+      # The workspace is the sandbox, so Claude Code runs without approval prompts.
+      pkgs.writeShellScriptBin "claude" ''
+        exec ${cfg.claude.package}/bin/claude --dangerously-skip-permissions "$@"
+      ''
+    else
+      cfg.claude.package;
+
+  onboardingJson = pkgs.writeText "claude.json" (
+    builtins.toJSON {
+      hasCompletedOnboarding = true;
+      projects.${workspaceDir} = {
+        hasTrustDialogAccepted = true;
+        hasCompletedProjectOnboarding = true;
+      };
+    }
+  );
+in
+{
+  imports = lib.optional (ws.config != null) ws.config;
+
+  config = lib.mkMerge [
+    {
+      system.stateVersion = lib.mkDefault cfg.stateVersion;
+      networking.hostName = lib.mkDefault name;
+
+      # Static address on the bridge, matched by the deterministic MAC every
+      # backend gives the workspace's interface, so the name of that
+      # interface (eth0, host0, enp0s...) does not matter.
+      networking.useDHCP = false;
+      networking.useNetworkd = true;
+      networking.useHostResolvConf = lib.mkForce false;
+      systemd.network.enable = true;
+      systemd.network.networks."10-sandboxed-workspace" = {
+        matchConfig.MACAddress = wlib.macFor name;
+        address = [ "${ws.ip}/${prefixLength}" ];
+        gateway = [ cfg.network.hostAddress ];
+        dns = nameservers;
+        linkConfig.RequiredForOnline = "routable";
+      };
+      services.resolved.enable = true;
+
+      # sshd with the host key generated on the host (by the server or the
+      # setup unit) and pinned by the server; keys only.
+      services.openssh = {
+        enable = true;
+        openFirewall = true;
+        hostKeys = [
+          {
+            path = "/etc/ssh-host-keys/ssh_host_ed25519_key";
+            type = "ed25519";
+          }
+        ];
+        authorizedKeysFiles = [ "/etc/ssh-host-keys/authorized_keys" ];
+        settings = {
+          PasswordAuthentication = false;
+          KbdInteractiveAuthentication = false;
+          PermitRootLogin = "no";
+        };
+      };
+
+      users.users.${user} = {
+        isNormalUser = true;
+        uid = cfg.user.uid;
+        inherit home;
+        extraGroups = [ "wheel" ];
+        openssh.authorizedKeys.keys = authorizedKeys;
+      };
+      security.doas = {
+        enable = true;
+        extraRules = [
+          {
+            users = [ user ];
+            noPass = true;
+            keepEnv = true;
+          }
+        ];
+      };
+      security.sudo.wheelNeedsPassword = false;
+
+      environment.systemPackages =
+        map (wlib.resolvePackage pkgs) ws.packages ++ [ pkgs.git ] ++ lib.optional (claude != null) claude;
+      environment.variables.CLAUDE_CONFIG_DIR = claudeDir;
+
+      # Mount points exist with the right owner even before the first mount.
+      systemd.tmpfiles.rules = [
+        "d ${workspaceDir} 0755 ${user} users -"
+        "d ${claudeDir} 0700 ${user} users -"
+      ];
+    }
+
+    (lib.mkIf cfg.binaryCache.fromHost {
+      nix.settings.substituters = hostConfig.nix.settings.substituters or [ ];
+      nix.settings.trusted-public-keys = hostConfig.nix.settings.trusted-public-keys or [ ];
+    })
+
+    (lib.mkIf (cfg.binaryCache.netrcFile != null) {
+      # Each backend mounts /run/sandboxed-workspace/NAME of the host here.
+      nix.settings.netrc-file = "/var/lib/sandbox-secrets/netrc";
+    })
+
+    (lib.mkIf cfg.claude.onboarding {
+      # Seeded once: later changes Claude Code makes to its config survive.
+      systemd.services.sandboxed-workspace-claude-onboarding = {
+        description = "Seed the Claude Code configuration of the workspace";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "local-fs.target" ];
+        unitConfig.RequiresMountsFor = [ claudeDir ];
+        serviceConfig = {
+          Type = "oneshot";
+          User = user;
+          RemainAfterExit = true;
+        };
+        script = ''
+          if [ ! -e ${claudeDir}/.claude.json ]; then
+            install -m 0600 ${onboardingJson} ${claudeDir}/.claude.json
+          fi
+        '';
+      };
+    })
+  ];
+}

@@ -1,0 +1,128 @@
+# Workspaces of type "incus": an Incus system container from a NixOS LXC
+# image built with the host's nixpkgs, unit incus-workspace-NAME.
+#
+# The instance is ephemeral: the unit imports the image (once per build),
+# creates a fresh instance on every start and stops it (which deletes it) on
+# stop. Incus operations of all workspaces are serialised with flock, since
+# concurrent image imports of the same alias race.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.sandboxed-workspace;
+  wlib = import ./lib.nix { inherit lib; };
+  hostConfig = config;
+  incusWorkspaces = lib.filterAttrs (_: ws: ws.type == "incus") cfg.allWorkspaces;
+  incusPackage = config.virtualisation.incus.package or pkgs.incus;
+  lockFile = "/run/sandboxed-workspace-incus.lock";
+
+  image =
+    name: ws:
+    (cfg.incus.nixosSystem {
+      modules = [
+        (
+          { modulesPath, ... }:
+          {
+            imports = [ "${modulesPath}/virtualisation/lxc-container.nix" ];
+            nixpkgs.hostPlatform = lib.mkDefault pkgs.stdenv.hostPlatform.system;
+          }
+        )
+        (import ./base.nix { inherit hostConfig name ws; })
+      ];
+    }).config.system.build;
+
+  mkUnit =
+    name: ws:
+    let
+      build = image name ws;
+      instance = wlib.incusInstanceFor name;
+      # A new alias per image build: a changed configuration gets a new image.
+      alias = "sandboxed-workspace-${name}-${builtins.substring 0 12 (builtins.hashString "sha256" "${build.tarball}")}";
+      esc = lib.escapeShellArg;
+      shareDevices = lib.concatMapStringsSep "\n" (
+        share:
+        # shift=true: idmapped mounts, so the workspace user owns its files
+        # on both sides of the unprivileged container's uid shift.
+        "incus config device add ${esc instance} ${esc share.tag} disk "
+        + "source=${esc share.source} path=${esc share.target} shift=true readonly=${lib.boolToString share.readOnly}"
+      ) (wlib.sharesFor cfg name);
+      start = pkgs.writeShellScript "incus-workspace-${name}-start" ''
+        set -euo pipefail
+        exec 9>${lockFile}
+        flock 9
+        if ! incus image alias list --format csv | cut -d, -f1 | grep -qxF ${esc alias}; then
+          incus image import ${build.metadata}/tarball/*.tar.xz ${build.tarball}/tarball/*.tar.xz --alias ${esc alias}
+        fi
+        # A stale instance survives a host crash; start from a clean one.
+        incus delete --force ${esc instance} >/dev/null 2>&1 || true
+        incus create --ephemeral ${esc alias} ${esc instance} -c security.nesting=true
+        incus config device add ${esc instance} eth0 nic nictype=bridged parent=${esc cfg.network.bridge} hwaddr=${esc (wlib.macFor name)}
+        ${shareDevices}
+        incus start ${esc instance}
+        # Drop this workspace's images of earlier builds.
+        incus image alias list --format csv | cut -d, -f1 \
+          | grep -E '^sandboxed-workspace-${name}-[0-9a-f]{12}$' | grep -vxF ${esc alias} \
+          | xargs -r -n1 incus image delete || true
+      '';
+      stop = pkgs.writeShellScript "incus-workspace-${name}-stop" ''
+        set -uo pipefail
+        exec 9>${lockFile}
+        flock 9
+        # Stopping an ephemeral instance deletes it.
+        incus stop --force ${esc instance} >/dev/null 2>&1 || true
+        incus delete --force ${esc instance} >/dev/null 2>&1 || true
+      '';
+    in
+    {
+      description = "Incus workspace ${name}";
+      requires = [
+        "incus.service"
+        "${wlib.setupUnitFor name}.service"
+      ];
+      after = [
+        "incus.service"
+        "${wlib.setupUnitFor name}.service"
+      ];
+      wantedBy = lib.optional ws.autoStart "multi-user.target";
+      path = [
+        incusPackage
+        pkgs.util-linux
+        pkgs.coreutils
+        pkgs.gnugrep
+        pkgs.findutils
+      ];
+      # A rebuild that changes the image restarts a running workspace on it.
+      restartIfChanged = true;
+      restartTriggers = [
+        build.tarball
+        build.metadata
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = "${start}";
+        ExecStop = "${stop}";
+        TimeoutStartSec = "10min";
+      };
+    };
+in
+{
+  config = lib.mkIf (cfg.enable && incusWorkspaces != { }) {
+    assertions = [
+      {
+        assertion = config.virtualisation.incus.enable or false;
+        message = ''
+          sandboxed-workspace: workspaces ${lib.concatStringsSep ", " (lib.attrNames incusWorkspaces)} have
+          type "incus". Set `virtualisation.incus.enable = true;` (Incus on NixOS also needs
+          `networking.nftables.enable = true;`), or change their type.
+        '';
+      }
+    ];
+    systemd.services = lib.mapAttrs' (
+      name: ws: lib.nameValuePair "incus-workspace-${name}" (mkUnit name ws)
+    ) incusWorkspaces;
+  };
+}

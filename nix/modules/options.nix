@@ -1,0 +1,384 @@
+# Every option of the module, under `sandboxed-workspace`.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.sandboxed-workspace;
+  wlib = import ./lib.nix { inherit lib; };
+
+  workspaceModule =
+    { name, ... }:
+    {
+      options = {
+        type = lib.mkOption {
+          type = lib.types.enum [
+            "container"
+            "vm"
+            "incus"
+          ];
+          example = "vm";
+          description = ''
+            How the workspace runs: `container` (a NixOS container, systemd-nspawn, unit
+            `container@NAME`), `vm` (a microvm.nix virtual machine, unit `microvm@NAME`; needs
+            microvm.nix's host module) or `incus` (an Incus/LXC container, unit
+            `incus-workspace-NAME`; needs `virtualisation.incus.enable`). Containers share the
+            host kernel; VMs isolate it.
+          '';
+        };
+
+        ip = lib.mkOption {
+          type = lib.types.str;
+          example = "192.168.83.20";
+          description = ''
+            The workspace's static IPv4 address. It must lie inside
+            {option}`sandboxed-workspace.network.subnet`, differ from the host address and be
+            unique among workspaces. The host resolves it as `workspace-NAME`.
+          '';
+        };
+
+        packages = lib.mkOption {
+          type = lib.types.listOf (lib.types.strMatching "[A-Za-z_][A-Za-z0-9_'-]*(\\.[A-Za-z_][A-Za-z0-9_'-]*)*");
+          default = [ ];
+          example = [
+            "ripgrep"
+            "python3Packages.requests"
+          ];
+          description = ''
+            Packages installed in the workspace, as attribute paths into `pkgs`
+            (`"python3Packages.requests"` is `pkgs.python3Packages.requests`). An unknown
+            path is an evaluation error naming it. Strings rather than packages, so the
+            server's registry (JSON) can list them too.
+          '';
+        };
+
+        config = lib.mkOption {
+          type = lib.types.nullOr lib.types.deferredModule;
+          default = null;
+          example = lib.literalExpression "./workspaces/${name}.nix";
+          description = ''
+            An extra NixOS module for the workspace (a path, an attribute set or a module
+            function), applied on top of the shared base configuration.
+          '';
+        };
+
+        autoStart = lib.mkOption {
+          type = lib.types.bool;
+          default = false;
+          description = "Whether the workspace starts at boot.";
+        };
+
+        cid = lib.mkOption {
+          type = lib.types.nullOr (lib.types.ints.between 3 4294967294);
+          default = null;
+          defaultText = lib.literalMD "derived from the name: 100 + the first 24 bits of sha256(name)";
+          example = 42;
+          description = ''
+            The VM's vsock context identifier (type `vm` only). `null` derives it from
+            the name. CIDs must be unique among VMs on the host.
+          '';
+        };
+
+        vcpu = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          defaultText = lib.literalExpression "config.sandboxed-workspace.vm.vcpu";
+          example = 4;
+          description = "Virtual CPUs of the VM (type `vm` only); `null` takes {option}`sandboxed-workspace.vm.vcpu`.";
+        };
+
+        memory = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          defaultText = lib.literalExpression "config.sandboxed-workspace.vm.memory";
+          example = 8192;
+          description = "Memory of the VM in MiB (type `vm` only); `null` takes {option}`sandboxed-workspace.vm.memory`.";
+        };
+
+        hostKey = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          example = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI... workspace";
+          description = ''
+            The public half of the workspace's SSH host key, to pin. When set, the host's
+            `ssh` trusts exactly this key for `workspace-NAME`, and the setup unit refuses
+            to start the workspace if the key in the state directory differs.
+          '';
+        };
+      };
+    };
+
+  workspaceType = lib.types.attrsOf (lib.types.submodule workspaceModule);
+
+  # The registry is data (JSON), never generated Nix. A workspace's `config`
+  # there is relative to the registry file's directory, so the path stays
+  # inside a flake's source when the registry is part of it.
+  registry =
+    if cfg.registryFile == null then
+      {
+        version = 1;
+        authorizedKeys = [ ];
+        workspaces = { };
+      }
+    else
+      lib.importJSON cfg.registryFile;
+  registryDir = dirOf cfg.registryFile;
+  fromRegistry =
+    _name: ws:
+    (removeAttrs ws [ "config" ])
+    // lib.optionalAttrs (ws.config or null != null) { config = registryDir + "/${ws.config}"; };
+in
+{
+  options.sandboxed-workspace = {
+    enable = lib.mkEnableOption "sandboxed workspaces for AI coding agents (containers, microVMs, Incus)";
+
+    user = {
+      name = lib.mkOption {
+        type = lib.types.strMatching "[a-z_][a-z0-9_-]{0,31}";
+        default = "agent";
+        example = "alice";
+        description = ''
+          The user inside every workspace (not a host user). Commands from the MCP server
+          run as this user; it has passwordless `doas` and `sudo`. Must equal the server's
+          `user` setting (`SANDBOX_MCP_USER`).
+        '';
+      };
+      uid = lib.mkOption {
+        type = lib.types.ints.between 1000 60000;
+        default = 1000;
+        description = ''
+          The workspace user's uid. Files in the shared workspace directory are owned by
+          it on the host too, so matching your host user's uid keeps them editable.
+        '';
+      };
+      authorizedKeys = lib.mkOption {
+        type = lib.types.listOf lib.types.singleLineStr;
+        default = [ ];
+        example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI... alice@laptop" ];
+        description = ''
+          SSH public keys allowed to log in as the workspace user. The registry's
+          `authorizedKeys` (the MCP server's client key) are added to these.
+        '';
+      };
+    };
+
+    stateDir = lib.mkOption {
+      type = lib.types.strMatching "/.*[^/]|/";
+      default = "/var/lib/sandboxed-workspace";
+      example = "/home/alice/sandboxed";
+      description = ''
+        Host directory holding each workspace's persistent state:
+        `NAME/workspace` (shared at `~/workspace`), `NAME/ssh-host-keys` (the pinned host
+        key and `authorized_keys`, at `/etc/ssh-host-keys`) and `NAME/claude-config`.
+        Must equal the MCP server's `state_dir` (`SANDBOX_MCP_STATE_DIR`).
+      '';
+    };
+
+    network = {
+      bridge = lib.mkOption {
+        type = lib.types.strMatching "[A-Za-z0-9_.-]{1,15}";
+        default = "sandbox-br";
+        description = "Name of the host bridge the workspaces attach to (`SANDBOX_MCP_BRIDGE` of the server).";
+      };
+      subnet = lib.mkOption {
+        type = lib.types.strMatching "[0-9]{1,3}(\\.[0-9]{1,3}){3}/[0-9]{1,2}";
+        default = "192.168.83.0/24";
+        description = "IPv4 subnet of the workspaces, in CIDR notation (`SANDBOX_MCP_SUBNET` of the server).";
+      };
+      hostAddress = lib.mkOption {
+        type = lib.types.str;
+        default = wlib.firstHostAddress cfg.network.subnet;
+        defaultText = lib.literalMD "the subnet's first host address, e.g. `192.168.83.1`";
+        description = "The host's address on the bridge; the workspaces' gateway and DNS server.";
+      };
+      upstreamInterface = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "enp3s0";
+        description = ''
+          Host interface the workspaces' traffic is NATed out of. `null` masquerades out of
+          any interface.
+        '';
+      };
+      nat = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = "Whether workspaces reach outside networks through NAT on the host.";
+      };
+      dns = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether the host answers DNS for the workspaces (dnsmasq listening only on the
+          bridge address; it forwards to the host's resolvers and knows `workspace-NAME`).
+          When false, workspaces use {option}`sandboxed-workspace.network.nameservers`.
+        '';
+      };
+      nameservers = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "9.9.9.9" ];
+        description = "DNS servers for the workspaces when {option}`sandboxed-workspace.network.dns` is false.";
+      };
+    };
+
+    workspaces = lib.mkOption {
+      type = workspaceType;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          myproject = {
+            type = "container";
+            ip = "192.168.83.20";
+            packages = [ "ripgrep" "nodejs" ];
+            config = ./workspaces/myproject.nix;
+          };
+        }
+      '';
+      description = ''
+        Workspaces declared in the NixOS configuration. Names use lowercase letters,
+        digits and `-`, start with a letter and have at most 12 characters (11 for
+        containers). Workspaces from {option}`sandboxed-workspace.registryFile` are added
+        to these; a name may appear in only one of the two.
+      '';
+    };
+
+    registryFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./sandboxed-workspaces.json";
+      description = ''
+        JSON file maintained by the sandbox-mcp server:
+        `{"version": 1, "authorizedKeys": [...], "workspaces": {NAME: {type, ip, packages,
+        autoStart, config, vcpu, memory, hostKey}}}`, where `config` is null or a path
+        relative to the file's directory. It is read as data with `lib.importJSON`. Use a
+        path literal inside your flake so pure evaluation can read it.
+      '';
+    };
+
+    registryWorkspaces = lib.mkOption {
+      type = workspaceType;
+      internal = true;
+      readOnly = true;
+      default = lib.mapAttrs fromRegistry (registry.workspaces or { });
+      defaultText = lib.literalMD "the workspaces of {option}`sandboxed-workspace.registryFile`";
+      description = "The registry's workspaces, type-checked like declared ones.";
+    };
+
+    registry = lib.mkOption {
+      type = lib.types.attrs;
+      internal = true;
+      readOnly = true;
+      default = registry;
+      defaultText = lib.literalMD "the parsed {option}`sandboxed-workspace.registryFile`";
+      description = "The parsed registry file, for assertions.";
+    };
+
+    allWorkspaces = lib.mkOption {
+      type = lib.types.attrs;
+      internal = true;
+      readOnly = true;
+      default = cfg.workspaces // cfg.registryWorkspaces;
+      defaultText = lib.literalMD "declared workspaces and the registry's";
+      description = "Every workspace the module realises.";
+    };
+
+    claude = {
+      onboarding = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether each workspace seeds `$CLAUDE_CONFIG_DIR/.claude.json` (when missing) with
+          onboarding complete and the workspace directory trusted, so Claude Code starts
+          without questions.
+        '';
+      };
+      package = lib.mkOption {
+        type = lib.types.nullOr lib.types.package;
+        default = pkgs.claude-code or null;
+        defaultText = lib.literalExpression "pkgs.claude-code or null";
+        description = ''
+          Claude Code installed in every workspace; `null` installs none. `claude-code` is
+          unfree: allow it in the host's `nixpkgs.config`.
+        '';
+      };
+      skipPermissions = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether `claude` in a workspace is wrapped to pass `--dangerously-skip-permissions`.
+          The workspace is the sandbox; with this off, every tool call asks for approval.
+        '';
+      };
+    };
+
+    binaryCache = {
+      fromHost = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = ''
+          Whether workspaces use the host's `nix.settings.substituters` and
+          `trusted-public-keys`.
+        '';
+      };
+      netrcFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/run/agenix/attic-netrc";
+        description = ''
+          Host file with netrc credentials for the binary caches. The setup unit copies it
+          to `/run/sandboxed-workspace/NAME/netrc` and each workspace reads it read-only as
+          `nix.settings.netrc-file`. It is a secret the workspace (and so the agent) can
+          read: set it only for caches you accept exposing.
+        '';
+      };
+    };
+
+    vm = {
+      hypervisor = lib.mkOption {
+        type = lib.types.str;
+        default = "cloud-hypervisor";
+        example = "qemu";
+        description = "microvm.nix hypervisor for VM workspaces.";
+      };
+      vcpu = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 4;
+        description = "Default virtual CPUs of a VM workspace.";
+      };
+      memory = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 4096;
+        description = "Default memory of a VM workspace, in MiB.";
+      };
+      overlaySize = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 8192;
+        description = ''
+          Size in MiB of each VM's writable Nix store overlay volume (`overlay.img` in
+          microvm.nix's state directory); it persists across restarts.
+        '';
+      };
+    };
+
+    incus.nixosSystem = lib.mkOption {
+      type = lib.types.functionTo lib.types.raw;
+      default = args: import "${toString pkgs.path}/nixos/lib/eval-config.nix" ({ system = null; } // args);
+      defaultText = lib.literalExpression ''args: import "''${pkgs.path}/nixos/lib/eval-config.nix" ({ system = null; } // args)'';
+      description = ''
+        Function building the NixOS system of an Incus workspace image, called with
+        `{ modules; }`. This flake sets it to `nixpkgs.lib.nixosSystem`; without flakes
+        the host's nixpkgs is used.
+      '';
+    };
+
+    stateVersion = lib.mkOption {
+      type = lib.types.str;
+      default = config.system.stateVersion;
+      defaultText = lib.literalExpression "config.system.stateVersion";
+      description = "`system.stateVersion` of the workspaces.";
+    };
+  };
+}
