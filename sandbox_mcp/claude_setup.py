@@ -84,7 +84,9 @@ def skills_dir() -> Path:
     )
 
 
-def default_server_command(*, needs_root: bool, euid: int | None = None, script: str | None = None) -> list[str]:
+def default_server_command(
+    *, needs_root: bool, euid: int | None = None, script: str | None = None
+) -> list[str]:
     """The command Claude Code should run to start the server over stdio.
 
     ``script`` defaults to the absolute path of the running ``sandbox-mcp`` console script
@@ -99,7 +101,8 @@ def default_server_command(*, needs_root: bool, euid: int | None = None, script:
         base = [script, "serve"]
     else:
         beside = Path(sys.executable).parent / "sandbox-mcp"
-        found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("sandbox-mcp")
+        found = str(beside) if os.access(beside, os.X_OK) and beside.is_file() else None
+        found = found or shutil.which("sandbox-mcp")
         base = [os.path.abspath(found), "serve"] if found else [sys.executable, "-m", "sandbox_mcp", "serve"]
     if needs_root and euid != 0:
         return ["sudo", "-n", *base]
@@ -133,9 +136,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidSpec(f"{path} is not valid JSON ({exc}); fix or move it, then run install-claude again") from exc
+        raise InvalidSpec(
+            f"{path} is not valid JSON ({exc}); fix or move it, then run install-claude again"
+        ) from exc
     if not isinstance(data, dict):
-        raise InvalidSpec(f"{path} does not hold a JSON object; fix or move it, then run install-claude again")
+        raise InvalidSpec(
+            f"{path} does not hold a JSON object; fix or move it, then run install-claude again"
+        )
     return data
 
 
@@ -167,10 +174,15 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
             argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=_CLAUDE_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as exc:
-        raise CommandTimeout(f"{argv[0]} did not finish within {_CLAUDE_TIMEOUT_S}s: {' '.join(argv)}") from exc
+        raise CommandTimeout(
+            f"{argv[0]} did not finish within {_CLAUDE_TIMEOUT_S}s: {' '.join(argv)}"
+        ) from exc
     if proc.returncode != 0:
         raise CommandFailed(
-            argv, proc.returncode, proc.stderr or proc.stdout, hint="rerun with --dry-run to see what would be written"
+            argv,
+            proc.returncode,
+            proc.stderr or proc.stdout,
+            hint="rerun with --dry-run to see what would be written",
         )
 
 
@@ -251,7 +263,9 @@ def install_claude(
     config = _read_json(config_file)
     servers = config.get("mcpServers")
     if servers is not None and not isinstance(servers, dict):
-        raise InvalidSpec(f"{config_file}: 'mcpServers' is not an object; fix it, then run install-claude again")
+        raise InvalidSpec(
+            f"{config_file}: 'mcpServers' is not an object; fix it, then run install-claude again"
+        )
     current = (servers or {}).get(SERVER_NAME)
     unchanged = current == entry
 

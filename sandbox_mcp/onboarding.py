@@ -239,7 +239,9 @@ def _prepare_dir(config_dir: Path, uid: int, gid: int) -> None:
         raise InvalidSpec(f"{config_dir} exists and is not a directory; remove it") from exc
     st = os.lstat(config_dir)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise InvalidSpec(f"{config_dir} is a symlink or not a directory; remove it and create the workspace again")
+        raise InvalidSpec(
+            f"{config_dir} is a symlink or not a directory; remove it and create the workspace again"
+        )
     if (st.st_uid, st.st_gid) != (uid, gid):
         os.chown(config_dir, uid, gid, follow_symlinks=False)
     if stat.S_IMODE(st.st_mode) != 0o700:

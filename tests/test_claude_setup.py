@@ -206,7 +206,8 @@ def test_project_scope(tmp_path: Path, skills_src: Path):
         json.dumps({"enabledMcpjsonServers": ["other"], "permissions": {"allow": ["Bash(ls:*)"]}})
     )
     report = _install("project", tmp_path, skills_src, project_dir=project)
-    assert json.loads((project / ".mcp.json").read_text()) == {"mcpServers": {"other": OTHER, "sandbox": ENTRY}}
+    mcp = json.loads((project / ".mcp.json").read_text())
+    assert mcp == {"mcpServers": {"other": OTHER, "sandbox": ENTRY}}
     local = json.loads((project / ".claude" / "settings.local.json").read_text())
     assert local == {"enabledMcpjsonServers": ["other", "sandbox"], "permissions": {"allow": ["Bash(ls:*)"]}}
     assert (project / ".claude" / "skills" / "beta" / "SKILL.md").is_file()
@@ -243,7 +244,12 @@ def test_bad_scope_and_empty_skills(tmp_path: Path, skills_src: Path):
 
 def test_bundled_skills_install(tmp_path: Path):
     report = install_claude(
-        "user", project_dir=None, home=tmp_path, server_command=CMD, skills_src=skills_dir(), use_claude_cli=False
+        "user",
+        project_dir=None,
+        home=tmp_path,
+        server_command=CMD,
+        skills_src=skills_dir(),
+        use_claude_cli=False,
     )
     names = {Path(p).name for p in report.skills_installed}
     assert {"create-workspace", "work-in-workspace"} <= names
@@ -290,7 +296,9 @@ def test_cli_removes_a_different_entry_first_and_runs_in_the_project(tmp_path: P
     project = tmp_path / "proj"
     project.mkdir()
     (project / ".mcp.json").write_text(json.dumps({"mcpServers": {"sandbox": {"command": "/old"}}}))
-    report = _install("project", tmp_path, skills_src, project_dir=project, use_claude_cli=True, claude_bin=str(fake))
+    report = _install(
+        "project", tmp_path, skills_src, project_dir=project, use_claude_cli=True, claude_bin=str(fake)
+    )
     assert [c["argv"][:2] for c in _calls(tmp_path)] == [["mcp", "remove"], ["mcp", "add"]]
     assert report.commands[0] == [str(fake), "mcp", "remove", "--scope", "project", "sandbox"]
     assert all(c["cwd"] == str(project) for c in _calls(tmp_path))

@@ -99,7 +99,8 @@ def test_merges_with_existing_state(tmp_path: Path):
     assert data["numStartups"] == 7 and data["userID"] == "abc"
     assert data["mcpServers"] == {"x": {"command": "y"}}
     assert data["hasCompletedOnboarding"] is True
-    assert data["projects"]["/home/agent/workspace/repo"] == {"allowedTools": ["Bash"], "hasTrustDialogAccepted": True}
+    repo = data["projects"]["/home/agent/workspace/repo"]
+    assert repo == {"allowedTools": ["Bash"], "hasTrustDialogAccepted": True}
     assert data["projects"][WS]["history"] == [{"display": "hi"}]
     assert data["projects"][WS]["hasTrustDialogAccepted"] is True
     settings = _load(cfg / SETTINGS_JSON)
@@ -207,7 +208,8 @@ def test_environment_lines_and_paths():
 
 def test_host_credentials_file(tmp_path: Path):
     assert host_credentials_file(tmp_path, {}) == tmp_path / ".claude" / CREDENTIALS_JSON
-    assert host_credentials_file(tmp_path, {"CLAUDE_CONFIG_DIR": "/x/cfg"}) == Path("/x/cfg") / CREDENTIALS_JSON
+    env = {"CLAUDE_CONFIG_DIR": "/x/cfg"}
+    assert host_credentials_file(tmp_path, env) == Path("/x/cfg") / CREDENTIALS_JSON
 
 
 # --- the wrapper, run by a real /bin/sh against a stand-in `claude` that prints its arguments ---
