@@ -110,7 +110,15 @@ in
       security.sudo.wheelNeedsPassword = false;
 
       environment.systemPackages =
-        map (wlib.resolvePackage pkgs) ws.packages ++ [ pkgs.git ] ++ lib.optional (claude != null) claude;
+        map (
+          p:
+          lib.attrByPath (wlib.packagePath p) (throw ''
+            sandboxed-workspace: workspace ${name} lists package "${p}", which its pkgs lacks; fix the
+            attribute path (e.g. "python3Packages.requests") or remove it.
+          '') pkgs
+        ) ws.packages
+        ++ [ pkgs.git ]
+        ++ lib.optional (claude != null) claude;
       environment.variables.CLAUDE_CONFIG_DIR = claudeDir;
 
       # Mount points exist with the right owner even before the first mount.

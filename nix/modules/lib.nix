@@ -115,7 +115,6 @@ rec {
   # "python3Packages.requests" -> [ "python3Packages" "requests" ]
   packagePath = p: lib.splitString "." p;
   hasPackage = pkgs: p: lib.hasAttrByPath (packagePath p) pkgs;
-  resolvePackage = pkgs: p: lib.getAttrFromPath (packagePath p) pkgs;
 
   unitFor =
     name: ws:

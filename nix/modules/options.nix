@@ -124,11 +124,14 @@ let
       }
     else
       lib.importJSON cfg.registryFile;
+  # An absolute `config` is left out here and refused by an assertion.
   registryDir = dirOf cfg.registryFile;
   fromRegistry =
     _name: ws:
     (removeAttrs ws [ "config" ])
-    // lib.optionalAttrs (ws.config or null != null) { config = registryDir + "/${ws.config}"; };
+    // lib.optionalAttrs (ws.config or null != null && !lib.hasPrefix "/" ws.config) {
+      config = registryDir + "/${ws.config}";
+    };
 in
 {
   options.sandboxed-workspace = {

@@ -1,0 +1,658 @@
+"""The NixOS module (nix/) and flake.nix: every file parses; the module evaluates.
+
+Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation also needs a nixpkgs ``lib``
+checkout named by ``SANDBOX_MCP_NIXPKGS_LIB`` (a nixpkgs or nixpkgs.lib tree, or its ``lib/``);
+nothing is built, so no store or binary cache is needed. The module is evaluated with
+``lib.evalModules`` against stub modules (tests/fixtures/nix/stubs.nix) that declare, loosely
+typed, the NixOS options it sets, so its own option types are checked for real while what it
+sets on the host and in the guests is captured and compared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.naming import cid_for, mac_for, validate_name
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "nix"
+EVAL_NIX = FIXTURES / "eval.nix"
+NAMING_NIX = FIXTURES / "naming.nix"
+LIB_ENV = "SANDBOX_MCP_NIXPKGS_LIB"
+
+NIX_INSTANTIATE = shutil.which("nix-instantiate")
+needs_nix = pytest.mark.skipif(
+    NIX_INSTANTIATE is None, reason="nix-instantiate not found (Debian package nix-bin)"
+)
+
+
+def _nix_files() -> list[Path]:
+    skip = {".git", ".venv", "node_modules", "result"}
+    return sorted(
+        p for p in REPO.rglob("*.nix") if not any(part in skip for part in p.relative_to(REPO).parts)
+    )
+
+
+def _find_lib() -> tuple[str | None, str]:
+    """The nixpkgs lib directory from the environment, or None and why not."""
+    raw = os.environ.get(LIB_ENV)
+    if not raw:
+        return None, (
+            f"{LIB_ENV} is not set; point it at a nixpkgs or nixpkgs.lib checkout (or its lib/ folder) "
+            f"to run the NixOS module's evaluation tests"
+        )
+    root = Path(raw).expanduser()
+    for cand in (root / "lib", root):
+        if (cand / "default.nix").is_file() and (cand / "modules.nix").is_file():
+            return str(cand), ""
+    return None, f"{LIB_ENV}={raw} holds no nixpkgs lib (no lib/default.nix with modules.nix beside it)"
+
+
+LIB, LIB_MISSING = _find_lib()
+needs_lib = pytest.mark.skipif(NIX_INSTANTIATE is None or LIB is None, reason=LIB_MISSING or "no nix")
+
+
+def _instantiate(expr_file: Path, args: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    argv = [NIX_INSTANTIATE, "--eval", "--strict", "--json", str(expr_file)]
+    for key, value in args.items():
+        argv += ["--argstr", key, value]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _write_json(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / f"input-{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def evaluate(tmp_path: Path, case: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the module for ``case`` (see eval.nix); fail the test with nix's stderr on error."""
+    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    if proc.returncode != 0:
+        pytest.fail(f"evaluation failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+def evaluate_error(tmp_path: Path, case: dict[str, Any]) -> str:
+    """Evaluate ``case``, expecting nix to refuse it; returns the error text."""
+    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    assert proc.returncode != 0, f"evaluation unexpectedly succeeded: {proc.stdout[:2000]}"
+    return proc.stderr
+
+
+def settings(workspaces: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"enable": True, "workspaces": workspaces, **extra}
+
+
+def _ws(type_: str, ip: str, **kw: Any) -> dict[str, Any]:
+    return {"type": type_, "ip": ip, **kw}
+
+
+INCUS_HOST = {"virtualisation": {"incus": {"enable": True}}}
+THREE = {
+    "web": {"type": "container", "ip": "192.168.83.10", "packages": ["ripgrep"]},
+    "vm1": {"type": "vm", "ip": "192.168.83.11", "vcpu": 2},
+    "inc": {"type": "incus", "ip": "192.168.83.12", "autoStart": True},
+}
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if NIX_INSTANTIATE is None or LIB is None:
+        pytest.skip(LIB_MISSING or "no nix-instantiate")
+    tmp = tmp_path_factory.mktemp("nix-three")
+    return evaluate(tmp, {"settings": settings(THREE, stateDir="/srv/sbx"), "host": INCUS_HOST})
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+def test_there_are_nix_files_to_check() -> None:
+    names = {p.relative_to(REPO).as_posix() for p in _nix_files()}
+    assert {"flake.nix", "nix/modules/default.nix", "nix/modules/lib.nix"} <= names
+
+
+@needs_nix
+@pytest.mark.parametrize("path", _nix_files(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_nix_file_parses(path: Path) -> None:
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--parse", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_nix
+def test_parse_check_catches_a_syntax_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.nix"
+    bad.write_text("{ inherit = 1; }\n")  # the mistake an option named "inherit" would make
+    proc = subprocess.run([NIX_INSTANTIATE, "--parse", str(bad)], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+
+
+def test_eval_tests_say_why_they_skip() -> None:
+    if LIB is None:
+        print(f"NixOS module evaluation tests skipped: {LIB_MISSING}")
+    assert LIB is not None or LIB_MISSING
+
+
+# ---- naming: the module and the server agree -------------------------------------------------
+
+NAMES = ["ws1", "a", "web-2", "nixpkgs-dev", "zzzzzzzzzzzz", "api-tests", "x9", "quick-test"]
+NAME_RULES = ["ws1", "a", "web-2", "Web", "9ab", "a_b", "ab-", "-ab", "abcdefghijkl", "abcdefghijklm", "a.b"]
+
+
+def _python_valid(name: str) -> bool:
+    try:
+        validate_name(name)
+    except InvalidSpec:
+        return False
+    return True
+
+
+@needs_lib
+@pytest.mark.parametrize("fallback", ["0", "1"], ids=["fromHexString", "fallback"])
+def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str) -> None:
+    names = NAMES + [n for n in NAME_RULES if n not in NAMES]
+    proc = _instantiate(
+        NAMING_NIX,
+        {"libPath": LIB, "inputFile": str(_write_json(tmp_path, names)), "fallback": fallback},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["usedFromHexString"] is (fallback == "0")
+    for row in out["names"]:
+        name = row["name"]
+        assert row["valid"] is _python_valid(name), name
+        assert row["mac"] == mac_for(name), name
+        assert row["cid"] == cid_for(name), name
+
+
+# ---- option types ----------------------------------------------------------------------------
+
+
+@needs_lib
+@pytest.mark.parametrize(
+    ("workspace", "option"),
+    [
+        ({"type": "container", "ip": 42}, "sandboxed-workspace.workspaces.web.ip"),
+        ({"type": "docker", "ip": "192.168.83.10"}, "sandboxed-workspace.workspaces.web.type"),
+        ({"type": "container", "ip": "192.168.83.10", "packages": ["rm -rf /"]}, "packages"),
+        ({"type": "vm", "ip": "192.168.83.10", "vcpu": 0}, "sandboxed-workspace.workspaces.web.vcpu"),
+        ({"type": "vm", "ip": "192.168.83.10", "cid": 2}, "sandboxed-workspace.workspaces.web.cid"),
+        ({"type": "container", "ip": "192.168.83.10", "autoStart": "yes"}, "autoStart"),
+        ({"type": "container", "ip": "192.168.83.10", "colour": "red"}, "colour"),
+    ],
+    ids=[
+        "ip-int",
+        "unknown-type",
+        "bad-package",
+        "zero-vcpu",
+        "reserved-cid",
+        "autostart-str",
+        "unknown-option",
+    ],
+)
+def test_bad_option_values_are_rejected(tmp_path: Path, workspace: dict[str, Any], option: str) -> None:
+    err = evaluate_error(tmp_path, {"settings": settings({"web": workspace})})
+    assert option in err
+
+
+@needs_lib
+def test_bad_user_name_is_rejected(tmp_path: Path) -> None:
+    workspaces = {"web": {"type": "container", "ip": "192.168.83.10"}}
+    err = evaluate_error(tmp_path, {"settings": settings(workspaces, user={"name": "Bad User"})})
+    assert "sandboxed-workspace.user.name" in err
+
+
+# ---- backends --------------------------------------------------------------------------------
+
+
+def test_container_backend(three: dict[str, Any]) -> None:
+    c = three["containers"]["web"]
+    assert c["privateNetwork"] is True and c["ephemeral"] is True and c["restartIfChanged"] is True
+    assert c["hostBridge"] == "sandbox-br"
+    assert c["localAddress"] == "192.168.83.10/24"
+    assert c["localMacAddress"] == mac_for("web")
+    assert c["autoStart"] is False
+    assert c["bindMounts"] == {
+        "/home/agent/workspace": {"hostPath": "/srv/sbx/web/workspace", "isReadOnly": False},
+        "/etc/ssh-host-keys": {"hostPath": "/srv/sbx/web/ssh-host-keys", "isReadOnly": True},
+        "/home/agent/claude-config": {"hostPath": "/srv/sbx/web/claude-config", "isReadOnly": False},
+    }
+    assert set(three["containers"]) == {"web"}
+    unit = three["services"]["container@web"]
+    assert unit["requires"] == ["sandboxed-workspace-setup-web.service"]
+    assert unit["after"] == ["sandboxed-workspace-setup-web.service"]
+    # Restarted on a rebuild even without autoStart (nixpkgs only triggers for autoStart).
+    assert unit["restartIfChanged"] is True
+    assert unit["restartTriggers"] == [c["path"]]
+
+
+def test_vm_backend(three: dict[str, Any]) -> None:
+    assert set(three["vms"]) == {"vm1"}
+    assert three["vms"]["vm1"]["autostart"] is False
+    assert three["vms"]["vm1"]["restartIfChanged"] is True
+    mv = three["guests"]["vm1"]["microvm"]
+    assert mv["hypervisor"] == "cloud-hypervisor"
+    assert mv["interfaces"] == [{"type": "tap", "id": "vm-vm1", "mac": mac_for("vm1")}]
+    assert mv["vsock"] == {"cid": cid_for("vm1")}
+    assert mv["vcpu"] == 2 and mv["mem"] == 4096
+    assert mv["writableStoreOverlay"] == "/nix/.rw-store"
+    assert mv["volumes"] == [{"image": "overlay.img", "mountPoint": "/nix/.rw-store", "size": 8192}]
+    shares = {s["tag"]: s for s in mv["shares"]}
+    assert shares["ro-store"]["source"] == "/nix/store"
+    assert shares["ro-store"]["mountPoint"] == "/nix/.ro-store"
+    assert shares["workspace"] == {
+        "proto": "virtiofs",
+        "tag": "workspace",
+        "source": "/srv/sbx/vm1/workspace",
+        "mountPoint": "/home/agent/workspace",
+        "readOnly": False,
+    }
+    assert shares["ssh-host-keys"]["mountPoint"] == "/etc/ssh-host-keys"
+    assert shares["ssh-host-keys"]["readOnly"] is True
+    assert shares["claude-config"]["mountPoint"] == "/home/agent/claude-config"
+    unit = three["services"]["microvm@vm1"]
+    assert unit["overrideStrategy"] == "asDropin"
+    assert unit["requires"] == ["sandboxed-workspace-setup-vm1.service"]
+    # The host bridge enslaves exactly the VMs' TAPs.
+    taps = three["network"]["systemd"]["networks"]["41-sandboxed-workspace-taps"]
+    assert taps["matchConfig"]["Name"] == ["vm-vm1"] and taps["networkConfig"]["Bridge"] == "sandbox-br"
+
+
+def test_incus_backend(three: dict[str, Any]) -> None:
+    unit = three["services"]["incus-workspace-inc"]
+    assert unit["wantedBy"] == ["multi-user.target"]  # autoStart
+    assert "incus.service" in unit["requires"] and "sandboxed-workspace-setup-inc.service" in unit["requires"]
+    assert unit["serviceConfig"]["Type"] == "oneshot" and unit["serviceConfig"]["RemainAfterExit"] is True
+    # The image is evaluated from this workspace's guest modules.
+    assert [t.rsplit("-", 1)[-1] for t in unit["restartTriggers"]] == ["inc", "inc"]
+    start = unit["serviceConfig"]["ExecStart"].split("#", 1)[1]
+    stop = unit["serviceConfig"]["ExecStop"].split("#", 1)[1]
+    for script in (start, stop):
+        assert "exec 9>/run/sandboxed-workspace-incus.lock\nflock 9\n" in script
+    store = "/nix/store/00000000000000000000000000000000"
+    images = f"{store}-metadata-inc/tarball/*.tar.xz {store}-tarball-inc/tarball/*.tar.xz"
+    assert f"incus image import {images}" in start
+    assert "incus delete --force workspace-inc" in start
+    assert "incus create --ephemeral sandboxed-workspace-inc-" in start
+    assert f"nic nictype=bridged parent=sandbox-br hwaddr={mac_for('inc')}" in start
+    assert (
+        "workspace disk source=/srv/sbx/inc/workspace path=/home/agent/workspace shift=true readonly=false"
+        in start
+    )
+    keys = "source=/srv/sbx/inc/ssh-host-keys path=/etc/ssh-host-keys shift=true readonly=true"
+    assert f"ssh-host-keys disk {keys}" in start
+    assert start.index("incus create") < start.index("incus start workspace-inc")
+    assert "incus stop --force workspace-inc" in stop
+
+
+def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
+    assert three["hosts"] == {
+        "192.168.83.10": ["workspace-web"],
+        "192.168.83.11": ["workspace-vm1"],
+        "192.168.83.12": ["workspace-inc"],
+    }
+    aliases = three["aliases"]
+    assert aliases["workspace_web"] == "ssh agent@workspace-web"
+    assert aliases["workspace_web_start"] == "sudo systemctl start container@web"
+    assert aliases["workspace_vm1_stop"] == "sudo systemctl stop microvm@vm1"
+    assert aliases["workspace_inc_restart"] == "sudo systemctl restart incus-workspace-inc"
+    assert aliases["workspace_inc_status"] == "systemctl status incus-workspace-inc"
+    assert len(aliases) == 15
+    for name, unit in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
+        setup = three["services"][f"sandboxed-workspace-setup-{name}"]
+        assert setup["before"] == [f"{unit}.service"]
+        script = setup["script"]
+        assert f"state=/srv/sbx/{name}\n" in script
+        assert 'ssh-keygen -q -t ed25519 -N "" -C ' + name in script
+        assert 'if [ ! -e "$key" ]' in script  # only when missing: the server's key is kept
+        assert "authorized_keys" in script
+        assert "hostKey" not in script  # no pin declared
+    assert three["knownHosts"] == {}
+
+
+def test_host_network(three: dict[str, Any]) -> None:
+    net = three["network"]
+    netdev = net["systemd"]["netdevs"]["40-sandboxed-workspace"]["netdevConfig"]
+    assert netdev == {"Kind": "bridge", "Name": "sandbox-br"}
+    assert net["systemd"]["networks"]["40-sandboxed-workspace"]["address"] == ["192.168.83.1/24"]
+    assert net["nat"]["enable"] is True and net["nat"]["internalInterfaces"] == ["sandbox-br"]
+    assert net["dnsmasq"]["settings"]["listen-address"] == "192.168.83.1"
+    assert net["dnsmasq"]["resolveLocalQueries"] is False
+    assert net["firewall"]["interfaces"]["sandbox-br"]["allowedUDPPorts"] == [53]
+    for pattern in ("vb-*", "vm-*", "veth*"):
+        assert f"interface-name:{pattern}" in net["unmanaged"]
+
+
+def test_guest_base_configuration(three: dict[str, Any]) -> None:
+    for name, ip in [("web", "192.168.83.10"), ("vm1", "192.168.83.11")]:
+        g = three["guests"][name]
+        assert g["hostName"] == name
+        nw = g["network"]["10-sandboxed-workspace"]
+        assert nw["matchConfig"] == {"MACAddress": mac_for(name)}
+        assert nw["address"] == [f"{ip}/24"]
+        assert nw["gateway"] == ["192.168.83.1"] and nw["dns"] == ["192.168.83.1"]
+        ssh = g["openssh"]
+        assert ssh["hostKeys"] == [{"path": "/etc/ssh-host-keys/ssh_host_ed25519_key", "type": "ed25519"}]
+        assert ssh["authorizedKeysFiles"] == ["/etc/ssh-host-keys/authorized_keys"]
+        assert ssh["settings"]["PasswordAuthentication"] is False
+        assert ssh["settings"]["KbdInteractiveAuthentication"] is False
+        user = g["users"]["agent"]
+        assert user["uid"] == 1000 and user["home"] == "/home/agent" and user["isNormalUser"] is True
+        assert g["doas"]["extraRules"] == [{"users": ["agent"], "noPass": True, "keepEnv": True}]
+        assert g["variables"]["CLAUDE_CONFIG_DIR"] == "/home/agent/claude-config"
+        assert "claude-bin" in g["packages"]  # the wrapper, not the bare package
+        onboarding = g["services"]["sandboxed-workspace-claude-onboarding"]
+        assert onboarding["serviceConfig"]["User"] == "agent"
+        seeded = json.loads(onboarding["script"].split("#", 1)[1].split(" /home/agent/claude-config")[0])
+        assert seeded["hasCompletedOnboarding"] is True
+        assert seeded["projects"]["/home/agent/workspace"]["hasTrustDialogAccepted"] is True
+        assert g["stateVersion"] == "25.05"
+    assert three["guests"]["web"]["packages"][:1] == ["ripgrep"]
+
+
+@needs_lib
+def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {"dev": _ws("container", "192.168.83.40", packages=["python3Packages.requests"])},
+                user={"name": "alice", "uid": 1001, "authorizedKeys": ["ssh-ed25519 AAAAuser alice@laptop"]},
+                claude={"onboarding": False, "skipPermissions": False},
+                binaryCache={"netrcFile": "/run/agenix/netrc"},
+            ),
+            "host": {
+                "nix": {
+                    "settings": {"substituters": ["https://cache.example"], "trusted-public-keys": ["k:1"]}
+                },
+                "security": {"doas": {"enable": True}},
+            },
+        },
+    )
+    g = out["guests"]["dev"]
+    assert g["users"]["alice"]["uid"] == 1001
+    assert g["users"]["alice"]["openssh"]["authorizedKeys"]["keys"] == ["ssh-ed25519 AAAAuser alice@laptop"]
+    assert g["packages"] == ["python3.12-requests-2.32.3", "git", "claude-code"]
+    assert "sandboxed-workspace-claude-onboarding" not in g["services"]
+    assert g["nix"] == {
+        "substituters": ["https://cache.example"],
+        "trusted-public-keys": ["k:1"],
+        "netrc-file": "/var/lib/sandbox-secrets/netrc",
+    }
+    assert out["containers"]["dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
+        "hostPath": "/run/sandboxed-workspace/dev",
+        "isReadOnly": True,
+    }
+    assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
+    script = out["services"]["sandboxed-workspace-setup-dev"]["script"]
+    assert "install -m 0400 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
+    assert "-o 1001 -g 100" in script
+    assert out["aliases"]["workspace_dev_start"] == "doas systemctl start container@dev"
+    assert out["aliases"]["workspace_dev"] == "ssh alice@workspace-dev"
+
+
+@needs_lib
+def test_pinned_host_key(tmp_path: Path) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinned dev"
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"dev": {"type": "container", "ip": "192.168.83.40", "hostKey": key}})},
+    )
+    assert out["knownHosts"] == {
+        "workspace-dev": {"hostNames": ["workspace-dev", "192.168.83.40"], "publicKey": key}
+    }
+    script = out["services"]["sandboxed-workspace-setup-dev"]["script"]
+    assert "!= 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinned'" in script
+    assert "exit 1" in script
+
+
+@needs_lib
+def test_disabled_module_sets_nothing(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"settings": {"workspaces": THREE}, "host": INCUS_HOST})
+    assert out["containers"] == {} and out["vms"] == {} and out["services"] == {}
+    assert out["hosts"] == {} and out["aliases"] == {} and out["failedAssertions"] == []
+    assert out["network"]["systemd"] == {}
+
+
+@needs_lib
+def test_module_works_without_microvm_for_other_types(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {"microvm": False, "settings": settings({"web": {"type": "container", "ip": "192.168.83.10"}})},
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["containers"]) == {"web"}
+
+
+# ---- assertions ------------------------------------------------------------------------------
+
+
+ASSERTION_CASES = {
+    "duplicate-ip": (
+        {"a": _ws("container", "192.168.83.10"), "b": _ws("vm", "192.168.83.10")},
+        ["workspaces a, b share the IP 192.168.83.10", "Give each workspace its own ip"],
+    ),
+    "duplicate-cid": (
+        {"a": _ws("vm", "192.168.83.10", cid=77), "b": _ws("vm", "192.168.83.11", cid=77)},
+        ["workspaces a, b share the vsock CID 77", "Set a distinct cid"],
+    ),
+    "derived-cid-clash": (
+        {"a": _ws("vm", "192.168.83.10"), "b": _ws("vm", "192.168.83.11", cid=cid_for("a"))},
+        [f"workspaces a, b share the vsock CID {cid_for('a')}"],
+    ),
+    "uppercase-name": ({"Web": _ws("vm", "192.168.83.10")}, ['workspace name "Web" is invalid', "rename it"]),
+    "digit-first": ({"9ab": _ws("vm", "192.168.83.10")}, ['workspace name "9ab" is invalid']),
+    "underscore": ({"a_b": _ws("vm", "192.168.83.10")}, ['workspace name "a_b" is invalid']),
+    "trailing-dash": ({"ab-": _ws("vm", "192.168.83.10")}, ['workspace name "ab-" is invalid']),
+    "13-chars": ({"abcdefghijklm": _ws("vm", "192.168.83.10")}, ["at most 12"]),
+    "container-12-chars": (
+        {"abcdefghijkl": _ws("container", "192.168.83.10")},
+        ['container workspace "abcdefghijkl" has 12', "at most\n11", 'use type "vm" or "incus"'],
+    ),
+    "ip-outside-subnet": (
+        {"a": _ws("container", "10.0.0.5")},
+        ['sandboxed-workspace.workspaces.a.ip = "10.0.0.5" is not a usable address of\n192.168.83.0/24'],
+    ),
+    "ip-is-host": ({"a": _ws("container", "192.168.83.1")}, ['a.ip = "192.168.83.1" is not a usable']),
+    "ip-is-broadcast": (
+        {"a": _ws("container", "192.168.83.255")},
+        ['a.ip = "192.168.83.255" is not a usable'],
+    ),
+    "ip-malformed": ({"a": _ws("container", "192.168.83.300")}, ['a.ip = "192.168.83.300" is not a usable']),
+    "vcpu-on-container": (
+        {"a": _ws("container", "192.168.83.10", vcpu=2)},
+        ['sandboxed-workspace.workspaces.a.vcpu only applies to type "vm"', "Remove vcpu"],
+    ),
+    "memory-on-incus": (
+        {"a": _ws("incus", "192.168.83.10", memory=2048)},
+        ['sandboxed-workspace.workspaces.a.memory only applies to type "vm"'],
+    ),
+    "cid-on-container": ({"a": _ws("container", "192.168.83.10", cid=50)}, ["workspaces.a.cid only applies"]),
+    "unknown-package": (
+        {"a": _ws("container", "192.168.83.10", packages=["ripgrep", "python3Packages.nope"])},
+        ['names "python3Packages.nope", which is not a package of pkgs'],
+    ),
+}
+
+
+@needs_lib
+@pytest.mark.parametrize("case", list(ASSERTION_CASES))
+def test_assertions_fire(tmp_path: Path, case: str) -> None:
+    workspaces, expected = ASSERTION_CASES[case]
+    out = evaluate(tmp_path, {"settings": settings(workspaces), "host": INCUS_HOST})
+    messages = "\n".join(out["failedAssertions"])
+    for fragment in expected:
+        assert fragment in messages, f"{fragment!r} not in:\n{messages}"
+
+
+@needs_lib
+def test_unknown_package_also_stops_the_guest(tmp_path: Path) -> None:
+    workspaces = {"a": _ws("container", "192.168.83.10", packages=["python3Packages.nope"])}
+    out = evaluate(tmp_path, {"settings": settings(workspaces)})
+    assert out["guests"]["a"] == {"evalError": True}
+    assert len(out["failedAssertions"]) == 1
+
+
+@needs_lib
+def test_valid_setup_passes_every_assertion(three: dict[str, Any]) -> None:
+    assert three["failedAssertions"] == []
+
+
+@needs_lib
+def test_vm_without_microvm_module_asks_for_it(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"microvm": False, "settings": settings({"v": _ws("vm", "192.168.83.10")})})
+    (msg,) = out["failedAssertions"]
+    assert "needs microvm.nix's host module" in msg and "nixosModules.default" in msg
+    assert out["vms"] == {}
+
+
+@needs_lib
+def test_incus_needs_incus_enabled(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"settings": settings({"i": _ws("incus", "192.168.83.10")})})
+    (msg,) = out["failedAssertions"]
+    assert "virtualisation.incus.enable = true;" in msg
+
+
+@needs_lib
+def test_host_address_outside_subnet(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"settings": settings({}, network={"hostAddress": "10.1.1.1"})})
+    assert any("hostAddress" in m and "10.1.1.1" in m for m in out["failedAssertions"])
+
+
+# ---- the registry ----------------------------------------------------------------------------
+
+SERVER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIServerKey sandbox-mcp"
+WS1_MODULE = "{ pkgs, ... }: { environment.systemPackages = [ pkgs.jq ]; }\n"
+
+
+def _registry_tree(tmp_path: Path) -> Path:
+    """A flake-like directory as the server writes it: the registry and workspaces/ws1.nix."""
+    root = tmp_path / "flake"
+    (root / "workspaces").mkdir(parents=True)
+    (root / "workspaces" / "ws1.nix").write_text(WS1_MODULE)
+    registry = {
+        "version": 1,
+        "authorizedKeys": [SERVER_KEY],
+        "workspaces": {
+            "ws1": {
+                "type": "container",
+                "ip": "192.168.83.10",
+                "packages": ["ripgrep", "python3Packages.requests"],
+                "autoStart": False,
+                "config": "workspaces/ws1.nix",
+                "vcpu": None,
+                "memory": None,
+                "hostKey": None,
+            },
+            "vm2": {
+                "type": "vm",
+                "ip": "192.168.83.11",
+                "packages": [],
+                "autoStart": True,
+                "config": None,
+                "vcpu": 2,
+                "memory": 2048,
+                "hostKey": None,
+            },
+        },
+    }
+    path = root / "sandboxed-workspaces.json"
+    path.write_text(json.dumps(registry, indent=2))
+    return path
+
+
+@needs_lib
+def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None:
+    registry = _registry_tree(tmp_path)
+    from_registry = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    declared = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {
+                    "ws1": {
+                        "type": "container",
+                        "ip": "192.168.83.10",
+                        "packages": ["ripgrep", "python3Packages.requests"],
+                        "config": str(registry.parent / "workspaces" / "ws1.nix"),
+                    },
+                    "vm2": _ws("vm", "192.168.83.11", autoStart=True, vcpu=2, memory=2048),
+                },
+                user={"authorizedKeys": [SERVER_KEY]},
+            )
+        },
+    )
+    assert from_registry["failedAssertions"] == []
+    assert set(from_registry["workspaces"]) == {"ws1", "vm2"}
+    for key in ("workspaces", "containers", "vms", "services", "hosts", "aliases", "network", "guests"):
+        assert from_registry[key] == declared[key], key
+    # The relative config path resolved against the registry's directory, and the server's key is in.
+    ws1 = from_registry["guests"]["ws1"]
+    assert "jq" in ws1["packages"] and "python3.12-requests-2.32.3" in ws1["packages"]
+    assert ws1["users"]["agent"]["openssh"]["authorizedKeys"]["keys"] == [SERVER_KEY]
+    assert from_registry["guests"]["vm2"]["microvm"]["mem"] == 2048
+
+
+@needs_lib
+def test_registry_and_declared_merge(tmp_path: Path) -> None:
+    registry = _registry_tree(tmp_path)
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {"mine": _ws("container", "192.168.83.30")},
+                registryFile=str(registry),
+                user={"authorizedKeys": ["ssh-ed25519 AAAAMine me"]},
+            )
+        },
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["workspaces"]) == {"mine", "ws1", "vm2"}
+    keys = out["guests"]["mine"]["users"]["agent"]["openssh"]["authorizedKeys"]["keys"]
+    assert keys == ["ssh-ed25519 AAAAMine me", SERVER_KEY]
+
+
+@needs_lib
+def test_name_in_registry_and_declarations_is_refused(tmp_path: Path) -> None:
+    registry = _registry_tree(tmp_path)
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"ws1": _ws("container", "192.168.83.30")}, registryFile=str(registry))},
+    )
+    msg = "\n".join(out["failedAssertions"])
+    assert "workspaces ws1 are declared in\nsandboxed-workspace.workspaces and in the registry file" in msg
+    assert "Remove one of the two" in msg
+
+
+@needs_lib
+def test_registry_is_type_checked(tmp_path: Path) -> None:
+    registry = _registry_tree(tmp_path)
+    data = json.loads(registry.read_text())
+    data["workspaces"]["ws1"]["type"] = "docker"
+    registry.write_text(json.dumps(data))
+    err = evaluate_error(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    assert "sandboxed-workspace.registryWorkspaces.ws1.type" in err
+
+
+@needs_lib
+def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> None:
+    registry = _registry_tree(tmp_path)
+    data = json.loads(registry.read_text())
+    data["version"] = 2
+    data["workspaces"]["vm2"]["config"] = "/etc/sandbox.nix"
+    registry.write_text(json.dumps(data))
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    messages = "\n".join(out["failedAssertions"])
+    assert "has version\n2; this module reads version 1" in messages
+    assert "absolute config paths for\nvm2; they must be relative" in messages
