@@ -39,6 +39,8 @@ let
     {
       description = "Prepare the state directories and SSH host key of workspace ${name}";
       before = [ unit ];
+      # The bridge (systemd-networkd) exists before any workspace attaches to it.
+      after = [ "network.target" ];
       path = [
         pkgs.openssh
         pkgs.coreutils

@@ -16,6 +16,11 @@ in
         # networkd manages only the links its files match, so this works on
         # hosts whose other interfaces use scripted networking or NM.
         systemd.network.enable = true;
+        # ... provided it leaves the other managers' routes and rules alone.
+        systemd.network.config.networkConfig = lib.mkIf (!(config.networking.useNetworkd or false)) {
+          ManageForeignRoutes = lib.mkDefault false;
+          ManageForeignRoutingPolicyRules = lib.mkDefault false;
+        };
         systemd.network.netdevs."40-sandboxed-workspace" = {
           netdevConfig = {
             Kind = "bridge";
@@ -65,7 +70,9 @@ in
           settings = {
             interface = br;
             listen-address = cfg.network.hostAddress;
-            bind-interfaces = true;
+            # Unlike bind-interfaces, copes with the bridge appearing after
+            # dnsmasq has started.
+            bind-dynamic = true;
             no-dhcp-interface = br;
           };
         };

@@ -191,7 +191,7 @@ in
         description = "IPv4 subnet of the workspaces, in CIDR notation (`SANDBOX_MCP_SUBNET` of the server).";
       };
       hostAddress = lib.mkOption {
-        type = lib.types.str;
+        type = lib.types.nullOr lib.types.str;
         default = wlib.firstHostAddress cfg.network.subnet;
         defaultText = lib.literalMD "the subnet's first host address, e.g. `192.168.83.1`";
         description = "The host's address on the bridge; the workspaces' gateway and DNS server.";
