@@ -130,7 +130,9 @@ def journalctl_argv(unit: str, lines: int) -> list[str]:
     return ["journalctl", "-u", _check_unit(unit), "-n", str(lines), "--no-pager", "-o", "short-iso"]
 
 
-def nixos_rebuild_argv(flake: str | Path, host: str, escalation: Escalation, action: str = "switch") -> list[str]:
+def nixos_rebuild_argv(
+    flake: str | Path, host: str, escalation: Escalation, action: str = "switch"
+) -> list[str]:
     """``nixos-rebuild <action> --flake <flake>#<host>``, escalated.
 
     Raises:
@@ -141,11 +143,14 @@ def nixos_rebuild_argv(flake: str | Path, host: str, escalation: Escalation, act
         raise InvalidSpec(f"nixos-rebuild action {action!r} is not one of {sorted(_REBUILD_ACTIONS)}")
     if not isinstance(host, str) or not _HOST_ATTR_RE.match(host):
         raise InvalidSpec(
-            f"nixos.host {host!r} is not a valid nixosConfigurations attribute; use the host's name, e.g. 'fry'"
+            f"nixos.host {host!r} is not a valid nixosConfigurations attribute; "
+            f"use the host's name, e.g. 'fry'"
         )
     ref = str(flake)
     if not ref or ref.startswith("-") or "#" in ref or any(ord(c) < 32 for c in ref):
-        raise InvalidSpec(f"nixos.flake {ref!r} is not a usable flake reference; use a directory like /etc/nixos")
+        raise InvalidSpec(
+            f"nixos.flake {ref!r} is not a usable flake reference; use a directory like /etc/nixos"
+        )
     return escalate(["nixos-rebuild", action, "--flake", f"{ref}#{host}"], escalation)
 
 
@@ -161,7 +166,7 @@ def git_intent_to_add_argv(repo: str | Path, files: Sequence[str | Path]) -> lis
 
 
 def git_forget_argv(repo: str | Path, files: Sequence[str | Path]) -> list[str]:
-    """``git -C <repo> rm --cached --quiet --ignore-unmatch -- <files>``: drops index entries of removed files.
+    """``git -C <repo> rm --cached --quiet --ignore-unmatch -- <files>``: unlists removed files.
 
     A file git knows but that is gone from disk breaks flake evaluation in older Nix.
 
@@ -278,7 +283,9 @@ async def run(
         with anyio.CancelScope(shield=True):
             await process.aclose()
     if scope.cancelled_caught:
-        raise CommandTimeout(f"{args[0]} did not finish within {timeout_s:g} s and was killed: {' '.join(args)}")
+        raise CommandTimeout(
+            f"{args[0]} did not finish within {timeout_s:g} s and was killed: {' '.join(args)}"
+        )
     assert process.returncode is not None
     done = CompletedRun(tuple(args), process.returncode, out.text(), err.text())
     if check and done.returncode != 0:

@@ -214,11 +214,14 @@ class NixosRuntime(Runtime):
             raise InvalidSpec(f"nixos.flake must be an absolute directory path, got {cfg.flake!r}")
         key = client_public_key.strip() if isinstance(client_public_key, str) else ""
         if not _KEY_RE.match(key):
-            raise InvalidSpec("client_public_key must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+            raise InvalidSpec(
+                "client_public_key must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')"
+            )
         self.flake = flake
         self.client_public_key = key
         self.command_prefix = [str(a) for a in command_prefix]
-        self.registry_path = (cfg.registry_file or flake / "sandboxed-workspaces.json").expanduser().absolute()
+        registry = cfg.registry_file or flake / "sandboxed-workspaces.json"
+        self.registry_path = registry.expanduser().absolute()
         self.config_dir = (cfg.workspace_config_dir or flake / "workspaces").expanduser().absolute()
         # Fail early on a bad host attribute rather than after writing the registry.
         hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
@@ -237,7 +240,8 @@ class NixosRuntime(Runtime):
         )
 
     def status_argv(self, record: WorkspaceRecord) -> list[str]:
-        return self.command_prefix + hostcmd.systemctl_show_argv(unit_for(record.type, record.name), SHOW_PROPERTIES)
+        unit = unit_for(record.type, record.name)
+        return self.command_prefix + hostcmd.systemctl_show_argv(unit, SHOW_PROPERTIES)
 
     def logs_argv(self, record: WorkspaceRecord, lines: int) -> list[str]:
         return self.command_prefix + hostcmd.journalctl_argv(unit_for(record.type, record.name), lines)
@@ -256,8 +260,9 @@ class NixosRuntime(Runtime):
             raise InvalidSpec(f"workspace type {record.type!r} is not one of {sorted(self.types)}")
         if record.type == "container" and len(record.name) > CONTAINER_NAME_MAX:
             raise InvalidSpec(
-                f"workspace name {record.name!r} is {len(record.name)} characters; NixOS containers allow at most "
-                f"{CONTAINER_NAME_MAX} (nixpkgs' private-network containers cap it): pick a shorter name"
+                f"workspace name {record.name!r} is {len(record.name)} characters; NixOS containers "
+                f"allow at most {CONTAINER_NAME_MAX} (nixpkgs' private-network containers cap it): "
+                f"pick a shorter name"
             )
         validate_ip(record.ip, self.settings.subnet)
         return {
@@ -310,7 +315,9 @@ class NixosRuntime(Runtime):
                         told = True
                     await anyio.sleep(_LOCK_POLL_S)
         except TimeoutError as exc:
-            raise CommandTimeout(f"the registry lock {lock_path} stayed taken; is another rebuild stuck?") from exc
+            raise CommandTimeout(
+                f"the registry lock {lock_path} stayed taken; is another rebuild stuck?"
+            ) from exc
 
     def _read_registry(self) -> tuple[dict[str, Any], _Snapshot]:
         path = self.registry_path
@@ -333,7 +340,8 @@ class NixosRuntime(Runtime):
                 f"the registry {path} is not a version-{REGISTRY_VERSION} sandbox-mcp registry; "
                 f"fix it or move it away"
             )
-        if not isinstance(data.get("authorizedKeys", []), list) or not isinstance(data.get("workspaces", {}), dict):
+        keys, workspaces = data.get("authorizedKeys", []), data.get("workspaces", {})
+        if not isinstance(keys, list) or not isinstance(workspaces, dict):
             raise BackendError(f"the registry {path} has a malformed authorizedKeys or workspaces; fix it")
         data.setdefault("authorizedKeys", [])
         data.setdefault("workspaces", {})
@@ -347,7 +355,8 @@ class NixosRuntime(Runtime):
             **{k: v for k, v in data.items() if k not in ("version", "authorizedKeys", "workspaces")},
         }
         try:
-            _write_atomic(self.registry_path, (json.dumps(ordered, indent=2) + "\n").encode(), snap.registry_mode)
+            text = json.dumps(ordered, indent=2) + "\n"
+            _write_atomic(self.registry_path, text.encode(), snap.registry_mode)
         except OSError as exc:
             raise BackendError(f"cannot write the registry {self.registry_path}: {exc}") from exc
         if snap.registry_bytes is None:
@@ -394,14 +403,16 @@ class NixosRuntime(Runtime):
                 exc.argv,
                 exc.exit_status,
                 exc.stderr,
-                hint=f"the flake {self.flake} is a git repository and nixos-rebuild only sees files git knows; "
+                hint=f"the flake {self.flake} is a git repository and nixos-rebuild only sees files "
+                f"git knows; "
                 f"the server's user must be able to run git there",
             ) from exc
 
     async def _git_forget(self, files: Sequence[Path]) -> None:
         root, inside = self._git_files(files)
         if root is not None and inside:
-            await hostcmd.run(hostcmd.git_forget_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S, check=False)
+            argv = hostcmd.git_forget_argv(self.flake, inside)
+            await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S, check=False)
 
     async def _rebuild_or_restore(self, snap: _Snapshot, progress: Progress, what: str) -> None:
         """Rebuild; on any failure put the previous files back and raise with the rebuild's output tail."""
@@ -555,5 +566,6 @@ class NixosRuntime(Runtime):
         done = await hostcmd.run(self.logs_argv(record, lines), timeout_s=_QUERY_TIMEOUT_S)
         if not done.stdout.strip() and done.stderr.strip():
             # e.g. "No journal files were opened due to insufficient permissions."
-            return done.stderr.strip() + "\n(add the server's user to the systemd-journal group to read unit logs)"
+            hint = "(add the server's user to the systemd-journal group to read unit logs)"
+            return f"{done.stderr.strip()}\n{hint}"
         return done.stdout
