@@ -70,6 +70,8 @@ class WorkspaceRecord(BaseModel):
     image: str | None = Field(default=None, description="Root image key (direct mode)")
     pid: int | None = Field(default=None, description="Supervised process (direct mode)")
     pid_start_time: int | None = Field(default=None, description="/proc start time of pid, to detect PID reuse")
+    leader_pid: int | None = Field(default=None, description="The workspace's init process (direct mode)")
+    leader_start_time: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     last_error: str | None = None

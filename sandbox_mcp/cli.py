@@ -1,0 +1,268 @@
+"""The command line for people: the same operations as the MCP tools, plus serve, ssh, doctor, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import SandboxError
+from .manager import WorkspaceManager
+
+__all__ = ["main"]
+
+
+async def _print_progress(message: str, fraction: float | None = None) -> None:
+    pct = f"{fraction * 100:3.0f}% " if fraction is not None else "     "
+    print(f"  {pct}{message}", file=sys.stderr, flush=True)
+
+
+def _dump(model: Any) -> None:
+    print(model.model_dump_json(indent=2))
+
+
+async def _with_manager(settings: Settings, fn: Callable[[WorkspaceManager], Awaitable[int]]) -> int:
+    async with WorkspaceManager(settings) as manager:
+        return await fn(manager)
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .server import build_server
+
+    server = build_server(settings)
+    if args.http:
+        server.run("streamable-http", host=args.host, port=args.port)
+    else:
+        server.run("stdio")
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(m: WorkspaceManager) -> int:
+        ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress)
+        _dump(ws)
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(m: WorkspaceManager) -> int:
+        result = await m.list()
+        if args.json:
+            _dump(result)
+            return 0
+        rows = [("NAME", "TYPE", "STATE", "IP", "HOST DIR")]
+        rows += [(w.name, w.type, w.state, w.ip, w.host_workspace_dir) for w in result.workspaces]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
+
+    async def run(m: WorkspaceManager) -> int:
+        r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        if r.truncated:
+            print("[sandbox-mcp: output truncated]", file=sys.stderr)
+        if r.timed_out:
+            print(f"[sandbox-mcp: timed out after {args.timeout}s]", file=sys.stderr)
+            return 124
+        return r.exit_code if r.exit_code is not None else 255
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
+    from . import ssh
+    from .paths import WorkspacePaths
+
+    async def target(m: WorkspaceManager) -> Any:
+        record = await m._running(args.name)
+        return m._target(record)
+
+    async def run(m: WorkspaceManager) -> int:
+        t = await target(m)
+        known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
+        known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
+        argv = ssh.ssh_argv(t, known_hosts, args.extra)
+        os.execvp(argv[0], argv)
+        return 1  # not reached
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def command(args: argparse.Namespace, settings: Settings) -> int:
+        async def run(m: WorkspaceManager) -> int:
+            kwargs = {k: getattr(args, k) for k in extra}
+            fn = getattr(m, method)
+            if method == "start":
+                kwargs["progress"] = _print_progress
+            result = await fn(args.name, **kwargs)
+            if method == "logs":
+                print(result.log)
+            else:
+                _dump(result)
+            return 0
+
+        return anyio.run(_with_manager, settings, run)
+
+    return command
+
+
+def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from .doctor import run_checks
+
+    failed = 0
+    for check in run_checks(settings):
+        mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+        print(f"[{mark}] {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            print(f"       fix: {check.fix}")
+        failed += int(not check.ok and check.required)
+    return 1 if failed else 0
+
+
+def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
+    from .images import ImageStore
+    from .naming import validate_packages
+
+    store = ImageStore(settings)
+    if args.action == "ls":
+        for meta in store.list_images():
+            print(json.dumps(meta))
+        return 0
+    packages = validate_packages(args.package, "debian")
+    key = anyio.run(store.ensure, packages, _print_progress)
+    print(store.path(key))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import run_bench
+
+    return anyio.run(run_bench, settings, args)
+
+
+def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from .claude_setup import install_claude, skills_dir
+
+    report = install_claude(
+        args.scope,
+        project_dir=Path(args.project).resolve() if args.project else Path.cwd(),
+        home=Path.home(),
+        server_command=[sys.argv[0] if os.path.isabs(sys.argv[0]) else os.path.abspath(sys.argv[0]), "serve"],
+        skills_src=skills_dir(),
+        dry_run=args.dry_run,
+    )
+    _dump(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandbox-mcp", description="Disposable, isolated workspaces for AI agents.")
+    p.add_argument("--version", action="version", version=f"sandbox-mcp {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the MCP server (stdio by default)")
+    s.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("create", help="create (and start) a workspace")
+    s.add_argument("name")
+    s.add_argument("--type", default="container", choices=["container", "vm", "incus"])
+    s.add_argument("-p", "--package", action="append", default=[], help="extra package (repeatable)")
+    s.add_argument("--ip")
+    s.add_argument("--no-start", action="store_true")
+    s.set_defaults(fn=_cmd_create)
+
+    s = sub.add_parser("ls", help="list workspaces")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_ls)
+
+    s = sub.add_parser("exec", help="run a command in a workspace")
+    s.add_argument("name")
+    s.add_argument("command", nargs="+")
+    s.add_argument("--cwd")
+    s.add_argument("--timeout", type=float, default=120)
+    s.add_argument("--stdin", action="store_true", help="pass this process's stdin to the command")
+    s.set_defaults(fn=_cmd_exec)
+
+    s = sub.add_parser("ssh", help="interactive shell in a workspace (pinned host key)")
+    s.add_argument("name")
+    s.add_argument("extra", nargs=argparse.REMAINDER, help="extra arguments for ssh (e.g. a command)")
+    s.set_defaults(fn=_cmd_ssh)
+
+    for name, method, helptext in (("start", "start", "start a workspace"), ("stop", "stop", "stop a workspace"),
+                                   ("status", "status", "show a workspace with runtime detail")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("name")
+        s.set_defaults(fn=_simple(method))
+
+    s = sub.add_parser("rm", help="destroy a workspace")
+    s.add_argument("name")
+    s.add_argument("--keep-data", action="store_true", help="keep the host workspace directory")
+    s.set_defaults(fn=_simple("destroy", "keep_data"))
+
+    s = sub.add_parser("logs", help="show a workspace's boot log")
+    s.add_argument("name")
+    s.add_argument("-n", "--lines", type=int, default=200)
+    s.set_defaults(fn=_simple("logs", "lines"))
+
+    s = sub.add_parser("image", help="build or list the cached root images (direct mode)")
+    s.add_argument("action", choices=["build", "ls"])
+    s.add_argument("-p", "--package", action="append", default=[], help="extra Debian package (repeatable)")
+    s.set_defaults(fn=_cmd_image)
+
+    s = sub.add_parser("doctor", help="check host prerequisites")
+    s.set_defaults(fn=_cmd_doctor)
+
+    s = sub.add_parser("bench", help="measure create, exec and file transfer against ssh baselines")
+    s.add_argument("--runs", type=int, default=5, help="create/destroy cycles")
+    s.add_argument("--execs", type=int, default=200, help="exec calls for the latency percentiles")
+    s.add_argument("--file-mib", type=int, default=16)
+    s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")
+    s.add_argument("--scope", choices=["user", "project"], default="user")
+    s.add_argument("--project", help="project directory (project scope); default: the current directory")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(fn=_cmd_install_claude)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return int(args.fn(args, settings) or 0)
+    except SandboxError as exc:
+        print(f"sandbox-mcp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

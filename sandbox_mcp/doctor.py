@@ -1,0 +1,108 @@
+"""Host prerequisite checks for ``sandbox-mcp doctor``: each says what is wrong and exactly how to fix it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .config import Settings
+from .images.debootstrap import ImageStore
+
+__all__ = ["Check", "run_checks"]
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    required: bool = True
+
+
+def _which(program: str, package: str, name: str, why: str) -> Check:
+    path = shutil.which(program)
+    if path:
+        return Check(name=name, ok=True, detail=path)
+    return Check(name=name, ok=False, detail=f"{program} not found ({why})", fix=f"apt-get install {package}")
+
+
+def run_checks(settings: Settings, *, proc: Path = Path("/proc"), sys: Path = Path("/sys")) -> list[Check]:
+    """Check what direct mode needs on this host. Pure reads: changes nothing."""
+    checks = [
+        Check(
+            name="root",
+            ok=os.geteuid() == 0,
+            detail=f"running as uid {os.geteuid()}",
+            fix="run the server as root (sudo sandbox-mcp serve): it creates network namespaces and containers",
+        ),
+        _which("systemd-nspawn", "systemd-container", "systemd-nspawn", "runs the containers"),
+        _which("debootstrap", "debootstrap", "debootstrap", "builds the root image once"),
+        _which("cp", "coreutils", "coreutils", "copies image variants"),
+    ]
+    filesystems = (proc / "filesystems").read_text() if (proc / "filesystems").exists() else ""
+    checks.append(
+        Check(
+            name="overlayfs",
+            ok="overlay" in filesystems,
+            detail="overlay listed in /proc/filesystems" if "overlay" in filesystems else "overlay filesystem missing",
+            fix="modprobe overlay (kernel CONFIG_OVERLAY_FS); each boot gets a fresh overlay on the shared image",
+        )
+    )
+    checks.append(
+        Check(
+            name="network namespaces",
+            ok=(proc / "self/ns/net").exists(),
+            detail="/proc/self/ns/net present",
+            fix="a kernel with CONFIG_NET_NS is required",
+        )
+    )
+    cgroup2 = (sys / "fs/cgroup/cgroup.controllers").exists()
+    checks.append(
+        Check(
+            name="cgroup v2",
+            ok=cgroup2,
+            detail="unified cgroup hierarchy" if cgroup2 else "no cgroup2 at /sys/fs/cgroup",
+            fix="mount cgroup2 at /sys/fs/cgroup (systemd-nspawn needs it to boot systemd inside)",
+        )
+    )
+    tun = Path("/dev/net/tun").exists()
+    checks.append(
+        Check(
+            name="/dev/net/tun",
+            ok=tun,
+            detail="present" if tun else "missing (only VMs need it)",
+            fix="modprobe tun",
+            required=False,
+        )
+    )
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(settings.state_dir, os.W_OK)
+    except OSError:
+        writable = False
+    checks.append(
+        Check(
+            name="state dir",
+            ok=writable,
+            detail=str(settings.state_dir),
+            fix="set SANDBOX_MCP_STATE_DIR to a writable directory",
+        )
+    )
+    store = ImageStore(settings)
+    built = store.exists(store.key(()))
+    checks.append(
+        Check(
+            name="root image",
+            ok=built,
+            detail=(f"cached at {store.path(store.key(()))}" if built else
+                    f"not built yet ({store.suite}, mirror {store.mirror or 'debootstrap default'})"),
+            fix="the first create_workspace builds it (about a minute); or run 'sandbox-mcp create warmup'",
+            required=False,
+        )
+    )
+    checks.append(_which("ssh", "openssh-client", "ssh client", "only for 'sandbox-mcp ssh' and the benchmark"))
+    checks[-1].required = False
+    return checks

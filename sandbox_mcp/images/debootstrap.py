@@ -1,0 +1,317 @@
+"""Debian root images for direct-mode containers: built once with debootstrap, cached, shared.
+
+A base image (systemd, sshd, sudo, the workspace user) is built under
+``<image_dir>/<key>/``; a workspace asking for extra packages gets a variant
+image: a copy of the base with those packages installed, cached under its own
+key. Containers boot with ``--volatile=overlay``, so an image is never written
+to after it is built and any number of workspaces share it.
+
+Builds happen in a temporary directory beside the cache and are renamed into
+place when complete, under a lock, so a crash or a concurrent server never
+leaves or uses half an image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anyio
+
+from .. import hostcmd, onboarding
+from ..config import Settings
+from ..errors import BackendError
+from ..runtimes.base import Progress, no_progress
+
+__all__ = [
+    "BASE_PACKAGES",
+    "IMAGE_RECIPE_VERSION",
+    "ImageStore",
+    "debootstrap_argv",
+    "detect_debian_mirror",
+    "detect_debian_suite",
+    "image_key",
+]
+
+# Bump when the recipe below changes, so cached images are rebuilt.
+IMAGE_RECIPE_VERSION = 4
+
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "iproute2",
+    "iputils-ping",
+    "ca-certificates",
+    "procps",
+    "less",
+    "git",
+    "curl",
+)
+
+# Units that only slow a short-lived sandbox's boot down or touch the network outside.
+MASKED_UNITS = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "man-db.timer",
+    "systemd-tmpfiles-clean.timer",
+    "console-getty.service",
+    "getty@.service",
+    "systemd-networkd-wait-online.service",
+    "systemd-timesyncd.service",
+)
+
+SSHD_DROP_IN = """\
+# Written by sandbox-mcp. The host key is generated and pinned by the server and
+# shared read-only into the workspace; only keys, never passwords.
+HostKey /etc/ssh-host-keys/ssh_host_ed25519_key
+AuthorizedKeysFile .ssh/authorized_keys /etc/ssh-host-keys/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+X11Forwarding no
+PrintMotd no
+UseDNS no
+MaxSessions 64
+MaxStartups 64:30:128
+"""
+
+_PROGRESS_RE = re.compile(r"^I: (Retrieving|Validating|Extracting|Unpacking|Configuring|Installing) ?(.*)$")
+_PHASES = {"Retrieving": 0.05, "Validating": 0.1, "Extracting": 0.35, "Installing": 0.45, "Unpacking": 0.5,
+           "Configuring": 0.7}
+
+
+def detect_debian_suite(os_release: Path = Path("/etc/os-release")) -> str:
+    """The host's release codename (e.g. ``bookworm``), used when no suite is configured."""
+    try:
+        for line in os_release.read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                value = line.split("=", 1)[1].strip().strip('"')
+                if value:
+                    return value
+    except OSError:
+        pass
+    return "bookworm"
+
+
+def detect_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str | None:
+    """The first Debian archive URI in the host's apt sources, or None (debootstrap's default).
+
+    Reading it from the host means a machine behind a local mirror or proxy uses that.
+    """
+    candidates: list[str] = []
+    sources = apt_dir / "sources.list.d"
+    for f in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
+        for line in f.read_text(errors="replace").splitlines():
+            if line.startswith("URIs:"):
+                candidates += line.split()[1:]
+    lists = [apt_dir / "sources.list", *sorted(sources.glob("*.list"))] if sources.is_dir() else [
+        apt_dir / "sources.list"
+    ]
+    for f in lists:
+        with contextlib.suppress(OSError):
+            for line in f.read_text(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] == "deb":
+                    uri = next((p for p in parts[1:] if not p.startswith("[")), None)
+                    if uri:
+                        candidates.append(uri)
+    for uri in candidates:
+        if re.match(r"^https?://", uri) and uri.rstrip("/").endswith("/debian"):
+            return uri
+    return None
+
+
+def image_key(suite: str, user: str, uid: int, packages: Sequence[str]) -> str:
+    """A short stable key naming an image built from these inputs."""
+    spec = {"recipe": IMAGE_RECIPE_VERSION, "suite": suite, "user": user, "uid": uid, "packages": sorted(packages)}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{suite}-{'base' if not packages else 'pkgs'}-{digest}"
+
+
+def debootstrap_argv(target: Path, suite: str, mirror: str | None) -> list[str]:
+    """The debootstrap command that builds a base root in ``target``."""
+    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", suite, str(target)]
+    if mirror:
+        argv.append(mirror)
+    return argv
+
+
+def apt_install_argv(root: Path, packages: Sequence[str]) -> list[str]:
+    """Install ``packages`` into the image at ``root``, run inside a throwaway nspawn (host network)."""
+    return [
+        "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2", f"--directory={root}",
+        "--setenv=DEBIAN_FRONTEND=noninteractive", "--",
+        "sh", "-c", 'apt-get update -q && apt-get install -y -q --no-install-recommends "$@" && apt-get clean',
+        "sh", *packages,
+    ]  # fmt: skip
+
+
+class ImageStore:
+    """Finds or builds the root image for a package set."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.image_dir
+        self.suite = settings.debian_suite or detect_debian_suite()
+        self.mirror = settings.debian_mirror or detect_debian_mirror()
+
+    def key(self, packages: Sequence[str]) -> str:
+        return image_key(self.suite, self.settings.user, self.settings.user_uid, packages)
+
+    def path(self, key: str) -> Path:
+        """The root directory of the image ``key`` (it may not exist)."""
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return (self.path(key) / "etc" / "sandbox-mcp-image.json").is_file()
+
+    @contextlib.contextmanager
+    def _build_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    async def ensure(self, packages: Sequence[str], progress: Progress = no_progress) -> str:
+        """Return the key of an image with ``packages`` installed, building it (and the base) if needed.
+
+        Raises:
+            CommandFailed: debootstrap or apt-get failed (the message carries their output tail).
+            BackendError: debootstrap or systemd-nspawn is missing.
+        """
+        key = self.key(packages)
+        if self.exists(key):
+            return key
+        lock = self._build_lock()
+        await anyio.to_thread.run_sync(lock.__enter__)
+        try:
+            if self.exists(key):  # another process built it while we waited
+                return key
+            base = self.key(())
+            if not self.exists(base):
+                await self._build_base(base, progress)
+            if packages:
+                await self._build_variant(base, key, packages, progress)
+        finally:
+            lock.__exit__(None, None, None)
+        return key
+
+    def _tmp_dir(self, key: str) -> Path:
+        tmp = self.root / f".tmp-{key}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        return tmp
+
+    async def _build_base(self, key: str, progress: Progress) -> None:
+        tmp = self._tmp_dir(key)
+        await progress(f"building the {self.suite} root image with debootstrap (once; about a minute)", 0.0)
+        last = [0.0, 0.0]  # fraction, time of last report
+
+        async def on_line(line: str) -> None:
+            m = _PROGRESS_RE.match(line)
+            now = time.monotonic()
+            if m and now - last[1] > 0.5:
+                frac = max(last[0], _PHASES.get(m.group(1), last[0]))
+                last[:] = [frac, now]
+                await progress(f"debootstrap: {m.group(1).lower()} {m.group(2)}".strip(), frac * 0.9)
+
+        try:
+            await hostcmd.run(debootstrap_argv(tmp, self.suite, self.mirror), timeout_s=1800, on_line=on_line)
+            await progress("configuring the image (user, sshd, units)", 0.9)
+            await anyio.to_thread.run_sync(self._customise, tmp)
+            await anyio.to_thread.run_sync(self._finish, tmp, key, ())
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+            raise
+        await progress("root image ready", 1.0)
+
+    async def _build_variant(self, base: str, key: str, packages: Sequence[str], progress: Progress) -> None:
+        tmp = self._tmp_dir(key)
+        await progress(f"building an image variant with {', '.join(packages)}", 0.0)
+        try:
+            await hostcmd.run(["cp", "-a", "--reflink=auto", str(self.path(base)), str(tmp)], timeout_s=600)
+
+            async def on_line(line: str) -> None:
+                if line.startswith(("Get:", "Setting up", "Unpacking")):
+                    await progress(f"apt: {line[:100]}", None)
+
+            await hostcmd.run(apt_install_argv(tmp, packages), timeout_s=1800, on_line=on_line)
+            await anyio.to_thread.run_sync(self._finish, tmp, key, packages)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+            raise
+        await progress("image variant ready", 1.0)
+
+    def _customise(self, root: Path) -> None:
+        """Make a fresh debootstrap a sandbox image: user, sudo, sshd, environment, quiet boot."""
+        user, uid = self.settings.user, self.settings.user_uid
+        home = f"/home/{user}"
+
+        def chroot(*argv: str) -> None:
+            proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BackendError(f"image customisation failed: {' '.join(argv)}: {proc.stderr.strip()}")
+
+        chroot("useradd", "--create-home", "--uid", str(uid), "--shell", "/bin/bash", "--groups", "sudo", user)
+        chroot("usermod", "--password", "*", user)  # no password, not locked: key-only login via sshd
+        (root / "etc/sudoers.d/sandbox-mcp").write_text(f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+        os.chmod(root / "etc/sudoers.d/sandbox-mcp", 0o440)
+        for sub in ("workspace", "claude-config"):
+            d = root / home.lstrip("/") / sub
+            d.mkdir(exist_ok=True)
+            os.chown(d, uid, uid)
+        (root / "etc/ssh-host-keys").mkdir(exist_ok=True)
+        for key in (root / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()  # the package's keys are never used; the server's pinned key is
+        (root / "etc/ssh/sshd_config.d/10-sandbox-mcp.conf").write_text(SSHD_DROP_IN)
+        with open(root / "etc/environment", "a") as f:
+            f.write("".join(line + "\n" for line in onboarding.environment_lines(user)))
+        wrapper = root / onboarding.CLAUDE_WRAPPER_PATH.lstrip("/")
+        wrapper.write_text(onboarding.CLAUDE_WRAPPER)
+        wrapper.chmod(0o755)
+        (root / onboarding.CLAUDE_PROFILE_SNIPPET_PATH.lstrip("/")).write_text(onboarding.CLAUDE_PROFILE_SNIPPET)
+        (root / "etc/hostname").unlink(missing_ok=True)  # nspawn sets the workspace name
+        (root / "etc/machine-id").write_text("")  # a fresh id on every boot
+        for unit in MASKED_UNITS:
+            link = root / "etc/systemd/system" / unit
+            link.unlink(missing_ok=True)
+            link.symlink_to("/dev/null")
+        chroot("apt-get", "clean")
+
+    def _finish(self, tmp: Path, key: str, packages: Sequence[str]) -> None:
+        meta = {"key": key, "suite": self.suite, "packages": list(packages), "recipe": IMAGE_RECIPE_VERSION,
+                "built_at": time.time()}
+        (tmp / "etc/sandbox-mcp-image.json").write_text(json.dumps(meta))
+        final = self.path(key)
+        if final.exists():  # an incomplete leftover without the marker
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+
+    def list_images(self) -> list[dict[str, object]]:
+        """Metadata of every complete cached image."""
+        out = []
+        for marker in sorted(self.root.glob("*/etc/sandbox-mcp-image.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(marker.read_text()))
+        return out

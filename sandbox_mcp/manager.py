@@ -1,0 +1,550 @@
+"""The workspace lifecycle: create → start → stop → destroy, and everything done inside a running one.
+
+The MCP tools and the CLI are thin layers over :class:`WorkspaceManager`. It owns
+the registry, the SSH pool and the runtimes; it validates input before anything
+changes, serialises operations on one workspace (across processes too), and
+undoes a create or start that fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+
+from . import onboarding, ssh
+from .config import Settings
+from .errors import BackendError, InvalidSpec, InvalidState, SandboxError, WorkspaceExists
+from .models import (
+    DestroyResult,
+    DirListing,
+    ExecResult,
+    FileContent,
+    LogsResult,
+    SSHInfo,
+    Timings,
+    Workspace,
+    WorkspaceList,
+    WorkspaceRecord,
+    WorkspaceStatus,
+    WorkspaceType,
+    WriteResult,
+    utcnow,
+)
+from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .paths import WorkspacePaths
+from .runtimes.base import Progress, Runtime, no_progress
+from .state import Registry
+
+__all__ = ["WorkspaceManager", "parse_mode"]
+
+_MODE_RE = re.compile(r"^0?[0-7]{3}$")
+
+
+def parse_mode(mode: str | int | None) -> int | None:
+    """Accept a file mode as octal text ('644', '0755') or an int; None keeps the default.
+
+    Raises:
+        InvalidSpec: anything else.
+    """
+    if mode is None or isinstance(mode, int):
+        if isinstance(mode, int) and not 0 <= mode <= 0o777:
+            raise InvalidSpec(f"mode {mode} is out of range; use octal text such as '644' or '755'")
+        return mode
+    if not _MODE_RE.match(mode):
+        raise InvalidSpec(f"mode {mode!r} is not an octal file mode; use e.g. '644' or '0755'")
+    return int(mode, 8)
+
+
+def _mark_stopped(record: WorkspaceRecord, error: str | None) -> None:
+    record.state, record.last_error = "stopped", error
+    record.pid = record.pid_start_time = record.leader_pid = record.leader_start_time = None
+
+
+class WorkspaceManager:
+    """One per server process. Use as ``async with WorkspaceManager(settings) as m:``."""
+
+    def __init__(self, settings: Settings, runtimes: dict[str, Runtime] | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.registry_path)
+        self.client_key_path = settings.state_dir / ".server" / "client_ed25519_key"
+        self.ssh = ssh.SSHPool()
+        self._runtimes = runtimes
+        self._locks: dict[str, anyio.Lock] = {}
+        self._network = None
+
+    # Set-up ------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> WorkspaceManager:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
+        if self._runtimes is None:
+            self._runtimes = self._default_runtimes()
+        await self.reconcile()
+
+    async def close(self) -> None:
+        await self.ssh.close()
+
+    @property
+    def mode(self) -> str:
+        """'nixos' or 'direct': which runtimes this manager uses for new workspaces."""
+        return "nixos" if "nixos" in self.runtimes else "direct"
+
+    @property
+    def runtimes(self) -> dict[str, Runtime]:
+        assert self._runtimes is not None, "call open() first"
+        return self._runtimes
+
+    def _default_runtimes(self) -> dict[str, Runtime]:
+        mode = self.settings.mode
+        if mode == "auto":
+            from .runtimes.nixos import nixos_mode_available
+
+            mode = "nixos" if nixos_mode_available(self.settings) else "direct"
+        if mode == "nixos":
+            from .runtimes.nixos import NixosRuntime
+
+            return {"nixos": NixosRuntime(self.settings, client_public_key=self.client_public_key)}
+        from .runtimes.nspawn import NspawnRuntime
+
+        return {"nspawn": NspawnRuntime(self.settings)}
+
+    def _runtime_for_type(self, type_: WorkspaceType) -> Runtime:
+        for runtime in self.runtimes.values():
+            if type_ in runtime.types:
+                return runtime
+        supported = sorted({t for r in self.runtimes.values() for t in r.types})
+        raise InvalidSpec(
+            f"type {type_!r} is not available in {self.mode} mode on this host (available: "
+            f"{', '.join(supported)}); VMs and Incus need the NixOS module (mode 'nixos')"
+        )
+
+    def _runtime_of(self, record: WorkspaceRecord) -> Runtime:
+        try:
+            return self.runtimes[record.runtime]
+        except KeyError:
+            raise InvalidState(
+                f"workspace {record.name!r} belongs to the {record.runtime!r} runtime, which this server "
+                f"(mode {self.mode}) does not run; use a server in that mode"
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """Serialise operations on one workspace, in this process and across processes."""
+        lock = self._locks.setdefault(name, anyio.Lock())
+        async with lock:
+            lock_dir = self.settings.state_dir / ".locks"
+            lock_dir.mkdir(exist_ok=True)
+            fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _paths(self, name: str) -> WorkspacePaths:
+        return WorkspacePaths.of(self.settings.state_dir, name)
+
+    def view(self, r: WorkspaceRecord) -> Workspace:
+        """The workspace as tools report it."""
+        return Workspace(
+            name=r.name,
+            type=r.type,
+            state=r.state,
+            ip=r.ip,
+            user=r.user,
+            workspace_dir=f"/home/{r.user}/workspace",
+            host_workspace_dir=str(self._paths(r.name).workspace),
+            ssh=SSHInfo(host=r.ip, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
+            packages=r.packages,
+            created_at=r.created_at,
+            started_at=r.started_at,
+            last_error=r.last_error,
+            timings=r.timings,
+        )
+
+    def _target(self, r: WorkspaceRecord) -> ssh.SSHTarget:
+        return ssh.SSHTarget(
+            key=r.name,
+            host=r.ip,
+            user=r.user,
+            host_key_path=self._paths(r.name).host_key,
+            client_key_path=self.client_key_path,
+            workspace_dir=f"/home/{r.user}/workspace",
+        )
+
+    # Reconcile ---------------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Make the registry match reality: dead workspaces become 'stopped', leftovers are removed."""
+        data = await self.registry.read()
+        for record in data.workspaces.values():
+            runtime = self.runtimes.get(record.runtime)
+            if runtime is None:
+                continue
+            if record.state == "creating":
+                if not await self._creation_in_progress(record.name):
+                    record.state, record.last_error = "error", "creation was interrupted; destroy_workspace it"
+                    await self.registry.put(record)
+                continue
+            if record.state in ("running", "starting", "stopping"):
+                if not (await runtime.status(record)).running:
+                    await runtime.stop(record)  # releases network leftovers
+                    _mark_stopped(record, "found stopped when the server started")
+                    await self.registry.put(record)
+        for runtime in self.runtimes.values():
+            await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
+
+    async def _creation_in_progress(self, name: str) -> bool:
+        """True when another process holds the workspace's lock (so it is still being created)."""
+        lock_file = self.settings.state_dir / ".locks" / f"{name}.lock"
+        if not lock_file.exists():
+            return False
+        fd = os.open(lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        """Notice a workspace that died behind our back."""
+        if record.state == "running":
+            runtime = self.runtimes.get(record.runtime)
+            if runtime is not None and not (await runtime.status(record)).running:
+                async with self._locked(record.name):
+                    record = await self.registry.get(record.name)
+                    if record.state == "running" and not (await runtime.status(record)).running:
+                        await runtime.stop(record)
+                        await self.ssh.drop(record.name)
+                        _mark_stopped(record, "the workspace exited")
+                        await self.registry.put(record)
+        return record
+
+    # Lifecycle ---------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        type: WorkspaceType = "container",
+        packages: Sequence[str] = (),
+        ip: str | None = None,
+        start: bool = True,
+        progress: Progress = no_progress,
+    ) -> Workspace:
+        """Register, prepare and (by default) start a new workspace.
+
+        Validation happens before anything changes. On failure or cancellation
+        everything created is removed again.
+
+        Raises:
+            InvalidSpec: bad name, type, packages or IP.
+            WorkspaceExists: the name is taken.
+            Conflict: the IP (or the name's derived MAC/CID) is in use.
+            BackendError: building, declaring or booting failed (the message has the log tail).
+        """
+        t0 = time.monotonic()
+        validate_name(name)
+        runtime = self._runtime_for_type(type)
+        packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
+        live = await self._live_addresses(runtime)
+        async with self._locked(name):
+            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime.name)
+            paths = self._paths(name)
+            existed = paths.root.exists()
+            prepared = False
+            try:
+                record = await anyio.to_thread.run_sync(self._make_state_dirs, record)
+                await self.registry.put(record)
+                t_image = time.monotonic()
+                record = await runtime.prepare(record, progress)
+                prepared = True
+                record.state = "stopped"
+                record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
+                await self.registry.put(record)
+                if start:
+                    record = await self._start(record, runtime, progress, t0)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_create(record, runtime, prepared, existed)
+                raise
+        return self.view(record)
+
+    def _register(
+        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: str
+    ) -> WorkspaceRecord:
+        with self.registry.transaction_sync() as data:
+            if name in data.workspaces:
+                raise WorkspaceExists(name)
+            check_identity_collisions(name, {n: (r.mac, r.cid) for n, r in data.workspaces.items()})
+            taken = {r.ip for r in data.workspaces.values()} | live
+            record = WorkspaceRecord(
+                name=name,
+                type=type_,
+                state="creating",
+                runtime=runtime,
+                ip=allocate_ip(self.settings.subnet, taken, ip),
+                mac=mac_for(name),
+                cid=cid_for(name),
+                user=self.settings.user,
+                packages=packages,
+            )
+            data.workspaces[name] = record
+        return record
+
+    def _make_state_dirs(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        """The persistent host directories, the pinned host key, authorized_keys and the Claude config."""
+        paths = self._paths(record.name)
+        uid = gid = self.settings.user_uid
+        for d in (paths.root, paths.ssh_host_keys, paths.runtime):
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        paths.workspace.mkdir(exist_ok=True)
+        os.chown(paths.workspace, uid, gid)
+        fingerprint = ssh.ensure_host_key(paths.host_key)
+        ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
+        credentials = Path.home() / ".claude" / ".credentials.json"
+        onboarding.seed_claude_config(
+            paths.claude_config,
+            workspace_dir_inside=f"/home/{record.user}/workspace",
+            uid=uid,
+            gid=gid,
+            copy_credentials_from=credentials if self.settings.copy_claude_credentials else None,
+        )
+        return record.model_copy(update={"host_key_fingerprint": fingerprint})
+
+    async def _undo_create(self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, existed: bool) -> None:
+        with contextlib.suppress(Exception):
+            await runtime.stop(record)
+        if prepared:
+            with contextlib.suppress(Exception):
+                await runtime.destroy(record)
+        await self.ssh.drop(record.name)
+        if not existed:
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(self._paths(record.name).root, ignore_errors=True))
+        await self.registry.remove(record.name)
+
+    async def _live_addresses(self, runtime: Runtime) -> set[str]:
+        network = getattr(runtime, "network", None)
+        return await network.live_addresses() if network is not None else set()
+
+    async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
+        """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (still being created), BackendError (boot failed).
+        """
+        async with self._locked(name):
+            record = await self.registry.get(name)
+            runtime = self._runtime_of(record)
+            if record.state == "running" and (await runtime.status(record)).running:
+                return self.view(record)
+            if record.state == "creating":
+                raise InvalidState(f"workspace {name!r} is still being created; try again shortly")
+            record = await self._start(record, runtime, progress, time.monotonic())
+        return self.view(record)
+
+    async def _start(self, record: WorkspaceRecord, runtime: Runtime, progress: Progress, t0: float) -> WorkspaceRecord:
+        timings = record.timings or Timings()
+        record.state, record.last_error = "starting", None
+        await self.registry.put(record)
+        try:
+            t_boot = time.monotonic()
+            record = await runtime.start(record, progress)
+            await self.registry.put(record)
+            timings.boot_s = round(time.monotonic() - t_boot, 3)
+            await progress("waiting for SSH (pinned host key)", 0.95)
+            t_ssh = time.monotonic()
+            await self._wait_ssh(record, runtime)
+            timings.ssh_s = round(time.monotonic() - t_ssh, 3)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await runtime.stop(record)
+                await self.ssh.drop(record.name)
+                _mark_stopped(record, str(exc)[-2000:] or type(exc).__name__)
+                await self.registry.put(record)
+            raise
+        timings.total_s = round(time.monotonic() - t0, 3)
+        record.state, record.started_at, record.timings = "running", utcnow(), timings
+        await self.registry.put(record)
+        await progress("workspace running", 1.0)
+        return record
+
+    async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
+        """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting."""
+        died = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal died
+                while True:
+                    await anyio.sleep(0.1)
+                    if not (await runtime.status(record)).running:
+                        died = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch)
+            await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+            tg.cancel_scope.cancel()
+        if died:
+            tail = await runtime.logs(record, 25)
+            raise BackendError(f"workspace {record.name!r} exited while booting; last log lines:\n{tail}")
+
+    async def stop(self, name: str) -> Workspace:
+        """Stop a workspace (its root filesystem is discarded; the workspace dir stays). Idempotent.
+
+        Raises:
+            WorkspaceNotFound, BackendError.
+        """
+        async with self._locked(name):
+            record = await self.registry.get(name)
+            runtime = self._runtime_of(record)
+            await self.ssh.drop(name)
+            await runtime.stop(record)
+            if record.state != "error":
+                _mark_stopped(record, None)
+            await self.registry.put(record)
+        return self.view(record)
+
+    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
+        """Stop and remove a workspace: runtime artefacts, registry entry and (unless keep_data) its host dirs.
+
+        Raises:
+            WorkspaceNotFound, BackendError.
+        """
+        async with self._locked(name):
+            record = await self.registry.get(name)
+            runtime = self._runtime_of(record)
+            await self.ssh.drop(name)
+            await runtime.stop(record)
+            await runtime.destroy(record)
+            paths = self._paths(name)
+            if keep_data:
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
+            else:
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
+            await self.registry.remove(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self.settings.state_dir / ".locks" / f"{name}.lock").unlink()
+        self._locks.pop(name, None)
+        return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
+
+    async def list(self) -> WorkspaceList:
+        """All registered workspaces, with dead ones noticed."""
+        data = await self.registry.read()
+        records = [await self._refresh(r) for r in data.workspaces.values()]
+        return WorkspaceList(workspaces=[self.view(r) for r in sorted(records, key=lambda r: r.name)])
+
+    async def status(self, name: str) -> WorkspaceStatus:
+        """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
+        record = await self._refresh(await self.registry.get(name))
+        detail = await self._runtime_of(record).status(record)
+        return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
+
+    async def logs(self, name: str, lines: int = 200) -> LogsResult:
+        """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
+        record = await self.registry.get(name)
+        text = await self._runtime_of(record).logs(record, lines)
+        return LogsResult(name=name, log=text, lines=len(text.splitlines()))
+
+    # Inside a running workspace ----------------------------------------------------------------
+
+    async def _running(self, name: str) -> WorkspaceRecord:
+        record = await self._refresh(await self.registry.get(name))
+        if record.state != "running":
+            raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
+        return record
+
+    async def _ssh_call(self, record: WorkspaceRecord, call):  # type: ignore[no-untyped-def]
+        try:
+            return await call(self._target(record))
+        except SandboxError as exc:
+            if isinstance(exc, InvalidSpec):
+                raise
+            record = await self._refresh(record)
+            if record.state != "running":
+                raise InvalidState(
+                    f"workspace {record.name!r} stopped unexpectedly; see workspace_logs, then start_workspace"
+                ) from exc
+            raise
+
+    async def exec(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+        stdin: str | None = None,
+    ) -> ExecResult:
+        """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
+        record = await self._running(name)
+        return await self._ssh_call(
+            record,
+            lambda t: self.ssh.exec(
+                t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
+                output_cap=self.settings.exec_output_cap,
+            ),
+        )  # fmt: skip
+
+    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
+        """Read up to ``limit`` bytes (capped by settings) from ``offset``."""
+        if offset < 0:
+            raise InvalidSpec("offset must be ≥ 0")
+        limit = min(limit or 256 * 1024, self.settings.read_limit_max)
+        record = await self._running(name)
+        return await self._ssh_call(record, lambda t: self.ssh.read_file(t, path, offset=offset, limit=limit))
+
+    async def write_file(
+        self,
+        name: str,
+        path: str,
+        content: str,
+        encoding: str = "utf-8",
+        append: bool = False,
+        mode: str | int | None = None,
+    ) -> WriteResult:
+        """Write (or append) text or base64 content to a file, creating parent directories."""
+        if encoding == "utf-8":
+            data = content.encode()
+        elif encoding == "base64":
+            try:
+                data = base64.b64decode(content, validate=True)
+            except ValueError as exc:
+                raise InvalidSpec(f"content is not valid base64: {exc}") from exc
+        else:
+            raise InvalidSpec(f"encoding must be 'utf-8' or 'base64', not {encoding!r}")
+        if len(data) > self.settings.write_max:
+            raise InvalidSpec(
+                f"content is {len(data)} bytes; the limit is {self.settings.write_max}. "
+                f"Write it in parts with append=true, or put it in the host workspace dir"
+            )
+        file_mode = parse_mode(mode)
+        record = await self._running(name)
+        return await self._ssh_call(
+            record, lambda t: self.ssh.write_file(t, path, data, append=append, mode=file_mode)
+        )
+
+    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+        """List a directory (relative paths resolve against the workspace dir)."""
+        record = await self._running(name)
+        return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))

@@ -1,0 +1,285 @@
+"""The MCP server: thin tools over :class:`~sandbox_mcp.manager.WorkspaceManager`.
+
+Arguments are flat tool parameters with schema constraints; results are the
+pydantic models of ``models.py``. A :class:`~sandbox_mcp.errors.SandboxError`
+becomes a ``ToolError`` carrying its message (what went wrong, what to do);
+anything else is a crash the SDK reports without leaking a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import SandboxError
+from .manager import WorkspaceManager
+from .models import (
+    DestroyResult,
+    DirListing,
+    ExecResult,
+    FileContent,
+    LogsResult,
+    Workspace,
+    WorkspaceList,
+    WorkspaceStatus,
+    WriteResult,
+)
+from .runtimes.base import Progress
+
+__all__ = ["build_server"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+INSTRUCTIONS = """\
+Disposable, isolated Linux workspaces (containers; on NixOS also VMs and Incus) for running code safely.
+Typical flow: create_workspace(name) -> exec(name, command) / write_file / read_file / list_dir ->
+destroy_workspace(name). The project directory inside is ~/workspace (exec's default cwd; relative file
+paths resolve against it); it persists across stop/start, everything else is reset on restart.
+Call list_workspaces first to reuse an existing workspace instead of creating a new one."""
+
+Name = Annotated[
+    str,
+    Field(
+        description="Workspace name: lowercase letters, digits and '-', starting with a letter, at most 12 chars",
+        pattern=r"^[a-z][a-z0-9-]{0,11}$",
+        examples=["myproject", "test-2"],
+    ),
+]
+
+
+def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn our errors into ToolErrors the agent can act on."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except SandboxError as exc:
+            raise ToolError(str(exc)) from exc
+
+    return wrapper
+
+
+def _progress(ctx: Context) -> Progress:
+    """Adapt the manager's (message, fraction) progress to MCP progress notifications (0-100, increasing)."""
+    last = 0.0
+
+    async def report(message: str, fraction: float | None = None) -> None:
+        nonlocal last
+        # Progress must increase with every notification; messages without a fraction creep forward.
+        value = max(last + 0.01, fraction * 100 if fraction is not None else last + 0.01)
+        last = min(value, 100.0)
+        await ctx.report_progress(last, 100, message)
+
+    return report
+
+
+def build_server(settings: Settings | None = None) -> MCPServer:
+    """The MCP server with every tool of the contract, its manager opened in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(server: MCPServer) -> AsyncIterator[WorkspaceManager]:
+        async with WorkspaceManager(settings or load_settings()) as manager:
+            yield manager
+
+    mcp = MCPServer(
+        "sandbox-mcp",
+        title="Sandbox workspaces",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+    )
+
+    def manager_of(ctx: Context) -> WorkspaceManager:
+        return ctx.request_context.lifespan_context
+
+    def tool(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False, title: str):
+        annotations = ToolAnnotations(
+            title=title,
+            read_only_hint=read_only,
+            destructive_hint=destructive,
+            idempotent_hint=idempotent,
+            open_world_hint=False,
+        )
+
+        def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            wrapped = _tool_errors(fn)
+            mcp.tool(annotations=annotations, structured_output=True)(wrapped)
+            return wrapped
+
+        return decorate
+
+    @tool(title="Create a workspace")
+    async def create_workspace(
+        ctx: Context,
+        name: Name,
+        type: Annotated[
+            Literal["container", "vm", "incus"],
+            Field(description="container (fast, shared kernel; the default), vm or incus (NixOS hosts only)"),
+        ] = "container",
+        packages: Annotated[
+            list[str],
+            Field(
+                description="Extra packages to install: Debian package names on a plain Linux host "
+                "(e.g. ['python3', 'jq']), nixpkgs attribute paths on NixOS (e.g. ['ripgrep'])",
+                max_length=200,
+            ),
+        ] = [],  # noqa: B006 - pydantic copies defaults
+        ip: Annotated[
+            str | None,
+            Field(description="Static IPv4 address in the workspace subnet; omit to get a free one"),
+        ] = None,
+        start: Annotated[bool, Field(description="Start it and wait until SSH answers")] = True,
+    ) -> Workspace:
+        """Create a new isolated Linux workspace and (by default) start it.
+
+        Use this when you need a clean, disposable machine to run untrusted or messy work (builds, tests,
+        installs) without touching the host. Check list_workspaces first: an existing workspace can simply
+        be reused. The first create on a host builds a root image (about a minute, with progress); later
+        ones take about a second. Extra packages are baked into a cached image variant, so the first
+        create with a new package set takes longer.
+
+        Returns the workspace: its state ('running' when start=true), IP, user, workspace_dir (the
+        persistent project directory inside, exec's default cwd) and host_workspace_dir (the same
+        directory on the host), the pinned SSH host key fingerprint and phase timings.
+
+        Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; a boot failure
+        includes the last log lines (see also workspace_logs).
+        """
+        return await manager_of(ctx).create(name, type, packages, ip, start, progress=_progress(ctx))
+
+    @tool(title="Start a workspace", idempotent=True)
+    async def start_workspace(ctx: Context, name: Name) -> Workspace:
+        """Start a stopped workspace and wait until SSH answers with its pinned host key.
+
+        The root filesystem starts clean (anything installed at run time is gone); the workspace
+        directory keeps its files. Starting a running workspace returns it unchanged.
+        """
+        return await manager_of(ctx).start(name, progress=_progress(ctx))
+
+    @tool(title="Stop a workspace", idempotent=True)
+    async def stop_workspace(ctx: Context, name: Name) -> Workspace:
+        """Stop a workspace: its processes end and its root filesystem is discarded; the workspace directory
+        (and the workspace itself) stay, ready for start_workspace. Stopping a stopped workspace is a no-op."""
+        return await manager_of(ctx).stop(name)
+
+    @tool(title="Destroy a workspace", destructive=True, idempotent=False)
+    async def destroy_workspace(
+        ctx: Context,
+        name: Name,
+        keep_data: Annotated[
+            bool,
+            Field(description="Keep the host workspace directory (and host key) for a later create of the same name"),
+        ] = False,
+    ) -> DestroyResult:
+        """Stop and delete a workspace for good: its processes, network, registry entry and, unless
+        keep_data is true, its files on the host. Use stop_workspace instead to pause it."""
+        return await manager_of(ctx).destroy(name, keep_data)
+
+    @tool(title="List workspaces", read_only=True, idempotent=True)
+    async def list_workspaces(ctx: Context) -> WorkspaceList:
+        """List every workspace with its state, IP and directories. Call this before creating a new one."""
+        return await manager_of(ctx).list()
+
+    @tool(title="Workspace status", read_only=True, idempotent=True)
+    async def workspace_status(ctx: Context, name: Name) -> WorkspaceStatus:
+        """One workspace with live runtime detail (process or unit state, PID, uptime)."""
+        return await manager_of(ctx).status(name)
+
+    @tool(title="Run a command in a workspace")
+    async def exec(
+        ctx: Context,
+        name: Name,
+        command: Annotated[
+            str,
+            Field(description="Shell command line run by sh -c, e.g. 'make test 2>&1 | tail -50'", min_length=1),
+        ],
+        cwd: Annotated[
+            str | None,
+            Field(description="Working directory; relative paths resolve against the workspace directory"),
+        ] = None,
+        env: Annotated[dict[str, str] | None, Field(description="Extra environment variables")] = None,
+        timeout_s: Annotated[
+            float, Field(description="Seconds before the command is killed (with its children)", gt=0, le=86400)
+        ] = 120,
+        stdin: Annotated[str | None, Field(description="Text fed to the command's standard input")] = None,
+    ) -> ExecResult:
+        """Run a shell command in a running workspace as the (non-root) workspace user, who has passwordless
+        sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
+
+        Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Output beyond the cap
+        (1 MiB per stream by default) is cut and truncated=true: redirect big output to a file and page
+        it with read_file. On timeout the command and its children are killed and timed_out=true.
+        If the workspace is stopped, call start_workspace first.
+        """
+        return await manager_of(ctx).exec(name, command, cwd, env, timeout_s, stdin)
+
+    @tool(title="Read a file from a workspace", read_only=True, idempotent=True)
+    async def read_file(
+        ctx: Context,
+        name: Name,
+        path: Annotated[str, Field(description="File path; relative paths resolve against the workspace directory")],
+        offset: Annotated[int, Field(description="Byte offset to start at", ge=0)] = 0,
+        limit: Annotated[
+            int | None, Field(description="Bytes to read (default 256 KiB, capped at 4 MiB)", ge=1)
+        ] = None,
+    ) -> FileContent:
+        """Read a file (or a chunk of it) from a running workspace.
+
+        Text comes back as utf-8; anything else as base64 (see encoding). If truncated is true, call again
+        with offset=next_offset to read the rest. For a directory, use list_dir.
+        """
+        return await manager_of(ctx).read_file(name, path, offset, limit)
+
+    @tool(title="Write a file in a workspace", idempotent=False)
+    async def write_file(
+        ctx: Context,
+        name: Name,
+        path: Annotated[str, Field(description="File path; relative paths resolve against the workspace directory")],
+        content: Annotated[str, Field(description="The file content, as text or base64 (see encoding)")],
+        encoding: Annotated[
+            Literal["utf-8", "base64"], Field(description="'base64' for binary content")
+        ] = "utf-8",
+        append: Annotated[bool, Field(description="Append instead of replacing the file")] = False,
+        mode: Annotated[
+            str | None, Field(description="Octal permissions such as '644' or '755'", pattern=r"^0?[0-7]{3}$")
+        ] = None,
+    ) -> WriteResult:
+        """Write (replace or append) a file in a running workspace, creating missing parent directories.
+        A replaced file is swapped in atomically. Owned by the workspace user. Large payloads: write in parts
+        with append=true."""
+        return await manager_of(ctx).write_file(name, path, content, encoding, append, mode)
+
+    @tool(title="List a directory in a workspace", read_only=True, idempotent=True)
+    async def list_dir(
+        ctx: Context,
+        name: Name,
+        path: Annotated[
+            str, Field(description="Directory; relative paths resolve against the workspace directory")
+        ] = ".",
+    ) -> DirListing:
+        """List a directory in a running workspace: each entry's name, type (file, dir, symlink, other),
+        size and modification time."""
+        return await manager_of(ctx).list_dir(name, path)
+
+    @tool(title="Workspace boot log", read_only=True, idempotent=True)
+    async def workspace_logs(
+        ctx: Context,
+        name: Name,
+        lines: Annotated[int, Field(description="How many of the last lines", ge=1, le=10000)] = 200,
+    ) -> LogsResult:
+        """The tail of the workspace's boot/console log (or its systemd unit's journal on NixOS). Use it when
+        a workspace fails to start or SSH does not answer."""
+        return await manager_of(ctx).logs(name, lines)
+
+    return mcp

@@ -1,0 +1,135 @@
+"""The registry on disk: one JSON file, replaced atomically, guarded by a lock shared across processes.
+
+Readers take the lock shared, writers exclusively (``fcntl.flock`` on a sibling
+``.lock`` file), so several server processes (an MCP server per client, the
+CLI) see one consistent registry. Every write goes to a temporary file that is
+fsynced and renamed over the old one: a crash leaves the old or the new file,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import BackendError, WorkspaceNotFound
+from .models import WorkspaceRecord
+
+__all__ = ["Registry", "RegistryData"]
+
+
+class RegistryData(BaseModel):
+    version: int = 1
+    workspaces: dict[str, WorkspaceRecord] = Field(default_factory=dict)
+
+
+class Registry:
+    """The registry file at ``path`` (created on first write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _read_unlocked(self) -> RegistryData:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return RegistryData()
+        try:
+            return RegistryData.model_validate_json(raw)
+        except ValidationError as exc:
+            raise BackendError(
+                f"registry {self.path} is corrupt ({exc.error_count()} errors); "
+                f"move it aside and run 'sandbox-mcp doctor'"
+            ) from exc
+
+    def _write_unlocked(self, data: RegistryData) -> None:
+        payload = data.model_dump_json(indent=2).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".registry-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        # The rename itself must survive a crash too.
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # Synchronous API (used from worker threads and by tests) -------------------------------
+
+    def read_sync(self) -> RegistryData:
+        with self._locked(exclusive=False):
+            return self._read_unlocked()
+
+    @contextlib.contextmanager
+    def transaction_sync(self) -> Iterator[RegistryData]:
+        """Read, let the caller modify, write back; all under the exclusive lock.
+
+        If the body raises, nothing is written.
+        """
+        with self._locked(exclusive=True):
+            data = self._read_unlocked()
+            yield data
+            self._write_unlocked(data)
+
+    # Async API ----------------------------------------------------------------------------------
+
+    async def read(self) -> RegistryData:
+        """A snapshot of the registry. Raises BackendError if the file is corrupt."""
+        return await anyio.to_thread.run_sync(self.read_sync)
+
+    async def get(self, name: str) -> WorkspaceRecord:
+        """The record of ``name``. Raises WorkspaceNotFound."""
+        data = await self.read()
+        try:
+            return data.workspaces[name]
+        except KeyError:
+            raise WorkspaceNotFound(name) from None
+
+    async def put(self, record: WorkspaceRecord) -> None:
+        """Insert or replace one record."""
+
+        def _put() -> None:
+            with self.transaction_sync() as data:
+                data.workspaces[record.name] = record
+
+        await anyio.to_thread.run_sync(_put)
+
+    async def remove(self, name: str) -> None:
+        """Remove one record; no error if it is already gone."""
+
+        def _remove() -> None:
+            with self.transaction_sync() as data:
+                data.workspaces.pop(name, None)
+
+        await anyio.to_thread.run_sync(_remove)
+
+    def export_json(self) -> str:
+        """The registry as JSON text (for ``ls --json`` and debugging)."""
+        return json.dumps(json.loads(self.read_sync().model_dump_json()), indent=2)
