@@ -198,9 +198,12 @@ class NixosRuntime(Runtime):
         client_public_key: str,
         command_prefix: Sequence[str] = (),
     ) -> None:
-        """Raises:
-        InvalidSpec: nixos.flake or nixos.host is not set, the flake is not an absolute
-            directory path, or the key is not a single public key line.
+        """Check the nixos settings and the key; nothing is touched on disk yet.
+
+        Raises:
+            InvalidSpec: nixos.flake or nixos.host is not set, the flake is not an absolute
+                directory path, the host is not a plain attribute name, or the key is not a
+                single public key line.
         """
         super().__init__(settings)
         cfg = settings.nixos
