@@ -164,15 +164,16 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from .claude_setup import install_claude, skills_dir
+    from .claude_setup import default_server_command, install_claude, skills_dir
 
     report = install_claude(
         args.scope,
-        project_dir=Path(args.project).resolve() if args.project else Path.cwd(),
+        project_dir=Path(args.project or ".").resolve() if args.scope == "project" else None,
         home=Path.home(),
-        server_command=[sys.argv[0] if os.path.isabs(sys.argv[0]) else os.path.abspath(sys.argv[0]), "serve"],
+        server_command=default_server_command(needs_root=settings.mode != "nixos"),
         skills_src=skills_dir(),
         dry_run=args.dry_run,
+        claude_config_dir=os.environ.get("CLAUDE_CONFIG_DIR"),
     )
     _dump(report)
     return 0

@@ -320,10 +320,10 @@ class WorkspaceManager:
         os.chown(paths.workspace, uid, gid)
         fingerprint = ssh.ensure_host_key(paths.host_key)
         ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
-        credentials = Path.home() / ".claude" / ".credentials.json"
+        credentials = onboarding.host_credentials_file(Path.home())
         onboarding.seed_claude_config(
             paths.claude_config,
-            workspace_dir_inside=f"/home/{record.user}/workspace",
+            workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
             uid=uid,
             gid=gid,
             copy_credentials_from=credentials if self.settings.copy_claude_credentials else None,

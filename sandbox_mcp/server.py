@@ -9,6 +9,7 @@ anything else is a crash the SDK reports without leaking a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
@@ -92,6 +93,9 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         async with WorkspaceManager(settings or load_settings()) as manager:
             yield manager
 
+    # MCPServer sets the root logger to INFO; asyncssh would then log every channel open and
+    # close, which costs milliseconds per exec and floods the stdio server's stderr.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
     mcp = MCPServer(
         "sandbox-mcp",
         title="Sandbox workspaces",

@@ -1,0 +1,208 @@
+"""``sandbox-mcp bench``: figures from one run, each against a baseline measured in the same run.
+
+- create → first exec through the MCP tools (cached image) against a bare boot: the same
+  network setup and systemd-nspawn command, polled until sshd sends its banner;
+- ``exec true`` p50/p95 through the MCP tool against one ``ssh`` client process per command;
+- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``.
+
+It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
+its own state directory and bridge, so it neither touches the host's workspaces nor sends
+traffic anywhere but to the containers it boots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from .config import Settings
+from .images import ImageStore
+from .manager import WorkspaceManager
+
+__all__ = ["run_bench"]
+
+_ISOLATED = "SANDBOX_MCP_BENCH_ISOLATED"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _reexec_isolated() -> int:
+    argv = [sys.executable, "-m", "sandbox_mcp", *sys.argv[1:]]
+    script = 'ip link set lo up && exec env ' + _ISOLATED + '=1 "$@"'
+    return subprocess.call(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+                            "sh", *argv])
+
+
+async def _banner(ip: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((ip, 22), timeout=0.2) as s:
+                s.settimeout(1)
+                if s.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        await anyio.sleep(0.01)
+    raise TimeoutError(f"no sshd banner from {ip}")
+
+
+async def _bare_boot(manager: WorkspaceManager, name: str) -> float:
+    """Baseline: our network setup + the same nspawn command, until sshd answers; no registry, keys, SSH auth."""
+    record = await manager.registry.get(name)
+    runtime = manager.runtimes["nspawn"]
+    t0 = time.monotonic()
+    record = await runtime.start(record, _quiet)
+    try:
+        await _banner(record.ip, time.monotonic() + 60)
+        return time.monotonic() - t0
+    finally:
+        await runtime.stop(record)
+
+
+async def _quiet(message: str, fraction: float | None = None) -> None:
+    pass
+
+
+async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the benchmark and print its figures. Needs root and systemd-nspawn."""
+    store = ImageStore(settings)
+    if os.environ.get(_ISOLATED) != "1":
+        if not store.exists(store.key(())):
+            print("building the root image first (network needed once)...", file=sys.stderr)
+            await store.ensure((), _quiet)
+        return _reexec_isolated()
+
+    from mcp import Client
+
+    from .server import build_server
+
+    state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
+    bench_settings = settings.model_copy(update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct"})
+    results: dict[str, dict[str, float]] = {}
+    try:
+        async with Client(build_server(bench_settings)) as client:
+
+            async def call(tool: str, **kw: object) -> dict:
+                r = await client.call_tool(tool, kw)
+                if r.is_error:
+                    raise RuntimeError(f"{tool}: {r.content}")
+                return r.structured_content  # type: ignore[return-value]
+
+            # 1. create -> first exec, against a bare boot of the same image.
+            creates, bares = [], []
+            for i in range(args.runs):
+                t0 = time.monotonic()
+                await call("create_workspace", name=f"bench{i}")
+                await call("exec", name=f"bench{i}", command="true")
+                creates.append(time.monotonic() - t0)
+                await call("stop_workspace", name=f"bench{i}")
+                async with WorkspaceManager(bench_settings) as m:
+                    bares.append(await _bare_boot(m, f"bench{i}"))
+                if i:
+                    await call("destroy_workspace", name=f"bench{i}")
+            results["create_to_first_exec_s"] = {"p50": statistics.median(creates), "min": min(creates),
+                                                 "max": max(creates), "runs": float(len(creates))}
+            results["bare_boot_to_sshd_s"] = {"p50": statistics.median(bares), "min": min(bares)}
+
+            # 2. exec latency: the MCP tool on the pooled connection vs an ssh process per command.
+            ws = await call("start_workspace", name="bench0")
+            await call("exec", name="bench0", command="true")
+            tool_ms = []
+            for _ in range(args.execs):
+                t0 = time.perf_counter()
+                await call("exec", name="bench0", command="true")
+                tool_ms.append((time.perf_counter() - t0) * 1000)
+            ssh_argv = _ssh_argv(bench_settings, ws)
+            ssh_ms = []
+            for _ in range(max(20, args.execs // 5)):
+                t0 = time.perf_counter()
+                await anyio.run_process([*ssh_argv, "true"])
+                ssh_ms.append((time.perf_counter() - t0) * 1000)
+            results["exec_true_ms"] = {
+                "tool_p50": statistics.median(tool_ms), "tool_p95": _pct(tool_ms, 0.95),
+                "ssh_p50": statistics.median(ssh_ms), "ssh_p95": _pct(ssh_ms, 0.95),
+                "ssh_over_tool_p50": statistics.median(ssh_ms) / statistics.median(tool_ms),
+            }
+
+            # 3. A 16 MiB file through write_file/read_file vs ssh cat.
+            size = args.file_mib << 20
+            data = os.urandom(size)
+            b64 = base64.b64encode(data).decode()
+            t0 = time.perf_counter()
+            await call("write_file", name="bench0", path="big.bin", content=b64, encoding="base64")
+            tool_write = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            got, offset = bytearray(), 0
+            while True:
+                r = await call("read_file", name="bench0", path="big.bin", offset=offset, limit=4 << 20)
+                got += base64.b64decode(r["content"])
+                if not r["truncated"]:
+                    break
+                offset = r["next_offset"]
+            tool_read = time.perf_counter() - t0
+            assert bytes(got) == data, "read back differs"
+            t0 = time.perf_counter()
+            await anyio.run_process([*ssh_argv, "cat > workspace/big2.bin"], input=data)
+            ssh_write = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = (await anyio.run_process([*ssh_argv, "cat workspace/big2.bin"])).stdout
+            ssh_read = time.perf_counter() - t0
+            assert out == data
+            results["file_16mib_s"] = {
+                "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
+                "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
+            }
+            await call("destroy_workspace", name="bench0")
+    finally:
+        async with WorkspaceManager(bench_settings) as m:
+            for name in list((await m.registry.read()).workspaces):
+                await m.destroy(name)
+            await m.runtimes["nspawn"].network.remove_bridge()  # type: ignore[attr-defined]
+        shutil.rmtree(state, ignore_errors=True)
+    _print(results)
+    return 0
+
+
+def _ssh_argv(settings: Settings, ws: dict) -> list[str]:
+    from . import ssh
+    from .paths import WorkspacePaths
+
+    paths = WorkspacePaths.of(settings.state_dir, ws["name"])
+    target = ssh.SSHTarget(
+        key=ws["name"], host=ws["ip"], user=ws["user"], host_key_path=paths.host_key,
+        client_key_path=settings.state_dir / ".server" / "client_ed25519_key", workspace_dir=ws["workspace_dir"],
+    )
+    known = paths.runtime / "known_hosts"
+    known.write_text(ssh.known_hosts_line(target.host, target.host_key_path) + "\n")
+    return ssh.ssh_argv(target, known)
+
+
+def _print(results: dict[str, dict[str, float]]) -> None:
+    c, b = results["create_to_first_exec_s"], results["bare_boot_to_sshd_s"]
+    e, f = results["exec_true_ms"], results["file_16mib_s"]
+    print(f"create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, max {c['max']:.3f}, "
+          f"{c['runs']:.0f} runs)")
+    print(f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; "
+          f"ratio {c['p50'] / b['p50']:.2f}x")
+    print(f"exec true via MCP tool: p50 {e['tool_p50']:.2f} ms, p95 {e['tool_p95']:.2f} ms")
+    print(f"  baseline, ssh process per command: p50 {e['ssh_p50']:.2f} ms, p95 {e['ssh_p95']:.2f} ms; "
+          f"tool is {e['ssh_over_tool_p50']:.1f}x faster")
+    print(f"16 MiB file via tools: write {f['tool_write']:.3f} s, read {f['tool_read']:.3f} s")
+    print(f"  baseline ssh cat: write {f['ssh_cat_write']:.3f} s, read {f['ssh_cat_read']:.3f} s; "
+          f"ratios {f['tool_over_ssh_write']:.2f}x / {f['tool_over_ssh_read']:.2f}x")
+    print(json.dumps(results))
