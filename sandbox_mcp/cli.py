@@ -149,6 +149,10 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         for meta in store.list_images():
             print(json.dumps(meta))
         return 0
+    if args.action == "prune":
+        for name in store.prune():
+            print(f"removed {store.root / name}")
+        return 0
     packages = validate_packages(args.package, "debian")
     key = anyio.run(store.ensure, packages, _print_progress)
     print(store.path(key))
@@ -231,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--lines", type=int, default=200)
     s.set_defaults(fn=_simple("logs", "lines"))
 
-    s = sub.add_parser("image", help="build or list the cached root images (direct mode)")
-    s.add_argument("action", choices=["build", "ls"])
+    s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
+    s.add_argument("action", choices=["build", "ls", "prune"])
     s.add_argument("-p", "--package", action="append", default=[], help="extra Debian package (repeatable)")
     s.set_defaults(fn=_cmd_image)
 

@@ -313,6 +313,26 @@ class ImageStore:
             shutil.rmtree(final)
         os.rename(tmp, final)
 
+    def prune(self, keep: Sequence[str] = ()) -> list[str]:
+        """Remove images of older recipes and interrupted builds; returns what was removed.
+
+        Images of the current recipe stay (workspaces may be booted from them), as do ``keep``.
+        """
+        removed = []
+        with self._build_lock():
+            for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                if not entry.is_dir() or entry.name in keep:
+                    continue
+                marker = entry / "etc" / "sandbox-mcp-image.json"
+                try:
+                    current = json.loads(marker.read_text()).get("recipe") == IMAGE_RECIPE_VERSION
+                except (OSError, ValueError):
+                    current = False
+                if entry.name.startswith(".tmp-") or not current:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+        return removed
+
     def list_images(self) -> list[dict[str, object]]:
         """Metadata of every complete cached image."""
         out = []

@@ -1,0 +1,105 @@
+"""The exact host commands direct mode runs (pure builders), and host-detection parsers.
+
+The end-to-end tests run these commands for real; these pin them down case by case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.images.debootstrap import (
+    BASE_PACKAGES,
+    apt_install_argv,
+    debootstrap_argv,
+    detect_debian_mirror,
+    detect_debian_suite,
+    image_key,
+)
+from sandbox_mcp.manager import parse_mode
+from sandbox_mcp.paths import WorkspacePaths
+from sandbox_mcp.runtimes.nspawn import hosts_file, nspawn_argv
+
+
+def test_nspawn_argv_exact() -> None:
+    paths = WorkspacePaths.of(Path("/st"), "ws1")
+    assert nspawn_argv(
+        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent"
+    ) == [
+        "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
+        "--machine=sbx-ws1", "--hostname=ws1", "--directory=/img/k", "--volatile=overlay",
+        "--network-namespace-path=/run/netns/sbx-ws1", "--link-journal=no", "--console=read-only",
+        "--bind=/st/ws1/workspace:/home/agent/workspace",
+        "--bind=/st/ws1/claude-config:/home/agent/claude-config",
+        "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
+        "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
+    ]  # fmt: skip
+
+
+def test_nspawn_argv_refuses_bind_separators() -> None:
+    with pytest.raises(InvalidSpec, match="SANDBOX_MCP_STATE_DIR"):
+        nspawn_argv(name="a", image_root=Path("/i"), netns_path=Path("/n"),
+                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent")
+
+
+def test_hosts_file() -> None:
+    assert hosts_file("ws1", "192.168.83.1").splitlines()[:3] == [
+        "127.0.0.1\tlocalhost", "127.0.1.1\tws1", "192.168.83.1\tsandbox-host"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mirror", "tail"),
+    [(None, ["bookworm", "/t"]), ("http://mirror.example/debian", ["bookworm", "/t", "http://mirror.example/debian"])],
+)
+def test_debootstrap_argv(mirror: str | None, tail: list[str]) -> None:
+    argv = debootstrap_argv(Path("/t"), "bookworm", mirror)
+    assert argv[:3] == ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES)]
+    assert argv[3:] == tail
+    assert {"systemd", "openssh-server", "sudo"} <= set(BASE_PACKAGES)
+
+
+def test_apt_install_argv_passes_packages_as_arguments_not_shell_text() -> None:
+    argv = apt_install_argv(Path("/img"), ["jq", "python3"])
+    assert argv[:6] == ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2", "--directory=/img"]
+    assert argv[-3:] == ["sh", "jq", "python3"]  # "$@" in the script, never spliced
+
+
+def test_image_key_depends_on_every_input() -> None:
+    base = image_key("bookworm", "agent", 1000, [])
+    assert base.startswith("bookworm-base-")
+    assert image_key("bookworm", "agent", 1000, ["jq"]).startswith("bookworm-pkgs-")
+    assert image_key("bookworm", "agent", 1000, ["b", "a"]) == image_key("bookworm", "agent", 1000, ["a", "b"])
+    others = {image_key("trixie", "agent", 1000, []), image_key("bookworm", "dev", 1000, []),
+              image_key("bookworm", "agent", 1001, [])}
+    assert base not in others and len(others) == 3
+
+
+def test_detect_suite_and_mirror(tmp_path: Path) -> None:
+    (tmp_path / "os-release").write_text('NAME="Debian"\nVERSION_CODENAME=trixie\n')
+    assert detect_debian_suite(tmp_path / "os-release") == "trixie"
+    assert detect_debian_suite(tmp_path / "missing") == "bookworm"
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://local.mirror/debian-security\n\nTypes: deb\nURIs: http://local.mirror/debian\n"
+    )
+    assert detect_debian_mirror(apt) == "http://local.mirror/debian"
+    (apt / "sources.list.d" / "debian.sources").unlink()
+    (apt / "sources.list").write_text("deb [arch=amd64] http://other.mirror/debian bookworm main\n")
+    assert detect_debian_mirror(apt) == "http://other.mirror/debian"
+    (apt / "sources.list").write_text("deb http://archive.ubuntu.example/ubuntu noble main\n")
+    assert detect_debian_mirror(apt) is None
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("644", 0o644), ("0755", 0o755), (None, None), (0o600, 0o600)])
+def test_parse_mode(mode: str | int | None, expected: int | None) -> None:
+    assert parse_mode(mode) == expected
+
+
+@pytest.mark.parametrize("mode", ["999", "rwx", "7777", "", "64"])
+def test_parse_mode_rejects(mode: str) -> None:
+    with pytest.raises(InvalidSpec, match="octal"):
+        parse_mode(mode)

@@ -1,0 +1,88 @@
+"""The MCP surface through a real in-process client session: tools, schemas, annotations, errors.
+
+These need no container: every call here fails validation before anything is created (which
+is also what they check), so they run anywhere; the e2e tests cover the happy paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mcp import Client
+
+import sandbox_mcp
+from sandbox_mcp.config import Settings
+from sandbox_mcp.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+CONTRACT = {
+    "create_workspace": {"name", "type", "packages", "ip", "start"},
+    "start_workspace": {"name"},
+    "stop_workspace": {"name"},
+    "destroy_workspace": {"name", "keep_data"},
+    "list_workspaces": set(),
+    "workspace_status": {"name"},
+    "exec": {"name", "command", "cwd", "env", "timeout_s", "stdin"},
+    "read_file": {"name", "path", "offset", "limit"},
+    "write_file": {"name", "path", "content", "encoding", "append", "mode"},
+    "list_dir": {"name", "path"},
+    "workspace_logs": {"name", "lines"},
+}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # A bridge name no test creates: nothing here touches the network.
+    return Settings(mode="direct", state_dir=tmp_path / "state", image_dir=tmp_path / "img", bridge="sbxu-br")
+
+
+async def test_tools_match_the_contract(settings: Settings) -> None:
+    async with Client(build_server(settings)) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == set(CONTRACT)
+    for name, args in CONTRACT.items():
+        tool = tools[name]
+        assert set(tool.input_schema.get("properties", {})) == args, name  # flat arguments
+        assert tool.output_schema, f"{name} has no structured output"
+        assert tool.description and len(tool.description) > 60, name
+        assert tool.annotations is not None and tool.annotations.open_world_hint is False
+    read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
+    assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs"}
+    assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {"destroy_workspace"}
+    assert tools["create_workspace"].input_schema["required"] == ["name"]
+    assert tools["exec"].input_schema["properties"]["timeout_s"]["default"] == 120
+
+
+async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) -> None:
+    async with Client(build_server(settings)) as client:
+
+        async def error(tool: str, **args: object) -> str:
+            r = await client.call_tool(tool, args)
+            assert r.is_error
+            text = " ".join(getattr(c, "text", "") for c in r.content)
+            assert "Traceback" not in text
+            return text
+
+        assert "list_workspaces" in await error("start_workspace", name="ghost")
+        assert "list_workspaces" in await error("read_file", name="ghost", path="x")
+        assert "pattern" in await error("create_workspace", name="Bad_Name")
+        assert "outside the workspace subnet" in await error("create_workspace", name="a", ip="10.1.2.3")
+        assert "not available in direct mode" in await error("create_workspace", name="a", type="incus")
+        assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
+        r = await client.call_tool("list_workspaces", {})
+        assert r.structured_content == {"workspaces": []}
+    # Nothing was created by any of it.
+    workspace_dirs = [p for p in settings.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert workspace_dirs == []
+
+
+def test_public_surface() -> None:
+    assert set(sandbox_mcp.__all__) == {
+        "BackendError", "CommandFailed", "CommandTimeout", "Conflict", "InvalidSpec", "InvalidState",
+        "SSHError", "SandboxError", "Settings", "WorkspaceExists", "WorkspaceNotFound", "__version__",
+        "load_settings",
+    }  # fmt: skip
+    for name in sandbox_mcp.__all__:
+        assert hasattr(sandbox_mcp, name)
