@@ -267,10 +267,10 @@ class WorkspaceManager:
         packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
         live = await self._live_addresses(runtime)
         async with self._locked(name):
-            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime.name)
+            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
             paths = self._paths(name)
             existed = paths.root.exists()
-            prepared = False
+            prepared = started = False
             try:
                 record = await anyio.to_thread.run_sync(self._make_state_dirs, record)
                 await self.registry.put(record)
@@ -281,15 +281,16 @@ class WorkspaceManager:
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
                 await self.registry.put(record)
                 if start:
+                    started = True
                     record = await self._start(record, runtime, progress, t0)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._undo_create(record, runtime, prepared, existed)
+                    await self._undo_create(record, runtime, prepared, started, existed)
                 raise
         return self.view(record)
 
     def _register(
-        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: str
+        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: Runtime
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -300,13 +301,14 @@ class WorkspaceManager:
                 name=name,
                 type=type_,
                 state="creating",
-                runtime=runtime,
+                runtime=runtime.name,
                 ip=allocate_ip(self.settings.subnet, taken, ip),
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
                 packages=packages,
             )
+            runtime.validate(record)
             data.workspaces[name] = record
         return record
 
@@ -330,9 +332,12 @@ class WorkspaceManager:
         )
         return record.model_copy(update={"host_key_fingerprint": fingerprint})
 
-    async def _undo_create(self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, existed: bool) -> None:
-        with contextlib.suppress(Exception):
-            await runtime.stop(record)
+    async def _undo_create(
+        self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, started: bool, existed: bool
+    ) -> None:
+        if started:
+            with contextlib.suppress(Exception):
+                await runtime.stop(record)
         if prepared:
             with contextlib.suppress(Exception):
                 await runtime.destroy(record)

@@ -34,6 +34,13 @@ class Runtime(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    def validate(self, record: WorkspaceRecord) -> None:  # noqa: B027 - optional hook
+        """Refuse a new workspace this runtime cannot realise, before anything changes.
+
+        Raises:
+            InvalidSpec: with what to change.
+        """
+
     @abstractmethod
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         """Make the workspace startable (build/find the image, declare it, rebuild). Called once, on create."""

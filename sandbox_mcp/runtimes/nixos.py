@@ -252,6 +252,10 @@ class NixosRuntime(Runtime):
     def workspace_file(self, name: str) -> Path:
         return self.config_dir / f"{validate_name(name)}.nix"
 
+    def validate(self, record: WorkspaceRecord) -> None:
+        """Refuse what the module would refuse (e.g. a container name over 11 characters). Pure."""
+        self.registry_entry(record)
+
     def registry_entry(self, record: WorkspaceRecord) -> dict[str, Any]:
         """The registry value for one workspace, in the module's fixed format.
 
