@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +276,42 @@ async def test_reconcile_after_crash(settings: Settings) -> None:
         async with WorkspaceManager(settings) as m:
             await destroy_all(m)
     assert host_leftovers("crash") == NOTHING_LEFT
+
+
+def test_cli_for_people(settings: Settings) -> None:
+    """The CLI drives the same lifecycle; `ssh` uses the real OpenSSH client with the pinned key."""
+    env = {
+        **os.environ,
+        "SANDBOX_MCP_MODE": "direct",
+        "SANDBOX_MCP_STATE_DIR": str(settings.state_dir),
+        "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
+        "SANDBOX_MCP_BRIDGE": settings.bridge,
+        "SANDBOX_MCP_CONFIG": "/nonexistent",
+    }
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "sandbox_mcp", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    try:
+        created = json.loads(cli("create", "clitest").stdout)
+        assert created["state"] == "running"
+        assert json.loads(cli("start", "clitest").stdout)["state"] == "running"  # already running: a no-op
+        assert "clitest" in cli("ls").stdout
+        r = cli("exec", "clitest", "echo hi; echo oops >&2; exit 7", check=False)
+        assert (r.returncode, r.stdout, r.stderr) == (7, "hi\n", "oops\n")
+        if shutil.which("ssh"):
+            r = cli("ssh", "clitest", "hostname")
+            assert r.stdout == "clitest\n"
+        assert "Reached target" in cli("logs", "clitest", "-n", "500").stdout
+        assert json.loads(cli("stop", "clitest").stdout)["state"] == "stopped"
+        r = cli("exec", "clitest", "true", check=False)
+        assert r.returncode == 2 and "start_workspace" in r.stderr
+        r = cli("create", "Bad!", check=False)
+        assert r.returncode == 2 and "invalid" in r.stderr
+    finally:
+        cli("rm", "clitest", check=False)
+    assert host_leftovers("clitest") == NOTHING_LEFT
+    assert json.loads(cli("ls", "--json").stdout) == {"workspaces": []}

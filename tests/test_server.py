@@ -86,3 +86,23 @@ def test_public_surface() -> None:
     }  # fmt: skip
     for name in sandbox_mcp.__all__:
         assert hasattr(sandbox_mcp, name)
+
+
+async def test_serve_over_stdio_as_a_subprocess(tmp_path: Path) -> None:
+    """`sandbox-mcp serve` as Claude Code runs it: a child process speaking MCP on stdin/stdout."""
+    import os
+    import sys
+
+    from mcp import StdioServerParameters
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "sandbox_mcp", "serve"],
+        env={**os.environ, "SANDBOX_MCP_STATE_DIR": str(tmp_path / "state"), "SANDBOX_MCP_BRIDGE": "sbxu-br",
+             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent"},
+    )
+    async with Client(params) as client:
+        assert {t.name for t in (await client.list_tools()).tools} == set(CONTRACT)
+        r = await client.call_tool("workspace_status", {"name": "nope"})
+        assert r.is_error and "not found" in r.content[0].text  # type: ignore[union-attr]
+    assert (tmp_path / "state" / ".server" / "client_ed25519_key").exists()
