@@ -690,7 +690,6 @@ class SSHPool:
     async def drop(self, key: str) -> None:
         """Close and forget the pooled connection of ``key`` (when its workspace stops). Never raises."""
         entry = self._entries.pop(key, None)
-        self._locks.pop(key, None)
         if entry is not None:
             entry.conn.close()
             with anyio.move_on_after(2, shield=True):
@@ -718,7 +717,8 @@ class SSHPool:
 
         ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and
         stderr are kept separately, each up to ``output_cap`` bytes (the rest is read and dropped,
-        ``truncated=True``); the command sees EOF on stdin after ``stdin``. After ``timeout_s`` the
+        ``truncated=True``); the command sees EOF on stdin after ``stdin``. A command killed by a
+        signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
         command's whole process group is killed and the result has ``timed_out=True`` and
         ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
         the cancellation propagates.
@@ -800,6 +800,8 @@ class SSHPool:
             raise
         finally:
             chan.close()
+        if sess.exit_signal is not None and not timed_out:
+            note += f"\n[sandbox-mcp] the command was killed by signal {sess.exit_signal}\n"
         stderr = bytes(sess.stderr).decode("utf-8", errors="replace") + note
         return ExecResult(
             exit_code=None if timed_out else sess.exit_status,

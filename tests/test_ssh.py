@@ -96,7 +96,7 @@ class Sshd:
                 self.proc.wait(5)
 
 
-def _start_sshd(d: Path, port: int | None = None) -> Sshd:
+def _start_sshd(d: Path, port: int | None = None, extra_config: str = "") -> Sshd:
     if os.geteuid() != 0:
         pytest.skip("needs root: the test sshd logs in as root")
     if not os.access(SSHD, os.X_OK):
@@ -119,7 +119,7 @@ def _start_sshd(d: Path, port: int | None = None) -> Sshd:
         "UsePAM no\n"
         "StrictModes no\n"
         "PidFile none\n"
-        f"Subsystem sftp {sftp}\n"
+        f"Subsystem sftp {sftp}\n" + extra_config
     )
     # sshd refuses to start without its privilege separation directory; Debian's boot creates it,
     # a machine without systemd may lack it. It is a standard, empty system directory: left in place.
@@ -429,6 +429,9 @@ async def test_exec_exit_codes_and_streams(pool: SSHPool, target: SSHTarget) -> 
     r = await pool.exec(target, "echo out; echo err >&2; echo out2; printf 'err2' >&2; exit 7")
     assert (r.exit_code, r.stdout, r.stderr) == (7, "out\nout2\n", "err\nerr2")
     assert r.duration_ms > 0
+    r = await pool.exec(target, "echo before; kill -TERM $$")
+    assert (r.exit_code, r.stdout, r.timed_out) == (None, "before\n", False)
+    assert "killed by signal TERM" in r.stderr
     r = await pool.exec(target, "printf '\\377\\303\\251'")  # invalid UTF-8, then é
     assert r.stdout == "\ufffdé"
 
@@ -511,9 +514,13 @@ async def test_exec_cancellation_kills_remote_process(pool: SSHPool, target: SSH
 
 
 @pytest.mark.anyio
-async def test_exec_cancelled_right_after_start_still_kills(pool: SSHPool, target: SSHTarget) -> None:
+@pytest.mark.parametrize("after_s", [0.001, 0.003, 0.006, 0.01, 0.02, 0.05])
+async def test_exec_cancelled_early_still_kills(pool: SSHPool, target: SSHTarget, after_s: float) -> None:
+    # Cancelled at different moments of the start (before the channel, while it opens, before the
+    # PID line arrived): whatever was started must not survive.
+    await pool.exec(target, "true")  # warm: the connection is not what is being cancelled
     arg = _marker()
-    with anyio.move_on_after(0.001):
+    with anyio.move_on_after(after_s):
         await pool.exec(target, f"sleep {arg}", timeout_s=60)
     assert await _running(pool, target, arg) == ""
 
@@ -541,7 +548,8 @@ async def test_exec_background_process_holding_output(pool: SSHPool, target: SSH
         assert (r.exit_code, r.stdout, r.timed_out) == (0, "started\n", False)
         assert "background process" in r.stderr
     finally:
-        await pool.exec(target, f"pkill -f '[s]leep {arg}' || true")
+        for line in (await _running(pool, target, arg)).splitlines():
+            os.kill(int(line.split()[0]), signal.SIGKILL)  # this test's own background sleep
 
 
 @pytest.mark.anyio
