@@ -15,8 +15,12 @@ Security: the host key is always pinned (``known_hosts`` holds the workspace's
 own key, never ``None``); authentication is by our client key only (no agent, no
 passwords, no ``~/.ssh/config``).
 
-Killing: OpenSSH's sshd ignores channel "signal" requests, so ``exec`` runs the
-command under a small wrapper that reports its PID (a session leader, so also
+Exec: where the workspace has python3, each connection runs one long-lived exec agent
+(:mod:`sandbox_mcp.exec_agent`) that starts commands for us, which is several times
+faster than a session per command; elsewhere, a session per command.
+
+Killing: OpenSSH's sshd ignores channel "signal" requests, so a session per command runs
+the command under a small wrapper that reports its PID (a session leader, so also
 its process group) on the first stderr line and bounds it with ``timeout``. On a
 timeout or a cancellation the client kills that process group over a second
 channel.
@@ -27,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
+import json
 import os
 import posixpath
 import re
@@ -78,6 +84,9 @@ OPEN_TIMEOUT_S = 10.0  # opening a channel on an established connection
 KILL_TIMEOUT_S = 5.0
 # sshd's default MaxSessions is 10 per connection; keep one for SFTP and room for kill channels.
 DEFAULT_MAX_SESSIONS = 7
+
+AGENT_START_TIMEOUT_S = 5.0
+_AGENT_SOURCE_PATH = Path(__file__).with_name("exec_agent.py")
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PID_LINE_RE = re.compile(rb"(?:^|\n)" + PID_MARKER.encode() + rb" (\d+)\n")
@@ -533,6 +542,62 @@ class _ExecSession(asyncssh.SSHClientSession[bytes]):
         self.done.set()
 
 
+class _NotStarted(ConnectionError):
+    """The exec agent's channel closed before it started the command."""
+
+
+class _AgentSession(asyncssh.SSHClientSession[bytes]):
+    """The client end of the exec agent's channel: JSON lines out, replies routed to waiters."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.ready = anyio.Event()
+        self.closed = anyio.Event()
+        self.waiters: dict[int, anyio.Event] = {}
+        self.replies: dict[int, dict] = {}
+        self.started: set[int] = set()
+        self.stderr = bytearray()  # why it failed to start, for the log
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.stderr = (self.stderr + data)[-4096:]
+            return
+        self._buf += data
+        while (end := self._buf.find(b"\n")) >= 0:
+            line, self._buf = bytes(self._buf[:end]), self._buf[end + 1 :]
+            msg = json.loads(line)
+            if "ready" in msg:
+                self.ready.set()
+            elif "started" in msg:
+                if msg["id"] in self.waiters:
+                    self.started.add(msg["id"])
+            elif (waiter := self.waiters.pop(msg.get("id"), None)) is not None:
+                self.replies[msg["id"]] = msg
+                self.started.discard(msg["id"])
+                waiter.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        self.ready.set()
+        for waiter in self.waiters.values():
+            waiter.set()  # no reply: the caller sees the channel is gone
+
+    def submit(self, request: dict) -> tuple[int, anyio.Event]:
+        assert self.chan is not None
+        rid = next(self._ids)
+        waiter = self.waiters[rid] = anyio.Event()
+        self.chan.write((json.dumps({"id": rid, **request}) + "\n").encode())
+        return rid, waiter
+
+    def cancel(self, rid: int) -> None:
+        self.waiters.pop(rid, None)
+        self.started.discard(rid)
+        if self.chan is not None and not self.closed.is_set():
+            self.chan.write((json.dumps({"cancel": rid}) + "\n").encode())
+
+
 # --- the pool -------------------------------------------------------------------------------------
 
 
@@ -543,6 +608,9 @@ class _Entry:
     sessions: anyio.Semaphore
     sftp: asyncssh.SFTPClient | None = None
     sftp_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    agent: _AgentSession | None = None
+    agent_unavailable: bool = False  # no python3 there: a session per command
+    agent_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def alive(self) -> bool:
         return not self.conn.is_closed()
@@ -560,8 +628,10 @@ class SSHPool:
         connect_timeout_s: float = 15.0,
         keepalive_interval_s: float = 15.0,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        exec_agent: bool = True,
     ) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._use_agent = exec_agent
         self._keepalive_interval_s = keepalive_interval_s
         self._max_sessions = max_sessions
         self._entries: dict[str, _Entry] = {}
@@ -729,10 +799,24 @@ class SSHPool:
                 ran (whether it completed is then unknown).
         """
         wd = resolve_path(target.workspace_dir, cwd) if cwd is not None else target.workspace_dir
-        remote = build_exec_command(command, cwd=wd, env=env, timeout_s=timeout_s)
+        remote = build_exec_command(command, cwd=wd, env=env, timeout_s=timeout_s)  # validates all inputs
         data = stdin.encode() if isinstance(stdin, str) else stdin
         for attempt in (1, 2):
             entry = await self._entry(target)
+            agent = await self._agent(entry)
+            if agent is not None:
+                request = {"command": command, "cwd": wd, "env": dict(env or {}), "timeout": timeout_s,
+                           "stdin": base64.b64encode(data).decode() if data is not None else None,
+                           "cap": output_cap}  # fmt: skip
+                try:
+                    return await self._agent_exec(target, entry, agent, request, timeout_s)
+                except _NotStarted as exc:
+                    # The connection died before the command started (the agent kills what it
+                    # started when its channel closes, so nothing runs twice). Replace it, once.
+                    self._discard(entry)
+                    if attempt == 2:
+                        raise _lost_error(target, "exec", exc) from exc
+                    continue
             async with entry.sessions:
                 start = time.monotonic()
                 try:
@@ -752,6 +836,81 @@ class SSHPool:
                     continue
                 return await self._run(target, entry, chan, sess, data, timeout_s, start)
         raise AssertionError("unreachable")
+
+    async def _agent(self, entry: _Entry) -> _AgentSession | None:
+        """The connection's exec agent, started on first use; None where it cannot run."""
+        if not self._use_agent or entry.agent_unavailable:
+            return None
+        if entry.agent is not None and not entry.agent.closed.is_set():
+            return entry.agent
+        async with entry.agent_lock:
+            if entry.agent is not None and not entry.agent.closed.is_set():
+                return entry.agent
+            source = _AGENT_SOURCE_PATH.read_text()
+            try:
+                with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
+                    chan, agent = await entry.conn.create_session(
+                        _AgentSession, f"exec python3 -I -u -c {shlex.quote(source)}", encoding=None
+                    )
+                    agent.chan = chan
+                    await agent.ready.wait()
+            except (asyncssh.Error, OSError, TimeoutError):
+                if not entry.alive():
+                    raise
+                entry.agent_unavailable = True
+                return None
+            if agent.closed.is_set():  # e.g. "python3: command not found"
+                entry.agent_unavailable = True
+                return None
+            entry.agent = agent
+            return agent
+
+    async def _agent_exec(
+        self, target: SSHTarget, entry: _Entry, agent: _AgentSession, request: dict, timeout_s: float
+    ) -> ExecResult:
+        start = time.monotonic()
+        rid, waiter = agent.submit(request)
+        try:
+            # The agent enforces the timeout itself; this deadline only catches a wedged agent.
+            with anyio.move_on_after(timeout_s + CLIENT_GRACE_S) as deadline:
+                await waiter.wait()
+        except BaseException:
+            agent.cancel(rid)  # cancellation: the agent kills the command's process group
+            raise
+        reply = agent.replies.pop(rid, None)
+        started = rid in agent.started
+        agent.started.discard(rid)
+        if deadline.cancelled_caught:
+            agent.cancel(rid)
+            reply = {"exit": None, "timed_out": True}
+        elif reply is None:  # the channel closed under us
+            if not started:
+                raise _NotStarted("the connection closed before the command started")
+            if not entry.alive():
+                self._discard(entry)
+                raise _lost_error(target, "exec (the command's outcome is unknown)", ConnectionError("closed"))
+            entry.agent = None
+            raise SSHError(
+                f"the exec agent in workspace {target.key!r} exited during a command (its outcome is unknown): "
+                f"{agent.stderr.decode(errors='replace').strip()[-500:]}"
+            )
+        note = ""
+        if reply.get("detached"):
+            note += (
+                "\n[sandbox-mcp] the command exited, but a background process still holds its stdout/stderr; "
+                "stopped reading. Redirect a background process's output (cmd > log 2>&1 &) to keep it.\n"
+            )
+        timed_out = bool(reply.get("timed_out"))
+        if reply.get("signal") and not timed_out:
+            note += f"\n[sandbox-mcp] the command was killed by signal {reply['signal']}\n"
+        return ExecResult(
+            exit_code=None if timed_out else reply.get("exit"),
+            stdout=base64.b64decode(reply.get("stdout", "")).decode("utf-8", errors="replace"),
+            stderr=base64.b64decode(reply.get("stderr", "")).decode("utf-8", errors="replace") + note,
+            timed_out=timed_out,
+            truncated=bool(reply.get("truncated")),
+            duration_ms=round((time.monotonic() - start) * 1000, 3),
+        )
 
     async def _run(
         self,

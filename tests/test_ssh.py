@@ -173,9 +173,9 @@ def target(sshd: Sshd, workspace: Path) -> SSHTarget:
     return sshd.target(workspace)
 
 
-@pytest.fixture
-async def pool() -> AsyncIterator[SSHPool]:
-    p = SSHPool()
+@pytest.fixture(params=[True, False], ids=["agent", "session-per-command"])
+async def pool(request: pytest.FixtureRequest) -> AsyncIterator[SSHPool]:
+    p = SSHPool(exec_agent=request.param)
     try:
         yield p
     finally:

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 5
+IMAGE_RECIPE_VERSION = 6
 
 BASE_PACKAGES = (
     "systemd",
@@ -58,6 +58,7 @@ BASE_PACKAGES = (
     "less",
     "git",
     "curl",
+    "python3",  # runs the exec agent (sandbox_mcp/exec_agent.py); agents want it anyway
 )
 
 # Units that only slow a short-lived sandbox's boot down or touch the network outside.

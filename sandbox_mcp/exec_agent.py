@@ -1,0 +1,186 @@
+"""The exec agent: a small program the SSH pool runs inside a workspace, once per connection.
+
+Opening an SSH session per command costs sshd a fork, a privilege drop and a login shell
+(several milliseconds); the agent instead receives commands as JSON lines on one long-lived
+session channel and starts each with ``sh -c`` itself, in its own process group, so the
+round trip costs little more than the command. It enforces the timeout inside the workspace
+(TERM to the group, KILL two seconds later), caps the output per stream, and kills every
+command it started when its channel closes, e.g. when the server goes away.
+
+Protocol (one JSON object per line, both ways; bytes as base64):
+  → {"id": 1, "command": "...", "cwd": "/abs", "env": {...}, "stdin": "b64" | null,
+     "timeout": 120.0, "cap": 1048576}
+  → {"cancel": 1}
+  ← {"ready": 1}                     (once, at start)
+  ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
+  ← {"id": 1, "exit": 0 | null, "signal": "TERM" | null, "stdout": "b64", "stderr": "b64",
+     "truncated": false, "timed_out": false, "detached": false}
+
+Standard library only, Python ≥ 3.7: it runs on the workspace's python3, and the pool falls
+back to a session per command where there is none. This file is sent as ``python3 -c`` source,
+so it must stay self-contained.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+KILL_AFTER_S = 2.0
+DETACH_GRACE_S = 0.5  # how long to keep reading after exit while a background process holds the pipes
+
+_out_lock = threading.Lock()
+_running = {}  # request id -> Popen
+_running_lock = threading.Lock()
+
+
+def _send(message):
+    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    with _out_lock:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def _b64(data):
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def _killpg(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Pump(threading.Thread):
+    """Reads one pipe to its end, keeping at most ``cap`` bytes (the rest is drained and dropped)."""
+
+    def __init__(self, fd, cap):
+        threading.Thread.__init__(self, daemon=True)
+        self.fd, self.cap = fd, cap
+        self.data, self.truncated = bytearray(), False
+        self.lock = threading.Lock()
+
+    def run(self):
+        try:
+            while True:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                with self.lock:
+                    room = self.cap - len(self.data)
+                    if room > 0:
+                        self.data += chunk[:room]
+                    if len(chunk) > room:
+                        self.truncated = True
+        except OSError:
+            pass
+
+    def snapshot(self):
+        with self.lock:
+            return bytes(self.data), self.truncated
+
+
+def _feed(pipe, data):
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _run(req):
+    rid, cwd, cap = req["id"], req["cwd"], int(req["cap"])
+    reply = {"id": rid, "exit": None, "signal": None, "stdout": "", "stderr": "", "truncated": False,
+             "timed_out": False, "detached": False}
+    if not os.path.isdir(cwd):
+        reply.update(exit=1, stderr=_b64(f"sh: cd: {cwd}: No such file or directory\n".encode()))
+        return _send(reply)
+    env = dict(os.environ)
+    env.update(req.get("env") or {})
+    stdin = base64.b64decode(req["stdin"]) if req.get("stdin") is not None else None
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", req["command"]], cwd=cwd, env=env,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a timeout or cancel kills all of it
+        )
+    except OSError as exc:
+        reply.update(exit=126, stderr=_b64(f"sh: {exc}\n".encode()))
+        return _send(reply)
+    with _running_lock:
+        _running[rid] = proc
+    _send({"id": rid, "started": 1})
+    pumps = [_Pump(proc.stdout.fileno(), cap), _Pump(proc.stderr.fileno(), cap)]
+    for p in pumps:
+        p.start()
+    if stdin is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+    try:
+        proc.wait(timeout=float(req["timeout"]))
+    except subprocess.TimeoutExpired:
+        reply["timed_out"] = True
+        _killpg(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_AFTER_S)
+        except subprocess.TimeoutExpired:
+            _killpg(proc, signal.SIGKILL)
+            proc.wait()
+    if reply["timed_out"]:
+        _killpg(proc, signal.SIGKILL)  # what ignored TERM, or outlived the shell
+    with _running_lock:
+        _running.pop(rid, None)
+    for p in pumps:
+        p.join(DETACH_GRACE_S)
+        reply["detached"] = reply["detached"] or p.is_alive()
+    (out, out_cut), (err, err_cut) = pumps[0].snapshot(), pumps[1].snapshot()
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            reply["signal"] = signal.Signals(-code).name[3:]
+        except ValueError:
+            reply["signal"] = str(-code)
+    else:
+        reply["exit"] = code
+    reply.update(stdout=_b64(out), stderr=_b64(err), truncated=out_cut or err_cut)
+    _send(reply)
+
+
+def _cancel(rid):
+    with _running_lock:
+        proc = _running.get(rid)
+    if proc is not None:
+        _killpg(proc, signal.SIGKILL)
+
+
+def main():
+    _send({"ready": 1})
+    try:
+        for line in sys.stdin.buffer:
+            try:
+                req = json.loads(line)
+            except ValueError:
+                continue
+            if "cancel" in req:
+                _cancel(req["cancel"])
+            else:
+                threading.Thread(target=_run, args=(req,), daemon=True).start()
+    finally:
+        # The channel closed (the server went away): nothing we started may outlive it.
+        with _running_lock:
+            for proc in list(_running.values()):
+                _killpg(proc, signal.SIGKILL)
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
