@@ -92,7 +92,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     from .server import build_server
 
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
-    bench_settings = settings.model_copy(update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct"})
+    bench_settings = settings.model_copy(update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None})
     results: dict[str, dict[str, float]] = {}
     try:
         async with Client(build_server(bench_settings)) as client:

@@ -79,6 +79,10 @@ class Settings(BaseModel):
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
     stop_timeout_s: float = Field(default=20, gt=0)
+    hosts_file: Path | None = Field(
+        default=Path("/etc/hosts"),
+        description="Where 'workspace-NAME' host names are kept (direct mode); empty to leave it alone",
+    )
     copy_claude_credentials: bool = Field(
         default=False, description="Copy the host user's Claude credentials into new workspaces"
     )
@@ -88,6 +92,11 @@ class Settings(BaseModel):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("hosts_file", mode="before")
+    @classmethod
+    def _optional_path(cls, v: object) -> object:
+        return None if v in ("", "none", None) else v
 
     @model_validator(mode="after")
     def _subnet_has_room(self) -> Settings:

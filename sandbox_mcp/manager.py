@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from . import onboarding, ssh
+from . import hostsfile, onboarding, ssh
 from .config import Settings
 from .errors import BackendError, InvalidSpec, InvalidState, SandboxError, WorkspaceExists
 from .models import (
@@ -47,6 +48,7 @@ from .state import Registry
 __all__ = ["WorkspaceManager", "parse_mode"]
 
 _MODE_RE = re.compile(r"^0?[0-7]{3}$")
+log = logging.getLogger(__name__)
 
 
 def parse_mode(mode: str | int | None) -> int | None:
@@ -210,6 +212,19 @@ class WorkspaceManager:
                     await self.registry.put(record)
         for runtime in self.runtimes.values():
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
+        await self._sync_hosts()
+
+    async def _sync_hosts(self) -> None:
+        """Keep 'workspace-NAME' resolvable on the host for direct-mode workspaces (never fails a call)."""
+        path = self.settings.hosts_file
+        if path is None or self.mode != "direct":
+            return
+        data = await self.registry.read()
+        entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime == "nspawn" and r.state != "creating"}
+        try:
+            await anyio.to_thread.run_sync(hostsfile.update_hosts_file, path, entries, str(self.settings.state_dir))
+        except OSError as exc:
+            log.warning("cannot update %s: %s", path, exc)
 
     async def _creation_in_progress(self, name: str) -> bool:
         """True when another process holds the workspace's lock (so it is still being created)."""
@@ -280,6 +295,7 @@ class WorkspaceManager:
                 record.state = "stopped"
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
                 await self.registry.put(record)
+                await self._sync_hosts()
                 if start:
                     started = True
                     record = await self._start(record, runtime, progress, t0)
@@ -345,6 +361,7 @@ class WorkspaceManager:
         if not existed:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(self._paths(record.name).root, ignore_errors=True))
         await self.registry.remove(record.name)
+        await self._sync_hosts()
 
     async def _live_addresses(self, runtime: Runtime) -> set[str]:
         network = getattr(runtime, "network", None)
@@ -448,6 +465,7 @@ class WorkspaceManager:
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
             await self.registry.remove(name)
+        await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
             (self.settings.state_dir / ".locks" / f"{name}.lock").unlink()
         self._locks.pop(name, None)
@@ -474,7 +492,9 @@ class WorkspaceManager:
     # Inside a running workspace ----------------------------------------------------------------
 
     async def _running(self, name: str) -> WorkspaceRecord:
-        record = await self._refresh(await self.registry.get(name))
+        # The registry's word is enough here: if the workspace died, the SSH call fails and
+        # _ssh_call notices it then, keeping the runtime check off every exec.
+        record = await self.registry.get(name)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +36,16 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
+        # The last file parsed, by its bytes. Writers rename complete files into place, so a
+        # lock-free read sees a whole file; if it is the one parsed last, the hot path (every
+        # exec looks its workspace up) skips the lock, a thread hop and the parse.
+        self._cache: tuple[bytes, RegistryData] | None = None
+
+    def _raw(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
@@ -49,17 +58,18 @@ class Registry:
             os.close(fd)  # closing releases the lock
 
     def _read_unlocked(self) -> RegistryData:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+        raw = self._raw()
+        if raw is None:
             return RegistryData()
         try:
-            return RegistryData.model_validate_json(raw)
+            data = RegistryData.model_validate_json(raw)
         except ValidationError as exc:
             raise BackendError(
                 f"registry {self.path} is corrupt ({exc.error_count()} errors); "
                 f"move it aside and run 'sandbox-mcp doctor'"
             ) from exc
+        self._cache = (raw, data.model_copy(deep=True))
+        return data
 
     def _write_unlocked(self, data: RegistryData) -> None:
         payload = data.model_dump_json(indent=2).encode()
@@ -101,7 +111,10 @@ class Registry:
     # Async API ----------------------------------------------------------------------------------
 
     async def read(self) -> RegistryData:
-        """A snapshot of the registry. Raises BackendError if the file is corrupt."""
+        """A snapshot of the registry (the caller may modify it). Raises BackendError if the file is corrupt."""
+        cache = self._cache
+        if cache is not None and cache[0] == self._raw():
+            return cache[1].model_copy(deep=True)
         return await anyio.to_thread.run_sync(self.read_sync)
 
     async def get(self, name: str) -> WorkspaceRecord:
@@ -129,7 +142,3 @@ class Registry:
                 data.workspaces.pop(name, None)
 
         await anyio.to_thread.run_sync(_remove)
-
-    def export_json(self) -> str:
-        """The registry as JSON text (for ``ls --json`` and debugging)."""
-        return json.dumps(json.loads(self.read_sync().model_dump_json()), indent=2)

@@ -39,7 +39,8 @@ def e2e_skip_reason() -> str | None:
 
 def e2e_settings(state_dir: Path) -> Settings:
     image_dir = Path(os.environ.get("SANDBOX_MCP_IMAGE_DIR", "/var/cache/sandbox-mcp/images"))
-    return Settings(mode="direct", state_dir=state_dir, image_dir=image_dir, bridge=TEST_BRIDGE, boot_timeout_s=60)
+    return Settings(mode="direct", state_dir=state_dir, image_dir=image_dir, bridge=TEST_BRIDGE, boot_timeout_s=60,
+                    hosts_file=state_dir.parent / "hosts")  # never the host's /etc/hosts
 
 
 @pytest.fixture

@@ -103,3 +103,26 @@ def test_parse_mode(mode: str | int | None, expected: int | None) -> None:
 def test_parse_mode_rejects(mode: str) -> None:
     with pytest.raises(InvalidSpec, match="octal"):
         parse_mode(mode)
+
+
+def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
+    from sandbox_mcp.hostsfile import render_hosts, update_hosts_file
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n10.0.0.5\tother  # keep me\n")
+    hosts.chmod(0o644)
+    assert update_hosts_file(hosts, {"b": "192.168.83.11", "a": "192.168.83.10"}, "/st") is True
+    lines = hosts.read_text().splitlines()
+    assert lines[:2] == ["127.0.0.1\tlocalhost", "10.0.0.5\tother  # keep me"]
+    assert lines[3:5] == ["192.168.83.10\tworkspace-a", "192.168.83.11\tworkspace-b"]
+    assert update_hosts_file(hosts, {"b": "192.168.83.11", "a": "192.168.83.10"}, "/st") is False
+    # another server's block (another state dir) is left alone
+    update_hosts_file(hosts, {"z": "192.168.83.99"}, "/other")
+    update_hosts_file(hosts, {"a": "192.168.83.10"}, "/st")
+    text = hosts.read_text()
+    assert "workspace-b" not in text and "workspace-a" in text and "workspace-z" in text
+    update_hosts_file(hosts, {}, "/st")
+    update_hosts_file(hosts, {}, "/other")
+    assert hosts.read_text() == "127.0.0.1\tlocalhost\n10.0.0.5\tother  # keep me\n"
+    assert hosts.stat().st_mode & 0o777 == 0o644
+    assert render_hosts("", {}, "/st") == ""

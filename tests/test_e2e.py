@@ -114,6 +114,7 @@ async def test_full_lifecycle(mcp_session: Session, settings: Settings) -> None:
     values = [p for p, _, _ in s.progress]
     assert values == sorted(values) and len(set(values)) == len(values), "progress must increase"
     assert any("SSH" in (m or "") for _, _, m in s.progress)
+    assert f"{ws['ip']}\tworkspace-life" in settings.hosts_file.read_text()  # type: ignore[union-attr]
 
     r = await s.call("exec", name="life", command="id -un; hostname; pwd; sudo -n id -u")
     assert r["exit_code"] == 0, r
@@ -177,6 +178,7 @@ async def test_full_lifecycle(mcp_session: Session, settings: Settings) -> None:
     assert done == {"name": "life", "destroyed": True, "kept_data": False}
     assert host_leftovers("life") == NOTHING_LEFT
     assert not (settings.state_dir / "life").exists()
+    assert "workspace-life" not in settings.hosts_file.read_text()  # type: ignore[union-attr]
     assert (await s.call("list_workspaces"))["workspaces"] == []
 
 
@@ -287,6 +289,7 @@ def test_cli_for_people(settings: Settings) -> None:
         "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
         "SANDBOX_MCP_BRIDGE": settings.bridge,
         "SANDBOX_MCP_CONFIG": "/nonexistent",
+        "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
     }
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -34,9 +34,9 @@ from sandbox_mcp.errors import SandboxError
 from sandbox_mcp.naming import mac_for
 from sandbox_mcp.net import NETNS_DIR, HostNetwork
 
-BRIDGE = "sbxt-br"
+BRIDGE = "sbxn-br"
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
-TEST_MARKERS = ("sbxt", "tnet")  # every link and namespace these tests make contains one of these
+TEST_MARKERS = ("sbxn", "tnet")  # every link and namespace these tests make contains one of these
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)

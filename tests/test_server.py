@@ -35,7 +35,8 @@ CONTRACT = {
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     # A bridge name no test creates: nothing here touches the network.
-    return Settings(mode="direct", state_dir=tmp_path / "state", image_dir=tmp_path / "img", bridge="sbxu-br")
+    return Settings(mode="direct", state_dir=tmp_path / "state", image_dir=tmp_path / "img", bridge="sbxu-br",
+                    hosts_file=tmp_path / "hosts")
 
 
 async def test_tools_match_the_contract(settings: Settings) -> None:
@@ -99,7 +100,7 @@ async def test_serve_over_stdio_as_a_subprocess(tmp_path: Path) -> None:
         command=sys.executable,
         args=["-m", "sandbox_mcp", "serve"],
         env={**os.environ, "SANDBOX_MCP_STATE_DIR": str(tmp_path / "state"), "SANDBOX_MCP_BRIDGE": "sbxu-br",
-             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent"},
+             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": ""},
     )
     async with Client(params) as client:
         assert {t.name for t in (await client.list_tools()).tools} == set(CONTRACT)
