@@ -92,7 +92,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     from .server import build_server
 
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
-    bench_settings = settings.model_copy(update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None})
+    bench_settings = settings.model_copy(
+        update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None}
+    )
     results: dict[str, dict[str, float]] = {}
     try:
         async with Client(build_server(bench_settings)) as client:
@@ -120,14 +122,14 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             results["bare_boot_to_sshd_s"] = {"p50": statistics.median(bares), "min": min(bares)}
 
             # 2. exec latency: the MCP tool on the pooled connection vs an ssh process per command.
-            ws = await call("start_workspace", name="bench0")
+            await call("start_workspace", name="bench0")
             await call("exec", name="bench0", command="true")
             tool_ms = []
             for _ in range(args.execs):
                 t0 = time.perf_counter()
                 await call("exec", name="bench0", command="true")
                 tool_ms.append((time.perf_counter() - t0) * 1000)
-            ssh_argv = _ssh_argv(bench_settings, ws)
+            ssh_argv = await _ssh_argv(bench_settings, "bench0")
             ssh_ms = []
             for _ in range(max(20, args.execs // 5)):
                 t0 = time.perf_counter()
@@ -178,16 +180,14 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ssh_argv(settings: Settings, ws: dict) -> list[str]:
+async def _ssh_argv(settings: Settings, name: str) -> list[str]:
+    """The OpenSSH client command for the baseline: same host, user, keys and pinned host key."""
     from . import ssh
     from .paths import WorkspacePaths
 
-    paths = WorkspacePaths.of(settings.state_dir, ws["name"])
-    target = ssh.SSHTarget(
-        key=ws["name"], host=ws["ip"], user=ws["user"], host_key_path=paths.host_key,
-        client_key_path=settings.state_dir / ".server" / "client_ed25519_key", workspace_dir=ws["workspace_dir"],
-    )
-    known = paths.runtime / "known_hosts"
+    async with WorkspaceManager(settings) as m:
+        target = await m.ssh_target(name)
+    known = WorkspacePaths.of(settings.state_dir, name).runtime / "known_hosts"
     known.write_text(ssh.known_hosts_line(target.host, target.host_key_path) + "\n")
     return ssh.ssh_argv(target, known)
 

@@ -93,12 +93,8 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     from . import ssh
     from .paths import WorkspacePaths
 
-    async def target(m: WorkspaceManager) -> Any:
-        record = await m._running(args.name)
-        return m._target(record)
-
     async def run(m: WorkspaceManager) -> int:
-        t = await target(m)
+        t = await m.ssh_target(args.name)
         known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
         known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
         argv = ssh.ssh_argv(t, known_hosts, args.extra)

@@ -171,7 +171,7 @@ class WorkspaceManager:
             state=r.state,
             ip=r.ip,
             user=r.user,
-            workspace_dir=f"/home/{r.user}/workspace",
+            workspace_dir=onboarding.workspace_dir_inside(r.user),
             host_workspace_dir=str(self._paths(r.name).workspace),
             ssh=SSHInfo(host=r.ip, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
@@ -188,7 +188,7 @@ class WorkspaceManager:
             user=r.user,
             host_key_path=self._paths(r.name).host_key,
             client_key_path=self.client_key_path,
-            workspace_dir=f"/home/{r.user}/workspace",
+            workspace_dir=onboarding.workspace_dir_inside(r.user),
         )
 
     # Reconcile ---------------------------------------------------------------------------------
@@ -498,6 +498,14 @@ class WorkspaceManager:
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record
+
+    async def ssh_target(self, name: str) -> ssh.SSHTarget:
+        """How to reach a running workspace over SSH (for the CLI's interactive ssh and the benchmark).
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running).
+        """
+        return self._target(await self._running(name))
 
     async def _ssh_call(self, record: WorkspaceRecord, call):  # type: ignore[no-untyped-def]
         try:

@@ -269,7 +269,6 @@ class ImageStore:
     def _customise(self, root: Path) -> None:
         """Make a fresh debootstrap a sandbox image: user, sudo, sshd, environment, quiet boot."""
         user, uid = self.settings.user, self.settings.user_uid
-        home = f"/home/{user}"
 
         def chroot(*argv: str) -> None:
             proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True)
@@ -280,8 +279,8 @@ class ImageStore:
         chroot("usermod", "--password", "*", user)  # no password, not locked: key-only login via sshd
         (root / "etc/sudoers.d/sandbox-mcp").write_text(f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
         os.chmod(root / "etc/sudoers.d/sandbox-mcp", 0o440)
-        for sub in ("workspace", "claude-config"):
-            d = root / home.lstrip("/") / sub
+        for inside in (onboarding.workspace_dir_inside(user), onboarding.claude_config_dir_inside(user)):
+            d = root / inside.lstrip("/")
             d.mkdir(exist_ok=True)
             os.chown(d, uid, uid)
         (root / "etc/ssh-host-keys").mkdir(exist_ok=True)

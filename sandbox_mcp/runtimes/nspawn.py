@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anyio
 
+from .. import onboarding
 from ..config import Settings
 from ..errors import BackendError, InvalidSpec
 from ..images import ImageStore
@@ -51,10 +52,9 @@ def nspawn_argv(
     Raises:
         InvalidSpec: a host path contains ':' (nspawn's bind separator).
     """
-    home = f"/home/{user}"
     binds = [
-        ("--bind", paths.workspace, f"{home}/workspace"),
-        ("--bind", paths.claude_config, f"{home}/claude-config"),
+        ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
+        ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
         ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
         ("--bind-ro", paths.runtime / "hosts", "/etc/hosts"),
     ]
