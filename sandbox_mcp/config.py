@@ -53,7 +53,7 @@ class NixosSettings(BaseModel):
 class Settings(BaseModel):
     """Everything the server can be told. Every field has a default that works."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # defaults get expanded too
 
     mode: Literal["auto", "direct", "nixos"] = Field(
         default="auto",

@@ -29,7 +29,7 @@ def _which(program: str, package: str, name: str, why: str) -> Check:
     return Check(name=name, ok=False, detail=f"{program} not found ({why})", fix=f"apt-get install {package}")
 
 
-def run_checks(settings: Settings, *, proc: Path = Path("/proc"), sys: Path = Path("/sys")) -> list[Check]:
+def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
     """Check what direct mode needs on this host. Pure reads: changes nothing."""
     checks = [
         Check(
@@ -59,13 +59,14 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc"), sys: Path = Pa
             fix="a kernel with CONFIG_NET_NS is required",
         )
     )
-    cgroup2 = (sys / "fs/cgroup/cgroup.controllers").exists()
+    mountinfo = (proc / "self/mountinfo").read_text() if (proc / "self/mountinfo").exists() else ""
+    cgroup2 = " - cgroup2 " in mountinfo
     checks.append(
         Check(
             name="cgroup v2",
             ok=cgroup2,
-            detail="unified cgroup hierarchy" if cgroup2 else "no cgroup2 at /sys/fs/cgroup",
-            fix="mount cgroup2 at /sys/fs/cgroup (systemd-nspawn needs it to boot systemd inside)",
+            detail="a cgroup2 hierarchy is mounted" if cgroup2 else "no cgroup2 mount",
+            fix="mount cgroup2 at /sys/fs/cgroup (or /sys/fs/cgroup/unified): nspawn boots systemd inside with it",
         )
     )
     tun = Path("/dev/net/tun").exists()
@@ -78,11 +79,8 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc"), sys: Path = Pa
             required=False,
         )
     )
-    try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        writable = os.access(settings.state_dir, os.W_OK)
-    except OSError:
-        writable = False
+    existing = next(p for p in (settings.state_dir, *settings.state_dir.parents) if p.exists())
+    writable = existing.is_dir() and os.access(existing, os.W_OK)
     checks.append(
         Check(
             name="state dir",

@@ -80,6 +80,12 @@ def test_corrupt_registry_is_reported_not_overwritten(tmp_path: Path) -> None:
     assert reg.path.read_text() == '{"workspaces": {"x": {"name": 5}}}'
 
 
+def test_default_paths_are_expanded(tmp_path: Path) -> None:
+    s = load_settings({}, tmp_path / "none.toml")
+    assert s.state_dir == Path.home() / "sandboxed" and s.state_dir.is_absolute()
+    assert s.registry_path == Path.home() / "sandboxed" / "registry.json"
+
+
 def test_settings_from_env_and_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('bridge = "br-file"\nuser = "dev"\n[nixos]\nhost = "fry"\n')
