@@ -79,6 +79,11 @@ class Settings(BaseModel):
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
     stop_timeout_s: float = Field(default=20, gt=0)
+    nat: bool = Field(
+        default=False,
+        description="Give direct-mode workspaces outbound access: IP forwarding plus an nftables masquerade "
+        "table for the subnet (host-wide changes, hence opt-in)",
+    )
     hosts_file: Path | None = Field(
         default=Path("/etc/hosts"),
         description="Where 'workspace-NAME' host names are kept (direct mode); empty to leave it alone",

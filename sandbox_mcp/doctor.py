@@ -101,6 +101,8 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
             required=False,
         )
     )
+    if settings.nat:
+        checks.append(_which("nft", "nftables", "nft", "SANDBOX_MCP_NAT=true masquerades the workspace subnet"))
     checks.append(_which("ssh", "openssh-client", "ssh client", "only for 'sandbox-mcp ssh' and the benchmark"))
     checks[-1].required = False
     return checks

@@ -58,6 +58,9 @@ _INSTALL_HINTS = {
     "git": "install git (NixOS: environment.systemPackages = [ pkgs.git ];), or keep the flake outside git",
     "doas": "enable it (NixOS: security.doas.enable = true;) or set nixos.escalation to 'sudo' or 'none'",
     "sudo": "enable it (NixOS: security.sudo.enable = true;) or set nixos.escalation to 'doas' or 'none'",
+    "nft": "apt-get install nftables (needed only with SANDBOX_MCP_NAT=true)",
+    "debootstrap": "apt-get install debootstrap (it builds the root image once)",
+    "systemd-nspawn": "apt-get install systemd-container",
 }
 
 

@@ -126,3 +126,20 @@ def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
     assert hosts.read_text() == "127.0.0.1\tlocalhost\n10.0.0.5\tother  # keep me\n"
     assert hosts.stat().st_mode & 0o777 == 0o644
     assert render_hosts("", {}, "/st") == ""
+
+
+def test_nat_ruleset_is_one_idempotent_table() -> None:
+    import ipaddress
+
+    from sandbox_mcp.nat import nat_ruleset, table_name
+
+    script = nat_ruleset("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"))
+    assert table_name("sandbox-br") == "sandbox_mcp_sandbox_br"
+    assert script.splitlines()[:3] == [
+        "add table ip sandbox_mcp_sandbox_br", "delete table ip sandbox_mcp_sandbox_br",
+        "table ip sandbox_mcp_sandbox_br {",
+    ]
+    assert "ip saddr 192.168.83.0/24 ip daddr != 192.168.83.0/24 masquerade" in script
+    assert 'iifname "sandbox-br" accept' in script
+    with pytest.raises(InvalidSpec):
+        nat_ruleset('br"; flush ruleset; "', ipaddress.IPv4Network("10.0.0.0/24"))

@@ -318,3 +318,61 @@ def test_cli_for_people(settings: Settings) -> None:
         cli("rm", "clitest", check=False)
     assert host_leftovers("clitest") == NOTHING_LEFT
     assert json.loads(cli("ls", "--json").stdout) == {"workspaces": []}
+
+
+PEER_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.199.0.2", 8080))
+s.listen(1)
+print("listening", flush=True)
+c, (peer, _) = s.accept()
+c.recv(1024)
+c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nseen-from " + peer.encode())
+c.close()
+"""
+
+
+async def test_nat_gives_outbound_access_through_the_host(settings: Settings) -> None:
+    """With nat on, a workspace reaches an 'upstream' host (a namespace this test makes) masqueraded.
+
+    The upstream has no route back to the workspace subnet, so the reply arrives only if the
+    host rewrote the source address.
+    """
+    from sandbox_mcp import nat
+
+    if not shutil.which("nft"):
+        pytest.skip("nft is not installed (apt-get install nftables)")
+    nat_settings = settings.model_copy(update={"nat": True})
+    ip = ["ip"]
+    subprocess.run([*ip, "netns", "add", "sbxt-up"], check=True)
+    server = None
+    try:
+        subprocess.run([*ip, "link", "add", "sbxt-uh", "type", "veth", "peer", "name", "sbxt-uu", "netns", "sbxt-up"],
+                       check=True)
+        subprocess.run([*ip, "addr", "add", "10.199.0.1/24", "dev", "sbxt-uh"], check=True)
+        subprocess.run([*ip, "link", "set", "sbxt-uh", "up"], check=True)
+        for cmd in (["addr", "add", "10.199.0.2/24", "dev", "sbxt-uu"], ["link", "set", "sbxt-uu", "up"],
+                    ["link", "set", "lo", "up"]):
+            subprocess.run([*ip, "-n", "sbxt-up", *cmd], check=True)
+        server = subprocess.Popen([*ip, "netns", "exec", "sbxt-up", sys.executable, "-c", PEER_SERVER],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        async with WorkspaceManager(nat_settings) as m:
+            try:
+                await m.create("natted")
+                r = await m.exec("natted", "curl -s --max-time 5 http://10.199.0.2:8080/")
+                assert (r.exit_code, r.stdout) == (0, "seen-from 10.199.0.1"), r
+                table = subprocess.run(["nft", "list", "table", "ip", nat.table_name(settings.bridge)],
+                                       capture_output=True, text=True, check=True).stdout
+                assert "masquerade" in table
+            finally:
+                await destroy_all(m)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run([*ip, "netns", "del", "sbxt-up"], check=False)
+        subprocess.run([*ip, "link", "del", "sbxt-uh"], check=False, capture_output=True)
+        await nat.remove_nat(settings.bridge)

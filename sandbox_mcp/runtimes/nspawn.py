@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from .. import onboarding
+from .. import nat, onboarding
 from ..config import Settings
 from ..errors import BackendError, InvalidSpec
 from ..images import ImageStore
@@ -151,6 +151,8 @@ class NspawnRuntime(Runtime):
         (paths.runtime / "hosts").write_text(hosts_file(record.name, str(self.settings.host_ip)))
         await progress("setting up the network", None)
         await self.network.ensure_bridge()
+        if self.settings.nat:
+            await nat.apply_nat(self.settings.bridge, self.settings.subnet)
         netns = await self.network.setup_workspace(record.name, record.ip, record.mac)
         argv = nspawn_argv(
             name=record.name,
