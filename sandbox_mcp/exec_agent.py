@@ -96,6 +96,16 @@ def _feed(pipe, data):
             pass
 
 
+def _expire(proc, reply):
+    """The command ran out of time: TERM to its group, KILL two seconds later if it is still there."""
+    reply["timed_out"] = True
+    _killpg(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_AFTER_S)
+    except subprocess.TimeoutExpired:
+        _killpg(proc, signal.SIGKILL)
+
+
 def _run(req):
     rid, cwd, cap = req["id"], req["cwd"], int(req["cap"])
     reply = {"id": rid, "exit": None, "signal": None, "stdout": "", "stderr": "", "truncated": False,
@@ -124,16 +134,13 @@ def _run(req):
         p.start()
     if stdin is not None:
         threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
-    try:
-        proc.wait(timeout=float(req["timeout"]))
-    except subprocess.TimeoutExpired:
-        reply["timed_out"] = True
-        _killpg(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=KILL_AFTER_S)
-        except subprocess.TimeoutExpired:
-            _killpg(proc, signal.SIGKILL)
-            proc.wait()
+    # A timer enforces the timeout while this thread blocks in waitpid: Popen.wait(timeout=...)
+    # polls with growing sleeps, which would add a millisecond or more to every short command.
+    timer = threading.Timer(float(req["timeout"]), _expire, args=(proc, reply))
+    timer.daemon = True
+    timer.start()
+    proc.wait()
+    timer.cancel()
     if reply["timed_out"]:
         _killpg(proc, signal.SIGKILL)  # what ignored TERM, or outlived the shell
     with _running_lock:
