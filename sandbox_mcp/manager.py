@@ -280,7 +280,7 @@ class WorkspaceManager:
         validate_name(name)
         runtime = self._runtime_for_type(type)
         packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
-        live = await self._live_addresses(runtime)
+        live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
             paths = self._paths(name)
@@ -363,10 +363,6 @@ class WorkspaceManager:
         await self.registry.remove(record.name)
         await self._sync_hosts()
 
-    async def _live_addresses(self, runtime: Runtime) -> set[str]:
-        network = getattr(runtime, "network", None)
-        return await network.live_addresses() if network is not None else set()
-
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
@@ -431,6 +427,13 @@ class WorkspaceManager:
             tail = await runtime.logs(record, 25)
             raise BackendError(f"workspace {record.name!r} exited while booting; last log lines:\n{tail}")
 
+    async def _halt(self, record: WorkspaceRecord) -> Runtime:
+        """Close our SSH connection and stop the workspace's runtime; returns that runtime."""
+        runtime = self._runtime_of(record)
+        await self.ssh.drop(record.name)
+        await runtime.stop(record)
+        return runtime
+
     async def stop(self, name: str) -> Workspace:
         """Stop a workspace (its root filesystem is discarded; the workspace dir stays). Idempotent.
 
@@ -439,9 +442,7 @@ class WorkspaceManager:
         """
         async with self._locked(name):
             record = await self.registry.get(name)
-            runtime = self._runtime_of(record)
-            await self.ssh.drop(name)
-            await runtime.stop(record)
+            await self._halt(record)
             if record.state != "error":
                 _mark_stopped(record, None)
             await self.registry.put(record)
@@ -455,9 +456,7 @@ class WorkspaceManager:
         """
         async with self._locked(name):
             record = await self.registry.get(name)
-            runtime = self._runtime_of(record)
-            await self.ssh.drop(name)
-            await runtime.stop(record)
+            runtime = await self._halt(record)
             await runtime.destroy(record)
             paths = self._paths(name)
             if keep_data:

@@ -22,7 +22,22 @@ from pydantic import BaseModel, Field, ValidationError
 from .errors import BackendError, WorkspaceNotFound
 from .models import WorkspaceRecord
 
-__all__ = ["Registry", "RegistryData"]
+__all__ = ["Registry", "RegistryData", "file_lock"]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
+    """Hold ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` body; blocks until free.
+
+    The lock is shared by every process that opens the same file, and dies with the holder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class RegistryData(BaseModel):
@@ -47,15 +62,8 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+    def _locked(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.lock_path, exclusive)
 
     def _read_unlocked(self) -> RegistryData:
         raw = self._raw()

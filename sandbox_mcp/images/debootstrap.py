@@ -14,7 +14,6 @@ leaves or uses half an image.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -31,6 +30,7 @@ from .. import hostcmd, onboarding
 from ..config import Settings
 from ..errors import BackendError
 from ..runtimes.base import Progress, no_progress
+from ..state import file_lock
 
 __all__ = [
     "BASE_PACKAGES",
@@ -184,15 +184,8 @@ class ImageStore:
     def exists(self, key: str) -> bool:
         return (self.path(key) / "etc" / "sandbox-mcp-image.json").is_file()
 
-    @contextlib.contextmanager
-    def _build_lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _build_lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".build.lock")
 
     async def ensure(self, packages: Sequence[str], progress: Progress = no_progress) -> str:
         """Return the key of an image with ``packages`` installed, building it (and the base) if needed.

@@ -34,6 +34,10 @@ class Runtime(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    async def addresses_in_use(self) -> set[str]:
+        """IPs in the workspace subnet that are live on this host but may not be in the registry."""
+        return set()
+
     def validate(self, record: WorkspaceRecord) -> None:  # noqa: B027 - optional hook
         """Refuse a new workspace this runtime cannot realise, before anything changes.
 

@@ -136,6 +136,9 @@ class NspawnRuntime(Runtime):
     def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, record.name)
 
+    async def addresses_in_use(self) -> set[str]:
+        return await self.network.live_addresses()
+
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         key = await self.images.ensure(record.packages, progress)
         return record.model_copy(update={"image": key})
@@ -150,10 +153,9 @@ class NspawnRuntime(Runtime):
         paths.runtime.mkdir(parents=True, exist_ok=True)
         (paths.runtime / "hosts").write_text(hosts_file(record.name, str(self.settings.host_ip)))
         await progress("setting up the network", None)
-        await self.network.ensure_bridge()
+        netns = await self.network.setup_workspace(record.name, record.ip, record.mac)  # makes the bridge too
         if self.settings.nat:
             await nat.apply_nat(self.settings.bridge, self.settings.subnet)
-        netns = await self.network.setup_workspace(record.name, record.ip, record.mac)
         argv = nspawn_argv(
             name=record.name,
             image_root=self.images.path(record.image),  # type: ignore[arg-type]
