@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidSpec
 
-__all__ = ["NixosSettings", "Settings", "load_settings"]
+__all__ = ["IncusSettings", "NixosSettings", "Settings", "load_settings"]
 
 ENV_PREFIX = "SANDBOX_MCP_"
 DEFAULT_CONFIG_FILE = Path("~/.config/sandbox-mcp/config.toml")
@@ -48,6 +48,43 @@ class NixosSettings(BaseModel):
         description="Where per-workspace .nix files are written; default <flake>/workspaces",
     )
     rebuild_timeout_s: float = Field(default=3600, gt=0)
+
+
+class IncusSettings(BaseModel):
+    """Where ``type="incus"`` workspaces run: the local daemon (default) or a remote server/cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?$",
+        description="A remote Incus server or cluster, e.g. https://incus.example:8443; empty: the local unix socket",
+    )
+    socket: Path = Field(
+        default=Path("/var/lib/incus/unix.socket"), description="The local daemon's unix socket (url unset)"
+    )
+    client_cert: Path | None = Field(default=None, description="PEM client certificate the remote trusts")
+    client_key: Path | None = Field(default=None, description="PEM key of client_cert")
+    server_cert: Path | None = Field(
+        default=None, description="PEM certificate of the remote server, pinned: no other is accepted"
+    )
+    project: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+    storage_pool: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    network: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$",
+        description="A managed Incus network for the NIC (remote servers); empty: bridge to 'bridge' by name",
+    )
+    cpus: int = Field(default=2, ge=1, le=512, description="limits.cpu of an instance")
+    memory_mib: int = Field(default=2048, ge=64, description="limits.memory of an instance, MiB")
+    processes: int = Field(default=4096, ge=64, description="limits.processes of an instance")
+    operation_timeout_s: float = Field(default=300, gt=0, description="How long to wait for an Incus operation")
+
+    @model_validator(mode="after")
+    def _remote_needs_certs(self) -> IncusSettings:
+        if self.url and not (self.client_cert and self.client_key and self.server_cert):
+            raise ValueError("incus.url needs incus.client_cert, incus.client_key and incus.server_cert")
+        return self
 
 
 class Settings(BaseModel):
@@ -97,6 +134,7 @@ class Settings(BaseModel):
         default=False, description="Copy the host user's Claude credentials into new workspaces"
     )
     nixos: NixosSettings = Field(default_factory=NixosSettings)
+    incus: IncusSettings = Field(default_factory=IncusSettings)
 
     @field_validator("state_dir", "image_dir")
     @classmethod
@@ -124,19 +162,22 @@ class Settings(BaseModel):
         return self.state_dir / "registry.json"
 
 
+_TABLES = ("nixos", "incus")  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
     out: dict[str, object] = {}
-    nixos: dict[str, object] = {}
+    tables: dict[str, dict[str, object]] = {t: {} for t in _TABLES}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         field = key[len(ENV_PREFIX) :].lower()
-        if field.startswith("nixos_"):
-            nixos[field[len("nixos_") :]] = value
-        elif field in Settings.model_fields and field != "nixos":
+        table = next((t for t in _TABLES if field.startswith(t + "_")), None)
+        if table is not None:
+            tables[table][field[len(table) + 1 :]] = value
+        elif field in Settings.model_fields and field not in _TABLES:
             out[field] = value
-    if nixos:
-        out["nixos"] = nixos
+    out.update({t: v for t, v in tables.items() if v})
     return out
 
 
@@ -156,10 +197,11 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidSpec(f"config file {path} is not valid TOML: {exc}") from exc
     overrides = _env_overrides(env)
-    nixos = {**dict(data.get("nixos", {}) or {}), **dict(overrides.pop("nixos", {}) or {})}  # type: ignore[arg-type]
+    for table in _TABLES:
+        merged = {**dict(data.get(table, {}) or {}), **dict(overrides.pop(table, {}) or {})}  # type: ignore[arg-type]
+        if merged:
+            data[table] = merged
     data.update(overrides)
-    if nixos:
-        data["nixos"] = nixos
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,314 @@
+"""A small client of the Incus REST API: the local unix socket, or a remote server over pinned TLS.
+
+Why httpx2 (httpx's maintained successor, imported as ``httpx``) and not pylxd: it is already
+installed (the MCP SDK 2.x depends on it, so it adds nothing to install), speaks HTTP over a unix
+socket and HTTPS with a client certificate, and is async, so a slow Incus operation never blocks
+the event loop. pylxd is synchronous, targets LXD (its Incus support lags), and pulls in
+requests, requests-unixsocket and ws4py for what is here ~250 lines. This is the only module
+importing it.
+
+Remote servers are trusted by pinning: the server's certificate (``server_cert``) is the only
+trust anchor of the TLS context, and the DER SHA-256 of the certificate the peer actually
+presents is compared with it on the first request of every client (and by ``doctor``).
+Host names are not checked: the pin is stronger than a name, and cluster members are often
+reached by address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import httpx2 as httpx
+
+from .config import IncusSettings
+from .errors import BackendError, InvalidSpec
+
+__all__ = [
+    "IncusAPIError",
+    "IncusClient",
+    "ServerInfo",
+    "cert_fingerprint",
+    "probe",
+]
+
+_LOCAL_BASE = "http://incus"
+_REQUEST_TIMEOUT_S = 60.0
+_UPLOAD_CHUNK = 1 << 20
+
+
+class IncusAPIError(BackendError):
+    """Incus answered with an error; ``status`` is its HTTP status (404: no such object)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``GET /1.0`` says about the server, and the certificate it presented (remote)."""
+
+    api_version: str
+    server_version: str
+    auth: str
+    idmapped_mounts: bool
+    peer_cert_sha256: str | None
+
+
+def cert_fingerprint(pem_path: Path) -> str:
+    """SHA-256 of a PEM certificate's DER form, as hex (what ``incus config trust list`` shows).
+
+    Raises:
+        InvalidSpec: the file cannot be read or holds no certificate.
+    """
+    try:
+        der = ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidSpec(f"cannot read the certificate {pem_path}: {exc}; set incus.server_cert to a PEM file") from exc
+    return hashlib.sha256(der).hexdigest()
+
+
+def _ssl_context(settings: IncusSettings) -> ssl.SSLContext:
+    assert settings.server_cert and settings.client_cert and settings.client_key
+    try:
+        ctx = ssl.create_default_context(cafile=str(settings.server_cert))
+        ctx.check_hostname = False  # the certificate is pinned; see the module docstring
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(str(settings.client_cert), str(settings.client_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidSpec(
+            f"cannot load the Incus TLS files ({settings.client_cert}, {settings.client_key}, "
+            f"{settings.server_cert}): {exc}; check incus.client_cert/client_key/server_cert"
+        ) from exc
+    return ctx
+
+
+def _client_args(settings: IncusSettings) -> dict[str, Any]:
+    if settings.url:
+        return {"base_url": settings.url.rstrip("/"), "verify": _ssl_context(settings)}
+    return {"base_url": _LOCAL_BASE, "transport": httpx.AsyncHTTPTransport(uds=str(settings.socket))}
+
+
+def _where(settings: IncusSettings) -> str:
+    return settings.url or f"the local Incus daemon ({settings.socket})"
+
+
+def _unwrap(settings: IncusSettings, method: str, path: str, response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    if response.status_code >= 400 or body.get("type") == "error":
+        status = int(body.get("error_code") or response.status_code)
+        raise IncusAPIError(
+            f"Incus {method} {path} failed ({status}): {body.get('error') or response.text[:300]}", status
+        )
+    return body
+
+
+def _peer_sha256(response: httpx.Response) -> str | None:
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else None
+
+
+class IncusClient:
+    """An async Incus API client for one server and project. Use ``async with`` or call :meth:`aclose`."""
+
+    def __init__(self, settings: IncusSettings) -> None:
+        self.settings = settings
+        self.remote = bool(settings.url)
+        self._pin = cert_fingerprint(settings.server_cert) if settings.url and settings.server_cert else None
+        self._pinned = False
+        self._http = httpx.AsyncClient(timeout=_REQUEST_TIMEOUT_S, **_client_args(settings))
+
+    async def __aenter__(self) -> IncusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                    timeout_s: float | None = None, **kwargs: Any) -> httpx.Response:
+        query = {"project": self.settings.project, **(params or {})}
+        try:
+            response = await self._http.request(
+                method, path, params=query, timeout=timeout_s or _REQUEST_TIMEOUT_S, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise BackendError(
+                f"cannot reach {_where(self.settings)} ({method} {path}): {exc!r}; is incusd running, "
+                "and are the incus settings right? run 'sandbox-mcp doctor'"
+            ) from exc
+        if self._pin and not self._pinned:
+            seen = _peer_sha256(response)
+            if seen != self._pin:
+                raise BackendError(
+                    f"{self.settings.url} presented certificate {seen} but {self.settings.server_cert} pins "
+                    f"{self._pin}; refusing to talk to it. If the server's certificate changed on purpose, "
+                    "replace incus.server_cert"
+                )
+            self._pinned = True
+        return response
+
+    async def request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+        """One API call in the configured project; the envelope's ``metadata`` (or, with ``raw``, the body).
+
+        Keyword arguments: ``json``, ``content``, ``headers``, ``params``, ``timeout_s``.
+
+        Raises:
+            IncusAPIError: Incus refused (``status`` says why; 404 for a missing object).
+            BackendError: the server cannot be reached, or presented another certificate than the pin.
+        """
+        response = await self._send(method, path, **kwargs)
+        if raw and response.status_code < 400:
+            return response.content
+        return _unwrap(self.settings, method, path, response).get("metadata")
+
+    async def call(self, method: str, path: str, *, op_timeout_s: float | None = None, **kwargs: Any) -> Any:
+        """Like :meth:`request`, and when Incus answers with an operation, wait for it; its metadata.
+
+        Raises:
+            IncusAPIError, BackendError: as :meth:`request`, or the operation failed or timed out.
+        """
+        body = _unwrap(self.settings, method, path, await self._send(method, path, **kwargs))
+        if body.get("type") == "async":
+            return await self.wait(body["operation"], op_timeout_s or self.settings.operation_timeout_s)
+        return body.get("metadata")
+
+    async def wait(self, operation: str, timeout_s: float) -> dict[str, Any]:
+        """Wait for an operation (``/1.0/operations/ID``) to finish; its metadata.
+
+        Raises:
+            IncusAPIError: the operation failed (its error), or did not finish within ``timeout_s``.
+        """
+        op_id = operation.rstrip("/").rsplit("/", 1)[-1]
+        path = f"/1.0/operations/{quote(op_id, safe='')}/wait"
+        meta = await self.request(
+            "GET", path, params={"timeout": str(max(1, int(timeout_s)))}, timeout_s=timeout_s + 30
+        )
+        status = (meta or {}).get("status")
+        if status == "Success":
+            return meta.get("metadata") or {}
+        if status in ("Running", "Pending"):
+            raise IncusAPIError(f"Incus operation {meta.get('description')!r} did not finish within {timeout_s:g} s")
+        raise IncusAPIError(f"Incus operation {meta.get('description')!r} failed: {meta.get('err') or status}")
+
+    # -- the calls the runtime makes -----------------------------------------------------------
+
+    async def server(self) -> ServerInfo:
+        """``GET /1.0``: versions, whether we are trusted, what the kernel offers.
+
+        Raises:
+            BackendError: the server cannot be reached or the pin does not match.
+        """
+        meta = await self.request("GET", "/1.0")
+        env = meta.get("environment") or {}
+        return ServerInfo(
+            api_version=str(meta.get("api_version", "")),
+            server_version=str(env.get("server_version", "")),
+            auth=str(meta.get("auth", "")),
+            idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
+            peer_cert_sha256=self._pin if self._pinned else None,
+        )
+
+    async def exists(self, path: str) -> bool:
+        """True when ``GET path`` finds the object.
+
+        Raises:
+            IncusAPIError: any error other than 404. BackendError: the server cannot be reached.
+        """
+        try:
+            await self.request("GET", path)
+        except IncusAPIError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def import_image(self, tarball: Path, progress: Any = None) -> str:
+        """Upload a unified image tarball; the fingerprint Incus gives it.
+
+        ``progress(message, fraction)`` hears about the upload as it goes.
+
+        Raises:
+            IncusAPIError: Incus refused the image. BackendError: the server cannot be reached.
+        """
+        size = os.path.getsize(tarball)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent, reported = 0, -1
+            async with await anyio.open_file(tarball, "rb") as f:
+                while chunk := await f.read(_UPLOAD_CHUNK):
+                    sent += len(chunk)
+                    tenth = sent * 10 // max(size, 1)
+                    if progress is not None and tenth != reported:
+                        reported = tenth
+                        await progress(f"uploading the image to Incus ({sent >> 20} of {size >> 20} MiB)",
+                                       0.9 * sent / max(size, 1))
+                    yield chunk
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        meta = await self.call("POST", "/1.0/images", content=chunks(), headers=headers)
+        return str(meta.get("fingerprint", ""))
+
+    async def push_file(self, instance: str, path: str, data: bytes, *, uid: int = 0, gid: int = 0,
+                        mode: int = 0o644) -> None:
+        """Write a file into an instance (stopped or running), creating or replacing it.
+
+        Raises:
+            IncusAPIError: Incus refused (e.g. the parent directory is missing).
+        """
+        headers = {
+            "X-Incus-uid": str(uid), "X-Incus-gid": str(gid), "X-Incus-mode": f"{mode:04o}",
+            "X-Incus-type": "file", "X-Incus-write": "overwrite", "Content-Type": "application/octet-stream",
+        }  # fmt: skip
+        await self.request("POST", f"/1.0/instances/{quote(instance, safe='')}/files",
+                           params={"path": path}, content=data, headers=headers)
+
+
+def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
+    """``GET /1.0`` synchronously, for ``doctor`` (checks are plain functions, maybe inside an event loop).
+
+    Raises:
+        BackendError: the server cannot be reached, refused, or presented another certificate than the pin.
+        InvalidSpec: the TLS files cannot be loaded.
+    """
+    if settings.url:
+        args: dict[str, Any] = {"base_url": settings.url.rstrip("/"), "verify": _ssl_context(settings)}
+    else:
+        args = {"base_url": _LOCAL_BASE, "transport": httpx.HTTPTransport(uds=str(settings.socket))}
+    try:
+        with httpx.Client(timeout=timeout_s, **args) as http:
+            response = http.get("/1.0", params={"project": settings.project})
+            seen = _peer_sha256(response)
+            meta = _unwrap(settings, "GET", "/1.0", response).get("metadata") or {}
+    except httpx.HTTPError as exc:
+        raise BackendError(f"cannot reach {_where(settings)}: {exc!r}; is incusd running?") from exc
+    if settings.url and settings.server_cert:
+        pin = cert_fingerprint(settings.server_cert)
+        if seen != pin:
+            raise BackendError(f"{settings.url} presented certificate {seen}, but incus.server_cert pins {pin}")
+    env = meta.get("environment") or {}
+    return ServerInfo(
+        api_version=str(meta.get("api_version", "")),
+        server_version=str(env.get("server_version", "")),
+        auth=str(meta.get("auth", "")),
+        idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
+        peer_cert_sha256=seen,
+    )

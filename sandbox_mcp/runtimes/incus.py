@@ -1,0 +1,420 @@
+"""Direct-mode Incus runtime: ``type="incus"`` workspaces as ephemeral, unprivileged Incus containers.
+
+It talks to the Incus REST API (:mod:`..incus_api`): the local daemon's unix socket by default,
+or a remote server or cluster over TLS with a pinned certificate (``[incus]`` settings), where
+Incus places the instance. Per start it creates an ephemeral instance from the cached image
+(:mod:`..images.incus_image`), pushes its address, hostname and hosts file, and starts it; a
+stop deletes it (ephemeral), so every start boots a clean root.
+
+Local daemon: the NIC is bridged to our bridge with the workspace's MAC, and the workspace dir,
+the Claude config and the host keys are the host's directories as disk devices (``shift``:
+files keep the host user's ownership inside the user namespace). Remote server: the host's
+directories are not there, so the workspace dir is a custom storage volume that outlives the
+ephemeral instance (deleted on destroy) and the host keys and the Claude config are pushed
+into the root before start. The MCP host reaches the instance by its address on the
+workspace subnet, so on a remote server that subnet must be routed or bridged to this host
+(README: "Incus workspaces").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import stat
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+
+from .. import onboarding, supervise
+from ..errors import BackendError, InvalidSpec
+from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
+from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
+from ..models import Check, RuntimeDetail, WorkspaceRecord
+from ..paths import WorkspacePaths
+from .base import Progress, Runtime, RuntimeContext, RuntimeState
+from .nspawn import hosts_file
+
+__all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
+
+TAG_KEY = "user.sandbox-mcp.tag"
+_CLAUDE_PUSH_MAX = 1 << 20  # bytes per file pushed from the host's claude-config (remote only)
+
+
+def instance_name(name: str) -> str:
+    """The Incus instance of workspace ``name``; prefixed so it never clashes with others' instances."""
+    return f"sbx-{name}"
+
+
+def volume_name(name: str) -> str:
+    """The custom volume holding a remote workspace's directory."""
+    return f"sbx-{name}-workspace"
+
+
+def network_env(ip: str, subnet: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address) -> str:
+    """``/etc/sandbox-mcp/network.env``: what the image's set-up unit configures. Values validated here.
+
+    Raises:
+        InvalidSpec: ``ip`` is not an address in ``subnet``.
+    """
+    try:
+        addr = ipaddress.IPv4Address(ip)
+    except ValueError as exc:
+        raise InvalidSpec(f"{ip!r} is not an IPv4 address") from exc
+    if addr not in subnet:
+        raise InvalidSpec(f"{addr} is not in the workspace subnet {subnet}")
+    return f"IFACE=eth0\nADDRESS={addr}/{subnet.prefixlen}\nGATEWAY={ipaddress.IPv4Address(gateway)}\n"
+
+
+def instance_body(
+    *,
+    record: WorkspaceRecord,
+    fingerprint: str,
+    tag: str,
+    pool: str,
+    limits: tuple[int, int, int],
+    nic: dict[str, str],
+    disks: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    """The exact ``POST /1.0/instances`` body of workspace ``record`` (created stopped, then started).
+
+    No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
+    """
+    cpus, memory_mib, processes = limits
+    return {
+        "name": instance_name(record.name),
+        "type": "container",
+        "ephemeral": True,  # a stop deletes it: every start is a clean root
+        "start": False,  # files are pushed before the first boot
+        "profiles": [],
+        "source": {"type": "image", "fingerprint": fingerprint},
+        "config": {
+            "security.privileged": "false",
+            "security.nesting": "false",
+            "limits.cpu": str(cpus),
+            "limits.memory": f"{memory_mib}MiB",
+            "limits.processes": str(processes),
+            TAG_KEY: tag,
+            "user.sandbox-mcp.workspace": record.name,
+        },
+        "devices": {
+            "root": {"type": "disk", "path": "/", "pool": pool},
+            "eth0": {"type": "nic", "name": "eth0", "hwaddr": record.mac, **nic},
+            **disks,
+        },
+    }
+
+
+class IncusState(RuntimeState):
+    """What the Incus runtime remembers: the image (store key, fingerprint) and the instance while it runs."""
+
+    image: str | None = None
+    fingerprint: str | None = None
+    instance: str | None = None
+
+
+class IncusRuntime(Runtime):
+    """Ephemeral unprivileged Incus containers, on the local daemon or a remote server/cluster."""
+
+    name = "incus"
+    types = frozenset({"incus"})
+    modes = frozenset({"direct"})
+    package_flavour = "debian"
+    host_network = True
+    State = IncusState
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        super().__init__(ctx)
+        self.incus = ctx.settings.incus
+        self.remote = bool(self.incus.url)
+        # A remote instance is not on this host's bridge: no hosts-file names, no local links.
+        self.host_network = not self.remote
+        self.network = ctx.network
+        self.images = IncusImage(ctx.settings, ctx.images)
+        self._client: IncusClient | None = None
+
+    def state(self, record: WorkspaceRecord) -> IncusState:
+        return IncusState.model_validate(record.runtime_state)
+
+    def client(self) -> IncusClient:
+        """The API client (one per runtime, made on first use).
+
+        Raises:
+            InvalidSpec: the TLS files of a remote server cannot be loaded.
+        """
+        if self._client is None:
+            self._client = IncusClient(self.incus)
+        return self._client
+
+    def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
+        return WorkspacePaths.of(self.settings.state_dir, record.name)
+
+    def _tag(self, record: WorkspaceRecord) -> str:
+        return supervise.workspace_tag(self.settings.state_dir, record.name)
+
+    def _instance_path(self, record: WorkspaceRecord) -> str:
+        return f"/1.0/instances/{quote(instance_name(record.name), safe='')}"
+
+    def _volume_path(self, record: WorkspaceRecord) -> str:
+        pool = quote(self.incus.storage_pool, safe="")
+        return f"/1.0/storage-pools/{pool}/volumes/custom/{quote(volume_name(record.name), safe='')}"
+
+    def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        return self.with_state(record, self.state(record).model_copy(update={"instance": None}))
+
+    # -- host -----------------------------------------------------------------------------------
+
+    def checks(self) -> list[Check]:
+        where = self.incus.url or str(self.incus.socket)
+        fix = ("start incusd (apt-get install -t bookworm-backports incus-base; incus admin init)" if not self.remote
+               else "check incus.url, that this client certificate is trusted (incus config trust add-certificate) "
+                    "and that incus.server_cert is the server's certificate")  # fmt: skip
+        try:
+            info = probe(self.incus)
+        except (BackendError, InvalidSpec) as exc:
+            return [Check(name="incus", ok=False, detail=str(exc), fix=fix, required=False)]
+        checks = [
+            Check(name="incus", ok=info.api_version == "1.0",
+                  detail=f"{where}: Incus {info.server_version}, API {info.api_version}", fix=fix, required=False),
+            Check(name="incus trust", ok=info.auth == "trusted", detail=f"auth: {info.auth}",
+                  fix="add this client's certificate to the server's trust store", required=False),
+        ]  # fmt: skip
+        if self.remote and self.incus.server_cert:
+            pin = cert_fingerprint(self.incus.server_cert)
+            checks.append(Check(name="incus certificate pin", ok=info.peer_cert_sha256 == pin,
+                                detail=f"server presented {info.peer_cert_sha256}, pinned {pin}", required=False))
+        if not self.remote:
+            checks.append(Check(
+                name="incus idmapped mounts", ok=info.idmapped_mounts,
+                detail="the kernel shifts disk devices" if info.idmapped_mounts else "no idmapped mounts",
+                fix="a kernel with idmapped mounts (5.12+) is needed for the shifted workspace dir", required=False,
+            ))  # fmt: skip
+        return checks
+
+    async def addresses_in_use(self) -> set[str]:
+        return set() if self.remote else await self.network.live_addresses()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
+        key, fingerprint = await self._ensure_image(record, progress)
+        if self.remote and not await self.client().exists(self._volume_path(record)):
+            pool = quote(self.incus.storage_pool, safe="")
+            await self.client().call("POST", f"/1.0/storage-pools/{pool}/volumes/custom",
+                                     json={"name": volume_name(record.name), "type": "custom", "config": {}})
+        return self.with_state(record, self.state(record).model_copy(update={"image": key, "fingerprint": fingerprint}))
+
+    async def _ensure_image(self, record: WorkspaceRecord, progress: Progress) -> tuple[str, str]:
+        """The image in the store and on the server: packed once, uploaded when the server lacks it."""
+        key = await self.images.ensure(record.packages, progress)
+        fingerprint = self.images.fingerprint(key)
+        if fingerprint is None:
+            raise BackendError(f"image {key} has no fingerprint; run 'sandbox-mcp image prune' and create again")
+        client = self.client()
+        if not await client.exists(f"/1.0/images/{fingerprint}"):
+            await progress("importing the image into Incus (once per image and server)", None)
+            got = await client.import_image(self.images.tarball(key), progress)
+            if got != fingerprint:
+                raise BackendError(f"Incus imported image {key} as {got}, expected {fingerprint}; "
+                                   "delete that image on the server and create again")
+        return key, fingerprint
+
+    def _limits(self, record: WorkspaceRecord) -> tuple[int, int, int]:
+        cpus = getattr(record, "cpus", None) or self.incus.cpus
+        memory = getattr(record, "memory_mib", None) or self.incus.memory_mib
+        return int(cpus), int(memory), self.incus.processes
+
+    def _disks(self, record: WorkspaceRecord) -> dict[str, dict[str, str]]:
+        user = record.user
+        if self.remote:
+            return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
+                                  "path": onboarding.workspace_dir_inside(user)}}
+        paths = self._paths(record)
+        # shift: the host's uids appear unchanged inside the user namespace (idmapped mounts).
+        return {
+            "workspace": {"type": "disk", "source": str(paths.workspace),
+                          "path": onboarding.workspace_dir_inside(user), "shift": "true"},
+            "claude-config": {"type": "disk", "source": str(paths.claude_config),
+                              "path": onboarding.claude_config_dir_inside(user), "shift": "true"},
+            "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
+                              "readonly": "true", "shift": "true"},
+        }  # fmt: skip
+
+    def _nic(self) -> dict[str, str]:
+        if self.remote and self.incus.network:
+            return {"network": self.incus.network}
+        return {"nictype": "bridged", "parent": self.settings.bridge}
+
+    async def _instance(self, record: WorkspaceRecord) -> dict[str, Any] | None:
+        try:
+            return await self.client().request("GET", self._instance_path(record))
+        except IncusAPIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
+        existing = await self._instance(record)
+        if existing is not None and existing.get("status") == "Running":
+            return record
+        if existing is not None:
+            await self._delete(record)  # created but never started (a crash between the two)
+        key, fingerprint = await self._ensure_image(record, progress)
+        state = self.state(record).model_copy(update={"image": key, "fingerprint": fingerprint})
+        if not self.remote:
+            await progress("setting up the network", None)
+            await self.network.ensure()
+        body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
+                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(),
+                             disks=self._disks(record))  # fmt: skip
+        client = self.client()
+        await progress("creating the Incus instance", None)
+        await client.call("POST", "/1.0/instances", json=body)
+        try:
+            await self._push_boot_files(record)
+            await progress("booting the Incus instance", None)
+            await client.call("PUT", f"{self._instance_path(record)}/state", json={"action": "start", "timeout": 30})
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._delete(record)
+            raise
+        return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
+
+    async def _push_boot_files(self, record: WorkspaceRecord) -> None:
+        """What the instance needs before it boots: address, names, and on remote servers keys and config."""
+        inst = instance_name(record.name)
+        client = self.client()
+        s = self.settings
+        await client.push_file(inst, NETWORK_ENV_PATH, network_env(record.ip, s.subnet, s.host_ip).encode())
+        await client.push_file(inst, "/etc/hostname", f"{record.name}\n".encode())
+        await client.push_file(inst, "/etc/hosts", hosts_file(record.name, str(s.host_ip)).encode())
+        if not self.remote:
+            return
+        paths = self._paths(record)
+        await client.push_file(inst, "/etc/ssh-host-keys/ssh_host_ed25519_key", _read_plain(paths.host_key),
+                               mode=0o600)
+        await client.push_file(inst, "/etc/ssh-host-keys/authorized_keys", _read_plain(paths.authorized_keys))
+        inside = onboarding.claude_config_dir_inside(record.user)
+        uid = s.user_uid
+        for rel, data in await anyio.to_thread.run_sync(_plain_files, paths.claude_config):
+            parent = os.path.dirname(rel)
+            if parent:
+                await client.request(
+                    "POST", f"/1.0/instances/{quote(inst, safe='')}/files",
+                    params={"path": f"{inside}/{parent}"}, content=b"",
+                    headers={"X-Incus-type": "directory", "X-Incus-uid": str(uid), "X-Incus-gid": str(uid),
+                             "X-Incus-mode": "0700"},
+                )  # fmt: skip
+            await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
+
+    async def stop(self, record: WorkspaceRecord) -> None:
+        client = self.client()
+        path = self._instance_path(record)
+        inst = await self._instance(record)
+        if inst is not None and inst.get("status") == "Running":
+            try:
+                await client.call("PUT", f"{path}/state",
+                                  json={"action": "stop", "timeout": max(1, int(self.settings.stop_timeout_s))})
+            except IncusAPIError:
+                # It did not power off in time: its root is thrown away anyway, the workspace dir is
+                # a host directory or a volume, so killing it loses nothing written.
+                await client.call("PUT", f"{path}/state", json={"action": "stop", "force": True})
+        await self._delete(record)
+
+    async def _delete(self, record: WorkspaceRecord) -> None:
+        """Delete the instance if it is still there (an ephemeral one usually went with its stop)."""
+        inst = await self._instance(record)
+        if inst is None:
+            return
+        if inst.get("status") == "Running":
+            await self.client().call("PUT", f"{self._instance_path(record)}/state",
+                                     json={"action": "stop", "force": True})
+        with contextlib.suppress(IncusAPIError):  # gone meanwhile (ephemeral)
+            await self.client().call("DELETE", self._instance_path(record))
+
+    async def destroy(self, record: WorkspaceRecord) -> None:
+        await self._delete(record)
+        if self.remote:
+            try:
+                await self.client().call("DELETE", self._volume_path(record))
+            except IncusAPIError as exc:
+                if exc.status != 404:
+                    raise
+
+    async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
+        inst = await self._instance(record)
+        running = inst is not None and inst.get("status") == "Running"
+        uptime = None
+        if running and inst and inst.get("last_used_at"):
+            with contextlib.suppress(ValueError):
+                started = datetime.fromisoformat(str(inst["last_used_at"]).replace("Z", "+00:00"))
+                uptime = round((datetime.now(started.tzinfo) - started).total_seconds(), 3)
+        where = self.incus.url or "local incusd"
+        location = f" on {inst.get('location')}" if inst and inst.get("location") not in (None, "", "none") else ""
+        return RuntimeDetail(
+            runtime=self.name, running=running, uptime_s=uptime,
+            detail=f"Incus instance {instance_name(record.name)} ({where}{location}): "
+                   f"{inst.get('status') if inst else 'absent'}",
+        )  # fmt: skip
+
+    async def logs(self, record: WorkspaceRecord, lines: int) -> str:
+        try:
+            raw = await self.client().request("GET", f"{self._instance_path(record)}/console", raw=True)
+        except IncusAPIError as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        text = raw.decode("utf-8", "replace").replace("\r", "") if isinstance(raw, bytes) else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def reconcile(self, records: list[WorkspaceRecord]) -> None:
+        """Delete instances of this server's workspaces that the registry does not have running.
+
+        An instance is ours when its tag is the tag of one of our records (or of a record that no
+        longer exists under our state dir: a create that died before its record was written).
+        """
+        try:
+            instances = await self.client().request("GET", "/1.0/instances", params={"recursion": "1"})
+        except (BackendError, InvalidSpec):
+            return  # no daemon, nothing of ours can be running there
+        by_tag = {self._tag(r): r for r in records}
+        running = {self._tag(r) for r in records if r.state in ("running", "starting")}
+        for inst in instances or []:
+            tag = (inst.get("config") or {}).get(TAG_KEY)
+            if tag in by_tag and tag not in running:
+                await self._delete(by_tag[tag])
+
+
+def _read_plain(path: Path) -> bytes:
+    """A host file the server wrote itself, never through a symlink.
+
+    Raises:
+        BackendError: it is missing or not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise BackendError(f"cannot read {path}: {exc}; destroy and re-create the workspace") from exc
+    with os.fdopen(fd, "rb") as f:
+        return f.read(_CLAUDE_PUSH_MAX)
+
+
+def _plain_files(root: Path, depth: int = 3) -> list[tuple[str, bytes]]:
+    """Regular files under ``root`` (the workspace-writable Claude config): never a symlink, bounded."""
+    out: list[tuple[str, bytes]] = []
+
+    def walk(d: Path, rel: str, level: int) -> None:
+        with contextlib.suppress(OSError), os.scandir(d) as it:
+            for entry in it:
+                sub = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and level < depth:
+                    walk(Path(entry.path), sub, level + 1)
+                elif stat.S_ISREG(st.st_mode) and st.st_size <= _CLAUDE_PUSH_MAX:
+                    out.append((sub, _read_plain(Path(entry.path))))
+
+    walk(root, "", 0)
+    return out

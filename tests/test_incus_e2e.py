@@ -1,0 +1,213 @@
+"""End to end with real Incus: ``type="incus"`` through the MCP client, on a private incusd.
+
+The daemon (tests/incus_daemon.py) runs in the test's network namespace with its own state dir
+and a ``dir`` pool, and is stopped by PID at the end. Local: the instance's NIC joins the test
+bridge and the workspace dir is the host's, shifted. Remote: the same daemon on 127.0.0.1 over
+TLS with a trusted client certificate and the server's certificate pinned; the workspace dir is
+then a custom volume. Both check what is left on the host and in Incus after destroy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp.images import ImageStore
+from sandbox_mcp.images.incus_image import IncusImage
+from sandbox_mcp.incus_api import probe
+from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.runtimes import RuntimeContext
+from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
+from sandbox_mcp.server import build_server
+
+from . import incus_daemon
+from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def incusd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[incus_daemon.IncusDaemon]:
+    reason = e2e_skip_reason() or incus_daemon.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("incusd")
+    daemon = incus_daemon.start(base)
+    try:
+        yield daemon
+    finally:
+        try:
+            daemon.cleanup_instances()
+        finally:
+            daemon.stop()
+            incus_daemon.remove(base)
+
+
+@pytest.fixture(scope="module")
+def client_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("incus-client")
+    cert, key = d / "client.crt", d / "client.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp384r1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=sandbox-mcp-test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def incus_settings(tmp_path: Path, incus: IncusSettings) -> Settings:
+    base = e2e_settings(tmp_path / "state")
+    return base.model_copy(update={"incus": incus, "boot_timeout_s": 90})
+
+
+@pytest.fixture
+def local_settings(incusd: incus_daemon.IncusDaemon, tmp_path: Path) -> Settings:
+    return incus_settings(tmp_path, IncusSettings(socket=incusd.socket, cpus=1, memory_mib=512))
+
+
+@pytest.fixture
+def remote_settings(incusd: incus_daemon.IncusDaemon, client_cert: tuple[Path, Path], tmp_path: Path) -> Settings:
+    if incusd.https_port is None:
+        incusd.listen_https()
+        incusd.trust(client_cert[0], "sandbox-mcp-test")
+    cert, key = client_cert
+    return incus_settings(tmp_path, IncusSettings(
+        url=f"https://127.0.0.1:{incusd.https_port}", client_cert=cert, client_key=key,
+        server_cert=incusd.server_cert, cpus=1, memory_mib=512,
+    ))  # fmt: skip
+
+
+async def _session(settings: Settings) -> AsyncIterator[Any]:
+    try:
+        async with Client(build_server(settings)) as client:
+            yield client
+    finally:
+        async with WorkspaceManager(settings) as m:
+            await destroy_all(m)
+
+
+@pytest.fixture
+async def local(local_settings: Settings) -> AsyncIterator[Any]:
+    async for c in _session(local_settings):
+        yield c
+
+
+@pytest.fixture
+async def remote(remote_settings: Settings) -> AsyncIterator[Any]:
+    async for c in _session(remote_settings):
+        yield c
+
+
+async def call(client: Any, tool: str, progress: list[str] | None = None, **args: Any) -> dict[str, Any]:
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        if progress is not None:
+            progress.append(message or "")
+
+    result = await client.call_tool(tool, args, progress_callback=on_progress)
+    assert not result.is_error, f"{tool} failed: {result.content}"
+    return result.structured_content
+
+
+def bridge_ports() -> list[str]:
+    out = subprocess.run(["ip", "-j", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
+    return [link["ifname"] for link in json.loads(out or "[]")]
+
+
+def incus_leftovers(daemon: incus_daemon.IncusDaemon, settings: Settings) -> dict[str, Any]:
+    """What Incus still holds beyond the cached image: instances, custom volumes, other images."""
+    store = ImageStore(settings.image_dir)
+    images = IncusImage(settings, store)
+    cached = images.fingerprint(images.key(()))
+    return {
+        "instances": daemon.api("GET", "/1.0/instances")["metadata"],
+        "volumes": daemon.api("GET", "/1.0/storage-pools/default/volumes/custom")["metadata"],
+        "images": [i for i in daemon.api("GET", "/1.0/images")["metadata"] if not i.endswith(f"/{cached}")],
+    }
+
+
+NOTHING = {"instances": [], "volumes": [], "images": []}
+
+
+async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: incus_daemon.IncusDaemon) -> None:
+    s = local_settings
+    progress: list[str] = []
+    ws = await call(local, "create_workspace", progress, name="inc1", type="incus")
+    assert ws["state"] == "running" and ws["type"] == "incus"
+    assert any("Incus" in m for m in progress), progress
+    inst = incusd.api("GET", f"/1.0/instances/{instance_name('inc1')}")["metadata"]
+    assert inst["ephemeral"] is True
+    assert inst["config"]["limits.cpu"] == "1" and inst["config"]["limits.memory"] == "512MiB"
+    assert inst["devices"]["eth0"]["parent"] == TEST_BRIDGE and inst["devices"]["eth0"]["hwaddr"] == ws_mac(s, "inc1")
+    assert len(bridge_ports()) == 1  # the instance's veth is on our bridge
+
+    r = await call(local, "exec", name="inc1", command="id -un; hostname; pwd; sudo -n id -u; head -1 /proc/self/uid_map")
+    assert r["exit_code"] == 0, r
+    user, host, cwd, root, uid_map = r["stdout"].splitlines()
+    assert (user, host, cwd, root) == (s.user, "inc1", f"/home/{s.user}/workspace", "0")
+    assert uid_map.split()[:2] != ["0", "0"], f"not a user namespace: {uid_map}"  # unprivileged
+
+    # The workspace dir is the host's: files written inside belong to the host user.
+    await call(local, "write_file", name="inc1", path="notes/a.txt", content="kept\n")
+    r = await call(local, "exec", name="inc1", command="touch made-inside && sudo touch /root-marker")
+    assert r["exit_code"] == 0, r
+    host_dir = Path(ws["host_workspace_dir"])
+    assert (host_dir / "notes/a.txt").read_text() == "kept\n"
+    assert (host_dir / "made-inside").stat().st_uid == s.user_uid
+
+    # A restart is a clean root; the workspace dir survives.
+    await call(local, "stop_workspace", name="inc1")
+    assert incus_leftovers(incusd, s)["instances"] == [] and bridge_ports() == []
+    await call(local, "start_workspace", name="inc1")
+    r = await call(local, "exec", name="inc1", command="cat notes/a.txt; test -e /root-marker; echo $?")
+    assert r["stdout"] == "kept\n1\n", r
+
+    status = await call(local, "workspace_status", name="inc1")
+    assert status["runtime"]["running"] is True and status["runtime"]["runtime"] == "incus"
+    await call(local, "workspace_logs", name="inc1")
+
+    await call(local, "destroy_workspace", name="inc1")
+    assert incus_leftovers(incusd, s) == NOTHING
+    assert bridge_ports() == []
+    assert not host_dir.exists()
+
+
+def ws_mac(settings: Settings, name: str) -> str:
+    from sandbox_mcp.naming import mac_for
+
+    return mac_for(name)
+
+
+async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: incus_daemon.IncusDaemon) -> None:
+    s = remote_settings
+    info = probe(s.incus)
+    assert info.auth == "trusted" and info.api_version == "1.0"
+    checks = {c.name: c for c in IncusRuntime(RuntimeContext.for_settings(s, "")).checks()}
+    assert checks["incus certificate pin"].ok, checks
+
+    ws = await call(remote, "create_workspace", name="rem1", type="incus")
+    assert ws["state"] == "running"
+    inst = incusd.api("GET", f"/1.0/instances/{instance_name('rem1')}")["metadata"]
+    assert inst["devices"]["workspace"]["source"] == "sbx-rem1-workspace"  # a volume, not a host path
+    r = await call(remote, "exec", name="rem1", command="stat -c %U .; echo data > f; id -un")
+    assert r["stdout"] == f"{s.user}\n{s.user}\n", r
+    await call(remote, "stop_workspace", name="rem1")
+    await call(remote, "start_workspace", name="rem1")
+    r = await call(remote, "exec", name="rem1", command="cat f")
+    assert r["stdout"] == "data\n"
+    await call(remote, "destroy_workspace", name="rem1")
+    assert incus_leftovers(incusd, s) == NOTHING
+
+
+async def test_remote_refuses_another_certificate(remote_settings: Settings, client_cert: tuple[Path, Path]) -> None:
+    # Pin the client's own certificate instead of the server's: the server must be refused.
+    wrong = remote_settings.incus.model_copy(update={"server_cert": client_cert[0]})
+    checks = IncusRuntime(RuntimeContext.for_settings(remote_settings.model_copy(update={"incus": wrong}), "")).checks()
+    assert [c.ok for c in checks] == [False]
+    assert "certificate" in checks[0].detail.lower() or "ssl" in checks[0].detail.lower(), checks[0].detail
