@@ -132,7 +132,7 @@ def start(base: Path) -> IncusDaemon:
     """Start a private incusd under ``base`` with a ``dir`` storage pool named ``default``."""
     state = base / "incus"
     cgroup_hold = base / "cgroup-hold"
-    state.mkdir(parents=True)
+    state.mkdir(parents=True, mode=0o711)
     cgroup_hold.mkdir()
     log = open(base / "incusd.log", "wb")  # noqa: SIM115 - the daemon writes it while it runs
     env = {**os.environ, "INCUS_DIR": str(state)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ def incusd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[incus_daemon.In
     reason = e2e_skip_reason() or incus_daemon.skip_reason()
     if reason:
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("incusd")
+    # Not under pytest's tmp dir: its parents are 0700, and the container's (unprivileged) root must
+    # traverse to its rootfs under the daemon's dir.
+    base = Path(tempfile.mkdtemp(prefix="sbx-incusd-", dir="/var/tmp"))
+    base.chmod(0o711)
     daemon = incus_daemon.start(base)
     try:
         yield daemon

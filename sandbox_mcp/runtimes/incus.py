@@ -311,29 +311,35 @@ class IncusRuntime(Runtime):
             await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
 
     async def stop(self, record: WorkspaceRecord) -> None:
-        client = self.client()
-        path = self._instance_path(record)
         inst = await self._instance(record)
         if inst is not None and inst.get("status") == "Running":
-            try:
-                await client.call("PUT", f"{path}/state",
-                                  json={"action": "stop", "timeout": max(1, int(self.settings.stop_timeout_s))})
-            except IncusAPIError:
-                # It did not power off in time: its root is thrown away anyway, the workspace dir is
-                # a host directory or a volume, so killing it loses nothing written.
-                await client.call("PUT", f"{path}/state", json={"action": "stop", "force": True})
+            # A clean power-off first; past the grace time _delete kills it. Its root is thrown away
+            # anyway and the workspace dir is a host directory or a volume, so a kill loses nothing.
+            with contextlib.suppress(IncusAPIError):
+                await self.client().call("PUT", f"{self._instance_path(record)}/state",
+                                         json={"action": "stop", "timeout": max(1, int(self.settings.stop_timeout_s))})
         await self._delete(record)
 
     async def _delete(self, record: WorkspaceRecord) -> None:
-        """Delete the instance if it is still there (an ephemeral one usually went with its stop)."""
-        inst = await self._instance(record)
-        if inst is None:
+        """Make sure the instance is gone: force-stop and delete what is left (ephemeral ones go by themselves).
+
+        Raises:
+            BackendError: it is still there after the operation timeout.
+        """
+        path = self._instance_path(record)
+        with anyio.move_on_after(self.incus.operation_timeout_s):
+            while (inst := await self._instance(record)) is not None:
+                # Either may race with Incus deleting an ephemeral instance that just stopped.
+                with contextlib.suppress(IncusAPIError):
+                    if inst.get("status") == "Running":
+                        await self.client().call("PUT", f"{path}/state", json={"action": "stop", "force": True})
+                    else:
+                        await self.client().call("DELETE", path)
+                        return
+                await anyio.sleep(0.1)
             return
-        if inst.get("status") == "Running":
-            await self.client().call("PUT", f"{self._instance_path(record)}/state",
-                                     json={"action": "stop", "force": True})
-        with contextlib.suppress(IncusAPIError):  # gone meanwhile (ephemeral)
-            await self.client().call("DELETE", self._instance_path(record))
+        raise BackendError(f"Incus instance {instance_name(record.name)} could not be deleted; "
+                           "look at it with 'incus info --show-log' and delete it by hand")
 
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._delete(record)
