@@ -119,7 +119,7 @@ def _unwrap(settings: IncusSettings, method: str, path: str, response: httpx.Res
 def _peer_sha256(response: httpx.Response) -> str | None:
     stream = response.extensions.get("network_stream")
     ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None
     return hashlib.sha256(der).hexdigest() if der else None
 
 

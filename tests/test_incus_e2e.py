@@ -20,6 +20,7 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp.hostnet import HostNetwork
 from sandbox_mcp.images import ImageStore
 from sandbox_mcp.images.incus_image import IncusImage
 from sandbox_mcp.incus_api import probe
@@ -195,6 +196,9 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     checks = {c.name: c for c in IncusRuntime(RuntimeContext.for_settings(s, "")).checks()}
     assert checks["incus certificate pin"].ok, checks
 
+    # A remote server's instances sit on a bridge there that an admin connected to the workspace
+    # subnet; here "there" is this namespace, so the test makes that bridge as the admin would.
+    await HostNetwork(s).ensure()
     ws = await call(remote, "create_workspace", name="rem1", type="incus")
     assert ws["state"] == "running"
     inst = incusd.api("GET", f"/1.0/instances/{instance_name('rem1')}")["metadata"]
@@ -207,6 +211,7 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     assert r["stdout"] == "data\n"
     await call(remote, "destroy_workspace", name="rem1")
     assert incus_leftovers(incusd, s) == NOTHING
+    assert bridge_ports() == []
 
 
 async def test_remote_refuses_another_certificate(remote_settings: Settings, client_cert: tuple[Path, Path]) -> None:
