@@ -1,0 +1,129 @@
+"""The Incus runtime's pure parts, exactly: request bodies, the address file, the pack command, settings.
+
+These need no daemon; tests/test_incus_e2e.py runs the same code against a real incusd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from sandbox_mcp.config import IncusSettings, load_settings
+from sandbox_mcp.errors import BackendError, InvalidSpec
+from sandbox_mcp.images.incus_image import incus_image_key, metadata_yaml, pack_argv, setup_script
+from sandbox_mcp.incus_api import cert_fingerprint, probe
+from sandbox_mcp.models import WorkspaceRecord
+from sandbox_mcp.runtimes import runtime_class
+from sandbox_mcp.runtimes.incus import IncusRuntime, instance_body, network_env
+
+
+def record() -> WorkspaceRecord:
+    return WorkspaceRecord(name="ws1", type="incus", runtime="incus", ip="192.168.83.7", mac="02:aa:bb:cc:dd:ee",
+                           cid=100, user="agent")
+
+
+def test_registered() -> None:
+    assert runtime_class("incus") is IncusRuntime
+    assert IncusRuntime.types == frozenset({"incus"}) and IncusRuntime.modes == frozenset({"direct"})
+
+
+def test_instance_body_exact() -> None:
+    body = instance_body(
+        record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default", limits=(2, 1024, 4096),
+        nic={"nictype": "bridged", "parent": "sandbox-br"},
+        disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
+                             "shift": "true"}},
+    )  # fmt: skip
+    assert body == {
+        "name": "sbx-ws1",
+        "type": "container",
+        "ephemeral": True,
+        "start": False,
+        "profiles": [],
+        "source": {"type": "image", "fingerprint": "ab" * 32},
+        "config": {
+            "security.privileged": "false",
+            "security.nesting": "false",
+            "limits.cpu": "2",
+            "limits.memory": "1024MiB",
+            "limits.processes": "4096",
+            "user.sandbox-mcp.tag": "t" * 20,
+            "user.sandbox-mcp.workspace": "ws1",
+        },
+        "devices": {
+            "root": {"type": "disk", "path": "/", "pool": "default"},
+            "eth0": {"type": "nic", "name": "eth0", "hwaddr": "02:aa:bb:cc:dd:ee", "nictype": "bridged",
+                     "parent": "sandbox-br"},
+            "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
+                          "shift": "true"},
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [("192.168.83.7", "IFACE=eth0\nADDRESS=192.168.83.7/24\nGATEWAY=192.168.83.1\n")],
+)
+def test_network_env(ip: str, expected: str) -> None:
+    subnet = ipaddress.IPv4Network("192.168.83.0/24")
+    assert network_env(ip, subnet, subnet.network_address + 1) == expected
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.5", "192.168.83.7; reboot", "$(id)", ""])
+def test_network_env_refuses(bad: str) -> None:
+    subnet = ipaddress.IPv4Network("192.168.83.0/24")
+    with pytest.raises(InvalidSpec):
+        network_env(bad, subnet, subnet.network_address + 1)
+
+
+def test_pack_argv_exact(tmp_path: Path) -> None:
+    argv = pack_argv(tmp_path / "out.tar.zst", Path("/cache"), "bookworm-base-123", tmp_path / "x",
+                     ["rootfs/etc/a"])
+    assert argv == [
+        "tar", "--create", f"--file={tmp_path}/out.tar.zst", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+        "--use-compress-program=zstd -T0 -3", "--checkpoint=5000", "--checkpoint-action=echo=packed %u",
+        f"--directory={tmp_path}/x", "metadata.yaml", "rootfs/etc/a",
+        "--directory=/cache", "--transform=s,^bookworm-base-123,rootfs,S", "bookworm-base-123",
+    ]  # fmt: skip
+
+
+def test_image_key_follows_root() -> None:
+    assert incus_image_key("a") != incus_image_key("b")
+    assert incus_image_key("a") == incus_image_key("a")
+
+
+def test_metadata_is_yaml_and_json() -> None:
+    meta = json.loads(metadata_yaml("k", "bookworm", 1700000000))
+    assert meta["creation_date"] == 1700000000 and meta["properties"]["release"] == "bookworm"
+    assert meta["architecture"]
+
+
+def test_setup_script_sources_only_our_file() -> None:
+    script = setup_script("agent")
+    assert ". /etc/sandbox-mcp/network.env" in script
+    assert 'ip address replace "$ADDRESS" dev "$IFACE"' in script
+    assert "chown agent:agent /home/agent/workspace" in script
+
+
+def test_settings_from_env_and_remote_needs_certs() -> None:
+    s = load_settings({"SANDBOX_MCP_INCUS_PROJECT": "team", "SANDBOX_MCP_INCUS_CPUS": "3"},
+                      config_file=Path("/nonexistent"))
+    assert (s.incus.project, s.incus.cpus, s.incus.url) == ("team", 3, None)
+    with pytest.raises(InvalidSpec, match="client_cert"):
+        load_settings({"SANDBOX_MCP_INCUS_URL": "https://incus.example:8443"}, config_file=Path("/nonexistent"))
+    with pytest.raises(InvalidSpec):
+        load_settings({"SANDBOX_MCP_INCUS_PROJECT": "a b"}, config_file=Path("/nonexistent"))
+
+
+def test_probe_without_daemon_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="is incusd running"):
+        probe(IncusSettings(socket=tmp_path / "absent.socket"), timeout_s=5)
+
+
+def test_cert_fingerprint_refuses_non_certificates(tmp_path: Path) -> None:
+    (tmp_path / "x.pem").write_text("not a certificate")
+    with pytest.raises(InvalidSpec, match="server_cert"):
+        cert_fingerprint(tmp_path / "x.pem")
