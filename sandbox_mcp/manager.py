@@ -27,6 +27,7 @@ from .fsutil import async_file_lock, lock_is_held
 from .models import (
     DestroyResult,
     DirListing,
+    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -171,6 +172,7 @@ class WorkspaceManager:
             host_workspace_dir=str(self._paths(r.name).workspace),
             ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
+            egress=r.egress,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -267,6 +269,8 @@ class WorkspaceManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
@@ -285,7 +289,9 @@ class WorkspaceManager:
         packages = validate_packages(packages, runtime.package_flavour)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
-            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
+            record = await anyio.to_thread.run_sync(
+                self._register, name, type, packages, ip, live, runtime, egress
+            )
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
@@ -309,7 +315,14 @@ class WorkspaceManager:
         return self.view(record)
 
     def _register(
-        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: Runtime
+        self,
+        name: str,
+        type_: WorkspaceType,
+        packages: list[str],
+        ip: str | None,
+        live: set[str],
+        runtime: Runtime,
+        egress: Egress,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -326,6 +339,7 @@ class WorkspaceManager:
                 cid=cid_for(name),
                 user=self.settings.user,
                 packages=packages,
+                egress=egress,
             )
             runtime.validate(record)
             data.workspaces[name] = record
@@ -473,6 +487,8 @@ class WorkspaceManager:
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
             await self.registry.remove(name)
+            if runtime.host_network:
+                await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
         await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
             self._lock_path(name).unlink()
