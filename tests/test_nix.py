@@ -1,11 +1,19 @@
 """The NixOS module (nix/) and flake.nix: every file parses; the module evaluates.
 
-Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation also needs a nixpkgs ``lib``
-checkout named by ``SANDBOX_MCP_NIXPKGS_LIB`` (a nixpkgs or nixpkgs.lib tree, or its ``lib/``);
-nothing is built, so no store or binary cache is needed. The module is evaluated with
-``lib.evalModules`` against stub modules (tests/fixtures/nix/stubs.nix) that declare, loosely
-typed, the NixOS options it sets, so its own option types are checked for real while what it
-sets on the host and in the guests is captured and compared here.
+Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation needs three public sources,
+each named by a variable (``.ci/run`` unpacks them from ``../shared/nix``):
+
+- ``SANDBOX_MCP_NIXPKGS_LIB``: a nixpkgs or nixpkgs.lib checkout (or its ``lib/``);
+- ``SANDBOX_MCP_NIXOS_CONTAINERS``: nixpkgs' ``nixos/modules/virtualisation/nixos-containers.nix``
+  (found inside the nixpkgs checkout when that variable names a full nixpkgs);
+- ``SANDBOX_MCP_MICROVM_NIX``: a microvm.nix checkout (with ``nixos-modules/host``).
+
+Nothing is built, so no store or binary cache is needed. The module is evaluated with
+``lib.evalModules`` together with the real nixos-containers.nix and the real microvm.nix host
+module (and its guest options), so the options the module sets there exist with the types it
+gives them; stub modules (tests/fixtures/nix/stubs.nix) declare, loosely typed, the rest of NixOS,
+and a stand-in ``eval-config.nix`` evaluates the guests as nixpkgs would. Without the sources the
+evaluation tests skip and say which variable is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ FIXTURES = REPO / "tests" / "fixtures" / "nix"
 EVAL_NIX = FIXTURES / "eval.nix"
 NAMING_NIX = FIXTURES / "naming.nix"
 LIB_ENV = "SANDBOX_MCP_NIXPKGS_LIB"
+CONTAINERS_ENV = "SANDBOX_MCP_NIXOS_CONTAINERS"
+MICROVM_ENV = "SANDBOX_MCP_MICROVM_NIX"
+_CONTAINERS_IN_NIXPKGS = Path("nixos/modules/virtualisation/nixos-containers.nix")
 
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 needs_nix = pytest.mark.skipif(
@@ -48,7 +59,7 @@ def _find_lib() -> tuple[str | None, str]:
     if not raw:
         return None, (
             f"{LIB_ENV} is not set; point it at a nixpkgs or nixpkgs.lib checkout (or its lib/ folder) "
-            f"to run the NixOS module's evaluation tests"
+            f"to run the NixOS module's evaluation tests (.ci/run unpacks one from ../shared/nix)"
         )
     root = Path(raw).expanduser()
     for cand in (root / "lib", root):
@@ -57,12 +68,57 @@ def _find_lib() -> tuple[str | None, str]:
     return None, f"{LIB_ENV}={raw} holds no nixpkgs lib (no lib/default.nix with modules.nix beside it)"
 
 
+def _find_containers_module() -> tuple[str | None, str]:
+    """nixpkgs' nixos-containers.nix: from its variable, else inside a full nixpkgs checkout."""
+    raw = os.environ.get(CONTAINERS_ENV)
+    if raw:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            return str(path.resolve()), ""
+        return None, f"{CONTAINERS_ENV}={raw} is not a file (nixpkgs' nixos-containers.nix)"
+    lib_root = os.environ.get(LIB_ENV)
+    if lib_root:
+        for root in (Path(lib_root), Path(lib_root).parent):
+            if (root / _CONTAINERS_IN_NIXPKGS).is_file():
+                return str((root / _CONTAINERS_IN_NIXPKGS).resolve()), ""
+    return None, (
+        f"{CONTAINERS_ENV} is not set; point it at nixpkgs' {_CONTAINERS_IN_NIXPKGS} "
+        f"(.ci/run takes it from ../shared/nix)"
+    )
+
+
+def _find_microvm() -> tuple[str | None, str]:
+    """The microvm.nix checkout from the environment, or None and why not."""
+    raw = os.environ.get(MICROVM_ENV)
+    if not raw:
+        return None, (
+            f"{MICROVM_ENV} is not set; point it at a microvm.nix checkout "
+            f"(.ci/run unpacks one from ../shared/nix)"
+        )
+    root = Path(raw).expanduser()
+    if (root / "nixos-modules" / "host" / "default.nix").is_file():
+        return str(root.resolve()), ""
+    return None, f"{MICROVM_ENV}={raw} holds no microvm.nix (no nixos-modules/host/default.nix)"
+
+
 LIB, LIB_MISSING = _find_lib()
+CONTAINERS_NIX, CONTAINERS_MISSING = _find_containers_module()
+MICROVM_NIX, MICROVM_MISSING = _find_microvm()
 needs_lib = pytest.mark.skipif(NIX_INSTANTIATE is None or LIB is None, reason=LIB_MISSING or "no nix")
+EVAL_MISSING = (
+    "nix-instantiate not found (Debian package nix-bin)"
+    if NIX_INSTANTIATE is None
+    else "; ".join(m for m in (LIB_MISSING, CONTAINERS_MISSING, MICROVM_MISSING) if m)
+)
+# The module evaluation tests: nixpkgs lib, nixos-containers.nix and microvm.nix.
+needs_eval = pytest.mark.skipif(bool(EVAL_MISSING), reason=EVAL_MISSING)
 
 
 def _instantiate(expr_file: Path, args: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = [NIX_INSTANTIATE, "--eval", "--strict", "--json", str(expr_file)]
+    assert NIX_INSTANTIATE is not None and LIB is not None
+    # The stand-in eval-config.nix finds nixpkgs' lib through this search path entry.
+    argv = [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-I", f"sandbox-mcp-nixpkgs-lib={LIB}"]
+    argv.append(str(expr_file))
     for key, value in args.items():
         argv += ["--argstr", key, value]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -74,9 +130,19 @@ def _write_json(tmp_path: Path, data: Any) -> Path:
     return path
 
 
+def _eval_args(tmp_path: Path, case: dict[str, Any]) -> dict[str, str]:
+    assert LIB is not None and CONTAINERS_NIX is not None and MICROVM_NIX is not None
+    return {
+        "libPath": LIB,
+        "inputFile": str(_write_json(tmp_path, case)),
+        "containersModule": CONTAINERS_NIX,
+        "microvmSource": MICROVM_NIX,
+    }
+
+
 def evaluate(tmp_path: Path, case: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the module for ``case`` (see eval.nix); fail the test with nix's stderr on error."""
-    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    proc = _instantiate(EVAL_NIX, _eval_args(tmp_path, case))
     if proc.returncode != 0:
         pytest.fail(f"evaluation failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
@@ -84,7 +150,7 @@ def evaluate(tmp_path: Path, case: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_error(tmp_path: Path, case: dict[str, Any]) -> str:
     """Evaluate ``case``, expecting nix to refuse it; returns the error text."""
-    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    proc = _instantiate(EVAL_NIX, _eval_args(tmp_path, case))
     assert proc.returncode != 0, f"evaluation unexpectedly succeeded: {proc.stdout[:2000]}"
     return proc.stderr
 
@@ -107,8 +173,8 @@ THREE = {
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if NIX_INSTANTIATE is None or LIB is None:
-        pytest.skip(LIB_MISSING or "no nix-instantiate")
+    if EVAL_MISSING:
+        pytest.skip(EVAL_MISSING)
     tmp = tmp_path_factory.mktemp("nix-three")
     return evaluate(tmp, {"settings": settings(THREE, stateDir="/srv/sbx"), "host": INCUS_HOST})
 
@@ -139,9 +205,15 @@ def test_parse_check_catches_a_syntax_error(tmp_path: Path) -> None:
 
 
 def test_eval_tests_say_why_they_skip() -> None:
-    if LIB is None:
-        print(f"NixOS module evaluation tests skipped: {LIB_MISSING}")
-    assert LIB is not None or LIB_MISSING
+    if EVAL_MISSING:
+        print(f"NixOS module evaluation tests skipped: {EVAL_MISSING}")
+    assert (LIB is not None and CONTAINERS_NIX is not None and MICROVM_NIX is not None) or EVAL_MISSING
+
+
+def test_eval_sources_present_where_required() -> None:
+    # .ci/run sets this when it unpacked the sources: there, a skip would hide a broken setup.
+    if os.environ.get("SANDBOX_MCP_REQUIRE_NIX_EVAL") == "1":
+        assert not EVAL_MISSING, EVAL_MISSING
 
 
 # ---- naming: the module and the server agree -------------------------------------------------
@@ -179,7 +251,7 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
 # ---- option types ----------------------------------------------------------------------------
 
 
-@needs_lib
+@needs_eval
 @pytest.mark.parametrize(
     ("workspace", "option"),
     [
@@ -206,7 +278,7 @@ def test_bad_option_values_are_rejected(tmp_path: Path, workspace: dict[str, Any
     assert option in err
 
 
-@needs_lib
+@needs_eval
 def test_bad_user_name_is_rejected(tmp_path: Path) -> None:
     workspaces = {"web": {"type": "container", "ip": "192.168.83.10"}}
     err = evaluate_error(tmp_path, {"settings": settings(workspaces, user={"name": "Bad User"})})
@@ -224,9 +296,21 @@ def test_container_backend(three: dict[str, Any]) -> None:
     assert c["localMacAddress"] == mac_for("web")
     assert c["autoStart"] is False
     assert c["bindMounts"] == {
-        "/home/agent/workspace": {"hostPath": "/srv/sbx/web/workspace", "isReadOnly": False},
-        "/etc/ssh-host-keys": {"hostPath": "/srv/sbx/web/ssh-host-keys", "isReadOnly": True},
-        "/home/agent/claude-config": {"hostPath": "/srv/sbx/web/claude-config", "isReadOnly": False},
+        "/home/agent/workspace": {
+            "hostPath": "/srv/sbx/web/workspace",
+            "mountPoint": "/home/agent/workspace",
+            "isReadOnly": False,
+        },
+        "/etc/ssh-host-keys": {
+            "hostPath": "/srv/sbx/web/ssh-host-keys",
+            "mountPoint": "/etc/ssh-host-keys",
+            "isReadOnly": True,
+        },
+        "/home/agent/claude-config": {
+            "hostPath": "/srv/sbx/web/claude-config",
+            "mountPoint": "/home/agent/claude-config",
+            "isReadOnly": False,
+        },
     }
     assert set(three["containers"]) == {"web"}
     unit = three["services"]["container@web"]
@@ -363,7 +447,7 @@ def test_guest_base_configuration(three: dict[str, Any]) -> None:
     assert three["guests"]["web"]["packages"][:1] == ["ripgrep"]
 
 
-@needs_lib
+@needs_eval
 def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     out = evaluate(
         tmp_path,
@@ -394,6 +478,7 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     }
     assert out["containers"]["dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
         "hostPath": "/run/sandboxed-workspace/dev",
+        "mountPoint": "/var/lib/sandbox-secrets",
         "isReadOnly": True,
     }
     assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
@@ -404,7 +489,7 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     assert out["aliases"]["workspace_dev"] == "ssh alice@workspace-dev"
 
 
-@needs_lib
+@needs_eval
 def test_pinned_host_key(tmp_path: Path) -> None:
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinned dev"
     out = evaluate(
@@ -419,15 +504,17 @@ def test_pinned_host_key(tmp_path: Path) -> None:
     assert "exit 1" in script
 
 
-@needs_lib
+@needs_eval
 def test_disabled_module_sets_nothing(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": {"workspaces": THREE}, "host": INCUS_HOST})
-    assert out["containers"] == {} and out["vms"] == {} and out["services"] == {}
+    assert out["containers"] == {} and out["vms"] == {}
+    # Only microvm.nix's own unit templates, nothing of a workspace.
+    assert out["services"] and all(name.endswith("@") for name in out["services"])
     assert out["hosts"] == {} and out["aliases"] == {} and out["failedAssertions"] == []
     assert out["network"]["systemd"] == {}
 
 
-@needs_lib
+@needs_eval
 def test_module_works_without_microvm_for_other_types(tmp_path: Path) -> None:
     out = evaluate(
         tmp_path,
@@ -488,7 +575,7 @@ ASSERTION_CASES = {
 }
 
 
-@needs_lib
+@needs_eval
 @pytest.mark.parametrize("case", list(ASSERTION_CASES))
 def test_assertions_fire(tmp_path: Path, case: str) -> None:
     workspaces, expected = ASSERTION_CASES[case]
@@ -498,32 +585,57 @@ def test_assertions_fire(tmp_path: Path, case: str) -> None:
         assert fragment in messages, f"{fragment!r} not in:\n{messages}"
 
 
-@needs_lib
+@needs_eval
 def test_valid_setup_passes_every_assertion(three: dict[str, Any]) -> None:
     assert three["failedAssertions"] == []
+    # The guests' too: nixos-containers.nix's name checks, microvm.nix's share/interface checks.
+    for name, guest in three["guests"].items():
+        assert guest["failedAssertions"] == [], name
 
 
-@needs_lib
+@needs_eval
+def test_the_real_backend_modules_check_their_options(tmp_path: Path) -> None:
+    # The evaluation uses nixpkgs' and microvm.nix's own option declarations, not loose stubs.
+    err = evaluate_error(tmp_path, {"host": {"containers": {"x": {"path": "/nix/store/x", "privateUsers": "everyone"}}}})
+    assert "containers.x.privateUsers" in err
+    err = evaluate_error(
+        tmp_path,
+        {
+            "settings": settings({"v": _ws("vm", "192.168.83.10")}),
+            "host": {"microvm": {"vms": {"v": {"autostart": "yes"}}}},
+        },
+    )
+    assert "microvm.vms.v.autostart" in err
+    module = tmp_path / "bad-share.nix"
+    module.write_text('{ microvm.shares = [ { tag = "t"; source = "/s"; mountPoint = "/m"; proto = "nfs"; } ]; }')
+    err = evaluate_error(
+        tmp_path,
+        {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
+    )
+    assert "microvm.shares" in err and "proto" in err
+
+
+@needs_eval
 def test_vm_without_microvm_module_asks_for_it(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"microvm": False, "settings": settings({"v": _ws("vm", "192.168.83.10")})})
     (msg,) = out["failedAssertions"]
     assert "needs microvm.nix's host module" in msg and "nixosModules.default" in msg
 
 
-@needs_lib
+@needs_eval
 def test_incus_needs_incus_enabled(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({"i": _ws("incus", "192.168.83.10")})})
     (msg,) = out["failedAssertions"]
     assert "virtualisation.incus.enable = true;" in msg
 
 
-@needs_lib
+@needs_eval
 def test_subnet_too_small(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({}, network={"subnet": "192.168.83.0/31"})})
     assert any('subnet = "192.168.83.0/31" is not an IPv4 subnet' in m for m in out["failedAssertions"])
 
 
-@needs_lib
+@needs_eval
 def test_host_address_outside_subnet(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({}, network={"hostAddress": "10.1.1.1"})})
     assert any("hostAddress" in m and "10.1.1.1" in m for m in out["failedAssertions"])
@@ -571,7 +683,7 @@ def _registry_tree(tmp_path: Path) -> Path:
     return path
 
 
-@needs_lib
+@needs_eval
 def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     from_registry = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
@@ -603,7 +715,7 @@ def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None
     assert from_registry["guests"]["vm2"]["microvm"]["mem"] == 2048
 
 
-@needs_lib
+@needs_eval
 def test_registry_and_declared_merge(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     out = evaluate(
@@ -622,7 +734,7 @@ def test_registry_and_declared_merge(tmp_path: Path) -> None:
     assert keys == ["ssh-ed25519 AAAAMine me", SERVER_KEY]
 
 
-@needs_lib
+@needs_eval
 def test_name_in_registry_and_declarations_is_refused(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     out = evaluate(
@@ -634,7 +746,7 @@ def test_name_in_registry_and_declarations_is_refused(tmp_path: Path) -> None:
     assert "Remove one of the two" in msg
 
 
-@needs_lib
+@needs_eval
 def test_registry_is_type_checked(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     data = json.loads(registry.read_text())
@@ -644,7 +756,7 @@ def test_registry_is_type_checked(tmp_path: Path) -> None:
     assert "sandboxed-workspace.registryWorkspaces.ws1.type" in err
 
 
-@needs_lib
+@needs_eval
 def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     data = json.loads(registry.read_text())
