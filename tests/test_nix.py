@@ -22,14 +22,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox_mcp.config import NixosSettings, Settings
 from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
+from sandbox_mcp.runtimes.base import no_progress
+from sandbox_mcp.runtimes.nixos import NixosRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "nix"
@@ -767,3 +772,79 @@ def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> Non
     messages = "\n".join(out["failedAssertions"])
     assert "has version\n2; this module reads version 1" in messages
     assert "absolute config paths for\nvm2; they must be relative" in messages
+
+
+# ---- the server's registry writer and the module's reader, on one file -----------------------
+
+# nixos-rebuild cannot run here: the runtime's command prefix puts a no-op in front of it (python
+# ignores the words after `-c CODE`), so prepare() writes the registry and "rebuilds" for real.
+_NO_REBUILD = [sys.executable, "-c", "pass"]
+
+
+async def _write_registry_with_the_server(tmp_path: Path, records: list[WorkspaceRecord]) -> Path:
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        nixos=NixosSettings(flake=str(flake), host="fry", escalation="sudo"),
+    )
+    runtime = NixosRuntime(settings, client_public_key=SERVER_KEY, command_prefix=_NO_REBUILD)
+    for record in records:
+        await runtime.prepare(record, no_progress)
+    assert runtime.registry_path.is_file()
+    return runtime.registry_path
+
+
+def _record(name: str, type_: str, ip: str, packages: list[str]) -> WorkspaceRecord:
+    return WorkspaceRecord(
+        name=name,
+        type=type_,  # type: ignore[arg-type]
+        runtime="nixos",
+        ip=ip,
+        mac=mac_for(name),
+        cid=cid_for(name),
+        user="agent",
+        packages=packages,
+    )
+
+
+@needs_eval
+@pytest.mark.anyio
+async def test_module_reads_the_registry_the_server_writes(tmp_path: Path) -> None:
+    records = [
+        _record("web", "container", "192.168.83.20", ["ripgrep", "python3Packages.requests"]),
+        _record("vm1", "vm", "192.168.83.21", ["jq"]),
+        _record("inc", "incus", "192.168.83.22", []),
+    ]
+    registry = await _write_registry_with_the_server(tmp_path, records)
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({}, registryFile=str(registry), stateDir="/srv/sbx"), "host": INCUS_HOST},
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["workspaces"]) == {"web", "vm1", "inc"}
+    for name in ("web", "vm1", "inc"):
+        # The per-workspace .nix template the server wrote is imported (relative to the registry).
+        assert out["workspaces"][name]["hasConfig"] is True
+        assert out["workspaces"][name]["autoStart"] is False
+
+    web = out["containers"]["web"]
+    assert web["localAddress"] == "192.168.83.20/24" and web["localMacAddress"] == mac_for("web")
+    assert web["hostBridge"] == "sandbox-br" and web["ephemeral"] is True
+    assert web["bindMounts"]["/home/agent/workspace"]["hostPath"] == "/srv/sbx/web/workspace"
+    guest = out["guests"]["web"]
+    assert {"ripgrep", "python3.12-requests-2.32.3"} <= set(guest["packages"])
+    # The server's client key, from the registry, may log in.
+    assert guest["users"]["agent"]["openssh"]["authorizedKeys"]["keys"] == [SERVER_KEY]
+
+    assert set(out["vms"]) == {"vm1"}
+    mv = out["guests"]["vm1"]["microvm"]
+    assert mv["interfaces"] == [{"type": "tap", "id": "vm-vm1", "mac": mac_for("vm1")}]
+    assert mv["vsock"] == {"cid": cid_for("vm1")}
+    assert out["guests"]["vm1"]["packages"][0] == "jq"
+
+    unit = out["services"]["incus-workspace-inc"]
+    assert unit["wantedBy"] == []  # the server starts it
+    assert out["hosts"]["192.168.83.22"] == ["workspace-inc"]
+    for name, unit_name in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
+        assert f"sandboxed-workspace-setup-{name}.service" in out["services"][unit_name]["requires"]
