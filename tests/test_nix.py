@@ -353,6 +353,14 @@ def test_vm_backend(three: dict[str, Any]) -> None:
     unit = three["services"]["microvm@vm1"]
     assert unit["overrideStrategy"] == "asDropin"
     assert unit["requires"] == ["sandboxed-workspace-setup-vm1.service"]
+    # virtiofsd serves the shares: it starts only after the setup unit fixed their owner and mode.
+    virtiofsd = three["services"]["microvm-virtiofsd@vm1"]
+    assert virtiofsd["overrideStrategy"] == "asDropin"
+    assert virtiofsd["requires"] == virtiofsd["after"] == ["sandboxed-workspace-setup-vm1.service"]
+    setup = three["services"]["sandboxed-workspace-setup-vm1"]
+    assert "microvm-virtiofsd@vm1.service" in setup["before"]
+    # microvm.nix's own template orders virtiofsd before the VM, so the chain is complete.
+    assert "microvm-virtiofsd@%i.service" in three["services"]["microvm@"]["after"]
     # The host bridge enslaves exactly the VMs' TAPs.
     taps = three["network"]["systemd"]["networks"]["41-sandboxed-workspace-taps"]
     assert taps["matchConfig"]["Name"] == ["vm-vm1"] and taps["networkConfig"]["Bridge"] == "sandbox-br"
@@ -400,7 +408,8 @@ def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
     assert len(aliases) == 15
     for name, unit in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
         setup = three["services"][f"sandboxed-workspace-setup-{name}"]
-        assert setup["before"] == [f"{unit}.service"]
+        virtiofsd = [f"microvm-virtiofsd@{name}.service"] if name == "vm1" else []
+        assert setup["before"] == [f"{unit}.service", *virtiofsd]
         script = setup["script"]
         assert f"state=/srv/sbx/{name}\n" in script
         assert 'ssh-keygen -q -t ed25519 -N "" -C ' + name in script
@@ -488,8 +497,8 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     }
     assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
     script = out["services"]["sandboxed-workspace-setup-dev"]["script"]
-    assert "install -m 0400 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
-    assert "-o 1001 -g 100" in script
+    assert "install -m 0400 -o 0 -g 0 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
+    assert 'dir "$state/workspace" 0755 1001:100' in script
     assert out["aliases"]["workspace_dev_start"] == "doas systemctl start container@dev"
     assert out["aliases"]["workspace_dev"] == "ssh alice@workspace-dev"
 
@@ -848,3 +857,83 @@ async def test_module_reads_the_registry_the_server_writes(tmp_path: Path) -> No
     assert out["hosts"]["192.168.83.22"] == ["workspace-inc"]
     for name, unit_name in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
         assert f"sandboxed-workspace-setup-{name}.service" in out["services"][unit_name]["requires"]
+
+
+# ---- issue 12.7: microvm.nix's tmpfiles rules versus the setup unit, for real -----------------
+
+
+def _tmpfiles_lines(settings_: dict[str, Any], owner_map: dict[str, str]) -> list[str]:
+    """tmpfiles.d lines from ``systemd.tmpfiles.settings`` entries, as NixOS writes them."""
+    lines = []
+    for path, types in settings_.items():
+        for kind, e in types.items():
+            user = owner_map.get(e["user"], e["user"])
+            group = owner_map.get(e["group"], e["group"])
+            lines.append(f"{kind} {path} {e['mode']} {user} {group} {e.get('age', '-')} -")
+    return lines
+
+
+@needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
+def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path) -> None:
+    state_root = tmp_path / "state"
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"vm1": _ws("vm", "192.168.83.11")}, stateDir=str(state_root))},
+    )
+    rules = out["tmpfiles"]["10-microvm"]
+    ours = {p: r for p, r in rules.items() if p.startswith(str(state_root))}
+    assert set(ours) == {f"{state_root}/vm1/{d}" for d in ("workspace", "ssh-host-keys", "claude-config")}
+    # What real microvm.nix declares: created as microvm:kvm 0775 (":" = only when missing).
+    assert all(r["d"] == {"user": ":microvm", "group": ":kvm", "mode": ":0775"} for r in ours.values())
+
+    # Apply those rules with systemd-tmpfiles, as the host does at boot. The microvm user and kvm
+    # group do not exist here: nobody/nogroup stand in for them (any uid but the agent's).
+    conf = tmp_path / "microvm.conf"
+    conf.write_text("\n".join(_tmpfiles_lines(ours, {":microvm": ":nobody", ":kvm": ":nogroup"})) + "\n")
+    subprocess.run(["systemd-tmpfiles", "--create", str(conf)], check=True, capture_output=True)
+    ws_dir = state_root / "vm1" / "workspace"
+    nobody = ws_dir.stat().st_uid
+    assert nobody != 1000 and oct(ws_dir.stat().st_mode & 0o7777) == "0o775"  # the bug's starting point
+
+    # Then the setup unit's script, as systemd would run it (bash -e, its `path` on PATH).
+    script = out["services"]["sandboxed-workspace-setup-vm1"]["script"]
+    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+    def owner_mode(p: Path) -> tuple[int, int, str]:
+        st = p.lstat()
+        return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
+
+    root_st = state_root.stat()
+    assert owner_mode(ws_dir) == (1000, 100, "0o755")  # the agent can write ~/workspace
+    assert owner_mode(state_root / "vm1" / "claude-config") == (1000, 100, "0o700")
+    keys = state_root / "vm1" / "ssh-host-keys"
+    # Not group-writable any more: the kvm group cannot replace the pinned key.
+    assert owner_mode(keys) == (root_st.st_uid, root_st.st_gid, "0o755")
+    assert owner_mode(keys / "ssh_host_ed25519_key")[2] == "0o600"
+    assert owner_mode(keys / "authorized_keys")[2] == "0o644"
+
+    # A second start keeps the key (the server pinned it) and the modes.
+    key_before = (keys / "ssh_host_ed25519_key").read_bytes()
+    os.chmod(ws_dir, 0o775)
+    subprocess.run(["bash", "-e", "-c", script], check=True, capture_output=True)
+    assert (keys / "ssh_host_ed25519_key").read_bytes() == key_before
+    assert owner_mode(ws_dir) == (1000, 100, "0o755")
+
+
+@needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
+def test_setup_unit_refuses_a_symlinked_share(tmp_path: Path) -> None:
+    state_root = tmp_path / "state"
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir=str(state_root))})
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (state_root / "c1").mkdir(parents=True)
+    (state_root / "c1" / "workspace").symlink_to(victim)
+    script = out["services"]["sandboxed-workspace-setup-c1"]["script"]
+    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "workspace is a symbolic link; remove it" in proc.stderr
+    assert victim.stat().st_uid == 0 and oct(victim.stat().st_mode & 0o777) == "0o700"
