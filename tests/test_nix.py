@@ -265,6 +265,8 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
         ({"type": "container", "ip": "192.168.83.10", "packages": ["rm -rf /"]}, "packages"),
         ({"type": "vm", "ip": "192.168.83.10", "vcpu": 0}, "sandboxed-workspace.workspaces.web.vcpu"),
         ({"type": "vm", "ip": "192.168.83.10", "cid": 2}, "sandboxed-workspace.workspaces.web.cid"),
+        ({"type": "container", "ip": "192.168.83.10", "memoryMiB": -1}, "workspaces.web.memoryMiB"),
+        ({"type": "container", "ip": "192.168.83.10", "tasks": "many"}, "workspaces.web.tasks"),
         ({"type": "container", "ip": "192.168.83.10", "autoStart": "yes"}, "autoStart"),
         ({"type": "container", "ip": "192.168.83.10", "colour": "red"}, "colour"),
     ],
@@ -274,6 +276,8 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
         "bad-package",
         "zero-vcpu",
         "reserved-cid",
+        "negative-memory",
+        "tasks-str",
         "autostart-str",
         "unknown-option",
     ],
@@ -300,30 +304,106 @@ def test_container_backend(three: dict[str, Any]) -> None:
     assert c["localAddress"] == "192.168.83.10/24"
     assert c["localMacAddress"] == mac_for("web")
     assert c["autoStart"] is False
+    # Unprivileged: root inside is a uid range nspawn picks; the shares are idmapped through it.
+    assert c["privateUsers"] == "pick"
     assert c["bindMounts"] == {
         "/home/agent/workspace": {
             "hostPath": "/srv/sbx/web/workspace",
-            "mountPoint": "/home/agent/workspace",
+            "mountPoint": "/home/agent/workspace:idmap",
             "isReadOnly": False,
         },
         "/etc/ssh-host-keys": {
             "hostPath": "/srv/sbx/web/ssh-host-keys",
-            "mountPoint": "/etc/ssh-host-keys",
+            "mountPoint": "/etc/ssh-host-keys:idmap",
             "isReadOnly": True,
         },
         "/home/agent/claude-config": {
             "hostPath": "/srv/sbx/web/claude-config",
-            "mountPoint": "/home/agent/claude-config",
+            "mountPoint": "/home/agent/claude-config:idmap",
             "isReadOnly": False,
         },
     }
+    # What nixos-containers.nix hands systemd-nspawn for it (its /etc/nixos-containers/web.conf).
+    conf = three["containerConf"]["web"]
+    assert "PRIVATE_USERS=pick\n" in conf
+    assert "HOST_BRIDGE=sandbox-br\n" in conf and "LOCAL_ADDRESS=192.168.83.10/24\n" in conf
+    assert f"LOCAL_MAC_ADDRESS={mac_for('web')}\n" in conf
+    flags = conf.split('EXTRA_NSPAWN_FLAGS="', 1)[1].split('"', 1)[0].split()
+    assert sorted(flags) == sorted(
+        [
+            "--bind=/srv/sbx/web/workspace:/home/agent/workspace:idmap",
+            "--bind-ro=/srv/sbx/web/ssh-host-keys:/etc/ssh-host-keys:idmap",
+            "--bind=/srv/sbx/web/claude-config:/home/agent/claude-config:idmap",
+        ]
+    )
     assert set(three["containers"]) == {"web"}
     unit = three["services"]["container@web"]
+    # The module-wide default limits on the container's unit (its cgroup holds the container).
+    limits = {k: unit["serviceConfig"][k] for k in ("CPUQuota", "MemoryMax", "MemorySwapMax", "TasksMax")}
+    assert limits == {"CPUQuota": "400%", "MemoryMax": "4096M", "MemorySwapMax": "0", "TasksMax": 4096}
+    # ... merged into nixos-containers.nix's own unit, not replacing it.
+    assert unit["serviceConfig"]["Delegate"] is True and unit["serviceConfig"]["Type"] == "notify"
     assert unit["requires"] == ["sandboxed-workspace-setup-web.service"]
     assert unit["after"] == ["sandboxed-workspace-setup-web.service"]
     # Restarted on a rebuild even without autoStart (nixpkgs only triggers for autoStart).
     assert unit["restartIfChanged"] is True
     assert unit["restartTriggers"] == [c["path"]]
+
+
+@needs_eval
+def test_privileged_containers_only_when_asked(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"web": _ws("container", "192.168.83.10")}, container={"privateUsers": "no"})},
+    )
+    c = out["containers"]["web"]
+    assert c["privateUsers"] == "no"
+    assert c["bindMounts"]["/home/agent/workspace"]["mountPoint"] == "/home/agent/workspace"
+    conf = out["containerConf"]["web"]
+    assert "PRIVATE_USERS=no\n" in conf and ":idmap" not in conf
+
+
+@needs_eval
+def test_limits_per_workspace(tmp_path: Path) -> None:
+    workspaces = {
+        "small": _ws("container", "192.168.83.10", cpus=1, memoryMiB=512, tasks=256),
+        "vm1": _ws("vm", "192.168.83.11", cpus=3, memoryMiB=3072),
+        "vm2": _ws("vm", "192.168.83.12", vcpu=2, memory=1536),  # the older names
+        "vm3": _ws("vm", "192.168.83.13"),
+        "big": _ws("container", "192.168.83.14"),
+    }
+    out = evaluate(
+        tmp_path,
+        {"settings": settings(workspaces, limits={"cpus": 6, "memoryMiB": 6144, "tasks": 9000})},
+    )
+    assert out["failedAssertions"] == []
+    small = out["services"]["container@small"]["serviceConfig"]
+    assert (small["CPUQuota"], small["MemoryMax"], small["TasksMax"]) == ("100%", "512M", 256)
+    big = out["services"]["container@big"]["serviceConfig"]
+    assert (big["CPUQuota"], big["MemoryMax"], big["TasksMax"]) == ("600%", "6144M", 9000)
+    vms = {n: out["guests"][n]["microvm"] for n in ("vm1", "vm2", "vm3")}
+    assert [(v["vcpu"], v["mem"]) for v in vms.values()] == [(3, 3072), (2, 1536), (6, 6144)]
+
+
+@needs_eval
+def test_limits_from_the_registry(tmp_path: Path) -> None:
+    registry = tmp_path / "sandboxed-workspaces.json"
+    registry.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "authorizedKeys": [SERVER_KEY],
+                "workspaces": {
+                    "c1": {"type": "container", "ip": "192.168.83.10", "cpus": 2, "memoryMiB": 1024, "tasks": 300},
+                    "v1": {"type": "vm", "ip": "192.168.83.11", "cpus": 2, "memoryMiB": 2048},
+                },
+            }
+        )
+    )
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    unit = out["services"]["container@c1"]["serviceConfig"]
+    assert (unit["CPUQuota"], unit["MemoryMax"], unit["TasksMax"]) == ("200%", "1024M", 300)
+    assert (out["guests"]["v1"]["microvm"]["vcpu"], out["guests"]["v1"]["microvm"]["mem"]) == (2, 2048)
 
 
 def test_vm_backend(three: dict[str, Any]) -> None:
@@ -492,7 +572,7 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     }
     assert out["containers"]["dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
         "hostPath": "/run/sandboxed-workspace/dev",
-        "mountPoint": "/var/lib/sandbox-secrets",
+        "mountPoint": "/var/lib/sandbox-secrets:idmap",
         "isReadOnly": True,
     }
     assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
@@ -582,6 +662,14 @@ ASSERTION_CASES = {
         ['sandboxed-workspace.workspaces.a.memory only applies to type "vm"'],
     ),
     "cid-on-container": ({"a": _ws("container", "192.168.83.10", cid=50)}, ["workspaces.a.cid only applies"]),
+    "cpus-and-vcpu": (
+        {"a": _ws("vm", "192.168.83.10", cpus=2, vcpu=4)},
+        ["workspaces.a.cpus and sandboxed-workspace.workspaces.a.vcpu are both set", "remove vcpu"],
+    ),
+    "memory-twice": (
+        {"a": _ws("vm", "192.168.83.10", memoryMiB=2048, memory=4096)},
+        ["workspaces.a.memoryMiB and sandboxed-workspace.workspaces.a.memory are both set"],
+    ),
     "unknown-package": (
         {"a": _ws("container", "192.168.83.10", packages=["ripgrep", "python3Packages.nope"])},
         ['names "python3Packages.nope", which is not a package of pkgs'],

@@ -23,8 +23,8 @@ let
   guestModule = name: ws: {
     microvm = {
       hypervisor = lib.mkDefault cfg.vm.hypervisor;
-      vcpu = if ws.vcpu != null then ws.vcpu else cfg.vm.vcpu;
-      mem = if ws.memory != null then ws.memory else cfg.vm.memory;
+      vcpu = (wlib.limitsFor cfg ws).cpus;
+      mem = (wlib.limitsFor cfg ws).memoryMiB;
 
       # The host's store, read-only, under a writable overlay kept in a
       # volume, so `nix build` works inside the VM.
