@@ -461,15 +461,57 @@ def test_incus_backend(three: dict[str, Any]) -> None:
     images = f"{store}-metadata-inc/tarball/*.tar.xz {store}-tarball-inc/tarball/*.tar.xz"
     assert f"incus image import {images}" in start
     assert "incus delete --force workspace-inc" in start
-    assert "incus create --ephemeral sandboxed-workspace-inc-" in start
-    assert f"nic nictype=bridged parent=sandbox-br hwaddr={mac_for('inc')}" in start
+    # Nothing is added imperatively: the instance comes from the default profile and its own.
     assert (
-        "workspace disk source=/srv/sbx/inc/workspace path=/home/agent/workspace shift=true readonly=false"
-        in start
+        "incus create --ephemeral sandboxed-workspace-inc-" in start
+        and " workspace-inc --profile default --profile sandboxed-workspace-inc\n" in start
     )
-    keys = "source=/srv/sbx/inc/ssh-host-keys path=/etc/ssh-host-keys shift=true readonly=true"
-    assert f"ssh-host-keys disk {keys}" in start
+    assert "config device add" not in start
     assert start.index("incus create") < start.index("incus start workspace-inc")
+    # ... which NixOS's incus-preseed.service creates or updates on each rebuild.
+    assert "incus-preseed.service" in unit["requires"] and "incus-preseed.service" in unit["after"]
+    (profile,) = three["incusPreseed"]["profiles"]
+    assert profile["name"] == "sandboxed-workspace-inc"
+    assert profile["config"] == {
+        "limits.cpu": "4",
+        "limits.memory": "4096MiB",
+        "limits.memory.swap": "false",
+        "limits.processes": "4096",
+        "security.nesting": "true",
+    }
+    assert profile["devices"] == {
+        "eth0": {
+            "type": "nic",
+            "nictype": "bridged",
+            "parent": "sandbox-br",
+            "hwaddr": mac_for("inc"),
+            "name": "eth0",
+        },
+        "workspace": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/workspace",
+            "path": "/home/agent/workspace",
+            "shift": "true",
+            "readonly": "false",
+        },
+        "ssh-host-keys": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/ssh-host-keys",
+            "path": "/etc/ssh-host-keys",
+            "shift": "true",
+            "readonly": "true",
+        },
+        "claude-config": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/claude-config",
+            "path": "/home/agent/claude-config",
+            "shift": "true",
+            "readonly": "false",
+        },
+    }
+    # Every value is a string, as Incus wants them.
+    assert all(isinstance(v, str) for v in profile["config"].values())
+    assert all(isinstance(v, str) for d in profile["devices"].values() for v in d.values())
     assert "incus stop --force workspace-inc" in stop
 
 
@@ -1025,3 +1067,33 @@ def test_setup_unit_refuses_a_symlinked_share(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "workspace is a symbolic link; remove it" in proc.stderr
     assert victim.stat().st_uid == 0 and oct(victim.stat().st_mode & 0o777) == "0o700"
+
+
+@needs_eval
+def test_incus_profiles_merge_with_the_users_preseed(tmp_path: Path) -> None:
+    users_preseed = {
+        "storage_pools": [{"name": "default", "driver": "dir"}],
+        "profiles": [{"name": "default", "devices": {"root": {"type": "disk", "path": "/", "pool": "default"}}}],
+    }
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {
+                    "i1": _ws("incus", "192.168.83.10", cpus=2, memoryMiB=1024, tasks=500),
+                    "i2": _ws("incus", "192.168.83.11"),
+                }
+            ),
+            "host": {"virtualisation": {"incus": {"enable": True, "preseed": users_preseed}}},
+        },
+    )
+    preseed = out["incusPreseed"]
+    assert preseed["storage_pools"] == users_preseed["storage_pools"]
+    names = [p["name"] for p in preseed["profiles"]]
+    assert sorted(names) == ["default", "sandboxed-workspace-i1", "sandboxed-workspace-i2"]
+    i1 = next(p for p in preseed["profiles"] if p["name"] == "sandboxed-workspace-i1")
+    assert (i1["config"]["limits.cpu"], i1["config"]["limits.memory"], i1["config"]["limits.processes"]) == (
+        "2",
+        "1024MiB",
+        "500",
+    )
