@@ -23,18 +23,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox_mcp import hostcmd
 from sandbox_mcp.config import NixosSettings, Settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
 from sandbox_mcp.runtimes.base import no_progress
-from sandbox_mcp.runtimes.nixos import NixosRuntime
+from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "nix"
@@ -1097,3 +1099,144 @@ def test_incus_profiles_merge_with_the_users_preseed(tmp_path: Path) -> None:
         "1024MiB",
         "500",
     )
+
+
+# ---- issue 10.7: sudo/doas rules pinned to the server's exact commands -----------------------
+
+RULE_WORKSPACES = {
+    "web": _ws("container", "192.168.83.10"),
+    "vm1": _ws("vm", "192.168.83.11"),
+    "inc": _ws("incus", "192.168.83.12"),
+}
+
+
+def _server_argv(escalation: hostcmd.Escalation) -> list[list[str]]:
+    """What the server runs through the escalation, from hostcmd's own builders (prefix removed)."""
+    n = 0 if escalation == "none" else 2  # "sudo -n" / "doas -n"
+    argvs = [hostcmd.nixos_rebuild_argv("/etc/nixos", "fry", escalation)[n:]]
+    for name, ws in RULE_WORKSPACES.items():
+        for action in ("start", "stop"):
+            argvs.append(hostcmd.systemctl_argv(action, unit_for(ws["type"], name), escalation)[n:])
+    return argvs
+
+
+def _rules_case(user: str, escalation: str, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    server = {"user": user, "escalation": escalation, "flake": "/etc/nixos", "host": "fry"}
+    return {
+        "settings": settings(RULE_WORKSPACES, server=server),
+        "host": {**INCUS_HOST, **(host or {})},
+    }
+
+
+@needs_eval
+def test_rules_allow_exactly_what_hostcmd_runs(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, _rules_case("alice", "sudo"))
+    assert out["failedAssertions"] == []
+    assert sorted(out["privileges"]["commands"]) == sorted(_server_argv("sudo"))
+
+
+@needs_eval
+@pytest.mark.skipif(
+    shutil.which("visudo") is None or shutil.which("cvtsudoers") is None, reason="sudo is not installed"
+)
+def test_sudo_rules_parse_to_the_servers_argv(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, _rules_case("alice", "sudo"))
+    (rule,) = out["privileges"]["sudoRules"]
+    assert out["privileges"]["doasRules"] == []
+    # sudoers as NixOS's sudo module writes an extraRules entry: "USER HOST=(RUNAS) OPTS: CMD, ...".
+    commands = ", ".join(f"{':'.join(c['options'])}: {c['command']}" for c in rule["commands"])
+    line = f"{rule['users'][0]} ALL=({rule['runAs']}) {commands}\n"
+    sudoers = tmp_path / "sudoers"
+    sudoers.write_text(line)
+    check = subprocess.run(["visudo", "-c", "-f", str(sudoers)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # sudo's own parser: each rule is one command with exactly the server's arguments (a bare
+    # '#' would have cut "/etc/nixos#fry" off as a comment).
+    parsed = json.loads(
+        subprocess.run(["cvtsudoers", "-f", "json", str(sudoers)], capture_output=True, text=True, check=True).stdout
+    )
+    (spec,) = parsed["User_Specs"]
+    assert spec["User_List"] == [{"username": "alice"}]
+    (cmnd,) = spec["Cmnd_Specs"]
+    assert cmnd["runasusers"] == [{"username": "root"}]
+    assert {"authenticate": False} in cmnd["Options"]
+    got = sorted(c["command"] for c in cmnd["Commands"])
+    want = sorted(f"/run/current-system/sw/bin/{' '.join(argv)}" for argv in _server_argv("sudo"))
+    assert got == want
+
+
+@needs_eval
+@pytest.mark.skipif(shutil.which("doas") is None, reason="doas is not installed (Debian package opendoas)")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_doas_rules_permit_exactly_the_servers_argv(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    out = evaluate(tmp_path, _rules_case("nobody", "doas", {"security": {"doas": {"enable": True}}}))
+    assert out["failedAssertions"] == []
+    rules = out["privileges"]["doasRules"]
+    assert out["privileges"]["sudoRules"] == []
+
+    # doas.conf as NixOS's doas module writes extraRules entries.
+    def render(r: dict[str, Any]) -> str:
+        opts = "nopass setenv { SSH_AUTH_SOCK TERMINFO TERMINFO_DIRS  }"
+        return f"permit {opts} {r['users'][0]} as {r['runAs']} cmd {r['cmd']} args {' '.join(r['args'])}"
+
+    # Readable by nobody (pytest's own temp root is 0700); removed when the test ends.
+    conf_dir = Path(tempfile.mkdtemp(prefix="sandbox-mcp-doas-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(conf_dir, ignore_errors=True))
+    conf_dir.chmod(0o755)
+    conf = conf_dir / "doas.conf"
+    conf.write_text("\n".join(render(r) for r in rules) + "\n")
+    conf.chmod(0o644)
+
+    def doas_check(argv: list[str]) -> str:
+        # doas -C matches for the calling user: run it as nobody, whom the rules name.
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "doas", "-C", str(conf), *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert not proc.stderr, proc.stderr
+        return proc.stdout.strip()
+
+    for argv in _server_argv("doas"):
+        assert doas_check(argv) == "permit nopass", argv
+    near_misses = [
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos#other"],
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos"],
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos#fry", "--option", "x", "y"],
+        ["nixos-rebuild", "boot", "--flake", "/etc/nixos#fry"],
+        ["systemctl", "restart", "container@web"],
+        ["systemctl", "start", "container@other"],
+        ["systemctl", "start", "sshd"],
+        ["sh", "-c", "id"],
+    ]
+    for argv in near_misses:
+        assert doas_check(argv) == "deny", argv
+
+
+@needs_eval
+def test_rules_need_flake_and_host(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"settings": settings(RULE_WORKSPACES, server={"user": "alice"}), "host": INCUS_HOST})
+    assert any("server.flake or server.host is not" in m for m in out["failedAssertions"])
+    out = evaluate(tmp_path, _rules_case("alice", "doas"))
+    assert any("security.doas.enable = true;" in m for m in out["failedAssertions"])
+
+
+@needs_eval
+@pytest.mark.parametrize(
+    ("server", "option"),
+    [
+        ({"user": "alice", "flake": "/etc/nix os", "host": "fry"}, "server.flake"),
+        ({"user": "alice", "flake": "/etc/nixos#x", "host": "fry"}, "server.flake"),
+        ({"user": "alice", "flake": "/etc/nixos", "host": "fry,ALL"}, "server.host"),
+        ({"user": "ALL", "flake": "/etc/nixos", "host": "fry"}, "server.user"),
+    ],
+)
+def test_rule_inputs_are_validated(tmp_path: Path, server: dict[str, str], option: str) -> None:
+    err = evaluate_error(tmp_path, {"settings": settings(RULE_WORKSPACES, server=server), "host": INCUS_HOST})
+    assert f"sandboxed-workspace.{option}" in err
+
+
+@needs_eval
+def test_no_rules_without_a_server_user(three: dict[str, Any]) -> None:
+    assert three["privileges"] == {"commands": [], "sudoRules": [], "doasRules": []}

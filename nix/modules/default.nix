@@ -14,5 +14,6 @@
     ./container.nix
     ./vm.nix
     ./incus.nix
+    ./privileges.nix
   ];
 }
