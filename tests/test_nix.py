@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from sandbox_mcp import hostcmd
-from sandbox_mcp.config import NixosSettings, Settings
+from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
@@ -1240,3 +1240,117 @@ def test_rule_inputs_are_validated(tmp_path: Path, server: dict[str, str], optio
 @needs_eval
 def test_no_rules_without_a_server_user(three: dict[str, Any]) -> None:
     assert three["privileges"] == {"commands": [], "sudoRules": [], "doasRules": []}
+
+
+# ---- issue 14.4: the daemon as a systemd service ---------------------------------------------
+
+
+@needs_eval
+def test_daemon_service(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {"web": _ws("container", "192.168.83.10")},
+                stateDir="/srv/sbx",
+                daemon={"enable": True, "environment": {"SANDBOX_MCP_BOOT_TIMEOUT_S": "180"}},
+                server={"flake": "/etc/nixos", "host": "fry"},
+            )
+        },
+    )
+    assert out["failedAssertions"] == [] and out["warnings"] == []
+    assert out["groups"] == {"sandbox-mcp": {}}
+    unit = out["services"]["sandbox-mcp-daemon"]
+    assert unit["wantedBy"] == ["multi-user.target"]
+    sc = unit["serviceConfig"]
+    assert sc["ExecStart"] == "/nix/store/00000000000000000000000000000000-sandbox-mcp-0.1.0/bin/sandbox-mcp daemon"
+    assert "User" not in sc  # root
+    # systemd makes /run/sandbox-mcp for the socket; the daemon makes the socket 0660 root:group.
+    assert sc["RuntimeDirectory"] == "sandbox-mcp" and sc["RuntimeDirectoryMode"] == "0755"
+    assert unit["restartIfChanged"] is False
+    assert unit["environment"] == {
+        "SANDBOX_MCP_DAEMON_SOCKET": "/run/sandbox-mcp/daemon.sock",
+        "SANDBOX_MCP_DAEMON_GROUP": "sandbox-mcp",
+        "SANDBOX_MCP_STATE_DIR": "/srv/sbx",
+        "SANDBOX_MCP_BRIDGE": "sandbox-br",
+        "SANDBOX_MCP_SUBNET": "192.168.83.0/24",
+        "SANDBOX_MCP_USER": "agent",
+        "SANDBOX_MCP_MODE": "nixos",
+        "SANDBOX_MCP_NIXOS_FLAKE": "/etc/nixos",
+        "SANDBOX_MCP_NIXOS_HOST": "fry",
+        "SANDBOX_MCP_NIXOS_ESCALATION": "none",
+        "SANDBOX_MCP_BOOT_TIMEOUT_S": "180",
+    }
+    # No sudo or doas rule: the group is the door.
+    assert out["privileges"] == {"commands": [], "sudoRules": [], "doasRules": []}
+
+
+@needs_eval
+def test_daemon_environment_matches_the_servers_settings(tmp_path: Path) -> None:
+    # The server reads exactly these variables into its settings (no typo, no unknown name).
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {},
+                daemon={"enable": True, "socket": "/run/sbx/d.sock", "group": "agents"},
+                server={"flake": "/etc/nixos", "host": "fry"},
+            )
+        },
+    )
+    env = out["services"]["sandbox-mcp-daemon"]["environment"]
+    assert out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["RuntimeDirectory"] == "sbx"
+    assert out["groups"] == {"agents": {}}
+    assert env["SANDBOX_MCP_DAEMON_SOCKET"] == "/run/sbx/d.sock" and env["SANDBOX_MCP_DAEMON_GROUP"] == "agents"
+    daemon_vars = {"SANDBOX_MCP_DAEMON_SOCKET", "SANDBOX_MCP_DAEMON_GROUP"}  # the daemon's own (issue 14)
+    settings_env = {k: v for k, v in env.items() if k not in daemon_vars}
+    for key in settings_env:
+        field = key.removeprefix("SANDBOX_MCP_").lower()
+        if field.startswith("nixos_"):
+            assert field.removeprefix("nixos_") in NixosSettings.model_fields, key
+        else:
+            assert field in Settings.model_fields, key
+    s = load_settings(env=settings_env, config_file=tmp_path / "none.toml")
+    assert s.mode == "nixos" and s.nixos.flake == "/etc/nixos" and s.nixos.host == "fry"
+    assert s.nixos.escalation == "none" and str(s.state_dir) == "/var/lib/sandboxed-workspace"
+    assert s.bridge == "sandbox-br" and str(s.subnet) == "192.168.83.0/24" and s.user == "agent"
+
+
+@needs_eval
+def test_daemon_needs_a_package_and_warns_about_sudo_rules(tmp_path: Path) -> None:
+    module = tmp_path / "no-package.nix"
+    module.write_text("{ sandboxed-workspace.daemon.package = null; }\n")
+    out = evaluate(tmp_path, {"settings": settings({}, daemon={"enable": True}), "modules": [str(module)]})
+    assert any("daemon.package" in m and "nixosModules.default" in m for m in out["failedAssertions"])
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {}, daemon={"enable": True}, server={"user": "alice", "flake": "/etc/nixos", "host": "fry"}
+            )
+        },
+    )
+    assert any("remove sandboxed-workspace.server.user" in w for w in out["warnings"])
+
+
+@needs_eval
+@pytest.mark.parametrize("socket", ["/tmp/d.sock", "/run/d.sock", "/run/a b/d.sock", "relative.sock"])
+def test_daemon_socket_must_be_in_a_run_directory(tmp_path: Path, socket: str) -> None:
+    err = evaluate_error(tmp_path, {"settings": settings({}, daemon={"enable": True, "socket": socket})})
+    assert "sandboxed-workspace.daemon.socket" in err
+
+
+@needs_eval
+def test_flake_module_brings_microvm_and_the_daemon_package(tmp_path: Path) -> None:
+    # The flake's nixosModules.default, with its inputs stood in (see eval.nix).
+    out = evaluate(
+        tmp_path,
+        {
+            "flake": True,
+            "settings": settings({"vm1": _ws("vm", "192.168.83.11")}, daemon={"enable": True}),
+        },
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["vms"]) == {"vm1"}  # microvm.nix's host module came with it
+    exec_start = out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["ExecStart"]
+    assert exec_start.endswith("-sandbox-mcp-from-flake/bin/sandbox-mcp daemon")  # self's package

@@ -15,5 +15,6 @@
     ./vm.nix
     ./incus.nix
     ./privileges.nix
+    ./daemon.nix
   ];
 }
