@@ -35,7 +35,7 @@ from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
-from sandbox_mcp.runtimes.base import no_progress
+from sandbox_mcp.runtimes.base import RuntimeContext, no_progress
 from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -929,7 +929,7 @@ async def _write_registry_with_the_server(tmp_path: Path, records: list[Workspac
         state_dir=tmp_path / "state",
         nixos=NixosSettings(flake=str(flake), host="fry", escalation="sudo"),
     )
-    runtime = NixosRuntime(settings, client_public_key=SERVER_KEY, command_prefix=_NO_REBUILD)
+    runtime = NixosRuntime(RuntimeContext.for_settings(settings, SERVER_KEY), command_prefix=_NO_REBUILD)
     for record in records:
         await runtime.prepare(record, no_progress)
     assert runtime.registry_path.is_file()
