@@ -4,7 +4,7 @@ Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation needs three
 each named by a variable (``.ci/run`` unpacks them from ``../shared/nix``):
 
 - ``SANDBOX_MCP_NIXPKGS_LIB``: a nixpkgs or nixpkgs.lib checkout (or its ``lib/``);
-- ``SANDBOX_MCP_NIXOS_CONTAINERS``: nixpkgs' ``nixos/modules/virtualisation/nixos-containers.nix``
+- ``SANDBOX_MCP_CONTAINERS_NIX``: nixpkgs' ``nixos/modules/virtualisation/nixos-containers.nix``
   (found inside the nixpkgs checkout when that variable names a full nixpkgs);
 - ``SANDBOX_MCP_MICROVM_NIX``: a microvm.nix checkout (with ``nixos-modules/host``).
 
@@ -43,7 +43,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "nix"
 EVAL_NIX = FIXTURES / "eval.nix"
 NAMING_NIX = FIXTURES / "naming.nix"
 LIB_ENV = "SANDBOX_MCP_NIXPKGS_LIB"
-CONTAINERS_ENV = "SANDBOX_MCP_NIXOS_CONTAINERS"
+CONTAINERS_ENV = "SANDBOX_MCP_CONTAINERS_NIX"
 MICROVM_ENV = "SANDBOX_MCP_MICROVM_NIX"
 _CONTAINERS_IN_NIXPKGS = Path("nixos/modules/virtualisation/nixos-containers.nix")
 
@@ -215,6 +215,15 @@ def test_eval_tests_say_why_they_skip() -> None:
     if EVAL_MISSING:
         print(f"NixOS module evaluation tests skipped: {EVAL_MISSING}")
     assert (LIB is not None and CONTAINERS_NIX is not None and MICROVM_NIX is not None) or EVAL_MISSING
+
+
+def test_source_variables_are_not_server_settings(tmp_path: Path) -> None:
+    # The server reads SANDBOX_MCP_* into its settings (and refuses unknown nixos.* ones): the
+    # test-only variables must not land there, or every CLI call in the suite would fail.
+    env = {LIB_ENV: "/x", CONTAINERS_ENV: "/x", MICROVM_ENV: "/x", "SANDBOX_MCP_REQUIRE_NIX_EVAL": "1"}
+    assert load_settings(env=env, config_file=tmp_path / "none.toml") == load_settings(
+        env={}, config_file=tmp_path / "none.toml"
+    )
 
 
 def test_eval_sources_present_where_required() -> None:
