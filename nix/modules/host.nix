@@ -33,7 +33,10 @@ let
   setupUnit =
     name: ws:
     let
-      units = [ "${wlib.unitFor name ws}.service" ] ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${name}.service";
+      units = [
+        "${wlib.unitFor name ws}.service"
+      ]
+      ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${name}.service";
       uid = toString cfg.user.uid;
     in
     {
