@@ -226,10 +226,16 @@ def test_source_variables_are_not_server_settings(tmp_path: Path) -> None:
     )
 
 
+# Programs the evaluation tests run for real (the rules' and tmpfiles' own parsers).
+EVAL_TOOLS = ("visudo", "cvtsudoers", "doas", "setpriv", "systemd-tmpfiles")
+
+
 def test_eval_sources_present_where_required() -> None:
     # .ci/run sets this when it unpacked the sources: there, a skip would hide a broken setup.
     if os.environ.get("SANDBOX_MCP_REQUIRE_NIX_EVAL") == "1":
         assert not EVAL_MISSING, EVAL_MISSING
+        missing = [tool for tool in EVAL_TOOLS if shutil.which(tool) is None]
+        assert not missing, f"{missing} not installed (.ci/run's SANDBOX_MCP_SETUP_EXTRA installs them)"
 
 
 # ---- naming: the module and the server agree -------------------------------------------------
