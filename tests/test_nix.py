@@ -774,6 +774,15 @@ def test_the_real_backend_modules_check_their_options(tmp_path: Path) -> None:
         {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
     )
     assert "microvm.shares" in err and "proto" in err
+    # microvm.nix's own guest assertions run too: a share tag the module already uses.
+    module.write_text(
+        '{ microvm.shares = [ { tag = "workspace"; source = "/s"; mountPoint = "/m"; proto = "virtiofs"; } ]; }'
+    )
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
+    )
+    assert any('share tag "workspace" is used 2 > 1 times' in m for m in out["guests"]["v"]["failedAssertions"])
 
 
 @needs_eval
