@@ -29,8 +29,8 @@ let
           hostPath = share.source;
           # nixos-containers.nix passes "--bind=hostPath:mountPoint"; nspawn's
           # ":idmap" option maps the owners through the user namespace, so the
-          # agent's files belong to the host's uid ${toString cfg.user.uid} and
-          # root inside can read the host key.
+          # agent's files belong to sandboxed-workspace.user.uid on the host
+          # too, and root inside can read the host key.
           mountPoint = share.target + lib.optionalString userns ":idmap";
           isReadOnly = share.readOnly;
         }
