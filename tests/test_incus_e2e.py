@@ -25,6 +25,7 @@ from sandbox_mcp.images import ImageStore
 from sandbox_mcp.images.incus_image import IncusImage
 from sandbox_mcp.incus_api import probe
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.naming import veth_names
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
 from sandbox_mcp.server import build_server
@@ -150,7 +151,7 @@ async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: inc
     assert inst["ephemeral"] is True
     assert inst["config"]["limits.cpu"] == "1" and inst["config"]["limits.memory"] == "512MiB"
     assert inst["devices"]["eth0"]["parent"] == TEST_BRIDGE and inst["devices"]["eth0"]["hwaddr"] == ws_mac(s, "inc1")
-    assert len(bridge_ports()) == 1  # the instance's veth is on our bridge
+    assert bridge_ports() == [veth_names("inc1")[0]]  # our name for the host end: the firewall's port rules apply
 
     r = await call(local, "exec", name="inc1", command="id -un; hostname; pwd; sudo -n id -u; head -1 /proc/self/uid_map")
     assert r["exit_code"] == 0, r

@@ -34,6 +34,7 @@ from ..errors import BackendError, InvalidSpec
 from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
 from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from ..models import Check, RuntimeDetail, WorkspaceRecord
+from ..naming import veth_names
 from ..paths import WorkspacePaths
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
 from .nspawn import hosts_file
@@ -243,10 +244,29 @@ class IncusRuntime(Runtime):
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
 
-    def _nic(self) -> dict[str, str]:
-        if self.remote and self.incus.network:
-            return {"network": self.incus.network}
-        return {"nictype": "bridged", "parent": self.settings.bridge}
+    def _nic(self, record: WorkspaceRecord) -> dict[str, str]:
+        if self.remote:
+            if self.incus.network:
+                return {"network": self.incus.network}
+            return {"nictype": "bridged", "parent": self.settings.bridge}
+        # Our name for the host end, so the firewall's per-port rules apply as to nspawn's veths.
+        return {"nictype": "bridged", "parent": self.settings.bridge, "host_name": self._port(record)}
+
+    @staticmethod
+    def _port(record: WorkspaceRecord) -> str:
+        return veth_names(record.name)[0]
+
+    def validate(self, record: WorkspaceRecord) -> None:
+        if record.egress != "internet":
+            return
+        if self.remote:
+            raise InvalidSpec("egress='internet' is not available on a remote Incus server: its network policy is "
+                              "the server's (Incus network ACLs); create with egress='none'")
+        if not self.settings.nat:
+            raise InvalidSpec(
+                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
+                "with SANDBOX_MCP_NAT=true. Use egress='none', or list the packages you need in packages"
+            )
 
     async def _instance(self, record: WorkspaceRecord) -> dict[str, Any] | None:
         try:
@@ -267,19 +287,22 @@ class IncusRuntime(Runtime):
         if not self.remote:
             await progress("setting up the network", None)
             await self.network.ensure()
+            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet")
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
-                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(),
+                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
                              disks=self._disks(record))  # fmt: skip
         client = self.client()
-        await progress("creating the Incus instance", None)
-        await client.call("POST", "/1.0/instances", json=body)
         try:
+            await progress("creating the Incus instance", None)
+            await client.call("POST", "/1.0/instances", json=body)
             await self._push_boot_files(record)
             await progress("booting the Incus instance", None)
             await client.call("PUT", f"{self._instance_path(record)}/state", json={"action": "start", "timeout": 30})
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._delete(record)
+                if not self.remote:
+                    await self.network.revoke(self._port(record))
             raise
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
 
@@ -319,6 +342,8 @@ class IncusRuntime(Runtime):
                 await self.client().call("PUT", f"{self._instance_path(record)}/state",
                                          json={"action": "stop", "timeout": max(1, int(self.settings.stop_timeout_s))})
         await self._delete(record)
+        if not self.remote:
+            await self.network.revoke(self._port(record))
 
     async def _delete(self, record: WorkspaceRecord) -> None:
         """Make sure the instance is gone: force-stop and delete what is left (ephemeral ones go by themselves).
