@@ -3,7 +3,9 @@
 - create → first exec through the MCP tools (cached image) against a bare boot: the same
   network setup and systemd-nspawn command, polled until sshd sends its banner;
 - ``exec true`` p50/p95 through the MCP tool against one ``ssh`` client process per command;
-- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``.
+- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``;
+- Incus (:mod:`.bench_incus`): create → first exec of ``type="incus"`` against a bare instance
+  launch → sshd banner, on a private incusd (``--incus only|no``).
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import anyio
 
+from .bench_incus import format_incus, run_incus
 from .config import Settings
 from .hostnet import HostNetwork
 from .images import DebianRoot, ImageStore
@@ -97,6 +100,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None}
     )
     results: dict[str, dict[str, float]] = {}
+    incus_mode = getattr(args, "incus", "no")
+    if incus_mode == "only":
+        return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -186,6 +192,15 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if incus_mode == "also":
+        return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+    return 0
+
+
+def _print_incus(results: dict[str, dict[str, float]] | str) -> int:
+    print(format_incus(results))
+    if not isinstance(results, str):
+        print(json.dumps(results))
     return 0
 
 

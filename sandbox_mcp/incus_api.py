@@ -35,6 +35,7 @@ __all__ = [
     "IncusAPIError",
     "IncusClient",
     "ServerInfo",
+    "call_sync",
     "cert_fingerprint",
     "probe",
 ]
@@ -312,3 +313,27 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
         idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
         peer_cert_sha256=seen,
     )
+
+
+def call_sync(settings: IncusSettings, method: str, path: str, body: Any = None, timeout_s: float = 120) -> Any:
+    """One blocking API call on the local socket, waiting for its operation; its metadata.
+
+    For set-up code outside an event loop (the private test/bench daemon), not for the server.
+
+    Raises:
+        IncusAPIError: Incus refused, or the operation failed. BackendError: the daemon cannot be reached.
+    """
+    transport = httpx.HTTPTransport(uds=str(settings.socket))
+    try:
+        with httpx.Client(transport=transport, base_url=_LOCAL_BASE, timeout=timeout_s) as http:
+            body_out = _unwrap(settings, method, path, http.request(method, path, json=body))
+            if body_out.get("type") != "async":
+                return body_out.get("metadata")
+            op = str(body_out["operation"])
+            meta = _unwrap(settings, "GET", op, http.get(f"{op}/wait", params={"timeout": str(int(timeout_s))}))
+    except httpx.HTTPError as exc:
+        raise BackendError(f"cannot reach {_where(settings)}: {exc!r}") from exc
+    meta = meta.get("metadata") or {}
+    if meta.get("status") != "Success":
+        raise IncusAPIError(f"Incus operation {meta.get('description')!r} failed: {meta.get('err')}")
+    return meta.get("metadata")

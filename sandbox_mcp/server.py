@@ -96,6 +96,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
     # MCPServer sets the root logger to INFO; asyncssh would then log every channel open and
     # close, which costs milliseconds per exec and floods the stdio server's stderr.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the Incus client would log every API request
     mcp = MCPServer(
         "sandbox-mcp",
         title="Sandbox workspaces",

@@ -1,6 +1,6 @@
 """End to end with real Incus: ``type="incus"`` through the MCP client, on a private incusd.
 
-The daemon (tests/incus_daemon.py) runs in the test's network namespace with its own state dir
+The daemon (sandbox_mcp/incusd.py) runs in the test's network namespace with its own state dir
 and a ``dir`` pool, and is stopped by PID at the end. Local: the instance's NIC joins the test
 bridge and the workspace dir is the host's, shifted. Remote: the same daemon on 127.0.0.1 over
 TLS with a trusted client certificate and the server's certificate pinned; the workspace dir is
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.hostnet import HostNetwork
 from sandbox_mcp.images import ImageStore
@@ -30,22 +30,17 @@ from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
 from sandbox_mcp.server import build_server
 
-from . import incus_daemon
 from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
-def incusd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[incus_daemon.IncusDaemon]:
-    reason = e2e_skip_reason() or incus_daemon.skip_reason()
+def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
+    reason = e2e_skip_reason() or incus_daemon.missing_reason()
     if reason:
         pytest.skip(reason)
-    # Not under pytest's tmp dir: its parents are 0700, and the container's (unprivileged) root must
-    # traverse to its rootfs under the daemon's dir.
-    base = Path(tempfile.mkdtemp(prefix="sbx-incusd-", dir="/var/tmp"))
-    base.chmod(0o711)
-    daemon = incus_daemon.start(base)
+    daemon = incus_daemon.start()  # under /var/tmp: pytest's tmp dirs are 0700, see start()
     try:
         yield daemon
     finally:
@@ -53,7 +48,7 @@ def incusd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[incus_daemon.In
             daemon.cleanup_instances()
         finally:
             daemon.stop()
-            incus_daemon.remove(base)
+            incus_daemon.remove(daemon)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +69,12 @@ def incus_settings(tmp_path: Path, incus: IncusSettings) -> Settings:
 
 
 @pytest.fixture
-def local_settings(incusd: incus_daemon.IncusDaemon, tmp_path: Path) -> Settings:
+def local_settings(incusd: incus_daemon.PrivateIncusd, tmp_path: Path) -> Settings:
     return incus_settings(tmp_path, IncusSettings(socket=incusd.socket, cpus=1, memory_mib=512))
 
 
 @pytest.fixture
-def remote_settings(incusd: incus_daemon.IncusDaemon, client_cert: tuple[Path, Path], tmp_path: Path) -> Settings:
+def remote_settings(incusd: incus_daemon.PrivateIncusd, client_cert: tuple[Path, Path], tmp_path: Path) -> Settings:
     if incusd.https_port is None:
         incusd.listen_https()
         incusd.trust(client_cert[0], "sandbox-mcp-test")
@@ -126,28 +121,28 @@ def bridge_ports() -> list[str]:
     return [link["ifname"] for link in json.loads(out or "[]")]
 
 
-def incus_leftovers(daemon: incus_daemon.IncusDaemon, settings: Settings) -> dict[str, Any]:
+def incus_leftovers(daemon: incus_daemon.PrivateIncusd, settings: Settings) -> dict[str, Any]:
     """What Incus still holds beyond the cached image: instances, custom volumes, other images."""
     store = ImageStore(settings.image_dir)
     images = IncusImage(settings, store)
     cached = images.fingerprint(images.key(()))
     return {
-        "instances": daemon.api("GET", "/1.0/instances")["metadata"],
-        "volumes": daemon.api("GET", "/1.0/storage-pools/default/volumes/custom")["metadata"],
-        "images": [i for i in daemon.api("GET", "/1.0/images")["metadata"] if not i.endswith(f"/{cached}")],
+        "instances": daemon.api("GET", "/1.0/instances"),
+        "volumes": daemon.api("GET", "/1.0/storage-pools/default/volumes/custom"),
+        "images": [i for i in daemon.api("GET", "/1.0/images") if not i.endswith(f"/{cached}")],
     }
 
 
 NOTHING = {"instances": [], "volumes": [], "images": []}
 
 
-async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: incus_daemon.IncusDaemon) -> None:
+async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: incus_daemon.PrivateIncusd) -> None:
     s = local_settings
     progress: list[str] = []
     ws = await call(local, "create_workspace", progress, name="inc1", type="incus")
     assert ws["state"] == "running" and ws["type"] == "incus"
     assert any("Incus" in m for m in progress), progress
-    inst = incusd.api("GET", f"/1.0/instances/{instance_name('inc1')}")["metadata"]
+    inst = incusd.api("GET", f"/1.0/instances/{instance_name('inc1')}")
     assert inst["ephemeral"] is True
     assert inst["config"]["limits.cpu"] == "1" and inst["config"]["limits.memory"] == "512MiB"
     assert inst["devices"]["eth0"]["parent"] == TEST_BRIDGE and inst["devices"]["eth0"]["hwaddr"] == ws_mac(s, "inc1")
@@ -190,7 +185,7 @@ def ws_mac(settings: Settings, name: str) -> str:
     return mac_for(name)
 
 
-async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: incus_daemon.IncusDaemon) -> None:
+async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: incus_daemon.PrivateIncusd) -> None:
     s = remote_settings
     info = probe(s.incus)
     assert info.auth == "trusted" and info.api_version == "1.0"
@@ -202,7 +197,7 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     await HostNetwork(s).ensure()
     ws = await call(remote, "create_workspace", name="rem1", type="incus")
     assert ws["state"] == "running"
-    inst = incusd.api("GET", f"/1.0/instances/{instance_name('rem1')}")["metadata"]
+    inst = incusd.api("GET", f"/1.0/instances/{instance_name('rem1')}")
     assert inst["devices"]["workspace"]["source"] == "sbx-rem1-workspace"  # a volume, not a host path
     r = await call(remote, "exec", name="rem1", command="stat -c %U .; echo data > f; id -un")
     assert r["stdout"] == f"{s.user}\n{s.user}\n", r

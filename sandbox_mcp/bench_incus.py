@@ -1,0 +1,90 @@
+"""The benchmark's Incus section: create → first exec of ``type="incus"`` against a bare instance launch.
+
+Runs inside the benchmark's private network namespace, on a private incusd started there (the
+host's daemon, if any, sits in the host's namespace and could not reach the bench bridge). The
+image is packed and imported before anything is timed, so both figures are with a cached image:
+
+- create → first exec through the MCP tools (registry, keys, instance, boot, SSH with the pinned key);
+- baseline: the runtime's own launch (instance from the image, files pushed, start) until sshd
+  sends its banner, in the same run.
+
+Skipped, saying why, where incusd is not installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from . import incusd
+from .config import Settings
+from .manager import WorkspaceManager
+
+__all__ = ["format_incus", "run_incus"]
+
+
+async def run_incus(
+    settings: Settings, runs: int, bare_boot: Callable[[WorkspaceManager, str], Awaitable[float]]
+) -> dict[str, dict[str, float]] | str:
+    """The Incus figures (seconds), or why they were skipped. ``bare_boot`` is the bench's own baseline."""
+    from mcp import Client
+
+    from .server import build_server
+
+    reason = incusd.missing_reason()
+    if reason:
+        return reason
+    daemon = incusd.start()
+    state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-incus-"))
+    s = settings.model_copy(update={"state_dir": state, "incus": daemon.settings})
+    try:
+        async with Client(build_server(s)) as client:
+
+            async def call(tool: str, **kw: object) -> Any:
+                r = await client.call_tool(tool, kw)
+                if r.is_error:
+                    raise RuntimeError(f"{tool}: {r.content}")
+                return r.structured_content
+
+            # Warm-up, not timed: packs the image (once per recipe) and imports it into this daemon.
+            await call("create_workspace", name="biw", type="incus")
+            await call("destroy_workspace", name="biw")
+            creates, bares = [], []
+            for i in range(runs):
+                t0 = time.monotonic()
+                await call("create_workspace", name=f"bi{i}", type="incus")
+                await call("exec", name=f"bi{i}", command="true")
+                creates.append(time.monotonic() - t0)
+                await call("stop_workspace", name=f"bi{i}")
+                async with WorkspaceManager(s) as m:
+                    bares.append(await bare_boot(m, f"bi{i}"))
+                await call("destroy_workspace", name=f"bi{i}")
+        return {
+            "incus_create_to_first_exec_s": {"p50": statistics.median(creates), "min": min(creates),
+                                             "max": max(creates), "runs": float(len(creates))},
+            "incus_bare_launch_to_sshd_s": {"p50": statistics.median(bares), "min": min(bares)},
+        }  # fmt: skip
+    finally:
+        async with WorkspaceManager(s) as m:
+            for name in list((await m.registry.read()).workspaces):
+                await m.destroy(name)
+        daemon.cleanup_instances()
+        daemon.stop()
+        incusd.remove(daemon)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def format_incus(results: dict[str, dict[str, float]] | str) -> str:
+    """The section as the benchmark prints it."""
+    if isinstance(results, str):
+        return f"incus: skipped ({results})"
+    c, b = results["incus_create_to_first_exec_s"], results["incus_bare_launch_to_sshd_s"]
+    return (f"incus create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, "
+            f"max {c['max']:.3f}, {c['runs']:.0f} runs)\n"
+            f"  baseline, bare instance launch -> sshd banner: p50 {b['p50']:.3f} s; "
+            f"ratio {c['p50'] / b['p50']:.2f}x")
