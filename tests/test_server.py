@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 
 import sandbox_mcp
-from sandbox_mcp.config import Settings
+from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.server import build_server
 
 pytestmark = pytest.mark.anyio
@@ -57,6 +57,7 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
 
 
 async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) -> None:
+    settings = settings.model_copy(update={"incus": IncusSettings(socket=settings.state_dir / "no-incusd.socket")})
     async with Client(build_server(settings)) as client:
 
         async def error(tool: str, **args: object) -> str:
@@ -70,7 +71,8 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "list_workspaces" in await error("read_file", name="ghost", path="x")
         assert "pattern" in await error("create_workspace", name="Bad_Name")
         assert "outside the workspace subnet" in await error("create_workspace", name="a", ip="10.1.2.3")
-        assert "not available in direct mode" in await error("create_workspace", name="a", type="incus")
+        # No Incus daemon there: refused before anything is built, saying what to check.
+        assert "is incusd running" in await error("create_workspace", name="a", type="incus")
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
         r = await client.call_tool("list_workspaces", {})
         assert r.structured_content == {"workspaces": []}

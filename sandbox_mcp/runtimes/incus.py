@@ -201,6 +201,11 @@ class IncusRuntime(Runtime):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
+        # Before any image work: no daemon, or one that does not trust us, is a quick, clear error.
+        info = await self.client().server()
+        if info.auth != "trusted":
+            raise BackendError(f"{self.incus.url or self.incus.socket} does not trust this client; add its "
+                               "certificate on the server (incus config trust add-certificate) and retry")
         key, fingerprint = await self._ensure_image(record, progress)
         if self.remote and not await self.client().exists(self._volume_path(record)):
             pool = quote(self.incus.storage_pool, safe="")
