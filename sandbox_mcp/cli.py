@@ -148,7 +148,9 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(meta))
         return 0
     if args.action == "prune":
-        for name in root.prune():
+        from .images.incus_image import IncusImage
+
+        for name in [*root.prune(), *IncusImage(settings, store).prune()]:
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")

@@ -127,3 +127,24 @@ def test_cert_fingerprint_refuses_non_certificates(tmp_path: Path) -> None:
     (tmp_path / "x.pem").write_text("not a certificate")
     with pytest.raises(InvalidSpec, match="server_cert"):
         cert_fingerprint(tmp_path / "x.pem")
+
+
+@pytest.mark.anyio
+async def test_prune_drops_old_and_orphaned_images_only(tmp_path: Path) -> None:
+    from sandbox_mcp.config import Settings
+    from sandbox_mcp.images import ImageStore
+    from sandbox_mcp.images.incus_image import INCUS_IMAGE_VERSION, IncusImage
+
+    store = ImageStore(tmp_path / "images")
+
+    async def build(tmp: Path) -> None:
+        (tmp / "image.tar.zst").write_bytes(b"x")
+
+    await store.ensure("root-a", build, {"recipe": "debian-root"})
+    current = {"recipe": "incus-image", "version": INCUS_IMAGE_VERSION}
+    await store.ensure("incus-kept", build, {**current, "root": "root-a"})
+    await store.ensure("incus-orphan", build, {**current, "root": "root-gone"})
+    await store.ensure("incus-old", build, {**current, "version": INCUS_IMAGE_VERSION - 1, "root": "root-a"})
+    images = IncusImage(Settings(image_dir=tmp_path / "images"), store)
+    assert sorted(images.prune()) == ["incus-old", "incus-orphan"]
+    assert store.exists("incus-kept") and store.exists("root-a")

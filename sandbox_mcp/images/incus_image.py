@@ -196,8 +196,18 @@ class IncusImage:
         return [*files, "rootfs/etc/sandbox-mcp", str(wants.relative_to(extra))]
 
     def prune(self, keep: Sequence[str] = ()) -> list[str]:
-        """Remove packed images of older recipe versions; return what was removed."""
-        return self.store.prune(self.is_current, frozenset(keep))
+        """Remove packed images of older recipe versions or whose root is gone; return what was removed.
+
+        Prune the roots first (:meth:`DebianRoot.prune`), so images of pruned roots go too.
+        """
+
+        def current(meta: dict[str, object]) -> bool:
+            root = meta.get("root")
+            return self.is_current(meta) and (
+                meta.get("recipe") != self.RECIPE or isinstance(root, str) and self.store.exists(root)
+            )
+
+        return self.store.prune(current, frozenset(keep))
 
 
 def _sha256(path: Path) -> str:
