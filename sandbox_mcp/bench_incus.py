@@ -54,10 +54,13 @@ async def run_incus(
             # Warm-up, not timed: packs the image (once per recipe) and imports it into this daemon.
             await call("create_workspace", name="biw", type="incus")
             await call("destroy_workspace", name="biw")
-            creates, bares = [], []
+            creates, bares, launches, sshs = [], [], [], []
             for i in range(runs):
                 t0 = time.monotonic()
-                await call("create_workspace", name=f"bi{i}", type="incus")
+                ws = await call("create_workspace", name=f"bi{i}", type="incus")
+                timings = ws.get("timings") or {}
+                launches.append(float(timings.get("boot_s") or 0))
+                sshs.append(float(timings.get("ssh_s") or 0))
                 await call("exec", name=f"bi{i}", command="true")
                 creates.append(time.monotonic() - t0)
                 await call("stop_workspace", name=f"bi{i}")
@@ -65,8 +68,11 @@ async def run_incus(
                     bares.append(await bare_boot(m, f"bi{i}"))
                 await call("destroy_workspace", name=f"bi{i}")
         return {
+            "incus_pool": {"btrfs": float(daemon.driver == "btrfs")},
             "incus_create_to_first_exec_s": {"p50": statistics.median(creates), "min": min(creates),
-                                             "max": max(creates), "runs": float(len(creates))},
+                                             "max": max(creates), "runs": float(len(creates)),
+                                             "launch_p50": statistics.median(launches),
+                                             "ssh_wait_p50": statistics.median(sshs)},
             "incus_bare_launch_to_sshd_s": {"p50": statistics.median(bares), "min": min(bares)},
         }  # fmt: skip
     finally:
@@ -84,7 +90,9 @@ def format_incus(results: dict[str, dict[str, float]] | str) -> str:
     if isinstance(results, str):
         return f"incus: skipped ({results})"
     c, b = results["incus_create_to_first_exec_s"], results["incus_bare_launch_to_sshd_s"]
-    return (f"incus create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, "
-            f"max {c['max']:.3f}, {c['runs']:.0f} runs)\n"
+    pool = "btrfs" if results.get("incus_pool", {}).get("btrfs") else "dir"
+    return (f"incus ({pool} pool) create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, "
+            f"max {c['max']:.3f}, {c['runs']:.0f} runs; of which instance launch p50 {c['launch_p50']:.3f} s, "
+            f"SSH wait p50 {c['ssh_wait_p50']:.3f} s)\n"
             f"  baseline, bare instance launch -> sshd banner: p50 {b['p50']:.3f} s; "
             f"ratio {c['p50'] / b['p50']:.2f}x")
