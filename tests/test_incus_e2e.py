@@ -20,7 +20,7 @@ from mcp import Client
 
 from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp.config import IncusSettings, Settings
-from sandbox_mcp.hostnet import HostNetwork
+from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
 from sandbox_mcp.images.incus_image import IncusImage
 from sandbox_mcp.incus_api import probe
@@ -216,3 +216,26 @@ async def test_remote_refuses_another_certificate(remote_settings: Settings, cli
     checks = IncusRuntime(RuntimeContext.for_settings(remote_settings.model_copy(update={"incus": wrong}), "")).checks()
     assert [c.ok for c in checks] == [False]
     assert "certificate" in checks[0].detail.lower() or "ssl" in checks[0].detail.lower(), checks[0].detail
+
+
+async def test_reconcile_deletes_instances_the_registry_does_not_run(
+    local_settings: Settings, incusd: incus_daemon.PrivateIncusd
+) -> None:
+    # A server that died after starting the instance but with the record saying stopped (or one
+    # whose stop was interrupted): the next server's reconcile deletes the instance.
+    async with WorkspaceManager(local_settings) as m:
+        try:
+            await m.create("rc1", type="incus")
+            assert incusd.api("GET", "/1.0/instances") == [f"/1.0/instances/{instance_name('rc1')}"]
+            record = await m.registry.get("rc1")
+            record.state = "stopped"
+            await m.registry.put(record)
+            async with WorkspaceManager(local_settings):
+                pass  # open() reconciles
+            assert incusd.api("GET", "/1.0/instances") == []
+            assert bridge_ports() == []
+            present = await firewall.table_exists(local_settings.bridge) or ""
+            assert veth_names("rc1")[0] not in firewall.admitted_ports(present)
+        finally:
+            await destroy_all(m)
+    assert incus_leftovers(incusd, local_settings) == NOTHING and bridge_ports() == []

@@ -422,6 +422,8 @@ class IncusRuntime(Runtime):
             tag = (inst.get("config") or {}).get(TAG_KEY)
             if tag in by_tag and tag not in running:
                 await self._delete(by_tag[tag])
+                if not self.remote:
+                    await self.network.revoke(self._port(by_tag[tag]))
 
 
 def _read_plain(path: Path) -> bytes:
