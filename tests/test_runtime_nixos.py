@@ -890,7 +890,9 @@ async def test_start_stop_status_logs_run_the_unit_commands(tmp_path: Path, flak
     progress = Progress()
     assert await rt.start(rec, progress) == rec
     await rt.stop(rec)  # "not loaded" counts as stopped
+    before = time.monotonic()
     detail = await rt.status(rec)
+    after = time.monotonic()
     log = await rt.logs(rec, 20)
     assert [c["argv"] for c in host.calls()] == [
         ["doas", "-n", "systemctl", "start", "microvm@ws1"],
@@ -910,7 +912,11 @@ async def test_start_stop_status_logs_run_the_unit_commands(tmp_path: Path, flak
         777,
         "active (running)",
     )
-    assert detail.uptime_s is not None and 4.5 < detail.uptime_s < 60
+    # The unit entered 'active' 5 s before now_us: the uptime is bracketed by the clock read around
+    # the call (exact, whatever the machine's speed; 1 µs for the stand-in's rounding).
+    uptime = detail.uptime_s
+    entered = (now_us - 5_000_000) / 1e6
+    assert uptime is not None and before - entered - 1e-6 <= uptime <= after - entered + 1e-6
     assert "Started microvm@ws1." in log
 
 
