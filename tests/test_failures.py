@@ -16,7 +16,7 @@ import pytest
 
 from sandbox_mcp import onboarding
 from sandbox_mcp.config import Settings
-from sandbox_mcp.errors import BackendError
+from sandbox_mcp.errors import BackendError, CommandTimeout
 from sandbox_mcp.fsutil import file_lock
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
@@ -106,6 +106,22 @@ async def test_a_container_that_dies_while_booting_fails_the_start_with_its_log(
         finally:
             await destroy_all(m)
     assert host_leftovers("boom") == NOTHING_LEFT
+
+
+async def test_a_boot_that_never_answers_ssh_times_out_with_advice(broken_settings: Settings) -> None:
+    # The init never gives up (the test never says 'go'): only the boot timeout ends the start.
+    # The agent must get the timeout itself (a SandboxError whose message says what to do), not
+    # an error wrapped by the task group that watches the boot.
+    async with WorkspaceManager(broken_settings.model_copy(update={"boot_timeout_s": 1})) as m:
+        try:
+            await m.create("mute", start=False)
+            with pytest.raises(CommandTimeout, match=r"(?s)did not answer within 1 s.*workspace_logs"):
+                await m.start("mute")
+            record = await m.registry.get("mute")
+            assert record.state == "stopped" and "did not answer" in (record.last_error or "")
+            assert host_leftovers("mute") == NOTHING_LEFT
+        finally:
+            await destroy_all(m)
 
 
 def _creating_record(name: str, settings: Settings, ip: str) -> WorkspaceRecord:
