@@ -171,7 +171,8 @@ async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: inc
 
     status = await call(local, "workspace_status", name="inc1")
     assert status["runtime"]["running"] is True and status["runtime"]["runtime"] == "incus"
-    await call(local, "workspace_logs", name="inc1")
+    log = (await call(local, "workspace_logs", name="inc1", lines=500))["log"]
+    assert "OpenBSD Secure Shell server" in log, log[-2000:]  # the instance's console: systemd's boot
 
     await call(local, "destroy_workspace", name="inc1")
     assert incus_leftovers(incusd, s) == NOTHING
