@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -240,3 +241,24 @@ async def test_reconcile_deletes_instances_the_registry_does_not_run(
         finally:
             await destroy_all(m)
     assert incus_leftovers(incusd, local_settings) == NOTHING and bridge_ports() == []
+
+
+@pytest.mark.parametrize("moment", ["creating the Incus instance", "booting the Incus instance"])
+async def test_create_cancelled_leaves_nothing(
+    local_settings: Settings, incusd: incus_daemon.PrivateIncusd, moment: str
+) -> None:
+    seen: list[str] = []
+    async with WorkspaceManager(local_settings) as m:
+        with anyio.CancelScope() as scope:
+
+            async def progress(message: str, fraction: float | None = None) -> None:
+                seen.append(message)
+                if message.startswith(moment):
+                    scope.cancel()  # delivered at the next checkpoint: the API call that follows
+
+            await m.create("cx1", type="incus", progress=progress)
+        assert scope.cancelled_caught and any(x.startswith(moment) for x in seen)
+        assert (await m.registry.read()).workspaces == {}
+    assert incus_leftovers(incusd, local_settings) == NOTHING and bridge_ports() == []
+    present = await firewall.table_exists(local_settings.bridge) or ""
+    assert veth_names("cx1")[0] not in firewall.admitted_ports(present)

@@ -148,3 +148,13 @@ async def test_prune_drops_old_and_orphaned_images_only(tmp_path: Path) -> None:
     images = IncusImage(Settings(image_dir=tmp_path / "images"), store)
     assert sorted(images.prune()) == ["incus-old", "incus-orphan"]
     assert store.exists("incus-kept") and store.exists("root-a")
+
+
+def test_doctor_check_without_daemon(tmp_path: Path) -> None:
+    from sandbox_mcp.config import Settings
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, incus=IncusSettings(socket=tmp_path / "absent.socket"))
+    checks = IncusRuntime(RuntimeContext.for_settings(s, "")).checks()
+    assert [(c.name, c.ok, c.required) for c in checks] == [("incus", False, False)]
+    assert "incus-base" in (checks[0].fix or "") and "absent.socket" in checks[0].detail
