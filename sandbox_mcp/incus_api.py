@@ -102,7 +102,7 @@ def _where(settings: IncusSettings) -> str:
     return settings.url or f"the local Incus daemon ({settings.socket})"
 
 
-def _unwrap(settings: IncusSettings, method: str, path: str, response: httpx.Response) -> dict[str, Any]:
+def _unwrap(method: str, path: str, response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:
@@ -179,7 +179,7 @@ class IncusClient:
         response = await self._send(method, path, **kwargs)
         if raw and response.status_code < 400:
             return response.content
-        return _unwrap(self.settings, method, path, response).get("metadata")
+        return _unwrap(method, path, response).get("metadata")
 
     async def call(self, method: str, path: str, *, op_timeout_s: float | None = None, **kwargs: Any) -> Any:
         """Like :meth:`request`, and when Incus answers with an operation, wait for it; its metadata.
@@ -187,7 +187,7 @@ class IncusClient:
         Raises:
             IncusAPIError, BackendError: as :meth:`request`, or the operation failed or timed out.
         """
-        body = _unwrap(self.settings, method, path, await self._send(method, path, **kwargs))
+        body = _unwrap(method, path, await self._send(method, path, **kwargs))
         if body.get("type") == "async":
             return await self.wait(body["operation"], op_timeout_s or self.settings.operation_timeout_s)
         return body.get("metadata")
@@ -282,6 +282,17 @@ class IncusClient:
         await self.request("POST", f"/1.0/instances/{quote(instance, safe='')}/files",
                            params={"path": path}, content=data, headers=headers)
 
+    async def make_dir(self, instance: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        """Create a directory in an instance (its parent must exist); an existing one is left as it is.
+
+        Raises:
+            IncusAPIError: Incus refused.
+        """
+        headers = {"X-Incus-uid": str(uid), "X-Incus-gid": str(gid), "X-Incus-mode": f"{mode:04o}",
+                   "X-Incus-type": "directory"}
+        await self.request("POST", f"/1.0/instances/{quote(instance, safe='')}/files",
+                           params={"path": path}, content=b"", headers=headers)
+
 
 def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
     """``GET /1.0`` synchronously, for ``doctor`` (checks are plain functions, maybe inside an event loop).
@@ -298,7 +309,7 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
         with httpx.Client(timeout=timeout_s, **args) as http:
             response = http.get("/1.0", params={"project": settings.project})
             seen = _peer_sha256(response)
-            meta = _unwrap(settings, "GET", "/1.0", response).get("metadata") or {}
+            meta = _unwrap("GET", "/1.0", response).get("metadata") or {}
     except httpx.HTTPError as exc:
         raise BackendError(f"cannot reach {_where(settings)}: {exc!r}; is incusd running?") from exc
     if settings.url and settings.server_cert:
@@ -326,11 +337,11 @@ def call_sync(settings: IncusSettings, method: str, path: str, body: Any = None,
     transport = httpx.HTTPTransport(uds=str(settings.socket))
     try:
         with httpx.Client(transport=transport, base_url=_LOCAL_BASE, timeout=timeout_s) as http:
-            body_out = _unwrap(settings, method, path, http.request(method, path, json=body))
+            body_out = _unwrap(method, path, http.request(method, path, json=body))
             if body_out.get("type") != "async":
                 return body_out.get("metadata")
             op = str(body_out["operation"])
-            meta = _unwrap(settings, "GET", op, http.get(f"{op}/wait", params={"timeout": str(int(timeout_s))}))
+            meta = _unwrap("GET", op, http.get(f"{op}/wait", params={"timeout": str(int(timeout_s))}))
     except httpx.HTTPError as exc:
         raise BackendError(f"cannot reach {_where(settings)}: {exc!r}") from exc
     meta = meta.get("metadata") or {}

@@ -20,6 +20,7 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp import incusd as incus_daemon
+from sandbox_mcp import onboarding
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
@@ -27,6 +28,7 @@ from sandbox_mcp.images.incus_image import IncusImage
 from sandbox_mcp.incus_api import probe
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import veth_names
+from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
 from sandbox_mcp.server import build_server
@@ -203,6 +205,13 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     assert inst["devices"]["workspace"]["source"] == "sbx-rem1-workspace"  # a volume, not a host path
     r = await call(remote, "exec", name="rem1", command="stat -c %U .; echo data > f; id -un")
     assert r["stdout"] == f"{s.user}\n{s.user}\n", r
+    # The seeded Claude config was pushed into the fresh root, owned by the workspace user.
+    host_config = WorkspacePaths.of(s.state_dir, "rem1").claude_config
+    expected = sorted(p.name for p in host_config.iterdir() if p.is_file())
+    inside = onboarding.claude_config_dir_inside(s.user)
+    r = await call(remote, "exec", name="rem1", command=f"cd {inside} && find . -maxdepth 1 -type f -user {s.user} "
+                   "-printf '%f\\n' | sort")
+    assert expected and r["stdout"].split() == expected, (r, expected)
     await call(remote, "stop_workspace", name="rem1")
     await call(remote, "start_workspace", name="rem1")
     r = await call(remote, "exec", name="rem1", command="cat f")

@@ -330,12 +330,7 @@ class IncusRuntime(Runtime):
         for rel, data in await anyio.to_thread.run_sync(_plain_files, paths.claude_config):
             parent = os.path.dirname(rel)
             if parent:
-                await client.request(
-                    "POST", f"/1.0/instances/{quote(inst, safe='')}/files",
-                    params={"path": f"{inside}/{parent}"}, content=b"",
-                    headers={"X-Incus-type": "directory", "X-Incus-uid": str(uid), "X-Incus-gid": str(uid),
-                             "X-Incus-mode": "0700"},
-                )  # fmt: skip
+                await client.make_dir(inst, f"{inside}/{parent}", uid=uid, gid=uid, mode=0o700)
             await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
 
     async def stop(self, record: WorkspaceRecord) -> None:
