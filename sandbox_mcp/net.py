@@ -219,8 +219,12 @@ class HostNetwork:
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    async def setup_workspace(self, name: str, ip: str, mac: str) -> Path:
+    async def setup_workspace(self, name: str, ip: str, mac: str, pid: int | None = None) -> Path:
         """Give workspace ``name`` its network namespace, joined to the bridge; return the namespace path.
+
+        With ``pid``, the namespace is that process's (a user-namespaced container's, which nspawn
+        made: such a container may not join one owned by the host's user namespace); it is named
+        ``sbx-NAME`` all the same, so teardown and leftovers treat both kinds alike.
 
         Makes the bridge first if needed (:meth:`ensure_bridge`), and removes what an earlier run of
         the same name left behind. Inside the namespace: ``lo`` up, ``sc-NAME`` with ``mac`` and
@@ -246,7 +250,7 @@ class HostNetwork:
             bridge_index = await self._ensure_bridge(ipr)
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled wait must not lose a made namespace
-                    ns_socket = await _create_netns(path)
+                    ns_socket = await _create_netns(path, pid)
                 async with _iproute(fileno=ns_socket) as nsr:
                     step = f"creating veth pair {host_if}/{ws_if} on bridge {self.bridge}"
                     nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -458,16 +462,27 @@ def _share_rundir(rundir: Path) -> None:
     _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
 
 
-def _make_netns(path: Path) -> int:
+def _make_netns(path: Path, pid: int | None = None) -> int:
     """Create a network namespace bound at ``path``; return an rtnetlink socket (fd) inside it.
 
-    Must run in a thread of its own that ends afterwards: it moves that thread into the new namespace.
+    With ``pid``, bind that process's namespace at ``path`` instead of a new one.
+    Must run in a thread of its own that ends afterwards: it moves that thread into the namespace.
     """
     _share_rundir(path.parent)
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
     try:
-        _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        _check(_libc.mount(b"/proc/thread-self/ns/net", bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is None:
+            _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            source = b"/proc/thread-self/ns/net"
+        else:
+            source = f"/proc/{int(pid)}/ns/net".encode()
+        _check(_libc.mount(source, bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is not None:
+            nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.setns(nsfd, os.CLONE_NEWNET)
+            finally:
+                os.close(nsfd)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
     except BaseException:
         _remove_netns(path)
@@ -475,7 +490,7 @@ def _make_netns(path: Path) -> int:
     return sock.detach()
 
 
-async def _create_netns(path: Path) -> int:
+async def _create_netns(path: Path, pid: int | None = None) -> int:
     """Run :func:`_make_netns` in a fresh thread.
 
     Raises:
@@ -484,7 +499,7 @@ async def _create_netns(path: Path) -> int:
     """
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-netns")
     try:
-        return await asyncio.wrap_future(pool.submit(_make_netns, path))
+        return await asyncio.wrap_future(pool.submit(_make_netns, path, pid))
     except FileExistsError as exc:
         raise Conflict(f"network namespace {path} exists already; another process is setting it up") from exc
     except OSError as exc:
