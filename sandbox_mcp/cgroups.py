@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BackendError, InvalidSpec
+from .models import Limits
 from .naming import validate_name
 
 __all__ = [
@@ -56,15 +57,6 @@ _GROUP_RE = re.compile(r"^sandbox-mcp[a-z0-9-]{0,40}$")
 _CPU_PERIOD_US = 100_000
 # The files systemd's delegation hands to the delegatee (systemd.io/CGROUP_DELEGATION).
 _DELEGATED_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one workspace may use: CPUs (fractions allowed), memory in MiB, tasks (processes + threads)."""
-
-    cpus: float
-    memory_mib: int
-    tasks: int
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .models import (
     DirListing,
     ExecResult,
     FileContent,
+    Limits,
     LogsResult,
     SSHInfo,
     Timings,
@@ -175,6 +176,8 @@ class WorkspaceManager:
             host_workspace_dir=str(self._paths(r.name).workspace),
             ssh=SSHInfo(host=r.ip, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
+            isolation=r.isolation,
+            limits=r.limits,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -264,6 +267,8 @@ class WorkspaceManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        cpus: float | None = None,
+        memory_mib: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
@@ -280,9 +285,10 @@ class WorkspaceManager:
         validate_name(name)
         runtime = self._runtime_for_type(type)
         packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
+        limits = self._limits(cpus, memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
-            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
+            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime, limits)
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
@@ -305,8 +311,31 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
+    def _limits(self, cpus: float | None, memory_mib: int | None) -> Limits:
+        """The workspace's limits: the arguments, else the settings' defaults.
+
+        Raises:
+            InvalidSpec: a value out of range (the message gives the range).
+        """
+        s = self.settings
+        cpus = s.cpus if cpus is None else cpus
+        memory_mib = s.memory_mib if memory_mib is None else memory_mib
+        host_cpus = os.cpu_count() or 1
+        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0.05 <= cpus <= host_cpus:
+            raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")
+        if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or not 128 <= memory_mib <= 1 << 22:
+            raise InvalidSpec(f"memory_mib must be a whole number of MiB between 128 and 4194304, got {memory_mib!r}")
+        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+
     def _register(
-        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: Runtime
+        self,
+        name: str,
+        type_: WorkspaceType,
+        packages: list[str],
+        ip: str | None,
+        live: set[str],
+        runtime: Runtime,
+        limits: Limits | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -323,8 +352,10 @@ class WorkspaceManager:
                 cid=cid_for(name),
                 user=self.settings.user,
                 packages=packages,
+                limits=limits,
             )
             runtime.validate(record)
+            record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
             data.workspaces[name] = record
         return record
 

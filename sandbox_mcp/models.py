@@ -13,6 +13,8 @@ __all__ = [
     "DirListing",
     "ExecResult",
     "FileContent",
+    "Isolation",
+    "Limits",
     "LogsResult",
     "RuntimeDetail",
     "SSHInfo",
@@ -28,6 +30,7 @@ __all__ = [
 
 WorkspaceType = Literal["container", "vm", "incus"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
 
 def utcnow() -> datetime:
@@ -41,6 +44,14 @@ class SSHInfo(BaseModel):
     port: int = 22
     user: str
     host_key_fingerprint: str = Field(description="SHA256 fingerprint of the pinned host key")
+
+
+class Limits(BaseModel):
+    """What a workspace may use; enforced with cgroups (containers) or the VM's size (microVMs)."""
+
+    cpus: float = Field(gt=0, description="CPUs (fractions allowed): a quota of CPU time, not pinning")
+    memory_mib: int = Field(gt=0, description="Memory in MiB, including the container's writable root layer")
+    tasks: int = Field(gt=0, description="Processes and threads together")
 
 
 class Timings(BaseModel):
@@ -72,6 +83,9 @@ class WorkspaceRecord(BaseModel):
     pid_start_time: int | None = Field(default=None, description="/proc start time of pid, to detect PID reuse")
     leader_pid: int | None = Field(default=None, description="The workspace's init process (direct mode)")
     leader_start_time: int | None = None
+    uid_base: int | None = Field(default=None, description="First host uid of a user-namespaced container")
+    isolation: Isolation | None = None
+    limits: Limits | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     last_error: str | None = None
@@ -90,6 +104,11 @@ class Workspace(BaseModel):
     host_workspace_dir: str = Field(description="The same directory on the host; it survives restarts")
     ssh: SSHInfo
     packages: list[str] = Field(default_factory=list)
+    isolation: Isolation | None = Field(
+        default=None, description="How the workspace is kept from the host: a microVM, or a container whose root "
+        "is (unprivileged) or is not (privileged) an unprivileged uid on the host"
+    )
+    limits: Limits | None = None
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None

@@ -68,6 +68,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
 
 
@@ -480,7 +481,7 @@ def _make_netns(path: Path, pid: int | None = None) -> int:
         if pid is not None:
             nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.setns(nsfd, os.CLONE_NEWNET)
+                _check(_libc.setns(nsfd, _CLONE_NEWNET), f"setns({path})")  # os.setns is 3.12+
             finally:
                 os.close(nsfd)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)

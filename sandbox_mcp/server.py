@@ -144,6 +144,14 @@ def build_server(settings: Settings | None = None) -> MCPServer:
             Field(description="Static IPv4 address in the workspace subnet; omit to get a free one"),
         ] = None,
         start: Annotated[bool, Field(description="Start it and wait until SSH answers")] = True,
+        cpus: Annotated[
+            float | None,
+            Field(description="CPUs it may use (fractions allowed, e.g. 0.5); omit for the server's default"),
+        ] = None,
+        memory_mib: Annotated[
+            int | None,
+            Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
+        ] = None,
     ) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 
@@ -155,12 +163,16 @@ def build_server(settings: Settings | None = None) -> MCPServer:
 
         Returns the workspace: its state ('running' when start=true), IP, user, workspace_dir (the
         persistent project directory inside, exec's default cwd) and host_workspace_dir (the same
-        directory on the host), the pinned SSH host key fingerprint and phase timings.
+        directory on the host), the pinned SSH host key fingerprint and phase timings, its isolation
+        ('unprivileged-container': root inside is an unprivileged uid on the host; 'privileged-container';
+        'microvm') and limits (cpus, memory_mib, tasks).
 
         Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; a boot failure
         includes the last log lines (see also workspace_logs).
         """
-        return await manager_of(ctx).create(name, type, packages, ip, start, progress=_progress(ctx))
+        return await manager_of(ctx).create(
+            name, type, packages, ip, start, progress=_progress(ctx), cpus=cpus, memory_mib=memory_mib
+        )
 
     @tool(title="Start a workspace", idempotent=True)
     async def start_workspace(ctx: Context, name: Name) -> Workspace:

@@ -25,16 +25,19 @@ from pathlib import Path
 
 import anyio
 
-from .. import nat, onboarding
+from .. import hostcaps, nat, onboarding, rootfs
+from ..cgroups import CgroupHost, group_for, join_argv
 from ..config import Settings
 from ..errors import BackendError, InvalidSpec
 from ..images import ImageStore
-from ..models import RuntimeDetail, WorkspaceRecord
+from ..models import Limits, RuntimeDetail, WorkspaceRecord
+from ..naming import UID_RANGE, allocate_uid_base
 from ..net import HostNetwork
 from ..paths import WorkspacePaths
+from ..rootfs import RootMounts
 from .base import Progress, Runtime
 
-__all__ = ["NspawnRuntime", "hosts_file", "nspawn_argv"]
+__all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "hosts_file", "launch_argv", "nspawn_argv"]
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -44,20 +47,60 @@ def machine_name(name: str) -> str:
     return f"sbx-{name}"
 
 
+# Beyond what a dev box needs (nspawn's default set keeps them): device nodes, audit rules,
+# immutable flags, terminal configuration.
+DROPPED_CAPABILITIES = ("CAP_MKNOD", "CAP_AUDIT_CONTROL", "CAP_LINUX_IMMUTABLE", "CAP_SYS_TTY_CONFIG")
+
+
 def nspawn_argv(
-    *, name: str, image_root: Path, netns_path: Path, paths: WorkspacePaths, user: str
+    *,
+    name: str,
+    image_root: Path,
+    netns_path: Path | None,
+    paths: WorkspacePaths,
+    user: str,
+    uid_base: int | None = None,
+    mounts: RootMounts | None = None,
 ) -> list[str]:
     """The exact systemd-nspawn command that boots workspace ``name``.
 
+    Privileged (``uid_base`` None): the image with a fresh overlay per boot, joining the
+    prepared ``netns_path``. User-namespaced: ``--private-users=BASE:65536`` on the host-made
+    ``mounts`` (:mod:`sandbox_mcp.rootfs`: the root overlay and idmapped binds), and a network
+    namespace of nspawn's own (``--private-network``; the host adds the veth after start).
+
     Raises:
-        InvalidSpec: a host path contains ':' (nspawn's bind separator).
+        InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
+            do not fit one of the two kinds.
     """
-    binds = [
-        ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
-        ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
-        ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
-        ("--bind-ro", paths.runtime / "hosts", "/etc/hosts"),
-    ]
+    if uid_base is None:
+        if netns_path is None:
+            raise InvalidSpec("a privileged container needs its network namespace path")
+        binds = [
+            ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
+            ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
+            ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
+        ]
+        kind = [
+            f"--directory={image_root}",
+            "--volatile=overlay",  # a fresh writable layer per boot; the shared image stays untouched
+            f"--network-namespace-path={netns_path}",
+        ]
+    else:
+        if mounts is None:
+            raise InvalidSpec("a user-namespaced container needs its prepared mounts")
+        binds = [
+            ("--bind", mounts.workspace, onboarding.workspace_dir_inside(user)),
+            ("--bind", mounts.claude, onboarding.claude_config_dir_inside(user)),
+            ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
+        ]
+        kind = [
+            f"--directory={mounts.root}",
+            f"--private-users={uid_base}:{UID_RANGE}",
+            "--private-users-ownership=off",  # the mounts are idmapped already; nothing is chowned
+            "--private-network",
+        ]
+    binds.append(("--bind-ro", paths.runtime / "hosts", "/etc/hosts"))
     for _, src, _ in binds:
         if ":" in str(src) or "," in str(src):
             raise InvalidSpec(f"state path {src} contains ':' or ','; set SANDBOX_MCP_STATE_DIR to a plain path")
@@ -69,13 +112,22 @@ def nspawn_argv(
         "--keep-unit",
         f"--machine={machine_name(name)}",
         f"--hostname={name}",
-        f"--directory={image_root}",
-        "--volatile=overlay",  # a fresh writable layer per boot; the shared image stays untouched
-        f"--network-namespace-path={netns_path}",
+        *kind,
+        f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
         "--link-journal=no",
         "--console=read-only",
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
     ]
+
+
+def launch_argv(argv: list[str], procs_files: list[Path], user_namespaced: bool) -> list[str]:
+    """``argv`` started inside the workspace's cgroups (joined before exec, so nothing escapes them).
+
+    User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
+    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies).
+    """
+    env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
+    return join_argv(procs_files, [*env, *argv])
 
 
 def hosts_file(name: str, host_ip: str) -> str:
@@ -132,9 +184,42 @@ class NspawnRuntime(Runtime):
         super().__init__(settings)
         self.network = network or HostNetwork(settings)
         self.images = images or ImageStore(settings)
+        self._cg: CgroupHost | None = None
 
     def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, record.name)
+
+    def _cgroups(self) -> CgroupHost:
+        if self._cg is None:
+            self._cg = CgroupHost(group_for(self.settings.state_dir))
+        return self._cg
+
+    def _mounts(self, record: WorkspaceRecord) -> RootMounts:
+        return RootMounts(self._paths(record).runtime / "mnt")
+
+    def _limits(self, record: WorkspaceRecord) -> Limits:
+        s = self.settings
+        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
+
+        Raises:
+            BackendError: user-namespaced containers cannot run here (or are switched off) and
+                privileged ones are not allowed; the message says why and how to allow them.
+        """
+        blockers = [] if self.settings.private_users else ["private_users is false in the settings"]
+        blockers = blockers or hostcaps.userns_blockers()
+        if blockers:
+            if not self.settings.allow_privileged:
+                raise BackendError(
+                    "cannot run a user-namespaced container here: " + "; ".join(blockers) + ". Fix that, or "
+                    "allow privileged containers (root inside is root on the host) with "
+                    "SANDBOX_MCP_ALLOW_PRIVILEGED=true"
+                )
+            return record.model_copy(update={"isolation": "privileged-container", "uid_base": None})
+        taken = {r.uid_base for r in others if r.uid_base is not None} | self._cgroups().live_uid_bases()
+        return record.model_copy(update={"isolation": "unprivileged-container", "uid_base": allocate_uid_base(taken)})
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
@@ -152,42 +237,74 @@ class NspawnRuntime(Runtime):
         paths = self._paths(record)
         paths.runtime.mkdir(parents=True, exist_ok=True)
         (paths.runtime / "hosts").write_text(hosts_file(record.name, str(self.settings.host_ip)))
+        base = record.uid_base
+        mounts = self._mounts(record)
+        image_root = self.images.path(record.image)  # type: ignore[arg-type]
         await progress("setting up the network", None)
-        netns = await self.network.setup_workspace(record.name, record.ip, record.mac)  # makes the bridge too
+        if base is None:
+            netns: Path | None = await self.network.setup_workspace(record.name, record.ip, record.mac)
+        else:
+            netns = None
+            await self.network.ensure_bridge()
         if self.settings.nat:
             await nat.apply_nat(self.settings.bridge, self.settings.subnet)
-        argv = nspawn_argv(
-            name=record.name,
-            image_root=self.images.path(record.image),  # type: ignore[arg-type]
-            netns_path=netns,
-            paths=paths,
-            user=record.user,
-        )
-        await progress("booting the container", None)
         try:
-            pid, start_time = await anyio.to_thread.run_sync(self._spawn, argv, paths.console_log)
+            procs = await anyio.to_thread.run_sync(
+                self._cgroups().prepare, record.name, base, self._limits(record)
+            )
+            if base is not None:
+                await anyio.to_thread.run_sync(
+                    lambda: rootfs.mount_all(
+                        mounts,
+                        image=image_root,
+                        workspace=paths.workspace,
+                        claude_config=paths.claude_config,
+                        host_keys=paths.ssh_host_keys,
+                        uid_base=base,
+                        root_layer_mib=self.settings.root_layer_mib,
+                    )
+                )
+            argv = nspawn_argv(
+                name=record.name,
+                image_root=image_root,
+                netns_path=netns,
+                paths=paths,
+                user=record.user,
+                uid_base=base,
+                mounts=mounts if base is not None else None,
+            )
+            await progress("booting the container", None)
+            pid, start_time = await anyio.to_thread.run_sync(
+                self._spawn, launch_argv(argv, procs, base is not None), paths.console_log
+            )
+            record = record.model_copy(update={"pid": pid, "pid_start_time": start_time})
+            leader = await self._find_leader(pid, self.settings.boot_timeout_s)
+            if leader is None:
+                raise BackendError(f"the container did not start; see {paths.console_log} (workspace_logs)")
+            record = record.model_copy(
+                update={"leader_pid": leader, "leader_start_time": _proc_start_time(leader)}
+            )
+            if base is not None:
+                # nspawn made the container's network namespace (one owned by the container's user
+                # namespace; joining a host-made one is refused); the veth goes in from here.
+                await self.network.setup_workspace(record.name, record.ip, record.mac, pid=leader)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.network.teardown_workspace(record.name)
+                await self.stop(record)
             raise
-        leader = await self._find_leader(pid)
-        return record.model_copy(
-            update={
-                "pid": pid,
-                "pid_start_time": start_time,
-                "leader_pid": leader,
-                "leader_start_time": _proc_start_time(leader) if leader else None,
-            }
-        )
+        return record
 
     @staticmethod
-    async def _find_leader(pid: int) -> int | None:
+    async def _find_leader(pid: int, timeout_s: float) -> int | None:
         """The container's init: nspawn's child in another PID namespace (nspawn is its subreaper).
 
-        Recorded so that a container orphaned by a killed nspawn can still be ended.
+        Recorded so that a container orphaned by a killed nspawn can still be ended; its network
+        namespace is the container's. None if nspawn exits first or ``timeout_s`` passes.
         """
+        start = _proc_start_time(pid)
         own_ns = os.readlink(f"/proc/{pid}/ns/pid") if os.path.exists(f"/proc/{pid}/ns/pid") else None
-        for _ in range(100):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and start is not None and _proc_start_time(pid) == start:
             for child in _children(pid):
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
@@ -238,6 +355,12 @@ class NspawnRuntime(Runtime):
                 if not _leader_alive(record):
                     break
                 await anyio.sleep(0.05)
+        await self._release(record)
+
+    async def _release(self, record: WorkspaceRecord) -> None:
+        """What a stopped container leaves: its cgroups (and stragglers in them), mounts, veth/netns."""
+        await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
+        await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(record))
         await self.network.teardown_workspace(record.name)
 
     async def _wait_gone(self, record: WorkspaceRecord, timeout_s: float) -> bool:
@@ -249,7 +372,7 @@ class NspawnRuntime(Runtime):
         return False
 
     async def destroy(self, record: WorkspaceRecord) -> None:
-        await self.network.teardown_workspace(record.name)
+        await self._release(record)  # before the manager removes the state dir: nothing mounted under it
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         running = _is_our_process(record.pid, record.pid_start_time, record.name)
@@ -259,7 +382,8 @@ class NspawnRuntime(Runtime):
             pid=record.pid if running else None,
             uptime_s=_uptime_s(record.pid_start_time) if running and record.pid_start_time else None,
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
-            + (f" image {record.image}" if record.image else ""),
+            + (f" image {record.image}" if record.image else "")
+            + (f", uids {record.uid_base}+{UID_RANGE}" if record.uid_base is not None else ", privileged"),
         )
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
@@ -284,3 +408,7 @@ class NspawnRuntime(Runtime):
         for name in await self.network.leftovers():
             if name not in running:
                 await self.network.teardown_workspace(name)
+        for r in records:
+            if r.name not in running and r.runtime == self.name:
+                await anyio.to_thread.run_sync(self._cgroups().remove, r.name)
+                await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(r))
