@@ -17,6 +17,7 @@ __all__ = [
     "CID_OFFSET",
     "FIRST_HOST_OFFSET",
     "MAX_NAME_LEN",
+    "BUILD_UID_BASE",
     "UID_RANGE",
     "allocate_ip",
     "allocate_uid_base",
@@ -41,7 +42,8 @@ _NIX_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_][A-Za-z0-9_'-]*
 CID_OFFSET = 100  # CIDs 0-2 are reserved by vsock(7); 3-99 are left for manual assignment
 UID_RANGE = 65536  # host uids per user-namespaced workspace (0..65535 inside)
 FIRST_UID_BASE = 8 * UID_RANGE  # 524288: above the ranges useradd hands out in /etc/subuid by default
-LAST_UID_BASE = 0x7FFF0000  # below 2^31: some tools read uids as signed ints
+BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (uids read as signed ints)
+LAST_UID_BASE = BUILD_UID_BASE - UID_RANGE
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
