@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp.images import ImageStore
+from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.images.debootstrap import EXACT_NAMES_SH, apt_install_argv
 from sandbox_mcp.naming import BUILD_UID_BASE
 
@@ -21,7 +21,8 @@ def base_image(tmp_path: Path) -> Path:
     reason = e2e_skip_reason()
     if reason:
         pytest.skip(reason)
-    store = ImageStore(e2e_settings(tmp_path / "state"))
+    settings = e2e_settings(tmp_path / "state")
+    store = DebianRoot(settings, ImageStore(settings.image_dir))
     if not store.exists(store.key(())):
         pytest.skip("the root image is not cached; ./scripts/test builds it")
     return store.path(store.key(()))

@@ -17,29 +17,32 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
+from pydantic import Field, model_validator
 
-from .. import hostcaps, nat, onboarding, rootfs
+from .. import hostcaps, onboarding, rootfs, supervise
 from ..cgroups import CgroupHost, group_for, join_argv
-from ..config import Settings
+from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
-from ..images import ImageStore
-from ..models import Limits, RuntimeDetail, WorkspaceRecord
+from ..fsutil import atomic_write
+from ..images import DebianRoot
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import UID_RANGE, allocate_uid_base
-from ..net import HostNetwork
 from ..paths import WorkspacePaths
 from ..rootfs import RootMounts
-from .base import Progress, Runtime
+from ..supervise import ProcessRef
+from .base import Progress, Runtime, RuntimeContext, RuntimeState
 
-__all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "hosts_file", "launch_argv", "nspawn_argv"]
+__all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_NSPAWN_MISSING = (
+    "install it (Debian/Ubuntu: apt-get install systemd-container) and run 'sandbox-mcp doctor'"
+)
 
 
 def machine_name(name: str) -> str:
@@ -135,43 +138,29 @@ def hosts_file(name: str, host_ip: str) -> str:
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot), or None if the process is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+class NspawnState(RuntimeState):
+    """What nspawn remembers of a workspace: its root image, and while it runs, the two processes."""
 
+    image: str | None = None
+    uid_base: int | None = Field(
+        default=None, description="First host uid of the container's user namespace; None: privileged"
+    )
+    process: ProcessRef | None = Field(default=None, description="systemd-nspawn itself")
+    leader: ProcessRef | None = Field(default=None, description="the container's init (PID 1 inside)")
 
-def _is_our_process(pid: int | None, start_time: int | None, name: str) -> bool:
-    if not pid or start_time is None or _proc_start_time(pid) != start_time:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"--machine={machine_name(name)}".encode() in cmdline
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _leader_alive(record: WorkspaceRecord) -> bool:
-    return bool(record.leader_pid) and _proc_start_time(record.leader_pid) == record.leader_start_time  # type: ignore[arg-type]
-
-
-def _uptime_s(start_time: int) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return max(0.0, boot_uptime - start_time / ticks)
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        """Registries of before runtime_state kept flat fields (pid, pid_start_time, leader_*)."""
+        if isinstance(data, dict) and "pid" in data:
+            data = dict(data)
+            pid, start = data.pop("pid", None), data.pop("pid_start_time", None)
+            lpid, lstart = data.pop("leader_pid", None), data.pop("leader_start_time", None)
+            if pid and start is not None:
+                data["process"] = {"pid": pid, "start_time": start}
+            if lpid and lstart is not None:
+                data["leader"] = {"pid": lpid, "start_time": lstart}
+        return data
 
 
 class NspawnRuntime(Runtime):
@@ -179,12 +168,19 @@ class NspawnRuntime(Runtime):
 
     name = "nspawn"
     types = frozenset({"container"})
+    modes = frozenset({"direct"})
+    package_flavour = "debian"
+    host_network = True
+    State = NspawnState
 
-    def __init__(self, settings: Settings, network: HostNetwork | None = None, images: ImageStore | None = None):
-        super().__init__(settings)
-        self.network = network or HostNetwork(settings)
-        self.images = images or ImageStore(settings)
+    def __init__(self, ctx: RuntimeContext) -> None:
+        super().__init__(ctx)
+        self.network = ctx.network
+        self.images = DebianRoot(ctx.settings, ctx.images)
         self._cg: CgroupHost | None = None
+
+    def state(self, record: WorkspaceRecord) -> NspawnState:
+        return NspawnState.model_validate(record.runtime_state)
 
     def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, record.name)
@@ -210,6 +206,7 @@ class NspawnRuntime(Runtime):
         """
         blockers = [] if self.settings.private_users else ["private_users is false in the settings"]
         blockers = blockers or hostcaps.userns_blockers()
+        state = self.state(record)
         if blockers:
             if not self.settings.allow_privileged:
                 raise BackendError(
@@ -217,41 +214,69 @@ class NspawnRuntime(Runtime):
                     "allow privileged containers (root inside is root on the host) with "
                     "SANDBOX_MCP_ALLOW_PRIVILEGED=true"
                 )
-            return record.model_copy(update={"isolation": "privileged-container", "uid_base": None})
-        taken = {r.uid_base for r in others if r.uid_base is not None} | self._cgroups().live_uid_bases()
-        return record.model_copy(update={"isolation": "unprivileged-container", "uid_base": allocate_uid_base(taken)})
+            record = record.model_copy(update={"isolation": "privileged-container"})
+            return self.with_state(record, state.model_copy(update={"uid_base": None}))
+        taken = {b for r in others if r.runtime == self.name and (b := self.state(r).uid_base) is not None}
+        base = allocate_uid_base(taken | self._cgroups().live_uid_bases())
+        record = record.model_copy(update={"isolation": "unprivileged-container"})
+        return self.with_state(record, state.model_copy(update={"uid_base": base}))
+
+    @staticmethod
+    def _marker(record: WorkspaceRecord) -> bytes:
+        return f"--machine={machine_name(record.name)}".encode()
+
+    def _running(self, record: WorkspaceRecord) -> bool:
+        return supervise.alive(self.state(record).process, self._marker(record))
+
+    def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        return self.with_state(record, self.state(record).model_copy(update={"process": None, "leader": None}))
+
+    def checks(self) -> list[Check]:
+        return [
+            which_check("systemd-nspawn", "systemd-container", "runs the containers"),
+            which_check("debootstrap", "debootstrap", "builds the root image once"),
+            self._image_check(),
+        ]
+
+    def _image_check(self) -> Check:
+        key = self.images.key(())
+        built = self.images.exists(key)
+        return Check(
+            name="root image",
+            ok=built,
+            detail=(f"cached at {self.images.path(key)}" if built else
+                    f"not built yet ({self.images.suite}, mirror {self.images.mirror or 'debootstrap default'})"),
+            fix="the first create_workspace builds it (about a minute); or run 'sandbox-mcp image build'",
+            required=False,
+        )
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
 
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         key = await self.images.ensure(record.packages, progress)
-        return record.model_copy(update={"image": key})
+        return self.with_state(record, self.state(record).model_copy(update={"image": key}))
 
     async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
-        if _is_our_process(record.pid, record.pid_start_time, record.name):
+        if self._running(record):
             return record
-        if not record.image or not self.images.exists(record.image):
+        state = self.state(record)
+        if not state.image or not self.images.exists(state.image):
             # The cache was cleared, or the recipe changed since create: rebuild quietly.
             record = await self.prepare(record, progress)
+            state = self.state(record)
+        assert state.image is not None
         paths = self._paths(record)
         paths.runtime.mkdir(parents=True, exist_ok=True)
-        (paths.runtime / "hosts").write_text(hosts_file(record.name, str(self.settings.host_ip)))
-        base = record.uid_base
+        atomic_write(paths.runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
+        base = state.uid_base
         mounts = self._mounts(record)
-        image_root = self.images.path(record.image)  # type: ignore[arg-type]
+        image_root = self.images.path(state.image)
         await progress("setting up the network", None)
-        if base is None:
-            netns: Path | None = await self.network.setup_workspace(record.name, record.ip, record.mac)
-        else:
-            netns = None
-            await self.network.ensure_bridge()
-        if self.settings.nat:
-            await nat.apply_nat(self.settings.bridge, self.settings.subnet)
+        await self.network.ensure()
         try:
-            procs = await anyio.to_thread.run_sync(
-                self._cgroups().prepare, record.name, base, self._limits(record)
-            )
+            netns = None if base is not None else await self.network.attach_veth(record.name, record.ip, record.mac)
+            procs = await anyio.to_thread.run_sync(self._cgroups().prepare, record.name, base, self._limits(record))
             if base is not None:
                 await anyio.to_thread.run_sync(
                     lambda: rootfs.mount_all(
@@ -274,116 +299,73 @@ class NspawnRuntime(Runtime):
                 mounts=mounts if base is not None else None,
             )
             await progress("booting the container", None)
-            pid, start_time = await anyio.to_thread.run_sync(
-                self._spawn, launch_argv(argv, procs, base is not None), paths.console_log
+            process = await anyio.to_thread.run_sync(
+                lambda: supervise.spawn(
+                    launch_argv(argv, procs, base is not None), paths.console_log, missing_hint=_NSPAWN_MISSING
+                )
             )
-            record = record.model_copy(update={"pid": pid, "pid_start_time": start_time})
-            leader = await self._find_leader(pid, self.settings.boot_timeout_s)
+            state = state.model_copy(update={"process": process})
+            record = self.with_state(record, state)
+            leader = await self._find_leader(process, self.settings.boot_timeout_s)
             if leader is None:
                 raise BackendError(f"the container did not start; see {paths.console_log} (workspace_logs)")
-            record = record.model_copy(
-                update={"leader_pid": leader, "leader_start_time": _proc_start_time(leader)}
-            )
+            state = state.model_copy(update={"leader": leader})
+            record = self.with_state(record, state)
             if base is not None:
                 # nspawn made the container's network namespace (one owned by the container's user
-                # namespace; joining a host-made one is refused); the veth goes in from here.
-                await self.network.setup_workspace(record.name, record.ip, record.mac, pid=leader)
+                # namespace; joining a host-made one is refused there); the veth goes in from here.
+                await self.network.attach_veth(record.name, record.ip, record.mac, pid=leader.pid)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(record)
             raise
         return record
 
-    @staticmethod
-    async def _find_leader(pid: int, timeout_s: float) -> int | None:
+    async def _find_leader(self, process: ProcessRef, timeout_s: float) -> ProcessRef | None:
         """The container's init: nspawn's child in another PID namespace (nspawn is its subreaper).
 
         Recorded so that a container orphaned by a killed nspawn can still be ended; its network
         namespace is the container's. None if nspawn exits first or ``timeout_s`` passes.
         """
-        start = _proc_start_time(pid)
+        pid = process.pid
         own_ns = os.readlink(f"/proc/{pid}/ns/pid") if os.path.exists(f"/proc/{pid}/ns/pid") else None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and start is not None and _proc_start_time(pid) == start:
-            for child in _children(pid):
+        while time.monotonic() < deadline and supervise.alive(process):
+            for child in supervise.children(pid):
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
-                        return child
+                        return supervise.identify(child)
             await anyio.sleep(0.01)
         return None
 
-    @staticmethod
-    def _spawn(argv: list[str], log_path: Path) -> tuple[int, int]:
-        with open(log_path, "wb") as log:  # the log shows the current boot
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # survives the server; stop() ends it by PID
-                    close_fds=True,
-                )
-            except FileNotFoundError as exc:
-                raise BackendError(
-                    "systemd-nspawn not found; install it (Debian/Ubuntu: apt-get install systemd-container) "
-                    "and run 'sandbox-mcp doctor'"
-                ) from exc
-        # Reap it when it exits while we run, so no zombie stays behind.
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-        start_time = _proc_start_time(proc.pid)
-        if start_time is None:
-            raise BackendError(f"systemd-nspawn exited at once; see {log_path}")
-        return proc.pid, start_time
-
     async def stop(self, record: WorkspaceRecord) -> None:
-        if _is_our_process(record.pid, record.pid_start_time, record.name):
-            assert record.pid is not None
-            # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.pid, signal.SIGTERM)
-            if not await self._wait_gone(record, self.settings.stop_timeout_s):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(record.pid, signal.SIGKILL)
-                await self._wait_gone(record, 10)
-        if _leader_alive(record):
-            # nspawn died without taking its container along: killing a PID namespace's
-            # init ends every process in it.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.leader_pid, signal.SIGKILL)  # type: ignore[arg-type]
-            for _ in range(200):
-                if not _leader_alive(record):
-                    break
-                await anyio.sleep(0.05)
+        state = self.state(record)
+        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
+        await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
+        # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
+        await supervise.kill(state.leader)
         await self._release(record)
 
     async def _release(self, record: WorkspaceRecord) -> None:
         """What a stopped container leaves: its cgroups (and stragglers in them), mounts, veth/netns."""
         await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
         await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(record))
-        await self.network.teardown_workspace(record.name)
-
-    async def _wait_gone(self, record: WorkspaceRecord, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _is_our_process(record.pid, record.pid_start_time, record.name):
-                return True
-            await anyio.sleep(0.05)
-        return False
+        await self.network.detach(record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
-        running = _is_our_process(record.pid, record.pid_start_time, record.name)
+        state = self.state(record)
+        running = self._running(record)
         return RuntimeDetail(
             runtime=self.name,
             running=running,
-            pid=record.pid if running else None,
-            uptime_s=_uptime_s(record.pid_start_time) if running and record.pid_start_time else None,
+            pid=state.process.pid if running and state.process else None,
+            uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
-            + (f" image {record.image}" if record.image else "")
-            + (f", uids {record.uid_base}+{UID_RANGE}" if record.uid_base is not None else ", privileged"),
+            + (f" image {state.image}" if state.image else "")
+            + (f", uids {state.uid_base}+{UID_RANGE}" if state.uid_base is not None else ", privileged"),
         )
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
@@ -404,10 +386,10 @@ class NspawnRuntime(Runtime):
 
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:
         """Tear down network namespaces and veths whose workspace is not running."""
-        running = {r.name for r in records if _is_our_process(r.pid, r.pid_start_time, r.name)}
+        running = {r.name for r in records if self._running(r)}
         for name in await self.network.leftovers():
             if name not in running:
-                await self.network.teardown_workspace(name)
+                await self.network.detach(name)
         for r in records:
             if r.name not in running and r.runtime == self.name:
                 await anyio.to_thread.run_sync(self._cgroups().remove, r.name)
