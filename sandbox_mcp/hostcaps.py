@@ -7,10 +7,13 @@ silently) and for ``sandbox-mcp doctor``. Each finding says what is missing and 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KernelLimit", "kernel_limits", "userns_blockers"]
+from .models import Check
+
+__all__ = ["KernelLimit", "isolation_checks", "kernel_limits", "userns_blockers"]
 
 _RELEASE_RE = re.compile(r"^(\d+)\.(\d+)")
 IDMAP_KERNEL = (5, 12)  # mount_setattr(MOUNT_ATTR_IDMAP)
@@ -100,3 +103,54 @@ def kernel_limits(proc: Path = Path("/proc"), per_user_namespace: bool = True) -
     if keys is not None:
         out.append(KernelLimit("kernel.keys.maxkeys", keys, f"{keys} keys per uid (per workspace root)", None))
     return out
+
+
+def isolation_checks(
+    *,
+    private_users: bool,
+    allow_privileged: bool,
+    enforced: Mapping[str, str | None],
+    proc: Path = Path("/proc"),
+    release: str | None = None,
+) -> list[Check]:
+    """Doctor's checks for unprivileged containers, resource limits and the kernel limits on their number.
+
+    ``enforced`` maps cgroup controllers to ``"v2"``/``"v1"``/None (:meth:`CgroupHost.enforced`).
+    """
+    blockers = userns_blockers(proc, release)
+    userns_ok = not blockers
+    if not private_users:
+        detail = "private_users is false: containers run privileged (root inside is root on the host)"
+    elif userns_ok:
+        detail = "root inside a container is an unprivileged uid range on the host"
+    else:
+        detail = "; ".join(blockers)
+    checks = [
+        Check(
+            name="unprivileged containers",
+            ok=userns_ok and private_users,
+            detail=detail,
+            fix=None if userns_ok and private_users else (
+                "; ".join(b.split(": ", 1)[-1] for b in blockers) if blockers else "set private_users = true"
+            ) + (" (SANDBOX_MCP_ALLOW_PRIVILEGED=true is set: privileged containers are used meanwhile)"
+                 if allow_privileged else " (until then create fails; SANDBOX_MCP_ALLOW_PRIVILEGED=true would "
+                 "allow privileged containers instead)"),
+            required=not allow_privileged,
+        )
+    ]
+    missing = sorted(c for c, where in enforced.items() if where is None)
+    checks.append(
+        Check(
+            name="resource limits",
+            ok=not missing,
+            detail=", ".join(f"{c}: cgroup {w}" if w else f"{c}: not enforceable" for c, w in sorted(enforced.items())),
+            fix=None if not missing else f"enable the {', '.join(missing)} controller(s) (cgroup v2 "
+            "cgroup.subtree_control, or mount the v1 hierarchy); without, those limits are not enforced",
+            required=False,
+        )
+    )
+    for limit in kernel_limits(proc, per_user_namespace=userns_ok and private_users):
+        checks.append(
+            Check(name=limit.sysctl, ok=limit.fix is None, detail=limit.detail, fix=limit.fix, required=False)
+        )
+    return checks

@@ -236,6 +236,11 @@ class NspawnRuntime(Runtime):
             which_check("systemd-nspawn", "systemd-container", "runs the containers"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
+            *hostcaps.isolation_checks(
+                private_users=self.settings.private_users,
+                allow_privileged=self.settings.allow_privileged,
+                enforced=self._cgroups().enforced(),
+            ),
         ]
 
     def _image_check(self) -> Check:
