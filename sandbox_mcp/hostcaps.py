@@ -57,11 +57,13 @@ class KernelLimit:
     fix: str | None
 
 
-def kernel_limits(proc: Path = Path("/proc"), per_user_namespace: bool = True) -> list[KernelLimit]:
+def kernel_limits(proc: Path = Path("/proc")) -> list[KernelLimit]:
     """The kernel limits that cap the number of workspaces, read from ``proc``.
 
-    With user-namespaced containers (``per_user_namespace``) inotify instances are counted
-    per workspace; without, every container's root shares host root's count.
+    inotify instances stay shared with user namespaces too (found on the dev machine): the
+    kernel charges them at every level of the user-namespace tree, and at the host's level to
+    the owner of the container's namespace, which is root (nspawn makes it). So every
+    container counts against host root's ``max_user_instances``, ~7 per idle workspace.
     """
 
     def num(rel: str) -> int | None:
@@ -71,14 +73,16 @@ def kernel_limits(proc: Path = Path("/proc"), per_user_namespace: bool = True) -
     out = []
     inst = num("sys/fs/inotify/max_user_instances")
     if inst is not None:
-        if per_user_namespace:
-            detail = f"{inst} per workspace (each has its own user namespace); an idle one uses ~7"
-            fix = None
-        else:
-            fits = inst // INOTIFY_INSTANCES_PER_WORKSPACE
-            detail = f"{inst} shared by all privileged containers (~7 each): about {fits} workspaces"
-            fix = "sysctl -w fs.inotify.max_user_instances=1024 (persist in /etc/sysctl.d/)"
-        out.append(KernelLimit("fs.inotify.max_user_instances", inst, detail, fix))
+        fits = inst // INOTIFY_INSTANCES_PER_WORKSPACE
+        out.append(
+            KernelLimit(
+                "fs.inotify.max_user_instances",
+                inst,
+                f"{inst} shared by all containers and host root (~{INOTIFY_INSTANCES_PER_WORKSPACE} per idle "
+                f"workspace): about {fits} workspaces",
+                None if fits >= 100 else "sysctl -w fs.inotify.max_user_instances=1024 (persist it in /etc/sysctl.d/)",
+            )
+        )
     ns = num("sys/user/max_user_namespaces")
     if ns is not None:
         out.append(
@@ -149,7 +153,7 @@ def isolation_checks(
             required=False,
         )
     )
-    for limit in kernel_limits(proc, per_user_namespace=userns_ok and private_users):
+    for limit in kernel_limits(proc):
         checks.append(
             Check(name=limit.sysctl, ok=limit.fix is None, detail=limit.detail, fix=limit.fix, required=False)
         )

@@ -94,7 +94,7 @@ def test_real_cgroup_limits_a_process_and_is_removed(tmp_path: Path) -> None:
     host = CgroupHost(group=group_for(tmp_path))
     if host.layout.unified is None:
         pytest.skip("no cgroup2 hierarchy mounted here")
-    base = 0x90000
+    base = 0x7FFE0000  # the last workspace range: no running workspace has it
     procs = host.prepare("cgtest", base, LIMITS)
     dirs = host.layout.workspace_dirs("cgtest", host.group)
     proc = None

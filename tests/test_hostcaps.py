@@ -36,14 +36,13 @@ def test_each_blocker_says_how_to_fix_it(tmp_path: Path) -> None:
     assert any("modprobe overlay" in b for b in blockers)
 
 
-def test_inotify_is_per_workspace_only_with_user_namespaces(tmp_path: Path) -> None:
-    proc = fake_proc(tmp_path, pid_max="32768")
-    limits = {lim.sysctl: lim for lim in kernel_limits(proc, per_user_namespace=False)}
-    assert limits["fs.inotify.max_user_instances"].fix is not None  # shared: ~18 workspaces
+def test_kernel_limits_say_how_many_workspaces_fit(tmp_path: Path) -> None:
+    limits = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path, pid_max="32768"))}
     assert "about 18 workspaces" in limits["fs.inotify.max_user_instances"].detail
+    assert limits["fs.inotify.max_user_instances"].fix is not None
     assert limits["kernel.pid_max"].fix == "sysctl -w kernel.pid_max=4194304"
-    per_ns = {lim.sysctl: lim for lim in kernel_limits(proc, per_user_namespace=True)}
-    assert per_ns["fs.inotify.max_user_instances"].fix is None
+    roomy = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path / "r", inotify="1024"))}
+    assert roomy["fs.inotify.max_user_instances"].fix is None and roomy["kernel.pid_max"].fix is None
 
 
 def test_doctor_checks_say_whether_privileged_is_the_fallback(tmp_path: Path) -> None:
