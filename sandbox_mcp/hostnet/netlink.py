@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -483,6 +484,9 @@ def _check(ret: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
+_RUNDIR_LOCK = threading.Lock()
+
+
 def _share_rundir(rundir: Path) -> None:
     """Make ``rundir`` a shared mount, binding it onto itself first if it is none, as iproute2 does.
 
@@ -491,12 +495,15 @@ def _share_rundir(rundir: Path) -> None:
     """
     rundir.mkdir(mode=0o755, parents=True, exist_ok=True)
     target = bytes(rundir)
-    if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
-        return
-    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
-        _check(-1, f"making {rundir} a shared mount")
-    _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
-    _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
+    # One at a time: two first creates at once both found no mount point and bound it twice,
+    # and a namespace made in between went missing (ENOENT with 30 creates at once).
+    with _RUNDIR_LOCK:
+        if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
+            return
+        if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+            _check(-1, f"making {rundir} a shared mount")
+        _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
+        _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
 
 
 def _make_netns(path: Path, pid: int | None = None) -> int:
@@ -513,6 +520,9 @@ def _make_netns(path: Path, pid: int | None = None) -> int:
             source = b"/proc/thread-self/ns/net"
         else:
             source = f"/proc/{int(pid)}/ns/net".encode()
+            if os.stat(source).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+                # Its own namespace is not there yet: the veth and address would land in ours.
+                raise OSError(errno.EAGAIN, f"process {pid} is still in the host's network namespace")
         _check(_libc.mount(source, bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
         if pid is not None:
             nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -319,12 +319,28 @@ class NspawnRuntime(Runtime):
             if base is not None:
                 # nspawn made the container's network namespace (one owned by the container's user
                 # namespace; joining a host-made one is refused there); the veth goes in from here.
+                # The init unshares it only after entering its user namespace: wait for that, or the
+                # veth would land in our own namespace (seen with 30 creates at once).
+                if not await self._own_netns(leader, self.settings.boot_timeout_s):
+                    raise BackendError(f"the container got no network namespace; see {paths.console_log}")
                 await self.network.attach_veth(record.name, record.ip, record.mac, pid=leader.pid)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(record)
             raise
         return record
+
+    @staticmethod
+    async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:
+        """Wait until ``leader`` is in a network namespace other than ours; False if it died or time ran out."""
+        ours = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and supervise.alive(leader):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{leader.pid}/ns/net") != ours:
+                    return True
+            await anyio.sleep(0.01)
+        return False
 
     async def _find_leader(self, process: ProcessRef, timeout_s: float) -> ProcessRef | None:
         """The container's init: nspawn's child in another PID namespace (nspawn is its subreaper).
