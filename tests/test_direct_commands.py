@@ -28,13 +28,15 @@ from sandbox_mcp.runtimes.nspawn import hosts_file, launch_argv, nspawn_argv
 def test_nspawn_argv_exact() -> None:
     paths = WorkspacePaths.of(Path("/st"), "ws1")
     assert nspawn_argv(
-        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent"
+        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent",
+        tag="0123abcd",
     ) == [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
         "--machine=sbx-ws1", "--hostname=ws1", "--directory=/img/k", "--volatile=overlay",
         "--network-namespace-path=/run/netns/sbx-ws1",
         "--drop-capability=CAP_MKNOD,CAP_AUDIT_CONTROL,CAP_LINUX_IMMUTABLE,CAP_SYS_TTY_CONFIG",
         "--link-journal=no", "--console=read-only",
+        "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
         "--bind=/st/ws1/workspace:/home/agent/workspace",
         "--bind=/st/ws1/claude-config:/home/agent/claude-config",
         "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
@@ -46,13 +48,14 @@ def test_nspawn_argv_user_namespaced_exact() -> None:
     paths = WorkspacePaths.of(Path("/st"), "ws1")
     mounts = RootMounts(paths.runtime / "mnt")
     argv = nspawn_argv(name="ws1", image_root=Path("/img/k"), netns_path=None, paths=paths, user="agent",
-                       uid_base=524288, mounts=mounts)
+                       uid_base=524288, mounts=mounts, tag="0123abcd")
     assert argv == [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
         "--machine=sbx-ws1", "--hostname=ws1", "--directory=/st/ws1/runtime/mnt/root",
         "--private-users=524288:65536", "--private-users-ownership=off", "--private-network",
         "--drop-capability=CAP_MKNOD,CAP_AUDIT_CONTROL,CAP_LINUX_IMMUTABLE,CAP_SYS_TTY_CONFIG",
         "--link-journal=no", "--console=read-only",
+        "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
         "--bind=/st/ws1/runtime/mnt/workspace:/home/agent/workspace",
         "--bind=/st/ws1/runtime/mnt/claude:/home/agent/claude-config",
         "--bind-ro=/st/ws1/runtime/mnt/keys:/etc/ssh-host-keys",
@@ -62,15 +65,16 @@ def test_nspawn_argv_user_namespaced_exact() -> None:
     assert launched[3:] == ["sh", "/cg/ws1/cgroup.procs", "--", "env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1", *argv]
     assert launch_argv(argv, [], user_namespaced=False)[3:] == ["sh", "--", *argv]
     with pytest.raises(InvalidSpec):
-        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent", uid_base=524288)
+        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent", uid_base=524288,
+                    tag="0123abcd")
     with pytest.raises(InvalidSpec):
-        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent")
+        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent", tag="0123abcd")
 
 
 def test_nspawn_argv_refuses_bind_separators() -> None:
     with pytest.raises(InvalidSpec, match="SANDBOX_MCP_STATE_DIR"):
         nspawn_argv(name="a", image_root=Path("/i"), netns_path=Path("/n"),
-                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent")
+                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent", tag="t")
 
 
 def test_hosts_file() -> None:

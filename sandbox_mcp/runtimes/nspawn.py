@@ -64,6 +64,7 @@ def nspawn_argv(
     user: str,
     uid_base: int | None = None,
     mounts: RootMounts | None = None,
+    tag: str,
 ) -> list[str]:
     """The exact systemd-nspawn command that boots workspace ``name``.
 
@@ -119,6 +120,8 @@ def nspawn_argv(
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
         "--link-journal=no",
         "--console=read-only",
+        # The container's init carries the workspace tag, so an orphaned container is found by it.
+        f"--setenv={supervise.TAG_ENV}={tag}",
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
     ]
 
@@ -225,6 +228,9 @@ class NspawnRuntime(Runtime):
     def _marker(record: WorkspaceRecord) -> bytes:
         return f"--machine={machine_name(record.name)}".encode()
 
+    def _tag(self, record: WorkspaceRecord) -> str:
+        return supervise.workspace_tag(self.settings.state_dir, record.name)
+
     def _running(self, record: WorkspaceRecord) -> bool:
         return supervise.alive(self.state(record).process, self._marker(record))
 
@@ -302,11 +308,15 @@ class NspawnRuntime(Runtime):
                 user=record.user,
                 uid_base=base,
                 mounts=mounts if base is not None else None,
+                tag=self._tag(record),
             )
             await progress("booting the container", None)
             process = await anyio.to_thread.run_sync(
                 lambda: supervise.spawn(
-                    launch_argv(argv, procs, base is not None), paths.console_log, missing_hint=_NSPAWN_MISSING
+                    launch_argv(argv, procs, base is not None),
+                    paths.console_log,
+                    tag=self._tag(record),
+                    missing_hint=_NSPAWN_MISSING,
                 )
             )
             state = state.model_copy(update={"process": process})
@@ -365,6 +375,8 @@ class NspawnRuntime(Runtime):
         await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
         await supervise.kill(state.leader)
+        # What a server killed between spawn and record never wrote down: found by the workspace's tag.
+        await supervise.kill_tagged(self._tag(record))
         await self._release(record)
 
     async def _release(self, record: WorkspaceRecord) -> None:
