@@ -80,6 +80,9 @@ class Settings(BaseModel):
     root_layer_mib: int = Field(
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
     )
+    console_log_mib: int = Field(
+        default=16, ge=1, description="Size bound of a container's console log; a flood past it stops the container"
+    )
     private_users: bool = Field(
         default=True,
         description="Run containers in a user namespace (root inside is an unprivileged uid on the host); "

@@ -7,9 +7,11 @@ to try what issue 9 found working against privileged containers, and check the h
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -192,3 +194,33 @@ async def test_privileged_only_when_allowed(settings: Settings) -> None:
         async with WorkspaceManager(allowed) as m:
             await destroy_all(m)
     assert_nothing_left(allowed, "priv")
+
+
+async def test_console_flood_is_bounded_and_the_workspace_comes_back(settings: Settings) -> None:
+    settings = settings.model_copy(update={"console_log_mib": 1})
+    log = settings.state_dir / "esc" / "runtime" / "console.log"
+    try:
+        async with Client(build_server(settings)) as client:
+            s = Session(client)
+            await s.call("create_workspace", name="esc")
+            pid = json.loads(settings.registry_path.read_text())["workspaces"]["esc"]["runtime_state"]["process"]["pid"]
+            pidfd = os.pidfd_open(pid)  # nspawn's; readable once it has exited
+            try:
+                # Root inside writes 8 MiB to the console; nspawn copies it into the host's log file.
+                await client.call_tool("exec", {"name": "esc", "timeout_s": 60,
+                                                "command": "sudo sh -c 'head -c 8M /dev/zero | tr \"\\\\0\" x >/dev/console'"})
+                # nspawn's write past the bound fails and it powers the container off: wait for that.
+                with anyio.fail_after(120):  # a guard against hanging, not a timing assertion
+                    await anyio.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            assert log.stat().st_size <= 1 << 20
+            assert (await s.call("workspace_status", name="esc"))["runtime"]["running"] is False
+            assert (await s.call("list_workspaces"))["workspaces"][0]["name"] == "esc"  # the server is fine
+            await s.call("start_workspace", name="esc")
+            r = await s.call("exec", name="esc", command="echo back")
+            assert r["stdout"] == "back\n"
+    finally:
+        async with WorkspaceManager(settings) as m:
+            await destroy_all(m)
+    assert_nothing_left(settings, "esc")

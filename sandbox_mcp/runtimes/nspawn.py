@@ -118,6 +118,7 @@ def nspawn_argv(
         f"--hostname={name}",
         *kind,
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
+        "--rlimit=RLIMIT_FSIZE=infinity",  # nspawn's own limit bounds the console log only
         "--link-journal=no",
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
@@ -126,14 +127,20 @@ def nspawn_argv(
     ]
 
 
-def launch_argv(argv: list[str], procs_files: list[Path], user_namespaced: bool) -> list[str]:
+def launch_argv(
+    argv: list[str], procs_files: list[Path], user_namespaced: bool, console_log_bytes: int
+) -> list[str]:
     """``argv`` started inside the workspace's cgroups (joined before exec, so nothing escapes them).
 
     User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
-    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies).
+    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies). nspawn's
+    file-size limit bounds the console log (it is nspawn's stdout): SIGXFSZ ignored, a write past
+    it fails and nspawn stops the workspace, instead of a console flood filling the host's disk.
+    ``argv`` gives the container ``--rlimit=RLIMIT_FSIZE=infinity`` so the limit stays nspawn's.
     """
     env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
-    return join_argv(procs_files, [*env, *argv])
+    bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", f"--fsize={console_log_bytes}", "--"]
+    return join_argv(procs_files, [*bounded, *env, *argv])
 
 
 def hosts_file(name: str, host_ip: str) -> str:
@@ -313,7 +320,7 @@ class NspawnRuntime(Runtime):
             await progress("booting the container", None)
             process = await anyio.to_thread.run_sync(
                 lambda: supervise.spawn(
-                    launch_argv(argv, procs, base is not None),
+                    launch_argv(argv, procs, base is not None, self.settings.console_log_mib << 20),
                     paths.console_log,
                     tag=self._tag(record),
                     missing_hint=_NSPAWN_MISSING,
