@@ -12,6 +12,7 @@ __all__ = [
     "DestroyResult",
     "DirEntry",
     "DirListing",
+    "Egress",
     "ExecResult",
     "FileContent",
     "Isolation",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 WorkspaceType = Literal["container", "vm", "incus"]
+Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
@@ -91,6 +93,7 @@ class WorkspaceRecord(BaseModel):
     cid: int
     user: str
     packages: list[str] = Field(default_factory=list)
+    egress: Egress = "none"
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -116,6 +119,9 @@ class Workspace(BaseModel):
     host_workspace_dir: str = Field(description="The same directory on the host; it survives restarts")
     ssh: SSHInfo
     packages: list[str] = Field(default_factory=list)
+    egress: Egress = Field(
+        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges"
+    )
     isolation: Isolation | None = Field(
         default=None, description="How the workspace is kept from the host: a microVM, or a container whose root "
         "is (unprivileged) or is not (privileged) an unprivileged uid on the host"

@@ -31,7 +31,7 @@ from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images import DebianRoot
 from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
-from ..naming import UID_RANGE, allocate_uid_base
+from ..naming import UID_RANGE, allocate_uid_base, veth_names
 from ..paths import WorkspacePaths
 from ..rootfs import RootMounts
 from ..supervise import ProcessRef
@@ -244,9 +244,18 @@ class NspawnRuntime(Runtime):
     def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
         return self.with_state(record, self.state(record).model_copy(update={"process": None, "leader": None}))
 
+    def validate(self, record: WorkspaceRecord) -> None:
+        if record.egress == "internet" and not self.settings.nat:
+            raise InvalidSpec(
+                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
+                "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
+                "list the packages you need in create_workspace's packages"
+            )
+
     def checks(self) -> list[Check]:
         return [
             which_check("systemd-nspawn", "systemd-container", "runs the containers"),
+            which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
             *hostcaps.isolation_checks(
@@ -293,7 +302,10 @@ class NspawnRuntime(Runtime):
         await progress("setting up the network", None)
         await self.network.ensure()
         try:
-            netns = None if base is not None else await self.network.attach_veth(record.name, record.ip, record.mac)
+            netns = None
+            if base is None:
+                netns = await self.network.attach_veth(record.name, record.ip, record.mac)
+                await self._admit(record)
             procs = await anyio.to_thread.run_sync(self._cgroups().prepare, record.name, base, self._limits(record))
             if base is not None:
                 await anyio.to_thread.run_sync(
@@ -341,11 +353,16 @@ class NspawnRuntime(Runtime):
                 if not await self._own_netns(leader, self.settings.boot_timeout_s):
                     raise BackendError(f"the container got no network namespace; see {paths.console_log}")
                 await self.network.attach_veth(record.name, record.ip, record.mac, pid=leader.pid)
+                await self._admit(record)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(record)
             raise
         return record
+
+    async def _admit(self, record: WorkspaceRecord) -> None:
+        """Let the workspace's veth through the host's policy (egress as the record asks)."""
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet")
 
     @staticmethod
     async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:
@@ -384,6 +401,7 @@ class NspawnRuntime(Runtime):
         await supervise.kill(state.leader)
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.
         await supervise.kill_tagged(self._tag(record))
+        await self.network.revoke(veth_names(record.name)[0])
         await self._release(record)
 
     async def _release(self, record: WorkspaceRecord) -> None:
