@@ -53,6 +53,7 @@ __all__ = [
 
 CONTROLLERS = ("memory", "pids", "cpu")
 _GROUP = "sandbox-mcp"
+_SYSTEMD_NAMED = "name=systemd"
 _GROUP_RE = re.compile(r"^sandbox-mcp[a-z0-9-]{0,40}$")
 _CPU_PERIOD_US = 100_000
 # The files systemd's delegation hands to the delegatee (systemd.io/CGROUP_DELEGATION).
@@ -95,6 +96,14 @@ class CgroupLayout:
                 out[ctrl] = mount / own.lstrip("/") / group / name
         return out
 
+    def mirror_dir(self, name: str, group: str = _GROUP) -> Path | None:
+        """Where nspawn mirrors workspace ``name``'s cgroup in the v1 ``name=systemd`` hierarchy, if mounted."""
+        validate_name(name)
+        if _SYSTEMD_NAMED not in self.v1:
+            return None
+        mount, own = self.v1[_SYSTEMD_NAMED]
+        return mount / own.lstrip("/") / group / name
+
 
 def group_for(state_dir: Path) -> str:
     """The cgroup group of the server whose state lives in ``state_dir``: ``sandbox-mcp-`` + 8 hex digits."""
@@ -102,7 +111,11 @@ def group_for(state_dir: Path) -> str:
 
 
 def parse_mounts(text: str) -> tuple[Path | None, dict[str, Path]]:
-    """From ``/proc/self/mounts``: the cgroup2 mount point and the v1 mount of each controller."""
+    """From ``/proc/self/mounts``: the cgroup2 mount point and the v1 mount of each controller.
+
+    The v1 ``name=systemd`` hierarchy counts as one: nspawn mirrors the workspace's cgroup path
+    there on hybrid hosts, and :meth:`CgroupHost.remove` removes that copy too.
+    """
     unified: Path | None = None
     v1: dict[str, Path] = {}
     for line in text.splitlines():
@@ -114,7 +127,7 @@ def parse_mounts(text: str) -> tuple[Path | None, dict[str, Path]]:
             unified = Path(mnt)
         elif fstype == "cgroup":
             for opt in opts.split(","):
-                if opt in CONTROLLERS:
+                if opt in CONTROLLERS or opt == _SYSTEMD_NAMED:
                     v1.setdefault(opt, Path(mnt))
     return unified, v1
 
@@ -260,7 +273,9 @@ class CgroupHost:
         Raises:
             BackendError: a cgroup stays busy after its processes were killed.
         """
-        for top in self.layout.workspace_dirs(name, self.group).values():
+        dirs = list(self.layout.workspace_dirs(name, self.group).values())
+        mirror = self.layout.mirror_dir(name, self.group)
+        for top in [*dirs, *([mirror] if mirror is not None else [])]:
             if not top.exists():
                 continue
             deadline = time.monotonic() + timeout_s

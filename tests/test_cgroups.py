@@ -36,7 +36,10 @@ def test_parse_hybrid_host() -> None:
     unified, v1 = parse_mounts(HYBRID_MOUNTS)
     assert unified == Path("/sys/fs/cgroup/unified")
     assert v1 == {"cpu": Path("/sys/fs/cgroup/cpu"), "memory": Path("/sys/fs/cgroup/memory"),
-                  "pids": Path("/sys/fs/cgroup/pids")}
+                  "pids": Path("/sys/fs/cgroup/pids"), "name=systemd": Path("/sys/fs/cgroup/systemd")}
+    layout = CgroupLayout(unified=unified, v1={c: (m, "/job") for c, m in v1.items()})
+    assert layout.mirror_dir("web", "sandbox-mcp-x") == Path("/sys/fs/cgroup/systemd/job/sandbox-mcp-x/web")
+    assert "name=systemd" not in layout.workspace_dirs("web")  # nspawn makes it; we only remove it
     assert parse_proc_cgroup(HYBRID_SELF) == {"name=systemd": "/", "pids": "/", "memory": "/job/42", "cpu": "/", "": "/"}
 
 
@@ -104,6 +107,9 @@ def test_real_cgroup_limits_a_process_and_is_removed(tmp_path: Path) -> None:
         assert base in host.live_uid_bases()
         for hierarchy, fname, value in limit_writes(LIMITS, host.layout):
             assert (dirs[hierarchy] / fname).read_text().split() == value.split(), fname
+        mirror = host.layout.mirror_dir("cgtest", host.group)
+        if mirror is not None:  # what nspawn leaves there on hybrid hosts
+            (mirror / "payload").mkdir(parents=True)
         proc = subprocess.Popen(join_argv(procs, ["sleep", "600"]))
         # The shell execs sleep once it has joined every cgroup: wait for the exec, not a time.
         while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
@@ -117,5 +123,6 @@ def test_real_cgroup_limits_a_process_and_is_removed(tmp_path: Path) -> None:
         if proc is not None:
             proc.wait()
     assert not any(d.exists() for d in dirs.values())
+    assert mirror is None or not mirror.parent.exists()
     assert not dirs["unified"].parent.exists()
     assert proc.returncode == -9

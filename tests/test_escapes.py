@@ -32,8 +32,10 @@ def assert_nothing_left(settings: Settings, name: str) -> None:
     assert host_leftovers(name) == NOTHING_LEFT
     mounts = Path("/proc/self/mountinfo").read_text()
     assert f" {settings.state_dir}/{name}/" not in mounts
-    dirs = CgroupHost(group_for(settings.state_dir)).layout.workspace_dirs(name, group_for(settings.state_dir))
-    assert not any(d.exists() for d in dirs.values())
+    layout, group = CgroupHost(group_for(settings.state_dir)).layout, group_for(settings.state_dir)
+    assert not any(d.exists() for d in layout.workspace_dirs(name, group).values())
+    mirror = layout.mirror_dir(name, group)
+    assert mirror is None or not mirror.exists()
 
 
 @pytest.fixture
@@ -176,8 +178,12 @@ async def test_fork_bomb_stops_at_the_tasks_limit(settings: Settings) -> None:
 
 async def test_privileged_only_when_allowed(settings: Settings) -> None:
     refused = settings.model_copy(update={"private_users": False})
-    async with Client(build_server(refused)) as client:
-        text = await Session(client).error("create_workspace", name="priv")
+    try:
+        async with Client(build_server(refused)) as client:
+            text = await Session(client).error("create_workspace", name="priv")
+    finally:  # should the create succeed after all, it must not outlive the test
+        async with WorkspaceManager(refused) as m:
+            await destroy_all(m)
     assert "SANDBOX_MCP_ALLOW_PRIVILEGED=true" in text
     assert not (refused.state_dir / "priv").exists()
     assert_nothing_left(refused, "priv")
