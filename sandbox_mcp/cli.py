@@ -47,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async def run(m: WorkspaceManager) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
-                            egress=args.egress)
+                            egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
         _dump(ws)
         return 0
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-start", action="store_true")
     s.add_argument("--egress", default="none", choices=["none", "internet"],
                    help="network access from inside (internet needs SANDBOX_MCP_NAT=true)")
+    s.add_argument("--cpus", type=float, help="CPUs it may use (default: the settings' cpus)")
+    s.add_argument("--memory-mib", type=int, help="memory in MiB (default: the settings' memory_mib)")
     s.set_defaults(fn=_cmd_create)
 
     s = sub.add_parser("ls", help="list workspaces")

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -76,6 +77,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
 
 
@@ -304,8 +306,12 @@ class HostNetwork:
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    async def attach_veth(self, name: str, ip: str, mac: str) -> Path:
+    async def attach_veth(self, name: str, ip: str, mac: str, pid: int | None = None) -> Path:
         """Give workspace ``name`` its network namespace, joined to the bridge; return the namespace path.
+
+        With ``pid``, the namespace is that process's (a user-namespaced container's, which nspawn
+        made: such a container may not join one owned by the host's user namespace); it is named
+        ``sbx-NAME`` all the same, so teardown and leftovers treat both kinds alike.
 
         Makes the bridge first if needed (:meth:`ensure_bridge`), and removes what an earlier run of
         the same name left behind. Inside the namespace: ``lo`` up, ``sc-NAME`` with ``mac`` and
@@ -331,7 +337,7 @@ class HostNetwork:
             bridge_index = await self._ensure_bridge(ipr)
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled wait must not lose a made namespace
-                    ns_socket = await _create_netns(path)
+                    ns_socket = await _create_netns(path, pid)
                 async with _iproute(fileno=ns_socket) as nsr:
                     step = f"creating veth pair {host_if}/{ws_if} on bridge {self.bridge}"
                     nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -527,6 +533,9 @@ def _check(ret: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
+_RUNDIR_LOCK = threading.Lock()
+
+
 def _share_rundir(rundir: Path) -> None:
     """Make ``rundir`` a shared mount, binding it onto itself first if it is none, as iproute2 does.
 
@@ -535,24 +544,41 @@ def _share_rundir(rundir: Path) -> None:
     """
     rundir.mkdir(mode=0o755, parents=True, exist_ok=True)
     target = bytes(rundir)
-    if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
-        return
-    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
-        _check(-1, f"making {rundir} a shared mount")
-    _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
-    _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
+    # One at a time: two first creates at once both found no mount point and bound it twice,
+    # and a namespace made in between went missing (ENOENT with 30 creates at once).
+    with _RUNDIR_LOCK:
+        if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
+            return
+        if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+            _check(-1, f"making {rundir} a shared mount")
+        _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
+        _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
 
 
-def _make_netns(path: Path) -> int:
+def _make_netns(path: Path, pid: int | None = None) -> int:
     """Create a network namespace bound at ``path``; return an rtnetlink socket (fd) inside it.
 
-    Must run in a thread of its own that ends afterwards: it moves that thread into the new namespace.
+    With ``pid``, bind that process's namespace at ``path`` instead of a new one.
+    Must run in a thread of its own that ends afterwards: it moves that thread into the namespace.
     """
     _share_rundir(path.parent)
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
     try:
-        _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        _check(_libc.mount(b"/proc/thread-self/ns/net", bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is None:
+            _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            source = b"/proc/thread-self/ns/net"
+        else:
+            source = f"/proc/{int(pid)}/ns/net".encode()
+            if os.stat(source).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+                # Its own namespace is not there yet: the veth and address would land in ours.
+                raise OSError(errno.EAGAIN, f"process {pid} is still in the host's network namespace")
+        _check(_libc.mount(source, bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is not None:
+            nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(nsfd, _CLONE_NEWNET), f"setns({path})")  # os.setns is 3.12+
+            finally:
+                os.close(nsfd)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
     except BaseException:
         _remove_netns(path)
@@ -560,7 +586,7 @@ def _make_netns(path: Path) -> int:
     return sock.detach()
 
 
-async def _create_netns(path: Path) -> int:
+async def _create_netns(path: Path, pid: int | None = None) -> int:
     """Run :func:`_make_netns` in a fresh thread.
 
     Raises:
@@ -569,7 +595,7 @@ async def _create_netns(path: Path) -> int:
     """
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-netns")
     try:
-        return await asyncio.wrap_future(pool.submit(_make_netns, path))
+        return await asyncio.wrap_future(pool.submit(_make_netns, path, pid))
     except FileExistsError as exc:
         raise Conflict(f"network namespace {path} exists already; another process is setting it up") from exc
     except OSError as exc:
