@@ -75,9 +75,6 @@ class IncusSettings(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$",
         description="A managed Incus network for the NIC (remote servers); empty: bridge to 'bridge' by name",
     )
-    cpus: int = Field(default=2, ge=1, le=512, description="limits.cpu of an instance")
-    memory_mib: int = Field(default=2048, ge=64, description="limits.memory of an instance, MiB")
-    processes: int = Field(default=4096, ge=64, description="limits.processes of an instance")
     operation_timeout_s: float = Field(default=300, gt=0, description="How long to wait for an Incus operation")
 
     @model_validator(mode="after")

@@ -73,7 +73,7 @@ def incus_settings(tmp_path: Path, incus: IncusSettings) -> Settings:
 
 @pytest.fixture
 def local_settings(incusd: incus_daemon.PrivateIncusd, tmp_path: Path) -> Settings:
-    return incus_settings(tmp_path, IncusSettings(socket=incusd.socket, cpus=1, memory_mib=512))
+    return incus_settings(tmp_path, IncusSettings(socket=incusd.socket))
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def remote_settings(incusd: incus_daemon.PrivateIncusd, client_cert: tuple[Path,
     cert, key = client_cert
     return incus_settings(tmp_path, IncusSettings(
         url=f"https://127.0.0.1:{incusd.https_port}", client_cert=cert, client_key=key,
-        server_cert=incusd.server_cert, cpus=1, memory_mib=512,
+        server_cert=incusd.server_cert,
     ))  # fmt: skip
 
 
@@ -142,12 +142,15 @@ NOTHING = {"instances": [], "volumes": [], "images": []}
 async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: incus_daemon.PrivateIncusd) -> None:
     s = local_settings
     progress: list[str] = []
-    ws = await call(local, "create_workspace", progress, name="inc1", type="incus")
+    ws = await call(local, "create_workspace", progress, name="inc1", type="incus", cpus=0.5, memory_mib=512)
     assert ws["state"] == "running" and ws["type"] == "incus"
     assert any("Incus" in m for m in progress), progress
     inst = incusd.api("GET", f"/1.0/instances/{instance_name('inc1')}")
     assert inst["ephemeral"] is True
-    assert inst["config"]["limits.cpu"] == "1" and inst["config"]["limits.memory"] == "512MiB"
+    assert ws["isolation"] == "unprivileged-container" and ws["limits"]["cpus"] == 0.5
+    config = inst["config"]
+    assert (config["limits.cpu"], config["limits.cpu.allowance"], config["limits.memory"]) == ("1", "50ms/100ms", "512MiB")
+    assert config["limits.processes"] == str(s.tasks_max)
     assert inst["devices"]["eth0"]["parent"] == TEST_BRIDGE and inst["devices"]["eth0"]["hwaddr"] == ws_mac(s, "inc1")
     assert bridge_ports() == [veth_names("inc1")[0]]  # our name for the host end: the firewall's port rules apply
 

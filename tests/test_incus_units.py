@@ -15,7 +15,7 @@ from sandbox_mcp.config import IncusSettings, load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.images.incus_image import incus_image_key, metadata_yaml, pack_argv, setup_script
 from sandbox_mcp.incus_api import cert_fingerprint, probe
-from sandbox_mcp.models import WorkspaceRecord
+from sandbox_mcp.models import Limits, WorkspaceRecord
 from sandbox_mcp.runtimes import runtime_class
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_body, network_env
 
@@ -32,7 +32,8 @@ def test_registered() -> None:
 
 def test_instance_body_exact() -> None:
     body = instance_body(
-        record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default", limits=(2, 1024, 4096),
+        record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default",
+        limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096),
         nic={"nictype": "bridged", "parent": "sandbox-br"},
         disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
                              "shift": "true"}},
@@ -48,6 +49,7 @@ def test_instance_body_exact() -> None:
             "security.privileged": "false",
             "security.nesting": "false",
             "limits.cpu": "2",
+            "limits.cpu.allowance": "150ms/100ms",
             "limits.memory": "1024MiB",
             "limits.processes": "4096",
             "user.sandbox-mcp.tag": "t" * 20,
@@ -109,9 +111,9 @@ def test_setup_script_sources_only_our_file() -> None:
 
 
 def test_settings_from_env_and_remote_needs_certs() -> None:
-    s = load_settings({"SANDBOX_MCP_INCUS_PROJECT": "team", "SANDBOX_MCP_INCUS_CPUS": "3"},
+    s = load_settings({"SANDBOX_MCP_INCUS_PROJECT": "team", "SANDBOX_MCP_INCUS_STORAGE_POOL": "fast"},
                       config_file=Path("/nonexistent"))
-    assert (s.incus.project, s.incus.cpus, s.incus.url) == ("team", 3, None)
+    assert (s.incus.project, s.incus.storage_pool, s.incus.url) == ("team", "fast", None)
     with pytest.raises(InvalidSpec, match="client_cert"):
         load_settings({"SANDBOX_MCP_INCUS_URL": "https://incus.example:8443"}, config_file=Path("/nonexistent"))
     with pytest.raises(InvalidSpec):

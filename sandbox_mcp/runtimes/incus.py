@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import os
 import stat
 from datetime import datetime
@@ -33,7 +34,7 @@ from .. import onboarding, supervise
 from ..errors import BackendError, InvalidSpec
 from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
 from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
-from ..models import Check, RuntimeDetail, WorkspaceRecord
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import veth_names
 from ..paths import WorkspacePaths
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
@@ -76,15 +77,16 @@ def instance_body(
     fingerprint: str,
     tag: str,
     pool: str,
-    limits: tuple[int, int, int],
+    limits: Limits,
     nic: dict[str, str],
     disks: dict[str, dict[str, str]],
 ) -> dict[str, Any]:
     """The exact ``POST /1.0/instances`` body of workspace ``record`` (created stopped, then started).
 
     No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
+    ``cpus`` may be a fraction: the instance sees ``ceil(cpus)`` CPUs and gets a CFS quota of
+    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``.
     """
-    cpus, memory_mib, processes = limits
     return {
         "name": instance_name(record.name),
         "type": "container",
@@ -95,9 +97,10 @@ def instance_body(
         "config": {
             "security.privileged": "false",
             "security.nesting": "false",
-            "limits.cpu": str(cpus),
-            "limits.memory": f"{memory_mib}MiB",
-            "limits.processes": str(processes),
+            "limits.cpu": str(max(1, math.ceil(limits.cpus))),
+            "limits.cpu.allowance": f"{max(1, round(limits.cpus * 100))}ms/100ms",
+            "limits.memory": f"{limits.memory_mib}MiB",
+            "limits.processes": str(limits.tasks),
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
@@ -228,10 +231,13 @@ class IncusRuntime(Runtime):
                                    "delete that image on the server and create again")
         return key, fingerprint
 
-    def _limits(self, record: WorkspaceRecord) -> tuple[int, int, int]:
-        cpus = getattr(record, "cpus", None) or self.incus.cpus
-        memory = getattr(record, "memory_mib", None) or self.incus.memory_mib
-        return int(cpus), int(memory), self.incus.processes
+    def _limits(self, record: WorkspaceRecord) -> Limits:
+        s = self.settings
+        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        # Incus maps root inside to an unprivileged uid range it chooses (security.privileged=false).
+        return record.model_copy(update={"isolation": "unprivileged-container"})
 
     def _disks(self, record: WorkspaceRecord) -> dict[str, dict[str, str]]:
         user = record.user
