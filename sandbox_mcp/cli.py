@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=5, help="create/destroy cycles")
     s.add_argument("--execs", type=int, default=200, help="exec calls for the latency percentiles")
     s.add_argument("--file-mib", type=int, default=16)
+    s.add_argument("--vm-runs", type=int, default=2, help="VM create/destroy cycles (0: no VM figures)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

@@ -75,7 +75,7 @@ def test_qemu_argv_refuses_commas_in_paths() -> None:
 def test_kernel_cmdline_and_overlay() -> None:
     assert kernel_cmdline(name="ws1", ip="192.168.83.10", prefixlen=24, gateway="192.168.83.1").split() == [
         "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "quiet", "panic=-1", "mitigations=off",
-        "net.ifnames=0", "fsck.mode=skip", "systemd.hostname=ws1", "sandbox_mcp.net=192.168.83.10/24,192.168.83.1",
+        "cryptomgr.notests", "net.ifnames=0", "fsck.mode=skip", "systemd.hostname=ws1", "sandbox_mcp.net=192.168.83.10/24,192.168.83.1",
     ]  # fmt: skip
     assert overlay_argv(Path("/img/root.raw"), Path("/st/o.qcow2")) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/img/root.raw", "/st/o.qcow2",

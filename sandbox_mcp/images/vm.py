@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached VM disks are rebuilt.
-VM_RECIPE_VERSION = 1
+VM_RECIPE_VERSION = 2
 
 KERNEL_PACKAGE = "linux-image-amd64"
 
@@ -102,6 +102,15 @@ VM_MASKED_UNITS = (
     "modprobe@.service", "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount",
     "sys-fs-fuse-connections.mount", "dev-hugepages.mount",
     "systemd-ask-password-wall.path", "systemd-ask-password-console.path",
+)  # fmt: skip
+
+# systemd generators a VM does not need: each is a process started on every boot, before any unit
+# (seconds under emulation). The fstab generator stays: it turns the 9p shares into mount units.
+VM_DISABLED_GENERATORS = (
+    "systemd-cryptsetup-generator", "systemd-debug-generator", "systemd-getty-generator",
+    "systemd-gpt-auto-generator", "systemd-hibernate-resume-generator", "systemd-integritysetup-generator",
+    "systemd-rc-local-generator", "systemd-run-generator", "systemd-system-update-generator",
+    "systemd-sysv-generator", "systemd-veritysetup-generator",
 )  # fmt: skip
 
 NET_SCRIPT = """\
@@ -276,6 +285,10 @@ class VmImage:
         _symlink(wants / "sandbox-mcp-net.service", "/etc/systemd/system/sandbox-mcp-net.service")
         for unit in VM_MASKED_UNITS:
             _symlink(system / unit, "/dev/null")
+        generators = tree / "etc/systemd/system-generators"
+        generators.mkdir(parents=True, exist_ok=True)
+        for generator in VM_DISABLED_GENERATORS:
+            _symlink(generators / generator, "/dev/null")
         # dbus stays socket-activated for whoever needs it, but is not started at boot.
         (tree / "lib/systemd/system/multi-user.target.wants/dbus.service").unlink(missing_ok=True)
         # QMP's send-key ctrl-alt-delete is the host's "shut down now, cleanly".
