@@ -11,6 +11,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,23 @@ def test_runtime_state_round_trip_and_mark_stopped(tmp_path: Path) -> None:
     stopped = rt.mark_stopped(rec)
     assert rt.state(stopped).process is None and rt.state(stopped).image == "vm-x"
     names = {c.name for c in rt.checks()}
-    assert {"qemu-system-x86_64", "qemu-img", "VM accelerator"} <= names
+    assert {"qemu-system-x86_64", "qemu-img", "VM accelerator", "VM image"} <= names
     assert all(not c.required for c in rt.checks())  # containers work without any of it
+
+
+def test_doctor_says_which_accelerator(tmp_path: Path) -> None:
+    from sandbox_mcp.doctor import run_checks
+
+    def accel(**kw: Any) -> str:
+        s = Settings(mode="direct", state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="", **kw)
+        [check] = [c for c in run_checks(s) if c.name == "VM accelerator"]
+        return check.detail
+
+    assert accel(vm_accelerator="kvm") == "KVM (set by vm_accelerator)"
+    assert accel(vm_accelerator="tcg").startswith("VMs run under TCG, software emulation")
+    sign = kvm_sign()
+    if sign is not None:  # on the project's machines: kvm_pvm, so TCG, and doctor says why
+        assert accel().startswith("VMs run under TCG") and sign.reason in accel()
 
 
 # -- QMP against a real qemu (no guest: machine 'none') --------------------------------------------------
@@ -223,6 +239,26 @@ def _scenario_tap() -> dict[str, Any]:
         except Exception as exc:  # a foreign link of that name is not ours
             out["foreign"] = type(exc).__name__
         out["foreign_kept"] = subprocess.run(["ip", "link", "show", "vm-notap"], capture_output=True).returncode == 0
+
+        # Reconcile after a crash: a stopped VM's TAP and boot files go; another server's TAP stays.
+        from sandbox_mcp.runtimes import RuntimeContext
+
+        with tempfile.TemporaryDirectory() as state:
+            settings = Settings(bridge="sbxq-br", hosts_file="", state_dir=Path(state), image_dir=Path(state) / "i")
+            rt = QemuRuntime(RuntimeContext(settings, net, ImageStore(settings.image_dir), "key"))
+            runtime_dir = WorkspacePaths.of(settings.state_dir, "crashed").runtime
+            runtime_dir.mkdir(parents=True)
+            (runtime_dir / "root.qcow2").write_bytes(b"x")
+            (runtime_dir / "console.log").write_bytes(b"kept for workspace_logs")
+            await net.attach_tap("crashed")
+            await net.attach_tap("foreign")
+            dead = WorkspaceRecord(name="crashed", type="vm", runtime="qemu", ip="192.168.83.10",
+                                   mac="02:00:00:00:00:01", cid=100, user="agent", state="running",
+                                   runtime_state={"process": {"pid": os.getpid(), "start_time": 1}})
+            await rt.reconcile([dead])
+            out["after_reconcile"] = await net.tap_leftovers()
+            out["runtime_files"] = sorted(p.name for p in runtime_dir.iterdir())
+            await net.detach_tap("foreign")
         return out
 
     return anyio.run(run)
@@ -237,6 +273,7 @@ def test_tap_on_the_bridge() -> None:
     assert (r["master"], r["up"], r["kind"]) == ("sbxq-br", True, "tun")
     assert r["leftovers"] == ["tapws"] and r["after"] == []
     assert r["foreign"] == "Conflict" and r["foreign_kept"]
+    assert r["after_reconcile"] == ["foreign"] and r["runtime_files"] == ["console.log"]
 
 
 # -- a real probe boot (TCG: the kernel runs, panics at the missing root, qemu exits) --------------------

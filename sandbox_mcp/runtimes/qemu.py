@@ -197,20 +197,25 @@ class QemuRuntime(Runtime):
             which_check("qemu-img", "qemu-utils", "makes each VM boot's throw-away layer", required=False),
             which_check("mkfs.ext4", "e2fsprogs", "writes the VM root disk once", required=False),
         ]
-        tun = Path("/dev/net/tun").exists()
-        checks.append(Check(name="/dev/net/tun", ok=tun, detail="present" if tun else "missing (VMs need it)",
-                            fix="modprobe tun", required=False))
         choice = self._accel or (kvm_sign() if self.settings.vm_accelerator == "auto" else AccelChoice(
             accelerator=self.settings.vm_accelerator, reason="set by vm_accelerator"))
         choice = choice or cached_choice(self._accel_cache)
+        if choice is None:
+            detail = "KVM is offered; a test boot on the first VM start decides between KVM and TCG"
+        elif choice.accelerator == "kvm":
+            detail = f"KVM ({choice.reason})"
+        else:
+            detail = (f"VMs run under TCG, software emulation: they work, but boot in tens of seconds and run "
+                      f"several times slower ({choice.reason})")
+        checks.append(Check(name="VM accelerator", ok=True, detail=detail, required=False))
+        key = self.images.key(())
+        built = self.images.exists(key)
         checks.append(Check(
-            name="VM accelerator",
-            ok=True,
-            detail=(f"{choice.accelerator.upper()}: {choice.reason}" if choice else
-                    "KVM is offered; a test boot on the first VM start decides between KVM and TCG"),
-            fix=("VMs run under software emulation (TCG): they work, but boot in tens of seconds and run "
-                 "several times slower; use a host with working KVM for speed") if choice and
-            choice.accelerator == "tcg" else None,
+            name="VM image",
+            ok=built,
+            detail=f"cached at {self.images.store.path(key)}" if built else "not built yet",
+            fix="the first create_workspace with type 'vm' builds it (about two minutes); "
+            "or run 'sandbox-mcp image build --vm'",
             required=False,
         ))  # fmt: skip
         return checks
