@@ -183,6 +183,9 @@ class QemuRuntime(Runtime):
     def _marker(record: WorkspaceRecord) -> bytes:
         return vm_name(record.name).encode()
 
+    def _tag(self, record: WorkspaceRecord) -> str:
+        return supervise.workspace_tag(self.settings.state_dir, record.name)
+
     def _running(self, record: WorkspaceRecord) -> bool:
         return supervise.alive(self.state(record).process, self._marker(record))
 
@@ -268,7 +271,7 @@ class QemuRuntime(Runtime):
             await self.network.attach_tap(record.name)
             await progress(f"booting the VM ({accel.accelerator})", None)
             process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(argv, files.qemu_log, missing_hint=_QEMU_MISSING)
+                lambda: supervise.spawn(argv, files.qemu_log, tag=self._tag(record), missing_hint=_QEMU_MISSING)
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -296,6 +299,8 @@ class QemuRuntime(Runtime):
             # The guest powers off cleanly and qemu exits; if it does not in time, SIGTERM, then SIGKILL.
             if not (asked and await supervise.wait_gone(state.process, self.settings.stop_timeout_s, marker)):
                 await supervise.terminate(state.process, grace_s=5, marker=marker)
+        # A qemu a killed server spawned but never recorded: found by the workspace's tag.
+        await supervise.kill_tagged(self._tag(record))
         await self.network.detach_tap(record.name)
         await anyio.to_thread.run_sync(self._remove_boot_files, files)
 
