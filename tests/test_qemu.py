@@ -75,7 +75,8 @@ def test_qemu_argv_refuses_commas_in_paths() -> None:
 
 def test_kernel_cmdline_and_overlay() -> None:
     assert kernel_cmdline(name="ws1", ip="192.168.83.10", prefixlen=24, gateway="192.168.83.1").split() == [
-        "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "quiet", "panic=-1", "mitigations=off",
+        "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "panic=-1", "quiet",
+        "systemd.show_status=1", "mitigations=off",
         "cryptomgr.notests", "net.ifnames=0", "fsck.mode=skip", "systemd.hostname=ws1", "sandbox_mcp.net=192.168.83.10/24,192.168.83.1",
     ]  # fmt: skip
     assert overlay_argv(Path("/img/root.raw"), Path("/st/o.qcow2")) == [
@@ -166,6 +167,18 @@ def test_runtime_state_round_trip_and_mark_stopped(tmp_path: Path) -> None:
     names = {c.name for c in rt.checks()}
     assert {"qemu-system-x86_64", "qemu-img", "VM accelerator", "VM image"} <= names
     assert all(not c.required for c in rt.checks())  # containers work without any of it
+
+
+def test_validate_refuses_a_vm_without_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="")
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+    rec = WorkspaceRecord(name="v", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                          cid=100, user="agent")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without qemu: an empty PATH, not a fake qemu
+    with pytest.raises(InvalidSpec, match="apt-get install qemu-system-x86 qemu-utils"):
+        rt.validate(rec)
 
 
 def test_doctor_says_which_accelerator(tmp_path: Path) -> None:

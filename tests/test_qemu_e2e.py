@@ -77,6 +77,9 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     assert ws["ssh"]["host_key_fingerprint"].startswith("SHA256:")
     assert f"{ws['ip']}\tworkspace-vm1" in settings.hosts_file.read_text()  # type: ignore[union-attr]
 
+    logs = await s.call("workspace_logs", name="vm1", lines=200)
+    assert "OpenBSD Secure Shell server" in logs["log"], logs["log"]  # the units' progress on the console
+
     status = await s.call("workspace_status", name="vm1")
     rt = status["runtime"]
     assert (rt["runtime"], rt["running"], rt["isolation"]) == ("qemu", True, "microvm")

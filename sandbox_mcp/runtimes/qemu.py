@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import anyio
@@ -73,7 +74,8 @@ class _Files:
 def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
     """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address."""
     return " ".join([
-        "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "quiet", "panic=-1",
+        "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "panic=-1",
+        "quiet", "systemd.show_status=1",  # the kernel's chatter off, the units' progress on: workspace_logs
         "mitigations=off",  # the host isolates the guest; in-guest mitigations only slow emulation
         "cryptomgr.notests",  # the crypto self-tests cost seconds of emulated CPU on every boot
         "net.ifnames=0",  # no udev in the guest: the NIC stays eth0, as vm-net expects
@@ -222,6 +224,19 @@ class QemuRuntime(Runtime):
             required=False,
         ))  # fmt: skip
         return checks
+
+    def validate(self, record: WorkspaceRecord) -> None:
+        """Refuse a VM on a host that cannot run one, before anything is made.
+
+        Raises:
+            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install).
+        """
+        missing = [p for p in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4") if shutil.which(p) is None]
+        if missing:
+            raise InvalidSpec(f"type 'vm' needs {', '.join(missing)} on this host; install them (Debian/Ubuntu: "
+                              f"apt-get install qemu-system-x86 qemu-utils e2fsprogs) or use type 'container'")
+        if not Path("/dev/net/tun").exists():
+            raise InvalidSpec("type 'vm' needs /dev/net/tun for its network (modprobe tun), or use type 'container'")
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
