@@ -201,6 +201,7 @@ class QemuRuntime(Runtime):
             which_check("qemu-system-x86_64", "qemu-system-x86", "runs VM workspaces", required=False),
             which_check("qemu-img", "qemu-utils", "makes each VM boot's throw-away layer", required=False),
             which_check("mkfs.ext4", "e2fsprogs", "writes the VM root disk once", required=False),
+            which_check("nft", "nftables", "enforces the workspace network policy", required=False),
         ]
         choice = self._accel or (kvm_sign() if self.settings.vm_accelerator == "auto" else AccelChoice(
             accelerator=self.settings.vm_accelerator, reason="set by vm_accelerator"))
@@ -229,7 +230,8 @@ class QemuRuntime(Runtime):
         """Refuse a VM on a host that cannot run one, before anything is made.
 
         Raises:
-            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install).
+            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install), or
+                egress is asked for where NAT is off.
         """
         missing = [p for p in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4") if shutil.which(p) is None]
         if missing:
@@ -237,6 +239,12 @@ class QemuRuntime(Runtime):
                               f"apt-get install qemu-system-x86 qemu-utils e2fsprogs) or use type 'container'")
         if not Path("/dev/net/tun").exists():
             raise InvalidSpec("type 'vm' needs /dev/net/tun for its network (modprobe tun), or use type 'container'")
+        if record.egress == "internet" and not self.settings.nat:
+            raise InvalidSpec(
+                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
+                "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
+                "list the packages you need in create_workspace's packages"
+            )
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
@@ -283,13 +291,16 @@ class QemuRuntime(Runtime):
         await progress("setting up the network", None)
         await self.network.ensure()
         try:
-            await self.network.attach_tap(record.name)
+            tap = await self.network.attach_tap(record.name)
+            # The same policy as a container's: this port may send only as the VM's MAC and IP.
+            await self.network.admit(tap, record.ip, record.mac, egress=record.egress == "internet")
             await progress(f"booting the VM ({accel.accelerator})", None)
             process = await anyio.to_thread.run_sync(
                 lambda: supervise.spawn(argv, files.qemu_log, tag=self._tag(record), missing_hint=_QEMU_MISSING)
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
+                await self.network.revoke(tap_name(record.name))
                 await self.network.detach_tap(record.name)
                 self._remove_boot_files(files)
             raise
@@ -316,6 +327,7 @@ class QemuRuntime(Runtime):
                 await supervise.terminate(state.process, grace_s=5, marker=marker)
         # A qemu a killed server spawned but never recorded: found by the workspace's tag.
         await supervise.kill_tagged(self._tag(record))
+        await self.network.revoke(tap_name(record.name))
         await self.network.detach_tap(record.name)
         await anyio.to_thread.run_sync(self._remove_boot_files, files)
 
@@ -361,6 +373,7 @@ class QemuRuntime(Runtime):
         ours = {r.name for r in records}  # another server's VMs on this host are not ours to touch
         for name in await self.network.tap_leftovers():
             if name in ours and name not in running:
+                await self.network.revoke(tap_name(name))
                 await self.network.detach_tap(name)
         for r in records:
             if r.name not in running:
