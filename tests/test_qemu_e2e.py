@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,16 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     assert r["stdout"].split() == ["1", "writable"], r
     assert not (settings.state_dir / "vm1" / "ssh-host-keys" / "x").exists()
     assert (settings.state_dir / "vm1" / "claude-config" / "probe").exists()
+
+    # The same network policy as a container's: no host service is reachable from inside.
+    with socket.create_server((str(settings.host_ip), 0)) as service:
+        port = service.getsockname()[1]
+        r = await s.call("exec", name="vm1", command=f"timeout 4 bash -c '</dev/tcp/{settings.host_ip}/{port}' "
+                         "&& echo open || echo closed")
+        service.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            service.accept()
+    assert r["stdout"] == "closed\n", r
 
     # A timeout kills the remote command, not only the wait.
     r = await s.call("exec", name="vm1", command="echo started; exec sleep 3600", timeout_s=3)
