@@ -60,6 +60,15 @@ def test_qemu_argv_exact() -> None:
     ]  # fmt: skip
 
 
+def test_qemu_argv_with_qboot_firmware() -> None:
+    common = dict(name="q", accelerator="tcg", cpus=1, memory_mib=512, image=VmArtefacts.at(Path("/i")),
+                  paths=WorkspacePaths.of(Path("/s"), "q"), mac="02:00:00:00:00:01", cmdline="x")
+    plain = qemu_argv(**common)  # type: ignore[arg-type]
+    with_fw = qemu_argv(**common, firmware=Path("/usr/share/qemu/qboot.rom"))  # type: ignore[arg-type]
+    at = plain.index("-no-reboot") + 1
+    assert with_fw == [*plain[:at], "-bios", "/usr/share/qemu/qboot.rom", *plain[at:]]
+
+
 def test_qemu_argv_kvm_uses_the_host_cpu() -> None:
     argv = qemu_argv(name="k", accelerator="kvm", cpus=8, memory_mib=4096, image=VmArtefacts.at(Path("/i")),
                      paths=WorkspacePaths.of(Path("/s"), "k"), mac="02:00:00:00:00:01", cmdline="x")

@@ -49,8 +49,9 @@ from .base import Progress, Runtime, RuntimeContext, RuntimeState
 from .nspawn import hosts_file
 from .qemu_accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_sign
 
-__all__ = ["QemuRuntime", "QemuState", "kernel_cmdline", "overlay_argv", "qemu_argv", "vm_name"]
+__all__ = ["QemuRuntime", "QemuState", "kernel_cmdline", "overlay_argv", "qboot", "qemu_argv", "vm_name"]
 
+QBOOT_PATH = Path("/usr/share/qemu/qboot.rom")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _QEMU_MISSING = "install it (Debian/Ubuntu: apt-get install qemu-system-x86 qemu-utils) and run 'sandbox-mcp doctor'"
 
@@ -100,8 +101,9 @@ def qemu_argv(
     paths: WorkspacePaths,
     mac: str,
     cmdline: str,
+    firmware: Path | None = None,
 ) -> list[str]:
-    """The exact qemu command that boots workspace ``name``.
+    """The exact qemu command that boots workspace ``name`` (``firmware``: a ``-bios``, e.g. qboot).
 
     Raises:
         InvalidSpec: a host path contains ',' (qemu's option separator).
@@ -123,6 +125,7 @@ def qemu_argv(
         "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot",  # a reboot inside ends the VM; the next start gives a clean root
+        *(["-bios", _plain(firmware)] if firmware else []),
         "-kernel", _plain(image.kernel),
         "-initrd", _plain(image.initrd),
         "-append", cmdline,
@@ -140,6 +143,13 @@ def qemu_argv(
         ]  # fmt: skip
     argv += ["-qmp", f"unix:{_plain(files.qmp)},server=on,wait=off"]
     return argv
+
+
+def qboot() -> Path | None:
+    """qemu's minimal firmware, where installed: it hands over to ``-kernel`` at once, where SeaBIOS
+    takes seconds under emulation (Debian ships it in qemu-system-data)."""
+    path = QBOOT_PATH
+    return path if path.is_file() else None
 
 
 def overlay_argv(disk: Path, overlay: Path) -> list[str]:
@@ -283,6 +293,7 @@ class QemuRuntime(Runtime):
             mac=record.mac,
             cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=subnet.prefixlen,
                                    gateway=str(self.settings.host_ip)),
+            firmware=qboot(),
         )
         files.guest_meta.mkdir(parents=True, exist_ok=True)
         atomic_write(files.guest_meta / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
