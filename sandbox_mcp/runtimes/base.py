@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import Check, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 
 if TYPE_CHECKING:
     from ..hostnet import HostNetwork
@@ -122,6 +122,11 @@ class Runtime(ABC):
     def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
         """``record`` with whatever only a running workspace has (PIDs, sockets) forgotten."""
         return record
+
+    def default_limits(self) -> Limits:
+        """The limits of a workspace whose create gave none: the settings' container defaults."""
+        s = self.settings
+        return Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
