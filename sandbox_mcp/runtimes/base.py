@@ -9,6 +9,7 @@ name) in its own typed :attr:`Runtime.State`, stored on the record as ``runtime_
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
@@ -124,9 +125,12 @@ class Runtime(ABC):
         return record
 
     def default_limits(self) -> Limits:
-        """The limits of a workspace whose create gave none: the settings' container defaults."""
+        """The limits of a workspace whose create gave none: the settings' container defaults.
+
+        The CPU default is capped at this host's CPUs, so a small host needs no configuration.
+        """
         s = self.settings
-        return Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
