@@ -149,11 +149,20 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.action == "prune":
         from .images.incus_image import IncusImage
+        from .images.vm import VmImage
 
-        for name in [*root.prune(), *IncusImage(settings, store).prune()]:
+        # Derived images after the roots, so images of pruned roots go too.
+        for name in [*root.prune(), *VmImage(settings, store, root).prune(), *IncusImage(settings, store).prune()]:
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")
+    if args.vm:
+        from .images.vm import VmImage
+
+        vm = VmImage(settings, store, root)
+        key = anyio.run(vm.ensure, packages, _print_progress)
+        print(store.path(key))
+        return 0
     key = anyio.run(root.ensure, packages, _print_progress)
     print(root.path(key))
     return 0
@@ -242,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
     s.add_argument("action", choices=["build", "ls", "prune"])
     s.add_argument("-p", "--package", action="append", default=[], help="extra Debian package (repeatable)")
+    s.add_argument("--vm", action="store_true", help="build the VM image (kernel, initrd, root disk) instead")
     s.set_defaults(fn=_cmd_image)
 
     s = sub.add_parser("doctor", help="check host prerequisites")
@@ -253,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file-mib", type=int, default=16)
     s.add_argument("--incus", choices=("also", "only", "no"), default="also",
                    help="the Incus section (a private incusd; skipped where Incus is not installed)")
+    s.add_argument("--vm-runs", type=int, default=2, help="VM create/destroy cycles (0: no VM figures)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

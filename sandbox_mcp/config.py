@@ -137,6 +137,19 @@ class Settings(BaseModel):
         description="How long a workspace gets to power off cleanly before it is killed. Its root is thrown "
         "away and the workspace dir is on the host, so a kill loses nothing that was written",
     )
+    vm_cpus: int = Field(
+        default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
+        ge=1, le=64, description="vCPUs of a direct-mode VM (type 'vm'); default: the host's CPUs, at most 8",
+    )
+    vm_memory_mib: int = Field(default=2048, ge=256, le=1 << 20, description="Memory of a direct-mode VM")
+    vm_disk_gib: int = Field(
+        default=8, ge=2, le=1024, description="Size of a VM's root disk, which bounds its throw-away writable layer"
+    )
+    vm_accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description="How VMs run: 'kvm' (hardware), 'tcg' (software emulation, slow) or 'auto' (KVM when a probe "
+        "shows it boots a guest, else TCG)",
+    )
     nat: bool = Field(
         default=False,
         description="Give direct-mode workspaces outbound access: IP forwarding plus an nftables masquerade "

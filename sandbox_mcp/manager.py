@@ -312,7 +312,7 @@ class WorkspaceManager:
         validate_name(name)
         runtime = self._runtime_for_type(type)
         packages = validate_packages(packages, runtime.package_flavour)
-        limits = self._limits(cpus, memory_mib)
+        limits = self._limits(runtime, cpus, memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
@@ -340,15 +340,16 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
-    def _limits(self, cpus: float | None, memory_mib: int | None) -> Limits:
-        """The workspace's limits: the arguments, else the settings' defaults.
+    def _limits(self, runtime: Runtime, cpus: float | None, memory_mib: int | None) -> Limits:
+        """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
 
         Raises:
             InvalidSpec: a value out of range (the message gives the range).
         """
         s = self.settings
-        cpus = s.cpus if cpus is None else cpus
-        memory_mib = s.memory_mib if memory_mib is None else memory_mib
+        defaults = runtime.default_limits()
+        cpus = defaults.cpus if cpus is None else cpus
+        memory_mib = defaults.memory_mib if memory_mib is None else memory_mib
         host_cpus = os.cpu_count() or 1
         if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0.05 <= cpus <= host_cpus:
             raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")

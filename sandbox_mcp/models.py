@@ -142,6 +142,10 @@ class RuntimeDetail(BaseModel):
     unit: str | None = Field(default=None, description="systemd unit (nixos mode)")
     unit_state: str | None = None
     uptime_s: float | None = None
+    accelerator: Literal["kvm", "tcg"] | None = Field(
+        default=None, description="VMs: hardware virtualisation (kvm) or software emulation (tcg, slower)"
+    )
+    isolation: str | None = Field(default=None, description="'microvm' for VMs: the workspace has its own kernel")
     detail: str | None = None
 
 

@@ -3,8 +3,8 @@
 :class:`HostNetwork` is the host-network service every direct-mode runtime shares: the bridge
 and the network policy (:mod:`.firewall`: nftables tables of our own, with opt-in NAT), ensured
 by :meth:`HostNetwork.ensure`; the ``workspace-NAME`` names in the hosts file (:mod:`.hostsfile`);
-and the ways a workspace attaches to it (a network namespace with a veth for containers), each
-port then admitted to the policy (:meth:`HostNetwork.admit`).
+and the ways a workspace attaches to it (a network namespace with a veth for containers, a TAP on
+the bridge for VMs), each port then admitted to the policy (:meth:`HostNetwork.admit`).
 
 Layout (names from :mod:`sandbox_mcp.naming`)::
 
@@ -52,7 +52,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..config import Settings
 from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
 from ..fsutil import async_file_lock
-from ..naming import mac_for, netns_name, validate_ip, validate_name, veth_names
+from ..naming import mac_for, netns_name, tap_name, validate_ip, validate_name, veth_names
 from . import firewall, hostsfile
 
 __all__ = ["NETNS_DIR", "HostNetwork"]
@@ -400,6 +400,76 @@ class HostNetwork:
                 if exc.code != errno.ENODEV:
                     raise _translate(exc, f"deleting veth {host_if}") from exc
         _remove_netns(self.netns_path(name))
+
+    async def attach_tap(self, name: str) -> str:
+        """Give VM workspace ``name`` a persistent TAP ``vm-NAME`` on the bridge, up; return its name.
+
+        qemu opens it by name (``-netdev tap,ifname=...``); the guest sets its own address. An
+        earlier run's TAP of the same name is replaced. On failure, whatever this call made is removed.
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            Conflict: ``vm-NAME`` exists and is not a TAP, or the bridge conflicts.
+            BackendError: netlink or /dev/net/tun refused.
+        """
+        validate_name(name)
+        tap = tap_name(name)
+        async with _iproute() as ipr:
+            with anyio.CancelScope(shield=True):
+                await self._teardown_tap(ipr, name)
+            bridge_index = await self._ensure_bridge(ipr)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+                    index = (await ipr.link("get", ifname=tap))[0]["index"]
+                    await ipr.link("set", index=index, master=bridge_index, state="up")
+            except (NetlinkError, OSError) as exc:
+                with anyio.CancelScope(shield=True):
+                    await self._teardown_tap(ipr, name)
+                raise _translate(exc, f"creating TAP {tap} on bridge {self.bridge}") from exc
+        return tap
+
+    async def detach_tap(self, name: str) -> None:
+        """Remove VM workspace ``name``'s TAP; nothing happens if it is absent or not a TAP (not ours).
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            BackendError: netlink refused the deletion.
+        """
+        validate_name(name)
+        with anyio.CancelScope(shield=True):
+            async with _iproute() as ipr:
+                await self._teardown_tap(ipr, name)
+
+    async def _teardown_tap(self, ipr: AsyncIPRoute, name: str) -> None:
+        tap = tap_name(name)
+        link = await _get_link(ipr, tap)
+        if link is None:
+            return
+        if _kind(link) != "tun":
+            raise Conflict(f"network interface {tap} exists and is not a TAP; remove it or pick another name")
+        try:
+            await ipr.link("del", index=link["index"])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise _translate(exc, f"deleting TAP {tap}") from exc
+
+    async def tap_leftovers(self) -> list[str]:
+        """Names of workspaces that have a TAP (``vm-NAME``) here, for the start-up reconcile.
+
+        Raises:
+            BackendError: netlink refused the dump.
+        """
+        names: set[str] = set()
+        async with _iproute() as ipr:
+            try:
+                async for link in await ipr.link("dump"):
+                    ws = _workspace_of(link.get("IFLA_IFNAME") or "", tap_name)
+                    if ws is not None and _kind(link) == "tun":
+                        names.add(ws)
+            except NetlinkError as exc:
+                raise _translate(exc, "listing network interfaces") from exc
+        return sorted(names)
 
     async def leftovers(self) -> list[str]:
         """Names of workspaces that have a host veth (``sb-NAME``) or a named namespace (``sbx-NAME``) here.

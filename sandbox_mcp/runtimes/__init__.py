@@ -37,6 +37,7 @@ _BUILTIN: dict[str, str] = {
     "nspawn": "sandbox_mcp.runtimes.nspawn:NspawnRuntime",
     "nixos": "sandbox_mcp.runtimes.nixos:NixosRuntime",
     "incus": "sandbox_mcp.runtimes.incus:IncusRuntime",
+    "qemu": "sandbox_mcp.runtimes.qemu:QemuRuntime",
 }
 _registered: dict[str, str | type[Runtime]] = {}
 
