@@ -54,6 +54,18 @@ def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
             incus_daemon.remove(daemon)
 
 
+@pytest.fixture(autouse=True)
+async def firewall_retired(tmp_path: Path) -> AsyncIterator[None]:
+    """After each test no workspace port is admitted, and our tables go (as with the last workspace).
+
+    Later tests on the same bridge load the tables their settings want (NAT or not) only when
+    they are missing, so a table left here would change them.
+    """
+    yield
+    if e2e_skip_reason() is None:
+        assert await HostNetwork(e2e_settings(tmp_path / "retire")).retire(), "a workspace port is still admitted"
+
+
 @pytest.fixture(scope="module")
 def client_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("incus-client")
