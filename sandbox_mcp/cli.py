@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -16,7 +17,10 @@ from .config import Settings, load_settings
 from .errors import SandboxError
 from .manager import WorkspaceManager
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .ssh import SSHTarget
+
+__all__ = ["build_parser", "main", "ssh_command_argv"]
 
 
 async def _print_progress(message: str, fraction: float | None = None) -> None:
@@ -34,13 +38,12 @@ async def _with_manager(settings: Settings, fn: Callable[[WorkspaceManager], Awa
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .server import build_server
+    from .server import build_server, serve_http
 
-    server = build_server(settings)
     if args.http:
-        server.run("streamable-http", host=args.host, port=args.port)
+        serve_http(settings, args.host, args.port)
     else:
-        server.run("stdio")
+        build_server(settings).run("stdio")
     return 0
 
 
@@ -89,6 +92,24 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     return anyio.run(_with_manager, settings, run)
 
 
+def ssh_command_argv(target: SSHTarget, known_hosts: Path, extra: Sequence[str]) -> list[str]:
+    """The OpenSSH argv for ``sandbox-mcp ssh``: the person's extra words go after ``--``.
+
+    OpenSSH parses options again after the host name, so without ``--`` an extra
+    ``-o ProxyCommand=...`` would run a command on this host; after it, everything is the
+    remote command. A leading ``--`` the person typed is not doubled.
+
+    Raises:
+        InvalidSpec: a key or known_hosts path OpenSSH cannot take (see :func:`ssh.ssh_argv`).
+    """
+    from . import ssh
+
+    words = list(extra)
+    if words[:1] == ["--"]:
+        words = words[1:]
+    return ssh.ssh_argv(target, known_hosts, ["--", *words] if words else [])
+
+
 def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     from . import ssh
     from .paths import WorkspacePaths
@@ -97,7 +118,7 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
         t = await m.ssh_target(args.name)
         known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
         known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
-        argv = ssh.ssh_argv(t, known_hosts, args.extra)
+        argv = ssh_command_argv(t, known_hosts, args.extra)
         os.execvp(argv[0], argv)
         return 1  # not reached
 
@@ -162,10 +183,13 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from .claude_setup import default_server_command, install_claude, skills_dir
 
+    http = None
+    if args.http:
+        from .http_auth import load_token
+
+        http = (args.http, load_token(settings).value)
     report = install_claude(
         args.scope,
         project_dir=Path(args.project or ".").resolve() if args.scope == "project" else None,
@@ -174,6 +198,7 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
         skills_src=skills_dir(),
         dry_run=args.dry_run,
         claude_config_dir=os.environ.get("CLAUDE_CONFIG_DIR"),
+        http=http,
     )
     _dump(report)
     return 0
@@ -249,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["user", "project"], default="user")
     s.add_argument("--project", help="project directory (project scope); default: the current directory")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--http", metavar="URL",
+        help="register the HTTP server at URL (e.g. http://127.0.0.1:8765/mcp) with its bearer token "
+        "(SANDBOX_MCP_HTTP_TOKEN, else the one `serve --http` generates) instead of the stdio command",
+    )  # fmt: skip
     s.set_defaults(fn=_cmd_install_claude)
     return p
 
