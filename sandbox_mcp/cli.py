@@ -14,8 +14,9 @@ import anyio
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import SandboxError
+from .errors import InvalidState, SandboxError
 from .manager import WorkspaceManager
+from .owners import OwnedManager
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
@@ -32,23 +33,70 @@ def _dump(model: Any) -> None:
     print(model.model_dump_json(indent=2))
 
 
-async def _with_manager(settings: Settings, fn: Callable[[WorkspaceManager], Awaitable[int]]) -> int:
+def _use_daemon(settings: Settings) -> bool:
+    """Whether to go through the daemon: when its socket exists; else root works in process.
+
+    Raises:
+        InvalidState: no daemon and not root (nothing here can work without one of them).
+    """
+    from .daemon_client import daemon_available
+
+    if daemon_available(settings):
+        return True
+    if os.geteuid() == 0:
+        return False
+    raise InvalidState(
+        f"no sandbox-mcp daemon at {settings.daemon_socket}, and without it this needs root. Start the daemon "
+        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`), or set SANDBOX_MCP_DAEMON_SOCKET"
+    )
+
+
+async def _with_manager(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``fn`` with the daemon's workspaces (as this user) or, as root without a daemon, a local manager."""
+    if _use_daemon(settings):
+        from .daemon_client import RemoteManager
+
+        async with RemoteManager(settings) as remote:
+            return await fn(remote)
     async with WorkspaceManager(settings) as manager:
-        return await fn(manager)
+        return await fn(OwnedManager(manager, os.geteuid()))
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import build_server, serve_http
 
-    if args.http:
+    if _use_daemon(settings):
+        if args.http:
+            from contextlib import asynccontextmanager
+
+            from .daemon_client import RemoteManager
+
+            @asynccontextmanager
+            async def remote(server: object):  # type: ignore[no-untyped-def]
+                async with RemoteManager(settings) as m:
+                    yield m
+
+            serve_http(settings, args.host, args.port, lifespan=remote)
+        else:
+            from .bridge import bridge_stdio
+
+            anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
+    elif args.http:
         serve_http(settings, args.host, args.port)
     else:
         build_server(settings).run("stdio")
     return 0
 
 
+def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from .daemon import run_daemon
+
+    anyio.run(run_daemon, settings)
+    return 0
+
+
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress)
         _dump(ws)
         return 0
@@ -57,7 +105,7 @@ def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         result = await m.list()
         if args.json:
             _dump(result)
@@ -78,7 +126,7 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
 
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
@@ -114,7 +162,7 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     from . import ssh
     from .paths import WorkspacePaths
 
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: OwnedManager) -> int:
         t = await m.ssh_target(args.name)
         known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
         known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
@@ -122,12 +170,21 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
         os.execvp(argv[0], argv)
         return 1  # not reached
 
-    return anyio.run(_with_manager, settings, run)
+    if os.geteuid() != 0:  # the SSH client key is root's; the daemon does not hand it out
+        from .daemon_client import RemoteManager
+
+        return anyio.run(RemoteManager(settings).ssh_target, args.name)
+
+    async def local() -> int:
+        async with WorkspaceManager(settings) as manager:
+            return await run(OwnedManager(manager, 0))
+
+    return anyio.run(local)
 
 
 def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
-        async def run(m: WorkspaceManager) -> int:
+        async def run(m: Any) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
             if method == "start":
@@ -214,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("daemon", help="run the root daemon that serve and the CLI talk to (on its unix socket)")
+    s.set_defaults(fn=_cmd_daemon)
 
     s = sub.add_parser("create", help="create (and start) a workspace")
     s.add_argument("name")

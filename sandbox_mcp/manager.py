@@ -264,11 +264,12 @@ class WorkspaceManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        owner_uid: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
-        everything created is removed again.
+        everything created is removed again. ``owner_uid`` is recorded as the creator.
 
         Raises:
             InvalidSpec: bad name, type, packages or IP.
@@ -282,7 +283,9 @@ class WorkspaceManager:
         packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
         live = await runtime.addresses_in_use()
         async with self._locked(name):
-            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
+            record = await anyio.to_thread.run_sync(
+                self._register, name, type, packages, ip, live, runtime, owner_uid
+            )
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
@@ -306,7 +309,14 @@ class WorkspaceManager:
         return self.view(record)
 
     def _register(
-        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: Runtime
+        self,
+        name: str,
+        type_: WorkspaceType,
+        packages: list[str],
+        ip: str | None,
+        live: set[str],
+        runtime: Runtime,
+        owner_uid: int | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -322,6 +332,7 @@ class WorkspaceManager:
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
+                owner_uid=owner_uid,
                 packages=packages,
             )
             runtime.validate(record)

@@ -65,6 +65,9 @@ class WorkspaceRecord(BaseModel):
     mac: str
     cid: int
     user: str
+    owner_uid: int | None = Field(
+        default=None, description="Host uid that created it (the daemon's peer); None: created before owners existed"
+    )
     packages: list[str] = Field(default_factory=list)
     host_key_fingerprint: str = ""
     image: str | None = Field(default=None, description="Root image key (direct mode)")

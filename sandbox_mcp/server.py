@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -39,6 +40,7 @@ from .models import (
     WorkspaceStatus,
     WriteResult,
 )
+from .owners import OwnedManager
 from .runtimes.base import Progress
 
 __all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
@@ -124,9 +126,9 @@ def build_server(
     """
 
     @asynccontextmanager
-    async def own_manager(server: MCPServer) -> AsyncIterator[WorkspaceManager]:
+    async def own_manager(server: MCPServer) -> AsyncIterator[OwnedManager]:
         async with WorkspaceManager(settings or load_settings()) as manager:
-            yield manager
+            yield OwnedManager(manager, os.geteuid())  # in process: this user creates, and root sees all
 
     auth: dict[str, Any] = {}
     if http_token is not None:
@@ -149,7 +151,7 @@ def build_server(
         **auth,
     )
 
-    def manager_of(ctx: Context) -> WorkspaceManager:
+    def manager_of(ctx: Context) -> OwnedManager:
         return ctx.request_context.lifespan_context
 
     def tool(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False, title: str):

@@ -100,7 +100,8 @@ async def test_serve_over_stdio_as_a_subprocess(tmp_path: Path) -> None:
         command=sys.executable,
         args=["-m", "sandbox_mcp", "serve"],
         env={**os.environ, "SANDBOX_MCP_STATE_DIR": str(tmp_path / "state"), "SANDBOX_MCP_BRIDGE": "sbxu-br",
-             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": ""},
+             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": "",
+             "SANDBOX_MCP_DAEMON_SOCKET": str(tmp_path / "no-daemon.sock")},  # in process, whatever runs here
     )
     async with Client(params) as client:
         assert {t.name for t in (await client.list_tools()).tools} == set(CONTRACT)
