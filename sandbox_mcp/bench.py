@@ -3,7 +3,10 @@
 - create → first exec through the MCP tools (cached image) against a bare boot: the same
   network setup and systemd-nspawn command, polled until sshd sends its banner;
 - ``exec true`` p50/p95 through the MCP tool against one ``ssh`` client process per command;
-- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``.
+- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``;
+- the daemon's hop: ``exec true`` from an MCP client on the daemon's socket against the
+  in-process client, and ``sandbox-mcp serve`` over stdio bridged to the daemon against the
+  same ``serve`` working in process.
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -169,6 +172,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
+            results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, tool_ms)
             await call("destroy_workspace", name="bench0")
     finally:
         async with WorkspaceManager(bench_settings) as m:
@@ -178,6 +182,60 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
     return 0
+
+
+async def _exec_ms(client: object, n: int) -> list[float]:
+    out = []
+    await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+        out.append((time.perf_counter() - t0) * 1000)
+        if r.is_error:
+            raise RuntimeError(f"exec: {r.content}")
+    return out
+
+
+async def _daemon_hop(settings: Settings, state: Path, n: int, in_process_ms: list[float]) -> dict[str, float]:
+    """``exec true`` through a `sandbox-mcp daemon` child (socket client; stdio serve bridged to it) vs in process."""
+    from mcp import Client, StdioServerParameters
+
+    from .daemon_client import socket_transport
+
+    sock = state / "run" / "daemon.sock"
+    env = {**os.environ, "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
+           "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_HOSTS_FILE": "", "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
+           "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
+           "SANDBOX_MCP_CONFIG": "/nonexistent"}  # fmt: skip
+    serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
+    # Baseline: `serve` over stdio working in process (no daemon socket where it looks).
+    local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}
+    async with Client(StdioServerParameters(command=serve[0], args=serve[1:], env=local_env)) as client:
+        stdio_local = await _exec_ms(client, n)
+    env["SANDBOX_MCP_DAEMON_SOCKET"] = str(sock)
+    log = open(state / "daemon.log", "wb")  # noqa: ASYNC230, SIM115 - the child writes it
+    daemon = await anyio.open_process([sys.executable, "-m", "sandbox_mcp", "daemon"], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    log.close()
+    try:
+        while not sock.is_socket():  # the daemon binds once its manager is open
+            if daemon.returncode is not None:
+                raise RuntimeError(f"the daemon exited: {(state / 'daemon.log').read_text()[-2000:]}")
+            await anyio.sleep(0.05)
+        async with Client(socket_transport(sock, "root"), mode="legacy") as client:
+            socket_ms = await _exec_ms(client, n)
+        async with Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as client:
+            stdio_daemon = await _exec_ms(client, n)
+    finally:
+        daemon.terminate()
+        await daemon.wait()
+    return {
+        "in_process_p50": statistics.median(in_process_ms), "socket_p50": statistics.median(socket_ms),
+        "socket_p95": _pct(socket_ms, 0.95), "stdio_local_p50": statistics.median(stdio_local),
+        "stdio_local_p95": _pct(stdio_local, 0.95), "stdio_daemon_p50": statistics.median(stdio_daemon),
+        "stdio_daemon_p95": _pct(stdio_daemon, 0.95),
+        "hop_p50": statistics.median(stdio_daemon) - statistics.median(stdio_local),
+    }
 
 
 async def _ssh_argv(settings: Settings, name: str) -> list[str]:
@@ -205,4 +263,10 @@ def _print(results: dict[str, dict[str, float]]) -> None:
     print(f"16 MiB file via tools: write {f['tool_write']:.3f} s, read {f['tool_read']:.3f} s")
     print(f"  baseline ssh cat: write {f['ssh_cat_write']:.3f} s, read {f['ssh_cat_read']:.3f} s; "
           f"ratios {f['tool_over_ssh_write']:.2f}x / {f['tool_over_ssh_read']:.2f}x")
+    d = results["daemon_hop_exec_true_ms"]
+    print(f"exec true via the daemon: socket client p50 {d['socket_p50']:.2f} ms (in-process client "
+          f"{d['in_process_p50']:.2f} ms); stdio serve bridged to the daemon p50 {d['stdio_daemon_p50']:.2f} ms, "
+          f"p95 {d['stdio_daemon_p95']:.2f} ms")
+    print(f"  baseline, stdio serve in process: p50 {d['stdio_local_p50']:.2f} ms, p95 {d['stdio_local_p95']:.2f} ms; "
+          f"the daemon hop costs {d['hop_p50']:.2f} ms at p50")
     print(json.dumps(results))

@@ -10,6 +10,7 @@ away (stdin closes), the bridge hangs up and the daemon cancels what that sessio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -162,22 +163,54 @@ async def bridge_stdio(path: Path, group: str, stdin: BinaryIO | None = None, st
     """Bridge this process's stdin/stdout to the daemon at ``path`` until stdin closes."""
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
+    try:
+        # Pipes (what MCP clients give us) are read and written on the event loop: no thread hop per line.
+        lines, to_client = await _pipe_io(stdin, stdout)
+    except (ValueError, OSError):  # a regular file or a terminal: threads then
+        lines, to_client = _thread_io(stdin, stdout)
+    await Bridge(path, group, to_client).run(lines)
+
+
+async def _pipe_io(stdin: BinaryIO, stdout: BinaryIO) -> tuple[Any, Any]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_LINE_BYTES)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdout)
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    async def lines() -> Any:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                log.warning("the client sent a line over %d bytes; stopping", _MAX_LINE_BYTES)
+                return
+            if not line.endswith(b"\n"):
+                return  # EOF (a last line without its newline was cut short: dropped)
+            yield line
+
+    async def to_client(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return lines(), to_client
+
+
+def _thread_io(stdin: BinaryIO, stdout: BinaryIO) -> tuple[Any, Any]:
     out_lock = anyio.Lock()
+
+    async def lines() -> Any:
+        while True:
+            line = await anyio.to_thread.run_sync(stdin.readline, _MAX_LINE_BYTES)
+            if not line.endswith(b"\n"):
+                return
+            yield line
 
     async def to_client(data: bytes) -> None:
         async with out_lock:
             await anyio.to_thread.run_sync(_write_all, stdout, data)
 
-    async def client_lines() -> Any:
-        while True:
-            line = await anyio.to_thread.run_sync(stdin.readline, _MAX_LINE_BYTES)
-            if not line:
-                return
-            if line.endswith(b"\n"):
-                yield line
-            # a line without its newline is the client's last, cut short: drop it
-
-    await Bridge(path, group, to_client).run(client_lines())
+    return lines(), to_client
 
 
 def _write_all(out: BinaryIO, data: bytes) -> None:

@@ -240,8 +240,11 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
-    from .claude_setup import default_server_command, install_claude, skills_dir
+    from .claude_setup import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
+    from .daemon_client import daemon_available
 
+    # With the daemon (running, or installed by scripts/setup) serve runs as the user: no sudo.
+    daemon = daemon_available(settings) or (DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp").exists()
     http = None
     if args.http:
         from .http_auth import load_token
@@ -251,7 +254,7 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
         args.scope,
         project_dir=Path(args.project or ".").resolve() if args.scope == "project" else None,
         home=Path.home(),
-        server_command=default_server_command(needs_root=settings.mode != "nixos"),
+        server_command=default_server_command(needs_root=settings.mode != "nixos" and not daemon),
         skills_src=skills_dir(),
         dry_run=args.dry_run,
         claude_config_dir=os.environ.get("CLAUDE_CONFIG_DIR"),

@@ -14,12 +14,14 @@ import grp
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -123,6 +125,8 @@ class Daemon:
         self.group = group
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
+        self._seen = 0  # log lines wait_for has looked at
+        self._cond = threading.Condition()
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,16 +139,35 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_mcp", "daemon"], env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)  # fmt: skip
+        # Drain its log all the time (a full pipe would stall the daemon), keeping the lines.
+        with self._cond:
+            self._seen = len(self.log)  # only this process's lines from here on
+        self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+        self._drainer.start()
         self.wait_for("listening on")
 
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._cond:
+                self.log.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.log.append("<exited>\n")
+            self._cond.notify_all()
+
     def wait_for(self, text: str) -> str:
-        """Read the daemon's log until a line holds ``text`` (however long that takes)."""
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"daemon exited ({self.proc.wait()}) before logging {text!r}:\n{''.join(self.log)}")
+        """Wait until a new line of the daemon's log holds ``text`` (however long that takes)."""
+        with self._cond:
+            while True:
+                while self._seen < len(self.log):
+                    line = self.log[self._seen]
+                    self._seen += 1
+                    if text in line:
+                        return line
+                    if line == "<exited>\n":
+                        raise AssertionError(f"daemon exited before logging {text!r}:\n{''.join(self.log)}")
+                self._cond.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -154,6 +177,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self._drainer.join()
         self.proc = None
 
 
@@ -386,3 +410,46 @@ async def _until(condition: Callable[[], bool]) -> None:
         assert time.monotonic() < deadline, "condition never became true"
         await anyio.sleep(0.02)
 
+
+
+async def test_http_serve_as_a_user_goes_through_the_daemon(daemon: Daemon, accounts: Accounts) -> None:
+    """`serve --http` as alice: her token, her workspaces, progress passed back through the daemon."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    alice = accounts.alice
+    proc = subprocess.Popen(_as(alice, sys.executable, "-m", "sandbox_mcp", "serve", "--http", "--port", "0"),
+                            env=_user_env(alice), cwd=str(alice.home), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1) + "/mcp"
+                break
+        assert url, f"serve --http exited with {proc.wait()}"
+        token_file = alice.home / "sandboxed" / ".server" / "http-token"
+        assert token_file.stat().st_uid == alice.uid  # the user's own token, in the user's own state dir
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+        progress: list[str] = []
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            progress.append(message or "")
+
+        async with http, Client(streamable_http_client(url, http_client=http)) as client:
+            try:
+                await call(client, "create_workspace", on_progress, name="dhttp")
+                assert "workspace running" in progress
+                assert registry(daemon)["dhttp"].owner_uid == alice.uid
+                assert (await call(client, "exec", name="dhttp", command="echo over-http"))["stdout"] == "over-http\n"
+                assert "'ghost' not found" in await error(client, "workspace_status", name="ghost")
+            finally:
+                await call(client, "destroy_workspace", name="dhttp")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
