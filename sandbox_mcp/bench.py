@@ -31,7 +31,8 @@ from pathlib import Path
 import anyio
 
 from .config import Settings
-from .images import ImageStore
+from .hostnet import HostNetwork
+from .images import DebianRoot, ImageStore
 from .manager import WorkspaceManager
 
 __all__ = ["run_bench"]
@@ -67,7 +68,7 @@ async def _banner(ip: str, deadline: float) -> None:
 async def _bare_boot(manager: WorkspaceManager, name: str) -> float:
     """Baseline: our network setup + the same nspawn command, until sshd answers; no registry, keys, SSH auth."""
     record = await manager.registry.get(name)
-    runtime = manager.runtimes["nspawn"]
+    runtime = manager.runtime_of(record)
     t0 = time.monotonic()
     record = await runtime.start(record, _quiet)
     try:
@@ -83,11 +84,11 @@ async def _quiet(message: str, fraction: float | None = None) -> None:
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the benchmark and print its figures. Needs root and systemd-nspawn."""
-    store = ImageStore(settings)
     if os.environ.get(_ISOLATED) != "1":
-        if not store.exists(store.key(())):
+        root = DebianRoot(settings, ImageStore(settings.image_dir))
+        if not root.exists(root.key(())):
             print("building the root image first (network needed once)...", file=sys.stderr)
-            await store.ensure((), _quiet)
+            await root.ensure((), _quiet)
         return _reexec_isolated()
 
     from mcp import Client
@@ -109,20 +110,28 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 return r.structured_content  # type: ignore[return-value]
 
             # 1. create -> first exec, against a bare boot of the same image.
-            creates, bares = [], []
+            creates, bares, stops, destroys = [], [], [], []
             for i in range(args.runs):
                 t0 = time.monotonic()
                 await call("create_workspace", name=f"bench{i}")
                 await call("exec", name=f"bench{i}", command="true")
                 creates.append(time.monotonic() - t0)
+                t0 = time.monotonic()
                 await call("stop_workspace", name=f"bench{i}")
+                stops.append(time.monotonic() - t0)
                 async with WorkspaceManager(bench_settings) as m:
                     bares.append(await _bare_boot(m, f"bench{i}"))
                 if i:
+                    await call("start_workspace", name=f"bench{i}")
+                    t0 = time.monotonic()
                     await call("destroy_workspace", name=f"bench{i}")
+                    destroys.append(time.monotonic() - t0)
             results["create_to_first_exec_s"] = {"p50": statistics.median(creates), "min": min(creates),
                                                  "max": max(creates), "runs": float(len(creates))}
             results["bare_boot_to_sshd_s"] = {"p50": statistics.median(bares), "min": min(bares)}
+            results["stop_s"] = {"p50": statistics.median(stops), "max": max(stops)}
+            if destroys:
+                results["destroy_running_s"] = {"p50": statistics.median(destroys), "max": max(destroys)}
 
             # 2. exec latency: the MCP tool on the pooled connection vs an ssh process per command.
             await call("start_workspace", name="bench0")
@@ -178,7 +187,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         async with WorkspaceManager(bench_settings) as m:
             for name in list((await m.registry.read()).workspaces):
                 await m.destroy(name)
-            await m.runtimes["nspawn"].network.remove_bridge()  # type: ignore[attr-defined]
+        await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
     return 0
@@ -257,6 +266,11 @@ def _print(results: dict[str, dict[str, float]]) -> None:
           f"{c['runs']:.0f} runs)")
     print(f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; "
           f"ratio {c['p50'] / b['p50']:.2f}x")
+    st = results["stop_s"]
+    print(f"stop_workspace (running, idle): p50 {st['p50']:.3f} s, max {st['max']:.3f} s")
+    if "destroy_running_s" in results:
+        d = results["destroy_running_s"]
+        print(f"destroy_workspace (running, idle): p50 {d['p50']:.3f} s, max {d['max']:.3f} s")
     print(f"exec true via MCP tool: p50 {e['tool_p50']:.2f} ms, p95 {e['tool_p95']:.2f} ms")
     print(f"  baseline, ssh process per command: p50 {e['ssh_p50']:.2f} ms, p95 {e['ssh_p95']:.2f} ms; "
           f"tool is {e['ssh_over_tool_p50']:.1f}x faster")

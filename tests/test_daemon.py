@@ -36,7 +36,8 @@ from mcp.shared.exceptions import MCPError
 from sandbox_mcp.config import Settings
 from sandbox_mcp.daemon import Peer, authorize
 from sandbox_mcp.errors import AccessDenied
-from sandbox_mcp.images import ImageStore
+from sandbox_mcp.fsutil import file_lock
+from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import netns_name
 from sandbox_mcp.state import Registry
@@ -193,7 +194,7 @@ def daemon(accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("daemon")
     settings = Settings(mode="direct", state_dir=root / "state", image_dir=image_dir, bridge=BRIDGE, subnet=SUBNET,
                         hosts_file=root / "hosts")  # fmt: skip
-    store = ImageStore(settings)
+    store = DebianRoot(settings, ImageStore(settings.image_dir))
     if not store.exists(store.key(())):
         pytest.skip("the root image is not cached; ./scripts/test builds it before entering the test namespace")
     run_dir = Path(tempfile.mkdtemp(prefix="sbxd-run-"))  # users must reach the socket: 0755, not pytest's 0700
@@ -381,12 +382,13 @@ async def test_daemon_restart_under_a_connected_client(daemon: Daemon, accounts:
 
 
 async def test_client_gone_mid_create_leaves_nothing(daemon: Daemon, accounts: Accounts) -> None:
-    """The create is held at a chosen point (the image build lock, for a package set not cached), the
-    client goes away, and only once the daemon has noticed is the create let go: it must undo itself."""
-    store = ImageStore(daemon.settings)
+    """The create is held at a chosen point (the build lock of a package set not cached), the client
+    goes away, and only once the daemon has noticed is the create let go: it must undo itself."""
+    store = DebianRoot(daemon.settings, ImageStore(daemon.settings.image_dir))
     packages = ["cowsay"]
-    assert not store.exists(store.key(packages))
-    with store._build_lock():  # noqa: SLF001 - the lock ensure() waits for
+    key = store.key(packages)
+    assert not store.exists(key)
+    with file_lock(store.store._lock_path(key)):  # noqa: SLF001 - the lock a build of that key waits for
         async with mcp_as(accounts.alice) as client:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(client.call_tool, "create_workspace", {"name": "dgone", "packages": packages})
@@ -399,7 +401,7 @@ async def test_client_gone_mid_create_leaves_nothing(daemon: Daemon, accounts: A
         assert "not found" in await error(client, "start_workspace", name="dgone")
     assert "dgone" not in registry(daemon)
     assert not (daemon.settings.state_dir / "dgone").exists()
-    assert not store.exists(store.key(packages))
+    assert not store.exists(key)
     assert not Path(f"/run/netns/{netns_name('dgone')}").exists()
 
 

@@ -26,11 +26,13 @@ from sandbox_mcp.runtimes.nspawn import hosts_file, nspawn_argv
 def test_nspawn_argv_exact() -> None:
     paths = WorkspacePaths.of(Path("/st"), "ws1")
     assert nspawn_argv(
-        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent"
+        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent",
+        tag="0123abcd",
     ) == [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
         "--machine=sbx-ws1", "--hostname=ws1", "--directory=/img/k", "--volatile=overlay",
         "--network-namespace-path=/run/netns/sbx-ws1", "--link-journal=no", "--console=read-only",
+        "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
         "--bind=/st/ws1/workspace:/home/agent/workspace",
         "--bind=/st/ws1/claude-config:/home/agent/claude-config",
         "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
@@ -41,7 +43,7 @@ def test_nspawn_argv_exact() -> None:
 def test_nspawn_argv_refuses_bind_separators() -> None:
     with pytest.raises(InvalidSpec, match="SANDBOX_MCP_STATE_DIR"):
         nspawn_argv(name="a", image_root=Path("/i"), netns_path=Path("/n"),
-                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent")
+                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent", tag="t")
 
 
 def test_hosts_file() -> None:
@@ -106,7 +108,7 @@ def test_parse_mode_rejects(mode: str) -> None:
 
 
 def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
-    from sandbox_mcp.hostsfile import render_hosts, update_hosts_file
+    from sandbox_mcp.hostnet.hostsfile import render_hosts, update_hosts_file
 
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1\tlocalhost\n10.0.0.5\tother  # keep me\n")
@@ -131,7 +133,7 @@ def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
 def test_nat_ruleset_is_one_idempotent_table() -> None:
     import ipaddress
 
-    from sandbox_mcp.nat import nat_ruleset, table_name
+    from sandbox_mcp.hostnet.nat import nat_ruleset, table_name
 
     script = nat_ruleset("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"))
     assert table_name("sandbox-br") == "sandbox_mcp_sandbox_br"
