@@ -74,6 +74,14 @@ def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
         except SandboxError as exc:
             raise ToolError(str(exc)) from exc
+        except BaseExceptionGroup as group:
+            # A task group (e.g. waiting for SSH while watching the boot) wraps our error in a group.
+            inner: BaseException = group
+            while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                inner = inner.exceptions[0]
+            if isinstance(inner, SandboxError):
+                raise ToolError(str(inner)) from inner
+            raise
 
     return wrapper
 

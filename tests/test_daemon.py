@@ -201,6 +201,7 @@ def daemon(accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iter
     os.chmod(run_dir, 0o755)
     os.environ["SBX_TEST_SOCKET"] = str(run_dir / "sandbox-mcp" / "daemon.sock")
     d = Daemon(settings, accounts.group)
+    _LOGS.append(d.log)
     try:
         d.start()
         yield d
@@ -253,9 +254,13 @@ async def refusal(user: Account) -> str:
     raise AssertionError(f"{user.name} was let in")
 
 
+_LOGS: list[list[str]] = []  # the running daemon's log, for failure messages
+
+
 async def call(client: Client, tool: str, progress: Callable[..., Any] | None = None, **args: Any) -> dict[str, Any]:
     result = await client.call_tool(tool, args, progress_callback=progress)
-    assert not result.is_error, f"{tool} failed: {result.content}"
+    tail = "".join(_LOGS[-1][-40:]) if _LOGS else ""
+    assert not result.is_error, f"{tool} failed: {result.content}\ndaemon log:\n{tail}"
     assert isinstance(result.structured_content, dict)
     return result.structured_content
 
@@ -354,6 +359,18 @@ async def test_a_user_outside_the_group_is_refused(daemon: Daemon, accounts: Acc
 
 
 async def test_daemon_restart_under_a_connected_client(daemon: Daemon, accounts: Accounts) -> None:
+    from sandbox_mcp.daemon_client import DaemonLost, RemoteManager
+
+    # The CLI's (and HTTP serve's) client: a restart between calls is reported once, then it reconnects.
+    remote_settings = Settings(daemon_socket=Path(os.environ["SBX_TEST_SOCKET"]), daemon_group=accounts.group)
+    async with RemoteManager(remote_settings) as remote:
+        assert (await remote.list()).workspaces == []
+        daemon.stop()
+        daemon.start()
+        with pytest.raises(DaemonLost, match="list_workspaces"):
+            await remote.list()
+        assert (await remote.list()).workspaces == []
+
     async with mcp_as(accounts.alice) as client:
         ws = await call(client, "create_workspace", name="drestart")
         marker = Path(ws["host_workspace_dir"]) / "started"
