@@ -34,6 +34,7 @@ from .errors import AccessDenied, BackendError, SandboxError
 from .models import (
     DestroyResult,
     DirListing,
+    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -228,9 +229,10 @@ class RemoteManager:
     # The manager's methods --------------------------------------------------------------------
 
     async def create(self, name: str, type: WorkspaceType = "container", packages: Sequence[str] = (),
-                     ip: str | None = None, start: bool = True, progress: Progress = no_progress) -> Workspace:  # fmt: skip
+                     ip: str | None = None, start: bool = True, progress: Progress = no_progress, *,
+                     egress: Egress = "none") -> Workspace:  # fmt: skip
         """See :meth:`WorkspaceManager.create`; errors come back with the daemon's message."""
-        args = {"name": name, "type": type, "packages": list(packages), "ip": ip, "start": start}
+        args = {"name": name, "type": type, "packages": list(packages), "ip": ip, "start": start, "egress": egress}
         return await self._call("create_workspace", args, Workspace, progress)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:

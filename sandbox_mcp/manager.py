@@ -27,6 +27,7 @@ from .fsutil import async_file_lock, lock_is_held
 from .models import (
     DestroyResult,
     DirListing,
+    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -171,6 +172,7 @@ class WorkspaceManager:
             host_workspace_dir=str(self._paths(r.name).workspace),
             ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
+            egress=r.egress,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -267,6 +269,8 @@ class WorkspaceManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
         owner_uid: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
@@ -287,7 +291,7 @@ class WorkspaceManager:
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, owner_uid
+                self._register, name, type, packages, ip, live, runtime, egress, owner_uid
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -319,6 +323,7 @@ class WorkspaceManager:
         ip: str | None,
         live: set[str],
         runtime: Runtime,
+        egress: Egress,
         owner_uid: int | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
@@ -337,6 +342,7 @@ class WorkspaceManager:
                 user=self.settings.user,
                 owner_uid=owner_uid,
                 packages=packages,
+                egress=egress,
             )
             runtime.validate(record)
             data.workspaces[name] = record
@@ -484,6 +490,8 @@ class WorkspaceManager:
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
             await self.registry.remove(name)
+            if runtime.host_network:
+                await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
         await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
             self._lock_path(name).unlink()

@@ -16,6 +16,7 @@ from .errors import WorkspaceNotFound
 from .models import (
     DestroyResult,
     DirListing,
+    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -62,9 +63,11 @@ class OwnedManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
     ) -> Workspace:
         """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
-        return await self.manager.create(name, type, packages, ip, start, progress, owner_uid=self.uid)
+        return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
