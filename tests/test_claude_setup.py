@@ -94,9 +94,14 @@ def test_default_server_command_with_script(needs_root, euid, expected):
 
 
 def test_default_server_command_finds_the_console_script():
+    from sandbox_mcp.claude_setup import DAEMON_INSTALL
+
     cmd = default_server_command(needs_root=False)
+    installed = DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp"
     beside = Path(sys.executable).parent / "sandbox-mcp"
-    if beside.is_file():
+    if os.access(installed, os.X_OK):  # scripts/setup's root-owned install comes first
+        assert cmd == [str(installed), "serve"]
+    elif beside.is_file():
         assert cmd == [str(beside), "serve"]
     assert Path(cmd[0]).is_absolute()
     assert cmd[-1] == "serve"
