@@ -47,7 +47,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def _reexec_isolated() -> int:
     argv = [sys.executable, "-m", "sandbox_mcp", *sys.argv[1:]]
-    script = 'ip link set lo up && exec env ' + _ISOLATED + '=1 "$@"'
+    # /run/netns on a tmpfs of its own: the host's is shared with every other namespace's cleanup.
+    script = ('mkdir -p /run/netns && mount -t tmpfs -o mode=0755 sandbox-mcp-bench-netns /run/netns && '
+              'ip link set lo up && exec env ' + _ISOLATED + '=1 "$@"')
     return subprocess.call(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", script,
                             "sh", *argv])
 
