@@ -183,7 +183,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
-            results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, tool_ms)
+            results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, client)
             await call("destroy_workspace", name="bench0")
     finally:
         async with WorkspaceManager(bench_settings) as m:
@@ -195,20 +195,25 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _exec_ms(client: object, n: int) -> list[float]:
-    out = []
-    await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+async def _interleaved_exec_ms(clients: dict[str, object], n: int) -> dict[str, list[float]]:
+    """``exec true`` on bench0 through each client in turn, ``n`` rounds: load that drifts during the
+    run then weighs on every path alike."""
+    out: dict[str, list[float]] = {name: [] for name in clients}
+    for client in clients.values():
+        await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
     for _ in range(n):
-        t0 = time.perf_counter()
-        r = await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
-        out.append((time.perf_counter() - t0) * 1000)
-        if r.is_error:
-            raise RuntimeError(f"exec: {r.content}")
+        for name, client in clients.items():
+            t0 = time.perf_counter()
+            r = await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+            out[name].append((time.perf_counter() - t0) * 1000)
+            if r.is_error:
+                raise RuntimeError(f"exec via {name}: {r.content}")
     return out
 
 
-async def _daemon_hop(settings: Settings, state: Path, n: int, in_process_ms: list[float]) -> dict[str, float]:
-    """``exec true`` through a `sandbox-mcp daemon` child (socket client; stdio serve bridged to it) vs in process."""
+async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: object) -> dict[str, float]:
+    """``exec true`` through a `sandbox-mcp daemon` child (a socket client; stdio serve bridged to it) against
+    the in-process client and stdio serve working in process, interleaved call by call."""
     from mcp import Client, StdioServerParameters
 
     from .daemon_client import socket_transport
@@ -219,10 +224,7 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process_ms: li
            "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
            "SANDBOX_MCP_CONFIG": "/nonexistent"}  # fmt: skip
     serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
-    # Baseline: `serve` over stdio working in process (no daemon socket where it looks).
-    local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}
-    async with Client(StdioServerParameters(command=serve[0], args=serve[1:], env=local_env)) as client:
-        stdio_local = await _exec_ms(client, n)
+    local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}  # no daemon: in process
     env["SANDBOX_MCP_DAEMON_SOCKET"] = str(sock)
     log = open(state / "daemon.log", "wb")  # noqa: ASYNC230, SIM115 - the child writes it
     daemon = await anyio.open_process([sys.executable, "-m", "sandbox_mcp", "daemon"], env=env,
@@ -233,20 +235,20 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process_ms: li
             if daemon.returncode is not None:
                 raise RuntimeError(f"the daemon exited: {(state / 'daemon.log').read_text()[-2000:]}")
             await anyio.sleep(0.05)
-        async with Client(socket_transport(sock, "root"), mode="legacy") as client:
-            socket_ms = await _exec_ms(client, n)
-        async with Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as client:
-            stdio_daemon = await _exec_ms(client, n)
+        async with (
+            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=local_env)) as stdio_local,
+            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as stdio_daemon,
+            Client(socket_transport(sock, "root"), mode="legacy") as socket_client,
+        ):
+            ms = await _interleaved_exec_ms({"in_process": in_process, "socket": socket_client,
+                                             "stdio_local": stdio_local, "stdio_daemon": stdio_daemon}, n)
     finally:
         daemon.terminate()
         await daemon.wait()
-    return {
-        "in_process_p50": statistics.median(in_process_ms), "socket_p50": statistics.median(socket_ms),
-        "socket_p95": _pct(socket_ms, 0.95), "stdio_local_p50": statistics.median(stdio_local),
-        "stdio_local_p95": _pct(stdio_local, 0.95), "stdio_daemon_p50": statistics.median(stdio_daemon),
-        "stdio_daemon_p95": _pct(stdio_daemon, 0.95),
-        "hop_p50": statistics.median(stdio_daemon) - statistics.median(stdio_local),
-    }
+    out = {f"{k}_p50": statistics.median(v) for k, v in ms.items()}
+    out |= {f"{k}_p95": _pct(v, 0.95) for k, v in ms.items()}
+    out["hop_p50"] = out["stdio_daemon_p50"] - out["stdio_local_p50"]
+    return out
 
 
 async def _ssh_argv(settings: Settings, name: str) -> list[str]:
@@ -280,7 +282,7 @@ def _print(results: dict[str, dict[str, float]]) -> None:
     print(f"  baseline ssh cat: write {f['ssh_cat_write']:.3f} s, read {f['ssh_cat_read']:.3f} s; "
           f"ratios {f['tool_over_ssh_write']:.2f}x / {f['tool_over_ssh_read']:.2f}x")
     d = results["daemon_hop_exec_true_ms"]
-    print(f"exec true via the daemon: socket client p50 {d['socket_p50']:.2f} ms (in-process client "
+    print(f"exec true via the daemon (interleaved): socket client p50 {d['socket_p50']:.2f} ms (in-process client "
           f"{d['in_process_p50']:.2f} ms); stdio serve bridged to the daemon p50 {d['stdio_daemon_p50']:.2f} ms, "
           f"p95 {d['stdio_daemon_p95']:.2f} ms")
     print(f"  baseline, stdio serve in process: p50 {d['stdio_local_p50']:.2f} ms, p95 {d['stdio_local_p95']:.2f} ms; "
