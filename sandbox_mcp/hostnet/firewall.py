@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,8 +225,11 @@ async def run_script(script: str) -> None:
 
 
 async def table_exists(bridge: str) -> str | None:
-    """Both tables as ``nft list`` prints them, or None when either is missing."""
+    """Both tables as ``nft list`` prints them, or None when either is missing (or nft is not installed:
+    then no table of ours can exist, and stop/destroy need not fail for it)."""
     t = table_name(bridge)
+    if shutil.which("nft") is None:
+        return None
     out = []
     for family in ("bridge", "inet"):
         done = await hostcmd.run(["nft", "list", "table", family, t], timeout_s=30, check=False)
