@@ -151,14 +151,20 @@ class _SocketWriter:
 
 
 async def _refuse(stream: anyio.abc.ByteStream, error: AccessDenied) -> None:
-    """Answer the peer's first request with the refusal (so its client shows why), then hang up."""
-    with anyio.move_on_after(5):  # a peer that never sends a request is simply dropped
+    """Answer the peer's requests with the refusal (so its client shows why), then hang up.
+
+    Every request gets it, not only the first: a client that opens with one request and falls back
+    to another (server/discover, then initialize) must read the refusal, not a closed connection.
+    A peer that sends nothing, or too much, is simply dropped.
+    """
+    with anyio.move_on_after(5):
         buffered = BufferedByteReceiveStream(stream)
         with contextlib.suppress(Exception):
-            first = json.loads(await buffered.receive_until(b"\n", 1 << 20))
-            if isinstance(first, dict) and "id" in first:
-                reply = {"jsonrpc": "2.0", "id": first["id"], "error": {"code": -32001, "message": str(error)}}
-                await stream.send(json.dumps(reply).encode() + b"\n")
+            for _ in range(8):
+                message = json.loads(await buffered.receive_until(b"\n", 1 << 20))
+                if isinstance(message, dict) and "id" in message and "method" in message:
+                    reply = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32001, "message": str(error)}}
+                    await stream.send(json.dumps(reply).encode() + b"\n")
     await stream.aclose()
 
 
