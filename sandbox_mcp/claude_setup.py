@@ -99,18 +99,15 @@ def default_server_command(
 ) -> list[str]:
     """The command Claude Code should run to start the server over stdio.
 
-    ``script`` defaults to the root-owned install's console script (``/opt/sandbox-mcp``, made
-    by scripts/setup), else the running ``sandbox-mcp`` (beside the interpreter, else on PATH);
-    failing all, ``python -m sandbox_mcp``. With the daemon, ``serve`` runs as the user and
+    ``script`` defaults to the running ``sandbox-mcp`` console script (beside the interpreter,
+    else on PATH); failing both, ``python -m sandbox_mcp``. (install-claude passes the root-owned
+    install's, ``DAEMON_INSTALL``, when scripts/setup made one.) With the daemon, ``serve`` runs as the user and
     needs no root (pass ``needs_root=False``). Without it, direct mode creates bridges and
     containers, so the server must be root: when ``needs_root`` and ``euid`` (default: the
     current one) is not 0 the command goes through ``sudo -n``, which fails at once, instead of
     hanging on a password prompt nobody sees, unless sudo is passwordless for it.
     """
     euid = os.geteuid() if euid is None else euid
-    installed = DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp"
-    if script is None and os.access(installed, os.X_OK):
-        script = str(installed)
     if script is not None:
         base = [script, "serve"]
     else:

@@ -246,7 +246,8 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
     from .daemon_client import daemon_available
 
     # With the daemon (running, or installed by scripts/setup) serve runs as the user: no sudo.
-    daemon = daemon_available(settings) or (DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp").exists()
+    installed = DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp"
+    daemon = daemon_available(settings) or os.access(installed, os.X_OK)
     http = None
     if args.http:
         from .http_auth import load_token
@@ -256,7 +257,10 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
         args.scope,
         project_dir=Path(args.project or ".").resolve() if args.scope == "project" else None,
         home=Path.home(),
-        server_command=default_server_command(needs_root=settings.mode != "nixos" and not daemon),
+        server_command=default_server_command(
+            needs_root=settings.mode != "nixos" and not daemon,
+            script=str(installed) if os.access(installed, os.X_OK) else None,  # root-owned, stable
+        ),
         skills_src=skills_dir(),
         dry_run=args.dry_run,
         claude_config_dir=os.environ.get("CLAUDE_CONFIG_DIR"),

@@ -447,8 +447,14 @@ class WorkspaceManager:
         return record
 
     async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
-        """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting."""
+        """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.
+
+        Raises:
+            BackendError: the workspace exited while booting (the message has the log tail).
+            CommandTimeout, SSHError: SSH did not answer in time, or answered with another key.
+        """
         died = False
+        failure: SandboxError | None = None
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
@@ -461,11 +467,18 @@ class WorkspaceManager:
                         return
 
             tg.start_soon(watch)
-            await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+            try:
+                await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+            except SandboxError as exc:
+                # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which
+                # the tools do not recognise: the agent would lose the message that says what to do.
+                failure = exc
             tg.cancel_scope.cancel()
         if died:
             tail = await runtime.logs(record, 25)
             raise BackendError(f"workspace {record.name!r} exited while booting; last log lines:\n{tail}")
+        if failure is not None:
+            raise failure
 
     async def _halt(self, record: WorkspaceRecord) -> Runtime:
         """Mark the workspace ``stopping``, close our SSH connection and stop its runtime; returns that runtime.
