@@ -296,11 +296,12 @@ class WorkspaceManager:
         egress: Egress = "none",
         cpus: float | None = None,
         memory_mib: int | None = None,
+        owner_uid: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
-        everything created is removed again.
+        everything created is removed again. ``owner_uid`` is recorded as the creator.
 
         Raises:
             InvalidSpec: bad name, type, packages or IP.
@@ -316,7 +317,7 @@ class WorkspaceManager:
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, egress, limits
+                self._register, name, type, packages, ip, live, runtime, egress, limits, owner_uid
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -367,6 +368,7 @@ class WorkspaceManager:
         runtime: Runtime,
         egress: Egress,
         limits: Limits | None = None,
+        owner_uid: int | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -382,6 +384,7 @@ class WorkspaceManager:
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
+                owner_uid=owner_uid,
                 packages=packages,
                 egress=egress,
                 limits=limits,
