@@ -171,6 +171,7 @@ async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: inc
     user, host, cwd, root, uid_map = r["stdout"].splitlines()
     assert (user, host, cwd, root) == (s.user, "inc1", f"/home/{s.user}/workspace", "0")
     assert uid_map.split()[:2] != ["0", "0"], f"not a user namespace: {uid_map}"  # unprivileged
+    assert inst["config"]["security.idmap.isolated"] == "true"
 
     # The workspace dir is the host's: files written inside belong to the host user.
     await call(local, "write_file", name="inc1", path="notes/a.txt", content="kept\n")
@@ -286,3 +287,16 @@ async def test_create_cancelled_leaves_nothing(
     assert incus_leftovers(incusd, local_settings) == NOTHING and bridge_ports() == []
     present = await firewall.table_exists(local_settings.bridge) or ""
     assert veth_names("cx1")[0] not in firewall.admitted_ports(present)
+
+
+async def test_instances_get_uid_ranges_of_their_own(local: Any) -> None:
+    maps = []
+    for name in ("idm1", "idm2"):
+        await call(local, "create_workspace", name=name, type="incus")
+        r = await call(local, "exec", name=name, command="head -1 /proc/self/uid_map")
+        inside, outside, _count = r["stdout"].split()
+        maps.append((inside, outside))
+    assert maps[0][0] == maps[1][0] == "0"
+    assert maps[0][1] != maps[1][1] and "0" not in (maps[0][1], maps[1][1]), maps
+    for name in ("idm1", "idm2"):
+        await call(local, "destroy_workspace", name=name)

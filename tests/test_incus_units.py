@@ -47,6 +47,7 @@ def test_instance_body_exact() -> None:
         "source": {"type": "image", "fingerprint": "ab" * 32},
         "config": {
             "security.privileged": "false",
+            "security.idmap.isolated": "true",
             "security.nesting": "false",
             "limits.cpu": "2",
             "limits.cpu.allowance": "150ms/100ms",

@@ -96,6 +96,8 @@ def instance_body(
         "source": {"type": "image", "fingerprint": fingerprint},
         "config": {
             "security.privileged": "false",
+            # A uid range of its own per instance, as nspawn's containers get (not Incus's shared default).
+            "security.idmap.isolated": "true",
             "security.nesting": "false",
             "limits.cpu": str(max(1, math.ceil(limits.cpus))),
             "limits.cpu.allowance": f"{max(1, round(limits.cpus * 100))}ms/100ms",
