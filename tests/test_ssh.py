@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from sandbox_mcp import exec_agent
 from sandbox_mcp.errors import CommandTimeout, InvalidSpec, SSHError
 from sandbox_mcp.ssh import (
     SSHPool,
@@ -35,6 +36,8 @@ from sandbox_mcp.ssh import (
 )
 
 SSHD = "/usr/sbin/sshd"
+# The exec agent as the pool runs it in a workspace, but from this checkout: the test sshd is the host's.
+AGENT = str(Path(exec_agent.__file__).resolve())
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
@@ -175,7 +178,7 @@ def target(sshd: Sshd, workspace: Path) -> SSHTarget:
 
 @pytest.fixture(params=[True, False], ids=["agent", "session-per-command"])
 async def pool(request: pytest.FixtureRequest) -> AsyncIterator[SSHPool]:
-    p = SSHPool(exec_agent=request.param)
+    p = SSHPool(exec_agent=request.param, agent_path=AGENT)
     try:
         yield p
     finally:
