@@ -64,7 +64,9 @@ class WorkspaceNotFound(SandboxError, LookupError):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"workspace {name!r} not found; call list_workspaces to see the existing workspaces")
+        super().__init__(
+            f"workspace {clip_repr(name)} not found; call list_workspaces to see the existing workspaces"
+        )
 
 
 class WorkspaceExists(SandboxError):

@@ -23,7 +23,15 @@ import anyio
 
 from . import hostsfile, onboarding, ssh
 from .config import Settings
-from .errors import BackendError, InvalidSpec, InvalidState, SandboxError, WorkspaceExists
+from .errors import (
+    BackendError,
+    CommandTimeout,
+    InvalidSpec,
+    InvalidState,
+    SandboxError,
+    WorkspaceExists,
+    clip_repr,
+)
 from .models import (
     DestroyResult,
     DirListing,
@@ -62,7 +70,7 @@ def parse_mode(mode: str | int | None) -> int | None:
             raise InvalidSpec(f"mode {mode} is out of range; use octal text such as '644' or '755'")
         return mode
     if not _MODE_RE.match(mode):
-        raise InvalidSpec(f"mode {mode!r} is not an octal file mode; use e.g. '644' or '0755'")
+        raise InvalidSpec(f"mode {clip_repr(mode)} is not an octal file mode; use e.g. '644' or '0755'")
     return int(mode, 8)
 
 
@@ -145,6 +153,16 @@ class WorkspaceManager:
                 f"workspace {record.name!r} belongs to the {record.runtime!r} runtime, which this server "
                 f"(mode {self.mode}) does not run; use a server in that mode"
             ) from None
+
+    async def _check_exists(self, name: str) -> None:
+        """Refuse a bad or unknown name before a lock file is made for it (it would stay behind).
+
+        Raises:
+            InvalidSpec: the name breaks the naming rules.
+            WorkspaceNotFound: no workspace of that name.
+        """
+        validate_name(name)
+        await self.registry.get(name)
 
     @contextlib.asynccontextmanager
     async def _locked(self, name: str) -> AsyncIterator[None]:
@@ -369,6 +387,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, InvalidState (still being created), BackendError (boot failed).
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             runtime = self._runtime_of(record)
@@ -407,25 +426,51 @@ class WorkspaceManager:
         return record
 
     async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
-        """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting."""
+        """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.
+
+        Raises:
+            CommandTimeout: no SSH within the boot timeout; the message names it and points at workspace_logs.
+            BackendError: the workspace exited while booting (the message has the log tail).
+            SSHError: the host key does not match the pinned one.
+        """
         died = False
+        failure: SandboxError | None = None
+        # Errors are kept, not raised, inside the task group: raised there they would come out
+        # wrapped in an ExceptionGroup, and the agent would never learn what happened.
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
-                nonlocal died
-                while True:
-                    await anyio.sleep(0.1)
-                    if not (await runtime.status(record)).running:
-                        died = True
-                        tg.cancel_scope.cancel()
-                        return
+                nonlocal died, failure
+                try:
+                    while True:
+                        await anyio.sleep(0.1)
+                        if not (await runtime.status(record)).running:
+                            died = True
+                            break
+                except SandboxError as exc:
+                    failure = exc
+                tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
-            await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+            try:
+                await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+            except SandboxError as exc:
+                failure = exc
             tg.cancel_scope.cancel()
         if died:
             tail = await runtime.logs(record, 25)
             raise BackendError(f"workspace {record.name!r} exited while booting; last log lines:\n{tail}")
+        if isinstance(failure, CommandTimeout):
+            tail = ""
+            with contextlib.suppress(SandboxError, OSError):
+                tail = await runtime.logs(record, 15)
+            raise CommandTimeout(
+                f"workspace {record.name!r} did not answer over SSH within the boot timeout of "
+                f"{self.settings.boot_timeout_s:g} s (boot_timeout_s; raise it with SANDBOX_MCP_BOOT_TIMEOUT_S "
+                f"on a slow host). {failure}. Last log lines:\n{tail or '(none yet)'}"
+            ) from failure
+        if failure is not None:
+            raise failure
 
     async def _halt(self, record: WorkspaceRecord) -> Runtime:
         """Close our SSH connection and stop the workspace's runtime; returns that runtime."""
@@ -440,6 +485,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, BackendError.
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             await self._halt(record)
@@ -454,6 +500,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, BackendError.
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             runtime = await self._halt(record)
@@ -564,7 +611,7 @@ class WorkspaceManager:
             except ValueError as exc:
                 raise InvalidSpec(f"content is not valid base64: {exc}") from exc
         else:
-            raise InvalidSpec(f"encoding must be 'utf-8' or 'base64', not {encoding!r}")
+            raise InvalidSpec(f"encoding must be 'utf-8' or 'base64', not {clip_repr(encoding)}")
         if len(data) > self.settings.write_max:
             raise InvalidSpec(
                 f"content is {len(data)} bytes; the limit is {self.settings.write_max}. "

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import SandboxError
+from .errors import SandboxError, clip
 from .manager import WorkspaceManager
 from .models import (
     DestroyResult,
@@ -58,15 +58,42 @@ Name = Annotated[
 ]
 
 
+# A ToolError message longer than this is cut: error messages echo at most a clipped input, but a
+# log tail or a backend's output could still be long.
+MESSAGE_LIMIT = 16 * 1024
+log = logging.getLogger(__name__)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _message(exc: BaseException) -> str:
+    """What the agent reads for ``exc``: a SandboxError's own message, else its type and text."""
+    if isinstance(exc, SandboxError):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+
+
 def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn our errors into ToolErrors the agent can act on."""
+    """Turn our errors into ToolErrors the agent can act on; unwrap exception groups to say why."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
         except SandboxError as exc:
-            raise ToolError(str(exc)) from exc
+            raise ToolError(clip(str(exc), MESSAGE_LIMIT)) from exc
+        except ExceptionGroup as group:
+            # A task group wraps what failed in it; the agent needs the failures, not the wrapper.
+            leaves = _leaves(group)
+            if not all(isinstance(e, SandboxError) for e in leaves):
+                log.error("%s failed", fn.__name__, exc_info=group)
+            messages = list(dict.fromkeys(_message(e) for e in leaves))
+            raise ToolError(clip("; ".join(messages), MESSAGE_LIMIT)) from group
 
     return wrapper
 

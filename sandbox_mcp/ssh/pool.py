@@ -334,7 +334,13 @@ class SSHPool:
             try:
                 sftp = await self._sftp_client(entry)
                 with anyio.move_on_after(self._sftp_timeout_s) as scope:
-                    return await op(sftp)
+                    try:
+                        return await op(sftp)
+                    except anyio.get_cancelled_exc_class():
+                        # The request may still hold the sftp-server (it serves one at a time);
+                        # a fresh channel for the next call costs a few milliseconds.
+                        self._drop_sftp(entry, sftp)
+                        raise
             except (asyncssh.Error, OSError, TimeoutError) as exc:
                 if not is_conn_error(exc) and entry.alive():
                     raise SSHError(f"SFTP {what} on {target.where} failed: {describe(exc)}") from exc

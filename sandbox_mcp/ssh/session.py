@@ -181,4 +181,7 @@ async def kill_group(conn: asyncssh.SSHClientConnection, sess: ExecSession, wait
         if sess.pid is None or conn.is_closed():
             return
         with contextlib.suppress(asyncssh.Error, OSError):
-            await conn.run(f"kill -KILL -- -{sess.pid} 2>/dev/null", check=False)
+            # Output discarded as it comes: the user's shell rc files could print without end.
+            await conn.run(
+                f"kill -KILL -- -{sess.pid} 2>/dev/null", check=False, stdout=asyncssh.DEVNULL, stderr=asyncssh.DEVNULL
+            )
