@@ -72,10 +72,13 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def _message(exc: BaseException) -> str:
-    """What the agent reads for ``exc``: a SandboxError's own message, else its type and text."""
+    """What the agent reads for ``exc``: a SandboxError's own message; of a crash only its type.
+
+    A crash's text stays in the server log, as the SDK keeps it for crashes outside groups.
+    """
     if isinstance(exc, SandboxError):
         return str(exc)
-    return f"internal error ({type(exc).__name__}: {exc}); the server log has the details"
+    return f"internal error ({type(exc).__name__}); the server log has the details"
 
 
 def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
