@@ -28,7 +28,8 @@ from pathlib import Path
 import anyio
 
 from .config import Settings
-from .images import ImageStore
+from .hostnet import HostNetwork
+from .images import DebianRoot, ImageStore
 from .manager import WorkspaceManager
 
 __all__ = ["run_bench"]
@@ -64,7 +65,7 @@ async def _banner(ip: str, deadline: float) -> None:
 async def _bare_boot(manager: WorkspaceManager, name: str) -> float:
     """Baseline: our network setup + the same nspawn command, until sshd answers; no registry, keys, SSH auth."""
     record = await manager.registry.get(name)
-    runtime = manager.runtimes["nspawn"]
+    runtime = manager.runtime_of(record)
     t0 = time.monotonic()
     record = await runtime.start(record, _quiet)
     try:
@@ -80,11 +81,11 @@ async def _quiet(message: str, fraction: float | None = None) -> None:
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the benchmark and print its figures. Needs root and systemd-nspawn."""
-    store = ImageStore(settings)
     if os.environ.get(_ISOLATED) != "1":
-        if not store.exists(store.key(())):
+        root = DebianRoot(settings, ImageStore(settings.image_dir))
+        if not root.exists(root.key(())):
             print("building the root image first (network needed once)...", file=sys.stderr)
-            await store.ensure((), _quiet)
+            await root.ensure((), _quiet)
         return _reexec_isolated()
 
     from mcp import Client
@@ -174,7 +175,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         async with WorkspaceManager(bench_settings) as m:
             for name in list((await m.registry.read()).workspaces):
                 await m.destroy(name)
-            await m.runtimes["nspawn"].network.remove_bridge()  # type: ignore[attr-defined]
+        await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
     return 0

@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from .errors import CommandFailed, CommandTimeout, InvalidSpec
+from .fsutil import atomic_write
 
 __all__ = [
     "SERVER_NAME",
@@ -154,18 +154,9 @@ def _write_json(path: Path, data: dict[str, Any], default_mode: int) -> None:
         mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = default_mode, None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            os.fchmod(fh.fileno(), mode)
-            if owner is not None and os.geteuid() == 0:
-                os.fchown(fh.fileno(), *owner)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if os.geteuid() != 0:
+        owner = None
+    atomic_write(path, json.dumps(data, indent=2) + "\n", mode=mode, owner=owner)
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> None:

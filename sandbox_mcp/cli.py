@@ -137,21 +137,22 @@ def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
-    from .images import ImageStore
+    from .images import DebianRoot, ImageStore
     from .naming import validate_packages
 
-    store = ImageStore(settings)
+    store = ImageStore(settings.image_dir)
+    root = DebianRoot(settings, store)
     if args.action == "ls":
         for meta in store.list_images():
             print(json.dumps(meta))
         return 0
     if args.action == "prune":
-        for name in store.prune():
+        for name in root.prune():
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")
-    key = anyio.run(store.ensure, packages, _print_progress)
-    print(store.path(key))
+    key = anyio.run(root.ensure, packages, _print_progress)
+    print(root.path(key))
     return 0
 
 

@@ -6,31 +6,26 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from .config import Settings
-from .images.debootstrap import ImageStore
+from .errors import SandboxError
+from .models import Check
 
-__all__ = ["Check", "run_checks"]
-
-
-class Check(BaseModel):
-    name: str
-    ok: bool
-    detail: str
-    fix: str | None = None
-    required: bool = True
+__all__ = ["Check", "run_checks", "which_check"]
 
 
-def _which(program: str, package: str, name: str, why: str) -> Check:
+def which_check(program: str, package: str, why: str, *, name: str | None = None, required: bool = True) -> Check:
+    """A check that ``program`` is on PATH, naming the Debian package that has it."""
     path = shutil.which(program)
     if path:
-        return Check(name=name, ok=True, detail=path)
-    return Check(name=name, ok=False, detail=f"{program} not found ({why})", fix=f"apt-get install {package}")
+        return Check(name=name or program, ok=True, detail=path, required=required)
+    return Check(name=name or program, ok=False, detail=f"{program} not found ({why})",
+                 fix=f"apt-get install {package}", required=required)
 
 
 def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
-    """Check what direct mode needs on this host. Pure reads: changes nothing."""
+    """Check what this host needs: the general prerequisites, then each runtime's own. Pure reads."""
+    from .runtimes import RuntimeContext, build_runtimes, resolve_mode
+
     checks = [
         Check(
             name="root",
@@ -38,9 +33,7 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
             detail=f"running as uid {os.geteuid()}",
             fix="run the server as root (sudo sandbox-mcp serve): it creates network namespaces and containers",
         ),
-        _which("systemd-nspawn", "systemd-container", "systemd-nspawn", "runs the containers"),
-        _which("debootstrap", "debootstrap", "debootstrap", "builds the root image once"),
-        _which("cp", "coreutils", "coreutils", "copies image variants"),
+        which_check("cp", "coreutils", "copies image variants", name="coreutils"),
     ]
     filesystems = (proc / "filesystems").read_text() if (proc / "filesystems").exists() else ""
     checks.append(
@@ -89,20 +82,17 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
             fix="set SANDBOX_MCP_STATE_DIR to a writable directory",
         )
     )
-    store = ImageStore(settings)
-    built = store.exists(store.key(()))
-    checks.append(
-        Check(
-            name="root image",
-            ok=built,
-            detail=(f"cached at {store.path(store.key(()))}" if built else
-                    f"not built yet ({store.suite}, mirror {store.mirror or 'debootstrap default'})"),
-            fix="the first create_workspace builds it (about a minute); or run 'sandbox-mcp create warmup'",
-            required=False,
-        )
-    )
+    # The runtimes of this host's mode add theirs; a runtime that refuses the settings says why.
+    mode = resolve_mode(settings)
+    try:
+        runtimes = build_runtimes(mode, RuntimeContext.for_settings(settings, client_public_key=""))
+    except SandboxError as exc:
+        checks.append(Check(name=f"{mode} mode", ok=False, detail=str(exc), fix="see the message"))
+        runtimes = {}
+    for runtime in runtimes.values():
+        checks.extend(runtime.checks())
     if settings.nat:
-        checks.append(_which("nft", "nftables", "nft", "SANDBOX_MCP_NAT=true masquerades the workspace subnet"))
-    checks.append(_which("ssh", "openssh-client", "ssh client", "only for 'sandbox-mcp ssh' and the benchmark"))
-    checks[-1].required = False
+        checks.append(which_check("nft", "nftables", "SANDBOX_MCP_NAT=true masquerades the workspace subnet"))
+    checks.append(which_check("ssh", "openssh-client", "only for 'sandbox-mcp ssh' and the benchmark",
+                              name="ssh client", required=False))
     return checks

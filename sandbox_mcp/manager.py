@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from . import hostsfile, onboarding, ssh
+from . import onboarding, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -32,6 +31,7 @@ from .errors import (
     WorkspaceExists,
     clip_repr,
 )
+from .fsutil import async_file_lock, lock_is_held
 from .models import (
     DestroyResult,
     DirListing,
@@ -50,7 +50,7 @@ from .models import (
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
 from .paths import WorkspacePaths
-from .runtimes.base import Progress, Runtime, no_progress
+from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
 from .state import Registry
 
 __all__ = ["WorkspaceManager", "parse_mode"]
@@ -74,13 +74,12 @@ def parse_mode(mode: str | int | None) -> int | None:
     return int(mode, 8)
 
 
-def _mark_stopped(record: WorkspaceRecord, error: str | None) -> None:
-    record.state, record.last_error = "stopped", error
-    record.pid = record.pid_start_time = record.leader_pid = record.leader_start_time = None
-
-
 class WorkspaceManager:
-    """One per server process. Use as ``async with WorkspaceManager(settings) as m:``."""
+    """One per server process. Use as ``async with WorkspaceManager(settings) as m:``.
+
+    The runtimes come from the registry in :mod:`sandbox_mcp.runtimes`, those of the configured
+    mode; ``runtimes`` replaces them (tests pass a fake or a prepared one).
+    """
 
     def __init__(self, settings: Settings, runtimes: dict[str, Runtime] | None = None) -> None:
         self.settings = settings
@@ -88,8 +87,8 @@ class WorkspaceManager:
         self.client_key_path = settings.state_dir / ".server" / "client_ed25519_key"
         self.ssh = ssh.SSHPool()
         self._runtimes = runtimes
+        self._mode: Mode | None = None
         self._locks: dict[str, anyio.Lock] = {}
-        self._network = None
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -105,35 +104,26 @@ class WorkspaceManager:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
         if self._runtimes is None:
-            self._runtimes = self._default_runtimes()
+            self._mode = resolve_mode(self.settings)
+            ctx = RuntimeContext.for_settings(self.settings, self.client_public_key)
+            self._runtimes = build_runtimes(self._mode, ctx)
+        else:
+            self._mode = next(iter(sorted({m for r in self._runtimes.values() for m in r.modes})), "direct")
         await self.reconcile()
 
     async def close(self) -> None:
         await self.ssh.close()
 
     @property
-    def mode(self) -> str:
-        """'nixos' or 'direct': which runtimes this manager uses for new workspaces."""
-        return "nixos" if "nixos" in self.runtimes else "direct"
+    def mode(self) -> Mode:
+        """'nixos' or 'direct': the mode whose runtimes this manager uses."""
+        assert self._mode is not None, "call open() first"
+        return self._mode
 
     @property
     def runtimes(self) -> dict[str, Runtime]:
         assert self._runtimes is not None, "call open() first"
         return self._runtimes
-
-    def _default_runtimes(self) -> dict[str, Runtime]:
-        mode = self.settings.mode
-        if mode == "auto":
-            from .runtimes.nixos import nixos_mode_available
-
-            mode = "nixos" if nixos_mode_available(self.settings) else "direct"
-        if mode == "nixos":
-            from .runtimes.nixos import NixosRuntime
-
-            return {"nixos": NixosRuntime(self.settings, client_public_key=self.client_public_key)}
-        from .runtimes.nspawn import NspawnRuntime
-
-        return {"nspawn": NspawnRuntime(self.settings)}
 
     def _runtime_for_type(self, type_: WorkspaceType) -> Runtime:
         for runtime in self.runtimes.values():
@@ -142,8 +132,16 @@ class WorkspaceManager:
         supported = sorted({t for r in self.runtimes.values() for t in r.types})
         raise InvalidSpec(
             f"type {type_!r} is not available in {self.mode} mode on this host (available: "
-            f"{', '.join(supported)}); VMs and Incus need the NixOS module (mode 'nixos')"
+            f"{', '.join(supported) or 'none'}); run 'sandbox-mcp doctor' to see what this host lacks"
         )
+
+    def runtime_of(self, record: WorkspaceRecord) -> Runtime:
+        """The runtime that realises ``record`` (for the benchmark's baselines).
+
+        Raises:
+            InvalidState: this server does not run that workspace's runtime.
+        """
+        return self._runtime_of(record)
 
     def _runtime_of(self, record: WorkspaceRecord) -> Runtime:
         try:
@@ -168,21 +166,19 @@ class WorkspaceManager:
     async def _locked(self, name: str) -> AsyncIterator[None]:
         """Serialise operations on one workspace, in this process and across processes."""
         lock = self._locks.setdefault(name, anyio.Lock())
-        async with lock:
-            lock_dir = self.settings.state_dir / ".locks"
-            lock_dir.mkdir(exist_ok=True)
-            fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
+        async with lock, async_file_lock(self._lock_path(name)):
+            yield
+
+    def _lock_path(self, name: str) -> Path:
+        return self.settings.state_dir / ".locks" / f"{name}.lock"
 
     def _paths(self, name: str) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, name)
 
     def view(self, r: WorkspaceRecord) -> Workspace:
         """The workspace as tools report it."""
+        runtime = self.runtimes.get(r.runtime)
+        host, port = runtime.endpoint(r) if runtime is not None else (r.ip, 22)
         return Workspace(
             name=r.name,
             type=r.type,
@@ -191,7 +187,7 @@ class WorkspaceManager:
             user=r.user,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
             host_workspace_dir=str(self._paths(r.name).workspace),
-            ssh=SSHInfo(host=r.ip, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
+            ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
             created_at=r.created_at,
             started_at=r.started_at,
@@ -200,9 +196,11 @@ class WorkspaceManager:
         )
 
     def _target(self, r: WorkspaceRecord) -> ssh.SSHTarget:
+        host, port = self._runtime_of(r).endpoint(r)
         return ssh.SSHTarget(
             key=r.name,
-            host=r.ip,
+            host=host,
+            port=port,
             user=r.user,
             host_key_path=self._paths(r.name).host_key,
             client_key_path=self.client_key_path,
@@ -226,37 +224,30 @@ class WorkspaceManager:
             if record.state in ("running", "starting", "stopping"):
                 if not (await runtime.status(record)).running:
                     await runtime.stop(record)  # releases network leftovers
-                    _mark_stopped(record, "found stopped when the server started")
-                    await self.registry.put(record)
+                    await self.registry.put(self._stopped(runtime, record, "found stopped when the server started"))
         for runtime in self.runtimes.values():
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
         await self._sync_hosts()
 
+    def _stopped(self, runtime: Runtime, record: WorkspaceRecord, error: str | None) -> WorkspaceRecord:
+        """``record`` as stopped: the runtime forgets what only a running workspace has."""
+        record = runtime.mark_stopped(record)
+        record.state, record.last_error = "stopped", error
+        return record
+
     async def _sync_hosts(self) -> None:
-        """Keep 'workspace-NAME' resolvable on the host for direct-mode workspaces (never fails a call)."""
-        path = self.settings.hosts_file
-        if path is None or self.mode != "direct":
+        """Keep 'workspace-NAME' resolvable on the host for workspaces on this host's bridge."""
+        on_bridge = [r for r in self.runtimes.values() if r.host_network]
+        if not on_bridge:
             return
         data = await self.registry.read()
-        entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime == "nspawn" and r.state != "creating"}
-        try:
-            await anyio.to_thread.run_sync(hostsfile.update_hosts_file, path, entries, str(self.settings.state_dir))
-        except OSError as exc:
-            log.warning("cannot update %s: %s", path, exc)
+        names = {r.name for r in on_bridge}
+        entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime in names and r.state != "creating"}
+        await on_bridge[0].ctx.network.publish_names(entries)
 
     async def _creation_in_progress(self, name: str) -> bool:
         """True when another process holds the workspace's lock (so it is still being created)."""
-        lock_file = self.settings.state_dir / ".locks" / f"{name}.lock"
-        if not lock_file.exists():
-            return False
-        fd = os.open(lock_file, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_is_held(self._lock_path(name))
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
         """Notice a workspace that died behind our back."""
@@ -268,7 +259,7 @@ class WorkspaceManager:
                     if record.state == "running" and not (await runtime.status(record)).running:
                         await runtime.stop(record)
                         await self.ssh.drop(record.name)
-                        _mark_stopped(record, "the workspace exited")
+                        record = self._stopped(runtime, record, "the workspace exited")
                         await self.registry.put(record)
         return record
 
@@ -297,7 +288,7 @@ class WorkspaceManager:
         t0 = time.monotonic()
         validate_name(name)
         runtime = self._runtime_for_type(type)
-        packages = validate_packages(packages, "nix" if runtime.name == "nixos" else "debian")
+        packages = validate_packages(packages, runtime.package_flavour)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
@@ -416,7 +407,7 @@ class WorkspaceManager:
                 with contextlib.suppress(Exception):
                     await runtime.stop(record)
                 await self.ssh.drop(record.name)
-                _mark_stopped(record, str(exc)[-2000:] or type(exc).__name__)
+                record = self._stopped(runtime, record, str(exc)[-2000:] or type(exc).__name__)
                 await self.registry.put(record)
             raise
         timings.total_s = round(time.monotonic() - t0, 3)
@@ -488,9 +479,9 @@ class WorkspaceManager:
         await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
-            await self._halt(record)
+            runtime = await self._halt(record)
             if record.state != "error":
-                _mark_stopped(record, None)
+                record = self._stopped(runtime, record, None)
             await self.registry.put(record)
         return self.view(record)
 
@@ -513,7 +504,7 @@ class WorkspaceManager:
             await self.registry.remove(name)
         await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
-            (self.settings.state_dir / ".locks" / f"{name}.lock").unlink()
+            self._lock_path(name).unlink()
         self._locks.pop(name, None)
         return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "Check",
     "DestroyResult",
     "DirEntry",
     "DirListing",
@@ -28,6 +29,9 @@ __all__ = [
 
 WorkspaceType = Literal["container", "vm", "incus"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+
+
+_LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
 
 
 def utcnow() -> datetime:
@@ -57,6 +61,16 @@ class WorkspaceRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_runtime_fields(cls, data: Any) -> Any:
+        """Registries written before ``runtime_state`` kept nspawn's fields on the record itself."""
+        if isinstance(data, dict) and "runtime_state" not in data:
+            legacy = {k: data[k] for k in _LEGACY_RUNTIME_FIELDS if data.get(k) is not None}
+            if legacy:
+                data = {**data, "runtime_state": legacy}
+        return data
+
     name: str
     type: WorkspaceType = "container"
     state: WorkspaceState = "creating"
@@ -67,11 +81,10 @@ class WorkspaceRecord(BaseModel):
     user: str
     packages: list[str] = Field(default_factory=list)
     host_key_fingerprint: str = ""
-    image: str | None = Field(default=None, description="Root image key (direct mode)")
-    pid: int | None = Field(default=None, description="Supervised process (direct mode)")
-    pid_start_time: int | None = Field(default=None, description="/proc start time of pid, to detect PID reuse")
-    leader_pid: int | None = Field(default=None, description="The workspace's init process (direct mode)")
-    leader_start_time: int | None = None
+    runtime_state: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The runtime's own state (PIDs, image key, instance name), read through its State model",
+    )
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     last_error: str | None = None
@@ -167,3 +180,13 @@ class LogsResult(BaseModel):
     name: str
     log: str
     lines: int
+
+
+class Check(BaseModel):
+    """One host prerequisite as ``sandbox-mcp doctor`` reports it: what was found and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    required: bool = True

@@ -37,13 +37,13 @@ import errno
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, InvalidSpec
+from .fsutil import atomic_write
 
 __all__ = [
     "CLAUDE_JSON",
@@ -208,24 +208,8 @@ def _move_aside(path: Path) -> None:
 
 
 def _write_private(path: Path, data: bytes, uid: int, gid: int, mode: int = 0o600) -> None:
-    """Atomically replace ``path`` with ``data``, owned uid:gid with ``mode``.
-
-    The temporary file is created exclusively in the same directory and chowned through its
-    descriptor; the final rename replaces a symlink at ``path`` rather than following it.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            if (os.fstat(fh.fileno()).st_uid, os.fstat(fh.fileno()).st_gid) != (uid, gid):
-                os.fchown(fh.fileno(), uid, gid)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically replace ``path`` with ``data``, owned uid:gid with ``mode``; a symlink there is replaced."""
+    atomic_write(path, data, mode=mode, owner=(uid, gid))
 
 
 def _dump(data: Mapping[str, Any]) -> bytes:

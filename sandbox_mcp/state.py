@@ -10,9 +10,6 @@ never half of one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,24 +17,10 @@ import anyio
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import BackendError, WorkspaceNotFound
+from .fsutil import atomic_write, file_lock
 from .models import WorkspaceRecord
 
-__all__ = ["Registry", "RegistryData", "file_lock"]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
-    """Hold ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` body; blocks until free.
-
-    The lock is shared by every process that opens the same file, and dies with the holder.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+__all__ = ["Registry", "RegistryData"]
 
 
 class RegistryData(BaseModel):
@@ -80,24 +63,7 @@ class Registry:
         return data
 
     def _write_unlocked(self, data: RegistryData) -> None:
-        payload = data.model_dump_json(indent=2).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".registry-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # The rename itself must survive a crash too.
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, data.model_dump_json(indent=2), mode=0o600)
 
     # Synchronous API (used from worker threads and by tests) -------------------------------
 

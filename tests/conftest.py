@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp.config import Settings
-from sandbox_mcp.images import ImageStore
+from sandbox_mcp.images import DebianRoot, ImageStore
 
 TEST_BRIDGE = "sbxt-br"
 
@@ -50,7 +50,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
     if reason:
         pytest.skip(reason)
     s = e2e_settings(tmp_path / "state")
-    store = ImageStore(s)
+    store = DebianRoot(s, ImageStore(s.image_dir))
     if not store.exists(store.key(())):
         pytest.skip("the root image is not cached; ./scripts/test builds it before entering the test namespace")
     yield s

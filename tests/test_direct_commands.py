@@ -106,7 +106,7 @@ def test_parse_mode_rejects(mode: str) -> None:
 
 
 def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
-    from sandbox_mcp.hostsfile import render_hosts, update_hosts_file
+    from sandbox_mcp.hostnet.hostsfile import render_hosts, update_hosts_file
 
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1\tlocalhost\n10.0.0.5\tother  # keep me\n")
@@ -131,7 +131,7 @@ def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
 def test_nat_ruleset_is_one_idempotent_table() -> None:
     import ipaddress
 
-    from sandbox_mcp.nat import nat_ruleset, table_name
+    from sandbox_mcp.hostnet.nat import nat_ruleset, table_name
 
     script = nat_ruleset("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"))
     assert table_name("sandbox-br") == "sandbox_mcp_sandbox_br"

@@ -22,9 +22,10 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp.config import Settings
-from sandbox_mcp.images import ImageStore
+from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import netns_name, veth_names
+from sandbox_mcp.runtimes.nspawn import NspawnState
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
@@ -233,7 +234,7 @@ async def test_two_workspaces_are_isolated(mcp_session: Session) -> None:
 
 
 async def test_packages_are_installed(mcp_session: Session, settings: Settings) -> None:
-    store = ImageStore(settings)
+    store = DebianRoot(settings, ImageStore(settings.image_dir))
     if not store.exists(store.key(["jq"])):
         pytest.skip("the jq image variant is not cached (./scripts/test builds it before entering the namespace)")
     ws = await mcp_session.call("create_workspace", name="pkgs", packages=["jq"])
@@ -255,21 +256,22 @@ async def test_cancelled_create_leaves_nothing(manager: WorkspaceManager, settin
 async def test_reconcile_after_crash(settings: Settings) -> None:
     async with WorkspaceManager(settings) as m:
         ws = await m.create("crash")
-        record = await m.registry.get("crash")
-        assert record.pid
+        state = NspawnState.model_validate((await m.registry.get("crash")).runtime_state)
+        assert state.process and state.leader
         # Simulate a crash: the container dies while no server watches.
-        os.kill(record.pid, signal.SIGKILL)
+        os.kill(state.process.pid, signal.SIGKILL)
         for _ in range(100):
-            if not alive(record.pid):
+            if not alive(state.process.pid):
                 break
             await anyio.sleep(0.05)
     try:
         assert host_leftovers("crash")["netns"]  # the crashed run left its namespace behind
-        leader = record.leader_pid
-        assert leader and alive(leader)  # and its container, orphaned
+        leader = state.leader.pid
+        assert alive(leader)  # and its container, orphaned
         async with WorkspaceManager(settings) as m:
             record = await m.registry.get("crash")
-            assert record.state == "stopped" and record.pid is None
+            assert record.state == "stopped"
+            assert NspawnState.model_validate(record.runtime_state).process is None
             assert host_leftovers("crash") == NOTHING_LEFT
             assert not alive(leader)
             again = await m.start("crash")
@@ -340,7 +342,7 @@ async def test_nat_gives_outbound_access_through_the_host(settings: Settings) ->
     The upstream has no route back to the workspace subnet, so the reply arrives only if the
     host rewrote the source address.
     """
-    from sandbox_mcp import nat
+    from sandbox_mcp.hostnet import nat
 
     if not shutil.which("nft"):
         pytest.skip("nft is not installed (apt-get install nftables)")

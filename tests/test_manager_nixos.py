@@ -18,6 +18,7 @@ from sandbox_mcp import ssh
 from sandbox_mcp.config import NixosSettings, Settings
 from sandbox_mcp.errors import CommandFailed
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +63,7 @@ async def open_manager(env: dict[str, Path]) -> WorkspaceManager:
         nixos=NixosSettings(flake=str(root / "flake"), host="fry", escalation="doas"),
     )
     key = ssh.ensure_client_key(settings.state_dir / ".server" / "client_ed25519_key")
-    runtime = NixosRuntime(settings, client_public_key=key, command_prefix=[str(env["script"])])
+    runtime = NixosRuntime(RuntimeContext.for_settings(settings, key), command_prefix=[str(env["script"])])
     manager = WorkspaceManager(settings, runtimes={"nixos": runtime})
     await manager.open()
     return manager

@@ -31,8 +31,8 @@ import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import SandboxError
+from sandbox_mcp.hostnet import NETNS_DIR, HostNetwork
 from sandbox_mcp.naming import mac_for
-from sandbox_mcp.net import NETNS_DIR, HostNetwork
 
 BRIDGE = "sbxn-br"
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
@@ -216,9 +216,9 @@ def scenario_bridge_idempotent() -> dict[str, Any]:
         await net.ensure_bridge()
         second = ip_json("-d", "addr", "show", BRIDGE)[0]
         # a port with any MAC must not change the bridge's MAC (it would stale other workspaces' ARP)
-        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
+        await net.attach_veth("tnet1", "10.77.0.10", mac_for("tnet1"))
         with_port = ip_json("link", "show", BRIDGE)[0]
-        await net.teardown_workspace("tnet1")
+        await net.detach("tnet1")
         await net.remove_bridge()
         gone = BRIDGE not in link_names()
         await net.remove_bridge()  # idempotent
@@ -258,7 +258,7 @@ def scenario_conflicts() -> dict[str, tuple[str, str]]:
         sh("ip", "addr", "add", "10.77.5.5/16", "dev", "tnet-foreign")
         out["overlap"] = await outcome(net.ensure_bridge())
         out["bridge_made_anyway"] = ("yes" if BRIDGE in link_names() else "no", "")
-        out["setup"] = await outcome(net.setup_workspace("tnet2", "10.77.0.12", mac_for("tnet2")))
+        out["setup"] = await outcome(net.attach_veth("tnet2", "10.77.0.12", mac_for("tnet2")))
         out["netns_made_anyway"] = ("yes" if net.netns_path("tnet2").exists() else "no", "")
         sh("ip", "link", "del", "tnet-foreign")
         # the bridge exists with another address in the subnet
@@ -297,7 +297,7 @@ def scenario_workspace_network() -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         net = _net()
         name, ip = "tnet1", "10.77.0.10"
-        path = await net.setup_workspace(name, ip, mac_for(name))
+        path = await net.attach_veth(name, ip, mac_for(name))
         r: dict[str, Any] = {"path": str(path), "mac": mac_for(name)}
         r["fstype"] = sh("stat", "-f", "-c", "%T", str(path)).strip()
         r["ns_links"] = ip_json("-n", "sbx-tnet1", "addr")
@@ -330,7 +330,7 @@ def scenario_workspace_network() -> dict[str, Any]:
         r["from_workspace"] = round_trip(socket_in_netns(path), ("10.99.0.1", far.getsockname()[1]))
         server.join(5)
         far.close()
-        await net.teardown_workspace(name)
+        await net.detach(name)
         await net.remove_bridge()
         return r
 
@@ -364,11 +364,11 @@ def test_setup_workspace_builds_a_working_namespace():
 def scenario_teardown_and_leftovers() -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         net, r = _net(), {}
-        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
-        await net.setup_workspace("tnet2", "10.77.0.11", mac_for("tnet2"))
+        await net.attach_veth("tnet1", "10.77.0.10", mac_for("tnet1"))
+        await net.attach_veth("tnet2", "10.77.0.11", mac_for("tnet2"))
         old_index = socket.if_nametoindex("sb-tnet1")
         # a second setup of the same name replaces what the first one left
-        await net.setup_workspace("tnet1", "10.77.0.10", mac_for("tnet1"))
+        await net.attach_veth("tnet1", "10.77.0.10", mac_for("tnet1"))
         r["replaced"] = socket.if_nametoindex("sb-tnet1") != old_index
         r["netns_after_replace"] = sorted(os.listdir(NETNS_DIR))
         # stale states: a namespace whose host veth is gone; a bare mount point from an interrupted setup
@@ -380,9 +380,9 @@ def scenario_teardown_and_leftovers() -> dict[str, Any]:
         add_foreign_link("sb-tnet4")
         r["leftovers"] = await net.leftovers()
         for name in r["leftovers"]:
-            await net.teardown_workspace(name)
-        await net.teardown_workspace("tnet1")  # again: nothing there
-        await net.teardown_workspace("tnet9")  # never existed
+            await net.detach(name)
+        await net.detach("tnet1")  # again: nothing there
+        await net.detach("tnet9")  # never existed
         r["leftovers_after"] = await net.leftovers()
         r["netns_after"] = sorted(os.listdir(NETNS_DIR))
         r["links_after"] = sorted(n for n in link_names() if n.startswith(("sb-", "sc-")))
@@ -408,16 +408,16 @@ def scenario_failure_half_way() -> dict[str, Any]:
         # a foreign link (not a veth, so teardown leaves it alone) holds the host-side veth name:
         # setup fails after it has made the namespace
         add_foreign_link("sb-tnet5")
-        r["clash"] = await outcome(net.setup_workspace("tnet5", "10.77.0.15", mac_for("tnet5")))
+        r["clash"] = await outcome(net.attach_veth("tnet5", "10.77.0.15", mac_for("tnet5")))
         r["netns"] = sorted(os.listdir(NETNS_DIR))
         r["links"] = sorted(n for n in link_names() if n.startswith(("sb-", "sc-")))
         r["kind"] = ip_json("-d", "link", "show", "sb-tnet5")[0]["linkinfo"]["info_kind"]
         r["leftovers"] = await net.leftovers()
         # bad input is refused before anything changes
-        r["bad_ip"] = await outcome(net.setup_workspace("tnet6", "10.78.0.5", mac_for("tnet6")))
-        r["host_ip"] = await outcome(net.setup_workspace("tnet6", "10.77.0.1", mac_for("tnet6")))
-        r["bad_mac"] = await outcome(net.setup_workspace("tnet6", "10.77.0.16", "01:00:5e:00:00:01"))
-        r["bad_name"] = await outcome(net.setup_workspace("Tnet6", "10.77.0.16", mac_for("tnet6")))
+        r["bad_ip"] = await outcome(net.attach_veth("tnet6", "10.78.0.5", mac_for("tnet6")))
+        r["host_ip"] = await outcome(net.attach_veth("tnet6", "10.77.0.1", mac_for("tnet6")))
+        r["bad_mac"] = await outcome(net.attach_veth("tnet6", "10.77.0.16", "01:00:5e:00:00:01"))
+        r["bad_name"] = await outcome(net.attach_veth("Tnet6", "10.77.0.16", mac_for("tnet6")))
         r["netns_after_bad"] = sorted(os.listdir(NETNS_DIR))
         return r
 
@@ -447,12 +447,12 @@ def scenario_cancelled_setup() -> list[str]:
         seen = []
         for delay in (0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.5):
             with anyio.move_on_after(delay) as scope:
-                await net.setup_workspace("tnet7", "10.77.0.17", mac_for("tnet7"))
+                await net.attach_veth("tnet7", "10.77.0.17", mac_for("tnet7"))
             if scope.cancelled_caught:
                 seen.append("cancelled")
             else:
                 seen.append("done")
-                await net.teardown_workspace("tnet7")
+                await net.detach("tnet7")
             seen.extend(await net.leftovers())
         return seen
 

@@ -25,6 +25,7 @@ from sandbox_mcp.config import NixosSettings, Settings
 from sandbox_mcp.errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for
+from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.nixos import (
     WORKSPACE_TEMPLATE,
     NixosRuntime,
@@ -459,7 +460,7 @@ def _record(
 )
 def test_constructor_rejects(tmp_path: Path, nixos: dict[str, object], key: str, match: str) -> None:
     with pytest.raises(InvalidSpec, match=match):
-        NixosRuntime(_settings(tmp_path, **nixos), client_public_key=key)
+        NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path, **nixos), key))
 
 
 @pytest.mark.parametrize("escalation", ["sudo", "doas", "none"])
@@ -468,7 +469,7 @@ def test_constructor_rejects(tmp_path: Path, nixos: dict[str, object], key: str,
     [("container", "container@ws1"), ("vm", "microvm@ws1"), ("incus", "incus-workspace-ws1")],
 )
 def test_operation_argv(tmp_path: Path, escalation: str, type_: str, unit: str) -> None:
-    rt = NixosRuntime(_settings(tmp_path, escalation=escalation), client_public_key=KEY)
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path, escalation=escalation), KEY))
     rec = _record(type_=type_)
     esc = [] if escalation == "none" else [escalation, "-n"]
     assert rt.rebuild_argv() == [*esc, "nixos-rebuild", "switch", "--flake", f"{tmp_path}/flake#fry"]
@@ -554,7 +555,7 @@ def flake(tmp_path: Path) -> Path:
 
 
 def _runtime(tmp_path: Path, host: Host, **nixos: object) -> NixosRuntime:
-    rt = NixosRuntime(_settings(tmp_path, **nixos), client_public_key=KEY, command_prefix=host.prefix)
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path, **nixos), KEY), command_prefix=host.prefix)
     host.set(rt.registry_path)
     return rt
 
@@ -724,7 +725,7 @@ async def test_invalid_spec_changes_nothing(
 
 
 def test_twelve_characters_are_fine_for_vm_and_incus(tmp_path: Path) -> None:
-    rt = NixosRuntime(_settings(tmp_path), client_public_key=KEY)
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
     for type_ in ("vm", "incus"):
         assert rt.registry_entry(_record("abcdefghijkl", type_))["type"] == type_
 

@@ -1,5 +1,9 @@
-"""Root images for direct-mode workspaces."""
+"""Images: a store of cached build artefacts (:mod:`.store`) and the recipes that fill it.
 
-from .debootstrap import ImageStore
+- :mod:`.debootstrap`: the Debian root every direct-mode workspace boots, and its package variants.
+"""
 
-__all__ = ["ImageStore"]
+from .debootstrap import DebianRoot
+from .store import ImageStore
+
+__all__ = ["DebianRoot", "ImageStore"]

@@ -1,14 +1,11 @@
-"""Debian root images for direct-mode containers: built once with debootstrap, cached, shared.
+"""The Debian root recipe: what every direct-mode workspace boots, built with debootstrap.
 
-A base image (systemd, sshd, sudo, the workspace user) is built under
-``<image_dir>/<key>/``; a workspace asking for extra packages gets a variant
-image: a copy of the base with those packages installed, cached under its own
-key. Containers boot with ``--volatile=overlay``, so an image is never written
-to after it is built and any number of workspaces share it.
-
-Builds happen in a temporary directory beside the cache and are renamed into
-place when complete, under a lock, so a crash or a concurrent server never
-leaves or uses half an image.
+A base root (systemd, sshd, sudo, python3 for the exec agent, the workspace user) is built
+once; a workspace asking for extra packages gets a variant: a copy of the base with those
+packages installed, under its own key. Both live in the :class:`~.store.ImageStore`, which
+builds aside and renames into place. Containers boot a root with ``--volatile=overlay``, so it
+is never written after it is built and any number of workspaces share it; other runtimes derive
+their artefacts (a VM disk, an Incus image) from the same root.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -31,12 +27,12 @@ from ..config import Settings
 from ..errors import BackendError
 from ..runtimes.base import Progress, no_progress
 from ..ssh.commands import EXEC_AGENT_PATH
-from ..state import file_lock
+from .store import ImageStore
 
 __all__ = [
     "BASE_PACKAGES",
     "IMAGE_RECIPE_VERSION",
-    "ImageStore",
+    "DebianRoot",
     "debootstrap_argv",
     "detect_debian_mirror",
     "detect_debian_suite",
@@ -46,7 +42,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 7
+IMAGE_RECIPE_VERSION = 8
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -191,60 +187,55 @@ def apt_install_argv(root: Path, packages: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
-class ImageStore:
-    """Finds or builds the root image for a package set."""
+class DebianRoot:
+    """The Debian root recipe over an image store: the base root and its package variants."""
 
-    def __init__(self, settings: Settings) -> None:
+    RECIPE = "debian-root"
+
+    def __init__(self, settings: Settings, store: ImageStore) -> None:
         self.settings = settings
-        self.root = settings.image_dir
+        self.store = store
         self.suite = settings.debian_suite or detect_debian_suite()
         self.mirror = settings.debian_mirror or detect_debian_mirror()
 
     def key(self, packages: Sequence[str]) -> str:
+        """The store key of the root with ``packages`` (the base for none)."""
         return image_key(self.suite, self.settings.user, self.settings.user_uid, packages)
 
     def path(self, key: str) -> Path:
         """The root directory of the image ``key`` (it may not exist)."""
-        return self.root / key
+        return self.store.path(key)
 
     def exists(self, key: str) -> bool:
-        return (self.path(key) / "etc" / "sandbox-mcp-image.json").is_file()
+        return self.store.exists(key)
 
-    def _build_lock(self) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.root / ".build.lock")
+    @classmethod
+    def is_current(cls, meta: dict[str, object]) -> bool:
+        """False for roots of an older recipe version (``prune`` removes those)."""
+        return meta.get("recipe") != cls.RECIPE or meta.get("version") == IMAGE_RECIPE_VERSION
+
+    def _meta(self, packages: Sequence[str]) -> dict[str, object]:
+        return {"recipe": self.RECIPE, "version": IMAGE_RECIPE_VERSION, "suite": self.suite,
+                "packages": sorted(packages), "exec_agent": exec_agent_digest()}
 
     async def ensure(self, packages: Sequence[str], progress: Progress = no_progress) -> str:
-        """Return the key of an image with ``packages`` installed, building it (and the base) if needed.
+        """Return the key of a root with ``packages`` installed, building it (and the base) if needed.
 
         Raises:
             CommandFailed: debootstrap or apt-get failed (the message carries their output tail).
             BackendError: debootstrap or systemd-nspawn is missing.
         """
+        base = self.key(())
+        if not self.store.exists(base):
+            await self.store.ensure(base, lambda tmp: self._build_base(tmp, progress), self._meta(()))
+        if not packages:
+            return base
         key = self.key(packages)
-        if self.exists(key):
-            return key
-        lock = self._build_lock()
-        await anyio.to_thread.run_sync(lock.__enter__)
-        try:
-            if self.exists(key):  # another process built it while we waited
-                return key
-            base = self.key(())
-            if not self.exists(base):
-                await self._build_base(base, progress)
-            if packages:
-                await self._build_variant(base, key, packages, progress)
-        finally:
-            lock.__exit__(None, None, None)
+        await self.store.ensure(key, lambda tmp: self._build_variant(base, tmp, packages, progress),
+                                self._meta(packages))
         return key
 
-    def _tmp_dir(self, key: str) -> Path:
-        tmp = self.root / f".tmp-{key}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        return tmp
-
-    async def _build_base(self, key: str, progress: Progress) -> None:
-        tmp = self._tmp_dir(key)
+    async def _build_base(self, tmp: Path, progress: Progress) -> None:
         await progress(f"building the {self.suite} root image with debootstrap (once; about a minute)", 0.0)
         last = [0.0, 0.0]  # fraction, time of last report
 
@@ -256,34 +247,26 @@ class ImageStore:
                 last[:] = [frac, now]
                 await progress(f"debootstrap: {m.group(1).lower()} {m.group(2)}".strip(), frac * 0.9)
 
-        try:
-            await hostcmd.run(debootstrap_argv(tmp, self.suite, self.mirror), timeout_s=1800, on_line=on_line)
-            await progress("configuring the image (user, sshd, units)", 0.9)
-            await anyio.to_thread.run_sync(self._customise, tmp)
-            await anyio.to_thread.run_sync(self._finish, tmp, key, ())
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
-            raise
+        await hostcmd.run(debootstrap_argv(tmp, self.suite, self.mirror), timeout_s=1800, on_line=on_line)
+        await progress("configuring the image (user, sshd, units)", 0.9)
+        await anyio.to_thread.run_sync(self._customise, tmp)
         await progress("root image ready", 1.0)
 
-    async def _build_variant(self, base: str, key: str, packages: Sequence[str], progress: Progress) -> None:
-        tmp = self._tmp_dir(key)
+    async def _build_variant(self, base: str, tmp: Path, packages: Sequence[str], progress: Progress) -> None:
         await progress(f"building an image variant with {', '.join(packages)}", 0.0)
-        try:
-            await hostcmd.run(["cp", "-a", "--reflink=auto", str(self.path(base)), str(tmp)], timeout_s=600)
+        # The store made tmp; cp copies the base's contents into it.
+        await hostcmd.run(["cp", "-a", "--reflink=auto", f"{self.path(base)}/.", str(tmp)], timeout_s=600)
 
-            async def on_line(line: str) -> None:
-                if line.startswith(("Get:", "Setting up", "Unpacking")):
-                    await progress(f"apt: {line[:100]}", None)
+        async def on_line(line: str) -> None:
+            if line.startswith(("Get:", "Setting up", "Unpacking")):
+                await progress(f"apt: {line[:100]}", None)
 
-            await hostcmd.run(apt_install_argv(tmp, packages), timeout_s=1800, on_line=on_line)
-            await anyio.to_thread.run_sync(self._finish, tmp, key, packages)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
-            raise
+        await hostcmd.run(apt_install_argv(tmp, packages), timeout_s=1800, on_line=on_line)
         await progress("image variant ready", 1.0)
+
+    def prune(self, keep: Sequence[str] = ()) -> list[str]:
+        """Remove roots of older recipe versions and interrupted builds; return what was removed."""
+        return self.store.prune(self.is_current, frozenset(keep))
 
     def _customise(self, root: Path) -> None:
         """Make a fresh debootstrap a sandbox image: user, sudo, sshd, environment, quiet boot."""
@@ -323,40 +306,3 @@ class ImageStore:
             link.unlink(missing_ok=True)
             link.symlink_to("/dev/null")
         chroot("apt-get", "clean")
-
-    def _finish(self, tmp: Path, key: str, packages: Sequence[str]) -> None:
-        meta = {"key": key, "suite": self.suite, "packages": list(packages), "recipe": IMAGE_RECIPE_VERSION,
-                "agent": exec_agent_digest(), "built_at": time.time()}
-        (tmp / "etc/sandbox-mcp-image.json").write_text(json.dumps(meta))
-        final = self.path(key)
-        if final.exists():  # an incomplete leftover without the marker
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-
-    def prune(self, keep: Sequence[str] = ()) -> list[str]:
-        """Remove images of older recipes and interrupted builds; returns what was removed.
-
-        Images of the current recipe stay (workspaces may be booted from them), as do ``keep``.
-        """
-        removed = []
-        with self._build_lock():
-            for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-                if not entry.is_dir() or entry.name in keep:
-                    continue
-                marker = entry / "etc" / "sandbox-mcp-image.json"
-                try:
-                    current = json.loads(marker.read_text()).get("recipe") == IMAGE_RECIPE_VERSION
-                except (OSError, ValueError):
-                    current = False
-                if entry.name.startswith(".tmp-") or not current:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry.name)
-        return removed
-
-    def list_images(self) -> list[dict[str, object]]:
-        """Metadata of every complete cached image."""
-        out = []
-        for marker in sorted(self.root.glob("*/etc/sandbox-mcp-image.json")):
-            with contextlib.suppress(OSError, ValueError):
-                out.append(json.loads(marker.read_text()))
-        return out

@@ -1,5 +1,94 @@
-"""Runtimes: one module per way of realising a workspace, behind :class:`Runtime`."""
+"""Runtimes: one module per way of realising a workspace, behind :class:`Runtime`, found by name.
 
-from .base import Progress, Runtime, no_progress
+The registry below maps runtime names to classes. The built-in runtimes are imported only when
+asked for; a separate package can add its own under the ``sandbox_mcp.runtimes`` entry-point
+group (``name = "package.module:Class"``), the way pyinfra finds its connectors. The manager
+asks :func:`build_runtimes` for the runtimes of a mode and never names one.
+"""
 
-__all__ = ["Progress", "Runtime", "no_progress"]
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from ..config import Settings
+from ..errors import InvalidSpec
+from .base import Endpoint, Mode, Progress, Runtime, RuntimeContext, RuntimeState, no_progress
+
+__all__ = [
+    "Endpoint",
+    "Mode",
+    "Progress",
+    "Runtime",
+    "RuntimeContext",
+    "RuntimeState",
+    "build_runtimes",
+    "no_progress",
+    "register",
+    "resolve_mode",
+    "runtime_class",
+    "runtime_names",
+]
+
+ENTRY_POINT_GROUP = "sandbox_mcp.runtimes"
+
+# name -> "module:Class"; imported on first use.
+_BUILTIN: dict[str, str] = {
+    "nspawn": "sandbox_mcp.runtimes.nspawn:NspawnRuntime",
+    "nixos": "sandbox_mcp.runtimes.nixos:NixosRuntime",
+}
+_registered: dict[str, str | type[Runtime]] = {}
+
+
+def register(name: str, runtime: str | type[Runtime]) -> None:
+    """Make ``runtime`` (a class, or ``"module:Class"``) available under ``name``; replaces a previous one."""
+    _registered[name] = runtime
+
+
+def _spec_table() -> dict[str, str | type[Runtime]]:
+    table: dict[str, str | type[Runtime]] = dict(_BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        table.setdefault(ep.name, ep.value)
+    table.update(_registered)
+    return table
+
+
+def runtime_names() -> list[str]:
+    """Every runtime name known: built in, from entry points, registered."""
+    return sorted(_spec_table())
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    """The runtime class registered as ``name``.
+
+    Raises:
+        InvalidSpec: no runtime has that name.
+    """
+    spec = _spec_table().get(name)
+    if spec is None:
+        raise InvalidSpec(f"no runtime named {name!r}; known: {', '.join(runtime_names())}")
+    if isinstance(spec, str):
+        module, _, attr = spec.partition(":")
+        spec = getattr(importlib.import_module(module), attr)
+    assert isinstance(spec, type) and issubclass(spec, Runtime), f"{name}: {spec!r} is not a Runtime"
+    return spec
+
+
+def resolve_mode(settings: Settings) -> Mode:
+    """The mode to run in: the configured one, or for ``auto`` the mode of a runtime that claims this host."""
+    if settings.mode != "auto":
+        return settings.mode
+    for name in runtime_names():
+        cls = runtime_class(name)
+        if cls.claims_host(settings):
+            return next(iter(sorted(cls.modes)))
+    return "direct"
+
+
+def build_runtimes(mode: Mode, ctx: RuntimeContext) -> dict[str, Runtime]:
+    """One instance of every runtime that belongs to ``mode``, by name.
+
+    Raises:
+        InvalidSpec: a runtime of that mode refuses the settings (its message says what to set).
+    """
+    return {name: cls(ctx) for name in runtime_names() if mode in (cls := runtime_class(name)).modes}

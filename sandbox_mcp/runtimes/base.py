@@ -1,14 +1,40 @@
-"""The small interface every runtime implements; the manager calls nothing else."""
+"""The small interface every runtime implements; the manager calls nothing else.
+
+A runtime realises workspaces of some types (``types``) in one mode (``modes``): nspawn
+containers, qemu VMs and Incus instances in direct mode, the NixOS module's units in nixos
+mode. It is built from one :class:`RuntimeContext` (settings plus the host services it may
+use) and keeps whatever it must remember about a workspace (PIDs, an image key, an instance
+name) in its own typed :attr:`Runtime.State`, stored on the record as ``runtime_state``.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import Check, RuntimeDetail, WorkspaceRecord, WorkspaceType
 
-__all__ = ["Progress", "Runtime", "no_progress"]
+if TYPE_CHECKING:
+    from ..hostnet import HostNetwork
+    from ..images.store import ImageStore
+
+__all__ = [
+    "Endpoint",
+    "Mode",
+    "PackageFlavour",
+    "Progress",
+    "Runtime",
+    "RuntimeContext",
+    "RuntimeState",
+    "no_progress",
+]
+
+Mode = Literal["direct", "nixos"]
+PackageFlavour = Literal["debian", "nix"]
 
 
 class Progress(Protocol):
@@ -21,6 +47,42 @@ async def no_progress(message: str, fraction: float | None = None) -> None:
     """A Progress that reports nowhere."""
 
 
+class Endpoint(NamedTuple):
+    """Where the server reaches a workspace's sshd."""
+
+    host: str
+    port: int = 22
+
+
+class RuntimeState(BaseModel):
+    """A runtime's private state of one workspace. Subclass it per runtime; unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Everything a runtime is built from: the settings and the host services it may use.
+
+    ``network`` (the bridge, NAT, the hosts file; per-workspace links) and ``images`` (the
+    cached image store) are shared by all runtimes of one manager. ``client_public_key`` is the
+    server's SSH client key line, for runtimes that must put it somewhere themselves.
+    """
+
+    settings: Settings
+    network: HostNetwork
+    images: ImageStore
+    client_public_key: str
+
+    @classmethod
+    def for_settings(cls, settings: Settings, client_public_key: str) -> RuntimeContext:
+        """A context with fresh host services for ``settings`` (nothing is touched on the host yet)."""
+        from ..hostnet import HostNetwork
+        from ..images.store import ImageStore
+
+        return cls(settings, HostNetwork(settings), ImageStore(settings.image_dir), client_public_key)
+
+
 class Runtime(ABC):
     """Realises workspaces of some types. Stateless between calls: the record carries the state.
 
@@ -30,13 +92,52 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     types: ClassVar[frozenset[WorkspaceType]]
+    modes: ClassVar[frozenset[Mode]]
+    package_flavour: ClassVar[PackageFlavour] = "debian"
+    # True when the runtime's workspaces sit on this host's bridge (their names go into the hosts file).
+    host_network: ClassVar[bool] = False
+    State: ClassVar[type[RuntimeState]] = RuntimeState
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+
+    # -- choosing a runtime ---------------------------------------------------------------------
+
+    @classmethod
+    def claims_host(cls, settings: Settings) -> bool:
+        """True when this host is set up for this runtime's mode (``mode = "auto"`` then picks it)."""
+        return False
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state(self, record: WorkspaceRecord) -> RuntimeState:
+        """The runtime's typed view of ``record.runtime_state``."""
+        return self.State.model_validate(record.runtime_state)
+
+    def with_state(self, record: WorkspaceRecord, state: RuntimeState) -> WorkspaceRecord:
+        """A copy of ``record`` carrying ``state``."""
+        return record.model_copy(update={"runtime_state": state.model_dump(mode="json", exclude_none=True)})
+
+    def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        """``record`` with whatever only a running workspace has (PIDs, sockets) forgotten."""
+        return record
+
+    def endpoint(self, record: WorkspaceRecord) -> Endpoint:
+        """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
+        return Endpoint(record.ip, 22)
+
+    # -- host -----------------------------------------------------------------------------------
+
+    def checks(self) -> list[Check]:
+        """What this runtime needs from the host, for ``sandbox-mcp doctor``. Pure reads."""
+        return []
 
     async def addresses_in_use(self) -> set[str]:
         """IPs in the workspace subnet that are live on this host but may not be in the registry."""
         return set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
 
     def validate(self, record: WorkspaceRecord) -> None:  # noqa: B027 - optional hook
         """Refuse a new workspace this runtime cannot realise, before anything changes.
@@ -51,7 +152,7 @@ class Runtime(ABC):
 
     @abstractmethod
     async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
-        """Launch the workspace and return the updated record (pid, ...).
+        """Launch the workspace and return the updated record (its runtime state).
 
         Returns once the runtime runs; the manager then waits for SSH.
         """

@@ -11,12 +11,9 @@ Nix as JSON data, never as Nix code.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -27,9 +24,10 @@ import anyio
 from .. import hostcmd
 from ..config import Settings
 from ..errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
+from ..fsutil import async_file_lock, atomic_write
 from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..naming import validate_ip, validate_name, validate_packages
-from .base import Progress, Runtime, no_progress
+from .base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
 
 __all__ = [
     "CONTAINER_NAME_MAX",
@@ -148,27 +146,6 @@ def _tail(lines: Sequence[str], n: int = _OUTPUT_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class _Snapshot:
     """The registry and per-workspace file as they were before a change, to put back on failure."""
 
@@ -190,14 +167,14 @@ class NixosRuntime(Runtime):
 
     name: ClassVar[str] = "nixos"
     types: ClassVar[frozenset[WorkspaceType]] = frozenset({"container", "vm", "incus"})
+    modes: ClassVar[frozenset[Mode]] = frozenset({"nixos"})
+    package_flavour: ClassVar[PackageFlavour] = "nix"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        client_public_key: str,
-        command_prefix: Sequence[str] = (),
-    ) -> None:
+    @classmethod
+    def claims_host(cls, settings: Settings) -> bool:
+        return nixos_mode_available(settings)
+
+    def __init__(self, ctx: RuntimeContext, *, command_prefix: Sequence[str] = ()) -> None:
         """Check the nixos settings and the key; nothing is touched on disk yet.
 
         Raises:
@@ -205,7 +182,8 @@ class NixosRuntime(Runtime):
                 directory path, the host is not a plain attribute name, or the key is not a
                 single public key line.
         """
-        super().__init__(settings)
+        super().__init__(ctx)
+        settings, client_public_key = ctx.settings, ctx.client_public_key
         cfg = settings.nixos
         if not cfg.flake or not cfg.host:
             raise InvalidSpec(
@@ -287,44 +265,28 @@ class NixosRuntime(Runtime):
 
     @contextlib.asynccontextmanager
     async def _locked(self, progress: Progress | None = None) -> AsyncIterator[None]:
-        """Hold ``<registry>.lock`` (flock) across read, write and rebuild.
-
-        Polls instead of blocking in a thread, so a cancelled wait never leaves a lock taken.
-        """
+        """Hold ``<registry>.lock`` (flock) across read, write and rebuild."""
         lock_path = self.registry_path.with_name(self.registry_path.name + ".lock")
+
+        async def told() -> None:
+            if progress is not None:
+                await progress("waiting for another change to the NixOS registry to finish", None)
+
         try:
-            self.registry_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with anyio.fail_after(self.settings.nixos.rebuild_timeout_s):
+                lock = async_file_lock(lock_path, on_wait=told)
+                await lock.__aenter__()
+        except TimeoutError as exc:
+            raise CommandTimeout(f"the registry lock {lock_path} stayed taken; is another rebuild stuck?") from exc
         except OSError as exc:
             raise BackendError(
                 f"cannot open the registry lock {lock_path}: {exc}; the server's user must be able to write "
                 f"to {self.registry_path.parent}"
             ) from exc
         try:
-            await self._acquire(fd, lock_path, progress)
             yield
         finally:
-            os.close(fd)  # closing drops the flock
-
-    async def _acquire(self, fd: int, lock_path: Path, progress: Progress | None) -> None:
-        told = False
-        try:
-            with anyio.fail_after(self.settings.nixos.rebuild_timeout_s):
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        return
-                    except OSError as exc:
-                        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                            raise BackendError(f"cannot lock {lock_path}: {exc}") from exc
-                    if progress is not None and not told:
-                        await progress("waiting for another change to the NixOS registry to finish", None)
-                        told = True
-                    await anyio.sleep(_LOCK_POLL_S)
-        except TimeoutError as exc:
-            raise CommandTimeout(
-                f"the registry lock {lock_path} stayed taken; is another rebuild stuck?"
-            ) from exc
+            await lock.__aexit__(None, None, None)
 
     def _read_registry(self) -> tuple[dict[str, Any], _Snapshot]:
         path = self.registry_path
@@ -363,7 +325,7 @@ class NixosRuntime(Runtime):
         }
         try:
             text = json.dumps(ordered, indent=2) + "\n"
-            _write_atomic(self.registry_path, text.encode(), snap.registry_mode)
+            atomic_write(self.registry_path, text.encode(), mode=snap.registry_mode)
         except OSError as exc:
             raise BackendError(f"cannot write the registry {self.registry_path}: {exc}") from exc
         if snap.registry_bytes is None:
@@ -385,7 +347,7 @@ class NixosRuntime(Runtime):
     async def _restore(self, snap: _Snapshot) -> None:
         """Put the registry back byte for byte and remove the files this change created."""
         if snap.registry_bytes is not None:
-            _write_atomic(snap.registry, snap.registry_bytes, snap.registry_mode)
+            atomic_write(snap.registry, snap.registry_bytes, mode=snap.registry_mode)
         removed = []
         for path in snap.created:
             with contextlib.suppress(FileNotFoundError):

@@ -17,26 +17,28 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import anyio
+from pydantic import Field, model_validator
 
-from .. import nat, onboarding
-from ..config import Settings
-from ..errors import BackendError, InvalidSpec
-from ..images import ImageStore
-from ..models import RuntimeDetail, WorkspaceRecord
-from ..net import HostNetwork
+from .. import onboarding, supervise
+from ..doctor import which_check
+from ..errors import InvalidSpec
+from ..fsutil import atomic_write
+from ..images import DebianRoot
+from ..models import Check, RuntimeDetail, WorkspaceRecord
 from ..paths import WorkspacePaths
-from .base import Progress, Runtime
+from ..supervise import ProcessRef
+from .base import Progress, Runtime, RuntimeContext, RuntimeState
 
-__all__ = ["NspawnRuntime", "hosts_file", "nspawn_argv"]
+__all__ = ["NspawnRuntime", "NspawnState", "hosts_file", "nspawn_argv"]
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_NSPAWN_MISSING = (
+    "install it (Debian/Ubuntu: apt-get install systemd-container) and run 'sandbox-mcp doctor'"
+)
 
 
 def machine_name(name: str) -> str:
@@ -83,43 +85,26 @@ def hosts_file(name: str, host_ip: str) -> str:
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot), or None if the process is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+class NspawnState(RuntimeState):
+    """What nspawn remembers of a workspace: its root image, and while it runs, the two processes."""
 
+    image: str | None = None
+    process: ProcessRef | None = Field(default=None, description="systemd-nspawn itself")
+    leader: ProcessRef | None = Field(default=None, description="the container's init (PID 1 inside)")
 
-def _is_our_process(pid: int | None, start_time: int | None, name: str) -> bool:
-    if not pid or start_time is None or _proc_start_time(pid) != start_time:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"--machine={machine_name(name)}".encode() in cmdline
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _leader_alive(record: WorkspaceRecord) -> bool:
-    return bool(record.leader_pid) and _proc_start_time(record.leader_pid) == record.leader_start_time  # type: ignore[arg-type]
-
-
-def _uptime_s(start_time: int) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return max(0.0, boot_uptime - start_time / ticks)
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        """Registries of before runtime_state kept flat fields (pid, pid_start_time, leader_*)."""
+        if isinstance(data, dict) and "pid" in data:
+            data = dict(data)
+            pid, start = data.pop("pid", None), data.pop("pid_start_time", None)
+            lpid, lstart = data.pop("leader_pid", None), data.pop("leader_start_time", None)
+            if pid and start is not None:
+                data["process"] = {"pid": pid, "start_time": start}
+            if lpid and lstart is not None:
+                data["leader"] = {"pid": lpid, "start_time": lstart}
+        return data
 
 
 class NspawnRuntime(Runtime):
@@ -127,139 +112,128 @@ class NspawnRuntime(Runtime):
 
     name = "nspawn"
     types = frozenset({"container"})
+    modes = frozenset({"direct"})
+    package_flavour = "debian"
+    host_network = True
+    State = NspawnState
 
-    def __init__(self, settings: Settings, network: HostNetwork | None = None, images: ImageStore | None = None):
-        super().__init__(settings)
-        self.network = network or HostNetwork(settings)
-        self.images = images or ImageStore(settings)
+    def __init__(self, ctx: RuntimeContext) -> None:
+        super().__init__(ctx)
+        self.network = ctx.network
+        self.images = DebianRoot(ctx.settings, ctx.images)
+
+    def state(self, record: WorkspaceRecord) -> NspawnState:
+        return NspawnState.model_validate(record.runtime_state)
 
     def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, record.name)
+
+    @staticmethod
+    def _marker(record: WorkspaceRecord) -> bytes:
+        return f"--machine={machine_name(record.name)}".encode()
+
+    def _running(self, record: WorkspaceRecord) -> bool:
+        return supervise.alive(self.state(record).process, self._marker(record))
+
+    def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        return self.with_state(record, self.state(record).model_copy(update={"process": None, "leader": None}))
+
+    def checks(self) -> list[Check]:
+        return [
+            which_check("systemd-nspawn", "systemd-container", "runs the containers"),
+            which_check("debootstrap", "debootstrap", "builds the root image once"),
+            self._image_check(),
+        ]
+
+    def _image_check(self) -> Check:
+        key = self.images.key(())
+        built = self.images.exists(key)
+        return Check(
+            name="root image",
+            ok=built,
+            detail=(f"cached at {self.images.path(key)}" if built else
+                    f"not built yet ({self.images.suite}, mirror {self.images.mirror or 'debootstrap default'})"),
+            fix="the first create_workspace builds it (about a minute); or run 'sandbox-mcp image build'",
+            required=False,
+        )
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
 
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         key = await self.images.ensure(record.packages, progress)
-        return record.model_copy(update={"image": key})
+        return self.with_state(record, self.state(record).model_copy(update={"image": key}))
 
     async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
-        if _is_our_process(record.pid, record.pid_start_time, record.name):
+        if self._running(record):
             return record
-        if not record.image or not self.images.exists(record.image):
+        state = self.state(record)
+        if not state.image or not self.images.exists(state.image):
             # The cache was cleared, or the recipe changed since create: rebuild quietly.
             record = await self.prepare(record, progress)
+            state = self.state(record)
+        assert state.image is not None
         paths = self._paths(record)
         paths.runtime.mkdir(parents=True, exist_ok=True)
-        (paths.runtime / "hosts").write_text(hosts_file(record.name, str(self.settings.host_ip)))
+        atomic_write(paths.runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
         await progress("setting up the network", None)
-        netns = await self.network.setup_workspace(record.name, record.ip, record.mac)  # makes the bridge too
-        if self.settings.nat:
-            await nat.apply_nat(self.settings.bridge, self.settings.subnet)
+        await self.network.ensure()
+        netns = await self.network.attach_veth(record.name, record.ip, record.mac)
         argv = nspawn_argv(
             name=record.name,
-            image_root=self.images.path(record.image),  # type: ignore[arg-type]
+            image_root=self.images.path(state.image),
             netns_path=netns,
             paths=paths,
             user=record.user,
         )
         await progress("booting the container", None)
         try:
-            pid, start_time = await anyio.to_thread.run_sync(self._spawn, argv, paths.console_log)
+            process = await anyio.to_thread.run_sync(
+                lambda: supervise.spawn(argv, paths.console_log, missing_hint=_NSPAWN_MISSING)
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.network.teardown_workspace(record.name)
+                await self.network.detach(record.name)
             raise
-        leader = await self._find_leader(pid)
-        return record.model_copy(
-            update={
-                "pid": pid,
-                "pid_start_time": start_time,
-                "leader_pid": leader,
-                "leader_start_time": _proc_start_time(leader) if leader else None,
-            }
-        )
+        leader = await self._find_leader(process.pid)
+        return self.with_state(record, state.model_copy(update={"process": process, "leader": leader}))
 
     @staticmethod
-    async def _find_leader(pid: int) -> int | None:
+    async def _find_leader(pid: int) -> ProcessRef | None:
         """The container's init: nspawn's child in another PID namespace (nspawn is its subreaper).
 
         Recorded so that a container orphaned by a killed nspawn can still be ended.
         """
         own_ns = os.readlink(f"/proc/{pid}/ns/pid") if os.path.exists(f"/proc/{pid}/ns/pid") else None
         for _ in range(100):
-            for child in _children(pid):
+            for child in supervise.children(pid):
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
-                        return child
+                        return supervise.identify(child)
             await anyio.sleep(0.01)
         return None
 
-    @staticmethod
-    def _spawn(argv: list[str], log_path: Path) -> tuple[int, int]:
-        with open(log_path, "wb") as log:  # the log shows the current boot
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # survives the server; stop() ends it by PID
-                    close_fds=True,
-                )
-            except FileNotFoundError as exc:
-                raise BackendError(
-                    "systemd-nspawn not found; install it (Debian/Ubuntu: apt-get install systemd-container) "
-                    "and run 'sandbox-mcp doctor'"
-                ) from exc
-        # Reap it when it exits while we run, so no zombie stays behind.
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-        start_time = _proc_start_time(proc.pid)
-        if start_time is None:
-            raise BackendError(f"systemd-nspawn exited at once; see {log_path}")
-        return proc.pid, start_time
-
     async def stop(self, record: WorkspaceRecord) -> None:
-        if _is_our_process(record.pid, record.pid_start_time, record.name):
-            assert record.pid is not None
-            # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.pid, signal.SIGTERM)
-            if not await self._wait_gone(record, self.settings.stop_timeout_s):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(record.pid, signal.SIGKILL)
-                await self._wait_gone(record, 10)
-        if _leader_alive(record):
-            # nspawn died without taking its container along: killing a PID namespace's
-            # init ends every process in it.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.leader_pid, signal.SIGKILL)  # type: ignore[arg-type]
-            for _ in range(200):
-                if not _leader_alive(record):
-                    break
-                await anyio.sleep(0.05)
-        await self.network.teardown_workspace(record.name)
-
-    async def _wait_gone(self, record: WorkspaceRecord, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _is_our_process(record.pid, record.pid_start_time, record.name):
-                return True
-            await anyio.sleep(0.05)
-        return False
+        state = self.state(record)
+        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
+        await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
+        # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
+        await supervise.kill(state.leader)
+        await self.network.detach(record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:
-        await self.network.teardown_workspace(record.name)
+        await self.network.detach(record.name)
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
-        running = _is_our_process(record.pid, record.pid_start_time, record.name)
+        state = self.state(record)
+        running = self._running(record)
         return RuntimeDetail(
             runtime=self.name,
             running=running,
-            pid=record.pid if running else None,
-            uptime_s=_uptime_s(record.pid_start_time) if running and record.pid_start_time else None,
+            pid=state.process.pid if running and state.process else None,
+            uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
-            + (f" image {record.image}" if record.image else ""),
+            + (f" image {state.image}" if state.image else ""),
         )
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
@@ -280,7 +254,7 @@ class NspawnRuntime(Runtime):
 
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:
         """Tear down network namespaces and veths whose workspace is not running."""
-        running = {r.name for r in records if _is_our_process(r.pid, r.pid_start_time, r.name)}
+        running = {r.name for r in records if self._running(r)}
         for name in await self.network.leftovers():
             if name not in running:
-                await self.network.teardown_workspace(name)
+                await self.network.detach(name)

@@ -12,8 +12,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from . import hostcmd
-from .errors import BackendError, InvalidSpec
+from .. import hostcmd
+from ..errors import BackendError, InvalidSpec
 
 __all__ = ["apply_nat", "nat_ruleset", "remove_nat", "table_name"]
 

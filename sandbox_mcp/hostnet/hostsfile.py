@@ -7,11 +7,11 @@ the same names through ``networking.hosts``; this is the direct-mode counterpart
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import errno
 from collections.abc import Mapping
 from pathlib import Path
+
+from ..fsutil import atomic_write
 
 __all__ = ["host_name", "render_hosts", "update_hosts_file"]
 
@@ -52,16 +52,10 @@ def update_hosts_file(path: Path, entries: Mapping[str, str], owner: str) -> boo
     if new == current:
         return False
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=".hosts-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(new)
-        os.chmod(tmp, mode)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # EBUSY: a bind-mounted /etc/hosts
-            path.write_text(new)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        atomic_write(path, new, mode=mode)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        path.write_text(new)  # a bind-mounted /etc/hosts cannot be replaced, only rewritten
     return True

@@ -1,4 +1,9 @@
-"""The host side of direct mode's network, over netlink: the bridge and each workspace's namespace.
+"""The host side of direct mode's network: the bridge and each workspace's link, over netlink.
+
+:class:`HostNetwork` is the host-network service every direct-mode runtime shares: the bridge
+(plus opt-in NAT, :mod:`.nat`, and the ``workspace-NAME`` names in the hosts file,
+:mod:`.hostsfile`), ensured by :meth:`HostNetwork.ensure`, and the ways a workspace attaches to
+it (a network namespace with a veth for containers).
 
 Layout (names from :mod:`sandbox_mcp.naming`)::
 
@@ -33,7 +38,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,9 +47,10 @@ import anyio
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .config import Settings
-from .errors import BackendError, Conflict, InvalidSpec, SandboxError
-from .naming import mac_for, netns_name, validate_ip, validate_name, veth_names
+from ..config import Settings
+from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
+from ..naming import mac_for, netns_name, validate_ip, validate_name, veth_names
+from . import hostsfile, nat
 
 __all__ = ["NETNS_DIR", "HostNetwork"]
 
@@ -79,6 +85,36 @@ class HostNetwork:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._nat_applied = False
+
+    async def ensure(self) -> None:
+        """The host side every workspace needs: the bridge and, where settings turn it on, NAT.
+
+        Cheap when all is in place; NAT (an ``nft`` run) is applied once per process.
+
+        Raises:
+            Conflict, BackendError: see :meth:`ensure_bridge` and :func:`.nat.apply_nat`.
+        """
+        await self.ensure_bridge()
+        if self.settings.nat and not self._nat_applied:
+            await nat.apply_nat(self.settings.bridge, self.settings.subnet)
+            self._nat_applied = True
+
+    async def publish_names(self, entries: Mapping[str, str]) -> None:
+        """Make ``workspace-NAME`` resolve on the host for ``entries`` (name -> IP); never fails a call.
+
+        Our block in the hosts file (``settings.hosts_file``; None leaves it alone) is owned by
+        this state directory, so several servers with their own state dirs keep their own blocks.
+        """
+        path = self.settings.hosts_file
+        if path is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(
+                hostsfile.update_hosts_file, path, dict(entries), str(self.settings.state_dir)
+            )
+        except OSError as exc:
+            log.warning("cannot update %s: %s", path, exc)
 
     @property
     def bridge(self) -> str:
@@ -219,7 +255,7 @@ class HostNetwork:
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    async def setup_workspace(self, name: str, ip: str, mac: str) -> Path:
+    async def attach_veth(self, name: str, ip: str, mac: str) -> Path:
         """Give workspace ``name`` its network namespace, joined to the bridge; return the namespace path.
 
         Makes the bridge first if needed (:meth:`ensure_bridge`), and removes what an earlier run of
@@ -284,7 +320,7 @@ class HostNetwork:
                 raise
         return path
 
-    async def teardown_workspace(self, name: str) -> None:
+    async def detach(self, name: str) -> None:
         """Remove workspace ``name``'s veth pair and network namespace; nothing happens if they are absent.
 
         A link called ``sb-NAME`` that is not a veth is not ours and is left alone. Processes still

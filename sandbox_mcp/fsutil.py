@@ -1,0 +1,176 @@
+"""Files written whole or not at all, and locks shared across processes: one helper for each.
+
+Every module that replaces a file (the registry, the hosts file, keys, Claude Code configs,
+the NixOS registry) goes through :func:`atomic_write`, and every cross-process lock through
+:func:`file_lock` (threads, sync code) or :func:`async_file_lock` (coroutines), so the rules
+below hold everywhere:
+
+* a reader sees the old file or the new one, never half of one (temp file in the same
+  directory, fsync, rename; the rename is made durable with an fsync of the directory);
+* a symlink planted where a file or lock is expected is replaced or refused, never followed;
+* a lock dies with its holder (``flock``), and a cancelled wait never leaves one taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import anyio
+
+__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "write_new"]
+
+_LOCK_POLL_MIN_S = 0.005
+_LOCK_POLL_MAX_S = 0.1
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_fd(fd: int, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
+    os.fchmod(fd, mode)  # the umask narrowed the mode given to open()
+    if owner is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != owner:
+        os.fchown(fd, *owner)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: Path, data: bytes | str, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace ``path`` with ``data`` atomically: complete, with ``mode`` (and ``owner``), or not at all.
+
+    A symlink at ``path`` is replaced, not followed. The parent directory must exist.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_fd(fd, payload, mode, owner)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes, mode: int) -> bool:
+    """Write ``data`` to ``path`` unless something is there already; True when this call wrote it.
+
+    The file is complete before it appears (temp file + ``link``), so a reader never sees half of
+    it, and an existing file (or symlink) is never replaced, even by a concurrent writer.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = Path(path)
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_fd(fd, data, mode, None)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_NOFOLLOW: whoever can write the lock directory must not point us at another file.
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _try_flock(fd: int, exclusive: bool) -> bool:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
+    """Hold ``flock`` on ``path`` (created if missing, 0600) for the ``with`` body; blocks until free.
+
+    For synchronous code and worker threads. The lock is shared by every process that opens
+    the same file and dies with its holder.
+
+    Raises:
+        OSError: the lock file cannot be opened (e.g. a symlink sits there).
+    """
+    fd = _open_lock(Path(path))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.asynccontextmanager
+async def async_file_lock(
+    path: Path, exclusive: bool = True, *, on_wait: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[None]:
+    """:func:`file_lock` for coroutines: polls with a short back-off instead of blocking a thread.
+
+    Polling means a cancelled wait gives up at once and never leaves the lock taken behind it.
+    ``on_wait``, if given, is an async callable run once when the lock is found taken (to report
+    progress).
+
+    Raises:
+        OSError: the lock file cannot be opened.
+    """
+    fd = _open_lock(Path(path))
+    try:
+        delay, told = _LOCK_POLL_MIN_S, False
+        while not _try_flock(fd, exclusive):
+            if on_wait is not None and not told:
+                told = True
+                await on_wait()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _LOCK_POLL_MAX_S)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(path: Path) -> bool:
+    """True when another process holds ``path``'s lock (a missing file is not held)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return not _try_flock(fd, True)
+    finally:
+        os.close(fd)

@@ -1,0 +1,166 @@
+"""Host processes a runtime runs (systemd-nspawn, qemu, virtiofsd): spawned detached, known by identity.
+
+A process outlives the server that started it (its own session), so a later server finds it
+again by what the registry recorded: its PID *and* its start time in ``/proc/PID/stat``, so a
+reused PID is never mistaken for it, optionally checked against a marker in its command line.
+Stopping sends a polite signal first and SIGKILL when that does not end it in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+from pydantic import BaseModel
+
+from .errors import BackendError
+
+__all__ = [
+    "ProcessRef",
+    "alive",
+    "children",
+    "identify",
+    "kill",
+    "proc_start_time",
+    "spawn",
+    "terminate",
+    "uptime_s",
+    "wait_gone",
+]
+
+_POLL_S = 0.02
+
+
+class ProcessRef(BaseModel):
+    """One host process: its PID and its start time (clock ticks after boot), which tell it from a reused PID."""
+
+    pid: int
+    start_time: int
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, or None if the process is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def identify(pid: int) -> ProcessRef | None:
+    """A :class:`ProcessRef` for a live ``pid``, or None."""
+    start = proc_start_time(pid)
+    return ProcessRef(pid=pid, start_time=start) if start is not None else None
+
+
+def alive(ref: ProcessRef | None, marker: bytes | None = None) -> bool:
+    """True while the process ``ref`` names runs (same PID and start time) and, if given, has ``marker``
+    as one of its command-line arguments."""
+    if ref is None or proc_start_time(ref.pid) != ref.start_time:
+        return False
+    if marker is None:
+        return True
+    try:
+        return marker in Path(f"/proc/{ref.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (its main thread's), or [] when it is gone."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def uptime_s(ref: ProcessRef) -> float:
+    """Seconds since the process started."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, boot_uptime - ref.start_time / ticks)
+
+
+def spawn(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    missing_hint: str = "",
+) -> ProcessRef:
+    """Start ``argv`` detached (its own session, stdin from /dev/null, output to ``log_path``, replaced).
+
+    It survives the server; a thread of ours reaps it if it exits while we run, so no zombie
+    stays. Blocking: call it from a worker thread.
+
+    Raises:
+        BackendError: the program is missing (with ``missing_hint``), or it exited at once.
+    """
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=dict(env) if env is not None else None,
+            )
+        except FileNotFoundError as exc:
+            raise BackendError(f"{argv[0]} not found; {missing_hint or 'install it'}") from exc
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    ref = identify(proc.pid)
+    if ref is None:
+        raise BackendError(f"{argv[0]} exited at once; see {log_path}")
+    return ref
+
+
+async def wait_gone(ref: ProcessRef | None, timeout_s: float, marker: bytes | None = None) -> bool:
+    """Wait until the process has ended; False if it still runs after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while alive(ref, marker):
+        if time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(_POLL_S)
+    return True
+
+
+def _signal(ref: ProcessRef, sig: int, marker: bytes | None) -> None:
+    if alive(ref, marker):  # never signal a PID that is no longer ours
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ref.pid, sig)
+
+
+async def kill(ref: ProcessRef | None, marker: bytes | None = None, timeout_s: float = 10) -> bool:
+    """SIGKILL the process and wait until it is gone; True when it is."""
+    if ref is None:
+        return True
+    _signal(ref, signal.SIGKILL, marker)
+    return await wait_gone(ref, timeout_s, marker)
+
+
+async def terminate(
+    ref: ProcessRef | None,
+    *,
+    grace_s: float,
+    marker: bytes | None = None,
+    sig: int = signal.SIGTERM,
+) -> bool:
+    """Send ``sig``, wait up to ``grace_s``, then SIGKILL; True when the process is gone."""
+    if ref is None or not alive(ref, marker):
+        return True
+    _signal(ref, sig, marker)
+    if await wait_gone(ref, grace_s, marker):
+        return True
+    return await kill(ref, marker)

@@ -1,0 +1,67 @@
+"""supervise: real host processes, spawned detached, known by PID + start time, stopped politely then by force."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox_mcp import supervise
+from sandbox_mcp.errors import BackendError
+
+pytestmark = pytest.mark.anyio
+
+_IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+
+
+def _wait_for_line(log: Path, text: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 30  # an upper bound for a hung start, not a timing bet
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.01)
+
+
+async def test_spawn_is_detached_and_identified(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    ref = supervise.spawn([sys.executable, "-c", _IGNORES_TERM, "--marker-x"], log)
+    try:
+        assert os.getsid(ref.pid) == ref.pid  # its own session: it outlives the server
+        assert supervise.alive(ref) and supervise.alive(ref, b"--marker-x")
+        assert not supervise.alive(ref, b"--marker-y")
+        # Same PID with another start time is somebody else (a reused PID).
+        assert not supervise.alive(ref.model_copy(update={"start_time": ref.start_time + 1}))
+        _wait_for_line(log, "up")
+        # It ignores SIGTERM: terminate escalates to SIGKILL after the grace period.
+        assert await supervise.terminate(ref, grace_s=0.2, marker=b"--marker-x")
+        assert not supervise.alive(ref)
+    finally:
+        if supervise.alive(ref):
+            os.kill(ref.pid, signal.SIGKILL)
+
+
+async def test_terminate_never_signals_a_process_that_is_not_ours(tmp_path: Path) -> None:
+    ref = supervise.spawn([sys.executable, "-c", _IGNORES_TERM], tmp_path / "log")
+    try:
+        # The marker does not match: no process of ours is there (True), and this one is left alone.
+        assert await supervise.terminate(ref, grace_s=0.05, marker=b"--not-this-one")
+        assert await supervise.kill(ref, marker=b"--not-this-one")
+        assert supervise.alive(ref)
+    finally:
+        os.kill(ref.pid, signal.SIGKILL)
+        await supervise.wait_gone(ref, 30)
+
+
+async def test_spawn_of_a_missing_program_says_how_to_fix_it(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="apt-get install nothing-here"):
+        supervise.spawn(["/nonexistent/prog"], tmp_path / "log", missing_hint="apt-get install nothing-here")
+
+
+def test_identify_and_children_of_this_process() -> None:
+    me = supervise.identify(os.getpid())
+    assert me is not None and supervise.alive(me) and supervise.uptime_s(me) >= 0
+    assert supervise.identify(2**22 + 12345) is None  # above pid_max: never a process
