@@ -271,7 +271,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         """Read a file (or a chunk of it) from a running workspace.
 
         Text comes back as utf-8; anything else as base64 (see encoding). If truncated is true, call again
-        with offset=next_offset to read the rest. For a directory, use list_dir.
+        with offset=next_offset to read the rest. For a directory, use list_dir. Regular files only: a named
+        pipe, socket or device is refused (read those with exec and a timeout).
         """
         return await manager_of(ctx).read_file(name, path, offset, limit)
 
@@ -291,7 +292,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
     ) -> WriteResult:
         """Write (replace or append) a file in a running workspace, creating missing parent directories.
         A replaced file is swapped in atomically. Owned by the workspace user. Large payloads: write in parts
-        with append=true."""
+        with append=true. Regular files only: a named pipe, socket or device is refused."""
         return await manager_of(ctx).write_file(name, path, content, encoding, append, mode)
 
     @tool(title="List a directory in a workspace", read_only=True, idempotent=True)
@@ -303,7 +304,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         ] = ".",
     ) -> DirListing:
         """List a directory in a running workspace: each entry's name, type (file, dir, symlink, other),
-        size and modification time."""
+        size and modification time. At most 10,000 entries: truncated=true means there are more (list them
+        with exec, e.g. 'ls -A | head -n 20000')."""
         return await manager_of(ctx).list_dir(name, path)
 
     @tool(title="Workspace boot log", read_only=True, idempotent=True)

@@ -131,6 +131,7 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
     def cancel(self, rid: int) -> None:
         """Ask the agent to kill the command's process group; forget its reply."""
         self.waiters.pop(rid, None)
+        self.replies.pop(rid, None)
         self.started.discard(rid)
         if self.chan is not None and not self.closed.is_set():
             self.chan.write((json.dumps({"cancel": rid}) + "\n").encode())

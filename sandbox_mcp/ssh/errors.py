@@ -10,18 +10,21 @@ import shlex
 
 import asyncssh
 
-from ..errors import InvalidSpec, SSHError, clip
+from ..errors import CommandTimeout, InvalidSpec, SSHError, clip
+from .agent import AgentFault
 from .commands import SSHTarget
 from .keys import host_key_fingerprint
 
 __all__ = [
     "CONN_ERRORS",
+    "agent_error",
     "connect_error",
     "describe",
     "file_error",
     "host_key_mismatch",
     "is_conn_error",
     "lost_error",
+    "sftp_timeout_error",
 ]
 
 # Errors that mean the connection (or, for the SFTP ones, the SFTP channel) is gone, as opposed
@@ -103,3 +106,24 @@ def file_error(target: SSHTarget, path: str, exc: asyncssh.SFTPError, doing: str
     else:
         msg = f"{shown}: {clip(exc.reason or type(exc).__name__)}"
     return InvalidSpec(f"cannot {doing} {msg}")
+
+
+def agent_error(target: SSHTarget, exc: BaseException) -> SSHError:
+    """The error for an exec agent that broke the protocol (AgentFault) or exited mid-command (AgentGone)."""
+    if isinstance(exc, AgentFault):
+        return SSHError(
+            f"the exec agent in workspace {target.key!r} broke the protocol: {exc}. The SSH connection was "
+            f"dropped; the command's outcome is unknown. If this repeats, restart the workspace "
+            f"(stop_workspace, start_workspace)"
+        )
+    return SSHError(f"the exec agent in workspace {target.key!r} exited during a command (its outcome is "
+                    f"unknown): {clip(str(exc))}")
+
+
+def sftp_timeout_error(target: SSHTarget, what: str, path: str, timeout_s: float) -> CommandTimeout:
+    """The error for an SFTP call that did not finish in time (its channel has been replaced)."""
+    return CommandTimeout(
+        f"SFTP {what} of {clip(path)} in workspace {target.key!r} did not finish within {timeout_s:g} s (a "
+        f"special file or a hung filesystem?); that SFTP channel was closed and the next file call opens a "
+        f"new one. Look at the path with exec (ls -l)"
+    )

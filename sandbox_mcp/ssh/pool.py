@@ -18,14 +18,21 @@ from typing import TypeVar
 import anyio
 import asyncssh
 
-from ..errors import CommandTimeout, InvalidSpec, SSHError, clip
+from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..runtimes.base import Progress
 from . import files
 from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
 from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path
-from .connect import TCP_CONNECT_TIMEOUT_S, open_connection
-from .errors import connect_error, describe, host_key_mismatch, is_conn_error, lost_error
+from .connect import TCP_CONNECT_TIMEOUT_S, open_connection, poll_until_connected
+from .errors import (
+    agent_error,
+    connect_error,
+    describe,
+    is_conn_error,
+    lost_error,
+    sftp_timeout_error,
+)
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
@@ -141,42 +148,15 @@ class SSHPool:
                 the key files cannot be read.
             CommandTimeout: no successful login within ``timeout_s``; the message has the last error.
         """
-        start = time.monotonic()
-        deadline = start + timeout_s
-        delay = 0.02
-        attempts = 0
-        last = "no attempt made"
-        next_report = start + 1.0
         if self._current(target) is not None:
             return
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CommandTimeout(
-                    f"SSH on {target.where} (workspace {target.key!r}) did not answer within {timeout_s:g} s "
-                    f"({attempts} attempts); last error: {last}. Look at workspace_logs for boot problems"
-                )
-            attempts += 1
-            try:
-                async with self._lock(target.key):
-                    entry = await self._connect(
-                        target, tcp_timeout_s=min(TCP_CONNECT_TIMEOUT_S, remaining), timeout_s=remaining
-                    )
-                    self._install(entry)
-                return
-            except asyncssh.HostKeyNotVerifiable as exc:
-                raise host_key_mismatch(target, exc) from exc
-            except (asyncssh.Error, OSError, TimeoutError) as exc:
-                last = describe(exc)
-            now = time.monotonic()
-            if progress is not None and now >= next_report:
-                next_report = now + 1.0
-                await progress(
-                    f"waiting for SSH on {target.host}:{target.port} ({attempts} attempts, last: {last})",
-                    min(1.0, (now - start) / timeout_s),
-                )
-            await anyio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 0.1)
+
+        async def attempt(remaining: float) -> None:
+            async with self._lock(target.key):
+                tcp_timeout_s = min(TCP_CONNECT_TIMEOUT_S, remaining)
+                self._install(await self._connect(target, tcp_timeout_s=tcp_timeout_s, timeout_s=remaining))
+
+        await poll_until_connected(target, timeout_s, attempt, progress)
 
     async def drop(self, key: str) -> None:
         """Close and forget the pooled connection of ``key`` (when its workspace stops). Never raises."""
@@ -240,21 +220,14 @@ class SSHPool:
                         raise lost_error(target, "exec", exc) from exc
                     continue
                 except AgentFault as exc:
-                    self._discard(entry)
-                    raise SSHError(
-                        f"the exec agent in workspace {target.key!r} broke the protocol: {exc}. The SSH "
-                        f"connection was dropped; the command's outcome is unknown. If this repeats, "
-                        f"restart the workspace (stop_workspace, start_workspace)"
-                    ) from exc
+                    self._discard(entry)  # a workspace that breaks the protocol gets a fresh start
+                    raise agent_error(target, exc) from exc
                 except AgentGone as exc:
                     if not entry.alive():
                         self._discard(entry)
                         raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
                     entry.agent = None
-                    raise SSHError(
-                        f"the exec agent in workspace {target.key!r} exited during a command (its outcome "
-                        f"is unknown): {exc}"
-                    ) from exc
+                    raise agent_error(target, exc) from exc
             async with entry.sessions:
                 start = time.monotonic()
                 try:
@@ -353,11 +326,7 @@ class SSHPool:
                 continue
             assert scope.cancelled_caught
             self._drop_sftp(entry, sftp)
-            raise CommandTimeout(
-                f"SFTP {what} of {clip(path)} in workspace {target.key!r} did not finish within "
-                f"{self._sftp_timeout_s:g} s (a special file or a hung filesystem?); that SFTP channel was "
-                f"closed and the next file call opens a new one. Look at the path with exec (ls -l)"
-            )
+            raise sftp_timeout_error(target, what, path, self._sftp_timeout_s)
         raise AssertionError("unreachable")
 
     async def read_file(
