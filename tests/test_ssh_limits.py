@@ -141,6 +141,25 @@ def test_clip_cuts_echoed_input() -> None:
     assert clip("fine") == "fine"
 
 
+def test_public_surface_and_asyncssh_stays_inside() -> None:
+    import sandbox_mcp
+    from sandbox_mcp import ssh
+
+    assert set(ssh.__all__) == {
+        "EXEC_AGENT_PATH", "PID_MARKER", "SSHPool", "SSHTarget", "agent_command", "build_exec_command",
+        "encode_chunk", "ensure_client_key", "ensure_host_key", "host_key_fingerprint", "known_hosts_line",
+        "resolve_path", "ssh_argv", "write_authorized_keys",
+    }  # fmt: skip
+    assert all(hasattr(ssh, name) for name in ssh.__all__)
+    package = Path(sandbox_mcp.__file__).parent
+    importers = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py")
+        if "import asyncssh" in p.read_text() or "from asyncssh" in p.read_text()
+    )
+    assert importers and all(p.startswith("ssh/") for p in importers), importers
+    assert all(sum(1 for _ in p.open()) <= 420 for p in (package / "ssh").glob("*.py"))  # one concern each
+
+
 # --- the exec agent -------------------------------------------------------------------------------
 
 

@@ -45,6 +45,9 @@ DEFAULT_MAX_SESSIONS = 7
 # takes well under a second; this only catches an sftp-server that blocks (a FIFO swapped in after
 # the type check, a hung mount).
 SFTP_TIMEOUT_S = 60.0
+# ...plus this much per byte moved, so a large transfer to a slow guest (a VM under emulation)
+# is not cut off: a floor of 1 MiB/s.
+_SFTP_SECONDS_PER_BYTE = 1 / (1 << 20)
 
 
 @dataclass(eq=False)
@@ -293,20 +296,22 @@ class SSHPool:
         op: Callable[[asyncssh.SFTPClient], Awaitable[T]],
         *,
         idempotent: bool = True,
+        size: int = 0,
     ) -> T:
-        """Run ``op`` with the pooled SFTP client, bounded by the SFTP timeout.
+        """Run ``op`` with the pooled SFTP client, bounded by the SFTP timeout (longer by ``size`` bytes moved).
 
         A dead connection is replaced and ``op`` retried once (unless it may have had an effect
         and is not idempotent); a lost SFTP channel on a live connection is replaced likewise. On
         a timeout the SFTP channel is closed, so one blocked request cannot wedge later calls.
         ``op`` translates file-level SFTP errors itself.
         """
+        timeout_s = self._sftp_timeout_s + size * _SFTP_SECONDS_PER_BYTE
         for attempt in (1, 2):
             entry = await self._entry(target)
             sftp: asyncssh.SFTPClient | None = None
             try:
                 sftp = await self._sftp_client(entry)
-                with anyio.move_on_after(self._sftp_timeout_s) as scope:
+                with anyio.move_on_after(timeout_s) as scope:
                     try:
                         return await op(sftp)
                     except anyio.get_cancelled_exc_class():
@@ -326,7 +331,7 @@ class SSHPool:
                 continue
             assert scope.cancelled_caught
             self._drop_sftp(entry, sftp)
-            raise sftp_timeout_error(target, what, path, self._sftp_timeout_s)
+            raise sftp_timeout_error(target, what, path, timeout_s)
         raise AssertionError("unreachable")
 
     async def read_file(
@@ -350,7 +355,7 @@ class SSHPool:
             raise InvalidSpec(f"limit must be >= 1, got {limit}")
         abspath = resolve_path(target.workspace_dir, path)
         return await self._with_sftp(
-            target, "read", abspath, lambda sftp: files.read_chunk(sftp, target, abspath, offset, limit)
+            target, "read", abspath, lambda sftp: files.read_chunk(sftp, target, abspath, offset, limit), size=limit
         )
 
     async def write_file(
@@ -388,6 +393,7 @@ class SSHPool:
                 sftp, target, abspath, data, append=append, mode=mode, make_parents=make_parents
             ),
             idempotent=not append,
+            size=len(data),
         )
 
     async def list_dir(
