@@ -107,20 +107,28 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 return r.structured_content  # type: ignore[return-value]
 
             # 1. create -> first exec, against a bare boot of the same image.
-            creates, bares = [], []
+            creates, bares, stops, destroys = [], [], [], []
             for i in range(args.runs):
                 t0 = time.monotonic()
                 await call("create_workspace", name=f"bench{i}")
                 await call("exec", name=f"bench{i}", command="true")
                 creates.append(time.monotonic() - t0)
+                t0 = time.monotonic()
                 await call("stop_workspace", name=f"bench{i}")
+                stops.append(time.monotonic() - t0)
                 async with WorkspaceManager(bench_settings) as m:
                     bares.append(await _bare_boot(m, f"bench{i}"))
                 if i:
+                    await call("start_workspace", name=f"bench{i}")
+                    t0 = time.monotonic()
                     await call("destroy_workspace", name=f"bench{i}")
+                    destroys.append(time.monotonic() - t0)
             results["create_to_first_exec_s"] = {"p50": statistics.median(creates), "min": min(creates),
                                                  "max": max(creates), "runs": float(len(creates))}
             results["bare_boot_to_sshd_s"] = {"p50": statistics.median(bares), "min": min(bares)}
+            results["stop_s"] = {"p50": statistics.median(stops), "max": max(stops)}
+            if destroys:
+                results["destroy_running_s"] = {"p50": statistics.median(destroys), "max": max(destroys)}
 
             # 2. exec latency: the MCP tool on the pooled connection vs an ssh process per command.
             await call("start_workspace", name="bench0")
@@ -200,6 +208,11 @@ def _print(results: dict[str, dict[str, float]]) -> None:
           f"{c['runs']:.0f} runs)")
     print(f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; "
           f"ratio {c['p50'] / b['p50']:.2f}x")
+    st = results["stop_s"]
+    print(f"stop_workspace (running, idle): p50 {st['p50']:.3f} s, max {st['max']:.3f} s")
+    if "destroy_running_s" in results:
+        d = results["destroy_running_s"]
+        print(f"destroy_workspace (running, idle): p50 {d['p50']:.3f} s, max {d['max']:.3f} s")
     print(f"exec true via MCP tool: p50 {e['tool_p50']:.2f} ms, p95 {e['tool_p95']:.2f} ms")
     print(f"  baseline, ssh process per command: p50 {e['ssh_p50']:.2f} ms, p95 {e['ssh_p95']:.2f} ms; "
           f"tool is {e['ssh_over_tool_p50']:.1f}x faster")

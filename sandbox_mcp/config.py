@@ -78,7 +78,12 @@ class Settings(BaseModel):
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
-    stop_timeout_s: float = Field(default=20, gt=0)
+    stop_timeout_s: float = Field(
+        default=3,
+        gt=0,
+        description="How long a workspace gets to power off cleanly before it is killed. Its root is thrown "
+        "away and the workspace dir is on the host, so a kill loses nothing that was written",
+    )
     nat: bool = Field(
         default=False,
         description="Give direct-mode workspaces outbound access: IP forwarding plus an nftables masquerade "

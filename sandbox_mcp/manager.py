@@ -210,21 +210,37 @@ class WorkspaceManager:
     # Reconcile ---------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Make the registry match reality: dead workspaces become 'stopped', leftovers are removed."""
+        """Make the registry match reality after a server exited, whenever it exited.
+
+        A workspace another live process is working on (it holds the workspace's lock) is left
+        alone. Otherwise: an interrupted create becomes ``error`` (destroy_workspace removes it), an
+        interrupted start or stop becomes ``stopped``, a dead ``running`` one too; in each case what
+        the runtime may have left running is stopped first, so nothing outlives its record.
+        """
         data = await self.registry.read()
         for record in data.workspaces.values():
             runtime = self.runtimes.get(record.runtime)
-            if runtime is None:
+            if runtime is None or record.state in ("stopped", "error"):
                 continue
+            if lock_is_held(self._lock_path(record.name)):
+                continue
+            if record.state == "running" and (await runtime.status(record)).running:
+                continue
+            why = {
+                "creating": "creation was interrupted (the server exited); destroy_workspace it",
+                "starting": "the server exited while starting it; call start_workspace",
+                "stopping": None,  # the stop is finished now
+                "running": "found stopped when the server started",
+            }[record.state]
+            try:
+                await runtime.stop(record)  # ends whatever is left, recorded or not, and its links
+            except SandboxError as exc:
+                log.warning("reconcile: stopping %s: %s", record.name, exc)
             if record.state == "creating":
-                if not await self._creation_in_progress(record.name):
-                    record.state, record.last_error = "error", "creation was interrupted; destroy_workspace it"
-                    await self.registry.put(record)
-                continue
-            if record.state in ("running", "starting", "stopping"):
-                if not (await runtime.status(record)).running:
-                    await runtime.stop(record)  # releases network leftovers
-                    await self.registry.put(self._stopped(runtime, record, "found stopped when the server started"))
+                record.state, record.last_error = "error", why
+                await self.registry.put(record)
+            else:
+                await self.registry.put(self._stopped(runtime, record, why))
         for runtime in self.runtimes.values():
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
         await self._sync_hosts()
@@ -244,10 +260,6 @@ class WorkspaceManager:
         names = {r.name for r in on_bridge}
         entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime in names and r.state != "creating"}
         await on_bridge[0].ctx.network.publish_names(entries)
-
-    async def _creation_in_progress(self, name: str) -> bool:
-        """True when another process holds the workspace's lock (so it is still being created)."""
-        return lock_is_held(self._lock_path(name))
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
         """Notice a workspace that died behind our back."""
@@ -464,8 +476,14 @@ class WorkspaceManager:
             raise failure
 
     async def _halt(self, record: WorkspaceRecord) -> Runtime:
-        """Close our SSH connection and stop the workspace's runtime; returns that runtime."""
+        """Mark the workspace ``stopping``, close our SSH connection and stop its runtime; returns that runtime.
+
+        The mark is written first: a server killed in the middle leaves ``stopping``, which the
+        next start-up's reconcile finishes.
+        """
         runtime = self._runtime_of(record)
+        if record.state not in ("stopped", "error", "creating"):
+            await self.registry.put(record.model_copy(update={"state": "stopping"}))
         await self.ssh.drop(record.name)
         await runtime.stop(record)
         return runtime

@@ -4,11 +4,19 @@ A process outlives the server that started it (its own session), so a later serv
 again by what the registry recorded: its PID *and* its start time in ``/proc/PID/stat``, so a
 reused PID is never mistaken for it, optionally checked against a marker in its command line.
 Stopping sends a polite signal first and SIGKILL when that does not end it in time.
+
+A server can be killed between spawning a process and recording its PID. So every process a
+runtime spawns for a workspace also carries the workspace's *tag* in its environment
+(``SANDBOX_MCP_WORKSPACE=<tag>``, derived from the state directory and the name, so it is known
+before anything is spawned): :func:`tagged` finds them all, recorded or not, and stop, destroy
+and the start-up reconcile end them. Runtimes pass the tag on to what their process starts
+(nspawn: ``--setenv`` for the container's init), so an orphan is found too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -28,12 +36,17 @@ __all__ = [
     "children",
     "identify",
     "kill",
+    "kill_tagged",
     "proc_start_time",
     "spawn",
+    "tagged",
     "terminate",
     "uptime_s",
     "wait_gone",
+    "workspace_tag",
 ]
+
+TAG_ENV = "SANDBOX_MCP_WORKSPACE"
 
 _POLL_S = 0.02
 
@@ -84,6 +97,28 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def workspace_tag(state_dir: Path, name: str) -> str:
+    """The tag of workspace ``name`` of the server with ``state_dir``: stable, and distinct across state dirs."""
+    return hashlib.sha256(f"{Path(state_dir).absolute()}\0{name}".encode()).hexdigest()[:20]
+
+
+def tagged(tag: str) -> list[ProcessRef]:
+    """Every live process whose environment carries ``tag`` (see the module docstring)."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and (ref := identify(int(entry.name))) is not None:
+            found.append(ref)
+    return found
+
+
 def uptime_s(ref: ProcessRef) -> float:
     """Seconds since the process started."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -96,16 +131,21 @@ def spawn(
     log_path: Path,
     *,
     env: Mapping[str, str] | None = None,
+    tag: str | None = None,
     missing_hint: str = "",
 ) -> ProcessRef:
     """Start ``argv`` detached (its own session, stdin from /dev/null, output to ``log_path``, replaced).
 
     It survives the server; a thread of ours reaps it if it exits while we run, so no zombie
-    stays. Blocking: call it from a worker thread.
+    stays. ``tag`` (a :func:`workspace_tag`) goes into its environment, so :func:`tagged` finds it
+    even if the caller never gets to record its PID. Blocking: call it from a worker thread.
 
     Raises:
         BackendError: the program is missing (with ``missing_hint``), or it exited at once.
     """
+    environment = dict(os.environ if env is None else env)
+    if tag is not None:
+        environment[TAG_ENV] = tag
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.Popen(
@@ -115,7 +155,7 @@ def spawn(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                env=dict(env) if env is not None else None,
+                env=environment,
             )
         except FileNotFoundError as exc:
             raise BackendError(f"{argv[0]} not found; {missing_hint or 'install it'}") from exc
@@ -148,6 +188,16 @@ async def kill(ref: ProcessRef | None, marker: bytes | None = None, timeout_s: f
         return True
     _signal(ref, signal.SIGKILL, marker)
     return await wait_gone(ref, timeout_s, marker)
+
+
+async def kill_tagged(tag: str, timeout_s: float = 10) -> int:
+    """SIGKILL every process carrying ``tag`` and wait until they are gone; returns how many there were."""
+    refs = tagged(tag)
+    for ref in refs:
+        _signal(ref, signal.SIGKILL, None)
+    for ref in refs:
+        await wait_gone(ref, timeout_s)
+    return len(refs)
 
 
 async def terminate(

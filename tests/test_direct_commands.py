@@ -26,11 +26,13 @@ from sandbox_mcp.runtimes.nspawn import hosts_file, nspawn_argv
 def test_nspawn_argv_exact() -> None:
     paths = WorkspacePaths.of(Path("/st"), "ws1")
     assert nspawn_argv(
-        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent"
+        name="ws1", image_root=Path("/img/k"), netns_path=Path("/run/netns/sbx-ws1"), paths=paths, user="agent",
+        tag="0123abcd",
     ) == [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
         "--machine=sbx-ws1", "--hostname=ws1", "--directory=/img/k", "--volatile=overlay",
         "--network-namespace-path=/run/netns/sbx-ws1", "--link-journal=no", "--console=read-only",
+        "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
         "--bind=/st/ws1/workspace:/home/agent/workspace",
         "--bind=/st/ws1/claude-config:/home/agent/claude-config",
         "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
@@ -41,7 +43,7 @@ def test_nspawn_argv_exact() -> None:
 def test_nspawn_argv_refuses_bind_separators() -> None:
     with pytest.raises(InvalidSpec, match="SANDBOX_MCP_STATE_DIR"):
         nspawn_argv(name="a", image_root=Path("/i"), netns_path=Path("/n"),
-                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent")
+                    paths=WorkspacePaths.of(Path("/odd:dir"), "a"), user="agent", tag="t")
 
 
 def test_hosts_file() -> None:

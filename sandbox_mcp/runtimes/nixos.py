@@ -479,7 +479,8 @@ class NixosRuntime(Runtime):
             CommandTimeout: the unit did not stop in time.
         """
         argv = self.systemctl_argv("stop", record)
-        done = await hostcmd.run(argv, timeout_s=self.settings.stop_timeout_s * 3, check=False)
+        # systemd enforces the unit's own stop timeout (and kills); this only bounds a wedged systemctl.
+        done = await hostcmd.run(argv, timeout_s=max(60.0, self.settings.stop_timeout_s * 3), check=False)
         # 5: "Unit … not loaded" — it is gone already, which is what stop wants.
         if done.returncode not in (0, 5):
             raise CommandFailed(argv, done.returncode, done.stderr or done.stdout)

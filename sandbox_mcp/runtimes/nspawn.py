@@ -47,7 +47,7 @@ def machine_name(name: str) -> str:
 
 
 def nspawn_argv(
-    *, name: str, image_root: Path, netns_path: Path, paths: WorkspacePaths, user: str
+    *, name: str, image_root: Path, netns_path: Path, paths: WorkspacePaths, user: str, tag: str
 ) -> list[str]:
     """The exact systemd-nspawn command that boots workspace ``name``.
 
@@ -76,6 +76,8 @@ def nspawn_argv(
         f"--network-namespace-path={netns_path}",
         "--link-journal=no",
         "--console=read-only",
+        # The container's init carries the workspace tag, so an orphaned container is found by it.
+        f"--setenv={supervise.TAG_ENV}={tag}",
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
     ]
 
@@ -132,6 +134,9 @@ class NspawnRuntime(Runtime):
     def _marker(record: WorkspaceRecord) -> bytes:
         return f"--machine={machine_name(record.name)}".encode()
 
+    def _tag(self, record: WorkspaceRecord) -> str:
+        return supervise.workspace_tag(self.settings.state_dir, record.name)
+
     def _running(self, record: WorkspaceRecord) -> bool:
         return supervise.alive(self.state(record).process, self._marker(record))
 
@@ -185,11 +190,12 @@ class NspawnRuntime(Runtime):
             netns_path=netns,
             paths=paths,
             user=record.user,
+            tag=self._tag(record),
         )
         await progress("booting the container", None)
         try:
             process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(argv, paths.console_log, missing_hint=_NSPAWN_MISSING)
+                lambda: supervise.spawn(argv, paths.console_log, tag=self._tag(record), missing_hint=_NSPAWN_MISSING)
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -219,6 +225,8 @@ class NspawnRuntime(Runtime):
         await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
         await supervise.kill(state.leader)
+        # What a server killed between spawn and record never wrote down: found by the workspace's tag.
+        await supervise.kill_tagged(self._tag(record))
         await self.network.detach(record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:
