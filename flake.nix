@@ -39,17 +39,22 @@
       ];
     in
     {
-      # The module, with microvm.nix's host module so VM workspaces work.
+      # The module, with microvm.nix's host module so VM workspaces work,
+      # and this flake's package for the daemon service.
       # Without flakes, import ./nix/modules (and microvm.nix's host module
       # if you want VMs). Incus images are evaluated with the host's own
       # nixpkgs (eval-config.nix, what its lib.nixosSystem wraps), so they
       # share the host's pin instead of this flake's.
-      nixosModules.default = {
-        imports = [
-          ./nix/modules
-          microvm.nixosModules.host
-        ];
-      };
+      nixosModules.default =
+        { lib, pkgs, ... }:
+        {
+          imports = [
+            ./nix/modules
+            microvm.nixosModules.host
+          ];
+          # The daemon service (sandboxed-workspace.daemon.enable) runs this flake's package.
+          sandboxed-workspace.daemon.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
       nixosModules.sandboxed-workspace = ./nix/modules;
 
       packages = forAllSystems (pkgs: {

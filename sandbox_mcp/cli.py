@@ -46,7 +46,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async def run(m: WorkspaceManager) -> int:
-        ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress)
+        ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
+                            egress=args.egress)
         _dump(ws)
         return 0
 
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--package", action="append", default=[], help="extra package (repeatable)")
     s.add_argument("--ip")
     s.add_argument("--no-start", action="store_true")
+    s.add_argument("--egress", default="none", choices=["none", "internet"],
+                   help="network access from inside (internet needs SANDBOX_MCP_NAT=true)")
     s.set_defaults(fn=_cmd_create)
 
     s = sub.add_parser("ls", help="list workspaces")

@@ -91,8 +91,6 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
         runtimes = {}
     for runtime in runtimes.values():
         checks.extend(runtime.checks())
-    if settings.nat:
-        checks.append(which_check("nft", "nftables", "SANDBOX_MCP_NAT=true masquerades the workspace subnet"))
     checks.append(which_check("ssh", "openssh-client", "only for 'sandbox-mcp ssh' and the benchmark",
                               name="ssh client", required=False))
     return checks

@@ -237,8 +237,9 @@ async def run(
     timeout_s: float,
     on_line: LineCallback | None = None,
     check: bool = True,
+    stdin: bytes | None = None,
 ) -> CompletedRun:
-    """Run a host command without a shell, stdin closed, and wait for it.
+    """Run a host command without a shell, stdin closed (or fed ``stdin``), and wait for it.
 
     Each line of stdout and stderr is passed to ``on_line`` as it arrives (interleaved in
     arrival order, without the newline). The command runs in its own process group; on
@@ -257,7 +258,7 @@ async def run(
     try:
         process = await anyio.open_process(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -275,6 +276,9 @@ async def run(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(out.pump, process.stdout)
                 tg.start_soon(err.pump, process.stderr)
+                if stdin is not None and process.stdin is not None:
+                    async with process.stdin:
+                        await process.stdin.send(stdin)
             await process.wait()
             finished = True
     finally:

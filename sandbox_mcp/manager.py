@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from .fsutil import async_file_lock, lock_is_held
 from .models import (
     DestroyResult,
     DirListing,
+    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -74,6 +76,23 @@ def parse_mode(mode: str | int | None) -> int | None:
     return int(mode, 8)
 
 
+def _own_dir(path: Path, uid: int, gid: int, mode: int | None) -> None:
+    """Make ``path`` a real directory owned uid:gid (and ``mode``), never following a symlink there.
+
+    Raises:
+        InvalidSpec: a symlink or a non-directory sits at ``path``.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode if mode is not None else 0o755)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidSpec(f"{path} is a symlink or not a directory; move it away and try again")
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)  # a directory, checked above; its parent is the server's own
+
+
 class WorkspaceManager:
     """One per server process. Use as ``async with WorkspaceManager(settings) as m:``.
 
@@ -102,6 +121,8 @@ class WorkspaceManager:
     async def open(self) -> None:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        # The server's own keys, tokens and locks: nobody else's business.
+        _own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
         self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
         if self._runtimes is None:
             self._mode = resolve_mode(self.settings)
@@ -189,6 +210,7 @@ class WorkspaceManager:
             host_workspace_dir=str(self._paths(r.name).workspace),
             ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
+            egress=r.egress,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -285,6 +307,8 @@ class WorkspaceManager:
         ip: str | None = None,
         start: bool = True,
         progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
@@ -303,7 +327,9 @@ class WorkspaceManager:
         packages = validate_packages(packages, runtime.package_flavour)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
-            record = await anyio.to_thread.run_sync(self._register, name, type, packages, ip, live, runtime)
+            record = await anyio.to_thread.run_sync(
+                self._register, name, type, packages, ip, live, runtime, egress
+            )
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
@@ -327,7 +353,14 @@ class WorkspaceManager:
         return self.view(record)
 
     def _register(
-        self, name: str, type_: WorkspaceType, packages: list[str], ip: str | None, live: set[str], runtime: Runtime
+        self,
+        name: str,
+        type_: WorkspaceType,
+        packages: list[str],
+        ip: str | None,
+        live: set[str],
+        runtime: Runtime,
+        egress: Egress,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -344,6 +377,7 @@ class WorkspaceManager:
                 cid=cid_for(name),
                 user=self.settings.user,
                 packages=packages,
+                egress=egress,
             )
             runtime.validate(record)
             data.workspaces[name] = record
@@ -353,10 +387,10 @@ class WorkspaceManager:
         """The persistent host directories, the pinned host key, authorized_keys and the Claude config."""
         paths = self._paths(record.name)
         uid = gid = self.settings.user_uid
+        paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in (paths.root, paths.ssh_host_keys, paths.runtime):
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
-        paths.workspace.mkdir(exist_ok=True)
-        os.chown(paths.workspace, uid, gid)
+            _own_dir(d, 0, 0, 0o755)
+        _own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
         fingerprint = ssh.ensure_host_key(paths.host_key)
         ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
         credentials = onboarding.host_credentials_file(Path.home())
@@ -520,6 +554,8 @@ class WorkspaceManager:
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
             await self.registry.remove(name)
+            if runtime.host_network:
+                await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
         await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
             self._lock_path(name).unlink()

@@ -12,6 +12,7 @@ __all__ = [
     "DestroyResult",
     "DirEntry",
     "DirListing",
+    "Egress",
     "ExecResult",
     "FileContent",
     "LogsResult",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 WorkspaceType = Literal["container", "vm", "incus"]
+Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
 
 
@@ -80,6 +82,7 @@ class WorkspaceRecord(BaseModel):
     cid: int
     user: str
     packages: list[str] = Field(default_factory=list)
+    egress: Egress = "none"
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -103,6 +106,9 @@ class Workspace(BaseModel):
     host_workspace_dir: str = Field(description="The same directory on the host; it survives restarts")
     ssh: SSHInfo
     packages: list[str] = Field(default_factory=list)
+    egress: Egress = Field(
+        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges"
+    )
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None

@@ -183,7 +183,8 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
     must not make the host read or write elsewhere through it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO the workspace user planted here must not hang the server.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -192,7 +193,16 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
         _move_aside(path)
         return None
     with os.fdopen(fd, "rb") as fh:
-        raw = fh.read()
+        kind = stat.S_IFMT(os.fstat(fh.fileno()).st_mode)
+        if kind != stat.S_IFREG:
+            raise InvalidSpec(
+                f"{path} is not a regular file (a FIFO, socket or device); remove it from the workspace's "
+                f"claude-config directory and try again"
+            )
+        raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        _move_aside(path)  # too large to be ours: kept for the user, never read whole
+        return None
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -201,6 +211,9 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
         _move_aside(path)
         return None
     return data
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # a Claude Code config file is a few KiB
 
 
 def _move_aside(path: Path) -> None:

@@ -174,6 +174,15 @@ def build_server(settings: Settings | None = None) -> MCPServer:
             Field(description="Static IPv4 address in the workspace subnet; omit to get a free one"),
         ] = None,
         start: Annotated[bool, Field(description="Start it and wait until SSH answers")] = True,
+        egress: Annotated[
+            Literal["none", "internet"],
+            Field(
+                description="Network access from inside: 'none' (the default) reaches nothing, not other "
+                "workspaces, not the host, not the outside; 'internet' adds NAT to the outside (package "
+                "downloads, git clone) while private ranges, link-local and the host stay closed. "
+                "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
+            ),
+        ] = "none",
     ) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 
@@ -187,10 +196,15 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         persistent project directory inside, exec's default cwd) and host_workspace_dir (the same
         directory on the host), the pinned SSH host key fingerprint and phase timings.
 
-        Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; a boot failure
-        includes the last log lines (see also workspace_logs).
+        Network: by default a workspace reaches nothing (the server still reaches it over SSH); pass
+        egress='internet' when the work needs downloads. Packages listed in `packages` are installed
+        on the host side into a cached image and need no egress.
+
+        Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; egress='internet'
+        refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
+        last log lines (see also workspace_logs).
         """
-        return await manager_of(ctx).create(name, type, packages, ip, start, progress=_progress(ctx))
+        return await manager_of(ctx).create(name, type, packages, ip, start, progress=_progress(ctx), egress=egress)
 
     @tool(title="Start a workspace", idempotent=True)
     async def start_workspace(ctx: Context, name: Name) -> Workspace:

@@ -130,18 +130,54 @@ def test_hosts_file_block_is_ours_alone(tmp_path: Path) -> None:
     assert render_hosts("", {}, "/st") == ""
 
 
-def test_nat_ruleset_is_one_idempotent_table() -> None:
+def test_firewall_tables_are_ours_alone_and_replace_atomically() -> None:
     import ipaddress
 
-    from sandbox_mcp.hostnet.nat import nat_ruleset, table_name
+    from sandbox_mcp.hostnet.firewall import EGRESS_MARK, base_script, table_name
 
-    script = nat_ruleset("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"))
-    assert table_name("sandbox-br") == "sandbox_mcp_sandbox_br"
-    assert script.splitlines()[:3] == [
-        "add table ip sandbox_mcp_sandbox_br", "delete table ip sandbox_mcp_sandbox_br",
-        "table ip sandbox_mcp_sandbox_br {",
+    script = base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=True,
+                         nameservers=[ipaddress.IPv4Address("192.168.1.1")])
+    t = table_name("sandbox-br")
+    assert t == "sandbox_mcp_sandbox_br"
+    lines = [line.strip() for line in script.splitlines()]
+    for family in ("bridge", "inet"):
+        i = lines.index(f"add table {family} {t}")
+        assert lines[i + 1 : i + 3] == [f"delete table {family} {t}", f"table {family} {t} {{"]
+    assert "ip saddr 192.168.83.0/24 ip daddr != 192.168.83.0/24 masquerade" in lines
+    assert 'iifname "sandbox-br" ct state established,related accept' in lines  # the server's SSH replies
+    assert 'iifname "sandbox-br" drop' in lines  # nothing else reaches the host
+    assert f'iifname "sandbox-br" meta mark {EGRESS_MARK:#x} ip daddr != @closed accept' in lines
+    assert f'iifname "sandbox-br" meta mark {EGRESS_MARK:#x} ip daddr {{ 192.168.1.1 }} udp dport 53 accept' in lines
+    assert "iifname @ports oifname @ports drop" in lines  # workspace to workspace
+    assert "masquerade" not in base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False)
+
+
+def test_admit_and_revoke_a_port_exactly() -> None:
+    import ipaddress
+
+    from sandbox_mcp.hostnet.firewall import admit_script, admitted_ports, revoke_script
+
+    script = admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee", ipaddress.IPv4Address("192.168.83.10"),
+                          egress=False)
+    t = "sandbox_mcp_sandbox_br"
+    assert script.splitlines() == [
+        f"add chain bridge {t} port_sb_ws1",
+        f"flush chain bridge {t} port_sb_ws1",
+        f"add rule bridge {t} port_sb_ws1 ether saddr != 02:aa:bb:cc:dd:ee drop",
+        f"add rule bridge {t} port_sb_ws1 ether type ip ip saddr != 192.168.83.10 drop",
+        f"add rule bridge {t} port_sb_ws1 ether type arp arp saddr ether != 02:aa:bb:cc:dd:ee drop",
+        f"add rule bridge {t} port_sb_ws1 ether type arp arp saddr ip != 192.168.83.10 drop",
+        f"add rule bridge {t} port_sb_ws1 ether type != {{ ip, arp }} drop",
+        f'add element bridge {t} ports {{ "sb-ws1" : jump port_sb_ws1 }}',
+    ]  # fmt: skip
+    assert "meta mark set" in admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee",
+                                           ipaddress.IPv4Address("192.168.83.10"), egress=True)
+    listed = 'elements = { "sb-ws1" : jump port_sb_ws1 }\n\tchain port_sb_ws1 {\n'
+    assert admitted_ports(listed) == ["sb-ws1"]
+    assert revoke_script("sandbox-br", "sb-ws1", listed).splitlines() == [
+        f'delete element bridge {t} ports {{ "sb-ws1" }}', f"delete chain bridge {t} port_sb_ws1"
     ]
-    assert "ip saddr 192.168.83.0/24 ip daddr != 192.168.83.0/24 masquerade" in script
-    assert 'iifname "sandbox-br" accept' in script
+    assert revoke_script("sandbox-br", "sb-ws1", "") == ""
     with pytest.raises(InvalidSpec):
-        nat_ruleset('br"; flush ruleset; "', ipaddress.IPv4Network("10.0.0.0/24"))
+        admit_script("sandbox-br", "sb-ws1; flush ruleset", "02:aa:bb:cc:dd:ee",
+                     ipaddress.IPv4Address("192.168.83.10"), egress=False)

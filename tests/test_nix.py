@@ -1,11 +1,19 @@
 """The NixOS module (nix/) and flake.nix: every file parses; the module evaluates.
 
-Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation also needs a nixpkgs ``lib``
-checkout named by ``SANDBOX_MCP_NIXPKGS_LIB`` (a nixpkgs or nixpkgs.lib tree, or its ``lib/``);
-nothing is built, so no store or binary cache is needed. The module is evaluated with
-``lib.evalModules`` against stub modules (tests/fixtures/nix/stubs.nix) that declare, loosely
-typed, the NixOS options it sets, so its own option types are checked for real while what it
-sets on the host and in the guests is captured and compared here.
+Parsing needs ``nix-instantiate`` (Debian's ``nix-bin``). Evaluation needs three public sources,
+each named by a variable (``.ci/run`` unpacks them from ``../shared/nix``):
+
+- ``SANDBOX_MCP_NIXPKGS_LIB``: a nixpkgs or nixpkgs.lib checkout (or its ``lib/``);
+- ``SANDBOX_MCP_CONTAINERS_NIX``: nixpkgs' ``nixos/modules/virtualisation/nixos-containers.nix``
+  (found inside the nixpkgs checkout when that variable names a full nixpkgs);
+- ``SANDBOX_MCP_MICROVM_NIX``: a microvm.nix checkout (with ``nixos-modules/host``).
+
+Nothing is built, so no store or binary cache is needed. The module is evaluated with
+``lib.evalModules`` together with the real nixos-containers.nix and the real microvm.nix host
+module (and its guest options), so the options the module sets there exist with the types it
+gives them; stub modules (tests/fixtures/nix/stubs.nix) declare, loosely typed, the rest of NixOS,
+and a stand-in ``eval-config.nix`` evaluates the guests as nixpkgs would. Without the sources the
+evaluation tests skip and say which variable is missing.
 """
 
 from __future__ import annotations
@@ -14,20 +22,30 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox_mcp import hostcmd
+from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
+from sandbox_mcp.runtimes.base import RuntimeContext, no_progress
+from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "nix"
 EVAL_NIX = FIXTURES / "eval.nix"
 NAMING_NIX = FIXTURES / "naming.nix"
 LIB_ENV = "SANDBOX_MCP_NIXPKGS_LIB"
+CONTAINERS_ENV = "SANDBOX_MCP_CONTAINERS_NIX"
+MICROVM_ENV = "SANDBOX_MCP_MICROVM_NIX"
+_CONTAINERS_IN_NIXPKGS = Path("nixos/modules/virtualisation/nixos-containers.nix")
 
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 needs_nix = pytest.mark.skipif(
@@ -48,7 +66,7 @@ def _find_lib() -> tuple[str | None, str]:
     if not raw:
         return None, (
             f"{LIB_ENV} is not set; point it at a nixpkgs or nixpkgs.lib checkout (or its lib/ folder) "
-            f"to run the NixOS module's evaluation tests"
+            f"to run the NixOS module's evaluation tests (.ci/run unpacks one from ../shared/nix)"
         )
     root = Path(raw).expanduser()
     for cand in (root / "lib", root):
@@ -57,12 +75,57 @@ def _find_lib() -> tuple[str | None, str]:
     return None, f"{LIB_ENV}={raw} holds no nixpkgs lib (no lib/default.nix with modules.nix beside it)"
 
 
+def _find_containers_module() -> tuple[str | None, str]:
+    """nixpkgs' nixos-containers.nix: from its variable, else inside a full nixpkgs checkout."""
+    raw = os.environ.get(CONTAINERS_ENV)
+    if raw:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            return str(path.resolve()), ""
+        return None, f"{CONTAINERS_ENV}={raw} is not a file (nixpkgs' nixos-containers.nix)"
+    lib_root = os.environ.get(LIB_ENV)
+    if lib_root:
+        for root in (Path(lib_root), Path(lib_root).parent):
+            if (root / _CONTAINERS_IN_NIXPKGS).is_file():
+                return str((root / _CONTAINERS_IN_NIXPKGS).resolve()), ""
+    return None, (
+        f"{CONTAINERS_ENV} is not set; point it at nixpkgs' {_CONTAINERS_IN_NIXPKGS} "
+        f"(.ci/run takes it from ../shared/nix)"
+    )
+
+
+def _find_microvm() -> tuple[str | None, str]:
+    """The microvm.nix checkout from the environment, or None and why not."""
+    raw = os.environ.get(MICROVM_ENV)
+    if not raw:
+        return None, (
+            f"{MICROVM_ENV} is not set; point it at a microvm.nix checkout "
+            f"(.ci/run unpacks one from ../shared/nix)"
+        )
+    root = Path(raw).expanduser()
+    if (root / "nixos-modules" / "host" / "default.nix").is_file():
+        return str(root.resolve()), ""
+    return None, f"{MICROVM_ENV}={raw} holds no microvm.nix (no nixos-modules/host/default.nix)"
+
+
 LIB, LIB_MISSING = _find_lib()
+CONTAINERS_NIX, CONTAINERS_MISSING = _find_containers_module()
+MICROVM_NIX, MICROVM_MISSING = _find_microvm()
 needs_lib = pytest.mark.skipif(NIX_INSTANTIATE is None or LIB is None, reason=LIB_MISSING or "no nix")
+EVAL_MISSING = (
+    "nix-instantiate not found (Debian package nix-bin)"
+    if NIX_INSTANTIATE is None
+    else "; ".join(m for m in (LIB_MISSING, CONTAINERS_MISSING, MICROVM_MISSING) if m)
+)
+# The module evaluation tests: nixpkgs lib, nixos-containers.nix and microvm.nix.
+needs_eval = pytest.mark.skipif(bool(EVAL_MISSING), reason=EVAL_MISSING)
 
 
 def _instantiate(expr_file: Path, args: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = [NIX_INSTANTIATE, "--eval", "--strict", "--json", str(expr_file)]
+    assert NIX_INSTANTIATE is not None and LIB is not None
+    # The stand-in eval-config.nix finds nixpkgs' lib through this search path entry.
+    argv = [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-I", f"sandbox-mcp-nixpkgs-lib={LIB}"]
+    argv.append(str(expr_file))
     for key, value in args.items():
         argv += ["--argstr", key, value]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -74,9 +137,19 @@ def _write_json(tmp_path: Path, data: Any) -> Path:
     return path
 
 
+def _eval_args(tmp_path: Path, case: dict[str, Any]) -> dict[str, str]:
+    assert LIB is not None and CONTAINERS_NIX is not None and MICROVM_NIX is not None
+    return {
+        "libPath": LIB,
+        "inputFile": str(_write_json(tmp_path, case)),
+        "containersModule": CONTAINERS_NIX,
+        "microvmSource": MICROVM_NIX,
+    }
+
+
 def evaluate(tmp_path: Path, case: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the module for ``case`` (see eval.nix); fail the test with nix's stderr on error."""
-    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    proc = _instantiate(EVAL_NIX, _eval_args(tmp_path, case))
     if proc.returncode != 0:
         pytest.fail(f"evaluation failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
@@ -84,7 +157,7 @@ def evaluate(tmp_path: Path, case: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_error(tmp_path: Path, case: dict[str, Any]) -> str:
     """Evaluate ``case``, expecting nix to refuse it; returns the error text."""
-    proc = _instantiate(EVAL_NIX, {"libPath": LIB, "inputFile": str(_write_json(tmp_path, case))})
+    proc = _instantiate(EVAL_NIX, _eval_args(tmp_path, case))
     assert proc.returncode != 0, f"evaluation unexpectedly succeeded: {proc.stdout[:2000]}"
     return proc.stderr
 
@@ -107,8 +180,8 @@ THREE = {
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if NIX_INSTANTIATE is None or LIB is None:
-        pytest.skip(LIB_MISSING or "no nix-instantiate")
+    if EVAL_MISSING:
+        pytest.skip(EVAL_MISSING)
     tmp = tmp_path_factory.mktemp("nix-three")
     return evaluate(tmp, {"settings": settings(THREE, stateDir="/srv/sbx"), "host": INCUS_HOST})
 
@@ -139,9 +212,30 @@ def test_parse_check_catches_a_syntax_error(tmp_path: Path) -> None:
 
 
 def test_eval_tests_say_why_they_skip() -> None:
-    if LIB is None:
-        print(f"NixOS module evaluation tests skipped: {LIB_MISSING}")
-    assert LIB is not None or LIB_MISSING
+    if EVAL_MISSING:
+        print(f"NixOS module evaluation tests skipped: {EVAL_MISSING}")
+    assert (LIB is not None and CONTAINERS_NIX is not None and MICROVM_NIX is not None) or EVAL_MISSING
+
+
+def test_source_variables_are_not_server_settings(tmp_path: Path) -> None:
+    # The server reads SANDBOX_MCP_* into its settings (and refuses unknown nixos.* ones): the
+    # test-only variables must not land there, or every CLI call in the suite would fail.
+    env = {LIB_ENV: "/x", CONTAINERS_ENV: "/x", MICROVM_ENV: "/x", "SANDBOX_MCP_REQUIRE_NIX_EVAL": "1"}
+    assert load_settings(env=env, config_file=tmp_path / "none.toml") == load_settings(
+        env={}, config_file=tmp_path / "none.toml"
+    )
+
+
+# Programs the evaluation tests run for real (the rules' and tmpfiles' own parsers).
+EVAL_TOOLS = ("visudo", "cvtsudoers", "doas", "setpriv", "systemd-tmpfiles")
+
+
+def test_eval_sources_present_where_required() -> None:
+    # .ci/run sets this when it unpacked the sources: there, a skip would hide a broken setup.
+    if os.environ.get("SANDBOX_MCP_REQUIRE_NIX_EVAL") == "1":
+        assert not EVAL_MISSING, EVAL_MISSING
+        missing = [tool for tool in EVAL_TOOLS if shutil.which(tool) is None]
+        assert not missing, f"{missing} not installed (.ci/run's SANDBOX_MCP_SETUP_EXTRA installs them)"
 
 
 # ---- naming: the module and the server agree -------------------------------------------------
@@ -179,7 +273,7 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
 # ---- option types ----------------------------------------------------------------------------
 
 
-@needs_lib
+@needs_eval
 @pytest.mark.parametrize(
     ("workspace", "option"),
     [
@@ -188,6 +282,8 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
         ({"type": "container", "ip": "192.168.83.10", "packages": ["rm -rf /"]}, "packages"),
         ({"type": "vm", "ip": "192.168.83.10", "vcpu": 0}, "sandboxed-workspace.workspaces.web.vcpu"),
         ({"type": "vm", "ip": "192.168.83.10", "cid": 2}, "sandboxed-workspace.workspaces.web.cid"),
+        ({"type": "container", "ip": "192.168.83.10", "memoryMiB": -1}, "workspaces.web.memoryMiB"),
+        ({"type": "container", "ip": "192.168.83.10", "tasks": "many"}, "workspaces.web.tasks"),
         ({"type": "container", "ip": "192.168.83.10", "autoStart": "yes"}, "autoStart"),
         ({"type": "container", "ip": "192.168.83.10", "colour": "red"}, "colour"),
     ],
@@ -197,6 +293,8 @@ def test_mac_cid_and_name_rules_agree_with_python(tmp_path: Path, fallback: str)
         "bad-package",
         "zero-vcpu",
         "reserved-cid",
+        "negative-memory",
+        "tasks-str",
         "autostart-str",
         "unknown-option",
     ],
@@ -206,7 +304,7 @@ def test_bad_option_values_are_rejected(tmp_path: Path, workspace: dict[str, Any
     assert option in err
 
 
-@needs_lib
+@needs_eval
 def test_bad_user_name_is_rejected(tmp_path: Path) -> None:
     workspaces = {"web": {"type": "container", "ip": "192.168.83.10"}}
     err = evaluate_error(tmp_path, {"settings": settings(workspaces, user={"name": "Bad User"})})
@@ -223,18 +321,106 @@ def test_container_backend(three: dict[str, Any]) -> None:
     assert c["localAddress"] == "192.168.83.10/24"
     assert c["localMacAddress"] == mac_for("web")
     assert c["autoStart"] is False
+    # Unprivileged: root inside is a uid range nspawn picks; the shares are idmapped through it.
+    assert c["privateUsers"] == "pick"
     assert c["bindMounts"] == {
-        "/home/agent/workspace": {"hostPath": "/srv/sbx/web/workspace", "isReadOnly": False},
-        "/etc/ssh-host-keys": {"hostPath": "/srv/sbx/web/ssh-host-keys", "isReadOnly": True},
-        "/home/agent/claude-config": {"hostPath": "/srv/sbx/web/claude-config", "isReadOnly": False},
+        "/home/agent/workspace": {
+            "hostPath": "/srv/sbx/web/workspace",
+            "mountPoint": "/home/agent/workspace:idmap",
+            "isReadOnly": False,
+        },
+        "/etc/ssh-host-keys": {
+            "hostPath": "/srv/sbx/web/ssh-host-keys",
+            "mountPoint": "/etc/ssh-host-keys:idmap",
+            "isReadOnly": True,
+        },
+        "/home/agent/claude-config": {
+            "hostPath": "/srv/sbx/web/claude-config",
+            "mountPoint": "/home/agent/claude-config:idmap",
+            "isReadOnly": False,
+        },
     }
+    # What nixos-containers.nix hands systemd-nspawn for it (its /etc/nixos-containers/web.conf).
+    conf = three["containerConf"]["web"]
+    assert "PRIVATE_USERS=pick\n" in conf
+    assert "HOST_BRIDGE=sandbox-br\n" in conf and "LOCAL_ADDRESS=192.168.83.10/24\n" in conf
+    assert f"LOCAL_MAC_ADDRESS={mac_for('web')}\n" in conf
+    flags = conf.split('EXTRA_NSPAWN_FLAGS="', 1)[1].split('"', 1)[0].split()
+    assert sorted(flags) == sorted(
+        [
+            "--bind=/srv/sbx/web/workspace:/home/agent/workspace:idmap",
+            "--bind-ro=/srv/sbx/web/ssh-host-keys:/etc/ssh-host-keys:idmap",
+            "--bind=/srv/sbx/web/claude-config:/home/agent/claude-config:idmap",
+        ]
+    )
     assert set(three["containers"]) == {"web"}
     unit = three["services"]["container@web"]
+    # The module-wide default limits on the container's unit (its cgroup holds the container).
+    limits = {k: unit["serviceConfig"][k] for k in ("CPUQuota", "MemoryMax", "MemorySwapMax", "TasksMax")}
+    assert limits == {"CPUQuota": "400%", "MemoryMax": "4096M", "MemorySwapMax": "0", "TasksMax": 4096}
+    # ... merged into nixos-containers.nix's own unit, not replacing it.
+    assert unit["serviceConfig"]["Delegate"] is True and unit["serviceConfig"]["Type"] == "notify"
     assert unit["requires"] == ["sandboxed-workspace-setup-web.service"]
     assert unit["after"] == ["sandboxed-workspace-setup-web.service"]
     # Restarted on a rebuild even without autoStart (nixpkgs only triggers for autoStart).
     assert unit["restartIfChanged"] is True
     assert unit["restartTriggers"] == [c["path"]]
+
+
+@needs_eval
+def test_privileged_containers_only_when_asked(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"web": _ws("container", "192.168.83.10")}, container={"privateUsers": "no"})},
+    )
+    c = out["containers"]["web"]
+    assert c["privateUsers"] == "no"
+    assert c["bindMounts"]["/home/agent/workspace"]["mountPoint"] == "/home/agent/workspace"
+    conf = out["containerConf"]["web"]
+    assert "PRIVATE_USERS=no\n" in conf and ":idmap" not in conf
+
+
+@needs_eval
+def test_limits_per_workspace(tmp_path: Path) -> None:
+    workspaces = {
+        "small": _ws("container", "192.168.83.10", cpus=1, memoryMiB=512, tasks=256),
+        "vm1": _ws("vm", "192.168.83.11", cpus=3, memoryMiB=3072),
+        "vm2": _ws("vm", "192.168.83.12", vcpu=2, memory=1536),  # the older names
+        "vm3": _ws("vm", "192.168.83.13"),
+        "big": _ws("container", "192.168.83.14"),
+    }
+    out = evaluate(
+        tmp_path,
+        {"settings": settings(workspaces, limits={"cpus": 6, "memoryMiB": 6144, "tasks": 9000})},
+    )
+    assert out["failedAssertions"] == []
+    small = out["services"]["container@small"]["serviceConfig"]
+    assert (small["CPUQuota"], small["MemoryMax"], small["TasksMax"]) == ("100%", "512M", 256)
+    big = out["services"]["container@big"]["serviceConfig"]
+    assert (big["CPUQuota"], big["MemoryMax"], big["TasksMax"]) == ("600%", "6144M", 9000)
+    vms = {n: out["guests"][n]["microvm"] for n in ("vm1", "vm2", "vm3")}
+    assert [(v["vcpu"], v["mem"]) for v in vms.values()] == [(3, 3072), (2, 1536), (6, 6144)]
+
+
+@needs_eval
+def test_limits_from_the_registry(tmp_path: Path) -> None:
+    registry = tmp_path / "sandboxed-workspaces.json"
+    registry.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "authorizedKeys": [SERVER_KEY],
+                "workspaces": {
+                    "c1": {"type": "container", "ip": "192.168.83.10", "cpus": 2, "memoryMiB": 1024, "tasks": 300},
+                    "v1": {"type": "vm", "ip": "192.168.83.11", "cpus": 2, "memoryMiB": 2048},
+                },
+            }
+        )
+    )
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    unit = out["services"]["container@c1"]["serviceConfig"]
+    assert (unit["CPUQuota"], unit["MemoryMax"], unit["TasksMax"]) == ("200%", "1024M", 300)
+    assert (out["guests"]["v1"]["microvm"]["vcpu"], out["guests"]["v1"]["microvm"]["mem"]) == (2, 2048)
 
 
 def test_vm_backend(three: dict[str, Any]) -> None:
@@ -264,6 +450,14 @@ def test_vm_backend(three: dict[str, Any]) -> None:
     unit = three["services"]["microvm@vm1"]
     assert unit["overrideStrategy"] == "asDropin"
     assert unit["requires"] == ["sandboxed-workspace-setup-vm1.service"]
+    # virtiofsd serves the shares: it starts only after the setup unit fixed their owner and mode.
+    virtiofsd = three["services"]["microvm-virtiofsd@vm1"]
+    assert virtiofsd["overrideStrategy"] == "asDropin"
+    assert virtiofsd["requires"] == virtiofsd["after"] == ["sandboxed-workspace-setup-vm1.service"]
+    setup = three["services"]["sandboxed-workspace-setup-vm1"]
+    assert "microvm-virtiofsd@vm1.service" in setup["before"]
+    # microvm.nix's own template orders virtiofsd before the VM, so the chain is complete.
+    assert "microvm-virtiofsd@%i.service" in three["services"]["microvm@"]["after"]
     # The host bridge enslaves exactly the VMs' TAPs.
     taps = three["network"]["systemd"]["networks"]["41-sandboxed-workspace-taps"]
     assert taps["matchConfig"]["Name"] == ["vm-vm1"] and taps["networkConfig"]["Bridge"] == "sandbox-br"
@@ -284,15 +478,57 @@ def test_incus_backend(three: dict[str, Any]) -> None:
     images = f"{store}-metadata-inc/tarball/*.tar.xz {store}-tarball-inc/tarball/*.tar.xz"
     assert f"incus image import {images}" in start
     assert "incus delete --force workspace-inc" in start
-    assert "incus create --ephemeral sandboxed-workspace-inc-" in start
-    assert f"nic nictype=bridged parent=sandbox-br hwaddr={mac_for('inc')}" in start
+    # Nothing is added imperatively: the instance comes from the default profile and its own.
     assert (
-        "workspace disk source=/srv/sbx/inc/workspace path=/home/agent/workspace shift=true readonly=false"
-        in start
+        "incus create --ephemeral sandboxed-workspace-inc-" in start
+        and " workspace-inc --profile default --profile sandboxed-workspace-inc\n" in start
     )
-    keys = "source=/srv/sbx/inc/ssh-host-keys path=/etc/ssh-host-keys shift=true readonly=true"
-    assert f"ssh-host-keys disk {keys}" in start
+    assert "config device add" not in start
     assert start.index("incus create") < start.index("incus start workspace-inc")
+    # ... which NixOS's incus-preseed.service creates or updates on each rebuild.
+    assert "incus-preseed.service" in unit["requires"] and "incus-preseed.service" in unit["after"]
+    (profile,) = three["incusPreseed"]["profiles"]
+    assert profile["name"] == "sandboxed-workspace-inc"
+    assert profile["config"] == {
+        "limits.cpu": "4",
+        "limits.memory": "4096MiB",
+        "limits.memory.swap": "false",
+        "limits.processes": "4096",
+        "security.nesting": "true",
+    }
+    assert profile["devices"] == {
+        "eth0": {
+            "type": "nic",
+            "nictype": "bridged",
+            "parent": "sandbox-br",
+            "hwaddr": mac_for("inc"),
+            "name": "eth0",
+        },
+        "workspace": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/workspace",
+            "path": "/home/agent/workspace",
+            "shift": "true",
+            "readonly": "false",
+        },
+        "ssh-host-keys": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/ssh-host-keys",
+            "path": "/etc/ssh-host-keys",
+            "shift": "true",
+            "readonly": "true",
+        },
+        "claude-config": {
+            "type": "disk",
+            "source": "/srv/sbx/inc/claude-config",
+            "path": "/home/agent/claude-config",
+            "shift": "true",
+            "readonly": "false",
+        },
+    }
+    # Every value is a string, as Incus wants them.
+    assert all(isinstance(v, str) for v in profile["config"].values())
+    assert all(isinstance(v, str) for d in profile["devices"].values() for v in d.values())
     assert "incus stop --force workspace-inc" in stop
 
 
@@ -311,7 +547,8 @@ def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
     assert len(aliases) == 15
     for name, unit in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
         setup = three["services"][f"sandboxed-workspace-setup-{name}"]
-        assert setup["before"] == [f"{unit}.service"]
+        virtiofsd = [f"microvm-virtiofsd@{name}.service"] if name == "vm1" else []
+        assert setup["before"] == [f"{unit}.service", *virtiofsd]
         script = setup["script"]
         assert f"state=/srv/sbx/{name}\n" in script
         assert 'ssh-keygen -q -t ed25519 -N "" -C ' + name in script
@@ -363,7 +600,7 @@ def test_guest_base_configuration(three: dict[str, Any]) -> None:
     assert three["guests"]["web"]["packages"][:1] == ["ripgrep"]
 
 
-@needs_lib
+@needs_eval
 def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     out = evaluate(
         tmp_path,
@@ -394,17 +631,18 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
     }
     assert out["containers"]["dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
         "hostPath": "/run/sandboxed-workspace/dev",
+        "mountPoint": "/var/lib/sandbox-secrets:idmap",
         "isReadOnly": True,
     }
     assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
     script = out["services"]["sandboxed-workspace-setup-dev"]["script"]
-    assert "install -m 0400 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
-    assert "-o 1001 -g 100" in script
+    assert "install -m 0400 -o 0 -g 0 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
+    assert 'dir "$state/workspace" 0755 1001:100' in script
     assert out["aliases"]["workspace_dev_start"] == "doas systemctl start container@dev"
     assert out["aliases"]["workspace_dev"] == "ssh alice@workspace-dev"
 
 
-@needs_lib
+@needs_eval
 def test_pinned_host_key(tmp_path: Path) -> None:
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinned dev"
     out = evaluate(
@@ -419,15 +657,17 @@ def test_pinned_host_key(tmp_path: Path) -> None:
     assert "exit 1" in script
 
 
-@needs_lib
+@needs_eval
 def test_disabled_module_sets_nothing(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": {"workspaces": THREE}, "host": INCUS_HOST})
-    assert out["containers"] == {} and out["vms"] == {} and out["services"] == {}
+    assert out["containers"] == {} and out["vms"] == {}
+    # Only microvm.nix's own unit templates, nothing of a workspace.
+    assert out["services"] and all(name.endswith("@") for name in out["services"])
     assert out["hosts"] == {} and out["aliases"] == {} and out["failedAssertions"] == []
     assert out["network"]["systemd"] == {}
 
 
-@needs_lib
+@needs_eval
 def test_module_works_without_microvm_for_other_types(tmp_path: Path) -> None:
     out = evaluate(
         tmp_path,
@@ -481,6 +721,14 @@ ASSERTION_CASES = {
         ['sandboxed-workspace.workspaces.a.memory only applies to type "vm"'],
     ),
     "cid-on-container": ({"a": _ws("container", "192.168.83.10", cid=50)}, ["workspaces.a.cid only applies"]),
+    "cpus-and-vcpu": (
+        {"a": _ws("vm", "192.168.83.10", cpus=2, vcpu=4)},
+        ["workspaces.a.cpus and sandboxed-workspace.workspaces.a.vcpu are both set", "remove vcpu"],
+    ),
+    "memory-twice": (
+        {"a": _ws("vm", "192.168.83.10", memoryMiB=2048, memory=4096)},
+        ["workspaces.a.memoryMiB and sandboxed-workspace.workspaces.a.memory are both set"],
+    ),
     "unknown-package": (
         {"a": _ws("container", "192.168.83.10", packages=["ripgrep", "python3Packages.nope"])},
         ['names "python3Packages.nope", which is not a package of pkgs'],
@@ -488,7 +736,7 @@ ASSERTION_CASES = {
 }
 
 
-@needs_lib
+@needs_eval
 @pytest.mark.parametrize("case", list(ASSERTION_CASES))
 def test_assertions_fire(tmp_path: Path, case: str) -> None:
     workspaces, expected = ASSERTION_CASES[case]
@@ -498,32 +746,66 @@ def test_assertions_fire(tmp_path: Path, case: str) -> None:
         assert fragment in messages, f"{fragment!r} not in:\n{messages}"
 
 
-@needs_lib
+@needs_eval
 def test_valid_setup_passes_every_assertion(three: dict[str, Any]) -> None:
     assert three["failedAssertions"] == []
+    # The guests' too: nixos-containers.nix's name checks, microvm.nix's share/interface checks.
+    for name, guest in three["guests"].items():
+        assert guest["failedAssertions"] == [], name
 
 
-@needs_lib
+@needs_eval
+def test_the_real_backend_modules_check_their_options(tmp_path: Path) -> None:
+    # The evaluation uses nixpkgs' and microvm.nix's own option declarations, not loose stubs.
+    err = evaluate_error(tmp_path, {"host": {"containers": {"x": {"path": "/nix/store/x", "privateUsers": "everyone"}}}})
+    assert "containers.x.privateUsers" in err
+    err = evaluate_error(
+        tmp_path,
+        {
+            "settings": settings({"v": _ws("vm", "192.168.83.10")}),
+            "host": {"microvm": {"vms": {"v": {"autostart": "yes"}}}},
+        },
+    )
+    assert "microvm.vms.v.autostart" in err
+    module = tmp_path / "bad-share.nix"
+    module.write_text('{ microvm.shares = [ { tag = "t"; source = "/s"; mountPoint = "/m"; proto = "nfs"; } ]; }')
+    err = evaluate_error(
+        tmp_path,
+        {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
+    )
+    assert "microvm.shares" in err and "proto" in err
+    # microvm.nix's own guest assertions run too: a share tag the module already uses.
+    module.write_text(
+        '{ microvm.shares = [ { tag = "workspace"; source = "/s"; mountPoint = "/m"; proto = "virtiofs"; } ]; }'
+    )
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
+    )
+    assert any('share tag "workspace" is used 2 > 1 times' in m for m in out["guests"]["v"]["failedAssertions"])
+
+
+@needs_eval
 def test_vm_without_microvm_module_asks_for_it(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"microvm": False, "settings": settings({"v": _ws("vm", "192.168.83.10")})})
     (msg,) = out["failedAssertions"]
     assert "needs microvm.nix's host module" in msg and "nixosModules.default" in msg
 
 
-@needs_lib
+@needs_eval
 def test_incus_needs_incus_enabled(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({"i": _ws("incus", "192.168.83.10")})})
     (msg,) = out["failedAssertions"]
     assert "virtualisation.incus.enable = true;" in msg
 
 
-@needs_lib
+@needs_eval
 def test_subnet_too_small(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({}, network={"subnet": "192.168.83.0/31"})})
     assert any('subnet = "192.168.83.0/31" is not an IPv4 subnet' in m for m in out["failedAssertions"])
 
 
-@needs_lib
+@needs_eval
 def test_host_address_outside_subnet(tmp_path: Path) -> None:
     out = evaluate(tmp_path, {"settings": settings({}, network={"hostAddress": "10.1.1.1"})})
     assert any("hostAddress" in m and "10.1.1.1" in m for m in out["failedAssertions"])
@@ -571,7 +853,7 @@ def _registry_tree(tmp_path: Path) -> Path:
     return path
 
 
-@needs_lib
+@needs_eval
 def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     from_registry = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
@@ -603,7 +885,7 @@ def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None
     assert from_registry["guests"]["vm2"]["microvm"]["mem"] == 2048
 
 
-@needs_lib
+@needs_eval
 def test_registry_and_declared_merge(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     out = evaluate(
@@ -622,7 +904,7 @@ def test_registry_and_declared_merge(tmp_path: Path) -> None:
     assert keys == ["ssh-ed25519 AAAAMine me", SERVER_KEY]
 
 
-@needs_lib
+@needs_eval
 def test_name_in_registry_and_declarations_is_refused(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     out = evaluate(
@@ -634,7 +916,7 @@ def test_name_in_registry_and_declarations_is_refused(tmp_path: Path) -> None:
     assert "Remove one of the two" in msg
 
 
-@needs_lib
+@needs_eval
 def test_registry_is_type_checked(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     data = json.loads(registry.read_text())
@@ -644,7 +926,7 @@ def test_registry_is_type_checked(tmp_path: Path) -> None:
     assert "sandboxed-workspace.registryWorkspaces.ws1.type" in err
 
 
-@needs_lib
+@needs_eval
 def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> None:
     registry = _registry_tree(tmp_path)
     data = json.loads(registry.read_text())
@@ -655,3 +937,444 @@ def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> Non
     messages = "\n".join(out["failedAssertions"])
     assert "has version\n2; this module reads version 1" in messages
     assert "absolute config paths for\nvm2; they must be relative" in messages
+
+
+# ---- the server's registry writer and the module's reader, on one file -----------------------
+
+# nixos-rebuild cannot run here: the runtime's command prefix puts a no-op in front of it (python
+# ignores the words after `-c CODE`), so prepare() writes the registry and "rebuilds" for real.
+_NO_REBUILD = [sys.executable, "-c", "pass"]
+
+
+async def _write_registry_with_the_server(tmp_path: Path, records: list[WorkspaceRecord]) -> Path:
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        nixos=NixosSettings(flake=str(flake), host="fry", escalation="sudo"),
+    )
+    runtime = NixosRuntime(RuntimeContext.for_settings(settings, SERVER_KEY), command_prefix=_NO_REBUILD)
+    for record in records:
+        await runtime.prepare(record, no_progress)
+    assert runtime.registry_path.is_file()
+    return runtime.registry_path
+
+
+def _record(name: str, type_: str, ip: str, packages: list[str]) -> WorkspaceRecord:
+    return WorkspaceRecord(
+        name=name,
+        type=type_,  # type: ignore[arg-type]
+        runtime="nixos",
+        ip=ip,
+        mac=mac_for(name),
+        cid=cid_for(name),
+        user="agent",
+        packages=packages,
+    )
+
+
+@needs_eval
+@pytest.mark.anyio
+async def test_module_reads_the_registry_the_server_writes(tmp_path: Path) -> None:
+    records = [
+        _record("web", "container", "192.168.83.20", ["ripgrep", "python3Packages.requests"]),
+        _record("vm1", "vm", "192.168.83.21", ["jq"]),
+        _record("inc", "incus", "192.168.83.22", []),
+    ]
+    registry = await _write_registry_with_the_server(tmp_path, records)
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({}, registryFile=str(registry), stateDir="/srv/sbx"), "host": INCUS_HOST},
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["workspaces"]) == {"web", "vm1", "inc"}
+    for name in ("web", "vm1", "inc"):
+        # The per-workspace .nix template the server wrote is imported (relative to the registry).
+        assert out["workspaces"][name]["hasConfig"] is True
+        assert out["workspaces"][name]["autoStart"] is False
+
+    web = out["containers"]["web"]
+    assert web["localAddress"] == "192.168.83.20/24" and web["localMacAddress"] == mac_for("web")
+    assert web["hostBridge"] == "sandbox-br" and web["ephemeral"] is True
+    assert web["bindMounts"]["/home/agent/workspace"]["hostPath"] == "/srv/sbx/web/workspace"
+    guest = out["guests"]["web"]
+    assert {"ripgrep", "python3.12-requests-2.32.3"} <= set(guest["packages"])
+    # The server's client key, from the registry, may log in.
+    assert guest["users"]["agent"]["openssh"]["authorizedKeys"]["keys"] == [SERVER_KEY]
+
+    assert set(out["vms"]) == {"vm1"}
+    mv = out["guests"]["vm1"]["microvm"]
+    assert mv["interfaces"] == [{"type": "tap", "id": "vm-vm1", "mac": mac_for("vm1")}]
+    assert mv["vsock"] == {"cid": cid_for("vm1")}
+    assert out["guests"]["vm1"]["packages"][0] == "jq"
+
+    unit = out["services"]["incus-workspace-inc"]
+    assert unit["wantedBy"] == []  # the server starts it
+    assert out["hosts"]["192.168.83.22"] == ["workspace-inc"]
+    for name, unit_name in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
+        assert f"sandboxed-workspace-setup-{name}.service" in out["services"][unit_name]["requires"]
+
+
+# ---- issue 12.7: microvm.nix's tmpfiles rules versus the setup unit, for real -----------------
+
+
+def _tmpfiles_lines(settings_: dict[str, Any], owner_map: dict[str, str]) -> list[str]:
+    """tmpfiles.d lines from ``systemd.tmpfiles.settings`` entries, as NixOS writes them."""
+    lines = []
+    for path, types in settings_.items():
+        for kind, e in types.items():
+            user = owner_map.get(e["user"], e["user"])
+            group = owner_map.get(e["group"], e["group"])
+            lines.append(f"{kind} {path} {e['mode']} {user} {group} {e.get('age', '-')} -")
+    return lines
+
+
+@needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
+def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path) -> None:
+    state_root = tmp_path / "state"
+    out = evaluate(
+        tmp_path,
+        {"settings": settings({"vm1": _ws("vm", "192.168.83.11")}, stateDir=str(state_root))},
+    )
+    rules = out["tmpfiles"]["10-microvm"]
+    ours = {p: r for p, r in rules.items() if p.startswith(str(state_root))}
+    assert set(ours) == {f"{state_root}/vm1/{d}" for d in ("workspace", "ssh-host-keys", "claude-config")}
+    # What real microvm.nix declares: created as microvm:kvm 0775 (":" = only when missing).
+    assert all(r["d"] == {"user": ":microvm", "group": ":kvm", "mode": ":0775"} for r in ours.values())
+
+    # Apply those rules with systemd-tmpfiles, as the host does at boot. The microvm user and kvm
+    # group do not exist here: nobody/nogroup stand in for them (any uid but the agent's).
+    conf = tmp_path / "microvm.conf"
+    conf.write_text("\n".join(_tmpfiles_lines(ours, {":microvm": ":nobody", ":kvm": ":nogroup"})) + "\n")
+    subprocess.run(["systemd-tmpfiles", "--create", str(conf)], check=True, capture_output=True)
+    ws_dir = state_root / "vm1" / "workspace"
+    nobody = ws_dir.stat().st_uid
+    assert nobody != 1000 and oct(ws_dir.stat().st_mode & 0o7777) == "0o775"  # the bug's starting point
+
+    # Then the setup unit's script, as systemd would run it (bash -e, its `path` on PATH).
+    script = out["services"]["sandboxed-workspace-setup-vm1"]["script"]
+    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+    def owner_mode(p: Path) -> tuple[int, int, str]:
+        st = p.lstat()
+        return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
+
+    root_st = state_root.stat()
+    assert owner_mode(ws_dir) == (1000, 100, "0o755")  # the agent can write ~/workspace
+    assert owner_mode(state_root / "vm1" / "claude-config") == (1000, 100, "0o700")
+    keys = state_root / "vm1" / "ssh-host-keys"
+    # Not group-writable any more: the kvm group cannot replace the pinned key.
+    assert owner_mode(keys) == (root_st.st_uid, root_st.st_gid, "0o755")
+    assert owner_mode(keys / "ssh_host_ed25519_key")[2] == "0o600"
+    assert owner_mode(keys / "authorized_keys")[2] == "0o644"
+
+    # A second start keeps the key (the server pinned it) and the modes.
+    key_before = (keys / "ssh_host_ed25519_key").read_bytes()
+    os.chmod(ws_dir, 0o775)
+    subprocess.run(["bash", "-e", "-c", script], check=True, capture_output=True)
+    assert (keys / "ssh_host_ed25519_key").read_bytes() == key_before
+    assert owner_mode(ws_dir) == (1000, 100, "0o755")
+
+
+@needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
+def test_setup_unit_refuses_a_symlinked_share(tmp_path: Path) -> None:
+    state_root = tmp_path / "state"
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir=str(state_root))})
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (state_root / "c1").mkdir(parents=True)
+    (state_root / "c1" / "workspace").symlink_to(victim)
+    script = out["services"]["sandboxed-workspace-setup-c1"]["script"]
+    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "workspace is a symbolic link; remove it" in proc.stderr
+    assert victim.stat().st_uid == 0 and oct(victim.stat().st_mode & 0o777) == "0o700"
+
+
+@needs_eval
+def test_incus_profiles_merge_with_the_users_preseed(tmp_path: Path) -> None:
+    users_preseed = {
+        "storage_pools": [{"name": "default", "driver": "dir"}],
+        "profiles": [{"name": "default", "devices": {"root": {"type": "disk", "path": "/", "pool": "default"}}}],
+    }
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {
+                    "i1": _ws("incus", "192.168.83.10", cpus=2, memoryMiB=1024, tasks=500),
+                    "i2": _ws("incus", "192.168.83.11"),
+                }
+            ),
+            "host": {"virtualisation": {"incus": {"enable": True, "preseed": users_preseed}}},
+        },
+    )
+    preseed = out["incusPreseed"]
+    assert preseed["storage_pools"] == users_preseed["storage_pools"]
+    names = [p["name"] for p in preseed["profiles"]]
+    assert sorted(names) == ["default", "sandboxed-workspace-i1", "sandboxed-workspace-i2"]
+    i1 = next(p for p in preseed["profiles"] if p["name"] == "sandboxed-workspace-i1")
+    assert (i1["config"]["limits.cpu"], i1["config"]["limits.memory"], i1["config"]["limits.processes"]) == (
+        "2",
+        "1024MiB",
+        "500",
+    )
+
+
+# ---- issue 10.7: sudo/doas rules pinned to the server's exact commands -----------------------
+
+RULE_WORKSPACES = {
+    "web": _ws("container", "192.168.83.10"),
+    "vm1": _ws("vm", "192.168.83.11"),
+    "inc": _ws("incus", "192.168.83.12"),
+}
+
+
+def _server_argv(escalation: hostcmd.Escalation) -> list[list[str]]:
+    """What the server runs through the escalation, from hostcmd's own builders (prefix removed)."""
+    n = 0 if escalation == "none" else 2  # "sudo -n" / "doas -n"
+    argvs = [hostcmd.nixos_rebuild_argv("/etc/nixos", "fry", escalation)[n:]]
+    for name, ws in RULE_WORKSPACES.items():
+        for action in ("start", "stop"):
+            argvs.append(hostcmd.systemctl_argv(action, unit_for(ws["type"], name), escalation)[n:])
+    return argvs
+
+
+def _rules_case(user: str, escalation: str, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    server = {"user": user, "escalation": escalation, "flake": "/etc/nixos", "host": "fry"}
+    return {
+        "settings": settings(RULE_WORKSPACES, server=server),
+        "host": {**INCUS_HOST, **(host or {})},
+    }
+
+
+@needs_eval
+def test_rules_allow_exactly_what_hostcmd_runs(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, _rules_case("alice", "sudo"))
+    assert out["failedAssertions"] == []
+    assert sorted(out["privileges"]["commands"]) == sorted(_server_argv("sudo"))
+
+
+@needs_eval
+@pytest.mark.skipif(
+    shutil.which("visudo") is None or shutil.which("cvtsudoers") is None, reason="sudo is not installed"
+)
+def test_sudo_rules_parse_to_the_servers_argv(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, _rules_case("alice", "sudo"))
+    (rule,) = out["privileges"]["sudoRules"]
+    assert out["privileges"]["doasRules"] == []
+    # sudoers as NixOS's sudo module writes an extraRules entry: "USER HOST=(RUNAS) OPTS: CMD, ...".
+    commands = ", ".join(f"{':'.join(c['options'])}: {c['command']}" for c in rule["commands"])
+    line = f"{rule['users'][0]} ALL=({rule['runAs']}) {commands}\n"
+    sudoers = tmp_path / "sudoers"
+    sudoers.write_text(line)
+    check = subprocess.run(["visudo", "-c", "-f", str(sudoers)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # sudo's own parser: each rule is one command with exactly the server's arguments (a bare
+    # '#' would have cut "/etc/nixos#fry" off as a comment).
+    parsed = json.loads(
+        subprocess.run(["cvtsudoers", "-f", "json", str(sudoers)], capture_output=True, text=True, check=True).stdout
+    )
+    (spec,) = parsed["User_Specs"]
+    assert spec["User_List"] == [{"username": "alice"}]
+    (cmnd,) = spec["Cmnd_Specs"]
+    assert cmnd["runasusers"] == [{"username": "root"}]
+    assert {"authenticate": False} in cmnd["Options"]
+    got = sorted(c["command"] for c in cmnd["Commands"])
+    want = sorted(f"/run/current-system/sw/bin/{' '.join(argv)}" for argv in _server_argv("sudo"))
+    assert got == want
+
+
+@needs_eval
+@pytest.mark.skipif(shutil.which("doas") is None, reason="doas is not installed (Debian package opendoas)")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_doas_rules_permit_exactly_the_servers_argv(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    out = evaluate(tmp_path, _rules_case("nobody", "doas", {"security": {"doas": {"enable": True}}}))
+    assert out["failedAssertions"] == []
+    rules = out["privileges"]["doasRules"]
+    assert out["privileges"]["sudoRules"] == []
+
+    # doas.conf as NixOS's doas module writes extraRules entries.
+    def render(r: dict[str, Any]) -> str:
+        opts = "nopass setenv { SSH_AUTH_SOCK TERMINFO TERMINFO_DIRS  }"
+        return f"permit {opts} {r['users'][0]} as {r['runAs']} cmd {r['cmd']} args {' '.join(r['args'])}"
+
+    # Readable by nobody (pytest's own temp root is 0700); removed when the test ends.
+    conf_dir = Path(tempfile.mkdtemp(prefix="sandbox-mcp-doas-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(conf_dir, ignore_errors=True))
+    conf_dir.chmod(0o755)
+    conf = conf_dir / "doas.conf"
+    conf.write_text("\n".join(render(r) for r in rules) + "\n")
+    conf.chmod(0o644)
+
+    def doas_check(argv: list[str]) -> str:
+        # doas -C matches for the calling user: run it as nobody, whom the rules name.
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "doas", "-C", str(conf), *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert not proc.stderr, proc.stderr
+        return proc.stdout.strip()
+
+    for argv in _server_argv("doas"):
+        assert doas_check(argv) == "permit nopass", argv
+    near_misses = [
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos#other"],
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos"],
+        ["nixos-rebuild", "switch", "--flake", "/etc/nixos#fry", "--option", "x", "y"],
+        ["nixos-rebuild", "boot", "--flake", "/etc/nixos#fry"],
+        ["systemctl", "restart", "container@web"],
+        ["systemctl", "start", "container@other"],
+        ["systemctl", "start", "sshd"],
+        ["sh", "-c", "id"],
+    ]
+    for argv in near_misses:
+        assert doas_check(argv) == "deny", argv
+
+
+@needs_eval
+def test_rules_need_flake_and_host(tmp_path: Path) -> None:
+    out = evaluate(tmp_path, {"settings": settings(RULE_WORKSPACES, server={"user": "alice"}), "host": INCUS_HOST})
+    assert any("server.flake or server.host is not" in m for m in out["failedAssertions"])
+    out = evaluate(tmp_path, _rules_case("alice", "doas"))
+    assert any("security.doas.enable = true;" in m for m in out["failedAssertions"])
+
+
+@needs_eval
+@pytest.mark.parametrize(
+    ("server", "option"),
+    [
+        ({"user": "alice", "flake": "/etc/nix os", "host": "fry"}, "server.flake"),
+        ({"user": "alice", "flake": "/etc/nixos#x", "host": "fry"}, "server.flake"),
+        ({"user": "alice", "flake": "/etc/nixos", "host": "fry,ALL"}, "server.host"),
+        ({"user": "ALL", "flake": "/etc/nixos", "host": "fry"}, "server.user"),
+    ],
+)
+def test_rule_inputs_are_validated(tmp_path: Path, server: dict[str, str], option: str) -> None:
+    err = evaluate_error(tmp_path, {"settings": settings(RULE_WORKSPACES, server=server), "host": INCUS_HOST})
+    assert f"sandboxed-workspace.{option}" in err
+
+
+@needs_eval
+def test_no_rules_without_a_server_user(three: dict[str, Any]) -> None:
+    assert three["privileges"] == {"commands": [], "sudoRules": [], "doasRules": []}
+
+
+# ---- issue 14.4: the daemon as a systemd service ---------------------------------------------
+
+
+@needs_eval
+def test_daemon_service(tmp_path: Path) -> None:
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {"web": _ws("container", "192.168.83.10")},
+                stateDir="/srv/sbx",
+                daemon={"enable": True, "environment": {"SANDBOX_MCP_BOOT_TIMEOUT_S": "180"}},
+                server={"flake": "/etc/nixos", "host": "fry"},
+            )
+        },
+    )
+    assert out["failedAssertions"] == [] and out["warnings"] == []
+    assert out["groups"] == {"sandbox-mcp": {}}
+    unit = out["services"]["sandbox-mcp-daemon"]
+    assert unit["wantedBy"] == ["multi-user.target"]
+    sc = unit["serviceConfig"]
+    assert sc["ExecStart"] == "/nix/store/00000000000000000000000000000000-sandbox-mcp-0.1.0/bin/sandbox-mcp daemon"
+    assert "User" not in sc  # root
+    # systemd makes /run/sandbox-mcp for the socket; the daemon makes the socket 0660 root:group.
+    assert sc["RuntimeDirectory"] == "sandbox-mcp" and sc["RuntimeDirectoryMode"] == "0755"
+    assert unit["restartIfChanged"] is False
+    assert unit["environment"] == {
+        "SANDBOX_MCP_DAEMON_SOCKET": "/run/sandbox-mcp/daemon.sock",
+        "SANDBOX_MCP_DAEMON_GROUP": "sandbox-mcp",
+        "SANDBOX_MCP_STATE_DIR": "/srv/sbx",
+        "SANDBOX_MCP_BRIDGE": "sandbox-br",
+        "SANDBOX_MCP_SUBNET": "192.168.83.0/24",
+        "SANDBOX_MCP_USER": "agent",
+        "SANDBOX_MCP_MODE": "nixos",
+        "SANDBOX_MCP_NIXOS_FLAKE": "/etc/nixos",
+        "SANDBOX_MCP_NIXOS_HOST": "fry",
+        "SANDBOX_MCP_NIXOS_ESCALATION": "none",
+        "SANDBOX_MCP_BOOT_TIMEOUT_S": "180",
+    }
+    # No sudo or doas rule: the group is the door.
+    assert out["privileges"] == {"commands": [], "sudoRules": [], "doasRules": []}
+
+
+@needs_eval
+def test_daemon_environment_matches_the_servers_settings(tmp_path: Path) -> None:
+    # The server reads exactly these variables into its settings (no typo, no unknown name).
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {},
+                daemon={"enable": True, "socket": "/run/sbx/d.sock", "group": "agents"},
+                server={"flake": "/etc/nixos", "host": "fry"},
+            )
+        },
+    )
+    env = out["services"]["sandbox-mcp-daemon"]["environment"]
+    assert out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["RuntimeDirectory"] == "sbx"
+    assert out["groups"] == {"agents": {}}
+    assert env["SANDBOX_MCP_DAEMON_SOCKET"] == "/run/sbx/d.sock" and env["SANDBOX_MCP_DAEMON_GROUP"] == "agents"
+    daemon_vars = {"SANDBOX_MCP_DAEMON_SOCKET", "SANDBOX_MCP_DAEMON_GROUP"}  # the daemon's own (issue 14)
+    settings_env = {k: v for k, v in env.items() if k not in daemon_vars}
+    for key in settings_env:
+        field = key.removeprefix("SANDBOX_MCP_").lower()
+        if field.startswith("nixos_"):
+            assert field.removeprefix("nixos_") in NixosSettings.model_fields, key
+        else:
+            assert field in Settings.model_fields, key
+    s = load_settings(env=settings_env, config_file=tmp_path / "none.toml")
+    assert s.mode == "nixos" and s.nixos.flake == "/etc/nixos" and s.nixos.host == "fry"
+    assert s.nixos.escalation == "none" and str(s.state_dir) == "/var/lib/sandboxed-workspace"
+    assert s.bridge == "sandbox-br" and str(s.subnet) == "192.168.83.0/24" and s.user == "agent"
+
+
+@needs_eval
+def test_daemon_needs_a_package_and_warns_about_sudo_rules(tmp_path: Path) -> None:
+    module = tmp_path / "no-package.nix"
+    module.write_text("{ sandboxed-workspace.daemon.package = null; }\n")
+    out = evaluate(tmp_path, {"settings": settings({}, daemon={"enable": True}), "modules": [str(module)]})
+    assert any("daemon.package" in m and "nixosModules.default" in m for m in out["failedAssertions"])
+    out = evaluate(
+        tmp_path,
+        {
+            "settings": settings(
+                {}, daemon={"enable": True}, server={"user": "alice", "flake": "/etc/nixos", "host": "fry"}
+            )
+        },
+    )
+    assert any("remove sandboxed-workspace.server.user" in w for w in out["warnings"])
+
+
+@needs_eval
+@pytest.mark.parametrize("socket", ["/tmp/d.sock", "/run/d.sock", "/run/a b/d.sock", "relative.sock"])
+def test_daemon_socket_must_be_in_a_run_directory(tmp_path: Path, socket: str) -> None:
+    err = evaluate_error(tmp_path, {"settings": settings({}, daemon={"enable": True, "socket": socket})})
+    assert "sandboxed-workspace.daemon.socket" in err
+
+
+@needs_eval
+def test_flake_module_brings_microvm_and_the_daemon_package(tmp_path: Path) -> None:
+    # The flake's nixosModules.default, with its inputs stood in (see eval.nix).
+    out = evaluate(
+        tmp_path,
+        {
+            "flake": True,
+            "settings": settings({"vm1": _ws("vm", "192.168.83.11")}, daemon={"enable": True}),
+        },
+    )
+    assert out["failedAssertions"] == []
+    assert set(out["vms"]) == {"vm1"}  # microvm.nix's host module came with it
+    exec_start = out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["ExecStart"]
+    assert exec_start.endswith("-sandbox-mcp-from-flake/bin/sandbox-mcp daemon")  # self's package

@@ -55,6 +55,24 @@ let
         "vcpu"
         "memory"
       ]
+    ++ map
+      (pair: {
+        assertion = ws.${pair.new} == null || ws.${pair.old} == null;
+        message = ''
+          sandboxed-workspace: ${opt name pair.new} and ${opt name pair.old} are both set; they
+          mean the same. Keep ${pair.new} and remove ${pair.old}.
+        '';
+      })
+      [
+        {
+          new = "cpus";
+          old = "vcpu";
+        }
+        {
+          new = "memoryMiB";
+          old = "memory";
+        }
+      ]
     ++ map (p: {
       assertion = wlib.hasPackage pkgs p;
       message = ''

@@ -14,5 +14,7 @@
     ./container.nix
     ./vm.nix
     ./incus.nix
+    ./privileges.nix
+    ./daemon.nix
   ];
 }

@@ -33,12 +33,16 @@ let
   setupUnit =
     name: ws:
     let
-      unit = "${wlib.unitFor name ws}.service";
+      units = [
+        "${wlib.unitFor name ws}.service"
+      ]
+      ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${name}.service";
       uid = toString cfg.user.uid;
     in
     {
       description = "Prepare the state directories and SSH host key of workspace ${name}";
-      before = [ unit ];
+      # virtiofsd serves the directories to a VM: they must be right before it starts.
+      before = units;
       # The bridge (systemd-networkd) exists before any workspace attaches to it.
       after = [ "network.target" ];
       path = [
@@ -49,22 +53,46 @@ let
         Type = "oneshot";
         RemainAfterExit = true;
       };
-      # Creates only what is missing: the server may have created the
-      # directories and the host key already, and pins that key.
+      # Owner and mode are set on every start, not only when this unit creates a directory:
+      # microvm.nix's tmpfiles rules create every share source as microvm:kvm 0775 at boot,
+      # which would leave ~/workspace unwritable for the agent and the pinned host key
+      # writable by the kvm group. The host key is made only when missing: the server may
+      # have made it already, and pins that one.
       script = ''
         set -eu
+        root=${esc cfg.stateDir}
         state=${esc "${cfg.stateDir}/${name}"}
         install -d -m 0755 "$state"
+        # The host key folder belongs to whoever owns the state directory (root, or the
+        # server's user), so the server can still write authorized_keys there.
+        keys_owner=$(stat -c %u:%g "$root")
+        # dir PATH MODE OWNER:GROUP; never through a symbolic link, since this runs as root.
+        dir() {
+          if [ -L "$1" ]; then
+            echo "workspace ${name}: $1 is a symbolic link; remove it and start the workspace again" >&2
+            exit 1
+          fi
+          install -d -m "$2" -o "''${3%%:*}" -g "''${3##*:}" "$1"
+        }
         # gid 100 is the "users" group inside the workspaces.
-        [ -d "$state/workspace" ] || install -d -m 0755 -o ${uid} -g 100 "$state/workspace"
-        [ -d "$state/claude-config" ] || install -d -m 0700 -o ${uid} -g 100 "$state/claude-config"
-        [ -d "$state/ssh-host-keys" ] || install -d -m 0755 "$state/ssh-host-keys"
+        dir "$state/workspace" 0755 ${uid}:100
+        dir "$state/claude-config" 0700 ${uid}:100
+        dir "$state/ssh-host-keys" 0755 "$keys_owner"
         key="$state/ssh-host-keys/ssh_host_ed25519_key"
         if [ ! -e "$key" ]; then
           ssh-keygen -q -t ed25519 -N "" -C ${esc name} -f "$key"
         fi
         [ -e "$state/ssh-host-keys/authorized_keys" ] \
           || install -m 0644 /dev/null "$state/ssh-host-keys/authorized_keys"
+        for f in "$key" "$key.pub" "$state/ssh-host-keys/authorized_keys"; do
+          if [ -L "$f" ]; then
+            echo "workspace ${name}: $f is a symbolic link; remove it and start the workspace again" >&2
+            exit 1
+          fi
+        done
+        chown "$keys_owner" "$key" "$key.pub" "$state/ssh-host-keys/authorized_keys"
+        chmod 0600 "$key"
+        chmod 0644 "$key.pub" "$state/ssh-host-keys/authorized_keys"
       ''
       + lib.optionalString (ws.hostKey != null) ''
         if [ "$(cut -d' ' -f1,2 "$key.pub")" != ${esc (keyTypeAndBlob ws.hostKey)} ]; then
@@ -74,8 +102,8 @@ let
         fi
       ''
       + lib.optionalString (cfg.binaryCache.netrcFile != null) ''
-        install -d -m 0700 /run/sandboxed-workspace/${name}
-        install -m 0400 ${esc cfg.binaryCache.netrcFile} /run/sandboxed-workspace/${name}/netrc
+        dir /run/sandboxed-workspace/${name} 0700 0:0
+        install -m 0400 -o 0 -g 0 ${esc cfg.binaryCache.netrcFile} /run/sandboxed-workspace/${name}/netrc
       '';
     };
 in

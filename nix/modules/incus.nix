@@ -1,10 +1,15 @@
 # Workspaces of type "incus": an Incus system container from a NixOS LXC
 # image built with the host's nixpkgs, unit incus-workspace-NAME.
 #
-# The instance is ephemeral: the unit imports the image (once per build),
-# creates a fresh instance on every start and stops it (which deletes it) on
-# stop. Incus operations of all workspaces are serialised with flock, since
-# concurrent image imports of the same alias race.
+# What the instance gets (its NIC on the bridge with the workspace's MAC, the
+# shared directories, the limits) is declared as an Incus profile per
+# workspace, `sandboxed-workspace-NAME`, through
+# `virtualisation.incus.preseed`, which NixOS applies (creating or updating
+# the profile) on every rebuild that changes it. The instance is ephemeral:
+# the unit imports the image (once per build), creates a fresh instance from
+# the default profile and the workspace's on every start, and stops it (which
+# deletes it) on stop. Incus operations of all workspaces are serialised with
+# flock, since concurrent image imports of the same alias race.
 {
   config,
   lib,
@@ -34,6 +39,50 @@ let
       ];
     }).config.system.build;
 
+  profileFor = name: "sandboxed-workspace-${name}";
+
+  mkProfile =
+    name: ws:
+    let
+      limits = wlib.limitsFor cfg ws;
+    in
+    {
+      name = profileFor name;
+      description = "sandbox-mcp workspace ${name} (managed by the sandboxed-workspace NixOS module)";
+      # Incus takes every config and device value as a string.
+      config = {
+        "limits.cpu" = toString limits.cpus;
+        "limits.memory" = "${toString limits.memoryMiB}MiB";
+        "limits.memory.swap" = "false";
+        "limits.processes" = toString limits.tasks;
+        # The guest's systemd needs nesting to set up its own namespaces.
+        "security.nesting" = "true";
+      };
+      devices = {
+        eth0 = {
+          type = "nic";
+          nictype = "bridged";
+          parent = cfg.network.bridge;
+          hwaddr = wlib.macFor name;
+          name = "eth0";
+        };
+      }
+      // lib.listToAttrs (
+        map (
+          share:
+          lib.nameValuePair share.tag {
+            type = "disk";
+            source = share.source;
+            path = share.target;
+            # Idmapped: the workspace user owns its files on both sides of the
+            # unprivileged container's uid shift.
+            shift = "true";
+            readonly = lib.boolToString share.readOnly;
+          }
+        ) (wlib.sharesFor cfg name)
+      );
+    };
+
   mkUnit =
     name: ws:
     let
@@ -42,13 +91,6 @@ let
       # A new alias per image build: a changed configuration gets a new image.
       alias = "sandboxed-workspace-${name}-${builtins.substring 0 12 (builtins.hashString "sha256" "${build.tarball}")}";
       esc = lib.escapeShellArg;
-      shareDevices = lib.concatMapStringsSep "\n" (
-        share:
-        # shift=true: idmapped mounts, so the workspace user owns its files
-        # on both sides of the unprivileged container's uid shift.
-        "incus config device add ${esc instance} ${esc share.tag} disk "
-        + "source=${esc share.source} path=${esc share.target} shift=true readonly=${lib.boolToString share.readOnly}"
-      ) (wlib.sharesFor cfg name);
       start = pkgs.writeShellScript "incus-workspace-${name}-start" ''
         set -euo pipefail
         exec 9>${lockFile}
@@ -58,9 +100,8 @@ let
         fi
         # A stale instance survives a host crash; start from a clean one.
         incus delete --force ${esc instance} >/dev/null 2>&1 || true
-        incus create --ephemeral ${esc alias} ${esc instance} -c security.nesting=true
-        incus config device add ${esc instance} eth0 nic nictype=bridged parent=${esc cfg.network.bridge} hwaddr=${esc (wlib.macFor name)}
-        ${shareDevices}
+        # The default profile gives the root disk; the workspace's (preseed) the rest.
+        incus create --ephemeral ${esc alias} ${esc instance} --profile default --profile ${esc (profileFor name)}
         incus start ${esc instance}
         # Drop this workspace's images of earlier builds.
         incus image alias list --format csv | cut -d, -f1 \
@@ -78,12 +119,15 @@ let
     in
     {
       description = "Incus workspace ${name}";
+      # incus-preseed.service (NixOS, since the preseed is set) applies the profiles.
       requires = [
         "incus.service"
+        "incus-preseed.service"
         "${wlib.setupUnitFor name}.service"
       ];
       after = [
         "incus.service"
+        "incus-preseed.service"
         "${wlib.setupUnitFor name}.service"
       ];
       wantedBy = lib.optional ws.autoStart "multi-user.target";
@@ -121,6 +165,9 @@ in
         '';
       }
     ];
+    # Profiles of removed workspaces stay in Incus (a preseed only creates and
+    # updates); `incus profile delete sandboxed-workspace-NAME` removes one.
+    virtualisation.incus.preseed.profiles = lib.mapAttrsToList mkProfile incusWorkspaces;
     systemd.services = lib.mapAttrs' (
       name: ws: lib.nameValuePair "incus-workspace-${name}" (mkUnit name ws)
     ) incusWorkspaces;

@@ -125,6 +125,23 @@ rec {
     }
     .${ws.type};
 
+  # A workspace's effective limits: its own, else (VMs) the older vcpu/memory
+  # and the vm defaults, else the module-wide defaults.
+  limitsFor =
+    cfg: ws:
+    let
+      pick = values: lib.findFirst (v: v != null) null values;
+      isVm = ws.type == "vm";
+    in
+    {
+      cpus = pick ([ ws.cpus ] ++ (if isVm then [ ws.vcpu cfg.vm.vcpu ] else [ cfg.limits.cpus ]));
+      memoryMiB = pick ([ ws.memoryMiB ] ++ (if isVm then [ ws.memory cfg.vm.memory ] else [ cfg.limits.memoryMiB ]));
+      tasks = if ws.tasks != null then ws.tasks else cfg.limits.tasks;
+    };
+
+  # Does this privateUsers value give the container a user namespace?
+  usesUserNamespace = privateUsers: privateUsers == "pick" || (builtins.isInt privateUsers && privateUsers > 0);
+
   setupUnitFor = name: "sandboxed-workspace-setup-${name}";
   hostNameFor = name: "workspace-${name}";
   incusInstanceFor = name: "workspace-${name}";

@@ -81,12 +81,59 @@ let
           '';
         };
 
+        cpus = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          defaultText = lib.literalMD ''
+            {option}`sandboxed-workspace.vm.vcpu` for VMs, else
+            {option}`sandboxed-workspace.limits.cpus`
+          '';
+          example = 2;
+          description = ''
+            CPUs the workspace may use: a VM's virtual CPUs, or a container's CPU quota
+            (`CPUQuota` of its unit, 100 % per CPU; Incus `limits.cpu`). The server's
+            `cpus` argument of `create_workspace`.
+          '';
+        };
+
+        memoryMiB = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          defaultText = lib.literalMD ''
+            {option}`sandboxed-workspace.vm.memory` for VMs, else
+            {option}`sandboxed-workspace.limits.memoryMiB`
+          '';
+          example = 2048;
+          description = ''
+            Memory of the workspace in MiB: a VM's RAM, or a container's hard limit
+            (`MemoryMax` of its unit, no swap; Incus `limits.memory`). Beyond it the kernel's
+            OOM killer ends processes inside the workspace, not on the host. The server's
+            `memory_mib` argument of `create_workspace`.
+          '';
+        };
+
+        tasks = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          defaultText = lib.literalExpression "config.sandboxed-workspace.limits.tasks";
+          example = 1024;
+          description = ''
+            Most processes and threads a container workspace may have at once (`TasksMax`
+            of its unit; Incus `limits.processes`), so a fork bomb stays inside. VMs have
+            their own kernel and ignore it.
+          '';
+        };
+
         vcpu = lib.mkOption {
           type = lib.types.nullOr lib.types.ints.positive;
           default = null;
           defaultText = lib.literalExpression "config.sandboxed-workspace.vm.vcpu";
           example = 4;
-          description = "Virtual CPUs of the VM (type `vm` only); `null` takes {option}`sandboxed-workspace.vm.vcpu`.";
+          description = ''
+            Virtual CPUs of the VM (type `vm` only); `null` takes
+            {option}`sandboxed-workspace.vm.vcpu`. The older name of
+            {option}`sandboxed-workspace.workspaces.<name>.cpus`; set only one of them.
+          '';
         };
 
         memory = lib.mkOption {
@@ -94,7 +141,11 @@ let
           default = null;
           defaultText = lib.literalExpression "config.sandboxed-workspace.vm.memory";
           example = 8192;
-          description = "Memory of the VM in MiB (type `vm` only); `null` takes {option}`sandboxed-workspace.vm.memory`.";
+          description = ''
+            Memory of the VM in MiB (type `vm` only); `null` takes
+            {option}`sandboxed-workspace.vm.memory`. The older name of
+            {option}`sandboxed-workspace.workspaces.<name>.memoryMiB`; set only one of them.
+          '';
         };
 
         hostKey = lib.mkOption {
@@ -255,7 +306,8 @@ in
       description = ''
         JSON file maintained by the sandbox-mcp server:
         `{"version": 1, "authorizedKeys": [...], "workspaces": {NAME: {type, ip, packages,
-        autoStart, config, vcpu, memory, hostKey}}}`, where `config` is null or a path
+        autoStart, config, cpus, memoryMiB, tasks, vcpu, memory, hostKey}}}` (each
+        workspace key optional but `type` and `ip`), where `config` is null or a path
         relative to the file's directory. It is read as data with `lib.importJSON`. Use a
         path literal inside your flake so pure evaluation can read it.
       '';
@@ -339,6 +391,54 @@ in
       };
     };
 
+    limits = {
+      cpus = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 4;
+        description = ''
+          Default CPUs of a workspace (see {option}`sandboxed-workspace.workspaces.<name>.cpus`).
+          Should equal the server's `cpus` setting.
+        '';
+      };
+      memoryMiB = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 4096;
+        description = ''
+          Default memory of a workspace in MiB (see
+          {option}`sandboxed-workspace.workspaces.<name>.memoryMiB`). Should equal the server's
+          `memory_mib` setting.
+        '';
+      };
+      tasks = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 4096;
+        description = ''
+          Default process and thread limit of a container workspace (see
+          {option}`sandboxed-workspace.workspaces.<name>.tasks`).
+        '';
+      };
+    };
+
+    container.privateUsers = lib.mkOption {
+      type = lib.types.either lib.types.ints.u32 (
+        lib.types.enum [
+          "no"
+          "identity"
+          "pick"
+        ]
+      );
+      default = "pick";
+      example = "no";
+      description = ''
+        `privateUsers` of the NixOS containers: with `"pick"` (the default) root inside a
+        container is an unprivileged uid range on the host, picked by systemd-nspawn, and
+        the shared directories are idmapped so files keep their owners on both sides
+        (needs Linux 5.12 and a file system with idmapped mounts, e.g. ext4, btrfs, xfs).
+        `"no"` makes root inside root on the host: an agent with sudo inside can then
+        reach the host. Only set it where user namespaces do not work.
+      '';
+    };
+
     vm = {
       hypervisor = lib.mkOption {
         type = lib.types.str;
@@ -348,12 +448,14 @@ in
       };
       vcpu = lib.mkOption {
         type = lib.types.ints.positive;
-        default = 4;
+        default = cfg.limits.cpus;
+        defaultText = lib.literalExpression "config.sandboxed-workspace.limits.cpus";
         description = "Default virtual CPUs of a VM workspace.";
       };
       memory = lib.mkOption {
         type = lib.types.ints.positive;
-        default = 4096;
+        default = cfg.limits.memoryMiB;
+        defaultText = lib.literalExpression "config.sandboxed-workspace.limits.memoryMiB";
         description = "Default memory of a VM workspace, in MiB.";
       };
       overlaySize = lib.mkOption {

@@ -23,8 +23,8 @@ let
   guestModule = name: ws: {
     microvm = {
       hypervisor = lib.mkDefault cfg.vm.hypervisor;
-      vcpu = if ws.vcpu != null then ws.vcpu else cfg.vm.vcpu;
-      mem = if ws.memory != null then ws.memory else cfg.vm.memory;
+      vcpu = (wlib.limitsFor cfg ws).cpus;
+      mem = (wlib.limitsFor cfg ws).memoryMiB;
 
       # The host's store, read-only, under a writable overlay kept in a
       # volume, so `nix build` works inside the VM.
@@ -95,16 +95,26 @@ in
       microvm.vms = lib.mkIf cfg.enable (lib.mapAttrs mkVm vmWorkspaces);
     })
     (lib.mkIf (cfg.enable && vmWorkspaces != { }) {
-      systemd.services = lib.mapAttrs' (
-        name: _:
-        lib.nameValuePair "microvm@${name}" {
-          # A drop-in for microvm.nix's template instance, as microvm.nix
-          # itself does; a full unit would replace the template's ExecStart.
-          overrideStrategy = "asDropin";
-          requires = [ "${wlib.setupUnitFor name}.service" ];
-          after = [ "${wlib.setupUnitFor name}.service" ];
-        }
-      ) vmWorkspaces;
+      # Drop-ins for microvm.nix's template instances, as microvm.nix itself
+      # does; a full unit would replace the template's ExecStart. virtiofsd
+      # too waits for the setup unit: it serves the directories that unit
+      # gives their owner and mode.
+      systemd.services = lib.mkMerge (
+        lib.mapAttrsToList (
+          name: _:
+          let
+            afterSetup = {
+              overrideStrategy = "asDropin";
+              requires = [ "${wlib.setupUnitFor name}.service" ];
+              after = [ "${wlib.setupUnitFor name}.service" ];
+            };
+          in
+          {
+            "microvm@${name}" = afterSetup;
+            "microvm-virtiofsd@${name}" = afterSetup;
+          }
+        ) vmWorkspaces
+      );
     })
   ];
 }

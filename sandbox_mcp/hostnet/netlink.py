@@ -1,9 +1,10 @@
 """The host side of direct mode's network: the bridge and each workspace's link, over netlink.
 
 :class:`HostNetwork` is the host-network service every direct-mode runtime shares: the bridge
-(plus opt-in NAT, :mod:`.nat`, and the ``workspace-NAME`` names in the hosts file,
-:mod:`.hostsfile`), ensured by :meth:`HostNetwork.ensure`, and the ways a workspace attaches to
-it (a network namespace with a veth for containers).
+and the network policy (:mod:`.firewall`: nftables tables of our own, with opt-in NAT), ensured
+by :meth:`HostNetwork.ensure`; the ``workspace-NAME`` names in the hosts file (:mod:`.hostsfile`);
+and the ways a workspace attaches to it (a network namespace with a veth for containers), each
+port then admitted to the policy (:meth:`HostNetwork.admit`).
 
 Layout (names from :mod:`sandbox_mcp.naming`)::
 
@@ -39,7 +40,7 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..config import Settings
 from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
+from ..fsutil import async_file_lock
 from ..naming import mac_for, netns_name, validate_ip, validate_name, veth_names
-from . import hostsfile, nat
+from . import firewall, hostsfile
 
 __all__ = ["NETNS_DIR", "HostNetwork"]
 
@@ -85,20 +87,67 @@ class HostNetwork:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._nat_applied = False
+
+    def _firewall_lock(self) -> AbstractAsyncContextManager[None]:
+        # One change to our nft tables at a time, across the server processes of this state dir.
+        return async_file_lock(self.settings.state_dir / ".server" / f"firewall-{self.bridge}.lock")
 
     async def ensure(self) -> None:
-        """The host side every workspace needs: the bridge and, where settings turn it on, NAT.
+        """The host side every workspace needs: the bridge, and our firewall tables (with NAT where on).
 
-        Cheap when all is in place; NAT (an ``nft`` run) is applied once per process.
+        The tables are loaded only when missing (loading replaces them, which would drop the ports
+        of running workspaces). Cheap when all is in place.
 
         Raises:
-            Conflict, BackendError: see :meth:`ensure_bridge` and :func:`.nat.apply_nat`.
+            Conflict, BackendError: see :meth:`ensure_bridge`; nft is missing or refused the tables.
         """
         await self.ensure_bridge()
-        if self.settings.nat and not self._nat_applied:
-            await nat.apply_nat(self.settings.bridge, self.settings.subnet)
-            self._nat_applied = True
+        async with self._firewall_lock():
+            await firewall.run_script(await self._missing_tables())
+        if self.settings.nat:
+            await firewall.enable_forwarding()
+
+    async def _missing_tables(self) -> str:
+        """The script that loads our tables if they are missing, else nothing (call under the lock)."""
+        if await firewall.table_exists(self.bridge) is not None:
+            return ""
+        nameservers = firewall.host_nameservers() if self.settings.nat else []
+        return firewall.base_script(self.bridge, self.settings.subnet, nat=self.settings.nat, nameservers=nameservers)
+
+    async def admit(self, port: str, ip: str, mac: str, *, egress: bool) -> None:
+        """Let the workspace behind bridge port ``port`` send as ``mac``/``ip`` only; with ``egress``, out too.
+
+        Call before the workspace runs; the tables are (re)loaded first if they went missing.
+
+        Raises:
+            InvalidSpec: malformed arguments. BackendError: nft refused.
+        """
+        address = validate_ip(ip, self.settings.subnet)
+        script = firewall.admit_script(self.bridge, port, _validate_mac(mac), address, egress=egress)
+        async with self._firewall_lock():
+            await firewall.run_script(await self._missing_tables() + script)
+
+    async def revoke(self, port: str) -> None:
+        """Remove what :meth:`admit` added for ``port``; nothing happens where it is absent."""
+        async with self._firewall_lock():
+            present = await firewall.table_exists(self.bridge)
+            if present is not None:
+                await firewall.run_script(firewall.revoke_script(self.bridge, port, present))
+
+    async def retire(self) -> bool:
+        """Remove our firewall tables once no workspace port is admitted any more; True when removed.
+
+        The bridge stays. Checked under the same lock as :meth:`admit`, so a workspace admitted
+        meanwhile by another server process keeps its rules.
+        """
+        async with self._firewall_lock():
+            present = await firewall.table_exists(self.bridge)
+            if present is None:
+                return True
+            if firewall.admitted_ports(present):
+                return False
+            await firewall.remove_tables(self.bridge)
+            return True
 
     async def publish_names(self, entries: Mapping[str, str]) -> None:
         """Make ``workspace-NAME`` resolve on the host for ``entries`` (name -> IP); never fails a call.

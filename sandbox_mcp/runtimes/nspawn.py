@@ -29,6 +29,7 @@ from ..errors import InvalidSpec
 from ..fsutil import atomic_write
 from ..images import DebianRoot
 from ..models import Check, RuntimeDetail, WorkspaceRecord
+from ..naming import veth_names
 from ..paths import WorkspacePaths
 from ..supervise import ProcessRef
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
@@ -143,9 +144,18 @@ class NspawnRuntime(Runtime):
     def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
         return self.with_state(record, self.state(record).model_copy(update={"process": None, "leader": None}))
 
+    def validate(self, record: WorkspaceRecord) -> None:
+        if record.egress == "internet" and not self.settings.nat:
+            raise InvalidSpec(
+                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
+                "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
+                "list the packages you need in create_workspace's packages"
+            )
+
     def checks(self) -> list[Check]:
         return [
             which_check("systemd-nspawn", "systemd-container", "runs the containers"),
+            which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
         ]
@@ -184,6 +194,8 @@ class NspawnRuntime(Runtime):
         await progress("setting up the network", None)
         await self.network.ensure()
         netns = await self.network.attach_veth(record.name, record.ip, record.mac)
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac,
+                                 egress=record.egress == "internet")
         argv = nspawn_argv(
             name=record.name,
             image_root=self.images.path(state.image),
@@ -227,6 +239,7 @@ class NspawnRuntime(Runtime):
         await supervise.kill(state.leader)
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.
         await supervise.kill_tagged(self._tag(record))
+        await self.network.revoke(veth_names(record.name)[0])
         await self.network.detach(record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:

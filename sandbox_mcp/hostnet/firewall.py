@@ -1,0 +1,258 @@
+"""The workspace network policy, in nftables tables of our own: a workspace reaches nothing it was not given.
+
+Two tables per bridge, both named ``sandbox_mcp_<bridge>`` (nothing else on the host's firewall
+is touched, and deleting them removes everything we added):
+
+``bridge`` family, frames on the bridge itself (no br_netfilter needed):
+  * ``forward``: a workspace port never talks to another workspace port (not even ARP);
+  * ``prerouting``: each workspace port jumps to its own chain, which drops any frame whose
+    source MAC, IPv4 source or ARP sender is not the workspace's own (anti-spoofing), and
+    anything that is neither IPv4 nor ARP. Ports are added and removed one by one
+    (:func:`admit_script`, :func:`revoke_script`) as workspaces start and stop.
+
+``inet`` family, what is routed or delivered to the host:
+  * ``input``: from the bridge only replies to connections the host opened (the server's SSH)
+    pass; a workspace reaches no service on any host address;
+  * ``forward``: a workspace whose port chain marked its packets (egress ``internet``) may go
+    out, except to private ranges, link-local (169.254.169.254 above all), loopback, CGNAT,
+    multicast and reserved space; DNS to the host's own resolvers is let through for those
+    workspaces. Everything else from the bridge is dropped. (The mark is set on our side of the
+    bridge; a packet's mark is cleared whenever it crosses network namespaces, so a workspace
+    cannot forge it.)
+  * ``postrouting``: masquerade what leaves the subnet, present only where settings allow NAT.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import hostcmd
+from ..errors import BackendError, InvalidSpec
+
+__all__ = [
+    "CLOSED_RANGES",
+    "EGRESS_MARK",
+    "admit_script",
+    "admitted_ports",
+    "base_script",
+    "host_nameservers",
+    "remove_tables",
+    "revoke_script",
+    "run_script",
+    "enable_forwarding",
+    "table_exists",
+    "table_name",
+]
+
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+EGRESS_MARK = 0x5B0E  # set by a workspace's port chain when it may go out
+
+# Never reachable from a workspace, even one with egress "internet".
+CLOSED_RANGES = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+
+
+def table_name(bridge: str) -> str:
+    """Our nftables tables for ``bridge`` (nft identifiers: letters, digits, '_')."""
+    return "sandbox_mcp_" + re.sub(r"[^A-Za-z0-9_]", "_", _ifname(bridge))
+
+
+def _ifname(name: str) -> str:
+    if not _IFNAME_RE.match(name):
+        raise InvalidSpec(f"{name!r} is not a plain interface name")
+    return name
+
+
+def _port_chain(port: str) -> str:
+    return "port_" + re.sub(r"[^A-Za-z0-9_]", "_", _ifname(port))
+
+
+def base_script(
+    bridge: str,
+    subnet: ipaddress.IPv4Network,
+    *,
+    nat: bool,
+    nameservers: Sequence[ipaddress.IPv4Address] = (),
+) -> str:
+    """The nft script that (re)creates both tables empty of workspaces.
+
+    Replacing a table drops its workspace ports, so callers load this only when the tables are
+    missing (see :class:`~sandbox_mcp.hostnet.HostNetwork`) and then admit each running workspace.
+
+    Raises:
+        InvalidSpec: a bridge name nft could misread.
+    """
+    t, br = table_name(bridge), _ifname(bridge)
+    dns = ", ".join(str(ipaddress.IPv4Address(a)) for a in nameservers)
+    dns_rules = (
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} udp dport 53 accept\n"
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} tcp dport 53 accept\n"
+        if dns else ""
+    )
+    masquerade = (
+        f"""    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {subnet} ip daddr != {subnet} masquerade
+    }}
+""" if nat else ""
+    )
+    # "add table" + "delete table" first makes each definition an atomic, idempotent replacement.
+    return f"""\
+add table bridge {t}
+delete table bridge {t}
+table bridge {t} {{
+    map ports {{
+        type ifname : verdict
+    }}
+    chain prerouting {{
+        type filter hook prerouting priority -200; policy accept;
+        iifname vmap @ports
+    }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        iifname @ports oifname @ports drop
+    }}
+}}
+add table inet {t}
+delete table inet {t}
+table inet {t} {{
+    set closed {{
+        type ipv4_addr; flags interval
+        elements = {{ {", ".join(CLOSED_RANGES)} }}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{br}" ct state established,related accept
+        iifname "{br}" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        oifname "{br}" ct state established,related accept
+{dns_rules}        iifname "{br}" meta mark {EGRESS_MARK:#x} ip daddr != @closed accept
+        iifname "{br}" drop
+        oifname "{br}" drop
+    }}
+{masquerade}}}
+"""
+
+
+def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool) -> str:
+    """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet.
+
+    Idempotent: the port's chain is flushed and refilled.
+
+    Raises:
+        InvalidSpec: a malformed port name or MAC.
+    """
+    t, chain = table_name(bridge), _port_chain(port)
+    if not _MAC_RE.match(mac):
+        raise InvalidSpec(f"{mac!r} is not a lowercase MAC address")
+    ip = ipaddress.IPv4Address(ip)
+    lines = [
+        f"add chain bridge {t} {chain}",
+        f"flush chain bridge {t} {chain}",
+        f"add rule bridge {t} {chain} ether saddr != {mac} drop",
+        f"add rule bridge {t} {chain} ether type ip ip saddr != {ip} drop",
+        f"add rule bridge {t} {chain} ether type arp arp saddr ether != {mac} drop",
+        f"add rule bridge {t} {chain} ether type arp arp saddr ip != {ip} drop",
+        f"add rule bridge {t} {chain} ether type != {{ ip, arp }} drop",
+    ]
+    if egress:
+        lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
+    lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
+    return "\n".join(lines) + "\n"
+
+
+def revoke_script(bridge: str, port: str, present: str) -> str:
+    """Remove what :func:`admit_script` added for ``port``, as far as it is ``present`` (``nft list`` text)."""
+    t, chain = table_name(bridge), _port_chain(port)
+    lines = []
+    if f'"{port}" : jump {chain}' in present:
+        lines.append(f'delete element bridge {t} ports {{ "{port}" }}')
+    if f"chain {chain} {{" in present:
+        lines.append(f"delete chain bridge {t} {chain}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def admitted_ports(present: str) -> list[str]:
+    """The workspace ports admitted in ``present`` (``nft list`` text of our tables)."""
+    return re.findall(r'"([A-Za-z0-9_.-]{1,15})" : jump port_', present)
+
+
+def host_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[ipaddress.IPv4Address]:
+    """The host's IPv4 resolvers that a workspace could reach through NAT (not loopback)."""
+    out = []
+    try:
+        text = resolv_conf.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.IPv4Address(parts[1])
+            except ValueError:
+                continue
+            if not addr.is_loopback:
+                out.append(addr)
+    return out
+
+
+async def run_script(script: str) -> None:
+    """Load an nft script as one transaction.
+
+    Raises:
+        BackendError: nft is missing or refused the script (the message says why).
+    """
+    if script:
+        await hostcmd.run(["nft", "-f", "-"], timeout_s=30, stdin=script.encode())
+
+
+async def table_exists(bridge: str) -> str | None:
+    """Both tables as ``nft list`` prints them, or None when either is missing (or nft is not installed:
+    then no table of ours can exist, and stop/destroy need not fail for it)."""
+    t = table_name(bridge)
+    if shutil.which("nft") is None:
+        return None
+    out = []
+    for family in ("bridge", "inet"):
+        done = await hostcmd.run(["nft", "list", "table", family, t], timeout_s=30, check=False)
+        if done.returncode != 0:
+            return None
+        out.append(done.stdout)
+    return "\n".join(out)
+
+
+async def remove_tables(bridge: str) -> None:
+    """Delete both tables (IP forwarding is left as it is: other software may rely on it)."""
+    t = table_name(bridge)
+    for family in ("bridge", "inet"):
+        await hostcmd.run(["nft", "delete", "table", family, t], timeout_s=30, check=False)
+
+
+async def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:
+    """Turn on IPv4 forwarding (NAT needs it).
+
+    Raises:
+        BackendError: it cannot be written.
+    """
+    try:
+        (proc_sys / "net/ipv4/ip_forward").write_text("1\n")
+    except OSError as exc:
+        raise BackendError(f"cannot enable IPv4 forwarding for NAT: {exc}") from exc
