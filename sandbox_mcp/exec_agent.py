@@ -10,11 +10,17 @@ command it started when its channel closes, e.g. when the server goes away.
 Protocol (one JSON object per line, both ways; bytes as base64):
   → {"id": 1, "command": "...", "cwd": "/abs", "env": {...}, "stdin": "b64" | null,
      "timeout": 120.0, "cap": 1048576}
-  → {"cancel": 1}
+  → {"cancel": 1}                    (kills the command; one not started yet never starts)
   ← {"ready": 1}                     (once, at start)
   ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
   ← {"id": 1, "exit": 0 | null, "signal": "TERM" | null, "stdout": "b64", "stderr": "b64",
-     "truncated": false, "timed_out": false, "detached": false}
+     "truncated": false, "timed_out": false, "detached": false, "cancelled": false}
+
+A cancel may overtake its request: the request starts on a thread of its own, and the cancel
+can be read while that thread is still on its way to ``Popen``. So cancelled ids are
+remembered (the latest ``CANCELLED_MAX``), the check and the start happen under one lock, and
+of the lines read together the cancels are applied first: a command cancelled before it
+started replies ``cancelled: true`` and never runs.
 
 Standard library only, Python ≥ 3.7: it runs on the workspace's python3, and the pool falls
 back to a session per command where there is none. This file is sent as ``python3 -c`` source,
@@ -31,10 +37,12 @@ import threading
 
 KILL_AFTER_S = 2.0
 DETACH_GRACE_S = 0.5  # how long to keep reading after exit while a background process holds the pipes
+CANCELLED_MAX = 1024  # cancelled ids remembered; the pool numbers requests upwards, so old ids never return
 
 _out_lock = threading.Lock()
 _running = {}  # request id -> Popen
-_running_lock = threading.Lock()
+_cancelled = {}  # request ids cancelled while not running, oldest first (a dict keeps insertion order)
+_running_lock = threading.Lock()  # guards both: a start and a cancel never interleave
 
 
 def _send(message):
@@ -109,24 +117,30 @@ def _expire(proc, reply):
 def _run(req):
     rid, cwd, cap = req["id"], req["cwd"], int(req["cap"])
     reply = {"id": rid, "exit": None, "signal": None, "stdout": "", "stderr": "", "truncated": False,
-             "timed_out": False, "detached": False}
-    if not os.path.isdir(cwd):
-        reply.update(exit=1, stderr=_b64(f"sh: cd: {cwd}: No such file or directory\n".encode()))
-        return _send(reply)
+             "timed_out": False, "detached": False, "cancelled": False}
     env = dict(os.environ)
     env.update(req.get("env") or {})
     stdin = base64.b64decode(req["stdin"]) if req.get("stdin") is not None else None
-    try:
-        proc = subprocess.Popen(
-            ["sh", "-c", req["command"]], cwd=cwd, env=env,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: a timeout or cancel kills all of it
-        )
-    except OSError as exc:
-        reply.update(exit=126, stderr=_b64(f"sh: {exc}\n".encode()))
-        return _send(reply)
+    # The cancel check, the start and the registration under one lock: a cancel handled before
+    # this block stops the start; one handled after it finds the process to kill.
     with _running_lock:
+        if rid in _cancelled:
+            del _cancelled[rid]
+            reply["cancelled"] = True
+            return _send(reply)
+        if not os.path.isdir(cwd):
+            reply.update(exit=1, stderr=_b64(f"sh: cd: {cwd}: No such file or directory\n".encode()))
+            return _send(reply)
+        try:
+            proc = subprocess.Popen(
+                ["sh", "-c", req["command"]], cwd=cwd, env=env,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: a timeout or cancel kills all of it
+            )
+        except OSError as exc:
+            reply.update(exit=126, stderr=_b64(f"sh: {exc}\n".encode()))
+            return _send(reply)
         _running[rid] = proc
     _send({"id": rid, "started": 1})
     pumps = [_Pump(proc.stdout.fileno(), cap), _Pump(proc.stderr.fileno(), cap)]
@@ -162,24 +176,45 @@ def _run(req):
 
 
 def _cancel(rid):
+    """Kill the command ``rid`` if it runs; otherwise remember it, so it never starts."""
     with _running_lock:
         proc = _running.get(rid)
+        if proc is None:
+            _cancelled[rid] = None
+            while len(_cancelled) > CANCELLED_MAX:
+                del _cancelled[next(iter(_cancelled))]
     if proc is not None:
         _killpg(proc, signal.SIGKILL)
 
 
+def _handle(lines):
+    """Apply the cancels among ``lines`` first, then start the requests (each on its own thread)."""
+    messages = []
+    for line in lines:
+        try:
+            messages.append(json.loads(line))
+        except ValueError:
+            continue
+    for msg in messages:
+        if "cancel" in msg:
+            _cancel(msg["cancel"])
+    for msg in messages:
+        if "cancel" not in msg:
+            threading.Thread(target=_run, args=(msg,), daemon=True).start()
+
+
 def main():
     _send({"ready": 1})
+    pending = b""
     try:
-        for line in sys.stdin.buffer:
-            try:
-                req = json.loads(line)
-            except ValueError:
-                continue
-            if "cancel" in req:
-                _cancel(req["cancel"])
-            else:
-                threading.Thread(target=_run, args=(req,), daemon=True).start()
+        while True:
+            # Everything that has arrived, at once: a request and the cancel right behind it are
+            # handled together, so the cancel wins without the command ever starting.
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            _handle(lines)
     finally:
         # The channel closed (the server went away): nothing we started may outlive it.
         with _running_lock:

@@ -466,14 +466,12 @@ class WorkspaceManager:
         """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.
 
         Raises:
-            CommandTimeout: no SSH within the boot timeout; the message names it and points at workspace_logs.
             BackendError: the workspace exited while booting (the message has the log tail).
-            SSHError: the host key does not match the pinned one.
+            CommandTimeout: no SSH within the boot timeout; the message names it and points at workspace_logs.
+            SSHError: SSH answered with another key.
         """
         died = False
         failure: SandboxError | None = None
-        # Errors are kept, not raised, inside the task group: raised there they would come out
-        # wrapped in an ExceptionGroup, and the agent would never learn what happened.
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
@@ -492,6 +490,8 @@ class WorkspaceManager:
             try:
                 await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
             except SandboxError as exc:
+                # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which
+                # the tools do not recognise: the agent would lose the message that says what to do.
                 failure = exc
             tg.cancel_scope.cancel()
         if died:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,13 +93,40 @@ def test_default_server_command_with_script(needs_root, euid, expected):
     assert default_server_command(needs_root=needs_root, euid=euid, script="/x/sandbox-mcp") == expected
 
 
-def test_default_server_command_finds_the_console_script():
-    cmd = default_server_command(needs_root=False)
-    beside = Path(sys.executable).parent / "sandbox-mcp"
-    if beside.is_file():
-        assert cmd == [str(beside), "serve"]
-    assert Path(cmd[0]).is_absolute()
-    assert cmd[-1] == "serve"
+def _server_command_from(python: Path, path: str) -> list[str]:
+    """default_server_command() as computed by an interpreter at ``python`` with ``PATH=path``."""
+    env = {"PATH": path, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = "import json; from sandbox_mcp.claude_setup import default_server_command as d; " \
+           "print(json.dumps(d(needs_root=False)))"
+    out = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("where", ["beside the interpreter", "on PATH", "nowhere"])
+def test_default_server_command_finds_the_console_script(tmp_path: Path, where: str):
+    # An interpreter of its own (a symlink to this one) in a directory the test controls, so
+    # every branch is taken for real: the script beside it, found on PATH, or neither.
+    python = tmp_path / "venv" / "bin" / "python3"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(os.path.realpath(sys.executable))
+    on_path = tmp_path / "on-path"
+    on_path.mkdir()
+    if where == "beside the interpreter":
+        expected = [str(_executable(python.parent / "sandbox-mcp")), "serve"]
+        _executable(on_path / "sandbox-mcp")  # the one beside the interpreter wins
+    elif where == "on PATH":
+        expected = [str(_executable(on_path / "sandbox-mcp")), "serve"]
+        (python.parent / "sandbox-mcp").mkdir()  # not a file: not taken
+    else:
+        expected = [str(python), "-m", "sandbox_mcp", "serve"]
+    assert _server_command_from(python, str(on_path)) == expected
 
 
 # --- user scope, written directly ---

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from sandbox_mcp.runtimes.nspawn import NspawnState
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
+from .points import process_alive, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -82,15 +84,6 @@ def host_leftovers(name: str) -> dict[str, Any]:
         "processes": procs.split(),
         "mounts": [line for line in mounts.splitlines() if netns_name(name) in line],
     }
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 NOTHING_LEFT = {"link": False, "netns": False, "processes": [], "mounts": []}
@@ -221,16 +214,38 @@ async def test_exec_timeout_kills_and_output_is_capped(mcp_session: Session) -> 
 
 
 async def test_two_workspaces_are_isolated(mcp_session: Session) -> None:
+    """Each workspace sees its own files, root filesystem, hostname and processes, none of the other's.
+
+    (Whether they can reach each other over the network is the network policy's test.)
+    """
     s = mcp_session
     a = await s.call("create_workspace", name="iso-a")
     b = await s.call("create_workspace", name="iso-b")
     assert a["ip"] != b["ip"] and a["ssh"]["host_key_fingerprint"] != b["ssh"]["host_key_fingerprint"]
-    await s.call("write_file", name="iso-a", path="secret", content="a only")
-    r = await s.call("exec", name="iso-b", command="ls; hostname")
-    assert r["stdout"] == "iso-b\n"
-    # The workspaces share the bridge (one private network), but not files or processes.
-    r = await s.call("exec", name="iso-b", command="ps -eo comm | grep -c sshd")
-    assert int(r["stdout"]) >= 1
+    assert a["host_workspace_dir"] != b["host_workspace_dir"]
+    tag = f"{random.getrandbits(64):016x}"  # names nothing else on the machine has
+
+    async def sh(name: str, command: str) -> str:
+        r = await s.call("exec", name=name, command=command)
+        assert r["exit_code"] == 0, r
+        return r["stdout"]
+
+    # Files: a's workspace file, a's root-filesystem change and a's host directory stay a's.
+    await s.call("write_file", name="iso-a", path=f"secret-{tag}", content="a only")
+    await sh("iso-a", f"sudo touch /etc/root-{tag}")
+    assert await sh("iso-a", f"cat secret-{tag}; ls /etc/root-{tag}") == f"a only/etc/root-{tag}\n"
+    assert await sh("iso-b", "ls -A") == ""
+    found = await sh("iso-b", f"sudo find / -xdev \\( -name 'secret-{tag}' -o -name 'root-{tag}' \\) -print; "
+                              f"sudo find /home /etc /tmp /root -name '*{tag}*' -print")
+    assert found == ""
+    assert await sh("iso-b", f"test -e {a['host_workspace_dir']} && echo visible || echo absent") == "absent\n"
+    # Names and processes: a's long-running process exists in a, not in b.
+    assert (await sh("iso-a", "hostname"), await sh("iso-b", "hostname")) == ("iso-a\n", "iso-b\n")
+    seconds = f"3600.{int(tag, 16) % 10**9:09d}"  # an hour, with a fraction no other process has
+    await sh("iso-a", f"sleep {seconds} >/dev/null 2>&1 &")
+    probe = f"pgrep -f '[s]leep {seconds}' >/dev/null && echo running || echo none"
+    assert (await sh("iso-a", probe), await sh("iso-b", probe)) == ("running\n", "none\n")
+    assert await sh("iso-b", "cat /proc/1/comm") == "systemd\n"  # its own PID namespace, its own init
 
 
 async def test_packages_are_installed(mcp_session: Session, settings: Settings) -> None:
@@ -243,13 +258,27 @@ async def test_packages_are_installed(mcp_session: Session, settings: Settings) 
     assert r["stdout"] == "42\n"
 
 
-async def test_cancelled_create_leaves_nothing(manager: WorkspaceManager, settings: Settings) -> None:
-    with anyio.move_on_after(0.3) as scope:  # mid-boot: before SSH answers
-        await manager.create("cancel")
-    assert scope.cancelled_caught
+@pytest.mark.parametrize(
+    "point",
+    [
+        "setting up the network",  # nothing made yet for the boot
+        "booting the container",  # the namespace and veth exist; nspawn is not running yet
+        "waiting for SSH",  # nspawn runs and boots: before SSH answers
+    ],
+)
+async def test_cancelled_create_leaves_nothing(manager: WorkspaceManager, settings: Settings, point: str) -> None:
+    seen: list[str] = []
+    with anyio.CancelScope() as scope:
+
+        async def progress(message: str, fraction: float | None = None) -> None:
+            seen.append(message)
+            if message.startswith(point):
+                scope.cancel()  # the create stops at its next await
+
+        await manager.create("cancel", progress=progress)
+    assert scope.cancelled_caught, f"never reported {point!r}: {seen}"
     assert "cancel" not in (await manager.registry.read()).workspaces
     assert not (settings.state_dir / "cancel").exists()
-    await anyio.sleep(0.2)
     assert host_leftovers("cancel") == NOTHING_LEFT
 
 
@@ -260,20 +289,17 @@ async def test_reconcile_after_crash(settings: Settings) -> None:
         assert state.process and state.leader
         # Simulate a crash: the container dies while no server watches.
         os.kill(state.process.pid, signal.SIGKILL)
-        for _ in range(100):
-            if not alive(state.process.pid):
-                break
-            await anyio.sleep(0.05)
+        await wait_until(lambda: not process_alive(state.process.pid), "the killed nspawn to be gone")
     try:
         assert host_leftovers("crash")["netns"]  # the crashed run left its namespace behind
         leader = state.leader.pid
-        assert alive(leader)  # and its container, orphaned
+        assert process_alive(leader)  # and its container, orphaned
         async with WorkspaceManager(settings) as m:
             record = await m.registry.get("crash")
             assert record.state == "stopped"
             assert NspawnState.model_validate(record.runtime_state).process is None
             assert host_leftovers("crash") == NOTHING_LEFT
-            assert not alive(leader)
+            assert not process_alive(leader)
             again = await m.start("crash")
             assert again.state == "running" and again.ip == ws.ip
     finally:

@@ -16,7 +16,7 @@ import pytest
 
 from sandbox_mcp import ssh
 from sandbox_mcp.config import NixosSettings, Settings
-from sandbox_mcp.errors import CommandFailed
+from sandbox_mcp.errors import CommandFailed, InvalidSpec
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime
@@ -120,11 +120,15 @@ async def test_a_failed_rebuild_restores_everything(env: dict[str, Path]) -> Non
 async def test_container_names_are_limited_to_11_characters_in_nixos_mode(env: dict[str, Path]) -> None:
     m = await open_manager(env)
     try:
-        with pytest.raises(Exception, match="11"):
+        with pytest.raises(InvalidSpec, match=r"'twelve-chars' is 12 characters; NixOS containers allow at most 11"):
             await m.create("twelve-chars", start=False)
         assert calls(env) == []  # nothing was rebuilt
         assert (await m.list()).workspaces == []
         assert not (env["root"] / "state" / "twelve-chars").exists()
         assert not (env["root"] / "flake" / "sandboxed-workspaces.json").exists()
+        # The limit is the containers': 11 characters pass, and so does a 12-character VM.
+        await m.create("eleven-char", start=False)
+        await m.create("twelve-chars", type="vm", start=False)
+        assert [w.name for w in (await m.list()).workspaces] == ["eleven-char", "twelve-chars"]
     finally:
         await m.close()

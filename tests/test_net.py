@@ -34,6 +34,8 @@ from sandbox_mcp.errors import SandboxError
 from sandbox_mcp.hostnet import NETNS_DIR, HostNetwork
 from sandbox_mcp.naming import mac_for
 
+from .points import cancel_after_points
+
 BRIDGE = "sbxn-br"
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 TEST_MARKERS = ("sbxn", "tnet")  # every link and namespace these tests make contains one of these
@@ -441,19 +443,20 @@ def scenario_cancelled_setup() -> list[str]:
     async def main() -> list[str]:
         net = _net()
         await net.ensure_bridge()
-        # Cancel at successive points of the setup, the way the MCP server's task groups do (an anyio
-        # cancel scope cancels every later await in it, cleanup's included, unless shielded).
-        # Whatever was made must be gone again.
+        # Cancel at successive points of the setup (after 0, 1, 2, 4, ... scheduler passes, until
+        # it finishes first), the way the MCP server's task groups do (an anyio cancel scope
+        # cancels every later await in it, cleanup's included, unless shielded). Whatever was
+        # made must be gone again.
         seen = []
-        for delay in (0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.5):
-            with anyio.move_on_after(delay) as scope:
-                await net.attach_veth("tnet7", "10.77.0.17", mac_for("tnet7"))
-            if scope.cancelled_caught:
+        points = 0
+        while "done" not in seen and points <= 1 << 20:
+            if await cancel_after_points(points, lambda: net.attach_veth("tnet7", "10.77.0.17", mac_for("tnet7"))):
                 seen.append("cancelled")
             else:
                 seen.append("done")
                 await net.detach("tnet7")
             seen.extend(await net.leftovers())
+            points = points * 2 or 1
         return seen
 
     return anyio.run(main)

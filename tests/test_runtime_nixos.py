@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ from sandbox_mcp.runtimes.nixos import (
     parse_unit_show,
     unit_for,
 )
+
+from .points import HUNG_S, process_alive, wait_until
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOkhxFnbcLQ8M6k7bSDZ8zE6gL1iA8sE2pZQkq4wmJXy sandbox-mcp"
 
@@ -201,50 +204,36 @@ def test_git_argv() -> None:
 # ---- hostcmd.run: real processes -----------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` is a live process (a zombie awaiting a reaper counts as dead)."""
+async def _all_die(pids: list[int]) -> None:
+    """Wait until every PID is gone (a SIGKILL lands a moment after kill(2)); kill survivors and fail."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-async def _wait_dead(pids: list[int], within_s: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
-        if not alive:
-            return []
-        await anyio.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+        await wait_until(lambda: not any(process_alive(p) for p in pids), f"processes {pids} to die")
+    finally:
+        for pid in pids:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)  # the test's own process, left behind
 
 
 @pytest.mark.anyio
-async def test_run_streams_lines_as_they_come() -> None:
-    seen: list[tuple[float, str]] = []
+async def test_run_streams_lines_as_they_come(tmp_path: Path) -> None:
+    # The script prints "first", then waits until the test has seen that line: a run() that
+    # collected output only at the end would never let it finish (and hit the timeout).
+    go = tmp_path / "go"
+    script = f"echo first; echo err-line >&2; while [ ! -e {go} ]; do sleep 0.01; done; echo second; printf 'no-newline'"
+    seen: list[str] = []
 
     async def on_line(line: str) -> None:
-        seen.append((time.monotonic(), line))
+        seen.append(line)
+        if line == "first":
+            go.touch()
 
-    done = await hostcmd.run(
-        ["sh", "-c", "echo first; echo err-line >&2; sleep 0.6; echo second; printf 'no-newline'"],
-        timeout_s=10,
-        on_line=on_line,
-    )
+    done = await hostcmd.run(["sh", "-c", script], timeout_s=HUNG_S, on_line=on_line)
     assert done.returncode == 0
     assert done.stdout == "first\nsecond\nno-newline"
     assert done.stderr == "err-line\n"
-    assert done.argv == (
-        "sh",
-        "-c",
-        "echo first; echo err-line >&2; sleep 0.6; echo second; printf 'no-newline'",
-    )
-    lines = [line for _, line in seen]
-    assert sorted(lines) == ["err-line", "first", "no-newline", "second"]
-    stamps = dict((line, t) for t, line in seen)
-    # "first" was delivered while the process still ran, not collected at the end.
-    assert stamps["second"] - stamps["first"] > 0.4
+    assert done.argv == ("sh", "-c", script)
+    assert sorted(seen) == ["err-line", "first", "no-newline", "second"]
+    assert seen.index("first") < seen.index("second")
 
 
 @pytest.mark.anyio
@@ -274,8 +263,8 @@ async def test_run_check_false_returns_status() -> None:
 @pytest.mark.parametrize(
     "script",
     [
-        "sleep 30 & echo $!; echo $$; wait",  # the leader waits for its child
-        "sleep 30 & echo $!",  # the leader exits at once; the child keeps the pipes open
+        "sleep infinity & echo $!; echo $$; wait",  # the leader waits for its child
+        "sleep infinity & echo $!",  # the leader exits at once; the child keeps the pipes open
     ],
 )
 async def test_run_timeout_kills_the_process_group(script: str) -> None:
@@ -284,12 +273,11 @@ async def test_run_timeout_kills_the_process_group(script: str) -> None:
     async def on_line(line: str) -> None:
         pids.append(int(line))
 
-    started = time.monotonic()
-    with pytest.raises(CommandTimeout, match="did not finish within"):
+    # `sleep infinity` never ends by itself: only the kill can end the run (or the upper bound).
+    with anyio.fail_after(HUNG_S), pytest.raises(CommandTimeout, match="did not finish within"):
         await hostcmd.run(["sh", "-c", script], timeout_s=0.7, on_line=on_line)
-    assert time.monotonic() - started < 8
     assert pids, "the script printed no PIDs"
-    assert await _wait_dead(pids) == []
+    await _all_die(pids)
 
 
 @pytest.mark.anyio
@@ -299,26 +287,29 @@ async def test_run_timeout_kills_what_ignores_sigterm() -> None:
     async def on_line(line: str) -> None:
         pids.append(int(line))
 
-    started = time.monotonic()
-    with pytest.raises(CommandTimeout):
+    # SIGKILL after the grace period: nothing else ends `sleep infinity` under `trap '' TERM`.
+    with anyio.fail_after(HUNG_S), pytest.raises(CommandTimeout):
         await hostcmd.run(
-            ["sh", "-c", "trap '' TERM; sleep 30 & echo $!; wait"], timeout_s=0.5, on_line=on_line
+            ["sh", "-c", "trap '' TERM; sleep infinity & echo $!; wait"], timeout_s=0.5, on_line=on_line
         )
-    assert time.monotonic() - started < 15  # SIGKILL after the grace period, not sleep's natural end
-    assert await _wait_dead(pids, within_s=1) == []
+    assert pids
+    await _all_die(pids)
 
 
 @pytest.mark.anyio
 async def test_run_cancellation_kills_the_process() -> None:
     pids: list[int] = []
 
-    async def on_line(line: str) -> None:
-        pids.append(int(line))
+    with anyio.CancelScope() as scope:
 
-    with anyio.move_on_after(0.7) as scope:
-        await hostcmd.run(["sh", "-c", "sleep 30 & echo $!; wait"], timeout_s=60, on_line=on_line)
+        async def on_line(line: str) -> None:
+            pids.append(int(line))
+            scope.cancel()  # cancelled while it runs: its child's PID is the evidence
+
+        await hostcmd.run(["sh", "-c", "sleep infinity & echo $!; wait"], timeout_s=HUNG_S, on_line=on_line)
     assert scope.cancelled_caught
-    assert pids and await _wait_dead(pids) == []
+    assert pids
+    await _all_die(pids)
 
 
 @pytest.mark.anyio
@@ -821,23 +812,19 @@ async def test_lock_serialises_changes(tmp_path: Path, flake: Path, host: Host) 
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     progress = Progress()
-    released_at = 0.0
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(rt.prepare, _record("ws1"), progress)
-            await anyio.sleep(0.6)
+            await wait_until(lambda: any("waiting for another change" in m for m in progress.lines()),
+                             "prepare to report that it waits for the lock")
             # Nothing written while someone else holds the lock.
             assert not (flake / "sandboxed-workspaces.json").exists()
-            assert any("waiting for another change" in m for m in progress.lines())
-            released_at = time.monotonic()
             os.close(fd)
             fd = -1
     finally:
         if fd >= 0:
             os.close(fd)
-    assert (
-        released_at and "ws1" in json.loads((flake / "sandboxed-workspaces.json").read_text())["workspaces"]
-    )
+    assert "ws1" in json.loads((flake / "sandboxed-workspaces.json").read_text())["workspaces"]
 
 
 @pytest.mark.anyio
@@ -903,7 +890,9 @@ async def test_start_stop_status_logs_run_the_unit_commands(tmp_path: Path, flak
     progress = Progress()
     assert await rt.start(rec, progress) == rec
     await rt.stop(rec)  # "not loaded" counts as stopped
+    before = time.monotonic()
     detail = await rt.status(rec)
+    after = time.monotonic()
     log = await rt.logs(rec, 20)
     assert [c["argv"] for c in host.calls()] == [
         ["doas", "-n", "systemctl", "start", "microvm@ws1"],
@@ -923,7 +912,11 @@ async def test_start_stop_status_logs_run_the_unit_commands(tmp_path: Path, flak
         777,
         "active (running)",
     )
-    assert detail.uptime_s is not None and 4.5 < detail.uptime_s < 60
+    # The unit entered 'active' 5 s before now_us: the uptime is bracketed by the clock read around
+    # the call (exact, whatever the machine's speed; 1 µs for the stand-in's rounding).
+    uptime = detail.uptime_s
+    entered = (now_us - 5_000_000) / 1e6
+    assert uptime is not None and before - entered - 1e-6 <= uptime <= after - entered + 1e-6
     assert "Started microvm@ws1." in log
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
-from sandbox_mcp.state import Registry
+from sandbox_mcp.state import Registry, RegistryData
+
+from .points import HUNG_S, wait_until_sync
 
 
 def record(name: str, ip: str = "192.168.83.10") -> WorkspaceRecord:
@@ -33,31 +36,48 @@ def test_concurrent_writers_in_separate_processes_lose_nothing(tmp_path: Path) -
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
+        p.join(HUNG_S)
         assert p.exitcode == 0
     names = set(Registry(path).read_sync().workspaces)
     assert names == {f"{p}{i}" for p in "abcd" for i in range(25)}
 
 
-def _hold_lock(path: str, ready: str, seconds: float) -> None:
+def _hold_lock(path: str, holding: Any, release: Any) -> None:
     reg = Registry(Path(path))
     with reg.transaction_sync() as data:
-        Path(ready).touch()
-        time.sleep(seconds)
+        holding.set()
+        release.wait(HUNG_S)
         data.workspaces["holder"] = record("holder")
 
 
+def _blocked_on(lock_file: Path) -> int:
+    """How many flock waiters /proc/locks shows on ``lock_file`` (the kernel's word, not a guess)."""
+    inode = f":{lock_file.stat().st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
 def test_the_lock_excludes_other_processes(tmp_path: Path) -> None:
-    path, ready = tmp_path / "registry.json", tmp_path / "ready"
-    p = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(str(path), str(ready), 0.5))
+    path = tmp_path / "registry.json"
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(str(path), holding, release))
     p.start()
-    while not ready.exists():
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    data = Registry(path).read_sync()  # must wait for the writer, then see its write
-    assert time.monotonic() - t0 > 0.3
-    assert "holder" in data.workspaces
-    p.join(10)
+    try:
+        assert holding.wait(HUNG_S)
+        seen: list[RegistryData] = []
+        reader = threading.Thread(target=lambda: seen.append(Registry(path).read_sync()))
+        reader.start()
+        # The reader is queued on the lock while the writer holds it ...
+        wait_until_sync(lambda: _blocked_on(Registry(path).lock_path) == 1, "the reader to wait for the lock")
+        assert not seen
+        release.set()
+        reader.join(HUNG_S)
+        # ... and so reads the writer's change, not the file before it.
+        assert "holder" in seen[0].workspaces
+    finally:
+        release.set()
+        p.join(HUNG_S)
+    assert p.exitcode == 0
 
 
 def test_a_failed_transaction_writes_nothing_and_leaves_no_temp_files(tmp_path: Path) -> None:
