@@ -146,6 +146,16 @@ class Runtime(ABC):
             InvalidSpec: with what to change.
         """
 
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        """Allocate what the runtime needs per workspace (inside the registry transaction, like IPs).
+
+        ``others`` are the registered workspaces. Default: nothing to allocate.
+
+        Raises:
+            InvalidSpec, Conflict, BackendError: the workspace cannot be realised here (the message says why).
+        """
+        return record
+
     @abstractmethod
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         """Make the workspace startable (build/find the image, declare it, rebuild). Called once, on create."""
