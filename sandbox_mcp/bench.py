@@ -6,6 +6,9 @@
 - writing and reading a 16 MiB file through the MCP tools against ``ssh cat``;
 - for VMs (``type="vm"``, when qemu and the VM image are there): create → first exec against a bare
   boot of the same qemu command (TAP, overlay, qemu), polled until sshd sends its banner.
+- the daemon's hop: ``exec true`` from an MCP client on the daemon's socket against the
+  in-process client, and ``sandbox-mcp serve`` over stdio bridged to the daemon against the
+  same ``serve`` working in process.
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -46,7 +49,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def _reexec_isolated() -> int:
     argv = [sys.executable, "-m", "sandbox_mcp", *sys.argv[1:]]
-    script = 'ip link set lo up && exec env ' + _ISOLATED + '=1 "$@"'
+    # /run/netns on a tmpfs of its own: the host's is shared with every other namespace's cleanup.
+    script = ('mkdir -p /run/netns && mount -t tmpfs -o mode=0755 sandbox-mcp-bench-netns /run/netns && '
+              'ip link set lo up && exec env ' + _ISOLATED + '=1 "$@"')
     return subprocess.call(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", script,
                             "sh", *argv])
 
@@ -195,6 +200,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
+            results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, client)
             await call("destroy_workspace", name="bench0")
 
             # 4. VMs: create -> first exec, against a bare boot of the same qemu command.
@@ -223,6 +229,62 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
     return 0
+
+
+async def _interleaved_exec_ms(clients: dict[str, object], n: int) -> dict[str, list[float]]:
+    """``exec true`` on bench0 through each client in turn, ``n`` rounds: load that drifts during the
+    run then weighs on every path alike."""
+    out: dict[str, list[float]] = {name: [] for name in clients}
+    for client in clients.values():
+        await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+    for _ in range(n):
+        for name, client in clients.items():
+            t0 = time.perf_counter()
+            r = await client.call_tool("exec", {"name": "bench0", "command": "true"})  # type: ignore[attr-defined]
+            out[name].append((time.perf_counter() - t0) * 1000)
+            if r.is_error:
+                raise RuntimeError(f"exec via {name}: {r.content}")
+    return out
+
+
+async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: object) -> dict[str, float]:
+    """``exec true`` through a `sandbox-mcp daemon` child (a socket client; stdio serve bridged to it) against
+    the in-process client and stdio serve working in process, interleaved call by call."""
+    from mcp import Client, StdioServerParameters
+
+    from .daemon_client import socket_transport
+
+    sock = state / "run" / "daemon.sock"
+    env = {**os.environ, "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
+           "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_HOSTS_FILE": "", "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
+           "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
+           "SANDBOX_MCP_CONFIG": "/nonexistent"}  # fmt: skip
+    serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
+    local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}  # no daemon: in process
+    env["SANDBOX_MCP_DAEMON_SOCKET"] = str(sock)
+    log = open(state / "daemon.log", "wb")  # noqa: ASYNC230, SIM115 - the child writes it
+    daemon = await anyio.open_process([sys.executable, "-m", "sandbox_mcp", "daemon"], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    log.close()
+    try:
+        while not sock.is_socket():  # the daemon binds once its manager is open
+            if daemon.returncode is not None:
+                raise RuntimeError(f"the daemon exited: {(state / 'daemon.log').read_text()[-2000:]}")
+            await anyio.sleep(0.05)
+        async with (
+            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=local_env)) as stdio_local,
+            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as stdio_daemon,
+            Client(socket_transport(sock, "root"), mode="legacy") as socket_client,
+        ):
+            ms = await _interleaved_exec_ms({"in_process": in_process, "socket": socket_client,
+                                             "stdio_local": stdio_local, "stdio_daemon": stdio_daemon}, n)
+    finally:
+        daemon.terminate()
+        await daemon.wait()
+    out = {f"{k}_p50": statistics.median(v) for k, v in ms.items()}
+    out |= {f"{k}_p95": _pct(v, 0.95) for k, v in ms.items()}
+    out["hop_p50"] = out["stdio_daemon_p50"] - out["stdio_local_p50"]
+    return out
 
 
 async def _ssh_argv(settings: Settings, name: str) -> list[str]:
@@ -261,4 +323,10 @@ def _print(results: dict[str, dict[str, float]]) -> None:
         print(f"VM create -> first exec ({accel}): p50 {v['p50']:.3f} s  (min {v['min']:.3f}, max {v['max']:.3f}, "
               f"{v['runs']:.0f} runs)")
         print(f"  baseline, bare qemu boot -> sshd banner: p50 {vb['p50']:.3f} s; ratio {v['p50'] / vb['p50']:.2f}x")
+    d = results["daemon_hop_exec_true_ms"]
+    print(f"exec true via the daemon (interleaved): socket client p50 {d['socket_p50']:.2f} ms (in-process client "
+          f"{d['in_process_p50']:.2f} ms); stdio serve bridged to the daemon p50 {d['stdio_daemon_p50']:.2f} ms, "
+          f"p95 {d['stdio_daemon_p95']:.2f} ms")
+    print(f"  baseline, stdio serve in process: p50 {d['stdio_local_p50']:.2f} ms, p95 {d['stdio_local_p95']:.2f} ms; "
+          f"the daemon hop costs {d['hop_p50']:.2f} ms at p50")
     print(json.dumps(results))

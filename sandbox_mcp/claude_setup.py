@@ -11,6 +11,9 @@ not a documented format):
   ``enabledMcpjsonServers`` of ``.claude/settings.local.json`` (anthropics/claude-code#79973).
 - ``claude mcp add --scope user|project NAME -- COMMAND ARGS...`` writes exactly those
   entries; ``--`` keeps the server's own flags away from claude's parser.
+- HTTP servers: ``{"type": "http", "url", "headers"}`` in the same places (``claude mcp add
+  --transport http NAME URL --header ...`` writes that). We write the JSON ourselves for them,
+  so the bearer token never appears in a process's argv.
 - Skills: ``~/.claude/skills/<name>/SKILL.md`` (``$CLAUDE_CONFIG_DIR/skills`` when set) and
   ``<project>/.claude/skills/<name>/SKILL.md``.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from .errors import CommandFailed, CommandTimeout, InvalidSpec
 from .fsutil import atomic_write
 
 __all__ = [
+    "DAEMON_INSTALL",
     "SERVER_NAME",
     "InstallReport",
     "Scope",
@@ -39,6 +44,7 @@ __all__ = [
     "claude_mcp_remove_argv",
     "default_server_command",
     "install_claude",
+    "mcp_http_entry",
     "mcp_server_entry",
     "skills_dir",
 ]
@@ -56,7 +62,8 @@ class InstallReport(BaseModel):
         description="'claude-cli' ran `claude mcp add`; 'config-file' wrote Claude Code's JSON directly"
     )
     server_name: str
-    server_command: list[str]
+    server_command: list[str] = Field(description="The stdio command; empty for an HTTP registration")
+    server_url: str | None = Field(default=None, description="The HTTP endpoint, for an HTTP registration")
     config_file: str = Field(description="The file that holds the server entry")
     commands: list[list[str]] = Field(default_factory=list, description="Commands run, in order")
     files_written: list[str] = Field(default_factory=list)
@@ -84,17 +91,21 @@ def skills_dir() -> Path:
     )
 
 
+DAEMON_INSTALL = Path("/opt/sandbox-mcp")  # where scripts/setup installs the daemon's code, root-owned
+
+
 def default_server_command(
     *, needs_root: bool, euid: int | None = None, script: str | None = None
 ) -> list[str]:
     """The command Claude Code should run to start the server over stdio.
 
-    ``script`` defaults to the absolute path of the running ``sandbox-mcp`` console script
-    (beside the interpreter, else on PATH); failing both, ``python -m sandbox_mcp``. Direct
-    mode creates bridges and containers, so the server must be root: when ``needs_root`` and
-    ``euid`` (default: the current one) is not 0 the command goes through ``sudo -n``, which
-    fails at once, instead of hanging on a password prompt nobody sees, unless sudo is
-    passwordless for it.
+    ``script`` defaults to the running ``sandbox-mcp`` console script (beside the interpreter,
+    else on PATH); failing both, ``python -m sandbox_mcp``. (install-claude passes the root-owned
+    install's, ``DAEMON_INSTALL``, when scripts/setup made one.) With the daemon, ``serve`` runs as the user and
+    needs no root (pass ``needs_root=False``). Without it, direct mode creates bridges and
+    containers, so the server must be root: when ``needs_root`` and ``euid`` (default: the
+    current one) is not 0 the command goes through ``sudo -n``, which fails at once, instead of
+    hanging on a password prompt nobody sees, unless sudo is passwordless for it.
     """
     euid = os.geteuid() if euid is None else euid
     if script is not None:
@@ -114,6 +125,19 @@ def mcp_server_entry(server_command: Sequence[str]) -> dict[str, Any]:
     if not server_command:
         raise InvalidSpec("server command is empty")
     return {"type": "stdio", "command": server_command[0], "args": list(server_command[1:]), "env": {}}
+
+
+def mcp_http_entry(url: str, token: str) -> dict[str, Any]:
+    """The JSON object Claude Code stores for a streamable-HTTP server with a bearer token.
+
+    Raises:
+        InvalidSpec: ``url`` is not an http(s) URL, or the token is not a plain header value.
+    """
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise InvalidSpec(f"--http wants the server's URL, e.g. http://127.0.0.1:8765/mcp; got {url!r}")
+    if not token or not all(33 <= ord(c) < 127 for c in token):
+        raise InvalidSpec("the HTTP token must be printable ASCII without spaces; check SANDBOX_MCP_HTTP_TOKEN")
+    return {"type": "http", "url": url, "headers": {"Authorization": f"Bearer {token}"}}
 
 
 def claude_mcp_add_argv(
@@ -205,6 +229,7 @@ def install_claude(
     claude_bin: str | None = None,
     use_claude_cli: bool = True,
     env: dict[str, str] | None = None,
+    http: tuple[str, str] | None = None,
 ) -> InstallReport:
     """Register the MCP server ``sandbox`` with Claude Code and install the bundled skills.
 
@@ -223,7 +248,7 @@ def install_claude(
     nothing and reports what it would do.
 
     Raises:
-        InvalidSpec: bad scope, project scope without an existing ``project_dir``, an empty
+        InvalidSpec: bad scope, project scope with ``http`` or without an existing ``project_dir``, an empty
             server command, no skills in ``skills_src``, or an existing config file that is
             not a JSON object (it is never overwritten).
         CommandFailed: ``claude mcp add``/``remove`` exited non-zero.
@@ -232,12 +257,17 @@ def install_claude(
     """
     if scope not in ("user", "project"):
         raise InvalidSpec(f"scope must be 'user' or 'project', got {scope!r}")
-    entry = mcp_server_entry(server_command)
+    entry = mcp_http_entry(*http) if http else mcp_server_entry(server_command)
     if not any(Path(skills_src).glob("*/SKILL.md")):
         raise InvalidSpec(f"no skills (*/SKILL.md) in {skills_src}")
     home = Path(home)
     notes: list[str] = []
 
+    if scope == "project" and http is not None:
+        raise InvalidSpec(
+            "an HTTP registration carries the bearer token, and a project's .mcp.json is meant to be "
+            "committed; register it with --scope user"
+        )
     if scope == "project":
         if project_dir is None or not Path(project_dir).is_dir():
             raise InvalidSpec(f"project scope needs an existing project directory, got {project_dir!r}")
@@ -261,14 +291,15 @@ def install_claude(
     unchanged = current == entry
 
     claude = None
-    if use_claude_cli:
+    if use_claude_cli and http is None:
         claude = claude_bin or shutil.which("claude", path=(env or os.environ).get("PATH"))
     method: Literal["claude-cli", "config-file"] = "claude-cli" if claude else "config-file"
     report = InstallReport(
         scope=scope,
         method=method,
         server_name=SERVER_NAME,
-        server_command=list(server_command),
+        server_command=[] if http else list(server_command),
+        server_url=http[0] if http else None,
         config_file=str(config_file),
         unchanged=unchanged,
         dry_run=dry_run,
@@ -312,12 +343,14 @@ def install_claude(
         notes.append(f"{config_file} is meant to be committed; {local} stays private to you.")
 
     report.skills_installed = _install_skills(Path(skills_src), skills_dest, dry_run)
-    if server_command[:1] == ["sudo"]:
+    if http is None and server_command[:1] == ["sudo"]:
         notes.append(
             "The server runs through 'sudo -n' because direct mode needs root: allow it without a password "
             "(e.g. a sudoers rule for this command), or register as root. Under sudo it reads root's "
             "~/.config/sandbox-mcp/config.toml and keeps state in root's ~/sandboxed."
         )
+    if http is not None:
+        notes.append(f"{config_file} now holds the HTTP bearer token: keep it private.")
     notes.append("Restart Claude Code (or run /mcp) to pick up the server and the skills.")
     report.notes = notes
     return report

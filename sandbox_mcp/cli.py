@@ -6,17 +6,22 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import SandboxError
+from .errors import InvalidState, SandboxError
 from .manager import WorkspaceManager
+from .owners import OwnedManager
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .ssh import SSHTarget
+
+__all__ = ["build_parser", "main", "ssh_command_argv"]
 
 
 async def _print_progress(message: str, fraction: float | None = None) -> None:
@@ -28,24 +33,70 @@ def _dump(model: Any) -> None:
     print(model.model_dump_json(indent=2))
 
 
-async def _with_manager(settings: Settings, fn: Callable[[WorkspaceManager], Awaitable[int]]) -> int:
+def _use_daemon(settings: Settings) -> bool:
+    """Whether to go through the daemon: when its socket exists; else root works in process.
+
+    Raises:
+        InvalidState: no daemon and not root (nothing here can work without one of them).
+    """
+    from .daemon_client import daemon_available
+
+    if daemon_available(settings):
+        return True
+    if os.geteuid() == 0:
+        return False
+    raise InvalidState(
+        f"no sandbox-mcp daemon at {settings.daemon_socket}, and without it this needs root. Start the daemon "
+        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`), or set SANDBOX_MCP_DAEMON_SOCKET"
+    )
+
+
+async def _with_manager(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``fn`` with the daemon's workspaces (as this user) or, as root without a daemon, a local manager."""
+    if _use_daemon(settings):
+        from .daemon_client import RemoteManager
+
+        async with RemoteManager(settings) as remote:
+            return await fn(remote)
     async with WorkspaceManager(settings) as manager:
-        return await fn(manager)
+        return await fn(OwnedManager(manager, os.geteuid()))
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .server import build_server
+    from .server import build_server, serve_http
 
-    server = build_server(settings)
-    if args.http:
-        server.run("streamable-http", host=args.host, port=args.port)
+    if _use_daemon(settings):
+        if args.http:
+            from contextlib import asynccontextmanager
+
+            from .daemon_client import RemoteManager
+
+            @asynccontextmanager
+            async def remote(server: object):  # type: ignore[no-untyped-def]
+                async with RemoteManager(settings) as m:
+                    yield m
+
+            serve_http(settings, args.host, args.port, lifespan=remote)
+        else:
+            from .bridge import bridge_stdio
+
+            anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
+    elif args.http:
+        serve_http(settings, args.host, args.port)
     else:
-        server.run("stdio")
+        build_server(settings).run("stdio")
+    return 0
+
+
+def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from .daemon import run_daemon
+
+    anyio.run(run_daemon, settings)
     return 0
 
 
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
                             egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
         _dump(ws)
@@ -55,7 +106,7 @@ def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         result = await m.list()
         if args.json:
             _dump(result)
@@ -76,7 +127,7 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
 
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: Any) -> int:
         r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
@@ -90,24 +141,51 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     return anyio.run(_with_manager, settings, run)
 
 
+def ssh_command_argv(target: SSHTarget, known_hosts: Path, extra: Sequence[str]) -> list[str]:
+    """The OpenSSH argv for ``sandbox-mcp ssh``: the person's extra words go after ``--``.
+
+    OpenSSH parses options again after the host name, so without ``--`` an extra
+    ``-o ProxyCommand=...`` would run a command on this host; after it, everything is the
+    remote command. A leading ``--`` the person typed is not doubled.
+
+    Raises:
+        InvalidSpec: a key or known_hosts path OpenSSH cannot take (see :func:`ssh.ssh_argv`).
+    """
+    from . import ssh
+
+    words = list(extra)
+    if words[:1] == ["--"]:
+        words = words[1:]
+    return ssh.ssh_argv(target, known_hosts, ["--", *words] if words else [])
+
+
 def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     from . import ssh
     from .paths import WorkspacePaths
 
-    async def run(m: WorkspaceManager) -> int:
+    async def run(m: OwnedManager) -> int:
         t = await m.ssh_target(args.name)
         known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
         known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
-        argv = ssh.ssh_argv(t, known_hosts, args.extra)
+        argv = ssh_command_argv(t, known_hosts, args.extra)
         os.execvp(argv[0], argv)
         return 1  # not reached
 
-    return anyio.run(_with_manager, settings, run)
+    if os.geteuid() != 0:  # the SSH client key is root's; the daemon does not hand it out
+        from .daemon_client import RemoteManager
+
+        return anyio.run(RemoteManager(settings).ssh_target, args.name)
+
+    async def local() -> int:
+        async with WorkspaceManager(settings) as manager:
+            return await run(OwnedManager(manager, 0))
+
+    return anyio.run(local)
 
 
 def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
-        async def run(m: WorkspaceManager) -> int:
+        async def run(m: Any) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
             if method == "start":
@@ -173,18 +251,29 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
+    from .claude_setup import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
+    from .daemon_client import daemon_available
 
-    from .claude_setup import default_server_command, install_claude, skills_dir
+    # With the daemon (running, or installed by scripts/setup) serve runs as the user: no sudo.
+    installed = DAEMON_INSTALL / "venv" / "bin" / "sandbox-mcp"
+    daemon = daemon_available(settings) or os.access(installed, os.X_OK)
+    http = None
+    if args.http:
+        from .http_auth import load_token
 
+        http = (args.http, load_token(settings).value)
     report = install_claude(
         args.scope,
         project_dir=Path(args.project or ".").resolve() if args.scope == "project" else None,
         home=Path.home(),
-        server_command=default_server_command(needs_root=settings.mode != "nixos"),
+        server_command=default_server_command(
+            needs_root=settings.mode != "nixos" and not daemon,
+            script=str(installed) if os.access(installed, os.X_OK) else None,  # root-owned, stable
+        ),
         skills_src=skills_dir(),
         dry_run=args.dry_run,
         claude_config_dir=os.environ.get("CLAUDE_CONFIG_DIR"),
+        http=http,
     )
     _dump(report)
     return 0
@@ -200,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("daemon", help="run the root daemon that serve and the CLI talk to (on its unix socket)")
+    s.set_defaults(fn=_cmd_daemon)
 
     s = sub.add_parser("create", help="create (and start) a workspace")
     s.add_argument("name")
@@ -266,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["user", "project"], default="user")
     s.add_argument("--project", help="project directory (project scope); default: the current directory")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--http", metavar="URL",
+        help="register the HTTP server at URL (e.g. http://127.0.0.1:8765/mcp) with its bearer token "
+        "(SANDBOX_MCP_HTTP_TOKEN, else the one `serve --http` generates) instead of the stdio command",
+    )  # fmt: skip
     s.set_defaults(fn=_cmd_install_claude)
     return p
 

@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidSpec
 
@@ -128,9 +136,38 @@ class Settings(BaseModel):
     copy_claude_credentials: bool = Field(
         default=False, description="Copy the host user's Claude credentials into new workspaces"
     )
+    http_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the HTTP transport requires; unset: one generated into "
+        "<state>/.server/http-token on first start (needed explicitly for a non-loopback --host)",
+    )
+    daemon_socket: Path = Field(
+        default=Path("/run/sandbox-mcp/daemon.sock"),
+        description="Unix socket of the root daemon (`sandbox-mcp daemon`); serve and the CLI use it when it exists",
+    )
+    daemon_group: str = Field(
+        default="sandbox-mcp",
+        pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+        description="Group whose members may use the daemon's socket (besides root)",
+    )
     nixos: NixosSettings = Field(default_factory=NixosSettings)
 
-    @field_validator("state_dir", "image_dir")
+    @field_validator("http_token", mode="before")
+    @classmethod
+    def _token_or_none(cls, v: object) -> object:
+        return None if v in ("", None) else v
+
+    @field_validator("http_token")
+    @classmethod
+    def _strong_token(cls, v: SecretStr | None) -> SecretStr | None:
+        # A header value: printable ASCII without spaces, and long enough not to be guessed.
+        if v is not None:
+            token = v.get_secret_value()
+            if len(token) < 16 or not all(33 <= ord(c) < 127 for c in token):
+                raise ValueError("http_token must be at least 16 printable ASCII characters without spaces")
+        return v
+
+    @field_validator("state_dir", "image_dir", "daemon_socket")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
+import socket
 from pathlib import Path
 
 from .config import Settings
 from .errors import SandboxError
 from .models import Check
 
-__all__ = ["Check", "run_checks", "which_check"]
+__all__ = ["Check", "daemon_checks", "run_checks", "which_check"]
 
 
 def which_check(program: str, package: str, why: str, *, name: str | None = None, required: bool = True) -> Check:
@@ -22,17 +25,71 @@ def which_check(program: str, package: str, why: str, *, name: str | None = None
                  fix=f"apt-get install {package}", required=required)
 
 
+def daemon_checks(settings: Settings, *, uid: int | None = None) -> list[Check]:
+    """Whether the daemon answers on its socket, and whether user ``uid`` (default: this one) may use it."""
+    uid = os.geteuid() if uid is None else uid
+    path = settings.daemon_socket
+    answers, why = False, "not running (no socket)"
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            answers, why = True, f"answers at {path}"
+        except PermissionError:
+            why = f"{path} exists, but this user may not connect (see the group check)"
+        except OSError as exc:
+            why = f"{path} exists but nobody answers ({exc.strerror}): a stale socket"
+        finally:
+            probe.close()
+    checks = [
+        Check(
+            name="daemon",
+            ok=answers,
+            detail=why,
+            fix="sudo systemctl start sandbox-mcp (where systemd runs), else sudo scripts/serve --daemon",
+            required=uid != 0,  # root can work in process
+        )
+    ]
+    group = settings.daemon_group
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        checks.append(Check(name="daemon group", ok=uid == 0, detail=f"group {group!r} does not exist",
+                            fix=f"groupadd --system {group} (scripts/setup does)", required=uid != 0))  # fmt: skip
+        return checks
+    if uid == 0:
+        checks.append(Check(name="daemon group", ok=True, detail="root needs no group", required=False))
+        return checks
+    try:
+        entry = pwd.getpwuid(uid)
+        listed = gid in os.getgrouplist(entry.pw_name, entry.pw_gid)
+        name = entry.pw_name
+    except KeyError:
+        listed, name = False, str(uid)
+    active = uid != os.geteuid() or gid in (os.getegid(), *os.getgroups())
+    ok = listed and active
+    detail = (f"{name} is in group {group!r}" if ok else
+              f"{name} is in group {group!r}, but this login predates it" if listed else
+              f"{name} is not in group {group!r}")  # fmt: skip
+    fix = "log in again (or run `newgrp " + group + "`)" if listed else f"sudo usermod -aG {group} {name}, then log in again"
+    checks.append(Check(name="daemon group", ok=ok, detail=detail, fix=fix))
+    return checks
+
+
 def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
     """Check what this host needs: the general prerequisites, then each runtime's own. Pure reads."""
     from .runtimes import RuntimeContext, build_runtimes, resolve_mode
 
+    daemon = daemon_checks(settings)
     checks = [
         Check(
             name="root",
-            ok=os.geteuid() == 0,
-            detail=f"running as uid {os.geteuid()}",
-            fix="run the server as root (sudo sandbox-mcp serve): it creates network namespaces and containers",
+            ok=os.geteuid() == 0 or daemon[0].ok,
+            detail=f"running as uid {os.geteuid()}" + ("; the daemon does the root work" if daemon[0].ok else ""),
+            fix="start the daemon (sudo systemctl start sandbox-mcp, or sudo scripts/serve --daemon), or run as "
+            "root: workspaces need network namespaces and containers",
         ),
+        *daemon,
         which_check("cp", "coreutils", "copies image variants", name="coreutils"),
     ]
     filesystems = (proc / "filesystems").read_text() if (proc / "filesystems").exists() else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "AccessDenied",
     "BackendError",
     "CommandFailed",
     "CommandTimeout",
@@ -82,6 +83,10 @@ class WorkspaceExists(SandboxError):
 
 class Conflict(SandboxError):
     """A resource the request asks for is taken (an IP address, a MAC, a vsock CID)."""
+
+
+class AccessDenied(SandboxError, PermissionError):
+    """The caller may not use the daemon (not root, not in its group)."""
 
 
 class InvalidState(SandboxError):

@@ -314,11 +314,12 @@ class WorkspaceManager:
         egress: Egress = "none",
         cpus: float | None = None,
         memory_mib: int | None = None,
+        owner_uid: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
-        everything created is removed again.
+        everything created is removed again. ``owner_uid`` is recorded as the creator.
 
         Raises:
             InvalidSpec: bad name, type, packages or IP.
@@ -330,11 +331,11 @@ class WorkspaceManager:
         validate_name(name)
         runtime = self._runtime_for_type(type)
         packages = validate_packages(packages, runtime.package_flavour)
-        limits = self._limits(cpus, memory_mib)
+        limits = self._limits(runtime, cpus, memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, egress, limits
+                self._register, name, type, packages, ip, live, runtime, egress, limits, owner_uid
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -358,15 +359,16 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
-    def _limits(self, cpus: float | None, memory_mib: int | None) -> Limits:
-        """The workspace's limits: the arguments, else the settings' defaults.
+    def _limits(self, runtime: Runtime, cpus: float | None, memory_mib: int | None) -> Limits:
+        """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
 
         Raises:
             InvalidSpec: a value out of range (the message gives the range).
         """
         s = self.settings
-        cpus = s.cpus if cpus is None else cpus
-        memory_mib = s.memory_mib if memory_mib is None else memory_mib
+        defaults = runtime.default_limits()
+        cpus = defaults.cpus if cpus is None else cpus
+        memory_mib = defaults.memory_mib if memory_mib is None else memory_mib
         host_cpus = os.cpu_count() or 1
         if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0.05 <= cpus <= host_cpus:
             raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")
@@ -384,6 +386,7 @@ class WorkspaceManager:
         runtime: Runtime,
         egress: Egress,
         limits: Limits | None = None,
+        owner_uid: int | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -399,6 +402,7 @@ class WorkspaceManager:
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
+                owner_uid=owner_uid,
                 packages=packages,
                 egress=egress,
                 limits=limits,

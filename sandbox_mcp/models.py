@@ -92,6 +92,9 @@ class WorkspaceRecord(BaseModel):
     mac: str
     cid: int
     user: str
+    owner_uid: int | None = Field(
+        default=None, description="Host uid that created it (the daemon's peer); None: created before owners existed"
+    )
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
     host_key_fingerprint: str = ""

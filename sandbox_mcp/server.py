@@ -9,17 +9,23 @@ anything else is a crash the SDK reports without leaking a traceback.
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
+from mcp.server.auth.provider import AccessToken, TokenVerifier
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import AnyHttpUrl, Field
 
-from . import __version__
+from . import __version__, http_auth
 from .config import Settings, load_settings
 from .errors import SandboxError, clip
 from .manager import WorkspaceManager
@@ -34,9 +40,10 @@ from .models import (
     WorkspaceStatus,
     WriteResult,
 )
+from .owners import OwnedManager
 from .runtimes.base import Progress
 
-__all__ = ["build_server"]
+__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -115,13 +122,52 @@ def _progress(ctx: Context) -> Progress:
     return report
 
 
-def build_server(settings: Settings | None = None) -> MCPServer:
-    """The MCP server with every tool of the contract, its manager opened in the lifespan."""
+class BearerTokenVerifier(TokenVerifier):
+    """Accepts exactly one static bearer token (the HTTP transport's), compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        """The access grant for the right token; None (so a 401) for any other."""
+        if hmac.compare_digest(token.encode(), self._token):
+            return AccessToken(token="<redacted>", client_id="sandbox-mcp-http", scopes=[])
+        return None
+
+
+# What a lifespan yields to the tools: the manager, or anything with its methods (the daemon
+# hands each connection a view limited to its peer's workspaces).
+ManagerLifespan = Callable[[MCPServer], AbstractAsyncContextManager[Any]]
+
+
+def build_server(
+    settings: Settings | None = None,
+    *,
+    lifespan: ManagerLifespan | None = None,
+    http_token: str | None = None,
+    http_url: str = "http://127.0.0.1",
+) -> MCPServer:
+    """The MCP server with every tool of the contract.
+
+    By default its lifespan opens a :class:`WorkspaceManager` in this process; ``lifespan``
+    replaces that (the daemon shares one manager between connections). ``http_token`` makes the
+    HTTP transport require ``Authorization: Bearer <token>`` (stdio ignores it); ``http_url`` is
+    where that server is reached, named in the auth settings.
+    """
 
     @asynccontextmanager
-    async def lifespan(server: MCPServer) -> AsyncIterator[WorkspaceManager]:
+    async def own_manager(server: MCPServer) -> AsyncIterator[OwnedManager]:
         async with WorkspaceManager(settings or load_settings()) as manager:
-            yield manager
+            yield OwnedManager(manager, os.geteuid())  # in process: this user creates, and root sees all
+
+    auth: dict[str, Any] = {}
+    if http_token is not None:
+        # A resource server with a static token and no OAuth: no metadata routes, so issuer_url
+        # only names this server (the SDK requires one).
+        auth = {
+            "auth": AuthSettings(issuer_url=AnyHttpUrl(http_url), resource_server_url=None),
+            "token_verifier": BearerTokenVerifier(http_token),
+        }
 
     # MCPServer sets the root logger to INFO; asyncssh would then log every channel open and
     # close, which costs milliseconds per exec and floods the stdio server's stderr.
@@ -131,10 +177,11 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         title="Sandbox workspaces",
         version=__version__,
         instructions=INSTRUCTIONS,
-        lifespan=lifespan,
+        lifespan=lifespan or own_manager,
+        **auth,
     )
 
-    def manager_of(ctx: Context) -> WorkspaceManager:
+    def manager_of(ctx: Context) -> OwnedManager:
         return ctx.request_context.lifespan_context
 
     def tool(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False, title: str):
@@ -345,3 +392,36 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         return await manager_of(ctx).logs(name, lines)
 
     return mcp
+
+
+def transport_security(host: str) -> TransportSecuritySettings:
+    """Host and Origin checks (DNS rebinding protection), on for every bind address."""
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=http_auth.allowed_hosts(host),
+        allowed_origins=http_auth.allowed_origins(host),
+    )
+
+
+def serve_http(
+    settings: Settings, host: str, port: int, *, lifespan: ManagerLifespan | None = None
+) -> None:
+    """Serve streamable HTTP on ``host:port`` behind the bearer token (see :mod:`http_auth`).
+
+    Says on stderr where the token is. Blocks until interrupted.
+
+    Raises:
+        InvalidSpec: a non-loopback ``host`` without an explicitly configured token, or an
+            unusable token file.
+    """
+    token = http_auth.load_token(settings)
+    http_auth.check_bind(host, token)
+    url_host = f"[{host}]" if ":" in host else host
+    server = build_server(settings, lifespan=lifespan, http_token=token.value, http_url=f"http://{url_host}:{port}")
+    where = f"from {token.path}" if token.path else "from SANDBOX_MCP_HTTP_TOKEN"
+    print(
+        f"sandbox-mcp: HTTP on http://{url_host}:{port}/mcp requires 'Authorization: Bearer <token>', token {where}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run("streamable-http", host=host, port=port, transport_security=transport_security(host))

@@ -33,3 +33,35 @@ def test_a_healthy_host(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, "nodev\toverlay\n", "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
     checks = {c.name: c for c in run_checks(settings, proc=proc)}
     assert checks["overlayfs"].ok and checks["cgroup v2"].ok and checks["network namespaces"].ok
+
+
+def test_daemon_checks(tmp_path: Path) -> None:
+    import grp
+    import os
+    import pwd
+    import socket
+
+    from sandbox_mcp.doctor import daemon_checks
+
+    sock_path = tmp_path / "run" / "daemon.sock"
+    group = grp.getgrgid(os.getegid()).gr_name  # a group this process is in
+    settings = Settings(state_dir=tmp_path / "state", daemon_socket=sock_path, daemon_group=group)
+    checks = {c.name: c for c in daemon_checks(settings)}
+    assert not checks["daemon"].ok and "not running" in checks["daemon"].detail
+    sock_path.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(sock_path))
+        listener.listen(1)
+        assert {c.name: c for c in daemon_checks(settings)}["daemon"].ok
+    finally:
+        listener.close()
+    assert "stale" in {c.name: c for c in daemon_checks(settings)}["daemon"].detail  # the file stayed
+    me = os.geteuid()
+    if me != 0:
+        assert {c.name: c for c in daemon_checks(settings)}["daemon group"].ok
+    nobody = pwd.getpwnam("nobody")
+    other = {c.name: c for c in daemon_checks(settings.model_copy(update={"daemon_group": "root"}), uid=nobody.pw_uid)}
+    assert not other["daemon group"].ok and "usermod -aG root nobody" in (other["daemon group"].fix or "")
+    missing = {c.name: c for c in daemon_checks(settings.model_copy(update={"daemon_group": "no-such-grp"}), uid=4321)}
+    assert not missing["daemon group"].ok and "groupadd" in (missing["daemon group"].fix or "")

@@ -102,10 +102,32 @@ async def test_serve_over_stdio_as_a_subprocess(tmp_path: Path) -> None:
         command=sys.executable,
         args=["-m", "sandbox_mcp", "serve"],
         env={**os.environ, "SANDBOX_MCP_STATE_DIR": str(tmp_path / "state"), "SANDBOX_MCP_BRIDGE": "sbxu-br",
-             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": ""},
+             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": "",
+             "SANDBOX_MCP_DAEMON_SOCKET": str(tmp_path / "no-daemon.sock")},  # in process, whatever runs here
     )
     async with Client(params) as client:
         assert {t.name for t in (await client.list_tools()).tools} == set(CONTRACT)
         r = await client.call_tool("workspace_status", {"name": "nope"})
         assert r.is_error and "not found" in r.content[0].text  # type: ignore[union-attr]
     assert (tmp_path / "state" / ".server" / "client_ed25519_key").exists()
+
+
+async def test_an_error_wrapped_by_a_task_group_still_reaches_the_agent(settings: Settings) -> None:
+    """A SandboxError raised inside a task group arrives as an ExceptionGroup; its message must survive."""
+    import anyio
+
+    from sandbox_mcp.errors import CommandTimeout
+    from sandbox_mcp.server import _tool_errors
+
+    @_tool_errors
+    async def waits() -> None:
+        async with anyio.create_task_group() as tg:
+            async def fail() -> None:
+                raise CommandTimeout("SSH did not answer; look at workspace_logs")
+
+            tg.start_soon(fail)
+
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    with pytest.raises(ToolError, match="look at workspace_logs"):
+        await waits()

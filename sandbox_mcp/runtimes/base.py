@@ -9,6 +9,7 @@ name) in its own typed :attr:`Runtime.State`, stored on the record as ``runtime_
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import Check, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 
 if TYPE_CHECKING:
     from ..hostnet import HostNetwork
@@ -122,6 +123,14 @@ class Runtime(ABC):
     def mark_stopped(self, record: WorkspaceRecord) -> WorkspaceRecord:
         """``record`` with whatever only a running workspace has (PIDs, sockets) forgotten."""
         return record
+
+    def default_limits(self) -> Limits:
+        """The limits of a workspace whose create gave none: the settings' container defaults.
+
+        The CPU default is capped at this host's CPUs, so a small host needs no configuration.
+        """
+        s = self.settings
+        return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""

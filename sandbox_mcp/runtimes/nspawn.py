@@ -443,10 +443,15 @@ class NspawnRuntime(Runtime):
         return await anyio.to_thread.run_sync(_tail)
 
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:
-        """Tear down network namespaces and veths whose workspace is not running."""
+        """Tear down network namespaces and veths of our workspaces that are not running.
+
+        Only names in our registry: links and namespaces of another server on this host (another
+        state directory) are not ours to remove.
+        """
         running = {r.name for r in records if self._running(r)}
+        ours = {r.name for r in records}
         for name in await self.network.leftovers():
-            if name not in running:
+            if name in ours and name not in running:
                 await self.network.detach(name)
         for r in records:
             if r.name not in running and r.runtime == self.name:

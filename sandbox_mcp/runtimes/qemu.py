@@ -27,6 +27,7 @@ device is attached: readiness is the pinned SSH handshake, and hosts without ``v
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images.vm import VmArtefacts, VmImage
-from ..models import Check, RuntimeDetail, WorkspaceRecord
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import tap_name
 from ..paths import WorkspacePaths
 from ..supervise import ProcessRef
@@ -236,6 +237,13 @@ class QemuRuntime(Runtime):
         ))  # fmt: skip
         return checks
 
+    def default_limits(self) -> Limits:
+        """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
+        return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        return record.model_copy(update={"isolation": "microvm"})
+
     def validate(self, record: WorkspaceRecord) -> None:
         """Refuse a VM on a host that cannot run one, before anything is made.
 
@@ -286,8 +294,8 @@ class QemuRuntime(Runtime):
         argv = qemu_argv(
             name=record.name,
             accelerator=accel.accelerator,
-            cpus=self.settings.vm_cpus,
-            memory_mib=self.settings.vm_memory_mib,
+            cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
+            memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
             image=image,
             paths=paths,
             mac=record.mac,

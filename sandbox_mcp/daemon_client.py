@@ -1,0 +1,299 @@
+"""Talking to the root daemon as an MCP client over its unix socket (the CLI and the HTTP server use this).
+
+:func:`socket_transport` is an MCP client transport over the socket (newline-delimited JSON-RPC,
+as stdio). :class:`RemoteManager` has the manager's methods and calls the daemon's tools, so the
+CLI and ``build_server`` use it in place of a local manager: progress comes back through the
+callback, errors come back with the daemon's message. A connection lost mid-call (the daemon
+restarted) is reported as such and the next call connects again; nothing is retried on its own,
+since a create or exec must not run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import mcp_types as types
+from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+from pydantic import BaseModel
+
+from .config import Settings
+from .errors import AccessDenied, BackendError, SandboxError
+from .models import (
+    DestroyResult,
+    DirListing,
+    Egress,
+    ExecResult,
+    FileContent,
+    LogsResult,
+    Workspace,
+    WorkspaceList,
+    WorkspaceStatus,
+    WorkspaceType,
+    WriteResult,
+)
+from .runtimes.base import Progress, no_progress
+
+__all__ = ["DaemonLost", "RemoteManager", "connect_error", "daemon_available", "socket_transport"]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+_MAX_LINE_BYTES = 256 << 20
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one error inside (nested) single-member exception groups, as task groups wrap them."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+_SDK_PREFIX = re.compile(r"^Error executing tool [\w-]+: ")
+
+
+class DaemonLost(BackendError):
+    """The connection to the daemon ended under a call (it restarted or stopped)."""
+
+
+def daemon_available(settings: Settings) -> bool:
+    """True when something is at the daemon socket path (whether it answers is for connect to say)."""
+    try:
+        return settings.daemon_socket.is_socket()
+    except OSError:
+        return False
+
+
+def connect_error(path: Path, exc: OSError, group: str) -> SandboxError:
+    """The error (with what to do) for a failed connect to the daemon socket.
+
+    The group named is the socket's own (what the kernel checked), ``group`` only if that is unknown.
+    """
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        with contextlib.suppress(OSError, KeyError):
+            group = grp.getgrgid(path.stat().st_gid).gr_name
+        return AccessDenied(
+            f"permission denied on the sandbox-mcp daemon socket {path}: only root and members of group "
+            f"{group!r} may use it. Ask an administrator to run `usermod -aG {group} <your user>`, then log in again"
+        )
+    return BackendError(
+        f"cannot reach the sandbox-mcp daemon at {path} ({exc.strerror or exc}); start it "
+        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`) and call again"
+    )
+
+
+@asynccontextmanager
+async def socket_transport(path: Path, group: str = "sandbox-mcp") -> AsyncIterator[tuple[Any, Any]]:
+    """MCP client streams over a connection to the daemon socket at ``path``.
+
+    Raises:
+        AccessDenied: the socket refuses this user.
+        BackendError: nothing listens there.
+    """
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError as exc:
+        raise connect_error(path, exc, group) from exc
+    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
+
+    async def reader() -> None:
+        buffered = BufferedByteReceiveStream(stream)
+        async with read_writer:
+            while True:
+                try:
+                    line = await buffered.receive_until(b"\n", _MAX_LINE_BYTES)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
+                        anyio.ClosedResourceError, anyio.DelimiterNotFound):  # fmt: skip
+                    return  # closing the read stream tells the session the connection ended
+                try:
+                    item: SessionMessage | Exception = SessionMessage(
+                        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                    )
+                except ValueError as exc:
+                    item = exc
+                try:
+                    await read_writer.send(item)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return
+
+    async def writer() -> None:
+        async with write_reader:
+            async for message in write_reader:
+                data = message.message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+                try:
+                    await stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await read_writer.aclose()
+                    return
+
+    async with stream, anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        tg.start_soon(writer)
+        try:
+            yield read_stream, write_stream
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class RemoteManager:
+    """The manager's methods, carried out by the daemon. Use as ``async with RemoteManager(settings) as m:``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: Client | None = None
+        self._closed: anyio.Event | None = None
+        self._lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> RemoteManager:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+
+    async def _hold(self, *, task_status: anyio.abc.TaskStatus[Client]) -> None:
+        """Own one connection (its task group lives here, not in whichever request made it)."""
+        path, group = self.settings.daemon_socket, self.settings.daemon_group
+        closed = anyio.Event()
+        started = False
+        try:
+            async with Client(socket_transport(path, group), mode="legacy") as client:
+                self._closed = closed
+                started = True
+                task_status.started(client)
+                await closed.wait()
+        except Exception as exc:
+            if started:  # the caller already got DaemonLost
+                log.debug("daemon connection ended: %s", exc)
+                return
+            inner = _unwrap(exc)
+            if isinstance(inner, MCPError):  # the daemon refused this session (e.g. not in the group)
+                raise AccessDenied(inner.error.message) from exc
+            raise inner from None
+
+    async def _connect(self) -> Client:
+        async with self._lock:
+            if self._client is None:
+                assert self._tg is not None, "use RemoteManager as an async context manager"
+                self._client = await self._tg.start(self._hold)
+            return self._client
+
+    def _drop(self) -> None:
+        self._client = None
+        if self._closed is not None:
+            self._closed.set()
+            self._closed = None
+
+    async def _call(self, tool: str, args: dict[str, Any], model: type[M], progress: Progress | None = None) -> M:
+        client = await self._connect()
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            assert progress is not None
+            await progress(message or "", done / total if total else None)
+
+        try:
+            result = await client.call_tool(tool, args, progress_callback=on_progress if progress else None)
+        except MCPError as exc:
+            self._drop()
+            raise DaemonLost(
+                f"lost the connection to the sandbox-mcp daemon during {tool} ({exc.error.message}); it restarted "
+                "or stopped. The call's outcome is unknown: check with list_workspaces, then call again"
+            ) from exc
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+            self._drop()
+            raise DaemonLost(
+                f"lost the connection to the sandbox-mcp daemon during {tool}; it restarted or stopped. "
+                "The call's outcome is unknown: check with list_workspaces, then call again"
+            ) from exc
+        if result.is_error:
+            text = " ".join(getattr(c, "text", "") for c in result.content)
+            raise SandboxError(_SDK_PREFIX.sub("", text) or f"{tool} failed in the daemon")
+        return model.model_validate(result.structured_content)
+
+    # The manager's methods --------------------------------------------------------------------
+
+    async def create(self, name: str, type: WorkspaceType = "container", packages: Sequence[str] = (),
+                     ip: str | None = None, start: bool = True, progress: Progress = no_progress, *,
+                     egress: Egress = "none", cpus: float | None = None,
+                     memory_mib: int | None = None) -> Workspace:  # fmt: skip
+        """See :meth:`WorkspaceManager.create`; errors come back with the daemon's message."""
+        args = {"name": name, "type": type, "packages": list(packages), "ip": ip, "start": start, "egress": egress}
+        if cpus is not None:
+            args["cpus"] = cpus
+        if memory_mib is not None:
+            args["memory_mib"] = memory_mib
+        return await self._call("create_workspace", args, Workspace, progress)
+
+    async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
+        """See :meth:`WorkspaceManager.start`."""
+        return await self._call("start_workspace", {"name": name}, Workspace, progress)
+
+    async def stop(self, name: str) -> Workspace:
+        """See :meth:`WorkspaceManager.stop`."""
+        return await self._call("stop_workspace", {"name": name}, Workspace)
+
+    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
+        """See :meth:`WorkspaceManager.destroy`."""
+        return await self._call("destroy_workspace", {"name": name, "keep_data": keep_data}, DestroyResult)
+
+    async def list(self) -> WorkspaceList:
+        """See :meth:`WorkspaceManager.list`."""
+        return await self._call("list_workspaces", {}, WorkspaceList)
+
+    async def status(self, name: str) -> WorkspaceStatus:
+        """See :meth:`WorkspaceManager.status`."""
+        return await self._call("workspace_status", {"name": name}, WorkspaceStatus)
+
+    async def logs(self, name: str, lines: int = 200) -> LogsResult:
+        """See :meth:`WorkspaceManager.logs`."""
+        return await self._call("workspace_logs", {"name": name, "lines": lines}, LogsResult)
+
+    async def exec(self, name: str, command: str, cwd: str | None = None, env: dict[str, str] | None = None,
+                   timeout_s: float = 120, stdin: str | None = None) -> ExecResult:  # fmt: skip
+        """See :meth:`WorkspaceManager.exec`."""
+        args = {"name": name, "command": command, "cwd": cwd, "env": env, "timeout_s": timeout_s, "stdin": stdin}
+        return await self._call("exec", args, ExecResult)
+
+    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
+        """See :meth:`WorkspaceManager.read_file`."""
+        args = {"name": name, "path": path, "offset": offset, "limit": limit}
+        return await self._call("read_file", args, FileContent)
+
+    async def write_file(self, name: str, path: str, content: str, encoding: str = "utf-8", append: bool = False,
+                         mode: str | int | None = None) -> WriteResult:  # fmt: skip
+        """See :meth:`WorkspaceManager.write_file`."""
+        if isinstance(mode, int):
+            mode = f"{mode:o}"
+        args = {"name": name, "path": path, "content": content, "encoding": encoding, "append": append, "mode": mode}
+        return await self._call("write_file", args, WriteResult)
+
+    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+        """See :meth:`WorkspaceManager.list_dir`."""
+        return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+
+    async def ssh_target(self, name: str) -> Any:
+        """Not available through the daemon: the SSH key stays with root.
+
+        Raises:
+            AccessDenied: always.
+        """
+        raise AccessDenied(
+            "`sandbox-mcp ssh` needs the server's SSH key, which only root holds; use `sandbox-mcp exec NAME CMD`, "
+            "or run `sudo sandbox-mcp ssh NAME`"
+        )

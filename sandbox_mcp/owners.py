@@ -1,0 +1,148 @@
+"""Who may see and touch which workspace: one host user's view of the shared manager.
+
+The daemon serves many local users from one :class:`WorkspaceManager`. Each connection gets an
+:class:`OwnedManager` for its peer's uid: root sees everything; anyone else sees only the
+workspaces their uid created, and another user's workspace looks exactly like a missing one
+(so names are not probed through error messages, beyond "that name is taken" on create).
+The methods mirror the manager's, so the MCP tools and the CLI call either one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import WorkspaceNotFound
+from .models import (
+    DestroyResult,
+    DirListing,
+    Egress,
+    ExecResult,
+    FileContent,
+    LogsResult,
+    Workspace,
+    WorkspaceList,
+    WorkspaceStatus,
+    WorkspaceType,
+    WriteResult,
+)
+from .runtimes.base import Progress, no_progress
+
+if TYPE_CHECKING:
+    from .manager import WorkspaceManager
+    from .ssh import SSHTarget
+
+__all__ = ["OwnedManager"]
+
+
+class OwnedManager:
+    """The workspaces of host user ``uid`` (all of them for root), with the manager's methods."""
+
+    def __init__(self, manager: WorkspaceManager, uid: int) -> None:
+        self.manager = manager
+        self.uid = uid
+
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        return self.manager.settings
+
+    def _sees_all(self) -> bool:
+        return self.uid == 0
+
+    async def _check(self, name: str) -> None:
+        """Raises WorkspaceNotFound unless ``name`` exists and belongs to this user (or the user is root)."""
+        record = await self.manager.registry.get(name)
+        if not self._sees_all() and record.owner_uid != self.uid:
+            raise WorkspaceNotFound(name)
+
+    async def create(
+        self,
+        name: str,
+        type: WorkspaceType = "container",
+        packages: Sequence[str] = (),
+        ip: str | None = None,
+        start: bool = True,
+        progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
+        cpus: float | None = None,
+        memory_mib: int | None = None,
+    ) -> Workspace:
+        """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
+        return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
+                                         memory_mib=memory_mib, owner_uid=self.uid)
+
+    async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.start(name, progress=progress)
+
+    async def stop(self, name: str) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.stop(name)
+
+    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.destroy(name, keep_data)
+
+    async def list(self) -> WorkspaceList:
+        """This user's workspaces (every workspace for root)."""
+        result = await self.manager.list()
+        if self._sees_all():
+            return result
+        data = await self.manager.registry.read()
+        mine = {n for n, r in data.workspaces.items() if r.owner_uid == self.uid}
+        return WorkspaceList(workspaces=[w for w in result.workspaces if w.name in mine])
+
+    async def status(self, name: str) -> WorkspaceStatus:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.status(name)
+
+    async def logs(self, name: str, lines: int = 200) -> LogsResult:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.logs(name, lines)
+
+    async def exec(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+        stdin: str | None = None,
+    ) -> ExecResult:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.exec(name, command, cwd, env, timeout_s, stdin)
+
+    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.read_file(name, path, offset, limit)
+
+    async def write_file(
+        self,
+        name: str,
+        path: str,
+        content: str,
+        encoding: str = "utf-8",
+        append: bool = False,
+        mode: str | int | None = None,
+    ) -> WriteResult:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.write_file(name, path, content, encoding, append, mode)
+
+    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.list_dir(name, path)
+
+    async def ssh_target(self, name: str) -> SSHTarget:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        await self._check(name)
+        return await self.manager.ssh_target(name)
