@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from .errors import (
     WorkspaceExists,
     clip_repr,
 )
-from .fsutil import async_file_lock, lock_is_held
+from .fsutil import async_file_lock, lock_is_held, own_dir
 from .models import (
     DestroyResult,
     DirListing,
@@ -77,23 +76,6 @@ def parse_mode(mode: str | int | None) -> int | None:
     return int(mode, 8)
 
 
-def _own_dir(path: Path, uid: int, gid: int, mode: int | None) -> None:
-    """Make ``path`` a real directory owned uid:gid (and ``mode``), never following a symlink there.
-
-    Raises:
-        InvalidSpec: a symlink or a non-directory sits at ``path``.
-    """
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode if mode is not None else 0o755)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidSpec(f"{path} is a symlink or not a directory; move it away and try again")
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(path, uid, gid, follow_symlinks=False)
-    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)  # a directory, checked above; its parent is the server's own
-
-
 class WorkspaceManager:
     """One per server process. Use as ``async with WorkspaceManager(settings) as m:``.
 
@@ -123,7 +105,7 @@ class WorkspaceManager:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         # The server's own keys, tokens and locks: nobody else's business.
-        _own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
+        own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
         self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
         if self._runtimes is None:
             self._mode = resolve_mode(self.settings)
@@ -418,8 +400,8 @@ class WorkspaceManager:
         uid = gid = self.settings.user_uid
         paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in (paths.root, paths.ssh_host_keys, paths.runtime):
-            _own_dir(d, 0, 0, 0o755)
-        _own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
+            own_dir(d, 0, 0, 0o755)
+        own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
         fingerprint = ssh.ensure_host_key(paths.host_key)
         ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
         credentials = onboarding.host_credentials_file(Path.home())

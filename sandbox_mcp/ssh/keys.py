@@ -5,14 +5,13 @@ Keys are ed25519, generated once and never replaced; files are complete before t
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 import asyncssh
 
 from ..errors import InvalidSpec, SSHError, clip_repr
+from ..fsutil import atomic_write, write_new
 
 __all__ = [
     "ensure_client_key",
@@ -31,57 +30,17 @@ def _pub_path(path: Path) -> Path:
     return path.with_name(path.name + _PUB_SUFFIX)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> bool:
-    """Write ``data`` to ``path`` with ``mode`` unless ``path`` exists; True when written.
-
-    The file is complete before it appears (temp file + link), so a reader never sees half a key,
-    and an existing file is never replaced, even by a concurrent writer.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask narrowed the mode given to open()
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_replace(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _ensure_key(path: Path, comment: str) -> asyncssh.SSHKey:
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         if not path.exists():
             key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-            _write_new(path, key.export_private_key("openssh"), 0o600)
+            write_new(path, key.export_private_key("openssh"), 0o600)
         # Load what is on disk: if another process won the race, its key is the one that counts.
         key = asyncssh.read_private_key(path)
         pub = _pub_path(path)
         if not pub.exists():
-            _write_new(pub, key.export_public_key("openssh"), 0o644)
+            write_new(pub, key.export_public_key("openssh"), 0o644)
     except (OSError, asyncssh.KeyImportError, ValueError) as exc:
         raise SSHError(f"cannot create or read the SSH key {path}: {exc}") from exc
     return key
@@ -166,7 +125,8 @@ def write_authorized_keys(path: Path, public_key_lines: Sequence[str]) -> None:
             raise InvalidSpec(f"not an OpenSSH public key: {line[:60]!r}: {exc}") from exc
         lines.append(line + "\n")
     try:
-        _atomic_replace(Path(path), "".join(lines).encode(), 0o644)
+        Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        atomic_write(Path(path), "".join(lines), mode=0o644)
     except OSError as exc:
         raise SSHError(f"cannot write {path}: {exc}") from exc
 
