@@ -3,7 +3,9 @@
 - create → first exec through the MCP tools (cached image) against a bare boot: the same
   network setup and systemd-nspawn command, polled until sshd sends its banner;
 - ``exec true`` p50/p95 through the MCP tool against one ``ssh`` client process per command;
-- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``.
+- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``;
+- for VMs (``type="vm"``, when qemu and the VM image are there): create → first exec against a bare
+  boot of the same qemu command (TAP, overlay, qemu), polled until sshd sends its banner.
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -62,14 +64,22 @@ async def _banner(ip: str, deadline: float) -> None:
     raise TimeoutError(f"no sshd banner from {ip}")
 
 
-async def _bare_boot(manager: WorkspaceManager, name: str) -> float:
-    """Baseline: our network setup + the same nspawn command, until sshd answers; no registry, keys, SSH auth."""
+def _vm_ready(settings: Settings) -> bool:
+    from .images.vm import VmImage
+
+    vm = VmImage(settings, ImageStore(settings.image_dir))
+    return bool(shutil.which("qemu-system-x86_64")) and vm.exists(vm.key(()))
+
+
+async def _bare_boot(manager: WorkspaceManager, name: str, timeout_s: float = 60) -> float:
+    """Baseline: the runtime's own start (network, the same nspawn/qemu command) until sshd answers;
+    no registry, keys or SSH authentication."""
     record = await manager.registry.get(name)
     runtime = manager.runtime_of(record)
     t0 = time.monotonic()
     record = await runtime.start(record, _quiet)
     try:
-        await _banner(record.ip, time.monotonic() + 60)
+        await _banner(record.ip, time.monotonic() + timeout_s)
         return time.monotonic() - t0
     finally:
         await runtime.stop(record)
@@ -86,6 +96,13 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         if not root.exists(root.key(())):
             print("building the root image first (network needed once)...", file=sys.stderr)
             await root.ensure((), _quiet)
+        if args.vm_runs > 0 and shutil.which("qemu-system-x86_64"):
+            from .images.vm import VmImage
+
+            vm = VmImage(settings, ImageStore(settings.image_dir))
+            if not vm.exists(vm.key(())):
+                print("building the VM image first (network needed once)...", file=sys.stderr)
+                await vm.ensure((), _quiet)
         return _reexec_isolated()
 
     from mcp import Client
@@ -179,6 +196,25 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
             await call("destroy_workspace", name="bench0")
+
+            # 4. VMs: create -> first exec, against a bare boot of the same qemu command.
+            if args.vm_runs > 0 and _vm_ready(bench_settings):
+                vcreates, vbares, accel = [], [], ""
+                for i in range(args.vm_runs):
+                    name = f"benchvm{i}"
+                    t0 = time.monotonic()
+                    await call("create_workspace", name=name, type="vm")
+                    await call("exec", name=name, command="true")
+                    vcreates.append(time.monotonic() - t0)
+                    accel = (await call("workspace_status", name=name))["runtime"].get("accelerator") or ""
+                    await call("stop_workspace", name=name)
+                    async with WorkspaceManager(bench_settings) as m:
+                        vbares.append(await _bare_boot(m, name, timeout_s=600))
+                    await call("destroy_workspace", name=name)
+                results["vm_create_to_first_exec_s"] = {"p50": statistics.median(vcreates), "min": min(vcreates),
+                                                        "max": max(vcreates), "runs": float(len(vcreates))}
+                results["vm_bare_boot_to_sshd_s"] = {"p50": statistics.median(vbares), "min": min(vbares),
+                                                     "tcg": float(accel == "tcg")}
     finally:
         async with WorkspaceManager(bench_settings) as m:
             for name in list((await m.registry.read()).workspaces):
@@ -219,4 +255,10 @@ def _print(results: dict[str, dict[str, float]]) -> None:
     print(f"16 MiB file via tools: write {f['tool_write']:.3f} s, read {f['tool_read']:.3f} s")
     print(f"  baseline ssh cat: write {f['ssh_cat_write']:.3f} s, read {f['ssh_cat_read']:.3f} s; "
           f"ratios {f['tool_over_ssh_write']:.2f}x / {f['tool_over_ssh_read']:.2f}x")
+    if "vm_create_to_first_exec_s" in results:
+        v, vb = results["vm_create_to_first_exec_s"], results["vm_bare_boot_to_sshd_s"]
+        accel = "TCG, software emulation" if vb["tcg"] else "KVM"
+        print(f"VM create -> first exec ({accel}): p50 {v['p50']:.3f} s  (min {v['min']:.3f}, max {v['max']:.3f}, "
+              f"{v['runs']:.0f} runs)")
+        print(f"  baseline, bare qemu boot -> sshd banner: p50 {vb['p50']:.3f} s; ratio {v['p50'] / vb['p50']:.2f}x")
     print(json.dumps(results))

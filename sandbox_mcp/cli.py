@@ -47,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async def run(m: WorkspaceManager) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
-                            egress=args.egress)
+                            egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
         _dump(ws)
         return 0
 
@@ -148,10 +148,19 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(meta))
         return 0
     if args.action == "prune":
-        for name in root.prune():
+        from .images.vm import VmImage
+
+        for name in [*root.prune(), *VmImage(settings, store, root).prune()]:
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")
+    if args.vm:
+        from .images.vm import VmImage
+
+        vm = VmImage(settings, store, root)
+        key = anyio.run(vm.ensure, packages, _print_progress)
+        print(store.path(key))
+        return 0
     key = anyio.run(root.ensure, packages, _print_progress)
     print(root.path(key))
     return 0
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-start", action="store_true")
     s.add_argument("--egress", default="none", choices=["none", "internet"],
                    help="network access from inside (internet needs SANDBOX_MCP_NAT=true)")
+    s.add_argument("--cpus", type=float, help="CPUs it may use (default: the settings' cpus)")
+    s.add_argument("--memory-mib", type=int, help="memory in MiB (default: the settings' memory_mib)")
     s.set_defaults(fn=_cmd_create)
 
     s = sub.add_parser("ls", help="list workspaces")
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
     s.add_argument("action", choices=["build", "ls", "prune"])
     s.add_argument("-p", "--package", action="append", default=[], help="extra Debian package (repeatable)")
+    s.add_argument("--vm", action="store_true", help="build the VM image (kernel, initrd, root disk) instead")
     s.set_defaults(fn=_cmd_image)
 
     s = sub.add_parser("doctor", help="check host prerequisites")
@@ -247,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=5, help="create/destroy cycles")
     s.add_argument("--execs", type=int, default=200, help="exec calls for the latency percentiles")
     s.add_argument("--file-mib", type=int, default=16)
+    s.add_argument("--vm-runs", type=int, default=2, help="VM create/destroy cycles (0: no VM figures)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

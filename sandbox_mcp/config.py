@@ -74,6 +74,25 @@ class Settings(BaseModel):
     debian_mirror: str | None = Field(
         default=None, description="Debian mirror for debootstrap; default: the host's apt source"
     )
+    cpus: float = Field(default=2.0, gt=0, le=1024, description="Default CPUs of a new workspace")
+    memory_mib: int = Field(default=2048, ge=128, description="Default memory of a new workspace, MiB")
+    tasks_max: int = Field(default=4096, ge=64, description="Processes + threads one workspace may run")
+    root_layer_mib: int = Field(
+        default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
+    )
+    console_log_mib: int = Field(
+        default=16, ge=1, description="Size bound of a container's console log; a flood past it stops the container"
+    )
+    private_users: bool = Field(
+        default=True,
+        description="Run containers in a user namespace (root inside is an unprivileged uid on the host); "
+        "false asks for privileged containers, which also needs allow_privileged",
+    )
+    allow_privileged: bool = Field(
+        default=False,
+        description="Allow privileged containers (root inside is root on the host) where user-namespaced ones "
+        "cannot run or private_users is false",
+    )
     exec_output_cap: int = Field(default=1 << 20, ge=1024, description="Bytes kept per stream per exec")
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
@@ -83,6 +102,19 @@ class Settings(BaseModel):
         gt=0,
         description="How long a workspace gets to power off cleanly before it is killed. Its root is thrown "
         "away and the workspace dir is on the host, so a kill loses nothing that was written",
+    )
+    vm_cpus: int = Field(
+        default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
+        ge=1, le=64, description="vCPUs of a direct-mode VM (type 'vm'); default: the host's CPUs, at most 8",
+    )
+    vm_memory_mib: int = Field(default=2048, ge=256, le=1 << 20, description="Memory of a direct-mode VM")
+    vm_disk_gib: int = Field(
+        default=8, ge=2, le=1024, description="Size of a VM's root disk, which bounds its throw-away writable layer"
+    )
+    vm_accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description="How VMs run: 'kvm' (hardware), 'tcg' (software emulation, slow) or 'auto' (KVM when a probe "
+        "shows it boots a guest, else TCG)",
     )
     nat: bool = Field(
         default=False,

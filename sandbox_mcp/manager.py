@@ -31,6 +31,7 @@ from .models import (
     Egress,
     ExecResult,
     FileContent,
+    Limits,
     LogsResult,
     SSHInfo,
     Timings,
@@ -193,6 +194,8 @@ class WorkspaceManager:
             ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
             packages=r.packages,
             egress=r.egress,
+            isolation=r.isolation,
+            limits=r.limits,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -291,6 +294,8 @@ class WorkspaceManager:
         progress: Progress = no_progress,
         *,
         egress: Egress = "none",
+        cpus: float | None = None,
+        memory_mib: int | None = None,
     ) -> Workspace:
         """Register, prepare and (by default) start a new workspace.
 
@@ -307,10 +312,11 @@ class WorkspaceManager:
         validate_name(name)
         runtime = self._runtime_for_type(type)
         packages = validate_packages(packages, runtime.package_flavour)
+        limits = self._limits(runtime, cpus, memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, egress
+                self._register, name, type, packages, ip, live, runtime, egress, limits
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -334,6 +340,23 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
+    def _limits(self, runtime: Runtime, cpus: float | None, memory_mib: int | None) -> Limits:
+        """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
+
+        Raises:
+            InvalidSpec: a value out of range (the message gives the range).
+        """
+        s = self.settings
+        defaults = runtime.default_limits()
+        cpus = defaults.cpus if cpus is None else cpus
+        memory_mib = defaults.memory_mib if memory_mib is None else memory_mib
+        host_cpus = os.cpu_count() or 1
+        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0.05 <= cpus <= host_cpus:
+            raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")
+        if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or not 128 <= memory_mib <= 1 << 22:
+            raise InvalidSpec(f"memory_mib must be a whole number of MiB between 128 and 4194304, got {memory_mib!r}")
+        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+
     def _register(
         self,
         name: str,
@@ -343,6 +366,7 @@ class WorkspaceManager:
         live: set[str],
         runtime: Runtime,
         egress: Egress,
+        limits: Limits | None = None,
     ) -> WorkspaceRecord:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
@@ -360,8 +384,10 @@ class WorkspaceManager:
                 user=self.settings.user,
                 packages=packages,
                 egress=egress,
+                limits=limits,
             )
             runtime.validate(record)
+            record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
             data.workspaces[name] = record
         return record
 

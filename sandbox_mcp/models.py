@@ -15,6 +15,8 @@ __all__ = [
     "Egress",
     "ExecResult",
     "FileContent",
+    "Isolation",
+    "Limits",
     "LogsResult",
     "RuntimeDetail",
     "SSHInfo",
@@ -31,6 +33,7 @@ __all__ = [
 WorkspaceType = Literal["container", "vm", "incus"]
 Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
 
 _LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
@@ -47,6 +50,14 @@ class SSHInfo(BaseModel):
     port: int = 22
     user: str
     host_key_fingerprint: str = Field(description="SHA256 fingerprint of the pinned host key")
+
+
+class Limits(BaseModel):
+    """What a workspace may use; enforced with cgroups (containers) or the VM's size (microVMs)."""
+
+    cpus: float = Field(gt=0, description="CPUs (fractions allowed): a quota of CPU time, not pinning")
+    memory_mib: int = Field(gt=0, description="Memory in MiB, including the container's writable root layer")
+    tasks: int = Field(gt=0, description="Processes and threads together")
 
 
 class Timings(BaseModel):
@@ -88,6 +99,8 @@ class WorkspaceRecord(BaseModel):
         default_factory=dict,
         description="The runtime's own state (PIDs, image key, instance name), read through its State model",
     )
+    isolation: Isolation | None = None
+    limits: Limits | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     last_error: str | None = None
@@ -109,6 +122,11 @@ class Workspace(BaseModel):
     egress: Egress = Field(
         default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges"
     )
+    isolation: Isolation | None = Field(
+        default=None, description="How the workspace is kept from the host: a microVM, or a container whose root "
+        "is (unprivileged) or is not (privileged) an unprivileged uid on the host"
+    )
+    limits: Limits | None = None
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None
@@ -124,6 +142,10 @@ class RuntimeDetail(BaseModel):
     unit: str | None = Field(default=None, description="systemd unit (nixos mode)")
     unit_state: str | None = None
     uptime_s: float | None = None
+    accelerator: Literal["kvm", "tcg"] | None = Field(
+        default=None, description="VMs: hardware virtualisation (kvm) or software emulation (tcg, slower)"
+    )
+    isolation: str | None = Field(default=None, description="'microvm' for VMs: the workspace has its own kernel")
     detail: str | None = None
 
 

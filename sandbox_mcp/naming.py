@@ -17,7 +17,10 @@ __all__ = [
     "CID_OFFSET",
     "FIRST_HOST_OFFSET",
     "MAX_NAME_LEN",
+    "BUILD_UID_BASE",
+    "UID_RANGE",
     "allocate_ip",
+    "allocate_uid_base",
     "check_identity_collisions",
     "cid_for",
     "mac_for",
@@ -37,6 +40,10 @@ _DEB_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _NIX_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*(\.[A-Za-z_][A-Za-z0-9_'-]*)*$")
 
 CID_OFFSET = 100  # CIDs 0-2 are reserved by vsock(7); 3-99 are left for manual assignment
+UID_RANGE = 65536  # host uids per user-namespaced workspace (0..65535 inside)
+FIRST_UID_BASE = 8 * UID_RANGE  # 524288: above the ranges useradd hands out in /etc/subuid by default
+BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (uids read as signed ints)
+LAST_UID_BASE = BUILD_UID_BASE - UID_RANGE
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
@@ -163,3 +170,19 @@ def allocate_ip(
         if addr not in used:
             return str(addr)
     raise Conflict(f"no free IP left in {subnet}; destroy unused workspaces or set SANDBOX_MCP_SUBNET to a larger one")
+
+
+def allocate_uid_base(taken: Iterable[int]) -> int:
+    """The lowest free host uid base (a multiple of 65536, from 524288 on) for a user-namespaced workspace.
+
+    ``taken`` holds the bases of the registry's workspaces and of cgroups/containers live on the host.
+    Root inside the workspace is host uid ``base``; its users are ``base+uid``.
+
+    Raises:
+        Conflict: every range is in use.
+    """
+    used = set(taken)
+    for base in range(FIRST_UID_BASE, LAST_UID_BASE + 1, UID_RANGE):
+        if base not in used:
+            return base
+    raise Conflict("no free uid range left for a user-namespaced workspace; destroy unused workspaces")

@@ -153,6 +153,14 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                 "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
             ),
         ] = "none",
+        cpus: Annotated[
+            float | None,
+            Field(description="CPUs it may use (fractions allowed, e.g. 0.5); omit for the server's default"),
+        ] = None,
+        memory_mib: Annotated[
+            int | None,
+            Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
+        ] = None,
     ) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 
@@ -164,7 +172,9 @@ def build_server(settings: Settings | None = None) -> MCPServer:
 
         Returns the workspace: its state ('running' when start=true), IP, user, workspace_dir (the
         persistent project directory inside, exec's default cwd) and host_workspace_dir (the same
-        directory on the host), the pinned SSH host key fingerprint and phase timings.
+        directory on the host), the pinned SSH host key fingerprint and phase timings, its isolation
+        ('unprivileged-container': root inside is an unprivileged uid on the host; 'privileged-container';
+        'microvm') and limits (cpus, memory_mib, tasks).
 
         Network: by default a workspace reaches nothing (the server still reaches it over SSH); pass
         egress='internet' when the work needs downloads. Packages listed in `packages` are installed
@@ -174,7 +184,9 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
         last log lines (see also workspace_logs).
         """
-        return await manager_of(ctx).create(name, type, packages, ip, start, progress=_progress(ctx), egress=egress)
+        return await manager_of(ctx).create(
+            name, type, packages, ip, start, progress=_progress(ctx), egress=egress, cpus=cpus, memory_mib=memory_mib
+        )
 
     @tool(title="Start a workspace", idempotent=True)
     async def start_workspace(ctx: Context, name: Name) -> Workspace:

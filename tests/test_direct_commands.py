@@ -12,6 +12,7 @@ import pytest
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.images.debootstrap import (
     BASE_PACKAGES,
+    EXACT_NAMES_SH,
     apt_install_argv,
     debootstrap_argv,
     detect_debian_mirror,
@@ -20,7 +21,8 @@ from sandbox_mcp.images.debootstrap import (
 )
 from sandbox_mcp.manager import parse_mode
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.runtimes.nspawn import hosts_file, nspawn_argv
+from sandbox_mcp.rootfs import RootMounts
+from sandbox_mcp.runtimes.nspawn import hosts_file, launch_argv, nspawn_argv
 
 
 def test_nspawn_argv_exact() -> None:
@@ -31,13 +33,46 @@ def test_nspawn_argv_exact() -> None:
     ) == [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
         "--machine=sbx-ws1", "--hostname=ws1", "--directory=/img/k", "--volatile=overlay",
-        "--network-namespace-path=/run/netns/sbx-ws1", "--link-journal=no", "--console=read-only",
+        "--network-namespace-path=/run/netns/sbx-ws1",
+        "--drop-capability=CAP_MKNOD,CAP_AUDIT_CONTROL,CAP_LINUX_IMMUTABLE,CAP_SYS_TTY_CONFIG",
+        "--rlimit=RLIMIT_FSIZE=infinity",
+        "--link-journal=no", "--console=read-only",
         "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
         "--bind=/st/ws1/workspace:/home/agent/workspace",
         "--bind=/st/ws1/claude-config:/home/agent/claude-config",
         "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
         "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
     ]  # fmt: skip
+
+
+def test_nspawn_argv_user_namespaced_exact() -> None:
+    paths = WorkspacePaths.of(Path("/st"), "ws1")
+    mounts = RootMounts(paths.runtime / "mnt")
+    argv = nspawn_argv(name="ws1", image_root=Path("/img/k"), netns_path=None, paths=paths, user="agent",
+                       uid_base=524288, mounts=mounts, tag="0123abcd")
+    assert argv == [
+        "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
+        "--machine=sbx-ws1", "--hostname=ws1", "--directory=/st/ws1/runtime/mnt/root",
+        "--private-users=524288:65536", "--private-users-ownership=off", "--private-network",
+        "--drop-capability=CAP_MKNOD,CAP_AUDIT_CONTROL,CAP_LINUX_IMMUTABLE,CAP_SYS_TTY_CONFIG",
+        "--rlimit=RLIMIT_FSIZE=infinity",
+        "--link-journal=no", "--console=read-only",
+        "--setenv=SANDBOX_MCP_WORKSPACE=0123abcd",
+        "--bind=/st/ws1/runtime/mnt/workspace:/home/agent/workspace",
+        "--bind=/st/ws1/runtime/mnt/claude:/home/agent/claude-config",
+        "--bind-ro=/st/ws1/runtime/mnt/keys:/etc/ssh-host-keys",
+        "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
+    ]  # fmt: skip
+    bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", "--fsize=1024", "--"]
+    launched = launch_argv(argv, [Path("/cg/ws1/cgroup.procs")], user_namespaced=True, console_log_bytes=1024)
+    assert launched[3:] == ["sh", "/cg/ws1/cgroup.procs", "--", *bounded,
+                            "env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1", *argv]
+    assert launch_argv(argv, [], user_namespaced=False, console_log_bytes=1024)[3:] == ["sh", "--", *bounded, *argv]
+    with pytest.raises(InvalidSpec):
+        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent", uid_base=524288,
+                    tag="0123abcd")
+    with pytest.raises(InvalidSpec):
+        nspawn_argv(name="ws1", image_root=Path("/i"), netns_path=None, paths=paths, user="agent", tag="0123abcd")
 
 
 def test_nspawn_argv_refuses_bind_separators() -> None:
@@ -67,6 +102,8 @@ def test_apt_install_argv_passes_packages_as_arguments_not_shell_text() -> None:
     argv = apt_install_argv(Path("/img"), ["jq", "python3"])
     assert argv[:6] == ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2", "--directory=/img"]
     assert argv[-3:] == ["sh", "jq", "python3"]  # "$@" in the script, never spliced
+    assert "--private-users=2147418112:65536" in argv and "--private-users-ownership=map" in argv
+    assert EXACT_NAMES_SH in argv[-4]
 
 
 def test_image_key_depends_on_every_input() -> None:

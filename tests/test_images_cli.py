@@ -1,7 +1,7 @@
 """`sandbox-mcp image ls` and `image prune` on a private image dir (never the shared cache).
 
-Prune runs `rm -rf` under the image dir: it must remove Debian roots of older recipe versions and
-interrupted builds, keep current roots and other recipes' artefacts, and never follow a symlink
+Prune runs `rm -rf` under the image dir: it must remove Debian roots and VM disks of older recipe
+versions and interrupted builds, keep current ones, and never follow a symlink
 out of the store, whether the link is an entry of the store or sits inside a root.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sandbox_mcp.images import DebianRoot
 from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
+from sandbox_mcp.images.vm import VM_RECIPE_VERSION, VmImage
 
 
 def _cli(image_dir: Path, *args: str) -> str:
@@ -47,17 +48,19 @@ def test_prune_removes_only_stale_entries_and_never_follows_links(tmp_path: Path
     _artefact(images, "bookworm-base-current", root(IMAGE_RECIPE_VERSION))
     old = _artefact(images, "bookworm-base-old", root(IMAGE_RECIPE_VERSION - 1))
     (old / "etc" / "passwd").symlink_to(outside / "etc" / "passwd")  # a link inside a stale root
-    _artefact(images, "vm-disk", {"recipe": "vm-disk", "version": 1})  # another recipe's: not ours to judge
+    _artefact(images, "vm-disk", {"recipe": VmImage.RECIPE, "version": VM_RECIPE_VERSION})  # a current VM disk
+    _artefact(images, "vm-disk-old", {"recipe": VmImage.RECIPE, "version": VM_RECIPE_VERSION - 1})
     _artefact(images, ".tmp-bookworm-pkgs-x-999999999", None)  # a build whose process is gone
     (images / "linked-old").symlink_to(outside)  # a stale entry that is a link out of the store
     (images / "linked-old.json").write_text(json.dumps({"key": "linked-old", **root(IMAGE_RECIPE_VERSION - 1)}))
 
     listed = [json.loads(line) for line in _cli(images, "ls").splitlines()]
-    assert sorted(m["key"] for m in listed) == ["bookworm-base-current", "bookworm-base-old", "linked-old", "vm-disk"]
+    assert sorted(m["key"] for m in listed) == ["bookworm-base-current", "bookworm-base-old", "linked-old", "vm-disk",
+                                                 "vm-disk-old"]
 
     out = _cli(images, "prune")
     removed = sorted(line.removeprefix(f"removed {images}/") for line in out.splitlines())
-    assert removed == [".tmp-bookworm-pkgs-x-999999999", "bookworm-base-old", "linked-old"]
+    assert removed == [".tmp-bookworm-pkgs-x-999999999", "bookworm-base-old", "linked-old", "vm-disk-old"]
     left = sorted(p.name for p in images.iterdir() if p.name != ".locks")
     assert left == ["bookworm-base-current", "bookworm-base-current.json", "vm-disk", "vm-disk.json"]
     # Nothing outside the store was touched through either link.

@@ -109,3 +109,17 @@ def test_packages() -> None:
     for bad in ["a b", "pkgs.${x}", "../x", "a..b"]:
         with pytest.raises(InvalidSpec, match="not a valid nix package"):
             validate_packages([bad], "nix")
+
+
+def test_uid_bases_are_distinct_aligned_ranges() -> None:
+    from sandbox_mcp.naming import UID_RANGE, allocate_uid_base
+
+    first = allocate_uid_base([])
+    assert first == 8 * UID_RANGE
+    second = allocate_uid_base([first])
+    assert second == first + UID_RANGE
+    assert allocate_uid_base([first, first + 2 * UID_RANGE]) == second  # a hole is reused
+    taken: list[int] = []
+    for _ in range(40):
+        taken.append(allocate_uid_base(taken))
+    assert len(set(taken)) == 40 and all(b % UID_RANGE == 0 and b >= first for b in taken)

@@ -558,10 +558,20 @@ def _entry(ip: str, packages: list[str], name: str, type_: str = "container") ->
         "packages": packages,
         "autoStart": False,
         "config": f"workspaces/{name}.nix",
-        "vcpu": None,
-        "memory": None,
+        "cpus": None,
+        "memoryMiB": None,
+        "tasks": None,
         "hostKey": None,
     }
+
+
+def test_registry_entry_carries_the_limits_in_the_modules_units(tmp_path: Path) -> None:
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
+    record = _record(limits={"cpus": 1.5, "memory_mib": 768, "tasks": 300})
+    entry = rt.registry_entry(record)
+    assert (entry["cpus"], entry["memoryMiB"], entry["tasks"]) == (2, 768, 300)  # whole CPUs, rounded up
+    assert rt.assign(record, []).isolation == "unprivileged-container"
+    assert rt.assign(_record(type_="vm"), []).isolation == "microvm"
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

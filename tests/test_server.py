@@ -18,7 +18,7 @@ from sandbox_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 CONTRACT = {
-    "create_workspace": {"name", "type", "packages", "ip", "start", "egress"},
+    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib"},
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},
@@ -71,6 +71,8 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "pattern" in await error("create_workspace", name="Bad_Name")
         assert "outside the workspace subnet" in await error("create_workspace", name="a", ip="10.1.2.3")
         assert "not available in direct mode" in await error("create_workspace", name="a", type="incus")
+        assert "cpus must be between 0.05 and" in await error("create_workspace", name="a", cpus=0)
+        assert "memory_mib must be" in await error("create_workspace", name="a", memory_mib=64)
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
         r = await client.call_tool("list_workspaces", {})
         assert r.structured_content == {"workspaces": []}

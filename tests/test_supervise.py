@@ -30,12 +30,12 @@ async def test_spawn_is_detached_and_identified(tmp_path: Path) -> None:
     log = tmp_path / "log"
     ref = supervise.spawn([sys.executable, "-c", _IGNORES_TERM, "--marker-x"], log)
     try:
+        _wait_for_line(log, "up")  # the program runs (and ignores SIGTERM from here on)
         assert os.getsid(ref.pid) == ref.pid  # its own session: it outlives the server
         assert supervise.alive(ref) and supervise.alive(ref, b"--marker-x")
         assert not supervise.alive(ref, b"--marker-y")
         # Same PID with another start time is somebody else (a reused PID).
         assert not supervise.alive(ref.model_copy(update={"start_time": ref.start_time + 1}))
-        _wait_for_line(log, "up")
         # It ignores SIGTERM: terminate escalates to SIGKILL after the grace period.
         assert await supervise.terminate(ref, grace_s=0.2, marker=b"--marker-x")
         assert not supervise.alive(ref)

@@ -3,8 +3,8 @@
 :class:`HostNetwork` is the host-network service every direct-mode runtime shares: the bridge
 and the network policy (:mod:`.firewall`: nftables tables of our own, with opt-in NAT), ensured
 by :meth:`HostNetwork.ensure`; the ``workspace-NAME`` names in the hosts file (:mod:`.hostsfile`);
-and the ways a workspace attaches to it (a network namespace with a veth for containers), each
-port then admitted to the policy (:meth:`HostNetwork.admit`).
+and the ways a workspace attaches to it (a network namespace with a veth for containers, a TAP on
+the bridge for VMs), each port then admitted to the policy (:meth:`HostNetwork.admit`).
 
 Layout (names from :mod:`sandbox_mcp.naming`)::
 
@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -51,7 +52,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..config import Settings
 from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
 from ..fsutil import async_file_lock
-from ..naming import mac_for, netns_name, validate_ip, validate_name, veth_names
+from ..naming import mac_for, netns_name, tap_name, validate_ip, validate_name, veth_names
 from . import firewall, hostsfile
 
 __all__ = ["NETNS_DIR", "HostNetwork"]
@@ -76,6 +77,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
 
 
@@ -304,8 +306,12 @@ class HostNetwork:
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    async def attach_veth(self, name: str, ip: str, mac: str) -> Path:
+    async def attach_veth(self, name: str, ip: str, mac: str, pid: int | None = None) -> Path:
         """Give workspace ``name`` its network namespace, joined to the bridge; return the namespace path.
+
+        With ``pid``, the namespace is that process's (a user-namespaced container's, which nspawn
+        made: such a container may not join one owned by the host's user namespace); it is named
+        ``sbx-NAME`` all the same, so teardown and leftovers treat both kinds alike.
 
         Makes the bridge first if needed (:meth:`ensure_bridge`), and removes what an earlier run of
         the same name left behind. Inside the namespace: ``lo`` up, ``sc-NAME`` with ``mac`` and
@@ -331,7 +337,7 @@ class HostNetwork:
             bridge_index = await self._ensure_bridge(ipr)
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled wait must not lose a made namespace
-                    ns_socket = await _create_netns(path)
+                    ns_socket = await _create_netns(path, pid)
                 async with _iproute(fileno=ns_socket) as nsr:
                     step = f"creating veth pair {host_if}/{ws_if} on bridge {self.bridge}"
                     nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -394,6 +400,76 @@ class HostNetwork:
                 if exc.code != errno.ENODEV:
                     raise _translate(exc, f"deleting veth {host_if}") from exc
         _remove_netns(self.netns_path(name))
+
+    async def attach_tap(self, name: str) -> str:
+        """Give VM workspace ``name`` a persistent TAP ``vm-NAME`` on the bridge, up; return its name.
+
+        qemu opens it by name (``-netdev tap,ifname=...``); the guest sets its own address. An
+        earlier run's TAP of the same name is replaced. On failure, whatever this call made is removed.
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            Conflict: ``vm-NAME`` exists and is not a TAP, or the bridge conflicts.
+            BackendError: netlink or /dev/net/tun refused.
+        """
+        validate_name(name)
+        tap = tap_name(name)
+        async with _iproute() as ipr:
+            with anyio.CancelScope(shield=True):
+                await self._teardown_tap(ipr, name)
+            bridge_index = await self._ensure_bridge(ipr)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+                    index = (await ipr.link("get", ifname=tap))[0]["index"]
+                    await ipr.link("set", index=index, master=bridge_index, state="up")
+            except (NetlinkError, OSError) as exc:
+                with anyio.CancelScope(shield=True):
+                    await self._teardown_tap(ipr, name)
+                raise _translate(exc, f"creating TAP {tap} on bridge {self.bridge}") from exc
+        return tap
+
+    async def detach_tap(self, name: str) -> None:
+        """Remove VM workspace ``name``'s TAP; nothing happens if it is absent or not a TAP (not ours).
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            BackendError: netlink refused the deletion.
+        """
+        validate_name(name)
+        with anyio.CancelScope(shield=True):
+            async with _iproute() as ipr:
+                await self._teardown_tap(ipr, name)
+
+    async def _teardown_tap(self, ipr: AsyncIPRoute, name: str) -> None:
+        tap = tap_name(name)
+        link = await _get_link(ipr, tap)
+        if link is None:
+            return
+        if _kind(link) != "tun":
+            raise Conflict(f"network interface {tap} exists and is not a TAP; remove it or pick another name")
+        try:
+            await ipr.link("del", index=link["index"])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise _translate(exc, f"deleting TAP {tap}") from exc
+
+    async def tap_leftovers(self) -> list[str]:
+        """Names of workspaces that have a TAP (``vm-NAME``) here, for the start-up reconcile.
+
+        Raises:
+            BackendError: netlink refused the dump.
+        """
+        names: set[str] = set()
+        async with _iproute() as ipr:
+            try:
+                async for link in await ipr.link("dump"):
+                    ws = _workspace_of(link.get("IFLA_IFNAME") or "", tap_name)
+                    if ws is not None and _kind(link) == "tun":
+                        names.add(ws)
+            except NetlinkError as exc:
+                raise _translate(exc, "listing network interfaces") from exc
+        return sorted(names)
 
     async def leftovers(self) -> list[str]:
         """Names of workspaces that have a host veth (``sb-NAME``) or a named namespace (``sbx-NAME``) here.
@@ -527,6 +603,9 @@ def _check(ret: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
+_RUNDIR_LOCK = threading.Lock()
+
+
 def _share_rundir(rundir: Path) -> None:
     """Make ``rundir`` a shared mount, binding it onto itself first if it is none, as iproute2 does.
 
@@ -535,24 +614,41 @@ def _share_rundir(rundir: Path) -> None:
     """
     rundir.mkdir(mode=0o755, parents=True, exist_ok=True)
     target = bytes(rundir)
-    if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
-        return
-    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
-        _check(-1, f"making {rundir} a shared mount")
-    _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
-    _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
+    # One at a time: two first creates at once both found no mount point and bound it twice,
+    # and a namespace made in between went missing (ENOENT with 30 creates at once).
+    with _RUNDIR_LOCK:
+        if _libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None) == 0:
+            return
+        if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+            _check(-1, f"making {rundir} a shared mount")
+        _check(_libc.mount(target, target, b"none", _MS_BIND | _MS_REC, None), f"bind-mounting {rundir}")
+        _check(_libc.mount(b"none", target, b"none", _MS_SHARED | _MS_REC, None), f"making {rundir} shared")
 
 
-def _make_netns(path: Path) -> int:
+def _make_netns(path: Path, pid: int | None = None) -> int:
     """Create a network namespace bound at ``path``; return an rtnetlink socket (fd) inside it.
 
-    Must run in a thread of its own that ends afterwards: it moves that thread into the new namespace.
+    With ``pid``, bind that process's namespace at ``path`` instead of a new one.
+    Must run in a thread of its own that ends afterwards: it moves that thread into the namespace.
     """
     _share_rundir(path.parent)
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
     try:
-        _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        _check(_libc.mount(b"/proc/thread-self/ns/net", bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is None:
+            _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            source = b"/proc/thread-self/ns/net"
+        else:
+            source = f"/proc/{int(pid)}/ns/net".encode()
+            if os.stat(source).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+                # Its own namespace is not there yet: the veth and address would land in ours.
+                raise OSError(errno.EAGAIN, f"process {pid} is still in the host's network namespace")
+        _check(_libc.mount(source, bytes(path), b"none", _MS_BIND, None), f"mounting {path}")
+        if pid is not None:
+            nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(nsfd, _CLONE_NEWNET), f"setns({path})")  # os.setns is 3.12+
+            finally:
+                os.close(nsfd)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
     except BaseException:
         _remove_netns(path)
@@ -560,7 +656,7 @@ def _make_netns(path: Path) -> int:
     return sock.detach()
 
 
-async def _create_netns(path: Path) -> int:
+async def _create_netns(path: Path, pid: int | None = None) -> int:
     """Run :func:`_make_netns` in a fresh thread.
 
     Raises:
@@ -569,7 +665,7 @@ async def _create_netns(path: Path) -> int:
     """
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-netns")
     try:
-        return await asyncio.wrap_future(pool.submit(_make_netns, path))
+        return await asyncio.wrap_future(pool.submit(_make_netns, path, pid))
     except FileExistsError as exc:
         raise Conflict(f"network namespace {path} exists already; another process is setting it up") from exc
     except OSError as exc:

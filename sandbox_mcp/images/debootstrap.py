@@ -25,6 +25,7 @@ import anyio
 from .. import hostcmd, onboarding
 from ..config import Settings
 from ..errors import BackendError
+from ..naming import BUILD_UID_BASE, UID_RANGE
 from ..runtimes.base import Progress, no_progress
 from .store import ImageStore
 
@@ -151,13 +152,32 @@ def debootstrap_argv(target: Path, suite: str, mirror: str | None) -> list[str]:
     return argv
 
 
+# Fails (status 100) unless every argument is the exact name of a package in apt's lists.
+EXACT_NAMES_SH = (
+    'for p; do apt-cache --all-names pkgnames -- "$p" | grep -qxF -- "$p" || '
+    '{ echo "E: no package is called exactly $p; check the name (apt-cache search)" >&2; exit 100; }; done'
+)
+
+
 def apt_install_argv(root: Path, packages: Sequence[str]) -> list[str]:
-    """Install ``packages`` into the image at ``root``, run inside a throwaway nspawn (host network)."""
+    """Install ``packages`` into the image at ``root``, run inside a throwaway nspawn (host network).
+
+    The build container runs in a user namespace of its own uid range (``BUILD_UID_BASE``), on an
+    idmapped mount of the image (``--private-users-ownership=map``), so the files apt writes land
+    owned as the image needs, while root inside is no host uid that owns anything: it cannot make
+    device nodes or write ``/proc/sys`` (host root's files). Not the identity map: with it, root
+    inside is host uid 0 to the file permission checks, and ``/proc/sys`` can be remounted and
+    written (found on the dev machine).
+    Every name must be a package apt knows by exactly that name: apt reads a name it does not
+    know that holds ``.``, ``+`` or ``*`` as a regular expression (``e..`` installs thousands).
+    """
+    script = f'apt-get update -q && {EXACT_NAMES_SH} && apt-get install -y -q --no-install-recommends -- "$@" && apt-get clean'
+
     return [
         "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--as-pid2", f"--directory={root}",
+        f"--private-users={BUILD_UID_BASE}:{UID_RANGE}", "--private-users-ownership=map",
         "--setenv=DEBIAN_FRONTEND=noninteractive", "--",
-        "sh", "-c", 'apt-get update -q && apt-get install -y -q --no-install-recommends "$@" && apt-get clean',
-        "sh", *packages,
+        "sh", "-c", script, "sh", *packages,
     ]  # fmt: skip
 
 

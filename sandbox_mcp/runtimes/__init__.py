@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "sandbox_mcp.runtimes"
 _BUILTIN: dict[str, str] = {
     "nspawn": "sandbox_mcp.runtimes.nspawn:NspawnRuntime",
     "nixos": "sandbox_mcp.runtimes.nixos:NixosRuntime",
+    "qemu": "sandbox_mcp.runtimes.qemu:QemuRuntime",
 }
 _registered: dict[str, str | type[Runtime]] = {}
 

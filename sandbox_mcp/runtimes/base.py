@@ -9,6 +9,7 @@ name) in its own typed :attr:`Runtime.State`, stored on the record as ``runtime_
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import Check, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 
 if TYPE_CHECKING:
     from ..hostnet import HostNetwork
@@ -123,6 +124,14 @@ class Runtime(ABC):
         """``record`` with whatever only a running workspace has (PIDs, sockets) forgotten."""
         return record
 
+    def default_limits(self) -> Limits:
+        """The limits of a workspace whose create gave none: the settings' container defaults.
+
+        The CPU default is capped at this host's CPUs, so a small host needs no configuration.
+        """
+        s = self.settings
+        return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
+
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
         return Endpoint(record.ip, 22)
@@ -145,6 +154,16 @@ class Runtime(ABC):
         Raises:
             InvalidSpec: with what to change.
         """
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        """Allocate what the runtime needs per workspace (inside the registry transaction, like IPs).
+
+        ``others`` are the registered workspaces. Default: nothing to allocate.
+
+        Raises:
+            InvalidSpec, Conflict, BackendError: the workspace cannot be realised here (the message says why).
+        """
+        return record
 
     @abstractmethod
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:

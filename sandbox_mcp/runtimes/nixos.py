@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -250,16 +251,24 @@ class NixosRuntime(Runtime):
                 f"pick a shorter name"
             )
         validate_ip(record.ip, self.settings.subnet)
+        limits = record.limits
         return {
             "type": record.type,
             "ip": record.ip,
             "packages": validate_packages(record.packages, "nix"),
             "autoStart": False,  # the server starts units itself
             "config": os.path.relpath(self.workspace_file(record.name), self.registry_path.parent),
-            "vcpu": None,
-            "memory": None,
+            # The module's options are whole CPUs (a VM's vCPUs; a container's CPUQuota, 100 % each).
+            "cpus": math.ceil(limits.cpus) if limits else None,
+            "memoryMiB": limits.memory_mib if limits else None,
+            "tasks": limits.tasks if limits else None,
             "hostKey": None,  # the module's setup unit makes the host key; the server pins what it made
         }
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        """The isolation the module gives each type: microVMs, and containers with ``privateUsers``."""
+        isolation = "microvm" if record.type == "vm" else "unprivileged-container"
+        return record.model_copy(update={"isolation": isolation})
 
     # ---- the registry -----------------------------------------------------------------------
 

@@ -17,24 +17,27 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 from pydantic import Field, model_validator
 
-from .. import onboarding, supervise
+from .. import hostcaps, onboarding, rootfs, supervise
+from ..cgroups import CgroupHost, group_for, join_argv
 from ..doctor import which_check
-from ..errors import InvalidSpec
+from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images import DebianRoot
-from ..models import Check, RuntimeDetail, WorkspaceRecord
-from ..naming import veth_names
+from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ..naming import UID_RANGE, allocate_uid_base, veth_names
 from ..paths import WorkspacePaths
+from ..rootfs import RootMounts
 from ..supervise import ProcessRef
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
 
-__all__ = ["NspawnRuntime", "NspawnState", "hosts_file", "nspawn_argv"]
+__all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _NSPAWN_MISSING = (
@@ -47,20 +50,61 @@ def machine_name(name: str) -> str:
     return f"sbx-{name}"
 
 
+# Beyond what a dev box needs (nspawn's default set keeps them): device nodes, audit rules,
+# immutable flags, terminal configuration.
+DROPPED_CAPABILITIES = ("CAP_MKNOD", "CAP_AUDIT_CONTROL", "CAP_LINUX_IMMUTABLE", "CAP_SYS_TTY_CONFIG")
+
+
 def nspawn_argv(
-    *, name: str, image_root: Path, netns_path: Path, paths: WorkspacePaths, user: str, tag: str
+    *,
+    name: str,
+    image_root: Path,
+    netns_path: Path | None,
+    paths: WorkspacePaths,
+    user: str,
+    uid_base: int | None = None,
+    mounts: RootMounts | None = None,
+    tag: str,
 ) -> list[str]:
     """The exact systemd-nspawn command that boots workspace ``name``.
 
+    Privileged (``uid_base`` None): the image with a fresh overlay per boot, joining the
+    prepared ``netns_path``. User-namespaced: ``--private-users=BASE:65536`` on the host-made
+    ``mounts`` (:mod:`sandbox_mcp.rootfs`: the root overlay and idmapped binds), and a network
+    namespace of nspawn's own (``--private-network``; the host adds the veth after start).
+
     Raises:
-        InvalidSpec: a host path contains ':' (nspawn's bind separator).
+        InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
+            do not fit one of the two kinds.
     """
-    binds = [
-        ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
-        ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
-        ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
-        ("--bind-ro", paths.runtime / "hosts", "/etc/hosts"),
-    ]
+    if uid_base is None:
+        if netns_path is None:
+            raise InvalidSpec("a privileged container needs its network namespace path")
+        binds = [
+            ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
+            ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
+            ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
+        ]
+        kind = [
+            f"--directory={image_root}",
+            "--volatile=overlay",  # a fresh writable layer per boot; the shared image stays untouched
+            f"--network-namespace-path={netns_path}",
+        ]
+    else:
+        if mounts is None:
+            raise InvalidSpec("a user-namespaced container needs its prepared mounts")
+        binds = [
+            ("--bind", mounts.workspace, onboarding.workspace_dir_inside(user)),
+            ("--bind", mounts.claude, onboarding.claude_config_dir_inside(user)),
+            ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
+        ]
+        kind = [
+            f"--directory={mounts.root}",
+            f"--private-users={uid_base}:{UID_RANGE}",
+            "--private-users-ownership=off",  # the mounts are idmapped already; nothing is chowned
+            "--private-network",
+        ]
+    binds.append(("--bind-ro", paths.runtime / "hosts", "/etc/hosts"))
     for _, src, _ in binds:
         if ":" in str(src) or "," in str(src):
             raise InvalidSpec(f"state path {src} contains ':' or ','; set SANDBOX_MCP_STATE_DIR to a plain path")
@@ -72,15 +116,31 @@ def nspawn_argv(
         "--keep-unit",
         f"--machine={machine_name(name)}",
         f"--hostname={name}",
-        f"--directory={image_root}",
-        "--volatile=overlay",  # a fresh writable layer per boot; the shared image stays untouched
-        f"--network-namespace-path={netns_path}",
+        *kind,
+        f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
+        "--rlimit=RLIMIT_FSIZE=infinity",  # nspawn's own limit bounds the console log only
         "--link-journal=no",
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
         f"--setenv={supervise.TAG_ENV}={tag}",
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
     ]
+
+
+def launch_argv(
+    argv: list[str], procs_files: list[Path], user_namespaced: bool, console_log_bytes: int
+) -> list[str]:
+    """``argv`` started inside the workspace's cgroups (joined before exec, so nothing escapes them).
+
+    User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
+    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies). nspawn's
+    file-size limit bounds the console log (it is nspawn's stdout): SIGXFSZ ignored, a write past
+    it fails and nspawn stops the workspace, instead of a console flood filling the host's disk.
+    ``argv`` gives the container ``--rlimit=RLIMIT_FSIZE=infinity`` so the limit stays nspawn's.
+    """
+    env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
+    bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", f"--fsize={console_log_bytes}", "--"]
+    return join_argv(procs_files, [*bounded, *env, *argv])
 
 
 def hosts_file(name: str, host_ip: str) -> str:
@@ -92,6 +152,9 @@ class NspawnState(RuntimeState):
     """What nspawn remembers of a workspace: its root image, and while it runs, the two processes."""
 
     image: str | None = None
+    uid_base: int | None = Field(
+        default=None, description="First host uid of the container's user namespace; None: privileged"
+    )
     process: ProcessRef | None = Field(default=None, description="systemd-nspawn itself")
     leader: ProcessRef | None = Field(default=None, description="the container's init (PID 1 inside)")
 
@@ -124,12 +187,49 @@ class NspawnRuntime(Runtime):
         super().__init__(ctx)
         self.network = ctx.network
         self.images = DebianRoot(ctx.settings, ctx.images)
+        self._cg: CgroupHost | None = None
 
     def state(self, record: WorkspaceRecord) -> NspawnState:
         return NspawnState.model_validate(record.runtime_state)
 
     def _paths(self, record: WorkspaceRecord) -> WorkspacePaths:
         return WorkspacePaths.of(self.settings.state_dir, record.name)
+
+    def _cgroups(self) -> CgroupHost:
+        if self._cg is None:
+            self._cg = CgroupHost(group_for(self.settings.state_dir))
+        return self._cg
+
+    def _mounts(self, record: WorkspaceRecord) -> RootMounts:
+        return RootMounts(self._paths(record).runtime / "mnt")
+
+    def _limits(self, record: WorkspaceRecord) -> Limits:
+        s = self.settings
+        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
+        """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
+
+        Raises:
+            BackendError: user-namespaced containers cannot run here (or are switched off) and
+                privileged ones are not allowed; the message says why and how to allow them.
+        """
+        blockers = [] if self.settings.private_users else ["private_users is false in the settings"]
+        blockers = blockers or hostcaps.userns_blockers()
+        state = self.state(record)
+        if blockers:
+            if not self.settings.allow_privileged:
+                raise BackendError(
+                    "cannot run a user-namespaced container here: " + "; ".join(blockers) + ". Fix that, or "
+                    "allow privileged containers (root inside is root on the host) with "
+                    "SANDBOX_MCP_ALLOW_PRIVILEGED=true"
+                )
+            record = record.model_copy(update={"isolation": "privileged-container"})
+            return self.with_state(record, state.model_copy(update={"uid_base": None}))
+        taken = {b for r in others if r.runtime == self.name and (b := self.state(r).uid_base) is not None}
+        base = allocate_uid_base(taken | self._cgroups().live_uid_bases())
+        record = record.model_copy(update={"isolation": "unprivileged-container"})
+        return self.with_state(record, state.model_copy(update={"uid_base": base}))
 
     @staticmethod
     def _marker(record: WorkspaceRecord) -> bytes:
@@ -158,6 +258,11 @@ class NspawnRuntime(Runtime):
             which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
+            *hostcaps.isolation_checks(
+                private_users=self.settings.private_users,
+                allow_privileged=self.settings.allow_privileged,
+                enforced=self._cgroups().enforced(),
+            ),
         ]
 
     def _image_check(self) -> Check:
@@ -191,39 +296,96 @@ class NspawnRuntime(Runtime):
         paths = self._paths(record)
         paths.runtime.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
+        base = state.uid_base
+        mounts = self._mounts(record)
+        image_root = self.images.path(state.image)
         await progress("setting up the network", None)
         await self.network.ensure()
-        netns = await self.network.attach_veth(record.name, record.ip, record.mac)
-        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac,
-                                 egress=record.egress == "internet")
-        argv = nspawn_argv(
-            name=record.name,
-            image_root=self.images.path(state.image),
-            netns_path=netns,
-            paths=paths,
-            user=record.user,
-            tag=self._tag(record),
-        )
-        await progress("booting the container", None)
         try:
-            process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(argv, paths.console_log, tag=self._tag(record), missing_hint=_NSPAWN_MISSING)
+            netns = None
+            if base is None:
+                netns = await self.network.attach_veth(record.name, record.ip, record.mac)
+                await self._admit(record)
+            procs = await anyio.to_thread.run_sync(self._cgroups().prepare, record.name, base, self._limits(record))
+            if base is not None:
+                await anyio.to_thread.run_sync(
+                    lambda: rootfs.mount_all(
+                        mounts,
+                        image=image_root,
+                        workspace=paths.workspace,
+                        claude_config=paths.claude_config,
+                        host_keys=paths.ssh_host_keys,
+                        uid_base=base,
+                        root_layer_mib=self.settings.root_layer_mib,
+                    )
+                )
+            argv = nspawn_argv(
+                name=record.name,
+                image_root=image_root,
+                netns_path=netns,
+                paths=paths,
+                user=record.user,
+                uid_base=base,
+                mounts=mounts if base is not None else None,
+                tag=self._tag(record),
             )
+            await progress("booting the container", None)
+            process = await anyio.to_thread.run_sync(
+                lambda: supervise.spawn(
+                    launch_argv(argv, procs, base is not None, self.settings.console_log_mib << 20),
+                    paths.console_log,
+                    tag=self._tag(record),
+                    missing_hint=_NSPAWN_MISSING,
+                )
+            )
+            state = state.model_copy(update={"process": process})
+            record = self.with_state(record, state)
+            leader = await self._find_leader(process, self.settings.boot_timeout_s)
+            if leader is None:
+                raise BackendError(f"the container did not start; see {paths.console_log} (workspace_logs)")
+            state = state.model_copy(update={"leader": leader})
+            record = self.with_state(record, state)
+            if base is not None:
+                # nspawn made the container's network namespace (one owned by the container's user
+                # namespace; joining a host-made one is refused there); the veth goes in from here.
+                # The init unshares it only after entering its user namespace: wait for that, or the
+                # veth would land in our own namespace (seen with 30 creates at once).
+                if not await self._own_netns(leader, self.settings.boot_timeout_s):
+                    raise BackendError(f"the container got no network namespace; see {paths.console_log}")
+                await self.network.attach_veth(record.name, record.ip, record.mac, pid=leader.pid)
+                await self._admit(record)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.network.detach(record.name)
+                await self.stop(record)
             raise
-        leader = await self._find_leader(process.pid)
-        return self.with_state(record, state.model_copy(update={"process": process, "leader": leader}))
+        return record
+
+    async def _admit(self, record: WorkspaceRecord) -> None:
+        """Let the workspace's veth through the host's policy (egress as the record asks)."""
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet")
 
     @staticmethod
-    async def _find_leader(pid: int) -> ProcessRef | None:
+    async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:
+        """Wait until ``leader`` is in a network namespace other than ours; False if it died or time ran out."""
+        ours = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and supervise.alive(leader):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{leader.pid}/ns/net") != ours:
+                    return True
+            await anyio.sleep(0.01)
+        return False
+
+    async def _find_leader(self, process: ProcessRef, timeout_s: float) -> ProcessRef | None:
         """The container's init: nspawn's child in another PID namespace (nspawn is its subreaper).
 
-        Recorded so that a container orphaned by a killed nspawn can still be ended.
+        Recorded so that a container orphaned by a killed nspawn can still be ended; its network
+        namespace is the container's. None if nspawn exits first or ``timeout_s`` passes.
         """
+        pid = process.pid
         own_ns = os.readlink(f"/proc/{pid}/ns/pid") if os.path.exists(f"/proc/{pid}/ns/pid") else None
-        for _ in range(100):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and supervise.alive(process):
             for child in supervise.children(pid):
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
@@ -240,10 +402,16 @@ class NspawnRuntime(Runtime):
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.
         await supervise.kill_tagged(self._tag(record))
         await self.network.revoke(veth_names(record.name)[0])
+        await self._release(record)
+
+    async def _release(self, record: WorkspaceRecord) -> None:
+        """What a stopped container leaves: its cgroups (and stragglers in them), mounts, veth/netns."""
+        await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
+        await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(record))
         await self.network.detach(record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:
-        await self.network.detach(record.name)
+        await self._release(record)  # before the manager removes the state dir: nothing mounted under it
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
@@ -254,7 +422,8 @@ class NspawnRuntime(Runtime):
             pid=state.process.pid if running and state.process else None,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
-            + (f" image {state.image}" if state.image else ""),
+            + (f" image {state.image}" if state.image else "")
+            + (f", uids {state.uid_base}+{UID_RANGE}" if state.uid_base is not None else ", privileged"),
         )
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
@@ -274,8 +443,17 @@ class NspawnRuntime(Runtime):
         return await anyio.to_thread.run_sync(_tail)
 
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:
-        """Tear down network namespaces and veths whose workspace is not running."""
+        """Tear down network namespaces and veths of our workspaces that are not running.
+
+        Only names in our registry: links and namespaces of another server on this host (another
+        state directory) are not ours to remove.
+        """
         running = {r.name for r in records if self._running(r)}
+        ours = {r.name for r in records}
         for name in await self.network.leftovers():
-            if name not in running:
+            if name in ours and name not in running:
                 await self.network.detach(name)
+        for r in records:
+            if r.name not in running and r.runtime == self.name:
+                await anyio.to_thread.run_sync(self._cgroups().remove, r.name)
+                await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(r))

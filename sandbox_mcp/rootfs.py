@@ -1,0 +1,155 @@
+"""The mounts a user-namespaced container boots from, made on the host before nspawn starts.
+
+Under ``<state>/<name>/runtime/mnt``::
+
+    lower/      the shared image, idmapped (root_map), read-only: never written, never chowned
+    rw/         tmpfs of ``root_layer_mib`` (the bound on the writable root layer): upper/ and work/
+    root/       overlay of lower + rw/upper: the container's /; nspawn gets --directory=root
+    workspace/  <state>/<name>/workspace, idmapped (share_map), nosuid,nodev
+    claude/     <state>/<name>/claude-config, likewise
+    keys/       <state>/<name>/ssh-host-keys, idmapped (root_map), read-only
+
+The tmpfs pages are charged to the memory cgroup of whoever writes them (the container), so
+the writable layer also counts against the workspace's ``memory_mib``. nspawn binds these
+into the container; mounts copied into the container's less privileged mount namespace are
+locked, so a read-only one cannot be remounted read-write from inside.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import idmap
+from .errors import BackendError, InvalidSpec
+
+__all__ = ["RootMounts", "mount_all", "mounted_under", "overlay_options", "unmount_all"]
+
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+
+
+@dataclass(frozen=True)
+class RootMounts:
+    """Where the pieces are mounted for one workspace (see the module docstring)."""
+
+    top: Path
+
+    @property
+    def lower(self) -> Path:
+        return self.top / "lower"
+
+    @property
+    def rw(self) -> Path:
+        return self.top / "rw"
+
+    @property
+    def root(self) -> Path:
+        return self.top / "root"
+
+    @property
+    def workspace(self) -> Path:
+        return self.top / "workspace"
+
+    @property
+    def claude(self) -> Path:
+        return self.top / "claude"
+
+    @property
+    def keys(self) -> Path:
+        return self.top / "keys"
+
+    def order(self) -> list[Path]:
+        """Mount order; unmount in reverse."""
+        return [self.lower, self.rw, self.root, self.workspace, self.claude, self.keys]
+
+
+def overlay_options(m: RootMounts) -> str:
+    """The overlay mount's data string.
+
+    Raises:
+        InvalidSpec: a path holds ',' or ':' (overlay's separators).
+    """
+    for p in (m.lower, m.rw):
+        if "," in str(p) or ":" in str(p):
+            raise InvalidSpec(f"state path {p} contains ',' or ':'; set SANDBOX_MCP_STATE_DIR to a plain path")
+    return f"lowerdir={m.lower},upperdir={m.rw}/upper,workdir={m.rw}/work"
+
+
+def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), bytes(target), fstype.encode(), flags, data.encode()) != 0:
+        code = ctypes.get_errno()
+        raise BackendError(f"mounting {fstype} on {target} failed: {os.strerror(code)}; run 'sandbox-mcp doctor'")
+
+
+def mount_all(
+    m: RootMounts,
+    *,
+    image: Path,
+    workspace: Path,
+    claude_config: Path,
+    host_keys: Path,
+    uid_base: int,
+    root_layer_mib: int,
+) -> None:
+    """Make every mount of :class:`RootMounts` (after removing leftovers); undo them all on failure.
+
+    Raises:
+        InvalidSpec: a path holds a separator, or ``uid_base`` is not a 65536-aligned base.
+        BackendError: the kernel refused a mount (no idmapped mounts, no overlayfs).
+    """
+    unmount_all(m)
+    opts = overlay_options(m)
+    root_mode = image.stat().st_mode & 0o7777
+    try:
+        for d in m.order():
+            d.mkdir(parents=True, exist_ok=True)
+        idmap.idmapped_mount(image, m.lower, idmap.root_map(uid_base), idmap.MOUNT_ATTR_RDONLY)
+        _mount("tmpfs", m.rw, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={root_layer_mib}m,mode=0755")
+        for sub in ("upper", "work"):
+            (m.rw / sub).mkdir()
+            os.chown(m.rw / sub, uid_base, uid_base)  # the container's root owns its /
+        os.chmod(m.rw / "upper", root_mode)
+        _mount("overlay", m.root, "overlay", 0, opts)
+        share = idmap.share_map(uid_base)
+        nosuid = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
+        idmap.idmapped_mount(workspace, m.workspace, share, nosuid)
+        idmap.idmapped_mount(claude_config, m.claude, share, nosuid)
+        idmap.idmapped_mount(host_keys, m.keys, idmap.root_map(uid_base), nosuid | idmap.MOUNT_ATTR_RDONLY)
+    except BaseException:
+        unmount_all(m)
+        raise
+
+
+def mounted_under(top: Path, mountinfo: str | None = None) -> list[Path]:
+    """Mount points at or below ``top`` (from /proc/self/mountinfo), deepest last."""
+    text = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
+    prefix = str(top).rstrip("/") + "/"
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            point = fields[4].replace("\\040", " ")
+            if point == str(top) or point.startswith(prefix):
+                out.append(Path(point))
+    return out
+
+
+def unmount_all(m: RootMounts) -> None:
+    """Detach every mount under ``m.top`` (leftovers of a crash too); nothing if none.
+
+    Raises:
+        BackendError: a mount could not be detached.
+    """
+    for point in reversed(mounted_under(m.top)):
+        if _libc.umount2(bytes(point), _MNT_DETACH) != 0:
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOENT):
+                raise BackendError(f"unmounting {point} failed: {os.strerror(code)}")

@@ -1,0 +1,62 @@
+"""What doctor and the nspawn runtime read about user namespaces and kernel limits, from a given /proc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sandbox_mcp.hostcaps import isolation_checks, kernel_limits, userns_blockers
+
+CGROUP2 = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+
+
+def fake_proc(tmp_path: Path, *, max_ns: str = "1000", mounts: str = CGROUP2, fs: str = "nodev\toverlay\n",
+              inotify: str = "128", pid_max: str = "4194304") -> Path:
+    proc = tmp_path / "proc"
+    for rel, text in {
+        "sys/user/max_user_namespaces": max_ns, "self/mounts": mounts, "filesystems": fs,
+        "sys/fs/inotify/max_user_instances": inotify, "sys/kernel/pid_max": pid_max,
+        "sys/kernel/osrelease": "6.1.0-13-amd64", "self/ns/user": "",
+    }.items():  # fmt: skip
+        (proc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (proc / rel).write_text(text)
+    return proc
+
+
+def test_a_capable_host_has_no_blockers(tmp_path: Path) -> None:
+    assert userns_blockers(fake_proc(tmp_path)) == []
+
+
+def test_each_blocker_says_how_to_fix_it(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, max_ns="0", mounts="", fs="nodev\ttmpfs\n")
+    blockers = userns_blockers(proc, release="5.10.0")
+    assert len(blockers) == 4
+    assert any("sysctl -w user.max_user_namespaces" in b for b in blockers)
+    assert any("mount -t cgroup2" in b for b in blockers)
+    assert any("5.12+" in b for b in blockers)
+    assert any("modprobe overlay" in b for b in blockers)
+
+
+def test_kernel_limits_say_how_many_workspaces_fit(tmp_path: Path) -> None:
+    limits = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path, pid_max="32768"))}
+    assert "about 18 workspaces" in limits["fs.inotify.max_user_instances"].detail
+    assert limits["fs.inotify.max_user_instances"].fix is not None
+    assert limits["kernel.pid_max"].fix == "sysctl -w kernel.pid_max=4194304"
+    roomy = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path / "r", inotify="1024"))}
+    assert roomy["fs.inotify.max_user_instances"].fix is None and roomy["kernel.pid_max"].fix is None
+
+
+def test_doctor_checks_say_whether_privileged_is_the_fallback(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, max_ns="0")
+    enforced = {"memory": "v1", "pids": "v2", "cpu": None}
+    strict = {c.name: c for c in isolation_checks(private_users=True, allow_privileged=False, enforced=enforced,
+                                                  proc=proc)}
+    assert not strict["unprivileged containers"].ok and strict["unprivileged containers"].required
+    assert "SANDBOX_MCP_ALLOW_PRIVILEGED=true" in (strict["unprivileged containers"].fix or "")
+    assert not strict["resource limits"].ok and "cpu" in (strict["resource limits"].fix or "")
+    lax = {c.name: c for c in isolation_checks(private_users=True, allow_privileged=True, enforced=enforced,
+                                               proc=proc)}
+    assert not lax["unprivileged containers"].required
+    good = {c.name: c for c in isolation_checks(private_users=True, allow_privileged=False,
+                                                enforced={"memory": "v2", "pids": "v2", "cpu": "v2"},
+                                                proc=fake_proc(tmp_path / "ok"))}
+    assert good["unprivileged containers"].ok and good["resource limits"].ok
