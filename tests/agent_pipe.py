@@ -19,9 +19,9 @@ from typing import Any
 
 import sandbox_mcp.exec_agent as exec_agent
 
-__all__ = ["AgentPipe", "agent_command", "request"]
+from .points import HUNG_S
 
-HUNG_S = 60.0  # only a hung agent takes this long
+__all__ = ["AgentPipe", "agent_command", "request"]
 
 
 def agent_command(python: str = sys.executable) -> list[str]:
