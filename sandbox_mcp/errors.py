@@ -24,7 +24,29 @@ __all__ = [
     "SSHError",
     "WorkspaceExists",
     "WorkspaceNotFound",
+    "clip",
+    "clip_repr",
 ]
+
+# How much of a user's input an error message echoes back: enough to recognise it.
+ECHO_LIMIT = 200
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to about ``limit`` characters, with a note of its full length when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+def clip_repr(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters (a 1 MiB input is not echoed).
+
+    The repr of a long string is built from its head only, so the cost does not grow with it.
+    """
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'} in all)"
+    return clip(repr(value), limit)
 
 
 class SandboxError(Exception):
@@ -43,7 +65,9 @@ class WorkspaceNotFound(SandboxError, LookupError):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"workspace {name!r} not found; call list_workspaces to see the existing workspaces")
+        super().__init__(
+            f"workspace {clip_repr(name)} not found; call list_workspaces to see the existing workspaces"
+        )
 
 
 class WorkspaceExists(SandboxError):

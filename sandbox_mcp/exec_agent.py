@@ -23,8 +23,9 @@ of the lines read together the cancels are applied first: a command cancelled be
 started replies ``cancelled: true`` and never runs.
 
 Standard library only, Python ≥ 3.7: it runs on the workspace's python3, and the pool falls
-back to a session per command where there is none. This file is sent as ``python3 -c`` source,
-so it must stay self-contained.
+back to a session per command where there is none. The image recipe installs this file as
+/usr/local/libexec/sandbox-mcp/exec-agent and the pool runs it by that path, so it must stay
+self-contained.
 """
 
 import base64

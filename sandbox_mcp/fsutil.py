@@ -18,12 +18,15 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 
-__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "write_new"]
+from .errors import InvalidSpec
+
+__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "own_dir", "write_new"]
 
 _LOCK_POLL_MIN_S = 0.005
 _LOCK_POLL_MAX_S = 0.1
@@ -174,3 +177,20 @@ def lock_is_held(path: Path) -> bool:
         return not _try_flock(fd, True)
     finally:
         os.close(fd)
+
+
+def own_dir(path: Path, uid: int, gid: int, mode: int | None) -> None:
+    """Make ``path`` a real directory owned uid:gid (and ``mode``), never following a symlink there.
+
+    Raises:
+        InvalidSpec: a symlink or a non-directory sits at ``path``.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode if mode is not None else 0o755)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidSpec(f"{path} is a symlink or not a directory; move it away and try again")
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)  # a directory, checked above; its parent is the server's own

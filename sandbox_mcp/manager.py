@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -23,8 +22,16 @@ import anyio
 
 from . import onboarding, ssh
 from .config import Settings
-from .errors import BackendError, InvalidSpec, InvalidState, SandboxError, WorkspaceExists
-from .fsutil import async_file_lock, lock_is_held
+from .errors import (
+    BackendError,
+    CommandTimeout,
+    InvalidSpec,
+    InvalidState,
+    SandboxError,
+    WorkspaceExists,
+    clip_repr,
+)
+from .fsutil import async_file_lock, lock_is_held, own_dir
 from .models import (
     DestroyResult,
     DirListing,
@@ -65,25 +72,8 @@ def parse_mode(mode: str | int | None) -> int | None:
             raise InvalidSpec(f"mode {mode} is out of range; use octal text such as '644' or '755'")
         return mode
     if not _MODE_RE.match(mode):
-        raise InvalidSpec(f"mode {mode!r} is not an octal file mode; use e.g. '644' or '0755'")
+        raise InvalidSpec(f"mode {clip_repr(mode)} is not an octal file mode; use e.g. '644' or '0755'")
     return int(mode, 8)
-
-
-def _own_dir(path: Path, uid: int, gid: int, mode: int | None) -> None:
-    """Make ``path`` a real directory owned uid:gid (and ``mode``), never following a symlink there.
-
-    Raises:
-        InvalidSpec: a symlink or a non-directory sits at ``path``.
-    """
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode if mode is not None else 0o755)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidSpec(f"{path} is a symlink or not a directory; move it away and try again")
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(path, uid, gid, follow_symlinks=False)
-    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)  # a directory, checked above; its parent is the server's own
 
 
 class WorkspaceManager:
@@ -115,7 +105,7 @@ class WorkspaceManager:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         # The server's own keys, tokens and locks: nobody else's business.
-        _own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
+        own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
         self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
         if self._runtimes is None:
             self._mode = resolve_mode(self.settings)
@@ -165,6 +155,16 @@ class WorkspaceManager:
                 f"workspace {record.name!r} belongs to the {record.runtime!r} runtime, which this server "
                 f"(mode {self.mode}) does not run; use a server in that mode"
             ) from None
+
+    async def _check_exists(self, name: str) -> None:
+        """Refuse a bad or unknown name before a lock file is made for it (it would stay behind).
+
+        Raises:
+            InvalidSpec: the name breaks the naming rules.
+            WorkspaceNotFound: no workspace of that name.
+        """
+        validate_name(name)
+        await self.registry.get(name)
 
     @contextlib.asynccontextmanager
     async def _locked(self, name: str) -> AsyncIterator[None]:
@@ -400,8 +400,8 @@ class WorkspaceManager:
         uid = gid = self.settings.user_uid
         paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in (paths.root, paths.ssh_host_keys, paths.runtime):
-            _own_dir(d, 0, 0, 0o755)
-        _own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
+            own_dir(d, 0, 0, 0o755)
+        own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
         fingerprint = ssh.ensure_host_key(paths.host_key)
         ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
         credentials = onboarding.host_credentials_file(Path.home())
@@ -435,6 +435,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, InvalidState (still being created), BackendError (boot failed).
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             runtime = self._runtime_of(record)
@@ -477,20 +478,24 @@ class WorkspaceManager:
 
         Raises:
             BackendError: the workspace exited while booting (the message has the log tail).
-            CommandTimeout, SSHError: SSH did not answer in time, or answered with another key.
+            CommandTimeout: no SSH within the boot timeout; the message names it and points at workspace_logs.
+            SSHError: SSH answered with another key.
         """
         died = False
         failure: SandboxError | None = None
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
-                nonlocal died
-                while True:
-                    await anyio.sleep(0.1)
-                    if not (await runtime.status(record)).running:
-                        died = True
-                        tg.cancel_scope.cancel()
-                        return
+                nonlocal died, failure
+                try:
+                    while True:
+                        await anyio.sleep(0.1)
+                        if not (await runtime.status(record)).running:
+                            died = True
+                            break
+                except SandboxError as exc:
+                    failure = exc
+                tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
             try:
@@ -503,6 +508,15 @@ class WorkspaceManager:
         if died:
             tail = await runtime.logs(record, 25)
             raise BackendError(f"workspace {record.name!r} exited while booting; last log lines:\n{tail}")
+        if isinstance(failure, CommandTimeout):
+            tail = ""
+            with contextlib.suppress(SandboxError, OSError):
+                tail = await runtime.logs(record, 15)
+            raise CommandTimeout(
+                f"workspace {record.name!r} did not answer over SSH within the boot timeout of "
+                f"{self.settings.boot_timeout_s:g} s (boot_timeout_s; raise it with SANDBOX_MCP_BOOT_TIMEOUT_S "
+                f"on a slow host). {failure}. Last log lines:\n{tail or '(none yet)'}"
+            ) from failure
         if failure is not None:
             raise failure
 
@@ -525,6 +539,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, BackendError.
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             runtime = await self._halt(record)
@@ -539,6 +554,7 @@ class WorkspaceManager:
         Raises:
             WorkspaceNotFound, BackendError.
         """
+        await self._check_exists(name)
         async with self._locked(name):
             record = await self.registry.get(name)
             runtime = await self._halt(record)
@@ -651,7 +667,7 @@ class WorkspaceManager:
             except ValueError as exc:
                 raise InvalidSpec(f"content is not valid base64: {exc}") from exc
         else:
-            raise InvalidSpec(f"encoding must be 'utf-8' or 'base64', not {encoding!r}")
+            raise InvalidSpec(f"encoding must be 'utf-8' or 'base64', not {clip_repr(encoding)}")
         if len(data) > self.settings.write_max:
             raise InvalidSpec(
                 f"content is {len(data)} bytes; the limit is {self.settings.write_max}. "

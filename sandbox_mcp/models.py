@@ -202,6 +202,9 @@ class DirEntry(BaseModel):
 class DirListing(BaseModel):
     path: str
     entries: list[DirEntry]
+    truncated: bool = Field(
+        default=False, description="True when entries were left out (more than 10,000); list the rest with exec"
+    )
 
 
 class LogsResult(BaseModel):

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 
-from .errors import Conflict, InvalidSpec
+from .errors import Conflict, InvalidSpec, clip_repr
 
 __all__ = [
     "CID_OFFSET",
@@ -57,12 +57,12 @@ def validate_name(name: str) -> str:
         raise InvalidSpec("workspace name is empty; use lowercase letters, digits and '-', e.g. 'myproject'")
     if len(name) > MAX_NAME_LEN:
         raise InvalidSpec(
-            f"workspace name {name!r} is {len(name)} characters; the limit is {MAX_NAME_LEN} "
+            f"workspace name {clip_repr(name, 40)} is {len(name)} characters; the limit is {MAX_NAME_LEN} "
             f"(its network interface 'vm-NAME' must fit Linux's 15-character limit)"
         )
     if not _NAME_RE.match(name):
         raise InvalidSpec(
-            f"workspace name {name!r} is invalid: use lowercase letters, digits and '-', "
+            f"workspace name {clip_repr(name)} is invalid: use lowercase letters, digits and '-', "
             f"starting with a letter (e.g. 'web-2')"
         )
     if name.endswith("-"):
@@ -81,7 +81,7 @@ def validate_packages(packages: Iterable[str], flavour: str = "debian") -> list[
     for pkg in packages:
         if not isinstance(pkg, str) or not pattern.match(pkg) or len(pkg) > 128:
             example = "'jq' or 'python3-venv'" if flavour == "debian" else "'ripgrep' or 'python3Packages.requests'"
-            raise InvalidSpec(f"package {pkg!r} is not a valid {flavour} package name; expected e.g. {example}")
+            raise InvalidSpec(f"package {clip_repr(pkg)} is not a valid {flavour} package name; expected e.g. {example}")
         out.add(pkg)
     return sorted(out)
 
@@ -137,7 +137,7 @@ def validate_ip(ip: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address
     try:
         addr = ipaddress.IPv4Address(ip)
     except (ipaddress.AddressValueError, ValueError) as exc:
-        raise InvalidSpec(f"{ip!r} is not an IPv4 address; use e.g. '{subnet.network_address + 20}'") from exc
+        raise InvalidSpec(f"{clip_repr(ip)} is not an IPv4 address; use e.g. '{subnet.network_address + 20}'") from exc
     if addr not in subnet:
         raise InvalidSpec(f"IP {ip} is outside the workspace subnet {subnet}")
     if addr in (subnet.network_address, subnet.broadcast_address, subnet.network_address + 1):

@@ -27,7 +27,7 @@ from pydantic import AnyHttpUrl, Field
 
 from . import __version__, http_auth
 from .config import Settings, load_settings
-from .errors import SandboxError
+from .errors import SandboxError, clip
 from .manager import WorkspaceManager
 from .models import (
     DestroyResult,
@@ -65,23 +65,45 @@ Name = Annotated[
 ]
 
 
+# A ToolError message longer than this is cut: error messages echo at most a clipped input, but a
+# log tail or a backend's output could still be long.
+MESSAGE_LIMIT = 16 * 1024
+log = logging.getLogger(__name__)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _message(exc: BaseException) -> str:
+    """What the agent reads for ``exc``: a SandboxError's own message; of a crash only its type.
+
+    A crash's text stays in the server log, as the SDK keeps it for crashes outside groups.
+    """
+    if isinstance(exc, SandboxError):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}); the server log has the details"
+
+
 def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn our errors into ToolErrors the agent can act on."""
+    """Turn our errors into ToolErrors the agent can act on; unwrap exception groups to say why."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
         except SandboxError as exc:
-            raise ToolError(str(exc)) from exc
-        except BaseExceptionGroup as group:
-            # A task group (e.g. waiting for SSH while watching the boot) wraps our error in a group.
-            inner: BaseException = group
-            while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-                inner = inner.exceptions[0]
-            if isinstance(inner, SandboxError):
-                raise ToolError(str(inner)) from inner
-            raise
+            raise ToolError(clip(str(exc), MESSAGE_LIMIT)) from exc
+        except ExceptionGroup as group:
+            # A task group wraps what failed in it; the agent needs the failures, not the wrapper.
+            leaves = _leaves(group)
+            if not all(isinstance(e, SandboxError) for e in leaves):
+                log.error("%s failed", fn.__name__, exc_info=group)
+            messages = list(dict.fromkeys(_message(e) for e in leaves))
+            raise ToolError(clip("; ".join(messages), MESSAGE_LIMIT)) from group
 
     return wrapper
 
@@ -323,7 +345,8 @@ def build_server(
         """Read a file (or a chunk of it) from a running workspace.
 
         Text comes back as utf-8; anything else as base64 (see encoding). If truncated is true, call again
-        with offset=next_offset to read the rest. For a directory, use list_dir.
+        with offset=next_offset to read the rest. For a directory, use list_dir. Regular files only: a named
+        pipe, socket or device is refused (read those with exec and a timeout).
         """
         return await manager_of(ctx).read_file(name, path, offset, limit)
 
@@ -343,7 +366,7 @@ def build_server(
     ) -> WriteResult:
         """Write (replace or append) a file in a running workspace, creating missing parent directories.
         A replaced file is swapped in atomically. Owned by the workspace user. Large payloads: write in parts
-        with append=true."""
+        with append=true. Regular files only: a named pipe, socket or device is refused."""
         return await manager_of(ctx).write_file(name, path, content, encoding, append, mode)
 
     @tool(title="List a directory in a workspace", read_only=True, idempotent=True)
@@ -355,7 +378,8 @@ def build_server(
         ] = ".",
     ) -> DirListing:
         """List a directory in a running workspace: each entry's name, type (file, dir, symlink, other),
-        size and modification time."""
+        size and modification time. At most 10,000 entries: truncated=true means there are more (list them
+        with exec, e.g. 'ls -A | head -n 20000')."""
         return await manager_of(ctx).list_dir(name, path)
 
     @tool(title="Workspace boot log", read_only=True, idempotent=True)

@@ -78,15 +78,21 @@ def identify(pid: int) -> ProcessRef | None:
 
 def alive(ref: ProcessRef | None, marker: bytes | None = None) -> bool:
     """True while the process ``ref`` names runs (same PID and start time) and, if given, has ``marker``
-    as one of its command-line arguments."""
+    as one of its command-line arguments.
+
+    A process that is exiting has already released its command line (empty) but is not a zombie
+    yet: PID and start time say it is still the one we started, so it counts as alive until it
+    has ended (otherwise a wait for it would return while it still runs).
+    """
     if ref is None or proc_start_time(ref.pid) != ref.start_time:
         return False
     if marker is None:
         return True
     try:
-        return marker in Path(f"/proc/{ref.pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{ref.pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return proc_start_time(ref.pid) == ref.start_time  # gone meanwhile, or exiting
+    return not cmdline or marker in cmdline.split(b"\0")
 
 
 def children(pid: int) -> list[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from sandbox_mcp import exec_agent
 from sandbox_mcp.errors import CommandTimeout, InvalidSpec, SSHError
 from sandbox_mcp.ssh import (
     SSHPool,
@@ -39,6 +40,8 @@ from . import agent_pipe
 from .points import HUNG_S, cancel_after_points, wait_until
 
 SSHD = "/usr/sbin/sshd"
+# The exec agent as the pool runs it in a workspace, but from this checkout: the test sshd is the host's.
+AGENT = str(Path(exec_agent.__file__).resolve())
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
@@ -179,7 +182,7 @@ def target(sshd: Sshd, workspace: Path) -> SSHTarget:
 
 @pytest.fixture(params=[True, False], ids=["agent", "session-per-command"])
 async def pool(request: pytest.FixtureRequest) -> AsyncIterator[SSHPool]:
-    p = SSHPool(exec_agent=request.param)
+    p = SSHPool(exec_agent=request.param, agent_path=AGENT)
     try:
         yield p
     finally:
@@ -599,7 +602,7 @@ async def test_exec_more_concurrent_commands_than_sshd_sessions(pool: SSHPool, t
 def test_exec_agent_behind_sshd_never_starts_a_command_cancelled_in_its_write(
     sshd: Sshd, workspace: Path, tmp_path: Path
 ) -> None:
-    """The agent as the pool runs it (python3 -c over an SSH session), driven over the OpenSSH client."""
+    """The agent as the pool runs it (python3 -I -u PATH over an SSH session), driven over the OpenSSH client."""
     if not shutil.which("ssh"):
         pytest.skip("OpenSSH client not installed")
     t = sshd.target(workspace)
@@ -624,7 +627,7 @@ def test_exec_agent_behind_sshd_never_starts_a_command_cancelled_in_its_write(
 
 @pytest.mark.anyio
 async def test_concurrent_first_calls_share_one_connection(own_sshd: Sshd, workspace: Path) -> None:
-    pool = SSHPool()
+    pool = SSHPool(agent_path=AGENT)
     t = own_sshd.target(workspace)
     try:
         async with anyio.create_task_group() as tg:
@@ -637,7 +640,7 @@ async def test_concurrent_first_calls_share_one_connection(own_sshd: Sshd, works
 
 @pytest.mark.anyio
 async def test_reconnects_after_connection_dropped(own_sshd: Sshd, workspace: Path) -> None:
-    pool = SSHPool()
+    pool = SSHPool(agent_path=AGENT)
     t = own_sshd.target(workspace)
     try:
         assert (await pool.exec(t, "echo one")).stdout == "one\n"
@@ -717,7 +720,7 @@ async def test_wait_ready_keeps_trying_until_sshd_listens(tmp_path: Path, worksp
     probe = _start_sshd(tmp_path / "sshd", port=port)
     probe.stop()
     t = probe.target(workspace)
-    pool = SSHPool()
+    pool = SSHPool(agent_path=AGENT)
     server: Sshd | None = None
     refused = anyio.Event()
 

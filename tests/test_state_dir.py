@@ -11,7 +11,8 @@ import pytest
 from sandbox_mcp import onboarding
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
-from sandbox_mcp.manager import WorkspaceManager, _own_dir
+from sandbox_mcp.fsutil import own_dir as _own_dir
+from sandbox_mcp.manager import WorkspaceManager
 
 pytestmark = pytest.mark.anyio
 

@@ -27,6 +27,7 @@ from ..config import Settings
 from ..errors import BackendError
 from ..naming import BUILD_UID_BASE, UID_RANGE
 from ..runtimes.base import Progress, no_progress
+from ..ssh.commands import EXEC_AGENT_PATH
 from .store import ImageStore
 
 __all__ = [
@@ -36,11 +37,16 @@ __all__ = [
     "debootstrap_argv",
     "detect_debian_mirror",
     "detect_debian_suite",
+    "exec_agent_digest",
     "image_key",
+    "install_exec_agent",
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 7
+IMAGE_RECIPE_VERSION = 8
+# Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
+# agent is never run from an image built with an older one.
+EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
 
 BASE_PACKAGES = (
     "systemd",
@@ -137,9 +143,29 @@ def detect_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str | None:
     return None
 
 
-def image_key(suite: str, user: str, uid: int, packages: Sequence[str]) -> str:
-    """A short stable key naming an image built from these inputs."""
-    spec = {"recipe": IMAGE_RECIPE_VERSION, "suite": suite, "user": user, "uid": uid, "packages": sorted(packages)}
+def exec_agent_digest(source: Path = EXEC_AGENT_SOURCE) -> str:
+    """The SHA-256 (hex) of the exec agent the recipe installs."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def install_exec_agent(root: Path, source: Path = EXEC_AGENT_SOURCE) -> Path:
+    """Copy the exec agent into the image at ``root`` (EXEC_AGENT_PATH, root-owned, 0755); returns its path.
+
+    The pool runs it as ``/usr/bin/python3 -I -u EXEC_AGENT_PATH``; root ownership keeps the
+    workspace user from replacing it.
+    """
+    dest = root / EXEC_AGENT_PATH.lstrip("/")
+    dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    dest.write_bytes(source.read_bytes())
+    os.chown(dest, 0, 0)
+    dest.chmod(0o755)
+    return dest
+
+
+def image_key(suite: str, user: str, uid: int, packages: Sequence[str], agent_digest: str | None = None) -> str:
+    """A short stable key naming an image built from these inputs (the exec agent's digest among them)."""
+    spec = {"recipe": IMAGE_RECIPE_VERSION, "suite": suite, "user": user, "uid": uid, "packages": sorted(packages),
+            "agent": agent_digest or exec_agent_digest()}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{suite}-{'base' if not packages else 'pkgs'}-{digest}"
 
@@ -210,7 +236,7 @@ class DebianRoot:
 
     def _meta(self, packages: Sequence[str]) -> dict[str, object]:
         return {"recipe": self.RECIPE, "version": IMAGE_RECIPE_VERSION, "suite": self.suite,
-                "packages": sorted(packages)}
+                "packages": sorted(packages), "exec_agent": exec_agent_digest()}
 
     async def ensure(self, packages: Sequence[str], progress: Progress = no_progress) -> str:
         """Return the key of a root with ``packages`` installed, building it (and the base) if needed.
@@ -291,6 +317,7 @@ class DebianRoot:
         wrapper = root / onboarding.CLAUDE_WRAPPER_PATH.lstrip("/")
         wrapper.write_text(onboarding.CLAUDE_WRAPPER)
         wrapper.chmod(0o755)
+        install_exec_agent(root)
         (root / onboarding.CLAUDE_PROFILE_SNIPPET_PATH.lstrip("/")).write_text(onboarding.CLAUDE_PROFILE_SNIPPET)
         (root / "etc/hostname").unlink(missing_ok=True)  # nspawn sets the workspace name
         (root / "etc/machine-id").write_text("")  # a fresh id on every boot

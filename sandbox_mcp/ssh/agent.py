@@ -1,0 +1,235 @@
+"""The client end of the exec agent (:mod:`sandbox_mcp.exec_agent`): one channel, many commands.
+
+The agent is installed in the image and started by absolute path (:func:`.commands.agent_command`).
+It speaks JSON lines; everything it sends is read with a bound (:class:`.lines.LineBuffer`) and
+checked before use, since a workspace's root can replace it with anything. A protocol violation
+closes the channel and fails the calls waiting on it with :class:`AgentFault`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import time
+from typing import Any
+
+import anyio
+import asyncssh
+
+from ..models import ExecResult
+from .commands import CLIENT_GRACE_S, DETACHED_NOTE, signal_note
+from .lines import LineBuffer, LineTooLong
+
+__all__ = [
+    "AGENT_START_TIMEOUT_S",
+    "AgentFault",
+    "AgentGone",
+    "AgentSession",
+    "NotStarted",
+    "reply_limit",
+    "run_agent_command",
+    "start_agent",
+]
+
+AGENT_START_TIMEOUT_S = 5.0
+_REPLY_OVERHEAD = 64 * 1024  # JSON keys, exit status, signal name: far less than this
+_STDERR_TAIL = 4096  # the agent's own stderr (why it failed to start), for the error message
+_SIGNAL_NAME_MAX = 32
+
+
+def reply_limit(cap: int) -> int:
+    """The longest reply line a well-behaved agent sends for a command with output ``cap``.
+
+    Two streams of at most ``cap`` bytes each, base64 encoded, plus the rest of the JSON.
+    """
+    return 2 * 4 * ((cap + 2) // 3) + _REPLY_OVERHEAD
+
+
+class NotStarted(ConnectionError):
+    """The exec agent's channel closed before it started the command (so it never ran)."""
+
+
+class AgentGone(ConnectionError):
+    """The exec agent's channel closed after the command started (its outcome is unknown)."""
+
+
+class AgentFault(ConnectionError):
+    """The exec agent broke the protocol (an unbounded or malformed line); its channel was closed."""
+
+
+class AgentSession(asyncssh.SSHClientSession[bytes]):
+    """The agent's channel: JSON lines out, replies routed to the tasks waiting for them."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.ready = anyio.Event()
+        self.closed = anyio.Event()
+        self.waiters: dict[int, anyio.Event] = {}
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.started: set[int] = set()
+        self.stderr = bytearray()
+        self.fault: str | None = None
+        self.lines = LineBuffer(_REPLY_OVERHEAD)
+        self._ids = itertools.count(1)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.stderr += data[-_STDERR_TAIL:]
+            del self.stderr[:-_STDERR_TAIL]
+            return
+        if self.fault is not None:
+            return
+        try:
+            for line in self.lines.feed(data):
+                self._handle(line)
+        except LineTooLong as exc:
+            self._fail(f"it sent {exc}")
+        except (ValueError, TypeError) as exc:
+            self._fail(f"it sent a malformed line ({exc})")
+
+    def _handle(self, line: bytes) -> None:
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError("not a JSON object")
+        if "ready" in msg:
+            self.ready.set()
+            return
+        rid = msg.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            raise ValueError("no request id")
+        if "started" in msg:
+            if rid in self.waiters:
+                self.started.add(rid)
+        elif (waiter := self.waiters.pop(rid, None)) is not None:
+            self.replies[rid] = msg
+            self.started.discard(rid)
+            waiter.set()
+
+    def _fail(self, reason: str) -> None:
+        self.fault = reason
+        if self.chan is not None:
+            self.chan.close()
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        self.ready.set()
+        for waiter in self.waiters.values():
+            waiter.set()  # no reply: the caller sees the channel is gone
+
+    def submit(self, request: dict[str, Any]) -> tuple[int, anyio.Event]:
+        """Send one command request; returns its id and the event set when its reply (or the end) comes."""
+        assert self.chan is not None
+        rid = next(self._ids)
+        self.lines.raise_limit(reply_limit(int(request["cap"])))
+        waiter = self.waiters[rid] = anyio.Event()
+        self.chan.write((json.dumps({"id": rid, **request}) + "\n").encode())
+        return rid, waiter
+
+    def cancel(self, rid: int) -> None:
+        """Ask the agent to kill the command's process group; forget its reply."""
+        self.waiters.pop(rid, None)
+        self.replies.pop(rid, None)
+        self.started.discard(rid)
+        if self.chan is not None and not self.closed.is_set():
+            self.chan.write((json.dumps({"cancel": rid}) + "\n").encode())
+
+    def stderr_tail(self) -> str:
+        return self.stderr.decode(errors="replace").strip()[-500:]
+
+
+async def start_agent(conn: asyncssh.SSHClientConnection, command: str) -> AgentSession | None:
+    """Start the agent with ``command`` on ``conn`` and wait for its ready line.
+
+    Returns None where it cannot run: the channel closed before it said it was ready (no python3,
+    or no agent installed: a nixos-mode guest or a hand-made image).
+
+    Raises:
+        asyncssh.Error, OSError, TimeoutError: opening the channel failed or the agent did not get
+            ready within AGENT_START_TIMEOUT_S; the caller tells a dead connection from a refusal.
+    """
+    chan: asyncssh.SSHClientChannel[bytes] | None = None
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
+            chan, agent = await conn.create_session(AgentSession, command, encoding=None)
+            agent.chan = chan
+            await agent.ready.wait()
+    except BaseException:
+        if chan is not None:
+            chan.close()
+        raise
+    if agent.closed.is_set():  # e.g. "python3: command not found", "can't open file"
+        return None
+    return agent
+
+
+def _stream(reply: dict[str, Any], name: str, cap: int) -> tuple[str, bool]:
+    value = reply.get(name, "")
+    if not isinstance(value, str):
+        raise AgentFault(f"its reply's {name} is not a string")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AgentFault(f"its reply's {name} is not base64") from exc
+    return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
+
+
+def _result(reply: dict[str, Any], cap: int, duration_s: float) -> ExecResult:
+    """An ExecResult from a reply, checked: wrong types are an AgentFault, output is cut to ``cap``."""
+    timed_out = reply.get("timed_out") is True
+    code = reply.get("exit")
+    if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+        raise AgentFault("its reply's exit status is not an integer")
+    sig = reply.get("signal")
+    if sig is not None and not isinstance(sig, str):
+        raise AgentFault("its reply's signal is not a string")
+    stdout, out_cut = _stream(reply, "stdout", cap)
+    stderr, err_cut = _stream(reply, "stderr", cap)
+    note = DETACHED_NOTE if reply.get("detached") is True else ""
+    if sig and not timed_out:
+        note += signal_note(sig[:_SIGNAL_NAME_MAX])
+    return ExecResult(
+        exit_code=None if timed_out else code,
+        stdout=stdout,
+        stderr=stderr + note,
+        timed_out=timed_out,
+        truncated=reply.get("truncated") is True or out_cut or err_cut,
+        duration_ms=round(duration_s * 1000, 3),
+    )
+
+
+async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeout_s: float) -> ExecResult:
+    """Run one command through the agent and wait for its result.
+
+    The agent enforces ``timeout_s`` itself; a client deadline ``CLIENT_GRACE_S`` later catches a
+    wedged agent (the result then says ``timed_out``). Cancelling the awaiting task makes the agent
+    kill the command's process group.
+
+    Raises:
+        NotStarted: the channel closed before the command started: safe to retry elsewhere.
+        AgentGone: the channel closed while the command ran.
+        AgentFault: the agent broke the protocol; the channel is closed.
+    """
+    start = time.monotonic()
+    rid, waiter = agent.submit(request)
+    try:
+        with anyio.move_on_after(timeout_s + CLIENT_GRACE_S) as deadline:
+            await waiter.wait()
+    except BaseException:
+        agent.cancel(rid)  # cancellation: the agent kills the command's process group
+        raise
+    reply = agent.replies.pop(rid, None)
+    started = rid in agent.started
+    agent.started.discard(rid)
+    if agent.fault is not None:
+        raise AgentFault(agent.fault)
+    if deadline.cancelled_caught:
+        agent.cancel(rid)
+        reply = {"exit": None, "timed_out": True}
+    elif reply is None:
+        if not started:
+            raise NotStarted("the channel closed before the command started")
+        raise AgentGone(agent.stderr_tail())
+    return _result(reply, int(request["cap"]), time.monotonic() - start)

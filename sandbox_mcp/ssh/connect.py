@@ -1,0 +1,113 @@
+"""Opening one authenticated SSH connection to a workspace, with its host key pinned, and polling
+for one while the workspace boots."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import asyncssh
+
+from ..errors import CommandTimeout
+from ..runtimes.base import Progress
+from .commands import SSHTarget
+from .errors import describe, host_key_mismatch
+from .keys import load_private_key, load_public_key
+
+__all__ = ["TCP_CONNECT_TIMEOUT_S", "open_connection", "poll_until_connected"]
+
+TCP_CONNECT_TIMEOUT_S = 1.0  # one SYN retransmit; a workspace on the local bridge answers at once
+
+
+async def open_connection(
+    target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float, keepalive_interval_s: float
+) -> asyncssh.SSHClientConnection:
+    """Connect to ``target`` and log in with our client key, accepting only its pinned host key.
+
+    Nothing else is offered or read: no SSH agent, no ``~/.ssh/config``, no passwords, no
+    certificates. The TCP connect has its own short timeout so a caller polling a booting
+    workspace retries quickly; the SSH handshake may take up to ``timeout_s``.
+
+    Raises:
+        SSHError: a key file cannot be read.
+        asyncssh.Error, OSError, TimeoutError: untranslated, for the caller to judge (a refused
+            port while booting is normal; see :mod:`.errors`).
+    """
+    host_key = load_public_key(target.host_key_path)
+    client_key = load_private_key(target.client_key_path)
+    aloop = asyncio.get_running_loop()  # asyncssh runs on asyncio only
+    infos = await aloop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setblocking(False)
+        with anyio.fail_after(tcp_timeout_s):
+            await aloop.sock_connect(sock, addr)
+        return await asyncssh.connect(
+            target.host,
+            target.port,
+            sock=sock,
+            config=[],
+            username=target.user,
+            known_hosts=([host_key], [], []),
+            x509_trusted_certs=None,
+            client_keys=[client_key],
+            agent_path=None,
+            preferred_auth="publickey",
+            gss_auth=False,
+            keepalive_interval=keepalive_interval_s,
+            keepalive_count_max=3,
+            connect_timeout=timeout_s,
+        )
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def poll_until_connected(
+    target: SSHTarget,
+    timeout_s: float,
+    attempt: Callable[[float], Awaitable[None]],
+    progress: Progress | None = None,
+) -> None:
+    """Call ``attempt(remaining_s)`` until it connects, for at most ``timeout_s`` (a workspace booting).
+
+    Attempts start ~20 ms apart and back off to 100 ms; ``progress`` hears about it once a second.
+
+    Raises:
+        SSHError: the host key does not match the pinned one (at once, without retrying).
+        CommandTimeout: no attempt succeeded within ``timeout_s``; the message has the last error.
+    """
+    start = time.monotonic()
+    deadline = start + timeout_s
+    delay = 0.02
+    attempts = 0
+    last = "no attempt made"
+    next_report = start + 1.0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CommandTimeout(
+                f"SSH on {target.where} (workspace {target.key!r}) did not answer within {timeout_s:g} s "
+                f"({attempts} attempts); last error: {last}. Look at workspace_logs for boot problems"
+            )
+        attempts += 1
+        try:
+            await attempt(remaining)
+            return
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise host_key_mismatch(target, exc) from exc
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            last = describe(exc)
+        now = time.monotonic()
+        if progress is not None and now >= next_report:
+            next_report = now + 1.0
+            await progress(
+                f"waiting for SSH on {target.host}:{target.port} ({attempts} attempts, last: {last})",
+                min(1.0, (now - start) / timeout_s),
+            )
+        await anyio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.1)

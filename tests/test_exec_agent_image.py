@@ -1,0 +1,86 @@
+"""The exec agent lives in the image and is started by absolute path, never sent as ``python3 -c``.
+
+The recipe's pieces run for real here (the copy, and the copied agent answering a request); the
+end-to-end test looks inside a real container booted from the cached image.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from sandbox_mcp.images.debootstrap import EXEC_AGENT_SOURCE, exec_agent_digest, image_key, install_exec_agent
+from sandbox_mcp.ssh import EXEC_AGENT_PATH
+
+
+def test_image_key_changes_with_the_exec_agent(tmp_path: Path) -> None:
+    real = exec_agent_digest()
+    assert real == exec_agent_digest(EXEC_AGENT_SOURCE) and len(real) == 64
+    assert image_key("bookworm", "agent", 1000, []) == image_key("bookworm", "agent", 1000, [], real)
+    edited = tmp_path / "exec_agent.py"
+    edited.write_bytes(EXEC_AGENT_SOURCE.read_bytes() + b"\n# a change\n")
+    other = exec_agent_digest(edited)
+    assert other != real
+    for packages in ([], ["jq"]):
+        assert image_key("bookworm", "agent", 1000, packages, other) != image_key("bookworm", "agent", 1000, packages)
+
+
+def test_installed_agent_is_root_owned_and_answers(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    dest = install_exec_agent(root)
+    assert dest == root / EXEC_AGENT_PATH.lstrip("/")
+    assert dest.read_bytes() == EXEC_AGENT_SOURCE.read_bytes()
+    st = dest.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o755 and (st.st_uid, st.st_gid) == (0, 0)
+    assert stat.S_IMODE(dest.parent.stat().st_mode) == 0o755
+    python = shutil.which("python3")
+    assert python is not None
+    # The copy is a working agent: ready line, then one command and its reply.
+    request = {"id": 7, "command": "echo hi; echo err >&2", "cwd": str(tmp_path), "env": {}, "stdin": None,
+               "timeout": 30, "cap": 1024}
+    proc = subprocess.Popen([python, "-I", "-u", str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a broken agent fails the test instead of hanging it
+    watchdog.start()
+    lines = []
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        while line := proc.stdout.readline():
+            lines.append(json.loads(line))
+            if lines[-1].get("id") == 7 and "exit" in lines[-1]:
+                break
+    finally:
+        watchdog.cancel()
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=30)
+    assert lines[0] == {"ready": 1}
+    reply = lines[-1]
+    assert (reply["exit"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])) == (
+        0, b"hi\n", b"err\n"
+    )
+    assert proc.returncode == 0  # it ends when its channel (here: stdin) closes
+
+
+@pytest.mark.anyio
+async def test_workspace_runs_the_installed_agent(manager: object) -> None:
+    from sandbox_mcp.manager import WorkspaceManager
+
+    assert isinstance(manager, WorkspaceManager)
+    ws = await manager.create("agentimg")
+    r = await manager.exec(ws.name, f"stat -c '%U %a' {EXEC_AGENT_PATH}; ps -eo user:20,args")
+    assert r.exit_code == 0, r.stderr
+    first, *procs = r.stdout.splitlines()
+    assert first == "root 755"
+    rows = [line.split(None, 1) + [""] for line in procs]
+    agents = [[user, args] for user, args, *_ in rows if args.startswith("/usr/bin/python3")]
+    assert agents == [[ws.user, f"/usr/bin/python3 -I -u {EXEC_AGENT_PATH}"]]
+    assert not [line for line in procs if " -c " in line and "python3" in line]  # no source on a command line
+    assert manager.ssh._entries[ws.name].agent is not None  # exec went through the agent
