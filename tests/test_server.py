@@ -133,3 +133,15 @@ async def test_an_error_wrapped_by_a_task_group_still_reaches_the_agent(settings
 
     with pytest.raises(ToolError, match="look at workspace_logs"):
         await waits()
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """A non-editable install (the daemon's root-owned copy) must carry every sub-package."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "sandbox_mcp").rglob("__init__.py")
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
