@@ -54,6 +54,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_temp(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> Path:
+    """A complete, fsynced temporary file beside ``path``; removed again if writing it fails."""
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _write_fd(fd, data, mode, owner)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def atomic_write(
     path: Path, data: bytes | str, *, mode: int = 0o644, owner: tuple[int, int] | None = None
 ) -> None:
@@ -65,14 +79,8 @@ def atomic_write(
         OSError: the file cannot be written.
     """
     path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = _write_temp(path, data.encode() if isinstance(data, str) else data, mode, owner)
     try:
-        try:
-            _write_fd(fd, payload, mode, owner)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -90,13 +98,8 @@ def write_new(path: Path, data: bytes, mode: int) -> bool:
         OSError: the file cannot be written.
     """
     path = Path(path)
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = _write_temp(path, data, mode, None)
     try:
-        try:
-            _write_fd(fd, data, mode, None)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
