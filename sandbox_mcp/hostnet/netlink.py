@@ -275,11 +275,7 @@ class HostNetwork:
             if link is None:
                 return
             self._check_is_bridge(link)
-            try:
-                await ipr.link("del", index=link["index"])
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
-                    raise _translate(exc, f"deleting bridge {self.bridge}") from exc
+            await _delete_link(ipr, link, f"bridge {self.bridge}")
 
     async def live_addresses(self) -> set[str]:
         """The subnet's IPv4 addresses in use here: on any host interface, or answering ARP on the bridge.
@@ -394,11 +390,7 @@ class HostNetwork:
         host_if, _ = veth_names(name)
         link = await _get_link(ipr, host_if)
         if link is not None and _kind(link) == "veth":
-            try:
-                await ipr.link("del", index=link["index"])  # takes the peer inside the netns along
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
-                    raise _translate(exc, f"deleting veth {host_if}") from exc
+            await _delete_link(ipr, link, f"veth {host_if}")  # takes the peer inside the netns along
         _remove_netns(self.netns_path(name))
 
     async def attach_tap(self, name: str) -> str:
@@ -448,11 +440,7 @@ class HostNetwork:
             return
         if _kind(link) != "tun":
             raise Conflict(f"network interface {tap} exists and is not a TAP; remove it or pick another name")
-        try:
-            await ipr.link("del", index=link["index"])
-        except NetlinkError as exc:
-            if exc.code != errno.ENODEV:
-                raise _translate(exc, f"deleting TAP {tap}") from exc
+        await _delete_link(ipr, link, f"TAP {tap}")
 
     async def tap_leftovers(self) -> list[str]:
         """Names of workspaces that have a TAP (``vm-NAME``) here, for the start-up reconcile.
@@ -526,6 +514,15 @@ async def _iproute(**kwargs: Any) -> AsyncIterator[AsyncIPRoute]:
         yield ipr
     finally:
         ipr.close()
+
+
+async def _delete_link(ipr: AsyncIPRoute, link: Any, what: str) -> None:
+    """Delete ``link``; one that vanished meanwhile is fine. Raises BackendError otherwise."""
+    try:
+        await ipr.link("del", index=link["index"])
+    except NetlinkError as exc:
+        if exc.code != errno.ENODEV:
+            raise _translate(exc, f"deleting {what}") from exc
 
 
 async def _get_link(ipr: AsyncIPRoute, ifname: str) -> Any | None:
