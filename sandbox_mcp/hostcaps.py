@@ -11,14 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sysctls
 from .models import Check
 
 __all__ = ["KernelLimit", "isolation_checks", "kernel_limits", "userns_blockers"]
 
 _RELEASE_RE = re.compile(r"^(\d+)\.(\d+)")
 IDMAP_KERNEL = (5, 12)  # mount_setattr(MOUNT_ATTR_IDMAP)
-# Per idle workspace, measured on the dev machine (systemd 252 in the container).
-INOTIFY_INSTANCES_PER_WORKSPACE = 7
 
 
 def _read(path: Path) -> str | None:
@@ -60,27 +59,42 @@ class KernelLimit:
 def kernel_limits(proc: Path = Path("/proc")) -> list[KernelLimit]:
     """The kernel limits that cap the number of workspaces, read from ``proc``.
 
-    inotify instances stay shared with user namespaces too (found on the dev machine): the
-    kernel charges them at every level of the user-namespace tree, and at the host's level to
-    the owner of the container's namespace, which is root (nspawn makes it). So every
-    container counts against host root's ``max_user_instances``, ~7 per idle workspace.
+    inotify instances and watches stay shared with user namespaces too: every container's count
+    against host root's (:mod:`sandbox_mcp.sysctls` says why and what was measured). The fix
+    for both is ``scripts/setup`` run as root, which writes and applies ``CONF_PATH``.
     """
 
     def num(rel: str) -> int | None:
         v = _read(proc / rel)
         return int(v) if v is not None and v.lstrip("-").isdigit() else None
 
+    setup_fix = f"run scripts/setup as root (writes and applies {sysctls.CONF_PATH})"
     out = []
     inst = num("sys/fs/inotify/max_user_instances")
     if inst is not None:
-        fits = inst // INOTIFY_INSTANCES_PER_WORKSPACE
+        idle, booting = inst // sysctls.INOTIFY_INSTANCES_IDLE, inst // sysctls.INOTIFY_INSTANCES_BOOTING
+        want = sysctls.RECOMMENDED["fs.inotify.max_user_instances"]
         out.append(
             KernelLimit(
                 "fs.inotify.max_user_instances",
                 inst,
-                f"{inst} shared by all containers and host root (~{INOTIFY_INSTANCES_PER_WORKSPACE} per idle "
-                f"workspace): about {fits} workspaces",
-                None if fits >= 100 else "sysctl -w fs.inotify.max_user_instances=1024 (persist it in /etc/sysctl.d/)",
+                f"{inst} shared by all containers and host root (~{sysctls.INOTIFY_INSTANCES_IDLE} per idle "
+                f"workspace, ~{sysctls.INOTIFY_INSTANCES_BOOTING} while one boots): about {idle} workspaces, "
+                f"{booting} created at once, fewer as other root processes use some",
+                None if booting >= 100 else f"{setup_fix}, or sysctl -w fs.inotify.max_user_instances={want}",
+            )
+        )
+    watches = num("sys/fs/inotify/max_user_watches")
+    if watches is not None:
+        fits = watches // sysctls.INOTIFY_WATCHES_PER_WORKSPACE
+        want = sysctls.RECOMMENDED["fs.inotify.max_user_watches"]
+        out.append(
+            KernelLimit(
+                "fs.inotify.max_user_watches",
+                watches,
+                f"{watches} shared by all containers and host root (~{sysctls.INOTIFY_WATCHES_PER_WORKSPACE} per "
+                f"workspace, more as agents watch files): about {fits} workspaces",
+                None if fits >= 1000 else f"{setup_fix}, or sysctl -w fs.inotify.max_user_watches={want}",
             )
         )
     ns = num("sys/user/max_user_namespaces")

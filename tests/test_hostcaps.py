@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sandbox_mcp import sysctls
 from sandbox_mcp.hostcaps import isolation_checks, kernel_limits, userns_blockers
 
 CGROUP2 = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
 
 
 def fake_proc(tmp_path: Path, *, max_ns: str = "1000", mounts: str = CGROUP2, fs: str = "nodev\toverlay\n",
-              inotify: str = "128", pid_max: str = "4194304") -> Path:
+              inotify: str = "128", watches: str = "192536", pid_max: str = "4194304") -> Path:
     proc = tmp_path / "proc"
     for rel, text in {
         "sys/user/max_user_namespaces": max_ns, "self/mounts": mounts, "filesystems": fs,
-        "sys/fs/inotify/max_user_instances": inotify, "sys/kernel/pid_max": pid_max,
+        "sys/fs/inotify/max_user_instances": inotify, "sys/fs/inotify/max_user_watches": watches,
+        "sys/kernel/pid_max": pid_max,
         "sys/kernel/osrelease": "6.1.0-13-amd64", "self/ns/user": "",
     }.items():  # fmt: skip
         (proc / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -37,12 +39,19 @@ def test_each_blocker_says_how_to_fix_it(tmp_path: Path) -> None:
 
 
 def test_kernel_limits_say_how_many_workspaces_fit(tmp_path: Path) -> None:
-    limits = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path, pid_max="32768"))}
-    assert "about 18 workspaces" in limits["fs.inotify.max_user_instances"].detail
-    assert limits["fs.inotify.max_user_instances"].fix is not None
+    limits = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path, pid_max="32768", watches="8192"))}
+    inotify = limits["fs.inotify.max_user_instances"]
+    # 128 instances at the measured 6 per idle workspace and 7 per booting one.
+    assert (sysctls.INOTIFY_INSTANCES_IDLE, sysctls.INOTIFY_INSTANCES_BOOTING) == (6, 7)
+    assert "about 21 workspaces, 18 created at once" in inotify.detail
+    assert inotify.fix is not None and "scripts/setup" in inotify.fix and str(sysctls.CONF_PATH) in inotify.fix
+    assert "fs.inotify.max_user_instances=1048576" in inotify.fix
+    watches = limits["fs.inotify.max_user_watches"]
+    assert watches.fix is not None and "scripts/setup" in watches.fix
     assert limits["kernel.pid_max"].fix == "sysctl -w kernel.pid_max=4194304"
     roomy = {lim.sysctl: lim for lim in kernel_limits(fake_proc(tmp_path / "r", inotify="1024"))}
-    assert roomy["fs.inotify.max_user_instances"].fix is None and roomy["kernel.pid_max"].fix is None
+    assert all(roomy[k].fix is None for k in ("fs.inotify.max_user_instances", "fs.inotify.max_user_watches",
+                                              "kernel.pid_max"))
 
 
 def test_doctor_checks_say_whether_privileged_is_the_fallback(tmp_path: Path) -> None:

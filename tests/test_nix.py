@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_mcp import hostcmd
+from sandbox_mcp import hostcmd, sysctls
 from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
@@ -1378,3 +1378,51 @@ def test_flake_module_brings_microvm_and_the_daemon_package(tmp_path: Path) -> N
     assert set(out["vms"]) == {"vm1"}  # microvm.nix's host module came with it
     exec_start = out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["ExecStart"]
     assert exec_start.endswith("-sandbox-mcp-from-flake/bin/sandbox-mcp daemon")  # self's package
+
+
+# ---- kernel limits -----------------------------------------------------------------------------
+
+_OTHER_SYSCTL_MODULES = {
+    # What nixpkgs' xserver.nix and incus.nix define for the same keys, at their priorities.
+    "xserver": '{ lib, ... }: { boot.kernel.sysctl = { "fs.inotify.max_user_instances" = lib.mkDefault 524288; '
+               '"fs.inotify.max_user_watches" = lib.mkDefault 524288; }; }',
+    "incus": '{ lib, ... }: { boot.kernel.sysctl = { "fs.inotify.max_user_instances" = lib.mkOverride 1050 1048576; '
+             '"fs.inotify.max_user_watches" = lib.mkOverride 1050 1048576; }; }',
+    "same-priority": '{ lib, ... }: { boot.kernel.sysctl."fs.inotify.max_user_instances" = lib.mkOverride 1100 1; }',
+}
+
+
+def _module_file(tmp_path: Path, name: str) -> str:
+    path = tmp_path / f"{name}.nix"
+    path.write_text(_OTHER_SYSCTL_MODULES[name] + "\n")
+    return str(path)
+
+
+@needs_eval
+def test_kernel_limits_where_containers_run(tmp_path: Path) -> None:
+    web = {"web": _ws("container", "192.168.83.10")}
+    # The same values scripts/setup writes (sandbox_mcp/sysctls.py), for declared containers and
+    # for the daemon (direct mode runs its containers itself).
+    assert evaluate(tmp_path, {"settings": settings(web)})["sysctl"] == sysctls.RECOMMENDED
+    assert evaluate(tmp_path, {"settings": settings({}, daemon={"enable": True})})["sysctl"] == sysctls.RECOMMENDED
+    # No container anywhere (a VM only), or the module off: the host's limits are left alone.
+    assert evaluate(tmp_path, {"settings": settings({"vm1": _ws("vm", "192.168.83.11")})})["sysctl"] == {}
+    assert evaluate(tmp_path, {"settings": {"enable": False, "workspaces": web}})["sysctl"] == {}
+    # A user's own value wins.
+    mine = {"boot": {"kernel": {"sysctl": {"fs.inotify.max_user_instances": 4096}}}}
+    out = evaluate(tmp_path, {"settings": settings(web), "host": mine})
+    assert out["sysctl"] == {**sysctls.RECOMMENDED, "fs.inotify.max_user_instances": 4096}
+
+
+@needs_eval
+def test_kernel_limits_coexist_with_xserver_and_incus(tmp_path: Path) -> None:
+    web = {"web": _ws("container", "192.168.83.10")}
+    # A desktop host (xserver.nix's mkDefault) and an Incus host (incus.nix's mkOverride 1050) set
+    # the same keys; a definition at our priority would be refused as a duplicate, theirs win.
+    out = evaluate(tmp_path, {"settings": settings(web), "modules": [_module_file(tmp_path, "xserver")]})
+    assert out["sysctl"] == {"fs.inotify.max_user_instances": 524288, "fs.inotify.max_user_watches": 524288}
+    out = evaluate(tmp_path, {"settings": settings(web), "host": INCUS_HOST,
+                              "modules": [_module_file(tmp_path, "incus")]})
+    assert out["sysctl"] == sysctls.RECOMMENDED
+    err = evaluate_error(tmp_path, {"settings": settings(web), "modules": [_module_file(tmp_path, "same-priority")]})
+    assert "fs.inotify.max_user_instances" in err and "defined multiple times" in err

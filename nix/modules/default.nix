@@ -16,5 +16,6 @@
     ./incus.nix
     ./privileges.nix
     ./daemon.nix
+    ./kernel.nix
   ];
 }
