@@ -1,0 +1,96 @@
+"""Issue 9.7: 30 container workspaces created at once through the MCP tools all run, then all go.
+
+Every container's inotify instances count against host root's ``fs.inotify.max_user_instances``
+(:mod:`sandbox_mcp.sysctls`); ``scripts/setup`` run as root raises it, as CI does first. Below
+what 30 need, the test fails saying so instead of waiting for sshd timeouts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from sandbox_mcp import sysctls
+from sandbox_mcp.config import Settings
+from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.server import build_server
+
+from .conftest import destroy_all
+from .test_e2e import Session
+from .test_escapes import assert_nothing_left
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+COUNT = 30
+# Instances host root's own processes and other runs' containers may hold meanwhile (the default limit).
+HOST_HEADROOM = 128
+MIB_PER_WORKSPACE = 64  # ~25 MiB measured per idle workspace; the rest is headroom for booting
+
+
+def _proc_int(rel: str) -> int:
+    return int(Path("/proc", rel).read_text().split()[0])
+
+
+@pytest.fixture
+def wide_settings(settings: Settings) -> Iterator[Settings]:
+    """The e2e settings on a bridge and subnet of this test's own."""
+    yield settings.model_copy(update={"bridge": "sbxcap-br", "subnet": ipaddress.IPv4Network("192.168.88.0/24")})
+
+
+async def test_thirty_workspaces_created_at_once(wide_settings: Settings) -> None:
+    settings = wide_settings
+    limit = _proc_int("sys/fs/inotify/max_user_instances")
+    need = COUNT * sysctls.INOTIFY_INSTANCES_BOOTING
+    if limit < need + HOST_HEADROOM:
+        pytest.fail(
+            f"fs.inotify.max_user_instances is {limit}; {COUNT} workspaces booting at once need about {need} on top "
+            f"of what the host holds. Run scripts/setup as root (it writes and applies {sysctls.CONF_PATH}) or "
+            f"sysctl -w fs.inotify.max_user_instances={sysctls.RECOMMENDED['fs.inotify.max_user_instances']}"
+        )
+    available_mib = None
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available_mib = int(line.split()[1]) >> 10
+    if available_mib is not None and available_mib < COUNT * MIB_PER_WORKSPACE:
+        pytest.skip(f"{available_mib} MiB available; {COUNT} workspaces want {COUNT * MIB_PER_WORKSPACE} MiB")
+
+    names = [f"par{i}" for i in range(COUNT)]
+    failures: dict[str, str] = {}
+    try:
+        async with Client(build_server(settings)) as client:
+            s = Session(client)
+
+            async def create_and_exec(i: int, name: str) -> None:
+                r = await client.call_tool("create_workspace", {"name": name})
+                if r.is_error:
+                    failures[name] = " ".join(getattr(c, "text", "") for c in r.content)[:400]
+                    return
+                assert r.structured_content is not None and r.structured_content["state"] == "running"
+                out = await s.call("exec", name=name, command=f"echo $(({i} * 7)) $(hostname)")
+                assert (out["exit_code"], out["stdout"]) == (0, f"{i * 7} {name}\n")
+
+            async with anyio.create_task_group() as tg:
+                for i, name in enumerate(names):
+                    tg.start_soon(create_and_exec, i, name)
+            assert not failures, (
+                f"{len(failures)} of {COUNT} creates failed (if their logs say 'Too many open files', raise "
+                f"fs.inotify.max_user_instances: scripts/setup as root): {failures}"
+            )
+            listed = (await s.call("list_workspaces"))["workspaces"]
+            assert sorted(w["name"] for w in listed) == sorted(names)
+            assert {w["state"] for w in listed} == {"running"}
+
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(lambda n: s.call("destroy_workspace", name=n), name)
+            assert (await s.call("list_workspaces"))["workspaces"] == []
+    finally:
+        async with WorkspaceManager(settings) as m:
+            await destroy_all(m)
+    for name in names:
+        assert_nothing_left(settings, name)
