@@ -16,8 +16,9 @@ What a user-namespaced ``systemd-nspawn --boot`` needs on a host without systemd
 Each workspace's cgroups are ``GROUP/NAME`` (GROUP is ``sandbox-mcp-`` and a digest of the state
 directory, so two servers or test runs never share one) under the server's own cgroup in each
 hierarchy (under the unified root for v2). The process joins them before it execs nspawn
-(:func:`join_argv`), so nothing it forks escapes the limits. On a host with systemd as PID 1
-a delegated scope would be the systemd way; this works there too (cgroup v2 only).
+(:func:`join_argv`), so nothing it forks escapes the limits. On a host with systemd as PID 1 the
+runtime uses a delegated systemd scope instead (:mod:`sandbox_mcp.scopes`), unless
+``SANDBOX_MCP_CGROUPS=direct`` forces this way.
 
 The ``*_for``/``parse_*``/``*_argv`` functions are pure; :class:`CgroupHost` reads
 ``/proc/self/mounts`` and ``/proc/self/cgroup`` and writes the tree.
@@ -292,12 +293,16 @@ class CgroupHost:
                 top.parent.rmdir()  # the group, once its last workspace is gone
 
     def live_uid_bases(self) -> set[int]:
-        """Owners of the delegated unified cgroups of every server's workspaces: uid bases in use here."""
+        """Owners of the delegated unified cgroups of every server's workspaces: uid bases in use here.
+
+        Both kinds: the cgroups made here (``GROUP/NAME``) and the systemd scopes
+        (``SLICE/sandbox-mcp-NAME-TAG.scope``, chowned by nspawn, :mod:`sandbox_mcp.scopes`).
+        """
         unified = self.layout.unified
         out: set[int] = set()
         if unified is None:
             return out
-        for d in unified.glob(f"{_GROUP}*/*"):
+        for d in [*unified.glob(f"{_GROUP}*/*"), *unified.glob(f"*.slice/{_GROUP}-*.scope")]:
             with contextlib.suppress(OSError):
                 st = d.stat()
                 if d.is_dir() and st.st_uid != 0:

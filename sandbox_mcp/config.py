@@ -135,6 +135,12 @@ class Settings(BaseModel):
         description="Allow privileged containers (root inside is root on the host) where user-namespaced ones "
         "cannot run or private_users is false",
     )
+    cgroups: Literal["auto", "systemd", "direct"] = Field(
+        default="auto",
+        description="Who makes a container's cgroup: 'systemd' starts it in a delegated transient scope (needs "
+        "systemd as PID 1), 'direct' has the server write the cgroup tree itself, 'auto' picks systemd where "
+        "/run/systemd/system exists",
+    )
     exec_output_cap: int = Field(default=1 << 20, ge=1024, description="Bytes kept per stream per exec")
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")

@@ -150,6 +150,11 @@ class RuntimeDetail(BaseModel):
     )
     isolation: str | None = Field(default=None, description="'microvm' for VMs: the workspace has its own kernel")
     detail: str | None = None
+    cgroups: Literal["systemd", "direct"] | None = Field(
+        default=None,
+        description="Containers: who made the workspace's cgroup: a delegated systemd scope (named in unit) "
+        "or the server itself in the cgroup tree",
+    )
 
 
 class WorkspaceStatus(Workspace):

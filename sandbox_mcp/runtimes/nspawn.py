@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from .. import hostcaps, onboarding, rootfs, supervise
+from .. import hostcaps, onboarding, rootfs, scopes, supervise
 from ..cgroups import CgroupHost, group_for, join_argv
 from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
@@ -128,9 +128,19 @@ def nspawn_argv(
 
 
 def launch_argv(
-    argv: list[str], procs_files: list[Path], user_namespaced: bool, console_log_bytes: int
+    argv: list[str],
+    procs_files: list[Path],
+    user_namespaced: bool,
+    console_log_bytes: int,
+    *,
+    scope: str | None = None,
+    limits: Limits | None = None,
 ) -> list[str]:
     """``argv`` started inside the workspace's cgroups (joined before exec, so nothing escapes them).
+
+    Direct cgroups: the shell joins ``procs_files`` first. With ``scope`` (systemd as PID 1,
+    :mod:`sandbox_mcp.scopes`): ``systemd-run --scope`` makes the delegated scope with ``limits``
+    and execs the rest in place, so the PID spawned is still nspawn's.
 
     User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
     the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies). nspawn's
@@ -140,6 +150,10 @@ def launch_argv(
     """
     env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
     bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", f"--fsize={console_log_bytes}", "--"]
+    if scope is not None:
+        if limits is None or procs_files:
+            raise InvalidSpec("a scope takes limits and no cgroup.procs files")
+        return scopes.scope_argv(scope, limits, [*bounded, *env, *argv])
     return join_argv(procs_files, [*bounded, *env, *argv])
 
 
@@ -157,6 +171,9 @@ class NspawnState(RuntimeState):
     )
     process: ProcessRef | None = Field(default=None, description="systemd-nspawn itself")
     leader: ProcessRef | None = Field(default=None, description="the container's init (PID 1 inside)")
+    cgroups: scopes.CgroupManager | None = Field(
+        default=None, description="who made its cgroup at the last start: a systemd scope or the server"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +205,7 @@ class NspawnRuntime(Runtime):
         self.network = ctx.network
         self.images = DebianRoot(ctx.settings, ctx.images)
         self._cg: CgroupHost | None = None
+        self._cg_manager: scopes.CgroupManager | None = None
 
     def state(self, record: WorkspaceRecord) -> NspawnState:
         return NspawnState.model_validate(record.runtime_state)
@@ -199,6 +217,19 @@ class NspawnRuntime(Runtime):
         if self._cg is None:
             self._cg = CgroupHost(group_for(self.settings.state_dir))
         return self._cg
+
+    def _cgroup_manager(self) -> scopes.CgroupManager:
+        """Systemd scopes or direct cgroups (SANDBOX_MCP_CGROUPS); see :mod:`sandbox_mcp.scopes`.
+
+        Raises:
+            BackendError: systemd is forced but is not PID 1 here.
+        """
+        if self._cg_manager is None:
+            self._cg_manager = scopes.cgroup_manager(self.settings.cgroups)
+        return self._cg_manager
+
+    def _scope(self, record: WorkspaceRecord) -> str:
+        return scopes.scope_unit(self.settings.state_dir, record.name)
 
     def _mounts(self, record: WorkspaceRecord) -> RootMounts:
         return RootMounts(self._paths(record).runtime / "mnt")
@@ -258,6 +289,7 @@ class NspawnRuntime(Runtime):
             which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
+            scopes.manager_check(self.settings.cgroups),
             *hostcaps.isolation_checks(
                 private_users=self.settings.private_users,
                 allow_privileged=self.settings.allow_privileged,
@@ -306,7 +338,16 @@ class NspawnRuntime(Runtime):
             if base is None:
                 netns = await self.network.attach_veth(record.name, record.ip, record.mac)
                 await self._admit(record)
-            procs = await anyio.to_thread.run_sync(self._cgroups().prepare, record.name, base, self._limits(record))
+            manager = self._cgroup_manager()
+            procs: list[Path] = []
+            if manager == "systemd":
+                await scopes.stop_scope(self._scope(record))  # what an earlier run may have left in it
+            else:
+                procs = await anyio.to_thread.run_sync(
+                    self._cgroups().prepare, record.name, base, self._limits(record)
+                )
+            state = state.model_copy(update={"cgroups": manager})
+            record = self.with_state(record, state)
             if base is not None:
                 await anyio.to_thread.run_sync(
                     lambda: rootfs.mount_all(
@@ -332,7 +373,11 @@ class NspawnRuntime(Runtime):
             await progress("booting the container", None)
             process = await anyio.to_thread.run_sync(
                 lambda: supervise.spawn(
-                    launch_argv(argv, procs, base is not None, self.settings.console_log_mib << 20),
+                    launch_argv(
+                        argv, procs, base is not None, self.settings.console_log_mib << 20,
+                        scope=self._scope(record) if manager == "systemd" else None,
+                        limits=self._limits(record),
+                    ),
                     paths.console_log,
                     tag=self._tag(record),
                     missing_hint=_NSPAWN_MISSING,
@@ -405,10 +450,20 @@ class NspawnRuntime(Runtime):
         await self._release(record)
 
     async def _release(self, record: WorkspaceRecord) -> None:
-        """What a stopped container leaves: its cgroups (and stragglers in them), mounts, veth/netns."""
-        await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
+        """What a stopped container leaves: its cgroups or scope (and stragglers in them), mounts, veth/netns."""
+        await self._release_cgroup(record)
         await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(record))
         await self.network.detach(record.name)
+
+    async def _release_cgroup(self, record: WorkspaceRecord) -> None:
+        """Stop its scope, or remove the cgroups this server made: the way its last start went."""
+        manager = self.state(record).cgroups
+        if manager is None:  # never started, or a registry from before the choice was recorded
+            manager = "systemd" if scopes.systemd_booted() else "direct"
+        if manager == "systemd":
+            await scopes.stop_scope(self._scope(record))
+        else:
+            await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
 
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
@@ -416,10 +471,13 @@ class NspawnRuntime(Runtime):
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
         running = self._running(record)
+        manager = state.cgroups if running else None
         return RuntimeDetail(
             runtime=self.name,
             running=running,
             pid=state.process.pid if running and state.process else None,
+            unit=self._scope(record) if manager == "systemd" else None,
+            cgroups=manager,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
             + (f" image {state.image}" if state.image else "")
@@ -455,5 +513,5 @@ class NspawnRuntime(Runtime):
                 await self.network.detach(name)
         for r in records:
             if r.name not in running and r.runtime == self.name:
-                await anyio.to_thread.run_sync(self._cgroups().remove, r.name)
+                await self._release_cgroup(r)
                 await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(r))
