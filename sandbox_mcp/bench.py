@@ -10,7 +10,10 @@
   in-process client, and ``sandbox-mcp serve`` over stdio bridged to the daemon against the
   same ``serve`` working in process;
 - Incus (:mod:`.bench_incus`): create → first exec of ``type="incus"`` against a bare instance
-  launch → sshd banner, on a private incusd (``--incus only|no``).
+  launch → sshd banner, on a private incusd (``--incus only|no``);
+- capacity (:mod:`.bench_capacity`): how many containers start at once (a ramp up to
+  ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
+  privileged (``--capacity only|no``).
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import anyio
 
+from .bench_capacity import format_capacity, run_capacity
 from .bench_incus import format_incus, run_incus
 from .config import Settings
 from .hostnet import HostNetwork
@@ -123,8 +127,11 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     )
     results: dict[str, dict[str, float]] = {}
     incus_mode = getattr(args, "incus", "no")
+    capacity_mode = getattr(args, "capacity", "no")
     if incus_mode == "only":
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+    if capacity_mode == "only":
+        return await _capacity(bench_settings, args.parallel_max, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -234,8 +241,23 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if capacity_mode == "also":
+        await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+    return 0
+
+
+async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
+    """The capacity section (:mod:`.bench_capacity`) in its own state dir; the bridge removed after."""
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        results = await run_capacity(settings, parallel_max)
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_capacity(results))
+    print(json.dumps(results))
     return 0
 
 

@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--incus", choices=("also", "only", "no"), default="also",
                    help="the Incus section (a private incusd; skipped where Incus is not installed)")
     s.add_argument("--vm-runs", type=int, default=2, help="VM create/destroy cycles (0: no VM figures)")
+    s.add_argument("--capacity", choices=("also", "only", "no"), default="also",
+                   help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
+                   "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
+    s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

@@ -1,0 +1,119 @@
+"""The benchmark's capacity section: how many container workspaces start at once, and what an idle one costs.
+
+For unprivileged containers, and privileged ones in the same run when the settings allow them
+(``SANDBOX_MCP_ALLOW_PRIVILEGED=true``):
+
+- a ramp: 10, 20, 30, ... workspaces created at the same time (up to ``--parallel-max``, default
+  40), each step all destroyed before the next; a step passes when every workspace runs and
+  answers an exec, and the ramp stops at the first step that does not;
+- MiB of host memory per idle workspace: the drop of ``MemAvailable`` from before a step to when
+  all its workspaces have finished booting (``systemctl is-system-running --wait`` inside), divided
+  by their number, at each passing step;
+- the host's ``fs.inotify.max_user_instances`` next to it, since that is what caps the ramp where
+  ``scripts/setup`` has not raised it (:mod:`sandbox_mcp.sysctls`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .config import Settings
+from .manager import WorkspaceManager
+
+__all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
+
+_STEP = 10
+
+
+def ramp_steps(cap: int, step: int = _STEP) -> list[int]:
+    """10, 20, ... up to ``cap`` (``cap`` itself last when it is not a multiple)."""
+    out = list(range(step, cap + 1, step))
+    if cap > 0 and (not out or out[-1] != cap):
+        out.append(cap)
+    return out
+
+
+def mem_available_mib(meminfo: Path = Path("/proc/meminfo")) -> float:
+    """``MemAvailable`` in MiB."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no MemAvailable in {meminfo}")
+
+
+async def _step(settings: Settings, n: int) -> dict[str, Any]:
+    """Create ``n`` workspaces at once; which failed, the seconds until all ran, MiB per idle one."""
+    errors: dict[str, str] = {}
+    names = [f"cap{i}" for i in range(n)]
+    async with WorkspaceManager(settings) as m:
+        before = mem_available_mib()
+        t0 = time.monotonic()
+
+        async def one(name: str) -> None:
+            try:
+                await m.create(name)
+                r = await m.exec(name, "systemctl is-system-running --wait >/dev/null; echo up", timeout_s=300)
+                if r.stdout.strip() != "up":
+                    errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"
+            except Exception as exc:  # a figure: how many failed, and the first reason
+                errors[name] = str(exc)[:300]
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(one, name)
+            elapsed = time.monotonic() - t0
+            per_ws = (before - mem_available_mib()) / n
+        finally:
+            for ws in list((await m.registry.read()).workspaces):
+                await m.destroy(ws)
+    return {"n": n, "failed": len(errors), "first_error": next(iter(errors.values()), None),
+            "all_running_s": elapsed, "mib_per_idle_workspace": per_ws}
+
+
+async def run_capacity(settings: Settings, parallel_max: int) -> dict[str, Any]:
+    """The ramp for each isolation this host and its settings allow; figures as data."""
+    inotify = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    kinds: dict[str, Settings | str] = {"unprivileged": settings.model_copy(update={"private_users": True})}
+    kinds["privileged"] = (
+        settings.model_copy(update={"private_users": False}) if settings.allow_privileged
+        else "skipped: set SANDBOX_MCP_ALLOW_PRIVILEGED=true to compare"
+    )
+    out: dict[str, Any] = {"max_user_instances": inotify, "parallel_max": parallel_max}
+    for kind, s in kinds.items():
+        if isinstance(s, str):
+            out[kind] = s
+            continue
+        steps = []
+        for n in ramp_steps(parallel_max):
+            result = await _step(s, n)
+            steps.append(result)
+            if result["failed"]:
+                break
+        out[kind] = steps
+    return out
+
+
+def format_capacity(results: dict[str, Any]) -> str:
+    """The capacity figures as lines for people."""
+    lines = [f"workspaces started at once (10, 20, ... up to {results['parallel_max']}; "
+             f"fs.inotify.max_user_instances = {results['max_user_instances']}):"]
+    for kind in ("unprivileged", "privileged"):
+        steps = results[kind]
+        if isinstance(steps, str):
+            lines.append(f"  {kind}: {steps}")
+            continue
+        passed = [s for s in steps if not s["failed"]]
+        failed = [s for s in steps if s["failed"]]
+        most = passed[-1]["n"] if passed else 0
+        tail = (f"; {failed[0]['failed']} of {failed[0]['n']} failed ({failed[0]['first_error']})" if failed
+                else f" (no failure up to {results['parallel_max']})")
+        lines.append(f"  {kind}: all of {most} started" + tail)
+        for s in passed:
+            lines.append(f"    {s['n']:3d} at once: all running in {s['all_running_s']:.1f} s, "
+                         f"{s['mib_per_idle_workspace']:.1f} MiB of host memory per idle workspace (MemAvailable)")
+    return "\n".join(lines)
