@@ -7,8 +7,8 @@ For unprivileged containers, and privileged ones in the same run when the settin
   40), each step all destroyed before the next; a step passes when every workspace runs and
   answers an exec, and the ramp stops at the first step that does not;
 - MiB of host memory per idle workspace: the drop of ``MemAvailable`` from before a step to when
-  all its workspaces have finished booting (``systemctl is-system-running --wait`` inside), divided
-  by their number, at each passing step;
+  all its workspaces have finished booting (``systemctl is-system-running`` inside says so) and a
+  few seconds more, divided by their number, at each passing step;
 - the host's ``fs.inotify.max_user_instances`` next to it, since that is what caps the ramp where
   ``scripts/setup`` has not raised it (:mod:`sandbox_mcp.sysctls`).
 """
@@ -27,6 +27,11 @@ from .manager import WorkspaceManager
 __all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
 _STEP = 10
+# Until systemd inside has finished booting. Polled: `is-system-running --wait` never returned in a
+# few of 40 workspaces started at once here, while polling saw every one "running".
+_BOOTED = ('while s=$(systemctl is-system-running); [ "$s" = starting ] || [ "$s" = initializing ]; do sleep 0.2; '
+           'done; echo up')
+_SETTLE_S = 5  # after the last one booted, before memory is read
 
 
 def ramp_steps(cap: int, step: int = _STEP) -> list[int]:
@@ -56,7 +61,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
         async def one(name: str) -> None:
             try:
                 await m.create(name)
-                r = await m.exec(name, "systemctl is-system-running --wait >/dev/null; echo up", timeout_s=300)
+                r = await m.exec(name, _BOOTED, timeout_s=300)
                 if r.stdout.strip() != "up":
                     errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"
             except Exception as exc:  # a figure: how many failed, and the first reason
@@ -67,6 +72,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
                 for name in names:
                     tg.start_soon(one, name)
             elapsed = time.monotonic() - t0
+            await anyio.sleep(_SETTLE_S)
             per_ws = (before - mem_available_mib()) / n
         finally:
             for ws in list((await m.registry.read()).workspaces):
