@@ -457,10 +457,8 @@ class NspawnRuntime(Runtime):
 
     async def _release_cgroup(self, record: WorkspaceRecord) -> None:
         """Stop its scope, or remove the cgroups this server made: the way its last start went."""
-        manager = self.state(record).cgroups
-        if manager is None:  # never started, or a registry from before the choice was recorded
-            manager = "systemd" if scopes.systemd_booted() else "direct"
-        if manager == "systemd":
+        # None: never started, or started before the choice was recorded, when it was always direct.
+        if self.state(record).cgroups == "systemd":
             await scopes.stop_scope(self._scope(record))
         else:
             await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
