@@ -8,7 +8,8 @@ For unprivileged containers, and privileged ones in the same run when the settin
   answers an exec, and the ramp stops at the first step that does not;
 - MiB of host memory per idle workspace: the drop of ``MemAvailable`` from before a step to when
   all its workspaces have finished booting (``systemctl is-system-running`` inside says so) and a
-  few seconds more, divided by their number, at each passing step;
+  few seconds more, divided by their number, at each passing step; and, less disturbed by whatever
+  else runs on the host, the mean memory charged to each workspace's cgroup then;
 - the host's ``fs.inotify.max_user_instances`` next to it, since that is what caps the ramp where
   ``scripts/setup`` has not raised it (:mod:`sandbox_mcp.sysctls`).
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from .cgroups import CgroupHost, group_for
 from .config import Settings
 from .manager import WorkspaceManager
 
@@ -74,11 +76,14 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             elapsed = time.monotonic() - t0
             await anyio.sleep(_SETTLE_S)
             per_ws = (before - mem_available_mib()) / n
+            cg = CgroupHost(group_for(settings.state_dir))
+            charged = [u["memory_bytes"] for name in names if "memory_bytes" in (u := cg.usage(name))]
+            cgroup_mib = sum(charged) / len(charged) / (1 << 20) if charged else None
         finally:
             for ws in list((await m.registry.read()).workspaces):
                 await m.destroy(ws)
     return {"n": n, "failed": len(errors), "first_error": next(iter(errors.values()), None),
-            "all_running_s": elapsed, "mib_per_idle_workspace": per_ws}
+            "all_running_s": elapsed, "mib_per_idle_workspace": per_ws, "cgroup_mib_per_workspace": cgroup_mib}
 
 
 async def run_capacity(settings: Settings, parallel_max: int) -> dict[str, Any]:
@@ -121,5 +126,7 @@ def format_capacity(results: dict[str, Any]) -> str:
         lines.append(f"  {kind}: all of {most} started" + tail)
         for s in passed:
             lines.append(f"    {s['n']:3d} at once: all running in {s['all_running_s']:.1f} s, "
-                         f"{s['mib_per_idle_workspace']:.1f} MiB of host memory per idle workspace (MemAvailable)")
+                         f"{s['mib_per_idle_workspace']:.1f} MiB of host memory per idle workspace (MemAvailable)"
+                         + (f", {s['cgroup_mib_per_workspace']:.1f} MiB charged to its cgroup"
+                            if s.get("cgroup_mib_per_workspace") is not None else ""))
     return "\n".join(lines)

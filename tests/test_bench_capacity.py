@@ -22,7 +22,8 @@ def test_mem_available(tmp_path: Path) -> None:
 
 
 def test_format_says_where_the_ramp_stopped() -> None:
-    ok = {"failed": 0, "first_error": None, "all_running_s": 12.5, "mib_per_idle_workspace": 24.6}
+    ok = {"failed": 0, "first_error": None, "all_running_s": 12.5, "mib_per_idle_workspace": 24.6,
+          "cgroup_mib_per_workspace": 20.25}
     text = format_capacity({
         "max_user_instances": 128, "parallel_max": 40,
         "unprivileged": [{"n": 10, **ok}, {"n": 20, **ok},
@@ -32,5 +33,6 @@ def test_format_says_where_the_ramp_stopped() -> None:
     })  # fmt: skip
     assert "fs.inotify.max_user_instances = 128" in text
     assert "unprivileged: all of 20 started; 10 of 30 failed (did not answer)" in text
-    assert "   20 at once: all running in 12.5 s, 24.6 MiB of host memory per idle workspace" in text
+    assert ("   20 at once: all running in 12.5 s, 24.6 MiB of host memory per idle workspace (MemAvailable), "
+            "20.2 MiB charged to its cgroup") in text
     assert "privileged: skipped: set SANDBOX_MCP_ALLOW_PRIVILEGED=true" in text
