@@ -139,12 +139,14 @@ def spawn(
     env: Mapping[str, str] | None = None,
     tag: str | None = None,
     missing_hint: str = "",
+    pass_fds: Sequence[int] = (),
 ) -> ProcessRef:
     """Start ``argv`` detached (its own session, stdin from /dev/null, output to ``log_path``, replaced).
 
     It survives the server; a thread of ours reaps it if it exits while we run, so no zombie
     stays. ``tag`` (a :func:`workspace_tag`) goes into its environment, so :func:`tagged` finds it
-    even if the caller never gets to record its PID. Blocking: call it from a worker thread.
+    even if the caller never gets to record its PID. ``pass_fds`` stay open in it under the same
+    numbers (every other fd is closed). Blocking: call it from a worker thread.
 
     Raises:
         BackendError: the program is missing (with ``missing_hint``), or it exited at once.
@@ -161,6 +163,7 @@ def spawn(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
                 env=environment,
             )
         except FileNotFoundError as exc:
