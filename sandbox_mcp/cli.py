@@ -215,6 +215,16 @@ def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def _images_in_use(settings: Settings) -> list[str]:
+    """The image keys the registry's workspaces use (each runtime keeps its key as ``runtime_state.image``)."""
+    from .state import Registry
+
+    if not settings.registry_path.is_file():
+        return []
+    data = Registry(settings.registry_path).read_sync()
+    return sorted({key for r in data.workspaces.values() if isinstance(key := r.runtime_state.get("image"), str)})
+
+
 def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
     from .images import DebianRoot, ImageStore
     from .naming import validate_packages
@@ -229,8 +239,11 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         from .images.incus_image import IncusImage
         from .images.vm import VmImage
 
+        # Never what a registered workspace uses (running VMs also hold their image's lock: ImageStore.hold).
+        keep = _images_in_use(settings)
         # Derived images after the roots, so images of pruned roots go too.
-        for name in [*root.prune(), *VmImage(settings, store, root).prune(), *IncusImage(settings, store).prune()]:
+        for name in [*root.prune(keep), *VmImage(settings, store, root).prune(keep),
+                     *IncusImage(settings, store).prune(keep)]:
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")

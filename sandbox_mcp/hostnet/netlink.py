@@ -441,6 +441,10 @@ class HostNetwork:
         validate_name(name)
         tap = tap_name(name)
         try:
+            socket.if_nametoindex(tap)  # TUNSETIFF would make a missing one: a TAP on no bridge
+        except OSError as exc:
+            raise BackendError(f"TAP {tap} is missing; stop and start the workspace") from exc
+        try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise BackendError(f"cannot open /dev/net/tun ({exc.strerror}); run 'modprobe tun' and "

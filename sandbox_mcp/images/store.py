@@ -124,7 +124,8 @@ class ImageStore:
             return fd
         if fd is not None:
             os.close(fd)
-        raise BackendError(f"image {key} is being built or removed ('sandbox-mcp image prune'); start the workspace again")
+        raise BackendError(f"image {key} is gone, or being built or removed ('sandbox-mcp image prune') right now; "
+                           "start the workspace again (a missing image is rebuilt)")
 
     def list_images(self) -> list[dict[str, Any]]:
         """Metadata of every complete artefact, by key."""
