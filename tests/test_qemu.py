@@ -27,6 +27,7 @@ from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import BUILD_UID_BASE, LAST_UID_BASE, UID_RANGE, VM_UID_BASE, allocate_vm_uid
 from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.runtimes import runtime_class
+from sandbox_mcp.runtimes.base import no_progress
 from sandbox_mcp.runtimes.qemu import (
     LAUNCHER,
     QemuFds,
@@ -427,3 +428,18 @@ async def test_probe_boot_runs_the_kernel_to_its_root_mount(tmp_path: Path) -> N
     assert "Linux version" in console.read_text(errors="replace")
     assert not await probe_boot(tmp_path / "no-such-kernel", "tcg", tmp_path / "c2", timeout_s=600)
 
+
+
+@pytest.mark.anyio
+async def test_start_refuses_a_vm_without_its_own_uid(tmp_path: Path) -> None:
+    """A VM registered before qemu ran unprivileged has no uid: start says how to recreate it, before
+    touching the network or the image."""
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="")
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+    rec = WorkspaceRecord(name="old", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                          cid=100, user="agent", runtime_state={"image": "vm-x"})
+    with pytest.raises(BackendError, match="keep_data=true"):
+        await rt.start(rec, no_progress)
+    assert not (tmp_path / "old").exists()
