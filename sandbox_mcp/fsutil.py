@@ -193,7 +193,10 @@ def shared_lock_fd(path: Path) -> int | None:
     Raises:
         OSError: the lock file cannot be opened (e.g. a symlink sits there).
     """
-    fd = _open_lock(Path(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-only: the holder may be a process we trust less (an unprivileged qemu); a lock needs no write access.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     if _try_flock(fd, False):
         return fd
     os.close(fd)
