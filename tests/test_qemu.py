@@ -445,17 +445,15 @@ async def test_start_refuses_a_vm_without_its_own_uid(tmp_path: Path) -> None:
     assert not (tmp_path / "old").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes a user namespace with a map")
-def test_launcher_drops_to_the_vm_uid_without_capabilities() -> None:
-    """qemu_launch.py for real, with `sleep` in qemu's place: seen from the host, the process is the VM's
-    uid and gid only, with no capability in any set, no_new_privs, and the PID spawn returned."""
+def _launched_status(groups: list[int]) -> dict[str, str]:
+    """/proc/PID/status (host view) of `sleep` started through qemu_launch.py as qemu would be."""
     from sandbox_mcp import idmap, supervise
 
     q = VM_UID_BASE + UID_RANGE - 1  # the last VM uid: no VM of a test run has it
-    userns = idmap.userns_with_map([(1000, q, 1)])
+    userns = idmap.userns_with_map([(1000, q, 1)], [(1000, q, 1), *((g, g, 1) for g in groups)])
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            ref = supervise.spawn(launch_argv(["sleep", "600"], userns_fd=userns, uid=1000, gid=1000),
+            ref = supervise.spawn(launch_argv(["sleep", "600"], userns_fd=userns, uid=1000, gid=1000, groups=groups),
                                   Path(tmp) / "log", pass_fds=[userns])
         finally:
             os.close(userns)
@@ -463,13 +461,24 @@ def test_launcher_drops_to_the_vm_uid_without_capabilities() -> None:
             while Path(f"/proc/{ref.pid}/comm").read_text().strip() != "sleep":  # wait for the exec
                 assert supervise.alive(ref), (Path(tmp) / "log").read_text()
                 os.sched_yield()
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{ref.pid}/status").read_text().splitlines())
-            assert status["Uid"].split() == status["Gid"].split() == [str(q)] * 4
-            assert status["Groups"].split() == []
-            assert {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} == dict.fromkeys(
-                ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0)
-            assert status["NoNewPrivs"].strip() == "1"
+            text = Path(f"/proc/{ref.pid}/status").read_text()
         finally:
             anyio.run(supervise.kill, ref)
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes a user namespace with a map")
+def test_launcher_drops_to_the_vm_uid_without_capabilities() -> None:
+    """qemu_launch.py for real, with `sleep` in qemu's place: seen from the host, the process is the VM's
+    uid and gid only (plus /dev/kvm's group when asked), with no capability in any set and no_new_privs."""
+    q = str(VM_UID_BASE + UID_RANGE - 1)
+    status = _launched_status([])
+    assert status["Uid"].split() == status["Gid"].split() == [q] * 4
+    assert status["Groups"] == ""
+    caps = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+    assert {k: int(status[k], 16) for k in caps} == dict.fromkeys(caps, 0)
+    assert status["NoNewPrivs"] == "1"
+    with_kvm = _launched_status([36])  # a kvm group, as kvm_groups() finds it for a 0660 /dev/kvm
+    assert with_kvm["Groups"] == "36" and with_kvm["Gid"].split() == [q] * 4
     bad = subprocess.run(launch_argv(["sleep", "1"], userns_fd=99, uid=1000, gid=1000), capture_output=True, text=True)
     assert bad.returncode == 111 and "setns" in bad.stderr
