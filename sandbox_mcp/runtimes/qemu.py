@@ -35,11 +35,14 @@ user namespace, drops to its ids and execs qemu in place, keeping the supervised
 qemu's user namespace maps its uid to the workspace user's uid (as the image has it), so the
 guest sees the agent's files as the agent's. With ``security_model=none`` (passthrough needs
 root to chown) everything the guest writes lands on the host as the workspace dir's owner with
-its real mode; a chown from the guest is dropped. Root in the guest therefore leaves no
-root-owned file, a setuid bit makes at most a program setuid to the host user (as a container's
-agent can), and ``mknod`` of a device fails (qemu lacks ``CAP_MKNOD``). ``mapped-xattr`` was
-tried too and kept the modes in xattrs only: host files 0600, binaries built in the guest not
-executable on the host.
+its real mode, also what root in the guest creates; a ``chown`` to another user fails (EINVAL:
+no other id is mapped). Root in the guest therefore leaves no root-owned file, a setuid bit
+makes at most a program setuid to the host user (as a container's agent can), ``mknod`` fails
+(qemu lacks ``CAP_MKNOD``) and so does ``mkfifo`` there (qemu 7.2's 9p). ``mapped-xattr`` was
+tried too (git, a .deb built and installed with apt, a build, all in the workspace dir): it
+allows chown/mknod/mkfifo inside by keeping owners and modes in xattrs only, so on the host
+every file it wrote was 0600 (dirs 0700), scripts built inside were not executable there and a
+repo committed inside showed mode changes to git on the host.
 
 qemu runs in its own session and outlives the server; the registry keeps its PID and start
 time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
