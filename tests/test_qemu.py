@@ -59,7 +59,7 @@ def test_qemu_argv_exact() -> None:
         "-smp", "2", "-m", "2048", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", "/proc/self/fd/10", "-initrd", "/proc/self/fd/11", "-append", "console=ttyS0",
-        "-add-fd", "fd=14,set=2", "-chardev", "file,id=console,path=/dev/fdset/2", "-serial", "chardev:console",
+        "-add-fd", "fd=14,set=2", "-chardev", "file,id=console,path=/dev/fdset/2,append=on", "-serial", "chardev:console",
         "-add-fd", "fd=13,set=1",
         "-blockdev", "driver=raw,node-name=base,read-only=on,file.driver=file,file.filename=/proc/self/fd/12",
         "-blockdev", "driver=qcow2,node-name=root,backing=base,cache.no-flush=on,file.driver=file,"

@@ -11,7 +11,8 @@ Per workspace, from the VM image derived from the Debian root (:mod:`sandbox_mcp
   backports; the price is throughput, which a workspace dir rarely needs;
 * a TAP ``vm-NAME`` on the workspace bridge; the guest sets its static address from the kernel
   command line (``sandbox_mcp.net=``), its name from ``systemd.hostname=``;
-* the serial console in ``runtime/console.log`` (``workspace_logs``), qemu's own messages in
+* the serial console in ``runtime/console.log`` (``workspace_logs``), its first
+  ``console_log_mib`` MiB (:func:`sandbox_mcp.supervise.spawn_bounded_sink`), qemu's own messages in
   ``runtime/qemu.log``, and a QMP socket ``runtime/qmp.sock`` through which stop asks the
   guest to power off (Ctrl-Alt-Del, which the image maps to poweroff; the image runs no logind
   to act on an ACPI power button) before qemu is terminated.
@@ -157,7 +158,7 @@ class QemuFds:
     initrd: int
     disk: int  # the image's root disk, read-only
     overlay: int  # this boot's qcow2 layer, read-write
-    console: int  # runtime/console.log, write-only
+    console: int  # a pipe into runtime/console.log, bounded, write-only
     qmp: int  # the QMP socket, listening
     tap: int  # attached to the TAP vm-NAME
     shares: Mapping[str, int]  # 9p mount tag -> a detached idmapped mount of its directory
@@ -196,7 +197,7 @@ def qemu_argv(
         "-initrd", f"/proc/self/fd/{fds.initrd}",
         "-append", cmdline,
         "-add-fd", f"fd={fds.console},set=2",
-        "-chardev", "file,id=console,path=/dev/fdset/2",
+        "-chardev", "file,id=console,path=/dev/fdset/2,append=on",  # a pipe: append, since O_TRUNC would ftruncate it
         "-serial", "chardev:console",
         "-add-fd", f"fd={fds.overlay},set=1",
         "-blockdev", f"driver=raw,node-name=base,read-only=on,file.driver=file,file.filename=/proc/self/fd/{fds.disk}",
@@ -441,8 +442,7 @@ class QemuRuntime(Runtime):
                 initrd=keep(os.open(image.initrd, ro)),
                 disk=keep(os.open(image.disk, ro)),
                 overlay=keep(os.open(files.overlay, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)),
-                console=keep(os.open(files.console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                                     | os.O_NOFOLLOW, 0o644)),
+                console=keep(self._console_sink(record, files)),
                 qmp=qmp.fileno(),
                 tap=keep(self.network.open_tap(record.name)),
                 shares=shares,
@@ -472,6 +472,13 @@ class QemuRuntime(Runtime):
             qmp.close()
             for fd in opened:
                 os.close(fd)
+
+    def _console_sink(self, record: WorkspaceRecord, files: _Files) -> int:
+        """The write end qemu's serial console goes to: the log keeps its first ``console_log_mib``
+        MiB and drops the rest, so a guest flooding its console cannot fill the host's disk."""
+        _, write_end = supervise.spawn_bounded_sink(files.console, self.settings.console_log_mib << 20,
+                                                    tag=self._tag(record))
+        return write_end
 
     @staticmethod
     def _remove_boot_files(files: _Files) -> None:
