@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.images import ImageStore
 from sandbox_mcp.images.vm import VmImage
@@ -58,13 +59,14 @@ async def vm_session(vm_settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def vm_leftovers(name: str, settings: Settings) -> dict[str, Any]:
-    """What of VM ``name`` exists on the host: qemu processes, its TAP, its runtime files."""
+    """What of VM ``name`` exists on the host: its processes (qemu, the console copier), its TAP, its runtime files."""
     links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
-    procs = subprocess.run(["pgrep", "-f", "--", f"-name sbx-{name}( |$)"], capture_output=True, text=True).stdout
+    # By the workspace's tag, not by name: another test run on the host may have a VM of the same name.
+    procs = [str(ref.pid) for ref in supervise.tagged(supervise.workspace_tag(settings.state_dir, name))]
     runtime = settings.state_dir / name / "runtime"
     return {
         "tap": tap_name(name) in {link["ifname"] for link in json.loads(links)},
-        "processes": procs.split(),
+        "processes": procs,
         "boot_files": sorted(p.name for p in (runtime.iterdir() if runtime.is_dir() else [])
                              if p.name in ("root.qcow2", "qmp.sock")),
     }
