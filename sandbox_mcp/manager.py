@@ -29,6 +29,7 @@ from .errors import (
     InvalidState,
     SandboxError,
     WorkspaceExists,
+    WorkspaceNotFound,
     clip_repr,
 )
 from .fsutil import async_file_lock, lock_is_held, own_dir
@@ -165,6 +166,20 @@ class WorkspaceManager:
         """
         validate_name(name)
         await self.registry.get(name)
+
+    @staticmethod
+    def _owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
+        """``record``, if ``owner_uid`` may see it (None: anyone may, as root).
+
+        Callers check the record they act on, under the workspace's lock where the operation takes
+        it, so a workspace destroyed and re-created by another user in between is never acted on.
+
+        Raises:
+            WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
+        """
+        if owner_uid is not None and record.owner_uid != owner_uid:
+            raise WorkspaceNotFound(record.name)
+        return record
 
     @contextlib.asynccontextmanager
     async def _locked(self, name: str) -> AsyncIterator[None]:
@@ -429,15 +444,17 @@ class WorkspaceManager:
         await self.registry.remove(record.name)
         await self._sync_hosts()
 
-    async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
+    async def start(self, name: str, progress: Progress = no_progress, *, owner_uid: int | None = None) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
+        ``owner_uid`` (as on every operation on one workspace): act only if that uid owns it.
+
         Raises:
-            WorkspaceNotFound, InvalidState (still being created), BackendError (boot failed).
+            WorkspaceNotFound (also: another owner's), InvalidState (still being created), BackendError (boot failed).
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = self._owned(await self.registry.get(name), owner_uid)
             runtime = self._runtime_of(record)
             if record.state == "running" and (await runtime.status(record)).running:
                 return self.view(record)
@@ -533,30 +550,30 @@ class WorkspaceManager:
         await runtime.stop(record)
         return runtime
 
-    async def stop(self, name: str) -> Workspace:
+    async def stop(self, name: str, *, owner_uid: int | None = None) -> Workspace:
         """Stop a workspace (its root filesystem is discarded; the workspace dir stays). Idempotent.
 
         Raises:
-            WorkspaceNotFound, BackendError.
+            WorkspaceNotFound (also: another owner's), BackendError.
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = self._owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             if record.state != "error":
                 record = self._stopped(runtime, record, None)
             await self.registry.put(record)
         return self.view(record)
 
-    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
+    async def destroy(self, name: str, keep_data: bool = False, *, owner_uid: int | None = None) -> DestroyResult:
         """Stop and remove a workspace: runtime artefacts, registry entry and (unless keep_data) its host dirs.
 
         Raises:
-            WorkspaceNotFound, BackendError.
+            WorkspaceNotFound (also: another owner's), BackendError.
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = self._owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             await runtime.destroy(record)
             paths = self._paths(name)
@@ -573,41 +590,44 @@ class WorkspaceManager:
         self._locks.pop(name, None)
         return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
 
-    async def list(self) -> WorkspaceList:
-        """All registered workspaces, with dead ones noticed."""
+    async def list(self, *, owner_uid: int | None = None) -> WorkspaceList:
+        """All registered workspaces (those of ``owner_uid`` if given), with dead ones noticed."""
         data = await self.registry.read()
-        records = [await self._refresh(r) for r in data.workspaces.values()]
+        mine = [r for r in data.workspaces.values() if owner_uid is None or r.owner_uid == owner_uid]
+        records = [await self._refresh(r) for r in mine]
         return WorkspaceList(workspaces=[self.view(r) for r in sorted(records, key=lambda r: r.name)])
 
-    async def status(self, name: str) -> WorkspaceStatus:
+    async def status(self, name: str, *, owner_uid: int | None = None) -> WorkspaceStatus:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
-        record = await self._refresh(await self.registry.get(name))
+        record = self._owned(await self._refresh(self._owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
         return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
 
-    async def logs(self, name: str, lines: int = 200) -> LogsResult:
+    async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
-        record = await self.registry.get(name)
+        record = self._owned(await self.registry.get(name), owner_uid)
         text = await self._runtime_of(record).logs(record, lines)
         return LogsResult(name=name, log=text, lines=len(text.splitlines()))
 
     # Inside a running workspace ----------------------------------------------------------------
 
-    async def _running(self, name: str) -> WorkspaceRecord:
+    async def _running(self, name: str, owner_uid: int | None) -> WorkspaceRecord:
         # The registry's word is enough here: if the workspace died, the SSH call fails and
-        # _ssh_call notices it then, keeping the runtime check off every exec.
-        record = await self.registry.get(name)
+        # _ssh_call notices it then, keeping the runtime check off every exec. These calls take
+        # no per-name lock (a long exec must not hold up stop), so the owner is checked on the
+        # very record the call then uses.
+        record = self._owned(await self.registry.get(name), owner_uid)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record
 
-    async def ssh_target(self, name: str) -> ssh.SSHTarget:
+    async def ssh_target(self, name: str, *, owner_uid: int | None = None) -> ssh.SSHTarget:
         """How to reach a running workspace over SSH (for the CLI's interactive ssh and the benchmark).
 
         Raises:
             WorkspaceNotFound, InvalidState (not running).
         """
-        return self._target(await self._running(name))
+        return self._target(await self._running(name, owner_uid))
 
     async def _ssh_call(self, record: WorkspaceRecord, call):  # type: ignore[no-untyped-def]
         try:
@@ -630,9 +650,11 @@ class WorkspaceManager:
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
         stdin: str | None = None,
+        *,
+        owner_uid: int | None = None,
     ) -> ExecResult:
         """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
@@ -641,12 +663,14 @@ class WorkspaceManager:
             ),
         )  # fmt: skip
 
-    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
+    async def read_file(
+        self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
+    ) -> FileContent:
         """Read up to ``limit`` bytes (capped by settings) from ``offset``."""
         if offset < 0:
             raise InvalidSpec("offset must be ≥ 0")
         limit = min(limit or 256 * 1024, self.settings.read_limit_max)
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.read_file(t, path, offset=offset, limit=limit))
 
     async def write_file(
@@ -657,6 +681,8 @@ class WorkspaceManager:
         encoding: str = "utf-8",
         append: bool = False,
         mode: str | int | None = None,
+        *,
+        owner_uid: int | None = None,
     ) -> WriteResult:
         """Write (or append) text or base64 content to a file, creating parent directories."""
         if encoding == "utf-8":
@@ -674,12 +700,12 @@ class WorkspaceManager:
                 f"Write it in parts with append=true, or put it in the host workspace dir"
             )
         file_mode = parse_mode(mode)
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(
             record, lambda t: self.ssh.write_file(t, path, data, append=append, mode=file_mode)
         )
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", *, owner_uid: int | None = None) -> DirListing:
         """List a directory (relative paths resolve against the workspace dir)."""
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))
