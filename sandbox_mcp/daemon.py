@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
@@ -49,6 +50,7 @@ __all__ = [
     "Peer",
     "authorize",
     "bind_socket",
+    "lowlevel_server",
     "peer_credentials",
     "run_daemon",
     "serve_connection",
@@ -168,6 +170,18 @@ async def _refuse(stream: anyio.abc.ByteStream, error: AccessDenied) -> None:
     await stream.aclose()
 
 
+def lowlevel_server(server: MCPServer) -> Server[Any]:
+    """The SDK's low-level server under ``server``: the one thing that serves a given stream pair.
+
+    mcp 2.x has no public way to run an ``MCPServer`` session over streams of our own (``run`` and
+    ``run_stdio_async`` take the process's stdin/stdout; ``Server.run(read, write, options)`` is
+    public, but ``MCPServer`` keeps its ``Server`` private). The SDK's own in-memory client reaches
+    it the same way (``mcp/client/_memory.py``: "TODO: Make `lowlevel_server` public"), so this is
+    the one place we do; ``tests/test_daemon.py`` fails loudly if the SDK renames or changes it.
+    """
+    return server._lowlevel_server  # noqa: SLF001
+
+
 async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, group_gid: int | None,
                            group_name: str) -> None:  # fmt: skip
     """One MCP session over one accepted connection, bound to its peer's uid; ends (cancelling
@@ -181,7 +195,7 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
         await _refuse(stream, exc)
         return
     _PEER_UID.set(peer.uid)  # read by the session's lifespan, entered in this task
-    lowlevel = server._lowlevel_server  # the SDK has no public way to serve given streams  # noqa: SLF001
+    lowlevel = lowlevel_server(server)
     async with stream, anyio.create_task_group() as tg:
 
         def hang_up() -> None:

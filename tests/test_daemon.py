@@ -61,6 +61,23 @@ def test_authorize_rules() -> None:
         authorize(Peer(1, 1001, 100, frozenset({4242})), None, "g")  # no such group: only root
 
 
+async def test_the_sdk_still_serves_a_given_stream_pair() -> None:
+    """daemon.lowlevel_server reaches into the SDK (no public way exists): if mcp renames or reshapes
+    what it returns, this fails here rather than at the first connection to a deployed daemon."""
+    import inspect
+
+    from mcp.server.lowlevel import Server
+
+    from sandbox_mcp.daemon import lowlevel_server
+    from sandbox_mcp.server import build_server
+
+    lowlevel = lowlevel_server(build_server(Settings()))
+    assert isinstance(lowlevel, Server)
+    assert list(inspect.signature(lowlevel.run).parameters)[:3] == ["read_stream", "write_stream",
+                                                                    "initialization_options"]  # fmt: skip
+    assert lowlevel.create_initialization_options().server_name == "sandbox-mcp"
+
+
 # --- accounts, the daemon, and clients running as a user -------------------------------------
 
 
