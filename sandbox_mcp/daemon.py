@@ -44,6 +44,7 @@ from .config import Settings
 from .errors import AccessDenied, InvalidSpec, InvalidState
 from .manager import WorkspaceManager
 from .owners import OwnedManager
+from .userkeys import UserKeys
 
 __all__ = [
     "MAX_LINE_BYTES",
@@ -290,6 +291,7 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
     gid = _group_gid(settings.daemon_group)
     path = settings.daemon_socket
     async with WorkspaceManager(settings) as manager:
+        manager.owner_keys = UserKeys(settings).public_key  # users ssh into their own workspaces
         server = build_server(settings, lifespan=_connection_lifespan(manager))
         sock = bind_socket(path, gid)
         ours = path.stat().st_ino

@@ -14,11 +14,12 @@ import contextlib
 import errno
 import grp
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -30,7 +31,8 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 
 from .config import Settings
-from .errors import AccessDenied, BackendError, SandboxError
+from .errors import AccessDenied, BackendError, InvalidState, SandboxError
+from .fsutil import atomic_write
 from .models import (
     DestroyResult,
     DirListing,
@@ -45,6 +47,9 @@ from .models import (
     WriteResult,
 )
 from .runtimes.base import Progress, no_progress
+
+if TYPE_CHECKING:
+    from .ssh import SSHTarget
 
 __all__ = ["DaemonLost", "RemoteManager", "connect_error", "daemon_available", "socket_transport"]
 
@@ -287,13 +292,30 @@ class RemoteManager:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
 
-    async def ssh_target(self, name: str) -> Any:
-        """Not available through the daemon: the SSH key stays with root.
+    async def ssh_target(self, name: str) -> SSHTarget:
+        """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).
+
+        The daemon answers where (host, port, user) and which host key to pin (read over the
+        socket, so it is the daemon's word, not a file someone could swap); the key is this user's
+        copy, which only they can read. The pinned key is written beside it for OpenSSH.
 
         Raises:
-            AccessDenied: always.
+            WorkspaceNotFound: no such workspace of this user's.
+            InvalidState: it is not running, or this user has no key yet.
         """
-        raise AccessDenied(
-            "`sandbox-mcp ssh` needs the server's SSH key, which only root holds; use `sandbox-mcp exec NAME CMD`, "
-            "or run `sudo sandbox-mcp ssh NAME`"
-        )
+        from .ssh import SSHTarget
+        from .userkeys import user_key_path
+
+        ws = await self.status(name)
+        if ws.state != "running" or not ws.ssh.known_hosts:
+            raise InvalidState(f"workspace {name!r} is {ws.state}; call start_workspace first")
+        key = user_key_path(self.settings, os.geteuid())
+        if not os.access(key, os.R_OK):
+            raise InvalidState(
+                f"no SSH key of yours at {key}: the daemon makes it when you create or start a workspace. "
+                f"Run `sandbox-mcp stop {name}` and `sandbox-mcp start {name}`, then call again"
+            )
+        host_key = key.with_name(f"host-{name}.pub")  # name: validated by the daemon's answer above
+        atomic_write(host_key, " ".join(ws.ssh.known_hosts.split()[1:3]) + "\n", mode=0o600)
+        return SSHTarget(key=name, host=ws.ssh.host, port=ws.ssh.port, user=ws.ssh.user, host_key_path=host_key,
+                         client_key_path=key, workspace_dir=ws.workspace_dir)  # fmt: skip

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -92,6 +92,9 @@ class WorkspaceManager:
         self._runtimes = runtimes
         self._mode: Mode | None = None
         self._locks: dict[str, anyio.Lock] = {}
+        # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
+        # userkeys.UserKeys.public_key); in process, only the server's key is.
+        self.owner_keys: Callable[[int], str] | None = None
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -198,6 +201,10 @@ class WorkspaceManager:
         """The workspace as tools report it."""
         runtime = self.runtimes.get(r.runtime)
         host, port = runtime.endpoint(r) if runtime is not None else (r.ip, 22)
+        known_hosts = None
+        with contextlib.suppress(SandboxError):  # no host key yet (being created)
+            host_pub = self._paths(r.name).host_key
+            known_hosts = ssh.known_hosts_line(host, host_pub.with_name(host_pub.name + ".pub"), port)
         return Workspace(
             name=r.name,
             type=r.type,
@@ -206,7 +213,8 @@ class WorkspaceManager:
             user=r.user,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
             host_workspace_dir=str(self._paths(r.name).workspace),
-            ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
+            ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint,
+                        known_hosts=known_hosts),
             packages=r.packages,
             egress=r.egress,
             isolation=r.isolation,
@@ -418,7 +426,7 @@ class WorkspaceManager:
             own_dir(d, 0, 0, 0o755)
         own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
         fingerprint = ssh.ensure_host_key(paths.host_key)
-        ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
+        self._authorize(record)
         credentials = onboarding.host_credentials_file(Path.home())
         onboarding.seed_claude_config(
             paths.claude_config,
@@ -428,6 +436,13 @@ class WorkspaceManager:
             copy_credentials_from=credentials if self.settings.copy_claude_credentials else None,
         )
         return record.model_copy(update={"host_key_fingerprint": fingerprint})
+
+    def _authorize(self, record: WorkspaceRecord) -> None:
+        """Write the workspace's authorized_keys: the server's key, and its owner's own (see userkeys)."""
+        keys = [self.client_public_key]
+        if self.owner_keys is not None and record.owner_uid not in (None, 0):
+            keys.append(self.owner_keys(record.owner_uid))
+        ssh.write_authorized_keys(self._paths(record.name).authorized_keys, keys)
 
     async def _undo_create(
         self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, started: bool, existed: bool
@@ -468,6 +483,8 @@ class WorkspaceManager:
         record.state, record.last_error = "starting", None
         await self.registry.put(record)
         try:
+            if self.owner_keys is not None:  # the owner's key may be new since create
+                await anyio.to_thread.run_sync(self._authorize, record)
             t_boot = time.monotonic()
             record = await runtime.start(record, progress)
             await self.registry.put(record)
