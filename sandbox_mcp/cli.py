@@ -21,6 +21,7 @@ from .owners import OwnedManager
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
+    from .workspaces import Workspaces
 
 __all__ = ["build_parser", "main", "ssh_command_argv"]
 
@@ -52,7 +53,7 @@ def _use_daemon(settings: Settings) -> bool:
     )
 
 
-async def _with_manager(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable[int]]) -> int:
     """Run ``fn`` with the daemon's workspaces (as this user) or, as root without a daemon, a local manager."""
     if _use_daemon(settings):
         from .daemon_client import RemoteManager
@@ -97,7 +98,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
                             egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
         _dump(ws)
@@ -107,7 +108,7 @@ def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         result = await m.list()
         if args.json:
             _dump(result)
@@ -128,7 +129,7 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
 
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
@@ -191,7 +192,7 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
 
 def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
-        async def run(m: Any) -> int:
+        async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
             if method == "start":

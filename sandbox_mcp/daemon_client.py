@@ -153,7 +153,10 @@ async def socket_transport(path: Path, group: str = "sandbox-mcp") -> AsyncItera
 
 
 class RemoteManager:
-    """The manager's methods, carried out by the daemon. Use as ``async with RemoteManager(settings) as m:``."""
+    """The manager's methods (a :class:`~sandbox_mcp.workspaces.Workspaces`), carried out by the daemon.
+
+    Use as ``async with RemoteManager(settings) as m:``.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .config import Settings
 from .models import (
     DestroyResult,
     DirListing,
@@ -35,14 +36,14 @@ __all__ = ["OwnedManager"]
 
 
 class OwnedManager:
-    """The workspaces of host user ``uid`` (all of them for root), with the manager's methods."""
+    """The workspaces of host user ``uid`` (all of them for root): a :class:`~sandbox_mcp.workspaces.Workspaces`."""
 
     def __init__(self, manager: WorkspaceManager, uid: int) -> None:
         self.manager = manager
         self.uid = uid
 
     @property
-    def settings(self):  # type: ignore[no-untyped-def]
+    def settings(self) -> Settings:
         return self.manager.settings
 
     @property
