@@ -46,6 +46,7 @@ from .models import (
     WorkspaceType,
     WriteResult,
 )
+from .naming import validate_name
 from .runtimes.base import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -209,6 +210,8 @@ class RemoteManager:
             self._closed = None
 
     async def _call(self, tool: str, args: dict[str, Any], model: type[M], progress: Progress | None = None) -> M:
+        if "name" in args:  # the tool's schema would refuse a bad one too, but in pydantic's words
+            validate_name(args["name"])
         client = await self._connect()
 
         async def on_progress(done: float, total: float | None, message: str | None) -> None:
