@@ -41,7 +41,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
 from .config import Settings
-from .errors import AccessDenied, InvalidSpec, InvalidState
+from .errors import AccessDenied, InvalidSpec, InvalidState, SandboxError
 from .manager import WorkspaceManager
 from .owners import OwnedManager
 from .userkeys import UserKeys
@@ -208,10 +208,16 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
 
-def _connection_lifespan(manager: WorkspaceManager) -> Callable[[MCPServer], Any]:
+def _connection_lifespan(manager: WorkspaceManager, keys: UserKeys) -> Callable[[MCPServer], Any]:
     @asynccontextmanager
     async def lifespan(server: MCPServer) -> AsyncIterator[OwnedManager]:
-        yield OwnedManager(manager, _PEER_UID.get())
+        uid = _PEER_UID.get()
+        if uid != 0:
+            try:  # the user's key copy lives under /run: gone after a reboot or a unit restart
+                await anyio.to_thread.run_sync(keys.ensure_published, uid)
+            except (SandboxError, OSError) as exc:
+                log.warning("could not publish uid %d's SSH key: %s", uid, exc)
+        yield OwnedManager(manager, uid)
 
     return lifespan
 
@@ -291,8 +297,9 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
     gid = _group_gid(settings.daemon_group)
     path = settings.daemon_socket
     async with WorkspaceManager(settings) as manager:
-        manager.owner_keys = UserKeys(settings).public_key  # users ssh into their own workspaces
-        server = build_server(settings, lifespan=_connection_lifespan(manager))
+        keys = UserKeys(settings)
+        manager.owner_keys = keys.public_key  # users ssh into their own workspaces (userkeys.py)
+        server = build_server(settings, lifespan=_connection_lifespan(manager, keys))
         sock = bind_socket(path, gid)
         ours = path.stat().st_ino
         try:

@@ -318,8 +318,8 @@ class RemoteManager:
         key = user_key_path(self.settings, os.geteuid())
         if not os.access(key, os.R_OK):
             raise InvalidState(
-                f"no SSH key of yours at {key}: the daemon makes it when you create or start a workspace. "
-                f"Run `sandbox-mcp stop {name}` and `sandbox-mcp start {name}`, then call again"
+                f"no SSH key of yours at {key}: the daemon publishes it as you connect, but did not this time; "
+                "its log says why (`journalctl -u sandbox-mcp`)"
             )
         host_key = key.with_name(f"host-{name}.pub")  # name: validated by the daemon's answer above
         atomic_write(host_key, " ".join(ws.ssh.known_hosts.split()[1:3]) + "\n", mode=0o600)

@@ -3,7 +3,8 @@
 The server's client key opens every workspace, so it stays root's. For a user (a uid other than
 root) the daemon keeps a key pair of that uid's own and authorises its public half only in the
 workspaces that uid owns (their ``authorized_keys``, written at create and at every start). The
-private key is handed over through the file system, where the kernel checks who reads it:
+private key is handed over through the file system, where the kernel checks who reads it (the
+copy is made at create and start, and whenever that uid connects and it is missing):
 
     <state>/.server/users/<uid>_ed25519    the key itself (root, 0600, in root's 0700 dir)
     <socket dir>/keys/                      root, 0711: anyone may pass, nobody may list
@@ -54,6 +55,15 @@ class UserKeys:
         line = ssh.ensure_client_key(self._store / f"{uid}_ed25519")
         self._publish(uid)
         return line
+
+    def ensure_published(self, uid: int) -> None:
+        """Publish user ``uid``'s key unless its copy is in place (the daemon does this as they connect).
+
+        Raises:
+            SSHError, OSError: as :meth:`public_key`.
+        """
+        if not user_key_path(self.settings, uid).exists():
+            self.public_key(uid)
 
     def _publish(self, uid: int) -> None:
         try:

@@ -173,6 +173,9 @@ async def test_a_user_in_the_group_drives_the_lifecycle(daemon: Daemon, accounts
         for path, owner, mode in ((key, alice.uid, 0o600), (key.parent, alice.uid, 0o700), (key.parent.parent, 0, 0o711)):
             st = path.lstat()
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode), path
+        key.unlink()  # as a reboot or a restart of the unit would (the copy lives under /run)
+        r = _cli_as(alice, "ssh", "dalice", "hostname")  # connecting publishes it again
+        assert (r.returncode, r.stdout) == (0, "dalice\n"), r.stderr
 
         assert (await call(client, "destroy_workspace", name="dalice"))["destroyed"] is True
     assert "dalice" not in registry(daemon)
