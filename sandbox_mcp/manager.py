@@ -29,7 +29,6 @@ from .errors import (
     InvalidState,
     SandboxError,
     WorkspaceExists,
-    WorkspaceNotFound,
     clip_repr,
 )
 from .fsutil import async_file_lock, lock_is_held, own_dir
@@ -52,6 +51,7 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .owners import owned as _owned
 from .paths import WorkspacePaths
 from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
 from .state import Registry
@@ -169,20 +169,6 @@ class WorkspaceManager:
         """
         validate_name(name)
         await self.registry.get(name)
-
-    @staticmethod
-    def _owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
-        """``record``, if ``owner_uid`` may see it (None: anyone may, as root).
-
-        Callers check the record they act on, under the workspace's lock where the operation takes
-        it, so a workspace destroyed and re-created by another user in between is never acted on.
-
-        Raises:
-            WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
-        """
-        if owner_uid is not None and record.owner_uid != owner_uid:
-            raise WorkspaceNotFound(record.name)
-        return record
 
     @contextlib.asynccontextmanager
     async def _locked(self, name: str) -> AsyncIterator[None]:
@@ -462,14 +448,14 @@ class WorkspaceManager:
     async def start(self, name: str, progress: Progress = no_progress, *, owner_uid: int | None = None) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
-        ``owner_uid`` (as on every operation on one workspace): act only if that uid owns it.
+        ``owner_uid`` (on every operation): act only on that uid's workspaces (see owners.owned).
 
         Raises:
             WorkspaceNotFound (also: another owner's), InvalidState (still being created), BackendError (boot failed).
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = self._owned(await self.registry.get(name), owner_uid)
+            record = _owned(await self.registry.get(name), owner_uid)
             runtime = self._runtime_of(record)
             if record.state == "running" and (await runtime.status(record)).running:
                 return self.view(record)
@@ -575,7 +561,7 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = self._owned(await self.registry.get(name), owner_uid)
+            record = _owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             if record.state != "error":
                 record = self._stopped(runtime, record, None)
@@ -590,7 +576,7 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = self._owned(await self.registry.get(name), owner_uid)
+            record = _owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             await runtime.destroy(record)
             paths = self._paths(name)
@@ -616,13 +602,13 @@ class WorkspaceManager:
 
     async def status(self, name: str, *, owner_uid: int | None = None) -> WorkspaceStatus:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
-        record = self._owned(await self._refresh(self._owned(await self.registry.get(name), owner_uid)), owner_uid)
+        record = _owned(await self._refresh(_owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
         return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
 
     async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
-        record = self._owned(await self.registry.get(name), owner_uid)
+        record = _owned(await self.registry.get(name), owner_uid)
         text = await self._runtime_of(record).logs(record, lines)
         return LogsResult(name=name, log=text, lines=len(text.splitlines()))
 
@@ -630,10 +616,9 @@ class WorkspaceManager:
 
     async def _running(self, name: str, owner_uid: int | None) -> WorkspaceRecord:
         # The registry's word is enough here: if the workspace died, the SSH call fails and
-        # _ssh_call notices it then, keeping the runtime check off every exec. These calls take
-        # no per-name lock (a long exec must not hold up stop), so the owner is checked on the
-        # very record the call then uses.
-        record = self._owned(await self.registry.get(name), owner_uid)
+        # _ssh_call notices it then, keeping the runtime check off every exec. No per-name lock here
+        # (a long exec must not hold up stop): the owner is checked on the record the call uses.
+        record = _owned(await self.registry.get(name), owner_uid)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .config import Settings
+from .errors import WorkspaceNotFound
 from .models import (
     DestroyResult,
     DirListing,
@@ -22,6 +23,7 @@ from .models import (
     LogsResult,
     Workspace,
     WorkspaceList,
+    WorkspaceRecord,
     WorkspaceStatus,
     WorkspaceType,
     WriteResult,
@@ -32,7 +34,21 @@ if TYPE_CHECKING:
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
-__all__ = ["OwnedManager"]
+__all__ = ["OwnedManager", "owned"]
+
+
+def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
+    """``record``, if ``owner_uid`` may see it (None: anyone may, as root).
+
+    The manager checks the record it acts on, under the workspace's lock where the operation takes
+    it, so a workspace destroyed and re-created by another user in between is never acted on.
+
+    Raises:
+        WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
+    """
+    if owner_uid is not None and record.owner_uid != owner_uid:
+        raise WorkspaceNotFound(record.name)
+    return record
 
 
 class OwnedManager:
