@@ -63,6 +63,18 @@ class ServerInfo:
     idmapped_mounts: bool
     peer_cert_sha256: str | None
 
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], peer_cert_sha256: str | None) -> ServerInfo:
+        """Read ``GET /1.0``'s metadata (fields the server leaves out read as empty/false)."""
+        env = meta.get("environment") or {}
+        return cls(
+            api_version=str(meta.get("api_version", "")),
+            server_version=str(env.get("server_version", "")),
+            auth=str(meta.get("auth", "")),
+            idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
+            peer_cert_sha256=peer_cert_sha256,
+        )
+
 
 def cert_fingerprint(pem_path: Path) -> str:
     """SHA-256 of a PEM certificate's DER form, as hex (what ``incus config trust list`` shows).
@@ -219,14 +231,7 @@ class IncusClient:
             BackendError: the server cannot be reached or the pin does not match.
         """
         meta = await self.request("GET", "/1.0")
-        env = meta.get("environment") or {}
-        return ServerInfo(
-            api_version=str(meta.get("api_version", "")),
-            server_version=str(env.get("server_version", "")),
-            auth=str(meta.get("auth", "")),
-            idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
-            peer_cert_sha256=self._pin if self._pinned else None,
-        )
+        return ServerInfo.from_metadata(meta, self._pin if self._pinned else None)
 
     async def exists(self, path: str) -> bool:
         """True when ``GET path`` finds the object.
@@ -316,14 +321,7 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
         pin = cert_fingerprint(settings.server_cert)
         if seen != pin:
             raise BackendError(f"{settings.url} presented certificate {seen}, but incus.server_cert pins {pin}")
-    env = meta.get("environment") or {}
-    return ServerInfo(
-        api_version=str(meta.get("api_version", "")),
-        server_version=str(env.get("server_version", "")),
-        auth=str(meta.get("auth", "")),
-        idmapped_mounts=(env.get("kernel_features") or {}).get("idmapped_mounts") == "true",
-        peer_cert_sha256=seen,
-    )
+    return ServerInfo.from_metadata(meta, seen)
 
 
 def call_sync(settings: IncusSettings, method: str, path: str, body: Any = None, timeout_s: float = 120) -> Any:
