@@ -51,7 +51,7 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
-from .owners import owned as _owned
+from .owners import claim_dir, owned
 from .paths import WorkspacePaths
 from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
 from .state import Registry
@@ -315,7 +315,7 @@ class WorkspaceManager:
         Raises:
             InvalidSpec: bad name, type, packages or IP.
             WorkspaceExists: the name is taken.
-            Conflict: the IP (or the name's derived MAC/CID) is in use.
+            Conflict: the IP (or the name's derived MAC/CID) is in use; another user's kept data has the name.
             BackendError: building, declaring or booting failed (the message has the log tail).
         """
         t0 = time.monotonic()
@@ -408,6 +408,7 @@ class WorkspaceManager:
         paths = self._paths(record.name)
         uid = gid = self.settings.user_uid
         paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
         for d in (paths.root, paths.ssh_host_keys, paths.runtime):
             own_dir(d, 0, 0, 0o755)
         own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
@@ -455,7 +456,7 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = _owned(await self.registry.get(name), owner_uid)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = self._runtime_of(record)
             if record.state == "running" and (await runtime.status(record)).running:
                 return self.view(record)
@@ -561,7 +562,7 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = _owned(await self.registry.get(name), owner_uid)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             if record.state != "error":
                 record = self._stopped(runtime, record, None)
@@ -576,7 +577,7 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = _owned(await self.registry.get(name), owner_uid)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             await runtime.destroy(record)
             paths = self._paths(name)
@@ -602,13 +603,13 @@ class WorkspaceManager:
 
     async def status(self, name: str, *, owner_uid: int | None = None) -> WorkspaceStatus:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
-        record = _owned(await self._refresh(_owned(await self.registry.get(name), owner_uid)), owner_uid)
+        record = owned(await self._refresh(owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
         return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
 
     async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
-        record = _owned(await self.registry.get(name), owner_uid)
+        record = owned(await self.registry.get(name), owner_uid)
         text = await self._runtime_of(record).logs(record, lines)
         return LogsResult(name=name, log=text, lines=len(text.splitlines()))
 
@@ -618,7 +619,7 @@ class WorkspaceManager:
         # The registry's word is enough here: if the workspace died, the SSH call fails and
         # _ssh_call notices it then, keeping the runtime check off every exec. No per-name lock here
         # (a long exec must not hold up stop): the owner is checked on the record the call uses.
-        record = _owned(await self.registry.get(name), owner_uid)
+        record = owned(await self.registry.get(name), owner_uid)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record

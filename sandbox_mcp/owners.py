@@ -10,10 +10,12 @@ The methods mirror the manager's, so the MCP tools and the CLI call either one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Settings
-from .errors import WorkspaceNotFound
+from .errors import Conflict, WorkspaceNotFound
+from .fsutil import atomic_write
 from .models import (
     DestroyResult,
     DirListing,
@@ -34,7 +36,9 @@ if TYPE_CHECKING:
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
-__all__ = ["OwnedManager", "owned"]
+__all__ = ["OwnedManager", "claim_dir", "owned"]
+
+_OWNER_FILE = ".owner-uid"  # in <state>/<name>/ (root's): whose workspace the directory holds
 
 
 def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
@@ -49,6 +53,29 @@ def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
     if owner_uid is not None and record.owner_uid != owner_uid:
         raise WorkspaceNotFound(record.name)
     return record
+
+
+def claim_dir(root: Path, name: str, owner_uid: int | None) -> None:
+    """Mark ``root`` (a workspace's host directory) as ``owner_uid``'s, unless it is another user's.
+
+    A workspace destroyed with keep_data leaves its directory (project files, host key) for the
+    next create of that name: that must be its owner's (or root's), never another user's.
+
+    Raises:
+        Conflict: ``root`` holds another user's kept data.
+    """
+    marker = root / _OWNER_FILE
+    try:
+        previous: int | None = int(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        previous = None  # new, or kept before owners were recorded
+    if previous is not None and owner_uid not in (0, previous):
+        raise Conflict(
+            f"the data another user kept from an earlier workspace {name!r} is still on this host; "
+            "pick another name (or ask an administrator to remove it)"
+        )
+    if owner_uid is not None and owner_uid != previous:
+        atomic_write(marker, str(owner_uid), mode=0o644)
 
 
 class OwnedManager:

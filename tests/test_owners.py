@@ -8,6 +8,8 @@ and only then is the lock let go. With the check before the lock (as it was), A 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 
@@ -54,3 +56,25 @@ async def test_a_name_that_changes_hands_under_a_waiting_call(manager: Workspace
     assert record.owner_uid == BOB and record.state == "stopped"
     assert [w.name for w in (await bob.list()).workspaces] == ["race"]
     assert (await alice.list()).workspaces == []
+
+
+async def test_kept_data_stays_with_its_owner(manager: WorkspaceManager) -> None:
+    """destroy(keep_data=True) leaves project files and host key for the next create of that name: the
+    owner's or root's, never another user's."""
+    from sandbox_mcp.errors import Conflict
+
+    alice, bob, root = OwnedManager(manager, ALICE), OwnedManager(manager, BOB), OwnedManager(manager, 0)
+    ws = await alice.create("kept", start=False)
+    (Path(ws.host_workspace_dir) / "alices.txt").write_text("hers")
+    await alice.destroy("kept", keep_data=True)
+    with pytest.raises(Conflict, match="another user kept"):
+        await bob.create("kept", start=False)
+    assert "kept" not in (await manager.registry.read()).workspaces
+    assert (Path(ws.host_workspace_dir) / "alices.txt").read_text() == "hers"  # refused, and left alone
+    again = await alice.create("kept", start=False)
+    assert (Path(again.host_workspace_dir) / "alices.txt").read_text() == "hers"
+    await alice.destroy("kept", keep_data=True)
+    await root.create("kept", start=False)  # root may take it over
+    await root.destroy("kept")
+    ws = await bob.create("kept", start=False)  # gone with its data: the name is free for anyone
+    assert not (Path(ws.host_workspace_dir) / "alices.txt").exists()
