@@ -219,6 +219,7 @@ class WorkspaceManager:
             port=port,
             user=r.user,
             host_key_path=self._paths(r.name).host_key,
+            host_key_fingerprint=r.host_key_fingerprint,  # this incarnation's, not a successor's
             client_key_path=self.client_key_path,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
         )
@@ -618,7 +619,8 @@ class WorkspaceManager:
     async def _running(self, name: str, owner_uid: int | None) -> WorkspaceRecord:
         # The registry's word is enough here: if the workspace died, the SSH call fails and
         # _ssh_call notices it then, keeping the runtime check off every exec. No per-name lock here
-        # (a long exec must not hold up stop): the owner is checked on the record the call uses.
+        # (a long exec must not hold up stop): the owner is checked on the record the call uses,
+        # whose host key the SSH target pins (a successor under the same name has another).
         record = owned(await self.registry.get(name), owner_uid)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
