@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from . import onboarding, ssh
+from . import onboarding, provision, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -51,7 +51,7 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
-from .owners import claim_dir, owned
+from .owners import owned
 from .paths import WorkspacePaths
 from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
 from .state import Registry
@@ -333,7 +333,10 @@ class WorkspaceManager:
             existed = paths.root.exists()
             prepared = started = False
             try:
-                record = await anyio.to_thread.run_sync(self._make_state_dirs, record)
+                fingerprint = await anyio.to_thread.run_sync(
+                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
+                )
+                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
                 await self.registry.put(record)
                 t_image = time.monotonic()
                 record = await runtime.prepare(record, progress)
@@ -404,33 +407,12 @@ class WorkspaceManager:
             data.workspaces[name] = record
         return record
 
-    def _make_state_dirs(self, record: WorkspaceRecord) -> WorkspaceRecord:
-        """The persistent host directories, the pinned host key, authorized_keys and the Claude config."""
-        paths = self._paths(record.name)
-        uid = gid = self.settings.user_uid
-        paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
-        for d in (paths.root, paths.ssh_host_keys, paths.runtime):
-            own_dir(d, 0, 0, 0o755)
-        own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
-        fingerprint = ssh.ensure_host_key(paths.host_key)
-        self._authorize(record)
-        credentials = onboarding.host_credentials_file(Path.home())
-        onboarding.seed_claude_config(
-            paths.claude_config,
-            workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
-            uid=uid,
-            gid=gid,
-            copy_credentials_from=credentials if self.settings.copy_claude_credentials else None,
-        )
-        return record.model_copy(update={"host_key_fingerprint": fingerprint})
-
-    def _authorize(self, record: WorkspaceRecord) -> None:
-        """Write the workspace's authorized_keys: the server's key, and its owner's own (see userkeys)."""
+    def _authorized_keys(self, record: WorkspaceRecord) -> list[str]:
+        """The keys that open the workspace: the server's, and its owner's own (see userkeys)."""
         keys = [self.client_public_key]
         if self.owner_keys is not None and record.owner_uid not in (None, 0):
             keys.append(self.owner_keys(record.owner_uid))
-        ssh.write_authorized_keys(self._paths(record.name).authorized_keys, keys)
+        return keys
 
     async def _undo_create(
         self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, started: bool, existed: bool
@@ -472,7 +454,8 @@ class WorkspaceManager:
         await self.registry.put(record)
         try:
             if self.owner_keys is not None:  # the owner's key may be new since create
-                await anyio.to_thread.run_sync(self._authorize, record)
+                keys = self._paths(record.name).authorized_keys
+                await anyio.to_thread.run_sync(lambda: ssh.write_authorized_keys(keys, self._authorized_keys(record)))
             t_boot = time.monotonic()
             record = await runtime.start(record, progress)
             await self.registry.put(record)
