@@ -15,11 +15,13 @@ import anyio
 from . import __version__
 from .config import Settings, load_settings
 from .errors import InvalidState, SandboxError
+from .fsutil import atomic_write
 from .manager import WorkspaceManager
 from .owners import OwnedManager
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
+    from .workspaces import Workspaces
 
 __all__ = ["build_parser", "main", "ssh_command_argv"]
 
@@ -51,7 +53,7 @@ def _use_daemon(settings: Settings) -> bool:
     )
 
 
-async def _with_manager(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable[int]]) -> int:
     """Run ``fn`` with the daemon's workspaces (as this user) or, as root without a daemon, a local manager."""
     if _use_daemon(settings):
         from .daemon_client import RemoteManager
@@ -96,7 +98,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
                             egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
         _dump(ws)
@@ -106,7 +108,7 @@ def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         result = await m.list()
         if args.json:
             _dump(result)
@@ -127,7 +129,7 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
 
-    async def run(m: Any) -> int:
+    async def run(m: Workspaces) -> int:
         r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
@@ -161,31 +163,36 @@ def ssh_command_argv(target: SSHTarget, known_hosts: Path, extra: Sequence[str])
 
 def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     from . import ssh
+    from .naming import validate_name
     from .paths import WorkspacePaths
 
-    async def run(m: OwnedManager) -> int:
-        t = await m.ssh_target(args.name)
-        known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
-        known_hosts.write_text(ssh.known_hosts_line(t.host, t.host_key_path) + "\n")
-        argv = ssh_command_argv(t, known_hosts, args.extra)
-        os.execvp(argv[0], argv)
-        return 1  # not reached
-
-    if os.geteuid() != 0:  # the SSH client key is root's; the daemon does not hand it out
+    validate_name(args.name)
+    if os.geteuid() != 0:  # through the daemon, with this user's own key (userkeys.py)
         from .daemon_client import RemoteManager
 
-        return anyio.run(RemoteManager(settings).ssh_target, args.name)
+        async def remote() -> SSHTarget:
+            async with RemoteManager(settings) as m:
+                return await m.ssh_target(args.name)
 
-    async def local() -> int:
-        async with WorkspaceManager(settings) as manager:
-            return await run(OwnedManager(manager, 0))
+        target = anyio.run(remote)
+        known_hosts = target.client_key_path.with_name(f"known_hosts-{args.name}")
+    else:  # root reads the state itself, daemon or not
 
-    return anyio.run(local)
+        async def local() -> SSHTarget:
+            async with WorkspaceManager(settings) as manager:
+                return await OwnedManager(manager, 0).ssh_target(args.name)
+
+        target = anyio.run(local)
+        known_hosts = WorkspacePaths.of(settings.state_dir, args.name).runtime / "known_hosts"
+    atomic_write(known_hosts, ssh.known_hosts_line(target.host, target.host_key_path, target.port) + "\n", mode=0o600)
+    argv = ssh_command_argv(target, known_hosts, args.extra)
+    os.execvp(argv[0], argv)
+    return 1  # not reached
 
 
 def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings], int]:
     def command(args: argparse.Namespace, settings: Settings) -> int:
-        async def run(m: Any) -> int:
+        async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
             if method == "start":
@@ -215,6 +222,16 @@ def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def _images_in_use(settings: Settings) -> list[str]:
+    """The image keys the registry's workspaces use (each runtime keeps its key as ``runtime_state.image``)."""
+    from .state import Registry
+
+    if not settings.registry_path.is_file():
+        return []
+    data = Registry(settings.registry_path).read_sync()
+    return sorted({key for r in data.workspaces.values() if isinstance(key := r.runtime_state.get("image"), str)})
+
+
 def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
     from .images import DebianRoot, ImageStore
     from .naming import validate_packages
@@ -229,8 +246,11 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         from .images.incus_image import IncusImage
         from .images.vm import VmImage
 
+        # Never what a registered workspace uses (running VMs also hold their image's lock: ImageStore.hold).
+        keep = _images_in_use(settings)
         # Derived images after the roots, so images of pruned roots go too.
-        for name in [*root.prune(), *VmImage(settings, store, root).prune(), *IncusImage(settings, store).prune()]:
+        for name in [*root.prune(keep), *VmImage(settings, store, root).prune(keep),
+                     *IncusImage(settings, store).prune(keep)]:
             print(f"removed {store.root / name}")
         return 0
     packages = validate_packages(args.package, "debian")

@@ -123,7 +123,8 @@ class Settings(BaseModel):
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
     )
     console_log_mib: int = Field(
-        default=16, ge=1, description="Size bound of a container's console log; a flood past it stops the container"
+        default=16, ge=1, description="Size bound of a workspace's console log; a container flooding it past the "
+        "bound is stopped, a VM's console output past it is dropped"
     )
     private_users: bool = Field(
         default=True,

@@ -36,19 +36,22 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
 from .config import Settings
-from .errors import AccessDenied, InvalidSpec, InvalidState
+from .errors import AccessDenied, InvalidSpec, InvalidState, SandboxError
 from .manager import WorkspaceManager
 from .owners import OwnedManager
+from .userkeys import UserKeys
 
 __all__ = [
     "MAX_LINE_BYTES",
     "Peer",
     "authorize",
     "bind_socket",
+    "lowlevel_server",
     "peer_credentials",
     "run_daemon",
     "serve_connection",
@@ -168,6 +171,18 @@ async def _refuse(stream: anyio.abc.ByteStream, error: AccessDenied) -> None:
     await stream.aclose()
 
 
+def lowlevel_server(server: MCPServer) -> Server[Any]:
+    """The SDK's low-level server under ``server``: the one thing that serves a given stream pair.
+
+    mcp 2.x has no public way to run an ``MCPServer`` session over streams of our own (``run`` and
+    ``run_stdio_async`` take the process's stdin/stdout; ``Server.run(read, write, options)`` is
+    public, but ``MCPServer`` keeps its ``Server`` private). The SDK's own in-memory client reaches
+    it the same way (``mcp/client/_memory.py``: "TODO: Make `lowlevel_server` public"), so this is
+    the one place we do; ``tests/test_daemon.py`` fails loudly if the SDK renames or changes it.
+    """
+    return server._lowlevel_server  # noqa: SLF001
+
+
 async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, group_gid: int | None,
                            group_name: str) -> None:  # fmt: skip
     """One MCP session over one accepted connection, bound to its peer's uid; ends (cancelling
@@ -181,7 +196,7 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
         await _refuse(stream, exc)
         return
     _PEER_UID.set(peer.uid)  # read by the session's lifespan, entered in this task
-    lowlevel = server._lowlevel_server  # the SDK has no public way to serve given streams  # noqa: SLF001
+    lowlevel = lowlevel_server(server)
     async with stream, anyio.create_task_group() as tg:
 
         def hang_up() -> None:
@@ -193,10 +208,16 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
 
-def _connection_lifespan(manager: WorkspaceManager) -> Callable[[MCPServer], Any]:
+def _connection_lifespan(manager: WorkspaceManager, keys: UserKeys) -> Callable[[MCPServer], Any]:
     @asynccontextmanager
     async def lifespan(server: MCPServer) -> AsyncIterator[OwnedManager]:
-        yield OwnedManager(manager, _PEER_UID.get())
+        uid = _PEER_UID.get()
+        if uid != 0:
+            try:  # the user's key copy lives under /run: gone after a reboot or a unit restart
+                await anyio.to_thread.run_sync(keys.ensure_published, uid)
+            except (SandboxError, OSError) as exc:
+                log.warning("could not publish uid %d's SSH key: %s", uid, exc)
+        yield OwnedManager(manager, uid)
 
     return lifespan
 
@@ -276,7 +297,9 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
     gid = _group_gid(settings.daemon_group)
     path = settings.daemon_socket
     async with WorkspaceManager(settings) as manager:
-        server = build_server(settings, lifespan=_connection_lifespan(manager))
+        keys = UserKeys(settings)
+        manager.owner_keys = keys.public_key  # users ssh into their own workspaces (userkeys.py)
+        server = build_server(settings, lifespan=_connection_lifespan(manager, keys))
         sock = bind_socket(path, gid)
         ours = path.stat().st_ino
         try:

@@ -14,11 +14,12 @@ import contextlib
 import errno
 import grp
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -30,7 +31,8 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 
 from .config import Settings
-from .errors import AccessDenied, BackendError, SandboxError
+from .errors import AccessDenied, BackendError, InvalidState, SandboxError
+from .fsutil import atomic_write
 from .models import (
     DestroyResult,
     DirListing,
@@ -44,7 +46,11 @@ from .models import (
     WorkspaceType,
     WriteResult,
 )
+from .naming import validate_name
 from .runtimes.base import Progress, no_progress
+
+if TYPE_CHECKING:
+    from .ssh import SSHTarget
 
 __all__ = ["DaemonLost", "RemoteManager", "connect_error", "daemon_available", "socket_transport"]
 
@@ -148,7 +154,10 @@ async def socket_transport(path: Path, group: str = "sandbox-mcp") -> AsyncItera
 
 
 class RemoteManager:
-    """The manager's methods, carried out by the daemon. Use as ``async with RemoteManager(settings) as m:``."""
+    """The manager's methods (a :class:`~sandbox_mcp.workspaces.Workspaces`), carried out by the daemon.
+
+    Use as ``async with RemoteManager(settings) as m:``.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -201,6 +210,8 @@ class RemoteManager:
             self._closed = None
 
     async def _call(self, tool: str, args: dict[str, Any], model: type[M], progress: Progress | None = None) -> M:
+        if "name" in args:  # the tool's schema would refuse a bad one too, but in pydantic's words
+            validate_name(args["name"])
         client = await self._connect()
 
         async def on_progress(done: float, total: float | None, message: str | None) -> None:
@@ -287,13 +298,30 @@ class RemoteManager:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
 
-    async def ssh_target(self, name: str) -> Any:
-        """Not available through the daemon: the SSH key stays with root.
+    async def ssh_target(self, name: str) -> SSHTarget:
+        """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).
+
+        The daemon answers where (host, port, user) and which host key to pin (read over the
+        socket, so it is the daemon's word, not a file someone could swap); the key is this user's
+        copy, which only they can read. The pinned key is written beside it for OpenSSH.
 
         Raises:
-            AccessDenied: always.
+            WorkspaceNotFound: no such workspace of this user's.
+            InvalidState: it is not running, or this user has no key yet.
         """
-        raise AccessDenied(
-            "`sandbox-mcp ssh` needs the server's SSH key, which only root holds; use `sandbox-mcp exec NAME CMD`, "
-            "or run `sudo sandbox-mcp ssh NAME`"
-        )
+        from .ssh import SSHTarget
+        from .userkeys import user_key_path
+
+        ws = await self.status(name)
+        if ws.state != "running" or not ws.ssh.known_hosts:
+            raise InvalidState(f"workspace {name!r} is {ws.state}; call start_workspace first")
+        key = user_key_path(self.settings, os.geteuid())
+        if not os.access(key, os.R_OK):
+            raise InvalidState(
+                f"no SSH key of yours at {key}: the daemon publishes it as you connect, but did not this time; "
+                "its log says why (`journalctl -u sandbox-mcp`)"
+            )
+        host_key = key.with_name(f"host-{name}.pub")  # name: validated by the daemon's answer above
+        atomic_write(host_key, " ".join(ws.ssh.known_hosts.split()[1:3]) + "\n", mode=0o600)
+        return SSHTarget(key=name, host=ws.ssh.host, port=ws.ssh.port, user=ws.ssh.user, host_key_path=host_key,
+                         client_key_path=key, workspace_dir=ws.workspace_dir)  # fmt: skip

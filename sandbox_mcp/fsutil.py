@@ -26,7 +26,8 @@ import anyio
 
 from .errors import InvalidSpec
 
-__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "own_dir", "write_new"]
+__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "own_dir", "shared_lock_fd",
+           "try_file_lock", "write_new"]
 
 _LOCK_POLL_MIN_S = 0.005
 _LOCK_POLL_MAX_S = 0.1
@@ -143,6 +144,21 @@ def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def try_file_lock(path: Path) -> Iterator[bool]:
+    """:func:`file_lock` (exclusive) without waiting: the body gets True when it holds the lock, False when
+    another process does.
+
+    Raises:
+        OSError: the lock file cannot be opened (e.g. a symlink sits there).
+    """
+    fd = _open_lock(Path(path))
+    try:
+        yield _try_flock(fd, True)
+    finally:
+        os.close(fd)
+
+
 @contextlib.asynccontextmanager
 async def async_file_lock(
     path: Path, exclusive: bool = True, *, on_wait: Callable[[], Awaitable[None]] | None = None
@@ -168,6 +184,23 @@ async def async_file_lock(
         yield
     finally:
         os.close(fd)
+
+
+def shared_lock_fd(path: Path) -> int | None:
+    """``path``'s lock taken shared, as an fd that holds it until closed (in every process that inherited it);
+    None while someone holds it exclusively. For a lock that must outlive this call, e.g. one a child keeps.
+
+    Raises:
+        OSError: the lock file cannot be opened (e.g. a symlink sits there).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-only: the holder may be a process we trust less (an unprivileged qemu); a lock needs no write access.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if _try_flock(fd, False):
+        return fd
+    os.close(fd)
+    return None
 
 
 def lock_is_held(path: Path) -> bool:

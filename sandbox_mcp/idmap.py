@@ -40,6 +40,7 @@ __all__ = [
     "MOUNT_ATTR_NOSUID",
     "MOUNT_ATTR_RDONLY",
     "IdMap",
+    "detached_idmapped_tree",
     "format_map",
     "idmapped_mount",
     "root_map",
@@ -108,8 +109,10 @@ def format_map(idmap: IdMap) -> str:
     return "".join(f"{a} {b} {n}\n" for a, b, n in idmap)
 
 
-def userns_with_map(idmap: IdMap) -> int:
-    """An fd of a new user namespace whose uid and gid maps are ``idmap``. The caller closes it.
+def userns_with_map(idmap: IdMap, gid_map: IdMap | None = None) -> int:
+    """An fd of a new user namespace whose uid map is ``idmap`` (gid map: ``gid_map``, default the same).
+
+    The caller closes it.
 
     Raises:
         BackendError: ``unshare`` is missing or the kernel refused the namespace or the map.
@@ -137,12 +140,12 @@ def userns_with_map(idmap: IdMap) -> int:
             except FileNotFoundError:
                 pass
             os.sched_yield()
-        text = format_map(idmap)
+        text, gids = format_map(idmap), format_map(idmap if gid_map is None else gid_map)
         try:
             Path(f"/proc/{proc.pid}/uid_map").write_text(text)
-            Path(f"/proc/{proc.pid}/gid_map").write_text(text)
+            Path(f"/proc/{proc.pid}/gid_map").write_text(gids)
         except OSError as exc:
-            raise BackendError(f"the kernel refused the id map {text!r}: {exc}") from exc
+            raise BackendError(f"the kernel refused the id map {text!r} / {gids!r}: {exc}") from exc
         return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         if proc.stdin:
@@ -160,15 +163,18 @@ def _syscall_fail(what: str, path: Path) -> BackendError:
     )
 
 
-def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0) -> None:
-    """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied.
+def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid_map: IdMap | None = None) -> int:
+    """An fd of a copy of ``source``'s mount with ``idmap`` (gids: ``gid_map``, default the same) applied,
+    attached nowhere. The caller closes it.
 
-    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``. Unmount with ``umount``.
+    The copy lives while the fd (or anything opened through it, e.g. ``/proc/self/fd/N`` in a
+    process that inherited it) does, and is gone with the last one: nothing to unmount.
+    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``.
 
     Raises:
         BackendError: the kernel or the file system refused (the message says which step).
     """
-    nsfd = userns_with_map(idmap)
+    nsfd = userns_with_map(idmap, gid_map)
     try:
         fd = _libc.syscall(
             _SYS_OPEN_TREE, -100, os.fsencode(source), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
@@ -179,9 +185,25 @@ def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 
             attr = _MountAttr(MOUNT_ATTR_IDMAP | extra_attrs, 0, 0, nsfd)
             if _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)):
                 raise _syscall_fail("mount_setattr", source)
-            if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH):
-                raise _syscall_fail("move_mount", target)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
     finally:
         os.close(nsfd)
+
+
+def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0) -> None:
+    """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied.
+
+    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``. Unmount with ``umount``.
+
+    Raises:
+        BackendError: the kernel or the file system refused (the message says which step).
+    """
+    fd = detached_idmapped_tree(source, idmap, extra_attrs)
+    try:
+        if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH):
+            raise _syscall_fail("move_mount", target)
+    finally:
+        os.close(fd)

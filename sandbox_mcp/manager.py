@@ -15,12 +15,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import anyio
 
-from . import onboarding, ssh
+from . import onboarding, provision, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -51,6 +51,7 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .owners import owned
 from .paths import WorkspacePaths
 from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
 from .state import Registry
@@ -91,6 +92,9 @@ class WorkspaceManager:
         self._runtimes = runtimes
         self._mode: Mode | None = None
         self._locks: dict[str, anyio.Lock] = {}
+        # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
+        # userkeys.UserKeys.public_key); in process, only the server's key is.
+        self.owner_keys: Callable[[int], str] | None = None
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -183,6 +187,10 @@ class WorkspaceManager:
         """The workspace as tools report it."""
         runtime = self.runtimes.get(r.runtime)
         host, port = runtime.endpoint(r) if runtime is not None else (r.ip, 22)
+        known_hosts = None
+        with contextlib.suppress(SandboxError):  # no host key yet (being created)
+            host_pub = self._paths(r.name).host_key
+            known_hosts = ssh.known_hosts_line(host, host_pub.with_name(host_pub.name + ".pub"), port)
         return Workspace(
             name=r.name,
             type=r.type,
@@ -191,7 +199,8 @@ class WorkspaceManager:
             user=r.user,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
             host_workspace_dir=str(self._paths(r.name).workspace),
-            ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint),
+            ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint,
+                        known_hosts=known_hosts),
             packages=r.packages,
             egress=r.egress,
             isolation=r.isolation,
@@ -210,6 +219,7 @@ class WorkspaceManager:
             port=port,
             user=r.user,
             host_key_path=self._paths(r.name).host_key,
+            host_key_fingerprint=r.host_key_fingerprint,  # this incarnation's, not a successor's
             client_key_path=self.client_key_path,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
         )
@@ -306,7 +316,7 @@ class WorkspaceManager:
         Raises:
             InvalidSpec: bad name, type, packages or IP.
             WorkspaceExists: the name is taken.
-            Conflict: the IP (or the name's derived MAC/CID) is in use.
+            Conflict: the IP (or the name's derived MAC/CID) is in use; another user's kept data has the name.
             BackendError: building, declaring or booting failed (the message has the log tail).
         """
         t0 = time.monotonic()
@@ -323,7 +333,10 @@ class WorkspaceManager:
             existed = paths.root.exists()
             prepared = started = False
             try:
-                record = await anyio.to_thread.run_sync(self._make_state_dirs, record)
+                fingerprint = await anyio.to_thread.run_sync(
+                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
+                )
+                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
                 await self.registry.put(record)
                 t_image = time.monotonic()
                 record = await runtime.prepare(record, progress)
@@ -394,25 +407,12 @@ class WorkspaceManager:
             data.workspaces[name] = record
         return record
 
-    def _make_state_dirs(self, record: WorkspaceRecord) -> WorkspaceRecord:
-        """The persistent host directories, the pinned host key, authorized_keys and the Claude config."""
-        paths = self._paths(record.name)
-        uid = gid = self.settings.user_uid
-        paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for d in (paths.root, paths.ssh_host_keys, paths.runtime):
-            own_dir(d, 0, 0, 0o755)
-        own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
-        fingerprint = ssh.ensure_host_key(paths.host_key)
-        ssh.write_authorized_keys(paths.authorized_keys, [self.client_public_key])
-        credentials = onboarding.host_credentials_file(Path.home())
-        onboarding.seed_claude_config(
-            paths.claude_config,
-            workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
-            uid=uid,
-            gid=gid,
-            copy_credentials_from=credentials if self.settings.copy_claude_credentials else None,
-        )
-        return record.model_copy(update={"host_key_fingerprint": fingerprint})
+    def _authorized_keys(self, record: WorkspaceRecord) -> list[str]:
+        """The keys that open the workspace: the server's, and its owner's own (see userkeys)."""
+        keys = [self.client_public_key]
+        if self.owner_keys is not None and record.owner_uid not in (None, 0):
+            keys.append(self.owner_keys(record.owner_uid))
+        return keys
 
     async def _undo_create(
         self, record: WorkspaceRecord, runtime: Runtime, prepared: bool, started: bool, existed: bool
@@ -429,15 +429,17 @@ class WorkspaceManager:
         await self.registry.remove(record.name)
         await self._sync_hosts()
 
-    async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
+    async def start(self, name: str, progress: Progress = no_progress, *, owner_uid: int | None = None) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
+        ``owner_uid`` (on every operation): act only on that uid's workspaces (see owners.owned).
+
         Raises:
-            WorkspaceNotFound, InvalidState (still being created), BackendError (boot failed).
+            WorkspaceNotFound (also: another owner's), InvalidState (still being created), BackendError (boot failed).
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = self._runtime_of(record)
             if record.state == "running" and (await runtime.status(record)).running:
                 return self.view(record)
@@ -451,6 +453,9 @@ class WorkspaceManager:
         record.state, record.last_error = "starting", None
         await self.registry.put(record)
         try:
+            if self.owner_keys is not None:  # the owner's key may be new since create
+                keys = self._paths(record.name).authorized_keys
+                await anyio.to_thread.run_sync(lambda: ssh.write_authorized_keys(keys, self._authorized_keys(record)))
             t_boot = time.monotonic()
             record = await runtime.start(record, progress)
             await self.registry.put(record)
@@ -533,30 +538,30 @@ class WorkspaceManager:
         await runtime.stop(record)
         return runtime
 
-    async def stop(self, name: str) -> Workspace:
+    async def stop(self, name: str, *, owner_uid: int | None = None) -> Workspace:
         """Stop a workspace (its root filesystem is discarded; the workspace dir stays). Idempotent.
 
         Raises:
-            WorkspaceNotFound, BackendError.
+            WorkspaceNotFound (also: another owner's), BackendError.
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             if record.state != "error":
                 record = self._stopped(runtime, record, None)
             await self.registry.put(record)
         return self.view(record)
 
-    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
+    async def destroy(self, name: str, keep_data: bool = False, *, owner_uid: int | None = None) -> DestroyResult:
         """Stop and remove a workspace: runtime artefacts, registry entry and (unless keep_data) its host dirs.
 
         Raises:
-            WorkspaceNotFound, BackendError.
+            WorkspaceNotFound (also: another owner's), BackendError.
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self.registry.get(name)
+            record = owned(await self.registry.get(name), owner_uid)
             runtime = await self._halt(record)
             await runtime.destroy(record)
             paths = self._paths(name)
@@ -573,41 +578,44 @@ class WorkspaceManager:
         self._locks.pop(name, None)
         return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
 
-    async def list(self) -> WorkspaceList:
-        """All registered workspaces, with dead ones noticed."""
+    async def list(self, *, owner_uid: int | None = None) -> WorkspaceList:
+        """All registered workspaces (those of ``owner_uid`` if given), with dead ones noticed."""
         data = await self.registry.read()
-        records = [await self._refresh(r) for r in data.workspaces.values()]
+        mine = [r for r in data.workspaces.values() if owner_uid is None or r.owner_uid == owner_uid]
+        records = [await self._refresh(r) for r in mine]
         return WorkspaceList(workspaces=[self.view(r) for r in sorted(records, key=lambda r: r.name)])
 
-    async def status(self, name: str) -> WorkspaceStatus:
+    async def status(self, name: str, *, owner_uid: int | None = None) -> WorkspaceStatus:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
-        record = await self._refresh(await self.registry.get(name))
+        record = owned(await self._refresh(owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
         return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
 
-    async def logs(self, name: str, lines: int = 200) -> LogsResult:
+    async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
-        record = await self.registry.get(name)
+        record = owned(await self.registry.get(name), owner_uid)
         text = await self._runtime_of(record).logs(record, lines)
         return LogsResult(name=name, log=text, lines=len(text.splitlines()))
 
     # Inside a running workspace ----------------------------------------------------------------
 
-    async def _running(self, name: str) -> WorkspaceRecord:
+    async def _running(self, name: str, owner_uid: int | None) -> WorkspaceRecord:
         # The registry's word is enough here: if the workspace died, the SSH call fails and
-        # _ssh_call notices it then, keeping the runtime check off every exec.
-        record = await self.registry.get(name)
+        # _ssh_call notices it then, keeping the runtime check off every exec. No per-name lock here
+        # (a long exec must not hold up stop): the owner is checked on the record the call uses,
+        # whose host key the SSH target pins (a successor under the same name has another).
+        record = owned(await self.registry.get(name), owner_uid)
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record
 
-    async def ssh_target(self, name: str) -> ssh.SSHTarget:
+    async def ssh_target(self, name: str, *, owner_uid: int | None = None) -> ssh.SSHTarget:
         """How to reach a running workspace over SSH (for the CLI's interactive ssh and the benchmark).
 
         Raises:
             WorkspaceNotFound, InvalidState (not running).
         """
-        return self._target(await self._running(name))
+        return self._target(await self._running(name, owner_uid))
 
     async def _ssh_call(self, record: WorkspaceRecord, call):  # type: ignore[no-untyped-def]
         try:
@@ -630,9 +638,11 @@ class WorkspaceManager:
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
         stdin: str | None = None,
+        *,
+        owner_uid: int | None = None,
     ) -> ExecResult:
         """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
@@ -641,12 +651,14 @@ class WorkspaceManager:
             ),
         )  # fmt: skip
 
-    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
+    async def read_file(
+        self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
+    ) -> FileContent:
         """Read up to ``limit`` bytes (capped by settings) from ``offset``."""
         if offset < 0:
             raise InvalidSpec("offset must be ≥ 0")
         limit = min(limit or 256 * 1024, self.settings.read_limit_max)
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.read_file(t, path, offset=offset, limit=limit))
 
     async def write_file(
@@ -657,6 +669,8 @@ class WorkspaceManager:
         encoding: str = "utf-8",
         append: bool = False,
         mode: str | int | None = None,
+        *,
+        owner_uid: int | None = None,
     ) -> WriteResult:
         """Write (or append) text or base64 content to a file, creating parent directories."""
         if encoding == "utf-8":
@@ -674,12 +688,12 @@ class WorkspaceManager:
                 f"Write it in parts with append=true, or put it in the host workspace dir"
             )
         file_mode = parse_mode(mode)
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(
             record, lambda t: self.ssh.write_file(t, path, data, append=append, mode=file_mode)
         )
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", *, owner_uid: int | None = None) -> DirListing:
         """List a directory (relative paths resolve against the workspace dir)."""
-        record = await self._running(name)
+        record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))

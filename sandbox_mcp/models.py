@@ -50,6 +50,10 @@ class SSHInfo(BaseModel):
     port: int = 22
     user: str
     host_key_fingerprint: str = Field(description="SHA256 fingerprint of the pinned host key")
+    known_hosts: str | None = Field(
+        default=None,
+        description="The pinned host key as an OpenSSH known_hosts line (for `ssh -o UserKnownHostsFile=...`)",
+    )
 
 
 class Limits(BaseModel):

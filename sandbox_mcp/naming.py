@@ -19,8 +19,10 @@ __all__ = [
     "MAX_NAME_LEN",
     "BUILD_UID_BASE",
     "UID_RANGE",
+    "VM_UID_BASE",
     "allocate_ip",
     "allocate_uid_base",
+    "allocate_vm_uid",
     "check_identity_collisions",
     "cid_for",
     "mac_for",
@@ -43,7 +45,9 @@ CID_OFFSET = 100  # CIDs 0-2 are reserved by vsock(7); 3-99 are left for manual 
 UID_RANGE = 65536  # host uids per user-namespaced workspace (0..65535 inside)
 FIRST_UID_BASE = 8 * UID_RANGE  # 524288: above the ranges useradd hands out in /etc/subuid by default
 BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (uids read as signed ints)
-LAST_UID_BASE = BUILD_UID_BASE - UID_RANGE
+# One range of single uids below the build's: a VM's qemu runs as one of them (never a container's range).
+VM_UID_BASE = BUILD_UID_BASE - UID_RANGE
+LAST_UID_BASE = VM_UID_BASE - UID_RANGE
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
@@ -186,3 +190,18 @@ def allocate_uid_base(taken: Iterable[int]) -> int:
         if base not in used:
             return base
     raise Conflict("no free uid range left for a user-namespaced workspace; destroy unused workspaces")
+
+
+def allocate_vm_uid(taken: Iterable[int]) -> int:
+    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65535``.
+
+    ``taken`` holds the uids of the registry's VMs and of qemu processes live on the host.
+
+    Raises:
+        Conflict: all 65536 are taken.
+    """
+    used = set(taken)
+    for uid in range(VM_UID_BASE, VM_UID_BASE + UID_RANGE):
+        if uid not in used:
+            return uid
+    raise Conflict("no free uid left for a VM's qemu process; destroy unused VM workspaces")

@@ -10,9 +10,12 @@ The methods mirror the manager's, so the MCP tools and the CLI call either one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import WorkspaceNotFound
+from .config import Settings
+from .errors import Conflict, WorkspaceNotFound
+from .fsutil import atomic_write
 from .models import (
     DestroyResult,
     DirListing,
@@ -22,6 +25,7 @@ from .models import (
     LogsResult,
     Workspace,
     WorkspaceList,
+    WorkspaceRecord,
     WorkspaceStatus,
     WorkspaceType,
     WriteResult,
@@ -32,28 +36,67 @@ if TYPE_CHECKING:
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
-__all__ = ["OwnedManager"]
+__all__ = ["OwnedManager", "claim_dir", "owned"]
+
+_OWNER_FILE = ".owner-uid"  # in <state>/<name>/ (root's): whose workspace the directory holds
+
+
+def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
+    """``record``, if ``owner_uid`` may see it (None: anyone may, as root).
+
+    The manager checks the record it acts on, under the workspace's lock where the operation takes
+    it, so a workspace destroyed and re-created by another user in between is never acted on.
+
+    Raises:
+        WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
+    """
+    if owner_uid is not None and record.owner_uid != owner_uid:
+        raise WorkspaceNotFound(record.name)
+    return record
+
+
+def claim_dir(root: Path, name: str, owner_uid: int | None) -> None:
+    """Mark ``root`` (a workspace's host directory) as ``owner_uid``'s, unless it is another user's.
+
+    A workspace destroyed with keep_data leaves its directory (project files, host key) for the
+    next create of that name: that must be its owner's (or root's), never another user's.
+
+    Raises:
+        Conflict: ``root`` holds another user's kept data.
+    """
+    marker = root / _OWNER_FILE
+    try:
+        previous: int | None = int(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        previous = None  # new, or kept before owners were recorded
+    if previous is not None and owner_uid not in (0, previous):
+        raise Conflict(
+            f"the data another user kept from an earlier workspace {name!r} is still on this host; "
+            "pick another name (or ask an administrator to remove it)"
+        )
+    if owner_uid is not None and owner_uid != previous:
+        atomic_write(marker, str(owner_uid), mode=0o644)
 
 
 class OwnedManager:
-    """The workspaces of host user ``uid`` (all of them for root), with the manager's methods."""
+    """The workspaces of host user ``uid`` (all of them for root): a :class:`~sandbox_mcp.workspaces.Workspaces`."""
 
     def __init__(self, manager: WorkspaceManager, uid: int) -> None:
         self.manager = manager
         self.uid = uid
 
     @property
-    def settings(self):  # type: ignore[no-untyped-def]
+    def settings(self) -> Settings:
         return self.manager.settings
 
-    def _sees_all(self) -> bool:
-        return self.uid == 0
+    @property
+    def _owner(self) -> int | None:
+        """The owner every call requires: None (anyone's) for root."""
+        return None if self.uid == 0 else self.uid
 
-    async def _check(self, name: str) -> None:
-        """Raises WorkspaceNotFound unless ``name`` exists and belongs to this user (or the user is root)."""
-        record = await self.manager.registry.get(name)
-        if not self._sees_all() and record.owner_uid != self.uid:
-            raise WorkspaceNotFound(name)
+    # The manager checks the owner itself, on the record it acts on and under the workspace's lock
+    # where the operation takes it: checked here first, a workspace destroyed and re-created by
+    # another user between the check and the action would be acted on.
 
     async def create(
         self,
@@ -74,37 +117,27 @@ class OwnedManager:
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.start(name, progress=progress)
+        return await self.manager.start(name, progress=progress, owner_uid=self._owner)
 
     async def stop(self, name: str) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.stop(name)
+        return await self.manager.stop(name, owner_uid=self._owner)
 
     async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.destroy(name, keep_data)
+        return await self.manager.destroy(name, keep_data, owner_uid=self._owner)
 
     async def list(self) -> WorkspaceList:
         """This user's workspaces (every workspace for root)."""
-        result = await self.manager.list()
-        if self._sees_all():
-            return result
-        data = await self.manager.registry.read()
-        mine = {n for n, r in data.workspaces.items() if r.owner_uid == self.uid}
-        return WorkspaceList(workspaces=[w for w in result.workspaces if w.name in mine])
+        return await self.manager.list(owner_uid=self._owner)
 
     async def status(self, name: str) -> WorkspaceStatus:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.status(name)
+        return await self.manager.status(name, owner_uid=self._owner)
 
     async def logs(self, name: str, lines: int = 200) -> LogsResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.logs(name, lines)
+        return await self.manager.logs(name, lines, owner_uid=self._owner)
 
     async def exec(
         self,
@@ -116,13 +149,11 @@ class OwnedManager:
         stdin: str | None = None,
     ) -> ExecResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.exec(name, command, cwd, env, timeout_s, stdin)
+        return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.read_file(name, path, offset, limit)
+        return await self.manager.read_file(name, path, offset, limit, owner_uid=self._owner)
 
     async def write_file(
         self,
@@ -134,15 +165,12 @@ class OwnedManager:
         mode: str | int | None = None,
     ) -> WriteResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.write_file(name, path, content, encoding, append, mode)
+        return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
 
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.list_dir(name, path)
+        return await self.manager.list_dir(name, path, owner_uid=self._owner)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        await self._check(name)
-        return await self.manager.ssh_target(name)
+        return await self.manager.ssh_target(name, owner_uid=self._owner)

@@ -42,6 +42,7 @@ from .models import (
 )
 from .owners import OwnedManager
 from .runtimes.base import Progress
+from .workspaces import Workspaces
 
 __all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
 
@@ -182,7 +183,7 @@ def build_server(
         **auth,
     )
 
-    def manager_of(ctx: Context) -> OwnedManager:
+    def manager_of(ctx: Context) -> Workspaces:
         return ctx.request_context.lifespan_context
 
     def tool(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False, title: str):

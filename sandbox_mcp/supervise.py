@@ -20,6 +20,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "kill_tagged",
     "proc_start_time",
     "spawn",
+    "spawn_bounded_sink",
     "tagged",
     "terminate",
     "uptime_s",
@@ -49,6 +51,18 @@ __all__ = [
 TAG_ENV = "SANDBOX_MCP_WORKSPACE"
 
 _POLL_S = 0.02
+
+# The copier of spawn_bounded_sink: each read written at once (head and dd would hold a boot's
+# console in a buffer, or count a short read as a whole block), the rest drained, never refused.
+_SINK = """
+import os, sys
+left = int(sys.argv[1])
+while data := os.read(0, 65536):
+    data = data[:max(left, 0)]
+    left -= len(data)
+    while data:
+        data = data[os.write(1, data):]
+"""
 
 
 class ProcessRef(BaseModel):
@@ -132,6 +146,32 @@ def uptime_s(ref: ProcessRef) -> float:
     return max(0.0, boot_uptime - ref.start_time / ticks)
 
 
+def spawn_bounded_sink(log_path: Path, limit_bytes: int, *, tag: str | None = None) -> tuple[ProcessRef, int]:
+    """A pipe whose output lands in ``log_path`` up to ``limit_bytes``; the rest is read and dropped.
+
+    For a log a workspace fills (a VM's serial console): the writer never blocks or fails past
+    the bound, and the host's disk holds at most ``limit_bytes`` of it. The copier (a few
+    lines of Python) is a tagged, detached process like the one it serves; it ends at
+    the pipe's EOF, when every writer has closed it. Blocking: call it from a worker thread.
+
+    Returns:
+        The copier and the pipe's write end (the caller passes it to the writer, then closes it).
+
+    Raises:
+        BackendError: the copier did not start.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        copier = spawn([sys.executable, "-I", "-S", "-c", _SINK, str(limit_bytes)], log_path, tag=tag,
+                       stdin=read_end)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return copier, write_end
+
+
 def spawn(
     argv: Sequence[str],
     log_path: Path,
@@ -139,12 +179,16 @@ def spawn(
     env: Mapping[str, str] | None = None,
     tag: str | None = None,
     missing_hint: str = "",
+    pass_fds: Sequence[int] = (),
+    stdin: int | None = None,
 ) -> ProcessRef:
-    """Start ``argv`` detached (its own session, stdin from /dev/null, output to ``log_path``, replaced).
+    """Start ``argv`` detached (its own session, stdin from /dev/null or the fd ``stdin``, output to
+    ``log_path``, replaced).
 
     It survives the server; a thread of ours reaps it if it exits while we run, so no zombie
     stays. ``tag`` (a :func:`workspace_tag`) goes into its environment, so :func:`tagged` finds it
-    even if the caller never gets to record its PID. Blocking: call it from a worker thread.
+    even if the caller never gets to record its PID. ``pass_fds`` stay open in it under the same
+    numbers (every other fd is closed). Blocking: call it from a worker thread.
 
     Raises:
         BackendError: the program is missing (with ``missing_hint``), or it exited at once.
@@ -156,11 +200,12 @@ def spawn(
         try:
             proc = subprocess.Popen(
                 list(argv),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
                 env=environment,
             )
         except FileNotFoundError as exc:

@@ -79,3 +79,18 @@ async def destroy_all(m: object) -> None:
             await m.destroy(ws)
         except Exception as exc:  # keep cleaning the others
             print(f"cleanup of {ws} failed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def accounts() -> Iterator[object]:
+    """Throw-away users for the daemon tests (tests/deploy.py): two in a fresh group, one outside it.
+
+    Made once per run, removed at its end (also when tests fail).
+    """
+    from .deploy import make_accounts, missing_account_tools
+
+    reason = e2e_skip_reason() or missing_account_tools()
+    if reason:
+        pytest.skip(reason)
+    with make_accounts() as made:
+        yield made

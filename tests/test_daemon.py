@@ -9,40 +9,35 @@ containers in the test namespace.
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import json
 import os
-import pwd
 import re
-import secrets
-import shutil
 import signal
+import stat
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp.shared.exceptions import MCPError
 
+from sandbox_mcp import ssh
 from sandbox_mcp.config import Settings
 from sandbox_mcp.daemon import Peer, authorize
 from sandbox_mcp.errors import AccessDenied
 from sandbox_mcp.fsutil import file_lock
 from sandbox_mcp.images import DebianRoot, ImageStore
-from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import netns_name
+from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.state import Registry
+from sandbox_mcp.userkeys import user_key_path
 
-from .conftest import destroy_all, e2e_skip_reason
+from .deploy import Account, Accounts, Daemon, as_user, cli_as, mcp_as, running_daemon, user_env
 
 pytestmark = pytest.mark.anyio
 
@@ -61,131 +56,24 @@ def test_authorize_rules() -> None:
         authorize(Peer(1, 1001, 100, frozenset({4242})), None, "g")  # no such group: only root
 
 
-# --- accounts, the daemon, and clients running as a user -------------------------------------
+async def test_the_sdk_still_serves_a_given_stream_pair() -> None:
+    """daemon.lowlevel_server reaches into the SDK (no public way exists): if mcp renames or reshapes
+    what it returns, this fails here rather than at the first connection to a deployed daemon."""
+    import inspect
+
+    from mcp.server.lowlevel import Server
+
+    from sandbox_mcp.daemon import lowlevel_server
+    from sandbox_mcp.server import build_server
+
+    lowlevel = lowlevel_server(build_server(Settings()))
+    assert isinstance(lowlevel, Server)
+    assert list(inspect.signature(lowlevel.run).parameters)[:3] == ["read_stream", "write_stream",
+                                                                    "initialization_options"]  # fmt: skip
+    assert lowlevel.create_initialization_options().server_name == "sandbox-mcp"
 
 
-@dataclass
-class Account:
-    name: str
-    uid: int
-    gid: int
-    home: Path
-
-
-@dataclass
-class Accounts:
-    group: str
-    gid: int
-    alice: Account  # in the group
-    bob: Account  # in the group too
-    carol: Account  # not in the group
-
-
-def _sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    reason = e2e_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed")
-    suffix = secrets.token_hex(3)
-    group = f"sbxg{suffix}"
-    made: list[str] = []
-    homes: list[Path] = []
-    try:
-        _sh("groupadd", group)
-        accounts: dict[str, Account] = {}
-        for role, member in (("alice", True), ("bob", True), ("carol", False)):
-            name = f"sbx{role[0]}{suffix}"
-            _sh("useradd", "-M", "-N", "-s", "/usr/sbin/nologin", *(["-G", group] if member else []), name)
-            made.append(name)
-            entry = pwd.getpwnam(name)
-            home = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-            homes.append(home)
-            os.chown(home, entry.pw_uid, entry.pw_gid)
-            accounts[role] = Account(name, entry.pw_uid, entry.pw_gid, home)
-        yield Accounts(group, grp.getgrnam(group).gr_gid, **accounts)
-    finally:
-        for name in made:
-            subprocess.run(["userdel", name], check=False, capture_output=True)
-        subprocess.run(["groupdel", group], check=False, capture_output=True)
-        for home in homes:
-            shutil.rmtree(home, ignore_errors=True)
-
-
-class Daemon:
-    """`sandbox-mcp daemon` as a child process, restartable."""
-
-    def __init__(self, settings: Settings, group: str) -> None:
-        self.settings = settings
-        self.group = group
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: list[str] = []
-        self._seen = 0  # log lines wait_for has looked at
-        self._cond = threading.Condition()
-
-    @property
-    def env(self) -> dict[str, str]:
-        s = self.settings
-        return {**_base_env(), "SANDBOX_MCP_STATE_DIR": str(s.state_dir), "SANDBOX_MCP_IMAGE_DIR": str(s.image_dir),
-                "SANDBOX_MCP_HOSTS_FILE": str(s.hosts_file), "SANDBOX_MCP_BOOT_TIMEOUT_S": "60",
-                "SANDBOX_MCP_DAEMON_GROUP": self.group}  # fmt: skip
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_mcp", "daemon"], env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
-        # Drain its log all the time (a full pipe would stall the daemon), keeping the lines.
-        with self._cond:
-            self._seen = len(self.log)  # only this process's lines from here on
-        self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
-        self._drainer.start()
-        self.wait_for("listening on")
-
-    def _drain(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            with self._cond:
-                self.log.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.log.append("<exited>\n")
-            self._cond.notify_all()
-
-    def wait_for(self, text: str) -> str:
-        """Wait until a new line of the daemon's log holds ``text`` (however long that takes)."""
-        with self._cond:
-            while True:
-                while self._seen < len(self.log):
-                    line = self.log[self._seen]
-                    self._seen += 1
-                    if text in line:
-                        return line
-                    if line == "<exited>\n":
-                        raise AssertionError(f"daemon exited before logging {text!r}:\n{''.join(self.log)}")
-                self._cond.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self._drainer.join()
-        self.proc = None
-
-
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_MCP_")}
-    return {**env, "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_BRIDGE": BRIDGE,
-            "SANDBOX_MCP_SUBNET": SUBNET, "SANDBOX_MCP_DAEMON_SOCKET": os.environ["SBX_TEST_SOCKET"]}  # fmt: skip
+# --- the daemon, and clients running as a user (tests/deploy.py) ------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -193,58 +81,33 @@ def daemon(accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iter
     image_dir = Path(os.environ.get("SANDBOX_MCP_IMAGE_DIR", "/var/cache/sandbox-mcp/images"))
     root = tmp_path_factory.mktemp("daemon")
     settings = Settings(mode="direct", state_dir=root / "state", image_dir=image_dir, bridge=BRIDGE, subnet=SUBNET,
-                        hosts_file=root / "hosts")  # fmt: skip
+                        hosts_file=root / "hosts", boot_timeout_s=60)  # fmt: skip
     store = DebianRoot(settings, ImageStore(settings.image_dir))
     if not store.exists(store.key(())):
         pytest.skip("the root image is not cached; ./scripts/test builds it before entering the test namespace")
-    run_dir = Path(tempfile.mkdtemp(prefix="sbxd-run-"))  # users must reach the socket: 0755, not pytest's 0700
-    os.chmod(run_dir, 0o755)
-    os.environ["SBX_TEST_SOCKET"] = str(run_dir / "sandbox-mcp" / "daemon.sock")
-    d = Daemon(settings, accounts.group)
-    _LOGS.append(d.log)
     try:
-        d.start()
-        yield d
+        with running_daemon(settings, accounts.group) as d:
+            _DAEMONS.append(d)
+            yield d
     finally:
-        d.stop()
-        os.environ.pop("SBX_TEST_SOCKET", None)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        anyio.run(_destroy_leftovers, settings)
         subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
 
 
-async def _destroy_leftovers(settings: Settings) -> None:
-    async with WorkspaceManager(settings) as m:
-        await destroy_all(m)
+_DAEMONS: list[Daemon] = []  # the running daemon, for failure messages
 
 
-def _as(user: Account, *argv: str) -> list[str]:
-    """``argv`` run as ``user``: their uid, gid and supplementary groups, nothing of root's."""
-    return ["setpriv", "--reuid", str(user.uid), "--regid", str(user.gid), "--init-groups", "--", *argv]
+def _mcp_as(user: Account) -> Any:
+    return mcp_as(user, _DAEMONS[-1])
 
 
-def _user_env(user: Account) -> dict[str, str]:
-    return {**_base_env(), "HOME": str(user.home), "USER": user.name}
-
-
-@contextlib.asynccontextmanager
-async def mcp_as(user: Account) -> AsyncIterator[Client]:
-    """An MCP client session with `sandbox-mcp serve` (stdio) running as ``user``, as Claude Code starts it."""
-    params = StdioServerParameters(command="setpriv", args=_as(user, sys.executable, "-m", "sandbox_mcp", "serve")[1:],
-                                   env=_user_env(user), cwd=str(user.home))  # fmt: skip
-    async with Client(params) as client:
-        yield client
-
-
-def cli_as(user: Account, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_as(user, sys.executable, "-m", "sandbox_mcp", *args), env=_user_env(user),
-                          cwd=str(user.home), capture_output=True, text=True, timeout=300)  # fmt: skip
+def _cli_as(user: Account, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli_as(user, _DAEMONS[-1], *args)
 
 
 async def refusal(user: Account) -> str:
     """The message of the error that ends ``user``'s attempt to open a session."""
     try:
-        async with mcp_as(user):
+        async with _mcp_as(user):
             pass
     except BaseException as exc:  # task groups wrap it
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -254,12 +117,9 @@ async def refusal(user: Account) -> str:
     raise AssertionError(f"{user.name} was let in")
 
 
-_LOGS: list[list[str]] = []  # the running daemon's log, for failure messages
-
-
 async def call(client: Client, tool: str, progress: Callable[..., Any] | None = None, **args: Any) -> dict[str, Any]:
     result = await client.call_tool(tool, args, progress_callback=progress)
-    tail = "".join(_LOGS[-1][-40:]) if _LOGS else ""
+    tail = _DAEMONS[-1].tail() if _DAEMONS else ""
     assert not result.is_error, f"{tool} failed: {result.content}\ndaemon log:\n{tail}"
     assert isinstance(result.structured_content, dict)
     return result.structured_content
@@ -285,7 +145,7 @@ async def test_a_user_in_the_group_drives_the_lifecycle(daemon: Daemon, accounts
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         progress.append(message or "")
 
-    async with mcp_as(alice) as client:
+    async with _mcp_as(alice) as client:
         ws = await call(client, "create_workspace", on_progress, name="dalice")
         assert ws["state"] == "running" and progress and "workspace running" in progress
         assert registry(daemon)["dalice"].owner_uid == alice.uid
@@ -301,13 +161,21 @@ async def test_a_user_in_the_group_drives_the_lifecycle(daemon: Daemon, accounts
         assert (await call(client, "read_file", name="dalice", path="notes/a.txt"))["content"] == "from alice"
 
         # The CLI as the same user reaches the same workspaces through the daemon.
-        r = cli_as(alice, "ls", "--json")
+        r = _cli_as(alice, "ls", "--json")
         assert r.returncode == 0, r.stderr
         assert [w["name"] for w in json.loads(r.stdout)["workspaces"]] == ["dalice"]
-        r = cli_as(alice, "exec", "dalice", "echo", "via-cli")
+        r = _cli_as(alice, "exec", "dalice", "echo", "via-cli")
         assert (r.returncode, r.stdout) == (0, "via-cli\n"), r.stderr
-        r = cli_as(alice, "ssh", "dalice")  # the SSH key is root's: refused, and says what to use
-        assert r.returncode == 2 and "sandbox-mcp exec" in r.stderr
+        # `sandbox-mcp ssh` as alice: her own key, the host key pinned from the daemon's answer.
+        r = _cli_as(alice, "ssh", "dalice", "id -un; hostname")
+        assert (r.returncode, r.stdout) == (0, "agent\ndalice\n"), r.stderr
+        key = user_key_path(Settings(daemon_socket=daemon.socket), alice.uid)
+        for path, owner, mode in ((key, alice.uid, 0o600), (key.parent, alice.uid, 0o700), (key.parent.parent, 0, 0o711)):
+            st = path.lstat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode), path
+        key.unlink()  # as a reboot or a restart of the unit would (the copy lives under /run)
+        r = _cli_as(alice, "ssh", "dalice", "hostname")  # connecting publishes it again
+        assert (r.returncode, r.stdout) == (0, "dalice\n"), r.stderr
 
         assert (await call(client, "destroy_workspace", name="dalice"))["destroyed"] is True
     assert "dalice" not in registry(daemon)
@@ -316,10 +184,10 @@ async def test_a_user_in_the_group_drives_the_lifecycle(daemon: Daemon, accounts
 
 
 async def test_another_user_cannot_see_or_touch_it(daemon: Daemon, accounts: Accounts) -> None:
-    async with mcp_as(accounts.alice) as alice:
+    async with _mcp_as(accounts.alice) as alice:
         await call(alice, "create_workspace", name="dmine")
         try:
-            async with mcp_as(accounts.bob) as bob:
+            async with _mcp_as(accounts.bob) as bob:
                 assert (await call(bob, "list_workspaces"))["workspaces"] == []
                 for tool, args in (("workspace_status", {}), ("exec", {"command": "true"}),
                                    ("read_file", {"path": "x"}), ("write_file", {"path": "x", "content": "y"}),
@@ -330,29 +198,59 @@ async def test_another_user_cannot_see_or_touch_it(daemon: Daemon, accounts: Acc
                 assert "already exists" in await error(bob, "create_workspace", name="dmine")  # names are global
                 await call(bob, "create_workspace", name="dbob", start=False)
                 assert [w["name"] for w in (await call(bob, "list_workspaces"))["workspaces"]] == ["dbob"]
+                await _ssh_is_per_user(daemon, accounts)
                 await call(bob, "destroy_workspace", name="dbob")
             # Still alice's, untouched; root (the CLI as root, through the daemon) sees every workspace.
             assert (await call(alice, "workspace_status", name="dmine"))["state"] == "running"
-            r = subprocess.run([sys.executable, "-m", "sandbox_mcp", "ls", "--json"], env=_base_env(),
+            r = subprocess.run([sys.executable, "-m", "sandbox_mcp", "ls", "--json"], env=daemon.client_env,
                                capture_output=True, text=True, timeout=120)  # fmt: skip
             assert r.returncode == 0 and "dmine" in r.stdout, r.stderr
         finally:
             await call(alice, "destroy_workspace", name="dmine")
 
 
+async def _ssh_is_per_user(daemon: Daemon, accounts: Accounts) -> None:
+    """Bob cannot `sandbox-mcp ssh` into alice's dmine, nor read her key, nor log in there with his own:
+    his key is authorised in his dbob (made with it, not started: one booted container is enough here)."""
+    bob = accounts.bob
+    r = _cli_as(bob, "ssh", "dmine", "true")
+    assert r.returncode == 2 and "'dmine' not found" in r.stderr, r.stderr
+    r = _cli_as(bob, "ssh", "dbob", "true")
+    assert r.returncode == 2 and "start_workspace" in r.stderr, r.stderr
+    keys = Settings(daemon_socket=daemon.socket)
+    alice_key, bob_key = user_key_path(keys, accounts.alice.uid), user_key_path(keys, bob.uid)
+    assert subprocess.run(as_user(bob, "cat", str(alice_key)), capture_output=True).returncode != 0
+    bob_public = ssh.ensure_client_key(daemon.settings.state_dir / ".server" / "users" / f"{bob.uid}_ed25519")
+
+    def authorized(name: str) -> str:
+        return WorkspacePaths.of(daemon.settings.state_dir, name).authorized_keys.read_text()
+
+    assert bob_public in authorized("dbob") and bob_public not in authorized("dmine")
+    # OpenSSH as bob with his own key, straight at alice's workspace (its host key pinned): refused.
+    record = registry(daemon)["dmine"]
+    host_key = WorkspacePaths.of(daemon.settings.state_dir, "dmine").host_key
+    known_hosts = bob.home / "known_hosts-dmine"
+    known_hosts.write_text(ssh.known_hosts_line(record.ip, host_key.with_name(host_key.name + ".pub")) + "\n")
+    target = ssh.SSHTarget(key="dmine", host=record.ip, user=record.user, host_key_path=host_key,
+                           client_key_path=bob_key, workspace_dir="/")  # fmt: skip
+    r = subprocess.run(as_user(bob, *ssh.ssh_argv(target, known_hosts, ["hostname"])), env=user_env(bob, daemon),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 255 and "Permission denied (publickey)" in r.stderr, (r.returncode, r.stderr)
+
+
 async def test_a_user_outside_the_group_is_refused(daemon: Daemon, accounts: Accounts) -> None:
     carol = accounts.carol
-    sock = Path(os.environ["SBX_TEST_SOCKET"])
+    sock = daemon.socket
     assert oct(sock.stat().st_mode & 0o777) == "0o660" and sock.stat().st_gid == accounts.gid
     # The socket's mode keeps carol out...
     assert f"usermod -aG {accounts.group}" in await refusal(carol)
-    r = cli_as(carol, "ls")
+    r = _cli_as(carol, "ls")
     assert r.returncode == 2 and "permission denied" in r.stderr and f"usermod -aG {accounts.group}" in r.stderr
     # ...and so does the daemon's own check of her credentials, should the mode ever be loosened.
     os.chmod(sock, 0o666)
     try:
         assert f"uid {carol.uid} may not use the sandbox-mcp daemon" in await refusal(carol)
-        r = cli_as(carol, "ls")
+        r = _cli_as(carol, "ls")
         assert r.returncode == 2 and f"uid {carol.uid} may not use" in r.stderr, r.stderr
     finally:
         os.chmod(sock, 0o660)
@@ -362,7 +260,7 @@ async def test_daemon_restart_under_a_connected_client(daemon: Daemon, accounts:
     from sandbox_mcp.daemon_client import DaemonLost, RemoteManager
 
     # The CLI's (and HTTP serve's) client: a restart between calls is reported once, then it reconnects.
-    remote_settings = Settings(daemon_socket=Path(os.environ["SBX_TEST_SOCKET"]), daemon_group=accounts.group)
+    remote_settings = Settings(daemon_socket=daemon.socket, daemon_group=accounts.group)
     async with RemoteManager(remote_settings) as remote:
         assert (await remote.list()).workspaces == []
         daemon.stop()
@@ -371,7 +269,7 @@ async def test_daemon_restart_under_a_connected_client(daemon: Daemon, accounts:
             await remote.list()
         assert (await remote.list()).workspaces == []
 
-    async with mcp_as(accounts.alice) as client:
+    async with _mcp_as(accounts.alice) as client:
         ws = await call(client, "create_workspace", name="drestart")
         marker = Path(ws["host_workspace_dir"]) / "started"
         try:
@@ -406,7 +304,7 @@ async def test_client_gone_mid_create_leaves_nothing(daemon: Daemon, accounts: A
     key = store.key(packages)
     assert not store.exists(key)
     with file_lock(store.store._lock_path(key)):  # noqa: SLF001 - the lock a build of that key waits for
-        async with mcp_as(accounts.alice) as client:
+        async with _mcp_as(accounts.alice) as client:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(client.call_tool, "create_workspace", {"name": "dgone", "packages": packages})
                 await _until(lambda: "dgone" in registry(daemon))  # registered, now waiting for the lock
@@ -414,7 +312,7 @@ async def test_client_gone_mid_create_leaves_nothing(daemon: Daemon, accounts: A
         # The client (and with it its `serve` bridge) is gone; wait until the daemon says it cancelled.
         daemon.wait_for("hung up; cancelled")
     # Let go: the next operation on that name waits for the create's undo, which holds the name's lock.
-    async with mcp_as(accounts.alice) as client:
+    async with _mcp_as(accounts.alice) as client:
         assert "not found" in await error(client, "start_workspace", name="dgone")
     assert "dgone" not in registry(daemon)
     assert not (daemon.settings.state_dir / "dgone").exists()
@@ -437,8 +335,8 @@ async def test_http_serve_as_a_user_goes_through_the_daemon(daemon: Daemon, acco
     from mcp.client.streamable_http import streamable_http_client
 
     alice = accounts.alice
-    proc = subprocess.Popen(_as(alice, sys.executable, "-m", "sandbox_mcp", "serve", "--http", "--port", "0"),
-                            env=_user_env(alice), cwd=str(alice.home), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(as_user(alice, sys.executable, "-m", "sandbox_mcp", "serve", "--http", "--port", "0"),
+                            env=user_env(alice, daemon), cwd=str(alice.home), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stderr is not None

@@ -1,13 +1,18 @@
-"""End to end: an in-process MCP client against the server, driving real systemd-nspawn containers.
+"""End to end: an MCP client against the server, driving real systemd-nspawn containers.
 
-Every test here boots real containers from the cached Debian image, reaches them over SSH
-on the test bridge (inside the private network namespace of ./scripts/test) and checks
-the host afterwards: no process, link, network namespace, mount or registry entry left.
+Every test runs twice (the ``deployment`` fixture): against the server in this process, and
+through the real deployment: a root `sandbox-mcp daemon` child process (its own socket and state
+dir, this module's bridge) with `sandbox-mcp serve` over stdio, and the CLI, running as a real
+unprivileged user in the daemon's group (tests/deploy.py). Every test boots real containers from
+the cached Debian image, reaches them over SSH on the test bridge (inside the private network
+namespace of ./scripts/test) and checks the host afterwards: no process, link, network
+namespace, mount or registry entry left. The host side is read directly (the tests run as root).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -15,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +29,19 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp.config import Settings
+from sandbox_mcp.errors import SandboxError
+from sandbox_mcp.fsutil import file_lock
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import netns_name, veth_names
 from sandbox_mcp.runtimes.nspawn import NspawnState
 from sandbox_mcp.server import build_server
+from sandbox_mcp.state import Registry
 
-from .conftest import destroy_all
-from .points import process_alive, wait_until
+from .conftest import destroy_all, e2e_settings, e2e_skip_reason
+from .deploy import Account, Daemon, cli_as, mcp_as, running_daemon
+from .points import HUNG_S, process_alive, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -38,8 +49,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 class Session:
     """A connected MCP client plus helpers that assert on results."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, server_log: Callable[[], str] = lambda: "") -> None:
         self.client = client
+        self.server_log = server_log
         self.progress: list[tuple[float, float | None, str | None]] = []
 
     async def call(self, tool: str, **args: Any) -> dict[str, Any]:
@@ -47,7 +59,7 @@ class Session:
             self.progress.append((progress, total, message))
 
         result = await self.client.call_tool(tool, args, progress_callback=on_progress)
-        assert not result.is_error, f"{tool} failed: {result.content}"
+        assert not result.is_error, f"{tool} failed: {result.content}\n{self.server_log()}"
         assert isinstance(result.structured_content, dict)
         return result.structured_content
 
@@ -59,16 +71,119 @@ class Session:
         return text
 
 
-@pytest.fixture
-async def mcp_session(settings: Settings):  # type: ignore[no-untyped-def]
-    server = build_server(settings)
-    try:
-        async with Client(server) as client:
+class InProcess:
+    """The server built in this process (``build_server``); the CLI as root, working in process."""
+
+    name = "in-process"
+    settings: Settings | None = None  # each test its own (conftest's ``settings``)
+
+    @contextlib.asynccontextmanager
+    async def session(self, settings: Settings) -> AsyncIterator[Session]:
+        async with Client(build_server(settings)) as client:  # its lifespan opens (and reconciles) a manager
             yield Session(client)
-    finally:
-        # Clean up with a separate manager so a failing test leaves nothing behind.
+
+    async def stop_server(self) -> None:
+        """Nothing: the server ended with its session."""
+
+    def start_server(self) -> None:
+        """Nothing: the next session's server reconciles when it opens."""
+
+    async def clean(self, settings: Settings) -> None:
         async with WorkspaceManager(settings) as m:
             await destroy_all(m)
+
+    def cli(self, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_STATE_DIR": str(settings.state_dir),
+               "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
+               "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
+               # never a daemon this host may run: the CLI works in process, as root
+               "SANDBOX_MCP_DAEMON_SOCKET": str(settings.state_dir.parent / "no-daemon.sock")}  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "sandbox_mcp", *args], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+
+class ThroughDaemon:
+    """The real deployment: `serve` (stdio) and the CLI as ``user``, over a root daemon child process."""
+
+    name = "daemon"
+
+    def __init__(self, daemon: Daemon, user: Account) -> None:
+        self.daemon = daemon
+        self.user = user
+        self.settings = daemon.settings  # one state dir for the module: the daemon's
+
+    @contextlib.asynccontextmanager
+    async def session(self, settings: Settings) -> AsyncIterator[Session]:
+        async with mcp_as(self.user, self.daemon) as client:
+            yield Session(client, self.daemon.tail)
+
+    async def stop_server(self) -> None:
+        """SIGTERM: the daemon ends its sessions; workspaces keep running."""
+        self.daemon.stop()
+
+    def start_server(self) -> None:
+        """A new daemon process, which reconciles the registry as it starts."""
+        self.daemon.start()
+
+    async def clean(self, settings: Settings) -> None:
+        """Destroy every workspace through the daemon, as root (who sees all); without it, in process."""
+        from sandbox_mcp.daemon_client import RemoteManager
+
+        try:
+            async with RemoteManager(Settings(daemon_socket=self.daemon.socket, daemon_group=self.daemon.group)) as m:
+                for ws in (await m.list()).workspaces:
+                    await m.destroy(ws.name)
+        except SandboxError as exc:
+            print(f"cleanup through the daemon failed ({exc}); cleaning in process")
+            await InProcess().clean(settings)
+
+    def cli(self, settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli_as(self.user, self.daemon, *args, timeout=120)
+
+
+Deployment = InProcess | ThroughDaemon
+
+
+@pytest.fixture(scope="module", params=["in-process", "daemon"])
+def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """How the tests reach the server: in this process, or through the daemon as an unprivileged user.
+
+    One daemon serves the whole module (it keeps running between tests; each test cleans up).
+    """
+    if request.param == "in-process":
+        yield InProcess()
+        return
+    reason = e2e_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    accounts = request.getfixturevalue("accounts")
+    settings = e2e_settings(tmp_path_factory.mktemp("daemon") / "state")
+    store = DebianRoot(settings, ImageStore(settings.image_dir))
+    if not store.exists(store.key(())):
+        pytest.skip("the root image is not cached; ./scripts/test builds it before entering the test namespace")
+    with running_daemon(settings, accounts.group) as daemon:
+        yield ThroughDaemon(daemon, accounts.alice)
+
+
+@pytest.fixture
+def settings(settings: Settings, deployment: Deployment) -> Settings:
+    """The server side's settings: conftest's per-test ones in process, else the daemon's."""
+    return deployment.settings if deployment.settings is not None else settings
+
+
+@pytest.fixture
+async def mcp_session(deployment: Deployment, settings: Settings):  # type: ignore[no-untyped-def]
+    try:
+        async with deployment.session(settings) as session:
+            yield session
+    finally:
+        # Clean up apart from the session, so a failing test leaves nothing behind.
+        await deployment.clean(settings)
+
+
+def registry(settings: Settings) -> dict[str, WorkspaceRecord]:
+    """The server's registry, read from the host (the tests run as root)."""
+    return Registry(settings.registry_path).read_sync().workspaces
 
 
 def host_leftovers(name: str) -> dict[str, Any]:
@@ -257,71 +372,136 @@ async def test_packages_are_installed(mcp_session: Session, settings: Settings) 
     assert r["stdout"] == "42\n"
 
 
+class Hold:
+    """Keeps a create from getting past a chosen point until let go, with what the host controls.
+
+    The server's progress notification says a point is reached, but the server goes on while it
+    travels; so the create is first made unable to go further: it waits for a lock this test
+    holds, or for an SSH answer this test's firewall rule drops. Only then is it cancelled.
+    """
+
+    def __init__(self, settings: Settings, point: str) -> None:
+        self.point = point
+        self._firewall = settings.state_dir / ".server" / f"firewall-{settings.bridge}.lock"
+        self._registry = Registry(settings.registry_path).lock_path
+        self._subnet = str(settings.subnet)
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Hold:
+        if self.point == "waiting for SSH":  # the container boots, its sshd never answers
+            rule = f"ip daddr {self._subnet} tcp dport 22 drop"
+            _nft(f"table inet sbxtest_hold {{\n chain out {{\n type filter hook output priority 0;\n {rule}\n }}\n}}\n")
+            self._stack.callback(_nft, "delete table inet sbxtest_hold")
+        else:  # network.ensure() waits for its firewall lock, right after "setting up the network"
+            self._stack.enter_context(file_lock(self._firewall))
+        return self
+
+    def seen(self, message: str) -> None:
+        """The create reported ``message``: for the boot point, move the hold past the network."""
+        if self.point == "booting the container" and message.startswith("setting up the network"):
+            # The create waits for the firewall lock. Its next registry write comes once the
+            # container runs (after "booting the container"): hold the registry, let the network go.
+            registry_lock = contextlib.ExitStack()
+            registry_lock.enter_context(file_lock(self._registry))
+            self._stack.close()
+            self._stack = registry_lock
+
+    def release(self) -> None:
+        self._stack.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def _nft(script: str) -> None:
+    subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+
+
 @pytest.mark.parametrize(
     "point",
     [
         "setting up the network",  # nothing made yet for the boot
-        "booting the container",  # the namespace and veth exist; nspawn is not running yet
-        "waiting for SSH",  # nspawn runs and boots: before SSH answers
+        "booting the container",  # nspawn runs and boots; the host has not waited for SSH yet
+        "waiting for SSH",  # the container runs: before SSH answers
     ],
 )
-async def test_cancelled_create_leaves_nothing(manager: WorkspaceManager, settings: Settings, point: str) -> None:
+async def test_cancelled_create_leaves_nothing(
+    deployment: Deployment, mcp_session: Session, settings: Settings, point: str
+) -> None:
+    """A client's cancel stops a create held at a chosen point, and the create undoes itself."""
+    s = mcp_session
     seen: list[str] = []
-    with anyio.CancelScope() as scope:
+    reached, returned = anyio.Event(), anyio.Event()
+    with Hold(settings, point) as hold:
 
-        async def progress(message: str, fraction: float | None = None) -> None:
-            seen.append(message)
-            if message.startswith(point):
-                scope.cancel()  # the create stops at its next await
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            seen.append(message or "")
+            hold.seen(message or "")
+            if (message or "").startswith(point):
+                reached.set()
 
-        await manager.create("cancel", progress=progress)
-    assert scope.cancelled_caught, f"never reported {point!r}: {seen}"
-    assert "cancel" not in (await manager.registry.read()).workspaces
+        async with anyio.create_task_group() as tg:
+            call = anyio.CancelScope()
+
+            async def create() -> None:
+                with call:
+                    await s.client.call_tool("create_workspace", {"name": "cancel"}, progress_callback=progress)
+                    raise AssertionError(f"the create finished despite the hold at {point!r}: {seen}")
+                returned.set()
+
+            tg.start_soon(create)
+            with anyio.fail_after(HUNG_S):
+                await reached.wait()
+            call.cancel()
+            if isinstance(deployment, ThroughDaemon):
+                # The abandoned call sends notifications/cancelled before it returns; the daemon
+                # reads messages in order, so once a later request is answered the cancel was applied.
+                # (In process the tool runs inside the call: cancelling the call cancelled it.)
+                with anyio.fail_after(HUNG_S):
+                    await returned.wait()
+                    await s.client.list_tools()  # (not ping: the daemon's SDK session answers it "not found")
+            hold.release()  # the create, cancelled, can move again: to undo itself
+    # The undo holds the name's lock, which the next call on the name waits for.
+    assert "not found" in await s.error("start_workspace", name="cancel")
+    assert "cancel" not in registry(settings)
     assert not (settings.state_dir / "cancel").exists()
     assert host_leftovers("cancel") == NOTHING_LEFT
 
 
-async def test_reconcile_after_crash(settings: Settings) -> None:
-    async with WorkspaceManager(settings) as m:
-        ws = await m.create("crash")
-        state = NspawnState.model_validate((await m.registry.get("crash")).runtime_state)
-        assert state.process and state.leader
-        # Simulate a crash: the container dies while no server watches.
-        os.kill(state.process.pid, signal.SIGKILL)
-        await wait_until(lambda: not process_alive(state.process.pid), "the killed nspawn to be gone")
+async def test_reconcile_after_crash(deployment: Deployment, settings: Settings) -> None:
+    """The container dies while no server runs; the next server finds it, cleans up and can start it again."""
     try:
-        assert host_leftovers("crash")["netns"]  # the crashed run left its namespace behind
-        leader = state.leader.pid
-        assert process_alive(leader)  # and its container, orphaned
-        async with WorkspaceManager(settings) as m:
-            record = await m.registry.get("crash")
+        async with deployment.session(settings) as s:
+            ws = await s.call("create_workspace", name="crash")
+        state = NspawnState.model_validate(registry(settings)["crash"].runtime_state)
+        assert state.process and state.leader
+        await deployment.stop_server()
+        try:
+            os.kill(state.process.pid, signal.SIGKILL)  # the crash, while no server watches
+            await wait_until(lambda: not process_alive(state.process.pid), "the killed nspawn to be gone")
+            assert host_leftovers("crash")["netns"]  # the crashed run left its namespace behind
+            leader = state.leader.pid
+            assert process_alive(leader)  # and its container, orphaned
+        finally:
+            deployment.start_server()
+        async with deployment.session(settings) as s:  # the server reconciled as it started
+            record = registry(settings)["crash"]
             assert record.state == "stopped"
             assert NspawnState.model_validate(record.runtime_state).process is None
             assert host_leftovers("crash") == NOTHING_LEFT
             assert not process_alive(leader)
-            again = await m.start("crash")
-            assert again.state == "running" and again.ip == ws.ip
+            again = await s.call("start_workspace", name="crash")
+            assert again["state"] == "running" and again["ip"] == ws["ip"]
     finally:
-        async with WorkspaceManager(settings) as m:
-            await destroy_all(m)
+        await deployment.clean(settings)
     assert host_leftovers("crash") == NOTHING_LEFT
 
 
-def test_cli_for_people(settings: Settings) -> None:
+def test_cli_for_people(deployment: Deployment, settings: Settings) -> None:
     """The CLI drives the same lifecycle; `ssh` uses the real OpenSSH client with the pinned key."""
-    env = {
-        **os.environ,
-        "SANDBOX_MCP_MODE": "direct",
-        "SANDBOX_MCP_STATE_DIR": str(settings.state_dir),
-        "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
-        "SANDBOX_MCP_BRIDGE": settings.bridge,
-        "SANDBOX_MCP_CONFIG": "/nonexistent",
-        "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
-    }
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "sandbox_mcp", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = deployment.cli(settings, *args)
         assert not check or proc.returncode == 0, proc.stderr
         return proc
 

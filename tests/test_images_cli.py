@@ -1,8 +1,9 @@
 """`sandbox-mcp image ls` and `image prune` on a private image dir (never the shared cache).
 
 Prune runs `rm -rf` under the image dir: it must remove Debian roots and VM disks of older recipe
-versions and interrupted builds, keep current ones, and never follow a symlink
-out of the store, whether the link is an entry of the store or sits inside a root.
+versions and interrupted builds, keep current ones and those a registered workspace uses (a
+running VM's held lock is tested in test_images_store.py), and never follow a symlink out of the
+store, whether the link is an entry of the store or sits inside a root.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from sandbox_mcp.images import DebianRoot
 from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
 from sandbox_mcp.images.vm import VM_RECIPE_VERSION, VmImage
+from sandbox_mcp.models import WorkspaceRecord
+from sandbox_mcp.state import Registry
 
 
 def _cli(image_dir: Path, *args: str) -> str:
@@ -75,3 +78,35 @@ def test_ls_and_prune_of_a_missing_image_dir(tmp_path: Path) -> None:
     assert _cli(images, "ls") == ""
     assert _cli(images, "prune") == ""
     assert not images.exists()
+
+
+def test_prune_keeps_what_registered_workspaces_use(tmp_path: Path) -> None:
+    """A stale image a registered workspace (running or stopped) is backed by stays; the others go."""
+    images, state = tmp_path / "images", tmp_path / "state"
+
+    def root(version: int) -> dict:
+        return {"recipe": DebianRoot.RECIPE, "version": version, "packages": []}
+
+    vm_old = {"recipe": VmImage.RECIPE, "version": VM_RECIPE_VERSION - 1}
+    for key in ("bookworm-base-used", "bookworm-base-unused"):
+        _artefact(images, key, root(IMAGE_RECIPE_VERSION - 1))
+    for key in ("vm-used", "vm-unused"):
+        _artefact(images, key, vm_old)
+    registry = Registry(state / "registry.json")
+
+    def record(name: str, type_: str, runtime: str, image: str) -> WorkspaceRecord:
+        return WorkspaceRecord(name=name, type=type_, runtime=runtime, ip="192.168.83.10", mac="02:00:00:00:00:01",
+                               cid=100, user="agent", runtime_state={"image": image})
+
+    with registry.transaction_sync() as data:
+        data.workspaces["c1"] = record("c1", "container", "nspawn", "bookworm-base-used")
+        data.workspaces["v1"] = record("v1", "vm", "qemu", "vm-used")
+    out = _cli(images, "prune")
+    assert sorted(line.removeprefix(f"removed {images}/") for line in out.splitlines()) == [
+        "bookworm-base-unused", "vm-unused"]
+    assert sorted(m["key"] for m in map(json.loads, _cli(images, "ls").splitlines())) == [
+        "bookworm-base-used", "vm-used"]
+    with registry.transaction_sync() as data:  # destroyed: nothing holds them any more
+        data.workspaces.clear()
+    assert sorted(_cli(images, "prune").splitlines()) == [f"removed {images}/bookworm-base-used",
+                                                          f"removed {images}/vm-used"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.images.store import ImageStore
 
 pytestmark = pytest.mark.anyio
@@ -88,3 +89,29 @@ def test_keys_are_plain_names(tmp_path: Path) -> None:
     for bad in ("../etc", "a/b", "", ".hidden", "A" * 200):
         with pytest.raises(InvalidSpec):
             store.path(bad)
+
+
+async def test_a_held_image_outlives_prune_and_prune_never_waits_for_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+
+    async def build(tmp: Path) -> None:
+        (tmp / "f").write_text("x")
+
+    await store.ensure("vm-old", build, {"version": 1})
+    await store.ensure("vm-old2", build, {"version": 1})
+    with pytest.raises(BackendError, match="start the workspace again"):
+        store.hold("vm-never-built")
+    fd = store.hold("vm-old")  # what a running VM's qemu inherits
+    # A child holds it too, as qemu does once the server has closed its own copy.
+    child = subprocess.Popen(["sleep", "infinity"], pass_fds=[fd])
+    os.close(fd)
+    try:
+        # Returns at once (a waiting prune would hang here for as long as the VM runs).
+        assert store.prune(lambda meta: meta.get("version") == 2) == ["vm-old2"]
+        assert store.exists("vm-old")
+    finally:
+        child.kill()
+        child.wait()
+    assert store.prune(lambda meta: meta.get("version") == 2) == ["vm-old"]  # the VM has ended
+    with pytest.raises(BackendError, match="is gone"):
+        store.hold("vm-old")

@@ -11,6 +11,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,67 +20,156 @@ import anyio
 import pytest
 
 from sandbox_mcp.config import Settings
-from sandbox_mcp.errors import BackendError, InvalidSpec
+from sandbox_mcp.errors import BackendError, Conflict, InvalidSpec
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.images.vm import VmArtefacts, VmImage, extract_vmlinux, fstab, mkfs_argv, vm_image_key
 from sandbox_mcp.models import WorkspaceRecord
+from sandbox_mcp.naming import BUILD_UID_BASE, LAST_UID_BASE, UID_RANGE, VM_UID_BASE, allocate_vm_uid
 from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.runtimes import runtime_class
-from sandbox_mcp.runtimes.qemu import QemuRuntime, QemuState, kernel_cmdline, overlay_argv, qemu_argv
-from sandbox_mcp.runtimes.qemu_accel import choose_accelerator, kvm_sign, probe_argv, probe_boot
+from sandbox_mcp.runtimes.base import no_progress
+from sandbox_mcp.runtimes.qemu import (
+    LAUNCHER,
+    QemuFds,
+    QemuRuntime,
+    QemuState,
+    _share_maps,
+    kernel_cmdline,
+    launch_argv,
+    overlay_argv,
+    qemu_argv,
+)
+from sandbox_mcp.runtimes.qemu_accel import choose_accelerator, kvm_groups, kvm_sign, probe_argv, probe_boot
 from sandbox_mcp.runtimes.qmp import CTRL_ALT_DEL, execute
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
 
 
+FDS = QemuFds(kernel=10, initrd=11, disk=12, overlay=13, console=14, qmp=15, tap=16,
+              shares={"workspace": 20, "claude-config": 21, "ssh-host-keys": 22, "guest-meta": 23})
+
+
 def test_qemu_argv_exact() -> None:
-    paths = WorkspacePaths.of(Path("/st"), "ws1")
-    image = VmArtefacts.at(Path("/img/vm-k"))
     assert qemu_argv(
-        name="ws1", accelerator="tcg", cpus=2, memory_mib=2048, image=image, paths=paths,
-        mac="02:aa:bb:cc:dd:ee", cmdline="console=ttyS0",
+        name="ws1", accelerator="tcg", cpus=2, memory_mib=2048, fds=FDS, mac="02:aa:bb:cc:dd:ee",
+        cmdline="console=ttyS0",
     ) == [
         "qemu-system-x86_64", "-name", "sbx-ws1", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
         "-smp", "2", "-m", "2048", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", "/img/vm-k/vmlinux", "-initrd", "/img/vm-k/initrd.cpio", "-append", "console=ttyS0",
-        "-chardev", "file,id=console,path=/st/ws1/runtime/console.log", "-serial", "chardev:console",
-        "-drive", "file=/st/ws1/runtime/root.qcow2,format=qcow2,if=none,id=root,cache=unsafe",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel", "/proc/self/fd/10", "-initrd", "/proc/self/fd/11", "-append", "console=ttyS0",
+        "-add-fd", "fd=14,set=2", "-chardev", "file,id=console,path=/dev/fdset/2,append=on", "-serial", "chardev:console",
+        "-add-fd", "fd=13,set=1",
+        "-blockdev", "driver=raw,node-name=base,read-only=on,file.driver=file,file.filename=/proc/self/fd/12",
+        "-blockdev", "driver=qcow2,node-name=root,backing=base,cache.no-flush=on,file.driver=file,"
+                     "file.filename=/dev/fdset/1",
         "-device", "virtio-blk-pci,drive=root",
-        "-netdev", "tap,id=net0,ifname=vm-ws1,script=no,downscript=no",
+        "-netdev", "tap,id=net0,fd=16",
         "-device", "virtio-net-pci,netdev=net0,mac=02:aa:bb:cc:dd:ee",
-        "-fsdev", "local,id=workspace,path=/st/ws1/workspace,security_model=passthrough",
+        "-fsdev", "local,id=workspace,path=/proc/self/fd/20,security_model=none",
         "-device", "virtio-9p-pci,fsdev=workspace,mount_tag=workspace",
-        "-fsdev", "local,id=claude-config,path=/st/ws1/claude-config,security_model=passthrough",
+        "-fsdev", "local,id=claude-config,path=/proc/self/fd/21,security_model=none",
         "-device", "virtio-9p-pci,fsdev=claude-config,mount_tag=claude-config",
-        "-fsdev", "local,id=ssh-host-keys,path=/st/ws1/ssh-host-keys,security_model=passthrough,readonly=on",
+        "-fsdev", "local,id=ssh-host-keys,path=/proc/self/fd/22,security_model=none,readonly=on",
         "-device", "virtio-9p-pci,fsdev=ssh-host-keys,mount_tag=ssh-host-keys",
-        "-fsdev", "local,id=guest-meta,path=/st/ws1/runtime/guest,security_model=passthrough,readonly=on",
+        "-fsdev", "local,id=guest-meta,path=/proc/self/fd/23,security_model=none,readonly=on",
         "-device", "virtio-9p-pci,fsdev=guest-meta,mount_tag=guest-meta",
-        "-qmp", "unix:/st/ws1/runtime/qmp.sock,server=on,wait=off",
+        "-chardev", "socket,id=qmp,fd=15,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
 
 
+def test_qemu_argv_names_no_host_path_of_ours() -> None:
+    """qemu runs unprivileged and opens nothing by path but its firmware: everything else is an fd."""
+    argv = qemu_argv(name="q", accelerator="tcg", cpus=1, memory_mib=512, fds=FDS, mac="02:00:00:00:00:01",
+                     cmdline="x", firmware=Path("/usr/share/qemu/qboot.rom"))
+    paths = [a for arg in argv for a in arg.replace(",", "=").split("=") if a.startswith("/")]
+    assert all(p.startswith(("/proc/self/fd/", "/dev/fdset/")) for p in paths if p != "/usr/share/qemu/qboot.rom")
+
+
+def test_launch_argv_exact() -> None:
+    assert launch_argv(["qemu-system-x86_64", "-name", "sbx-q"], userns_fd=7, uid=1000, gid=1000, groups=[36]) == [
+        sys.executable, "-I", "-S", str(LAUNCHER), "7", "1000", "1000", "36", "--", "qemu-system-x86_64", "-name",
+        "sbx-q",
+    ]  # fmt: skip
+    assert launch_argv(["q"], userns_fd=3, uid=1001, gid=1002)[4:9] == ["3", "1001", "1002", "", "--"]
+
+
 def test_qemu_argv_with_qboot_firmware() -> None:
-    common = dict(name="q", accelerator="tcg", cpus=1, memory_mib=512, image=VmArtefacts.at(Path("/i")),
-                  paths=WorkspacePaths.of(Path("/s"), "q"), mac="02:00:00:00:00:01", cmdline="x")
+    common = dict(name="q", accelerator="tcg", cpus=1, memory_mib=512, fds=FDS, mac="02:00:00:00:00:01", cmdline="x")
     plain = qemu_argv(**common)  # type: ignore[arg-type]
     with_fw = qemu_argv(**common, firmware=Path("/usr/share/qemu/qboot.rom"))  # type: ignore[arg-type]
-    at = plain.index("-no-reboot") + 1
+    at = plain.index("-no-reboot") + 3
     assert with_fw == [*plain[:at], "-bios", "/usr/share/qemu/qboot.rom", *plain[at:]]
 
 
 def test_qemu_argv_kvm_uses_the_host_cpu() -> None:
-    argv = qemu_argv(name="k", accelerator="kvm", cpus=8, memory_mib=4096, image=VmArtefacts.at(Path("/i")),
-                     paths=WorkspacePaths.of(Path("/s"), "k"), mac="02:00:00:00:00:01", cmdline="x")
+    argv = qemu_argv(name="k", accelerator="kvm", cpus=8, memory_mib=4096, fds=FDS, mac="02:00:00:00:00:01",
+                     cmdline="x")
     assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
     assert argv[argv.index("-smp") + 1] == "8" and argv[argv.index("-m") + 1] == "4096"
 
 
 def test_qemu_argv_refuses_commas_in_paths() -> None:
-    with pytest.raises(InvalidSpec, match="SANDBOX_MCP_STATE_DIR"):
-        qemu_argv(name="k", accelerator="tcg", cpus=1, memory_mib=512, image=VmArtefacts.at(Path("/i")),
-                  paths=WorkspacePaths.of(Path("/s,evil=on"), "k"), mac="02:00:00:00:00:01", cmdline="x")
+    with pytest.raises(InvalidSpec, match="SANDBOX_MCP_IMAGE_DIR"):
+        qemu_argv(name="k", accelerator="tcg", cpus=1, memory_mib=512, fds=FDS, mac="02:00:00:00:00:01",
+                  cmdline="x", firmware=Path("/fw,evil=on/qboot.rom"))
+
+
+def test_vm_uids_are_one_range_of_their_own() -> None:
+    assert allocate_vm_uid([]) == VM_UID_BASE
+    assert allocate_vm_uid([VM_UID_BASE, VM_UID_BASE + 2]) == VM_UID_BASE + 1
+    # Above every container range, below the image build's, below 2^31.
+    assert LAST_UID_BASE + UID_RANGE <= VM_UID_BASE and VM_UID_BASE + UID_RANGE <= BUILD_UID_BASE < 2**31
+    with pytest.raises(Conflict, match="destroy unused VM workspaces"):
+        allocate_vm_uid(range(VM_UID_BASE, VM_UID_BASE + UID_RANGE))
+
+
+def test_assign_gives_each_vm_its_own_uid(tmp_path: Path) -> None:
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="")
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+
+    def rec(name: str) -> WorkspaceRecord:
+        return WorkspaceRecord(name=name, type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                               cid=100, user="agent")
+
+    a = rt.assign(rec("a"), [])
+    b = rt.assign(rec("b"), [a])
+    c = rt.assign(rec("c"), [a, b])
+    uids = [rt.state(r).uid for r in (a, b, c)]
+    assert len(set(uids)) == 3 and all(VM_UID_BASE <= u < VM_UID_BASE + UID_RANGE for u in uids)  # type: ignore
+    assert a.isolation == "microvm"
+
+
+def test_share_maps(tmp_path: Path) -> None:
+    d = tmp_path / "ws"
+    d.mkdir()
+    q = VM_UID_BASE + 3
+    if os.geteuid() == 0:
+        os.chown(d, 1000, 1001)
+        assert _share_maps(d, q, readonly=False) == ([(1000, q, 1)], [(1001, q, 1)])
+        os.chown(d, 0, 0)
+        with pytest.raises(BackendError, match="belongs to root"):
+            _share_maps(d, q, readonly=False)
+    assert _share_maps(d, q, readonly=True) == ([(0, q, 1)], [(0, q, 1)])  # root's keys, read-only
+    (tmp_path / "link").symlink_to(d)
+    with pytest.raises(BackendError, match="not a directory"):
+        _share_maps(tmp_path / "link", q, readonly=True)
+
+
+def test_kvm_groups(tmp_path: Path) -> None:
+    dev = tmp_path / "kvm"
+    assert kvm_groups(dev) is None  # missing
+    dev.touch()
+    for mode, gid, want in ((0o666, 0, []), (0o660, 0, None), (0o600, 0, None), (0o660, 36, [36])):
+        dev.chmod(mode)
+        if gid and os.geteuid() == 0:
+            os.chown(dev, 0, gid)
+        elif gid:
+            continue
+        assert kvm_groups(dev) == want, oct(mode)
 
 
 def test_kernel_cmdline_and_overlay() -> None:
@@ -131,7 +221,10 @@ def test_kvm_sign(tmp_path: Path) -> None:
     assert kvm_sign(dev, mods).accelerator == "tcg"  # type: ignore[union-attr]
     assert "missing" in kvm_sign(dev, mods).reason  # type: ignore[union-attr]
     dev.touch(mode=0o600)
-    assert kvm_sign(dev, mods) is None or os.geteuid() != 0  # root may open it: only a test boot can tell
+    sign = kvm_sign(dev, mods)  # only root may open it, and qemu runs unprivileged
+    assert sign is not None and sign.accelerator == "tcg" and "only root may open" in sign.reason
+    dev.chmod(0o666)
+    assert kvm_sign(dev, mods) is None  # qemu may open it: only a test boot can tell
     (mods / "kvm_pvm").mkdir()
     sign = kvm_sign(dev, mods)
     assert sign is not None and sign.accelerator == "tcg" and "PVM" in sign.reason
@@ -251,6 +344,18 @@ def _scenario_tap() -> dict[str, Any]:
         out["master"], out["up"] = links.get("master"), "UP" in links["flags"]
         out["kind"] = links.get("linkinfo", {}).get("info_kind")
         out["leftovers"] = await net.tap_leftovers()
+        fd = net.open_tap("tapws")  # what qemu inherits: the TAP gets its carrier while it is open
+        try:
+            flags = json.loads(subprocess.run(["ip", "-j", "link", "show", "vm-tapws"], capture_output=True,
+                                              text=True, check=True).stdout)[0]["flags"]
+            out["carrier_while_open"] = "NO-CARRIER" not in flags
+        finally:
+            os.close(fd)
+        try:
+            net.open_tap("absent")
+        except Exception as exc:  # never a new TAP on no bridge
+            out["absent"] = (type(exc).__name__, subprocess.run(["ip", "link", "show", "vm-absent"],
+                                                                capture_output=True).returncode)
         out["again"] = await net.attach_tap("tapws")  # replaces an earlier run's TAP
         await net.detach_tap("tapws")
         await net.detach_tap("tapws")  # idempotent
@@ -294,6 +399,7 @@ def test_tap_on_the_bridge() -> None:
     assert r["made"] == r["again"] == "vm-tapws"
     assert (r["master"], r["up"], r["kind"]) == ("sbxq-br", True, "tun")
     assert r["leftovers"] == ["tapws"] and r["after"] == []
+    assert r["carrier_while_open"] and r["absent"] == ("BackendError", 1)
     assert r["foreign"] == "Conflict" and r["foreign_kept"]
     assert r["after_reconcile"] == ["foreign"] and r["runtime_files"] == ["console.log"]
 
@@ -322,3 +428,57 @@ async def test_probe_boot_runs_the_kernel_to_its_root_mount(tmp_path: Path) -> N
     assert "Linux version" in console.read_text(errors="replace")
     assert not await probe_boot(tmp_path / "no-such-kernel", "tcg", tmp_path / "c2", timeout_s=600)
 
+
+
+@pytest.mark.anyio
+async def test_start_refuses_a_vm_without_its_own_uid(tmp_path: Path) -> None:
+    """A VM registered before qemu ran unprivileged has no uid: start says how to recreate it, before
+    touching the network or the image."""
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="")
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+    rec = WorkspaceRecord(name="old", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                          cid=100, user="agent", runtime_state={"image": "vm-x"})
+    with pytest.raises(BackendError, match="keep_data=true"):
+        await rt.start(rec, no_progress)
+    assert not (tmp_path / "old").exists()
+
+
+def _launched_status(groups: list[int]) -> dict[str, str]:
+    """/proc/PID/status (host view) of `sleep` started through qemu_launch.py as qemu would be."""
+    from sandbox_mcp import idmap, supervise
+
+    q = VM_UID_BASE + UID_RANGE - 1  # the last VM uid: no VM of a test run has it
+    userns = idmap.userns_with_map([(1000, q, 1)], [(1000, q, 1), *((g, g, 1) for g in groups)])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            ref = supervise.spawn(launch_argv(["sleep", "600"], userns_fd=userns, uid=1000, gid=1000, groups=groups),
+                                  Path(tmp) / "log", pass_fds=[userns])
+        finally:
+            os.close(userns)
+        try:
+            while Path(f"/proc/{ref.pid}/comm").read_text().strip() != "sleep":  # wait for the exec
+                assert supervise.alive(ref), (Path(tmp) / "log").read_text()
+                os.sched_yield()
+            text = Path(f"/proc/{ref.pid}/status").read_text()
+        finally:
+            anyio.run(supervise.kill, ref)
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes a user namespace with a map")
+def test_launcher_drops_to_the_vm_uid_without_capabilities() -> None:
+    """qemu_launch.py for real, with `sleep` in qemu's place: seen from the host, the process is the VM's
+    uid and gid only (plus /dev/kvm's group when asked), with no capability in any set and no_new_privs."""
+    q = str(VM_UID_BASE + UID_RANGE - 1)
+    status = _launched_status([])
+    assert status["Uid"].split() == status["Gid"].split() == [q] * 4
+    assert status["Groups"] == ""
+    caps = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+    assert {k: int(status[k], 16) for k in caps} == dict.fromkeys(caps, 0)
+    assert status["NoNewPrivs"] == "1"
+    with_kvm = _launched_status([36])  # a kvm group, as kvm_groups() finds it for a 0660 /dev/kvm
+    assert with_kvm["Groups"] == "36" and with_kvm["Gid"].split() == [q] * 4
+    bad = subprocess.run(launch_argv(["sleep", "1"], userns_fd=99, uid=1000, gid=1000), capture_output=True, text=True)
+    assert bad.returncode == 111 and "setns" in bad.stderr

@@ -1,9 +1,11 @@
 """End to end: the MCP client drives a real qemu VM (``type="vm"``) booted here, under TCG on hosts
 whose KVM cannot boot a guest (the accelerator probe decides).
 
-One VM, two boots (create, then a restart), to keep CI time bounded: the whole lifecycle, a
-clean root after the restart with the workspace dir kept, a timeout that kills the remote
-command, an orderly stop, and nothing of the VM left on the host after destroy.
+One VM, two boots (create, then a restart), to keep CI time bounded: the whole lifecycle, the
+escapes root in the VM tries (a setuid-root program and a device node in the host's workspace
+dir; qemu itself must be an unprivileged uid without capabilities), a clean root after the
+restart with the workspace dir kept, a timeout that kills the remote command, an orderly stop,
+and nothing of the VM left on the host after destroy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.images import ImageStore
 from sandbox_mcp.images.vm import VmImage
@@ -55,19 +59,26 @@ async def vm_session(vm_settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def vm_leftovers(name: str, settings: Settings) -> dict[str, Any]:
-    """What of VM ``name`` exists on the host: qemu processes, its TAP, its runtime files."""
+    """What of VM ``name`` exists on the host: its processes (qemu, the console copier), its TAP, its runtime files."""
     links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
-    procs = subprocess.run(["pgrep", "-f", "--", f"-name sbx-{name}( |$)"], capture_output=True, text=True).stdout
+    # By the workspace's tag, not by name: another test run on the host may have a VM of the same name.
+    procs = [str(ref.pid) for ref in supervise.tagged(supervise.workspace_tag(settings.state_dir, name))]
     runtime = settings.state_dir / name / "runtime"
     return {
         "tap": tap_name(name) in {link["ifname"] for link in json.loads(links)},
-        "processes": procs.split(),
+        "processes": procs,
         "boot_files": sorted(p.name for p in (runtime.iterdir() if runtime.is_dir() else [])
                              if p.name in ("root.qcow2", "qmp.sock")),
     }
 
 
 NOTHING_LEFT = {"tap": False, "processes": [], "boot_files": []}
+
+
+def _proc_status(pid: int) -> dict[str, list[str]]:
+    """/proc/PID/status as ``{"Uid": [real, effective, saved, fs], "CapEff": [hex], ...}``."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: rest.split() for key, _, rest in (line.partition(":") for line in lines)}
 
 
 async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
@@ -110,6 +121,29 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     assert r["stdout"].split() == ["1", "writable"], r
     assert not (settings.state_dir / "vm1" / "ssh-host-keys" / "x").exists()
     assert (settings.state_dir / "vm1" / "claude-config" / "probe").exists()
+
+    # Escapes through the shares and through qemu (containers: test_escapes.py). Root in the VM tries to
+    # leave a setuid-root program and a device node in the host's workspace dir; qemu itself must be an
+    # unprivileged uid of its own without capabilities, so an escape from qemu is not root on the host.
+    r = await s.call("exec", name="vm1", command="sudo install -o root -g root -m 4755 /bin/true suid-true; "
+                     "sudo mknod cdev c 1 3; ls -ln suid-true cdev")
+    host_dir = Path(ws["host_workspace_dir"])
+    planted = host_dir.joinpath("suid-true").lstat()
+    cdev = host_dir / "cdev"
+    proc = _proc_status(rt["pid"])
+    escapes = {
+        "setuid-root file": planted.st_uid == 0 and bool(planted.st_mode & stat.S_ISUID),
+        "root-owned file": planted.st_uid == 0 or planted.st_gid == 0,
+        "device node": cdev.exists() and (stat.S_ISCHR(cdev.lstat().st_mode) or stat.S_ISBLK(cdev.lstat().st_mode)),
+        "qemu runs as root": "0" in proc["Uid"] or "0" in proc["Gid"],
+        "qemu has capabilities": int(proc["CapEff"][0], 16) != 0 or int(proc["CapPrm"][0], 16) != 0,
+    }
+    assert escapes == dict.fromkeys(escapes, False), (escapes, r)
+    # What root leaves is the host user's, as the agent's files are; qemu's uid is the VM's own.
+    assert (planted.st_uid, planted.st_gid) == (settings.user_uid, settings.user_uid)
+    vm_uid = json.loads(settings.registry_path.read_text())["workspaces"]["vm1"]["runtime_state"]["uid"]
+    assert set(proc["Uid"]) == set(proc["Gid"]) == {str(vm_uid)} and vm_uid not in (0, settings.user_uid)
+    assert proc["NoNewPrivs"] == ["1"] and int(proc["CapBnd"][0], 16) == 0
 
     # The same network policy as a container's: no host service is reachable from inside.
     with socket.create_server((str(settings.host_ip), 0)) as service:

@@ -678,6 +678,23 @@ async def test_pinned_host_key_mismatch_fails_fast(
 
 
 @pytest.mark.anyio
+async def test_a_target_looked_up_before_its_workspace_was_replaced_is_refused(
+    pool: SSHPool, sshd: Sshd, workspace: Path, tmp_path: Path
+) -> None:
+    """The caller looked the workspace up (and checked its owner) when it had another host key: the
+    name now holds a successor, with a new key at the same path. Neither a new connection nor the
+    successor's pooled one may serve that call."""
+    earlier = tmp_path / "earlier_host_key"
+    stale = replace(sshd.target(workspace, key="replaced"), host_key_fingerprint=ensure_host_key(earlier))
+    with pytest.raises(SSHError, match="was replaced"):
+        await pool.exec(stale, "true")
+    current = replace(stale, host_key_fingerprint=host_key_fingerprint(stale.host_key_path))
+    assert (await pool.exec(current, "echo current")).stdout == "current\n"
+    with pytest.raises(SSHError, match="was replaced"):
+        await pool.exec(stale, "true")
+
+
+@pytest.mark.anyio
 async def test_unauthorized_client_key_is_refused(
     pool: SSHPool, sshd: Sshd, workspace: Path, tmp_path: Path
 ) -> None:

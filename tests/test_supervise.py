@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,33 @@ def test_identify_and_children_of_this_process() -> None:
     me = supervise.identify(os.getpid())
     assert me is not None and supervise.alive(me) and supervise.uptime_s(me) >= 0
     assert supervise.identify(2**22 + 12345) is None  # above pid_max: never a process
+
+
+async def test_bounded_sink_keeps_the_bound_and_never_blocks_the_writer(tmp_path: Path) -> None:
+    """A writer pushing 3x the bound (far past a pipe's buffer) is never blocked or refused; the log
+    keeps exactly the first bytes; the copier is tagged and ends at EOF."""
+    log = tmp_path / "console.log"
+    tag = supervise.workspace_tag(tmp_path, "sink")
+    copier, write_end = supervise.spawn_bounded_sink(log, 64 * 1024, tag=tag)
+    try:
+        assert copier in supervise.tagged(tag)
+        chunk = bytes(range(256)) * 16  # 4 KiB, so the kept prefix is checkable byte for byte
+        # A short line reaches the log while the pipe stays open (a boot's console is a few KiB).
+        os.write(write_end, b"booting\n")
+        _wait_for_line(log, "booting")
+        os.set_blocking(write_end, False)
+        try:
+            data, deadline = chunk * 48, time.monotonic() + 60  # 192 KiB, far past the pipe's buffer
+            while data:
+                # A copier that stopped reading would leave the pipe full: this bound is for a hang only.
+                assert time.monotonic() < deadline, "the copier stopped reading: the writer would block"
+                select.select([], [write_end], [], 1)
+                with contextlib.suppress(BlockingIOError):
+                    data = data[os.write(write_end, data):]
+        finally:
+            os.close(write_end)
+        assert await supervise.wait_gone(copier, 30)  # EOF ends it: nothing lingers after the writer
+        assert log.read_bytes() == (b"booting\n" + chunk * 48)[: 64 * 1024]
+    finally:
+        if supervise.alive(copier):
+            os.kill(copier.pid, signal.SIGKILL)

@@ -34,11 +34,13 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
 import re
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -71,6 +73,11 @@ _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_SHARED = 1 << 20
 _MNT_DETACH = 2
+# /dev/net/tun: attach to a TAP by name (linux/if_tun.h).
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -420,6 +427,34 @@ class HostNetwork:
                     await self._teardown_tap(ipr, name)
                 raise _translate(exc, f"creating TAP {tap} on bridge {self.bridge}") from exc
         return tap
+
+    def open_tap(self, name: str) -> int:
+        """An fd attached to VM workspace ``name``'s TAP (made by :meth:`attach_tap`), for qemu's ``tap,fd=``.
+
+        The server opens it so qemu, which runs unprivileged, needs neither ``/dev/net/tun`` (0600 on
+        hosts without udev) nor ownership of the TAP; the caller closes its copy once qemu has it.
+
+        Raises:
+            InvalidSpec: ``name`` is malformed.
+            BackendError: the TAP is missing or the kernel refused.
+        """
+        validate_name(name)
+        tap = tap_name(name)
+        try:
+            socket.if_nametoindex(tap)  # TUNSETIFF would make a missing one: a TAP on no bridge
+        except OSError as exc:
+            raise BackendError(f"TAP {tap} is missing; stop and start the workspace") from exc
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(f"cannot open /dev/net/tun ({exc.strerror}); run 'modprobe tun' and "
+                               f"'sandbox-mcp doctor'") from exc
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", tap.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+        except OSError as exc:
+            os.close(fd)
+            raise BackendError(f"cannot attach to TAP {tap} ({exc.strerror}); stop and start the workspace") from exc
+        return fd
 
     async def detach_tap(self, name: str) -> None:
         """Remove VM workspace ``name``'s TAP; nothing happens if it is absent or not a TAP (not ours).

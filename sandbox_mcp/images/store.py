@@ -10,7 +10,9 @@ coroutine that builds it into an empty directory. The store then guarantees:
 * never half an artefact: the build runs in ``.tmp-KEY-PID`` and is renamed to ``KEY`` when
   complete, with ``KEY.json`` (its metadata) written last, which is what makes it exist;
 * :meth:`prune` removes artefacts a recipe says are stale and interrupted builds, never one
-  being built, and never anything outside the store (no symlink is followed).
+  being built or in use (its key in ``keep``, or its lock held: :meth:`hold`, which a runtime's
+  process inherits, so the lock lasts exactly as long as the process), and never anything
+  outside the store (no symlink is followed).
 
 Layout: ``<root>/<key>/`` (the artefact), ``<root>/<key>.json`` (metadata: recipe, version,
 inputs), ``<root>/.locks/<key>.lock``.
@@ -30,8 +32,8 @@ from typing import Any
 
 import anyio
 
-from ..errors import InvalidSpec
-from ..fsutil import async_file_lock, atomic_write, file_lock, lock_is_held
+from ..errors import BackendError, InvalidSpec
+from ..fsutil import async_file_lock, atomic_write, shared_lock_fd, try_file_lock
 
 __all__ = ["Build", "ImageStore"]
 
@@ -109,6 +111,22 @@ class ImageStore:
         os.rename(tmp, final)
         atomic_write(self._meta_path(key), json.dumps({"key": key, "built_at": time.time(), **meta}), mode=0o644)
 
+    def hold(self, key: str) -> int:
+        """A shared lock on artefact ``key`` as an fd: while it is open anywhere (a VM's qemu inherits it),
+        :meth:`prune` leaves ``key`` alone. The caller closes its copy.
+
+        Raises:
+            InvalidSpec: ``key`` is malformed.
+            BackendError: the artefact is being removed or built right now, or is gone.
+        """
+        fd = shared_lock_fd(self._lock_path(key))
+        if fd is not None and self.exists(key):
+            return fd
+        if fd is not None:
+            os.close(fd)
+        raise BackendError(f"image {key} is gone, or being built or removed ('sandbox-mcp image prune') right now; "
+                           "start the workspace again (a missing image is rebuilt)")
+
     def list_images(self) -> list[dict[str, Any]]:
         """Metadata of every complete artefact, by key."""
         out = []
@@ -121,7 +139,7 @@ class ImageStore:
     def prune(self, is_current: Callable[[dict[str, Any]], bool], keep: frozenset[str] = frozenset()) -> list[str]:
         """Remove artefacts whose metadata ``is_current`` rejects, and interrupted builds; return their names.
 
-        ``keep`` (keys in use) and anything being built right now stay. Entries of a foreign
+        ``keep`` (keys in use) and anything locked (being built, or held: :meth:`hold`) stay. Entries of a foreign
         shape and symlinks are left alone, and removal never follows a link out of the store.
         """
         removed = []
@@ -139,12 +157,15 @@ class ImageStore:
                 removed.append(name)
                 continue
             key = name[: -len(".json")] if name.endswith(".json") else name
-            if not _KEY_RE.match(key) or key in keep or lock_is_held(self._lock_path(key)):
+            if not _KEY_RE.match(key) or key in keep:
                 continue
             meta = self.meta(key)
             if meta is not None and is_current(meta):
                 continue
-            with file_lock(self._lock_path(key)):
+            # Never wait: a lock held is a build, or a running workspace's hold, that may last for days.
+            with try_file_lock(self._lock_path(key)) as locked:
+                if not locked:
+                    continue
                 _remove(self.path(key))
                 with contextlib.suppress(FileNotFoundError):
                     self._meta_path(key).unlink()

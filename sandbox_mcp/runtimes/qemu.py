@@ -6,22 +6,52 @@ Per workspace, from the VM image derived from the Debian root (:mod:`sandbox_mcp
   on stop), so a restart gives a clean root, like a container's ``--volatile=overlay``;
 * the kernel and initrd passed directly (``-kernel/-initrd/-append``), no firmware boot menu;
 * the workspace dir and Claude config (read-write) and the host keys (read-only) shared over
-  virtio-9p with ``security_model=passthrough``: files land on the host with the guest's uid,
-  exactly as with a container's bind mounts. 9p rather than virtiofs because qemu serves it
-  itself (no daemon per share to supervise and clean up) and Debian bookworm ships no
-  virtiofsd outside backports; the price is throughput, which a workspace dir rarely needs;
+  virtio-9p with ``security_model=none``. 9p rather than virtiofs because qemu serves it itself
+  (no daemon per share to supervise and clean up) and Debian bookworm ships no virtiofsd outside
+  backports; the price is throughput, which a workspace dir rarely needs;
 * a TAP ``vm-NAME`` on the workspace bridge; the guest sets its static address from the kernel
   command line (``sandbox_mcp.net=``), its name from ``systemd.hostname=``;
-* the serial console in ``runtime/console.log`` (``workspace_logs``), qemu's own messages in
+* the serial console in ``runtime/console.log`` (``workspace_logs``), its first
+  ``console_log_mib`` MiB (:func:`sandbox_mcp.supervise.spawn_bounded_sink`), qemu's own messages in
   ``runtime/qemu.log``, and a QMP socket ``runtime/qmp.sock`` through which stop asks the
   guest to power off (Ctrl-Alt-Del, which the image maps to poweroff; the image runs no logind
   to act on an ACPI power button) before qemu is terminated.
 
+**qemu runs unprivileged.** Each VM's qemu runs as a host uid (and gid) of its own,
+``VM_UID_BASE + k`` (:func:`sandbox_mcp.naming.allocate_vm_uid`, allocated on create): a uid
+that owns no file and no other process, so a qemu escape reaches nothing but this VM's open
+files; not the workspace directory's owner (often a real user), not root. It has no
+capabilities, ``no_new_privs`` and qemu's seccomp ``-sandbox``. It opens no host path of ours:
+the server (root) opens everything and qemu inherits the fds (:mod:`.qemu_launch` enters its
+user namespace, drops to its ids and execs qemu in place, keeping the supervised PID):
+
+* kernel, initrd and base disk read-only (``/proc/self/fd/N``), the overlay and the console log
+  through ``-add-fd`` fd sets, the QMP socket listening already (``-chardev socket,fd=``), the
+  TAP attached already (``-netdev tap,fd=``: ``/dev/net/tun`` is 0600 on hosts without udev);
+* each share as an idmapped copy of its directory's mount attached nowhere
+  (:func:`sandbox_mcp.idmap.detached_idmapped_tree`, ``nosuid,nodev``), gone with qemu: the
+  workspace dir and Claude config map their owner (the host user) to qemu's uid, the host keys
+  and guest files (root's, 0600 keys) map root to it, read-only.
+
+qemu's user namespace maps its uid to the workspace user's uid (as the image has it), so the
+guest sees the agent's files as the agent's. With ``security_model=none`` (passthrough needs
+root to chown) everything the guest writes lands on the host as the workspace dir's owner with
+its real mode, also what root in the guest creates; a ``chown`` to another user fails (EINVAL:
+no other id is mapped). Root in the guest therefore leaves no root-owned file, a setuid bit
+makes at most a program setuid to the host user (as a container's agent can), ``mknod`` fails
+(qemu lacks ``CAP_MKNOD``) and so does ``mkfifo`` there (qemu 7.2's 9p). ``mapped-xattr`` was
+tried too (git, a .deb built and installed with apt, a build, all in the workspace dir): it
+allows chown/mknod/mkfifo inside by keeping owners and modes in xattrs only, so on the host
+every file it wrote was 0600 (dirs 0700), scripts built inside were not executable there and a
+repo committed inside showed mode changes to git on the host.
+
 qemu runs in its own session and outlives the server; the registry keeps its PID and start
-time (:mod:`sandbox_mcp.supervise`). KVM is used where a probe says it works, TCG otherwise
-(:mod:`.qemu_accel`). The vsock CID is derived and collision-checked like the MAC, but no vsock
-device is attached: readiness is the pinned SSH handshake, and hosts without ``vhost_vsock``
-(like the project's) could not offer one.
+time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
+so ``image prune`` leaves the image alone while it runs. KVM is used where a probe says it works
+and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.qemu_accel`).
+The vsock CID is derived and collision-checked like the MAC, but no vsock device is attached:
+readiness is the pinned SSH handshake, and hosts without ``vhost_vsock`` (like the project's)
+could not offer one.
 """
 
 from __future__ import annotations
@@ -31,26 +61,50 @@ import math
 import os
 import re
 import shutil
+import socket
+import stat
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 from pydantic import Field
 
-from .. import hostcmd, supervise
+from .. import hostcmd, idmap, supervise
 from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images.vm import VmArtefacts, VmImage
 from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
-from ..naming import tap_name
+from ..naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ..paths import WorkspacePaths
 from ..supervise import ProcessRef
 from . import qmp
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
 from .nspawn import hosts_file
-from .qemu_accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_sign
+from .qemu_accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
 
-__all__ = ["QemuRuntime", "QemuState", "kernel_cmdline", "overlay_argv", "qboot", "qemu_argv", "vm_name"]
+__all__ = [
+    "LAUNCHER",
+    "SECURITY_MODEL",
+    "QemuFds",
+    "QemuRuntime",
+    "QemuState",
+    "kernel_cmdline",
+    "launch_argv",
+    "overlay_argv",
+    "qboot",
+    "qemu_argv",
+    "vm_name",
+]
+
+LAUNCHER = Path(__file__).with_name("qemu_launch.py")
+# How the 9p server maps guest file attributes (see the module docstring for why "none").
+SECURITY_MODEL = "none"
+# qemu's seccomp filter: no setuid/setgid, no fork/exec, no scheduler or resource changes.
+_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_SHARE_ATTRS = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
 
 QBOOT_PATH = Path("/usr/share/qemu/qboot.rom")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -88,8 +142,26 @@ def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
 def _plain(path: Path) -> str:
     """``path`` as a qemu option value; qemu splits options at ','."""
     if "," in str(path):
-        raise InvalidSpec(f"path {path} contains ','; set SANDBOX_MCP_STATE_DIR / SANDBOX_MCP_IMAGE_DIR to plain paths")
+        raise InvalidSpec(f"path {path} contains ','; set SANDBOX_MCP_IMAGE_DIR to a plain path")
     return str(path)
+
+
+# The 9p shares, in device order: mount tag, read-only.
+_SHARES = (("workspace", False), ("claude-config", False), ("ssh-host-keys", True), ("guest-meta", True))
+
+
+@dataclass(frozen=True)
+class QemuFds:
+    """The fds the server opens for qemu, by their numbers in qemu's process (they are inherited)."""
+
+    kernel: int
+    initrd: int
+    disk: int  # the image's root disk, read-only
+    overlay: int  # this boot's qcow2 layer, read-write
+    console: int  # a pipe into runtime/console.log, bounded, write-only
+    qmp: int  # the QMP socket, listening
+    tap: int  # attached to the TAP vm-NAME
+    shares: Mapping[str, int]  # 9p mount tag -> a detached idmapped mount of its directory
 
 
 def qemu_argv(
@@ -98,24 +170,17 @@ def qemu_argv(
     accelerator: Accelerator,
     cpus: int,
     memory_mib: int,
-    image: VmArtefacts,
-    paths: WorkspacePaths,
+    fds: QemuFds,
     mac: str,
     cmdline: str,
     firmware: Path | None = None,
 ) -> list[str]:
-    """The exact qemu command that boots workspace ``name`` (``firmware``: a ``-bios``, e.g. qboot).
+    """The exact qemu command that boots workspace ``name`` from the inherited ``fds`` (``firmware``: a
+    ``-bios``, e.g. qboot). qemu opens no path of ours: see the module docstring.
 
     Raises:
-        InvalidSpec: a host path contains ',' (qemu's option separator).
+        InvalidSpec: the firmware path contains ',' (qemu's option separator).
     """
-    files = _Files(paths)
-    shares = [
-        ("workspace", paths.workspace, False),
-        ("claude-config", paths.claude_config, False),
-        ("ssh-host-keys", paths.ssh_host_keys, True),
-        ("guest-meta", files.guest_meta, True),
-    ]
     argv = [
         "qemu-system-x86_64",
         "-name", vm_name(name),
@@ -126,24 +191,38 @@ def qemu_argv(
         "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot",  # a reboot inside ends the VM; the next start gives a clean root
+        "-sandbox", _SANDBOX,
         *(["-bios", _plain(firmware)] if firmware else []),
-        "-kernel", _plain(image.kernel),
-        "-initrd", _plain(image.initrd),
+        "-kernel", f"/proc/self/fd/{fds.kernel}",
+        "-initrd", f"/proc/self/fd/{fds.initrd}",
         "-append", cmdline,
-        "-chardev", f"file,id=console,path={_plain(files.console)}",
+        "-add-fd", f"fd={fds.console},set=2",
+        "-chardev", "file,id=console,path=/dev/fdset/2,append=on",  # a pipe: append, since O_TRUNC would ftruncate it
         "-serial", "chardev:console",
-        "-drive", f"file={_plain(files.overlay)},format=qcow2,if=none,id=root,cache=unsafe",  # throw-away layer
+        "-add-fd", f"fd={fds.overlay},set=1",
+        "-blockdev", f"driver=raw,node-name=base,read-only=on,file.driver=file,file.filename=/proc/self/fd/{fds.disk}",
+        # The throw-away layer: no flushes (cache=unsafe); its backing is the fd, not the path in its header.
+        "-blockdev", "driver=qcow2,node-name=root,backing=base,cache.no-flush=on,"
+                     "file.driver=file,file.filename=/dev/fdset/1",
         "-device", "virtio-blk-pci,drive=root",
-        "-netdev", f"tap,id=net0,ifname={tap_name(name)},script=no,downscript=no",
+        "-netdev", f"tap,id=net0,fd={fds.tap}",
         "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
     ]  # fmt: skip
-    for tag, path, readonly in shares:
+    for tag, readonly in _SHARES:
         argv += [
-            "-fsdev", f"local,id={tag},path={_plain(path)},security_model=passthrough" + (",readonly=on" if readonly else ""),
+            "-fsdev", f"local,id={tag},path=/proc/self/fd/{fds.shares[tag]},security_model={SECURITY_MODEL}"
+                      + (",readonly=on" if readonly else ""),
             "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
         ]  # fmt: skip
-    argv += ["-qmp", f"unix:{_plain(files.qmp)},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
     return argv
+
+
+def launch_argv(argv: list[str], *, userns_fd: int, uid: int, gid: int, groups: Iterable[int] = ()) -> list[str]:
+    """``argv`` started through :mod:`.qemu_launch`: in the user namespace ``userns_fd`` as ``uid``:``gid``
+    there (plus ``groups``, e.g. /dev/kvm's), with no capabilities."""
+    return [sys.executable, "-I", "-S", str(LAUNCHER), str(userns_fd), str(uid), str(gid),
+            ",".join(str(g) for g in groups), "--", *argv]
 
 
 def qboot() -> Path | None:
@@ -159,9 +238,11 @@ def overlay_argv(disk: Path, overlay: Path) -> list[str]:
 
 
 class QemuState(RuntimeState):
-    """What the qemu runtime remembers of a workspace: its VM image, and while it runs, qemu and how."""
+    """What the qemu runtime remembers of a workspace: its VM image and qemu's uid, and while it runs,
+    qemu and how."""
 
     image: str | None = None
+    uid: int | None = Field(default=None, description="qemu's host uid and gid (allocate_vm_uid)")
     process: ProcessRef | None = Field(default=None, description="qemu-system-x86_64")
     accelerator: Accelerator | None = None
 
@@ -242,7 +323,15 @@ class QemuRuntime(Runtime):
         return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
-        return record.model_copy(update={"isolation": "microvm"})
+        """The isolation, and qemu's own host uid: none another registered VM or a live process has.
+
+        Raises:
+            Conflict: every VM uid is taken.
+        """
+        taken = {u for r in others if r.runtime == self.name and (u := self.state(r).uid) is not None}
+        uid = allocate_vm_uid(taken | _live_vm_uids())
+        record = record.model_copy(update={"isolation": "microvm"})
+        return self.with_state(record, self.state(record).model_copy(update={"uid": uid}))
 
     def validate(self, record: WorkspaceRecord) -> None:
         """Refuse a VM on a host that cannot run one, before anything is made.
@@ -282,27 +371,25 @@ class QemuRuntime(Runtime):
         if self._running(record):
             return record
         state = self.state(record)
+        uid = state.uid
+        if uid is None:
+            raise BackendError(
+                f"VM '{record.name}' was created before VMs ran unprivileged; destroy it with keep_data=true "
+                "(its workspace dir stays) and create it again"
+            )
         if not state.image or not self.images.exists(state.image):
             record = await self.prepare(record, progress)  # cache cleared or recipe changed since create
             state = self.state(record)
-        assert state.image is not None
-        image = self.images.artefacts(state.image)
+        key = state.image
+        assert key is not None
+        image = self.images.artefacts(key)
         accel = await self._accelerator(image.kernel)
+        groups = kvm_groups() if accel.accelerator == "kvm" else []
+        if groups is None:
+            raise BackendError("only root may open /dev/kvm and qemu runs unprivileged; make /dev/kvm 0660 with "
+                               "group kvm (or 0666), or set SANDBOX_MCP_VM_ACCELERATOR=tcg")
         paths = self._paths(record)
         files = _Files(paths)
-        subnet = self.settings.subnet
-        argv = qemu_argv(
-            name=record.name,
-            accelerator=accel.accelerator,
-            cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
-            memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
-            image=image,
-            paths=paths,
-            mac=record.mac,
-            cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=subnet.prefixlen,
-                                   gateway=str(self.settings.host_ip)),
-            firmware=qboot(),
-        )
         files.guest_meta.mkdir(parents=True, exist_ok=True)
         atomic_write(files.guest_meta / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
         self._remove_boot_files(files)
@@ -310,12 +397,12 @@ class QemuRuntime(Runtime):
         await progress("setting up the network", None)
         await self.network.ensure()
         try:
-            tap = await self.network.attach_tap(record.name)
+            await self.network.attach_tap(record.name)
             # The same policy as a container's: this port may send only as the VM's MAC and IP.
-            await self.network.admit(tap, record.ip, record.mac, egress=record.egress == "internet")
+            await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress == "internet")
             await progress(f"booting the VM ({accel.accelerator})", None)
             process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(argv, files.qemu_log, tag=self._tag(record), missing_hint=_QEMU_MISSING)
+                lambda: self._spawn(record, uid, key, image, accel.accelerator, groups)
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -326,6 +413,72 @@ class QemuRuntime(Runtime):
         return self.with_state(
             record, state.model_copy(update={"process": process, "accelerator": accel.accelerator})
         )
+
+    def _spawn(self, record: WorkspaceRecord, uid: int, key: str, image: VmArtefacts, accelerator: Accelerator,
+               groups: list[int]) -> ProcessRef:
+        """Open everything qemu needs, start it unprivileged through the launcher, close our copies."""
+        paths = self._paths(record)
+        files = _Files(paths)
+        inside = self.settings.user_uid  # the workspace user's uid in the image, and qemu's in its namespace
+        opened: list[int] = []
+
+        def keep(fd: int) -> int:
+            opened.append(fd)
+            return fd
+
+        qmp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            shares = {}
+            for tag, readonly in _SHARES:
+                source = {"workspace": paths.workspace, "claude-config": paths.claude_config,
+                          "ssh-host-keys": paths.ssh_host_keys, "guest-meta": files.guest_meta}[tag]
+                uids, gids = _share_maps(source, uid, readonly)
+                attrs = _SHARE_ATTRS | (idmap.MOUNT_ATTR_RDONLY if readonly else 0)
+                shares[tag] = keep(idmap.detached_idmapped_tree(source, uids, attrs, gid_map=gids))
+            keep(self.images.store.hold(key))  # qemu inherits it: prune leaves the image alone while it runs
+            ro = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            fds = QemuFds(
+                kernel=keep(os.open(image.kernel, ro)),
+                initrd=keep(os.open(image.initrd, ro)),
+                disk=keep(os.open(image.disk, ro)),
+                overlay=keep(os.open(files.overlay, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)),
+                console=keep(self._console_sink(record, files)),
+                qmp=qmp.fileno(),
+                tap=keep(self.network.open_tap(record.name)),
+                shares=shares,
+            )
+            qmp.bind(str(files.qmp))
+            qmp.listen(4)
+            argv = qemu_argv(
+                name=record.name,
+                accelerator=accelerator,
+                cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
+                memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
+                fds=fds,
+                mac=record.mac,
+                cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
+                                       gateway=str(self.settings.host_ip)),
+                firmware=qboot(),
+            )
+            userns = keep(idmap.userns_with_map([(inside, uid, 1)], [(inside, uid, 1), *((g, g, 1) for g in groups)]))
+            return supervise.spawn(
+                launch_argv(argv, userns_fd=userns, uid=inside, gid=inside, groups=groups),
+                files.qemu_log,
+                tag=self._tag(record),
+                missing_hint=_QEMU_MISSING,
+                pass_fds=[*opened, qmp.fileno()],
+            )
+        finally:
+            qmp.close()
+            for fd in opened:
+                os.close(fd)
+
+    def _console_sink(self, record: WorkspaceRecord, files: _Files) -> int:
+        """The write end qemu's serial console goes to: the log keeps its first ``console_log_mib``
+        MiB and drops the rest, so a guest flooding its console cannot fill the host's disk."""
+        _, write_end = supervise.spawn_bounded_sink(files.console, self.settings.console_log_mib << 20,
+                                                    tag=self._tag(record))
+        return write_end
 
     @staticmethod
     def _remove_boot_files(files: _Files) -> None:
@@ -364,6 +517,7 @@ class QemuRuntime(Runtime):
             accelerator=state.accelerator,
             isolation="microvm",
             detail=f"qemu -name {vm_name(record.name)}" + (f" ({state.accelerator})" if state.accelerator else "")
+            + (f" as uid {state.uid}" if state.uid is not None else "")
             + (f" image {state.image}" if state.image else ""),
         )
 
@@ -398,3 +552,41 @@ class QemuRuntime(Runtime):
             if r.name not in running:
                 self._remove_boot_files(_Files(self._paths(r)))
 
+
+def _share_maps(source: Path, uid: int, readonly: bool) -> tuple[idmap.IdMap, idmap.IdMap]:
+    """The uid and gid maps of share ``source`` for a qemu running as host ``uid``.
+
+    Read-write shares map their directory's owner (the host user the workspace belongs to) to
+    qemu's uid, so what the guest writes lands as that user; read-only ones map root.
+
+    Raises:
+        BackendError: the directory is a symlink or not a directory, or a read-write share is root's
+            (whatever qemu wrote there would be root's: setuid-root programs one chmod away).
+    """
+    st = os.lstat(source)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BackendError(f"{source} is not a directory; stop the workspace, move it away and start again")
+    if readonly:
+        return [(0, uid, 1)], [(0, uid, 1)]
+    if st.st_uid == 0 or st.st_gid == 0:
+        raise BackendError(f"{source} belongs to root; chown it to the workspace user before starting the VM")
+    return [(st.st_uid, uid, 1)], [(st.st_gid, uid, 1)]
+
+
+def _live_vm_uids() -> set[int]:
+    """Real uids in the VM range of the processes live on this host (another server's VMs included)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uid = int(line.split()[1])
+                        if VM_UID_BASE <= uid < VM_UID_BASE + UID_RANGE:
+                            found.add(uid)
+                        break
+        except (OSError, ValueError):
+            continue
+    return found

@@ -4,8 +4,8 @@
 own machines) ordinary guest kernels hang under it. So the choice is, in order:
 
 1. ``settings.vm_accelerator`` when it is ``kvm`` or ``tcg`` (the operator knows);
-2. a reliable sign read from the host: no ``/dev/kvm``, no access to it, or ``kvm_pvm`` loaded
-   mean TCG, without trying;
+2. a reliable sign read from the host: no ``/dev/kvm``, ``kvm_pvm`` loaded, or a ``/dev/kvm``
+   only root may open (qemu runs unprivileged: :func:`kvm_groups`) mean TCG, without trying;
 3. otherwise a bounded test boot of the VM kernel under KVM (no root: it must reach the panic
    "unable to mount root" and exit, thanks to ``panic=-1 -no-reboot``); a kernel that does not
    get there in time means TCG. The result is kept per host boot (``/proc/sys/kernel/random/boot_id``).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ from ..config import Settings
 from ..errors import CommandFailed, CommandTimeout
 from ..fsutil import atomic_write
 
-__all__ = ["AccelChoice", "Accelerator", "choose_accelerator", "kvm_sign", "probe_argv", "probe_boot"]
+__all__ = ["AccelChoice", "Accelerator", "choose_accelerator", "kvm_groups", "kvm_sign", "probe_argv", "probe_boot"]
 
 Accelerator = Literal["kvm", "tcg"]
 
@@ -39,6 +40,21 @@ class AccelChoice(BaseModel):
     reason: str
 
 
+def kvm_groups(dev: Path = Path("/dev/kvm")) -> list[int] | None:
+    """The supplementary groups an unprivileged qemu needs to open ``dev``: [] when anyone may, [its group]
+    when that group may (udev's usual ``0660 root:kvm``), None when only root may (or it is missing)."""
+    try:
+        st = os.stat(dev)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o006 == 0o006:
+        return []
+    if mode & 0o060 == 0o060 and st.st_gid != 0:
+        return [st.st_gid]
+    return None
+
+
 def kvm_sign(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/module")) -> AccelChoice | None:
     """Decide from what the host shows, without booting anything; None when only a test boot can tell."""
     if not dev.exists():
@@ -48,8 +64,12 @@ def kvm_sign(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/module"
             accelerator="tcg",
             reason=f"{dev} is served by kvm_pvm (a PVM host), on which ordinary guest kernels hang",
         )
-    if not os.access(dev, os.R_OK | os.W_OK):
-        return AccelChoice(accelerator="tcg", reason=f"no read/write access to {dev}")
+    if kvm_groups(dev) is None:
+        return AccelChoice(
+            accelerator="tcg",
+            reason=f"only root may open {dev} and qemu runs unprivileged; make it 0660 with group kvm (udev's "
+            "default) or 0666",
+        )
     return None
 
 

@@ -59,6 +59,8 @@ class SSHTarget:
 
     ``host_key_path`` is the pinned public key file, or the private key file whose public half
     is pinned; ``workspace_dir`` is the absolute project directory inside the workspace.
+    ``host_key_fingerprint``, when set, is the key the caller looked up: a workspace replaced under
+    the same name since then (a new key at the same path) is refused, not connected to.
     """
 
     key: str
@@ -68,6 +70,7 @@ class SSHTarget:
     client_key_path: Path
     workspace_dir: str
     port: int = 22
+    host_key_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if not posixpath.isabs(self.workspace_dir):

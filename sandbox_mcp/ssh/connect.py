@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import asyncssh
 
-from ..errors import CommandTimeout
+from ..errors import CommandTimeout, SSHError
 from ..runtimes.base import Progress
 from .commands import SSHTarget
 from .errors import describe, host_key_mismatch
@@ -37,6 +37,11 @@ async def open_connection(
             port while booting is normal; see :mod:`.errors`).
     """
     host_key = load_public_key(target.host_key_path)
+    if target.host_key_fingerprint and host_key.get_fingerprint("sha256") != target.host_key_fingerprint:
+        raise SSHError(
+            f"workspace {target.key!r} was replaced (its host key changed) since this call looked it up; "
+            "call list_workspaces, then call again"
+        )
     client_key = load_private_key(target.client_key_path)
     aloop = asyncio.get_running_loop()  # asyncssh runs on asyncio only
     infos = await aloop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)

@@ -1,0 +1,53 @@
+"""A workspace's host side before it boots: its directories, pinned host key, authorized_keys, Claude config.
+
+Everything here is on the host, under ``<state>/<name>/``, and survives stop (and destroy with
+``keep_data``). The runtimes then share these directories with the workspace (see DESIGN.md).
+Blocking: the manager calls these from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import onboarding, ssh
+from .config import Settings
+from .fsutil import own_dir
+from .models import WorkspaceRecord
+from .owners import claim_dir
+from .paths import WorkspacePaths
+
+__all__ = ["prepare_state_dirs"]
+
+
+def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> str:
+    """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
+
+    Root owns the workspace's own dirs (0755); the workspace dir belongs to the workspace user's
+    uid and keeps its mode when it is kept data. The host key is made once and pinned; the
+    Claude config is seeded as onboarding says. Returns the host key's fingerprint.
+
+    Raises:
+        Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.owners.claim_dir`).
+        SSHError: the host key cannot be made.
+        InvalidSpec: an ``authorized`` line is not one public key.
+    """
+    paths = WorkspacePaths.of(settings.state_dir, record.name)
+    uid = gid = settings.user_uid
+    paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
+    for d in (paths.root, paths.ssh_host_keys, paths.runtime):
+        own_dir(d, 0, 0, 0o755)
+    own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
+    fingerprint = ssh.ensure_host_key(paths.host_key)
+    ssh.write_authorized_keys(paths.authorized_keys, authorized)
+    credentials = onboarding.host_credentials_file(Path.home())
+    onboarding.seed_claude_config(
+        paths.claude_config,
+        workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
+        uid=uid,
+        gid=gid,
+        copy_credentials_from=credentials if settings.copy_claude_credentials else None,
+    )
+    return fingerprint
+

@@ -1,0 +1,92 @@
+"""What the MCP tools and the CLI need of "the workspaces": one Protocol, three implementations.
+
+:class:`~sandbox_mcp.owners.OwnedManager` (one user's view of the manager in this process) and
+:class:`~sandbox_mcp.daemon_client.RemoteManager` (the same, carried out by the daemon) both
+satisfy :class:`Workspaces`; :class:`~sandbox_mcp.manager.WorkspaceManager` has the same methods
+with one more keyword, ``owner_uid``. ``tests/test_workspaces_protocol.py`` keeps the signatures
+in step, so an argument added to one of them cannot be forgotten in the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from .config import Settings
+from .models import (
+    DestroyResult,
+    DirListing,
+    Egress,
+    ExecResult,
+    FileContent,
+    LogsResult,
+    Workspace,
+    WorkspaceList,
+    WorkspaceStatus,
+    WorkspaceType,
+    WriteResult,
+)
+from .runtimes.base import Progress, no_progress
+
+if TYPE_CHECKING:
+    from .ssh import SSHTarget
+
+__all__ = ["Workspaces"]
+
+
+class Workspaces(Protocol):
+    """The workspaces one caller may see and touch (see the module docstring)."""
+
+    settings: Settings
+
+    async def create(
+        self,
+        name: str,
+        type: WorkspaceType = "container",
+        packages: Sequence[str] = (),
+        ip: str | None = None,
+        start: bool = True,
+        progress: Progress = no_progress,
+        *,
+        egress: Egress = "none",
+        cpus: float | None = None,
+        memory_mib: int | None = None,
+    ) -> Workspace: ...
+
+    async def start(self, name: str, progress: Progress = no_progress) -> Workspace: ...
+
+    async def stop(self, name: str) -> Workspace: ...
+
+    async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult: ...
+
+    async def list(self) -> WorkspaceList: ...
+
+    async def status(self, name: str) -> WorkspaceStatus: ...
+
+    async def logs(self, name: str, lines: int = 200) -> LogsResult: ...
+
+    async def exec(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+        stdin: str | None = None,
+    ) -> ExecResult: ...
+
+    async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent: ...
+
+    async def write_file(
+        self,
+        name: str,
+        path: str,
+        content: str,
+        encoding: str = "utf-8",
+        append: bool = False,
+        mode: str | int | None = None,
+    ) -> WriteResult: ...
+
+    async def list_dir(self, name: str, path: str = ".") -> DirListing: ...
+
+    async def ssh_target(self, name: str) -> SSHTarget: ...

@@ -1,0 +1,45 @@
+"""The three ways to reach workspaces keep the same methods: OwnedManager and RemoteManager match the
+Workspaces Protocol exactly; WorkspaceManager has each of them with one keyword more, ``owner_uid``."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from sandbox_mcp.daemon_client import RemoteManager
+from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.owners import OwnedManager
+from sandbox_mcp.workspaces import Workspaces
+
+METHODS = sorted(
+    name for name, fn in vars(Workspaces).items() if inspect.iscoroutinefunction(fn) and not name.startswith("_")
+)
+
+
+def _params(cls: type, method: str) -> list[tuple[str, object, object, str]]:
+    """(name, kind, default, annotation text) of each parameter; annotations are strings here (PEP 563)."""
+    sig = inspect.signature(getattr(cls, method))
+    return [(p.name, p.kind, p.default, str(p.annotation)) for p in sig.parameters.values()]
+
+
+def test_the_protocol_has_every_operation() -> None:
+    assert METHODS == ["create", "destroy", "exec", "list", "list_dir", "logs", "read_file", "ssh_target", "start",
+                       "status", "stop", "write_file"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [OwnedManager, RemoteManager])
+@pytest.mark.parametrize("method", METHODS)
+def test_views_match_the_protocol(cls: type, method: str) -> None:
+    assert _params(cls, method) == _params(Workspaces, method)
+    assert inspect.signature(getattr(cls, method)).return_annotation == inspect.signature(
+        getattr(Workspaces, method)
+    ).return_annotation
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_manager_has_the_same_and_owner_uid(method: str) -> None:
+    params = _params(WorkspaceManager, method)
+    owner = [p for p in params if p[0] == "owner_uid"]
+    assert owner == [("owner_uid", inspect.Parameter.KEYWORD_ONLY, None, "int | None")]
+    assert [p for p in params if p[0] != "owner_uid"] == _params(Workspaces, method)
