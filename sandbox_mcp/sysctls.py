@@ -21,6 +21,9 @@ With the limits raised, 80 workspaces created at once all came up here; nothing 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +35,7 @@ __all__ = [
     "INOTIFY_WATCHES_PER_WORKSPACE",
     "RECOMMENDED",
     "conf_text",
+    "inotify_headroom",
     "main",
     "read_current",
 ]
@@ -80,6 +84,34 @@ def conf_text(current: Mapping[str, int | None]) -> str:
         have = current.get(key)
         lines.append(f"{key} = {max(want, have) if have is not None else want}")
     return "\n".join(lines) + "\n"
+
+
+def inotify_headroom(needed: int) -> bool:
+    """Whether this process's user may open ``needed`` more inotify instances right now.
+
+    The server runs as host root, whose count every container shares (see above), so this says
+    whether one more container can boot: it opens ``needed`` instances and closes them again.
+    A best-effort check before a boot that would otherwise die slowly, mid-way, of EMFILE in the
+    container's systemd; creates running at the same moment can still use the room up.
+
+    Raises:
+        OSError: inotify fails for another reason than its limit.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    opened: list[int] = []
+    try:
+        for _ in range(needed):
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err == errno.EMFILE:
+                    return False
+                raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+            opened.append(fd)
+        return True
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

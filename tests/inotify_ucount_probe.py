@@ -3,7 +3,8 @@
 Prints one JSON object. In a user namespace U1 whose ``user.max_inotify_instances`` is 10 (its
 own limit, so the host's count is never touched): how many instances a nested namespace owned by
 U1's root can open with U1's root holding none and holding 6, and how many one owned by uid 1000
-of U1 can open while root holds 6. Every process here is a fork of this one; all exit at the end.
+of U1 can open while root holds 6; and what :func:`sandbox_mcp.sysctls.inotify_headroom` says
+with 4 left. Every process here is a fork of this one; all exit at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+
+from sandbox_mcp.sysctls import inotify_headroom
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWUSER = 0x10000000
@@ -81,6 +84,9 @@ def main() -> None:
     assert all(fd >= 0 for fd in held)
     result["root_owned_with_6_held_by_root"] = _nested_count(0)
     result["uid1000_owned_with_6_held_by_root"] = _nested_count(1000)
+    # What the nspawn runtime asks before a boot, here with 4 of the 10 left.
+    result["headroom_4_with_6_held"] = inotify_headroom(4)
+    result["headroom_5_with_6_held"] = inotify_headroom(5)
     print(json.dumps(result))
 
 

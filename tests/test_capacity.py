@@ -17,6 +17,7 @@ from mcp import Client
 
 from sandbox_mcp import sysctls
 from sandbox_mcp.config import Settings
+from sandbox_mcp.errors import BackendError
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.server import build_server
 
@@ -97,3 +98,25 @@ async def test_thirty_workspaces_created_at_once(wide_settings: Settings) -> Non
             await destroy_all(m)
     for name in names:
         assert_nothing_left(settings, name)
+
+
+async def test_a_boot_the_inotify_limit_would_kill_is_refused_at_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Using up host root's inotify instances for real would break every other root process on the
+    # host (and with the raised limit means a million fds), so the probe's answer is set here; the
+    # probe itself is tested for real inside a user namespace (test_sysctls.py).
+    asked: list[int] = []
+
+    def no_room(needed: int) -> bool:
+        asked.append(needed)
+        return False
+
+    monkeypatch.setattr(sysctls, "inotify_headroom", no_room)
+    async with WorkspaceManager(settings) as m:
+        with pytest.raises(BackendError, match=r"fs\.inotify\.max_user_instances = \d+\).*scripts/setup as root"):
+            await m.create("inofull")
+        assert (await m.list()).workspaces == []
+    assert asked == [sysctls.INOTIFY_INSTANCES_BOOTING]
+    assert not (settings.state_dir / "inofull").exists()
+    assert_nothing_left(settings, "inofull")

@@ -80,4 +80,5 @@ def test_inotify_instances_are_charged_to_the_user_namespaces_owner() -> None:
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result == {"limit": 10, "root_owned": 10, "root_owned_with_6_held_by_root": 4,
-                      "uid1000_owned_with_6_held_by_root": 10}
+                      "uid1000_owned_with_6_held_by_root": 10,
+                      "headroom_4_with_6_held": True, "headroom_5_with_6_held": False}

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from .. import hostcaps, onboarding, rootfs, scopes, supervise
+from .. import hostcaps, onboarding, rootfs, scopes, supervise, sysctls
 from ..cgroups import CgroupHost, group_for, join_argv
 from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
@@ -316,9 +316,24 @@ class NspawnRuntime(Runtime):
         key = await self.images.ensure(record.packages, progress)
         return self.with_state(record, self.state(record).model_copy(update={"image": key}))
 
+    @staticmethod
+    async def _check_inotify_room() -> None:
+        """Refuse a boot the host's inotify limit would kill half-way (slowly, as an SSH timeout)."""
+        if await anyio.to_thread.run_sync(sysctls.inotify_headroom, sysctls.INOTIFY_INSTANCES_BOOTING):
+            return
+        limit = sysctls.read_current().get("fs.inotify.max_user_instances")
+        raise BackendError(
+            f"the host's inotify limit is used up (fs.inotify.max_user_instances = {limit}): every container's "
+            f"instances count against host root's, and one needs about {sysctls.INOTIFY_INSTANCES_BOOTING} "
+            "to boot. Stop or destroy workspaces you do not need, or raise the limit: run scripts/setup as root "
+            f"(it writes {sysctls.CONF_PATH}) or `sysctl -w fs.inotify.max_user_instances="
+            f"{sysctls.RECOMMENDED['fs.inotify.max_user_instances']}`"
+        )
+
     async def start(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
         if self._running(record):
             return record
+        await self._check_inotify_room()
         state = self.state(record)
         if not state.image or not self.images.exists(state.image):
             # The cache was cleared, or the recipe changed since create: rebuild quietly.
