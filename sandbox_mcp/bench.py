@@ -3,7 +3,7 @@
 - create → first exec through the MCP tools (cached image) against a bare boot: the same
   network setup and systemd-nspawn command, polled until sshd sends its banner;
 - ``exec true`` p50/p95 through the MCP tool against one ``ssh`` client process per command;
-- writing and reading a 16 MiB file through the MCP tools against ``ssh cat``;
+- writing and reading a file (16 MiB by default) through the MCP tools against ``ssh cat``;
 - for VMs (``type="vm"``, when qemu and the VM image are there): create → first exec against a bare
   boot of the same qemu command (TAP, overlay, qemu), polled until sshd sends its banner;
 - the daemon's hop: ``exec true`` from an MCP client on the daemon's socket against the
@@ -185,7 +185,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "ssh_over_tool_p50": statistics.median(ssh_ms) / statistics.median(tool_ms),
             }
 
-            # 3. A 16 MiB file through write_file/read_file vs ssh cat.
+            # 3. A file (16 MiB by default) through write_file/read_file vs ssh cat.
             size = args.file_mib << 20
             data = os.urandom(size)
             b64 = base64.b64encode(data).decode()
@@ -209,8 +209,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             out = (await anyio.run_process([*ssh_argv, "cat workspace/big2.bin"])).stdout
             ssh_read = time.perf_counter() - t0
             assert out == data
-            results["file_16mib_s"] = {
-                "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
+            results["file_s"] = {
+                "mib": args.file_mib, "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write, "ssh_cat_read": ssh_read,
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
             results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, client)
@@ -338,7 +338,7 @@ async def _ssh_argv(settings: Settings, name: str) -> list[str]:
 
 def _print(results: dict[str, dict[str, float]]) -> None:
     c, b = results["create_to_first_exec_s"], results["bare_boot_to_sshd_s"]
-    e, f = results["exec_true_ms"], results["file_16mib_s"]
+    e, f = results["exec_true_ms"], results["file_s"]
     print(f"create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, max {c['max']:.3f}, "
           f"{c['runs']:.0f} runs)")
     print(f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; "
@@ -351,7 +351,7 @@ def _print(results: dict[str, dict[str, float]]) -> None:
     print(f"exec true via MCP tool: p50 {e['tool_p50']:.2f} ms, p95 {e['tool_p95']:.2f} ms")
     print(f"  baseline, ssh process per command: p50 {e['ssh_p50']:.2f} ms, p95 {e['ssh_p95']:.2f} ms; "
           f"tool is {e['ssh_over_tool_p50']:.1f}x faster")
-    print(f"16 MiB file via tools: write {f['tool_write']:.3f} s, read {f['tool_read']:.3f} s")
+    print(f"{f['mib']} MiB file via tools: write {f['tool_write']:.3f} s, read {f['tool_read']:.3f} s")
     print(f"  baseline ssh cat: write {f['ssh_cat_write']:.3f} s, read {f['ssh_cat_read']:.3f} s; "
           f"ratios {f['tool_over_ssh_write']:.2f}x / {f['tool_over_ssh_read']:.2f}x")
     if "vm_create_to_first_exec_s" in results:
