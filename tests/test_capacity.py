@@ -39,8 +39,10 @@ def _proc_int(rel: str) -> int:
 
 @pytest.fixture
 def wide_settings(settings: Settings) -> Iterator[Settings]:
-    """The e2e settings on a bridge and subnet of this test's own."""
-    yield settings.model_copy(update={"bridge": "sbxcap-br", "subnet": ipaddress.IPv4Network("192.168.88.0/24")})
+    """The e2e settings on a bridge and subnet of this test's own. 30 boots share the CPUs, so the boot
+    timeout is a bound for a hang only (this test is about how many fit, not how fast)."""
+    yield settings.model_copy(update={"bridge": "sbxcap-br", "subnet": ipaddress.IPv4Network("192.168.88.0/24"),
+                                      "boot_timeout_s": 600})
 
 
 async def test_thirty_workspaces_created_at_once(wide_settings: Settings) -> None:
