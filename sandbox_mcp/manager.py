@@ -407,6 +407,14 @@ class WorkspaceManager:
             data.workspaces[name] = record
         return record
 
+    def _assign(self, record: WorkspaceRecord, runtime: Runtime) -> WorkspaceRecord:
+        """What ``runtime`` allocates per workspace, for a record registered without it (in the registry
+        transaction, as on create)."""
+        with self.registry.transaction_sync() as data:
+            record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != record.name])
+            data.workspaces[record.name] = record
+        return record
+
     def _authorized_keys(self, record: WorkspaceRecord) -> list[str]:
         """The keys that open the workspace: the server's, and its owner's own (see userkeys)."""
         keys = [self.client_public_key]
@@ -445,6 +453,8 @@ class WorkspaceManager:
                 return self.view(record)
             if record.state == "creating":
                 raise InvalidState(f"workspace {name!r} is still being created; try again shortly")
+            if not runtime.assigned(record):  # registered by an older version
+                record = await anyio.to_thread.run_sync(self._assign, record, runtime)
             record = await self._start(record, runtime, progress, time.monotonic())
         return self.view(record)
 

@@ -432,15 +432,18 @@ async def test_probe_boot_runs_the_kernel_to_its_root_mount(tmp_path: Path) -> N
 
 @pytest.mark.anyio
 async def test_start_refuses_a_vm_without_its_own_uid(tmp_path: Path) -> None:
-    """A VM registered before qemu ran unprivileged has no uid: start says how to recreate it, before
-    touching the network or the image."""
+    """A VM registered before qemu ran unprivileged has no uid: it is not assigned, and the runtime
+    alone refuses to start it (the manager assigns one first: test_qemu_e2e), before touching the
+    network or the image."""
     from sandbox_mcp.runtimes import RuntimeContext
 
     s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="")
     rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
     rec = WorkspaceRecord(name="old", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
                           cid=100, user="agent", runtime_state={"image": "vm-x"})
-    with pytest.raises(BackendError, match="keep_data=true"):
+    assert not rt.assigned(rec)
+    assert rt.assigned(rt.assign(rec, []))
+    with pytest.raises(BackendError, match="no uid of its own.*assigns one"):
         await rt.start(rec, no_progress)
     assert not (tmp_path / "old").exists()
 

@@ -168,8 +168,15 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     assert vm_leftovers("vm1", settings) == NOTHING_LEFT
     logs = await s.call("workspace_logs", name="vm1", lines=50)
     assert "Power down" in logs["log"], logs["log"]  # the guest shut down in order, not killed
+    # As a VM registered before qemu ran unprivileged: no uid of its own. Start assigns one.
+    registry = json.loads(settings.registry_path.read_text())
+    del registry["workspaces"]["vm1"]["runtime_state"]["uid"]
+    settings.registry_path.write_text(json.dumps(registry))
     started = await s.call("start_workspace", name="vm1")
     assert started["state"] == "running"
+    new_uid = json.loads(settings.registry_path.read_text())["workspaces"]["vm1"]["runtime_state"]["uid"]
+    status = await s.call("workspace_status", name="vm1")
+    assert set(_proc_status(status["runtime"]["pid"])["Uid"]) == {str(new_uid)} and new_uid not in (0, settings.user_uid)
     r = await s.call("exec", name="vm1", command="test -e /etc/dirty; echo $?; ls keep.txt")
     assert r["stdout"] == "1\nkeep.txt\n"
 

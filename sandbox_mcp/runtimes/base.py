@@ -155,10 +155,16 @@ class Runtime(ABC):
             InvalidSpec: with what to change.
         """
 
+    def assigned(self, record: WorkspaceRecord) -> bool:
+        """Whether ``record`` has what :meth:`assign` allocates. A record registered by an older
+        version may lack it; the manager then assigns it before the next start. Default: True."""
+        return True
+
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """Allocate what the runtime needs per workspace (inside the registry transaction, like IPs).
 
-        ``others`` are the registered workspaces. Default: nothing to allocate.
+        ``others`` are the registered workspaces. Called on create, and on start for a record that
+        is not :meth:`assigned`. Default: nothing to allocate.
 
         Raises:
             InvalidSpec, Conflict, BackendError: the workspace cannot be realised here (the message says why).

@@ -322,6 +322,10 @@ class QemuRuntime(Runtime):
         """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
         return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
 
+    def assigned(self, record: WorkspaceRecord) -> bool:
+        """A VM registered before qemu ran unprivileged has no uid of its own yet."""
+        return self.state(record).uid is not None
+
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """The isolation, and qemu's own host uid: none another registered VM or a live process has.
 
@@ -372,10 +376,10 @@ class QemuRuntime(Runtime):
             return record
         state = self.state(record)
         uid = state.uid
-        if uid is None:
+        if uid is None:  # the manager assigns one first (see assigned); a caller that did not
             raise BackendError(
-                f"VM '{record.name}' was created before VMs ran unprivileged; destroy it with keep_data=true "
-                "(its workspace dir stays) and create it again"
+                f"VM '{record.name}' has no uid of its own to run qemu as; start it through the manager "
+                "(sandbox-mcp start), which assigns one"
             )
         if not state.image or not self.images.exists(state.image):
             record = await self.prepare(record, progress)  # cache cleared or recipe changed since create
