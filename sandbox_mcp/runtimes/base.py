@@ -10,8 +10,10 @@ name) in its own typed :attr:`Runtime.State`, stored on the record as ``runtime_
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -31,11 +33,29 @@ __all__ = [
     "Runtime",
     "RuntimeContext",
     "RuntimeState",
+    "log_tail_lines",
     "no_progress",
 ]
 
 Mode = Literal["direct", "nixos"]
 PackageFlavour = Literal["debian", "nix"]
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LOG_TAIL_BYTES = 256 * 1024
+
+
+def log_tail_lines(path: Path) -> list[str] | None:
+    """The lines of the last 256 KiB of a console log, colour codes and carriage returns removed
+    (what ``workspace_logs`` shows); None when the file does not exist. Blocking."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    return _ANSI_RE.sub("", text).replace("\r", "").splitlines()
 
 
 class Progress(Protocol):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,10 @@ from ..naming import UID_RANGE, allocate_uid_base, veth_names
 from ..paths import WorkspacePaths
 from ..rootfs import RootMounts
 from ..supervise import ProcessRef
-from .base import Progress, Runtime, RuntimeContext, RuntimeState
+from .base import Progress, Runtime, RuntimeContext, RuntimeState, log_tail_lines
 
 __all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _NSPAWN_MISSING = (
     "install it (Debian/Ubuntu: apt-get install systemd-container) and run 'sandbox-mcp doctor'"
 )
@@ -501,15 +499,7 @@ class NspawnRuntime(Runtime):
         path = self._paths(record).console_log
 
         def _tail() -> str:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(0, os.SEEK_END)
-                    f.seek(max(0, f.tell() - 256 * 1024))
-                    text = f.read().decode("utf-8", "replace")
-            except FileNotFoundError:
-                return ""
-            text = _ANSI_RE.sub("", text).replace("\r", "")
-            return "\n".join(text.splitlines()[-lines:])
+            return "\n".join((log_tail_lines(path) or [])[-lines:])
 
         return await anyio.to_thread.run_sync(_tail)
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import shutil
 import socket
 import stat
@@ -81,7 +80,7 @@ from ..naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ..paths import WorkspacePaths
 from ..supervise import ProcessRef
 from . import qmp
-from .base import Progress, Runtime, RuntimeContext, RuntimeState
+from .base import Progress, Runtime, RuntimeContext, RuntimeState, log_tail_lines
 from .nspawn import hosts_file
 from .qemu_accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
 
@@ -107,7 +106,6 @@ _SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=d
 _SHARE_ATTRS = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
 
 QBOOT_PATH = Path("/usr/share/qemu/qboot.rom")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _QEMU_MISSING = "install it (Debian/Ubuntu: apt-get install qemu-system-x86 qemu-utils) and run 'sandbox-mcp doctor'"
 
 
@@ -531,15 +529,7 @@ class QemuRuntime(Runtime):
         def _tail() -> str:
             parts = []
             for path, prefix in ((files.console, ""), (files.qemu_log, "qemu: ")):
-                try:
-                    with open(path, "rb") as f:
-                        f.seek(0, os.SEEK_END)
-                        f.seek(max(0, f.tell() - 256 * 1024))
-                        text = f.read().decode("utf-8", "replace")
-                except FileNotFoundError:
-                    continue
-                text = _ANSI_RE.sub("", text).replace("\r", "")
-                parts += [prefix + line for line in text.splitlines()]
+                parts += [prefix + line for line in log_tail_lines(path) or []]
             return "\n".join(parts[-lines:])
 
         return await anyio.to_thread.run_sync(_tail)
