@@ -483,16 +483,7 @@ class HostNetwork:
         Raises:
             BackendError: netlink refused the dump.
         """
-        names: set[str] = set()
-        async with _iproute() as ipr:
-            try:
-                async for link in await ipr.link("dump"):
-                    ws = _workspace_of(link.get("IFLA_IFNAME") or "", tap_name)
-                    if ws is not None and _kind(link) == "tun":
-                        names.add(ws)
-            except NetlinkError as exc:
-                raise _translate(exc, "listing network interfaces") from exc
-        return sorted(names)
+        return sorted(await _workspaces_with_link("tun", tap_name))
 
     async def leftovers(self) -> list[str]:
         """Names of workspaces that have a host veth (``sb-NAME``) or a named namespace (``sbx-NAME``) here.
@@ -502,15 +493,7 @@ class HostNetwork:
         Raises:
             BackendError: netlink refused the dump.
         """
-        names: set[str] = set()
-        async with _iproute() as ipr:
-            try:
-                async for link in await ipr.link("dump"):
-                    ws = _workspace_of(link.get("IFLA_IFNAME") or "", lambda n: veth_names(n)[0])
-                    if ws is not None and _kind(link) == "veth":
-                        names.add(ws)
-            except NetlinkError as exc:
-                raise _translate(exc, "listing network interfaces") from exc
+        names = await _workspaces_with_link("veth", lambda n: veth_names(n)[0])
         try:
             entries = os.listdir(NETNS_DIR)
         except FileNotFoundError:
@@ -520,6 +503,24 @@ class HostNetwork:
 
 
 # -- netlink helpers ----------------------------------------------------------------------------
+
+
+async def _workspaces_with_link(kind: str, link_name: Callable[[str], str]) -> set[str]:
+    """Workspaces that have a link of ``kind`` named ``link_name(workspace)`` here.
+
+    Raises:
+        BackendError: netlink refused the dump.
+    """
+    names: set[str] = set()
+    async with _iproute() as ipr:
+        try:
+            async for link in await ipr.link("dump"):
+                ws = _workspace_of(link.get("IFLA_IFNAME") or "", link_name)
+                if ws is not None and _kind(link) == kind:
+                    names.add(ws)
+        except NetlinkError as exc:
+            raise _translate(exc, "listing network interfaces") from exc
+    return names
 
 
 class _Address:
