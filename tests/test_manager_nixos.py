@@ -76,10 +76,11 @@ async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path])
         assert (ws.state, ws.type) == ("stopped", "vm")
         registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
         entry = registry["workspaces"]["web"]
-        assert (entry["type"], entry["ip"], entry["config"]) == ("vm", ws.ip, "workspaces/web.nix")
+        # A VM's module would configure the host: the registry carries data only.
+        assert (entry["type"], entry["ip"], entry["config"], entry["egress"]) == ("vm", ws.ip, None, "none")
         assert entry["packages"] == ["python3Packages.requests", "ripgrep"]
         assert registry["authorizedKeys"] == [m.client_public_key.strip()]
-        assert (env["root"] / "flake" / "workspaces" / "web.nix").exists()
+        assert not (env["root"] / "flake" / "workspaces" / "web.nix").exists()
         assert calls(env) == [["doas", "-n", "nixos-rebuild", "switch", "--flake", f"{env['root']}/flake#fry"]]
         # The pinned host key and the seeded Claude config exist before the module's setup unit runs.
         state = env["root"] / "state" / "web"
@@ -88,7 +89,7 @@ async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path])
         assert (state / "claude-config" / ".claude.json").exists()
 
         status = await m.status("web")
-        assert status.runtime.unit == "microvm@web" and status.runtime.running is False
+        assert status.runtime.unit == "microvm@sbx-web" and status.runtime.running is False
 
         await m.destroy("web")
         registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
@@ -117,18 +118,19 @@ async def test_a_failed_rebuild_restores_everything(env: dict[str, Path]) -> Non
         await m.close()
 
 
-async def test_container_names_are_limited_to_11_characters_in_nixos_mode(env: dict[str, Path]) -> None:
+async def test_container_names_are_limited_to_7_characters_in_nixos_mode(env: dict[str, Path]) -> None:
     m = await open_manager(env)
     try:
-        with pytest.raises(InvalidSpec, match=r"'twelve-chars' is 12 characters; NixOS containers allow at most 11"):
-            await m.create("twelve-chars", start=False)
+        # The NixOS container is sbx-NAME, and nixpkgs' private-network containers allow 11 characters.
+        with pytest.raises(InvalidSpec, match=r"'eight-ch' is 8 characters; container workspaces allow at most 7"):
+            await m.create("eight-ch", start=False)
         assert calls(env) == []  # nothing was rebuilt
         assert (await m.list()).workspaces == []
-        assert not (env["root"] / "state" / "twelve-chars").exists()
+        assert not (env["root"] / "state" / "eight-ch").exists()
         assert not (env["root"] / "flake" / "sandboxed-workspaces.json").exists()
-        # The limit is the containers': 11 characters pass, and so does a 12-character VM.
-        await m.create("eleven-char", start=False)
+        # The limit is the containers': 7 characters pass, and so does a 12-character VM.
+        await m.create("seven-c", start=False)
         await m.create("twelve-chars", type="vm", start=False)
-        assert [w.name for w in (await m.list()).workspaces] == ["eleven-char", "twelve-chars"]
+        assert [w.name for w in (await m.list()).workspaces] == ["seven-c", "twelve-chars"]
     finally:
         await m.close()
