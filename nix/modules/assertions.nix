@@ -121,7 +121,7 @@ let
       lib.filter (d: d.file != toString ours) (option.definitionsWithLocations or [ ])
     );
   machineClashes =
-    what: option: ours: type:
+    what: optionPath: option: ours: type:
     let
       theirs = foreignNames option ours;
       clashing = lib.filterAttrs (
@@ -132,7 +132,7 @@ let
       assertion = false;
       message = ''
         sandboxed-workspace: workspace ${name} is the ${what} ${wlib.machineFor name}, which another
-        module declares too (${what}s."${wlib.machineFor name}"); the two would merge into one. Rename
+        module declares too (${optionPath}."${wlib.machineFor name}"); the two would merge into one. Rename
         your own ${what} (names starting with "${wlib.namePrefix}" belong to the workspaces), or the workspace.
       '';
     }) clashing;
@@ -210,8 +210,8 @@ in
         }
       ]
       ++ lib.concatLists (lib.mapAttrsToList perWorkspace workspaces)
-      ++ machineClashes "container" (options.containers or { }) ./container.nix "container"
-      ++ machineClashes "VM" (options.microvm.vms or { }) ./vm.nix "vm"
+      ++ machineClashes "container" "containers" (options.containers or { }) ./container.nix "container"
+      ++ machineClashes "VM" "microvm.vms" (options.microvm.vms or { }) ./vm.nix "vm"
       ++ clashAssertions "IP" "Give each workspace its own ip." (_: ws: ws.ip) workspaces
       ++ clashAssertions "MAC address" "MACs derive from the name: rename one of them." (
         name: _: wlib.macFor name
