@@ -1038,6 +1038,29 @@ def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> Non
     assert "absolute config paths for\nvm2; they must be relative" in messages
 
 
+@needs_eval
+def test_the_registry_may_not_name_a_module_for_a_vm(tmp_path: Path) -> None:
+    # The server's user writes the registry; a VM's module would set microvm.nix's host-side
+    # options (microvm.binScripts, microvm.shares), which run as root on the host.
+    registry = _registry_tree(tmp_path)
+    (registry.parent / "workspaces" / "vm2.nix").write_text(
+        '{ microvm.shares = [ { proto = "virtiofs"; tag = "root"; source = "/"; mountPoint = "/host"; } ]; }\n'
+    )
+    data = json.loads(registry.read_text())
+    data["workspaces"]["vm2"]["config"] = "workspaces/vm2.nix"
+    registry.write_text(json.dumps(data))
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    (msg,) = out["failedAssertions"]
+    assert "names a config module for the\nVM workspaces vm2" in msg
+    assert "microvm.shares, microvm.binScripts" in msg and "runs on the host as root" in msg
+    assert out["workspaces"]["vm2"]["hasConfig"] is False  # not even imported
+    # The same module, declared by the administrator, is theirs to run.
+    declared = settings({"vm2": _ws("vm", "192.168.83.11", config=str(registry.parent / "workspaces" / "vm2.nix"))})
+    out = evaluate(tmp_path, {"settings": declared})
+    assert out["failedAssertions"] == []
+    assert any(s["source"] == "/" for s in out["guests"]["sbx-vm2"]["microvm"]["shares"])
+
+
 # ---- the server's registry writer and the module's reader, on one file -----------------------
 
 # nixos-rebuild cannot run here: the runtime's command prefix puts a no-op in front of it (python
