@@ -487,6 +487,7 @@ def test_vm_backend(three: dict[str, Any]) -> None:
     shares = {s["tag"]: s for s in mv["shares"]}
     assert shares["ro-store"]["source"] == "/nix/store"
     assert shares["ro-store"]["mountPoint"] == "/nix/.ro-store"
+    assert shares["ro-store"]["readOnly"] is True and shares["ro-store"]["posixAcl"] is False
     # virtiofsd (root on the host) lets the guest create and own files in a writable share only as
     # the workspace user (uid and gid 1000, the host owner); every other guest id is refused. No
     # ACLs or xattrs (file capabilities) either.
@@ -563,7 +564,8 @@ def test_incus_backend(three: dict[str, Any]) -> None:
         "security.idmap.isolated": "true",
         "raw.idmap": "both 1000 1000",
     }
-    # No `shift` (which made root inside host root on the shares).
+    # No `shift` on a writable share (it made root inside host root there); the read-only host key is
+    # shifted so that root inside can read it.
     assert profile["devices"] == {
         "eth0": {
             "type": "nic",
@@ -584,6 +586,7 @@ def test_incus_backend(three: dict[str, Any]) -> None:
             "source": "/srv/sbx/inc/ssh-host-keys",
             "path": "/etc/ssh-host-keys",
             "readonly": "true",
+            "shift": "true",
         },
         "claude-config": {
             "type": "disk",

@@ -78,13 +78,18 @@ let
       // lib.listToAttrs (
         map (
           share:
-          lib.nameValuePair share.tag {
-            type = "disk";
-            source = share.source;
-            path = share.target;
-            # No `shift`: raw.idmap maps the owner alone.
-            readonly = lib.boolToString share.readOnly;
-          }
+          lib.nameValuePair share.tag (
+            {
+              type = "disk";
+              source = share.source;
+              path = share.target;
+              readonly = lib.boolToString share.readOnly;
+            }
+            # A writable share is never shifted (root inside would write as host root there):
+            # raw.idmap maps its owner alone. A read-only one (the host key, the secrets) is,
+            # so root inside can read what belongs to root or the server's user on the host.
+            // lib.optionalAttrs share.readOnly { shift = "true"; }
+          )
         ) (wlib.sharesFor cfg name)
       );
     };

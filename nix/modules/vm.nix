@@ -66,6 +66,9 @@ let
             tag = "ro-store";
             source = "/nix/store";
             mountPoint = "/nix/.ro-store";
+            # Served read-only by virtiofsd too (not only by the host's read-only store mount).
+            readOnly = true;
+            posixAcl = false;
           }
         ]
         ++ map (share: {
