@@ -623,6 +623,7 @@ def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
         setup = three["services"][f"sandboxed-workspace-setup-{name}"]
         virtiofsd = [f"microvm-virtiofsd@sbx-{name}.service"] if name == "vm1" else []
         assert setup["before"] == [f"{unit}.service", *virtiofsd]
+        assert setup["unitConfig"]["RequiresMountsFor"] == ["/srv/sbx"]  # after the nosuid mount
         script = setup["script"]
         assert "root=$(realpath -e -- /srv/sbx)\n" in script and f"name={name}\n" in script
         # The host key is made by its owner, not by root.

@@ -45,6 +45,8 @@ let
       before = units;
       # The bridge (systemd-networkd) exists before any workspace attaches to it.
       after = [ "network.target" ];
+      # The state directory's nosuid,nodev mount (fileSystems below) is in place first.
+      unitConfig.RequiresMountsFor = [ cfg.stateDir ];
       path = [
         pkgs.openssh
         pkgs.coreutils
