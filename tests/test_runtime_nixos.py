@@ -918,6 +918,22 @@ async def test_a_vm_gets_no_module_in_the_registry(tmp_path: Path, flake: Path, 
     assert rt.registry_entry(inet)["egress"] == "internet"
 
 
+@pytest.mark.anyio
+async def test_old_vm_entries_lose_their_module_at_the_next_write(tmp_path: Path, flake: Path, host: Host) -> None:
+    rt = _runtime(tmp_path, host)
+    old = {**_entry("192.168.83.11", [], "vm1", "vm"), "config": "workspaces/vm1.nix"}
+    del old["egress"]  # older servers wrote no egress either
+    registry = flake / "sandboxed-workspaces.json"
+    registry.write_text(json.dumps({"version": 1, "authorizedKeys": [KEY], "workspaces": {"vm1": old}}))
+    await rt.prepare(_record("ws1"), Progress())
+    data = json.loads(registry.read_text())
+    assert data["workspaces"]["vm1"] == _entry("192.168.83.11", [], "vm1", "vm")
+    # A retry for the old entry is the same workspace, not one "with other settings".
+    registry.write_text(json.dumps({"version": 1, "authorizedKeys": [KEY], "workspaces": {"vm1": old}}))
+    await rt.prepare(_record("vm1", "vm", "192.168.83.11"), Progress())
+    assert json.loads(registry.read_text())["workspaces"]["vm1"] == _entry("192.168.83.11", [], "vm1", "vm")
+
+
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 

@@ -163,6 +163,18 @@ def _tail(lines: Sequence[str], n: int = _OUTPUT_TAIL_LINES) -> str:
 _ABSENT: Any = object()
 
 
+def _current(spec: Any) -> Any:
+    """A registry entry in the current format: older servers wrote no ``egress`` (the module's
+    default is ``none``) and named a module for VMs, which the module now refuses (it would
+    configure the host)."""
+    if not isinstance(spec, dict):
+        return spec
+    spec = {**spec, "egress": spec.get("egress", "none")}
+    if spec.get("type") == "vm":
+        spec["config"] = None
+    return spec
+
+
 class _Snapshot:
     """The registry and per-workspace file as they were before a change, to put back on failure."""
 
@@ -356,6 +368,8 @@ class NixosRuntime(Runtime):
         return data, snap
 
     def _write_registry(self, data: dict[str, Any], snap: _Snapshot) -> None:
+        # Each write brings older entries to the current format (_current).
+        data["workspaces"] = {k: _current(v) for k, v in data["workspaces"].items()}
         ordered = {
             "version": REGISTRY_VERSION,
             "authorizedKeys": data["authorizedKeys"],
@@ -538,6 +552,7 @@ class NixosRuntime(Runtime):
             data, snap = self._read_registry()
             workspaces: dict[str, Any] = data["workspaces"]
             existing = workspaces.get(record.name)
+            existing = _current(existing)
             if existing is not None and existing != entry:
                 raise Conflict(
                     f"the NixOS registry {self.registry_path} already declares a workspace {record.name!r} "
