@@ -98,6 +98,8 @@ def test_the_firewall_unit_loads_it_before_any_workspace(evaluated: dict[bool, d
     assert file.split("#", 1)[1] == out["network"]["ruleset"]  # the stub store path carries the text
     assert unit["serviceConfig"]["ExecReload"] == start
     assert unit["wantedBy"] == ["multi-user.target"]
+    # A changed policy is reloaded, never restarted: a restart would restart every workspace (Requires=).
+    assert unit["reloadIfChanged"] is True and unit["restartTriggers"] == []
     for unit_name in ("container@sbx-a", "microvm@sbx-b", "microvm-virtiofsd@sbx-b", "incus-workspace-inc"):
         assert "sandboxed-workspace-firewall.service" in out["services"][unit_name]["requires"], unit_name
         assert "sandboxed-workspace-firewall.service" in out["services"][unit_name]["after"], unit_name
@@ -105,13 +107,13 @@ def test_the_firewall_unit_loads_it_before_any_workspace(evaluated: dict[bool, d
 
 @needs_eval
 def test_a_host_with_nftables_gets_it_back_after_a_flush(tmp_path: Path) -> None:
-    # NixOS's nftables.service flushes the whole ruleset when it (re)loads.
+    # NixOS's nftables.service replaces the whole ruleset when it starts or reloads.
     out = evaluate(tmp_path, {"settings": settings({"a": WORKSPACES["a"]}),
                               "host": {"networking": {"nftables": {"enable": True}}}})
     unit = out["services"]["sandboxed-workspace-firewall"]
-    assert "nftables.service" in unit["wantedBy"] and unit["partOf"] == ["nftables.service"]
     assert unit["after"] == ["nftables.service"]
     assert unit["unitConfig"]["ReloadPropagatedFrom"] == ["nftables.service"]
+    assert out["services"]["nftables"]["postStart"] == unit["serviceConfig"]["ExecStart"]
 
 
 @needs_eval

@@ -111,18 +111,12 @@ in
 
       {
         # Loaded before any workspace starts (their units require it) and replaced as one
-        # transaction on every change, so no workspace ever runs unfiltered.
+        # transaction when it changes: a rebuild reloads the unit rather than restarting it,
+        # since a restart would restart every workspace that requires it.
         systemd.services.sandboxed-workspace-firewall = {
           description = "Network policy of the sandboxed workspaces (nftables tables ${table})";
-          wantedBy = [
-            "multi-user.target"
-          ]
-          # NixOS's nftables.service flushes the whole ruleset when it (re)loads: load ours again.
-          ++ lib.optional (config.networking.nftables.enable or false) "nftables.service";
-          after = lib.optional (config.networking.nftables.enable or false) "nftables.service";
-          partOf = lib.optional (config.networking.nftables.enable or false) "nftables.service";
-          unitConfig.ReloadPropagatedFrom = lib.optional (config.networking.nftables.enable or false) "nftables.service";
-          restartTriggers = [ rulesetFile ];
+          wantedBy = [ "multi-user.target" ];
+          reloadIfChanged = true;
           serviceConfig = {
             Type = "oneshot";
             RemainAfterExit = true;
@@ -131,6 +125,16 @@ in
           };
         };
       }
+
+      (lib.mkIf (config.networking.nftables.enable or false) {
+        # NixOS's nftables.service replaces the whole ruleset when it starts or reloads
+        # (flushRuleset): put ours back each time.
+        systemd.services.sandboxed-workspace-firewall = {
+          after = [ "nftables.service" ];
+          unitConfig.ReloadPropagatedFrom = [ "nftables.service" ];
+        };
+        systemd.services.nftables.postStart = "${nft} -f ${rulesetFile}";
+      })
 
       (lib.mkIf cfg.network.nat {
         networking.nat = {
