@@ -265,7 +265,7 @@ class NixosRuntime(Runtime):
         return self.config_dir / f"{validate_name(name)}.nix"
 
     def validate(self, record: WorkspaceRecord) -> None:
-        """Refuse what the module would refuse (e.g. a container name over 7 characters (sbx-NAME over 11)). Pure."""
+        """Refuse what the module would refuse (e.g. a container name over 7 characters). Pure."""
         self.registry_entry(record)
 
     def registry_entry(self, record: WorkspaceRecord) -> dict[str, Any]:
@@ -537,7 +537,7 @@ class NixosRuntime(Runtime):
         """Add the workspace to the registry, write its ``.nix`` file if absent, and rebuild.
 
         Raises:
-            InvalidSpec: invalid name/type/IP/packages, or a container name over 7 characters (sbx-NAME over 11)
+            InvalidSpec: invalid name/type/IP/packages, or a container name over 7 characters (its NixOS container sbx-NAME over 11)
                 (nothing is changed on disk).
             Conflict: the registry already holds this name with other settings, or its IP; or the
                 flake has someone's uncommitted changes a rebuild would apply (nothing changed).
