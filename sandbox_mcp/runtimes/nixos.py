@@ -534,11 +534,11 @@ class NixosRuntime(Runtime):
     # ---- Runtime ----------------------------------------------------------------------------
 
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
-        """Add the workspace to the registry, write its ``.nix`` file if absent, and rebuild.
+        """Add the workspace to the registry, write its ``.nix`` file if absent (not for a VM), and rebuild.
 
         Raises:
-            InvalidSpec: invalid name/type/IP/packages, or a container name over 7 characters (its NixOS container sbx-NAME over 11)
-                (nothing is changed on disk).
+            InvalidSpec: invalid name/type/IP/packages, or a container name over 7 characters
+                (its NixOS container sbx-NAME would pass 11); nothing is changed on disk.
             Conflict: the registry already holds this name with other settings, or its IP; or the
                 flake has someone's uncommitted changes a rebuild would apply (nothing changed).
             CommandFailed: the rebuild failed; the previous registry was restored and the
