@@ -1232,6 +1232,26 @@ def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path, open_dir
 
 
 @needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the unit chowns")
+def test_container_unit_makes_the_mount_points_the_workspace_users(tmp_path: Path) -> None:
+    # owneridmap maps the owner of the mount point nspawn finds (nspawn's src/nspawn/nspawn-mount.c,
+    # mount_bind: dest_uid = the existing mount point's owner, else the container's root): the unit's
+    # preStart, run as systemd runs it, makes the writable ones the workspace user's in the fresh root.
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")},
+                                                   user={"name": "alice", "uid": 1001})})
+    root = tmp_path / "root"
+    root.mkdir()
+    pre = out["services"]["container@sbx-c1"]["preStart"]
+    env = {**os.environ, "root": str(root), "INSTANCE": "sbx-c1-not-running"}
+    proc = subprocess.run(["bash", "-e", "-c", pre], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for d in ("workspace", "claude-config"):
+        st = (root / "home" / "alice" / d).lstat()
+        assert (st.st_uid, st.st_gid) == (1001, 1001), d
+    assert not (root / "etc" / "ssh-host-keys").exists()  # read-only, rootidmap: root inside is its reader
+
+
+@needs_eval
 @needs_root_tools
 def test_setup_unit_makes_the_key_as_its_owner(tmp_path: Path, open_dir: Path) -> None:
     # The server's user (here nobody) owns the state directory: the key is made by it, as it.
