@@ -634,7 +634,7 @@ def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
     assert three["knownHosts"] == {}
     # The shares are nosuid,nodev on the host side too.
     assert three["fileSystems"] == {
-        "/srv/sbx": {"device": "/srv/sbx", "fsType": "none", "options": ["bind", "nosuid", "nodev"]}
+        "/srv/sbx": {"device": "/srv/sbx", "fsType": "none", "options": ["nosuid", "nodev", "bind"]}
     }
 
 
@@ -1300,6 +1300,18 @@ def test_setup_unit_never_acts_through_a_symlink(tmp_path: Path, open_dir: Path,
     assert _owner_mode(victim) == (0, 0, want)
     if victim.is_file():
         assert victim.read_text() == "root's\n"
+
+
+@needs_eval
+def test_a_state_directory_on_its_own_file_system_gets_nosuid_too(tmp_path: Path) -> None:
+    mine = {"fileSystems": {"/srv/sbx": {"device": "/dev/disk/by-label/sbx", "fsType": "ext4", "options": ["noatime"]}}}
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir="/srv/sbx"),
+                              "host": mine})
+    fs = out["fileSystems"]["/srv/sbx"]
+    assert (fs["device"], fs["fsType"]) == ("/dev/disk/by-label/sbx", "ext4")
+    assert sorted(fs["options"]) == ["noatime", "nodev", "nosuid"]  # no "bind" on a disk of its own
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir="/")})
+    assert any('stateDir = "/"' in m for m in out["failedAssertions"])
 
 
 @needs_eval

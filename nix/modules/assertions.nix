@@ -175,6 +175,13 @@ in
           '';
         }
         {
+          assertion = cfg.stateDir != "/";
+          message = ''
+            sandboxed-workspace.stateDir = "/": the state directory is bind-mounted nosuid,nodev onto
+            itself; give the workspaces a directory of their own (e.g. "/var/lib/sandboxed-workspace").
+          '';
+        }
+        {
           assertion = registryVmConfigs == [ ];
           message = ''
             sandboxed-workspace: the registry ${toString cfg.registryFile} names a config module for the

@@ -151,15 +151,16 @@ in
 
     # The shares are nosuid,nodev on the host side too: a setuid program or a device node
     # left in a workspace directory does nothing when run or opened on the host. Bind
-    # mounts of it (nspawn's) inherit the flags; virtiofsd and Incus serve from it.
+    # mounts of it (nspawn's) inherit the flags; virtiofsd and Incus serve from it. Where
+    # the administrator mounts a file system of their own there, it gets the two options.
     fileSystems.${cfg.stateDir} = {
-      device = cfg.stateDir;
-      fsType = "none";
+      device = lib.mkDefault cfg.stateDir;
+      fsType = lib.mkDefault "none";
       options = [
-        "bind"
         "nosuid"
         "nodev"
-      ];
+      ]
+      ++ lib.optional (config.fileSystems.${cfg.stateDir}.device == cfg.stateDir) "bind";
     };
   };
 }
