@@ -47,7 +47,7 @@ from .models import (
     WriteResult,
 )
 from .naming import validate_name
-from .runtimes.base import Progress, no_progress
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget

@@ -51,9 +51,10 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
-from .owners import owned
+from .ownership import owned
 from .paths import WorkspacePaths
-from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
+from .progress import Progress, no_progress
+from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode
 from .state import Registry
 
 __all__ = ["WorkspaceManager", "parse_mode"]
@@ -440,7 +441,7 @@ class WorkspaceManager:
     async def start(self, name: str, progress: Progress = no_progress, *, owner_uid: int | None = None) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
-        ``owner_uid`` (on every operation): act only on that uid's workspaces (see owners.owned).
+        ``owner_uid`` (on every operation): act only on that uid's workspaces (see ownership.owned).
 
         Raises:
             WorkspaceNotFound (also: another owner's), InvalidState (still being created), BackendError (boot failed).

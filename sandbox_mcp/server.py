@@ -41,7 +41,7 @@ from .models import (
     WriteResult,
 )
 from .owners import OwnedManager
-from .runtimes.base import Progress
+from .progress import Progress
 from .workspaces import Workspaces
 
 __all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]

@@ -26,7 +26,7 @@ from .models import (
     WorkspaceType,
     WriteResult,
 )
-from .runtimes.base import Progress, no_progress
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget

@@ -35,7 +35,8 @@ from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
-from sandbox_mcp.runtimes.base import RuntimeContext, no_progress
+from sandbox_mcp.progress import no_progress
+from sandbox_mcp.runtimes.base import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
 
 REPO = Path(__file__).resolve().parent.parent

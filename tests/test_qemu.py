@@ -26,8 +26,8 @@ from sandbox_mcp.images.vm import VmArtefacts, VmImage, extract_vmlinux, fstab, 
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import BUILD_UID_BASE, LAST_UID_BASE, UID_RANGE, VM_UID_BASE, allocate_vm_uid
 from sandbox_mcp.paths import WorkspacePaths
+from sandbox_mcp.progress import no_progress
 from sandbox_mcp.runtimes import runtime_class
-from sandbox_mcp.runtimes.base import no_progress
 from sandbox_mcp.runtimes.qemu import (
     LAUNCHER,
     QemuFds,

@@ -23,7 +23,7 @@ import anyio
 
 from .. import hostcmd, onboarding
 from ..config import Settings
-from ..runtimes.base import Progress, no_progress
+from ..progress import Progress, no_progress
 from .debootstrap import DebianRoot
 from .store import ImageStore
 

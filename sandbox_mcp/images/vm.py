@@ -36,7 +36,7 @@ import anyio
 from .. import hostcmd, onboarding
 from ..config import Settings
 from ..errors import BackendError
-from ..runtimes.base import Progress, no_progress
+from ..progress import Progress, no_progress
 from .debootstrap import DebianRoot, apt_install_argv
 from .store import ImageStore
 

@@ -14,12 +14,13 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
 from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from ..hostnet import HostNetwork
@@ -56,16 +57,6 @@ def log_tail_lines(path: Path) -> list[str] | None:
     except FileNotFoundError:
         return None
     return _ANSI_RE.sub("", text).replace("\r", "").splitlines()
-
-
-class Progress(Protocol):
-    """Reports progress of long work: a message and, when known, a fraction in [0, 1]."""
-
-    async def __call__(self, message: str, fraction: float | None = None) -> None: ...
-
-
-async def no_progress(message: str, fraction: float | None = None) -> None:
-    """A Progress that reports nowhere."""
 
 
 class Endpoint(NamedTuple):

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from .. import hostcaps, onboarding, rootfs, scopes, supervise, sysctls
 from ..cgroups import CgroupHost, group_for, join_argv
-from ..doctor import which_check
+from ..checks import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images import DebianRoot

@@ -71,7 +71,7 @@ import anyio
 from pydantic import Field
 
 from .. import hostcmd, idmap, supervise
-from ..doctor import which_check
+from ..checks import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images.vm import VmArtefacts, VmImage
