@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -33,9 +33,9 @@ from .errors import (
 )
 from .fsutil import async_file_lock, lock_is_held, own_dir
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     Limits,
@@ -296,20 +296,9 @@ class WorkspaceManager:
     # Lifecycle ---------------------------------------------------------------------------------
 
     async def create(
-        self,
-        name: str,
-        type: WorkspaceType = "container",
-        packages: Sequence[str] = (),
-        ip: str | None = None,
-        start: bool = True,
-        progress: Progress = no_progress,
-        *,
-        egress: Egress = "none",
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-        owner_uid: int | None = None,
+        self, spec: CreateSpec, progress: Progress = no_progress, *, owner_uid: int | None = None
     ) -> Workspace:
-        """Register, prepare and (by default) start a new workspace.
+        """Register, prepare and (if ``spec.start``) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
         everything created is removed again. ``owner_uid`` is recorded as the creator.
@@ -321,14 +310,15 @@ class WorkspaceManager:
             BackendError: building, declaring or booting failed (the message has the log tail).
         """
         t0 = time.monotonic()
+        name = spec.name
         validate_name(name)
-        runtime = self._runtime_for_type(type)
-        packages = validate_packages(packages, runtime.package_flavour)
-        limits = self._limits(runtime, cpus, memory_mib)
+        runtime = self._runtime_for_type(spec.type)
+        packages = validate_packages(spec.packages, runtime.package_flavour)
+        limits = self._limits(runtime, spec.cpus, spec.memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, egress, limits, owner_uid
+                self._register, spec, packages, live, runtime, limits, owner_uid
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -346,7 +336,7 @@ class WorkspaceManager:
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
                 await self.registry.put(record)
                 await self._sync_hosts()
-                if start:
+                if spec.start:
                     started = True
                     record = await self._start(record, runtime, progress, t0)
             except BaseException:
@@ -374,16 +364,14 @@ class WorkspaceManager:
 
     def _register(
         self,
-        name: str,
-        type_: WorkspaceType,
+        spec: CreateSpec,
         packages: list[str],
-        ip: str | None,
         live: set[str],
         runtime: Runtime,
-        egress: Egress,
         limits: Limits | None = None,
         owner_uid: int | None = None,
     ) -> WorkspaceRecord:
+        name = spec.name
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
                 raise WorkspaceExists(name)
@@ -391,16 +379,16 @@ class WorkspaceManager:
             taken = {r.ip for r in data.workspaces.values()} | live
             record = WorkspaceRecord(
                 name=name,
-                type=type_,
+                type=spec.type,
                 state="creating",
                 runtime=runtime.name,
-                ip=allocate_ip(self.settings.subnet, taken, ip),
+                ip=allocate_ip(self.settings.subnet, taken, spec.ip),
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
                 owner_uid=owner_uid,
                 packages=packages,
-                egress=egress,
+                egress=spec.egress,
                 limits=limits,
             )
             runtime.validate(record)

@@ -10,21 +10,19 @@ themselves (whose record, whose kept directory) are in :mod:`sandbox_mcp.ownersh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .config import Settings
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     LogsResult,
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
-    WorkspaceType,
     WriteResult,
 )
 from .progress import Progress, no_progress
@@ -56,22 +54,9 @@ class OwnedManager:
     # where the operation takes it: checked here first, a workspace destroyed and re-created by
     # another user between the check and the action would be acted on.
 
-    async def create(
-        self,
-        name: str,
-        type: WorkspaceType = "container",
-        packages: Sequence[str] = (),
-        ip: str | None = None,
-        start: bool = True,
-        progress: Progress = no_progress,
-        *,
-        egress: Egress = "none",
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-    ) -> Workspace:
+    async def create(self, spec: CreateSpec, progress: Progress = no_progress) -> Workspace:
         """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
-        return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
-                                         memory_mib=memory_mib, owner_uid=self.uid)
+        return await self.manager.create(spec, progress, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 import logging
 import os
 import sys
@@ -23,18 +24,20 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
-from pydantic import AnyHttpUrl, Field
+from pydantic import AnyHttpUrl, BaseModel, Field
 
 from . import __version__, http_auth
 from .config import Settings, load_settings
 from .errors import SandboxError, clip
 from .manager import WorkspaceManager
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
     ExecResult,
     FileContent,
     LogsResult,
+    Name,
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
@@ -44,7 +47,7 @@ from .owners import OwnedManager
 from .progress import Progress
 from .workspaces import Workspaces
 
-__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
+__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http", "spec_parameters"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,16 +58,6 @@ Typical flow: create_workspace(name) -> exec(name, command) / write_file / read_
 destroy_workspace(name). The project directory inside is ~/workspace (exec's default cwd; relative file
 paths resolve against it); it persists across stop/start, everything else is reset on restart.
 Call list_workspaces first to reuse an existing workspace instead of creating a new one."""
-
-Name = Annotated[
-    str,
-    Field(
-        description="Workspace name: lowercase letters, digits and '-', starting with a letter, at most 12 chars",
-        pattern=r"^[a-z][a-z0-9-]{0,11}$",
-        examples=["myproject", "test-2"],
-    ),
-]
-
 
 # A ToolError message longer than this is cut: error messages echo at most a clipped input, but a
 # log tail or a backend's output could still be long.
@@ -107,6 +100,23 @@ def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise ToolError(clip("; ".join(messages), MESSAGE_LIMIT)) from group
 
     return wrapper
+
+
+def spec_parameters(model: type[BaseModel]) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a tool ``fn(ctx, **fields)`` one flat parameter per field of ``model`` (its type, constraints,
+    description and default), so the tool's schema is the model's and an argument is added in one place."""
+
+    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+        params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)]
+        for name, field in model.model_fields.items():
+            info = Field(description=field.description, examples=field.examples)
+            default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[(field.annotation, *field.metadata, info)]))
+        fn.__signature__ = inspect.Signature(params, return_annotation=inspect.signature(fn, eval_str=True).return_annotation)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
 
 
 def _progress(ctx: Context) -> Progress:
@@ -203,44 +213,8 @@ def build_server(
         return decorate
 
     @tool(title="Create a workspace")
-    async def create_workspace(
-        ctx: Context,
-        name: Name,
-        type: Annotated[
-            Literal["container", "vm", "incus"],
-            Field(description="container (fast, shared kernel; the default), vm or incus (NixOS hosts only)"),
-        ] = "container",
-        packages: Annotated[
-            list[str],
-            Field(
-                description="Extra packages to install: Debian package names on a plain Linux host "
-                "(e.g. ['python3', 'jq']), nixpkgs attribute paths on NixOS (e.g. ['ripgrep'])",
-                max_length=200,
-            ),
-        ] = [],  # noqa: B006 - pydantic copies defaults
-        ip: Annotated[
-            str | None,
-            Field(description="Static IPv4 address in the workspace subnet; omit to get a free one"),
-        ] = None,
-        start: Annotated[bool, Field(description="Start it and wait until SSH answers")] = True,
-        egress: Annotated[
-            Literal["none", "internet"],
-            Field(
-                description="Network access from inside: 'none' (the default) reaches nothing, not other "
-                "workspaces, not the host, not the outside; 'internet' adds NAT to the outside (package "
-                "downloads, git clone) while private ranges, link-local and the host stay closed. "
-                "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
-            ),
-        ] = "none",
-        cpus: Annotated[
-            float | None,
-            Field(description="CPUs it may use (fractions allowed, e.g. 0.5); omit for the server's default"),
-        ] = None,
-        memory_mib: Annotated[
-            int | None,
-            Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
-        ] = None,
-    ) -> Workspace:
+    @spec_parameters(CreateSpec)
+    async def create_workspace(ctx: Context, **spec: Any    ) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 
         Use this when you need a clean, disposable machine to run untrusted or messy work (builds, tests,
@@ -263,9 +237,7 @@ def build_server(
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
         last log lines (see also workspace_logs).
         """
-        return await manager_of(ctx).create(
-            name, type, packages, ip, start, progress=_progress(ctx), egress=egress, cpus=cpus, memory_mib=memory_mib
-        )
+        return await manager_of(ctx).create(CreateSpec(**spec), progress=_progress(ctx))
 
     @tool(title="Start a workspace", idempotent=True)
     async def start_workspace(ctx: Context, name: Name) -> Workspace:
