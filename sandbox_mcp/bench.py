@@ -77,7 +77,7 @@ async def _banner(ip: str, deadline: float) -> None:
 
 
 def _vm_ready(settings: Settings) -> bool:
-    from .images.vm import VmImage
+    from .runtimes.qemu.image import VmImage
 
     vm = VmImage(settings, ImageStore(settings.image_dir))
     return bool(shutil.which("qemu-system-x86_64")) and vm.exists(vm.key(()))
@@ -109,7 +109,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             print("building the root image first (network needed once)...", file=sys.stderr)
             await root.ensure((), _quiet)
         if args.vm_runs > 0 and shutil.which("qemu-system-x86_64"):
-            from .images.vm import VmImage
+            from .runtimes.qemu.image import VmImage
 
             vm = VmImage(settings, ImageStore(settings.image_dir))
             if not vm.exists(vm.key(())):

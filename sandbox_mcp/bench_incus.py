@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import incusd
 from .config import Settings
 from .manager import WorkspaceManager
+from .runtimes.incus import incusd
 
 __all__ = ["format_incus", "run_incus"]
 

@@ -294,8 +294,8 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(meta))
         return 0
     if args.action == "prune":
-        from .images.incus_image import IncusImage
-        from .images.vm import VmImage
+        from .runtimes.incus.image import IncusImage
+        from .runtimes.qemu.image import VmImage
 
         # Never what a registered workspace uses (running VMs also hold their image's lock: ImageStore.hold).
         keep = _images_in_use(settings)
@@ -306,7 +306,7 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     packages = validate_packages(args.package, "debian")
     if args.vm:
-        from .images.vm import VmImage
+        from .runtimes.qemu.image import VmImage
 
         vm = VmImage(settings, store, root)
         key = anyio.run(vm.ensure, packages, _print_progress)

@@ -19,19 +19,19 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp import onboarding
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
-from sandbox_mcp.images.incus_image import IncusImage
-from sandbox_mcp.incus_api import probe
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.naming import veth_names
 from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
+from sandbox_mcp.runtimes.incus import incusd as incus_daemon
+from sandbox_mcp.runtimes.incus.api import probe
+from sandbox_mcp.runtimes.incus.image import IncusImage
 from sandbox_mcp.server import build_server
 
 from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason

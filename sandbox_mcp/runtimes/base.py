@@ -34,6 +34,7 @@ __all__ = [
     "Runtime",
     "RuntimeContext",
     "RuntimeState",
+    "hosts_file",
     "log_tail_lines",
     "no_progress",
 ]
@@ -57,6 +58,11 @@ def log_tail_lines(path: Path) -> list[str] | None:
     except FileNotFoundError:
         return None
     return _ANSI_RE.sub("", text).replace("\r", "").splitlines()
+
+
+def hosts_file(name: str, host_ip: str) -> str:
+    """/etc/hosts for the workspace: its own name resolves (sudo needs that), and so does the host."""
+    return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
 
 
 class Endpoint(NamedTuple):

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import anyio
 
-from .. import hostcmd, onboarding
-from ..config import Settings
-from ..errors import BackendError
-from ..progress import Progress, no_progress
-from .debootstrap import DebianRoot, apt_install_argv
-from .store import ImageStore
+from ... import hostcmd, onboarding
+from ...config import Settings
+from ...errors import BackendError
+from ...images.debootstrap import DebianRoot, apt_install_argv
+from ...images.store import ImageStore
+from ...progress import Progress, no_progress
 
 __all__ = [
     "GUEST_META_DIR",

@@ -22,13 +22,14 @@ from typing import Any, ClassVar
 
 import anyio
 
-from .. import hostcmd
-from ..config import Settings
-from ..errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
-from ..fsutil import async_file_lock, atomic_write
-from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
-from ..naming import validate_ip, validate_name, validate_packages
-from .base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from ... import hostcmd
+from ...config import Settings
+from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
+from ...fsutil import async_file_lock, atomic_write
+from ...models import RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ...naming import validate_ip, validate_name, validate_packages
+from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from . import commands
 
 __all__ = [
     "CONTAINER_NAME_MAX",
@@ -206,7 +207,7 @@ class NixosRuntime(Runtime):
         self.registry_path = registry.expanduser().absolute()
         self.config_dir = (cfg.workspace_config_dir or flake / "workspaces").expanduser().absolute()
         # Fail early on a bad host attribute rather than after writing the registry.
-        hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     # ---- the commands, as data --------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class NixosRuntime(Runtime):
         """The rebuild this runtime runs (after the command prefix)."""
         cfg = self.settings.nixos
         assert cfg.host is not None
-        return self.command_prefix + hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        return self.command_prefix + commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     def systemctl_argv(self, action: str, record: WorkspaceRecord) -> list[str]:
         return self.command_prefix + hostcmd.systemctl_argv(
@@ -375,7 +376,7 @@ class NixosRuntime(Runtime):
         if root is None or not inside:
             return
         try:
-            await hostcmd.run(hostcmd.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
+            await hostcmd.run(commands.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
         except CommandFailed as exc:
             raise CommandFailed(
                 exc.argv,
@@ -389,7 +390,7 @@ class NixosRuntime(Runtime):
     async def _git_forget(self, files: Sequence[Path]) -> None:
         root, inside = self._git_files(files)
         if root is not None and inside:
-            argv = hostcmd.git_forget_argv(self.flake, inside)
+            argv = commands.git_forget_argv(self.flake, inside)
             await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S, check=False)
 
     async def _rebuild_or_restore(self, snap: _Snapshot, progress: Progress, what: str) -> None:
