@@ -22,6 +22,7 @@ from .manager import WorkspaceManager
 from .models import CreateSpec
 from .naming import validate_name
 from .owners import OwnedManager
+from .runtimes import known_types
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
@@ -137,6 +138,8 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
         help_text = _CREATE_HELP.get(name)
         if kind is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_text or field.description)
+        elif name == "type":  # the types the known runtimes realise
+            p.add_argument(flag, choices=known_types(), default=field.default, help=help_text)
         elif get_origin(kind) is Literal:
             p.add_argument(flag, choices=list(get_args(kind)), default=field.default, help=help_text)
         else:

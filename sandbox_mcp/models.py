@@ -8,6 +8,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "BUILTIN_TYPES",
+    "MAX_CPUS",
+    "MAX_MEMORY_MIB",
+    "MIN_CPUS",
+    "MIN_MEMORY_MIB",
+    "VM_MIN_MEMORY_MIB",
     "Check",
     "CreateSpec",
     "DestroyResult",
@@ -32,11 +38,22 @@ __all__ = [
     "WriteResult",
 ]
 
-WorkspaceType = Literal["container", "vm", "incus"]
+# A workspace type is whatever a runtime realises: these are built in (in the order tools list them), and
+# a runtime from another package may add its own (see runtimes.known_types).
+WorkspaceType = str
+BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
 Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
+
+# The limits a workspace may be given, one source for the manager, the runtimes and the settings. A VM
+# needs more memory than a container to boot its own kernel at all.
+MIN_CPUS = 0.05
+MAX_CPUS = 1024.0
+MIN_MEMORY_MIB = 128
+VM_MIN_MEMORY_MIB = 256
+MAX_MEMORY_MIB = 1 << 22
 
 # A workspace name as every tool takes it (naming.validate_name holds the same rule for other callers).
 Name = Annotated[

@@ -60,6 +60,9 @@ def test_create_tool_cli_and_spec_agree() -> None:
     schema = next(t for t in tools if t.name == "create_workspace").input_schema
     spec_schema = CreateSpec.model_json_schema()
     assert list(schema["properties"]) == list(CreateSpec.model_fields)
+    # The same, but that the tool offers only the types some runtime realises.
+    tool_type = schema["properties"].pop("type")
+    assert tool_type == {**spec_schema["properties"].pop("type"), "enum": ["container", "vm", "incus"]}
     assert schema["properties"] == spec_schema["properties"]
     assert schema["required"] == spec_schema["required"] == ["name"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -148,6 +148,20 @@ class Runtime(ABC):
         """
         s = self.settings
         return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    def min_memory_mib(self, type_: WorkspaceType) -> int:
+        """The least memory a workspace of ``type_`` may be given (create refuses less)."""
+        return MIN_MEMORY_MIB
+
+    def max_cpus(self) -> float | None:
+        """The most CPUs a workspace may be given: this host's count by default; None where this host's
+        count bounds nothing (a remote server's own limits apply)."""
+        return float(os.cpu_count() or 1)
+
+    def host_workspace_dir(self, record: WorkspaceRecord, local: Path) -> str:
+        """Where the workspace dir lives on its host, as tools report it (``host_workspace_dir``).
+        ``local`` is its directory under this server's state dir, what most runtimes share."""
+        return str(local)
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -75,17 +75,22 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-def spec_parameters(model: type[BaseModel]) -> Callable[[Callable[..., R]], Callable[..., R]]:
+def spec_parameters(
+    model: type[BaseModel], narrowed: Mapping[str, Any] | None = None
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Give a tool ``fn(ctx, **fields)`` one flat parameter per field of ``model`` (its type, constraints,
-    description and default), so the tool's schema is the model's and an argument is added in one place."""
+    description and default), so the tool's schema is the model's and an argument is added in one place.
+
+    ``narrowed`` replaces a field's type for the tool (the workspace types the runtimes know, say)."""
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
         params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ToolContext)]
         for name, field in model.model_fields.items():
             info = Field(description=field.description, examples=field.examples)
             default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+            kind = (narrowed or {}).get(name, field.annotation)
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=Annotated[(field.annotation, *field.metadata, info)]))
+                                            annotation=Annotated[(kind, *field.metadata, info)]))
         fn.__signature__ = inspect.Signature(params, return_annotation=inspect.signature(fn, eval_str=True).return_annotation)  # type: ignore[attr-defined]
         return fn
 

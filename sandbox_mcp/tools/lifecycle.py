@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
 from ..models import CreateSpec, DestroyResult, Name, Workspace, WorkspaceList, WorkspaceStatus
+from ..runtimes import known_types
 from .base import ToolContext, progress_of, spec_parameters, tool, workspaces
 
 __all__ = ["register"]
@@ -16,8 +17,9 @@ __all__ = ["register"]
 def register(mcp: MCPServer) -> None:
     """Add this module's tools to ``mcp``."""
 
+    # ``type`` offers the types the known runtimes realise (a runtime from another package adds its own).
     @tool(mcp, title="Create a workspace")
-    @spec_parameters(CreateSpec)
+    @spec_parameters(CreateSpec, {"type": Literal[tuple(known_types())]})
     async def create_workspace(ctx: ToolContext, **spec: Any) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 

@@ -141,6 +141,10 @@ class IncusRuntime(Runtime):
         self.images = IncusImage(ctx.settings, ctx.images)
         self._client: IncusClient | None = None
 
+    def max_cpus(self) -> float | None:
+        """This host's CPUs on the local daemon; a remote server's are its own (it refuses what it lacks)."""
+        return None if self.incus.url else super().max_cpus()
+
     def state(self, record: WorkspaceRecord) -> IncusState:
         return IncusState.model_validate(record.runtime_state)
 

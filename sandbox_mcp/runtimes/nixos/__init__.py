@@ -26,7 +26,7 @@ from ... import hostcmd
 from ...config import Settings
 from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
 from ...fsutil import async_file_lock, atomic_write
-from ...models import RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ...naming import validate_ip, validate_name, validate_packages
 from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
 from . import commands
@@ -231,6 +231,10 @@ class NixosRuntime(Runtime):
 
     def workspace_file(self, name: str) -> Path:
         return self.config_dir / f"{validate_name(name)}.nix"
+
+    def min_memory_mib(self, type_: WorkspaceType) -> int:
+        """A VM boots its own kernel: less than this does not come up."""
+        return VM_MIN_MEMORY_MIB if type_ == "vm" else MIN_MEMORY_MIB
 
     def validate(self, record: WorkspaceRecord) -> None:
         """Refuse what the module would refuse (e.g. a container name over 11 characters). Pure."""

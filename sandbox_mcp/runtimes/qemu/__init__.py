@@ -74,7 +74,7 @@ from ... import hostcmd, idmap, supervise
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec
 from ...fsutil import atomic_write
-from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
@@ -259,6 +259,10 @@ class QemuRuntime(Runtime):
         self.network = ctx.network
         self.images = VmImage(ctx.settings, ctx.images)
         self._accel: AccelChoice | None = None
+
+    def min_memory_mib(self, type_: str) -> int:
+        """A VM boots its own kernel: less than this does not come up."""
+        return VM_MIN_MEMORY_MIB
 
     @property
     def _accel_cache(self) -> Path:
