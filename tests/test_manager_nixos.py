@@ -133,3 +133,19 @@ async def test_container_names_are_limited_to_11_characters_in_nixos_mode(env: d
         assert [w.name for w in (await m.list()).workspaces] == ["eleven-char", "twelve-chars"]
     finally:
         await m.close()
+
+
+async def test_what_the_module_cannot_honour_is_refused_before_anything_changes(env: dict[str, Path]) -> None:
+    """egress has nowhere to go in nixos mode, and a VM below the VM minimum does not boot: both refused, the
+    minimum the same one the settings use (models.VM_MIN_MEMORY_MIB)."""
+    m = await open_manager(env)
+    try:
+        with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
+            await m.create(CreateSpec(name="out", egress="internet", start=False))
+        with pytest.raises(InvalidSpec, match="between 256 and 4194304 for a 'vm' workspace, got 128"):
+            await m.create(CreateSpec(name="tiny", type="vm", memory_mib=128, start=False))
+        await m.create(CreateSpec(name="small", memory_mib=128, start=False))  # a container may be that small
+        assert calls(env) != [] and [w.name for w in (await m.list()).workspaces] == ["small"]
+        assert not (env["root"] / "state" / "out").exists() and not (env["root"] / "state" / "tiny").exists()
+    finally:
+        await m.close()

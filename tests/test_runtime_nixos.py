@@ -575,6 +575,13 @@ def test_registry_entry_carries_the_limits_in_the_modules_units(tmp_path: Path) 
     assert rt.assign(_record(type_="vm"), []).isolation == "microvm"
 
 
+def test_egress_the_module_cannot_give_is_refused_not_dropped(tmp_path: Path) -> None:
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
+    with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
+        rt.validate(_record(egress="internet"))
+    rt.validate(_record(egress="none"))
+
+
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

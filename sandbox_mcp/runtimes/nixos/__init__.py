@@ -244,7 +244,8 @@ class NixosRuntime(Runtime):
         """The registry value for one workspace, in the module's fixed format.
 
         Raises:
-            InvalidSpec: the name, type, IP or a package attribute path is invalid (nothing changed).
+            InvalidSpec: the name, type, IP or a package attribute path is invalid, or egress is asked for,
+                which the module cannot give one workspace (nothing changed).
         """
         validate_name(record.name)
         if record.type not in self.types:
@@ -256,6 +257,14 @@ class NixosRuntime(Runtime):
                 f"pick a shorter name"
             )
         validate_ip(record.ip, self.settings.subnet)
+        if record.egress != "none":
+            # The module has no per-workspace egress: its network settings apply to the whole bridge.
+            # Refused rather than recorded and silently not enforced.
+            raise InvalidSpec(
+                f"egress={record.egress!r} is not available in nixos mode: the NixOS module has no per-workspace "
+                "network access yet (its own settings apply to every workspace on the bridge); create the "
+                "workspace without egress"
+            )
         limits = record.limits
         return {
             "type": record.type,
