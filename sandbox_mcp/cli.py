@@ -278,7 +278,7 @@ def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 def _images_in_use(settings: Settings) -> list[str]:
     """The image keys the registry's workspaces use (each runtime keeps its key as ``runtime_state.image``)."""
-    from .state import Registry
+    from .registry import Registry
 
     if not settings.registry_path.is_file():
         return []

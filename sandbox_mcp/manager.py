@@ -57,8 +57,8 @@ from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, va
 from .ownership import owned
 from .paths import WorkspacePaths
 from .progress import Progress, no_progress
+from .registry import Registry
 from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
-from .state import Registry
 
 __all__ = ["WorkspaceManager", "parse_mode"]
 

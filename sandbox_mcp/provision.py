@@ -1,7 +1,7 @@
 """A workspace's host side before it boots: its directories, pinned host key, authorized_keys, Claude config.
 
 Everything here is on the host, under ``<state>/<name>/``, and survives stop (and destroy with
-``keep_data``). The runtimes then share these directories with the workspace (see DESIGN.md).
+``keep_data``). The runtimes then share these directories with the workspace (see each runtime's mounts).
 Blocking: the manager calls these from a worker thread.
 """
 

@@ -23,7 +23,7 @@ from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec, WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
 
 from .conftest import destroy_all
 from .test_e2e import NOTHING_LEFT, host_leftovers

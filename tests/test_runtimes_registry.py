@@ -12,6 +12,7 @@ from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import RuntimeDetail, WorkspaceRecord
+from sandbox_mcp.registry import Registry
 from sandbox_mcp.runtimes import (
     Runtime,
     RuntimeContext,
@@ -24,7 +25,6 @@ from sandbox_mcp.runtimes import (
     type_table,
 )
 from sandbox_mcp.runtimes.nspawn import NspawnRuntime, NspawnState
-from sandbox_mcp.state import Registry
 
 
 class _ToyState(RuntimeState):

@@ -14,7 +14,7 @@ from sandbox_mcp.config import NixosSettings, Settings
 
 SKILLS = Path(__file__).resolve().parent.parent / "skills"
 
-# The MCP tool contract from DESIGN.md: tool -> (required arguments, optional arguments).
+# The MCP tool contract (the fixed tool names and arguments, as sandbox_mcp/tools/ declares them): tool -> (required arguments, optional arguments).
 CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "create_workspace": ({"name"}, {"type", "packages", "ip", "start"}),
     "start_workspace": ({"name"}, set()),

@@ -1,6 +1,6 @@
 """Runtimes: one module per way of realising a workspace, behind :class:`Runtime`, found by name.
 
-The registry below maps runtime names to classes. The built-in runtimes (one package each under
+The table below maps runtime names to classes. The built-in runtimes (one package each under
 ``runtimes/``) are imported only when asked for; a separate package can add its own under the
 ``sandbox_mcp.runtimes`` entry-point group (``name = "package.module:Class"``), the way pyinfra
 finds its connectors, or with :func:`register`. The manager asks :func:`build_runtimes` for the

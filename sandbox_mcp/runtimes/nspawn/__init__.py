@@ -1,6 +1,6 @@
 """Direct-mode container runtime: the server runs and supervises ``systemd-nspawn --boot`` itself.
 
-Per workspace: a network namespace with a veth on the bridge (``net.py``),
+Per workspace: a network namespace with a veth on the bridge (``hostnet/netlink.py``),
 the shared cached root image with a fresh overlay per boot (``--volatile=overlay``,
 so a restart gives a clean root and the image is never written), and bind mounts
 of the persistent host directories. The nspawn process runs in its own session,

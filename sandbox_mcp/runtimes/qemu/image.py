@@ -62,7 +62,7 @@ KERNEL_PACKAGE = "linux-image-amd64"
 # Where the guest mounts the read-only share the host writes per boot files into (its /etc/hosts).
 GUEST_META_DIR = "/run/sandbox-mcp"
 
-# 9p mount tags; the runtime exports a host directory under each (see qemu.py).
+# 9p mount tags; the runtime exports a host directory under each (see runtimes/qemu/__init__.py).
 SHARES = ("workspace", "claude-config", "ssh-host-keys", "guest-meta")
 
 # Modules the initrd loads before the root is mounted, and the 9p/net ones so they are there
