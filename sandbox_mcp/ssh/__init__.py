@@ -22,6 +22,7 @@ Security: the host key is always pinned (``known_hosts`` holds the workspace's o
 ``~/.ssh/config``). Everything a workspace sends back is read with a bound.
 """
 
+from . import _quiet  # noqa: F401 - before asyncssh is imported
 from .commands import (
     EXEC_AGENT_PATH,
     PID_MARKER,
