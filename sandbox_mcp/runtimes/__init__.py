@@ -1,4 +1,4 @@
-"""Runtimes: one module per way of realising a workspace, behind :class:`Runtime`, found by name.
+"""Runtimes: one package per way of realising a workspace, behind :class:`Runtime`, found by name.
 
 The table below maps runtime names to classes. The built-in runtimes (one package each under
 ``runtimes/``) are imported only when asked for; a separate package can add its own under the
