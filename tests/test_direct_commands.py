@@ -21,8 +21,8 @@ from sandbox_mcp.images.debootstrap import (
 )
 from sandbox_mcp.manager import parse_mode
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.rootfs import RootMounts
 from sandbox_mcp.runtimes.nspawn import hosts_file, launch_argv, nspawn_argv
+from sandbox_mcp.runtimes.nspawn.rootfs import RootMounts
 
 
 def test_nspawn_argv_exact() -> None:
@@ -114,6 +114,15 @@ def test_image_key_depends_on_every_input() -> None:
     others = {image_key("trixie", "agent", 1000, []), image_key("bookworm", "dev", 1000, []),
               image_key("bookworm", "agent", 1001, [])}
     assert base not in others and len(others) == 3
+
+
+def test_image_key_follows_the_recipe_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same version number, different recipe (two branches that both bumped it): different images."""
+    from sandbox_mcp.images import debootstrap
+
+    base = image_key("bookworm", "agent", 1000, [])
+    monkeypatch.setattr(debootstrap, "recipe_digest", lambda: "another-recipe")
+    assert image_key("bookworm", "agent", 1000, []) != base
 
 
 def test_detect_suite_and_mirror(tmp_path: Path) -> None:

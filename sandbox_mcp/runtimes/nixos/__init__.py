@@ -29,13 +29,14 @@ from typing import Any, ClassVar
 
 import anyio
 
-from .. import hostcmd
-from ..config import Settings
-from ..errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
-from ..fsutil import async_file_lock, atomic_write
-from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
-from ..naming import validate_ip, validate_name, validate_packages
-from .base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from ... import hostcmd
+from ...config import Settings
+from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
+from ...fsutil import async_file_lock, atomic_write
+from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ...naming import validate_ip, validate_name, validate_packages
+from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from . import commands
 
 __all__ = [
     "CONTAINER_NAME_MAX",
@@ -239,7 +240,7 @@ class NixosRuntime(Runtime):
         self.registry_path = registry.expanduser().absolute()
         self.config_dir = (cfg.workspace_config_dir or flake / "workspaces").expanduser().absolute()
         # Fail early on a bad host attribute rather than after writing the registry.
-        hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     # ---- the commands, as data --------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class NixosRuntime(Runtime):
         """The rebuild this runtime runs (after the command prefix)."""
         cfg = self.settings.nixos
         assert cfg.host is not None
-        return self.command_prefix + hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        return self.command_prefix + commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     def systemctl_argv(self, action: str, record: WorkspaceRecord) -> list[str]:
         return self.command_prefix + hostcmd.systemctl_argv(
@@ -263,6 +264,10 @@ class NixosRuntime(Runtime):
 
     def workspace_file(self, name: str) -> Path:
         return self.config_dir / f"{validate_name(name)}.nix"
+
+    def min_memory_mib(self, type_: WorkspaceType) -> int:
+        """A VM boots its own kernel: less than this does not come up."""
+        return VM_MIN_MEMORY_MIB if type_ == "vm" else MIN_MEMORY_MIB
 
     def validate(self, record: WorkspaceRecord) -> None:
         """Refuse what the module would refuse (e.g. a container name over 7 characters). Pure."""
@@ -285,6 +290,8 @@ class NixosRuntime(Runtime):
                 f"or type 'vm' or 'incus'"
             )
         validate_ip(record.ip, self.settings.subnet)
+        # egress is data the module enforces per workspace (its network policy is direct mode's); a host
+        # whose module has NAT off refuses "internet" at evaluation, and the rebuild's failure says so.
         limits = record.limits
         return {
             "type": record.type,
@@ -420,7 +427,7 @@ class NixosRuntime(Runtime):
         if root is None or not inside:
             return
         try:
-            await hostcmd.run(hostcmd.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
+            await hostcmd.run(commands.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
         except CommandFailed as exc:
             raise CommandFailed(
                 exc.argv,
@@ -434,7 +441,7 @@ class NixosRuntime(Runtime):
     async def _git_forget(self, files: Sequence[Path]) -> None:
         root, inside = self._git_files(files)
         if root is not None and inside:
-            argv = hostcmd.git_forget_argv(self.flake, inside)
+            argv = commands.git_forget_argv(self.flake, inside)
             await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S, check=False)
 
     def _is_ours(self, root: Path, relative: str) -> bool:
@@ -455,8 +462,7 @@ class NixosRuntime(Runtime):
         root = _git_root(self.flake)
         if root is None:
             return
-        argv = ["git", "-C", str(root), "status", "--porcelain=v1", "-z", "--untracked-files=no"]
-        done = await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S)
+        done = await hostcmd.run(commands.git_status_argv(root), timeout_s=_GIT_TIMEOUT_S)
         fields = done.stdout.split("\0")
         changed, i = [], 0
         while i < len(fields):
