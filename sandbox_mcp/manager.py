@@ -355,7 +355,8 @@ class WorkspaceManager:
         return self.view(record)
 
     def _limits(self, runtime: Runtime, cpus: float | None, memory_mib: int | None) -> Limits:
-        """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
+        """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's),
+        and the bounds the runtime adds (its root's size).
 
         Raises:
             InvalidSpec: a value out of range (the message gives the range).
@@ -369,7 +370,7 @@ class WorkspaceManager:
             raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")
         if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or not 128 <= memory_mib <= 1 << 22:
             raise InvalidSpec(f"memory_mib must be a whole number of MiB between 128 and 4194304, got {memory_mib!r}")
-        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
 
     def _register(
         self,

@@ -57,11 +57,25 @@ class SSHInfo(BaseModel):
 
 
 class Limits(BaseModel):
-    """What a workspace may use; enforced with cgroups (containers) or the VM's size (microVMs)."""
+    """Every bound a workspace gets, as chosen and applied: cgroups (containers), the VM's size (microVMs),
+    Incus limits. Nothing else limits it (no resource limit is inherited from the host's processes)."""
 
     cpus: float = Field(gt=0, description="CPUs (fractions allowed): a quota of CPU time, not pinning")
     memory_mib: int = Field(gt=0, description="Memory in MiB, including the container's writable root layer")
     tasks: int = Field(gt=0, description="Processes and threads together")
+    disk_mib: int | None = Field(
+        default=None,
+        description="Size bound of the writable root file system in MiB (what is written outside the workspace "
+        "dir; a write past it fails with ENOSPC or EDQUOT): a container's root layer (a tmpfs whose pages count "
+        "against memory_mib, so at most half of it), a VM's root disk (the system's files included), an Incus "
+        "instance's root disk. null: no bound of ours (an Incus pool that cannot enforce one: the pool's free "
+        "space), or not started since it was created. The workspace dir is the host's: its free space is the bound",
+    )
+    file_size: Literal["unlimited"] = Field(
+        default="unlimited",
+        description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "
+        "only by the file system it is on",
+    )
 
 
 class Timings(BaseModel):

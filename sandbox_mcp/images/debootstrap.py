@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 9
+IMAGE_RECIPE_VERSION = 10
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -62,6 +62,7 @@ BASE_PACKAGES = (
     "git",
     "curl",
     "python3",  # runs the exec agent (sandbox_mcp/exec_agent.py); agents want it anyway
+    "python3-venv",  # `python3 -m venv` (ensurepip and its bundled pip wheel): agents make venvs offline too
 )
 
 # Units that only slow a short-lived sandbox's boot down or touch the network outside.

@@ -152,6 +152,11 @@ class Runtime(ABC):
         s = self.settings
         return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """``limits`` (cpus, memory, tasks as create chose them) with every other bound this runtime gives a
+        workspace filled in (``disk_mib``), as create records and reports them. Pure. Default: none."""
+        return limits
+
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
         return Endpoint(record.ip, 22)

@@ -85,7 +85,9 @@ def instance_body(
 
     No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
     ``cpus`` may be a fraction: the instance sees ``ceil(cpus)`` CPUs and gets a CFS quota of
-    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``.
+    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``. The root
+    disk gets ``limits.disk_mib`` as its ``size`` where that is set, and no file-size limit is
+    inherited from incusd (``limits.kernel.fsize``): the limits reported are all there are.
     """
     return {
         "name": instance_name(record.name),
@@ -103,11 +105,13 @@ def instance_body(
             "limits.cpu.allowance": f"{max(1, round(limits.cpus * 100))}ms/100ms",
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
+            "limits.kernel.fsize": "unlimited",
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
         "devices": {
-            "root": {"type": "disk", "path": "/", "pool": pool},
+            "root": {"type": "disk", "path": "/", "pool": pool,
+                     **({"size": f"{limits.disk_mib}MiB"} if limits.disk_mib is not None else {})},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": record.mac, **nic},
             **disks,
         },
@@ -141,6 +145,7 @@ class IncusRuntime(Runtime):
         self.network = ctx.network
         self.images = IncusImage(ctx.settings, ctx.images)
         self._client: IncusClient | None = None
+        self._sizes_roots: bool | None = None
 
     def state(self, record: WorkspaceRecord) -> IncusState:
         return IncusState.model_validate(record.runtime_state)
@@ -233,9 +238,25 @@ class IncusRuntime(Runtime):
                                    "delete that image on the server and create again")
         return key, fingerprint
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
+        that cannot enforce it)."""
+        if limits.disk_mib is not None:
+            return limits
+        return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib})
+
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
-        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
+
+    async def _pool_sizes_roots(self) -> bool:
+        """Whether the storage pool enforces a root disk's ``size``. A ``dir`` pool does only on a file
+        system with project quotas, and Incus then skips the quota with a warning in its log: a size
+        it would not hold is neither set nor reported."""
+        if self._sizes_roots is None:
+            pool = await self.client().request("GET", f"/1.0/storage-pools/{quote(self.incus.storage_pool, safe='')}")
+            self._sizes_roots = pool.get("driver") != "dir"
+        return self._sizes_roots
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         # Incus maps root inside to an unprivileged uid range it chooses (security.privileged=false).
@@ -301,8 +322,11 @@ class IncusRuntime(Runtime):
             await progress("setting up the network", None)
             await self.network.ensure()
             await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet")
+        limits = self._limits(record)
+        if not await self._pool_sizes_roots():
+            limits = limits.model_copy(update={"disk_mib": None})
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
-                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
+                             pool=self.incus.storage_pool, limits=limits, nic=self._nic(record),
                              disks=self._disks(record))  # fmt: skip
         client = self.client()
         try:
@@ -317,6 +341,7 @@ class IncusRuntime(Runtime):
                 if not self.remote:
                     await self.network.revoke(self._port(record))
             raise
+        record = record.model_copy(update={"limits": limits})  # what this instance got, as reported
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
 
     async def _push_boot_files(self, record: WorkspaceRecord) -> None:
