@@ -198,6 +198,11 @@ class ExecResult(BaseModel):
     timed_out: bool = False
     truncated: bool = Field(default=False, description="True when stdout or stderr was cut at the output cap")
     duration_ms: float
+    hint: str | None = Field(
+        default=None,
+        description="When the command ran into one of the workspace's limits (out of memory: the OOM killer "
+        "ended a process; a full file system): which limit, and what to do",
+    )
 
 
 class FileContent(BaseModel):

@@ -117,6 +117,8 @@ class Runtime(ABC):
     package_flavour: ClassVar[PackageFlavour] = "debian"
     # True when the runtime's workspaces sit on this host's bridge (their names go into the hosts file).
     host_network: ClassVar[bool] = False
+    # True when the workspace runs a kernel of its own (a VM): its /proc/vmstat counts its OOM kills only.
+    own_kernel: ClassVar[bool] = False
     State: ClassVar[type[RuntimeState]] = RuntimeState
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -151,6 +153,11 @@ class Runtime(ABC):
         """
         s = self.settings
         return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """How many processes the OOM killer has ended in running workspace ``record`` since it started,
+        as the host can tell (its cgroup's counters); None: not from here (see ``own_kernel``)."""
+        return None
 
     def complete_limits(self, limits: Limits) -> Limits:
         """``limits`` (cpus, memory, tasks as create chose them) with every other bound this runtime gives a

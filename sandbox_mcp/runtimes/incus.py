@@ -31,6 +31,7 @@ from urllib.parse import quote
 import anyio
 
 from .. import onboarding, supervise
+from ..cgroups import CgroupHost
 from ..errors import BackendError, InvalidSpec
 from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
 from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
@@ -407,6 +408,21 @@ class IncusRuntime(Runtime):
             except IncusAPIError as exc:
                 if exc.status != 404:
                     raise
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """Local daemon: from the instance's memory cgroup on this host (found through its init's PID).
+        Remote: None (its cgroups are on another host)."""
+        if self.remote:
+            return None
+        try:
+            state = await self.client().request("GET", f"{self._instance_path(record)}/state")
+        except IncusAPIError:
+            return None
+        pid = state.get("pid") if isinstance(state, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        top = f"lxc.payload.{instance_name(record.name)}"
+        return await anyio.to_thread.run_sync(lambda: CgroupHost().oom_kills_of(pid, top))
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         inst = await self._instance(record)

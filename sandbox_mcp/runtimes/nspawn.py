@@ -503,6 +503,12 @@ class NspawnRuntime(Runtime):
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
 
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """From the cgroups this server made at its start (a systemd scope's are not read: None)."""
+        if self.state(record).cgroups == "systemd":
+            return None
+        return await anyio.to_thread.run_sync(self._cgroups().oom_kills, record.name)
+
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
         running = self._running(record)

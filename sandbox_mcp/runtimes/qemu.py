@@ -253,6 +253,7 @@ class QemuRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    own_kernel = True
     State = QemuState
 
     def __init__(self, ctx: RuntimeContext) -> None:
