@@ -283,6 +283,22 @@ def test_validate_refuses_a_vm_without_qemu(tmp_path: Path, monkeypatch: pytest.
         rt.validate(rec)
 
 
+def test_a_vm_gets_whole_vcpus_and_its_disk_as_limits(tmp_path: Path) -> None:
+    """A fraction of a CPU would be reported but not held (the VM gets ceil(cpus) vCPUs): refused, saying
+    what to ask for; the root disk's size is reported as disk_mib."""
+    from sandbox_mcp.models import Limits
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="", vm_disk_gib=4)
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+    rec = WorkspaceRecord(name="v", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                          cid=100, user="agent", limits=Limits(cpus=0.5, memory_mib=1024, tasks=64))
+    with pytest.raises(InvalidSpec, match="cpus=1"):
+        rt.validate(rec)
+    limits = rt.complete_limits(Limits(cpus=2, memory_mib=1024, tasks=64))
+    assert (limits.disk_mib, limits.file_size) == (4096, "unlimited")
+
+
 def test_doctor_says_which_accelerator(tmp_path: Path) -> None:
     from sandbox_mcp.doctor import run_checks
 
