@@ -36,6 +36,11 @@ WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
 
+# A workspace's RLIMIT_NOFILE hard limit (soft: 1024): systemd's default for services, which a VM's own
+# systemd applies; containers get it from the runtime (nspawn --rlimit, Incus limits.kernel.nofile) so
+# that no limit of the server's own process reaches them.
+OPEN_FILES = 524288
+
 _LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
 
 
@@ -75,6 +80,11 @@ class Limits(BaseModel):
         default="unlimited",
         description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "
         "only by the file system it is on",
+    )
+    open_files: int = Field(
+        default=OPEN_FILES,
+        description="Open files per process (RLIMIT_NOFILE): the hard limit; the soft one is 1024, raise it with "
+        "`ulimit -n` up to this (the limits systemd gives its services, in every type)",
     )
 
 

@@ -67,9 +67,9 @@ async def test_root_inside_is_an_unprivileged_host_uid(mcp_session: Session, set
     assert ws["isolation"] == "unprivileged-container"
     # The root layer: root_layer_mib, at most half the memory (its tmpfs pages count as memory).
     assert ws["limits"] == {"cpus": 1.0, "memory_mib": 512, "tasks": settings.tasks_max, "disk_mib": 256,
-                            "file_size": "unlimited"}
-    r = await s.call("exec", name="esc", command="df -m --output=size / | tail -1; ulimit -f")
-    assert r["stdout"].split() == ["256", "unlimited"], r
+                            "file_size": "unlimited", "open_files": 524288}
+    r = await s.call("exec", name="esc", command="df -m --output=size / | tail -1; ulimit -f; ulimit -Hn")
+    assert r["stdout"].split() == ["256", "unlimited", "524288"], r
     status = await s.call("workspace_status", name="esc")
     assert status["isolation"] == "unprivileged-container" and status["limits"] == ws["limits"]
     base = uid_base(settings, "esc")

@@ -54,6 +54,7 @@ def test_instance_body_exact() -> None:
             "limits.memory": "1024MiB",
             "limits.processes": "4096",
             "limits.kernel.fsize": "unlimited",
+            "limits.kernel.nofile": "1024:524288",
             "user.sandbox-mcp.tag": "t" * 20,
             "user.sandbox-mcp.workspace": "ws1",
         },

@@ -282,17 +282,19 @@ async def _work(s: Session, steps: Steps, kind: str, name: str, size: Sizes, set
     steps.seen["limits"] = limits
 
     async with steps.step("limits: reported and nothing else"):
-        assert set(limits) >= {"cpus", "memory_mib", "tasks", "disk_mib", "file_size"}, limits
+        assert set(limits) >= {"cpus", "memory_mib", "tasks", "disk_mib", "file_size", "open_files"}, limits
         assert limits["memory_mib"] == size.memory_mib and (cpus is None or limits["cpus"] == cpus), limits
         assert limits["file_size"] == "unlimited" and isinstance(limits["disk_mib"], int), limits
         status = await s.call("workspace_status", name=name)
         assert status["limits"] == limits
-        # No file-size limit anywhere: not on the agent's shell, not on PID 1 (issue 28).
-        out = await ok(s, name, "ulimit -f; grep 'Max file size' /proc/1/limits /proc/self/limits; nproc")
+        # No file-size limit anywhere: not on the agent's shell, not on PID 1 (issue 28). Open files: ours.
+        out = await ok(s, name, "ulimit -f; grep 'Max file size' /proc/1/limits /proc/self/limits; nproc; "
+                                "ulimit -Hn")
         lines = out.splitlines()
         assert lines[0] == "unlimited", out
         assert all(line.split()[-3:-1] == ["unlimited", "unlimited"] for line in lines[1:3]), out
         steps.seen["nproc"] = int(lines[3])
+        assert int(lines[4]) == limits["open_files"], out
 
     async with steps.step(f"{size.big_file_mib} MiB file in the workspace dir"):
         out = await ok(s, name, f"head -c {size.big_file_mib}M /dev/urandom | tee big.bin | sha256sum; "

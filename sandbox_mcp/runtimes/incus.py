@@ -87,8 +87,9 @@ def instance_body(
     No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
     ``cpus`` may be a fraction: the instance sees ``ceil(cpus)`` CPUs and gets a CFS quota of
     ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``. The root
-    disk gets ``limits.disk_mib`` as its ``size`` where that is set, and no file-size limit is
-    inherited from incusd (``limits.kernel.fsize``): the limits reported are all there are.
+    disk gets ``limits.disk_mib`` as its ``size`` where that is set, and its resource limits are
+    ours, not incusd's (``limits.kernel.fsize``, ``limits.kernel.nofile``): the limits reported are
+    all there are.
     """
     return {
         "name": instance_name(record.name),
@@ -107,6 +108,7 @@ def instance_body(
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
             "limits.kernel.fsize": "unlimited",
+            "limits.kernel.nofile": f"1024:{limits.open_files}",
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },

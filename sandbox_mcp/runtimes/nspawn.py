@@ -29,7 +29,7 @@ from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
 from ..images import DebianRoot
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ..models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import UID_RANGE, allocate_uid_base, veth_names
 from ..paths import WorkspacePaths
 from ..rootfs import RootMounts
@@ -116,9 +116,10 @@ def nspawn_argv(
         f"--hostname={name}",
         *kind,
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
-        # No file-size limit inside, whatever the server runs under: the limits a workspace gets are
-        # the ones it reports (Limits.file_size). The console log is bounded by its copier instead.
+        # The resource limits the container starts with are ours (Limits.file_size, open_files), not
+        # whatever the server runs under. The console log is bounded by its copier, not by a limit.
         "--rlimit=RLIMIT_FSIZE=infinity",
+        f"--rlimit=RLIMIT_NOFILE=1024:{OPEN_FILES}",
         "--link-journal=no",
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
