@@ -84,7 +84,8 @@ class Limits(BaseModel):
     open_files: int = Field(
         default=OPEN_FILES,
         description="Open files per process (RLIMIT_NOFILE): the hard limit; the soft one is 1024, raise it with "
-        "`ulimit -n` up to this (the limits systemd gives its services, in every type)",
+        "`ulimit -n` up to this. 524288 (systemd's default for services) in every type, unless the server may "
+        "not raise limits (no CAP_SYS_RESOURCE): a container then gets the server's own, and this says so",
     )
 
 

@@ -30,12 +30,12 @@ from urllib.parse import quote
 
 import anyio
 
-from .. import onboarding, supervise
+from .. import hostcaps, onboarding, supervise
 from ..cgroups import CgroupHost
 from ..errors import BackendError, InvalidSpec
 from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
 from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ..models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import veth_names
 from ..paths import WorkspacePaths
 from .base import Progress, Runtime, RuntimeContext, RuntimeState
@@ -108,7 +108,7 @@ def instance_body(
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
             "limits.kernel.fsize": "unlimited",
-            "limits.kernel.nofile": f"1024:{limits.open_files}",
+            "limits.kernel.nofile": f"1024:{OPEN_FILES}",  # LXC clamps it where it cannot be raised
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
@@ -243,10 +243,12 @@ class IncusRuntime(Runtime):
 
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
-        that cannot enforce it)."""
+        that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
+        limit to (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`; LXC clamps to it as nspawn does)."""
         if limits.disk_mib is not None:
             return limits
-        return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib})
+        open_files = OPEN_FILES if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings

@@ -235,7 +235,8 @@ class NspawnRuntime(Runtime):
         return RootMounts(self._paths(record).runtime / "mnt")
 
     def complete_limits(self, limits: Limits) -> Limits:
-        """The root layer's size: ``root_layer_mib``, at most half of ``memory_mib``.
+        """The root layer's size: ``root_layer_mib``, at most half of ``memory_mib``; the open files nspawn
+        can give (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`).
 
         The layer is a tmpfs whose pages count against the workspace's memory (no swap). Larger
         than the memory left to it, filling it would not fail with ENOSPC but wake the OOM killer,
@@ -243,7 +244,8 @@ class NspawnRuntime(Runtime):
         """
         if limits.disk_mib is not None:
             return limits
-        return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2)})
+        return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2),
+                                         "open_files": hostcaps.open_files_ceiling(OPEN_FILES)})
 
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
