@@ -108,7 +108,9 @@ def instance_body(
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
             "limits.kernel.fsize": "unlimited",
-            "limits.kernel.nofile": f"1024:{OPEN_FILES}",  # LXC clamps it where it cannot be raised
+            # Not above what incusd may raise it to: LXC then fails the start (found where it lacks
+            # CAP_SYS_RESOURCE); complete_limits says what that is.
+            "limits.kernel.nofile": f"1024:{limits.open_files}",
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
@@ -244,7 +246,7 @@ class IncusRuntime(Runtime):
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
         that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
-        limit to (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`; LXC clamps to it as nspawn does)."""
+        limit to (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`: LXC refuses to start past it)."""
         if limits.disk_mib is not None:
             return limits
         open_files = OPEN_FILES if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
