@@ -81,11 +81,12 @@ class Limits(BaseModel):
         description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "
         "only by the file system it is on",
     )
-    open_files: int = Field(
+    open_files: int | None = Field(
         default=OPEN_FILES,
         description="Open files per process (RLIMIT_NOFILE): the hard limit; the soft one is 1024, raise it with "
         "`ulimit -n` up to this. 524288 (systemd's default for services) in every type, unless the server may "
-        "not raise limits (no CAP_SYS_RESOURCE): a container then gets the server's own, and this says so",
+        "not raise limits (no CAP_SYS_RESOURCE): a container then gets the server's own, and this says so. "
+        "null: a remote Incus server's own default (its limits are not known here)",
     )
 
 

@@ -109,8 +109,8 @@ def instance_body(
             "limits.processes": str(limits.tasks),
             "limits.kernel.fsize": "unlimited",
             # Not above what incusd may raise it to: LXC then fails the start (found where it lacks
-            # CAP_SYS_RESOURCE); complete_limits says what that is.
-            "limits.kernel.nofile": f"1024:{limits.open_files}",
+            # CAP_SYS_RESOURCE); complete_limits says what that is, or None (a remote server's own).
+            **({"limits.kernel.nofile": f"1024:{limits.open_files}"} if limits.open_files is not None else {}),
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
@@ -246,10 +246,11 @@ class IncusRuntime(Runtime):
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
         that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
-        limit to (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`: LXC refuses to start past it)."""
+        limit to (:func:`~sandbox_mcp.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        remote server, its own default (what it may raise limits to is not known here)."""
         if limits.disk_mib is not None:
             return limits
-        open_files = OPEN_FILES if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
         return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
     def _limits(self, record: WorkspaceRecord) -> Limits:
