@@ -178,6 +178,9 @@ def test_kernel_cmdline_and_overlay() -> None:
         "systemd.show_status=1", "mitigations=off",
         "cryptomgr.notests", "net.ifnames=0", "fsck.mode=skip", "systemd.hostname=ws1", "sandbox_mcp.net=192.168.83.10/24,192.168.83.1",
     ]  # fmt: skip
+    # The tasks limit: the guest kernel's threads-max, set before its init runs.
+    assert kernel_cmdline(name="ws1", ip="192.168.83.10", prefixlen=24, gateway="192.168.83.1",
+                          tasks=4096).split()[-1] == "sysctl.kernel.threads-max=4096"
     assert overlay_argv(Path("/img/root.raw"), Path("/st/o.qcow2")) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/img/root.raw", "/st/o.qcow2",
     ]  # fmt: skip

@@ -295,6 +295,8 @@ async def _work(s: Session, steps: Steps, kind: str, name: str, size: Sizes, set
         assert all(line.split()[-3:-1] == ["unlimited", "unlimited"] for line in lines[1:3]), out
         steps.seen["nproc"] = int(lines[3])
         assert int(lines[4]) == limits["open_files"], out
+        if kind == "vm":  # its tasks limit is its kernel's threads-max (containers: their cgroup's pids.max)
+            assert (await ok(s, name, "cat /proc/sys/kernel/threads-max")).strip() == str(limits["tasks"])
 
     async with steps.step(f"{size.big_file_mib} MiB file in the workspace dir"):
         out = await ok(s, name, f"head -c {size.big_file_mib}M /dev/urandom | tee big.bin | sha256sum; "

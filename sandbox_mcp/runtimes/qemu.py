@@ -125,8 +125,9 @@ class _Files:
         self.guest_meta = paths.runtime / "guest"
 
 
-def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
-    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address."""
+def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str, tasks: int | None = None) -> str:
+    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address, and
+    ``tasks`` as the guest's threads-max (the whole VM's processes and threads, as a container's pids.max)."""
     return " ".join([
         "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "panic=-1",
         "quiet", "systemd.show_status=1",  # the kernel's chatter off, the units' progress on: workspace_logs
@@ -134,6 +135,7 @@ def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
         "cryptomgr.notests",  # the crypto self-tests cost seconds of emulated CPU on every boot
         "net.ifnames=0",  # no udev in the guest: the NIC stays eth0, as vm-net expects
         "fsck.mode=skip", f"systemd.hostname={name}", f"sandbox_mcp.net={ip}/{prefixlen},{gateway}",
+        *([f"sysctl.kernel.threads-max={int(tasks)}"] if tasks is not None else []),
     ])  # fmt: skip
 
 
@@ -472,7 +474,8 @@ class QemuRuntime(Runtime):
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
-                                       gateway=str(self.settings.host_ip)),
+                                       gateway=str(self.settings.host_ip),
+                                       tasks=record.limits.tasks if record.limits else self.settings.tasks_max),
                 firmware=qboot(),
             )
             userns = keep(idmap.userns_with_map([(inside, uid, 1)], [(inside, uid, 1), *((g, g, 1) for g in groups)]))
