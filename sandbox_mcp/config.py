@@ -122,11 +122,12 @@ class Settings(BaseModel):
     memory_mib: int = Field(default=2048, ge=MIN_MEMORY_MIB, description="Default memory of a new workspace, MiB")
     tasks_max: int = Field(default=4096, ge=64, description="Processes + threads one workspace may run")
     root_layer_mib: int = Field(
-        default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
+        default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs, so at most half "
+        "the workspace's memory_mib) and of an Incus instance's root disk, MiB"
     )
     console_log_mib: int = Field(
-        default=16, ge=1, description="Size bound of a workspace's console log; a container flooding it past the "
-        "bound is stopped, a VM's console output past it is dropped"
+        default=16, ge=1, description="Size bound of a workspace's console log: its first MiB are kept, the rest "
+        "is dropped by a copier process (containers and VMs alike); nothing limits the workspace for it"
     )
     private_users: bool = Field(
         default=True,

@@ -16,11 +16,12 @@ import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 
 import anyio
 
-from . import onboarding, provision, ssh
+from . import limit_hints, onboarding, provision, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -97,6 +98,8 @@ class WorkspaceManager:
         self._mode: Mode | None = None
         self._types: dict[WorkspaceType, Runtime] | None = None  # which runtime serves each type
         self._locks: dict[str, anyio.Lock] = {}
+        # (name, started_at) -> the OOM kills already reported for that boot of the workspace.
+        self._oom_seen: dict[tuple[str, datetime | None], int] = {}
         # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
         # userkeys.UserKeys.public_key); in process, only the server's key is.
         self.owner_keys: Callable[[int], str] | None = None
@@ -375,7 +378,7 @@ class WorkspaceManager:
                 f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
                 f"workspace, got {memory_mib!r}"
             )
-        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
 
     def _register(
         self,
@@ -657,13 +660,32 @@ class WorkspaceManager:
     ) -> ExecResult:
         """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
         record = await self._running(name, owner_uid)
-        return await self._ssh_call(
+        result = await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
                 t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
                 output_cap=self.settings.exec_output_cap,
             ),
         )  # fmt: skip
+        return await self._with_hint(record, result)
+
+    async def _with_hint(self, record: WorkspaceRecord, result: ExecResult) -> ExecResult:
+        """``result`` with a hint naming the limit the command ran into, if it did (:mod:`.limit_hints`)."""
+        hint = None
+        if limit_hints.maybe_oom_killed(result):
+            runtime = self._runtime_of(record)
+            kills = await runtime.oom_kills(record)
+            if kills is None and runtime.own_kernel:
+                with contextlib.suppress(SandboxError):
+                    probe = await self.ssh.exec(self._target(record), limit_hints.OOM_PROBE, timeout_s=15,
+                                                output_cap=4096)  # fmt: skip
+                    kills = limit_hints.parse_oom_probe(probe.stdout)
+            key = (record.name, record.started_at)  # counters start at 0 with each boot
+            if kills is not None and kills > (seen := self._oom_seen.get(key, 0)):
+                self._oom_seen[key] = kills
+                hint = limit_hints.oom_hint(kills - seen, record.limits)
+        hint = hint or limit_hints.disk_hint(result.stderr, record.limits)
+        return result.model_copy(update={"hint": hint}) if hint else result
 
     async def read_file(
         self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None

@@ -65,6 +65,11 @@ Name = Annotated[
     ),
 ]
 
+# A workspace's RLIMIT_NOFILE hard limit (soft: 1024): systemd's default for services, which a VM's own
+# systemd applies; containers get it from the runtime (nspawn --rlimit, Incus limits.kernel.nofile) so
+# that no limit of the server's own process reaches them.
+OPEN_FILES = 524288
+
 _LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
 
 
@@ -137,11 +142,32 @@ class SSHInfo(BaseModel):
 
 
 class Limits(BaseModel):
-    """What a workspace may use; enforced with cgroups (containers) or the VM's size (microVMs)."""
+    """Every bound a workspace gets, as chosen and applied: cgroups (containers), the VM's size (microVMs),
+    Incus limits. Nothing else limits it (no resource limit is inherited from the host's processes)."""
 
     cpus: float = Field(gt=0, description="CPUs (fractions allowed): a quota of CPU time, not pinning")
     memory_mib: int = Field(gt=0, description="Memory in MiB, including the container's writable root layer")
     tasks: int = Field(gt=0, description="Processes and threads together")
+    disk_mib: int | None = Field(
+        default=None,
+        description="Size bound of the writable root file system in MiB (what is written outside the workspace "
+        "dir; a write past it fails with ENOSPC or EDQUOT): a container's root layer (a tmpfs whose pages count "
+        "against memory_mib, so at most half of it), a VM's root disk (the system's files included), an Incus "
+        "instance's root disk. null: no bound of ours (an Incus pool that cannot enforce one: the pool's free "
+        "space), or not started since it was created. The workspace dir is the host's: its free space is the bound",
+    )
+    file_size: Literal["unlimited"] = Field(
+        default="unlimited",
+        description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "
+        "only by the file system it is on",
+    )
+    open_files: int | None = Field(
+        default=OPEN_FILES,
+        description="Open files per process (RLIMIT_NOFILE): the hard limit; the soft one is 1024, raise it with "
+        "`ulimit -n` up to this. 524288 (systemd's default for services) in every type, unless the server may "
+        "not raise limits (no CAP_SYS_RESOURCE): a container then gets the server's own, and this says so. "
+        "null: a remote Incus server's own default (its limits are not known here)",
+    )
 
 
 class Timings(BaseModel):
@@ -264,6 +290,11 @@ class ExecResult(BaseModel):
     timed_out: bool = False
     truncated: bool = Field(default=False, description="True when stdout or stderr was cut at the output cap")
     duration_ms: float
+    hint: str | None = Field(
+        default=None,
+        description="When the command ran into one of the workspace's limits (out of memory: the OOM killer "
+        "ended a process; a full file system): which limit, and what to do",
+    )
 
 
 class FileContent(BaseModel):

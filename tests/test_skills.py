@@ -30,6 +30,7 @@ for _model in (
     models.SSHInfo,
     models.Timings,
     models.ExecResult,
+    models.Limits,
     models.FileContent,
     models.WriteResult,
     models.DirEntry,
