@@ -100,7 +100,8 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async def run(m: Workspaces) -> int:
         ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
-                            egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
+                            egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib, repo=args.repo,
+                            ref=args.ref)
         _dump(ws)
         return 0
 
@@ -214,6 +215,48 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         return anyio.run(_with_manager, settings, run)
 
     return command
+
+
+def _cmd_git(args: argparse.Namespace, settings: Settings) -> int:
+    """diff | fetch | merge | apply: the workspace's branch, back into the host repository it came from.
+
+    fetch goes through the server (the daemon's git runs as this user); merge and apply then run this
+    user's git in the host repository (as root: the repository owner's), hooks off, clean config.
+    """
+    from . import hostgit
+
+    async def run(m: Workspaces) -> int:
+        if args.action == "diff":
+            diff = await m.git_diff(args.name, args.stat)
+            for f in diff.files:
+                counts = "-\t-" if f.added is None else f"{f.added}\t{f.deleted}"
+                print(f"{counts}\t{f.status}\t{f.path}")
+            if diff.patch:
+                print(diff.patch, end="" if diff.patch.endswith("\n") else "\n")
+            if diff.truncated:
+                print("sandbox-mcp: the diff was cut at the server's bound (git_patch_max_bytes)", file=sys.stderr)
+            return 0
+        fetched = await m.git_fetch(args.name, args.include_uncommitted)
+        print(f"{fetched.ref} = {fetched.head} ({fetched.commits} commits since the base) in {fetched.repo}",
+              file=sys.stderr)  # fmt: skip
+        if args.action == "fetch":
+            _dump(fetched)
+            return 0
+        user = hostgit.host_user(hostgit.run_uid(os.geteuid() or None, fetched.repo))
+        branch = fetched.ref.removeprefix("refs/heads/")
+        try:
+            out = await hostgit.merge_branch(user, fetched.repo, branch, squash=args.action == "apply")
+        except hostgit.MergeConflict as exc:
+            print(f"sandbox-mcp: {exc}", file=sys.stderr)
+            return 1
+        if args.action == "apply":
+            print(out, end="")
+            print(f"sandbox-mcp: {branch} applied to the index as one change; review and commit it", file=sys.stderr)
+        else:
+            print(out)
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
 
 
 def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -332,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network access from inside (internet needs SANDBOX_MCP_NAT=true)")
     s.add_argument("--cpus", type=float, help="CPUs it may use (default: the settings' cpus)")
     s.add_argument("--memory-mib", type=int, help="memory in MiB (default: the settings' memory_mib)")
+    s.add_argument("--repo", help="a host git repository to clone into the workspace (branch sandbox/NAME)")
+    s.add_argument("--ref", default="HEAD", help="with --repo: the branch, tag or commit to start from")
     s.set_defaults(fn=_cmd_create)
 
     s = sub.add_parser("ls", help="list workspaces")
@@ -368,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("-n", "--lines", type=int, default=200)
     s.set_defaults(fn=_simple("logs", "lines"))
+
+    s = sub.add_parser("git", help="a workspace's branch: diff, fetch into the host repository, merge, apply")
+    s.add_argument("name")
+    s.add_argument("action", choices=["diff", "fetch", "merge", "apply"],
+                   help="diff: changes since the base; fetch: the branch sandbox/NAME into the host repository; "
+                   "merge: fetch, then merge it --no-ff into the current branch; apply: fetch, then stage it as "
+                   "one squashed change")
+    s.add_argument("--stat", action="store_true", help="diff: the file list only")
+    s.add_argument("--include-uncommitted", action="store_true",
+                   help="fetch/merge/apply: commit the workspace's uncommitted work first")
+    s.set_defaults(fn=_cmd_git)
 
     s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
     s.add_argument("action", choices=["build", "ls", "prune"])

@@ -38,9 +38,11 @@ from .models import (
     DirListing,
     Egress,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WorkspaceType,
@@ -242,9 +244,12 @@ class RemoteManager:
     async def create(self, name: str, type: WorkspaceType = "container", packages: Sequence[str] = (),
                      ip: str | None = None, start: bool = True, progress: Progress = no_progress, *,
                      egress: Egress = "none", cpus: float | None = None,
-                     memory_mib: int | None = None) -> Workspace:  # fmt: skip
+                     memory_mib: int | None = None, repo: str | None = None,
+                     ref: str = "HEAD") -> Workspace:  # fmt: skip
         """See :meth:`WorkspaceManager.create`; errors come back with the daemon's message."""
         args = {"name": name, "type": type, "packages": list(packages), "ip": ip, "start": start, "egress": egress}
+        if repo is not None:
+            args.update(repo=repo, ref=ref)
         if cpus is not None:
             args["cpus"] = cpus
         if memory_mib is not None:
@@ -297,6 +302,15 @@ class RemoteManager:
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """See :meth:`WorkspaceManager.git_diff`."""
+        return await self._call("workspace_diff", {"name": name, "stat_only": stat_only}, WorkspaceDiff)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """See :meth:`WorkspaceManager.git_fetch` (the daemon's git runs as this user)."""
+        args = {"name": name, "include_uncommitted": include_uncommitted}
+        return await self._call("fetch_workspace", args, FetchResult)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).

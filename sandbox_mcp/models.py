@@ -10,18 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "Check",
     "DestroyResult",
+    "DiffFile",
     "DirEntry",
     "DirListing",
     "Egress",
     "ExecResult",
+    "FetchResult",
     "FileContent",
     "Isolation",
     "Limits",
     "LogsResult",
+    "RepoInfo",
     "RuntimeDetail",
     "SSHInfo",
     "Timings",
     "Workspace",
+    "WorkspaceDiff",
     "WorkspaceList",
     "WorkspaceRecord",
     "WorkspaceState",
@@ -73,6 +77,17 @@ class Timings(BaseModel):
     total_s: float | None = None
 
 
+class RepoInfo(BaseModel):
+    """The host repository a workspace was cloned from, and where its work goes back to."""
+
+    path: str = Field(description="The host repository (its top level) the workspace directory was cloned from")
+    base: str = Field(description="The commit the clone started at (the `ref` given to create_workspace)")
+    branch: str = Field(
+        description="The branch inside the workspace, and the one fetch_workspace writes in the host repository "
+        "(refs/heads/<branch>), e.g. 'sandbox/myproject'"
+    )
+
+
 class WorkspaceRecord(BaseModel):
     """One workspace as the registry stores it. The source of truth for names and addresses."""
 
@@ -101,6 +116,7 @@ class WorkspaceRecord(BaseModel):
     )
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
+    repo: RepoInfo | None = None
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -134,6 +150,9 @@ class Workspace(BaseModel):
         "is (unprivileged) or is not (privileged) an unprivileged uid on the host"
     )
     limits: Limits | None = None
+    repo: RepoInfo | None = Field(
+        default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
+    )
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None
@@ -220,6 +239,41 @@ class LogsResult(BaseModel):
     name: str
     log: str
     lines: int
+
+
+class DiffFile(BaseModel):
+    """One changed path in workspace_diff."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "type-changed", "unmerged"]
+    added: int | None = Field(description="Lines added; null for a binary file")
+    deleted: int | None = Field(description="Lines deleted; null for a binary file")
+
+
+class WorkspaceDiff(BaseModel):
+    """What changed in a workspace's clone since the commit it was created from."""
+
+    base: str = Field(description="The commit the workspace was created from")
+    head: str | None = Field(description="The workspace's current commit (null before the clone has one)")
+    commits: int = Field(description="Commits on the workspace's branch since base")
+    files: list[DiffFile] = Field(description="Every changed path: committed, staged, unstaged and untracked")
+    patch: str = Field(description="The unified diff (base against the working tree); empty with stat_only")
+    truncated: bool = Field(
+        description="True when the patch (or the file list) was cut at the server's bound; read single files "
+        "with read_file or run git diff with exec for the rest"
+    )
+
+
+class FetchResult(BaseModel):
+    """The workspace's branch, now in the host repository."""
+
+    ref: str = Field(description="The ref written in the host repository, e.g. 'refs/heads/sandbox/myproject'")
+    head: str = Field(description="The commit it points at: the same id as inside the workspace")
+    commits: int = Field(description="Commits on it since the base the workspace was created from")
+    repo: str = Field(description="The host repository")
+    committed: bool = Field(
+        default=False, description="True when include_uncommitted made a commit of the uncommitted work first"
+    )
 
 
 class Check(BaseModel):

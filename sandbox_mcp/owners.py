@@ -21,9 +21,11 @@ from .models import (
     DirListing,
     Egress,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceRecord,
     WorkspaceStatus,
@@ -110,10 +112,13 @@ class OwnedManager:
         egress: Egress = "none",
         cpus: float | None = None,
         memory_mib: int | None = None,
+        repo: str | None = None,
+        ref: str = "HEAD",
     ) -> Workspace:
-        """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
+        """Create a workspace owned by this user (``repo`` read as this user). Raises what
+        :meth:`WorkspaceManager.create` raises."""
         return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
-                                         memory_mib=memory_mib, owner_uid=self.uid)
+                                         memory_mib=memory_mib, repo=repo, ref=ref, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
@@ -174,3 +179,12 @@ class OwnedManager:
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         return await self.manager.ssh_target(name, owner_uid=self._owner)
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.git_diff(name, stat_only, owner_uid=self._owner)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """Fetch as this user (root: as the repository's owner). Raises WorkspaceNotFound for another user's
+        workspace, else what the manager raises."""
+        return await self.manager.git_fetch(name, include_uncommitted, owner_uid=self._owner)

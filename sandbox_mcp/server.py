@@ -33,9 +33,11 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -244,6 +246,23 @@ def build_server(
             int | None,
             Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
         ] = None,
+        repo: Annotated[
+            str | None,
+            Field(
+                description="Absolute path of a git repository on the host that you (the calling user) can read; "
+                "the workspace directory starts as a clone of it at `ref`, on branch 'sandbox/<name>'. No remotes, "
+                "hooks or credentials come along. Needs start=true",
+                examples=["/home/me/src/project"],
+                max_length=4096,
+            ),
+        ] = None,
+        ref: Annotated[
+            str,
+            Field(
+                description="With repo: the branch, tag or commit to start from (e.g. 'main', 'v1.2', 'HEAD~1')",
+                pattern=r"^[A-Za-z0-9_.@/^~{}+:-]{1,256}$",
+            ),
+        ] = "HEAD",
     ) -> Workspace:
         """Create a new isolated Linux workspace and (by default) start it.
 
@@ -263,12 +282,18 @@ def build_server(
         egress='internet' when the work needs downloads. Packages listed in `packages` are installed
         on the host side into a cached image and need no egress.
 
+        A host repository: pass repo='/path/to/repo' (and ref) to start from a clone of it on branch
+        'sandbox/<name>' (result field repo: path, base, branch). Commit there, check with workspace_diff,
+        and bring the work back with fetch_workspace (it appears in the host repository as that branch).
+
         Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; egress='internet'
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
-        last log lines (see also workspace_logs).
+        last log lines (see also workspace_logs); repo not readable or not a repository -> ask the user
+        for the right path.
         """
         return await manager_of(ctx).create(
-            name, type, packages, ip, start, progress=_progress(ctx), egress=egress, cpus=cpus, memory_mib=memory_mib
+            name, type, packages, ip, start, progress=_progress(ctx), egress=egress, cpus=cpus, memory_mib=memory_mib,
+            repo=repo, ref=ref,
         )
 
     @tool(title="Start a workspace", idempotent=True)
@@ -386,6 +411,51 @@ def build_server(
         size and modification time. At most 10,000 entries: truncated=true means there are more (list them
         with exec, e.g. 'ls -A | head -n 20000')."""
         return await manager_of(ctx).list_dir(name, path)
+
+    @tool(title="Changes in a workspace's clone", read_only=True, idempotent=True)
+    async def workspace_diff(
+        ctx: Context,
+        name: Name,
+        stat_only: Annotated[
+            bool, Field(description="Only the file list with line counts, no patch (cheap, for a quick look)")
+        ] = False,
+    ) -> WorkspaceDiff:
+        """What changed in a workspace made with create_workspace(repo=...) since the commit it started from:
+        committed, staged, unstaged and untracked (not ignored) work, against base.
+
+        Returns base, head, commits (on the branch since base), files ([{path, status, added, deleted}];
+        added/deleted are null for binary files) and patch (a unified diff, cut at the server's bound with
+        truncated=true: then read the files themselves, or run `git diff BASE -- PATH` with exec). Use it
+        before telling the user the work is ready; it changes nothing (a private index is used).
+
+        Errors: not created from a repository -> only workspaces made with repo= have a base; not
+        running -> start_workspace.
+        """
+        return await manager_of(ctx).git_diff(name, stat_only)
+
+    @tool(title="Bring a workspace's branch into the host repository", idempotent=True)
+    async def fetch_workspace(
+        ctx: Context,
+        name: Name,
+        include_uncommitted: Annotated[
+            bool,
+            Field(description="First commit all uncommitted work inside (on the workspace's branch), so it comes too"),
+        ] = False,
+    ) -> FetchResult:
+        """Copy the workspace's branch 'sandbox/<name>' into the host repository it was cloned from, as
+        refs/heads/sandbox/<name> with the same commit ids. Nothing else in the host repository changes:
+        the user reviews and merges it (`git merge sandbox/<name>` or `sandbox-mcp git <name> merge`).
+
+        The host never runs git in the workspace's directory: git's protocol runs over the exec channel
+        and the host checks every object. Only commits on that branch travel: commit first, or pass
+        include_uncommitted=true. A pack larger than the server's bound is refused with nothing written.
+
+        Returns ref, head (the commit id, the same as inside), commits (since base), repo and committed.
+        Errors: no such branch inside -> commit on 'sandbox/<name>' (git switch sandbox/<name>); too large
+        -> drop big files from the branch's history; the host repository has that branch checked out ->
+        the user must switch away from it first.
+        """
+        return await manager_of(ctx).git_fetch(name, include_uncommitted)
 
     @tool(title="Workspace boot log", read_only=True, idempotent=True)
     async def workspace_logs(

@@ -18,9 +18,11 @@ from .models import (
     DirListing,
     Egress,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WorkspaceType,
@@ -51,6 +53,8 @@ class Workspaces(Protocol):
         egress: Egress = "none",
         cpus: float | None = None,
         memory_mib: int | None = None,
+        repo: str | None = None,
+        ref: str = "HEAD",
     ) -> Workspace: ...
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace: ...
@@ -90,3 +94,7 @@ class Workspaces(Protocol):
     async def list_dir(self, name: str, path: str = ".") -> DirListing: ...
 
     async def ssh_target(self, name: str) -> SSHTarget: ...
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff: ...
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult: ...
