@@ -1,10 +1,11 @@
-"""``python -m sandbox_mcp.git_remote FD``: the command git's ``ext::`` transport runs for fetch_workspace.
+"""``python3 -I .../sandbox_mcp/git_remote.py FD``: the command git's ``ext::`` transport runs for fetch_workspace.
 
 The host's ``git fetch`` speaks the git protocol to this program's stdin and stdout; it passes
 the bytes on, both ways, to the inherited socket ``FD``, whose other end the server holds and
 relays to ``git upload-pack`` running inside the workspace over SSH (:mod:`sandbox_mcp.gitflow`).
 So the host's git never opens the workspace's directory: it sees only a stream, which the server
-bounds. Stdlib only, tiny, and run as the user who owns the host repository (never as root).
+bounds. Stdlib only and run as a plain script (any python3 will do, so one every user can run),
+as the user who owns the host repository (never as root).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def relay(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m sandbox_mcp.git_remote FD (run by git's ext:: transport)", file=sys.stderr)
+        print("usage: git_remote.py FD (run by git's ext:: transport)", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(args[0]))
     relay(sock)

@@ -19,10 +19,12 @@ controls.** That directory's ``.git/config`` (``core.fsmonitor``, ``core.hooksPa
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ import time
 import anyio
 import anyio.abc
 
+from . import git_remote
 from .config import Settings
 from .errors import AccessDenied, BackendError, CommandFailed, InvalidSpec, InvalidState, SandboxError, clip
 from .hostgit import HostUser, open_git, remove_stale_packs, run_git
@@ -44,6 +47,7 @@ __all__ = [
     "commit_all_script",
     "diff_script",
     "ext_url",
+    "relay_command",
     "fetch_argv",
     "fetch_from",
     "parse_diff",
@@ -267,11 +271,46 @@ async def clone_into(
 # --- fetch: the workspace's branch into the host repository, over the exec channel ---
 
 
-def ext_url(fd: int, python: str = sys.executable) -> str:
+def _world_usable(path: str, bit: int) -> bool:
+    """Whether any user may reach ``path`` (every directory on the way o+x) and use it (``bit`` for others)."""
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    for i in range(2, len(parts)):
+        try:
+            if not os.stat("/".join(parts[:i])).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    try:
+        return bool(os.stat(real).st_mode & bit)
+    except OSError:
+        return False
+
+
+def relay_command() -> tuple[str, str]:
+    """(python, script) for the ext:: relay, both usable by whichever user the host git runs as.
+
+    The relay (:mod:`git_remote`) is stdlib only, so any python3 runs it: the server's own where every
+    user can run it (a system or Nix store path), else the system's ``/usr/bin/python3`` (a venv under
+    a private home is not reachable by the user the git runs as).
+    """
+    script = os.path.abspath(git_remote.__file__)
+    python = sys.executable
+    if not _world_usable(python, stat.S_IXOTH):
+        for candidate in ("/usr/bin/python3", "/bin/python3"):
+            if _world_usable(candidate, stat.S_IXOTH):
+                python = candidate
+                break
+    return python, script
+
+
+def ext_url(fd: int, python: str, script: str) -> str:
     """The ``ext::`` URL whose command relays git's protocol to inherited socket ``fd`` (:mod:`git_remote`)."""
-    if not re.fullmatch(r"/[A-Za-z0-9_./+-]+", python):
-        raise InvalidSpec(f"the server's python path {python!r} cannot go in an ext:: URL (spaces or '%')")
-    return f"ext::{python} -I -m sandbox_mcp.git_remote {int(fd)}"
+    for path in (python, script):
+        if not re.fullmatch(r"/[A-Za-z0-9_./+-]+", path):
+            raise InvalidSpec(f"the path {path!r} cannot go in an ext:: URL (spaces or '%'); install sandbox-mcp "
+                              "under a plain path")  # fmt: skip
+    return f"ext::{python} -I {script} {int(fd)}"
 
 
 def fetch_argv(repo_path: str, branch: str, url: str) -> list[str]:
@@ -331,7 +370,8 @@ async def fetch_from(
     too_large = False
     try:
         async with pool.stream(target, "exec git upload-pack .", timeout_s=settings.git_timeout_s) as remote:
-            async with open_git(user, fetch_argv(repo.path, branch, ext_url(theirs.fileno())),
+            url = ext_url(theirs.fileno(), *relay_command())
+            async with open_git(user, fetch_argv(repo.path, branch, url),
                                 stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()]) as fetcher:  # fmt: skip
                 theirs.close()  # git (and the relay) hold it now
                 local = await anyio.abc.SocketStream.from_socket(ours)

@@ -82,8 +82,8 @@ def test_clean_git_env_carries_nothing_of_the_server() -> None:
 
 
 def test_fetch_argv_exact() -> None:
-    url = gitflow.ext_url(7, "/usr/bin/python3")
-    assert url == "ext::/usr/bin/python3 -I -m sandbox_mcp.git_remote 7"
+    url = gitflow.ext_url(7, "/usr/bin/python3", "/opt/s/sandbox_mcp/git_remote.py")
+    assert url == "ext::/usr/bin/python3 -I /opt/s/sandbox_mcp/git_remote.py 7"
     assert gitflow.fetch_argv("/r", "sandbox/ws", url) == [
         "-C", "/r", "-c", "protocol.ext.allow=always", "-c", "fetch.fsckObjects=true", "-c", "transfer.fsckObjects=true",
         "-c", "fetch.unpackLimit=1", "-c", "fetch.writeCommitGraph=false", "-c", "fetch.recurseSubmodules=false",
@@ -92,7 +92,17 @@ def test_fetch_argv_exact() -> None:
         "+refs/heads/sandbox/ws:refs/heads/sandbox/ws",
     ]  # fmt: skip
     with pytest.raises(InvalidSpec):
-        gitflow.ext_url(3, "/opt/my python/bin/python3")
+        gitflow.ext_url(3, "/opt/my python/bin/python3", "/s.py")
+    with pytest.raises(InvalidSpec):
+        gitflow.ext_url(3, "/usr/bin/python3", "/a%b/s.py")
+
+
+def test_the_relay_is_runnable_by_anyone() -> None:
+    python, script = gitflow.relay_command()
+    if os.geteuid() == 0:  # as nobody, from a child (so no capability of root's is left to reach it)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                            f"{python} -I {script} x; echo $?"], capture_output=True, text=True)  # fmt: skip
+        assert r.stdout.strip() == "2" and "usage" in r.stderr, r
 
 
 BASE = "a" * 40
