@@ -96,7 +96,10 @@ def host_user(uid: int) -> HostUser:
         groups = tuple(g for g in os.getgrouplist(entry.pw_name, entry.pw_gid) if g != entry.pw_gid)
     except OSError:
         groups = ()
-    return HostUser(uid, entry.pw_gid, groups, entry.pw_dir or "/nonexistent")
+    home = entry.pw_dir or "/nonexistent"
+    if uid == os.geteuid():  # the CLI as this user: their HOME is where their git config is
+        home = os.environ.get("HOME") or home
+    return HostUser(uid, entry.pw_gid, groups, home)
 
 
 def run_uid(caller_uid: int | None, repo_path: str) -> int:

@@ -114,7 +114,10 @@ async def test_clone_work_diff_fetch_merge(mcp_session: Session, deployment: Dep
     assert host_git(owner, repo, "symbolic-ref", "--short", "HEAD").strip() == "main"
     assert "u.txt" not in host_git(owner, repo, "status", "--porcelain")  # only the branch came, nothing else
 
-    # The CLI: diff, then merge --no-ff into the host's current branch.
+    # The CLI: diff, then merge --no-ff into the host's current branch, as the user (their own identity).
+    if owner:
+        host_run(owner, "git", "config", "--file", str(owner.home / ".gitconfig"), "user.name", "Repo Owner")
+        host_run(owner, "git", "config", "--file", str(owner.home / ".gitconfig"), "user.email", "owner@host")
     r = deployment.cli(settings, "git", "gitrt", "diff", "--stat")
     assert r.returncode == 0 and "modified\tf1.txt" in r.stdout, r.stderr
     main_before = host_git(owner, repo, "rev-parse", "main").strip()
@@ -122,6 +125,8 @@ async def test_clone_work_diff_fetch_merge(mcp_session: Session, deployment: Dep
     assert r.returncode == 0, r.stderr
     parents = host_git(owner, repo, "rev-list", "--parents", "-n1", "main").split()[1:]
     assert parents == [main_before, head]
+    if owner:
+        assert host_git(owner, repo, "log", "-1", "--format=%an <%ae>", "main").strip() == "Repo Owner <owner@host>"
     assert (repo / "new.txt").read_text() == "new\n"
 
     # A conflict is reported (exit 1, the file named) and left for the user to resolve.
