@@ -445,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
                    "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
     s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
+    s.add_argument("--git", choices=("also", "only", "no"), default="also",
+                   help="the git section: create with repo= against a plain create, fetch_workspace of commits")
+    s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")
+    s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")
