@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import asyncssh
@@ -34,7 +34,7 @@ from .errors import (
     sftp_timeout_error,
 )
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
-from .stream import RemoteStream, open_stream
+from .stream import StreamBlock, pool_stream
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
@@ -251,41 +251,9 @@ class SSHPool:
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
 
-    @contextlib.asynccontextmanager
-    async def stream(
-        self, target: SSHTarget, command: str, *, cwd: str | None = None, timeout_s: float = 600
-    ) -> AsyncIterator[RemoteStream]:
-        """Run ``command`` (``sh -c``) in the workspace with its stdin and stdout as byte streams.
-
-        For protocols spoken with a command inside (git's): the block talks to it through the
-        yielded :class:`RemoteStream`; stderr is drained in the background into a bounded tail. The
-        command is bounded by ``timeout_s`` inside (``timeout``, then SIGKILL), and its channel is
-        closed when the block ends, however it ends.
-
-        Raises:
-            InvalidSpec: a bad cwd or timeout.
-            SSHError: the workspace cannot be reached or the channel cannot be opened.
-        """
-        wd = resolve_path(target.workspace_dir, cwd) if cwd is not None else target.workspace_dir
-        remote = build_exec_command(command, cwd=wd, timeout_s=timeout_s)
-        entry = await self._entry(target)
-        async with entry.sessions:
-            try:
-                remote_stream = await open_stream(entry.conn, remote, OPEN_TIMEOUT_S)
-            except (asyncssh.Error, OSError, TimeoutError) as exc:
-                if not entry.alive():
-                    self._discard(entry)
-                    raise lost_error(target, "opening a stream", exc) from exc
-                raise SSHError(f"cannot start a command on {target.where}: {describe(exc)}") from exc
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(remote_stream.drain_stderr)
-                    try:
-                        yield remote_stream
-                    finally:
-                        remote_stream.close()
-            finally:
-                remote_stream.close()
+    def stream(self, target: SSHTarget, command: str, **kw: Any) -> StreamBlock:
+        """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
+        return pool_stream(self, target, command, **kw)
 
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""

@@ -11,13 +11,21 @@ Everything it returns is what the workspace sent: callers bound and check it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import anyio
 import asyncssh
 
-from .commands import PID_MARKER
+from ..errors import SSHError
+from .commands import PID_MARKER, SSHTarget, build_exec_command, resolve_path
+from .errors import describe, lost_error
+from .session import OPEN_TIMEOUT_S
 
-__all__ = ["STDERR_TAIL_BYTES", "RemoteStream"]
+if TYPE_CHECKING:
+    from .pool import SSHPool
+
+__all__ = ["STDERR_TAIL_BYTES", "RemoteStream", "StreamBlock", "pool_stream"]
 
 STDERR_TAIL_BYTES = 16 * 1024  # what is kept of a streamed command's stderr (its last bytes)
 _READ_CHUNK = 64 * 1024
@@ -87,6 +95,19 @@ class RemoteStream:
         """Close the channel: the command sees its pipes close (and ``timeout`` bounds it anyway)."""
         self._process.close()
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[RemoteStream]:
+        """Drain stderr in the background while the block runs; close the channel when it ends, however."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.drain_stderr)
+                try:
+                    yield self
+                finally:
+                    self.close()
+        finally:
+            self.close()
+
 
 async def open_stream(conn: asyncssh.SSHClientConnection, remote: str, open_timeout_s: float) -> RemoteStream:
     """Start ``remote`` on ``conn`` with binary pipes.
@@ -97,3 +118,35 @@ async def open_stream(conn: asyncssh.SSHClientConnection, remote: str, open_time
     with anyio.fail_after(open_timeout_s):
         process = await conn.create_process(remote, encoding=None)
     return RemoteStream(process)
+
+
+StreamBlock = contextlib.AbstractAsyncContextManager[RemoteStream]  # `async with pool.stream(...) as remote:`
+
+
+@contextlib.asynccontextmanager
+async def pool_stream(
+    pool: SSHPool, target: SSHTarget, command: str, *, cwd: str | None = None, timeout_s: float = 600
+) -> AsyncIterator[RemoteStream]:
+    """Run ``command`` (``sh -c``) in the workspace on ``pool``'s connection, its stdin and stdout as byte streams.
+
+    For protocols spoken with a command inside (git's). stderr is drained in the background into a
+    bounded tail; the command is bounded by ``timeout_s`` inside (``timeout``, then SIGKILL), and its
+    channel is closed when the block ends, however it ends.
+
+    Raises:
+        InvalidSpec: a bad cwd or timeout.
+        SSHError: the workspace cannot be reached or the channel cannot be opened.
+    """
+    wd = resolve_path(target.workspace_dir, cwd) if cwd is not None else target.workspace_dir
+    remote = build_exec_command(command, cwd=wd, timeout_s=timeout_s)
+    entry = await pool._entry(target)  # the pool's own connection and session slots (package-private)
+    async with entry.sessions:
+        try:
+            opened = await open_stream(entry.conn, remote, OPEN_TIMEOUT_S)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            if entry.alive():
+                raise SSHError(f"cannot start a command on {target.where}: {describe(exc)}") from exc
+            pool._discard(entry)
+            raise lost_error(target, "opening a stream", exc) from exc
+        async with opened.running():
+            yield opened
