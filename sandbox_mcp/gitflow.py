@@ -19,6 +19,7 @@ controls.** That directory's ``.git/config`` (``core.fsmonitor``, ``core.hooksPa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -28,9 +29,11 @@ import stat
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+from anyio.abc import Process
 
 from . import git_remote
 from .config import Settings
@@ -38,6 +41,9 @@ from .errors import AccessDenied, BackendError, CommandFailed, InvalidSpec, Inva
 from .hostgit import HostUser, open_git, remove_stale_packs, run_git
 from .models import DiffFile, FetchResult, RepoInfo, WorkspaceDiff
 from .ssh import SSHPool, SSHTarget
+
+if TYPE_CHECKING:
+    from .ssh.stream import RemoteStream
 
 __all__ = [
     "BRANCH_PREFIX",
@@ -146,23 +152,17 @@ def parse_diff(out: str, boundary: str, base: str, patch_max: int, cut: bool) ->
     Raises:
         BackendError: the output does not have the sections the script prints.
     """
-    parts = out.split(f"\n{boundary}\n")
-    if len(parts) < 4:
-        head_part = out.split(f"{boundary}\n", 1)
-        if len(head_part) < 2:
-            raise BackendError(
-                "workspace_diff could not read git's output in the workspace (is git installed and the "
-                f"workspace directory still a clone?): {clip(out, 300)!r}"
-            )
-    first = out.split(f"{boundary}\n", 1)
-    head = first[0].strip()
-    rest = first[1] if len(first) > 1 else ""
-    sections = rest.split(f"\n{boundary}\n")
-    count_text = sections[0].strip() if sections else "0"
-    raw = sections[1] if len(sections) > 1 else ""
-    numstat = sections[2] if len(sections) > 2 else ""
-    patch = sections[3] if len(sections) > 3 else ""
-    truncated = cut or len(sections) < 4
+    head, found, rest = out.partition(f"{boundary}\n")
+    if not found:
+        raise BackendError(
+            "workspace_diff could not read git's output in the workspace (is git installed and the workspace "
+            f"directory still a clone?): {clip(out, 300)!r}"
+        )
+    head = head.strip()
+    # HEAD, then: the commit count, --raw -z, --numstat -z, the patch (missing ones: the output was cut)
+    sections = rest.split(f"\n{boundary}\n", 3) + ["", "", "", ""]
+    count_text, raw, numstat, patch = sections[0].strip(), sections[1], sections[2], sections[3]
+    truncated = cut or rest.count(f"\n{boundary}\n") < 3
 
     statuses: dict[str, str] = {}
     fields = raw.split("\0")
@@ -336,6 +336,62 @@ class _PackTooLarge(Exception):
     pass
 
 
+async def _relay(local: anyio.abc.SocketStream, remote: RemoteStream, fetcher: Process, limit: int) -> bytes:
+    """Copy git's protocol both ways until the host's git exits; its stderr (the first 64 KiB) is returned.
+
+    Raises:
+        _PackTooLarge: the workspace sent more than ``limit`` bytes.
+    """
+    err = bytearray()
+    stderr_done = anyio.Event()
+
+    async def to_workspace() -> None:  # the host's requests (wants, haves): the host's own words
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            async for chunk in local:
+                await remote.send(chunk)
+        remote.send_eof()
+
+    async def to_host() -> None:  # the workspace's answer: counted, and cut at the bound
+        received = 0
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            while chunk := await remote.receive():
+                received += len(chunk)
+                if received > limit:
+                    raise _PackTooLarge
+                await local.send(chunk)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await local.send_eof()  # the answer ended (or broke): git must see its end, not wait for more
+
+    async def collect() -> None:
+        assert fetcher.stderr is not None
+        try:
+            async for chunk in fetcher.stderr:
+                if len(err) < 64 * 1024:
+                    err.extend(chunk)
+        finally:
+            stderr_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect)
+        tg.start_soon(to_workspace)
+        tg.start_soon(to_host)
+        await fetcher.wait()
+        with anyio.move_on_after(5):
+            await stderr_done.wait()
+        tg.cancel_scope.cancel()
+    return bytes(err)
+
+
+async def _commit_uncommitted(pool: SSHPool, target: SSHTarget, name: str, settings: Settings) -> bool:
+    """Commit what is uncommitted on the workspace's branch, inside; whether there was anything."""
+    result = await pool.exec(target, commit_all_script(name), timeout_s=settings.git_timeout_s)
+    if result.exit_code == 3:
+        raise InvalidState(clip(result.stderr.strip(), 500))
+    if result.exit_code != 0:
+        raise BackendError(f"committing in workspace {name!r} failed: {clip(result.stderr, 2000)}")
+    return "committed" in result.stdout
+
+
 async def fetch_from(
     pool: SSHPool,
     target: SSHTarget,
@@ -348,102 +404,51 @@ async def fetch_from(
 ) -> FetchResult:
     """Bring the workspace's branch into ``repo.path`` as ``refs/heads/sandbox/NAME`` (same commit ids).
 
+    ``git upload-pack`` runs inside; ``user``'s git fetch on the host talks to it through the ext:: relay
+    and a socket pair whose other end :func:`_relay` copies to and from the SSH channel.
+
     Raises:
         InvalidSpec: the workspace sent more than ``git_fetch_max_bytes`` (nothing was written).
         InvalidState: the workspace has no such branch, or (include_uncommitted) is on another branch.
-        BackendError: git failed on either side (the message has its words).
+        BackendError: git failed on either side (the message has its words), or it took too long.
         AccessDenied: the user may not write to the repository.
     """
-    committed = False
-    if include_uncommitted:
-        result = await pool.exec(target, commit_all_script(name), timeout_s=settings.git_timeout_s)
-        if result.exit_code == 3:
-            raise InvalidState(clip(result.stderr.strip(), 500))
-        if result.exit_code != 0:
-            raise BackendError(f"committing in workspace {name!r} failed: {clip(result.stderr, 2000)}")
-        committed = "committed" in result.stdout
-    branch = repo.branch
+    committed = await _commit_uncommitted(pool, target, name, settings) if include_uncommitted else False
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     started = time.time()
-    limit = settings.git_fetch_max_bytes
-    received = 0
-    too_large = False
+    failure: SandboxError | None = None
     try:
         async with pool.stream(target, "exec git upload-pack .", timeout_s=settings.git_timeout_s) as remote:
             url = ext_url(theirs.fileno(), *relay_command())
-            async with open_git(user, fetch_argv(repo.path, branch, url),
+            async with open_git(user, fetch_argv(repo.path, repo.branch, url),
                                 stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()]) as fetcher:  # fmt: skip
-                theirs.close()  # git (and the relay) hold it now
+                theirs.close()  # git (and the relay it starts) hold it now
                 local = await anyio.abc.SocketStream.from_socket(ours)
-
-                async def to_workspace() -> None:
-                    try:
-                        async for chunk in local:
-                            await remote.send(chunk)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError, OSError):
-                        pass
-                    remote.send_eof()
-
-                async def to_host() -> None:
-                    nonlocal received
-                    try:
-                        while chunk := await remote.receive():
-                            received += len(chunk)
-                            if received > limit:
-                                raise _PackTooLarge
-                            await local.send(chunk)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
-                        pass
-                    await local.send_eof()
-
-                err = bytearray()
-                stderr_done = anyio.Event()
-
-                async def collect() -> None:
-                    assert fetcher.stderr is not None
-                    try:
-                        async for chunk in fetcher.stderr:
-                            if len(err) < 64 * 1024:
-                                err.extend(chunk)
-                    finally:
-                        stderr_done.set()
-
                 try:
                     with anyio.fail_after(settings.git_timeout_s):
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(collect)
-                            tg.start_soon(to_workspace)
-                            tg.start_soon(to_host)
-                            await fetcher.wait()
-                            with anyio.move_on_after(5):
-                                await stderr_done.wait()
-                            tg.cancel_scope.cancel()
+                        stderr = await _relay(local, remote, fetcher, settings.git_fetch_max_bytes)
                 except* _PackTooLarge:
-                    too_large = True
+                    failure = InvalidSpec(
+                        f"workspace {name!r} sent more than {settings.git_fetch_max_bytes} bytes of git data (the "
+                        "git_fetch_max_bytes bound); the fetch was stopped and nothing was written to the host "
+                        "repository. Drop large files from the branch's history inside the workspace, or ask the "
+                        "server's operator to raise SANDBOX_MCP_GIT_FETCH_MAX_BYTES"
+                    )
                 except* TimeoutError:
-                    with anyio.CancelScope(shield=True):
-                        await remove_stale_packs(user, repo.path, started)
-                    raise BackendError(
+                    failure = BackendError(
                         f"fetching from workspace {name!r} took longer than {settings.git_timeout_s:g} s "
-                        "(git_timeout_s); nothing was written"
-                    ) from None
+                        "(git_timeout_s); it was stopped and nothing was written"
+                    )
                 finally:
                     await local.aclose()
+        if failure is None and fetcher.returncode != 0:
+            failure = _fetch_error(name, repo, stderr.decode("utf-8", "replace"))
     finally:
         ours.close()
         theirs.close()
-    if too_large:
-        await remove_stale_packs(user, repo.path, started)
-        raise InvalidSpec(
-            f"workspace {name!r} sent more than {limit} bytes of git data (the git_fetch_max_bytes bound); the "
-            "fetch was stopped and nothing was written to the host repository. Drop large files from the "
-            "branch's history inside the workspace, or ask the server's operator to raise "
-            "SANDBOX_MCP_GIT_FETCH_MAX_BYTES"
-        )
-    text = err.decode("utf-8", "replace")
-    if fetcher.returncode != 0:
-        await remove_stale_packs(user, repo.path, started)
-        raise _fetch_error(name, repo, text)
+    if failure is not None:
+        await remove_stale_packs(user, repo.path, started)  # git leaves its partial pack behind
+        raise failure
     return await _fetched(user, repo, committed)
 
 
