@@ -443,6 +443,10 @@ async def fetch_from(
                     await local.aclose()
         if failure is None and fetcher.returncode != 0:
             failure = _fetch_error(name, repo, stderr.decode("utf-8", "replace"))
+    except BaseException:  # cancelled (the client went away): git is killed, its partial pack goes too
+        with anyio.CancelScope(shield=True):
+            await remove_stale_packs(user, repo.path, started)
+        raise
     finally:
         ours.close()
         theirs.close()

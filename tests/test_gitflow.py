@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sandbox_mcp import gitflow, hostgit
@@ -21,6 +22,7 @@ from sandbox_mcp.errors import AccessDenied, InvalidSpec, InvalidState
 from sandbox_mcp.models import RepoInfo
 from sandbox_mcp.ssh import SSHPool, SSHTarget
 
+from .points import wait_until
 from .test_ssh import AGENT, Sshd, _start_sshd
 
 pytestmark = pytest.mark.anyio
@@ -269,3 +271,33 @@ async def test_resolve_repo_refuses(tmp_path: Path) -> None:
         nobody = hostgit.host_user(65534)
         with pytest.raises((AccessDenied, InvalidSpec)):
             await hostgit.resolve_repo(nobody, str(host), "HEAD")
+
+
+def _relays() -> list[int]:
+    """PIDs of ext:: relays (git_remote.py) running on this host."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"git_remote.py" in (proc / "cmdline").read_bytes():
+                    out.append(int(proc.name))
+            except OSError:
+                pass
+    return out
+
+
+async def test_a_cancelled_fetch_leaves_nothing(pool: SSHPool, sshd: Sshd, tmp_path: Path, settings: Settings) -> None:
+    host, ws, target, repo = await cloned(pool, sshd, tmp_path, settings)
+    (ws / "big").write_bytes(os.urandom(6 << 20))
+    git(ws, "add", "big")
+    git(ws, "commit", "-q", "-m", "big")
+    before = set(_relays())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gitflow.fetch_from, pool, target, "ws", ME, repo, settings)
+        await wait_until(lambda: bool(set(_relays()) - before), "the ext:: relay to start")  # cancelled mid-fetch
+        tg.cancel_scope.cancel()
+    await wait_until(lambda: not set(_relays()) - before, "the relay to end")
+    assert [p.name for p in (host / ".git" / "objects" / "pack").iterdir() if p.name.startswith("tmp_")] == []
+    # and the next fetch works
+    fetched = await gitflow.fetch_from(pool, target, "ws", ME, repo, settings)
+    assert fetched.head == git(ws, "rev-parse", "HEAD").strip()
