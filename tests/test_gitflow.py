@@ -301,3 +301,22 @@ async def test_a_cancelled_fetch_leaves_nothing(pool: SSHPool, sshd: Sshd, tmp_p
     # and the next fetch works
     fetched = await gitflow.fetch_from(pool, target, "ws", ME, repo, settings)
     assert fetched.head == git(ws, "rev-parse", "HEAD").strip()
+
+
+async def test_a_bare_repository(pool: SSHPool, sshd: Sshd, tmp_path: Path, settings: Settings) -> None:
+    make_repo(tmp_path / "src", commits=2)
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(tmp_path / "src"), str(bare)], check=True,
+                   env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"})  # fmt: skip
+    resolved = await hostgit.resolve_repo(ME, str(bare), "main")
+    assert resolved.path == str(bare)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    target = sshd.target(ws)
+    await gitflow.clone_into(pool, target, "ws", ME, resolved.path, resolved.base, settings)
+    (ws / "n").write_text("n\n")
+    git(ws, "add", "n")
+    git(ws, "commit", "-q", "-m", "n")
+    repo = RepoInfo(path=resolved.path, base=resolved.base, branch="sandbox/ws")
+    fetched = await gitflow.fetch_from(pool, target, "ws", ME, repo, settings)
+    assert fetched.commits == 1 and git(bare, "rev-parse", "sandbox/ws").strip() == fetched.head
