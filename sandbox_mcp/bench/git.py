@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from .config import Settings
+from ..config import Settings
 
 __all__ = ["format_git", "run_git_bench"]
 
