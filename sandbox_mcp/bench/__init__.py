@@ -260,7 +260,7 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
     from mcp import Client
 
     from .git import format_git, run_git_bench
-    from .server import build_server
+    from ..server import build_server
 
     settings = settings.model_copy(update={"state_dir": state})
     try:
