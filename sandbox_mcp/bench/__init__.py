@@ -259,8 +259,8 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
     """The git section (:mod:`.git`) through the MCP tools, in its own state dir; everything removed after."""
     from mcp import Client
 
-    from .git import format_git, run_git_bench
     from ..server import build_server
+    from .git import format_git, run_git_bench
 
     settings = settings.model_copy(update={"state_dir": state})
     try:
