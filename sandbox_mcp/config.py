@@ -148,6 +148,17 @@ class Settings(BaseModel):
     exec_output_cap: int = Field(default=1 << 20, ge=1024, description="Bytes kept per stream per exec")
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
+    git_fetch_max_bytes: int = Field(
+        default=2 << 30, ge=1024,
+        description="Largest git pack fetch_workspace (and `sandbox-mcp git NAME fetch`) accepts from a workspace, "
+        "bytes; past it the fetch stops and nothing is written to the host repository's refs",
+    )
+    git_patch_max_bytes: int = Field(
+        default=256 << 10, ge=1024, description="Largest patch workspace_diff returns (the rest is cut, truncated=true)"
+    )
+    git_timeout_s: float = Field(
+        default=600, gt=0, description="How long one clone into, or fetch from, a workspace may take, seconds"
+    )
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
     stop_timeout_s: float = Field(
         default=3,

@@ -17,19 +17,23 @@ __all__ = [
     "Check",
     "CreateSpec",
     "DestroyResult",
+    "DiffFile",
     "DirEntry",
     "DirListing",
     "Egress",
     "ExecResult",
+    "FetchResult",
     "FileContent",
     "Isolation",
     "Limits",
     "LogsResult",
     "Name",
+    "RepoInfo",
     "RuntimeDetail",
     "SSHInfo",
     "Timings",
     "Workspace",
+    "WorkspaceDiff",
     "WorkspaceList",
     "WorkspaceRecord",
     "WorkspaceState",
@@ -126,6 +130,23 @@ class CreateSpec(BaseModel):
         int | None,
         Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
     ] = None
+    repo: Annotated[
+        str | None,
+        Field(
+            description="Absolute path of a git repository on the host that you (the calling user) can read; "
+            "the workspace directory starts as a clone of it at `ref`, on branch 'sandbox/<name>'. No remotes, "
+            "hooks or credentials come along. Needs start=true",
+            examples=["/home/me/src/project"],
+            max_length=4096,
+        ),
+    ] = None
+    ref: Annotated[
+        str,
+        Field(
+            description="With repo: the branch, tag or commit to start from (e.g. 'main', 'v1.2', 'HEAD~1')",
+            pattern=r"^[A-Za-z0-9_.@/^~{}+:-]{1,256}$",
+        ),
+    ] = "HEAD"
 
 
 class SSHInfo(BaseModel):
@@ -179,6 +200,17 @@ class Timings(BaseModel):
     total_s: float | None = None
 
 
+class RepoInfo(BaseModel):
+    """The host repository a workspace was cloned from, and where its work goes back to."""
+
+    path: str = Field(description="The host repository (its top level) the workspace directory was cloned from")
+    base: str = Field(description="The commit the clone started at (the `ref` given to create_workspace)")
+    branch: str = Field(
+        description="The branch inside the workspace, and the one fetch_workspace writes in the host repository "
+        "(refs/heads/<branch>), e.g. 'sandbox/myproject'"
+    )
+
+
 class WorkspaceRecord(BaseModel):
     """One workspace as the registry stores it. The source of truth for names and addresses."""
 
@@ -207,6 +239,7 @@ class WorkspaceRecord(BaseModel):
     )
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
+    repo: RepoInfo | None = None
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -240,6 +273,9 @@ class Workspace(BaseModel):
         "is (unprivileged) or is not (privileged) an unprivileged uid on the host"
     )
     limits: Limits | None = None
+    repo: RepoInfo | None = Field(
+        default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
+    )
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None
@@ -331,6 +367,41 @@ class LogsResult(BaseModel):
     name: str
     log: str
     lines: int
+
+
+class DiffFile(BaseModel):
+    """One changed path in workspace_diff."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "type-changed", "unmerged"]
+    added: int | None = Field(description="Lines added; null for a binary file")
+    deleted: int | None = Field(description="Lines deleted; null for a binary file")
+
+
+class WorkspaceDiff(BaseModel):
+    """What changed in a workspace's clone since the commit it was created from."""
+
+    base: str = Field(description="The commit the workspace was created from")
+    head: str | None = Field(description="The workspace's current commit (null before the clone has one)")
+    commits: int = Field(description="Commits on the workspace's branch since base")
+    files: list[DiffFile] = Field(description="Every changed path: committed, staged, unstaged and untracked")
+    patch: str = Field(description="The unified diff (base against the working tree); empty with stat_only")
+    truncated: bool = Field(
+        description="True when the patch (or the file list) was cut at the server's bound; read single files "
+        "with read_file or run git diff with exec for the rest"
+    )
+
+
+class FetchResult(BaseModel):
+    """The workspace's branch, now in the host repository."""
+
+    ref: str = Field(description="The ref written in the host repository, e.g. 'refs/heads/sandbox/myproject'")
+    head: str = Field(description="The commit it points at: the same id as inside the workspace")
+    commits: int = Field(description="Commits on it since the base the workspace was created from")
+    repo: str = Field(description="The host repository")
+    committed: bool = Field(
+        default=False, description="True when include_uncommitted made a commit of the uncommitted work first"
+    )
 
 
 class Check(BaseModel):

@@ -33,6 +33,9 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "exec": ("exec", {"name": "name", "command": "command", "cwd": "cwd", "env": "env", "timeout_s": "timeout",
                       "stdin": "stdin"}),
     "workspace_logs": ("logs", {"name": "name", "lines": "lines"}),
+    # `sandbox-mcp git NAME diff|fetch` (merge and apply: fetch, then git on the host, CLI only)
+    "workspace_diff": ("git", {"name": "name", "stat_only": "stat"}),
+    "fetch_workspace": ("git", {"name": "name", "include_uncommitted": "include_uncommitted"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
 # pinned key), not a subcommand each.

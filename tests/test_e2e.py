@@ -96,6 +96,7 @@ class InProcess:
         env = {**os.environ, "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_STATE_DIR": str(settings.state_dir),
                "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
                "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
+               "SANDBOX_MCP_GIT_FETCH_MAX_BYTES": str(settings.git_fetch_max_bytes),
                # never a daemon this host may run: the CLI works in process, as root
                "SANDBOX_MCP_DAEMON_SOCKET": str(settings.state_dir.parent / "no-daemon.sock")}  # fmt: skip
         # -W error: any warning (ours or a library's) would break the exact stderr checks anyway; this

@@ -12,6 +12,8 @@
   same ``serve`` working in process;
 - Incus (:mod:`.incus`): create → first exec of ``type="incus"`` against a bare instance
   launch → sshd banner, on a private incusd (``--incus only|no``);
+- git (:mod:`.git`): create with ``repo=`` (10,000 files) against a plain create, and
+  fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -131,6 +133,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     results: dict[str, dict[str, float]] = {}
     incus_mode = getattr(args, "incus", "no")
     capacity_mode = getattr(args, "capacity", "no")
+    git_mode = getattr(args, "git", "no")
+    if git_mode == "only":
+        return await _git_section(bench_settings, args, state)
     if incus_mode == "only":
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     if capacity_mode == "only":
@@ -223,6 +228,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if git_mode == "also":
+        await _git_section(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -267,6 +274,35 @@ async def _file_figures(call: Any, ssh_argv: list[str], name: str, mib: int) -> 
     return {"mib": float(mib), "tool_write": tool_write, "tool_read": tool_read, "ssh_cat_write": ssh_write,
             "ssh_cat_read": ssh_read, "tool_over_ssh_write": tool_write / ssh_write,
             "tool_over_ssh_read": tool_read / ssh_read}
+
+
+async def _git_section(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The git section (:mod:`.git`) through the MCP tools, in its own state dir; everything removed after."""
+    from mcp import Client
+
+    from ..server import build_server
+    from .git import format_git, run_git_bench
+
+    settings = settings.model_copy(update={"state_dir": state})
+    try:
+        async with Client(build_server(settings)) as client:
+
+            async def call(tool: str, **kw: object) -> dict:
+                r = await client.call_tool(tool, kw)
+                if r.is_error:
+                    raise RuntimeError(f"{tool}: {r.content}")
+                return r.structured_content  # type: ignore[return-value]
+
+            results = await run_git_bench(call, settings, max(1, args.runs), args.git_files, args.git_commits)
+    finally:
+        async with WorkspaceManager(settings) as m:
+            for name in list((await m.registry.read()).workspaces):
+                await m.destroy(name)
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_git(results))
+    print(json.dumps(results))
+    return 0
 
 
 async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
