@@ -40,6 +40,9 @@ from .models import (
     ExecResult,
     FileContent,
     LogsResult,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
@@ -297,6 +300,39 @@ class RemoteManager:
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+
+    async def pause(self, name: str) -> Workspace:
+        """See :meth:`WorkspaceManager.pause`."""
+        return await self._call("pause_workspace", {"name": name}, Workspace)
+
+    async def resume(self, name: str) -> Workspace:
+        """See :meth:`WorkspaceManager.resume`."""
+        return await self._call("resume_workspace", {"name": name}, Workspace)
+
+    async def snapshot(self, name: str, snapshot: str, memory: bool = False) -> SnapshotInfo:
+        """See :meth:`WorkspaceManager.snapshot`."""
+        return await self._call("snapshot_workspace", {"name": name, "snapshot": snapshot, "memory": memory},
+                                SnapshotInfo)
+
+    async def list_snapshots(self, name: str) -> SnapshotList:
+        """See :meth:`WorkspaceManager.list_snapshots`."""
+        return await self._call("list_snapshots", {"name": name}, SnapshotList)
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted:
+        """See :meth:`WorkspaceManager.delete_snapshot`."""
+        return await self._call("delete_snapshot", {"name": name, "snapshot": snapshot}, SnapshotDeleted)
+
+    async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace:
+        """See :meth:`WorkspaceManager.restore`."""
+        return await self._call("restore_workspace", {"name": name, "snapshot": snapshot}, Workspace, progress)
+
+    async def fork(
+        self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
+    ) -> Workspace:
+        """See :meth:`WorkspaceManager.fork`."""
+        validate_name(new_name)
+        args = {"name": name, "new_name": new_name, "snapshot": snapshot}
+        return await self._call("fork_workspace", args, Workspace, progress)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).

@@ -20,6 +20,9 @@ from .models import (
     ExecResult,
     FileContent,
     LogsResult,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
@@ -90,3 +93,19 @@ class Workspaces(Protocol):
     async def list_dir(self, name: str, path: str = ".") -> DirListing: ...
 
     async def ssh_target(self, name: str) -> SSHTarget: ...
+
+    async def pause(self, name: str) -> Workspace: ...
+
+    async def resume(self, name: str) -> Workspace: ...
+
+    async def snapshot(self, name: str, snapshot: str, memory: bool = False) -> SnapshotInfo: ...
+
+    async def list_snapshots(self, name: str) -> SnapshotList: ...
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted: ...
+
+    async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace: ...
+
+    async def fork(
+        self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
+    ) -> Workspace: ...
