@@ -956,6 +956,8 @@ class WorkspaceManager:
             runtime = self._runtime_of(source)
             info = await anyio.to_thread.run_sync(self._snapshots(name).get, snapshot) if snapshot else None
             paths = self._paths(new_name)
+            if new_name in (await self.registry.read()).workspaces:
+                raise WorkspaceExists(new_name)
             if paths.root.exists():
                 raise Conflict(
                     f"the host still has data kept from an earlier workspace {new_name!r} "

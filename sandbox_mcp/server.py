@@ -68,6 +68,16 @@ Name = Annotated[
     ),
 ]
 
+SnapshotName = Annotated[
+    str,
+    Field(
+        description="Snapshot name: lowercase letters, digits, '.', '_' and '-', starting with a letter or "
+        "digit, at most 40 chars",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$",
+        examples=["before-migration", "green-tests"],
+    ),
+]
+
 
 # A ToolError message longer than this is cut: error messages echo at most a clipped input, but a
 # log tail or a backend's output could still be long.
@@ -402,16 +412,6 @@ def build_server(
 
     # Pause, snapshots and forks ----------------------------------------------------------------
 
-    snapshot_name = Annotated[
-        str,
-        Field(
-            description="Snapshot name: lowercase letters, digits, '.', '_' and '-', starting with a letter or "
-            "digit, at most 40 chars",
-            pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$",
-            examples=["before-migration", "green-tests"],
-        ),
-    ]
-
     @tool(title="Pause a workspace", idempotent=True)
     async def pause_workspace(ctx: Context, name: Name) -> Workspace:
         """Freeze a running workspace: every process in it stops where it is, keeping its memory, open files
@@ -430,7 +430,7 @@ def build_server(
     async def snapshot_workspace(
         ctx: Context,
         name: Name,
-        snapshot: snapshot_name,
+        snapshot: SnapshotName,
         memory: Annotated[
             bool,
             Field(description="Also keep the running processes (VMs only; not available yet: leave false)"),
@@ -455,7 +455,7 @@ def build_server(
         return await manager_of(ctx).list_snapshots(name)
 
     @tool(title="Restore a workspace from a snapshot", destructive=True)
-    async def restore_workspace(ctx: Context, name: Name, snapshot: snapshot_name) -> Workspace:
+    async def restore_workspace(ctx: Context, name: Name, snapshot: SnapshotName) -> Workspace:
         """Put a workspace back exactly as it was at a snapshot: its workspace directory (files written since
         are gone), Claude config and root filesystem (packages installed before the snapshot are there,
         ones installed after are not). The workspace restarts to do it: running processes end, SSH
@@ -464,7 +464,7 @@ def build_server(
         return await manager_of(ctx).restore(name, snapshot, progress=_progress(ctx))
 
     @tool(title="Delete a snapshot", destructive=True)
-    async def delete_snapshot(ctx: Context, name: Name, snapshot: snapshot_name) -> SnapshotDeleted:
+    async def delete_snapshot(ctx: Context, name: Name, snapshot: SnapshotName) -> SnapshotDeleted:
         """Delete one snapshot of a workspace and free its disk space. The workspace is untouched.
         (destroy_workspace removes all its snapshots, unless keep_data.)"""
         return await manager_of(ctx).delete_snapshot(name, snapshot)
