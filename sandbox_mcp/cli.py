@@ -202,7 +202,7 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
-            if method == "start":
+            if method in ("start", "restore", "fork"):
                 kwargs["progress"] = _print_progress
             result = await fn(args.name, **kwargs)
             if method == "logs":
@@ -358,6 +358,35 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("name")
         s.set_defaults(fn=_simple(method))
+
+    for name, method, helptext in (("pause", "pause", "freeze a running workspace"),
+                                   ("resume", "resume", "thaw a paused workspace"),
+                                   ("snapshots", "list_snapshots", "list a workspace's snapshots")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("name")
+        s.set_defaults(fn=_simple(method))
+
+    s = sub.add_parser("snapshot", help="save a workspace (its dir, Claude config and root) as a named snapshot")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.add_argument("--memory", action="store_true", help="keep the running state too (VMs; not available yet)")
+    s.set_defaults(fn=_simple("snapshot", "snapshot", "memory"))
+
+    s = sub.add_parser("restore", help="put a workspace back to a snapshot (files written since are lost)")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("restore", "snapshot"))
+
+    s = sub.add_parser("rm-snapshot", help="delete one snapshot of a workspace")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("delete_snapshot", "snapshot"))
+
+    s = sub.add_parser("fork", help="make a new workspace from another's current state (or a snapshot)")
+    s.add_argument("name")
+    s.add_argument("new_name")
+    s.add_argument("--snapshot", help="fork from this snapshot instead of the current state")
+    s.set_defaults(fn=_simple("fork", "new_name", "snapshot"))
 
     s = sub.add_parser("rm", help="destroy a workspace")
     s.add_argument("name")

@@ -33,6 +33,13 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "exec": ("exec", {"name": "name", "command": "command", "cwd": "cwd", "env": "env", "timeout_s": "timeout",
                       "stdin": "stdin"}),
     "workspace_logs": ("logs", {"name": "name", "lines": "lines"}),
+    "pause_workspace": ("pause", {"name": "name"}),
+    "resume_workspace": ("resume", {"name": "name"}),
+    "snapshot_workspace": ("snapshot", {"name": "name", "snapshot": "snapshot", "memory": "memory"}),
+    "list_snapshots": ("snapshots", {"name": "name"}),
+    "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
+    "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
+    "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
 # pinned key), not a subcommand each.
