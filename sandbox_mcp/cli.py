@@ -202,7 +202,7 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
-            if method in ("start", "restore", "fork"):
+            if method in ("start", "restore", "fork", "snapshot"):
                 kwargs["progress"] = _print_progress
             result = await fn(args.name, **kwargs)
             if method == "logs":

@@ -309,10 +309,12 @@ class RemoteManager:
         """See :meth:`WorkspaceManager.resume`."""
         return await self._call("resume_workspace", {"name": name}, Workspace)
 
-    async def snapshot(self, name: str, snapshot: str, memory: bool = False) -> SnapshotInfo:
+    async def snapshot(
+        self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
+    ) -> SnapshotInfo:
         """See :meth:`WorkspaceManager.snapshot`."""
         return await self._call("snapshot_workspace", {"name": name, "snapshot": snapshot, "memory": memory},
-                                SnapshotInfo)
+                                SnapshotInfo, progress)
 
     async def list_snapshots(self, name: str) -> SnapshotList:
         """See :meth:`WorkspaceManager.list_snapshots`."""

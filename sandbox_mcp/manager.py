@@ -821,7 +821,13 @@ class WorkspaceManager:
             await snapshots.copy_tree(paths.claude_config, dest("claude-config"))
 
     async def snapshot(
-        self, name: str, snapshot: str, memory: bool = False, *, owner_uid: int | None = None
+        self,
+        name: str,
+        snapshot: str,
+        memory: bool = False,
+        progress: Progress = no_progress,
+        *,
+        owner_uid: int | None = None,
     ) -> SnapshotInfo:
         """Save the workspace's files: its workspace dir, Claude config and writable root (installed packages).
 
@@ -850,6 +856,7 @@ class WorkspaceManager:
             tmp = await anyio.to_thread.run_sync(store.aside, snapshot)
             try:
                 async with self._held_still(record, runtime):
+                    await progress("copying the files", None)
                     await self._copy_parts(record, runtime, lambda part: tmp / part)
                 method = await anyio.to_thread.run_sync(snapshots.copy_method, tmp)
                 size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)

@@ -186,9 +186,11 @@ class OwnedManager:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         return await self.manager.resume(name, owner_uid=self._owner)
 
-    async def snapshot(self, name: str, snapshot: str, memory: bool = False) -> SnapshotInfo:
+    async def snapshot(
+        self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
+    ) -> SnapshotInfo:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.snapshot(name, snapshot, memory, owner_uid=self._owner)
+        return await self.manager.snapshot(name, snapshot, memory, progress, owner_uid=self._owner)
 
     async def list_snapshots(self, name: str) -> SnapshotList:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

@@ -446,7 +446,7 @@ def build_server(
         copy-on-write clone, near-instant; 'copy': a full copy, on filesystems without reflinks).
         Errors: the name is taken -> pick another or delete_snapshot it; type 'incus' or a privileged
         container -> not supported, say so to the user."""
-        return await manager_of(ctx).snapshot(name, snapshot, memory)
+        return await manager_of(ctx).snapshot(name, snapshot, memory, progress=_progress(ctx))
 
     @tool(title="List a workspace's snapshots", read_only=True, idempotent=True)
     async def list_snapshots(ctx: Context, name: Name) -> SnapshotList:
