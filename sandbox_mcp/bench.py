@@ -11,6 +11,8 @@
   same ``serve`` working in process;
 - Incus (:mod:`.bench_incus`): create → first exec of ``type="incus"`` against a bare instance
   launch → sshd banner, on a private incusd (``--incus only|no``);
+- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
+  (:mod:`.bench_snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
 - capacity (:mod:`.bench_capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -39,6 +41,7 @@ import anyio
 
 from .bench_capacity import format_capacity, run_capacity
 from .bench_incus import format_incus, run_incus
+from .bench_snapshots import format_snapshots, run_snapshots
 from .config import Settings
 from .hostnet import HostNetwork
 from .images import DebianRoot, ImageStore
@@ -132,6 +135,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     if capacity_mode == "only":
         return await _capacity(bench_settings, args.parallel_max, state)
+    snapshots_mode = getattr(args, "snapshots", "no")
+    if snapshots_mode == "only":
+        return await _snapshots(bench_settings, args, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -241,10 +247,26 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if snapshots_mode == "also":
+        await _snapshots(bench_settings, args, state)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+    return 0
+
+
+async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The pause/snapshot/fork section (:mod:`.bench_snapshots`) in its own state dir; the bridge removed after."""
+    state.mkdir(parents=True, exist_ok=True)
+    sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
+    try:
+        results = await run_snapshots(settings, state, sizes, max(1, args.runs))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_snapshots(results))
+    print(json.dumps(results))
     return 0
 
 

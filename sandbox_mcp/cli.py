@@ -418,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
                    "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
     s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
+    s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
+                   help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--snapshot-mib", default="100",
+                   help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")
