@@ -805,8 +805,19 @@ class WorkspaceManager:
     def _snapshots(self, name: str) -> snapshots.SnapshotStore:
         return snapshots.SnapshotStore(self._paths(name), name)
 
-    @staticmethod
-    def _capturable(record: WorkspaceRecord, what: str) -> None:
+    def _capturable(self, record: WorkspaceRecord, what: str) -> None:
+        """Refuse ``what`` (a snapshot, restore, fork) before anything changes, saying why.
+
+        Raises:
+            Unsupported: the runtime has no snapshots. InvalidState: being created, starting, failed.
+        """
+        runtime = self._runtime_of(record)
+        if not runtime.has_snapshots:
+            raise Unsupported(
+                f"the {runtime.name} runtime cannot snapshot, restore or fork workspace {record.name!r} (type "
+                f"{record.type!r}); pause_workspace works, and the workspace dir survives stop/start. Containers "
+                "and VMs have snapshots"
+            )
         if record.state not in ("running", "paused", "stopped"):
             raise InvalidState(
                 f"workspace {record.name!r} is {record.state}; {what} needs a running, paused or stopped one"
@@ -925,8 +936,12 @@ class WorkspaceManager:
             await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
             record = runtime.with_root_base(record, info.root_base)
             await self.registry.put(record)
-            if run_after:
-                record = await self._start(record, runtime, progress, time.monotonic())
+            try:
+                if run_after:
+                    record = await self._start(record, runtime, progress, time.monotonic())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(snapshots.drop_old, paths)
         return self.view(record)
 
     async def fork(
@@ -999,6 +1014,7 @@ class WorkspaceManager:
                     base = runtime.root_base(source)
                 await runtime.adopt_files(source, record, [staged(p) for p in snapshots.PARTS if staged(p).exists()])
                 await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
+                await anyio.to_thread.run_sync(snapshots.drop_old, paths)  # the empty dirs provisioning made
                 record = await runtime.prepare(record, progress)
                 prepared = True
                 record = runtime.with_root_base(record, base)

@@ -47,6 +47,7 @@ __all__ = [
     "copy_method",
     "copy_tree",
     "copy_tree_argv",
+    "drop_old",
     "recover_restore",
     "restore_swap",
     "shift_owners",
@@ -294,7 +295,8 @@ def staging(paths: WorkspacePaths, part: str) -> Path:
 def restore_swap(paths: WorkspacePaths) -> None:
     """Swap in every staged part (see :func:`staging`): journal first, then renames. Blocking.
 
-    The caller has built each staged part completely (parts without one stay as they are).
+    The caller has built each staged part completely (parts without one stay as they are), and
+    calls :func:`drop_old` when it is convenient (after the restart: deleting is not on the way).
     """
     pairs = [(str(staging(paths, p)), str(part_path(paths, p))) for p in PARTS if staging(paths, p).exists()]
     atomic_write(paths.root / _JOURNAL, json.dumps({"pairs": pairs}), mode=0o600)
@@ -314,11 +316,17 @@ def _apply_journal(paths: WorkspacePaths) -> None:
                 os.rename(dst_p, old)
             os.rename(new_p, dst_p)
     _fsync_dir(paths.root)
-    for _, dst in pairs:
-        old = Path(dst).with_name(Path(dst).name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+    # The new state is whole: the journal goes, and the old parts are garbage that drop_old (or, after
+    # a crash, recover_restore) removes, once the workspace runs again.
     journal.unlink()
     _fsync_dir(paths.root)
+
+
+def drop_old(paths: WorkspacePaths) -> None:
+    """Remove the parts a finished swap replaced (``<part>.old``). Blocking."""
+    for part in PARTS:
+        target = part_path(paths, part)
+        shutil.rmtree(target.with_name(target.name + ".old"), ignore_errors=True)
 
 
 def recover_restore(paths: WorkspacePaths) -> bool:
@@ -326,11 +334,10 @@ def recover_restore(paths: WorkspacePaths) -> bool:
 
     Returns True when a restore was finished (the workspace now holds the snapshot's state).
     """
-    if (paths.root / _JOURNAL).exists():
+    finished = (paths.root / _JOURNAL).exists()
+    if finished:
         _apply_journal(paths)
-        return True
     for part in PARTS:
         shutil.rmtree(staging(paths, part), ignore_errors=True)
-        target = part_path(paths, part)
-        shutil.rmtree(target.with_name(target.name + ".old"), ignore_errors=True)
-    return False
+    drop_old(paths)
+    return finished

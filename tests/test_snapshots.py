@@ -152,6 +152,8 @@ def test_restore_swap_keeps_parts_without_a_staged_copy(tmp_path: Path) -> None:
     d.mkdir()
     (d / "f").write_text("new-workspace")
     snapshots.restore_swap(paths)
+    assert (paths.root / "workspace.old").is_dir()  # the replaced part, until drop_old
+    snapshots.drop_old(paths)
     assert _contents(paths) == {"new-workspace", "old-claude-config", "old-root"}
     assert _leftovers(paths) == []
 

@@ -49,7 +49,7 @@ async def test_vm_pause_snapshot_restore_fork(vm_session: Session, vm_settings: 
     assert "resume_workspace" in await s.error("exec", name="vs", command="true")
     assert (await s.call("resume_workspace", name="vs"))["state"] == "running"
     assert (await s.call("workspace_status", name="vs"))["runtime"]["paused"] is False
-    await _sh(s, "vs", "pkill -f tick.new; true")
+    await _sh(s, "vs", "pkill -f '[t]ick[.]new'; true")
 
     # A disk snapshot: the root layer (a package installed with dpkg, a file in /etc) and the workspace dir.
     await _sh(s, "vs", INSTALL_DEMO + "echo before > before.txt; sudo sh -c 'echo vm > /etc/sbx-marker'")

@@ -122,6 +122,8 @@ class Runtime(ABC):
     # True when a snapshot of a running workspace should first flush the guest's own caches (``sync``
     # inside): a VM's page cache is invisible to the host; a container's is the host's.
     sync_before_capture: ClassVar[bool] = False
+    # Whether capture_root works: snapshot, restore and fork are refused up front when it does not.
+    has_snapshots: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx

@@ -196,6 +196,7 @@ class NspawnRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    has_snapshots = True
     State = NspawnState
 
     def __init__(self, ctx: RuntimeContext) -> None:

@@ -253,6 +253,7 @@ class QemuRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    has_snapshots = True
     State = QemuState
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
 
