@@ -243,3 +243,14 @@ def _btrfs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_freeze_scope_argv() -> None:
+    """Where systemd is PID 1 the scope is frozen by systemd (not run here: no systemd as PID 1)."""
+    from sandbox_mcp.scopes import freeze_scope_argv
+
+    unit = "sandbox-mcp-ws-0123abcd.scope"
+    assert freeze_scope_argv(unit, True) == ["systemctl", "freeze", "--", unit]
+    assert freeze_scope_argv(unit, False) == ["systemctl", "thaw", "--", unit]
+    with pytest.raises(InvalidSpec):
+        freeze_scope_argv("other.scope", True)

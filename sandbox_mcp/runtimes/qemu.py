@@ -519,7 +519,7 @@ class QemuRuntime(Runtime):
         state = self.state(record)
         running = self._running(record)
         paused = False
-        if running:
+        if running and record.state == "paused":  # a QMP round trip only where it may be so (status is polled)
             with contextlib.suppress(BackendError):
                 (answer,) = await qmp.execute(_Files(self._paths(record)).qmp, [{"execute": "query-status"}], 2.0)
                 paused = isinstance(answer, dict) and answer.get("status") == "paused"
