@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="save a workspace (its dir, Claude config and root) as a named snapshot")
     s.add_argument("name")
     s.add_argument("snapshot")
-    s.add_argument("--memory", action="store_true", help="keep the running state too (VMs; not available yet)")
+    s.add_argument("--memory", action="store_true",
+                   help="keep the running processes too (refused: not available, see snapshot_workspace)")
     s.set_defaults(fn=_simple("snapshot", "snapshot", "memory"))
 
     s = sub.add_parser("restore", help="put a workspace back to a snapshot (files written since are lost)")

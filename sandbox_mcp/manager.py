@@ -851,9 +851,12 @@ class WorkspaceManager:
         """
         snapshots.validate_snapshot_name(snapshot)
         if memory:
+            # qemu saves a running VM by migrating it (to a file), and virtio-9p blocks migration while
+            # the guest has the share mounted, which ours always does (the workspace dir).
             raise Unsupported(
-                "memory snapshots (memory=true) are not implemented yet; take a disk snapshot (memory=false): "
-                "after restore_workspace the workspace boots from its saved files, processes are not kept"
+                "memory snapshots (memory=true) are not available: qemu cannot save a VM whose 9p shares (the "
+                "workspace dir) are mounted, and containers have none. Take a disk snapshot (memory=false): "
+                "after restore_workspace the workspace boots from its saved files; start processes again"
             )
         await self._check_exists(name)
         async with self._locked(name):

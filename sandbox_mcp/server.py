@@ -433,7 +433,8 @@ def build_server(
         snapshot: SnapshotName,
         memory: Annotated[
             bool,
-            Field(description="Also keep the running processes (VMs only; not available yet: leave false)"),
+            Field(description="Also keep the running processes: not available (qemu cannot save a VM whose 9p "
+                  "workspace share is mounted; containers have no such state); leave false"),
         ] = False,
     ) -> SnapshotInfo:
         """Save the whole workspace under a name: the workspace directory, the Claude config and the writable
