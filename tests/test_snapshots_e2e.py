@@ -194,12 +194,21 @@ async def test_fork_copies_then_diverges(mcp_session: Session, settings: Setting
     assert fc["ip"] not in (src["ip"], fork["ip"])
     assert await _sh(s, "fc", "ls; cat /etc/who") == "only-a.txt\nrootfile\nshared.txt\nfa\n"
 
+    # A fork of a stopped workspace (fb, itself a fork): the root it would start with (its fork's, shifted
+    # once more: /etc/only-b was written after that and went with the stop) and its workspace dir.
+    fd = await s.call("fork_workspace", name="fb", new_name="fd")
+    assert (await s.call("workspace_status", name="fb"))["state"] == "stopped"
+    assert await _sh(s, "fd", "ls only-*; test -e /etc/only-b || echo gone; stat -c %u /etc/who; sbx-demo") == \
+        "only-b.txt\ngone\n0\ndemo-ok\n"
+    assert fd["ip"] not in (src["ip"], fork["ip"], fc["ip"])
+    await s.call("destroy_workspace", name="fd")
+
     # Mistakes: the name is taken, or the source's own; bad names.
     assert "already exists" in await s.error("fork_workspace", name="fa", new_name="fc")
     assert "already exists" in await s.error("fork_workspace", name="fa", new_name="fa")
     assert "name" in (await s.error("fork_workspace", name="fa", new_name="Bad_Name")).lower()
-    assert "not found" in await s.error("fork_workspace", name="ghost", new_name="fd")
-    assert "fd" not in registry(settings)
+    assert "not found" in await s.error("fork_workspace", name="ghost", new_name="fe")
+    assert "fe" not in registry(settings)
     for name in ("fa", "fb", "fc"):
         assert (await s.call("destroy_workspace", name=name))["destroyed"]
         assert host_leftovers(name) == NOTHING_LEFT
