@@ -22,8 +22,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # tool -> (CLI subcommand, {tool argument: the CLI's dest for it}). Every argument of a mapped tool
 # must be here: a new one needs a flag (or an entry saying why not, in CLI_WITHOUT).
 CLI: dict[str, tuple[str, dict[str, str]]] = {
-    "create_workspace": ("create", {"name": "name", "type": "type", "packages": "package", "ip": "ip",
-                                    "start": "no_start", "egress": "egress", "cpus": "cpus",
+    "create_workspace": ("create", {"name": "name", "type": "type", "packages": "packages", "ip": "ip",
+                                    "start": "start", "egress": "egress", "cpus": "cpus",
                                     "memory_mib": "memory_mib"}),
     "start_workspace": ("start", {"name": "name"}),
     "stop_workspace": ("stop", {"name": "name"}),

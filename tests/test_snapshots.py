@@ -247,7 +247,7 @@ def _btrfs(tmp_path: Path) -> Iterator[Path]:
 
 def test_freeze_scope_argv() -> None:
     """Where systemd is PID 1 the scope is frozen by systemd (not run here: no systemd as PID 1)."""
-    from sandbox_mcp.scopes import freeze_scope_argv
+    from sandbox_mcp.runtimes.nspawn.scopes import freeze_scope_argv
 
     unit = "sandbox-mcp-ws-0123abcd.scope"
     assert freeze_scope_argv(unit, True) == ["systemctl", "freeze", "--", unit]

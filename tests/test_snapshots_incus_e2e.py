@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp.config import Settings
+from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.runtimes.incus import instance_name
 
 from .test_incus_e2e import NOTHING, call, firewall_retired, incus_leftovers, incusd, local, local_settings  # noqa: F401

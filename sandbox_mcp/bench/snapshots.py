@@ -26,8 +26,8 @@ from pathlib import Path
 
 import anyio
 
-from .config import Settings
-from .manager import WorkspaceManager
+from ..config import Settings
+from ..manager import WorkspaceManager
 
 __all__ = ["format_snapshots", "run_snapshots"]
 
@@ -75,7 +75,7 @@ def _timed_cp(args: list[str]) -> float | None:
 async def _section(settings: Settings, sizes: list[int], label: str) -> dict[str, Figures]:
     from mcp import Client
 
-    from .server import build_server
+    from ..server import build_server
 
     out: dict[str, Figures] = {}
     async with Client(build_server(settings)) as client:
@@ -127,7 +127,7 @@ async def run_snapshots(settings: Settings, state: Path, sizes: list[int], runs:
     """Every figure of the section (see the module docstring)."""
     from mcp import Client
 
-    from .server import build_server
+    from ..server import build_server
 
     results: dict[str, Figures] = {}
     async with Client(build_server(settings)) as client:

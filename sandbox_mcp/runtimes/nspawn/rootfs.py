@@ -24,9 +24,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import idmap
-from .errors import BackendError, InvalidSpec
-from .snapshots import copy_tree_argv
+from ... import idmap
+from ...errors import BackendError, InvalidSpec
+from ...snapshots import copy_tree_argv
 
 __all__ = ["RootMounts", "mount_all", "mounted_under", "overlay_options", "unmount_all"]
 
