@@ -258,7 +258,7 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
-            if method == "start":
+            if method in ("start", "restore", "fork", "snapshot"):
                 kwargs["progress"] = _print_progress
             result = await fn(args.name, **kwargs)
             if method == "logs":
@@ -449,6 +449,36 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("name")
         s.set_defaults(fn=_simple(method))
 
+    for name, method, helptext in (("pause", "pause", "freeze a running workspace"),
+                                   ("resume", "resume", "thaw a paused workspace"),
+                                   ("snapshots", "list_snapshots", "list a workspace's snapshots")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("name")
+        s.set_defaults(fn=_simple(method))
+
+    s = sub.add_parser("snapshot", help="save a workspace (its dir, Claude config and root) as a named snapshot")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.add_argument("--memory", action="store_true",
+                   help="keep the running processes too (refused: not available, see snapshot_workspace)")
+    s.set_defaults(fn=_simple("snapshot", "snapshot", "memory"))
+
+    s = sub.add_parser("restore", help="put a workspace back to a snapshot (files written since are lost)")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("restore", "snapshot"))
+
+    s = sub.add_parser("rm-snapshot", help="delete one snapshot of a workspace")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("delete_snapshot", "snapshot"))
+
+    s = sub.add_parser("fork", help="make a new workspace from another's current state (or a snapshot)")
+    s.add_argument("name")
+    s.add_argument("new_name")
+    s.add_argument("--snapshot", help="fork from this snapshot instead of the current state")
+    s.set_defaults(fn=_simple("fork", "new_name", "snapshot"))
+
     s = sub.add_parser("rm", help="destroy a workspace")
     s.add_argument("name")
     s.add_argument("--keep-data", action="store_true", help="keep the host workspace directory")
@@ -494,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the git section: create with repo= against a plain create, fetch_workspace of commits")
     s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")
     s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
+    s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
+                   help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--snapshot-mib", default="100",
+                   help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

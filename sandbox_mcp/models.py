@@ -31,6 +31,9 @@ __all__ = [
     "RepoInfo",
     "RuntimeDetail",
     "SSHInfo",
+    "SnapshotDeleted",
+    "SnapshotInfo",
+    "SnapshotList",
     "Timings",
     "Workspace",
     "WorkspaceDiff",
@@ -47,7 +50,7 @@ __all__ = [
 WorkspaceType = str
 BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
 Egress = Literal["none", "internet"]
-WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+WorkspaceState = Literal["creating", "stopped", "starting", "running", "paused", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
 
@@ -296,6 +299,7 @@ class RuntimeDetail(BaseModel):
     )
     isolation: str | None = Field(default=None, description="'microvm' for VMs: the workspace has its own kernel")
     detail: str | None = None
+    paused: bool = Field(default=False, description="Frozen by pause_workspace: running, but nothing in it runs")
     cgroups: Literal["systemd", "direct"] | None = Field(
         default=None,
         description="Containers: who made the workspace's cgroup: a delegated systemd scope (named in unit) "
@@ -412,3 +416,29 @@ class Check(BaseModel):
     detail: str
     fix: str | None = None
     required: bool = True
+
+
+class SnapshotInfo(BaseModel):
+    """One snapshot of a workspace: its workspace dir, Claude config and writable root, as they were."""
+
+    name: str = Field(description="The workspace it belongs to")
+    snapshot: str
+    created_at: datetime
+    size_bytes: int = Field(description="Bytes it holds on the host (before sharing with reflinks)")
+    method: Literal["reflink", "copy"] = Field(
+        description="How its files were copied: 'reflink' (copy-on-write, near-instant; xfs, btrfs) or 'copy' "
+        "(a full copy: ext4 and other filesystems without reflinks)"
+    )
+    memory: bool = Field(default=False, description="True when it also holds the running state (VMs)")
+    source_state: WorkspaceState = Field(description="The workspace's state when it was taken")
+    root_base: str | None = Field(default=None, description="The root image its root layer applies to")
+
+
+class SnapshotList(BaseModel):
+    name: str
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotDeleted(BaseModel):
+    snapshot: str
+    deleted: bool = True

@@ -36,6 +36,13 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     # `sandbox-mcp git NAME diff|fetch` (merge and apply: fetch, then git on the host, CLI only)
     "workspace_diff": ("git", {"name": "name", "stat_only": "stat"}),
     "fetch_workspace": ("git", {"name": "name", "include_uncommitted": "include_uncommitted"}),
+    "pause_workspace": ("pause", {"name": "name"}),
+    "resume_workspace": ("resume", {"name": "name"}),
+    "snapshot_workspace": ("snapshot", {"name": "name", "snapshot": "snapshot", "memory": "memory"}),
+    "list_snapshots": ("snapshots", {"name": "name"}),
+    "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
+    "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
+    "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
 # pinned key), not a subcommand each.

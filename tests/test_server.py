@@ -31,6 +31,13 @@ CONTRACT = {
     "workspace_logs": {"name", "lines"},
     "workspace_diff": {"name", "stat_only"},
     "fetch_workspace": {"name", "include_uncommitted"},
+    "pause_workspace": {"name"},
+    "resume_workspace": {"name"},
+    "snapshot_workspace": {"name", "snapshot", "memory"},
+    "list_snapshots": {"name"},
+    "restore_workspace": {"name", "snapshot"},
+    "delete_snapshot": {"name", "snapshot"},
+    "fork_workspace": {"name", "new_name", "snapshot"},
 }
 
 
@@ -53,8 +60,10 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
     assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs",
-                         "workspace_diff"}
-    assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {"destroy_workspace"}
+                         "workspace_diff", "list_snapshots"}
+    # restore_workspace replaces the workspace's files with the snapshot's: destructive too.
+    assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {
+        "destroy_workspace", "restore_workspace", "delete_snapshot"}
     assert tools["create_workspace"].input_schema["required"] == ["name"]
     assert tools["exec"].input_schema["properties"]["timeout_s"]["default"] == 120
 

@@ -14,6 +14,8 @@
   launch → sshd banner, on a private incusd (``--incus only|no``);
 - git (:mod:`.git`): create with ``repo=`` (10,000 files) against a plain create, and
   fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
+- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
+  (:mod:`.snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -48,6 +50,7 @@ from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
 from .capacity import format_capacity, run_capacity
 from .incus import format_incus, run_incus
+from .snapshots import format_snapshots, run_snapshots
 
 __all__ = ["run_bench"]
 
@@ -140,6 +143,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     if capacity_mode == "only":
         return await _capacity(bench_settings, args.parallel_max, state)
+    snapshots_mode = getattr(args, "snapshots", "no")
+    if snapshots_mode == "only":
+        return await _snapshots(bench_settings, args, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -230,6 +236,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     _print(results)
     if git_mode == "also":
         await _git_section(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
+    if snapshots_mode == "also":
+        await _snapshots(bench_settings, args, state)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -301,6 +309,20 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     print(format_git(results))
+    print(json.dumps(results))
+    return 0
+
+
+async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The pause/snapshot/fork section (:mod:`.snapshots`) in its own state dir; the bridge removed after."""
+    state.mkdir(parents=True, exist_ok=True)
+    sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
+    try:
+        results = await run_snapshots(settings, state, sizes, max(1, args.runs))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_snapshots(results))
     print(json.dumps(results))
     return 0
 

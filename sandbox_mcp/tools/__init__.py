@@ -1,19 +1,20 @@
 """The MCP tools, grouped by concern; :func:`register` adds them all to a server, in the contract's order.
 
 Each module has a ``register(mcp)``: ``lifecycle`` (create, start, stop, destroy, list, status),
-``exec``, ``files`` (read, write, list a directory), ``logs``, ``git`` (a workspace's branch: diff, fetch). A new concern is a new module
-listed in ``GROUPS``; :mod:`.base` has what every tool shares.
+``exec``, ``files`` (read, write, list a directory), ``logs``, ``git`` (a workspace's branch: diff, fetch),
+``snapshots`` (pause, snapshot, restore, fork). A new concern is a new module listed in ``GROUPS``;
+:mod:`.base` has what every tool shares.
 """
 
 from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import exec, files, git, lifecycle, logs
+from . import exec, files, git, lifecycle, logs, snapshots
 
 __all__ = ["GROUPS", "register"]
 
-GROUPS = (lifecycle, exec, files, logs, git)
+GROUPS = (lifecycle, exec, files, logs, git, snapshots)
 
 
 def register(mcp: MCPServer) -> None:

@@ -31,7 +31,7 @@ from urllib.parse import quote
 import anyio
 
 from ... import onboarding, supervise
-from ...errors import BackendError, InvalidSpec
+from ...errors import BackendError, InvalidSpec, InvalidState
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
@@ -121,6 +121,10 @@ def instance_body(
             **disks,
         },
     }
+
+
+# Instance states in which it still runs: a frozen one (pause_workspace) too.
+_ALIVE = ("Running", "Frozen")
 
 
 class IncusState(RuntimeState):
@@ -378,8 +382,27 @@ class IncusRuntime(Runtime):
                 await client.make_dir(inst, f"{inside}/{parent}", uid=uid, gid=uid, mode=0o700)
             await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
 
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """Incus's freeze (the cgroup freezer under the instance)."""
+        await self._set_state(record, "freeze")
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        await self._set_state(record, "unfreeze")
+
+    async def _set_state(self, record: WorkspaceRecord, action: str) -> None:
+        inst = await self._instance(record)
+        if inst is None or inst.get("status") not in _ALIVE:
+            raise InvalidState(f"workspace {record.name!r} is not running; call start_workspace")
+        if (action == "freeze") == (inst.get("status") == "Frozen"):
+            return
+        await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": action, "timeout": 30})
+
     async def stop(self, record: WorkspaceRecord) -> None:
         inst = await self._instance(record)
+        if inst is not None and inst.get("status") == "Frozen":  # a frozen container cannot power off
+            with contextlib.suppress(IncusAPIError):
+                await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": "unfreeze"})
+            inst = await self._instance(record)
         if inst is not None and inst.get("status") == "Running":
             # A clean power-off first; past the grace time _delete kills it. Its root is thrown away
             # anyway and the workspace dir is a host directory or a volume, so a kill loses nothing.
@@ -401,7 +424,7 @@ class IncusRuntime(Runtime):
             while (inst := await self._instance(record)) is not None:
                 # Either may race with Incus deleting an ephemeral instance that just stopped.
                 with contextlib.suppress(IncusAPIError):
-                    if inst.get("status") == "Running":
+                    if inst.get("status") in _ALIVE:
                         await self.client().call("PUT", f"{path}/state", json={"action": "stop", "force": True})
                     else:
                         await self.client().call("DELETE", path)
@@ -437,7 +460,7 @@ class IncusRuntime(Runtime):
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         inst = await self._instance(record)
-        running = inst is not None and inst.get("status") == "Running"
+        running = inst is not None and inst.get("status") in _ALIVE
         uptime = None
         if running and inst and inst.get("last_used_at"):
             with contextlib.suppress(ValueError):
@@ -446,7 +469,7 @@ class IncusRuntime(Runtime):
         where = self.incus.url or "local incusd"
         location = f" on {inst.get('location')}" if inst and inst.get("location") not in (None, "", "none") else ""
         return RuntimeDetail(
-            runtime=self.name, running=running, uptime_s=uptime,
+            runtime=self.name, running=running, uptime_s=uptime, paused=bool(inst and inst.get("status") == "Frozen"),
             detail=f"Incus instance {instance_name(record.name)} ({where}{location}): "
                    f"{inst.get('status') if inst else 'absent'}",
         )  # fmt: skip
@@ -472,7 +495,7 @@ class IncusRuntime(Runtime):
         except (BackendError, InvalidSpec):
             return  # no daemon, nothing of ours can be running there
         by_tag = {self._tag(r): r for r in records}
-        running = {self._tag(r) for r in records if r.state in ("running", "starting")}
+        running = {self._tag(r) for r in records if r.state in ("running", "paused", "starting")}
         for inst in instances or []:
             tag = (inst.get("config") or {}).get(TAG_KEY)
             if tag in by_tag and tag not in running:

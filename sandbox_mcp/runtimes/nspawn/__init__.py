@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from ... import onboarding, supervise, sysctls
+from ... import hostcmd, onboarding, snapshots, supervise, sysctls
 from ...checks import which_check
-from ...errors import BackendError, InvalidSpec
+from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...fsutil import atomic_write
 from ...images import DebianRoot
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
@@ -194,6 +194,7 @@ class NspawnRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    has_snapshots = True
     State = NspawnState
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -387,6 +388,7 @@ class NspawnRuntime(Runtime):
                         host_keys=paths.ssh_host_keys,
                         uid_base=base,
                         root_layer_mib=root_layer_mib,
+                        seed=paths.root_layer if paths.root_layer.is_dir() else None,
                     )
                 )
             argv = nspawn_argv(
@@ -476,6 +478,10 @@ class NspawnRuntime(Runtime):
 
     async def stop(self, record: WorkspaceRecord) -> None:
         state = self.state(record)
+        # A frozen nspawn cannot act on SIGTERM: thaw it, so the container powers off cleanly.
+        if state.cgroups != "systemd" and self._cgroups().is_frozen(record.name):
+            with contextlib.suppress(BackendError):
+                await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, False)
         # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
         await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
@@ -519,10 +525,65 @@ class NspawnRuntime(Runtime):
             unit=self._scope(record) if manager == "systemd" else None,
             cgroups=manager,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
+            paused=running and manager != "systemd" and self._cgroups().is_frozen(record.name),
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
             + (f" image {state.image}" if state.image else "")
             + (f", uids {state.uid_base}+{UID_RANGE}" if state.uid_base is not None else ", privileged"),
         )
+
+    # -- pause and snapshots ----------------------------------------------------------------------
+
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """Freeze the container's cgroup (the v2 freezer; ``systemctl freeze`` on a systemd scope)."""
+        await self._freeze(record, True)
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        await self._freeze(record, False)
+
+    async def _freeze(self, record: WorkspaceRecord, frozen: bool) -> None:
+        if not self._running(record):
+            raise InvalidState(f"workspace {record.name!r} is not running; call start_workspace")
+        if self.state(record).cgroups == "systemd":
+            await hostcmd.run(scopes.freeze_scope_argv(self._scope(record), frozen), timeout_s=30)
+        else:
+            await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, frozen)
+
+    async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
+        """The overlay's upper dir (on its tmpfs) while it runs, else the saved layer it would start from.
+
+        Raises:
+            Unsupported: a privileged container (nspawn's own --volatile overlay, out of the server's reach).
+        """
+        if self.state(record).uid_base is None:
+            raise Unsupported(
+                f"workspace {record.name!r} is a privileged container, whose root layer nspawn keeps to itself; "
+                "only user-namespaced containers can be snapshotted or forked"
+            )
+        paths = self._paths(record)
+        src = self._mounts(record).rw / "upper" if self._running(record) else paths.root_layer
+        if src.is_dir():
+            await snapshots.copy_tree(src, dest)
+        else:
+            dest.mkdir(mode=0o755)  # never restored or forked: the clean root, an empty layer
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        return self.state(record).image
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        if base is None or base == self.state(record).image:
+            return record
+        if not self.images.exists(base):
+            raise InvalidState(
+                f"the root image this snapshot's root layer was made on ({base}) is gone (pruned or rebuilt); "
+                "the layer cannot be used. Restore the workspace dir by hand from another snapshot, or recreate"
+            )
+        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
+
+    async def adopt_files(self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]) -> None:
+        """Shift owners from the source's uid range to the fork's (root inside is another host uid)."""
+        old, new = self.state(source).uid_base, self.state(target).uid_base
+        if old is not None and new is not None:
+            await anyio.to_thread.run_sync(lambda: snapshots.shift_owners(trees, old, new, UID_RANGE))
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         path = self._paths(record).console_log

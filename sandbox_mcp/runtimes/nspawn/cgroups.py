@@ -314,6 +314,44 @@ class CgroupHost:
             with contextlib.suppress(OSError):
                 top.parent.rmdir()  # the group, once its last workspace is gone
 
+    def freeze(self, name: str, frozen: bool, timeout_s: float = 10.0) -> None:
+        """Freeze (or thaw) every process in workspace ``name``'s unified cgroup and below it.
+
+        cgroup v2's freezer (``cgroup.freeze``, Linux 5.2+): a core file, so it works on a hybrid host's
+        unified hierarchy without any controller. The file stays root's (not delegated), and a
+        frozen ancestor freezes every descendant whatever they write, so the container cannot thaw
+        itself. Returns once ``cgroup.events`` says the whole subtree is (un)frozen. Blocking.
+
+        Raises:
+            BackendError: the workspace has no cgroup here (not running), the kernel lacks the v2
+                freezer, or the subtree did not settle within ``timeout_s``.
+        """
+        unified = self.layout.workspace_dirs(name, self.group).get("unified")
+        if unified is None or not (unified / "cgroup.procs").exists():
+            raise BackendError(f"workspace {name!r} has no cgroup on this host; is it running?")
+        control = unified / "cgroup.freeze"
+        if not control.exists():
+            raise BackendError("this kernel has no cgroup v2 freezer (cgroup.freeze, Linux 5.2+); pause needs it")
+        try:
+            control.write_text("1" if frozen else "0")
+        except OSError as exc:
+            raise BackendError(f"{'freezing' if frozen else 'thawing'} workspace {name!r} failed: {exc}") from exc
+        want = f"frozen {int(frozen)}"
+        deadline = time.monotonic() + timeout_s
+        while want not in (unified / "cgroup.events").read_text().splitlines():
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"workspace {name!r} did not {'freeze' if frozen else 'thaw'} within {timeout_s:g} s"
+                )
+            time.sleep(0.001)
+
+    def is_frozen(self, name: str) -> bool:
+        """Whether workspace ``name``'s unified cgroup is frozen (False when it has none)."""
+        unified = self.layout.workspace_dirs(name, self.group).get("unified")
+        with contextlib.suppress(OSError):
+            return (unified / "cgroup.freeze").read_text().strip() == "1" if unified else False
+        return False
+
     def live_uid_bases(self) -> set[int]:
         """Owners of the delegated unified cgroups of every server's workspaces: uid bases in use here.
 
