@@ -90,7 +90,7 @@ def escalate(argv: Sequence[str], escalation: Escalation) -> list[str]:
 
 
 def _check_unit(unit: str) -> str:
-    if not isinstance(unit, str) or not _UNIT_RE.match(unit):
+    if not isinstance(unit, str) or not _UNIT_RE.fullmatch(unit):
         raise InvalidSpec(f"{unit!r} is not a valid systemd unit name")
     return unit
 
@@ -115,7 +115,7 @@ def systemctl_show_argv(unit: str, props: Sequence[str]) -> list[str]:
     Raises:
         InvalidSpec: no properties, a malformed property or unit name.
     """
-    if not props or any(not _PROPERTY_RE.match(p) for p in props):
+    if not props or any(not _PROPERTY_RE.fullmatch(p) for p in props):
         raise InvalidSpec(f"invalid systemd property list {list(props)!r}")
     return ["systemctl", "show", "-p", ",".join(props), _check_unit(unit)]
 
@@ -144,7 +144,7 @@ def nixos_rebuild_argv(
     """
     if action not in _REBUILD_ACTIONS:
         raise InvalidSpec(f"nixos-rebuild action {action!r} is not one of {sorted(_REBUILD_ACTIONS)}")
-    if not isinstance(host, str) or not _HOST_ATTR_RE.match(host):
+    if not isinstance(host, str) or not _HOST_ATTR_RE.fullmatch(host):
         raise InvalidSpec(
             f"nixos.host {host!r} is not a valid nixosConfigurations attribute; "
             f"use the host's name, e.g. 'fry'"

@@ -9,6 +9,7 @@ The methods mirror the manager's, so the MCP tools and the CLI call either one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ from .models import (
 from .runtimes.base import Progress, no_progress
 
 if TYPE_CHECKING:
+    from .fairshare import UserShares
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
@@ -81,9 +83,14 @@ def claim_dir(root: Path, name: str, owner_uid: int | None) -> None:
 class OwnedManager:
     """The workspaces of host user ``uid`` (all of them for root): a :class:`~sandbox_mcp.workspaces.Workspaces`."""
 
-    def __init__(self, manager: WorkspaceManager, uid: int) -> None:
+    def __init__(self, manager: WorkspaceManager, uid: int, shares: UserShares | None = None) -> None:
         self.manager = manager
         self.uid = uid
+        self.shares = shares  # the daemon's per-uid counters: each call holds one of the uid's call slots
+
+    def _call(self) -> contextlib.AbstractContextManager[None]:
+        """One of this user's running calls (see :meth:`fairshare.UserShares.call`); LimitExceeded past the limit."""
+        return self.shares.call(self.uid) if self.shares is not None else contextlib.nullcontext()
 
     @property
     def settings(self) -> Settings:
@@ -112,32 +119,39 @@ class OwnedManager:
         memory_mib: int | None = None,
     ) -> Workspace:
         """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
-        return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
-                                         memory_mib=memory_mib, owner_uid=self.uid)
+        with self._call():
+            return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
+                                             memory_mib=memory_mib, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.start(name, progress=progress, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.start(name, progress=progress, owner_uid=self._owner)
 
     async def stop(self, name: str) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.stop(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.stop(name, owner_uid=self._owner)
 
     async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.destroy(name, keep_data, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.destroy(name, keep_data, owner_uid=self._owner)
 
     async def list(self) -> WorkspaceList:
         """This user's workspaces (every workspace for root)."""
-        return await self.manager.list(owner_uid=self._owner)
+        with self._call():
+            return await self.manager.list(owner_uid=self._owner)
 
     async def status(self, name: str) -> WorkspaceStatus:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.status(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.status(name, owner_uid=self._owner)
 
     async def logs(self, name: str, lines: int = 200) -> LogsResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.logs(name, lines, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.logs(name, lines, owner_uid=self._owner)
 
     async def exec(
         self,
@@ -149,11 +163,13 @@ class OwnedManager:
         stdin: str | None = None,
     ) -> ExecResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.read_file(name, path, offset, limit, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.read_file(name, path, offset, limit, owner_uid=self._owner)
 
     async def write_file(
         self,
@@ -165,12 +181,15 @@ class OwnedManager:
         mode: str | int | None = None,
     ) -> WriteResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
 
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.list_dir(name, path, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.list_dir(name, path, owner_uid=self._owner)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.ssh_target(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.ssh_target(name, owner_uid=self._owner)

@@ -5,7 +5,7 @@ Under ``<state>/<name>/runtime/mnt``::
     lower/      the shared image, idmapped (root_map), read-only: never written, never chowned
     rw/         tmpfs of ``root_layer_mib`` (the bound on the writable root layer): upper/ and work/
     root/       overlay of lower + rw/upper: the container's /; nspawn gets --directory=root
-    workspace/  <state>/<name>/workspace, idmapped (share_map), nosuid,nodev
+    workspace/  <state>/<name>/workspace, idmapped (share_map: only its owner, as the workspace user), nosuid,nodev
     claude/     <state>/<name>/claude-config, likewise
     keys/       <state>/<name>/ssh-host-keys, idmapped (root_map), read-only
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +99,12 @@ def mount_all(
     host_keys: Path,
     uid_base: int,
     root_layer_mib: int,
+    user_ids: tuple[int, int],
 ) -> None:
     """Make every mount of :class:`RootMounts` (after removing leftovers); undo them all on failure.
+
+    ``user_ids`` are the workspace user's uid and gid in the image: the shared directories' owner
+    on the host appears as them, and no other id is mapped there (see :func:`idmap.share_map`).
 
     Raises:
         InvalidSpec: a path holds a separator, or ``uid_base`` is not a 65536-aligned base.
@@ -118,14 +123,26 @@ def mount_all(
             os.chown(m.rw / sub, uid_base, uid_base)  # the container's root owns its /
         os.chmod(m.rw / "upper", root_mode)
         _mount("overlay", m.root, "overlay", 0, opts)
-        share = idmap.share_map(uid_base)
         nosuid = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
-        idmap.idmapped_mount(workspace, m.workspace, share, nosuid)
-        idmap.idmapped_mount(claude_config, m.claude, share, nosuid)
+        for source, target in ((workspace, m.workspace), (claude_config, m.claude)):
+            uids, gids = idmap.share_map(uid_base, _owner_of(source), user_ids)
+            idmap.idmapped_mount(source, target, uids, nosuid, gid_map=gids)
         idmap.idmapped_mount(host_keys, m.keys, idmap.root_map(uid_base), nosuid | idmap.MOUNT_ATTR_RDONLY)
     except BaseException:
         unmount_all(m)
         raise
+
+
+def _owner_of(directory: Path) -> tuple[int, int]:
+    """The uid and gid owning ``directory`` (never through a symlink).
+
+    Raises:
+        BackendError: it is not a directory.
+    """
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BackendError(f"{directory} is not a directory; stop the workspace, move it away and start again")
+    return st.st_uid, st.st_gid
 
 
 def mounted_under(top: Path, mountinfo: str | None = None) -> list[Path]:

@@ -35,8 +35,8 @@ def test_instance_body_exact() -> None:
         record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default",
         limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096),
         nic={"nictype": "bridged", "parent": "sandbox-br"},
-        disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
-                             "shift": "true"}},
+        disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace"}},
+        raw_idmap="uid 1234 1000\ngid 1235 1000",
     )  # fmt: skip
     assert body == {
         "name": "sbx-ws1",
@@ -55,13 +55,13 @@ def test_instance_body_exact() -> None:
             "limits.processes": "4096",
             "user.sandbox-mcp.tag": "t" * 20,
             "user.sandbox-mcp.workspace": "ws1",
+            "raw.idmap": "uid 1234 1000\ngid 1235 1000",  # the share's owner only, not shift
         },
         "devices": {
             "root": {"type": "disk", "path": "/", "pool": "default"},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": "02:aa:bb:cc:dd:ee", "nictype": "bridged",
                      "parent": "sandbox-br"},
-            "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
-                          "shift": "true"},
+            "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace"},
         },
     }  # fmt: skip
 

@@ -7,8 +7,12 @@ Incus places the instance. Per start it creates an ephemeral instance from the c
 stop deletes it (ephemeral), so every start boots a clean root.
 
 Local daemon: the NIC is bridged to our bridge with the workspace's MAC, and the workspace dir,
-the Claude config and the host keys are the host's directories as disk devices (``shift``:
-files keep the host user's ownership inside the user namespace). Remote server: the host's
+the Claude config and the host keys are the host's directories as disk devices. The two
+read-write ones are not shifted: ``raw.idmap`` maps exactly their owner (uid and gid) to the
+workspace user, so the agent's files are the owner's, while root and every other id inside stay
+in the instance's own unprivileged range (``shift`` would map the host's ids unchanged: a
+setuid-root program written inside would be one on the host). Only the read-only host keys are
+shifted, so that root inside can read root's key. Remote server: the host's
 directories are not there, so the workspace dir is a custom storage volume that outlives the
 ephemeral instance (deleted on destroy) and the host keys and the Claude config are pushed
 into the root before start. The MCP host reaches the instance by its address on the
@@ -32,6 +36,7 @@ import anyio
 
 from .. import onboarding, supervise
 from ..errors import BackendError, InvalidSpec
+from ..identity import host_identity
 from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
 from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
@@ -80,6 +85,7 @@ def instance_body(
     limits: Limits,
     nic: dict[str, str],
     disks: dict[str, dict[str, str]],
+    raw_idmap: str | None = None,
 ) -> dict[str, Any]:
     """The exact ``POST /1.0/instances`` body of workspace ``record`` (created stopped, then started).
 
@@ -105,6 +111,7 @@ def instance_body(
             "limits.processes": str(limits.tasks),
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
+            **({"raw.idmap": raw_idmap} if raw_idmap else {}),
         },
         "devices": {
             "root": {"type": "disk", "path": "/", "pool": pool},
@@ -247,15 +254,37 @@ class IncusRuntime(Runtime):
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
                                   "path": onboarding.workspace_dir_inside(user)}}
         paths = self._paths(record)
-        # shift: the host's uids appear unchanged inside the user namespace (idmapped mounts).
+        # The read-write shares are mapped by raw.idmap (their owner only, see _raw_idmap); the keys
+        # are root's and read-only: shifted, so root inside reads them as root's.
         return {
             "workspace": {"type": "disk", "source": str(paths.workspace),
-                          "path": onboarding.workspace_dir_inside(user), "shift": "true"},
+                          "path": onboarding.workspace_dir_inside(user)},
             "claude-config": {"type": "disk", "source": str(paths.claude_config),
-                              "path": onboarding.claude_config_dir_inside(user), "shift": "true"},
+                              "path": onboarding.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
+
+    def _raw_idmap(self, record: WorkspaceRecord) -> str | None:
+        """``raw.idmap`` of a local instance: the shared directories' owner as the workspace user, nothing else.
+
+        Raises:
+            BackendError: the shares have different owners, or root's (whatever root inside wrote would be root's).
+        """
+        if self.remote:
+            return None
+        paths = self._paths(record)
+        owners = set()
+        for d in (paths.workspace, paths.claude_config):
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode):
+                raise BackendError(f"{d} is not a directory; stop the workspace, move it away and start again")
+            owners.add((st.st_uid, st.st_gid))
+        if len(owners) != 1 or any(0 in o for o in owners):
+            raise BackendError(f"the workspace's shared directories under {paths.root} must belong to its owner "
+                               f"(found {sorted(owners)}); chown them to the owner and start again")
+        (uid, gid), inside = owners.pop(), self.settings.user_uid
+        return f"uid {uid} {inside}\ngid {gid} {inside}"
 
     def _nic(self, record: WorkspaceRecord) -> dict[str, str]:
         if self.remote:
@@ -300,10 +329,11 @@ class IncusRuntime(Runtime):
         if not self.remote:
             await progress("setting up the network", None)
             await self.network.ensure()
-            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet")
+            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
+                                     owner=host_identity(self.settings, record)[0])
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
                              pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
-                             disks=self._disks(record))  # fmt: skip
+                             disks=self._disks(record), raw_idmap=self._raw_idmap(record))  # fmt: skip
         client = self.client()
         try:
             await progress("creating the Incus instance", None)

@@ -28,6 +28,7 @@ from ..cgroups import CgroupHost, group_for, join_argv
 from ..doctor import which_check
 from ..errors import BackendError, InvalidSpec
 from ..fsutil import atomic_write
+from ..identity import host_identity
 from ..images import DebianRoot
 from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
 from ..naming import UID_RANGE, allocate_uid_base, veth_names
@@ -371,6 +372,7 @@ class NspawnRuntime(Runtime):
                         host_keys=paths.ssh_host_keys,
                         uid_base=base,
                         root_layer_mib=self.settings.root_layer_mib,
+                        user_ids=(self.settings.user_uid, self.settings.user_uid),
                     )
                 )
             argv = nspawn_argv(
@@ -420,7 +422,8 @@ class NspawnRuntime(Runtime):
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
-        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet")
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet",
+                                 owner=host_identity(self.settings, record)[0])
 
     @staticmethod
     async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:
