@@ -12,7 +12,11 @@ read-write ones are not shifted: ``raw.idmap`` maps exactly their owner (uid and
 workspace user, so the agent's files are the owner's, while root and every other id inside stay
 in the instance's own unprivileged range (``shift`` would map the host's ids unchanged: a
 setuid-root program written inside would be one on the host). Only the read-only host keys are
-shifted, so that root inside can read root's key. Remote server: the host's
+shifted, so that root inside can read root's key. An unshifted disk is bind-mounted by the
+instance's own (unprivileged) root, which must be able to walk to it, and the state dir may sit
+below a 0700 home: so the two shares are bind-mounted (``nosuid,nodev``) first under
+``/run/sandbox-mcp/incus-shares/TAG/`` (0711 directories), and the instance gets those paths;
+they are unmounted when it stops. Remote server: the host's
 directories are not there, so the workspace dir is a custom storage volume that outlives the
 ephemeral instance (deleted on destroy) and the host keys and the Claude config are pushed
 into the root before start. The MCP host reaches the instance by its address on the
@@ -23,6 +27,8 @@ workspace subnet, so on a remote server that subnet must be routed or bridged to
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import ipaddress
 import math
 import os
@@ -48,6 +54,12 @@ from .nspawn import hosts_file
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
 TAG_KEY = "user.sandbox-mcp.tag"
+SHARES_DIR = Path("/run/sandbox-mcp/incus-shares")  # traversable by the instances' unprivileged roots
+_SHARES = ("workspace", "claude-config")
+_MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MNT_DETACH = 0x2, 0x4, 0x20, 0x1000, 0x2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _CLAUDE_PUSH_MAX = 1 << 20  # bytes per file pushed from the host's claude-config (remote only)
 
 
@@ -253,17 +265,62 @@ class IncusRuntime(Runtime):
         if self.remote:
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
                                   "path": onboarding.workspace_dir_inside(user)}}
-        paths = self._paths(record)
-        # The read-write shares are mapped by raw.idmap (their owner only, see _raw_idmap); the keys
-        # are root's and read-only: shifted, so root inside reads them as root's.
+        paths, shares = self._paths(record), self._shares_dir(record)
+        # The read-write shares are mapped by raw.idmap (their owner only, see _raw_idmap), from their
+        # bind mounts (_bind_shares); the keys are root's and read-only: shifted, so root inside reads them.
         return {
-            "workspace": {"type": "disk", "source": str(paths.workspace),
+            "workspace": {"type": "disk", "source": str(shares / "workspace"),
                           "path": onboarding.workspace_dir_inside(user)},
-            "claude-config": {"type": "disk", "source": str(paths.claude_config),
+            "claude-config": {"type": "disk", "source": str(shares / "claude-config"),
                               "path": onboarding.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
+
+    def _shares_dir(self, record: WorkspaceRecord) -> Path:
+        return SHARES_DIR / self._tag(record)
+
+    def _bind_shares(self, record: WorkspaceRecord) -> None:
+        """Bind the workspace dir and the Claude config where the instance's root can walk to them (nosuid,nodev).
+
+        Raises:
+            BackendError: the kernel refused a mount.
+        """
+        self._unbind_shares(record)
+        top, paths = self._shares_dir(record), self._paths(record)
+        SHARES_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        top.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(top, 0o711)
+        try:
+            for name, source in zip(_SHARES, (paths.workspace, paths.claude_config), strict=True):
+                target = top / name
+                target.mkdir(mode=0o700, exist_ok=True)
+                for src, flags in ((bytes(source), _MS_BIND), (None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV)):
+                    if _libc.mount(src, bytes(target), None, flags, None) != 0:
+                        err = os.strerror(ctypes.get_errno())
+                        raise BackendError(f"bind-mounting {source} on {target} failed: {err}")
+        except BaseException:
+            self._unbind_shares(record)
+            raise
+
+    def _unbind_shares(self, record: WorkspaceRecord) -> None:
+        """Undo :meth:`_bind_shares` (leftovers of a crash too); nothing if there is nothing.
+
+        Raises:
+            BackendError: a mount could not be detached.
+        """
+        top = self._shares_dir(record)
+        for name in _SHARES:
+            target = top / name
+            while _libc.umount2(bytes(target), _MNT_DETACH) == 0:
+                pass  # bound more than once (a crash between a bind and its undo): all of them
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOENT):
+                raise BackendError(f"unmounting {target} failed: {os.strerror(code)}")
+            with contextlib.suppress(FileNotFoundError):
+                target.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            top.rmdir()
 
     def _raw_idmap(self, record: WorkspaceRecord) -> str | None:
         """``raw.idmap`` of a local instance: the shared directories' owner as the workspace user, nothing else.
@@ -331,6 +388,7 @@ class IncusRuntime(Runtime):
             await self.network.ensure()
             await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
                                      owner=host_identity(self.settings, record)[0])
+            await anyio.to_thread.run_sync(self._bind_shares, record)
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
                              pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
                              disks=self._disks(record), raw_idmap=self._raw_idmap(record))  # fmt: skip
@@ -346,6 +404,7 @@ class IncusRuntime(Runtime):
                 await self._delete(record)
                 if not self.remote:
                     await self.network.revoke(self._port(record))
+                    await anyio.to_thread.run_sync(self._unbind_shares, record)
             raise
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
 
@@ -382,6 +441,7 @@ class IncusRuntime(Runtime):
         await self._delete(record)
         if not self.remote:
             await self.network.revoke(self._port(record))
+            await anyio.to_thread.run_sync(self._unbind_shares, record)
 
     async def _delete(self, record: WorkspaceRecord) -> None:
         """Make sure the instance is gone: force-stop and delete what is left (ephemeral ones go by themselves).
@@ -457,6 +517,10 @@ class IncusRuntime(Runtime):
                 await self._delete(by_tag[tag])
                 if not self.remote:
                     await self.network.revoke(self._port(by_tag[tag]))
+        if not self.remote:
+            for r in records:
+                if self._tag(r) not in running:
+                    await anyio.to_thread.run_sync(self._unbind_shares, r)
 
 
 def _read_plain(path: Path) -> bytes:
