@@ -36,7 +36,6 @@ def test_instance_body_exact() -> None:
         limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096),
         nic={"nictype": "bridged", "parent": "sandbox-br"},
         disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace"}},
-        raw_idmap="uid 1234 1000\ngid 1235 1000",
     )  # fmt: skip
     assert body == {
         "name": "sbx-ws1",
@@ -55,7 +54,6 @@ def test_instance_body_exact() -> None:
             "limits.processes": "4096",
             "user.sandbox-mcp.tag": "t" * 20,
             "user.sandbox-mcp.workspace": "ws1",
-            "raw.idmap": "uid 1234 1000\ngid 1235 1000",  # the share's owner only, not shift
         },
         "devices": {
             "root": {"type": "disk", "path": "/", "pool": "default"},

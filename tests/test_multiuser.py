@@ -27,6 +27,7 @@ from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.runtimes.incus import SHARES_DIR
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all, e2e_skip_reason
@@ -130,16 +131,18 @@ async def test_incus_share_maps_only_the_owner(incusd: incus_daemon.PrivateIncus
             s = Session(client)
             ws = await s.call("create_workspace", name="mu3", type="incus")
             host_dir = Path(ws["host_workspace_dir"])
-            r = await s.call("exec", name="mu3", command="touch by-agent; sudo -n install -m 4755 /bin/bash ./rootbash; "
-                                                         "sudo -n chown 0:0 by-agent; sudo -n chown 1000:6 by-agent; true")
-            assert r["exit_code"] == 0, r
             owner = host_dir.stat()
-            assert (host_dir / "by-agent").stat().st_uid == owner.st_uid
-            for entry in host_dir.rglob("*"):
-                st = entry.lstat()
-                assert st.st_uid != 0 and st.st_gid != 0, (entry, st)
-                assert st.st_gid != 6, (entry, st)
-                assert not (st.st_mode & stat.S_ISUID and st.st_uid != owner.st_uid), (entry, st)
+            r = await s.call("exec", name="mu3", command="cp /bin/bash db && touch by-agent")
+            assert r["exit_code"] == 0, r
+            for cmd in ("install -m 4755 /bin/bash ./rootbash", "touch by-root", "chown 0:0 db", "chown 1000:6 db"):
+                r = await s.call("exec", name="mu3", command=f"sudo -n sh -c '{cmd}'")
+                assert r["exit_code"] != 0, (cmd, r)
+            assert foreign_files(host_dir, owner.st_uid, owner.st_gid) == []
+            assert (host_dir / "by-agent").stat().st_uid == settings.user_uid
+            r = await s.call("exec", name="mu3", command="sudo -n touch /etc/fine && mkdir -p a/b && echo x > a/b/c && cat a/b/c")
+            assert (r["exit_code"], r["stdout"]) == (0, "x\n"), r
+            await s.call("destroy_workspace", name="mu3")
+            assert not any(SHARES_DIR.glob("*/workspace")), "a share mount point was left"
     finally:
         async with WorkspaceManager(settings) as m:
             await destroy_all(m)
