@@ -191,7 +191,8 @@ class Settings(BaseModel):
     )
     uid_max_memory_mib: int | None = Field(
         default=None, ge=128,
-        description="Sum of the memory_mib of one user's workspaces through the daemon; default: the host's memory",
+        description="Sum of the memory_mib of one user's workspaces through the daemon; default: twice the host's "
+        "memory (memory limits are caps, not reservations)",
     )
     uid_max_connections: int = Field(
         default=16, ge=1, description="Connections one user may hold open to the daemon at once (root: no limit)"

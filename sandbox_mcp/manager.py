@@ -79,7 +79,7 @@ def parse_mode(mode: str | int | None) -> int | None:
 
 
 def _host_memory_mib() -> int:
-    """The host's memory (MemTotal), MiB; the default of one user's memory share."""
+    """The host's memory (MemTotal), MiB."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -451,7 +451,7 @@ class WorkspaceManager:
                 f"{max_cpus:g} one user may have (uid_max_cpus); create with fewer cpus, or destroy one"
             )
         used_mib = sum(r.limits.memory_mib for r in theirs if r.limits)
-        max_mib = s.uid_max_memory_mib or _host_memory_mib()
+        max_mib = s.uid_max_memory_mib or 2 * _host_memory_mib()
         if used_mib + limits.memory_mib > max_mib:
             raise LimitExceeded(
                 f"uid {uid}'s workspaces have {used_mib} MiB of memory; memory_mib={limits.memory_mib} more would "

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,9 +157,11 @@ SUBNET = "192.168.91.0/24"
 
 
 @pytest.fixture(scope="module")
-def daemon(accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(accounts: Accounts) -> Iterator[Daemon]:
     image_dir = Path(os.environ.get("SANDBOX_MCP_IMAGE_DIR", "/var/cache/sandbox-mcp/images"))
-    root = tmp_path_factory.mktemp("mu-daemon")
+    # Not under pytest's 0700 temp dir: the owners must walk to their workspace dirs, as on a real host.
+    root = Path(tempfile.mkdtemp(prefix="sbx-mu-", dir="/var/tmp"))
+    root.chmod(0o755)
     settings = Settings(mode="direct", state_dir=root / "state", image_dir=image_dir, bridge=BRIDGE, subnet=SUBNET,
                         hosts_file=root / "hosts", boot_timeout_s=60)  # fmt: skip
     store = DebianRoot(settings, ImageStore(settings.image_dir))
@@ -168,6 +172,7 @@ def daemon(accounts: Accounts, tmp_path_factory: pytest.TempPathFactory) -> Iter
             yield d
     finally:
         subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def call(client: Client, tool: str, daemon: Daemon, **args: Any) -> dict[str, Any]:
@@ -223,7 +228,9 @@ async def test_per_uid_workspace_limit_while_two_users_race(daemon: Daemon, acco
         try:
 
             async def make(client: Client, who: str, name: str) -> None:
-                result = await client.call_tool("create_workspace", {"name": name, "start": False})
+                # Small ones: the count is what this checks, not the CPU and memory sums (checked below).
+                result = await client.call_tool("create_workspace", {"name": name, "start": False, "cpus": 0.1,
+                                                                     "memory_mib": 128})
                 text = " ".join(getattr(c, "text", "") for c in result.content)
                 outcomes[who].append("error: " + text if result.is_error else "ok")
 
@@ -235,7 +242,8 @@ async def test_per_uid_workspace_limit_while_two_users_race(daemon: Daemon, acco
             assert outcomes["bob"] == ["ok"] * 3, outcomes
             assert outcomes["alice"].count("ok") == limit, outcomes
             refusals = [o for o in outcomes["alice"] if o != "ok"]
-            assert len(refusals) == 1 and f"{limit} workspaces" in refusals[0] and "destroy" in refusals[0], refusals
+            assert len(refusals) == 1 and f"{limit} workspaces" in refusals[0] and "destroy" in refusals[0], (
+                refusals, daemon.tail(60))
             # Her totals too: one more CPU-heavy or memory-heavy workspace than she may have is refused.
             await call(a, "destroy_workspace", daemon, name="mua0")
             text = await error(a, "create_workspace", name="mubig", start=False, memory_mib=4 << 20)
@@ -269,3 +277,55 @@ print(last.makefile().readline().strip())
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)
     assert "error" in reply and f"{limit} connections" in reply["error"]["message"], reply
+
+
+def _rss_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            fields[line.split(":")[0]] = int(line.split()[1])
+    return fields
+
+
+FLOOD_CONNECTIONS, FLOOD_BYTES = 64, 100 << 20
+
+
+async def test_daemon_memory_stays_bounded_under_a_flood_of_huge_lines(daemon: Daemon, accounts: Accounts) -> None:
+    """Finding 5: the daemon kept up to 128 MiB per connection line, with unlimited connections. 64
+    connections (root's: not held to the per-uid connection limit) each send an unterminated 100 MiB
+    line; the daemon's peak memory must stay bounded and it must still serve afterwards."""
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    before = _rss_kib(pid)
+    head = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "write_file", "arguments": {"content": "'
+    chunk = b"x" * (1 << 20)
+    sent: list[int] = []
+
+    async def flood() -> None:
+        stream = await anyio.connect_unix(str(daemon.socket))
+        total = 0
+        try:
+            await stream.send(head)
+            while total < FLOOD_BYTES:  # bounded: 100 sends at most
+                with anyio.move_on_after(5):  # a daemon that stops reading stalls us: that connection is done
+                    await stream.send(chunk)
+                    total += len(chunk)
+                    continue
+                break
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the daemon hung up on us (a message past the bound)
+        finally:
+            sent.append(total)
+            await anyio.sleep(2)  # hold the connection (and whatever the daemon buffered) a moment
+            await stream.aclose()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(FLOOD_CONNECTIONS):
+            tg.start_soon(flood)
+    after = _rss_kib(pid)
+    print(f"\ndaemon memory: RSS {before['VmRSS'] >> 10} MiB before, peak {after['VmHWM'] >> 10} MiB during "
+          f"{FLOOD_CONNECTIONS} connections sending up to {FLOOD_BYTES >> 20} MiB each without a newline "
+          f"({sum(sent) >> 20} MiB sent in all); RSS {after['VmRSS'] >> 10} MiB after")
+    assert after["VmHWM"] < 1 << 20, f"the daemon's peak memory reached {after['VmHWM'] >> 10} MiB"
+    async with mcp_as(accounts.alice, daemon) as client:  # it still serves
+        assert (await call(client, "list_workspaces", daemon))["workspaces"] == []
