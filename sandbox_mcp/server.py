@@ -261,7 +261,9 @@ def build_server(
 
         Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; egress='internet'
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
-        last log lines (see also workspace_logs).
+        last log lines (see also workspace_logs). On a shared server each user has limits (workspaces,
+        their total cpus and memory_mib, new package sets): the error names the limit; destroy what you
+        no longer need, or ask for less.
         """
         return await manager_of(ctx).create(
             name, type, packages, ip, start, progress=_progress(ctx), egress=egress, cpus=cpus, memory_mib=memory_mib
