@@ -234,7 +234,7 @@ for _ in range(6):
     s.settimeout(3)
     try:
         s.connect(("198.51.100.2", 8080))
-        held.append(s)  # kept open: it counts against the workspace's limit
+        held.append(s)  # kept open: it counts against the limit
     except OSError:
         refused += 1
 print(len(held), refused)
