@@ -201,12 +201,14 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
         log.warning("refused a connection: %s", exc)
         await _refuse(stream, exc)
         return
-    try:
-        with shares.connection(peer.uid):
-            await _serve_peer(server, stream, peer, shares)
-    except LimitExceeded as exc:
-        log.warning("refused a connection: %s", exc)
-        await _refuse(stream, exc)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(shares.connection(peer.uid))
+        except LimitExceeded as exc:
+            log.warning("refused a connection: %s", exc)
+            await _refuse(stream, exc)
+            return
+        await _serve_peer(server, stream, peer, shares)
 
 
 async def _serve_peer(server: MCPServer, stream: anyio.abc.SocketStream, peer: Peer, shares: UserShares) -> None:
