@@ -38,8 +38,9 @@ _CHUNK = 1 << 16
 
 
 def large_message_bytes(settings: Settings) -> int:
-    """The longest message the daemon accepts: a ``write_file`` of ``write_max`` bytes, base64, plus room."""
-    return settings.write_max * 4 // 3 + (1 << 20)
+    """The longest message the daemon accepts: a ``write_file`` of ``write_max`` bytes, with room for its JSON
+    encoding (base64 is 4/3 of it; text with many escaped characters can take twice as much)."""
+    return settings.write_max * 2 + (1 << 20)
 
 
 class LineTooLong(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -117,3 +118,18 @@ def test_connections_and_calls_are_counted_per_uid_and_root_is_not_limited() -> 
                 pass
         with shares.call(0), shares.call(0), shares.call(0):
             pass
+
+
+async def test_the_daemon_refuses_to_copy_roots_claude_credentials(tmp_path: Path) -> None:
+    """They would be root's, copied into every user's workspaces."""
+    import os
+
+    from sandbox_mcp.daemon import run_daemon
+    from sandbox_mcp.errors import InvalidSpec
+
+    if os.geteuid() != 0:
+        pytest.skip("the daemon's checks start with being root")
+    settings = Settings(state_dir=tmp_path / "state", daemon_socket=tmp_path / "d.sock", copy_claude_credentials=True)
+    with pytest.raises(InvalidSpec, match="copy_claude_credentials would copy root's Claude credentials"):
+        await run_daemon(settings)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "d.sock").exists()  # refused before anything
