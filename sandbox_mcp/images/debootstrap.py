@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 9
+IMAGE_RECIPE_VERSION = 10
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -87,6 +87,9 @@ SSHD_DROP_IN = """\
 # Written by sandbox-mcp. The host key is generated and pinned by the server and
 # shared read-only into the workspace; only keys, never passwords.
 HostKey /etc/ssh-host-keys/ssh_host_ed25519_key
+# ed25519 only, both ways (OpenSSH 9.2 already refuses ssh-dss; say so rather than rely on it).
+HostKeyAlgorithms ssh-ed25519
+PubkeyAcceptedAlgorithms ssh-ed25519
 AuthorizedKeysFile .ssh/authorized_keys /etc/ssh-host-keys/authorized_keys
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -165,10 +168,24 @@ def install_exec_agent(root: Path, source: Path = EXEC_AGENT_SOURCE) -> Path:
     return dest
 
 
+def recipe_digest() -> str:
+    """A digest of the recipe's own code (this module and the onboarding files it writes in).
+
+    In the key beside :data:`IMAGE_RECIPE_VERSION`: two checkouts (branches, or a release and a
+    development tree) that both bumped the version to the same number but changed the recipe
+    differently would otherwise share one cached image, and one of them would boot the other's.
+    """
+    h = hashlib.sha256()
+    for source in (Path(__file__), Path(onboarding.__file__)):
+        h.update(source.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def image_key(suite: str, user: str, uid: int, packages: Sequence[str], agent_digest: str | None = None) -> str:
-    """A short stable key naming an image built from these inputs (the exec agent's digest among them)."""
-    spec = {"recipe": IMAGE_RECIPE_VERSION, "suite": suite, "user": user, "uid": uid, "packages": sorted(packages),
-            "agent": agent_digest or exec_agent_digest()}
+    """A short stable key naming an image built from these inputs (the exec agent's and the recipe's
+    digests among them)."""
+    spec = {"recipe": IMAGE_RECIPE_VERSION, "code": recipe_digest(), "suite": suite, "user": user, "uid": uid,
+            "packages": sorted(packages), "agent": agent_digest or exec_agent_digest()}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{suite}-{'base' if not packages else 'pkgs'}-{digest}"
 
