@@ -242,6 +242,7 @@ async def test_per_uid_workspace_limit_while_two_users_race(daemon: Daemon, acco
             assert outcomes["bob"] == ["ok"] * 3, outcomes
             assert outcomes["alice"].count("ok") == limit, outcomes
             refusals = [o for o in outcomes["alice"] if o != "ok"]
+            print(f"\nthe workspace past the limit: {refusals}")
             assert len(refusals) == 1 and f"{limit} workspaces" in refusals[0] and "destroy" in refusals[0], (
                 refusals, daemon.tail(60))
             # Her totals too: one more CPU-heavy or memory-heavy workspace than she may have is refused.
