@@ -1,7 +1,7 @@
 """A workspace's host side before it boots: its directories, pinned host key, authorized_keys, Claude config.
 
 Everything here is on the host, under ``<state>/<name>/``, and survives stop (and destroy with
-``keep_data``). The runtimes then share these directories with the workspace (see DESIGN.md).
+``keep_data``). The runtimes then share these directories with the workspace (see each runtime's mounts).
 Blocking: the manager calls these from a worker thread.
 """
 
@@ -15,7 +15,7 @@ from .config import Settings
 from .fsutil import own_dir
 from .identity import host_identity
 from .models import WorkspaceRecord
-from .owners import claim_dir
+from .ownership import claim_dir
 from .paths import WorkspacePaths
 
 __all__ = ["prepare_state_dirs"]
@@ -26,14 +26,14 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
 
     Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
     lists it), the host keys and runtime dirs 0755. The workspace dir and the Claude config belong
-    to the workspace's owner (:func:`~sandbox_mcp.owners.host_identity`), 0700: another local user
+    to the workspace's owner (:func:`~sandbox_mcp.identity.host_identity`), 0700: another local user
     reads nothing there, kept data included. The host key is made once and pinned; the Claude
     config is seeded as onboarding says, with the server's own Claude credentials only for a
     workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
     would be root's). Returns the host key's fingerprint.
 
     Raises:
-        Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.owners.claim_dir`).
+        Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.ownership.claim_dir`).
         SSHError: the host key cannot be made.
         InvalidSpec: an ``authorized`` line is not one public key.
     """

@@ -17,7 +17,7 @@ import pytest
 
 from sandbox_mcp.config import IncusSettings
 from sandbox_mcp.errors import BackendError
-from sandbox_mcp.incus_api import RESPONSE_MAX, IncusClient
+from sandbox_mcp.runtimes.incus.api import RESPONSE_MAX, IncusClient
 
 pytestmark = pytest.mark.anyio
 

@@ -25,11 +25,11 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.runtimes.incus import SHARES_DIR
+from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all, e2e_skip_reason

@@ -24,8 +24,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import idmap
-from .errors import BackendError, InvalidSpec
+from ... import idmap
+from ...errors import BackendError, InvalidSpec
 
 __all__ = ["RootMounts", "mount_all", "mounted_under", "overlay_options", "unmount_all"]
 
