@@ -207,6 +207,8 @@ def test_firewall_tables_are_ours_alone_and_replace_atomically() -> None:
     for bad in (0, -1, True, 1.5):
         with pytest.raises(InvalidSpec):
             base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False, max_connections=bad)
+    no_host = base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False, host_access=False)
+    assert "chain output" not in no_host and "owners" not in no_host  # the NixOS rendering
     # The host's own connections into the bridge: root's, and each workspace's owner's (admit_script).
     i = lines.index("chain output {")
     assert lines[i + 1 : i + 6] == [
@@ -235,13 +237,14 @@ def test_admit_and_revoke_a_port_exactly() -> None:
         f"add rule bridge {t} port_sb_ws1 ether type arp arp saddr ip != 192.168.83.10 drop",
         f"add rule bridge {t} port_sb_ws1 ether type != {{ ip, arp }} drop",
         f'add element bridge {t} ports {{ "sb-ws1" : jump port_sb_ws1 }}',
-        f"add chain inet {t} host_sb_ws1",  # who on the host may connect to it: root only, without an owner
-        f"flush chain inet {t} host_sb_ws1",
-        f"add element inet {t} owners {{ 192.168.83.10 : jump host_sb_ws1 }}",
     ]  # fmt: skip
     owned = admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee", ipaddress.IPv4Address("192.168.83.10"),
                          egress=False, owner=1234)
-    assert f"add rule inet {t} host_sb_ws1 meta skuid 1234 accept" in owned.splitlines()
+    assert owned.splitlines()[len(script.splitlines()):] == [  # who on the host may connect to it
+        f"add chain inet {t} host_sb_ws1", f"flush chain inet {t} host_sb_ws1",
+        f"add rule inet {t} host_sb_ws1 meta skuid 1234 accept",
+        f"add element inet {t} owners {{ 192.168.83.10 : jump host_sb_ws1 }}",
+    ]
     for bad_owner in (-1, 2**32, True, "1000"):
         with pytest.raises(InvalidSpec):
             admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee", ipaddress.IPv4Address("192.168.83.10"),

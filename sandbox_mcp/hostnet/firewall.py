@@ -12,7 +12,8 @@ is touched, and deleting them removes everything we added):
 
 ``inet`` family, what is routed or delivered to the host:
   * ``input``: from the bridge only replies to connections the host opened (the server's SSH)
-    pass; a workspace reaches no service on any host address;
+    pass, and (where the host serves DNS on the bridge, as the NixOS module's dnsmasq does) DNS
+    from workspaces with egress; a workspace reaches no other service on any host address;
   * ``forward``: a workspace whose port chain marked its packets (egress ``internet``) may go
     out, except to private ranges, link-local (169.254.169.254 above all), loopback, CGNAT,
     multicast and reserved space; DNS to the host's own resolvers is let through for those
@@ -21,11 +22,16 @@ is touched, and deleting them removes everything we added):
     cannot forge it.) A marked workspace may keep at most ``max_connections`` connections open
     at once (``ct count`` per source address, which anti-spoofing ties to its port), so one
     workspace cannot fill the host's connection tracking table;
-  * ``output``: the host's own connections into the bridge come only from root (the server, its
-    proxies) and from the workspace's owner: each admitted address jumps to a chain of its port
+  * ``output`` (direct mode; the NixOS rendering has none, its server runs as a user): the host's
+    own connections into the bridge come only from root (the server, its proxies) and from the
+    workspace's owner: each admitted address jumps to a chain of its port
     that accepts its owner's uid (``meta skuid``); any other local user's packets are dropped,
     so nobody else reaches a workspace's dev server, database or notebook;
   * ``postrouting``: masquerade what leaves the subnet, present only where settings allow NAT.
+
+Direct mode loads the tables and admits ports one by one; the NixOS module renders the same policy
+for every workspace it declares at once (:func:`ruleset`, through ``nix/modules/firewall-template.json``,
+which :mod:`sandbox_mcp.hostnet.nixtemplate` generates from these functions).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from .. import hostcmd
 from ..errors import BackendError, InvalidSpec
 
@@ -43,12 +51,15 @@ __all__ = [
     "CLOSED_RANGES",
     "EGRESS_MARK",
     "EGRESS_MAX_CONNECTIONS",
+    "Policy",
+    "PolicyPort",
     "admit_script",
     "admitted_ports",
     "base_script",
     "host_nameservers",
     "remove_tables",
     "revoke_script",
+    "ruleset",
     "run_script",
     "enable_forwarding",
     "table_exists",
@@ -102,9 +113,16 @@ def base_script(
     *,
     nat: bool,
     nameservers: Sequence[ipaddress.IPv4Address] = (),
+    local_dns: ipaddress.IPv4Address | None = None,
     max_connections: int = EGRESS_MAX_CONNECTIONS,
+    host_access: bool = True,
 ) -> str:
     """The nft script that (re)creates both tables empty of workspaces.
+
+    ``local_dns`` is a host address on the bridge serving DNS, which workspaces with egress may ask.
+    ``host_access`` adds the ``output`` chain: only root and each workspace's owner (admitted with
+    ``owner``) may connect to workspaces from the host. The NixOS rendering goes without it: there
+    the MCP server itself runs as a user, and workspaces have no per-user owners.
 
     Replacing a table drops its workspace ports, so callers load this only when the tables are
     missing (see :class:`~sandbox_mcp.hostnet.HostNetwork`) and then admit each running workspace.
@@ -116,10 +134,26 @@ def base_script(
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise InvalidSpec(f"the egress connection limit must be a whole number ≥ 1, got {max_connections!r}")
     dns = ", ".join(str(ipaddress.IPv4Address(a)) for a in nameservers)
+    owners_map = "    map owners {\n        type ipv4_addr : verdict\n    }\n" if host_access else ""
+    output = (
+        f"""    chain output {{
+        type filter hook output priority filter; policy accept;
+        oifname "{br}" ct state established,related accept
+        oifname "{br}" meta skuid 0 accept
+        oifname "{br}" ip daddr vmap @owners
+        oifname "{br}" drop
+    }}
+""" if host_access else ""
+    )
     dns_rules = (
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} udp dport 53 accept\n"
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} tcp dport 53 accept\n"
         if dns else ""
+    )
+    local_dns_rules = (
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {ipaddress.IPv4Address(local_dns)} udp dport 53 accept\n"
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {ipaddress.IPv4Address(local_dns)} tcp dport 53 accept\n"
+        if local_dns is not None else ""
     )
     masquerade = (
         f"""    chain postrouting {{
@@ -155,13 +189,10 @@ table inet {t} {{
     set egress_conns {{
         type ipv4_addr; size 65535; flags dynamic
     }}
-    map owners {{
-        type ipv4_addr : verdict
-    }}
-    chain input {{
+{owners_map}    chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{br}" ct state established,related accept
-        iifname "{br}" drop
+{local_dns_rules}        iifname "{br}" drop
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
@@ -171,14 +202,7 @@ table inet {t} {{
         iifname "{br}" drop
         oifname "{br}" drop
     }}
-    chain output {{
-        type filter hook output priority filter; policy accept;
-        oifname "{br}" ct state established,related accept
-        oifname "{br}" meta skuid 0 accept
-        oifname "{br}" ip daddr vmap @owners
-        oifname "{br}" drop
-    }}
-{masquerade}}}
+{output}{masquerade}}}
 """
 
 
@@ -209,7 +233,8 @@ def upgrade_script(bridge: str, present: str, *, max_connections: int = EGRESS_M
 def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool,
                  owner: int | None = None) -> str:
     """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet;
-    let host uid ``owner`` (besides root) connect to ``ip`` (None: root only).
+    let host uid ``owner`` (besides root) connect to ``ip`` (tables with host access, see :func:`base_script`;
+    None: nobody but root there, and nothing to add where the tables have no host access).
 
     Idempotent: the port's chains are flushed and refilled.
 
@@ -234,12 +259,45 @@ def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *,
     if egress:
         lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
     lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
-    # Who on the host may connect to it: the chain accepts the owner; whatever returns is dropped.
-    lines += [f"add chain inet {t} {host}", f"flush chain inet {t} {host}"]
     if owner is not None:
-        lines.append(f"add rule inet {t} {host} meta skuid {owner} accept")
-    lines.append(f"add element inet {t} owners {{ {ip} : jump {host} }}")
+        # Who on the host may connect to it: the chain accepts the owner; whatever returns is dropped.
+        lines += [f"add chain inet {t} {host}", f"flush chain inet {t} {host}",
+                  f"add rule inet {t} {host} meta skuid {owner} accept",
+                  f"add element inet {t} owners {{ {ip} : jump {host} }}"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+class PolicyPort(BaseModel):
+    """One workspace's port on the bridge, as :func:`admit_script` admits it."""
+
+    model_config = ConfigDict(frozen=True)
+    port: str
+    mac: str
+    ip: ipaddress.IPv4Address
+    egress: bool = False
+
+
+class Policy(BaseModel):
+    """The whole network policy of one bridge: what :func:`ruleset` renders."""
+
+    model_config = ConfigDict(frozen=True)
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    nat: bool = False
+    nameservers: tuple[ipaddress.IPv4Address, ...] = ()
+    local_dns: ipaddress.IPv4Address | None = None
+    ports: tuple[PolicyPort, ...] = ()
+
+
+def ruleset(policy: Policy) -> str:
+    """The complete nft script for ``policy``: both tables with every port admitted. Pure.
+
+    Raises:
+        InvalidSpec: a bridge or port name nft could misread, or a malformed MAC.
+    """
+    base = base_script(policy.bridge, policy.subnet, nat=policy.nat, nameservers=policy.nameservers,
+                       local_dns=policy.local_dns, host_access=False)
+    return base + "".join(admit_script(policy.bridge, p.port, p.mac, p.ip, egress=p.egress) for p in policy.ports)
 
 
 def revoke_script(bridge: str, port: str, present: str) -> str:
