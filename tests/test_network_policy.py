@@ -250,7 +250,7 @@ async def test_an_egress_workspace_keeps_at_most_its_connection_limit_open(
     limited = settings.model_copy(update={"nat": True, "egress_max_connections": 3})
     async with WorkspaceManager(limited) as m:
         try:
-            await m.create("conns", egress="internet")
+            await m.create(CreateSpec(name="conns", egress="internet"))
             r = await m.exec("conns", f"python3 -c '{_HOLD}'", timeout_s=60)
             assert r.stdout.split() == ["3", "3"], r
             assert await _curl(m, "conns", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
