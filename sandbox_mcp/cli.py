@@ -116,6 +116,8 @@ _CREATE_HELP = {
     "egress": "network access from inside (internet needs SANDBOX_MCP_NAT=true)",
     "cpus": "CPUs it may use (default: the settings' cpus)",
     "memory_mib": "memory in MiB (default: the settings' memory_mib)",
+    "repo": "a host git repository to clone into the workspace (on branch sandbox/NAME)",
+    "ref": "with --repo: the branch, tag or commit to start from (default HEAD)",
 }
 
 
@@ -270,6 +272,48 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
     return command
 
 
+def _cmd_git(args: argparse.Namespace, settings: Settings) -> int:
+    """diff | fetch | merge | apply: the workspace's branch, back into the host repository it came from.
+
+    fetch goes through the server (the daemon's git runs as this user); merge and apply then run this
+    user's git in the host repository (as root: the repository owner's), hooks off, clean config.
+    """
+    from . import hostgit
+
+    async def run(m: Workspaces) -> int:
+        if args.action == "diff":
+            diff = await m.git_diff(args.name, args.stat)
+            for f in diff.files:
+                counts = "-\t-" if f.added is None else f"{f.added}\t{f.deleted}"
+                print(f"{counts}\t{f.status}\t{f.path}")
+            if diff.patch:
+                print(diff.patch, end="" if diff.patch.endswith("\n") else "\n")
+            if diff.truncated:
+                print("sandbox-mcp: the diff was cut at the server's bound (git_patch_max_bytes)", file=sys.stderr)
+            return 0
+        fetched = await m.git_fetch(args.name, args.include_uncommitted)
+        print(f"{fetched.ref} = {fetched.head} ({fetched.commits} commits since the base) in {fetched.repo}",
+              file=sys.stderr)  # fmt: skip
+        if args.action == "fetch":
+            _dump(fetched)
+            return 0
+        user = hostgit.host_user(hostgit.run_uid(os.geteuid() or None, fetched.repo))
+        branch = fetched.ref.removeprefix("refs/heads/")
+        try:
+            out = await hostgit.merge_branch(user, fetched.repo, branch, squash=args.action == "apply")
+        except hostgit.MergeConflict as exc:
+            print(f"sandbox-mcp: {exc}", file=sys.stderr)
+            return 1
+        if args.action == "apply":
+            print(out, end="")
+            print(f"sandbox-mcp: {branch} applied to the index as one change; review and commit it", file=sys.stderr)
+        else:
+            print(out)
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
+
+
 def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from .doctor import run_checks
 
@@ -415,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--lines", type=int, default=200)
     s.set_defaults(fn=_simple("logs", "lines"))
 
+    s = sub.add_parser("git", help="a workspace's branch: diff, fetch into the host repository, merge, apply")
+    s.add_argument("name")
+    s.add_argument("action", choices=["diff", "fetch", "merge", "apply"],
+                   help="diff: changes since the base; fetch: the branch sandbox/NAME into the host repository; "
+                   "merge: fetch, then merge it --no-ff into the current branch; apply: fetch, then stage it as "
+                   "one squashed change")
+    s.add_argument("--stat", action="store_true", help="diff: the file list only")
+    s.add_argument("--include-uncommitted", action="store_true",
+                   help="fetch/merge/apply: commit the workspace's uncommitted work first")
+    s.set_defaults(fn=_cmd_git)
+
     s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
     s.add_argument("action", choices=["build", "ls", "prune"])
     s.add_argument("-p", "--package", action="append", default=[], help="extra Debian package (repeatable)")
@@ -435,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
                    "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
     s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
+    s.add_argument("--git", choices=("also", "only", "no"), default="also",
+                   help="the git section: create with repo= against a plain create, fetch_workspace of commits")
+    s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")
+    s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

@@ -38,9 +38,11 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -291,6 +293,15 @@ class RemoteManager:
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """See :meth:`WorkspaceManager.git_diff`."""
+        return await self._call("workspace_diff", {"name": name, "stat_only": stat_only}, WorkspaceDiff)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """See :meth:`WorkspaceManager.git_fetch` (the daemon's git runs as this user)."""
+        args = {"name": name, "include_uncommitted": include_uncommitted}
+        return await self._call("fetch_workspace", args, FetchResult)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).

@@ -16,11 +16,12 @@ import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 
 import anyio
 
-from . import onboarding, provision, ssh
+from . import gitflow, hostgit, limit_hints, onboarding, provision, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -41,12 +42,15 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     Limits,
     LogsResult,
+    RepoInfo,
     SSHInfo,
     Timings,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceRecord,
     WorkspaceStatus,
@@ -107,6 +111,8 @@ class WorkspaceManager:
         self._mode: Mode | None = None
         self._types: dict[WorkspaceType, Runtime] | None = None  # which runtime serves each type
         self._locks: dict[str, anyio.Lock] = {}
+        # (name, started_at) -> the OOM kills already reported for that boot of the workspace.
+        self._oom_seen: dict[tuple[str, datetime | None], int] = {}
         # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
         # userkeys.UserKeys.public_key); in process, only the server's key is.
         self.owner_keys: Callable[[int], str] | None = None
@@ -229,6 +235,7 @@ class WorkspaceManager:
             egress=r.egress,
             isolation=r.isolation,
             limits=r.limits,
+            repo=r.repo,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -324,10 +331,13 @@ class WorkspaceManager:
         """Register, prepare and (if ``spec.start``) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
-        everything created is removed again. ``owner_uid`` is recorded as the creator.
+        everything created is removed again. ``owner_uid`` is recorded as the creator. With ``repo``,
+        the workspace directory becomes a clone of that host repository at ``ref`` on branch
+        ``sandbox/NAME``, read by ``owner_uid``'s git (as root: the repository owner's), see :mod:`gitflow`.
 
         Raises:
-            InvalidSpec: bad name, type, packages or IP.
+            InvalidSpec: bad name, type, packages or IP; ``repo`` is no git repository or ``ref`` no commit in it.
+            AccessDenied: the caller may not read ``repo``.
             WorkspaceExists: the name is taken.
             Conflict: the IP (or the name's derived MAC/CID) is in use; another user's kept data has the name.
             BackendError: building, declaring or booting failed (the message has the log tail).
@@ -340,6 +350,7 @@ class WorkspaceManager:
         limits = self._limits(runtime, spec.type, spec.cpus, spec.memory_mib)
         if packages:
             await anyio.to_thread.run_sync(self._check_image_variants, runtime, packages)
+        source = await self._repo_source(spec, owner_uid)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
@@ -364,11 +375,41 @@ class WorkspaceManager:
                 if spec.start:
                     started = True
                     record = await self._start(record, runtime, progress, t0)
+                if source is not None:
+                    record = await self._clone(record, *source, progress)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed)
                 raise
         return self.view(record)
+
+    async def _repo_source(
+        self, spec: CreateSpec, owner_uid: int | None
+    ) -> tuple[hostgit.HostUser, hostgit.ResolvedRepo] | None:
+        """Whose git reads ``spec.repo`` and the commit ``spec.ref`` names there (None without a repo).
+
+        Raises:
+            InvalidSpec: not a repository, no such commit, or start=false; AccessDenied: not the caller's to read.
+        """
+        if spec.repo is None:
+            return None
+        if not spec.start:
+            raise InvalidSpec("repo needs start=true: the clone is made inside the running workspace")
+        path = hostgit.validate_repo_path(spec.repo)
+        hostgit.validate_ref(spec.ref)
+        user = hostgit.host_user(hostgit.run_uid(owner_uid, path))
+        return user, await hostgit.resolve_repo(user, path, spec.ref)
+
+    async def _clone(
+        self, record: WorkspaceRecord, user: hostgit.HostUser, source: hostgit.ResolvedRepo, progress: Progress
+    ) -> WorkspaceRecord:
+        """Clone ``source`` into the new, running workspace and record where its work goes back to."""
+        await progress(f"cloning {source.path} at {source.base[:12]} into the workspace")
+        await gitflow.clone_into(self.ssh, self._target(record), record.name, user, source.path, source.base,
+                                 self.settings)  # fmt: skip
+        record.repo = RepoInfo(path=source.path, base=source.base, branch=gitflow.branch_for(record.name))
+        await self.registry.put(record)
+        return record
 
     def _limits(self, runtime: Runtime, type_: WorkspaceType, cpus: float | None, memory_mib: int | None) -> Limits:
         """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
@@ -391,7 +432,7 @@ class WorkspaceManager:
                 f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
                 f"workspace, got {memory_mib!r}"
             )
-        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
 
     def _register(
         self,
@@ -725,13 +766,32 @@ class WorkspaceManager:
     ) -> ExecResult:
         """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
         record = await self._running(name, owner_uid)
-        return await self._ssh_call(
+        result = await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
                 t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
                 output_cap=self.settings.exec_output_cap,
             ),
         )  # fmt: skip
+        return await self._with_hint(record, result)
+
+    async def _with_hint(self, record: WorkspaceRecord, result: ExecResult) -> ExecResult:
+        """``result`` with a hint naming the limit the command ran into, if it did (:mod:`.limit_hints`)."""
+        hint = None
+        if limit_hints.maybe_oom_killed(result):
+            runtime = self._runtime_of(record)
+            kills = await runtime.oom_kills(record)
+            if kills is None and runtime.own_kernel:
+                with contextlib.suppress(SandboxError):
+                    probe = await self.ssh.exec(self._target(record), limit_hints.OOM_PROBE, timeout_s=15,
+                                                output_cap=4096)  # fmt: skip
+                    kills = limit_hints.parse_oom_probe(probe.stdout)
+            key = (record.name, record.started_at)  # counters start at 0 with each boot
+            if kills is not None and kills > (seen := self._oom_seen.get(key, 0)):
+                self._oom_seen[key] = kills
+                hint = limit_hints.oom_hint(kills - seen, record.limits)
+        hint = hint or limit_hints.disk_hint(result.stderr, record.limits)
+        return result.model_copy(update={"hint": hint}) if hint else result
 
     async def read_file(
         self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
@@ -779,3 +839,43 @@ class WorkspaceManager:
         """List a directory (relative paths resolve against the workspace dir)."""
         record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))
+
+    # git: a branch per workspace (see gitflow) ------------------------------------------------
+
+    async def _repo_of(self, name: str, owner_uid: int | None) -> tuple[WorkspaceRecord, RepoInfo]:
+        record = await self._running(name, owner_uid)
+        if record.repo is None:
+            raise InvalidState(
+                f"workspace {name!r} was not created from a host repository; create one with "
+                "create_workspace(name, repo='/path/to/repo')"
+            )
+        return record, record.repo
+
+    async def git_diff(self, name: str, stat_only: bool = False, *, owner_uid: int | None = None) -> WorkspaceDiff:
+        """What changed in the workspace's clone since its base (committed and not), computed inside it.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running, or not made from a repository), BackendError, SSHError.
+        """
+        record, repo = await self._repo_of(name, owner_uid)
+        return await self._ssh_call(
+            record, lambda t: gitflow.workspace_diff(self.ssh, t, repo, self.settings, stat_only)
+        )
+
+    async def git_fetch(
+        self, name: str, include_uncommitted: bool = False, *, owner_uid: int | None = None
+    ) -> FetchResult:
+        """The workspace's branch into its host repository as ``refs/heads/sandbox/NAME``, by the git protocol over
+        the exec channel, written by ``owner_uid``'s git (as root: the repository owner's). See :mod:`gitflow`.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running, not from a repository, no such branch), InvalidSpec (the
+            pack is over the bound), AccessDenied (the repository is not the caller's to write), BackendError.
+        """
+        record, repo = await self._repo_of(name, owner_uid)
+        user = hostgit.host_user(hostgit.run_uid(owner_uid, repo.path))
+        return await self._ssh_call(
+            record,
+            lambda t: gitflow.fetch_from(self.ssh, t, name, user, repo, self.settings,
+                                         include_uncommitted=include_uncommitted),
+        )  # fmt: skip

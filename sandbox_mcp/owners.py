@@ -19,9 +19,11 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -136,3 +138,14 @@ class OwnedManager:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         with self._call():
             return await self.manager.ssh_target(name, owner_uid=self._owner)
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        with self._call():
+            return await self.manager.git_diff(name, stat_only, owner_uid=self._owner)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """Fetch as this user (root: as the repository's owner). Raises WorkspaceNotFound for another user's
+        workspace, else what the manager raises."""
+        with self._call():
+            return await self.manager.git_fetch(name, include_uncommitted, owner_uid=self._owner)

@@ -17,9 +17,11 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -76,3 +78,7 @@ class Workspaces(Protocol):
     async def list_dir(self, name: str, path: str = ".") -> DirListing: ...
 
     async def ssh_target(self, name: str) -> SSHTarget: ...
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff: ...
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult: ...

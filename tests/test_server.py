@@ -18,7 +18,7 @@ from sandbox_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 CONTRACT = {
-    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib"},
+    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref"},
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},
@@ -29,6 +29,8 @@ CONTRACT = {
     "write_file": {"name", "path", "content", "encoding", "append", "mode"},
     "list_dir": {"name", "path"},
     "workspace_logs": {"name", "lines"},
+    "workspace_diff": {"name", "stat_only"},
+    "fetch_workspace": {"name", "include_uncommitted"},
 }
 
 
@@ -50,7 +52,8 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert tool.description and len(tool.description) > 60, name
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
-    assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs"}
+    assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs",
+                         "workspace_diff"}
     assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {"destroy_workspace"}
     assert tools["create_workspace"].input_schema["required"] == ["name"]
     assert tools["exec"].input_schema["properties"]["timeout_s"]["default"] == 120
@@ -75,6 +78,13 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "is incusd running" in await error("create_workspace", name="a", type="incus")
         assert "cpus must be between 0.05 and" in await error("create_workspace", name="a", cpus=0)
         assert "memory_mib must be" in await error("create_workspace", name="a", memory_mib=64)
+        # A repository is checked before anything is made: a path, a ref that can only be a revision.
+        assert "absolute path" in await error("create_workspace", name="a", repo="relative/dir")
+        assert "pattern" in await error("create_workspace", name="a", repo="/tmp", ref="--upload-pack=x")
+        assert "not a git repository" in await error("create_workspace", name="a", repo=str(settings.state_dir))
+        assert "needs start=true" in await error("create_workspace", name="a", repo="/tmp", start=False)
+        assert "list_workspaces" in await error("workspace_diff", name="ghost")
+        assert "list_workspaces" in await error("fetch_workspace", name="ghost")
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
         r = await client.call_tool("list_workspaces", {})
         assert r.structured_content == {"workspaces": []}

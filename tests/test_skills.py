@@ -30,11 +30,16 @@ for _model in (
     models.SSHInfo,
     models.Timings,
     models.ExecResult,
+    models.Limits,
     models.FileContent,
     models.WriteResult,
     models.DirEntry,
     models.DestroyResult,
     models.LogsResult,
+    models.RepoInfo,
+    models.WorkspaceDiff,
+    models.DiffFile,
+    models.FetchResult,
 ):
     _FIELD_NAMES |= set(_model.model_fields)
 _FIELD_NAMES |= set(Settings.model_fields) | set(NixosSettings.model_fields)

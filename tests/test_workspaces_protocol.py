@@ -24,8 +24,8 @@ def _params(cls: type, method: str) -> list[tuple[str, object, object, str]]:
 
 
 def test_the_protocol_has_every_operation() -> None:
-    assert METHODS == ["create", "destroy", "exec", "list", "list_dir", "logs", "read_file", "ssh_target", "start",
-                       "status", "stop", "write_file"]  # fmt: skip
+    assert METHODS == ["create", "destroy", "exec", "git_diff", "git_fetch", "list", "list_dir", "logs", "read_file",
+                       "ssh_target", "start", "status", "stop", "write_file"]  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", [OwnedManager, RemoteManager])

@@ -114,6 +114,8 @@ class Runtime(ABC):
     package_flavour: ClassVar[PackageFlavour] = "debian"
     # True when the runtime's workspaces sit on this host's bridge (their names go into the hosts file).
     host_network: ClassVar[bool] = False
+    # True when the workspace runs a kernel of its own (a VM): its /proc/vmstat counts its OOM kills only.
+    own_kernel: ClassVar[bool] = False
     State: ClassVar[type[RuntimeState]] = RuntimeState
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -162,6 +164,16 @@ class Runtime(ABC):
         """Where the workspace dir lives on its host, as tools report it (``host_workspace_dir``).
         ``local`` is its directory under this server's state dir, what most runtimes share."""
         return str(local)
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """How many processes the OOM killer has ended in running workspace ``record`` since it started,
+        as the host can tell (its cgroup's counters); None: not from here (see ``own_kernel``)."""
+        return None
+
+    def complete_limits(self, limits: Limits) -> Limits:
+        """``limits`` (cpus, memory, tasks as create chose them) with every other bound this runtime gives a
+        workspace filled in (``disk_mib``), as create records and reports them. Pure. Default: none."""
+        return limits
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""

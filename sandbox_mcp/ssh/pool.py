@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import asyncssh
@@ -34,6 +34,7 @@ from .errors import (
     sftp_timeout_error,
 )
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
+from .stream import StreamBlock, pool_stream
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
@@ -249,6 +250,10 @@ class SSHPool:
                     self._discard(entry)
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
+
+    def stream(self, target: SSHTarget, command: str, **kw: Any) -> StreamBlock:
+        """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
+        return pool_stream(self, target, command, **kw)
 
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""

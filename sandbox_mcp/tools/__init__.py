@@ -1,7 +1,7 @@
 """The MCP tools, grouped by concern; :func:`register` adds them all to a server, in the contract's order.
 
 Each module has a ``register(mcp)``: ``lifecycle`` (create, start, stop, destroy, list, status),
-``exec``, ``files`` (read, write, list a directory), ``logs``. A new concern is a new module
+``exec``, ``files`` (read, write, list a directory), ``logs``, ``git`` (a workspace's branch: diff, fetch). A new concern is a new module
 listed in ``GROUPS``; :mod:`.base` has what every tool shares.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import exec, files, lifecycle, logs
+from . import exec, files, git, lifecycle, logs
 
 __all__ = ["GROUPS", "register"]
 
-GROUPS = (lifecycle, exec, files, logs)
+GROUPS = (lifecycle, exec, files, logs, git)
 
 
 def register(mcp: MCPServer) -> None:

@@ -49,10 +49,12 @@ import anyio
 from ... import idmap, onboarding, supervise
 from ...errors import BackendError, InvalidSpec
 from ...identity import host_identity
-from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
 from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
+from ..nspawn import hostcaps  # the host's own limits (what LXC may raise a container's to)
+from ..nspawn.cgroups import CgroupHost
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
 
@@ -106,7 +108,10 @@ def instance_body(
 
     No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
     ``cpus`` may be a fraction: the instance sees ``ceil(cpus)`` CPUs and gets a CFS quota of
-    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``.
+    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``. The root
+    disk gets ``limits.disk_mib`` as its ``size`` where that is set, and its resource limits are
+    ours, not incusd's (``limits.kernel.fsize``, ``limits.kernel.nofile``): the limits reported are
+    all there are.
     """
     return {
         "name": instance_name(record.name),
@@ -124,11 +129,16 @@ def instance_body(
             "limits.cpu.allowance": f"{max(1, round(limits.cpus * 100))}ms/100ms",
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
+            "limits.kernel.fsize": "unlimited",
+            # Not above what incusd may raise it to: LXC then fails the start (found where it lacks
+            # CAP_SYS_RESOURCE); complete_limits says what that is, or None (a remote server's own).
+            **({"limits.kernel.nofile": f"1024:{limits.open_files}"} if limits.open_files is not None else {}),
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
         "devices": {
-            "root": {"type": "disk", "path": "/", "pool": pool},
+            "root": {"type": "disk", "path": "/", "pool": pool,
+                     **({"size": f"{limits.disk_mib}MiB"} if limits.disk_mib is not None else {})},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": record.mac, **nic},
             **disks,
         },
@@ -162,6 +172,7 @@ class IncusRuntime(Runtime):
         self.network = ctx.network
         self.images = IncusImage(ctx.settings, ctx.images)
         self._client: IncusClient | None = None
+        self._sizes_roots: bool | None = None
 
     def max_cpus(self) -> float | None:
         """This host's CPUs on the local daemon; a remote server's are its own (it refuses what it lacks)."""
@@ -258,9 +269,28 @@ class IncusRuntime(Runtime):
                                    "delete that image on the server and create again")
         return key, fingerprint
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
+        that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
+        limit to (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        remote server, its own default (what it may raise limits to is not known here)."""
+        if limits.disk_mib is not None:
+            return limits
+        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
+
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
-        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
+
+    async def _pool_sizes_roots(self) -> bool:
+        """Whether the storage pool enforces a root disk's ``size``. A ``dir`` pool does only on a file
+        system with project quotas, and Incus then skips the quota with a warning in its log: a size
+        it would not hold is neither set nor reported."""
+        if self._sizes_roots is None:
+            pool = await self.client().request("GET", f"/1.0/storage-pools/{quote(self.incus.storage_pool, safe='')}")
+            self._sizes_roots = pool.get("driver") != "dir"
+        return self._sizes_roots
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         # Incus maps root inside to an unprivileged uid range it chooses (security.privileged=false).
@@ -437,8 +467,11 @@ class IncusRuntime(Runtime):
             await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
                                      owner=host_identity(self.settings, record)[0])
             await anyio.to_thread.run_sync(self._make_share_points, record)
+        limits = self._limits(record)
+        if not await self._pool_sizes_roots():
+            limits = limits.model_copy(update={"disk_mib": None})
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
-                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
+                             pool=self.incus.storage_pool, limits=limits, nic=self._nic(record),
                              disks=self._disks(record))  # fmt: skip
         client = self.client()
         try:
@@ -457,6 +490,7 @@ class IncusRuntime(Runtime):
                     await self.network.revoke(self._port(record))
                     await anyio.to_thread.run_sync(self._unbind_shares, record)
             raise
+        record = record.model_copy(update={"limits": limits})  # what this instance got, as reported
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
 
     async def _push_boot_files(self, record: WorkspaceRecord) -> None:
@@ -523,6 +557,21 @@ class IncusRuntime(Runtime):
             except IncusAPIError as exc:
                 if exc.status != 404:
                     raise
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """Local daemon: from the instance's memory cgroup on this host (found through its init's PID).
+        Remote: None (its cgroups are on another host)."""
+        if self.remote:
+            return None
+        try:
+            state = await self.client().request("GET", f"{self._instance_path(record)}/state")
+        except IncusAPIError:
+            return None
+        pid = state.get("pid") if isinstance(state, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        top = f"lxc.payload.{instance_name(record.name)}"
+        return await anyio.to_thread.run_sync(lambda: CgroupHost().oom_kills_of(pid, top))
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         inst = await self._instance(record)

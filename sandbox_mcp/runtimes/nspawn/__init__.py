@@ -29,7 +29,7 @@ from ...errors import BackendError, InvalidSpec
 from ...fsutil import atomic_write
 from ...identity import host_identity
 from ...images import DebianRoot
-from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
@@ -118,7 +118,10 @@ def nspawn_argv(
         f"--hostname={name}",
         *kind,
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
-        "--rlimit=RLIMIT_FSIZE=infinity",  # nspawn's own limit bounds the console log only
+        # The resource limits the container starts with are ours (Limits.file_size, open_files), not
+        # whatever the server runs under. The console log is bounded by its copier, not by a limit.
+        "--rlimit=RLIMIT_FSIZE=infinity",
+        f"--rlimit=RLIMIT_NOFILE=1024:{OPEN_FILES}",
         "--link-journal=no",
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
@@ -131,7 +134,6 @@ def launch_argv(
     argv: list[str],
     procs_files: list[Path],
     user_namespaced: bool,
-    console_log_bytes: int,
     *,
     scope: str | None = None,
     limits: Limits | None = None,
@@ -143,18 +145,18 @@ def launch_argv(
     and execs the rest in place, so the PID spawned is still nspawn's.
 
     User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
-    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies). nspawn's
-    file-size limit bounds the console log (it is nspawn's stdout): SIGXFSZ ignored, a write past
-    it fails and nspawn stops the workspace, instead of a console flood filling the host's disk.
-    ``argv`` gives the container ``--rlimit=RLIMIT_FSIZE=infinity`` so the limit stays nspawn's.
+    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies).
+
+    No resource limit is set here: whatever nspawn runs under, every process in the container
+    inherits (a file-size limit meant for the console log once reached them all, issue 28). The
+    console log is bounded by the copier nspawn's output goes to (``NspawnRuntime.start``).
     """
     env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
-    bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", f"--fsize={console_log_bytes}", "--"]
     if scope is not None:
         if limits is None or procs_files:
             raise InvalidSpec("a scope takes limits and no cgroup.procs files")
-        return scopes.scope_argv(scope, limits, [*bounded, *env, *argv])
-    return join_argv(procs_files, [*bounded, *env, *argv])
+        return scopes.scope_argv(scope, limits, [*env, *argv])
+    return join_argv(procs_files, [*env, *argv])
 
 
 class NspawnState(RuntimeState):
@@ -229,9 +231,22 @@ class NspawnRuntime(Runtime):
     def _mounts(self, record: WorkspaceRecord) -> RootMounts:
         return RootMounts(self._paths(record).runtime / "mnt")
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root layer's size: ``root_layer_mib``, at most half of ``memory_mib``; the open files nspawn
+        can give (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`).
+
+        The layer is a tmpfs whose pages count against the workspace's memory (no swap). Larger
+        than the memory left to it, filling it would not fail with ENOSPC but wake the OOM killer,
+        which ends some process of the workspace (whichever uses the most memory, not the writer).
+        """
+        if limits.disk_mib is not None:
+            return limits
+        return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2),
+                                         "open_files": hostcaps.open_files_ceiling(OPEN_FILES)})
+
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
-        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
@@ -357,7 +372,12 @@ class NspawnRuntime(Runtime):
                     self._cgroups().prepare, record.name, base, self._limits(record)
                 )
             state = state.model_copy(update={"cgroups": manager})
-            record = self.with_state(record, state)
+            # A record made before disk_mib existed gets it now (reported from this start on). A privileged
+            # container's root is nspawn's own --volatile tmpfs, which no bound of ours sizes: none reported.
+            limits = self._limits(record)
+            root_layer_mib = limits.disk_mib or self.settings.root_layer_mib
+            limits = limits.model_copy(update={"disk_mib": root_layer_mib if base is not None else None})
+            record = self.with_state(record, state).model_copy(update={"limits": limits})
             if base is not None:
                 await anyio.to_thread.run_sync(
                     lambda: rootfs.mount_all(
@@ -367,7 +387,7 @@ class NspawnRuntime(Runtime):
                         claude_config=paths.claude_config,
                         host_keys=paths.ssh_host_keys,
                         uid_base=base,
-                        root_layer_mib=self.settings.root_layer_mib,
+                        root_layer_mib=root_layer_mib,
                         user_ids=(self.settings.user_uid, self.settings.user_uid),
                     )
                 )
@@ -382,18 +402,10 @@ class NspawnRuntime(Runtime):
                 tag=self._tag(record),
             )
             await progress("booting the container", None)
-            process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(
-                    launch_argv(
-                        argv, procs, base is not None, self.settings.console_log_mib << 20,
-                        scope=self._scope(record) if manager == "systemd" else None,
-                        limits=self._limits(record),
-                    ),
-                    paths.console_log,
-                    tag=self._tag(record),
-                    missing_hint=_NSPAWN_MISSING,
-                )
-            )
+            launch = launch_argv(argv, procs, base is not None,
+                                 scope=self._scope(record) if manager == "systemd" else None,
+                                 limits=self._limits(record))  # fmt: skip
+            process = await anyio.to_thread.run_sync(lambda: self._spawn(record, launch))
             state = state.model_copy(update={"process": process})
             record = self.with_state(record, state)
             leader = await self._find_leader(process, self.settings.boot_timeout_s)
@@ -415,6 +427,21 @@ class NspawnRuntime(Runtime):
                 await self.stop(record)
             raise
         return record
+
+    def _spawn(self, record: WorkspaceRecord, argv: list[str]) -> ProcessRef:
+        """Start nspawn with its output (the container's console) in a pipe to the bounded log copier.
+
+        The log keeps the first ``console_log_mib`` MiB and the copier drops the rest, so a
+        container flooding its console neither fills the host's disk nor is stopped for it, and
+        no limit of the log's reaches the workspace. The copier carries the workspace's tag (stop,
+        destroy and the reconcile end it with nspawn) and ends by itself at EOF, when nspawn exits.
+        """
+        log = self._paths(record).console_log
+        _, write_end = supervise.spawn_bounded_sink(log, self.settings.console_log_mib << 20, tag=self._tag(record))
+        try:
+            return supervise.spawn(argv, log, tag=self._tag(record), missing_hint=_NSPAWN_MISSING, stdout=write_end)
+        finally:
+            os.close(write_end)  # nspawn holds the only write end now: its exit is the copier's EOF
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
@@ -477,6 +504,12 @@ class NspawnRuntime(Runtime):
 
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """From the cgroups this server made at its start (a systemd scope's are not read: None)."""
+        if self.state(record).cgroups == "systemd":
+            return None
+        return await anyio.to_thread.run_sync(self._cgroups().oom_kills, record.name)
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)

@@ -268,6 +268,28 @@ class CgroupHost:
                     break
         return out
 
+    def oom_kills(self, name: str) -> int | None:
+        """OOM kills in workspace ``name``'s cgroups since they were made (at its start); None if unreadable."""
+        dirs = self.layout.workspace_dirs(name, self.group)
+        where = self.layout.where("memory")
+        if where == "v2":
+            return oom_kills_in(dirs["unified"], v2=True)
+        return oom_kills_in(dirs["memory"], v2=False) if where == "v1" else None
+
+    def oom_kills_of(self, pid: int, top: str) -> int | None:
+        """OOM kills under the cgroup named ``top`` among the ancestors of process ``pid``'s memory cgroup
+        (e.g. an Incus container's ``lxc.payload.NAME``); None when ``pid`` is gone or not under one."""
+        try:
+            own = parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+        except OSError:
+            return None
+        v2 = self.layout.where("memory") == "v2"
+        key, mount = ("", self.layout.unified) if v2 else ("memory", self.layout.v1.get("memory", (None, ""))[0])
+        parts = own.get(key, "").strip("/").split("/")
+        if mount is None or top not in parts:
+            return None
+        return oom_kills_in(mount.joinpath(*parts[: parts.index(top) + 1]), v2=v2)
+
     def remove(self, name: str, timeout_s: float = 10.0) -> None:
         """Kill whatever is left in workspace ``name``'s cgroups and remove them; nothing if absent.
 
@@ -308,6 +330,34 @@ class CgroupHost:
                 if d.is_dir() and st.st_uid != 0:
                     out.add(st.st_uid)
         return out
+
+
+def oom_kills_in(top: Path, *, v2: bool) -> int | None:
+    """The OOM kills counted in memory cgroup ``top`` and below; None if it cannot be read.
+
+    v2's ``memory.events`` counts the subtree already; v1 counts a kill only in the victim's own
+    cgroup (``memory.oom_control``), so the subtree is summed (an Incus container's systemd makes
+    cgroups of its own in v1 too).
+    """
+    try:
+        if v2:
+            return _field((top / "memory.events").read_text(), "oom_kill")
+        total = 0
+        for dirpath, _, files in os.walk(top):
+            if "memory.oom_control" in files:
+                total += _field((Path(dirpath) / "memory.oom_control").read_text(), "oom_kill") or 0
+        return total if top.is_dir() else None
+    except OSError:
+        return None
+
+
+def _field(text: str, key: str) -> int | None:
+    """The value of ``key`` in a cgroup ``key value`` file (memory.events, memory.oom_control)."""
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key and v.strip().isdigit():
+            return int(v)
+    return None
 
 
 def _kill_all(top: Path) -> None:

@@ -125,8 +125,9 @@ class _Files:
         self.guest_meta = paths.runtime / "guest"
 
 
-def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
-    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address."""
+def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str, tasks: int | None = None) -> str:
+    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address, and
+    ``tasks`` as the guest's threads-max (the whole VM's processes and threads, as a container's pids.max)."""
     return " ".join([
         "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "panic=-1",
         "quiet", "systemd.show_status=1",  # the kernel's chatter off, the units' progress on: workspace_logs
@@ -134,6 +135,7 @@ def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
         "cryptomgr.notests",  # the crypto self-tests cost seconds of emulated CPU on every boot
         "net.ifnames=0",  # no udev in the guest: the NIC stays eth0, as vm-net expects
         "fsck.mode=skip", f"systemd.hostname={name}", f"sandbox_mcp.net={ip}/{prefixlen},{gateway}",
+        *([f"sysctl.kernel.threads-max={int(tasks)}"] if tasks is not None else []),
     ])  # fmt: skip
 
 
@@ -253,6 +255,7 @@ class QemuRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    own_kernel = True
     State = QemuState
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -324,6 +327,12 @@ class QemuRuntime(Runtime):
         """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
         return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root disk's size (``vm_disk_gib``): it bounds what the guest writes outside the workspace dir."""
+        if limits.disk_mib is not None:
+            return limits
+        return limits.model_copy(update={"disk_mib": self.settings.vm_disk_gib << 10})
+
     def assigned(self, record: WorkspaceRecord) -> bool:
         """A VM registered before qemu ran unprivileged has no uid of its own yet."""
         return self.state(record).uid is not None
@@ -343,9 +352,14 @@ class QemuRuntime(Runtime):
         """Refuse a VM on a host that cannot run one, before anything is made.
 
         Raises:
-            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install), or
+            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install),
+                ``cpus`` is a fraction (a VM has whole vCPUs; nothing would hold it to the fraction), or
                 egress is asked for where NAT is off.
         """
+        if record.limits is not None and not float(record.limits.cpus).is_integer():
+            raise InvalidSpec(f"cpus={record.limits.cpus:g}: a VM gets whole vCPUs; ask for "
+                              f"cpus={max(1, math.ceil(record.limits.cpus))}, or use type 'container' or 'incus' "
+                              "for a fraction of a CPU")
         missing = [p for p in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4") if shutil.which(p) is None]
         if missing:
             raise InvalidSpec(f"type 'vm' needs {', '.join(missing)} on this host; install them (Debian/Ubuntu: "
@@ -417,9 +431,10 @@ class QemuRuntime(Runtime):
                 await self.network.detach_tap(record.name)
                 self._remove_boot_files(files)
             raise
-        return self.with_state(
-            record, state.model_copy(update={"process": process, "accelerator": accel.accelerator})
-        )
+        record = self.with_state(record, state.model_copy(update={"process": process, "accelerator": accel.accelerator}))
+        if record.limits is not None:  # a record made before disk_mib existed gets it now
+            record = record.model_copy(update={"limits": self.complete_limits(record.limits)})
+        return record
 
     def _spawn(self, record: WorkspaceRecord, uid: int, key: str, image: VmArtefacts, accelerator: Accelerator,
                groups: list[int]) -> ProcessRef:
@@ -464,7 +479,8 @@ class QemuRuntime(Runtime):
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
-                                       gateway=str(self.settings.host_ip)),
+                                       gateway=str(self.settings.host_ip),
+                                       tasks=record.limits.tasks if record.limits else self.settings.tasks_max),
                 firmware=qboot(),
             )
             userns = keep(idmap.userns_with_map([(inside, uid, 1)], [(inside, uid, 1), *((g, g, 1) for g in groups)]))
