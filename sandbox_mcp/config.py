@@ -191,6 +191,44 @@ class Settings(BaseModel):
     copy_claude_credentials: bool = Field(
         default=False, description="Copy the host user's Claude credentials into new workspaces"
     )
+    egress_max_connections: int = Field(
+        default=512, ge=1, le=1 << 20,
+        description="Connections one workspace with egress may have open at once (new ones past it are dropped), "
+        "so one workspace cannot fill the host's connection tracking table",
+    )
+    uid_max_workspaces: int = Field(
+        default=10, ge=1, description="Workspaces one user may have at once through the daemon (root: no limit)"
+    )
+    uid_max_cpus: float | None = Field(
+        default=None, gt=0,
+        description="Sum of the cpus of one user's workspaces through the daemon; default: 4 x the host's CPUs",
+    )
+    uid_max_memory_mib: int | None = Field(
+        default=None, ge=128,
+        description="Sum of the memory_mib of one user's workspaces through the daemon; default: twice the host's "
+        "memory (memory limits are caps, not reservations)",
+    )
+    uid_max_connections: int = Field(
+        default=16, ge=1, description="Connections one user may hold open to the daemon at once (root: no limit)"
+    )
+    uid_max_calls: int = Field(
+        default=32, ge=1, description="Tool calls one user may have running in the daemon at once (root: no limit)"
+    )
+    daemon_line_kib: int = Field(
+        default=1024, ge=64, le=1 << 20,
+        description="Bytes of one message the daemon buffers per connection without a large-message slot (KiB). "
+        "Longer ones (a big write_file) wait for one of daemon_large_messages slots, one per user at a time",
+    )
+    daemon_large_messages: int = Field(
+        default=2, ge=1, le=64,
+        description="Messages longer than daemon_line_kib the daemon receives at once (each up to the largest "
+        "write_file payload), so its memory stays bounded whatever its clients send",
+    )
+    image_variants_max: int = Field(
+        default=24, ge=1,
+        description="Package sets with a cached image of their own; a create asking for a new one past this is "
+        "refused until an administrator prunes (`sandbox-mcp image prune`)",
+    )
     http_token: SecretStr | None = Field(
         default=None,
         description="Bearer token the HTTP transport requires; unset: one generated into "

@@ -13,6 +13,11 @@ process), so a loosened socket mode still lets nobody else in. The peer's uid is
 session: the tools get an :class:`OwnedManager` for it (root sees every workspace, others only
 their own). When a connection ends, whatever it still runs is cancelled; a cancelled create
 undoes itself, so a client that goes away mid-create leaves nothing behind.
+
+Fair sharing (:mod:`fairshare`): connections and running calls are counted per uid, every
+message is read with a bound (a small one unless the connection holds one of the few
+large-message slots), and the manager bounds each user's workspaces, CPUs and memory; root is
+held to the message bounds only.
 """
 
 from __future__ import annotations
@@ -35,19 +40,19 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.buffered import BufferedByteReceiveStream  # _refuse's few small lines
 from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
 from .config import Settings
-from .errors import AccessDenied, InvalidSpec, InvalidState, SandboxError
+from .errors import AccessDenied, InvalidSpec, InvalidState, LimitExceeded, SandboxError
+from .fairshare import LineTooLong, MessageReader, UserShares
 from .manager import WorkspaceManager
 from .owners import OwnedManager
 from .userkeys import UserKeys
 
 __all__ = [
-    "MAX_LINE_BYTES",
     "Peer",
     "authorize",
     "bind_socket",
@@ -59,8 +64,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# One JSON-RPC message per line; write_file's base64 payload (64 MiB decoded by default) fits.
-MAX_LINE_BYTES = 128 << 20
 _PEER_UID: contextvars.ContextVar[int] = contextvars.ContextVar("sandbox_mcp_peer_uid")
 
 
@@ -115,10 +118,11 @@ def authorize(peer: Peer, group_gid: int | None, group_name: str) -> None:
 
 
 class _SocketLines:
-    """Async iterator of the lines a peer sends; at EOF it calls ``on_eof`` (the connection is over)."""
+    """Async iterator of the lines a peer sends, each bounded (:class:`~sandbox_mcp.fairshare.MessageReader`);
+    at EOF, or a line past the bounds, it calls ``on_eof`` (the connection is over)."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, on_eof: Callable[[], None]) -> None:
-        self._buffered = BufferedByteReceiveStream(stream)
+    def __init__(self, reader: MessageReader, on_eof: Callable[[], None]) -> None:
+        self._reader = reader
         self._on_eof = on_eof
 
     def __aiter__(self) -> _SocketLines:
@@ -126,12 +130,12 @@ class _SocketLines:
 
     async def __anext__(self) -> str:
         try:
-            line = await self._buffered.receive_until(b"\n", MAX_LINE_BYTES)
+            line = await self._reader.receive_line()
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._on_eof()
             raise StopAsyncIteration from None
-        except anyio.DelimiterNotFound:
-            log.warning("a peer sent a line over %d bytes; closing its connection", MAX_LINE_BYTES)
+        except LineTooLong as exc:
+            log.warning("closing a connection: %s", exc)
             self._on_eof()
             raise StopAsyncIteration from None
         return line.decode("utf-8", errors="replace")
@@ -153,7 +157,7 @@ class _SocketWriter:
         return None
 
 
-async def _refuse(stream: anyio.abc.ByteStream, error: AccessDenied) -> None:
+async def _refuse(stream: anyio.abc.ByteStream, error: SandboxError) -> None:
     """Answer the peer's requests with the refusal (so its client shows why), then hang up.
 
     Every request gets it, not only the first: a client that opens with one request and falls back
@@ -184,9 +188,11 @@ def lowlevel_server(server: MCPServer) -> Server[Any]:
 
 
 async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, group_gid: int | None,
-                           group_name: str) -> None:  # fmt: skip
+                           group_name: str, shares: UserShares | None = None) -> None:  # fmt: skip
     """One MCP session over one accepted connection, bound to its peer's uid; ends (cancelling
-    whatever still runs) when the peer hangs up."""
+    whatever still runs) when the peer hangs up. ``shares`` bounds the peer's connections and
+    messages (the daemon's; a fresh one with the default settings if not given)."""
+    shares = shares or UserShares(Settings())
     sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
     try:
         peer = peer_credentials(sock)
@@ -195,6 +201,17 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
         log.warning("refused a connection: %s", exc)
         await _refuse(stream, exc)
         return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(shares.connection(peer.uid))
+        except LimitExceeded as exc:
+            log.warning("refused a connection: %s", exc)
+            await _refuse(stream, exc)
+            return
+        await _serve_peer(server, stream, peer, shares)
+
+
+async def _serve_peer(server: MCPServer, stream: anyio.abc.SocketStream, peer: Peer, shares: UserShares) -> None:
     _PEER_UID.set(peer.uid)  # read by the session's lifespan, entered in this task
     lowlevel = lowlevel_server(server)
     async with stream, anyio.create_task_group() as tg:
@@ -203,12 +220,12 @@ async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, gr
             tg.cancel_scope.cancel()
             log.info("uid %d (pid %d) hung up; cancelled what its session still ran", peer.uid, peer.pid)
 
-        lines = _SocketLines(stream, on_eof=hang_up)
+        lines = _SocketLines(MessageReader(stream, shares, peer.uid), on_eof=hang_up)
         async with stdio_server(lines, _SocketWriter(stream)) as (read, write):  # type: ignore[arg-type]
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
 
-def _connection_lifespan(manager: WorkspaceManager, keys: UserKeys) -> Callable[[MCPServer], Any]:
+def _connection_lifespan(manager: WorkspaceManager, keys: UserKeys, shares: UserShares) -> Callable[[MCPServer], Any]:
     @asynccontextmanager
     async def lifespan(server: MCPServer) -> AsyncIterator[OwnedManager]:
         uid = _PEER_UID.get()
@@ -217,7 +234,7 @@ def _connection_lifespan(manager: WorkspaceManager, keys: UserKeys) -> Callable[
                 await anyio.to_thread.run_sync(keys.ensure_published, uid)
             except (SandboxError, OSError) as exc:
                 log.warning("could not publish uid %d's SSH key: %s", uid, exc)
-        yield OwnedManager(manager, uid)
+        yield OwnedManager(manager, uid, shares)
 
     return lifespan
 
@@ -294,12 +311,19 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
 
     if os.geteuid() != 0:
         raise InvalidState("the daemon runs as root: `sudo sandbox-mcp daemon` (or its systemd unit)")
+    if settings.copy_claude_credentials:
+        raise InvalidSpec(
+            "copy_claude_credentials would copy root's Claude credentials into every user's workspaces; the "
+            "daemon refuses it. Unset SANDBOX_MCP_COPY_CLAUDE_CREDENTIALS (users log in inside their workspace, "
+            "or write their own credentials file into it)"
+        )
     gid = _group_gid(settings.daemon_group)
     path = settings.daemon_socket
     async with WorkspaceManager(settings) as manager:
         keys = UserKeys(settings)
         manager.owner_keys = keys.public_key  # users ssh into their own workspaces (userkeys.py)
-        server = build_server(settings, lifespan=_connection_lifespan(manager, keys))
+        shares = UserShares(settings)
+        server = build_server(settings, lifespan=_connection_lifespan(manager, keys, shares))
         sock = bind_socket(path, gid)
         ours = path.stat().st_ino
         try:
@@ -309,7 +333,9 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
                 ready()
             async with listener, anyio.create_task_group() as tg:
                 tg.start_soon(_stop_on_signal, tg.cancel_scope)
-                await listener.serve(lambda stream: serve_connection(server, stream, gid, settings.daemon_group))
+                await listener.serve(
+                    lambda stream: serve_connection(server, stream, gid, settings.daemon_group, shares)
+                )
         finally:
             # Only remove the socket if it is still ours (a new daemon may have replaced it).
             with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ __all__ = [
     "Conflict",
     "InvalidSpec",
     "InvalidState",
+    "LimitExceeded",
     "SandboxError",
     "SSHError",
     "Unsupported",
@@ -88,6 +89,11 @@ class Conflict(SandboxError):
 
 class AccessDenied(SandboxError, PermissionError):
     """The caller may not use the daemon (not root, not in its group)."""
+
+
+class LimitExceeded(SandboxError):
+    """A limit that shares the host fairly is reached: a user's workspaces, CPUs, memory, connections or
+    concurrent calls, or the host's image variants. The message names the limit and what to do."""
 
 
 class InvalidState(SandboxError):

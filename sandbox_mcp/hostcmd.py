@@ -83,7 +83,7 @@ def escalate(argv: Sequence[str], escalation: Escalation) -> list[str]:
 
 
 def _check_unit(unit: str) -> str:
-    if not isinstance(unit, str) or not _UNIT_RE.match(unit):
+    if not isinstance(unit, str) or not _UNIT_RE.fullmatch(unit):
         raise InvalidSpec(f"{unit!r} is not a valid systemd unit name")
     return unit
 
@@ -108,7 +108,7 @@ def systemctl_show_argv(unit: str, props: Sequence[str]) -> list[str]:
     Raises:
         InvalidSpec: no properties, a malformed property or unit name.
     """
-    if not props or any(not _PROPERTY_RE.match(p) for p in props):
+    if not props or any(not _PROPERTY_RE.fullmatch(p) for p in props):
         raise InvalidSpec(f"invalid systemd property list {list(props)!r}")
     return ["systemctl", "show", "-p", ",".join(props), _check_unit(unit)]
 

@@ -17,11 +17,14 @@ Two maps (BASE = the workspace's first host uid, see :func:`naming.allocate_uid_
 * :func:`root_map` for the image (the overlay's lower layer) and the read-only host keys:
   disk uid ``u`` appears as ``BASE+u``, i.e. as ``u`` inside the container.
 * :func:`share_map` for the directories the workspace shares with the host user (workspace,
-  Claude config): disk ``1..65535`` appear as ``BASE+1..``, so the agent's files are the host
-  user's (``user_uid`` on both sides), and container root (``BASE``) writes as host uid
-  ``BASE``, an unprivileged uid of the workspace's own range, never as host root. Host-root
-  files there show up as ``nobody`` inside and cannot be created from inside.
-  Mounted ``nosuid,nodev`` as well.
+  Claude config): exactly one id each way, the directory's owner (uid and gid on disk) as the
+  workspace user (``BASE+user_uid`` in the kernel's view), so the agent's files are the host
+  owner's and nothing else inside has a host id there. Container root (``BASE``) and every other
+  id of the range are unmapped on this mount: whatever they try to create there fails
+  (``EOVERFLOW``), a ``chown``/``chgrp`` to any other id fails (``EINVAL``), and host-root files
+  show up as ``nobody``. Root inside can still change the owner's own files (it is root in the
+  namespace that maps their owner), so a setuid bit makes at most a program setuid to the owner,
+  in the owner's 0700 workspace dir; mounted ``nosuid,nodev`` as well.
 """
 
 from __future__ import annotations
@@ -94,14 +97,21 @@ def root_map(base: int) -> list[tuple[int, int, int]]:
     return [(0, base, RANGE)]
 
 
-def share_map(base: int) -> list[tuple[int, int, int]]:
-    """Host-shared directories: disk ``1..65535`` as ``base+1..``, container root writes as disk ``base``.
+def share_map(base: int, owner: tuple[int, int], inside: tuple[int, int]) -> tuple[IdMap, IdMap]:
+    """The uid and gid maps of a host-shared directory: its owner on disk (``owner`` = uid, gid) as the
+    workspace user (``inside`` = uid, gid in the image), and no other id.
 
     Raises:
-        InvalidSpec: ``base`` is not a multiple of 65536 (or is 0).
+        InvalidSpec: ``base`` is not a multiple of 65536 (or is 0), ``inside`` is out of the range, or the
+            owner is root (its files would be root's on the host).
     """
     _check_base(base)
-    return [(1, base + 1, RANGE - 1), (base, base, 1)]
+    (uid, gid), (in_uid, in_gid) = owner, inside
+    if not (0 < in_uid < RANGE and 0 < in_gid < RANGE):
+        raise InvalidSpec(f"the workspace user's ids {inside} are not inside a {RANGE}-id range")
+    if uid == 0 or gid == 0:
+        raise InvalidSpec("a shared directory belongs to root; chown it to the workspace's owner and start again")
+    return [(uid, base + in_uid, 1)], [(gid, base + in_gid, 1)]
 
 
 def format_map(idmap: IdMap) -> str:
@@ -193,15 +203,17 @@ def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid
         os.close(nsfd)
 
 
-def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0) -> None:
-    """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied.
+def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0,
+                   gid_map: IdMap | None = None) -> None:
+    """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied (gids:
+    ``gid_map``, default the same).
 
     ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``. Unmount with ``umount``.
 
     Raises:
         BackendError: the kernel or the file system refused (the message says which step).
     """
-    fd = detached_idmapped_tree(source, idmap, extra_attrs)
+    fd = detached_idmapped_tree(source, idmap, extra_attrs, gid_map)
     try:
         if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH):
             raise _syscall_fail("move_mount", target)

@@ -29,6 +29,7 @@ from .errors import (
     Conflict,
     InvalidSpec,
     InvalidState,
+    LimitExceeded,
     SandboxError,
     Unsupported,
     WorkspaceExists,
@@ -85,9 +86,18 @@ def parse_mode(mode: str | int | None) -> int | None:
         if isinstance(mode, int) and not 0 <= mode <= 0o777:
             raise InvalidSpec(f"mode {mode} is out of range; use octal text such as '644' or '755'")
         return mode
-    if not _MODE_RE.match(mode):
+    if not _MODE_RE.fullmatch(mode):
         raise InvalidSpec(f"mode {clip_repr(mode)} is not an octal file mode; use e.g. '644' or '0755'")
     return int(mode, 8)
+
+
+def _host_memory_mib() -> int:
+    """The host's memory (MemTotal), MiB."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 1 << 22
 
 
 class WorkspaceManager:
@@ -123,7 +133,11 @@ class WorkspaceManager:
 
     async def open(self) -> None:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self.settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        if state.stat().st_uid == os.geteuid():
+            # Owners pass through to their own workspace dirs; nobody lists whose workspaces are here.
+            state.chmod(0o711)
         # The server's own keys, tokens and locks: nobody else's business.
         own_dir(self.client_key_path.parent, os.geteuid(), os.getegid(), 0o700)
         self.client_public_key = await anyio.to_thread.run_sync(ssh.ensure_client_key, self.client_key_path)
@@ -342,6 +356,8 @@ class WorkspaceManager:
         runtime = self._runtime_for_type(spec.type)
         packages = validate_packages(spec.packages, runtime.package_flavour)
         limits = self._limits(runtime, spec.type, spec.cpus, spec.memory_mib)
+        if packages:
+            await anyio.to_thread.run_sync(self._check_image_variants, runtime, packages)
         source = await self._repo_source(spec, owner_uid)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
@@ -439,6 +455,8 @@ class WorkspaceManager:
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
                 raise WorkspaceExists(name)
+            if owner_uid not in (None, 0):
+                self._check_share(owner_uid, [r for r in data.workspaces.values() if r.owner_uid == owner_uid], limits)
             check_identity_collisions(name, {n: (r.mac, r.cid) for n, r in data.workspaces.items()})
             taken = {r.ip for r in data.workspaces.values()} | live
             record = WorkspaceRecord(
@@ -459,6 +477,56 @@ class WorkspaceManager:
             record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
             data.workspaces[name] = record
         return record
+
+    def _check_share(self, uid: int, theirs: list[WorkspaceRecord], limits: Limits | None) -> None:
+        """One user's fair share through the daemon: workspaces, and the sums of their CPUs and memory.
+
+        Checked in the registry transaction that registers the workspace, so two creates racing
+        cannot both take the last place.
+
+        Raises:
+            LimitExceeded: the new workspace would go past one of them (the message names it).
+        """
+        s = self.settings
+        if len(theirs) >= s.uid_max_workspaces:
+            raise LimitExceeded(
+                f"uid {uid} already has {len(theirs)} workspaces, the most one user may have "
+                f"(uid_max_workspaces = {s.uid_max_workspaces}); destroy one you no longer need "
+                "(list_workspaces, destroy_workspace) and create again"
+            )
+        if limits is None:
+            return
+        used_cpus = sum(r.limits.cpus for r in theirs if r.limits)
+        max_cpus = s.uid_max_cpus or 4.0 * (os.cpu_count() or 1)
+        if used_cpus + limits.cpus > max_cpus + 1e-9:
+            raise LimitExceeded(
+                f"uid {uid}'s workspaces have {used_cpus:g} cpus; {limits.cpus:g} more would pass the "
+                f"{max_cpus:g} one user may have (uid_max_cpus); create with fewer cpus, or destroy one"
+            )
+        used_mib = sum(r.limits.memory_mib for r in theirs if r.limits)
+        max_mib = s.uid_max_memory_mib or 2 * _host_memory_mib()
+        if used_mib + limits.memory_mib > max_mib:
+            raise LimitExceeded(
+                f"uid {uid}'s workspaces have {used_mib} MiB of memory; memory_mib={limits.memory_mib} more would "
+                f"pass the {max_mib} MiB one user may have (uid_max_memory_mib); create with a smaller "
+                "memory_mib, or destroy one"
+            )
+
+    def _check_image_variants(self, runtime: Runtime, packages: list[str]) -> None:
+        """A new package set makes a new cached image (hundreds of MiB): at most ``image_variants_max`` of them.
+
+        Raises:
+            LimitExceeded: the set is new and the cache holds as many variants as allowed.
+        """
+        variants = {tuple(m.get("packages") or ()) for m in runtime.ctx.images.list_images()} - {()}
+        limit = self.settings.image_variants_max
+        if tuple(sorted(packages)) not in variants and len(variants) >= limit:
+            known = "; ".join(" ".join(v) for v in sorted(variants)[:5])
+            raise LimitExceeded(
+                f"this host already caches {len(variants)} images with packages (image_variants_max = {limit}); "
+                f"use a package set it has (e.g. {known}), or install what you need inside the workspace "
+                "with sudo apt-get, or ask an administrator to run `sandbox-mcp image prune`"
+            )
 
     def _assign(self, record: WorkspaceRecord, runtime: Runtime) -> WorkspaceRecord:
         """What ``runtime`` allocates per workspace, for a record registered without it (in the registry

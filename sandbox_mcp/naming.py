@@ -64,7 +64,7 @@ def validate_name(name: str) -> str:
             f"workspace name {clip_repr(name, 40)} is {len(name)} characters; the limit is {MAX_NAME_LEN} "
             f"(its network interface 'vm-NAME' must fit Linux's 15-character limit)"
         )
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidSpec(
             f"workspace name {clip_repr(name)} is invalid: use lowercase letters, digits and '-', "
             f"starting with a letter (e.g. 'web-2')"
@@ -83,7 +83,7 @@ def validate_packages(packages: Iterable[str], flavour: str = "debian") -> list[
     pattern = _DEB_PACKAGE_RE if flavour == "debian" else _NIX_ATTR_RE
     out = set()
     for pkg in packages:
-        if not isinstance(pkg, str) or not pattern.match(pkg) or len(pkg) > 128:
+        if not isinstance(pkg, str) or not pattern.fullmatch(pkg) or len(pkg) > 128:
             example = "'jq' or 'python3-venv'" if flavour == "debian" else "'ripgrep' or 'python3Packages.requests'"
             raise InvalidSpec(f"package {clip_repr(pkg)} is not a valid {flavour} package name; expected e.g. {example}")
         out.add(pkg)

@@ -10,6 +10,7 @@ themselves (whose record, whose kept directory) are in :mod:`sandbox_mcp.ownersh
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from .config import Settings
@@ -33,6 +34,7 @@ from .models import (
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
+    from .fairshare import UserShares
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
@@ -42,9 +44,14 @@ __all__ = ["OwnedManager"]
 class OwnedManager:
     """The workspaces of host user ``uid`` (all of them for root): a :class:`~sandbox_mcp.workspaces.Workspaces`."""
 
-    def __init__(self, manager: WorkspaceManager, uid: int) -> None:
+    def __init__(self, manager: WorkspaceManager, uid: int, shares: UserShares | None = None) -> None:
         self.manager = manager
         self.uid = uid
+        self.shares = shares  # the daemon's per-uid counters: each call holds one of the uid's call slots
+
+    def _call(self) -> contextlib.AbstractContextManager[None]:
+        """One of this user's running calls (see :meth:`fairshare.UserShares.call`); LimitExceeded past the limit."""
+        return self.shares.call(self.uid) if self.shares is not None else contextlib.nullcontext()
 
     @property
     def settings(self) -> Settings:
@@ -61,31 +68,38 @@ class OwnedManager:
 
     async def create(self, spec: CreateSpec, progress: Progress = no_progress) -> Workspace:
         """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
-        return await self.manager.create(spec, progress, owner_uid=self.uid)
+        with self._call():
+            return await self.manager.create(spec, progress, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.start(name, progress=progress, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.start(name, progress=progress, owner_uid=self._owner)
 
     async def stop(self, name: str) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.stop(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.stop(name, owner_uid=self._owner)
 
     async def destroy(self, name: str, keep_data: bool = False) -> DestroyResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.destroy(name, keep_data, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.destroy(name, keep_data, owner_uid=self._owner)
 
     async def list(self) -> WorkspaceList:
         """This user's workspaces (every workspace for root)."""
-        return await self.manager.list(owner_uid=self._owner)
+        with self._call():
+            return await self.manager.list(owner_uid=self._owner)
 
     async def status(self, name: str) -> WorkspaceStatus:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.status(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.status(name, owner_uid=self._owner)
 
     async def logs(self, name: str, lines: int = 200) -> LogsResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.logs(name, lines, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.logs(name, lines, owner_uid=self._owner)
 
     async def exec(
         self,
@@ -97,11 +111,13 @@ class OwnedManager:
         stdin: str | None = None,
     ) -> ExecResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.read_file(name, path, offset, limit, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.read_file(name, path, offset, limit, owner_uid=self._owner)
 
     async def write_file(
         self,
@@ -113,56 +129,68 @@ class OwnedManager:
         mode: str | int | None = None,
     ) -> WriteResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
 
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.list_dir(name, path, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.list_dir(name, path, owner_uid=self._owner)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.ssh_target(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.ssh_target(name, owner_uid=self._owner)
 
     async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.git_diff(name, stat_only, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.git_diff(name, stat_only, owner_uid=self._owner)
 
     async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
         """Fetch as this user (root: as the repository's owner). Raises WorkspaceNotFound for another user's
         workspace, else what the manager raises."""
-        return await self.manager.git_fetch(name, include_uncommitted, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.git_fetch(name, include_uncommitted, owner_uid=self._owner)
 
     async def pause(self, name: str) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.pause(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.pause(name, owner_uid=self._owner)
 
     async def resume(self, name: str) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.resume(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.resume(name, owner_uid=self._owner)
 
     async def snapshot(
         self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
     ) -> SnapshotInfo:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.snapshot(name, snapshot, memory, progress, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.snapshot(name, snapshot, memory, progress, owner_uid=self._owner)
 
     async def list_snapshots(self, name: str) -> SnapshotList:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.list_snapshots(name, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.list_snapshots(name, owner_uid=self._owner)
 
     async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.delete_snapshot(name, snapshot, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.delete_snapshot(name, snapshot, owner_uid=self._owner)
 
     async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.restore(name, snapshot, progress, owner_uid=self._owner)
+        with self._call():
+            return await self.manager.restore(name, snapshot, progress, owner_uid=self._owner)
 
     async def fork(
         self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
     ) -> Workspace:
         """The fork is this user's. Raises WorkspaceNotFound for another user's workspace, else what the
         manager raises."""
-        if self._owner is None:  # root forks in the source owner's name (as the manager does)
-            return await self.manager.fork(name, new_name, snapshot, progress)
-        return await self.manager.fork(name, new_name, snapshot, progress, owner_uid=self._owner)
+        with self._call():
+            if self._owner is None:  # root forks in the source owner's name (as the manager does)
+                return await self.manager.fork(name, new_name, snapshot, progress)
+            return await self.manager.fork(name, new_name, snapshot, progress, owner_uid=self._owner)

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import onboarding, ssh
 from .config import Settings
 from .fsutil import own_dir
+from .identity import host_identity
 from .models import WorkspaceRecord
 from .ownership import claim_dir
 from .paths import WorkspacePaths
@@ -23,9 +24,13 @@ __all__ = ["prepare_state_dirs"]
 def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> str:
     """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
 
-    Root owns the workspace's own dirs (0755); the workspace dir belongs to the workspace user's
-    uid and keeps its mode when it is kept data. The host key is made once and pinned; the
-    Claude config is seeded as onboarding says. Returns the host key's fingerprint.
+    Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
+    lists it), the host keys and runtime dirs 0755. The workspace dir and the Claude config belong
+    to the workspace's owner (:func:`~sandbox_mcp.identity.host_identity`), 0700: another local user
+    reads nothing there, kept data included. The host key is made once and pinned; the Claude
+    config is seeded as onboarding says, with the server's own Claude credentials only for a
+    workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
+    would be root's). Returns the host key's fingerprint.
 
     Raises:
         Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.ownership.claim_dir`).
@@ -33,12 +38,13 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         InvalidSpec: an ``authorized`` line is not one public key.
     """
     paths = WorkspacePaths.of(settings.state_dir, record.name)
-    uid = gid = settings.user_uid
-    paths.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    uid, gid = host_identity(settings, record)
+    paths.root.mkdir(mode=0o711, parents=True, exist_ok=True)
     claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
-    for d in (paths.root, paths.ssh_host_keys, paths.runtime):
+    own_dir(paths.root, 0, 0, 0o711)
+    for d in (paths.ssh_host_keys, paths.runtime):
         own_dir(d, 0, 0, 0o755)
-    own_dir(paths.workspace, uid, gid, None)  # kept data keeps its mode
+    own_dir(paths.workspace, uid, gid, 0o700)
     fingerprint = ssh.ensure_host_key(paths.host_key)
     ssh.write_authorized_keys(paths.authorized_keys, authorized)
     credentials = onboarding.host_credentials_file(Path.home())
@@ -47,7 +53,7 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
         uid=uid,
         gid=gid,
-        copy_credentials_from=credentials if settings.copy_claude_credentials else None,
+        copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
     return fingerprint
 

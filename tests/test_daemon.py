@@ -238,8 +238,13 @@ async def _ssh_is_per_user(daemon: Daemon, accounts: Accounts) -> None:
     known_hosts.write_text(ssh.known_hosts_line(record.ip, host_key.with_name(host_key.name + ".pub")) + "\n")
     target = ssh.SSHTarget(key="dmine", host=record.ip, user=record.user, host_key_path=host_key,
                            client_key_path=bob_key, workspace_dir="/")  # fmt: skip
-    r = subprocess.run(as_user(bob, *ssh.ssh_argv(target, known_hosts, ["hostname"])), env=user_env(bob, daemon),
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    argv = ssh.ssh_argv(target, known_hosts, ["hostname"])
+    argv = [argv[0], "-o", "ConnectTimeout=5", *argv[1:]]
+    # Bob's packets do not even reach it: on the host only root and a workspace's owner may connect to it.
+    r = subprocess.run(as_user(bob, *argv), env=user_env(bob, daemon), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 255 and "timed out" in r.stderr, (r.returncode, r.stderr)
+    # And his key does not open it either (tried from root, whom the firewall lets through).
+    r = subprocess.run(argv, env=user_env(bob, daemon), capture_output=True, text=True, timeout=120)
     assert r.returncode == 255 and "Permission denied (publickey)" in r.stderr, (r.returncode, r.stderr)
 
 

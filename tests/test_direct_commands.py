@@ -5,6 +5,8 @@ The end-to-end tests run these commands for real; these pin them down case by ca
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,26 @@ def test_firewall_tables_are_ours_alone_and_replace_atomically() -> None:
     assert f'iifname "sandbox-br" meta mark {EGRESS_MARK:#x} ip daddr {{ 192.168.1.1 }} udp dport 53 accept' in lines
     assert "iifname @ports oifname @ports drop" in lines  # workspace to workspace
     assert "masquerade" not in base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False)
+    # An egress workspace keeps at most so many connections open; checked before it is let out.
+    limit = (f'iifname "sandbox-br" meta mark {EGRESS_MARK:#x} ct state new add @egress_conns '
+             "{ ip saddr ct count over 512 } drop")
+    assert lines.index(limit) < lines.index(f'iifname "sandbox-br" meta mark {EGRESS_MARK:#x} ip daddr != @closed accept')
+    assert "ct count over 7 " in base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False,
+                                             max_connections=7)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(InvalidSpec):
+            base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False, max_connections=bad)
+    no_host = base_script("sandbox-br", ipaddress.IPv4Network("192.168.83.0/24"), nat=False, host_access=False)
+    assert "chain output" not in no_host and "owners" not in no_host  # the NixOS rendering
+    # The host's own connections into the bridge: root's, and each workspace's owner's (admit_script).
+    i = lines.index("chain output {")
+    assert lines[i + 1 : i + 6] == [
+        "type filter hook output priority filter; policy accept;",
+        'oifname "sandbox-br" ct state established,related accept',
+        'oifname "sandbox-br" meta skuid 0 accept',
+        'oifname "sandbox-br" ip daddr vmap @owners',
+        'oifname "sandbox-br" drop',
+    ]
 
 
 def test_admit_and_revoke_a_port_exactly() -> None:
@@ -216,14 +238,62 @@ def test_admit_and_revoke_a_port_exactly() -> None:
         f"add rule bridge {t} port_sb_ws1 ether type != {{ ip, arp }} drop",
         f'add element bridge {t} ports {{ "sb-ws1" : jump port_sb_ws1 }}',
     ]  # fmt: skip
+    owned = admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee", ipaddress.IPv4Address("192.168.83.10"),
+                         egress=False, owner=1234)
+    assert owned.splitlines()[len(script.splitlines()):] == [  # who on the host may connect to it
+        f"add chain inet {t} host_sb_ws1", f"flush chain inet {t} host_sb_ws1",
+        f"add rule inet {t} host_sb_ws1 meta skuid 1234 accept",
+        f"add element inet {t} owners {{ 192.168.83.10 : jump host_sb_ws1 }}",
+    ]
+    for bad_owner in (-1, 2**32, True, "1000"):
+        with pytest.raises(InvalidSpec):
+            admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee", ipaddress.IPv4Address("192.168.83.10"),
+                         egress=False, owner=bad_owner)  # type: ignore[arg-type]
     assert "meta mark set" in admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee",
                                            ipaddress.IPv4Address("192.168.83.10"), egress=True)
-    listed = 'elements = { "sb-ws1" : jump port_sb_ws1 }\n\tchain port_sb_ws1 {\n'
+    listed = ('elements = { "sb-ws1" : jump port_sb_ws1 }\n\tchain port_sb_ws1 {\n'
+              "elements = { 192.168.83.10 : jump host_sb_ws1 }\n\tchain host_sb_ws1 {\n")
     assert admitted_ports(listed) == ["sb-ws1"]
     assert revoke_script("sandbox-br", "sb-ws1", listed).splitlines() == [
-        f'delete element bridge {t} ports {{ "sb-ws1" }}', f"delete chain bridge {t} port_sb_ws1"
+        f'delete element bridge {t} ports {{ "sb-ws1" }}', f"delete chain bridge {t} port_sb_ws1",
+        f"delete element inet {t} owners {{ 192.168.83.10 }}", f"delete chain inet {t} host_sb_ws1",
     ]
     assert revoke_script("sandbox-br", "sb-ws1", "") == ""
     with pytest.raises(InvalidSpec):
         admit_script("sandbox-br", "sb-ws1; flush ruleset", "02:aa:bb:cc:dd:ee",
                      ipaddress.IPv4Address("192.168.83.10"), egress=False)
+
+
+_UPGRADE = """
+import ipaddress, re, subprocess, sys
+from sandbox_mcp.hostnet import firewall as fw
+def nft(script):
+    subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
+def listed():
+    return subprocess.run(["nft", "list", "table", "inet", fw.table_name("br0")], capture_output=True,
+                          text=True, check=True).stdout
+full = fw.base_script("br0", ipaddress.IPv4Network("192.168.83.0/24"), nat=False)
+old = re.sub(r"    (set egress_conns|map owners|chain output) \\{[^}]*\\}\\n", "", full)
+old = "\\n".join(line for line in old.splitlines() if "ct count" not in line)
+assert "output" not in old and "owners" not in old
+nft(old)  # an older version's tables, with a workspace running
+nft(fw.upgrade_script("br0", listed()))
+nft(fw.admit_script("br0", "ve-x", "02:00:00:00:00:01", ipaddress.IPv4Address("192.168.83.10"), egress=True,
+                    owner=1000))
+now = listed()
+assert fw.upgrade_script("br0", now) == "" and "meta skuid 1000 accept" in now and "ct count over 512" in now
+nft(fw.revoke_script("br0", "ve-x", now))
+assert "host_ve_x" not in listed()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None,
+                    reason="loads the tables into nft in a network namespace of its own: needs root and nft")
+def test_tables_of_an_older_version_are_upgraded_in_place_and_nft_takes_every_script() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(["unshare", "--net", sys.executable, "-c", _UPGRADE], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr

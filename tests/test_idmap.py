@@ -18,11 +18,16 @@ BASE = 0xA0000
 
 def test_maps_are_exact() -> None:
     assert idmap.root_map(BASE) == [(0, BASE, 65536)]
-    assert idmap.share_map(BASE) == [(1, BASE + 1, 65535), (BASE, BASE, 1)]
-    assert idmap.format_map(idmap.share_map(BASE)) == f"1 {BASE + 1} 65535\n{BASE} {BASE} 1\n"
+    # Only the directory's owner (a daemon user, 1234:1235 on the host) maps, as the workspace user.
+    assert idmap.share_map(BASE, (1234, 1235), (1000, 1000)) == ([(1234, BASE + 1000, 1)], [(1235, BASE + 1000, 1)])
+    assert idmap.format_map(idmap.share_map(BASE, (1000, 100), (1000, 1000))[1]) == f"100 {BASE + 1000} 1\n"
     for bad in (0, 12345, 2**32):
         with pytest.raises(InvalidSpec):
-            idmap.share_map(bad)
+            idmap.share_map(bad, (1000, 1000), (1000, 1000))
+    for owner, inside in (((0, 1000), (1000, 1000)), ((1000, 0), (1000, 1000)), ((1000, 1000), (0, 1000)),
+                          ((1000, 1000), (1000, 65536))):  # fmt: skip
+        with pytest.raises(InvalidSpec):
+            idmap.share_map(BASE, owner, inside)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -42,13 +47,18 @@ def _check_shared_dir(top: Path) -> None:
     target.mkdir()
     (src / "hostroot").write_text("x")
     (src / "agent").write_text("x")
-    os.chown(src / "agent", 1000, 1000)
-    os.chown(src, 1000, 1000)  # as the manager makes it; a directory owned by an unmapped id is read-only
+    (src / "other").write_text("x")
+    os.chown(src / "agent", 1234, 1235)
+    os.chown(src / "other", 1000, 1000)  # another host user's file (someone else's uid 1000)
+    os.chown(src, 1234, 1235)  # as the manager makes it: the workspace's owner (here 1234:1235)
     os.chmod(src, 0o777)
-    idmap.idmapped_mount(src, target, idmap.share_map(BASE), idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV)
+    uids, gids = idmap.share_map(BASE, (1234, 1235), (1000, 1000))
+    idmap.idmapped_mount(src, target, uids, idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV, gid_map=gids)
     try:
-        assert (target / "agent").stat().st_uid == BASE + 1000  # the container's uid 1000
+        st = (target / "agent").stat()
+        assert (st.st_uid, st.st_gid) == (BASE + 1000, BASE + 1000)  # the container's uid 1000
         assert (target / "hostroot").stat().st_uid == 65534  # unmapped: nobody
+        assert (target / "other").stat().st_uid == 65534
         mountinfo = Path("/proc/self/mountinfo").read_text()
         line = next(ln for ln in mountinfo.splitlines() if f" {target} " in ln)
         assert "nosuid" in line and "nodev" in line and "idmapped" in line
@@ -59,9 +69,15 @@ def _check_shared_dir(top: Path) -> None:
                 check=True,
             )
 
-        touch_as(BASE, "by-container-root")
+        with pytest.raises(subprocess.CalledProcessError):  # container root has no id on this mount
+            touch_as(BASE, "by-container-root")
         touch_as(BASE + 1000, "by-agent")
-        assert (src / "by-container-root").stat().st_uid == BASE  # never host root
-        assert (src / "by-agent").stat().st_uid == 1000  # the host user
+        assert not (src / "by-container-root").exists()
+        st = (src / "by-agent").stat()
+        assert (st.st_uid, st.st_gid) == (1234, 1235)  # the host owner
+        for uid, gid in ((BASE + 6, BASE + 6), (BASE + 1000, BASE + 6), (0, 0)):
+            with pytest.raises(OSError):  # no other id can be given on the host
+                os.chown(target / "by-agent", uid, gid)
+        assert ((src / "by-agent").stat().st_uid, (src / "by-agent").stat().st_gid) == (1234, 1235)
     finally:
         subprocess.run(["umount", str(target)], check=True)

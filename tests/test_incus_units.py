@@ -35,8 +35,7 @@ def test_instance_body_exact() -> None:
         record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default",
         limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096, disk_mib=3072),
         nic={"nictype": "bridged", "parent": "sandbox-br"},
-        disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
-                             "shift": "true"}},
+        disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace"}},
     )  # fmt: skip
     assert body == {
         "name": "sbx-ws1",
@@ -62,8 +61,7 @@ def test_instance_body_exact() -> None:
             "root": {"type": "disk", "path": "/", "pool": "default", "size": "3072MiB"},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": "02:aa:bb:cc:dd:ee", "nictype": "bridged",
                      "parent": "sandbox-br"},
-            "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
-                          "shift": "true"},
+            "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace"},
         },
     }  # fmt: skip
 

@@ -123,3 +123,28 @@ def test_uid_bases_are_distinct_aligned_ranges() -> None:
     for _ in range(40):
         taken.append(allocate_uid_base(taken))
     assert len(set(taken)) == 40 and all(b % UID_RANGE == 0 and b >= first for b in taken)
+
+
+def test_no_validator_accepts_a_trailing_newline() -> None:
+    """`$` matches before a final newline: every validator matches the whole string instead."""
+    import ipaddress
+
+    from sandbox_mcp.hostnet import firewall
+    from sandbox_mcp.ssh.commands import agent_command, build_exec_command
+
+    for bad in ("ws1\n", "ws1\n\n"):
+        with pytest.raises(InvalidSpec):
+            validate_name(bad)
+    with pytest.raises(InvalidSpec):
+        validate_packages(["jq\n"])
+    with pytest.raises(InvalidSpec):
+        validate_packages(["ripgrep\n"], "nix")
+    with pytest.raises(InvalidSpec):
+        firewall.table_name("sandbox-br\n")
+    with pytest.raises(InvalidSpec):
+        firewall.admit_script("sandbox-br", "sb-ws1", "02:aa:bb:cc:dd:ee\n", ipaddress.IPv4Address("192.168.83.10"),
+                              egress=False)
+    with pytest.raises(InvalidSpec):
+        build_exec_command("true", cwd="/", env={"PATH\n": "x"}, timeout_s=1)
+    with pytest.raises(InvalidSpec):
+        agent_command("/usr/lib/agent.py\n")

@@ -225,3 +225,34 @@ async def test_egress_internet_needs_nat_on_the_host(settings: Settings) -> None
         with pytest.raises(InvalidSpec, match="SANDBOX_MCP_NAT=true"):
             await m.create(CreateSpec(name="nonat", egress="internet"))
         assert (await m.registry.read()).workspaces == {}
+
+
+_HOLD = """
+import socket
+held, refused = [], 0
+for _ in range(6):
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect(("198.51.100.2", 8080))
+        held.append(s)  # kept open: it counts against the limit
+    except OSError:
+        refused += 1
+print(len(held), refused)
+"""
+
+
+async def test_an_egress_workspace_keeps_at_most_its_connection_limit_open(
+    settings: Settings, upstream: subprocess.Popen[str]
+) -> None:
+    """One workspace cannot fill the host's connection tracking table: past ``egress_max_connections``
+    open connections its new ones are dropped (and once it closes them, it connects again)."""
+    limited = settings.model_copy(update={"nat": True, "egress_max_connections": 3})
+    async with WorkspaceManager(limited) as m:
+        try:
+            await m.create(CreateSpec(name="conns", egress="internet"))
+            r = await m.exec("conns", f"python3 -c '{_HOLD}'", timeout_s=60)
+            assert r.stdout.split() == ["3", "3"], r
+            assert await _curl(m, "conns", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
+        finally:
+            await destroy_all(m)

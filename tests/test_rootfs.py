@@ -60,8 +60,9 @@ def test_real_root_is_shifted_writable_bounded_and_leaves_the_image_alone(tmp_pa
         for d in ("ws", "claude", "keys"):
             (top / d).mkdir()
         os.chown(top / "ws", 1000, 1000)
+        os.chown(top / "claude", 1000, 1000)
         mount_all(m, image=image, workspace=top / "ws", claude_config=top / "claude", host_keys=top / "keys",
-                  uid_base=BASE, root_layer_mib=64)
+                  uid_base=BASE, root_layer_mib=64, user_ids=(1000, 1000))
         assert (m.root / "etc").stat().st_uid == BASE and m.root.stat().st_uid == BASE
         assert (m.workspace).stat().st_uid == BASE + 1000
         (m.root / "etc" / "planted").write_text("x")

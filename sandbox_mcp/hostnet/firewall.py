@@ -19,7 +19,14 @@ is touched, and deleting them removes everything we added):
     multicast and reserved space; DNS to the host's own resolvers is let through for those
     workspaces. Everything else from the bridge is dropped. (The mark is set on our side of the
     bridge; a packet's mark is cleared whenever it crosses network namespaces, so a workspace
-    cannot forge it.)
+    cannot forge it.) A marked workspace may keep at most ``max_connections`` connections open
+    at once (``ct count`` per source address, which anti-spoofing ties to its port), so one
+    workspace cannot fill the host's connection tracking table;
+  * ``output`` (direct mode; the NixOS rendering has none, its server runs as a user): the host's
+    own connections into the bridge come only from root (the server, its proxies) and from the
+    workspace's owner: each admitted address jumps to a chain of its port
+    that accepts its owner's uid (``meta skuid``); any other local user's packets are dropped,
+    so nobody else reaches a workspace's dev server, database or notebook;
   * ``postrouting``: masquerade what leaves the subnet, present only where settings allow NAT.
 
 Direct mode loads the tables and admits ports one by one; the NixOS module renders the same policy
@@ -43,6 +50,7 @@ from ..errors import BackendError, InvalidSpec
 __all__ = [
     "CLOSED_RANGES",
     "EGRESS_MARK",
+    "EGRESS_MAX_CONNECTIONS",
     "Policy",
     "PolicyPort",
     "admit_script",
@@ -56,11 +64,13 @@ __all__ = [
     "enable_forwarding",
     "table_exists",
     "table_name",
+    "upgrade_script",
 ]
 
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 EGRESS_MARK = 0x5B0E  # set by a workspace's port chain when it may go out
+EGRESS_MAX_CONNECTIONS = 512  # open connections one egress workspace may have at once (settings override)
 
 # Never reachable from a workspace, even one with egress "internet".
 CLOSED_RANGES = (
@@ -84,13 +94,17 @@ def table_name(bridge: str) -> str:
 
 
 def _ifname(name: str) -> str:
-    if not _IFNAME_RE.match(name):
+    if not _IFNAME_RE.fullmatch(name):
         raise InvalidSpec(f"{name!r} is not a plain interface name")
     return name
 
 
 def _port_chain(port: str) -> str:
     return "port_" + re.sub(r"[^A-Za-z0-9_]", "_", _ifname(port))
+
+
+def _host_chain(port: str) -> str:
+    return "host_" + re.sub(r"[^A-Za-z0-9_]", "_", _ifname(port))
 
 
 def base_script(
@@ -100,19 +114,37 @@ def base_script(
     nat: bool,
     nameservers: Sequence[ipaddress.IPv4Address] = (),
     local_dns: ipaddress.IPv4Address | None = None,
+    max_connections: int = EGRESS_MAX_CONNECTIONS,
+    host_access: bool = True,
 ) -> str:
     """The nft script that (re)creates both tables empty of workspaces.
 
     ``local_dns`` is a host address on the bridge serving DNS, which workspaces with egress may ask.
+    ``host_access`` adds the ``output`` chain: only root and each workspace's owner (admitted with
+    ``owner``) may connect to workspaces from the host. The NixOS rendering goes without it: there
+    the MCP server itself runs as a user, and workspaces have no per-user owners.
 
     Replacing a table drops its workspace ports, so callers load this only when the tables are
     missing (see :class:`~sandbox_mcp.hostnet.HostNetwork`) and then admit each running workspace.
 
     Raises:
-        InvalidSpec: a bridge name nft could misread.
+        InvalidSpec: a bridge name nft could misread, or a connection limit below 1.
     """
     t, br = table_name(bridge), _ifname(bridge)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise InvalidSpec(f"the egress connection limit must be a whole number ≥ 1, got {max_connections!r}")
     dns = ", ".join(str(ipaddress.IPv4Address(a)) for a in nameservers)
+    owners_map = "    map owners {\n        type ipv4_addr : verdict\n    }\n" if host_access else ""
+    output = (
+        f"""    chain output {{
+        type filter hook output priority filter; policy accept;
+        oifname "{br}" ct state established,related accept
+        oifname "{br}" meta skuid 0 accept
+        oifname "{br}" ip daddr vmap @owners
+        oifname "{br}" drop
+    }}
+""" if host_access else ""
+    )
     dns_rules = (
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} udp dport 53 accept\n"
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} tcp dport 53 accept\n"
@@ -154,7 +186,10 @@ table inet {t} {{
         type ipv4_addr; flags interval
         elements = {{ {", ".join(CLOSED_RANGES)} }}
     }}
-    chain input {{
+    set egress_conns {{
+        type ipv4_addr; size 65535; flags dynamic
+    }}
+{owners_map}    chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{br}" ct state established,related accept
 {local_dns_rules}        iifname "{br}" drop
@@ -162,25 +197,55 @@ table inet {t} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         oifname "{br}" ct state established,related accept
+        iifname "{br}" meta mark {EGRESS_MARK:#x} ct state new add @egress_conns {{ ip saddr ct count over {max_connections} }} drop
 {dns_rules}        iifname "{br}" meta mark {EGRESS_MARK:#x} ip daddr != @closed accept
         iifname "{br}" drop
         oifname "{br}" drop
     }}
-{masquerade}}}
+{output}{masquerade}}}
 """
 
 
-def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool) -> str:
-    """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet.
-
-    Idempotent: the port's chain is flushed and refilled.
+def upgrade_script(bridge: str, present: str, *, max_connections: int = EGRESS_MAX_CONNECTIONS) -> str:
+    """What tables loaded by an older version lack (the owners' output chain, the egress connection limit),
+    added in place so the running workspaces' ports stay; nothing when ``present`` has them.
 
     Raises:
-        InvalidSpec: a malformed port name or MAC.
+        InvalidSpec: as :func:`base_script`.
     """
-    t, chain = table_name(bridge), _port_chain(port)
-    if not _MAC_RE.match(mac):
+    if "chain output {" in present:
+        return ""
+    t, br = table_name(bridge), _ifname(bridge)
+    full = base_script(bridge, ipaddress.IPv4Network("192.0.2.0/24"), nat=False, max_connections=max_connections)
+    limit_rule = next(line.strip() for line in full.splitlines() if "ct count over" in line)
+    return (
+        f"add set inet {t} egress_conns {{ type ipv4_addr; size 65535; flags dynamic; }}\n"
+        f"add map inet {t} owners {{ type ipv4_addr : verdict; }}\n"
+        f"insert rule inet {t} forward {limit_rule}\n"
+        f"add chain inet {t} output {{ type filter hook output priority filter; policy accept; }}\n"
+        f'add rule inet {t} output oifname "{br}" ct state established,related accept\n'
+        f'add rule inet {t} output oifname "{br}" meta skuid 0 accept\n'
+        f'add rule inet {t} output oifname "{br}" ip daddr vmap @owners\n'
+        f'add rule inet {t} output oifname "{br}" drop\n'
+    )
+
+
+def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool,
+                 owner: int | None = None) -> str:
+    """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet;
+    let host uid ``owner`` (besides root) connect to ``ip`` (tables with host access, see :func:`base_script`;
+    None: nobody but root there, and nothing to add where the tables have no host access).
+
+    Idempotent: the port's chains are flushed and refilled.
+
+    Raises:
+        InvalidSpec: a malformed port name, MAC or owner uid.
+    """
+    t, chain, host = table_name(bridge), _port_chain(port), _host_chain(port)
+    if not _MAC_RE.fullmatch(mac):
         raise InvalidSpec(f"{mac!r} is not a lowercase MAC address")
+    if owner is not None and (isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner < 2**32 - 1):
+        raise InvalidSpec(f"{owner!r} is not a host uid")
     ip = ipaddress.IPv4Address(ip)
     lines = [
         f"add chain bridge {t} {chain}",
@@ -194,6 +259,11 @@ def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *,
     if egress:
         lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
     lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
+    if owner is not None:
+        # Who on the host may connect to it: the chain accepts the owner; whatever returns is dropped.
+        lines += [f"add chain inet {t} {host}", f"flush chain inet {t} {host}",
+                  f"add rule inet {t} {host} meta skuid {owner} accept",
+                  f"add element inet {t} owners {{ {ip} : jump {host} }}"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -226,18 +296,22 @@ def ruleset(policy: Policy) -> str:
         InvalidSpec: a bridge or port name nft could misread, or a malformed MAC.
     """
     base = base_script(policy.bridge, policy.subnet, nat=policy.nat, nameservers=policy.nameservers,
-                       local_dns=policy.local_dns)
+                       local_dns=policy.local_dns, host_access=False)
     return base + "".join(admit_script(policy.bridge, p.port, p.mac, p.ip, egress=p.egress) for p in policy.ports)
 
 
 def revoke_script(bridge: str, port: str, present: str) -> str:
     """Remove what :func:`admit_script` added for ``port``, as far as it is ``present`` (``nft list`` text)."""
-    t, chain = table_name(bridge), _port_chain(port)
+    t, chain, host = table_name(bridge), _port_chain(port), _host_chain(port)
     lines = []
     if f'"{port}" : jump {chain}' in present:
         lines.append(f'delete element bridge {t} ports {{ "{port}" }}')
     if f"chain {chain} {{" in present:
         lines.append(f"delete chain bridge {t} {chain}")
+    for ip in re.findall(rf"([0-9.]+) : jump {host}\b", present):
+        lines.append(f"delete element inet {t} owners {{ {ipaddress.IPv4Address(ip)} }}")
+    if f"chain {host} {{" in present:
+        lines.append(f"delete chain inet {t} {host}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

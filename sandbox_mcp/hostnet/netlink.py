@@ -118,13 +118,17 @@ class HostNetwork:
 
     async def _missing_tables(self) -> str:
         """The script that loads our tables if they are missing, else nothing (call under the lock)."""
-        if await firewall.table_exists(self.bridge) is not None:
-            return ""
+        present = await firewall.table_exists(self.bridge)
+        limit = self.settings.egress_max_connections
+        if present is not None:
+            return firewall.upgrade_script(self.bridge, present, max_connections=limit)
         nameservers = firewall.host_nameservers() if self.settings.nat else []
-        return firewall.base_script(self.bridge, self.settings.subnet, nat=self.settings.nat, nameservers=nameservers)
+        return firewall.base_script(self.bridge, self.settings.subnet, nat=self.settings.nat, nameservers=nameservers,
+                                    max_connections=limit)
 
-    async def admit(self, port: str, ip: str, mac: str, *, egress: bool) -> None:
-        """Let the workspace behind bridge port ``port`` send as ``mac``/``ip`` only; with ``egress``, out too.
+    async def admit(self, port: str, ip: str, mac: str, *, egress: bool, owner: int | None = None) -> None:
+        """Let the workspace behind bridge port ``port`` send as ``mac``/``ip`` only; with ``egress``, out too;
+        host uid ``owner`` (besides root) may connect to it.
 
         Call before the workspace runs; the tables are (re)loaded first if they went missing.
 
@@ -132,7 +136,7 @@ class HostNetwork:
             InvalidSpec: malformed arguments. BackendError: nft refused.
         """
         address = validate_ip(ip, self.settings.subnet)
-        script = firewall.admit_script(self.bridge, port, _validate_mac(mac), address, egress=egress)
+        script = firewall.admit_script(self.bridge, port, _validate_mac(mac), address, egress=egress, owner=owner)
         async with self._firewall_lock():
             await firewall.run_script(await self._missing_tables() + script)
 
@@ -611,7 +615,7 @@ def _workspace_of(name: str, derive: Callable[[str], str]) -> str | None:
 
 def _validate_mac(mac: str) -> str:
     norm = mac.lower() if isinstance(mac, str) else ""
-    if not _MAC_RE.match(norm) or int(norm[:2], 16) & 1:
+    if not _MAC_RE.fullmatch(norm) or int(norm[:2], 16) & 1:
         raise InvalidSpec(f"MAC {mac!r} is not a unicast MAC address like 02:12:34:56:78:9a")
     return norm
 

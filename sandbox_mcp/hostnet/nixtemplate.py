@@ -47,6 +47,7 @@ def template() -> dict[str, object]:
         nat=False,  # the module's NAT is networking.nat's, so its masquerade is not rendered twice
         nameservers=[ipaddress.IPv4Address(ph["nameservers"])],
         local_dns=ipaddress.IPv4Address(ph["localDns"]),
+        host_access=False,  # the module's server runs as a user; its workspaces have no per-user owners
     )
 
     def port(egress: bool) -> str:

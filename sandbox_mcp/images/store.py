@@ -51,7 +51,7 @@ class ImageStore:
 
     @staticmethod
     def _check_key(key: str) -> str:
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise InvalidSpec(f"image key {key!r} is not a plain name (a-z, 0-9, '.', '_', '-')")
         return key
 
@@ -132,7 +132,7 @@ class ImageStore:
         out = []
         for meta_file in sorted(self.root.glob("*.json")):
             key = meta_file.stem
-            if _KEY_RE.match(key) and (meta := self.meta(key)) is not None and self.path(key).is_dir():
+            if _KEY_RE.fullmatch(key) and (meta := self.meta(key)) is not None and self.path(key).is_dir():
                 out.append(meta)
         return out
 
@@ -157,7 +157,7 @@ class ImageStore:
                 removed.append(name)
                 continue
             key = name[: -len(".json")] if name.endswith(".json") else name
-            if not _KEY_RE.match(key) or key in keep:
+            if not _KEY_RE.fullmatch(key) or key in keep:
                 continue
             meta = self.meta(key)
             if meta is not None and is_current(meta):

@@ -182,7 +182,7 @@ def build_exec_command(
     if env:
         assignments = []
         for name, value in env.items():
-            if not _ENV_NAME_RE.match(name):
+            if not _ENV_NAME_RE.fullmatch(name):
                 raise InvalidSpec(
                     f"invalid environment variable name {clip_repr(name)}: use letters, digits and _, "
                     f"not starting with a digit"
@@ -208,7 +208,7 @@ def agent_command(agent_path: str = EXEC_AGENT_PATH, python: str = PYTHON_PATH) 
         InvalidSpec: a path is relative or holds characters other than letters, digits and ``_./+-``.
     """
     for what, path in (("exec agent path", agent_path), ("python path", python)):
-        if not _SAFE_REMOTE_PATH_RE.match(path) or "/../" in f"{path}/":
+        if not _SAFE_REMOTE_PATH_RE.fullmatch(path) or "/../" in f"{path}/":
             raise InvalidSpec(f"{what} must be a plain absolute path, got {clip_repr(path)}")
     return f"exec {python} -I -u {agent_path}"
 

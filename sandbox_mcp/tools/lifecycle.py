@@ -46,7 +46,9 @@ def register(mcp: MCPServer) -> None:
         Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; egress='internet'
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
         last log lines (see also workspace_logs); repo not readable or not a repository -> ask the user
-        for the right path.
+        for the right path. On a shared server each user has limits (workspaces, their total cpus and
+        memory_mib, new package sets): the error names the limit; destroy what you no longer need, or ask
+        for less.
         """
         return await workspaces(ctx).create(CreateSpec(**spec), progress=progress_of(ctx))
 

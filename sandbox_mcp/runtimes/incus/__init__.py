@@ -7,8 +7,17 @@ Incus places the instance. Per start it creates an ephemeral instance from the c
 stop deletes it (ephemeral), so every start boots a clean root.
 
 Local daemon: the NIC is bridged to our bridge with the workspace's MAC, and the workspace dir,
-the Claude config and the host keys are the host's directories as disk devices (``shift``:
-files keep the host user's ownership inside the user namespace). Remote server: the host's
+the Claude config and the host keys are the host's directories as disk devices. The two
+read-write ones are not shifted (``shift`` maps the host's ids unchanged: a setuid-root program
+written inside would be one on the host) but mounted as containers' are: an idmapped mount of
+each (:mod:`..idmap`, ``nosuid,nodev``) maps exactly its owner (uid and gid) to the host ids the
+instance's workspace user has (read from ``volatile.idmap.next`` once Incus allocated the
+instance's own range), so the agent's files are the owner's, and root and every other id inside
+have no id on it at all (what they try to create there fails). The mounts sit under
+``/run/sandbox-mcp/incus-shares/TAG/`` (0711), where the instance's unprivileged root can walk
+to them (the state dir may be below a 0700 home), placed in incusd's mount namespace, and go
+when the instance stops. Only the read-only host keys are shifted, so that root inside can read
+root's key. Remote server: the host's
 directories are not there, so the workspace dir is a custom storage volume that outlives the
 ephemeral instance (deleted on destroy) and the host keys and the Claude config are pushed
 into the root before start. The MCP host reaches the instance by its address on the
@@ -19,10 +28,17 @@ workspace subnet, so on a remote server that subnet must be routed or bridged to
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import ipaddress
+import json
 import math
 import os
+import socket
 import stat
+import struct
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,8 +46,9 @@ from urllib.parse import quote
 
 import anyio
 
-from ... import onboarding, supervise
+from ... import idmap, onboarding, supervise
 from ...errors import BackendError, InvalidSpec, InvalidState
+from ...identity import host_identity
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
@@ -44,6 +61,11 @@ from .image import NETWORK_ENV_PATH, IncusImage
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
 TAG_KEY = "user.sandbox-mcp.tag"
+SHARES_DIR = Path("/run/sandbox-mcp/incus-shares")  # traversable by the instances' unprivileged roots
+_SHARES = ("workspace", "claude-config")
+_MNT_DETACH = 0x2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _CLAUDE_PUSH_MAX = 1 << 20  # bytes per file pushed from the host's claude-config (remote only)
 
 
@@ -283,16 +305,125 @@ class IncusRuntime(Runtime):
         if self.remote:
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
                                   "path": onboarding.workspace_dir_inside(user)}}
-        paths = self._paths(record)
-        # shift: the host's uids appear unchanged inside the user namespace (idmapped mounts).
+        paths, shares = self._paths(record), self._shares_dir(record)
+        # The read-write shares are idmapped mounts of our own (their owner only, see _bind_shares); the
+        # keys are root's and read-only: shifted, so root inside reads them as root's.
         return {
-            "workspace": {"type": "disk", "source": str(paths.workspace),
-                          "path": onboarding.workspace_dir_inside(user), "shift": "true"},
-            "claude-config": {"type": "disk", "source": str(paths.claude_config),
-                              "path": onboarding.claude_config_dir_inside(user), "shift": "true"},
+            "workspace": {"type": "disk", "source": str(shares / "workspace"),
+                          "path": onboarding.workspace_dir_inside(user)},
+            "claude-config": {"type": "disk", "source": str(shares / "claude-config"),
+                              "path": onboarding.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
+
+    def _shares_dir(self, record: WorkspaceRecord) -> Path:
+        return SHARES_DIR / self._tag(record)
+
+    def _make_share_points(self, record: WorkspaceRecord) -> None:
+        """The (empty) mount points of the shares, for the instance's disk devices to name.
+
+        Raises:
+            BackendError: a leftover mount could not be detached.
+        """
+        self._unbind_shares(record)
+        top = self._shares_dir(record)
+        SHARES_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        top.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(top, 0o711)
+        for name in _SHARES:
+            (top / name).mkdir(mode=0o700, exist_ok=True)
+
+    def _bind_shares(self, record: WorkspaceRecord, user_ids: tuple[int, int]) -> None:
+        """Mount the workspace dir and the Claude config on their points, idmapped: their owner on disk as
+        ``user_ids`` (the host uid and gid of the instance's workspace user), no other id; nosuid,nodev.
+        Where incusd has a mount namespace of its own, the mounts are placed in that one.
+
+        Raises:
+            BackendError: a share is not a directory or is root's, or the kernel refused the mount.
+        """
+        top, paths = self._shares_dir(record), self._paths(record)
+        ns = self._incusd_mount_ns()
+        try:
+            for name, source in zip(_SHARES, (paths.workspace, paths.claude_config), strict=True):
+                st = os.lstat(source)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid == 0 or st.st_gid == 0:
+                    raise BackendError(f"{source} is not a directory of the workspace's owner; chown it to the "
+                                       "owner (or destroy and re-create the workspace) and start again")
+                uids, gids = [(st.st_uid, user_ids[0], 1)], [(st.st_gid, user_ids[1], 1)]
+                attrs = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
+                if ns is None:
+                    idmap.idmapped_mount(source, top / name, uids, attrs, gid_map=gids)
+                    continue
+                fd = idmap.detached_idmapped_tree(source, uids, attrs, gid_map=gids)
+                try:
+                    _in_mount_ns(ns, "move", top / name, fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self._unbind_shares(record)
+            raise
+
+    def _unbind_shares(self, record: WorkspaceRecord) -> None:
+        """Undo :meth:`_make_share_points` and :meth:`_bind_shares` (leftovers of a crash too); nothing if
+        there is nothing.
+
+        Raises:
+            BackendError: a mount could not be detached.
+        """
+        top = self._shares_dir(record)
+        if not top.exists():
+            return
+        ns = self._incusd_mount_ns()
+        for name in _SHARES:
+            target = top / name
+            if ns is not None:
+                _in_mount_ns(ns, "umount", target)
+            while _libc.umount2(bytes(target), _MNT_DETACH) == 0:
+                pass  # mounted more than once (a crash between a mount and its undo): all of them
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOENT):
+                raise BackendError(f"unmounting {target} failed: {os.strerror(code)}")
+            with contextlib.suppress(FileNotFoundError):
+                target.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            top.rmdir()
+
+    def _incusd_mount_ns(self) -> Path | None:
+        """The local incusd's mount namespace when it is not ours (a packaged daemon with a private one, or
+        the tests' private daemon), else None: the shares must be mounted where incusd sees them."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(self.incus.socket))
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", raw)[0]
+            theirs = Path(f"/proc/{pid}/ns/mnt")
+            return None if theirs.stat().st_ino == Path("/proc/self/ns/mnt").stat().st_ino else theirs
+        except OSError:
+            return None  # no daemon to see anything: our own namespace is as good as any
+
+    async def _user_host_ids(self, record: WorkspaceRecord) -> tuple[int, int]:
+        """The host uid and gid of the workspace user inside the created (not yet started) instance.
+
+        Raises:
+            BackendError: Incus has not allocated the instance an unprivileged id range (``volatile.idmap.next``).
+        """
+        inst = await self._instance(record) or {}
+        inside = self.settings.user_uid
+        try:
+            entries = json.loads((inst.get("config") or {}).get("volatile.idmap.next") or "[]")
+            found = {}
+            for kind in ("Isuid", "Isgid"):
+                e = next(e for e in entries if e.get(kind) and e["Nsid"] <= inside < e["Nsid"] + e["Maprange"])
+                found[kind] = int(e["Hostid"]) + inside - int(e["Nsid"])
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            raise BackendError(f"Incus gave instance {instance_name(record.name)} no id range holding uid {inside} "
+                               "(volatile.idmap.next); is security.idmap.isolated supported by this server?") from exc
+        if min(found.values()) < 65536:
+            raise BackendError(f"Incus maps the workspace user of {instance_name(record.name)} to host id "
+                               f"{min(found.values())}, not into an unprivileged range; not sharing the workspace dir")
+        return found["Isuid"], found["Isgid"]
 
     def _nic(self, record: WorkspaceRecord) -> dict[str, str]:
         if self.remote:
@@ -337,7 +468,9 @@ class IncusRuntime(Runtime):
         if not self.remote:
             await progress("setting up the network", None)
             await self.network.ensure()
-            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet")
+            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
+                                     owner=host_identity(self.settings, record)[0])
+            await anyio.to_thread.run_sync(self._make_share_points, record)
         limits = self._limits(record)
         if not await self._pool_sizes_roots():
             limits = limits.model_copy(update={"disk_mib": None})
@@ -348,6 +481,9 @@ class IncusRuntime(Runtime):
         try:
             await progress("creating the Incus instance", None)
             await client.call("POST", "/1.0/instances", json=body)
+            if not self.remote:
+                user_ids = await self._user_host_ids(record)
+                await anyio.to_thread.run_sync(self._bind_shares, record, user_ids)
             await self._push_boot_files(record)
             await progress("booting the Incus instance", None)
             await client.call("PUT", f"{self._instance_path(record)}/state", json={"action": "start", "timeout": 30})
@@ -356,6 +492,7 @@ class IncusRuntime(Runtime):
                 await self._delete(record)
                 if not self.remote:
                     await self.network.revoke(self._port(record))
+                    await anyio.to_thread.run_sync(self._unbind_shares, record)
             raise
         record = record.model_copy(update={"limits": limits})  # what this instance got, as reported
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
@@ -412,6 +549,7 @@ class IncusRuntime(Runtime):
         await self._delete(record)
         if not self.remote:
             await self.network.revoke(self._port(record))
+            await anyio.to_thread.run_sync(self._unbind_shares, record)
 
     async def _delete(self, record: WorkspaceRecord) -> None:
         """Make sure the instance is gone: force-stop and delete what is left (ephemeral ones go by themselves).
@@ -502,6 +640,44 @@ class IncusRuntime(Runtime):
                 await self._delete(by_tag[tag])
                 if not self.remote:
                     await self.network.revoke(self._port(by_tag[tag]))
+        if not self.remote:
+            for r in records:
+                if self._tag(r) not in running:
+                    await anyio.to_thread.run_sync(self._unbind_shares, r)
+
+
+# Run in incusd's mount namespace (nsenter): place a detached mount (an inherited fd), or unmount.
+_IN_NS = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+op, target = sys.argv[1], os.fsencode(sys.argv[2])
+if op == "move":
+    if libc.syscall(429, int(sys.argv[3]), b"", -100, target, 4) != 0:  # move_mount, F_EMPTY_PATH
+        sys.exit(os.strerror(ctypes.get_errno()))
+else:
+    while libc.umount2(target, 2) == 0:  # MNT_DETACH
+        pass
+    if ctypes.get_errno() not in (22, 2):  # EINVAL: not mounted, ENOENT: no such point
+        sys.exit(os.strerror(ctypes.get_errno()))
+"""
+
+
+def _in_mount_ns(ns: Path, op: str, target: Path, fd: int | None = None) -> None:
+    """``op`` ("move" the detached mount ``fd`` onto ``target``, or "umount" it) inside mount namespace ``ns``.
+
+    Raises:
+        BackendError: nsenter is missing, or the kernel refused.
+    """
+    argv = ["nsenter", f"--mount={ns}", "--", sys.executable, "-c", _IN_NS, op, str(target)]
+    argv += [str(fd)] if fd is not None else []
+    try:
+        done = subprocess.run(argv, pass_fds=(fd,) if fd is not None else (), capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"cannot enter incusd's mount namespace to {op} {target}: {exc}") from exc
+    if done.returncode != 0:
+        raise BackendError(f"{op} of {target} in incusd's mount namespace failed: {done.stderr.strip()[-500:]}")
 
 
 def _read_plain(path: Path) -> bytes:

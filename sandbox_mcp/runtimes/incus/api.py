@@ -9,14 +9,19 @@ importing it.
 
 Remote servers are trusted by pinning: the server's certificate (``server_cert``) is the only
 trust anchor of the TLS context, and the DER SHA-256 of the certificate the peer actually
-presents is compared with it on the first request of every client (and by ``doctor``).
-Host names are not checked: the pin is stronger than a name, and cluster members are often
-reached by address.
+presents is compared with it on every response, before its body is read, so every connection
+the client opens is checked, not only the first (and by ``doctor``). Host names are not
+checked: the pin is stronger than a name, and cluster members are often reached by address.
+
+Every response body is read with a bound (``RESPONSE_MAX``): a JSON answer past it is an
+error, and a raw one (the console log) keeps its last ``RESPONSE_MAX`` bytes, so a remote
+server, or an instance filling its console, cannot make the server run out of memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -32,6 +37,7 @@ from ...config import IncusSettings
 from ...errors import BackendError, InvalidSpec
 
 __all__ = [
+    "RESPONSE_MAX",
     "IncusAPIError",
     "IncusClient",
     "ServerInfo",
@@ -43,6 +49,7 @@ __all__ = [
 _LOCAL_BASE = "http://incus"
 _REQUEST_TIMEOUT_S = 60.0
 _UPLOAD_CHUNK = 1 << 20
+RESPONSE_MAX = 32 << 20  # bytes of one response body kept (a JSON answer past it is refused)
 
 
 class IncusAPIError(BackendError):
@@ -114,18 +121,19 @@ def _where(settings: IncusSettings) -> str:
     return settings.url or f"the local Incus daemon ({settings.socket})"
 
 
-def _unwrap(method: str, path: str, response: httpx.Response) -> dict[str, Any]:
+def _unwrap(method: str, path: str, response: httpx.Response, body_bytes: bytes | None = None) -> dict[str, Any]:
+    """The JSON envelope of ``response`` (its body as read with a bound: ``body_bytes``); IncusAPIError for an error."""
+    raw = response.content if body_bytes is None else body_bytes
     try:
-        body = response.json()
+        body = json.loads(raw)
     except ValueError:
         body = {}
     if not isinstance(body, dict):
         body = {}
     if response.status_code >= 400 or body.get("type") == "error":
         status = int(body.get("error_code") or response.status_code)
-        raise IncusAPIError(
-            f"Incus {method} {path} failed ({status}): {body.get('error') or response.text[:300]}", status
-        )
+        text = raw[:300].decode("utf-8", "replace")
+        raise IncusAPIError(f"Incus {method} {path} failed ({status}): {body.get('error') or text}", status)
     return body
 
 
@@ -157,41 +165,58 @@ class IncusClient:
         await self._http.aclose()
 
     async def _send(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                    timeout_s: float | None = None, **kwargs: Any) -> httpx.Response:
+                    timeout_s: float | None = None, raw: bool = False, **kwargs: Any) -> tuple[httpx.Response, bytes]:
+        """The response and its body, read with a bound (``raw``: the last RESPONSE_MAX bytes are kept).
+
+        Raises:
+            BackendError: the server cannot be reached, presented another certificate than the pin, or sent a
+                JSON body over RESPONSE_MAX.
+        """
         query = {"project": self.settings.project, **(params or {})}
         try:
-            response = await self._http.request(
+            request = self._http.build_request(
                 method, path, params=query, timeout=timeout_s or _REQUEST_TIMEOUT_S, **kwargs
             )
+            response = await self._http.send(request, stream=True)
+            try:
+                self._check_pin(response)  # before a byte of the body is read, on every connection's answers
+                body = await _read_bounded(response, method, path, keep_tail=raw)
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise BackendError(
                 f"cannot reach {_where(self.settings)} ({method} {path}): {exc!r}; is incusd running, "
                 "and are the incus settings right? run 'sandbox-mcp doctor'"
             ) from exc
-        if self._pin and not self._pinned:
-            seen = _peer_sha256(response)
-            if seen != self._pin:
-                raise BackendError(
-                    f"{self.settings.url} presented certificate {seen} but {self.settings.server_cert} pins "
-                    f"{self._pin}; refusing to talk to it. If the server's certificate changed on purpose, "
-                    "replace incus.server_cert"
-                )
-            self._pinned = True
-        return response
+        return response, body
+
+    def _check_pin(self, response: httpx.Response) -> None:
+        if not self._pin:
+            return
+        seen = _peer_sha256(response)
+        if seen != self._pin:
+            raise BackendError(
+                f"{self.settings.url} presented certificate {seen} but {self.settings.server_cert} pins "
+                f"{self._pin}; refusing to talk to it. If the server's certificate changed on purpose, "
+                "replace incus.server_cert"
+            )
+        self._pinned = True
 
     async def request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        """One API call in the configured project; the envelope's ``metadata`` (or, with ``raw``, the body).
+        """One API call in the configured project; the envelope's ``metadata`` (or, with ``raw``, the body:
+        its last RESPONSE_MAX bytes).
 
         Keyword arguments: ``json``, ``content``, ``headers``, ``params``, ``timeout_s``.
 
         Raises:
             IncusAPIError: Incus refused (``status`` says why; 404 for a missing object).
-            BackendError: the server cannot be reached, or presented another certificate than the pin.
+            BackendError: the server cannot be reached, presented another certificate than the pin, or
+                answered with more than RESPONSE_MAX bytes of JSON.
         """
-        response = await self._send(method, path, **kwargs)
+        response, body = await self._send(method, path, raw=raw, **kwargs)
         if raw and response.status_code < 400:
-            return response.content
-        return _unwrap(method, path, response).get("metadata")
+            return body
+        return _unwrap(method, path, response, body).get("metadata")
 
     async def call(self, method: str, path: str, *, op_timeout_s: float | None = None, **kwargs: Any) -> Any:
         """Like :meth:`request`, and when Incus answers with an operation, wait for it; its metadata.
@@ -199,7 +224,8 @@ class IncusClient:
         Raises:
             IncusAPIError, BackendError: as :meth:`request`, or the operation failed or timed out.
         """
-        body = _unwrap(method, path, await self._send(method, path, **kwargs))
+        response, raw = await self._send(method, path, **kwargs)
+        body = _unwrap(method, path, response, raw)
         if body.get("type") == "async":
             return await self.wait(body["operation"], op_timeout_s or self.settings.operation_timeout_s)
         return body.get("metadata")
@@ -299,6 +325,23 @@ class IncusClient:
                            params={"path": path}, content=b"", headers=headers)
 
 
+async def _read_bounded(response: httpx.Response, method: str, path: str, *, keep_tail: bool) -> bytes:
+    """``response``'s body, at most RESPONSE_MAX bytes of it.
+
+    Raises:
+        BackendError: the body is longer and not ``keep_tail`` (then its last RESPONSE_MAX bytes are returned).
+    """
+    buf = bytearray()
+    async for chunk in response.aiter_bytes():
+        buf += chunk
+        if len(buf) > RESPONSE_MAX:
+            if not keep_tail:
+                raise BackendError(f"Incus answered {method} {path} with more than {RESPONSE_MAX} bytes; refusing "
+                                   "to read it (is this an Incus server?)")
+            del buf[: len(buf) - RESPONSE_MAX]
+    return bytes(buf)
+
+
 def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
     """``GET /1.0`` synchronously, for ``doctor`` (checks are plain functions, maybe inside an event loop).
 
@@ -312,9 +355,17 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
         args = {"base_url": _LOCAL_BASE, "transport": httpx.HTTPTransport(uds=str(settings.socket))}
     try:
         with httpx.Client(timeout=timeout_s, **args) as http:
-            response = http.get("/1.0", params={"project": settings.project})
-            seen = _peer_sha256(response)
-            meta = _unwrap("GET", "/1.0", response).get("metadata") or {}
+            with http.stream("GET", "/1.0", params={"project": settings.project}) as response:
+                seen = _peer_sha256(response)
+                if settings.url and settings.server_cert and seen != cert_fingerprint(settings.server_cert):
+                    raise BackendError(f"{settings.url} presented certificate {seen}, but incus.server_cert pins "
+                                       f"{cert_fingerprint(settings.server_cert)}")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > RESPONSE_MAX:
+                        raise BackendError(f"{_where(settings)} answered GET /1.0 with more than {RESPONSE_MAX} bytes")
+            meta = _unwrap("GET", "/1.0", response, bytes(body)).get("metadata") or {}
     except httpx.HTTPError as exc:
         raise BackendError(f"cannot reach {_where(settings)}: {exc!r}; is incusd running?") from exc
     if settings.url and settings.server_cert:

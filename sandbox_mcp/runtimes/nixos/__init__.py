@@ -229,7 +229,7 @@ class NixosRuntime(Runtime):
         if not flake.is_absolute():
             raise InvalidSpec(f"nixos.flake must be an absolute directory path, got {cfg.flake!r}")
         key = client_public_key.strip() if isinstance(client_public_key, str) else ""
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise InvalidSpec(
                 "client_public_key must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')"
             )

@@ -28,7 +28,7 @@ def nixos_rebuild_argv(
     """
     if action not in _REBUILD_ACTIONS:
         raise InvalidSpec(f"nixos-rebuild action {action!r} is not one of {sorted(_REBUILD_ACTIONS)}")
-    if not isinstance(host, str) or not _HOST_ATTR_RE.match(host):
+    if not isinstance(host, str) or not _HOST_ATTR_RE.fullmatch(host):
         raise InvalidSpec(
             f"nixos.host {host!r} is not a valid nixosConfigurations attribute; "
             f"use the host's name, e.g. 'fry'"

@@ -27,6 +27,7 @@ from ... import hostcmd, onboarding, snapshots, supervise, sysctls
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...fsutil import atomic_write
+from ...identity import host_identity
 from ...images import DebianRoot
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
@@ -389,6 +390,7 @@ class NspawnRuntime(Runtime):
                         uid_base=base,
                         root_layer_mib=root_layer_mib,
                         seed=paths.root_layer if paths.root_layer.is_dir() else None,
+                        user_ids=(self.settings.user_uid, self.settings.user_uid),
                     )
                 )
             argv = nspawn_argv(
@@ -445,7 +447,8 @@ class NspawnRuntime(Runtime):
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
-        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet")
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet",
+                                 owner=host_identity(self.settings, record)[0])
 
     @staticmethod
     async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:

@@ -187,7 +187,7 @@ class CgroupHost:
     """This host's cgroup hierarchies, read once."""
 
     def __init__(self, group: str = _GROUP, mounts: str | None = None, own: str | None = None) -> None:
-        if not _GROUP_RE.match(group):
+        if not _GROUP_RE.fullmatch(group):
             raise InvalidSpec(f"cgroup group name {group!r} is not a plain name")
         self.group = group
         mounts = Path("/proc/self/mounts").read_text() if mounts is None else mounts

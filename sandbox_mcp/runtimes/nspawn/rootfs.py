@@ -5,7 +5,7 @@ Under ``<state>/<name>/runtime/mnt``::
     lower/      the shared image, idmapped (root_map), read-only: never written, never chowned
     rw/         tmpfs of ``root_layer_mib`` (the bound on the writable root layer): upper/ and work/
     root/       overlay of lower + rw/upper: the container's /; nspawn gets --directory=root
-    workspace/  <state>/<name>/workspace, idmapped (share_map), nosuid,nodev
+    workspace/  <state>/<name>/workspace, idmapped (share_map: only its owner, as the workspace user), nosuid,nodev
     claude/     <state>/<name>/claude-config, likewise
     keys/       <state>/<name>/ssh-host-keys, idmapped (root_map), read-only
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,12 +102,15 @@ def mount_all(
     uid_base: int,
     root_layer_mib: int,
     seed: Path | None = None,
+    user_ids: tuple[int, int],
 ) -> None:
     """Make every mount of :class:`RootMounts` (after removing leftovers); undo them all on failure.
 
     ``seed``: a root layer saved earlier (a restored snapshot, a fork's copy; owners already in
     ``uid_base``'s range) copied into the fresh upper dir before the overlay is mounted, so the
     container boots with what was installed then. Without it the root starts clean.
+    ``user_ids`` are the workspace user's uid and gid in the image: the shared directories' owner
+    on the host appears as them, and no other id is mapped there (see :func:`idmap.share_map`).
 
     Raises:
         InvalidSpec: a path holds a separator, or ``uid_base`` is not a 65536-aligned base.
@@ -128,10 +132,10 @@ def mount_all(
             os.chown(m.rw / "upper", uid_base, uid_base)
         os.chmod(m.rw / "upper", root_mode)
         _mount("overlay", m.root, "overlay", 0, opts)
-        share = idmap.share_map(uid_base)
         nosuid = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
-        idmap.idmapped_mount(workspace, m.workspace, share, nosuid)
-        idmap.idmapped_mount(claude_config, m.claude, share, nosuid)
+        for source, target in ((workspace, m.workspace), (claude_config, m.claude)):
+            uids, gids = idmap.share_map(uid_base, _owner_of(source), user_ids)
+            idmap.idmapped_mount(source, target, uids, nosuid, gid_map=gids)
         idmap.idmapped_mount(host_keys, m.keys, idmap.root_map(uid_base), nosuid | idmap.MOUNT_ATTR_RDONLY)
     except BaseException:
         unmount_all(m)
@@ -145,6 +149,18 @@ def _seed_upper(seed: Path, upper: Path, root_layer_mib: int) -> None:
             f"copying the saved root layer into the workspace's {root_layer_mib} MiB root layer failed: "
             f"{done.stderr.strip()[-500:]}; if it does not fit, raise SANDBOX_MCP_ROOT_LAYER_MIB"
         )
+
+
+def _owner_of(directory: Path) -> tuple[int, int]:
+    """The uid and gid owning ``directory`` (never through a symlink).
+
+    Raises:
+        BackendError: it is not a directory.
+    """
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BackendError(f"{directory} is not a directory; stop the workspace, move it away and start again")
+    return st.st_uid, st.st_gid
 
 
 def mounted_under(top: Path, mountinfo: str | None = None) -> list[Path]:

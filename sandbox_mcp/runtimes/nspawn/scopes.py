@@ -106,7 +106,7 @@ def scope_unit(state_dir: Path, name: str) -> str:
 
 
 def _check_scope(unit: str) -> str:
-    if not _SCOPE_RE.match(unit):
+    if not _SCOPE_RE.fullmatch(unit):
         raise InvalidSpec(f"{unit!r} is not a sandbox-mcp scope name (sandbox-mcp-NAME-XXXXXXXX.scope)")
     return unit
 

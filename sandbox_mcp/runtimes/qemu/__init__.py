@@ -74,6 +74,7 @@ from ... import hostcmd, idmap, supervise
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec, InvalidState
 from ...fsutil import atomic_write
+from ...identity import host_identity
 from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
@@ -424,7 +425,8 @@ class QemuRuntime(Runtime):
         try:
             await self.network.attach_tap(record.name)
             # The same policy as a container's: this port may send only as the VM's MAC and IP.
-            await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress == "internet")
+            await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress == "internet",
+                                     owner=host_identity(self.settings, record)[0])
             await progress(f"booting the VM ({accel.accelerator})", None)
             process = await anyio.to_thread.run_sync(
                 lambda: self._spawn(record, uid, key, image, accel.accelerator, groups)
