@@ -294,9 +294,9 @@ class RemoteManager:
         args = {"name": name, "path": path, "content": content, "encoding": encoding, "append": append, "mode": mode}
         return await self._call("write_file", args, WriteResult)
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", offset: int = 0, limit: int | None = None) -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
-        return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+        return await self._call("list_dir", {"name": name, "path": path, "offset": offset, "limit": limit}, DirListing)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).

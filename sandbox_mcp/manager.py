@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from . import onboarding, provision, ssh
+from . import budget, onboarding, provision, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -651,23 +651,30 @@ class WorkspaceManager:
         *,
         owner_uid: int | None = None,
     ) -> ExecResult:
-        """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
+        """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`.
+
+        Each stream keeps its head and tail within what a result carries (:func:`budget.exec_keep`,
+        at most ``exec_output_cap``); a longer one is saved whole in the workspace (``exec_save_mib``).
+        """
         record = await self._running(name, owner_uid)
+        keep = min(self.settings.exec_output_cap, budget.exec_keep(self.settings.result_budget_bytes))
         return await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
                 t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
-                output_cap=self.settings.exec_output_cap,
+                output_cap=keep, save_max=self.settings.exec_save_mib << 20,
             ),
         )  # fmt: skip
 
     async def read_file(
         self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
     ) -> FileContent:
-        """Read up to ``limit`` bytes (capped by settings) from ``offset``."""
+        """Read up to ``limit`` bytes from ``offset``: by default, and at most, what one result carries
+        (:func:`budget.read_limit`; ``truncated``/``next_offset`` say where to go on)."""
         if offset < 0:
             raise InvalidSpec("offset must be ≥ 0")
-        limit = min(limit or 256 * 1024, self.settings.read_limit_max)
+        room = min(budget.read_limit(self.settings.result_budget_bytes), self.settings.read_limit_max)
+        limit = min(limit or room, room)
         record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.read_file(t, path, offset=offset, limit=limit))
 
@@ -703,7 +710,11 @@ class WorkspaceManager:
             record, lambda t: self.ssh.write_file(t, path, data, append=append, mode=file_mode)
         )
 
-    async def list_dir(self, name: str, path: str = ".", *, owner_uid: int | None = None) -> DirListing:
-        """List a directory (relative paths resolve against the workspace dir)."""
+    async def list_dir(
+        self, name: str, path: str = ".", offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
+    ) -> DirListing:
+        """List a directory in name order, ``limit`` entries (default: a page) from index ``offset``
+        (relative paths resolve against the workspace dir)."""
         record = await self._running(name, owner_uid)
-        return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))
+        page = limit or ssh.DEFAULT_LIST_PAGE
+        return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path, offset, page))

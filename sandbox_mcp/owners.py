@@ -167,9 +167,9 @@ class OwnedManager:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", offset: int = 0, limit: int | None = None) -> DirListing:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
-        return await self.manager.list_dir(name, path, owner_uid=self._owner)
+        return await self.manager.list_dir(name, path, offset, limit, owner_uid=self._owner)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

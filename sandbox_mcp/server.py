@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 import logging
 import os
 import sys
@@ -22,10 +23,10 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import ToolAnnotations
-from pydantic import AnyHttpUrl, Field
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import AnyHttpUrl, BaseModel, Field
 
-from . import __version__, http_auth
+from . import __version__, budget, http_auth
 from .config import Settings, load_settings
 from .errors import SandboxError, clip
 from .manager import WorkspaceManager
@@ -109,18 +110,41 @@ def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+# MCP progress goes up with every notification (the spec's MUST); a message without a fraction of
+# its own moves it on by this much, on the scale of PROGRESS_TOTAL.
+PROGRESS_TOTAL = 100.0
+_CREEP = 0.1
+
+
 def _progress(ctx: Context) -> Progress:
-    """Adapt the manager's (message, fraction) progress to MCP progress notifications (0-100, increasing)."""
-    last = 0.0
+    """Adapt the manager's (message, fraction) progress to MCP progress notifications: ``progress``
+    out of ``total`` = 100, always above the last one sent (a fraction below it, or none, creeps on
+    from there), never past 100."""
+    last: float | None = None
 
     async def report(message: str, fraction: float | None = None) -> None:
         nonlocal last
-        # Progress must increase with every notification; messages without a fraction creep forward.
-        value = max(last + 0.01, fraction * 100 if fraction is not None else last + 0.01)
-        last = min(value, 100.0)
-        await ctx.report_progress(last, 100, message)
+        value = min(max(fraction, 0.0), 1.0) * PROGRESS_TOTAL if fraction is not None else 0.0
+        if last is not None and value <= last:
+            value = last + _CREEP
+        if value > PROGRESS_TOTAL or (last is not None and last >= PROGRESS_TOTAL):
+            return  # nothing above the total to report; the result follows
+        last = round(value, 3)
+        await ctx.report_progress(last, PROGRESS_TOTAL, message)
 
     return report
+
+
+def _call_result(result: Any, budget_bytes: int) -> Any:
+    """A tool's model result as the SDK would send it, cut to the result budget (see :mod:`budget`),
+    with a text rendering that puts the small fields before the content."""
+    if not isinstance(result, BaseModel):
+        return result
+    result = budget.fit(result, budget_bytes)
+    return CallToolResult(
+        content=[TextContent(type="text", text=budget.text_rendering(result))],
+        structured_content=result.model_dump(mode="json", by_alias=True),
+    )
 
 
 class BearerTokenVerifier(TokenVerifier):
@@ -197,7 +221,15 @@ def build_server(
 
         def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             wrapped = _tool_errors(fn)
-            mcp.tool(annotations=annotations, structured_output=True)(wrapped)
+
+            @functools.wraps(wrapped)
+            async def sent(*args: Any, **kwargs: Any) -> Any:
+                result = await wrapped(*args, **kwargs)
+                return _call_result(result, manager_of(kwargs["ctx"]).settings.result_budget_bytes)
+
+            # The docstring is what the agent reads: without the source's indentation, sent on every request.
+            description = inspect.cleandoc(fn.__doc__ or "")
+            mcp.tool(description=description, annotations=annotations, structured_output=True)(sent)
             return wrapped
 
         return decorate
@@ -326,9 +358,12 @@ def build_server(
         """Run a shell command in a running workspace as the (non-root) workspace user, who has passwordless
         sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
 
-        Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Output beyond the cap
-        (1 MiB per stream by default) is cut and truncated=true: redirect big output to a file and page
-        it with read_file. On timeout the command and its children are killed and timed_out=true.
+        Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Long output is cut to
+        fit the result (about 12 KB per stream at the default budget): truncated=true, its head and tail
+        are kept with a marker line where the middle was left out; stdout_omitted/stderr_omitted count
+        the bytes left out and stdout_path/stderr_path name a file in the workspace with the whole stream
+        (page it with read_file, offset/next_offset). stdout_bytes/stderr_bytes are the whole sizes.
+        On timeout the command and its children are killed and timed_out=true.
         If the workspace is stopped, call start_workspace first.
         """
         return await manager_of(ctx).exec(name, command, cwd, env, timeout_s, stdin)
@@ -340,14 +375,17 @@ def build_server(
         path: Annotated[str, Field(description="File path; relative paths resolve against the workspace directory")],
         offset: Annotated[int, Field(description="Byte offset to start at", ge=0)] = 0,
         limit: Annotated[
-            int | None, Field(description="Bytes to read (default 256 KiB, capped at 4 MiB)", ge=1)
+            int | None,
+            Field(description="Bytes to read; default and most: what fits one result (about 24 KB of text "
+                  "at the default budget, less for binary content)", ge=1),
         ] = None,
     ) -> FileContent:
         """Read a file (or a chunk of it) from a running workspace.
 
-        Text comes back as utf-8; anything else as base64 (see encoding). If truncated is true, call again
-        with offset=next_offset to read the rest. For a directory, use list_dir. Regular files only: a named
-        pipe, socket or device is refused (read those with exec and a timeout).
+        Text comes back as utf-8; anything else as base64 (see encoding). size is the whole file's size. If
+        truncated is true, call again with offset=next_offset to read the rest. For a directory, use
+        list_dir. Regular files only: a named pipe, socket or device is refused (read those with exec and a
+        timeout).
         """
         return await manager_of(ctx).read_file(name, path, offset, limit)
 
@@ -377,11 +415,17 @@ def build_server(
         path: Annotated[
             str, Field(description="Directory; relative paths resolve against the workspace directory")
         ] = ".",
+        offset: Annotated[int, Field(description="Index (in name order) of the first entry to list", ge=0)] = 0,
+        limit: Annotated[
+            int | None,
+            Field(description="Most entries to list; default: as many as fit one result (a few hundred)",
+                  ge=1, le=10000),
+        ] = None,
     ) -> DirListing:
-        """List a directory in a running workspace: each entry's name, type (file, dir, symlink, other),
-        size and modification time. At most 10,000 entries: truncated=true means there are more (list them
-        with exec, e.g. 'ls -A | head -n 20000')."""
-        return await manager_of(ctx).list_dir(name, path)
+        """List a directory in a running workspace, in name order: each entry's name, type (file, dir,
+        symlink, other), size and modification time. total is how many entries it has; a long directory
+        comes in pages: truncated=true and next_offset say to call again with offset=next_offset."""
+        return await manager_of(ctx).list_dir(name, path, offset, limit)
 
     @tool(title="Workspace boot log", read_only=True, idempotent=True)
     async def workspace_logs(

@@ -32,6 +32,7 @@ from .commands import (
     resolve_path,
     ssh_argv,
 )
+from .files import DEFAULT_PAGE as DEFAULT_LIST_PAGE
 from .keys import (
     ensure_client_key,
     ensure_host_key,
@@ -39,10 +40,12 @@ from .keys import (
     known_hosts_line,
     write_authorized_keys,
 )
-from .pool import SSHPool
+from .pool import EXEC_SAVE_DIR, SSHPool
 
 __all__ = [
+    "DEFAULT_LIST_PAGE",
     "EXEC_AGENT_PATH",
+    "EXEC_SAVE_DIR",
     "PID_MARKER",
     "SSHPool",
     "SSHTarget",
