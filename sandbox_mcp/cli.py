@@ -14,7 +14,7 @@ import anyio
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import InvalidState, SandboxError
+from .errors import SandboxError
 from .fsutil import atomic_write
 from .manager import WorkspaceManager
 from .owners import OwnedManager
@@ -36,21 +36,10 @@ def _dump(model: Any) -> None:
 
 
 def _use_daemon(settings: Settings) -> bool:
-    """Whether to go through the daemon: when its socket exists; else root works in process.
+    """Whether to go through the daemon (see :func:`daemon_use.use_daemon`, which raises InvalidState)."""
+    from .daemon_use import use_daemon
 
-    Raises:
-        InvalidState: no daemon and not root (nothing here can work without one of them).
-    """
-    from .daemon_client import daemon_available
-
-    if daemon_available(settings):
-        return True
-    if os.geteuid() == 0:
-        return False
-    raise InvalidState(
-        f"no sandbox-mcp daemon at {settings.daemon_socket}, and without it this needs root. Start the daemon "
-        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`), or set SANDBOX_MCP_DAEMON_SOCKET"
-    )
+    return use_daemon(settings)
 
 
 async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable[int]]) -> int:
@@ -81,12 +70,17 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             serve_http(settings, args.host, args.port, lifespan=remote)
         else:
             from .bridge import bridge_stdio
+            from .daemon_use import where_serve_goes
 
+            # The one line a stdio serve writes at start: the client's log shows whose settings apply.
+            print(f"sandbox-mcp serve: {where_serve_goes(settings)}", file=sys.stderr, flush=True)
             anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
     elif args.http:
         serve_http(settings, args.host, args.port)
     else:
-        build_server(settings).run("stdio")
+        from .server import serve_stdio
+
+        anyio.run(serve_stdio, build_server(settings))
     return 0
 
 
@@ -304,6 +298,8 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sandbox-mcp", description="Disposable, isolated workspaces for AI agents.")
     p.add_argument("--version", action="version", version=f"sandbox-mcp {__version__}")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="work in process (as root) even where a daemon runs, with this user's settings")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the MCP server (stdio by default)")
@@ -399,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.no_daemon:
+            settings = settings.model_copy(update={"use_daemon": False})
         return int(args.fn(args, settings) or 0)
     except SandboxError as exc:
         print(f"sandbox-mcp: {exc}", file=sys.stderr)

@@ -198,6 +198,10 @@ class Settings(BaseModel):
         default=Path("/run/sandbox-mcp/daemon.sock"),
         description="Unix socket of the root daemon (`sandbox-mcp daemon`); serve and the CLI use it when it exists",
     )
+    use_daemon: bool = Field(
+        default=True, description="serve and the CLI go through the daemon when its socket exists (refusing settings "
+        "it would ignore); false (or --no-daemon) works in process, as root"
+    )
     daemon_group: str = Field(
         default="sandbox-mcp",
         pattern=r"^[a-z_][a-z0-9_-]{0,31}$",

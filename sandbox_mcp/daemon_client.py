@@ -31,6 +31,7 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 
 from .config import Settings
+from .daemon_use import daemon_socket_present
 from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 from .fsutil import atomic_write
 from .models import (
@@ -73,12 +74,7 @@ class DaemonLost(BackendError):
     """The connection to the daemon ended under a call (it restarted or stopped)."""
 
 
-def daemon_available(settings: Settings) -> bool:
-    """True when something is at the daemon socket path (whether it answers is for connect to say)."""
-    try:
-        return settings.daemon_socket.is_socket()
-    except OSError:
-        return False
+daemon_available = daemon_socket_present  # where the daemon's socket is (see daemon_use)
 
 
 def connect_error(path: Path, exc: OSError, group: str) -> SandboxError:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
+import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -26,7 +27,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import AnyHttpUrl, BaseModel, Field
 
-from . import __version__, budget, http_auth
+from . import __version__, budget, http_auth, shutdown
 from .config import Settings, load_settings
 from .errors import SandboxError, clip
 from .manager import WorkspaceManager
@@ -45,7 +46,7 @@ from .owners import OwnedManager
 from .runtimes.base import Progress
 from .workspaces import Workspaces
 
-__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
+__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http", "serve_stdio"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -438,6 +439,30 @@ def build_server(
         return await manager_of(ctx).logs(name, lines)
 
     return mcp
+
+
+async def serve_stdio(server: MCPServer) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin or SIGINT/SIGTERM arrives.
+
+    Any of the three cancels the calls still running (a create in flight undoes itself), then the
+    lifespan closes the manager; see :mod:`shutdown` for why not the SDK's ``run("stdio")``.
+    """
+    from mcp.server.stdio import stdio_server
+
+    from .daemon import lowlevel_server
+
+    lowlevel = lowlevel_server(server)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shutdown.cancel_on_signals, tg.cancel_scope, "sandbox-mcp serve")
+
+        def closed() -> None:
+            log.info("sandbox-mcp serve: stdin closed, stopping")
+            tg.cancel_scope.cancel()
+
+        async with shutdown.stdio_pipes(on_eof=closed) as (lines, writer):
+            async with stdio_server(lines, writer) as (read, write):  # type: ignore[arg-type]
+                await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        tg.cancel_scope.cancel()
 
 
 def transport_security(host: str) -> TransportSecuritySettings:
