@@ -77,6 +77,20 @@ def parse_mode(mode: str | int | None) -> int | None:
     return int(mode, 8)
 
 
+# Where a create's progress stands once its image is ready; the start takes it from there to the end.
+_PREPARED = 0.6
+
+
+def _span(progress: Progress, lo: float, hi: float) -> Progress:
+    """``progress`` for one phase of a longer task: its fractions 0..1 land in ``lo``..``hi`` of the
+    whole, so the phases of a create report on one scale (messages without a fraction stay so)."""
+
+    async def report(message: str, fraction: float | None = None) -> None:
+        await progress(message, None if fraction is None else lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+    return report
+
+
 class WorkspaceManager:
     """One per server process. Use as ``async with WorkspaceManager(settings) as m:``.
 
@@ -339,7 +353,8 @@ class WorkspaceManager:
                 record = record.model_copy(update={"host_key_fingerprint": fingerprint})
                 await self.registry.put(record)
                 t_image = time.monotonic()
-                record = await runtime.prepare(record, progress)
+                await progress("preparing the root image (cached after the first time)", 0.0)
+                record = await runtime.prepare(record, _span(progress, 0.0, _PREPARED))
                 prepared = True
                 record.state = "stopped"
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
@@ -347,7 +362,7 @@ class WorkspaceManager:
                 await self._sync_hosts()
                 if start:
                     started = True
-                    record = await self._start(record, runtime, progress, t0)
+                    record = await self._start(record, runtime, _span(progress, _PREPARED, 1.0), t0)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed)
@@ -467,10 +482,11 @@ class WorkspaceManager:
                 keys = self._paths(record.name).authorized_keys
                 await anyio.to_thread.run_sync(lambda: ssh.write_authorized_keys(keys, self._authorized_keys(record)))
             t_boot = time.monotonic()
+            await progress("starting the workspace", 0.0)
             record = await runtime.start(record, progress)
             await self.registry.put(record)
             timings.boot_s = round(time.monotonic() - t_boot, 3)
-            await progress("waiting for SSH (pinned host key)", 0.95)
+            await progress("waiting for SSH (pinned host key)", 0.5)
             t_ssh = time.monotonic()
             await self._wait_ssh(record, runtime)
             timings.ssh_s = round(time.monotonic() - t_ssh, 3)

@@ -27,7 +27,7 @@ CONTRACT = {
     "exec": {"name", "command", "cwd", "env", "timeout_s", "stdin"},
     "read_file": {"name", "path", "offset", "limit"},
     "write_file": {"name", "path", "content", "encoding", "append", "mode"},
-    "list_dir": {"name", "path"},
+    "list_dir": {"name", "path", "offset", "limit"},
     "workspace_logs": {"name", "lines"},
 }
 
@@ -48,6 +48,9 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert set(tool.input_schema.get("properties", {})) == args, name  # flat arguments
         assert tool.output_schema, f"{name} has no structured output"
         assert tool.description and len(tool.description) > 60, name
+        # Sent with every request: no indentation kept from the source's docstrings.
+        lines = tool.description.splitlines()
+        assert not any(line.startswith((" ", "\t")) for line in lines), (name, tool.description)
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
     assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs"}

@@ -25,7 +25,7 @@ CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "exec": ({"name", "command"}, {"cwd", "env", "timeout_s", "stdin"}),
     "read_file": ({"name", "path"}, {"offset", "limit"}),
     "write_file": ({"name", "path", "content"}, {"encoding", "append", "mode"}),
-    "list_dir": ({"name", "path"}, set()),
+    "list_dir": ({"name", "path"}, {"offset", "limit"}),
     "workspace_logs": ({"name"}, {"lines"}),
 }
 
