@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import __version__
+from . import __version__, shutdown
 from .config import Settings, load_settings
 from .errors import SandboxError
 from .fsutil import atomic_write
@@ -75,12 +75,14 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             # The one line a stdio serve writes at start: the client's log shows whose settings apply.
             print(f"sandbox-mcp serve: {where_serve_goes(settings)}", file=sys.stderr, flush=True)
             anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
+            shutdown.exit_now(0)
     elif args.http:
         serve_http(settings, args.host, args.port)
     else:
         from .server import serve_stdio
 
         anyio.run(serve_stdio, build_server(settings))
+        shutdown.exit_now(0)  # the client waits for the exit; the work is all done and closed
     return 0
 
 

@@ -442,7 +442,7 @@ class WorkspaceManager:
     ) -> None:
         if started:
             with contextlib.suppress(Exception):
-                await runtime.stop(record)
+                await runtime.stop(record, force=True)  # thrown away: no clean power-off to wait for
         if prepared:
             with contextlib.suppress(Exception):
                 await runtime.destroy(record)
@@ -493,7 +493,7 @@ class WorkspaceManager:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
-                    await runtime.stop(record)
+                    await runtime.stop(record, force=True)  # it never ran for anyone: nothing to shut down cleanly
                 await self.ssh.drop(record.name)
                 record = self._stopped(runtime, record, str(exc)[-2000:] or type(exc).__name__)
                 await self.registry.put(record)

@@ -456,7 +456,7 @@ async def serve_stdio(server: MCPServer) -> None:
         tg.start_soon(shutdown.cancel_on_signals, tg.cancel_scope, "sandbox-mcp serve")
 
         def closed() -> None:
-            log.info("sandbox-mcp serve: stdin closed, stopping")
+            log.debug("sandbox-mcp serve: stdin closed, stopping")
             tg.cancel_scope.cancel()
 
         async with shutdown.stdio_pipes(on_eof=closed) as (lines, writer):

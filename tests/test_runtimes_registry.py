@@ -42,7 +42,7 @@ class _Toy(Runtime):
     async def start(self, record, progress):  # type: ignore[no-untyped-def]
         return record
 
-    async def stop(self, record):  # type: ignore[no-untyped-def]
+    async def stop(self, record, *, force=False):  # type: ignore[no-untyped-def]
         return None
 
     async def destroy(self, record):  # type: ignore[no-untyped-def]

@@ -332,7 +332,7 @@ async def test_stop_during_create_undoes_it(served: Served, cleanup: None, stop:
             await wire.start_call("create_workspace", {"name": name})
             with anyio.fail_after(HUNG_S):
                 await reached.wait()
-            assert host_leftovers(name)["processes"], "the container should be running by now"
+            assert supervise.tagged(tag), "the container should be running by now"
             t0 = time.monotonic()
             if stop == "stdin-eof":
                 assert wire.proc.stdin is not None

@@ -341,9 +341,9 @@ class IncusRuntime(Runtime):
                 await client.make_dir(inst, f"{inside}/{parent}", uid=uid, gid=uid, mode=0o700)
             await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
 
-    async def stop(self, record: WorkspaceRecord) -> None:
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         inst = await self._instance(record)
-        if inst is not None and inst.get("status") == "Running":
+        if inst is not None and inst.get("status") == "Running" and not force:
             # A clean power-off first; past the grace time _delete kills it. Its root is thrown away
             # anyway and the workspace dir is a host directory or a volume, so a kill loses nothing.
             with contextlib.suppress(IncusAPIError):

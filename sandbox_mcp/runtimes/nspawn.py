@@ -451,10 +451,11 @@ class NspawnRuntime(Runtime):
             await anyio.sleep(0.01)
         return None
 
-    async def stop(self, record: WorkspaceRecord) -> None:
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         state = self.state(record)
-        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
-        await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
+        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not (at once if forced).
+        grace_s = 0.0 if force else self.settings.stop_timeout_s
+        await supervise.terminate(state.process, grace_s=grace_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
         await supervise.kill(state.leader)
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.
