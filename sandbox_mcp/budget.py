@@ -24,14 +24,16 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import BaseModel
 
-from .models import DirListing, ExecResult, FileContent, LogsResult
+from .models import DirListing, ExecResult, FileContent, LogsResult, WorkspaceList
 
 __all__ = [
     "ENVELOPE_BYTES",
     "content_room",
     "exec_keep",
     "fit",
+    "fit_message",
     "join_stream",
+    "page_workspaces",
     "read_limit",
     "text_rendering",
     "wire_size",
@@ -211,6 +213,41 @@ def _fit_listing(dl: DirListing, budget: int) -> DirListing:
     return page(max(n, 1) if dl.entries else 0)
 
 
+def page_workspaces(listing: WorkspaceList, offset: int, limit: int | None) -> WorkspaceList:
+    """One page of a workspace list (in name order), saying how many there are and where the next starts."""
+    ordered = sorted(listing.workspaces, key=lambda w: w.name)
+    page = ordered[offset : offset + limit if limit else None]
+    end = offset + len(page)
+    more = end < len(ordered)
+    return WorkspaceList(workspaces=page, total=len(ordered), offset=offset, next_offset=end if more else None,
+                         truncated=more)  # fmt: skip
+
+
+def _fit_workspaces(wl: WorkspaceList, budget: int) -> WorkspaceList:
+    def page(n: int) -> WorkspaceList:
+        more = n < len(wl.workspaces) or wl.next_offset is not None
+        next_offset = wl.offset + n if n < len(wl.workspaces) else wl.next_offset
+        return wl.model_copy(update={"workspaces": wl.workspaces[:n], "next_offset": next_offset, "truncated": more})
+
+    n = _largest(0, len(wl.workspaces), lambda k: wire_size(page(k)) <= budget)
+    return page(max(n, 1) if wl.workspaces else 0)
+
+
+def fit_message(message: str, budget: int) -> str:
+    """An error message cut to fit ``budget`` on the wire (its head and its tail, which usually
+    hold what went wrong and a log's last lines)."""
+    room = budget - ENVELOPE_BYTES
+
+    def cut(n: int) -> str:
+        if n >= len(message):
+            return message
+        return message[: n - n // 2] + "\n[... cut to fit the result ...]\n" + message[len(message) - n // 2 :]
+
+    if _json_len(message) <= room:
+        return message
+    return cut(_largest(0, len(message), lambda k: _json_len(cut(k)) <= room))
+
+
 def _fit_logs(lr: LogsResult, budget: int) -> LogsResult:
     def tail(n: int) -> LogsResult:
         text = lr.log[len(lr.log) - n :] if n else ""
@@ -227,6 +264,7 @@ _FITTERS: dict[type, Callable[[Any, int], Any]] = {
     ExecResult: _fit_exec,
     DirListing: _fit_listing,
     LogsResult: _fit_logs,
+    WorkspaceList: _fit_workspaces,
 }
 
 

@@ -260,8 +260,13 @@ class RemoteManager:
         return await self._call("destroy_workspace", {"name": name, "keep_data": keep_data}, DestroyResult)
 
     async def list(self) -> WorkspaceList:
-        """See :meth:`WorkspaceManager.list`."""
-        return await self._call("list_workspaces", {}, WorkspaceList)
+        """See :meth:`WorkspaceManager.list`: every page of it."""
+        listing = await self._call("list_workspaces", {}, WorkspaceList)
+        found = list(listing.workspaces)
+        while listing.next_offset is not None:
+            listing = await self._call("list_workspaces", {"offset": listing.next_offset}, WorkspaceList)
+            found += listing.workspaces
+        return WorkspaceList(workspaces=found, total=len(found))
 
     async def status(self, name: str) -> WorkspaceStatus:
         """See :meth:`WorkspaceManager.status`."""

@@ -169,6 +169,10 @@ class WorkspaceStatus(Workspace):
 
 class WorkspaceList(BaseModel):
     workspaces: list[Workspace]
+    total: int | None = Field(default=None, description="How many workspaces there are")
+    offset: int = Field(default=0, description="Index (in name order) of the first one listed")
+    next_offset: int | None = Field(default=None, description="Pass as offset to list the next page")
+    truncated: bool = Field(default=False, description="True when more follow: call again with offset=next_offset")
 
 
 class DestroyResult(BaseModel):

@@ -225,8 +225,12 @@ def build_server(
 
             @functools.wraps(wrapped)
             async def sent(*args: Any, **kwargs: Any) -> Any:
-                result = await wrapped(*args, **kwargs)
-                return _call_result(result, manager_of(kwargs["ctx"]).settings.result_budget_bytes)
+                budget_bytes = manager_of(kwargs["ctx"]).settings.result_budget_bytes
+                try:
+                    result = await wrapped(*args, **kwargs)
+                except ToolError as exc:
+                    raise ToolError(budget.fit_message(str(exc), budget_bytes)) from exc.__cause__
+                return _call_result(result, budget_bytes)
 
             # The docstring is what the agent reads: without the source's indentation, sent on every request.
             description = inspect.cleandoc(fn.__doc__ or "")
@@ -329,9 +333,16 @@ def build_server(
         return await manager_of(ctx).destroy(name, keep_data)
 
     @tool(title="List workspaces", read_only=True, idempotent=True)
-    async def list_workspaces(ctx: Context) -> WorkspaceList:
-        """List every workspace with its state, IP and directories. Call this before creating a new one."""
-        return await manager_of(ctx).list()
+    async def list_workspaces(
+        ctx: Context,
+        offset: Annotated[int, Field(description="Index (in name order) of the first one to list", ge=0)] = 0,
+        limit: Annotated[
+            int | None, Field(description="Most to list; default: as many as fit one result", ge=1, le=1000)
+        ] = None,
+    ) -> WorkspaceList:
+        """List every workspace with its state, IP and directories, in name order. Call this before creating
+        a new one. total says how many there are; if truncated is true, call again with offset=next_offset."""
+        return budget.page_workspaces(await manager_of(ctx).list(), offset, limit)
 
     @tool(title="Workspace status", read_only=True, idempotent=True)
     async def workspace_status(ctx: Context, name: Name) -> WorkspaceStatus:

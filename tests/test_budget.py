@@ -102,3 +102,33 @@ def test_sizes_derived_from_the_budget() -> None:
     assert budget.exec_keep(BUDGET) == budget.content_room(BUDGET) // 2
     # A listing of workspaces has nothing to cut: it is returned as it is.
     assert budget.fit(WorkspaceList(workspaces=[]), 8192) == WorkspaceList(workspaces=[])
+
+
+def test_workspace_lists_page_and_fit() -> None:
+    from sandbox_mcp.models import SSHInfo, Workspace
+
+    def ws(i: int) -> Workspace:
+        return Workspace(name=f"w{i:03}", type="container", state="running", ip=f"10.0.{i // 250}.{i % 250}",
+                         user="agent", workspace_dir="/home/agent/workspace", host_workspace_dir=f"/s/w{i}/workspace",
+                         ssh=SSHInfo(host="10.0.0.1", user="agent", host_key_fingerprint="SHA256:" + "x" * 43,
+                                     known_hosts="10.0.0.1 ssh-ed25519 " + "A" * 68),
+                         created_at=datetime(2026, 1, 1, tzinfo=UTC))  # fmt: skip
+
+    listing = WorkspaceList(workspaces=[ws(i) for i in reversed(range(240))])
+    page = budget.fit(budget.page_workspaces(listing, 0, None), BUDGET)
+    assert budget.wire_size(page) <= BUDGET and page.total == 240 and page.truncated
+    assert [w.name for w in page.workspaces] == [f"w{i:03}" for i in range(len(page.workspaces))]
+    names = [w.name for w in page.workspaces]
+    while page.next_offset is not None:
+        page = budget.fit(budget.page_workspaces(listing, page.next_offset, None), BUDGET)
+        assert budget.wire_size(page) <= BUDGET
+        names += [w.name for w in page.workspaces]
+    assert names == [f"w{i:03}" for i in range(240)]
+
+
+def test_error_messages_fit() -> None:
+    message = "boot failed; last log lines:\n" + "\x1b" * 50_000 + "\nthe end"
+    cut = budget.fit_message(message, 8192)
+    assert len(json.dumps(cut)) <= 8192 - budget.ENVELOPE_BYTES
+    assert cut.startswith("boot failed") and cut.endswith("the end") and "cut to fit" in cut
+    assert budget.fit_message("short", 8192) == "short"

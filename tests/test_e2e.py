@@ -525,4 +525,4 @@ def test_cli_for_people(deployment: Deployment, settings: Settings) -> None:
     finally:
         cli("rm", "clitest", check=False)
     assert host_leftovers("clitest") == NOTHING_LEFT
-    assert json.loads(cli("ls", "--json").stdout) == {"workspaces": []}
+    assert json.loads(cli("ls", "--json").stdout)["workspaces"] == []

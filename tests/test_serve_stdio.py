@@ -216,7 +216,7 @@ async def test_clean_start_protocol_only_and_tidy_descriptions(served: Served) -
     async with serve(served) as wire:
         tools, _ = await wire.request("tools/list")
         listed, text, _ = await wire.call("list_workspaces")
-        assert listed == {"workspaces": []} and json.loads(text) == listed
+        assert listed["workspaces"] == [] and listed["total"] == 0 and json.loads(text) == listed
     assert wire.proc.returncode == 0
     for tool in tools["result"]["tools"]:
         d = tool["description"]

@@ -20,7 +20,7 @@ CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "start_workspace": ({"name"}, set()),
     "stop_workspace": ({"name"}, set()),
     "destroy_workspace": ({"name"}, {"keep_data"}),
-    "list_workspaces": (set(), set()),
+    "list_workspaces": (set(), {"offset", "limit"}),
     "workspace_status": ({"name"}, set()),
     "exec": ({"name", "command"}, {"cwd", "env", "timeout_s", "stdin"}),
     "read_file": ({"name", "path"}, {"offset", "limit"}),
