@@ -13,7 +13,7 @@ import binascii
 import itertools
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import asyncssh
@@ -184,14 +184,27 @@ def _count(reply: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _stream(reply: dict[str, Any], name: str, cap: int, save_path: str | None) -> tuple[str, tuple[int, int], int, int | None, str | None, bool]:  # noqa: E501
-    """One stream of a reply, checked: (text, marker position, omitted bytes, total, saved path, cut)."""
+class _Stream(NamedTuple):
+    """One stream of a reply as the result carries it."""
+
+    text: str
+    split: tuple[int, int]  # where the marker line lies in text (see budget.join_stream)
+    omitted: int
+    total: int | None  # the whole stream's bytes; None from an agent that does not count them
+    path: str | None  # where the whole stream was saved
+    cut: bool
+
+
+def _stream(reply: dict[str, Any], name: str, cap: int, save_path: str | None) -> _Stream:
+    """One stream of a reply, checked (wrong types are an AgentFault) and cut to ``cap``."""
     head = _b64_field(reply, name)
     tail = _b64_field(reply, f"{name}_tail") if f"{name}_tail" in reply else b""
     total = _count(reply, f"{name}_total")
     saved = _count(reply, f"{name}_saved")
-    if len(head) + len(tail) > cap:  # more than asked for: keep what was asked
-        head, tail = head[: cap - min(len(tail), cap // 2)], tail[len(tail) - min(len(tail), cap // 2) :]
+    clipped = len(head) + len(tail) > cap  # more than asked for: keep what was asked
+    if clipped:
+        keep_tail = min(len(tail), cap // 2)
+        head, tail = head[: cap - keep_tail], tail[len(tail) - keep_tail :]
     if total is not None and total < len(head) + len(tail):
         raise AgentFault(f"its reply's {name}_total is less than the output it sent")
     omitted = total - len(head) - len(tail) if total is not None else 0
@@ -199,7 +212,7 @@ def _stream(reply: dict[str, Any], name: str, cap: int, save_path: str | None) -
     text, split = budget.join_stream(
         head.decode("utf-8", errors="replace"), tail.decode("utf-8", errors="replace"), omitted, name, path
     )
-    return text, split, omitted, total, path, omitted > 0
+    return _Stream(text, split, omitted, total, path, clipped or omitted > 0)
 
 
 def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, str] | None = None) -> ExecResult:
@@ -215,26 +228,26 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, 
     if sig is not None and not isinstance(sig, str):
         raise AgentFault("its reply's signal is not a string")
     save = save or {}
-    stdout, out_split, out_omitted, out_total, out_path, out_cut = _stream(reply, "stdout", cap, save.get("stdout"))
-    stderr, err_split, err_omitted, err_total, err_path, err_cut = _stream(reply, "stderr", cap, save.get("stderr"))
+    out = _stream(reply, "stdout", cap, save.get("stdout"))
+    err = _stream(reply, "stderr", cap, save.get("stderr"))
     note = DETACHED_NOTE if reply.get("detached") is True else ""
     if sig and not timed_out:
         note += signal_note(sig[:_SIGNAL_NAME_MAX])
     result = ExecResult(
         exit_code=None if timed_out else code,
-        stdout=stdout,
-        stderr=stderr + note,
+        stdout=out.text,
+        stderr=err.text + note,
         timed_out=timed_out,
-        truncated=reply.get("truncated") is True or out_cut or err_cut,
+        truncated=reply.get("truncated") is True or out.cut or err.cut,
         duration_ms=round(duration_s * 1000, 3),
-        stdout_bytes=out_total,
-        stderr_bytes=err_total,
-        stdout_omitted=out_omitted,
-        stderr_omitted=err_omitted,
-        stdout_path=out_path,
-        stderr_path=err_path,
+        stdout_bytes=out.total,
+        stderr_bytes=err.total,
+        stdout_omitted=out.omitted,
+        stderr_omitted=err.omitted,
+        stdout_path=out.path,
+        stderr_path=err.path,
     )
-    result.set_splits({"stdout": out_split, "stderr": err_split})
+    result.set_splits({"stdout": out.split, "stderr": err.split})
     return result
 
 
