@@ -925,3 +925,30 @@ async def test_list_dir(pool: SSHPool, target: SSHTarget, workspace: Path) -> No
         await pool.list_dir(target, "missing")
     with pytest.raises(InvalidSpec, match="call read_file"):
         await pool.list_dir(target, "b.txt")
+
+
+@pytest.mark.anyio
+async def test_list_dir_pages_and_bounds_what_it_keeps(pool: SSHPool, target: SSHTarget, workspace: Path) -> None:
+    from sandbox_mcp.ssh import files
+
+    many = workspace / "many"
+    many.mkdir()
+    names = [f"{i:04}" for i in range(1, 1201)]
+    for name in reversed(names):
+        (many / name).touch()
+    seen: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = await pool.list_dir(target, "many", offset, 500)
+        assert (page.total, page.offset, page.truncated) == (1200, offset, page.next_offset is not None)
+        seen += [e.name for e in page.entries]
+        offset = page.next_offset
+    assert seen == names  # name order, every entry once
+    # Past the bound on the bytes kept (a hostile server could send long names): total unknown, and
+    # the pages end where the reading did.
+    bounded = await pool._with_sftp(  # noqa: SLF001 - the pool's own SFTP channel, with a small bound
+        target, "list", str(many), lambda sftp: files.list_directory(sftp, target, str(many), 0, 5000, max_bytes=100 * 68)
+    )
+    assert bounded.total is None and bounded.truncated and len(bounded.entries) == 100
+    with pytest.raises(InvalidSpec, match="offset must be >= 0"):
+        await pool.list_dir(target, "many", -1)
