@@ -30,6 +30,7 @@ __all__ = [
     "ENVELOPE_BYTES",
     "content_room",
     "exec_keep",
+    "exec_save_over",
     "fit",
     "fit_message",
     "join_stream",
@@ -86,8 +87,14 @@ def read_limit(budget: int) -> int:
 
 
 def exec_keep(budget: int) -> int:
-    """Bytes of one exec stream kept (its head and tail) under ``budget``: both streams can fill
-    at once, so each gets half of the room."""
+    """Bytes of one exec stream kept (its head and tail) under ``budget``: the whole room, for when
+    the other stream is short. When both are long, :func:`fit` halves them."""
+    return content_room(budget)
+
+
+def exec_save_over(budget: int) -> int:
+    """Past how many bytes an exec stream is saved whole: past its share of the room when both
+    streams are long, as then :func:`fit` cuts it to that."""
     return content_room(budget) // 2
 
 
@@ -173,18 +180,19 @@ def _cut_stream(text: str, split: tuple[int, int] | None, omitted: int, keep: in
 
 
 def _fit_exec(r: ExecResult, budget: int) -> ExecResult:
-    splits = r.splits()
+    splits, saved = r.splits(), r.saved()
 
     def cut(keep: int) -> ExecResult:
         update: dict[str, Any] = {}
         new_splits = {}
         for stream in ("stdout", "stderr"):
+            path = getattr(r, f"{stream}_path") or saved.get(stream)
             text, split, omitted = _cut_stream(
-                getattr(r, stream), splits.get(stream), getattr(r, f"{stream}_omitted"), keep, stream,
-                getattr(r, f"{stream}_path"),
-            )  # fmt: skip
+                getattr(r, stream), splits.get(stream), getattr(r, f"{stream}_omitted"), keep, stream, path
+            )
             update[stream] = text
             update[f"{stream}_omitted"] = omitted
+            update[f"{stream}_path"] = path if omitted else None
             new_splits[stream] = split
         if update["stdout_omitted"] or update["stderr_omitted"]:
             update["truncated"] = True

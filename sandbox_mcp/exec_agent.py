@@ -10,7 +10,7 @@ command it started when its channel closes, e.g. when the server goes away.
 Protocol (one JSON object per line, both ways; bytes as base64):
   → {"id": 1, "command": "...", "cwd": "/abs", "env": {...}, "stdin": "b64" | null,
      "timeout": 120.0, "cap": 1048576, "tail": true,
-     "save": {"dir": "/abs", "name": "ID", "max": N, "keep": 8}}
+     "save": {"dir": "/abs", "name": "ID", "max": N, "keep": 8, "over": N}}
   → {"cancel": 1}                    (kills the command; one not started yet never starts)
   ← {"ready": 1}                     (once, at start)
   ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
@@ -20,9 +20,9 @@ Protocol (one JSON object per line, both ways; bytes as base64):
      "stdout_saved": N | null (and the same for stderr)
 
 Without "tail" a stream keeps its first ``cap`` bytes. With it, its head and its tail (``cap``
-bytes together); with "save" too, a stream longer than ``cap`` is written whole (up to "max"
-bytes) to DIR/NAME.stdout or DIR/NAME.stderr, so nothing the host cannot carry is lost; of those
-files the newest "keep" commands' stay.
+bytes together); with "save" too, a stream longer than "over" (default ``cap``) is written whole
+(up to "max" bytes) to DIR/NAME.stdout or DIR/NAME.stderr, so nothing the host may not carry is
+lost; of those files the newest "keep" commands' stay.
 
 A cancel may overtake its request: the request starts on a thread of its own, and the cancel
 can be read while that thread is still on its way to ``Popen``. So cancelled ids are
@@ -76,8 +76,8 @@ class _Pump(threading.Thread):
     """Reads one pipe to its end, keeping at most ``cap`` bytes (the rest is drained).
 
     Without ``tail``, the first ``cap`` bytes; with it, the head and the tail (``cap`` bytes
-    together). With ``save`` (see _save_paths), once the stream outgrows ``cap`` all of it goes to
-    the file too.
+    together). With ``save`` (see _save_paths), once the stream outgrows its "over" all of it goes
+    to the file too.
     """
 
     def __init__(self, fd, cap, tail=False, save=None):
@@ -119,9 +119,9 @@ class _Pump(threading.Thread):
             self.truncated = True
 
     def _write(self, chunk):
-        directory, path, limit, keep = self.save
+        directory, path, limit, keep, over = self.save
         if self.file is None:
-            if self.saved is not None or self.total + len(chunk) <= self.cap:
+            if self.saved is not None or self.total + len(chunk) <= over:
                 return  # saving failed before, or the stream still fits in what is kept
             try:
                 _prepare(directory, keep)
@@ -161,14 +161,15 @@ class _Pump(threading.Thread):
 
 
 def _save_paths(save):
-    """Where a saving request's two streams go: (dir, path, max bytes, keep) each; None for a bad request."""
+    """Where a saving request's two streams go: (dir, path, max bytes, keep, over) each; None for a bad request."""
     try:
         directory, name, limit, keep = save["dir"], save["name"], int(save["max"]), int(save.get("keep", 8))
+        over = int(save["over"]) if save.get("over") is not None else None
     except (KeyError, TypeError, ValueError):
         return None
     if not isinstance(name, str) or "/" in name or name.startswith(".") or not os.path.isabs(directory):
         return None
-    return [(directory, os.path.join(directory, name + "." + s), limit, keep) for s in ("stdout", "stderr")]
+    return [(directory, os.path.join(directory, name + "." + s), limit, keep, over) for s in ("stdout", "stderr")]
 
 
 def _prepare(directory, keep):
@@ -250,6 +251,7 @@ def _run(req):
     _send({"id": rid, "started": 1})
     tail = req.get("tail") is True
     saves = (_save_paths(req["save"]) if tail and req.get("save") else None) or [None, None]
+    saves = [s and s[:4] + (cap if s[4] is None else min(s[4], cap),) for s in saves]
     pumps = [_Pump(proc.stdout.fileno(), cap, tail, saves[0]), _Pump(proc.stderr.fileno(), cap, tail, saves[1])]
     for p in pumps:
         p.start()

@@ -673,12 +673,13 @@ class WorkspaceManager:
         at most ``exec_output_cap``); a longer one is saved whole in the workspace (``exec_save_mib``).
         """
         record = await self._running(name, owner_uid)
-        keep = min(self.settings.exec_output_cap, budget.exec_keep(self.settings.result_budget_bytes))
+        budget_bytes = self.settings.result_budget_bytes
+        keep = min(self.settings.exec_output_cap, budget.exec_keep(budget_bytes))
         return await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
-                t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
-                output_cap=keep, save_max=self.settings.exec_save_mib << 20,
+                t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s, output_cap=keep,
+                save_max=self.settings.exec_save_mib << 20, save_over=min(keep, budget.exec_save_over(budget_bytes)),
             ),
         )  # fmt: skip
 

@@ -202,8 +202,10 @@ class ExecResult(BaseModel):
     stderr_path: str | None = Field(default=None, description="The same for stderr")
 
     # Where the marker line of a cut stream lies in stdout/stderr (start, end), so a further cut
-    # (budget.fit) keeps the head and the tail around it. Not part of the result.
+    # (budget.fit) keeps the head and the tail around it; and where a stream was saved whole even
+    # though nothing was cut yet, for such a cut to name. Not part of the result.
     _splits: dict[str, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _saved: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def splits(self) -> dict[str, tuple[int, int]]:
         """The marker positions of cut streams (see budget.join_stream)."""
@@ -211,6 +213,13 @@ class ExecResult(BaseModel):
 
     def set_splits(self, splits: dict[str, tuple[int, int]]) -> None:
         self._splits = dict(splits)
+
+    def saved(self) -> dict[str, str]:
+        """Where streams were saved whole in the workspace, cut or not (by stream name)."""
+        return dict(self._saved)
+
+    def set_saved(self, saved: dict[str, str]) -> None:
+        self._saved = dict(saved)
 
 
 class FileContent(BaseModel):

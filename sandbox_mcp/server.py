@@ -375,7 +375,8 @@ def build_server(
         sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
 
         Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Long output is cut to
-        fit the result (about 12 KB per stream at the default budget): truncated=true, its head and tail
+        fit the result (about 24 KB at the default budget, 12 KB each when both streams are long):
+        truncated=true, its head and tail
         are kept with a marker line where the middle was left out; stdout_omitted/stderr_omitted count
         the bytes left out and stdout_path/stderr_path name a file in the workspace with the whole stream
         (page it with read_file, offset/next_offset). stdout_bytes/stderr_bytes are the whole sizes.

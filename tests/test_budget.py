@@ -99,7 +99,7 @@ def test_logs_keep_their_last_whole_lines() -> None:
 
 def test_sizes_derived_from_the_budget() -> None:
     assert budget.read_limit(BUDGET) == budget.content_room(BUDGET) > 20_000
-    assert budget.exec_keep(BUDGET) == budget.content_room(BUDGET) // 2
+    assert budget.exec_keep(BUDGET) == budget.content_room(BUDGET) == 2 * budget.exec_save_over(BUDGET)
     # A listing of workspaces has nothing to cut: it is returned as it is.
     assert budget.fit(WorkspaceList(workspaces=[]), 8192) == WorkspaceList(workspaces=[])
 

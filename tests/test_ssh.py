@@ -598,6 +598,15 @@ async def test_exec_saves_long_output_whole(pool: SSHPool, target: SSHTarget, wo
         for _ in range(10):
             assert (await pool.exec(target, "seq 1 5000", output_cap=1024, save_max=1 << 20)).stdout_path
         assert len(list(saved_dir.glob("*.stdout"))) == 8
+        # Past save_over but within the cap: kept whole, and saved, for a cut to fit a result to name.
+        r = await pool.exec(target, "seq 1 1500", output_cap=cap, save_max=1 << 20, save_over=cap // 4)
+        assert (r.truncated, r.stdout_path, r.stdout) == (False, None, whole[: len(r.stdout)])
+        saved = r.saved()["stdout"]
+        assert Path(saved).read_text() == r.stdout
+        from sandbox_mcp import budget
+
+        cut = budget.fit(r, 8192)
+        assert cut.truncated and cut.stdout_path == saved and f"the whole stdout is in {saved}" in cut.stdout
         # Bounded by save_max: the file holds the first save_max bytes.
         r = await pool.exec(target, "seq 1 100000", output_cap=1024, save_max=4096)
         assert r.stdout_path is not None and Path(r.stdout_path).read_text() == whole[:4096]

@@ -208,7 +208,7 @@ def _stream(reply: dict[str, Any], name: str, cap: int, save_path: str | None) -
     if total is not None and total < len(head) + len(tail):
         raise AgentFault(f"its reply's {name}_total is less than the output it sent")
     omitted = total - len(head) - len(tail) if total is not None else 0
-    path = save_path if omitted > 0 and saved else None
+    path = save_path if saved else None
     text, split = budget.join_stream(
         head.decode("utf-8", errors="replace"), tail.decode("utf-8", errors="replace"), omitted, name, path
     )
@@ -244,9 +244,10 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, 
         stderr_bytes=err.total,
         stdout_omitted=out.omitted,
         stderr_omitted=err.omitted,
-        stdout_path=out.path,
-        stderr_path=err.path,
+        stdout_path=out.path if out.omitted else None,
+        stderr_path=err.path if err.omitted else None,
     )
+    result.set_saved({s: p for s, p in (("stdout", out.path), ("stderr", err.path)) if p})
     result.set_splits({"stdout": out.split, "stderr": err.split})
     return result
 

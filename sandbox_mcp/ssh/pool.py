@@ -199,15 +199,17 @@ class SSHPool:
         timeout_s: float = 120,
         output_cap: int = 1 << 20,
         save_max: int = 0,
+        save_over: int | None = None,
     ) -> ExecResult:
         """Run ``command`` with ``sh -c`` in the workspace and collect its result.
 
         ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and
         stderr are kept separately, each its head and its tail, ``output_cap`` bytes together (the
         middle is drained; ``truncated=True`` and a marker line where it was). With ``save_max`` the
-        exec agent writes a stream longer than that whole (up to ``save_max`` bytes) to a file in the
-        workspace's :data:`EXEC_SAVE_DIR`, named in ``stdout_path``/``stderr_path``; a workspace
-        without the agent saves nothing. The command sees EOF on stdin after ``stdin``. A command killed by a
+        exec agent writes a stream longer than ``save_over`` (default: ``output_cap``) whole (up to
+        ``save_max`` bytes) to a file in the workspace's :data:`EXEC_SAVE_DIR`, named in
+        ``stdout_path``/``stderr_path`` when cut (and to :func:`budget.fit` for a later cut); a
+        workspace without the agent saves nothing. The command sees EOF on stdin after ``stdin``. A command killed by a
         signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
         command's whole process group is killed and the result has ``timed_out=True`` and
         ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
@@ -231,7 +233,8 @@ class SSHPool:
                            "cap": output_cap, "tail": True}  # fmt: skip
                 if save_max > 0:
                     request["save"] = {"dir": posixpath.join(target.workspace_dir, EXEC_SAVE_DIR),
-                                       "name": _output_name(), "max": save_max, "keep": EXEC_SAVE_KEEP}  # fmt: skip
+                                       "name": _output_name(), "max": save_max, "keep": EXEC_SAVE_KEEP,
+                                       "over": save_over}  # fmt: skip
                 try:
                     return await run_agent_command(agent, request, timeout_s)
                 except NotStarted as exc:
