@@ -158,8 +158,10 @@ def create_spec(args: argparse.Namespace) -> CreateSpec:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    from .budget import page_workspaces
+
     async def run(m: Workspaces) -> int:
-        result = await m.list()
+        result = page_workspaces(await m.list(), args.offset, args.limit)
         if args.json:
             _dump(result)
             return 0
@@ -378,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_create_flags(s)
     s.set_defaults(fn=_cmd_create)
 
-    s = sub.add_parser("ls", help="list workspaces")
+    s = sub.add_parser("ls", help="list workspaces (in name order)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--offset", type=int, default=0, help="skip this many")
+    s.add_argument("--limit", type=int, help="list at most this many")
     s.set_defaults(fn=_cmd_ls)
 
     s = sub.add_parser("exec", help="run a command in a workspace")

@@ -37,7 +37,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.images import DebianRoot, ImageStore
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
 
 from .conftest import e2e_settings, e2e_skip_reason
 from .deploy import Account, Daemon, as_user, running_daemon, user_env

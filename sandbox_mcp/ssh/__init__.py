@@ -25,6 +25,7 @@ Security: the host key is always pinned (``known_hosts`` holds the workspace's o
 from . import _quiet  # noqa: F401 - before asyncssh is imported
 from .commands import (
     EXEC_AGENT_PATH,
+    EXEC_SAVE_DIR,
     PID_MARKER,
     SSHTarget,
     agent_command,
@@ -41,7 +42,7 @@ from .keys import (
     known_hosts_line,
     write_authorized_keys,
 )
-from .pool import EXEC_SAVE_DIR, SSHPool
+from .pool import SSHPool
 
 __all__ = [
     "DEFAULT_LIST_PAGE",

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_DIR_ENTRIES",
     "MAX_LISTING_BYTES",
     "MAX_NAME_BYTES",
+    "check_page",
     "entry_name",
     "file_kind",
     "list_directory",
@@ -211,6 +212,14 @@ async def write_data(
         if is_conn_error(exc):
             raise
         raise file_error(target, abspath, exc, "write") from exc
+
+
+def check_page(offset: int, limit: int) -> None:
+    """Raises InvalidSpec for a listing page that cannot be: a negative offset, a limit below 1."""
+    if offset < 0:
+        raise InvalidSpec(f"offset must be >= 0, got {offset}")
+    if limit < 1:
+        raise InvalidSpec(f"limit must be >= 1, got {limit}")
 
 
 async def list_directory(

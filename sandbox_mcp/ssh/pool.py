@@ -8,10 +8,7 @@ and one SFTP channel for the file tools (:mod:`.files`), replaced when a call on
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import posixpath
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +22,15 @@ from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
 from . import files
 from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
-from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path
+from .commands import (
+    EXEC_AGENT_PATH,
+    SSHTarget,
+    agent_command,
+    agent_request,
+    build_exec_command,
+    resolve_path,
+    save_request,
+)
 from .connect import TCP_CONNECT_TIMEOUT_S, open_connection, poll_until_connected
 from .errors import (
     agent_error,
@@ -37,7 +42,7 @@ from .errors import (
 )
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
 
-__all__ = ["DEFAULT_MAX_SESSIONS", "EXEC_SAVE_DIR", "EXEC_SAVE_KEEP", "SFTP_TIMEOUT_S", "SSHPool"]
+__all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
 T = TypeVar("T")
 
@@ -50,18 +55,6 @@ SFTP_TIMEOUT_S = 60.0
 # ...plus this much per byte moved, so a large transfer to a slow guest (a VM under emulation)
 # is not cut off: a floor of 1 MiB/s.
 _SFTP_SECONDS_PER_BYTE = 1 / (1 << 20)
-# Where the exec agent saves output too long for a result, relative to the workspace directory
-# (on the host's disk, not in the container's memory-backed root; hidden from git by a .gitignore
-# the agent writes there), and how many commands' output it keeps there.
-EXEC_SAVE_DIR = ".sandbox-mcp/exec"
-EXEC_SAVE_KEEP = 8
-
-
-def _output_name() -> str:
-    """A saved output's file name (without .stdout/.stderr): sortable by time, unique."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-
-
 @dataclass(eq=False)
 class _Entry:
     target: SSHTarget
@@ -204,16 +197,13 @@ class SSHPool:
         """Run ``command`` with ``sh -c`` in the workspace and collect its result.
 
         ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and
-        stderr are kept separately, each its head and its tail, ``output_cap`` bytes together (the
-        middle is drained; ``truncated=True`` and a marker line where it was). With ``save_max`` the
-        exec agent writes a stream longer than ``save_over`` (default: ``output_cap``) whole (up to
-        ``save_max`` bytes) to a file in the workspace's :data:`EXEC_SAVE_DIR`, named in
-        ``stdout_path``/``stderr_path`` when cut (and to :func:`budget.fit` for a later cut); a
-        workspace without the agent saves nothing. The command sees EOF on stdin after ``stdin``. A command killed by a
-        signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
-        command's whole process group is killed and the result has ``timed_out=True`` and
-        ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
-        the cancellation propagates.
+        stderr are kept apart, each its head and tail, ``output_cap`` bytes together (the middle is
+        drained; ``truncated``, a marker line). With ``save_max`` the exec agent saves a stream past
+        ``save_over`` (default ``output_cap``) whole, up to ``save_max`` bytes (see
+        :func:`.commands.save_request`; no agent, no saving). stdin gets EOF after ``stdin``. A
+        command killed by a signal has ``exit_code=None`` and a note naming it on stderr. After
+        ``timeout_s`` its process group is killed (``timed_out=True``, ``exit_code=None``); so it is
+        when the awaiting task is cancelled, and the cancellation propagates.
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
@@ -228,13 +218,8 @@ class SSHPool:
             entry = await self._entry(target)
             agent = await self._agent(entry)
             if agent is not None:
-                request = {"command": command, "cwd": wd, "env": dict(env or {}), "timeout": timeout_s,
-                           "stdin": base64.b64encode(data).decode() if data is not None else None,
-                           "cap": output_cap, "tail": True}  # fmt: skip
-                if save_max > 0:
-                    request["save"] = {"dir": posixpath.join(target.workspace_dir, EXEC_SAVE_DIR),
-                                       "name": _output_name(), "max": save_max, "keep": EXEC_SAVE_KEEP,
-                                       "over": save_over}  # fmt: skip
+                save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
+                request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
                     return await run_agent_command(agent, request, timeout_s)
                 except NotStarted as exc:
@@ -421,20 +406,14 @@ class SSHPool:
     async def list_dir(
         self, target: SSHTarget, path: str = ".", offset: int = 0, limit: int = files.DEFAULT_PAGE
     ) -> DirListing:
-        """List a workspace directory in name order: name, type (file/dir/symlink/other), size, mtime
-        (UTC), ``limit`` entries from index ``offset`` (``next_offset``/``total`` say what is left).
-
-        Symlinks are reported as such, not followed. Bounded as :func:`.files.list_directory` says.
+        """``limit`` entries of a directory from index ``offset`` in name order (:func:`.files.list_directory`).
 
         Raises:
             InvalidSpec: a bad path, offset or limit, no such directory, not a directory, permission denied.
             CommandTimeout: the SFTP call did not finish within the SFTP timeout.
             SSHError: the workspace cannot be reached or the connection broke.
         """
-        if offset < 0:
-            raise InvalidSpec(f"offset must be >= 0, got {offset}")
-        if limit < 1:
-            raise InvalidSpec(f"limit must be >= 1, got {limit}")
+        files.check_page(offset, limit)
         abspath = resolve_path(target.workspace_dir, path)
         return await self._with_sftp(
             target, "list_dir", abspath, lambda sftp: files.list_directory(sftp, target, abspath, offset, limit)
