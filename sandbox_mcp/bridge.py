@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from . import shutdown
 from .daemon_client import connect_error
 
 __all__ = ["LOST_CODE", "Bridge", "bridge_stdio"]
@@ -71,13 +72,17 @@ class Bridge:
 
     async def run(self, client_lines: Any) -> None:
         """Forward ``client_lines`` (an async iterator of bytes lines) until it ends."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            async for line in client_lines:
-                await self._from_client(line)
-            tg.cancel_scope.cancel()
-        if self._conn is not None:
-            await self._conn.aclose()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                async for line in client_lines:
+                    await self._from_client(line)
+                tg.cancel_scope.cancel()
+        finally:
+            # Hanging up is what makes the daemon cancel this session's calls (and undo a create).
+            if self._conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._conn.aclose()
 
     async def _from_client(self, line: bytes) -> None:
         try:
@@ -160,7 +165,8 @@ class Bridge:
 
 
 async def bridge_stdio(path: Path, group: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
-    """Bridge this process's stdin/stdout to the daemon at ``path`` until stdin closes."""
+    """Bridge this process's stdin/stdout to the daemon at ``path`` until stdin closes or SIGINT or
+    SIGTERM arrives; any of them hangs up on the daemon, which cancels what the session still runs."""
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     try:
@@ -168,7 +174,10 @@ async def bridge_stdio(path: Path, group: str, stdin: BinaryIO | None = None, st
         lines, to_client = await _pipe_io(stdin, stdout)
     except (ValueError, OSError):  # a regular file or a terminal: threads then
         lines, to_client = _thread_io(stdin, stdout)
-    await Bridge(path, group, to_client).run(lines)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shutdown.cancel_on_signals, tg.cancel_scope, "sandbox-mcp serve")
+        await Bridge(path, group, to_client).run(lines)
+        tg.cancel_scope.cancel()
 
 
 async def _pipe_io(stdin: BinaryIO, stdout: BinaryIO) -> tuple[Any, Any]:

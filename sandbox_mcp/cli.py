@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 import anyio
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, shutdown
 from .config import Settings, load_settings
-from .errors import InvalidSpec, InvalidState, SandboxError
+from .errors import InvalidSpec, SandboxError
 from .fsutil import atomic_write
 from .manager import WorkspaceManager
 from .models import CreateSpec
@@ -41,21 +41,10 @@ def _dump(model: Any) -> None:
 
 
 def _use_daemon(settings: Settings) -> bool:
-    """Whether to go through the daemon: when its socket exists; else root works in process.
+    """Whether to go through the daemon (see :func:`daemon_use.use_daemon`, which raises InvalidState)."""
+    from .daemon_use import use_daemon
 
-    Raises:
-        InvalidState: no daemon and not root (nothing here can work without one of them).
-    """
-    from .daemon_client import daemon_available
-
-    if daemon_available(settings):
-        return True
-    if os.geteuid() == 0:
-        return False
-    raise InvalidState(
-        f"no sandbox-mcp daemon at {settings.daemon_socket}, and without it this needs root. Start the daemon "
-        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`), or set SANDBOX_MCP_DAEMON_SOCKET"
-    )
+    return use_daemon(settings)
 
 
 async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable[int]]) -> int:
@@ -86,12 +75,19 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             serve_http(settings, args.host, args.port, lifespan=remote)
         else:
             from .bridge import bridge_stdio
+            from .daemon_use import where_serve_goes
 
+            # The one line a stdio serve writes at start: the client's log shows whose settings apply.
+            print(f"sandbox-mcp serve: {where_serve_goes(settings)}", file=sys.stderr, flush=True)
             anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
+            shutdown.exit_now(0)
     elif args.http:
         serve_http(settings, args.host, args.port)
     else:
-        build_server(settings).run("stdio")
+        from .server import serve_stdio
+
+        anyio.run(serve_stdio, build_server(settings))
+        shutdown.exit_now(0)  # the client waits for the exit; the work is all done and closed
     return 0
 
 
@@ -164,8 +160,10 @@ def create_spec(args: argparse.Namespace) -> CreateSpec:
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
+    from .budget import page_workspaces
+
     async def run(m: Workspaces) -> int:
-        result = await m.list()
+        result = page_workspaces(await m.list(), args.offset, args.limit)
         if args.json:
             _dump(result)
             return 0
@@ -409,6 +407,8 @@ def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sandbox-mcp", description="Disposable, isolated workspaces for AI agents.")
     p.add_argument("--version", action="version", version=f"sandbox-mcp {__version__}")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="work in process (as root) even where a daemon runs, with this user's settings")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the MCP server (stdio by default)")
@@ -424,8 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_create_flags(s)
     s.set_defaults(fn=_cmd_create)
 
-    s = sub.add_parser("ls", help="list workspaces")
+    s = sub.add_parser("ls", help="list workspaces (in name order)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--offset", type=int, default=0, help="skip this many")
+    s.add_argument("--limit", type=int, help="list at most this many")
     s.set_defaults(fn=_cmd_ls)
 
     s = sub.add_parser("exec", help="run a command in a workspace")
@@ -547,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.no_daemon:
+            settings = settings.model_copy(update={"use_daemon": False})
         return int(args.fn(args, settings) or 0)
     except SandboxError as exc:
         print(f"sandbox-mcp: {exc}", file=sys.stderr)

@@ -145,8 +145,20 @@ class Settings(BaseModel):
         "systemd as PID 1), 'direct' has the server write the cgroup tree itself, 'auto' picks systemd where "
         "/run/systemd/system exists",
     )
-    exec_output_cap: int = Field(default=1 << 20, ge=1024, description="Bytes kept per stream per exec")
+    exec_output_cap: int = Field(
+        default=1 << 20, ge=1024, description="Most bytes kept per stream per exec (its head and tail); the result "
+        "budget usually keeps less"
+    )
+    exec_save_mib: int = Field(
+        default=64, ge=0, le=1 << 14, description="An exec stream cut to fit a result is saved whole in the "
+        "workspace (.sandbox-mcp/exec/) up to this many MiB; 0 saves nothing"
+    )
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
+    result_budget_bytes: int = Field(
+        default=60_000, ge=8192, le=64 << 20, description="Largest tool result on the wire (its JSON-RPC message, "
+        "structured and text copies together): longer output is cut, saying how to get the rest. The default "
+        "keeps Claude Code's limit (25,000 tokens, MAX_MCP_OUTPUT_TOKENS) far off"
+    )
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
     git_fetch_max_bytes: int = Field(
         default=2 << 30, ge=1024,
@@ -237,6 +249,10 @@ class Settings(BaseModel):
     daemon_socket: Path = Field(
         default=Path("/run/sandbox-mcp/daemon.sock"),
         description="Unix socket of the root daemon (`sandbox-mcp daemon`); serve and the CLI use it when it exists",
+    )
+    use_daemon: bool = Field(
+        default=True, description="serve and the CLI go through the daemon when its socket exists (refusing settings "
+        "it would ignore); false (or --no-daemon) works in process, as root"
     )
     daemon_group: str = Field(
         default="sandbox-mcp",

@@ -31,6 +31,7 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 
 from .config import Settings
+from .daemon_use import daemon_socket_present
 from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 from .fsutil import atomic_write
 from .models import (
@@ -77,12 +78,7 @@ class DaemonLost(BackendError):
     """The connection to the daemon ended under a call (it restarted or stopped)."""
 
 
-def daemon_available(settings: Settings) -> bool:
-    """True when something is at the daemon socket path (whether it answers is for connect to say)."""
-    try:
-        return settings.daemon_socket.is_socket()
-    except OSError:
-        return False
+daemon_available = daemon_socket_present  # where the daemon's socket is (see daemon_use)
 
 
 def connect_error(path: Path, exc: OSError, group: str) -> SandboxError:
@@ -263,8 +259,13 @@ class RemoteManager:
         return await self._call("destroy_workspace", {"name": name, "keep_data": keep_data}, DestroyResult)
 
     async def list(self) -> WorkspaceList:
-        """See :meth:`WorkspaceManager.list`."""
-        return await self._call("list_workspaces", {}, WorkspaceList)
+        """See :meth:`WorkspaceManager.list`: every page of it."""
+        listing = await self._call("list_workspaces", {}, WorkspaceList)
+        found = list(listing.workspaces)
+        while listing.next_offset is not None:
+            listing = await self._call("list_workspaces", {"offset": listing.next_offset}, WorkspaceList)
+            found += listing.workspaces
+        return WorkspaceList(workspaces=found, total=len(found))
 
     async def status(self, name: str) -> WorkspaceStatus:
         """See :meth:`WorkspaceManager.status`."""
@@ -293,9 +294,9 @@ class RemoteManager:
         args = {"name": name, "path": path, "content": content, "encoding": encoding, "append": append, "mode": mode}
         return await self._call("write_file", args, WriteResult)
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", offset: int = 0, limit: int | None = None) -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
-        return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+        return await self._call("list_dir", {"name": name, "path": path, "offset": offset, "limit": limit}, DirListing)
 
     async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
         """See :meth:`WorkspaceManager.git_diff`."""

@@ -13,7 +13,20 @@ from .config import Settings
 from .errors import SandboxError
 from .models import Check
 
-__all__ = ["Check", "daemon_checks", "run_checks", "which_check"]
+__all__ = ["Check", "daemon_checks", "run_checks", "serve_check", "which_check"]
+
+
+def serve_check(settings: Settings) -> Check:
+    """Where ``serve`` and the CLI send their calls (the daemon or this process), and whether settings
+    given here would be ignored there (then they refuse to start)."""
+    from .daemon_use import daemon_socket_present, ignored_settings, where_serve_goes
+
+    detail = where_serve_goes(settings)
+    ignored = ignored_settings(settings) if settings.use_daemon and daemon_socket_present(settings) else []
+    if ignored:
+        detail += f"; but {', '.join(ignored)} set here would be ignored there, so serve and the CLI refuse"
+    return Check(name="serve goes", ok=not ignored, detail=detail, required=False,
+                 fix="unset those settings to use the daemon, or pass --no-daemon to work in process (as root)")
 
 
 def daemon_checks(settings: Settings, *, uid: int | None = None) -> list[Check]:
@@ -112,6 +125,7 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
             "root: workspaces need network namespaces and containers",
         ),
         *daemon,
+        serve_check(settings),
         which_check("cp", "coreutils", "copies image variants", name="coreutils"),
         which_check("git", "git", "create_workspace with repo= and fetch_workspace run git on the host",
                     required=False),

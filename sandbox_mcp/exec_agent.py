@@ -9,12 +9,20 @@ command it started when its channel closes, e.g. when the server goes away.
 
 Protocol (one JSON object per line, both ways; bytes as base64):
   → {"id": 1, "command": "...", "cwd": "/abs", "env": {...}, "stdin": "b64" | null,
-     "timeout": 120.0, "cap": 1048576}
+     "timeout": 120.0, "cap": 1048576, "tail": true,
+     "save": {"dir": "/abs", "name": "ID", "max": N, "keep": 8, "over": N}}
   → {"cancel": 1}                    (kills the command; one not started yet never starts)
   ← {"ready": 1}                     (once, at start)
   ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
   ← {"id": 1, "exit": 0 | null, "signal": "TERM" | null, "stdout": "b64", "stderr": "b64",
      "truncated": false, "timed_out": false, "detached": false, "cancelled": false}
+     with "tail" in the request, per stream also: "stdout_tail": "b64", "stdout_total": N,
+     "stdout_saved": N | null (and the same for stderr)
+
+Without "tail" a stream keeps its first ``cap`` bytes. With it, its head and its tail (``cap``
+bytes together); with "save" too, a stream longer than "over" (default ``cap``) is written whole
+(up to "max" bytes) to DIR/NAME.stdout or DIR/NAME.stderr, so nothing the host may not carry is
+lost; of those files the newest "keep" commands' stay.
 
 A cancel may overtake its request: the request starts on a thread of its own, and the cancel
 can be read while that thread is still on its way to ``Popen``. So cancelled ids are
@@ -65,12 +73,19 @@ def _killpg(proc, sig):
 
 
 class _Pump(threading.Thread):
-    """Reads one pipe to its end, keeping at most ``cap`` bytes (the rest is drained and dropped)."""
+    """Reads one pipe to its end, keeping at most ``cap`` bytes (the rest is drained).
 
-    def __init__(self, fd, cap):
+    Without ``tail``, the first ``cap`` bytes; with it, the head and the tail (``cap`` bytes
+    together). With ``save`` (see _save_paths), once the stream outgrows its "over" all of it goes
+    to the file too.
+    """
+
+    def __init__(self, fd, cap, tail=False, save=None):
         threading.Thread.__init__(self, daemon=True)
-        self.fd, self.cap = fd, cap
-        self.data, self.truncated = bytearray(), False
+        self.fd, self.cap, self.keep_tail, self.save = fd, cap, tail, save
+        self.head_cap = cap - cap // 2 if tail else cap
+        self.data, self.tail, self.total, self.truncated = bytearray(), bytearray(), 0, False
+        self.file, self.saved = None, None
         self.lock = threading.Lock()
 
     def run(self):
@@ -80,17 +95,107 @@ class _Pump(threading.Thread):
                 if not chunk:
                     break
                 with self.lock:
-                    room = self.cap - len(self.data)
-                    if room > 0:
-                        self.data += chunk[:room]
-                    if len(chunk) > room:
-                        self.truncated = True
+                    self._take(chunk)
         except OSError:
             pass
+        finally:
+            self._close()
 
-    def snapshot(self):
+    def _take(self, chunk):
+        if self.save is not None:
+            self._write(chunk)
+        self.total += len(chunk)
+        room = self.head_cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        rest = chunk[max(room, 0):]
+        if not self.keep_tail:
+            self.truncated = self.truncated or bool(rest)
+            return
+        self.tail += rest
+        over = len(self.tail) - self.cap // 2
+        if over > 0:
+            del self.tail[:over]
+            self.truncated = True
+
+    def _write(self, chunk):
+        directory, path, limit, keep, over = self.save
+        if self.file is None:
+            if self.saved is not None or self.total + len(chunk) <= over:
+                return  # saving failed before, or the stream still fits in what is kept
+            try:
+                _prepare(directory, keep)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                self.file = os.fdopen(fd, "wb")
+                self.saved = 0
+                chunk = bytes(self.data) + bytes(self.tail) + chunk  # everything so far was kept
+            except OSError:
+                self.saved = -1
+                return
+        try:
+            part = chunk[: max(0, limit - self.saved)]
+            if part:
+                self.file.write(part)
+                self.saved += len(part)
+        except OSError:
+            self._close()
+            self.saved = -1
+
+    def _close(self):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                self.saved = -1
+            self.file = None
+
+    def report(self, name, reply):
+        """The stream's fields of the reply (a saved stream's file counts only if written whole or to its bound)."""
         with self.lock:
-            return bytes(self.data), self.truncated
+            reply[name] = _b64(self.data)
+            if self.keep_tail:
+                reply[name + "_tail"] = _b64(self.tail)
+                reply[name + "_total"] = self.total
+                reply[name + "_saved"] = self.saved if self.saved is not None and self.saved >= 0 else None
+            return self.truncated
+
+
+def _save_paths(save):
+    """Where a saving request's two streams go: (dir, path, max bytes, keep, over) each; None for a bad request."""
+    try:
+        directory, name, limit, keep = save["dir"], save["name"], int(save["max"]), int(save.get("keep", 8))
+        over = int(save["over"]) if save.get("over") is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(name, str) or "/" in name or name.startswith(".") or not os.path.isabs(directory):
+        return None
+    return [(directory, os.path.join(directory, name + "." + s), limit, keep, over) for s in ("stdout", "stderr")]
+
+
+def _prepare(directory, keep):
+    """Make the directory of saved output (hidden from git) and make room in it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    ignore = os.path.join(directory, ".gitignore")
+    if not os.path.exists(ignore):
+        with open(ignore, "w") as f:
+            f.write("# command output saved by sandbox-mcp's exec\n*\n")
+    _prune(directory, keep)
+
+
+def _prune(directory, keep):
+    """Make room for one more command's saved output in ``directory``: keep the newest ``keep - 1``."""
+    newest = {}  # command (file name without .stdout/.stderr) -> its newest mtime
+    for entry in os.scandir(directory):
+        stem, dot, suffix = entry.name.rpartition(".")
+        if dot and suffix in ("stdout", "stderr") and entry.is_file(follow_symlinks=False):
+            newest[stem] = max(newest.get(stem, 0), entry.stat(follow_symlinks=False).st_mtime)
+    old = sorted(newest, key=lambda stem: (newest[stem], stem), reverse=True)[max(0, keep - 1):]
+    for stem in old:
+        for suffix in (".stdout", ".stderr"):
+            try:
+                os.unlink(os.path.join(directory, stem + suffix))
+            except OSError:
+                pass
 
 
 def _feed(pipe, data):
@@ -144,7 +249,10 @@ def _run(req):
             return _send(reply)
         _running[rid] = proc
     _send({"id": rid, "started": 1})
-    pumps = [_Pump(proc.stdout.fileno(), cap), _Pump(proc.stderr.fileno(), cap)]
+    tail = req.get("tail") is True
+    saves = (_save_paths(req["save"]) if tail and req.get("save") else None) or [None, None]
+    saves = [s and s[:4] + (cap if s[4] is None else min(s[4], cap),) for s in saves]
+    pumps = [_Pump(proc.stdout.fileno(), cap, tail, saves[0]), _Pump(proc.stderr.fileno(), cap, tail, saves[1])]
     for p in pumps:
         p.start()
     if stdin is not None:
@@ -163,7 +271,6 @@ def _run(req):
     for p in pumps:
         p.join(DETACH_GRACE_S)
         reply["detached"] = reply["detached"] or p.is_alive()
-    (out, out_cut), (err, err_cut) = pumps[0].snapshot(), pumps[1].snapshot()
     code = proc.returncode
     if code is not None and code < 0:
         try:
@@ -172,7 +279,9 @@ def _run(req):
             reply["signal"] = str(-code)
     else:
         reply["exit"] = code
-    reply.update(stdout=_b64(out), stderr=_b64(err), truncated=out_cut or err_cut)
+    out_cut = pumps[0].report("stdout", reply)
+    err_cut = pumps[1].report("stderr", reply)
+    reply["truncated"] = out_cut or err_cut
     _send(reply)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from . import gitflow, hostgit, limit_hints, onboarding, provision, snapshots, ssh
+from . import budget, gitflow, hostgit, limit_hints, onboarding, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -98,6 +98,20 @@ def _host_memory_mib() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) // 1024
     return 1 << 22
+
+
+# Where a create's progress stands once its image is ready; the start takes it from there to the end.
+_PREPARED = 0.6
+
+
+def _span(progress: Progress, lo: float, hi: float) -> Progress:
+    """``progress`` for one phase of a longer task: its fractions 0..1 land in ``lo``..``hi`` of the
+    whole, so the phases of a create report on one scale (messages without a fraction stay so)."""
+
+    async def report(message: str, fraction: float | None = None) -> None:
+        await progress(message, None if fraction is None else lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+    return report
 
 
 class WorkspaceManager:
@@ -374,7 +388,8 @@ class WorkspaceManager:
                 record = record.model_copy(update={"host_key_fingerprint": fingerprint})
                 await self.registry.put(record)
                 t_image = time.monotonic()
-                record = await runtime.prepare(record, progress)
+                await progress("preparing the root image (cached after the first time)", 0.0)
+                record = await runtime.prepare(record, _span(progress, 0.0, _PREPARED))
                 prepared = True
                 record.state = "stopped"
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
@@ -382,7 +397,7 @@ class WorkspaceManager:
                 await self._sync_hosts()
                 if spec.start:
                     started = True
-                    record = await self._start(record, runtime, progress, t0)
+                    record = await self._start(record, runtime, _span(progress, _PREPARED, 1.0), t0)
                 if source is not None:
                     record = await self._clone(record, *source, progress)
             except BaseException:
@@ -548,7 +563,7 @@ class WorkspaceManager:
     ) -> None:
         if started:
             with contextlib.suppress(Exception):
-                await runtime.stop(record)
+                await runtime.stop(record, force=True)  # thrown away: no clean power-off to wait for
         if prepared:
             with contextlib.suppress(Exception):
                 await runtime.destroy(record)
@@ -590,17 +605,18 @@ class WorkspaceManager:
                 keys = self._paths(record.name).authorized_keys
                 await anyio.to_thread.run_sync(lambda: ssh.write_authorized_keys(keys, self._authorized_keys(record)))
             t_boot = time.monotonic()
+            await progress("starting the workspace", 0.0)
             record = await runtime.start(record, progress)
             await self.registry.put(record)
             timings.boot_s = round(time.monotonic() - t_boot, 3)
-            await progress("waiting for SSH (pinned host key)", 0.95)
+            await progress("waiting for SSH (pinned host key)", 0.5)
             t_ssh = time.monotonic()
             await self._wait_ssh(record, runtime)
             timings.ssh_s = round(time.monotonic() - t_ssh, 3)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
-                    await runtime.stop(record)
+                    await runtime.stop(record, force=True)  # it never ran for anyone: nothing to shut down cleanly
                 await self.ssh.drop(record.name)
                 record = self._stopped(runtime, record, str(exc)[-2000:] or type(exc).__name__)
                 await self.registry.put(record)
@@ -776,13 +792,19 @@ class WorkspaceManager:
         *,
         owner_uid: int | None = None,
     ) -> ExecResult:
-        """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`."""
+        """Run a shell command as the workspace user. See :meth:`ssh.SSHPool.exec`.
+
+        Each stream keeps its head and tail within what a result carries (:func:`budget.exec_keep`,
+        at most ``exec_output_cap``); a longer one is saved whole in the workspace (``exec_save_mib``).
+        """
         record = await self._running(name, owner_uid)
+        budget_bytes = self.settings.result_budget_bytes
+        keep = min(self.settings.exec_output_cap, budget.exec_keep(budget_bytes))
         result = await self._ssh_call(
             record,
             lambda t: self.ssh.exec(
-                t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s,
-                output_cap=self.settings.exec_output_cap,
+                t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s, output_cap=keep,
+                save_max=self.settings.exec_save_mib << 20, save_over=min(keep, budget.exec_save_over(budget_bytes)),
             ),
         )  # fmt: skip
         return await self._with_hint(record, result)
@@ -808,10 +830,12 @@ class WorkspaceManager:
     async def read_file(
         self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
     ) -> FileContent:
-        """Read up to ``limit`` bytes (capped by settings) from ``offset``."""
+        """Read up to ``limit`` bytes from ``offset``: by default, and at most, what one result carries
+        (:func:`budget.read_limit`; ``truncated``/``next_offset`` say where to go on)."""
         if offset < 0:
             raise InvalidSpec("offset must be ≥ 0")
-        limit = min(limit or 256 * 1024, self.settings.read_limit_max)
+        room = min(budget.read_limit(self.settings.result_budget_bytes), self.settings.read_limit_max)
+        limit = min(limit or room, room)
         record = await self._running(name, owner_uid)
         return await self._ssh_call(record, lambda t: self.ssh.read_file(t, path, offset=offset, limit=limit))
 
@@ -847,10 +871,14 @@ class WorkspaceManager:
             record, lambda t: self.ssh.write_file(t, path, data, append=append, mode=file_mode)
         )
 
-    async def list_dir(self, name: str, path: str = ".", *, owner_uid: int | None = None) -> DirListing:
-        """List a directory (relative paths resolve against the workspace dir)."""
+    async def list_dir(
+        self, name: str, path: str = ".", offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
+    ) -> DirListing:
+        """List a directory in name order, ``limit`` entries (default: a page) from index ``offset``
+        (relative paths resolve against the workspace dir)."""
         record = await self._running(name, owner_uid)
-        return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path))
+        page = limit or ssh.DEFAULT_LIST_PAGE
+        return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path, offset, page))
 
     # git: a branch per workspace (see gitflow) ------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -315,6 +315,10 @@ class WorkspaceStatus(Workspace):
 
 class WorkspaceList(BaseModel):
     workspaces: list[Workspace]
+    total: int | None = Field(default=None, description="How many workspaces there are")
+    offset: int = Field(default=0, description="Index (in name order) of the first one listed")
+    next_offset: int | None = Field(default=None, description="Pass as offset to list the next page")
+    truncated: bool = Field(default=False, description="True when more follow: call again with offset=next_offset")
 
 
 class DestroyResult(BaseModel):
@@ -328,13 +332,45 @@ class ExecResult(BaseModel):
     stdout: str
     stderr: str
     timed_out: bool = False
-    truncated: bool = Field(default=False, description="True when stdout or stderr was cut at the output cap")
+    truncated: bool = Field(
+        default=False, description="True when stdout or stderr was cut: their head and tail are kept, a marker "
+        "line stands where the middle was left out"
+    )
     duration_ms: float
     hint: str | None = Field(
         default=None,
         description="When the command ran into one of the workspace's limits (out of memory: the OOM killer "
         "ended a process; a full file system): which limit, and what to do",
     )
+    stdout_bytes: int | None = Field(default=None, description="Size of the command's whole stdout in bytes")
+    stderr_bytes: int | None = Field(default=None, description="Size of the command's whole stderr in bytes")
+    stdout_omitted: int = Field(default=0, description="Bytes of stdout left out of this result (from its middle)")
+    stderr_omitted: int = Field(default=0, description="Bytes of stderr left out of this result (from its middle)")
+    stdout_path: str | None = Field(
+        default=None, description="Where the whole stdout was saved inside the workspace when it was cut: page it "
+        "with read_file. Null when nothing was cut or it could not be saved"
+    )
+    stderr_path: str | None = Field(default=None, description="The same for stderr")
+
+    # Where the marker line of a cut stream lies in stdout/stderr (start, end), so a further cut
+    # (budget.fit) keeps the head and the tail around it; and where a stream was saved whole even
+    # though nothing was cut yet, for such a cut to name. Not part of the result.
+    _splits: dict[str, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _saved: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def splits(self) -> dict[str, tuple[int, int]]:
+        """The marker positions of cut streams (see budget.join_stream)."""
+        return dict(self._splits)
+
+    def set_splits(self, splits: dict[str, tuple[int, int]]) -> None:
+        self._splits = dict(splits)
+
+    def saved(self) -> dict[str, str]:
+        """Where streams were saved whole in the workspace, cut or not (by stream name)."""
+        return dict(self._saved)
+
+    def set_saved(self, saved: dict[str, str]) -> None:
+        self._saved = dict(saved)
 
 
 class FileContent(BaseModel):
@@ -363,7 +399,14 @@ class DirListing(BaseModel):
     path: str
     entries: list[DirEntry]
     truncated: bool = Field(
-        default=False, description="True when entries were left out (more than 10,000); list the rest with exec"
+        default=False, description="True when entries were left out of this result: call again with "
+        "offset=next_offset for the next page"
+    )
+    offset: int = Field(default=0, description="Index (in name order) of the first entry listed")
+    next_offset: int | None = Field(default=None, description="Pass as offset to list the next page")
+    total: int | None = Field(
+        default=None, description="Entries in the directory; null when it holds more than a listing reads "
+        "(list those with exec, e.g. 'ls -A | sed -n 1,1000p')"
     )
 
 
@@ -371,6 +414,7 @@ class LogsResult(BaseModel):
     name: str
     log: str
     lines: int
+    truncated: bool = Field(default=False, description="True when older lines were left out to fit the result")
 
 
 class DiffFile(BaseModel):

@@ -132,10 +132,10 @@ class OwnedManager:
         with self._call():
             return await self.manager.write_file(name, path, content, encoding, append, mode, owner_uid=self._owner)
 
-    async def list_dir(self, name: str, path: str = ".") -> DirListing:
+    async def list_dir(self, name: str, path: str = ".", offset: int = 0, limit: int | None = None) -> DirListing:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         with self._call():
-            return await self.manager.list_dir(name, path, owner_uid=self._owner)
+            return await self.manager.list_dir(name, path, offset, limit, owner_uid=self._owner)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

@@ -1,8 +1,9 @@
 """The MCP server: :func:`build_server` puts the tools of :mod:`sandbox_mcp.tools` over a lifespan.
 
 The tools are thin layers over :class:`~sandbox_mcp.workspaces.Workspaces` (see
-:mod:`sandbox_mcp.tools`); this module adds the lifespan (a local manager by default), the HTTP
-transport and its bearer token.
+:mod:`sandbox_mcp.tools`); this module adds the lifespan (a local manager by default), the stdio
+transport that stops on SIGINT, SIGTERM or EOF alike (:func:`serve_stdio`), the HTTP transport and
+its bearer token.
 """
 
 from __future__ import annotations
@@ -15,19 +16,22 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 
-from . import __version__, http_auth, tools
+from . import __version__, http_auth, shutdown, tools
 from .config import Settings, load_settings
 from .manager import WorkspaceManager
 from .owners import OwnedManager
 from .workspaces import Workspaces
 
-__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http"]
+__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http", "serve_stdio"]
+
+log = logging.getLogger(__name__)
 
 INSTRUCTIONS = """\
 Disposable, isolated Linux workspaces (containers; on NixOS also VMs and Incus) for running code safely.
@@ -99,6 +103,30 @@ def build_server(
 
     tools.register(mcp)
     return mcp
+
+
+async def serve_stdio(server: MCPServer) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin or SIGINT/SIGTERM arrives.
+
+    Any of the three cancels the calls still running (a create in flight undoes itself), then the
+    lifespan closes the manager; see :mod:`shutdown` for why not the SDK's ``run("stdio")``.
+    """
+    from mcp.server.stdio import stdio_server
+
+    from .daemon import lowlevel_server
+
+    lowlevel = lowlevel_server(server)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shutdown.cancel_on_signals, tg.cancel_scope, "sandbox-mcp serve")
+
+        def closed() -> None:
+            log.debug("sandbox-mcp serve: stdin closed, stopping")
+            tg.cancel_scope.cancel()
+
+        async with shutdown.stdio_pipes(on_eof=closed) as (lines, writer):
+            async with stdio_server(lines, writer) as (read, write):  # type: ignore[arg-type]
+                await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        tg.cancel_scope.cancel()
 
 
 def transport_security(host: str) -> TransportSecuritySettings:

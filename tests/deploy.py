@@ -104,17 +104,18 @@ class Daemon:
 
     @property
     def client_env(self) -> dict[str, str]:
-        """The environment of a client of this daemon (none of the caller's SANDBOX_MCP_* settings)."""
+        """The environment of a client of this daemon: how to reach it, none of the caller's other
+        SANDBOX_MCP_* settings (the daemon's own apply; a client given them refuses to use it)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_MCP_")}
-        s = self.settings
-        return {**env, "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_BRIDGE": s.bridge,
-                "SANDBOX_MCP_SUBNET": str(s.subnet), "SANDBOX_MCP_DAEMON_SOCKET": str(self.socket),
+        return {**env, "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_DAEMON_SOCKET": str(self.socket),
                 "SANDBOX_MCP_DAEMON_GROUP": self.group}  # fmt: skip
 
     @property
     def env(self) -> dict[str, str]:
         s = self.settings
-        return {**self.client_env, "SANDBOX_MCP_STATE_DIR": str(s.state_dir), "SANDBOX_MCP_IMAGE_DIR": str(s.image_dir),
+        return {**self.client_env, "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_BRIDGE": s.bridge,
+                "SANDBOX_MCP_SUBNET": str(s.subnet), "SANDBOX_MCP_STATE_DIR": str(s.state_dir),
+                "SANDBOX_MCP_IMAGE_DIR": str(s.image_dir),
                 "SANDBOX_MCP_HOSTS_FILE": str(s.hosts_file), "SANDBOX_MCP_BOOT_TIMEOUT_S": f"{s.boot_timeout_s:g}",
                 "SANDBOX_MCP_GIT_FETCH_MAX_BYTES": str(s.git_fetch_max_bytes)}  # fmt: skip
 

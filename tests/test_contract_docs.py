@@ -28,7 +28,7 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "start_workspace": ("start", {"name": "name"}),
     "stop_workspace": ("stop", {"name": "name"}),
     "destroy_workspace": ("rm", {"name": "name", "keep_data": "keep_data"}),
-    "list_workspaces": ("ls", {}),
+    "list_workspaces": ("ls", {"offset": "offset", "limit": "limit"}),
     "workspace_status": ("status", {"name": "name"}),
     "exec": ("exec", {"name": "name", "command": "command", "cwd": "cwd", "env": "env", "timeout_s": "timeout",
                       "stdin": "stdin"}),

@@ -117,7 +117,7 @@ async def test_an_mcp_session_with_the_token(generated: HttpServer, tmp_path: Pa
         tools = {t.name for t in (await client.list_tools()).tools}
         assert {"create_workspace", "exec", "destroy_workspace"} <= tools
         r = await client.call_tool("list_workspaces", {})
-        assert r.structured_content == {"workspaces": []}
+        assert r.structured_content["workspaces"] == []  # type: ignore[index]
         r = await client.call_tool("workspace_status", {"name": "ghost"})
         assert r.is_error and "list_workspaces" in r.content[0].text  # type: ignore[union-attr]
 

@@ -22,12 +22,12 @@ CONTRACT = {
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},
-    "list_workspaces": set(),
+    "list_workspaces": {"offset", "limit"},
     "workspace_status": {"name"},
     "exec": {"name", "command", "cwd", "env", "timeout_s", "stdin"},
     "read_file": {"name", "path", "offset", "limit"},
     "write_file": {"name", "path", "content", "encoding", "append", "mode"},
-    "list_dir": {"name", "path"},
+    "list_dir": {"name", "path", "offset", "limit"},
     "workspace_logs": {"name", "lines"},
     "workspace_diff": {"name", "stat_only"},
     "fetch_workspace": {"name", "include_uncommitted"},
@@ -57,6 +57,9 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert set(tool.input_schema.get("properties", {})) == args, name  # flat arguments
         assert tool.output_schema, f"{name} has no structured output"
         assert tool.description and len(tool.description) > 60, name
+        # Sent with every request: no indentation kept from the source's docstrings.
+        lines = tool.description.splitlines()
+        assert not any(line.startswith((" ", "\t")) for line in lines), (name, tool.description)
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
     assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs",
@@ -96,7 +99,7 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "list_workspaces" in await error("fetch_workspace", name="ghost")
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
         r = await client.call_tool("list_workspaces", {})
-        assert r.structured_content == {"workspaces": []}
+        assert r.structured_content["workspaces"] == []  # type: ignore[index]
     # Nothing was created by any of it.
     workspace_dirs = [p for p in settings.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert workspace_dirs == []

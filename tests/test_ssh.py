@@ -561,15 +561,60 @@ async def test_exec_cancelled_right_after_the_request_never_survives(pool: SSHPo
 
 @pytest.mark.anyio
 async def test_exec_output_cap(pool: SSHPool, target: SSHTarget) -> None:
+    # A stream past the cap keeps its head and its tail, says how much was left out (no saving asked for).
     cap = 64 * 1024
-    r = await pool.exec(target, "head -c 5000000 /dev/zero | tr '\\0' a; echo tail >&2", output_cap=cap)
+    r = await pool.exec(target, "head -c 5000000 /dev/zero | tr '\\0' a; echo z; echo tail >&2", output_cap=cap)
     assert (r.exit_code, r.truncated, r.timed_out) == (0, True, False)
-    assert r.stdout == "a" * cap
-    assert r.stderr == "tail\n"
+    assert (r.stdout_bytes, r.stdout_omitted, r.stdout_path) == (5_000_002, 5_000_002 - cap, None)
+    head, marker, tail = r.stdout.split("\n", 2)[0], *r.stdout.split("\n")[1:2], r.stdout.rsplit("\n", 2)[1]
+    assert head == "a" * (cap // 2) and tail == "a" * (cap // 2 - 2) + "z"
+    assert f"{5_000_002 - cap:,} bytes of stdout left out here" in marker and "not saved" in marker
+    assert (r.stderr, r.stderr_bytes, r.stderr_omitted) == ("tail\n", 5, 0)
     r = await pool.exec(target, "head -c 100000 /dev/zero | tr '\\0' e >&2; echo out", output_cap=cap)
-    assert (r.exit_code, r.truncated, r.stdout, r.stderr) == (0, True, "out\n", "e" * cap)
+    assert (r.exit_code, r.truncated, r.stdout, r.stderr_omitted) == (0, True, "out\n", 100000 - cap)
+    assert r.stderr.startswith("e" * (cap // 2) + "\n[sandbox-mcp: ") and r.stderr.endswith("]\n" + "e" * (cap // 2))
     r = await pool.exec(target, f"head -c {cap} /dev/zero | tr '\\0' a", output_cap=cap)
-    assert (r.truncated, len(r.stdout)) == (False, cap)
+    assert (r.truncated, r.stdout, r.stdout_omitted) == (False, "a" * cap, 0)
+
+
+@pytest.mark.anyio
+async def test_exec_saves_long_output_whole(pool: SSHPool, target: SSHTarget, workspace: Path) -> None:
+    """With the agent, a stream past the cap is saved whole in the workspace and named in the result;
+    output that fits is not saved. Without the agent nothing is saved and the result says so."""
+    cap = 8192
+    cmd = "seq 1 200000; seq 1 3 >&2"
+    r = await pool.exec(target, cmd, output_cap=cap, save_max=64 << 20)
+    whole = "".join(f"{i}\n" for i in range(1, 200001))
+    assert (r.exit_code, r.truncated, r.stdout_bytes, r.stderr) == (0, True, len(whole), "1\n2\n3\n")
+    assert r.stdout_omitted == len(whole) - cap and r.stderr_path is None
+    assert r.stdout.startswith(whole[: cap // 2]) and r.stdout.endswith(whole[-cap // 2 :])
+    saved_dir = workspace / ".sandbox-mcp" / "exec"
+    if pool._use_agent:
+        assert r.stdout_path is not None and r.stdout_path.startswith(str(saved_dir) + "/")
+        assert Path(r.stdout_path).read_text() == whole
+        assert f"the whole stdout is in {r.stdout_path} (read_file it from offset={cap // 2} " in r.stdout
+        assert "*" in (saved_dir / ".gitignore").read_text().split()  # hidden from git
+        # The saved output of the newest commands stays, older is pruned.
+        for _ in range(10):
+            assert (await pool.exec(target, "seq 1 5000", output_cap=1024, save_max=1 << 20)).stdout_path
+        assert len(list(saved_dir.glob("*.stdout"))) == 8
+        # Past save_over but within the cap: kept whole, and saved, for a cut to fit a result to name.
+        r = await pool.exec(target, "seq 1 1500", output_cap=cap, save_max=1 << 20, save_over=cap // 4)
+        assert (r.truncated, r.stdout_path, r.stdout) == (False, None, whole[: len(r.stdout)])
+        saved = r.saved()["stdout"]
+        assert Path(saved).read_text() == r.stdout
+        from sandbox_mcp import budget
+
+        cut = budget.fit(r, 8192)
+        assert cut.truncated and cut.stdout_path == saved and f"the whole stdout is in {saved}" in cut.stdout
+        # Bounded by save_max: the file holds the first save_max bytes.
+        r = await pool.exec(target, "seq 1 100000", output_cap=1024, save_max=4096)
+        assert r.stdout_path is not None and Path(r.stdout_path).read_text() == whole[:4096]
+    else:
+        assert r.stdout_path is None and "not saved" in r.stdout
+        assert not saved_dir.exists()
+    small = await pool.exec(target, "seq 1 10", output_cap=cap, save_max=64 << 20)
+    assert (small.truncated, small.stdout_path, small.stdout_bytes) == (False, None, 21)
 
 
 @pytest.mark.anyio
@@ -889,3 +934,30 @@ async def test_list_dir(pool: SSHPool, target: SSHTarget, workspace: Path) -> No
         await pool.list_dir(target, "missing")
     with pytest.raises(InvalidSpec, match="call read_file"):
         await pool.list_dir(target, "b.txt")
+
+
+@pytest.mark.anyio
+async def test_list_dir_pages_and_bounds_what_it_keeps(pool: SSHPool, target: SSHTarget, workspace: Path) -> None:
+    from sandbox_mcp.ssh import files
+
+    many = workspace / "many"
+    many.mkdir()
+    names = [f"{i:04}" for i in range(1, 1201)]
+    for name in reversed(names):
+        (many / name).touch()
+    seen: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = await pool.list_dir(target, "many", offset, 500)
+        assert (page.total, page.offset, page.truncated) == (1200, offset, page.next_offset is not None)
+        seen += [e.name for e in page.entries]
+        offset = page.next_offset
+    assert seen == names  # name order, every entry once
+    # Past the bound on the bytes kept (a hostile server could send long names): total unknown, and
+    # the pages end where the reading did.
+    bounded = await pool._with_sftp(  # noqa: SLF001 - the pool's own SFTP channel, with a small bound
+        target, "list", str(many), lambda sftp: files.list_directory(sftp, target, str(many), 0, 5000, max_bytes=100 * 68)
+    )
+    assert bounded.total is None and bounded.truncated and len(bounded.entries) == 100
+    with pytest.raises(InvalidSpec, match="offset must be >= 0"):
+        await pool.list_dir(target, "many", -1)

@@ -378,6 +378,9 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
     serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
     local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}  # no daemon: in process
     env["SANDBOX_MCP_DAEMON_SOCKET"] = str(sock)
+    # A client of the daemon gets only how to reach it (it refuses settings the daemon would ignore).
+    client_env = {k: v for k, v in env.items() if not k.startswith("SANDBOX_MCP_")}
+    client_env.update({k: env[k] for k in ("SANDBOX_MCP_DAEMON_SOCKET", "SANDBOX_MCP_DAEMON_GROUP", "SANDBOX_MCP_CONFIG")})
     log = open(state / "daemon.log", "wb")  # noqa: ASYNC230, SIM115 - the child writes it
     daemon = await anyio.open_process([sys.executable, "-m", "sandbox_mcp", "daemon"], env=env,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
@@ -389,7 +392,7 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
             await anyio.sleep(0.05)
         async with (
             Client(StdioServerParameters(command=serve[0], args=serve[1:], env=local_env)) as stdio_local,
-            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as stdio_daemon,
+            Client(StdioServerParameters(command=serve[0], args=serve[1:], env=client_env)) as stdio_daemon,
             Client(socket_transport(sock, "root"), mode="legacy") as socket_client,
         ):
             ms = await _interleaved_exec_ms({"in_process": in_process, "socket": socket_client,

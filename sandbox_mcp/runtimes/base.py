@@ -232,8 +232,11 @@ class Runtime(ABC):
         """
 
     @abstractmethod
-    async def stop(self, record: WorkspaceRecord) -> None:
-        """Stop the workspace and release its runtime resources (processes, links, mounts). Idempotent."""
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
+        """Stop the workspace and release its runtime resources (processes, links, mounts). Idempotent.
+
+        ``force``: no clean power-off, kill it at once (the workspace is being thrown away, e.g. a
+        create undone while its client shuts down)."""
 
     @abstractmethod
     async def destroy(self, record: WorkspaceRecord) -> None:

@@ -25,6 +25,7 @@ Security: the host key is always pinned (``known_hosts`` holds the workspace's o
 from . import _quiet  # noqa: F401 - before asyncssh is imported
 from .commands import (
     EXEC_AGENT_PATH,
+    EXEC_SAVE_DIR,
     PID_MARKER,
     SSHTarget,
     agent_command,
@@ -33,6 +34,7 @@ from .commands import (
     resolve_path,
     ssh_argv,
 )
+from .files import DEFAULT_PAGE as DEFAULT_LIST_PAGE
 from .keys import (
     ensure_client_key,
     ensure_host_key,
@@ -43,7 +45,9 @@ from .keys import (
 from .pool import SSHPool
 
 __all__ = [
+    "DEFAULT_LIST_PAGE",
     "EXEC_AGENT_PATH",
+    "EXEC_SAVE_DIR",
     "PID_MARKER",
     "SSHPool",
     "SSHTarget",

@@ -13,11 +13,12 @@ import binascii
 import itertools
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import asyncssh
 
+from .. import budget
 from ..models import ExecResult
 from .commands import CLIENT_GRACE_S, DETACHED_NOTE, signal_note
 from .lines import LineBuffer, LineTooLong
@@ -42,9 +43,10 @@ _SIGNAL_NAME_MAX = 32
 def reply_limit(cap: int) -> int:
     """The longest reply line a well-behaved agent sends for a command with output ``cap``.
 
-    Two streams of at most ``cap`` bytes each, base64 encoded, plus the rest of the JSON.
+    Two streams of at most ``cap`` bytes each (head and tail together), base64 encoded, plus the
+    rest of the JSON.
     """
-    return 2 * 4 * ((cap + 2) // 3) + _REPLY_OVERHEAD
+    return 2 * 4 * ((cap + 2) // 3 + 2) + _REPLY_OVERHEAD
 
 
 class NotStarted(ConnectionError):
@@ -165,19 +167,59 @@ async def start_agent(conn: asyncssh.SSHClientConnection, command: str) -> Agent
     return agent
 
 
-def _stream(reply: dict[str, Any], name: str, cap: int) -> tuple[str, bool]:
-    value = reply.get(name, "")
+def _b64_field(reply: dict[str, Any], key: str) -> bytes:
+    value = reply.get(key, "")
     if not isinstance(value, str):
-        raise AgentFault(f"its reply's {name} is not a string")
+        raise AgentFault(f"its reply's {key} is not a string")
     try:
-        data = base64.b64decode(value, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise AgentFault(f"its reply's {name} is not base64") from exc
-    return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
+        raise AgentFault(f"its reply's {key} is not base64") from exc
 
 
-def _result(reply: dict[str, Any], cap: int, duration_s: float) -> ExecResult:
-    """An ExecResult from a reply, checked: wrong types are an AgentFault, output is cut to ``cap``."""
+def _count(reply: dict[str, Any], key: str) -> int | None:
+    value = reply.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise AgentFault(f"its reply's {key} is not a byte count")
+    return value
+
+
+class _Stream(NamedTuple):
+    """One stream of a reply as the result carries it."""
+
+    text: str
+    split: tuple[int, int]  # where the marker line lies in text (see budget.join_stream)
+    omitted: int
+    total: int | None  # the whole stream's bytes; None from an agent that does not count them
+    path: str | None  # where the whole stream was saved
+    cut: bool
+
+
+def _stream(reply: dict[str, Any], name: str, cap: int, save_path: str | None) -> _Stream:
+    """One stream of a reply, checked (wrong types are an AgentFault) and cut to ``cap``."""
+    head = _b64_field(reply, name)
+    tail = _b64_field(reply, f"{name}_tail") if f"{name}_tail" in reply else b""
+    total = _count(reply, f"{name}_total")
+    saved = _count(reply, f"{name}_saved")
+    clipped = len(head) + len(tail) > cap  # more than asked for: keep what was asked
+    if clipped:
+        keep_tail = min(len(tail), cap // 2)
+        head, tail = head[: cap - keep_tail], tail[len(tail) - keep_tail :]
+    if total is not None and total < len(head) + len(tail):
+        raise AgentFault(f"its reply's {name}_total is less than the output it sent")
+    omitted = total - len(head) - len(tail) if total is not None else 0
+    path = save_path if saved else None
+    text, split = budget.join_stream(
+        head.decode("utf-8", errors="replace"), tail.decode("utf-8", errors="replace"), omitted, name, path
+    )
+    return _Stream(text, split, omitted, total, path, clipped or omitted > 0)
+
+
+def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, str] | None = None) -> ExecResult:
+    """An ExecResult from a reply, checked: wrong types are an AgentFault, output is cut to ``cap``.
+
+    ``save`` names the files the request asked the agent to save long streams in (by stream).
+    """
     timed_out = reply.get("timed_out") is True
     code = reply.get("exit")
     if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
@@ -185,19 +227,29 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float) -> ExecResult:
     sig = reply.get("signal")
     if sig is not None and not isinstance(sig, str):
         raise AgentFault("its reply's signal is not a string")
-    stdout, out_cut = _stream(reply, "stdout", cap)
-    stderr, err_cut = _stream(reply, "stderr", cap)
+    save = save or {}
+    out = _stream(reply, "stdout", cap, save.get("stdout"))
+    err = _stream(reply, "stderr", cap, save.get("stderr"))
     note = DETACHED_NOTE if reply.get("detached") is True else ""
     if sig and not timed_out:
         note += signal_note(sig[:_SIGNAL_NAME_MAX])
-    return ExecResult(
+    result = ExecResult(
         exit_code=None if timed_out else code,
-        stdout=stdout,
-        stderr=stderr + note,
+        stdout=out.text,
+        stderr=err.text + note,
         timed_out=timed_out,
-        truncated=reply.get("truncated") is True or out_cut or err_cut,
+        truncated=reply.get("truncated") is True or out.cut or err.cut,
         duration_ms=round(duration_s * 1000, 3),
+        stdout_bytes=out.total,
+        stderr_bytes=err.total,
+        stdout_omitted=out.omitted,
+        stderr_omitted=err.omitted,
+        stdout_path=out.path if out.omitted else None,
+        stderr_path=err.path if err.omitted else None,
     )
+    result.set_saved({s: p for s, p in (("stdout", out.path), ("stderr", err.path)) if p})
+    result.set_splits({"stdout": out.split, "stderr": err.split})
+    return result
 
 
 async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeout_s: float) -> ExecResult:
@@ -232,4 +284,6 @@ async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeou
         if not started:
             raise NotStarted("the channel closed before the command started")
         raise AgentGone(agent.stderr_tail())
-    return _result(reply, int(request["cap"]), time.monotonic() - start)
+    save = request.get("save")
+    paths = {s: f"{save['dir']}/{save['name']}.{s}" for s in ("stdout", "stderr")} if save else None
+    return _result(reply, int(request["cap"]), time.monotonic() - start, paths)

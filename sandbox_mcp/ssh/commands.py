@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import posixpath
 import re
+import secrets
 import shlex
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +22,20 @@ from ..paths import EXEC_AGENT_PATH
 __all__ = [
     "CLIENT_GRACE_S",
     "DETACHED_NOTE",
+    "EXEC_SAVE_DIR",
+    "EXEC_SAVE_KEEP",
     "EXEC_AGENT_PATH",
     "KILL_AFTER_S",
     "PID_MARKER",
     "PYTHON_PATH",
     "SSHTarget",
     "agent_command",
+    "agent_request",
     "build_exec_command",
     "check_no_nul",
     "encode_chunk",
     "resolve_path",
+    "save_request",
     "signal_note",
     "ssh_argv",
 ]
@@ -232,3 +238,31 @@ def encode_chunk(data: bytes, at_eof: bool) -> tuple[str, str, int]:
         if not at_eof and cut_at_end and exc.start > 0:
             return data[: exc.start].decode("utf-8"), "utf-8", exc.start
     return base64.b64encode(data).decode("ascii"), "base64", len(data)
+
+
+# Where the exec agent saves output too long for a result, relative to the workspace directory
+# (on the host's disk, not in the container's memory-backed root; hidden from git by a .gitignore
+# the agent writes there), and how many commands' output it keeps there.
+EXEC_SAVE_DIR = ".sandbox-mcp/exec"
+EXEC_SAVE_KEEP = 8
+
+
+def agent_request(command: str, cwd: str, env: Mapping[str, str] | None, timeout_s: float, stdin: bytes | None,
+                  cap: int, save: dict[str, object] | None) -> dict[str, object]:  # fmt: skip
+    """One exec request for the exec agent (:mod:`sandbox_mcp.exec_agent`): each stream's head and
+    tail, ``cap`` bytes together; ``save`` (from :func:`save_request`) to save a long one whole."""
+    request: dict[str, object] = {
+        "command": command, "cwd": cwd, "env": dict(env or {}), "timeout": timeout_s,
+        "stdin": base64.b64encode(stdin).decode() if stdin is not None else None, "cap": cap, "tail": True,
+    }  # fmt: skip
+    if save is not None:
+        request["save"] = save
+    return request
+
+
+def save_request(workspace_dir: str, max_bytes: int, over: int | None) -> dict[str, object]:
+    """The exec agent's ``save`` request: where a long stream goes whole (a file per stream named by
+    time, unique), at most ``max_bytes`` of it, once it is longer than ``over`` bytes."""
+    name = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    return {"dir": posixpath.join(workspace_dir, EXEC_SAVE_DIR), "name": name, "max": max_bytes,
+            "keep": EXEC_SAVE_KEEP, "over": over}  # fmt: skip

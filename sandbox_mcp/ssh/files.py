@@ -16,7 +16,6 @@ import contextlib
 import posixpath
 import secrets
 import stat
-from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import anyio
@@ -28,9 +27,11 @@ from .commands import SSHTarget, encode_chunk
 from .errors import file_error, is_conn_error
 
 __all__ = [
+    "DEFAULT_PAGE",
     "MAX_DIR_ENTRIES",
+    "MAX_LISTING_BYTES",
     "MAX_NAME_BYTES",
-    "dir_entries",
+    "check_page",
     "entry_name",
     "file_kind",
     "list_directory",
@@ -38,7 +39,13 @@ __all__ = [
     "write_data",
 ]
 
-MAX_DIR_ENTRIES = 10_000  # a listing beyond this says truncated; exec `ls`/`find` pages the rest
+# A listing reads the whole directory (to page it in name order) but keeps at most this many
+# entries and this many bytes of them (a name's bytes plus _ENTRY_BYTES each): past either it says
+# total=null, and exec `ls`/`find` lists the rest.
+MAX_DIR_ENTRIES = 50_000
+MAX_LISTING_BYTES = 8 << 20
+_ENTRY_BYTES = 64
+DEFAULT_PAGE = 1000  # entries per list_dir call when no limit is given (the result budget may cut it)
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux: a longer name comes from a broken or hostile sftp-server
 
 _TYPES = {
@@ -207,26 +214,48 @@ async def write_data(
         raise file_error(target, abspath, exc, "write") from exc
 
 
+def check_page(offset: int, limit: int) -> None:
+    """Raises InvalidSpec for a listing page that cannot be: a negative offset, a limit below 1."""
+    if offset < 0:
+        raise InvalidSpec(f"offset must be >= 0, got {offset}")
+    if limit < 1:
+        raise InvalidSpec(f"limit must be >= 1, got {limit}")
+
+
 async def list_directory(
-    sftp: asyncssh.SFTPClient, target: SSHTarget, abspath: str, max_entries: int = MAX_DIR_ENTRIES
+    sftp: asyncssh.SFTPClient,
+    target: SSHTarget,
+    abspath: str,
+    offset: int = 0,
+    limit: int = DEFAULT_PAGE,
+    *,
+    max_entries: int = MAX_DIR_ENTRIES,
+    max_bytes: int = MAX_LISTING_BYTES,
 ) -> DirListing:
-    """List ``abspath`` by name, at most ``max_entries`` entries (``truncated`` says there are more).
+    """List ``abspath`` in name order, ``limit`` entries from index ``offset``.
+
+    The whole directory is read to sort it, keeping at most ``max_entries`` entries and
+    ``max_bytes`` of them (only name, type, size and mtime of each, never the server's long
+    listing line); past either bound ``total`` is None and the pages end where the reading did.
 
     Raises:
         InvalidSpec: no such directory, a file, permission denied.
         asyncssh.Error, OSError: the SFTP channel or connection broke (for the pool).
     """
-    names: list[asyncssh.SFTPName] = []
-    truncated = False
+    kept: list[_Entry] = []
+    used = 0
+    complete = True
     try:
         async with contextlib.aclosing(sftp.scandir(abspath.encode())) as entries:
             async for n in entries:
                 if n.filename in (b".", b".."):
                     continue
-                if len(names) >= max_entries:
-                    truncated = True
+                entry = _entry(n)
+                used += len(entry[0]) + _ENTRY_BYTES
+                if len(kept) >= max_entries or used > max_bytes:
+                    complete = False
                     break
-                names.append(n)
+                kept.append(entry)
     except asyncssh.SFTPError as exc:
         if is_conn_error(exc):
             raise
@@ -234,9 +263,34 @@ async def list_directory(
             if await sftp.isfile(abspath):
                 raise InvalidSpec(f"{clip(abspath)} is a file, not a directory; call read_file for it") from exc
         raise file_error(target, abspath, exc, "list") from exc
-    listed = dir_entries(names)
-    cut = any(len(n.filename) > MAX_NAME_BYTES for n in names)
-    return DirListing(path=abspath, entries=listed, truncated=truncated or cut)
+    kept.sort(key=lambda e: e[0])
+    page = kept[offset : offset + limit]
+    end = offset + len(page)
+    more = end < len(kept)
+    cut = any(e[4] for e in page)
+    return DirListing(
+        path=abspath,
+        entries=[_dir_entry(e) for e in page],
+        offset=offset,
+        next_offset=end if more else None,
+        total=len(kept) if complete else None,
+        truncated=more or not complete or cut,
+    )
+
+
+# One kept entry: (name as UTF-8 bytes, at most MAX_NAME_BYTES; type; size; mtime; name was cut).
+_Entry = tuple[bytes, str, int, int | None, bool]
+
+
+def _entry(n: asyncssh.SFTPName) -> _Entry:
+    raw = n.filename if isinstance(n.filename, bytes) else n.filename.encode("utf-8", errors="surrogateescape")
+    kind = file_kind(n.attrs)
+    return (raw[:MAX_NAME_BYTES], kind if kind in _LISTED_TYPES else "other", max(n.attrs.size or 0, 0),
+            n.attrs.mtime, len(raw) > MAX_NAME_BYTES)  # fmt: skip
+
+
+def _dir_entry(e: _Entry) -> DirEntry:
+    return DirEntry(name=entry_name(e[0]), type=e[1], size=e[2], mtime=_mtime(e[3]))  # type: ignore[arg-type]
 
 
 def entry_name(raw: bytes | str) -> str:
@@ -251,24 +305,3 @@ def _mtime(value: int | None) -> datetime:
         return datetime.fromtimestamp(value or 0, UTC)
     except (OverflowError, ValueError, OSError):  # a time no calendar holds: a hostile server
         return datetime.fromtimestamp(0, UTC)
-
-
-def dir_entries(names: Iterable[asyncssh.SFTPName]) -> list[DirEntry]:
-    """DirEntries for SFTP names, sorted by name; '.' and '..' left out."""
-    entries = []
-    for n in names:
-        name = entry_name(n.filename)
-        if name in (".", ".."):
-            continue
-        a = n.attrs
-        kind = file_kind(a)
-        entries.append(
-            DirEntry(
-                name=name,
-                type=kind if kind in _LISTED_TYPES else "other",  # type: ignore[arg-type]
-                size=max(a.size or 0, 0),
-                mtime=_mtime(a.mtime),
-            )
-        )
-    entries.sort(key=lambda e: e.name)
-    return entries

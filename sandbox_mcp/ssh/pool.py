@@ -8,7 +8,6 @@ and one SFTP channel for the file tools (:mod:`.files`), replaced when a call on
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +22,15 @@ from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
 from . import files
 from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
-from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path
+from .commands import (
+    EXEC_AGENT_PATH,
+    SSHTarget,
+    agent_command,
+    agent_request,
+    build_exec_command,
+    resolve_path,
+    save_request,
+)
 from .connect import TCP_CONNECT_TIMEOUT_S, open_connection, poll_until_connected
 from .errors import (
     agent_error,
@@ -187,16 +194,19 @@ class SSHPool:
         stdin: str | bytes | None = None,
         timeout_s: float = 120,
         output_cap: int = 1 << 20,
+        save_max: int = 0,
+        save_over: int | None = None,
     ) -> ExecResult:
         """Run ``command`` with ``sh -c`` in the workspace and collect its result.
 
         ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and
-        stderr are kept separately, each up to ``output_cap`` bytes (the rest is read and dropped,
-        ``truncated=True``); the command sees EOF on stdin after ``stdin``. A command killed by a
-        signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
-        command's whole process group is killed and the result has ``timed_out=True`` and
-        ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
-        the cancellation propagates.
+        stderr are kept apart, each its head and tail, ``output_cap`` bytes together (the middle is
+        drained; ``truncated``, a marker line). With ``save_max`` the exec agent saves a stream past
+        ``save_over`` (default ``output_cap``) whole, up to ``save_max`` bytes (see
+        :func:`.commands.save_request`; no agent, no saving). stdin gets EOF after ``stdin``. A
+        command killed by a signal has ``exit_code=None`` and a note naming it on stderr. After
+        ``timeout_s`` its process group is killed (``timed_out=True``, ``exit_code=None``); so it is
+        when the awaiting task is cancelled, and the cancellation propagates.
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
@@ -211,9 +221,8 @@ class SSHPool:
             entry = await self._entry(target)
             agent = await self._agent(entry)
             if agent is not None:
-                request = {"command": command, "cwd": wd, "env": dict(env or {}), "timeout": timeout_s,
-                           "stdin": base64.b64encode(data).decode() if data is not None else None,
-                           "cap": output_cap}  # fmt: skip
+                save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
+                request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
                     return await run_agent_command(agent, request, timeout_s)
                 except NotStarted as exc:
@@ -402,19 +411,17 @@ class SSHPool:
         )
 
     async def list_dir(
-        self, target: SSHTarget, path: str = ".", max_entries: int = files.MAX_DIR_ENTRIES
+        self, target: SSHTarget, path: str = ".", offset: int = 0, limit: int = files.DEFAULT_PAGE
     ) -> DirListing:
-        """List a workspace directory: name, type (file/dir/symlink/other), size, mtime (UTC), by name.
-
-        Symlinks are reported as such, not followed. At most ``max_entries`` entries are listed;
-        ``truncated`` says when there were more.
+        """``limit`` entries of a directory from index ``offset`` in name order (:func:`.files.list_directory`).
 
         Raises:
-            InvalidSpec: a bad path, no such directory, not a directory, permission denied.
+            InvalidSpec: a bad path, offset or limit, no such directory, not a directory, permission denied.
             CommandTimeout: the SFTP call did not finish within the SFTP timeout.
             SSHError: the workspace cannot be reached or the connection broke.
         """
+        files.check_page(offset, limit)
         abspath = resolve_path(target.workspace_dir, path)
         return await self._with_sftp(
-            target, "list_dir", abspath, lambda sftp: files.list_directory(sftp, target, abspath, max_entries)
+            target, "list_dir", abspath, lambda sftp: files.list_directory(sftp, target, abspath, offset, limit)
         )

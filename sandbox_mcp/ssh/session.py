@@ -16,6 +16,7 @@ import time
 import anyio
 import asyncssh
 
+from .. import budget
 from ..models import ExecResult
 from .commands import CLIENT_GRACE_S, DETACHED_NOTE, PID_MARKER, signal_note
 
@@ -35,14 +36,39 @@ class SessionLost(ConnectionError):
     """The connection broke before the command's exit status arrived (its outcome is unknown)."""
 
 
+class _Kept:
+    """One stream as kept: its head and its tail, ``cap`` bytes together, and how long it was."""
+
+    def __init__(self, cap: int) -> None:
+        self.head_cap, self.tail_cap = cap - cap // 2, cap // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+        self.tail += data[max(room, 0) :]
+        del self.tail[: max(0, len(self.tail) - self.tail_cap)]
+
+    def text(self, stream: str) -> tuple[str, tuple[int, int], int]:
+        """The stream for the result (see budget.join_stream; nothing is saved here), and the bytes left out."""
+        omitted = self.total - len(self.head) - len(self.tail)
+        head, tail = bytes(self.head).decode("utf-8", "replace"), bytes(self.tail).decode("utf-8", "replace")
+        text, split = budget.join_stream(head, tail, omitted, stream, None)
+        return text, split, omitted
+
+
 class ExecSession(asyncssh.SSHClientSession[bytes]):
-    """Collects one command's output as it arrives, up to a cap per stream, and its exit."""
+    """Collects one command's output as it arrives (the head and the tail of each stream, up to a
+    cap; the rest is drained), and its exit."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.stdout = bytearray()
-        self.stderr = bytearray()
-        self.truncated = False
+        self.stdout = _Kept(cap)
+        self.stderr = _Kept(cap)
         self.pid: int | None = None
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
@@ -52,12 +78,8 @@ class ExecSession(asyncssh.SSHClientSession[bytes]):
         self.closed = anyio.Event()
         self._head: bytearray | None = bytearray()  # stderr held back until the PID line is found
 
-    def _keep(self, buf: bytearray, data: bytes) -> None:
-        room = self.cap - len(buf)
-        if room > 0:
-            buf += data[:room]
-        if len(data) > room:
-            self.truncated = True  # keep draining: the command must not block on a full pipe
+    def _keep(self, kept: _Kept, data: bytes) -> None:
+        kept.add(data)  # and keep draining: the command must not block on a full pipe
 
     def _flush_head(self, rest: bytes = b"") -> None:
         if self._head is not None:
@@ -163,14 +185,22 @@ async def run_session(
         chan.close()
     if sess.exit_signal is not None and not timed_out:
         note += signal_note(sess.exit_signal)
-    return ExecResult(
+    stdout, out_split, out_omitted = sess.stdout.text("stdout")
+    stderr, err_split, err_omitted = sess.stderr.text("stderr")
+    result = ExecResult(
         exit_code=None if timed_out else sess.exit_status,
-        stdout=bytes(sess.stdout).decode("utf-8", errors="replace"),
-        stderr=bytes(sess.stderr).decode("utf-8", errors="replace") + note,
+        stdout=stdout,
+        stderr=stderr + note,
         timed_out=timed_out,
-        truncated=sess.truncated,
+        truncated=bool(out_omitted or err_omitted),
         duration_ms=round((time.monotonic() - start) * 1000, 3),
+        stdout_bytes=sess.stdout.total,
+        stderr_bytes=sess.stderr.total,
+        stdout_omitted=out_omitted,
+        stderr_omitted=err_omitted,
     )
+    result.set_splits({"stdout": out_split, "stderr": err_split})
+    return result
 
 
 async def kill_group(conn: asyncssh.SSHClientConnection, sess: ExecSession, wait_for_pid: bool = False) -> None:

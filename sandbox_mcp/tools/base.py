@@ -16,14 +16,25 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from .. import budget
 from ..errors import SandboxError, clip
 from ..progress import Progress
 from ..workspaces import Workspaces
 
-__all__ = ["MESSAGE_LIMIT", "ToolContext", "progress_of", "spec_parameters", "tool", "tool_errors", "workspaces"]
+__all__ = [
+    "MESSAGE_LIMIT",
+    "PROGRESS_TOTAL",
+    "ToolContext",
+    "call_result",
+    "progress_of",
+    "spec_parameters",
+    "tool",
+    "tool_errors",
+    "workspaces",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,18 +108,41 @@ def spec_parameters(
     return decorate
 
 
+# MCP progress goes up with every notification (the spec's MUST); a message without a fraction of
+# its own moves it on by this much, on the scale of PROGRESS_TOTAL.
+PROGRESS_TOTAL = 100.0
+_CREEP = 0.1
+
+
 def progress_of(ctx: ToolContext) -> Progress:
-    """Adapt the manager's (message, fraction) progress to MCP progress notifications (0-100, increasing)."""
-    last = 0.0
+    """Adapt the manager's (message, fraction) progress to MCP progress notifications: ``progress``
+    out of ``total`` = 100, always above the last one sent (a fraction below it, or none, creeps on
+    from there), never past 100."""
+    last: float | None = None
 
     async def report(message: str, fraction: float | None = None) -> None:
         nonlocal last
-        # Progress must increase with every notification; messages without a fraction creep forward.
-        value = max(last + 0.01, fraction * 100 if fraction is not None else last + 0.01)
-        last = min(value, 100.0)
-        await ctx.report_progress(last, 100, message)
+        value = min(max(fraction, 0.0), 1.0) * PROGRESS_TOTAL if fraction is not None else 0.0
+        if last is not None and value <= last:
+            value = last + _CREEP
+        if value > PROGRESS_TOTAL or (last is not None and last >= PROGRESS_TOTAL):
+            return  # nothing above the total to report; the result follows
+        last = round(value, 3)
+        await ctx.report_progress(last, PROGRESS_TOTAL, message)
 
     return report
+
+
+def call_result(result: Any, budget_bytes: int) -> Any:
+    """A tool's model result as the SDK would send it, cut to the result budget (see :mod:`budget`),
+    with a text rendering that puts the small fields before the content."""
+    if not isinstance(result, BaseModel):
+        return result
+    result = budget.fit(result, budget_bytes)
+    return CallToolResult(
+        content=[TextContent(type="text", text=budget.text_rendering(result))],
+        structured_content=result.model_dump(mode="json", by_alias=True),
+    )
 
 
 def workspaces(ctx: ToolContext) -> Workspaces:
@@ -130,7 +164,19 @@ def tool(
 
     def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         wrapped = tool_errors(fn)
-        mcp.tool(annotations=annotations, structured_output=True)(wrapped)
+
+        @functools.wraps(wrapped)
+        async def sent(*args: Any, **kwargs: Any) -> Any:
+            budget_bytes = workspaces(kwargs["ctx"]).settings.result_budget_bytes
+            try:
+                result = await wrapped(*args, **kwargs)
+            except ToolError as exc:
+                raise ToolError(budget.fit_message(str(exc), budget_bytes)) from exc.__cause__
+            return call_result(result, budget_bytes)
+
+        # The docstring is what the agent reads: without the source's indentation, sent on every request.
+        description = inspect.cleandoc(fn.__doc__ or "")
+        mcp.tool(description=description, annotations=annotations, structured_output=True)(sent)
         return wrapped
 
     return decorate

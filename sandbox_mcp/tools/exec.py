@@ -37,9 +37,12 @@ def register(mcp: MCPServer) -> None:
         """Run a shell command in a running workspace as the (non-root) workspace user, who has passwordless
         sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
 
-        Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Output beyond the cap
-        (1 MiB per stream by default) is cut and truncated=true: redirect big output to a file and page
-        it with read_file. On timeout the command and its children are killed and timed_out=true.
-        If the workspace is stopped, call start_workspace first.
+        Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Long output is cut to
+        fit the result (about 24 KB at the default budget, 12 KB each when both streams are long):
+        truncated=true, its head and tail are kept with a marker line where the middle was left out;
+        stdout_omitted/stderr_omitted count the bytes left out and stdout_path/stderr_path name a file in
+        the workspace with the whole stream (page it with read_file, offset/next_offset).
+        stdout_bytes/stderr_bytes are the whole sizes. On timeout the command and its children are killed
+        and timed_out=true. If the workspace is stopped, call start_workspace first.
         """
         return await workspaces(ctx).exec(name, command, cwd, env, timeout_s, stdin)

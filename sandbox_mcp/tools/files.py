@@ -23,14 +23,17 @@ def register(mcp: MCPServer) -> None:
         path: Annotated[str, Field(description="File path; relative paths resolve against the workspace directory")],
         offset: Annotated[int, Field(description="Byte offset to start at", ge=0)] = 0,
         limit: Annotated[
-            int | None, Field(description="Bytes to read (default 256 KiB, capped at 4 MiB)", ge=1)
+            int | None,
+            Field(description="Bytes to read; default and most: what fits one result (about 24 KB of text "
+                  "at the default budget, less for binary content)", ge=1),
         ] = None,
     ) -> FileContent:
         """Read a file (or a chunk of it) from a running workspace.
 
-        Text comes back as utf-8; anything else as base64 (see encoding). If truncated is true, call again
-        with offset=next_offset to read the rest. For a directory, use list_dir. Regular files only: a named
-        pipe, socket or device is refused (read those with exec and a timeout).
+        Text comes back as utf-8; anything else as base64 (see encoding). size is the whole file's size. If
+        truncated is true, call again with offset=next_offset to read the rest. For a directory, use
+        list_dir. Regular files only: a named pipe, socket or device is refused (read those with exec and a
+        timeout).
         """
         return await workspaces(ctx).read_file(name, path, offset, limit)
 
@@ -60,8 +63,14 @@ def register(mcp: MCPServer) -> None:
         path: Annotated[
             str, Field(description="Directory; relative paths resolve against the workspace directory")
         ] = ".",
+        offset: Annotated[int, Field(description="Index (in name order) of the first entry to list", ge=0)] = 0,
+        limit: Annotated[
+            int | None,
+            Field(description="Most entries to list; default: as many as fit one result (a few hundred)",
+                  ge=1, le=10000),
+        ] = None,
     ) -> DirListing:
-        """List a directory in a running workspace: each entry's name, type (file, dir, symlink, other),
-        size and modification time. At most 10,000 entries: truncated=true means there are more (list them
-        with exec, e.g. 'ls -A | head -n 20000')."""
-        return await workspaces(ctx).list_dir(name, path)
+        """List a directory in a running workspace, in name order: each entry's name, type (file, dir,
+        symlink, other), size and modification time. total is how many entries it has; a long directory
+        comes in pages: truncated=true and next_offset say to call again with offset=next_offset."""
+        return await workspaces(ctx).list_dir(name, path, offset, limit)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
+from .. import budget
 from ..models import CreateSpec, DestroyResult, Name, Workspace, WorkspaceList, WorkspaceStatus
 from ..runtimes import known_types
 from .base import ToolContext, progress_of, spec_parameters, tool, workspaces
@@ -81,9 +82,16 @@ def register(mcp: MCPServer) -> None:
         return await workspaces(ctx).destroy(name, keep_data)
 
     @tool(mcp, title="List workspaces", read_only=True, idempotent=True)
-    async def list_workspaces(ctx: ToolContext) -> WorkspaceList:
-        """List every workspace with its state, IP and directories. Call this before creating a new one."""
-        return await workspaces(ctx).list()
+    async def list_workspaces(
+        ctx: ToolContext,
+        offset: Annotated[int, Field(description="Index (in name order) of the first one to list", ge=0)] = 0,
+        limit: Annotated[
+            int | None, Field(description="Most to list; default: as many as fit one result", ge=1, le=1000)
+        ] = None,
+    ) -> WorkspaceList:
+        """List every workspace with its state, IP and directories, in name order. Call this before creating
+        a new one. total says how many there are; if truncated is true, call again with offset=next_offset."""
+        return budget.page_workspaces(await workspaces(ctx).list(), offset, limit)
 
     @tool(mcp, title="Workspace status", read_only=True, idempotent=True)
     async def workspace_status(ctx: ToolContext, name: Name) -> WorkspaceStatus:

@@ -534,13 +534,13 @@ class IncusRuntime(Runtime):
             return
         await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": action, "timeout": 30})
 
-    async def stop(self, record: WorkspaceRecord) -> None:
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         inst = await self._instance(record)
         if inst is not None and inst.get("status") == "Frozen":  # a frozen container cannot power off
             with contextlib.suppress(IncusAPIError):
                 await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": "unfreeze"})
             inst = await self._instance(record)
-        if inst is not None and inst.get("status") == "Running":
+        if inst is not None and inst.get("status") == "Running" and not force:
             # A clean power-off first; past the grace time _delete kills it. Its root is thrown away
             # anyway and the workspace dir is a host directory or a volume, so a kill loses nothing.
             with contextlib.suppress(IncusAPIError):

@@ -603,8 +603,9 @@ class NixosRuntime(Runtime):
             ) from exc
         return record
 
-    async def stop(self, record: WorkspaceRecord) -> None:
-        """``systemctl stop`` the unit (escalated). A unit that is not loaded counts as stopped.
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
+        """``systemctl stop`` the unit (escalated), ``force`` or not: the unit's own stop timeout
+        applies. A unit that is not loaded counts as stopped.
 
         Raises:
             CommandFailed: systemctl failed for another reason.

@@ -479,14 +479,15 @@ class NspawnRuntime(Runtime):
             await anyio.sleep(0.01)
         return None
 
-    async def stop(self, record: WorkspaceRecord) -> None:
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         state = self.state(record)
         # A frozen nspawn cannot act on SIGTERM: thaw it, so the container powers off cleanly.
         if state.cgroups != "systemd" and self._cgroups().is_frozen(record.name):
             with contextlib.suppress(BackendError):
                 await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, False)
-        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
-        await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
+        # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not (at once if forced).
+        grace_s = 0.0 if force else self.settings.stop_timeout_s
+        await supervise.terminate(state.process, grace_s=grace_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
         await supervise.kill(state.leader)
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.

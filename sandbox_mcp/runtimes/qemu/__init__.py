@@ -514,10 +514,12 @@ class QemuRuntime(Runtime):
         for path in (files.overlay, files.qmp):
             path.unlink(missing_ok=True)
 
-    async def stop(self, record: WorkspaceRecord) -> None:
+    async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         state = self.state(record)
         files = _Files(self._paths(record))
         marker = self._marker(record)
+        if force:
+            await supervise.kill(state.process, marker)
         if supervise.alive(state.process, marker):
             asked = False
             with contextlib.suppress(BackendError):
