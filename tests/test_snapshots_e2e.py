@@ -161,7 +161,7 @@ async def test_snapshot_and_restore_put_files_and_root_back(mcp_session: Session
 async def test_fork_copies_then_diverges(mcp_session: Session, settings: Settings) -> None:
     s = mcp_session
     src = await s.call("create_workspace", name="fa")
-    await _sh(s, "fa", INSTALL_DEMO + "echo shared > shared.txt; sudo sh -c 'echo fa > /etc/who'; sudo touch rootfile")
+    await _sh(s, "fa", INSTALL_DEMO + "echo shared > shared.txt; sudo sh -c 'echo fa > /etc/who'; sudo touch /rootfile")
     fork = await s.call("fork_workspace", name="fa", new_name="fb")
     assert fork["name"] == "fb" and fork["state"] == "running"
     assert fork["ip"] != src["ip"]
@@ -171,8 +171,9 @@ async def test_fork_copies_then_diverges(mcp_session: Session, settings: Setting
     base_a, base_b = _nspawn(settings, "fa").uid_base, _nspawn(settings, "fb").uid_base
     assert base_a is not None and base_b is not None and base_a != base_b
 
-    # The fork sees the source's files and packages, owned as inside the source.
-    out = await _sh(s, "fb", "cat shared.txt /etc/who; sbx-demo; stat -c %u rootfile /etc/who; hostname; id -un")
+    # The fork sees the source's files and packages, owned as inside the source. (Root's own file is in
+    # the root layer: root inside has no id on the workspace dir, which maps only its owner.)
+    out = await _sh(s, "fb", "cat shared.txt /etc/who; sbx-demo; stat -c %u /rootfile /etc/who; hostname; id -un")
     assert out == f"shared\nfa\ndemo-ok\n0\n0\nfb\n{settings.user}\n"
     # On the host, the fork's files belong to its own uid range, none to the source's.
     fb_root = settings.state_dir / "fb"
@@ -192,7 +193,7 @@ async def test_fork_copies_then_diverges(mcp_session: Session, settings: Setting
     await s.call("stop_workspace", name="fb")  # one fewer container booted at once on a small test host
     fc = await s.call("fork_workspace", name="fa", new_name="fc", snapshot="base")
     assert fc["ip"] not in (src["ip"], fork["ip"])
-    assert await _sh(s, "fc", "ls; cat /etc/who") == "only-a.txt\nrootfile\nshared.txt\nfa\n"
+    assert await _sh(s, "fc", "ls; ls /rootfile; cat /etc/who") == "only-a.txt\nshared.txt\n/rootfile\nfa\n"
 
     # A fork of a stopped workspace (fb, itself a fork): the root it would start with (its fork's, shifted
     # once more: /etc/only-b was written after that and went with the stop) and its workspace dir.
