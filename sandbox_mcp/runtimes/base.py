@@ -157,6 +157,11 @@ class Runtime(ABC):
         s = self.settings
         return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
 
+    def limits_of(self, record: WorkspaceRecord) -> Limits:
+        """The limits ``record`` runs with: what create recorded, or (a record from before limits were
+        recorded) this runtime's defaults; every bound the runtime adds filled in."""
+        return self.complete_limits(record.limits or self.default_limits())
+
     def min_memory_mib(self, type_: WorkspaceType) -> int:
         """The least memory a workspace of ``type_`` may be given (create refuses less)."""
         return MIN_MEMORY_MIB

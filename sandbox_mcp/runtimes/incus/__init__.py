@@ -283,10 +283,6 @@ class IncusRuntime(Runtime):
         open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
         return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
-    def _limits(self, record: WorkspaceRecord) -> Limits:
-        s = self.settings
-        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
-
     async def _pool_sizes_roots(self) -> bool:
         """Whether the storage pool enforces a root disk's ``size``. A ``dir`` pool does only on a file
         system with project quotas, and Incus then skips the quota with a warning in its log: a size
@@ -471,7 +467,7 @@ class IncusRuntime(Runtime):
             await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
                                      owner=host_identity(self.settings, record)[0])
             await anyio.to_thread.run_sync(self._make_share_points, record)
-        limits = self._limits(record)
+        limits = self.limits_of(record)
         if not await self._pool_sizes_roots():
             limits = limits.model_copy(update={"disk_mib": None})
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),

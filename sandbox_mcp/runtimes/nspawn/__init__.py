@@ -245,10 +245,6 @@ class NspawnRuntime(Runtime):
         return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2),
                                          "open_files": hostcaps.open_files_ceiling(OPEN_FILES)})
 
-    def _limits(self, record: WorkspaceRecord) -> Limits:
-        s = self.settings
-        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
-
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
 
@@ -370,12 +366,12 @@ class NspawnRuntime(Runtime):
                 await scopes.stop_scope(self._scope(record))  # what an earlier run may have left in it
             else:
                 procs = await anyio.to_thread.run_sync(
-                    self._cgroups().prepare, record.name, base, self._limits(record)
+                    self._cgroups().prepare, record.name, base, self.limits_of(record)
                 )
             state = state.model_copy(update={"cgroups": manager})
             # A record made before disk_mib existed gets it now (reported from this start on). A privileged
             # container's root is nspawn's own --volatile tmpfs, which no bound of ours sizes: none reported.
-            limits = self._limits(record)
+            limits = self.limits_of(record)
             root_layer_mib = limits.disk_mib or self.settings.root_layer_mib
             limits = limits.model_copy(update={"disk_mib": root_layer_mib if base is not None else None})
             record = self.with_state(record, state).model_copy(update={"limits": limits})
@@ -406,7 +402,7 @@ class NspawnRuntime(Runtime):
             await progress("booting the container", None)
             launch = launch_argv(argv, procs, base is not None,
                                  scope=self._scope(record) if manager == "systemd" else None,
-                                 limits=self._limits(record))  # fmt: skip
+                                 limits=self.limits_of(record))  # fmt: skip
             process = await anyio.to_thread.run_sync(lambda: self._spawn(record, launch))
             state = state.model_copy(update={"process": process})
             record = self.with_state(record, state)
