@@ -60,7 +60,7 @@ async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable
 
         async with RemoteManager(settings) as remote:
             return await fn(remote)
-    async with WorkspaceManager(settings) as manager:
+    async with WorkspaceManager(settings, serve_ports=False) as manager:  # a running server serves them
         return await fn(OwnedManager(manager, os.geteuid()))
 
 
@@ -179,7 +179,7 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     else:  # root reads the state itself, daemon or not
 
         async def local() -> SSHTarget:
-            async with WorkspaceManager(settings) as manager:
+            async with WorkspaceManager(settings, serve_ports=False) as manager:
                 return await OwnedManager(manager, 0).ssh_target(args.name)
 
         target = anyio.run(local)

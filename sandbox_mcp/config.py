@@ -143,6 +143,13 @@ class Settings(BaseModel):
         "/run/systemd/system exists",
     )
     exec_output_cap: int = Field(default=1 << 20, ge=1024, description="Bytes kept per stream per exec")
+    process_output_cap: int = Field(
+        default=1 << 20,
+        ge=64 << 10,
+        le=64 << 20,
+        description="Bytes of output (both streams) kept per process started with start_process, inside the "
+        "workspace; older output is dropped first. The workspace's disk holds twice this per process",
+    )
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")

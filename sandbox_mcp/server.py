@@ -25,7 +25,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
 from pydantic import AnyHttpUrl, Field
 
-from . import __version__, http_auth
+from . import __version__, http_auth, process_tools
 from .config import Settings, load_settings
 from .errors import SandboxError, clip
 from .manager import WorkspaceManager
@@ -121,6 +121,14 @@ def _progress(ctx: Context) -> Progress:
         await ctx.report_progress(last, 100, message)
 
     return report
+
+
+def _output_progress(ctx: Context) -> Progress | None:
+    """Progress for a running command's output, when the client asked for progress (a progressToken)."""
+    meta = ctx.request_context.meta or {}
+    if meta.get("progress_token", meta.get("progressToken")) is None:
+        return None
+    return _progress(ctx)
 
 
 class BearerTokenVerifier(TokenVerifier):
@@ -324,14 +332,17 @@ def build_server(
         stdin: Annotated[str | None, Field(description="Text fed to the command's standard input")] = None,
     ) -> ExecResult:
         """Run a shell command in a running workspace as the (non-root) workspace user, who has passwordless
-        sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
+        sudo, and wait for it to end. The default cwd is the workspace directory. Not a login shell: no
+        profile files are read.
 
         Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Output beyond the cap
         (1 MiB per stream by default) is cut and truncated=true: redirect big output to a file and page
-        it with read_file. On timeout the command and its children are killed and timed_out=true.
+        it with read_file. On timeout the command and its children are killed and timed_out=true. When the
+        request carries a progressToken, the output also arrives as progress notifications while it runs.
+        For a server or anything you want to leave running, watch or stop, use start_process instead.
         If the workspace is stopped, call start_workspace first.
         """
-        return await manager_of(ctx).exec(name, command, cwd, env, timeout_s, stdin)
+        return await manager_of(ctx).exec(name, command, cwd, env, timeout_s, stdin, _output_progress(ctx))
 
     @tool(title="Read a file from a workspace", read_only=True, idempotent=True)
     async def read_file(
@@ -393,6 +404,7 @@ def build_server(
         a workspace fails to start or SSH does not answer."""
         return await manager_of(ctx).logs(name, lines)
 
+    process_tools.register(tool, manager_of, Name)
     return mcp
 
 

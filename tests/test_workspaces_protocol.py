@@ -24,8 +24,9 @@ def _params(cls: type, method: str) -> list[tuple[str, object, object, str]]:
 
 
 def test_the_protocol_has_every_operation() -> None:
-    assert METHODS == ["create", "destroy", "exec", "list", "list_dir", "logs", "read_file", "ssh_target", "start",
-                       "status", "stop", "write_file"]  # fmt: skip
+    assert METHODS == ["create", "destroy", "exec", "list", "list_dir", "list_processes", "logs", "process_output",
+                       "publish_port", "read_file", "ssh_target", "start", "start_process", "status", "stop",
+                       "stop_process", "unpublish_port", "wait_process", "write_file"]  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", [OwnedManager, RemoteManager])
