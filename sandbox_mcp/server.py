@@ -124,10 +124,18 @@ def _progress(ctx: Context) -> Progress:
 
 
 def _output_progress(ctx: Context) -> Progress | None:
-    """Progress for a running command's output, when the client asked for progress (a progressToken)."""
-    meta = ctx.request_context.meta or {}
-    if meta.get("progress_token", meta.get("progressToken")) is None:
-        return None
+    """Progress for a running command's output, when the client asked for progress (a progressToken).
+
+    The SDK keeps the token in its dispatch context, not in the request's ``_meta`` it hands us;
+    where that context is not one whose token we can see, the output is streamed anyway (reporting
+    progress without a token is a no-op), only at a small cost.
+    """
+    dctx = getattr(ctx.request_context.session, "_request_outbound", None)
+    for _ in range(3):  # the runner wraps the transport's context
+        dctx = getattr(dctx, "_inner", dctx)
+    for attr in ("_progress_token", "_on_progress"):  # JSON-RPC transports; the in-memory one
+        if hasattr(dctx, attr):
+            return _progress(ctx) if getattr(dctx, attr) is not None else None
     return _progress(ctx)
 
 
