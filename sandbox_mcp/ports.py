@@ -69,6 +69,7 @@ class _Published:
     target: str
     allowed_uids: frozenset[int]
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    closed: anyio.Event = field(default_factory=anyio.Event)
     active: int = 0
 
 
@@ -134,6 +135,7 @@ class PortForwarder:
         if pub is None:
             return False
         pub.scope.cancel()
+        await pub.closed.wait()  # the listener is closed when this returns
         return True
 
     async def unpublish_all(self, workspace: str) -> None:
@@ -142,15 +144,18 @@ class PortForwarder:
             await self.unpublish(ws, port)
 
     async def _serve(self, pub: _Published, listener: anyio.abc.SocketListener) -> None:
-        with pub.scope:
-            async with listener, anyio.create_task_group() as conns:
-                while True:
-                    client = await listener.accept()
-                    if pub.active >= self.max_connections:
-                        await client.aclose()
-                        continue
-                    pub.active += 1
-                    conns.start_soon(self._connection, pub, client)
+        try:
+            with pub.scope:
+                async with listener, anyio.create_task_group() as conns:
+                    while True:
+                        client = await listener.accept()
+                        if pub.active >= self.max_connections:
+                            await client.aclose()
+                            continue
+                        pub.active += 1
+                        conns.start_soon(self._connection, pub, client)
+        finally:
+            pub.closed.set()
 
     async def _connection(self, pub: _Published, client: anyio.abc.SocketStream) -> None:
         try:
