@@ -27,6 +27,13 @@ CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "write_file": ({"name", "path", "content"}, {"encoding", "append", "mode"}),
     "list_dir": ({"name", "path"}, set()),
     "workspace_logs": ({"name"}, {"lines"}),
+    "start_process": ({"name", "command"}, {"cwd", "env", "process_id"}),
+    "process_output": ({"name", "process_id"}, {"cursor", "wait_s", "max_bytes"}),
+    "wait_process": ({"name", "process_id"}, {"until", "timeout_s", "cursor"}),
+    "stop_process": ({"name", "process_id"}, {"signal", "grace_s"}),
+    "list_processes": ({"name"}, set()),
+    "publish_port": ({"name", "port"}, {"host_port"}),
+    "unpublish_port": ({"name", "port"}, set()),
 }
 
 # snake_case words a skill may put in backticks without being a tool: arguments and result
@@ -44,6 +51,11 @@ for _model in (
     models.DirEntry,
     models.DestroyResult,
     models.LogsResult,
+    models.ProcessStarted,
+    models.ProcessInfo,
+    models.ProcessOutput,
+    models.ProcessWait,
+    models.PublishedPort,
 ):
     _FIELD_NAMES |= set(_model.model_fields)
 _FIELD_NAMES |= set(Settings.model_fields) | set(NixosSettings.model_fields)
