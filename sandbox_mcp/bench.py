@@ -11,6 +11,9 @@
   same ``serve`` working in process;
 - Incus (:mod:`.bench_incus`): create → first exec of ``type="incus"`` against a bare instance
   launch → sshd banner, on a private incusd (``--incus only|no``);
+- processes, published ports and exec progress (:mod:`.bench_processes`): start_process → first
+  byte and the process_output long-poll against exec round trips, a published port against a
+  direct connection to the workspace IP, notifications per second during a chatty exec;
 - capacity (:mod:`.bench_capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -39,6 +42,7 @@ import anyio
 
 from .bench_capacity import format_capacity, run_capacity
 from .bench_incus import format_incus, run_incus
+from .bench_processes import format_processes, run_processes
 from .config import Settings
 from .hostnet import HostNetwork
 from .images import DebianRoot, ImageStore
@@ -126,6 +130,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None}
     )
     results: dict[str, dict[str, float]] = {}
+    proc_results: dict[str, dict[str, float]] = {}
     incus_mode = getattr(args, "incus", "no")
     capacity_mode = getattr(args, "capacity", "no")
     if incus_mode == "only":
@@ -214,6 +219,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "tool_over_ssh_write": tool_write / ssh_write, "tool_over_ssh_read": tool_read / ssh_read,
             }
             results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, client)
+            if getattr(args, "process_runs", 0) > 0:
+                ws = await call("workspace_status", name="bench0")
+                proc_results = await run_processes(client, "bench0", Path(ws["host_workspace_dir"]), ws["ip"],
+                                                   args.process_runs)  # fmt: skip
             await call("destroy_workspace", name="bench0")
 
             # 4. VMs: create -> first exec, against a bare boot of the same qemu command.
@@ -241,6 +250,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if proc_results:
+        print(format_processes(proc_results))
+        print(json.dumps(proc_results))
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":

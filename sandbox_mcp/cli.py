@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
                    "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
     s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
+    s.add_argument("--process-runs", type=int, default=10,
+                   help="rounds of the processes section (start_process, long-poll; 0: no processes, ports "
+                   "and exec-progress figures)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")
