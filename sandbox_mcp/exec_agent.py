@@ -536,6 +536,12 @@ def _op_start(req):
         old = _Proc(req["process_id"], must_exist=False)
         if old.state is not None and old.state.get("boot") == _boot_marker():
             raise _ProcError("exists", "a process with this process_id exists")
+        try:
+            starting = old.state is None and time.time() - os.stat(d).st_mtime < 2 * _SPAWN_TIMEOUT_S
+        except OSError:
+            starting = False
+        if starting:  # another start of this id is under way
+            raise _ProcError("exists", "a process with this process_id is starting")
         _rmtree(d)
     _prune(root)
     cwd = req["cwd"]
