@@ -26,7 +26,7 @@ import pytest
 from sandbox_mcp import exec_agent, processes
 from sandbox_mcp.errors import Conflict, InvalidSpec, SSHError
 from sandbox_mcp.output_relay import OutputRelay
-from sandbox_mcp.ports import PortForwarder, peer_uid, proc_net_address
+from sandbox_mcp.ports import PortForwarder, _diag_uid, _table_uid, peer_uid, proc_net_address
 
 from .agent_pipe import AgentPipe, agent_command, request
 from .points import HUNG_S, process_alive, wait_until_sync
@@ -285,6 +285,10 @@ async def test_forwarder_lets_the_owner_through_and_refuses_others() -> None:
         async with await anyio.connect_tcp("127.0.0.1", mine) as conn:
             local = conn.extra(anyio.abc.SocketAttribute.local_address)
             assert peer_uid(local, ("127.0.0.1", mine)) == os.geteuid()
+            # sock_diag and the /proc table agree (the latter is the fallback where netlink is missing).
+            assert _diag_uid(local, ("127.0.0.1", mine)) == os.geteuid()
+            assert _table_uid(local, ("127.0.0.1", mine), Path("/proc/net/tcp")) == os.geteuid()
+            assert _diag_uid(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
             await conn.send(b"hello")
             assert await conn.receive() == b"HELLO"
         with pytest.raises(Conflict, match="in use"):
