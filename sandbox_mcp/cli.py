@@ -128,9 +128,10 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
 
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     stdin = None if sys.stdin.isatty() or not args.stdin else sys.stdin.read()
+    env = dict(pair.split("=", 1) for pair in args.env) or None
 
     async def run(m: Workspaces) -> int:
-        r = await m.exec(args.name, command, args.cwd, None, args.timeout, stdin)
+        r = await m.exec(args.name, command, args.cwd, env, args.timeout, stdin)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
         if r.truncated:
@@ -141,6 +142,12 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
         return r.exit_code if r.exit_code is not None else 255
 
     return anyio.run(_with_manager, settings, run)
+
+
+def _env_pair(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return text
 
 
 def ssh_command_argv(target: SSHTarget, known_hosts: Path, extra: Sequence[str]) -> list[str]:
@@ -337,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cwd")
     s.add_argument("--timeout", type=float, default=120)
     s.add_argument("--stdin", action="store_true", help="pass this process's stdin to the command")
+    s.add_argument("-e", "--env", action="append", default=[], type=_env_pair, metavar="KEY=VALUE",
+                   help="environment variable for the command (repeatable)")
     s.set_defaults(fn=_cmd_exec)
 
     s = sub.add_parser("ssh", help="interactive shell in a workspace (pinned host key)")

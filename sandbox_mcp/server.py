@@ -224,7 +224,11 @@ def build_server(
         name: Name,
         type: Annotated[
             Literal["container", "vm", "incus"],
-            Field(description="container (fast, shared kernel; the default), vm or incus (NixOS hosts only)"),
+            Field(
+                description="'container' (the default: systemd-nspawn, shared kernel, boots in about a second), "
+                "'vm' (qemu with its own kernel: stronger isolation, slower to boot) or 'incus' (an Incus "
+                "container, on the local Incus daemon or a remote server/cluster when configured)"
+            ),
         ] = "container",
         packages: Annotated[
             list[str],

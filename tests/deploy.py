@@ -206,5 +206,5 @@ async def mcp_as(user: Account, daemon: Daemon) -> AsyncIterator[Client]:
 
 def cli_as(user: Account, daemon: Daemon, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The CLI run as ``user`` against ``daemon``."""
-    return subprocess.run(as_user(user, sys.executable, "-m", "sandbox_mcp", *args), env=user_env(user, daemon),
+    return subprocess.run(as_user(user, sys.executable, "-W", "error", "-m", "sandbox_mcp", *args), env=user_env(user, daemon),
                           cwd=str(user.home), capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -98,8 +98,10 @@ class InProcess:
                "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
                # never a daemon this host may run: the CLI works in process, as root
                "SANDBOX_MCP_DAEMON_SOCKET": str(settings.state_dir.parent / "no-daemon.sock")}  # fmt: skip
-        return subprocess.run([sys.executable, "-m", "sandbox_mcp", *args], env=env, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        # -W error: any warning (ours or a library's) would break the exact stderr checks anyway; this
+        # makes it fail loudly, naming the warning.
+        return subprocess.run([sys.executable, "-W", "error", "-m", "sandbox_mcp", *args], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
 
 
 class ThroughDaemon:
@@ -512,6 +514,8 @@ def test_cli_for_people(deployment: Deployment, settings: Settings) -> None:
         assert "clitest" in cli("ls").stdout
         r = cli("exec", "clitest", "echo hi; echo oops >&2; exit 7", check=False)
         assert (r.returncode, r.stdout, r.stderr) == (7, "hi\n", "oops\n")
+        r = cli("exec", "-e", "GREETING=hi there", "clitest", 'printf "%s" "$GREETING" >&2')
+        assert (r.stdout, r.stderr) == ("", "hi there")
         if shutil.which("ssh"):
             r = cli("ssh", "clitest", "hostname")
             assert r.stdout == "clitest\n"

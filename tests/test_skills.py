@@ -6,35 +6,19 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from sandbox_mcp import models
 from sandbox_mcp.claude_setup import skills_dir
 from sandbox_mcp.config import NixosSettings, Settings
 
+from .contract import arguments, tool_schemas
+
 SKILLS = Path(__file__).resolve().parent.parent / "skills"
 
-# The MCP tool contract from DESIGN.md: tool -> (required arguments, optional arguments).
-CONTRACT: dict[str, tuple[set[str], set[str]]] = {
-    "create_workspace": ({"name"}, {"type", "packages", "ip", "start"}),
-    "start_workspace": ({"name"}, set()),
-    "stop_workspace": ({"name"}, set()),
-    "destroy_workspace": ({"name"}, {"keep_data"}),
-    "list_workspaces": (set(), set()),
-    "workspace_status": ({"name"}, set()),
-    "exec": ({"name", "command"}, {"cwd", "env", "timeout_s", "stdin"}),
-    "read_file": ({"name", "path"}, {"offset", "limit"}),
-    "write_file": ({"name", "path", "content"}, {"encoding", "append", "mode"}),
-    "list_dir": ({"name", "path"}, set()),
-    "workspace_logs": ({"name"}, {"lines"}),
-    "start_process": ({"name", "command"}, {"cwd", "env", "process_id"}),
-    "process_output": ({"name", "process_id"}, {"cursor", "wait_s", "max_bytes"}),
-    "wait_process": ({"name", "process_id"}, {"until", "timeout_s", "cursor"}),
-    "stop_process": ({"name", "process_id"}, {"signal", "grace_s"}),
-    "list_processes": ({"name"}, set()),
-    "publish_port": ({"name", "port"}, {"host_port"}),
-    "unpublish_port": ({"name", "port"}, set()),
-}
+# The contract as the server serves it (tests/contract.py): tool -> (required, optional arguments).
+CONTRACT: dict[str, tuple[set[str], set[str]]] = {tool: arguments(tool) for tool in tool_schemas()}
 
 # snake_case words a skill may put in backticks without being a tool: arguments and result
 # fields of the contract, and settings names.
@@ -61,7 +45,31 @@ for _model in (
 _FIELD_NAMES |= set(Settings.model_fields) | set(NixosSettings.model_fields)
 
 _SNAKE = re.compile(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`")
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+_FENCE_OPEN = re.compile(r"^([ \t]*)```(\w*)[ \t]*$")
+
+
+def fences(text: str) -> list[tuple[str, str]]:
+    """Every fenced block as (language, body), at any indent (list items indent theirs), dedented."""
+    out: list[tuple[str, str]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        m = _FENCE_OPEN.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang = m.groups()
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            line = lines[i]
+            assert not line.strip() or line.startswith(indent), f"fence body less indented than its fence: {line!r}"
+            body.append(line[len(indent):])
+            i += 1
+        assert i < len(lines), f"unclosed fence ({lang})"
+        out.append((lang, "\n".join(body) + "\n"))
+        i += 1
+    return out
 
 
 def _skill_files() -> list[Path]:
@@ -115,7 +123,7 @@ def test_only_contract_tools_are_named(path: Path):
 
 @pytest.mark.parametrize("path", _skill_files(), ids=lambda p: p.parent.name)
 def test_json_blocks_parse_and_calls_fit_the_contract(path: Path):
-    blocks = [body for lang, body in _FENCE.findall(path.read_text()) if lang == "json"]
+    blocks = [body for lang, body in fences(path.read_text()) if lang == "json"]
     assert blocks, f"{path} has no JSON examples"
     for body in blocks:
         data = json.loads(body)
@@ -126,6 +134,16 @@ def test_json_blocks_parse_and_calls_fit_the_contract(path: Path):
             assert required <= set(args), f"{tool} example lacks {required - set(args)}"
             extra = set(args) - required - optional
             assert not extra, f"{tool} example has unknown arguments {extra}"
+            # Values too: types, enums, patterns and bounds as the server's schema states them.
+            jsonschema.validate(args, tool_schemas()[tool])
+
+
+def test_fences_are_found_at_any_indent():
+    text = "1. Call it:\n   ```json\n   {\"a\": 1}\n   ```\n\n```nix\nx\n```\n"
+    assert fences(text) == [("json", '{"a": 1}\n'), ("nix", "x\n")]
+    # The old top-level-only pattern missed the indented one; every indented JSON block counts now.
+    indented = [p for p in _skill_files() if re.search(r"^[ \t]+```json", p.read_text(), re.M)]
+    assert indented, "the skills have indented examples (this test guards that they are read)"
 
 
 def test_every_tool_is_documented_somewhere():

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 9
+IMAGE_RECIPE_VERSION = 10
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -87,6 +87,9 @@ SSHD_DROP_IN = """\
 # Written by sandbox-mcp. The host key is generated and pinned by the server and
 # shared read-only into the workspace; only keys, never passwords.
 HostKey /etc/ssh-host-keys/ssh_host_ed25519_key
+# ed25519 only, both ways (OpenSSH 9.2 already refuses ssh-dss; say so rather than rely on it).
+HostKeyAlgorithms ssh-ed25519
+PubkeyAcceptedAlgorithms ssh-ed25519
 AuthorizedKeysFile .ssh/authorized_keys /etc/ssh-host-keys/authorized_keys
 PasswordAuthentication no
 KbdInteractiveAuthentication no

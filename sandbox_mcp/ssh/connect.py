@@ -58,6 +58,8 @@ async def open_connection(
             config=[],
             username=target.user,
             known_hosts=([host_key], [], []),
+            # Only the pinned key's own algorithm (ed25519): nothing else, DSA least of all, is offered.
+            server_host_key_algs=[host_key.get_algorithm()],
             x509_trusted_certs=None,
             client_keys=[client_key],
             agent_path=None,
