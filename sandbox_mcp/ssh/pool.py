@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import asyncssh
@@ -21,17 +21,8 @@ import asyncssh
 from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..runtimes.base import Progress
-from . import files
-from .agent import (
-    AgentFault,
-    AgentGone,
-    AgentOutdated,
-    AgentSession,
-    NotStarted,
-    run_agent_command,
-    run_agent_op,
-    start_agent,
-)
+from . import agent_ops, files
+from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
 from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path
 from .connect import TCP_CONNECT_TIMEOUT_S, open_connection, poll_until_connected
 from .errors import (
@@ -205,8 +196,7 @@ class SSHPool:
         signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
         command's whole process group is killed and the result has ``timed_out=True`` and
         ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
-        the cancellation propagates. ``on_output(fd, data, skipped)`` receives the output while the
-        command runs, where the exec agent runs it (a session per command delivers only the result).
+        the cancellation propagates. ``on_output(fd, data, skipped)``: the output as it runs (agent only).
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
@@ -261,46 +251,9 @@ class SSHPool:
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
 
-    async def agent_op(
-        self, target: SSHTarget, request: dict[str, object], *, timeout_s: float, reply_cap: int, retry: bool
-    ) -> dict[str, object]:
-        """Send one process request to the workspace's exec agent; its reply, unchecked (see processes.py).
-
-        ``retry``: the request has no effect (a read, a list): on a dead connection it is sent again
-        on a new one, once.
-
-        Raises:
-            SSHError: the workspace cannot be reached, has no exec agent (or an outdated one), or the
-                agent broke the protocol, did not answer within ``timeout_s`` or went away.
-        """
-        for attempt in (1, 2):
-            entry = await self._entry(target)
-            agent = await self._agent(entry)
-            if agent is None:
-                raise SSHError(
-                    f"{target.where} has no exec agent ({EXEC_AGENT_PATH} with /usr/bin/python3), which processes "
-                    "need; use exec with a command that redirects its output to a file instead"
-                )
-            try:
-                return await run_agent_op(agent, request, timeout_s, reply_cap)
-            except AgentOutdated as exc:
-                raise SSHError(
-                    f"the exec agent in {target.where} is older than this server ({exc}); restart the workspace "
-                    "(stop_workspace, start_workspace) to run the current one"
-                ) from exc
-            except AgentFault as exc:
-                self._discard(entry)
-                raise agent_error(target, exc) from exc
-            except TimeoutError as exc:
-                raise SSHError(f"the exec agent in {target.where} did not answer: {exc}") from exc
-            except AgentGone as exc:
-                if entry.alive():
-                    entry.agent = None
-                    raise agent_error(target, exc) from exc
-                self._discard(entry)
-                if attempt == 2 or not retry:
-                    raise lost_error(target, str(request.get("op")), exc) from exc
-        raise AssertionError("unreachable")
+    async def agent_op(self, target: SSHTarget, request: dict[str, object], **kw: Any) -> dict[str, object]:
+        """One process request to the workspace's exec agent: :func:`.agent_ops.agent_op`, on this pool."""
+        return await agent_ops.agent_op(self, target, request, **kw)
 
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""
