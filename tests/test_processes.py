@@ -298,6 +298,17 @@ async def test_forwarder_lets_the_owner_through_and_refuses_others() -> None:
             await conn.send(b"hello")
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError)):
                 await conn.receive()  # closed without a byte
+        # At most max_connections at a time: a third one is closed at once, the two open ones still work.
+        async with await anyio.connect_tcp("127.0.0.1", mine) as a, await anyio.connect_tcp("127.0.0.1", mine) as b:
+            for conn in (a, b):
+                await conn.send(b"x")
+                assert await conn.receive() == b"X"
+            async with await anyio.connect_tcp("127.0.0.1", mine) as third:
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError)):
+                    await third.send(b"x")
+                    await third.receive()
+            await a.send(b"y")
+            assert await a.receive() == b"Y"
         assert await fwd.unpublish("ws", up_port) is True
         await anyio.lowlevel.checkpoint()
         with socket.socket() as s:
