@@ -899,18 +899,29 @@ class WorkspaceManager:
         return frozenset({0, record.owner_uid if record.owner_uid is not None else os.geteuid()})
 
     async def _restore_ports(self) -> None:
-        """Listen again on the published ports of running workspaces (after a server restart)."""
+        """Listen again on the published ports of running workspaces (after a server restart).
+
+        A host port that cannot be had again is dropped from the record: whoever holds it now (another
+        local user, perhaps) must not be taken for the workspace by its owner.
+        """
         data = await self.registry.read()
         for record in data.workspaces.values():
             if record.state != "running" or not record.ports or record.runtime not in self.runtimes:
                 continue
             host = self._runtime_of(record).endpoint(record)[0]
+            lost = []
             for p in record.ports:
                 try:
                     await self.ports.publish(record.name, p.port, p.host_port, host, self._allowed_uids(record))
                 except SandboxError as exc:
-                    log.warning("cannot forward %s port %d again on host port %d: %s", record.name, p.port,
+                    lost.append(p.port)
+                    log.warning("%s: port %d is no longer published: host port %d: %s", record.name, p.port,
                                 p.host_port, exc)  # fmt: skip
+            if lost:
+                async with self._locked(record.name):
+                    current = await self.registry.get(record.name)
+                    current.ports = [p for p in current.ports if p.port not in lost]
+                    await self.registry.put(current)
 
     async def publish_port(
         self, name: str, port: int, host_port: int | None = None, *, owner_uid: int | None = None

@@ -167,3 +167,20 @@ async def test_exec_streams_progress_before_the_result(session_factory: Any) -> 
         # Without a progress token nothing is streamed (and the result is the same).
         plain = await s.client.call_tool("exec", {"name": "chat", "command": "echo quiet"})
         assert plain.structured_content["stdout"] == "quiet\n"
+
+
+async def test_a_host_port_taken_while_the_server_was_down_is_dropped(
+    session_factory: Any, deployment: Deployment
+) -> None:
+    """Whoever holds the host port now must not be taken for the workspace: the port is no longer listed."""
+    async with session_factory() as s:
+        await s.call("create_workspace", name="taken")
+        kept = await s.call("publish_port", name="taken", port=8000)
+        lost = await s.call("publish_port", name="taken", port=8001)
+    await deployment.stop_server()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", lost["host_port"]))
+        squatter.listen()
+        deployment.start_server()
+        async with session_factory() as s:
+            assert (await s.call("workspace_status", name="taken"))["ports"] == [kept]
