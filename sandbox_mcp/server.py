@@ -135,8 +135,20 @@ def _output_progress(ctx: Context) -> Progress | None:
         dctx = getattr(dctx, "_inner", dctx)
     for attr in ("_progress_token", "_on_progress"):  # JSON-RPC transports; the in-memory one
         if hasattr(dctx, attr):
-            return _progress(ctx) if getattr(dctx, attr) is not None else None
-    return _progress(ctx)
+            return _counted_progress(ctx) if getattr(dctx, attr) is not None else None
+    return _counted_progress(ctx)
+
+
+def _counted_progress(ctx: Context) -> Progress:
+    """Output as progress messages, numbered 1, 2, 3, ... (no total: a command's length is unknown)."""
+    sent = 0
+
+    async def report(message: str, fraction: float | None = None) -> None:
+        nonlocal sent
+        sent += 1
+        await ctx.report_progress(sent, None, message)
+
+    return report
 
 
 class BearerTokenVerifier(TokenVerifier):
