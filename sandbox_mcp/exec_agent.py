@@ -64,7 +64,7 @@ import threading
 import time
 
 PROTOCOL_VERSION = 2  # in the ready line: 2 knows "op" requests and "stream"
-OPS = ("proc_start", "proc_read", "proc_wait", "proc_stop", "proc_list")
+OP_START, OP_READ, OP_WAIT, OP_STOP, OP_LIST = OPS = ("proc_start", "proc_read", "proc_wait", "proc_stop", "proc_list")
 ERROR_CODES = ("not_found", "invalid", "exists", "limit", "failed")
 PROCESS_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
 PROCESS_MAX = 32  # process directories kept per workspace (running and exited); the oldest exited go first
@@ -730,8 +730,7 @@ def _op_list(req):
     return {"processes": out[:PROCESS_MAX]}
 
 
-_OP_FUNCS = {"proc_start": _op_start, "proc_read": _op_read, "proc_wait": _op_wait, "proc_stop": _op_stop,
-             "proc_list": _op_list}
+_OP_FUNCS = {OP_START: _op_start, OP_READ: _op_read, OP_WAIT: _op_wait, OP_STOP: _op_stop, OP_LIST: _op_list}
 
 
 def _op(req):

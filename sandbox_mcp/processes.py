@@ -100,28 +100,28 @@ def parse_until(until: str) -> str:
 
 
 def start_request(process_id: str, command: str, cwd: str, env: dict[str, str], cap: int) -> dict[str, Any]:
-    return {"op": "proc_start", "process_id": process_id, "command": command, "cwd": cwd, "env": env, "cap": cap}
+    return {"op": wire.OP_START, "process_id": process_id, "command": command, "cwd": cwd, "env": env, "cap": cap}
 
 
 def read_request(process_id: str, cursor: int, max_bytes: int, wait_s: float) -> dict[str, Any]:
-    return {"op": "proc_read", "process_id": process_id, "cursor": cursor, "max_bytes": max_bytes, "wait_s": wait_s}
+    return {"op": wire.OP_READ, "process_id": process_id, "cursor": cursor, "max_bytes": max_bytes, "wait_s": wait_s}
 
 
 def wait_request(process_id: str, until: str, cursor: int, timeout_s: float) -> dict[str, Any]:
-    return {"op": "proc_wait", "process_id": process_id, "until": until, "cursor": cursor, "timeout": timeout_s}
+    return {"op": wire.OP_WAIT, "process_id": process_id, "until": until, "cursor": cursor, "timeout": timeout_s}
 
 
 def stop_request(process_id: str, signal: str, grace_s: float) -> dict[str, Any]:
-    return {"op": "proc_stop", "process_id": process_id, "signal": signal, "grace": grace_s}
+    return {"op": wire.OP_STOP, "process_id": process_id, "signal": signal, "grace": grace_s}
 
 
 def list_request() -> dict[str, Any]:
-    return {"op": "proc_list"}
+    return {"op": wire.OP_LIST}
 
 
 def reply_cap(request: dict[str, Any]) -> int:
     """The output bytes a reply to ``request`` may carry (for the reply line's bound)."""
-    if request["op"] == "proc_list":
+    if request["op"] == wire.OP_LIST:
         return wire.PROCESS_MAX * (_WIRE_TEXT_MAX + 1024)
     return int(request.get("max_bytes", 0)) + _SMALL
 
