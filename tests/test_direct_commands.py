@@ -116,6 +116,15 @@ def test_image_key_depends_on_every_input() -> None:
     assert base not in others and len(others) == 3
 
 
+def test_image_key_follows_the_recipe_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same version number, different recipe (two branches that both bumped it): different images."""
+    from sandbox_mcp.images import debootstrap
+
+    base = image_key("bookworm", "agent", 1000, [])
+    monkeypatch.setattr(debootstrap, "recipe_digest", lambda: "another-recipe")
+    assert image_key("bookworm", "agent", 1000, []) != base
+
+
 def test_detect_suite_and_mirror(tmp_path: Path) -> None:
     (tmp_path / "os-release").write_text('NAME="Debian"\nVERSION_CODENAME=trixie\n')
     assert detect_debian_suite(tmp_path / "os-release") == "trixie"

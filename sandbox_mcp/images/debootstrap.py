@@ -168,10 +168,24 @@ def install_exec_agent(root: Path, source: Path = EXEC_AGENT_SOURCE) -> Path:
     return dest
 
 
+def recipe_digest() -> str:
+    """A digest of the recipe's own code (this module and the onboarding files it writes in).
+
+    In the key beside :data:`IMAGE_RECIPE_VERSION`: two checkouts (branches, or a release and a
+    development tree) that both bumped the version to the same number but changed the recipe
+    differently would otherwise share one cached image, and one of them would boot the other's.
+    """
+    h = hashlib.sha256()
+    for source in (Path(__file__), Path(onboarding.__file__)):
+        h.update(source.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def image_key(suite: str, user: str, uid: int, packages: Sequence[str], agent_digest: str | None = None) -> str:
-    """A short stable key naming an image built from these inputs (the exec agent's digest among them)."""
-    spec = {"recipe": IMAGE_RECIPE_VERSION, "suite": suite, "user": user, "uid": uid, "packages": sorted(packages),
-            "agent": agent_digest or exec_agent_digest()}
+    """A short stable key naming an image built from these inputs (the exec agent's and the recipe's
+    digests among them)."""
+    spec = {"recipe": IMAGE_RECIPE_VERSION, "code": recipe_digest(), "suite": suite, "user": user, "uid": uid,
+            "packages": sorted(packages), "agent": agent_digest or exec_agent_digest()}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{suite}-{'base' if not packages else 'pkgs'}-{digest}"
 
