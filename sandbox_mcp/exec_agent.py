@@ -446,8 +446,8 @@ class _Proc:
                 return
             if sock is None:
                 time.sleep(min(0.1, remaining))  # no socket (a long path): poll
-            else:
-                select.select([sock], [], [], remaining)
+            elif select.select([sock], [], [], remaining)[0] and sock.recv(1) != b"!":
+                time.sleep(min(0.1, remaining))  # closed unpoked: the supervisor has too many waiters; poll
         finally:
             if sock is not None:
                 sock.close()
