@@ -8,22 +8,27 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import anyio
+from pydantic import ValidationError
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import InvalidState, SandboxError
+from .errors import InvalidSpec, InvalidState, SandboxError
 from .fsutil import atomic_write
 from .manager import WorkspaceManager
+from .models import CreateSpec
+from .naming import validate_name
 from .owners import OwnedManager
+from .runtimes import known_types
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
     from .workspaces import Workspaces
 
-__all__ = ["build_parser", "main", "ssh_command_argv"]
+__all__ = ["add_create_flags", "build_parser", "create_spec", "main", "ssh_command_argv"]
 
 
 async def _print_progress(message: str, fraction: float | None = None) -> None:
@@ -99,12 +104,61 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async def run(m: Workspaces) -> int:
-        ws = await m.create(args.name, args.type, args.package, args.ip, not args.no_start, _print_progress,
-                            egress=args.egress, cpus=args.cpus, memory_mib=args.memory_mib)
+        ws = await m.create(create_spec(args), _print_progress)
         _dump(ws)
         return 0
 
     return anyio.run(_with_manager, settings, run)
+
+
+# Help for some flags shorter than the field's description (the tool's words, written for agents).
+_CREATE_HELP = {
+    "egress": "network access from inside (internet needs SANDBOX_MCP_NAT=true)",
+    "cpus": "CPUs it may use (default: the settings' cpus)",
+    "memory_mib": "memory in MiB (default: the settings' memory_mib)",
+}
+
+
+def add_create_flags(p: argparse.ArgumentParser) -> None:
+    """``create``'s arguments, one per :class:`CreateSpec` field: a new field is a new flag, with no edit here."""
+    own = {
+        "name": lambda: p.add_argument("name"),
+        "packages": lambda: p.add_argument("-p", "--package", dest="packages", metavar="PACKAGE", action="append",
+                                           default=[], help="extra package (repeatable)"),
+        "start": lambda: p.add_argument("--no-start", dest="start", action="store_false"),
+    }
+    for name, field in CreateSpec.model_fields.items():
+        if name in own:
+            own[name]()
+            continue
+        kind = field.annotation
+        if isinstance(kind, UnionType):  # X | None: the flag takes an X
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        flag = "--" + name.replace("_", "-")
+        help_text = _CREATE_HELP.get(name)
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_text or field.description)
+        elif name == "type":  # the types the known runtimes realise
+            p.add_argument(flag, choices=known_types(), default=field.default, help=help_text)
+        elif get_origin(kind) is Literal:
+            p.add_argument(flag, choices=list(get_args(kind)), default=field.default, help=help_text)
+        else:
+            p.add_argument(flag, type=kind, help=help_text)
+
+
+def create_spec(args: argparse.Namespace) -> CreateSpec:
+    """The :class:`CreateSpec` that ``create``'s arguments ask for (flags not given keep the field's default).
+
+    Raises:
+        InvalidSpec: an argument the spec refuses (the workspace name's rule first, as the manager says it).
+    """
+    validate_name(args.name)
+    given = {k: v for k, v in vars(args).items() if k in CreateSpec.model_fields and v is not None}
+    try:
+        return CreateSpec(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidSpec(f"invalid create arguments: {problems}") from None
 
 
 def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
@@ -231,7 +285,7 @@ def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 def _images_in_use(settings: Settings) -> list[str]:
     """The image keys the registry's workspaces use (each runtime keeps its key as ``runtime_state.image``)."""
-    from .state import Registry
+    from .registry import Registry
 
     if not settings.registry_path.is_file():
         return []
@@ -250,8 +304,8 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(meta))
         return 0
     if args.action == "prune":
-        from .images.incus_image import IncusImage
-        from .images.vm import VmImage
+        from .runtimes.incus.image import IncusImage
+        from .runtimes.qemu.image import VmImage
 
         # Never what a registered workspace uses (running VMs also hold their image's lock: ImageStore.hold).
         keep = _images_in_use(settings)
@@ -262,7 +316,7 @@ def _cmd_image(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     packages = validate_packages(args.package, "debian")
     if args.vm:
-        from .images.vm import VmImage
+        from .runtimes.qemu.image import VmImage
 
         vm = VmImage(settings, store, root)
         key = anyio.run(vm.ensure, packages, _print_progress)
@@ -323,15 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_daemon)
 
     s = sub.add_parser("create", help="create (and start) a workspace")
-    s.add_argument("name")
-    s.add_argument("--type", default="container", choices=["container", "vm", "incus"])
-    s.add_argument("-p", "--package", action="append", default=[], help="extra package (repeatable)")
-    s.add_argument("--ip")
-    s.add_argument("--no-start", action="store_true")
-    s.add_argument("--egress", default="none", choices=["none", "internet"],
-                   help="network access from inside (internet needs SANDBOX_MCP_NAT=true)")
-    s.add_argument("--cpus", type=float, help="CPUs it may use (default: the settings' cpus)")
-    s.add_argument("--memory-mib", type=int, help="memory in MiB (default: the settings' memory_mib)")
+    add_create_flags(s)
     s.set_defaults(fn=_cmd_create)
 
     s = sub.add_parser("ls", help="list workspaces")

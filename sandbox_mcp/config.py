@@ -9,6 +9,7 @@ for the ``[nixos]`` table).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from .errors import InvalidSpec
+from .models import MAX_CPUS, MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB
 
 __all__ = ["IncusSettings", "NixosSettings", "Settings", "load_settings"]
 
@@ -116,8 +118,8 @@ class Settings(BaseModel):
     debian_mirror: str | None = Field(
         default=None, description="Debian mirror for debootstrap; default: the host's apt source"
     )
-    cpus: float = Field(default=2.0, gt=0, le=1024, description="Default CPUs of a new workspace")
-    memory_mib: int = Field(default=2048, ge=128, description="Default memory of a new workspace, MiB")
+    cpus: float = Field(default=2.0, gt=0, le=MAX_CPUS, description="Default CPUs of a new workspace")
+    memory_mib: int = Field(default=2048, ge=MIN_MEMORY_MIB, description="Default memory of a new workspace, MiB")
     tasks_max: int = Field(default=4096, ge=64, description="Processes + threads one workspace may run")
     root_layer_mib: int = Field(
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
@@ -163,7 +165,7 @@ class Settings(BaseModel):
         default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
         ge=1, le=64, description="vCPUs of a direct-mode VM (type 'vm'); default: the host's CPUs, at most 8",
     )
-    vm_memory_mib: int = Field(default=2048, ge=256, le=1 << 20, description="Memory of a direct-mode VM")
+    vm_memory_mib: int = Field(default=2048, ge=VM_MIN_MEMORY_MIB, le=1 << 20, description="Memory of a direct-mode VM")
     vm_disk_gib: int = Field(
         default=8, ge=2, le=1024, description="Size of a VM's root disk, which bounds its throw-away writable layer"
     )
@@ -198,6 +200,12 @@ class Settings(BaseModel):
         pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
         description="Group whose members may use the daemon's socket (besides root)",
     )
+    runtime_for_type: dict[str, str] = Field(
+        default_factory=dict,
+        description="Which runtime serves a workspace type where more than one of this mode claims it, e.g. "
+        "{vm = \"qemu\"} (a TOML table; in the environment, JSON). Two runtimes claiming a type without it "
+        "stop the server at start-up",
+    )
     nixos: NixosSettings = Field(default_factory=NixosSettings)
     incus: IncusSettings = Field(default_factory=IncusSettings)
 
@@ -214,6 +222,16 @@ class Settings(BaseModel):
             token = v.get_secret_value()
             if len(token) < 16 or not all(33 <= ord(c) < 127 for c in token):
                 raise ValueError("http_token must be at least 16 printable ASCII characters without spaces")
+        return v
+
+    @field_validator("runtime_for_type", mode="before")
+    @classmethod
+    def _json_table(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            try:
+                return json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"runtime_for_type must be a JSON object such as {{\"vm\": \"qemu\"}}: {exc}") from exc
         return v
 
     @field_validator("state_dir", "image_dir", "daemon_socket")

@@ -16,7 +16,7 @@ import grp
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,9 +34,9 @@ from .config import Settings
 from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 from .fsutil import atomic_write
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -50,11 +50,10 @@ from .models import (
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
-    WorkspaceType,
     WriteResult,
 )
 from .naming import validate_name
-from .runtimes.base import Progress, no_progress
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
@@ -246,16 +245,11 @@ class RemoteManager:
 
     # The manager's methods --------------------------------------------------------------------
 
-    async def create(self, name: str, type: WorkspaceType = "container", packages: Sequence[str] = (),
-                     ip: str | None = None, start: bool = True, progress: Progress = no_progress, *,
-                     egress: Egress = "none", cpus: float | None = None,
-                     memory_mib: int | None = None) -> Workspace:  # fmt: skip
-        """See :meth:`WorkspaceManager.create`; errors come back with the daemon's message."""
-        args = {"name": name, "type": type, "packages": list(packages), "ip": ip, "start": start, "egress": egress}
-        if cpus is not None:
-            args["cpus"] = cpus
-        if memory_mib is not None:
-            args["memory_mib"] = memory_mib
+    async def create(self, spec: CreateSpec, progress: Progress = no_progress) -> Workspace:
+        """See :meth:`WorkspaceManager.create`; errors come back with the daemon's message.
+
+        The spec goes as the tool's flat arguments, one per field (unset optional ones left out)."""
+        args = spec.model_dump(mode="json", exclude_none=True)
         return await self._call("create_workspace", args, Workspace, progress)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:

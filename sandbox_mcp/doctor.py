@@ -5,24 +5,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import socket
 from pathlib import Path
 
+from .checks import which_check
 from .config import Settings
 from .errors import SandboxError
 from .models import Check
 
 __all__ = ["Check", "daemon_checks", "run_checks", "which_check"]
-
-
-def which_check(program: str, package: str, why: str, *, name: str | None = None, required: bool = True) -> Check:
-    """A check that ``program`` is on PATH, naming the Debian package that has it."""
-    path = shutil.which(program)
-    if path:
-        return Check(name=name or program, ok=True, detail=path, required=required)
-    return Check(name=name or program, ok=False, detail=f"{program} not found ({why})",
-                 fix=f"apt-get install {package}", required=required)
 
 
 def daemon_checks(settings: Settings, *, uid: int | None = None) -> list[Check]:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -28,10 +27,7 @@ __all__ = [
     "Escalation",
     "LineCallback",
     "escalate",
-    "git_forget_argv",
-    "git_intent_to_add_argv",
     "journalctl_argv",
-    "nixos_rebuild_argv",
     "run",
     "systemctl_argv",
     "systemctl_show_argv",
@@ -41,12 +37,9 @@ Escalation = Literal["doas", "sudo", "none"]
 LineCallback = Callable[[str], Awaitable[None]]
 
 SYSTEMCTL_ACTIONS = frozenset({"start", "stop", "restart", "reset-failed"})
-_REBUILD_ACTIONS = frozenset({"switch", "boot", "test", "build", "dry-build"})
 # systemd unit names: no leading '-' so a name can never be read as an option.
 _UNIT_RE = re.compile(r"^[A-Za-z0-9_@:][A-Za-z0-9_@:.\\-]{0,250}$")
 _PROPERTY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
-# nixosConfigurations attribute: a host name, kept strict so it is never more than one attribute.
-_HOST_ATTR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")
 _MAX_LOG_LINES = 100_000
 _KEEP_BYTES = 4 << 20  # per stream; the tail is what errors quote
 _TERM_GRACE_S = 5.0  # SIGTERM first: sudo/doas relay it to the root child, which SIGKILL could not reach
@@ -131,54 +124,6 @@ def journalctl_argv(unit: str, lines: int) -> list[str]:
     if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= _MAX_LOG_LINES:
         raise InvalidSpec(f"lines must be between 1 and {_MAX_LOG_LINES}, got {lines!r}")
     return ["journalctl", "-u", _check_unit(unit), "-n", str(lines), "--no-pager", "-o", "short-iso"]
-
-
-def nixos_rebuild_argv(
-    flake: str | Path, host: str, escalation: Escalation, action: str = "switch"
-) -> list[str]:
-    """``nixos-rebuild <action> --flake <flake>#<host>``, escalated.
-
-    Raises:
-        InvalidSpec: a host attribute that is not a plain name, a flake reference that is
-            empty, starts with '-', or holds '#' or a control character, or an unknown action.
-    """
-    if action not in _REBUILD_ACTIONS:
-        raise InvalidSpec(f"nixos-rebuild action {action!r} is not one of {sorted(_REBUILD_ACTIONS)}")
-    if not isinstance(host, str) or not _HOST_ATTR_RE.match(host):
-        raise InvalidSpec(
-            f"nixos.host {host!r} is not a valid nixosConfigurations attribute; "
-            f"use the host's name, e.g. 'fry'"
-        )
-    ref = str(flake)
-    if not ref or ref.startswith("-") or "#" in ref or any(ord(c) < 32 for c in ref):
-        raise InvalidSpec(
-            f"nixos.flake {ref!r} is not a usable flake reference; use a directory like /etc/nixos"
-        )
-    return escalate(["nixos-rebuild", action, "--flake", f"{ref}#{host}"], escalation)
-
-
-def git_intent_to_add_argv(repo: str | Path, files: Sequence[str | Path]) -> list[str]:
-    """``git -C <repo> add --intent-to-add -- <files>``: makes new files visible to ``nix`` flakes.
-
-    Raises:
-        InvalidSpec: no files given.
-    """
-    if not files:
-        raise InvalidSpec("git add needs at least one file")
-    return ["git", "-C", str(repo), "add", "--intent-to-add", "--", *map(str, files)]
-
-
-def git_forget_argv(repo: str | Path, files: Sequence[str | Path]) -> list[str]:
-    """``git -C <repo> rm --cached --quiet --ignore-unmatch -- <files>``: unlists removed files.
-
-    A file git knows but that is gone from disk breaks flake evaluation in older Nix.
-
-    Raises:
-        InvalidSpec: no files given.
-    """
-    if not files:
-        raise InvalidSpec("git rm needs at least one file")
-    return ["git", "-C", str(repo), "rm", "--cached", "--quiet", "--ignore-unmatch", "--", *map(str, files)]
 
 
 class _Collector:

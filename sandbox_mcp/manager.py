@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -34,9 +34,12 @@ from .errors import (
 )
 from .fsutil import async_file_lock, lock_is_held, own_dir
 from .models import (
+    MAX_CPUS,
+    MAX_MEMORY_MIB,
+    MIN_CPUS,
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     Limits,
@@ -60,11 +63,12 @@ from .models import (
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
 from .output_relay import OutputRelay
-from .owners import owned
+from .ownership import owned
 from .paths import WorkspacePaths
 from .ports import LOOPBACK, PortForwarder
-from .runtimes import Mode, Progress, Runtime, RuntimeContext, build_runtimes, no_progress, resolve_mode
-from .state import Registry
+from .progress import Progress, no_progress
+from .registry import Registry
+from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
 
 __all__ = ["WorkspaceManager", "parse_mode"]
 
@@ -103,6 +107,7 @@ class WorkspaceManager:
         self.ssh = ssh.SSHPool()
         self._runtimes = runtimes
         self._mode: Mode | None = None
+        self._types: dict[WorkspaceType, Runtime] | None = None  # which runtime serves each type
         self._locks: dict[str, anyio.Lock] = {}
         # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
         # userkeys.UserKeys.public_key); in process, only the server's key is.
@@ -145,6 +150,7 @@ class WorkspaceManager:
             self._runtimes = build_runtimes(self._mode, ctx)
         else:
             self._mode = next(iter(sorted({m for r in self._runtimes.values() for m in r.modes})), "direct")
+        self._types = type_table(self._runtimes, self.settings.runtime_for_type)  # two claims, no choice: refused
         await self.reconcile()
 
     async def close(self) -> None:
@@ -162,10 +168,11 @@ class WorkspaceManager:
         return self._runtimes
 
     def _runtime_for_type(self, type_: WorkspaceType) -> Runtime:
-        for runtime in self.runtimes.values():
-            if type_ in runtime.types:
-                return runtime
-        supported = sorted({t for r in self.runtimes.values() for t in r.types})
+        assert self._types is not None, "call open() first"
+        runtime = self._types.get(type_)
+        if runtime is not None:
+            return runtime
+        supported = sorted(self._types)
         raise InvalidSpec(
             f"type {type_!r} is not available in {self.mode} mode on this host (available: "
             f"{', '.join(supported) or 'none'}); run 'sandbox-mcp doctor' to see what this host lacks"
@@ -226,7 +233,10 @@ class WorkspaceManager:
             ip=r.ip,
             user=r.user,
             workspace_dir=onboarding.workspace_dir_inside(r.user),
-            host_workspace_dir=str(self._paths(r.name).workspace),
+            host_workspace_dir=(
+                runtime.host_workspace_dir(r, self._paths(r.name).workspace) if runtime is not None
+                else str(self._paths(r.name).workspace)
+            ),
             ssh=SSHInfo(host=host, port=port, user=r.user, host_key_fingerprint=r.host_key_fingerprint,
                         known_hosts=known_hosts),
             packages=r.packages,
@@ -326,20 +336,9 @@ class WorkspaceManager:
     # Lifecycle ---------------------------------------------------------------------------------
 
     async def create(
-        self,
-        name: str,
-        type: WorkspaceType = "container",
-        packages: Sequence[str] = (),
-        ip: str | None = None,
-        start: bool = True,
-        progress: Progress = no_progress,
-        *,
-        egress: Egress = "none",
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-        owner_uid: int | None = None,
+        self, spec: CreateSpec, progress: Progress = no_progress, *, owner_uid: int | None = None
     ) -> Workspace:
-        """Register, prepare and (by default) start a new workspace.
+        """Register, prepare and (if ``spec.start``) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
         everything created is removed again. ``owner_uid`` is recorded as the creator.
@@ -351,14 +350,15 @@ class WorkspaceManager:
             BackendError: building, declaring or booting failed (the message has the log tail).
         """
         t0 = time.monotonic()
+        name = spec.name
         validate_name(name)
-        runtime = self._runtime_for_type(type)
-        packages = validate_packages(packages, runtime.package_flavour)
-        limits = self._limits(runtime, cpus, memory_mib)
+        runtime = self._runtime_for_type(spec.type)
+        packages = validate_packages(spec.packages, runtime.package_flavour)
+        limits = self._limits(runtime, spec.type, spec.cpus, spec.memory_mib)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, name, type, packages, ip, live, runtime, egress, limits, owner_uid
+                self._register, spec, packages, live, runtime, limits, owner_uid
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -376,7 +376,7 @@ class WorkspaceManager:
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
                 await self.registry.put(record)
                 await self._sync_hosts()
-                if start:
+                if spec.start:
                     started = True
                     record = await self._start(record, runtime, progress, t0)
             except BaseException:
@@ -385,7 +385,7 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
-    def _limits(self, runtime: Runtime, cpus: float | None, memory_mib: int | None) -> Limits:
+    def _limits(self, runtime: Runtime, type_: WorkspaceType, cpus: float | None, memory_mib: int | None) -> Limits:
         """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
 
         Raises:
@@ -395,25 +395,29 @@ class WorkspaceManager:
         defaults = runtime.default_limits()
         cpus = defaults.cpus if cpus is None else cpus
         memory_mib = defaults.memory_mib if memory_mib is None else memory_mib
-        host_cpus = os.cpu_count() or 1
-        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0.05 <= cpus <= host_cpus:
-            raise InvalidSpec(f"cpus must be between 0.05 and {host_cpus} (this host's CPUs), got {cpus!r}")
-        if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or not 128 <= memory_mib <= 1 << 22:
-            raise InvalidSpec(f"memory_mib must be a whole number of MiB between 128 and 4194304, got {memory_mib!r}")
+        local_cpus = runtime.max_cpus()
+        most_cpus = MAX_CPUS if local_cpus is None else local_cpus
+        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not MIN_CPUS <= cpus <= most_cpus:
+            where = "" if local_cpus is None else " (this host's CPUs)"
+            raise InvalidSpec(f"cpus must be between {MIN_CPUS:g} and {most_cpus:g}{where}, got {cpus!r}")
+        least = runtime.min_memory_mib(type_)
+        if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or not least <= memory_mib <= MAX_MEMORY_MIB:
+            raise InvalidSpec(
+                f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
+                f"workspace, got {memory_mib!r}"
+            )
         return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
 
     def _register(
         self,
-        name: str,
-        type_: WorkspaceType,
+        spec: CreateSpec,
         packages: list[str],
-        ip: str | None,
         live: set[str],
         runtime: Runtime,
-        egress: Egress,
         limits: Limits | None = None,
         owner_uid: int | None = None,
     ) -> WorkspaceRecord:
+        name = spec.name
         with self.registry.transaction_sync() as data:
             if name in data.workspaces:
                 raise WorkspaceExists(name)
@@ -421,16 +425,16 @@ class WorkspaceManager:
             taken = {r.ip for r in data.workspaces.values()} | live
             record = WorkspaceRecord(
                 name=name,
-                type=type_,
+                type=spec.type,
                 state="creating",
                 runtime=runtime.name,
-                ip=allocate_ip(self.settings.subnet, taken, ip),
+                ip=allocate_ip(self.settings.subnet, taken, spec.ip),
                 mac=mac_for(name),
                 cid=cid_for(name),
                 user=self.settings.user,
                 owner_uid=owner_uid,
                 packages=packages,
-                egress=egress,
+                egress=spec.egress,
                 limits=limits,
             )
             runtime.validate(record)
@@ -471,7 +475,7 @@ class WorkspaceManager:
     async def start(self, name: str, progress: Progress = no_progress, *, owner_uid: int | None = None) -> Workspace:
         """Start a stopped workspace; returns once SSH answers with the pinned host key. Idempotent.
 
-        ``owner_uid`` (on every operation): act only on that uid's workspaces (see owners.owned).
+        ``owner_uid`` (on every operation): act only on that uid's workspaces (see ownership.owned).
 
         Raises:
             WorkspaceNotFound (also: another owner's), InvalidState (still being created), BackendError (boot failed).

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "BUILTIN_TYPES",
+    "MAX_CPUS",
+    "MAX_MEMORY_MIB",
+    "MIN_CPUS",
+    "MIN_MEMORY_MIB",
+    "VM_MIN_MEMORY_MIB",
     "Check",
+    "CreateSpec",
     "DestroyResult",
     "DirEntry",
     "DirListing",
@@ -18,6 +25,7 @@ __all__ = [
     "Isolation",
     "Limits",
     "LogsResult",
+    "Name",
     "PortUnpublished",
     "ProcessInfo",
     "ProcessList",
@@ -37,17 +45,89 @@ __all__ = [
     "WriteResult",
 ]
 
-WorkspaceType = Literal["container", "vm", "incus"]
+# A workspace type is whatever a runtime realises: these are built in (in the order tools list them), and
+# a runtime from another package may add its own (see runtimes.known_types).
+WorkspaceType = str
+BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
 Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
+
+# The limits a workspace may be given, one source for the manager, the runtimes and the settings. A VM
+# needs more memory than a container to boot its own kernel at all.
+MIN_CPUS = 0.05
+MAX_CPUS = 1024.0
+MIN_MEMORY_MIB = 128
+VM_MIN_MEMORY_MIB = 256
+MAX_MEMORY_MIB = 1 << 22
+
+# A workspace name as every tool takes it (naming.validate_name holds the same rule for other callers).
+Name = Annotated[
+    str,
+    Field(
+        description="Workspace name: lowercase letters, digits and '-', starting with a letter, at most 12 chars",
+        pattern=r"^[a-z][a-z0-9-]{0,11}$",
+        examples=["myproject", "test-2"],
+    ),
+]
 
 _LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class CreateSpec(BaseModel):
+    """What a new workspace is asked to be: the create_workspace tool's arguments, one field each.
+
+    The tool's parameters and the CLI's ``create`` flags are made from these fields, and the spec
+    travels whole through the daemon and the ownership layer to the manager and the runtime. A
+    new create argument is one field here plus the code that uses it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    type: Annotated[
+        WorkspaceType,
+        Field(
+            description="'container' (the default: systemd-nspawn, shared kernel, boots in about a second), "
+            "'vm' (qemu with its own kernel: stronger isolation, slower to boot) or 'incus' (an Incus "
+            "container, on the local Incus daemon or a remote server/cluster when configured)"
+        ),
+    ] = "container"
+    packages: Annotated[
+        list[str],
+        Field(
+            description="Extra packages to install: Debian package names on a plain Linux host "
+            "(e.g. ['python3', 'jq']), nixpkgs attribute paths on NixOS (e.g. ['ripgrep'])",
+            max_length=200,
+        ),
+    ] = []  # noqa: RUF012 - pydantic copies defaults
+    ip: Annotated[
+        str | None,
+        Field(description="Static IPv4 address in the workspace subnet; omit to get a free one"),
+    ] = None
+    start: Annotated[bool, Field(description="Start it and wait until SSH answers")] = True
+    egress: Annotated[
+        Egress,
+        Field(
+            description="Network access from inside: 'none' (the default) reaches nothing, not other "
+            "workspaces, not the host, not the outside; 'internet' adds NAT to the outside (package "
+            "downloads, git clone) while private ranges, link-local and the host stay closed. "
+            "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
+        ),
+    ] = "none"
+    cpus: Annotated[
+        float | None,
+        Field(description="CPUs it may use (fractions allowed, e.g. 0.5); omit for the server's default"),
+    ] = None
+    memory_mib: Annotated[
+        int | None,
+        Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
+    ] = None
 
 
 class SSHInfo(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import anyio
 
-from .runtimes.base import Progress
+from .progress import Progress
 
 __all__ = ["OutputRelay"]
 

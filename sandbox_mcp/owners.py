@@ -4,22 +4,19 @@ The daemon serves many local users from one :class:`WorkspaceManager`. Each conn
 :class:`OwnedManager` for its peer's uid: root sees everything; anyone else sees only the
 workspaces their uid created, and another user's workspace looks exactly like a missing one
 (so names are not probed through error messages, beyond "that name is taken" on create).
-The methods mirror the manager's, so the MCP tools and the CLI call either one.
+The methods mirror the manager's, so the MCP tools and the CLI call either one. The rules
+themselves (whose record, whose kept directory) are in :mod:`sandbox_mcp.ownership`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Settings
-from .errors import Conflict, WorkspaceNotFound
-from .fsutil import atomic_write
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -32,57 +29,16 @@ from .models import (
     PublishedPort,
     Workspace,
     WorkspaceList,
-    WorkspaceRecord,
     WorkspaceStatus,
-    WorkspaceType,
     WriteResult,
 )
-from .runtimes.base import Progress, no_progress
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from .manager import WorkspaceManager
     from .ssh import SSHTarget
 
-__all__ = ["OwnedManager", "claim_dir", "owned"]
-
-_OWNER_FILE = ".owner-uid"  # in <state>/<name>/ (root's): whose workspace the directory holds
-
-
-def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
-    """``record``, if ``owner_uid`` may see it (None: anyone may, as root).
-
-    The manager checks the record it acts on, under the workspace's lock where the operation takes
-    it, so a workspace destroyed and re-created by another user in between is never acted on.
-
-    Raises:
-        WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
-    """
-    if owner_uid is not None and record.owner_uid != owner_uid:
-        raise WorkspaceNotFound(record.name)
-    return record
-
-
-def claim_dir(root: Path, name: str, owner_uid: int | None) -> None:
-    """Mark ``root`` (a workspace's host directory) as ``owner_uid``'s, unless it is another user's.
-
-    A workspace destroyed with keep_data leaves its directory (project files, host key) for the
-    next create of that name: that must be its owner's (or root's), never another user's.
-
-    Raises:
-        Conflict: ``root`` holds another user's kept data.
-    """
-    marker = root / _OWNER_FILE
-    try:
-        previous: int | None = int(marker.read_text())
-    except (FileNotFoundError, ValueError):
-        previous = None  # new, or kept before owners were recorded
-    if previous is not None and owner_uid not in (0, previous):
-        raise Conflict(
-            f"the data another user kept from an earlier workspace {name!r} is still on this host; "
-            "pick another name (or ask an administrator to remove it)"
-        )
-    if owner_uid is not None and owner_uid != previous:
-        atomic_write(marker, str(owner_uid), mode=0o644)
+__all__ = ["OwnedManager"]
 
 
 class OwnedManager:
@@ -105,22 +61,9 @@ class OwnedManager:
     # where the operation takes it: checked here first, a workspace destroyed and re-created by
     # another user between the check and the action would be acted on.
 
-    async def create(
-        self,
-        name: str,
-        type: WorkspaceType = "container",
-        packages: Sequence[str] = (),
-        ip: str | None = None,
-        start: bool = True,
-        progress: Progress = no_progress,
-        *,
-        egress: Egress = "none",
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-    ) -> Workspace:
+    async def create(self, spec: CreateSpec, progress: Progress = no_progress) -> Workspace:
         """Create a workspace owned by this user. Raises what :meth:`WorkspaceManager.create` raises."""
-        return await self.manager.create(name, type, packages, ip, start, progress, egress=egress, cpus=cpus,
-                                         memory_mib=memory_mib, owner_uid=self.uid)
+        return await self.manager.create(spec, progress, owner_uid=self.uid)
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

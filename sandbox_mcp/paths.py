@@ -1,11 +1,15 @@
-"""Where a workspace's state lives on the host (``<state>/<name>/...``)."""
+"""Where a workspace's state lives on the host (``<state>/<name>/...``), and fixed paths inside it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkspacePaths"]
+__all__ = ["EXEC_AGENT_PATH", "WorkspacePaths"]
+
+# Where image recipes install sandbox_mcp/exec_agent.py. Absolute: starting the agent involves no
+# PATH lookup in the workspace user's environment.
+EXEC_AGENT_PATH = "/usr/local/libexec/sandbox-mcp/exec-agent"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A workspace's host side before it boots: its directories, pinned host key, authorized_keys, Claude config.
 
 Everything here is on the host, under ``<state>/<name>/``, and survives stop (and destroy with
-``keep_data``). The runtimes then share these directories with the workspace (see DESIGN.md).
+``keep_data``). The runtimes then share these directories with the workspace (see each runtime's mounts).
 Blocking: the manager calls these from a worker thread.
 """
 
@@ -14,7 +14,7 @@ from . import onboarding, ssh
 from .config import Settings
 from .fsutil import own_dir
 from .models import WorkspaceRecord
-from .owners import claim_dir
+from .ownership import claim_dir
 from .paths import WorkspacePaths
 
 __all__ = ["prepare_state_dirs"]
@@ -28,7 +28,7 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     Claude config is seeded as onboarding says. Returns the host key's fingerprint.
 
     Raises:
-        Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.owners.claim_dir`).
+        Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.ownership.claim_dir`).
         SSHError: the host key cannot be made.
         InvalidSpec: an ``authorized`` line is not one public key.
     """

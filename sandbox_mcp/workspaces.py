@@ -9,14 +9,13 @@ in step, so an argument added to one of them cannot be forgotten in the others.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Settings
 from .models import (
+    CreateSpec,
     DestroyResult,
     DirListing,
-    Egress,
     ExecResult,
     FileContent,
     LogsResult,
@@ -30,10 +29,9 @@ from .models import (
     Workspace,
     WorkspaceList,
     WorkspaceStatus,
-    WorkspaceType,
     WriteResult,
 )
-from .runtimes.base import Progress, no_progress
+from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from .ssh import SSHTarget
@@ -46,19 +44,7 @@ class Workspaces(Protocol):
 
     settings: Settings
 
-    async def create(
-        self,
-        name: str,
-        type: WorkspaceType = "container",
-        packages: Sequence[str] = (),
-        ip: str | None = None,
-        start: bool = True,
-        progress: Progress = no_progress,
-        *,
-        egress: Egress = "none",
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-    ) -> Workspace: ...
+    async def create(self, spec: CreateSpec, progress: Progress = no_progress) -> Workspace: ...
 
     async def start(self, name: str, progress: Progress = no_progress) -> Workspace: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox_mcp.bench_capacity import format_capacity, mem_available_mib, ramp_steps
+from sandbox_mcp.bench.capacity import format_capacity, mem_available_mib, ramp_steps
 
 
 def test_ramp_steps() -> None:

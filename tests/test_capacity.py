@@ -19,6 +19,7 @@ from sandbox_mcp import sysctls
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
@@ -117,7 +118,7 @@ async def test_a_boot_the_inotify_limit_would_kill_is_refused_at_once(
     monkeypatch.setattr(sysctls, "inotify_headroom", no_room)
     async with WorkspaceManager(settings) as m:
         with pytest.raises(BackendError, match=r"fs\.inotify\.max_user_instances = \d+\).*scripts/setup as root"):
-            await m.create("inofull")
+            await m.create(CreateSpec(name="inofull"))
         assert (await m.list()).workspaces == []
     assert asked == [sysctls.INOTIFY_INSTANCES_BOOTING]
     assert not (settings.state_dir / "inofull").exists()

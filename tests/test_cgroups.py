@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp.cgroups import (
+from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.runtimes.nspawn.cgroups import (
     CgroupHost,
     CgroupLayout,
     Limits,
@@ -18,7 +19,6 @@ from sandbox_mcp.cgroups import (
     parse_mounts,
     parse_proc_cgroup,
 )
-from sandbox_mcp.errors import InvalidSpec
 
 HYBRID_MOUNTS = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0

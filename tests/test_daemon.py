@@ -34,7 +34,7 @@ from sandbox_mcp.fsutil import file_lock
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.naming import netns_name
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
 from sandbox_mcp.userkeys import user_key_path
 
 from .deploy import Account, Accounts, Daemon, as_user, cli_as, mcp_as, running_daemon, user_env

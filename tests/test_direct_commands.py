@@ -21,8 +21,8 @@ from sandbox_mcp.images.debootstrap import (
 )
 from sandbox_mcp.manager import parse_mode
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.rootfs import RootMounts
 from sandbox_mcp.runtimes.nspawn import hosts_file, launch_argv, nspawn_argv
+from sandbox_mcp.runtimes.nspawn.rootfs import RootMounts
 
 
 def test_nspawn_argv_exact() -> None:

@@ -35,9 +35,9 @@ from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import netns_name, veth_names
+from sandbox_mcp.registry import Registry
 from sandbox_mcp.runtimes.nspawn import NspawnState
 from sandbox_mcp.server import build_server
-from sandbox_mcp.state import Registry
 
 from .conftest import destroy_all, e2e_settings, e2e_skip_reason
 from .deploy import Account, Daemon, cli_as, mcp_as, running_daemon

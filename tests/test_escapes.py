@@ -15,10 +15,10 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp.cgroups import CgroupHost, group_for
 from sandbox_mcp.config import Settings
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import UID_RANGE
+from sandbox_mcp.runtimes.nspawn.cgroups import CgroupHost, group_for
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all

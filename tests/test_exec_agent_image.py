@@ -18,6 +18,7 @@ import pytest
 
 from sandbox_mcp import exec_agent
 from sandbox_mcp.images.debootstrap import EXEC_AGENT_SOURCE, exec_agent_digest, image_key, install_exec_agent
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.ssh import EXEC_AGENT_PATH
 
 
@@ -75,7 +76,7 @@ async def test_workspace_runs_the_installed_agent(manager: object) -> None:
     from sandbox_mcp.manager import WorkspaceManager
 
     assert isinstance(manager, WorkspaceManager)
-    ws = await manager.create("agentimg")
+    ws = await manager.create(CreateSpec(name="agentimg"))
     r = await manager.exec(ws.name, f"stat -c '%U %a' {EXEC_AGENT_PATH}; ps -eo user:20,args")
     assert r.exit_code == 0, r.stderr
     first, *procs = r.stdout.splitlines()

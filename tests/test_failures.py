@@ -21,9 +21,9 @@ from sandbox_mcp.fsutil import file_lock
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
 from sandbox_mcp.manager import WorkspaceManager
-from sandbox_mcp.models import WorkspaceRecord
+from sandbox_mcp.models import CreateSpec, WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
 
 from .conftest import destroy_all
 from .test_e2e import NOTHING_LEFT, host_leftovers
@@ -83,7 +83,7 @@ async def broken_settings(settings: Settings, tmp_path: Path) -> Settings:
 async def test_a_container_that_dies_while_booting_fails_the_start_with_its_log(broken_settings: Settings) -> None:
     async with WorkspaceManager(broken_settings) as m:
         try:
-            ws = await m.create("boom", start=False)
+            ws = await m.create(CreateSpec(name="boom", start=False))
             go = Path(ws.host_workspace_dir) / "go"
 
             async def progress(message: str, fraction: float | None = None) -> None:
@@ -114,7 +114,7 @@ async def test_a_boot_that_never_answers_ssh_times_out_with_advice(broken_settin
     # an error wrapped by the task group that watches the boot.
     async with WorkspaceManager(broken_settings.model_copy(update={"boot_timeout_s": 1})) as m:
         try:
-            await m.create("mute", start=False)
+            await m.create(CreateSpec(name="mute", start=False))
             with pytest.raises(CommandTimeout, match=r"(?s)did not answer within 1 s.*workspace_logs"):
                 await m.start("mute")
             record = await m.registry.get("mute")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandbox_mcp import sysctls
-from sandbox_mcp.hostcaps import isolation_checks, kernel_limits, userns_blockers
+from sandbox_mcp.runtimes.nspawn.hostcaps import isolation_checks, kernel_limits, userns_blockers
 
 CGROUP2 = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from sandbox_mcp.images import DebianRoot
 from sandbox_mcp.images.debootstrap import IMAGE_RECIPE_VERSION
-from sandbox_mcp.images.vm import VM_RECIPE_VERSION, VmImage
 from sandbox_mcp.models import WorkspaceRecord
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
+from sandbox_mcp.runtimes.qemu.image import VM_RECIPE_VERSION, VmImage
 
 
 def _cli(image_dir: Path, *args: str) -> str:

@@ -20,18 +20,19 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp import incusd as incus_daemon
 from sandbox_mcp import onboarding
 from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
-from sandbox_mcp.images.incus_image import IncusImage
-from sandbox_mcp.incus_api import probe
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.naming import veth_names
 from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
+from sandbox_mcp.runtimes.incus import incusd as incus_daemon
+from sandbox_mcp.runtimes.incus.api import probe
+from sandbox_mcp.runtimes.incus.image import IncusImage
 from sandbox_mcp.server import build_server
 
 from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason
@@ -255,7 +256,7 @@ async def test_reconcile_deletes_instances_the_registry_does_not_run(
     # whose stop was interrupted): the next server's reconcile deletes the instance.
     async with WorkspaceManager(local_settings) as m:
         try:
-            await m.create("rc1", type="incus")
+            await m.create(CreateSpec(name="rc1", type="incus"))
             assert incusd.api("GET", "/1.0/instances") == [f"/1.0/instances/{instance_name('rc1')}"]
             record = await m.registry.get("rc1")
             record.state = "stopped"
@@ -284,7 +285,7 @@ async def test_create_cancelled_leaves_nothing(
                 if message.startswith(moment):
                     scope.cancel()  # delivered at the next checkpoint: the API call that follows
 
-            await m.create("cx1", type="incus", progress=progress)
+            await m.create(CreateSpec(name="cx1", type="incus"), progress)
         assert scope.cancelled_caught and any(x.startswith(moment) for x in seen)
         assert (await m.registry.read()).workspaces == {}
     assert incus_leftovers(incusd, local_settings) == NOTHING and bridge_ports() == []

@@ -13,11 +13,11 @@ import pytest
 
 from sandbox_mcp.config import IncusSettings, load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
-from sandbox_mcp.images.incus_image import incus_image_key, metadata_yaml, pack_argv, setup_script
-from sandbox_mcp.incus_api import cert_fingerprint, probe
 from sandbox_mcp.models import Limits, WorkspaceRecord
 from sandbox_mcp.runtimes import runtime_class
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_body, network_env
+from sandbox_mcp.runtimes.incus.api import cert_fingerprint, probe
+from sandbox_mcp.runtimes.incus.image import incus_image_key, metadata_yaml, pack_argv, setup_script
 
 
 def record() -> WorkspaceRecord:
@@ -136,7 +136,7 @@ def test_cert_fingerprint_refuses_non_certificates(tmp_path: Path) -> None:
 async def test_prune_drops_old_and_orphaned_images_only(tmp_path: Path) -> None:
     from sandbox_mcp.config import Settings
     from sandbox_mcp.images import ImageStore
-    from sandbox_mcp.images.incus_image import INCUS_IMAGE_VERSION, IncusImage
+    from sandbox_mcp.runtimes.incus.image import INCUS_IMAGE_VERSION, IncusImage
 
     store = ImageStore(tmp_path / "images")
 

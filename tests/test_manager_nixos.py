@@ -18,6 +18,7 @@ from sandbox_mcp import ssh
 from sandbox_mcp.config import NixosSettings, Settings
 from sandbox_mcp.errors import CommandFailed, InvalidSpec
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime
 
@@ -72,7 +73,7 @@ async def open_manager(env: dict[str, Path]) -> WorkspaceManager:
 async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path]) -> None:
     m = await open_manager(env)
     try:
-        ws = await m.create("web", type="vm", packages=["ripgrep", "python3Packages.requests"], start=False)
+        ws = await m.create(CreateSpec(name="web", type="vm", packages=["ripgrep", "python3Packages.requests"], start=False))
         assert (ws.state, ws.type) == ("stopped", "vm")
         registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
         entry = registry["workspaces"]["web"]
@@ -102,12 +103,12 @@ async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path])
 async def test_a_failed_rebuild_restores_everything(env: dict[str, Path]) -> None:
     m = await open_manager(env)
     try:
-        await m.create("keep", start=False)
+        await m.create(CreateSpec(name="keep", start=False))
         registry_file = env["root"] / "flake" / "sandboxed-workspaces.json"
         before = registry_file.read_bytes()
         env["fail"].touch()
         with pytest.raises(CommandFailed, match="attribute 'nope' missing") as info:
-            await m.create("broken", start=False)
+            await m.create(CreateSpec(name="broken", start=False))
         assert "restored" in str(info.value)
         assert registry_file.read_bytes() == before
         assert not (env["root"] / "flake" / "workspaces" / "broken.nix").exists()
@@ -121,14 +122,30 @@ async def test_container_names_are_limited_to_11_characters_in_nixos_mode(env: d
     m = await open_manager(env)
     try:
         with pytest.raises(InvalidSpec, match=r"'twelve-chars' is 12 characters; NixOS containers allow at most 11"):
-            await m.create("twelve-chars", start=False)
+            await m.create(CreateSpec(name="twelve-chars", start=False))
         assert calls(env) == []  # nothing was rebuilt
         assert (await m.list()).workspaces == []
         assert not (env["root"] / "state" / "twelve-chars").exists()
         assert not (env["root"] / "flake" / "sandboxed-workspaces.json").exists()
         # The limit is the containers': 11 characters pass, and so does a 12-character VM.
-        await m.create("eleven-char", start=False)
-        await m.create("twelve-chars", type="vm", start=False)
+        await m.create(CreateSpec(name="eleven-char", start=False))
+        await m.create(CreateSpec(name="twelve-chars", type="vm", start=False))
         assert [w.name for w in (await m.list()).workspaces] == ["eleven-char", "twelve-chars"]
+    finally:
+        await m.close()
+
+
+async def test_what_the_module_cannot_honour_is_refused_before_anything_changes(env: dict[str, Path]) -> None:
+    """egress has nowhere to go in nixos mode, and a VM below the VM minimum does not boot: both refused, the
+    minimum the same one the settings use (models.VM_MIN_MEMORY_MIB)."""
+    m = await open_manager(env)
+    try:
+        with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
+            await m.create(CreateSpec(name="out", egress="internet", start=False))
+        with pytest.raises(InvalidSpec, match="between 256 and 4194304 for a 'vm' workspace, got 128"):
+            await m.create(CreateSpec(name="tiny", type="vm", memory_mib=128, start=False))
+        await m.create(CreateSpec(name="small", memory_mib=128, start=False))  # a container may be that small
+        assert calls(env) != [] and [w.name for w in (await m.list()).workspaces] == ["small"]
+        assert not (env["root"] / "state" / "out").exists() and not (env["root"] / "state" / "tiny").exists()
     finally:
         await m.close()

@@ -22,6 +22,7 @@ import pytest
 from sandbox_mcp.config import Settings
 from sandbox_mcp.hostnet import firewall
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.runtimes.nspawn import NspawnState
 
 from .conftest import destroy_all
@@ -163,8 +164,8 @@ async def test_default_policy_egress_and_anti_spoofing(settings: Settings, upstr
     table = firewall.table_name(settings.bridge)
     async with WorkspaceManager(nat_settings) as m:
         try:
-            out = await m.create("out", egress="internet")
-            shut = await m.create("shut")
+            out = await m.create(CreateSpec(name="out", egress="internet"))
+            shut = await m.create(CreateSpec(name="shut"))
             assert (out.egress, shut.egress) == ("internet", "none")
             service = _HostService(str(settings.host_ip))
 
@@ -222,5 +223,5 @@ async def test_egress_internet_needs_nat_on_the_host(settings: Settings) -> None
         from sandbox_mcp.errors import InvalidSpec
 
         with pytest.raises(InvalidSpec, match="SANDBOX_MCP_NAT=true"):
-            await m.create("nonat", egress="internet")
+            await m.create(CreateSpec(name="nonat", egress="internet"))
         assert (await m.registry.read()).workspaces == {}

@@ -35,8 +35,10 @@ from sandbox_mcp.config import NixosSettings, Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
-from sandbox_mcp.runtimes.base import RuntimeContext, no_progress
+from sandbox_mcp.progress import no_progress
+from sandbox_mcp.runtimes.base import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
+from sandbox_mcp.runtimes.nixos import commands as nixos_commands
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "nix"
@@ -1137,7 +1139,7 @@ RULE_WORKSPACES = {
 def _server_argv(escalation: hostcmd.Escalation) -> list[list[str]]:
     """What the server runs through the escalation, from hostcmd's own builders (prefix removed)."""
     n = 0 if escalation == "none" else 2  # "sudo -n" / "doas -n"
-    argvs = [hostcmd.nixos_rebuild_argv("/etc/nixos", "fry", escalation)[n:]]
+    argvs = [nixos_commands.nixos_rebuild_argv("/etc/nixos", "fry", escalation)[n:]]
     for name, ws in RULE_WORKSPACES.items():
         for action in ("start", "stop"):
             argvs.append(hostcmd.systemctl_argv(action, unit_for(ws["type"], name), escalation)[n:])

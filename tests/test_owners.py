@@ -15,6 +15,7 @@ import pytest
 
 from sandbox_mcp.errors import WorkspaceNotFound
 from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.owners import OwnedManager
 
 from .points import wait_until
@@ -33,7 +34,7 @@ def _waiting(manager: WorkspaceManager, name: str) -> bool:
 @pytest.mark.parametrize("operation", ["destroy", "stop", "start"])
 async def test_a_name_that_changes_hands_under_a_waiting_call(manager: WorkspaceManager, operation: str) -> None:
     alice, bob = OwnedManager(manager, ALICE), OwnedManager(manager, BOB)
-    await alice.create("race", start=False)
+    await alice.create(CreateSpec(name="race", start=False))
     outcome: dict[str, object] = {}
 
     async def alices_call() -> None:
@@ -64,17 +65,17 @@ async def test_kept_data_stays_with_its_owner(manager: WorkspaceManager) -> None
     from sandbox_mcp.errors import Conflict
 
     alice, bob, root = OwnedManager(manager, ALICE), OwnedManager(manager, BOB), OwnedManager(manager, 0)
-    ws = await alice.create("kept", start=False)
+    ws = await alice.create(CreateSpec(name="kept", start=False))
     (Path(ws.host_workspace_dir) / "alices.txt").write_text("hers")
     await alice.destroy("kept", keep_data=True)
     with pytest.raises(Conflict, match="another user kept"):
-        await bob.create("kept", start=False)
+        await bob.create(CreateSpec(name="kept", start=False))
     assert "kept" not in (await manager.registry.read()).workspaces
     assert (Path(ws.host_workspace_dir) / "alices.txt").read_text() == "hers"  # refused, and left alone
-    again = await alice.create("kept", start=False)
+    again = await alice.create(CreateSpec(name="kept", start=False))
     assert (Path(again.host_workspace_dir) / "alices.txt").read_text() == "hers"
     await alice.destroy("kept", keep_data=True)
-    await root.create("kept", start=False)  # root may take it over
+    await root.create(CreateSpec(name="kept", start=False))  # root may take it over
     await root.destroy("kept")
-    ws = await bob.create("kept", start=False)  # gone with its data: the name is free for anyone
+    ws = await bob.create(CreateSpec(name="kept", start=False))  # gone with its data: the name is free for anyone
     assert not (Path(ws.host_workspace_dir) / "alices.txt").exists()

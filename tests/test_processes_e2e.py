@@ -20,7 +20,7 @@ import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.exec_agent import OUTPUT_CAP_MIN
-from sandbox_mcp.state import Registry
+from sandbox_mcp.registry import Registry
 
 from . import test_e2e
 from .deploy import as_user, mcp_as

@@ -22,12 +22,11 @@ import pytest
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError, Conflict, InvalidSpec
 from sandbox_mcp.images import DebianRoot, ImageStore
-from sandbox_mcp.images.vm import VmArtefacts, VmImage, extract_vmlinux, fstab, mkfs_argv, vm_image_key
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import BUILD_UID_BASE, LAST_UID_BASE, UID_RANGE, VM_UID_BASE, allocate_vm_uid
 from sandbox_mcp.paths import WorkspacePaths
+from sandbox_mcp.progress import no_progress
 from sandbox_mcp.runtimes import runtime_class
-from sandbox_mcp.runtimes.base import no_progress
 from sandbox_mcp.runtimes.qemu import (
     LAUNCHER,
     QemuFds,
@@ -39,8 +38,16 @@ from sandbox_mcp.runtimes.qemu import (
     overlay_argv,
     qemu_argv,
 )
-from sandbox_mcp.runtimes.qemu_accel import choose_accelerator, kvm_groups, kvm_sign, probe_argv, probe_boot
-from sandbox_mcp.runtimes.qmp import CTRL_ALT_DEL, execute
+from sandbox_mcp.runtimes.qemu.accel import choose_accelerator, kvm_groups, kvm_sign, probe_argv, probe_boot
+from sandbox_mcp.runtimes.qemu.image import (
+    VmArtefacts,
+    VmImage,
+    extract_vmlinux,
+    fstab,
+    mkfs_argv,
+    vm_image_key,
+)
+from sandbox_mcp.runtimes.qemu.qmp import CTRL_ALT_DEL, execute
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
@@ -449,7 +456,7 @@ async def test_start_refuses_a_vm_without_its_own_uid(tmp_path: Path) -> None:
 
 
 def _launched_status(groups: list[int]) -> dict[str, str]:
-    """/proc/PID/status (host view) of `sleep` started through qemu_launch.py as qemu would be."""
+    """/proc/PID/status (host view) of `sleep` started through runtimes/qemu/launch.py as qemu would be."""
     from sandbox_mcp import idmap, supervise
 
     q = VM_UID_BASE + UID_RANGE - 1  # the last VM uid: no VM of a test run has it
@@ -472,7 +479,7 @@ def _launched_status(groups: list[int]) -> dict[str, str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: makes a user namespace with a map")
 def test_launcher_drops_to_the_vm_uid_without_capabilities() -> None:
-    """qemu_launch.py for real, with `sleep` in qemu's place: seen from the host, the process is the VM's
+    """runtimes/qemu/launch.py for real, with `sleep` in qemu's place: seen from the host, the process is the VM's
     uid and gid only (plus /dev/kvm's group when asked), with no capability in any set and no_new_privs."""
     q = str(VM_UID_BASE + UID_RANGE - 1)
     status = _launched_status([])

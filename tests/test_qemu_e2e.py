@@ -27,9 +27,9 @@ from mcp import Client
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.images import ImageStore
-from sandbox_mcp.images.vm import VmImage
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.naming import tap_name
+from sandbox_mcp.runtimes.qemu.image import VmImage
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all

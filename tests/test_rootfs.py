@@ -11,7 +11,13 @@ import pytest
 
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.images import DebianRoot, ImageStore
-from sandbox_mcp.rootfs import RootMounts, mount_all, mounted_under, overlay_options, unmount_all
+from sandbox_mcp.runtimes.nspawn.rootfs import (
+    RootMounts,
+    mount_all,
+    mounted_under,
+    overlay_options,
+    unmount_all,
+)
 
 from .conftest import e2e_settings
 

@@ -34,6 +34,7 @@ from sandbox_mcp.runtimes.nixos import (
     parse_unit_show,
     unit_for,
 )
+from sandbox_mcp.runtimes.nixos import commands as nixos_commands
 
 from .points import HUNG_S, process_alive, wait_until
 
@@ -150,7 +151,7 @@ def test_journalctl_argv(lines: int, ok: bool) -> None:
 def test_nixos_rebuild_argv(
     flake: str, host: str, escalation: hostcmd.Escalation, action: str, expected: list[str]
 ) -> None:
-    assert hostcmd.nixos_rebuild_argv(flake, host, escalation, action) == expected
+    assert nixos_commands.nixos_rebuild_argv(flake, host, escalation, action) == expected
 
 
 @pytest.mark.parametrize(
@@ -170,11 +171,11 @@ def test_nixos_rebuild_argv(
 )
 def test_nixos_rebuild_argv_rejects(flake: str, host: str, action: str) -> None:
     with pytest.raises(InvalidSpec):
-        hostcmd.nixos_rebuild_argv(flake, host, "sudo", action)
+        nixos_commands.nixos_rebuild_argv(flake, host, "sudo", action)
 
 
 def test_git_argv() -> None:
-    assert hostcmd.git_intent_to_add_argv(
+    assert nixos_commands.git_intent_to_add_argv(
         "/etc/nixos", ["/etc/nixos/a.json", Path("/etc/nixos/w/b.nix")]
     ) == [
         "git",
@@ -186,7 +187,7 @@ def test_git_argv() -> None:
         "/etc/nixos/a.json",
         "/etc/nixos/w/b.nix",
     ]
-    assert hostcmd.git_forget_argv("/f", ["/f/x.nix"]) == [
+    assert nixos_commands.git_forget_argv("/f", ["/f/x.nix"]) == [
         "git",
         "-C",
         "/f",
@@ -198,7 +199,7 @@ def test_git_argv() -> None:
         "/f/x.nix",
     ]
     with pytest.raises(InvalidSpec):
-        hostcmd.git_intent_to_add_argv("/f", [])
+        nixos_commands.git_intent_to_add_argv("/f", [])
 
 
 # ---- hostcmd.run: real processes -----------------------------------------------------------
@@ -572,6 +573,13 @@ def test_registry_entry_carries_the_limits_in_the_modules_units(tmp_path: Path) 
     assert (entry["cpus"], entry["memoryMiB"], entry["tasks"]) == (2, 768, 300)  # whole CPUs, rounded up
     assert rt.assign(record, []).isolation == "unprivileged-container"
     assert rt.assign(_record(type_="vm"), []).isolation == "microvm"
+
+
+def test_egress_the_module_cannot_give_is_refused_not_dropped(tmp_path: Path) -> None:
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
+    with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
+        rt.validate(_record(egress="internet"))
+    rt.validate(_record(egress="none"))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

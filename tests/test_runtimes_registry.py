@@ -1,4 +1,5 @@
-"""The runtime seam: runtimes found by name and mode, their own typed state, old registries still load."""
+"""The runtime seam: runtimes found by name and mode, their own typed state, old registries still load;
+which runtime serves a type; and a runtime with a type of its own added from outside sandbox_mcp."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
+from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import RuntimeDetail, WorkspaceRecord
+from sandbox_mcp.registry import Registry
 from sandbox_mcp.runtimes import (
     Runtime,
     RuntimeContext,
@@ -19,9 +22,9 @@ from sandbox_mcp.runtimes import (
     resolve_mode,
     runtime_class,
     runtime_names,
+    type_table,
 )
 from sandbox_mcp.runtimes.nspawn import NspawnRuntime, NspawnState
-from sandbox_mcp.state import Registry
 
 
 class _ToyState(RuntimeState):
@@ -104,3 +107,77 @@ def test_an_old_registry_still_loads(tmp_path: Path) -> None:
     runtime = NspawnRuntime(_ctx(tmp_path))
     stopped = runtime.mark_stopped(record)
     assert runtime.state(stopped).process is None and runtime.state(stopped).image == "bookworm-base-abc"
+
+
+def test_two_runtimes_claiming_a_type_need_the_setting_that_picks_one(tmp_path: Path) -> None:
+    runtimes = build_runtimes("direct", _ctx(tmp_path))
+    toy = _Toy(_ctx(tmp_path))
+    both = {**runtimes, "toy": toy}
+    with pytest.raises(InvalidSpec, match=r"runtimes incus, toy all realise type 'incus'; .*runtime_for_type"):
+        type_table(both, {})
+    assert type_table(both, {"incus": "toy"})["incus"] is toy
+    assert type_table(both, {"incus": "incus"})["incus"] is runtimes["incus"]
+    assert type_table(runtimes, {})["container"] is runtimes["nspawn"]  # one claim each: no setting needed
+    with pytest.raises(InvalidSpec, match="names 'qemu' for type 'container'"):
+        type_table(runtimes, {"container": "qemu"})
+    with pytest.raises(InvalidSpec, match="type 'box', which no runtime"):
+        type_table(runtimes, {"box": "nspawn"})
+
+
+@pytest.mark.anyio
+async def test_the_manager_refuses_to_start_with_an_undecided_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox_mcp.runtimes as registry
+
+    monkeypatch.setattr(registry, "_registered", {})
+    register("toy", _Toy)
+    settings = Settings(mode="direct", state_dir=tmp_path / "state", image_dir=tmp_path / "img")
+    with pytest.raises(InvalidSpec, match="all realise type 'incus'"):
+        await WorkspaceManager(settings).open()
+    assert not (tmp_path / "state" / "registry.json").exists()  # refused before the registry was touched
+    chosen = settings.model_copy(update={"runtime_for_type": {"incus": "toy"}})
+    assert Settings.model_validate({**settings.model_dump(), "runtime_for_type": '{"incus": "toy"}'}).runtime_for_type \
+        == {"incus": "toy"}  # the environment's spelling: JSON
+    m = WorkspaceManager(chosen)
+    await m.open()
+    try:
+        assert m._runtime_for_type("incus") is m.runtimes["toy"]
+    finally:
+        await m.close()
+
+
+@pytest.mark.anyio
+async def test_a_runtime_with_a_type_of_its_own_runs_through_the_mcp_client(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/box_runtime adds type "box" from outside sandbox_mcp: create -> exec -> destroy, for real."""
+    from mcp import Client
+
+    import sandbox_mcp.runtimes as registry
+    from sandbox_mcp.server import build_server
+
+    from .box_runtime import BoxRuntime
+    from .conftest import destroy_all
+
+    monkeypatch.setattr(registry, "_registered", {})
+    register("boxes", BoxRuntime)
+    assert registry.known_types() == ["container", "vm", "incus", "box"]
+    async with Client(build_server(settings)) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert tools["create_workspace"].input_schema["properties"]["type"]["enum"] == registry.known_types()
+        try:
+            created = await client.call_tool("create_workspace", {"name": "box1", "type": "box"})
+            assert not created.is_error, created.content
+            ws = created.structured_content
+            assert (ws["type"], ws["state"]) == ("box", "running")
+            ran = (await client.call_tool("exec", {"name": "box1", "command": "hostname; id -un"})).structured_content
+            assert (ran["exit_code"], ran["stdout"]) == (0, f"box1\n{settings.user}\n")
+            status = (await client.call_tool("workspace_status", {"name": "box1"})).structured_content
+            assert status["runtime"]["runtime"] == "boxes" and status["runtime"]["running"]
+            gone = (await client.call_tool("destroy_workspace", {"name": "box1"})).structured_content
+            assert gone == {"name": "box1", "destroyed": True, "kept_data": False}
+            assert (await client.call_tool("list_workspaces", {})).structured_content == {"workspaces": []}
+        finally:
+            m = WorkspaceManager(settings, {"boxes": BoxRuntime(RuntimeContext.for_settings(settings, ""))})
+            await m.open()
+            await destroy_all(m)
+            await m.close()

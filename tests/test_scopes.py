@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp import scopes
 from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import Limits
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.rootfs import RootMounts
-from sandbox_mcp.runtimes.nspawn import NspawnState, launch_argv, nspawn_argv
+from sandbox_mcp.runtimes.nspawn import NspawnState, launch_argv, nspawn_argv, scopes
+from sandbox_mcp.runtimes.nspawn.rootfs import RootMounts
 from sandbox_mcp.supervise import workspace_tag
 
 LIMITS = Limits(cpus=1.5, memory_mib=512, tasks=4096)

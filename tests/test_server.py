@@ -140,7 +140,7 @@ async def test_an_error_wrapped_by_a_task_group_still_reaches_the_agent(settings
     import anyio
 
     from sandbox_mcp.errors import CommandTimeout
-    from sandbox_mcp.server import _tool_errors
+    from sandbox_mcp.tools.base import tool_errors as _tool_errors
 
     @_tool_errors
     async def waits() -> None:

@@ -13,7 +13,7 @@ import pytest
 from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
-from sandbox_mcp.state import Registry, RegistryData
+from sandbox_mcp.registry import Registry, RegistryData
 
 from .points import HUNG_S, wait_until_sync
 

@@ -16,8 +16,9 @@ from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError, InvalidSpec, WorkspaceNotFound
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.paths import WorkspacePaths
-from sandbox_mcp.server import _tool_errors, build_server
+from sandbox_mcp.server import build_server
 from sandbox_mcp.ssh import ensure_client_key, write_authorized_keys
+from sandbox_mcp.tools.base import tool_errors as _tool_errors
 from tests.conftest import destroy_all
 
 pytestmark = pytest.mark.anyio

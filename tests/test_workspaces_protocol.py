@@ -44,3 +44,36 @@ def test_the_manager_has_the_same_and_owner_uid(method: str) -> None:
     owner = [p for p in params if p[0] == "owner_uid"]
     assert owner == [("owner_uid", inspect.Parameter.KEYWORD_ONLY, None, "int | None")]
     assert [p for p in params if p[0] != "owner_uid"] == _params(Workspaces, method)
+
+
+def test_create_tool_cli_and_spec_agree() -> None:
+    """create_workspace's parameters and `sandbox-mcp create`'s arguments are CreateSpec's fields, one each:
+    a field added to CreateSpec reaches the agent and the CLI, and nothing else may be added beside it."""
+    import argparse
+
+    import anyio
+
+    from sandbox_mcp.cli import build_parser, create_spec
+    from sandbox_mcp.models import CreateSpec
+    from sandbox_mcp.server import build_server
+
+    tools = anyio.run(build_server().list_tools)
+    schema = next(t for t in tools if t.name == "create_workspace").input_schema
+    spec_schema = CreateSpec.model_json_schema()
+    assert list(schema["properties"]) == list(CreateSpec.model_fields)
+    # The same, but that the tool offers only the types some runtime realises.
+    tool_type = schema["properties"].pop("type")
+    assert tool_type == {**spec_schema["properties"].pop("type"), "enum": ["container", "vm", "incus"]}
+    assert schema["properties"] == spec_schema["properties"]
+    assert schema["required"] == spec_schema["required"] == ["name"]
+
+    parser = build_parser()
+    create = next(a for a in parser._subparsers._actions if isinstance(a, argparse._SubParsersAction)).choices["create"]
+    dests = [a.dest for a in create._actions if a.dest != "help"]
+    assert sorted(dests) == sorted(CreateSpec.model_fields)
+    every = ["create", "w1", "--type", "vm", "-p", "jq", "--ip", "10.1.0.9", "--no-start", "--egress", "internet",
+             "--cpus", "0.5", "--memory-mib", "300"]
+    assert create_spec(parser.parse_args(every)) == CreateSpec(
+        name="w1", type="vm", packages=["jq"], ip="10.1.0.9", start=False, egress="internet", cpus=0.5, memory_mib=300
+    )
+    assert create_spec(parser.parse_args(["create", "w1"])) == CreateSpec(name="w1")

@@ -26,8 +26,8 @@ from .. import hostcmd, onboarding
 from ..config import Settings
 from ..errors import BackendError
 from ..naming import BUILD_UID_BASE, UID_RANGE
-from ..runtimes.base import Progress, no_progress
-from ..ssh.commands import EXEC_AGENT_PATH
+from ..paths import EXEC_AGENT_PATH
+from ..progress import Progress, no_progress
 from .store import ImageStore
 
 __all__ = [

@@ -1,18 +1,22 @@
-"""Runtimes: one module per way of realising a workspace, behind :class:`Runtime`, found by name.
+"""Runtimes: one package per way of realising a workspace, behind :class:`Runtime`, found by name.
 
-The registry below maps runtime names to classes. The built-in runtimes are imported only when
-asked for; a separate package can add its own under the ``sandbox_mcp.runtimes`` entry-point
-group (``name = "package.module:Class"``), the way pyinfra finds its connectors. The manager
-asks :func:`build_runtimes` for the runtimes of a mode and never names one.
+The table below maps runtime names to classes. The built-in runtimes (one package each under
+``runtimes/``) are imported only when asked for; a separate package can add its own under the
+``sandbox_mcp.runtimes`` entry-point group (``name = "package.module:Class"``), the way pyinfra
+finds its connectors, or with :func:`register`. The manager asks :func:`build_runtimes` for the
+runtimes of a mode and :func:`type_table` for which of them serves each workspace type; it never
+names one.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 
 from ..config import Settings
 from ..errors import InvalidSpec
+from ..models import BUILTIN_TYPES, WorkspaceType
 from .base import Endpoint, Mode, Progress, Runtime, RuntimeContext, RuntimeState, no_progress
 
 __all__ = [
@@ -23,11 +27,13 @@ __all__ = [
     "RuntimeContext",
     "RuntimeState",
     "build_runtimes",
+    "known_types",
     "no_progress",
     "register",
     "resolve_mode",
     "runtime_class",
     "runtime_names",
+    "type_table",
 ]
 
 ENTRY_POINT_GROUP = "sandbox_mcp.runtimes"
@@ -94,3 +100,41 @@ def build_runtimes(mode: Mode, ctx: RuntimeContext) -> dict[str, Runtime]:
         InvalidSpec: a runtime of that mode refuses the settings (its message says what to set).
     """
     return {name: cls(ctx) for name in runtime_names() if mode in (cls := runtime_class(name)).modes}
+
+
+def known_types() -> list[WorkspaceType]:
+    """Every workspace type some known runtime realises, in any mode: the built-in ones in their
+    order, then the others sorted (what create_workspace's ``type`` and the CLI's ``--type`` offer)."""
+    claimed = {t for name in runtime_names() for t in runtime_class(name).types}
+    return [t for t in BUILTIN_TYPES if t in claimed] + sorted(claimed - set(BUILTIN_TYPES))
+
+
+def type_table(runtimes: Mapping[str, Runtime], chosen: Mapping[WorkspaceType, str]) -> dict[WorkspaceType, Runtime]:
+    """Which of ``runtimes`` serves each type: the only one claiming it, or the one ``chosen``
+    (``Settings.runtime_for_type``) names.
+
+    Raises:
+        InvalidSpec: two runtimes claim a type and ``chosen`` does not say which serves it, or
+            ``chosen`` names a runtime that is not here or does not realise that type.
+    """
+    table: dict[WorkspaceType, Runtime] = {}
+    claims: dict[WorkspaceType, list[str]] = {}
+    for name in sorted(runtimes):
+        for t in runtimes[name].types:
+            claims.setdefault(t, []).append(name)
+    for t, names in sorted(claims.items()):
+        pick = chosen.get(t)
+        if pick is None and len(names) > 1:
+            raise InvalidSpec(
+                f"runtimes {', '.join(names)} all realise type {t!r}; say which serves it with the setting "
+                f"runtime_for_type (e.g. [runtime_for_type] {t} = \"{names[0]}\" in the config file)"
+            )
+        if pick is not None and pick not in names:
+            raise InvalidSpec(
+                f"runtime_for_type names {pick!r} for type {t!r}, but only {', '.join(names)} realise it here"
+            )
+        table[t] = runtimes[pick or names[0]]
+    for t in chosen:
+        if t not in claims:
+            raise InvalidSpec(f"runtime_for_type names type {t!r}, which no runtime of this mode realises")
+    return table

@@ -14,12 +14,13 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from ..hostnet import HostNetwork
@@ -33,6 +34,7 @@ __all__ = [
     "Runtime",
     "RuntimeContext",
     "RuntimeState",
+    "hosts_file",
     "log_tail_lines",
     "no_progress",
 ]
@@ -58,14 +60,9 @@ def log_tail_lines(path: Path) -> list[str] | None:
     return _ANSI_RE.sub("", text).replace("\r", "").splitlines()
 
 
-class Progress(Protocol):
-    """Reports progress of long work: a message and, when known, a fraction in [0, 1]."""
-
-    async def __call__(self, message: str, fraction: float | None = None) -> None: ...
-
-
-async def no_progress(message: str, fraction: float | None = None) -> None:
-    """A Progress that reports nowhere."""
+def hosts_file(name: str, host_ip: str) -> str:
+    """/etc/hosts for the workspace: its own name resolves (sudo needs that), and so does the host."""
+    return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
 
 
 class Endpoint(NamedTuple):
@@ -151,6 +148,20 @@ class Runtime(ABC):
         """
         s = self.settings
         return Limits(cpus=min(s.cpus, float(os.cpu_count() or 1)), memory_mib=s.memory_mib, tasks=s.tasks_max)
+
+    def min_memory_mib(self, type_: WorkspaceType) -> int:
+        """The least memory a workspace of ``type_`` may be given (create refuses less)."""
+        return MIN_MEMORY_MIB
+
+    def max_cpus(self) -> float | None:
+        """The most CPUs a workspace may be given: this host's count by default; None where this host's
+        count bounds nothing (a remote server's own limits apply)."""
+        return float(os.cpu_count() or 1)
+
+    def host_workspace_dir(self, record: WorkspaceRecord, local: Path) -> str:
+        """Where the workspace dir lives on its host, as tools report it (``host_workspace_dir``).
+        ``local`` is its directory under this server's state dir, what most runtimes share."""
+        return str(local)
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""

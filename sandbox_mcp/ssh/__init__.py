@@ -23,21 +23,8 @@ Security: the host key is always pinned (``known_hosts`` holds the workspace's o
 ``~/.ssh/config``). Everything a workspace sends back is read with a bound.
 """
 
-import warnings
-
-from cryptography.utils import CryptographyDeprecationWarning
-
-# asyncssh still names the DSA key classes in its type hints, and cryptography 47+ deprecates
-# touching them: five CryptographyDeprecationWarning blocks at import, on every CLI run's stderr.
-# We never generate, offer or accept DSA (keys are ed25519; connect() pins the host key and its
-# algorithm), so that one warning, from asyncssh's modules only, is noise. Installed before the
-# first asyncssh import (every module below imports it) and kept: asyncssh may touch the names
-# lazily too. Any other warning still shows (the CLI test runs with ``-W error``).
-warnings.filterwarnings(
-    "ignore", message=r"DSA is deprecated", category=CryptographyDeprecationWarning, module=r"asyncssh(\.|$)"
-)
-
-from .commands import (  # noqa: E402 - after the filter above
+from . import _quiet  # noqa: F401 - before asyncssh is imported
+from .commands import (
     EXEC_AGENT_PATH,
     PID_MARKER,
     SSHTarget,
@@ -47,14 +34,14 @@ from .commands import (  # noqa: E402 - after the filter above
     resolve_path,
     ssh_argv,
 )
-from .keys import (  # noqa: E402
+from .keys import (
     ensure_client_key,
     ensure_host_key,
     host_key_fingerprint,
     known_hosts_line,
     write_authorized_keys,
 )
-from .pool import SSHPool  # noqa: E402
+from .pool import SSHPool
 
 __all__ = [
     "EXEC_AGENT_PATH",

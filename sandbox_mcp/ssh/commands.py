@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidSpec, clip_repr
+from ..paths import EXEC_AGENT_PATH
 
 __all__ = [
     "CLIENT_GRACE_S",
@@ -44,9 +45,8 @@ DETACHED_NOTE = (
     "stopped reading. Redirect a background process's output (cmd > log 2>&1 &) to keep it.\n"
 )
 
-# Where image recipes install sandbox_mcp/exec_agent.py, and the interpreter that runs it. Both
-# absolute: starting the agent involves no PATH lookup in the workspace user's environment.
-EXEC_AGENT_PATH = "/usr/local/libexec/sandbox-mcp/exec-agent"
+# The interpreter that runs the exec agent (installed at paths.EXEC_AGENT_PATH). Absolute: starting
+# the agent involves no PATH lookup in the workspace user's environment.
 PYTHON_PATH = "/usr/bin/python3"
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

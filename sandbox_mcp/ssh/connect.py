@@ -12,7 +12,7 @@ import anyio
 import asyncssh
 
 from ..errors import CommandTimeout, SSHError
-from ..runtimes.base import Progress
+from ..progress import Progress
 from .commands import SSHTarget
 from .errors import describe, host_key_mismatch
 from .keys import load_private_key, load_public_key

@@ -20,7 +20,7 @@ import asyncssh
 
 from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
-from ..runtimes.base import Progress
+from ..progress import Progress
 from . import agent_ops, files
 from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
 from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path

@@ -21,10 +21,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from .. import hostcmd
-from ..config import Settings
-from ..errors import CommandFailed, CommandTimeout
-from ..fsutil import atomic_write
+from ... import hostcmd
+from ...config import Settings
+from ...errors import CommandFailed, CommandTimeout
+from ...fsutil import atomic_write
 
 __all__ = ["AccelChoice", "Accelerator", "choose_accelerator", "kvm_groups", "kvm_sign", "probe_argv", "probe_boot"]
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import anyio
 
-from .cgroups import CgroupHost, group_for
-from .config import Settings
-from .manager import WorkspaceManager
+from ..config import Settings
+from ..manager import WorkspaceManager
+from ..models import CreateSpec
+from ..runtimes.nspawn.cgroups import CgroupHost, group_for
 
 __all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
@@ -62,7 +63,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
 
         async def one(name: str) -> None:
             try:
-                await m.create(name)
+                await m.create(CreateSpec(name=name))
                 r = await m.exec(name, _BOOTED, timeout_s=300)
                 if r.stdout.strip() != "up":
                     errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"

@@ -1,9 +1,9 @@
 """Direct-mode Incus runtime: ``type="incus"`` workspaces as ephemeral, unprivileged Incus containers.
 
-It talks to the Incus REST API (:mod:`..incus_api`): the local daemon's unix socket by default,
+It talks to the Incus REST API (:mod:`.api`): the local daemon's unix socket by default,
 or a remote server or cluster over TLS with a pinned certificate (``[incus]`` settings), where
 Incus places the instance. Per start it creates an ephemeral instance from the cached image
-(:mod:`..images.incus_image`), pushes its address, hostname and hosts file, and starts it; a
+(:mod:`.image`), pushes its address, hostname and hosts file, and starts it; a
 stop deletes it (ephemeral), so every start boots a clean root.
 
 Local daemon: the NIC is bridged to our bridge with the workspace's MAC, and the workspace dir,
@@ -30,15 +30,14 @@ from urllib.parse import quote
 
 import anyio
 
-from .. import onboarding, supervise
-from ..errors import BackendError, InvalidSpec
-from ..images.incus_image import NETWORK_ENV_PATH, IncusImage
-from ..incus_api import IncusAPIError, IncusClient, cert_fingerprint, probe
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
-from ..naming import veth_names
-from ..paths import WorkspacePaths
-from .base import Progress, Runtime, RuntimeContext, RuntimeState
-from .nspawn import hosts_file
+from ... import onboarding, supervise
+from ...errors import BackendError, InvalidSpec
+from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...naming import veth_names
+from ...paths import WorkspacePaths
+from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
+from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
+from .image import NETWORK_ENV_PATH, IncusImage
 
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
@@ -141,6 +140,10 @@ class IncusRuntime(Runtime):
         self.network = ctx.network
         self.images = IncusImage(ctx.settings, ctx.images)
         self._client: IncusClient | None = None
+
+    def max_cpus(self) -> float | None:
+        """This host's CPUs on the local daemon; a remote server's are its own (it refuses what it lacks)."""
+        return None if self.incus.url else super().max_cpus()
 
     def state(self, record: WorkspaceRecord) -> IncusState:
         return IncusState.model_validate(record.runtime_state)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import anyio
 
-from .. import hostcmd, onboarding
-from ..config import Settings
-from ..runtimes.base import Progress, no_progress
-from .debootstrap import DebianRoot
-from .store import ImageStore
+from ... import hostcmd, onboarding
+from ...config import Settings
+from ...images.debootstrap import DebianRoot
+from ...images.store import ImageStore
+from ...progress import Progress, no_progress
 
 __all__ = ["INCUS_IMAGE_VERSION", "IncusImage", "SETUP_SCRIPT_PATH", "incus_image_key", "metadata_yaml",
            "pack_argv", "setup_script", "setup_unit"]

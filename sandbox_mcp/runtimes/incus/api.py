@@ -28,8 +28,8 @@ from urllib.parse import quote
 import anyio
 import httpx2 as httpx
 
-from .config import IncusSettings
-from .errors import BackendError, InvalidSpec
+from ...config import IncusSettings
+from ...errors import BackendError, InvalidSpec
 
 __all__ = [
     "IncusAPIError",

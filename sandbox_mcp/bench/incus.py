@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import incusd
-from .config import Settings
-from .manager import WorkspaceManager
+from ..config import Settings
+from ..manager import WorkspaceManager
+from ..runtimes.incus import incusd
 
 __all__ = ["format_incus", "run_incus"]
 
@@ -34,7 +34,7 @@ async def run_incus(
     """The Incus figures (seconds), or why they were skipped. ``bare_boot`` is the bench's own baseline."""
     from mcp import Client
 
-    from .server import build_server
+    from ..server import build_server
 
     reason = incusd.missing_reason()
     if reason:

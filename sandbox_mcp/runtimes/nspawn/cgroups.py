@@ -17,7 +17,7 @@ Each workspace's cgroups are ``GROUP/NAME`` (GROUP is ``sandbox-mcp-`` and a dig
 directory, so two servers or test runs never share one) under the server's own cgroup in each
 hierarchy (under the unified root for v2). The process joins them before it execs nspawn
 (:func:`join_argv`), so nothing it forks escapes the limits. On a host with systemd as PID 1 the
-runtime uses a delegated systemd scope instead (:mod:`sandbox_mcp.scopes`), unless
+runtime uses a delegated systemd scope instead (:mod:`.scopes`), unless
 ``SANDBOX_MCP_CGROUPS=direct`` forces this way.
 
 The ``*_for``/``parse_*``/``*_argv`` functions are pure; :class:`CgroupHost` reads
@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BackendError, InvalidSpec
-from .models import Limits
-from .naming import validate_name
+from ...errors import BackendError, InvalidSpec
+from ...models import Limits
+from ...naming import validate_name
 
 __all__ = [
     "CONTROLLERS",
@@ -296,7 +296,7 @@ class CgroupHost:
         """Owners of the delegated unified cgroups of every server's workspaces: uid bases in use here.
 
         Both kinds: the cgroups made here (``GROUP/NAME``) and the systemd scopes
-        (``SLICE/sandbox-mcp-NAME-TAG.scope``, chowned by nspawn, :mod:`sandbox_mcp.scopes`).
+        (``SLICE/sandbox-mcp-NAME-TAG.scope``, chowned by nspawn, :mod:`.scopes`).
         """
         unified = self.layout.unified
         out: set[int] = set()

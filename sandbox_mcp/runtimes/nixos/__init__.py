@@ -22,13 +22,14 @@ from typing import Any, ClassVar
 
 import anyio
 
-from .. import hostcmd
-from ..config import Settings
-from ..errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
-from ..fsutil import async_file_lock, atomic_write
-from ..models import RuntimeDetail, WorkspaceRecord, WorkspaceType
-from ..naming import validate_ip, validate_name, validate_packages
-from .base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from ... import hostcmd
+from ...config import Settings
+from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
+from ...fsutil import async_file_lock, atomic_write
+from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ...naming import validate_ip, validate_name, validate_packages
+from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from . import commands
 
 __all__ = [
     "CONTAINER_NAME_MAX",
@@ -206,7 +207,7 @@ class NixosRuntime(Runtime):
         self.registry_path = registry.expanduser().absolute()
         self.config_dir = (cfg.workspace_config_dir or flake / "workspaces").expanduser().absolute()
         # Fail early on a bad host attribute rather than after writing the registry.
-        hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     # ---- the commands, as data --------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class NixosRuntime(Runtime):
         """The rebuild this runtime runs (after the command prefix)."""
         cfg = self.settings.nixos
         assert cfg.host is not None
-        return self.command_prefix + hostcmd.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
+        return self.command_prefix + commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     def systemctl_argv(self, action: str, record: WorkspaceRecord) -> list[str]:
         return self.command_prefix + hostcmd.systemctl_argv(
@@ -231,6 +232,10 @@ class NixosRuntime(Runtime):
     def workspace_file(self, name: str) -> Path:
         return self.config_dir / f"{validate_name(name)}.nix"
 
+    def min_memory_mib(self, type_: WorkspaceType) -> int:
+        """A VM boots its own kernel: less than this does not come up."""
+        return VM_MIN_MEMORY_MIB if type_ == "vm" else MIN_MEMORY_MIB
+
     def validate(self, record: WorkspaceRecord) -> None:
         """Refuse what the module would refuse (e.g. a container name over 11 characters). Pure."""
         self.registry_entry(record)
@@ -239,7 +244,8 @@ class NixosRuntime(Runtime):
         """The registry value for one workspace, in the module's fixed format.
 
         Raises:
-            InvalidSpec: the name, type, IP or a package attribute path is invalid (nothing changed).
+            InvalidSpec: the name, type, IP or a package attribute path is invalid, or egress is asked for,
+                which the module cannot give one workspace (nothing changed).
         """
         validate_name(record.name)
         if record.type not in self.types:
@@ -251,6 +257,14 @@ class NixosRuntime(Runtime):
                 f"pick a shorter name"
             )
         validate_ip(record.ip, self.settings.subnet)
+        if record.egress != "none":
+            # The module has no per-workspace egress: its network settings apply to the whole bridge.
+            # Refused rather than recorded and silently not enforced.
+            raise InvalidSpec(
+                f"egress={record.egress!r} is not available in nixos mode: the NixOS module has no per-workspace "
+                "network access yet (its own settings apply to every workspace on the bridge); create the "
+                "workspace without egress"
+            )
         limits = record.limits
         return {
             "type": record.type,
@@ -375,7 +389,7 @@ class NixosRuntime(Runtime):
         if root is None or not inside:
             return
         try:
-            await hostcmd.run(hostcmd.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
+            await hostcmd.run(commands.git_intent_to_add_argv(self.flake, inside), timeout_s=_GIT_TIMEOUT_S)
         except CommandFailed as exc:
             raise CommandFailed(
                 exc.argv,
@@ -389,7 +403,7 @@ class NixosRuntime(Runtime):
     async def _git_forget(self, files: Sequence[Path]) -> None:
         root, inside = self._git_files(files)
         if root is not None and inside:
-            argv = hostcmd.git_forget_argv(self.flake, inside)
+            argv = commands.git_forget_argv(self.flake, inside)
             await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S, check=False)
 
     async def _rebuild_or_restore(self, snap: _Snapshot, progress: Progress, what: str) -> None:

@@ -9,12 +9,12 @@
 - the daemon's hop: ``exec true`` from an MCP client on the daemon's socket against the
   in-process client, and ``sandbox-mcp serve`` over stdio bridged to the daemon against the
   same ``serve`` working in process;
-- Incus (:mod:`.bench_incus`): create → first exec of ``type="incus"`` against a bare instance
+- Incus (:mod:`.incus`): create → first exec of ``type="incus"`` against a bare instance
   launch → sshd banner, on a private incusd (``--incus only|no``);
-- processes, published ports and exec progress (:mod:`.bench_processes`): start_process → first
+- processes, published ports and exec progress (:mod:`.processes`): start_process → first
   byte and the process_output long-poll against exec round trips, a published port against a
   direct connection to the workspace IP, notifications per second during a chatty exec;
-- capacity (:mod:`.bench_capacity`): how many containers start at once (a ramp up to
+- capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
 
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import anyio
 
-from .bench_capacity import format_capacity, run_capacity
-from .bench_incus import format_incus, run_incus
-from .bench_processes import format_processes, run_processes
-from .config import Settings
-from .hostnet import HostNetwork
-from .images import DebianRoot, ImageStore
-from .manager import WorkspaceManager
+from ..config import Settings
+from ..hostnet import HostNetwork
+from ..images import DebianRoot, ImageStore
+from ..manager import WorkspaceManager
+from .capacity import format_capacity, run_capacity
+from .incus import format_incus, run_incus
+from .processes import format_processes, run_processes
 
 __all__ = ["run_bench"]
 
@@ -81,7 +81,7 @@ async def _banner(ip: str, deadline: float) -> None:
 
 
 def _vm_ready(settings: Settings) -> bool:
-    from .images.vm import VmImage
+    from ..runtimes.qemu.image import VmImage
 
     vm = VmImage(settings, ImageStore(settings.image_dir))
     return bool(shutil.which("qemu-system-x86_64")) and vm.exists(vm.key(()))
@@ -113,7 +113,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             print("building the root image first (network needed once)...", file=sys.stderr)
             await root.ensure((), _quiet)
         if args.vm_runs > 0 and shutil.which("qemu-system-x86_64"):
-            from .images.vm import VmImage
+            from ..runtimes.qemu.image import VmImage
 
             vm = VmImage(settings, ImageStore(settings.image_dir))
             if not vm.exists(vm.key(())):
@@ -123,7 +123,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
     from mcp import Client
 
-    from .server import build_server
+    from ..server import build_server
 
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
     bench_settings = settings.model_copy(
@@ -261,7 +261,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
-    """The capacity section (:mod:`.bench_capacity`) in its own state dir; the bridge removed after."""
+    """The capacity section (:mod:`.capacity`) in its own state dir; the bridge removed after."""
     state.mkdir(parents=True, exist_ok=True)
     try:
         results = await run_capacity(settings, parallel_max)
@@ -301,7 +301,7 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
     the in-process client and stdio serve working in process, interleaved call by call."""
     from mcp import Client, StdioServerParameters
 
-    from .daemon_client import socket_transport
+    from ..daemon_client import socket_transport
 
     sock = state / "run" / "daemon.sock"
     env = {**os.environ, "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
@@ -338,8 +338,8 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
 
 async def _ssh_argv(settings: Settings, name: str) -> list[str]:
     """The OpenSSH client command for the baseline: same host, user, keys and pinned host key."""
-    from . import ssh
-    from .paths import WorkspacePaths
+    from .. import ssh
+    from ..paths import WorkspacePaths
 
     async with WorkspaceManager(settings) as m:
         target = await m.ssh_target(name)

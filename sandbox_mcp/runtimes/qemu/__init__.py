@@ -1,6 +1,6 @@
 """Direct-mode VM runtime: the server runs and supervises a qemu guest per workspace (``type="vm"``).
 
-Per workspace, from the VM image derived from the Debian root (:mod:`sandbox_mcp.images.vm`):
+Per workspace, from the VM image derived from the Debian root (:mod:`.image`):
 
 * the read-only root disk under a fresh qcow2 overlay per boot (``runtime/root.qcow2``, removed
   on stop), so a restart gives a clean root, like a container's ``--volatile=overlay``;
@@ -22,7 +22,7 @@ Per workspace, from the VM image derived from the Debian root (:mod:`sandbox_mcp
 that owns no file and no other process, so a qemu escape reaches nothing but this VM's open
 files; not the workspace directory's owner (often a real user), not root. It has no
 capabilities, ``no_new_privs`` and qemu's seccomp ``-sandbox``. It opens no host path of ours:
-the server (root) opens everything and qemu inherits the fds (:mod:`.qemu_launch` enters its
+the server (root) opens everything and qemu inherits the fds (:mod:`.launch` enters its
 user namespace, drops to its ids and execs qemu in place, keeping the supervised PID):
 
 * kernel, initrd and base disk read-only (``/proc/self/fd/N``), the overlay and the console log
@@ -48,7 +48,7 @@ repo committed inside showed mode changes to git on the host.
 qemu runs in its own session and outlives the server; the registry keeps its PID and start
 time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
 so ``image prune`` leaves the image alone while it runs. KVM is used where a probe says it works
-and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.qemu_accel`).
+and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.accel`).
 The vsock CID is derived and collision-checked like the MAC, but no vsock device is attached:
 readiness is the pinned SSH handshake, and hosts without ``vhost_vsock`` (like the project's)
 could not offer one.
@@ -70,19 +70,18 @@ from pathlib import Path
 import anyio
 from pydantic import Field
 
-from .. import hostcmd, idmap, supervise
-from ..doctor import which_check
-from ..errors import BackendError, InvalidSpec
-from ..fsutil import atomic_write
-from ..images.vm import VmArtefacts, VmImage
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
-from ..naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
-from ..paths import WorkspacePaths
-from ..supervise import ProcessRef
+from ... import hostcmd, idmap, supervise
+from ...checks import which_check
+from ...errors import BackendError, InvalidSpec
+from ...fsutil import atomic_write
+from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
+from ...paths import WorkspacePaths
+from ...supervise import ProcessRef
+from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
 from . import qmp
-from .base import Progress, Runtime, RuntimeContext, RuntimeState, log_tail_lines
-from .nspawn import hosts_file
-from .qemu_accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
+from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
+from .image import VmArtefacts, VmImage
 
 __all__ = [
     "LAUNCHER",
@@ -98,7 +97,7 @@ __all__ = [
     "vm_name",
 ]
 
-LAUNCHER = Path(__file__).with_name("qemu_launch.py")
+LAUNCHER = Path(__file__).with_name("launch.py")
 # How the 9p server maps guest file attributes (see the module docstring for why "none").
 SECURITY_MODEL = "none"
 # qemu's seccomp filter: no setuid/setgid, no fork/exec, no scheduler or resource changes.
@@ -217,7 +216,7 @@ def qemu_argv(
 
 
 def launch_argv(argv: list[str], *, userns_fd: int, uid: int, gid: int, groups: Iterable[int] = ()) -> list[str]:
-    """``argv`` started through :mod:`.qemu_launch`: in the user namespace ``userns_fd`` as ``uid``:``gid``
+    """``argv`` started through :mod:`.launch`: in the user namespace ``userns_fd`` as ``uid``:``gid``
     there (plus ``groups``, e.g. /dev/kvm's), with no capabilities."""
     return [sys.executable, "-I", "-S", str(LAUNCHER), str(userns_fd), str(uid), str(gid),
             ",".join(str(g) for g in groups), "--", *argv]
@@ -260,6 +259,10 @@ class QemuRuntime(Runtime):
         self.network = ctx.network
         self.images = VmImage(ctx.settings, ctx.images)
         self._accel: AccelChoice | None = None
+
+    def min_memory_mib(self, type_: str) -> int:
+        """A VM boots its own kernel: less than this does not come up."""
+        return VM_MIN_MEMORY_MIB
 
     @property
     def _accel_cache(self) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import BackendError
+from ...errors import BackendError
 
 __all__ = ["CTRL_ALT_DEL", "execute"]
 

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import anyio
 
-from .. import hostcmd, onboarding
-from ..config import Settings
-from ..errors import BackendError
-from ..runtimes.base import Progress, no_progress
-from .debootstrap import DebianRoot, apt_install_argv
-from .store import ImageStore
+from ... import hostcmd, onboarding
+from ...config import Settings
+from ...errors import BackendError
+from ...images.debootstrap import DebianRoot, apt_install_argv
+from ...images.store import ImageStore
+from ...progress import Progress, no_progress
 
 __all__ = [
     "GUEST_META_DIR",
@@ -62,7 +62,7 @@ KERNEL_PACKAGE = "linux-image-amd64"
 # Where the guest mounts the read-only share the host writes per boot files into (its /etc/hosts).
 GUEST_META_DIR = "/run/sandbox-mcp"
 
-# 9p mount tags; the runtime exports a host directory under each (see qemu.py).
+# 9p mount tags; the runtime exports a host directory under each (see runtimes/qemu/__init__.py).
 SHARES = ("workspace", "claude-config", "ssh-host-keys", "guest-meta")
 
 # Modules the initrd loads before the root is mounted, and the 9p/net ones so they are there

@@ -2,7 +2,7 @@
 
 The server (root) starts it through :func:`sandbox_mcp.supervise.spawn` as::
 
-    python3 -I -S qemu_launch.py USERNS_FD UID GID GROUPS -- qemu-system-x86_64 ...
+    python3 -I -S launch.py USERNS_FD UID GID GROUPS -- qemu-system-x86_64 ...
 
 It imports nothing but the standard library (``-S``: no site-packages, so no venv is needed)
 and execs qemu in place, so the PID, start time and environment (the workspace tag) the
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         fd, uid, gid = int(fd_s), int(uid_s), int(gid_s)
         groups = [int(g) for g in groups_s.split(",") if g]
     except ValueError:
-        return _fail("usage: qemu_launch.py USERNS_FD UID GID GROUPS -- COMMAND...")
+        return _fail("usage: launch.py USERNS_FD UID GID GROUPS -- COMMAND...")
     program = _which(command[0]) if command else None
     if program is None:
         return _fail(f"{command[0] if command else 'no command'}: not found")

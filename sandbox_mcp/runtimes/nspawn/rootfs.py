@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import idmap
-from .errors import BackendError, InvalidSpec
+from ... import idmap
+from ...errors import BackendError, InvalidSpec
 
 __all__ = ["RootMounts", "mount_all", "mounted_under", "overlay_options", "unmount_all"]
 

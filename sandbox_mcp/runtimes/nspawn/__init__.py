@@ -1,6 +1,6 @@
 """Direct-mode container runtime: the server runs and supervises ``systemd-nspawn --boot`` itself.
 
-Per workspace: a network namespace with a veth on the bridge (``net.py``),
+Per workspace: a network namespace with a veth on the bridge (``hostnet/netlink.py``),
 the shared cached root image with a fresh overlay per boot (``--volatile=overlay``,
 so a restart gives a clean root and the image is never written), and bind mounts
 of the persistent host directories. The nspawn process runs in its own session,
@@ -23,18 +23,19 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from .. import hostcaps, onboarding, rootfs, scopes, supervise, sysctls
-from ..cgroups import CgroupHost, group_for, join_argv
-from ..doctor import which_check
-from ..errors import BackendError, InvalidSpec
-from ..fsutil import atomic_write
-from ..images import DebianRoot
-from ..models import Check, Limits, RuntimeDetail, WorkspaceRecord
-from ..naming import UID_RANGE, allocate_uid_base, veth_names
-from ..paths import WorkspacePaths
-from ..rootfs import RootMounts
-from ..supervise import ProcessRef
-from .base import Progress, Runtime, RuntimeContext, RuntimeState, log_tail_lines
+from ... import onboarding, supervise, sysctls
+from ...checks import which_check
+from ...errors import BackendError, InvalidSpec
+from ...fsutil import atomic_write
+from ...images import DebianRoot
+from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...naming import UID_RANGE, allocate_uid_base, veth_names
+from ...paths import WorkspacePaths
+from ...supervise import ProcessRef
+from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
+from . import hostcaps, rootfs, scopes
+from .cgroups import CgroupHost, group_for, join_argv
+from .rootfs import RootMounts
 
 __all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
@@ -68,7 +69,7 @@ def nspawn_argv(
 
     Privileged (``uid_base`` None): the image with a fresh overlay per boot, joining the
     prepared ``netns_path``. User-namespaced: ``--private-users=BASE:65536`` on the host-made
-    ``mounts`` (:mod:`sandbox_mcp.rootfs`: the root overlay and idmapped binds), and a network
+    ``mounts`` (:mod:`.rootfs`: the root overlay and idmapped binds), and a network
     namespace of nspawn's own (``--private-network``; the host adds the veth after start).
 
     Raises:
@@ -137,7 +138,7 @@ def launch_argv(
     """``argv`` started inside the workspace's cgroups (joined before exec, so nothing escapes them).
 
     Direct cgroups: the shell joins ``procs_files`` first. With ``scope`` (systemd as PID 1,
-    :mod:`sandbox_mcp.scopes`): ``systemd-run --scope`` makes the delegated scope with ``limits``
+    :mod:`.scopes`): ``systemd-run --scope`` makes the delegated scope with ``limits``
     and execs the rest in place, so the PID spawned is still nspawn's.
 
     User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
@@ -153,11 +154,6 @@ def launch_argv(
             raise InvalidSpec("a scope takes limits and no cgroup.procs files")
         return scopes.scope_argv(scope, limits, [*bounded, *env, *argv])
     return join_argv(procs_files, [*bounded, *env, *argv])
-
-
-def hosts_file(name: str, host_ip: str) -> str:
-    """/etc/hosts for the workspace: its own name resolves (sudo needs that), and so does the host."""
-    return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
 
 
 class NspawnState(RuntimeState):
@@ -217,7 +213,7 @@ class NspawnRuntime(Runtime):
         return self._cg
 
     def _cgroup_manager(self) -> scopes.CgroupManager:
-        """Systemd scopes or direct cgroups (SANDBOX_MCP_CGROUPS); see :mod:`sandbox_mcp.scopes`.
+        """Systemd scopes or direct cgroups (SANDBOX_MCP_CGROUPS); see :mod:`.scopes`.
 
         Raises:
             BackendError: systemd is forced but is not PID 1 here.

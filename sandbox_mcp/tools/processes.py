@@ -1,51 +1,35 @@
-"""The MCP tools for processes and published ports: thin, over the Workspaces methods.
+"""Background processes in a workspace: start_process, process_output, wait_process, stop_process, list_processes.
 
-``register`` adds them to the server ``build_server`` makes, with its ``tool`` decorator (the
-annotations and error translation) and its way to the caller's workspaces.
+The process runs inside the workspace under a supervisor the exec agent starts; its output stays
+there (see :mod:`sandbox_mcp.processes` and the agent's process section).
 """
 
-# No `from __future__ import annotations`: the tools' annotations use the server's Name type,
-# passed in, so they must be evaluated where the tools are defined.
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from __future__ import annotations
 
-from mcp.server.mcpserver import Context
+from typing import Annotated, Literal
+
+from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
-from .exec_agent import PROCESS_ID_PATTERN, READ_MAX, WAIT_MAX_S
-from .models import (
-    PortUnpublished,
-    ProcessInfo,
-    ProcessList,
-    ProcessOutput,
-    ProcessStarted,
-    ProcessWait,
-    PublishedPort,
-)
-from .workspaces import Workspaces
+from ..exec_agent import PROCESS_ID_PATTERN, READ_MAX, WAIT_MAX_S
+from ..models import Name, ProcessInfo, ProcessList, ProcessOutput, ProcessStarted, ProcessWait
+from .base import ToolContext, tool, workspaces
 
 __all__ = ["register"]
 
 ProcessId = Annotated[
     str,
-    Field(
-        description="The id start_process returned (or was given)", pattern=PROCESS_ID_PATTERN, examples=["web", "p-1a2b3c4d"]
-    ),
+    Field(description="The id start_process returned (or was given)", pattern=PROCESS_ID_PATTERN,
+          examples=["web", "p-1a2b3c4d"]),
 ]
-Port = Annotated[int, Field(description="A TCP port inside the workspace", ge=1, le=65535, examples=[8000])]
 
 
-def register(
-    tool: Callable[..., Callable[[Callable[..., Awaitable[Any]]], Any]],
-    manager_of: Callable[[Context], Workspaces],
-    name_type: Any,
-) -> None:
-    """Add start_process, process_output, wait_process, stop_process, list_processes, publish_port, unpublish_port."""
-    Name = name_type
+def register(mcp: MCPServer) -> None:
+    """Add this module's tools to ``mcp``."""
 
-    @tool(title="Start a background process")
+    @tool(mcp, title="Start a background process")
     async def start_process(
-        ctx: Context,
+        ctx: ToolContext,
         name: Name,
         command: Annotated[
             str, Field(description="Shell command line run by sh -c, e.g. 'python3 -m http.server 8000'", min_length=1)
@@ -73,11 +57,11 @@ def register(
         Errors: a process_id in use -> pick another; too many processes -> stop_process one; a stopped
         workspace -> start_workspace first.
         """
-        return await manager_of(ctx).start_process(name, command, cwd, env, process_id)
+        return await workspaces(ctx).start_process(name, command, cwd, env, process_id)
 
-    @tool(title="Read a process's output", read_only=True, idempotent=True)
+    @tool(mcp, title="Read a process's output", read_only=True, idempotent=True)
     async def process_output(
-        ctx: Context,
+        ctx: ToolContext,
         name: Name,
         process_id: ProcessId,
         cursor: Annotated[
@@ -97,11 +81,11 @@ def register(
         more=true means more output is already there (call again at once). To follow a process, call with
         wait_s (up to 60) in a loop.
         """
-        return await manager_of(ctx).process_output(name, process_id, cursor, wait_s, max_bytes)
+        return await workspaces(ctx).process_output(name, process_id, cursor, wait_s, max_bytes)
 
-    @tool(title="Wait for a process", read_only=True)
+    @tool(mcp, title="Wait for a process", read_only=True)
     async def wait_process(
-        ctx: Context,
+        ctx: ToolContext,
         name: Name,
         process_id: ProcessId,
         until: Annotated[
@@ -119,11 +103,11 @@ def register(
         process_output to see why), running, exit_code and next_cursor (after the matching line, for
         output:REGEX). A regex that does not compile is an error before anything waits.
         """
-        return await manager_of(ctx).wait_process(name, process_id, until, timeout_s, cursor)
+        return await workspaces(ctx).wait_process(name, process_id, until, timeout_s, cursor)
 
-    @tool(title="Stop a process", destructive=True, idempotent=True)
+    @tool(mcp, title="Stop a process", destructive=True, idempotent=True)
     async def stop_process(
-        ctx: Context,
+        ctx: ToolContext,
         name: Name,
         process_id: ProcessId,
         signal: Annotated[
@@ -137,33 +121,10 @@ def register(
         """Stop a background process and everything it started: the signal first, KILL after grace_s. Returns
         its final state (exit_code, or the signal that ended it). Its output stays readable with
         process_output. Stopping an ended process returns its state."""
-        return await manager_of(ctx).stop_process(name, process_id, signal, grace_s)
+        return await workspaces(ctx).stop_process(name, process_id, signal, grace_s)
 
-    @tool(title="List processes", read_only=True, idempotent=True)
-    async def list_processes(ctx: Context, name: Name) -> ProcessList:
+    @tool(mcp, title="List processes", read_only=True, idempotent=True)
+    async def list_processes(ctx: ToolContext, name: Name) -> ProcessList:
         """The background processes of a running workspace since it last started, running and ended (with
         exit_code or signal), with how much output each wrote."""
-        return await manager_of(ctx).list_processes(name)
-
-    @tool(title="Publish a workspace port", idempotent=True)
-    async def publish_port(
-        ctx: Context,
-        name: Name,
-        port: Port,
-        host_port: Annotated[
-            int | None, Field(description="The port on the host's loopback; omit to get a free one", ge=1024, le=65535)
-        ] = None,
-    ) -> PublishedPort:
-        """Make a TCP port of a running workspace reachable from the host at 127.0.0.1:host_port (url), e.g. to
-        open a dev server in the user's browser or test it from the host. Only the workspace's owner (and
-        root) can connect; the workspace's own network access is unchanged. The port goes when the workspace
-        stops (publish it again after start_workspace); workspace_status lists the published ports.
-
-        Errors: host_port in use -> omit it to get a free one.
-        """
-        return await manager_of(ctx).publish_port(name, port, host_port)
-
-    @tool(title="Unpublish a workspace port", idempotent=True)
-    async def unpublish_port(ctx: Context, name: Name, port: Port) -> PortUnpublished:
-        """Close the host side of a published port (and its open connections)."""
-        return await manager_of(ctx).unpublish_port(name, port)
+        return await workspaces(ctx).list_processes(name)
