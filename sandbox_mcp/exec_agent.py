@@ -446,8 +446,13 @@ class _Proc:
                 return
             if sock is None:
                 time.sleep(min(0.1, remaining))  # no socket (a long path): poll
-            elif select.select([sock], [], [], remaining)[0] and sock.recv(1) != b"!":
-                time.sleep(min(0.1, remaining))  # closed unpoked: the supervisor has too many waiters; poll
+            elif select.select([sock], [], [], remaining)[0]:
+                try:
+                    poked = sock.recv(1) == b"!"
+                except OSError:  # reset: the supervisor ended with us still in its backlog
+                    poked = True
+                if not poked:  # closed unpoked: the supervisor has too many waiters; poll
+                    time.sleep(min(0.1, remaining))
         finally:
             if sock is not None:
                 sock.close()
