@@ -116,6 +116,8 @@ _CREATE_HELP = {
     "egress": "network access from inside (internet needs SANDBOX_MCP_NAT=true)",
     "cpus": "CPUs it may use (default: the settings' cpus)",
     "memory_mib": "memory in MiB (default: the settings' memory_mib)",
+    "repo": "a host git repository to clone into the workspace (on branch sandbox/NAME)",
+    "ref": "with --repo: the branch, tag or commit to start from (default HEAD)",
 }
 
 
@@ -256,7 +258,7 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         async def run(m: Workspaces) -> int:
             kwargs = {k: getattr(args, k) for k in extra}
             fn = getattr(m, method)
-            if method == "start":
+            if method in ("start", "restore", "fork", "snapshot"):
                 kwargs["progress"] = _print_progress
             result = await fn(args.name, **kwargs)
             if method == "logs":
@@ -268,6 +270,48 @@ def _simple(method: str, *extra: str) -> Callable[[argparse.Namespace, Settings]
         return anyio.run(_with_manager, settings, run)
 
     return command
+
+
+def _cmd_git(args: argparse.Namespace, settings: Settings) -> int:
+    """diff | fetch | merge | apply: the workspace's branch, back into the host repository it came from.
+
+    fetch goes through the server (the daemon's git runs as this user); merge and apply then run this
+    user's git in the host repository (as root: the repository owner's), hooks off, clean config.
+    """
+    from . import hostgit
+
+    async def run(m: Workspaces) -> int:
+        if args.action == "diff":
+            diff = await m.git_diff(args.name, args.stat)
+            for f in diff.files:
+                counts = "-\t-" if f.added is None else f"{f.added}\t{f.deleted}"
+                print(f"{counts}\t{f.status}\t{f.path}")
+            if diff.patch:
+                print(diff.patch, end="" if diff.patch.endswith("\n") else "\n")
+            if diff.truncated:
+                print("sandbox-mcp: the diff was cut at the server's bound (git_patch_max_bytes)", file=sys.stderr)
+            return 0
+        fetched = await m.git_fetch(args.name, args.include_uncommitted)
+        print(f"{fetched.ref} = {fetched.head} ({fetched.commits} commits since the base) in {fetched.repo}",
+              file=sys.stderr)  # fmt: skip
+        if args.action == "fetch":
+            _dump(fetched)
+            return 0
+        user = hostgit.host_user(hostgit.run_uid(os.geteuid() or None, fetched.repo))
+        branch = fetched.ref.removeprefix("refs/heads/")
+        try:
+            out = await hostgit.merge_branch(user, fetched.repo, branch, squash=args.action == "apply")
+        except hostgit.MergeConflict as exc:
+            print(f"sandbox-mcp: {exc}", file=sys.stderr)
+            return 1
+        if args.action == "apply":
+            print(out, end="")
+            print(f"sandbox-mcp: {branch} applied to the index as one change; review and commit it", file=sys.stderr)
+        else:
+            print(out)
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
 
 
 def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -405,6 +449,36 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("name")
         s.set_defaults(fn=_simple(method))
 
+    for name, method, helptext in (("pause", "pause", "freeze a running workspace"),
+                                   ("resume", "resume", "thaw a paused workspace"),
+                                   ("snapshots", "list_snapshots", "list a workspace's snapshots")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("name")
+        s.set_defaults(fn=_simple(method))
+
+    s = sub.add_parser("snapshot", help="save a workspace (its dir, Claude config and root) as a named snapshot")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.add_argument("--memory", action="store_true",
+                   help="keep the running processes too (refused: not available, see snapshot_workspace)")
+    s.set_defaults(fn=_simple("snapshot", "snapshot", "memory"))
+
+    s = sub.add_parser("restore", help="put a workspace back to a snapshot (files written since are lost)")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("restore", "snapshot"))
+
+    s = sub.add_parser("rm-snapshot", help="delete one snapshot of a workspace")
+    s.add_argument("name")
+    s.add_argument("snapshot")
+    s.set_defaults(fn=_simple("delete_snapshot", "snapshot"))
+
+    s = sub.add_parser("fork", help="make a new workspace from another's current state (or a snapshot)")
+    s.add_argument("name")
+    s.add_argument("new_name")
+    s.add_argument("--snapshot", help="fork from this snapshot instead of the current state")
+    s.set_defaults(fn=_simple("fork", "new_name", "snapshot"))
+
     s = sub.add_parser("rm", help="destroy a workspace")
     s.add_argument("name")
     s.add_argument("--keep-data", action="store_true", help="keep the host workspace directory")
@@ -414,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("-n", "--lines", type=int, default=200)
     s.set_defaults(fn=_simple("logs", "lines"))
+
+    s = sub.add_parser("git", help="a workspace's branch: diff, fetch into the host repository, merge, apply")
+    s.add_argument("name")
+    s.add_argument("action", choices=["diff", "fetch", "merge", "apply"],
+                   help="diff: changes since the base; fetch: the branch sandbox/NAME into the host repository; "
+                   "merge: fetch, then merge it --no-ff into the current branch; apply: fetch, then stage it as "
+                   "one squashed change")
+    s.add_argument("--stat", action="store_true", help="diff: the file list only")
+    s.add_argument("--include-uncommitted", action="store_true",
+                   help="fetch/merge/apply: commit the workspace's uncommitted work first")
+    s.set_defaults(fn=_cmd_git)
 
     s = sub.add_parser("image", help="build, list or prune the cached root images (direct mode)")
     s.add_argument("action", choices=["build", "ls", "prune"])
@@ -438,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--process-runs", type=int, default=10,
                    help="rounds of the processes section (start_process, long-poll; 0: no processes, ports "
                    "and exec-progress figures)")
+    s.add_argument("--git", choices=("also", "only", "no"), default="also",
+                   help="the git section: create with repo= against a plain create, fetch_workspace of commits")
+    s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")
+    s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
+    s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
+                   help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--snapshot-mib", default="100",
+                   help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

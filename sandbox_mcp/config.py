@@ -122,11 +122,12 @@ class Settings(BaseModel):
     memory_mib: int = Field(default=2048, ge=MIN_MEMORY_MIB, description="Default memory of a new workspace, MiB")
     tasks_max: int = Field(default=4096, ge=64, description="Processes + threads one workspace may run")
     root_layer_mib: int = Field(
-        default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs), MiB"
+        default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs, so at most half "
+        "the workspace's memory_mib) and of an Incus instance's root disk, MiB"
     )
     console_log_mib: int = Field(
-        default=16, ge=1, description="Size bound of a workspace's console log; a container flooding it past the "
-        "bound is stopped, a VM's console output past it is dropped"
+        default=16, ge=1, description="Size bound of a workspace's console log: its first MiB are kept, the rest "
+        "is dropped by a copier process (containers and VMs alike); nothing limits the workspace for it"
     )
     private_users: bool = Field(
         default=True,
@@ -154,6 +155,17 @@ class Settings(BaseModel):
     )
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     write_max: int = Field(default=64 << 20, ge=1024, description="Largest write_file payload (decoded)")
+    git_fetch_max_bytes: int = Field(
+        default=2 << 30, ge=1024,
+        description="Largest git pack fetch_workspace (and `sandbox-mcp git NAME fetch`) accepts from a workspace, "
+        "bytes; past it the fetch stops and nothing is written to the host repository's refs",
+    )
+    git_patch_max_bytes: int = Field(
+        default=256 << 10, ge=1024, description="Largest patch workspace_diff returns (the rest is cut, truncated=true)"
+    )
+    git_timeout_s: float = Field(
+        default=600, gt=0, description="How long one clone into, or fetch from, a workspace may take, seconds"
+    )
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
     stop_timeout_s: float = Field(
         default=3,

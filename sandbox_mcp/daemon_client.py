@@ -38,6 +38,7 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     PortUnpublished,
@@ -47,7 +48,11 @@ from .models import (
     ProcessStarted,
     ProcessWait,
     PublishedPort,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -299,6 +304,50 @@ class RemoteManager:
     async def list_dir(self, name: str, path: str = ".") -> DirListing:
         """See :meth:`WorkspaceManager.list_dir`."""
         return await self._call("list_dir", {"name": name, "path": path}, DirListing)
+
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """See :meth:`WorkspaceManager.git_diff`."""
+        return await self._call("workspace_diff", {"name": name, "stat_only": stat_only}, WorkspaceDiff)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """See :meth:`WorkspaceManager.git_fetch` (the daemon's git runs as this user)."""
+        args = {"name": name, "include_uncommitted": include_uncommitted}
+        return await self._call("fetch_workspace", args, FetchResult)
+
+    async def pause(self, name: str) -> Workspace:
+        """See :meth:`WorkspaceManager.pause`."""
+        return await self._call("pause_workspace", {"name": name}, Workspace)
+
+    async def resume(self, name: str) -> Workspace:
+        """See :meth:`WorkspaceManager.resume`."""
+        return await self._call("resume_workspace", {"name": name}, Workspace)
+
+    async def snapshot(
+        self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
+    ) -> SnapshotInfo:
+        """See :meth:`WorkspaceManager.snapshot`."""
+        return await self._call("snapshot_workspace", {"name": name, "snapshot": snapshot, "memory": memory},
+                                SnapshotInfo, progress)
+
+    async def list_snapshots(self, name: str) -> SnapshotList:
+        """See :meth:`WorkspaceManager.list_snapshots`."""
+        return await self._call("list_snapshots", {"name": name}, SnapshotList)
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted:
+        """See :meth:`WorkspaceManager.delete_snapshot`."""
+        return await self._call("delete_snapshot", {"name": name, "snapshot": snapshot}, SnapshotDeleted)
+
+    async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace:
+        """See :meth:`WorkspaceManager.restore`."""
+        return await self._call("restore_workspace", {"name": name, "snapshot": snapshot}, Workspace, progress)
+
+    async def fork(
+        self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
+    ) -> Workspace:
+        """See :meth:`WorkspaceManager.fork`."""
+        validate_name(new_name)
+        args = {"name": name, "new_name": new_name, "snapshot": snapshot}
+        return await self._call("fork_workspace", args, Workspace, progress)
 
     async def ssh_target(self, name: str) -> SSHTarget:
         """How this user reaches their running workspace ``name`` with their own key (see :mod:`userkeys`).

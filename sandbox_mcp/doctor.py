@@ -82,6 +82,8 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
         ),
         *daemon,
         which_check("cp", "coreutils", "copies image variants", name="coreutils"),
+        which_check("git", "git", "create_workspace with repo= and fetch_workspace run git on the host",
+                    required=False),
     ]
     filesystems = (proc / "filesystems").read_text() if (proc / "filesystems").exists() else ""
     checks.append(

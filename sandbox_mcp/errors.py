@@ -22,6 +22,7 @@ __all__ = [
     "InvalidState",
     "SandboxError",
     "SSHError",
+    "Unsupported",
     "WorkspaceExists",
     "WorkspaceNotFound",
     "clip",
@@ -91,6 +92,10 @@ class AccessDenied(SandboxError, PermissionError):
 
 class InvalidState(SandboxError):
     """The workspace is not in a state that allows the operation (e.g. exec on a stopped workspace)."""
+
+
+class Unsupported(InvalidState):
+    """The workspace's runtime cannot do that (e.g. pause in nixos mode); the message names what can."""
 
 
 class BackendError(SandboxError):

@@ -16,11 +16,12 @@ import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 
 import anyio
 
-from . import onboarding, processes, provision, ssh
+from . import gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -29,6 +30,7 @@ from .errors import (
     InvalidSpec,
     InvalidState,
     SandboxError,
+    Unsupported,
     WorkspaceExists,
     clip_repr,
 )
@@ -41,6 +43,7 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     Limits,
     LogsResult,
@@ -51,9 +54,14 @@ from .models import (
     ProcessStarted,
     ProcessWait,
     PublishedPort,
+    RepoInfo,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     SSHInfo,
     Timings,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceRecord,
     WorkspaceStatus,
@@ -69,6 +77,7 @@ from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
 from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .ssh.agent_ops import agent_op
 
 __all__ = ["WorkspaceManager", "parse_mode"]
 
@@ -109,6 +118,8 @@ class WorkspaceManager:
         self._mode: Mode | None = None
         self._types: dict[WorkspaceType, Runtime] | None = None  # which runtime serves each type
         self._locks: dict[str, anyio.Lock] = {}
+        # (name, started_at) -> the OOM kills already reported for that boot of the workspace.
+        self._oom_seen: dict[tuple[str, datetime | None], int] = {}
         # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
         # userkeys.UserKeys.public_key); in process, only the server's key is.
         self.owner_keys: Callable[[int], str] | None = None
@@ -244,6 +255,7 @@ class WorkspaceManager:
             isolation=r.isolation,
             limits=r.limits,
             ports=r.ports,
+            repo=r.repo,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -276,17 +288,20 @@ class WorkspaceManager:
         data = await self.registry.read()
         for record in data.workspaces.values():
             runtime = self.runtimes.get(record.runtime)
-            if runtime is None or record.state in ("stopped", "error"):
-                continue
             if lock_is_held(self._lock_path(record.name)):
                 continue
-            if record.state == "running" and (await runtime.status(record)).running:
+            # A snapshot, restore or fork the server was killed in: finish it or drop it (snapshots.py).
+            await anyio.to_thread.run_sync(self._recover_files, record.name)
+            if runtime is None or record.state in ("stopped", "error"):
+                continue
+            if record.state in ("running", "paused") and (await runtime.status(record)).running:
                 continue
             why = {
                 "creating": "creation was interrupted (the server exited); destroy_workspace it",
                 "starting": "the server exited while starting it; call start_workspace",
                 "stopping": None,  # the stop is finished now
                 "running": "found stopped when the server started",
+                "paused": "found stopped when the server started",
             }[record.state]
             try:
                 await runtime.stop(record)  # ends whatever is left, recorded or not, and its links
@@ -320,12 +335,12 @@ class WorkspaceManager:
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
         """Notice a workspace that died behind our back."""
-        if record.state == "running":
+        if record.state in ("running", "paused"):
             runtime = self.runtimes.get(record.runtime)
             if runtime is not None and not (await runtime.status(record)).running:
                 async with self._locked(record.name):
                     record = await self.registry.get(record.name)
-                    if record.state == "running" and not (await runtime.status(record)).running:
+                    if record.state in ("running", "paused") and not (await runtime.status(record)).running:
                         await runtime.stop(record)
                         await self.ssh.drop(record.name)
                         await self.ports.unpublish_all(record.name)
@@ -341,10 +356,13 @@ class WorkspaceManager:
         """Register, prepare and (if ``spec.start``) start a new workspace.
 
         Validation happens before anything changes. On failure or cancellation
-        everything created is removed again. ``owner_uid`` is recorded as the creator.
+        everything created is removed again. ``owner_uid`` is recorded as the creator. With ``repo``,
+        the workspace directory becomes a clone of that host repository at ``ref`` on branch
+        ``sandbox/NAME``, read by ``owner_uid``'s git (as root: the repository owner's), see :mod:`gitflow`.
 
         Raises:
-            InvalidSpec: bad name, type, packages or IP.
+            InvalidSpec: bad name, type, packages or IP; ``repo`` is no git repository or ``ref`` no commit in it.
+            AccessDenied: the caller may not read ``repo``.
             WorkspaceExists: the name is taken.
             Conflict: the IP (or the name's derived MAC/CID) is in use; another user's kept data has the name.
             BackendError: building, declaring or booting failed (the message has the log tail).
@@ -355,6 +373,7 @@ class WorkspaceManager:
         runtime = self._runtime_for_type(spec.type)
         packages = validate_packages(spec.packages, runtime.package_flavour)
         limits = self._limits(runtime, spec.type, spec.cpus, spec.memory_mib)
+        source = await self._repo_source(spec, owner_uid)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
@@ -379,11 +398,41 @@ class WorkspaceManager:
                 if spec.start:
                     started = True
                     record = await self._start(record, runtime, progress, t0)
+                if source is not None:
+                    record = await self._clone(record, *source, progress)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed)
                 raise
         return self.view(record)
+
+    async def _repo_source(
+        self, spec: CreateSpec, owner_uid: int | None
+    ) -> tuple[hostgit.HostUser, hostgit.ResolvedRepo] | None:
+        """Whose git reads ``spec.repo`` and the commit ``spec.ref`` names there (None without a repo).
+
+        Raises:
+            InvalidSpec: not a repository, no such commit, or start=false; AccessDenied: not the caller's to read.
+        """
+        if spec.repo is None:
+            return None
+        if not spec.start:
+            raise InvalidSpec("repo needs start=true: the clone is made inside the running workspace")
+        path = hostgit.validate_repo_path(spec.repo)
+        hostgit.validate_ref(spec.ref)
+        user = hostgit.host_user(hostgit.run_uid(owner_uid, path))
+        return user, await hostgit.resolve_repo(user, path, spec.ref)
+
+    async def _clone(
+        self, record: WorkspaceRecord, user: hostgit.HostUser, source: hostgit.ResolvedRepo, progress: Progress
+    ) -> WorkspaceRecord:
+        """Clone ``source`` into the new, running workspace and record where its work goes back to."""
+        await progress(f"cloning {source.path} at {source.base[:12]} into the workspace")
+        await gitflow.clone_into(self.ssh, self._target(record), record.name, user, source.path, source.base,
+                                 self.settings)  # fmt: skip
+        record.repo = RepoInfo(path=source.path, base=source.base, branch=gitflow.branch_for(record.name))
+        await self.registry.put(record)
+        return record
 
     def _limits(self, runtime: Runtime, type_: WorkspaceType, cpus: float | None, memory_mib: int | None) -> Limits:
         """The workspace's limits: the arguments, else the runtime's defaults (a VM's differ from a container's).
@@ -406,7 +455,7 @@ class WorkspaceManager:
                 f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
                 f"workspace, got {memory_mib!r}"
             )
-        return Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max)
+        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
 
     def _register(
         self,
@@ -486,6 +535,8 @@ class WorkspaceManager:
             runtime = self._runtime_of(record)
             if record.state == "running" and (await runtime.status(record)).running:
                 return self.view(record)
+            if record.state == "paused" and (await runtime.status(record)).running:
+                return self.view(await self._resume(record, runtime))
             if record.state == "creating":
                 raise InvalidState(f"workspace {name!r} is still being created; try again shortly")
             if not runtime.assigned(record):  # registered by an older version
@@ -652,6 +703,8 @@ class WorkspaceManager:
         # (a long exec must not hold up stop): the owner is checked on the record the call uses,
         # whose host key the SSH target pins (a successor under the same name has another).
         record = owned(await self.registry.get(name), owner_uid)
+        if record.state == "paused":
+            raise InvalidState(f"workspace {name!r} is paused (nothing in it runs); call resume_workspace first")
         if record.state != "running":
             raise InvalidState(f"workspace {name!r} is {record.state}; call start_workspace first")
         return record
@@ -704,7 +757,7 @@ class WorkspaceManager:
             )  # fmt: skip
 
         if relay is None:
-            return await self._ssh_call(record, call)
+            return await self._with_hint(record, await self._ssh_call(record, call))
         outcome: ExecResult | BaseException
         async with anyio.create_task_group() as tg:
             tg.start_soon(relay.run)
@@ -716,7 +769,25 @@ class WorkspaceManager:
         await relay.close()  # every notification before the result
         if isinstance(outcome, BaseException):
             raise outcome
-        return outcome
+        return await self._with_hint(record, outcome)
+
+    async def _with_hint(self, record: WorkspaceRecord, result: ExecResult) -> ExecResult:
+        """``result`` with a hint naming the limit the command ran into, if it did (:mod:`.limit_hints`)."""
+        hint = None
+        if limit_hints.maybe_oom_killed(result):
+            runtime = self._runtime_of(record)
+            kills = await runtime.oom_kills(record)
+            if kills is None and runtime.own_kernel:
+                with contextlib.suppress(SandboxError):
+                    probe = await self.ssh.exec(self._target(record), limit_hints.OOM_PROBE, timeout_s=15,
+                                                output_cap=4096)  # fmt: skip
+                    kills = limit_hints.parse_oom_probe(probe.stdout)
+            key = (record.name, record.started_at)  # counters start at 0 with each boot
+            if kills is not None and kills > (seen := self._oom_seen.get(key, 0)):
+                self._oom_seen[key] = kills
+                hint = limit_hints.oom_hint(kills - seen, record.limits)
+        hint = hint or limit_hints.disk_hint(result.stderr, record.limits)
+        return result.model_copy(update={"hint": hint}) if hint else result
 
     async def read_file(
         self, name: str, path: str, offset: int = 0, limit: int | None = None, *, owner_uid: int | None = None
@@ -773,9 +844,8 @@ class WorkspaceManager:
         """One process request to the workspace's exec agent; its checked ``ok`` part (see processes.py)."""
         reply = await self._ssh_call(
             record,
-            lambda t: self.ssh.agent_op(
-                t, request, timeout_s=timeout_s, reply_cap=processes.reply_cap(request), retry=retry
-            ),
+            lambda t: agent_op(self.ssh, t, request, timeout_s=timeout_s, reply_cap=processes.reply_cap(request),
+                               retry=retry),
         )
         return processes.check_reply(record.name, process_id, reply)
 
@@ -980,6 +1050,360 @@ class WorkspaceManager:
                 record.ports = [p for p in record.ports if p.port != port]
                 await self.registry.put(record)
         return PortUnpublished(port=port, published=False)
+
+    # git: a branch per workspace (see gitflow) ------------------------------------------------
+
+    async def _repo_of(self, name: str, owner_uid: int | None) -> tuple[WorkspaceRecord, RepoInfo]:
+        record = await self._running(name, owner_uid)
+        if record.repo is None:
+            raise InvalidState(
+                f"workspace {name!r} was not created from a host repository; create one with "
+                "create_workspace(name, repo='/path/to/repo')"
+            )
+        return record, record.repo
+
+    async def git_diff(self, name: str, stat_only: bool = False, *, owner_uid: int | None = None) -> WorkspaceDiff:
+        """What changed in the workspace's clone since its base (committed and not), computed inside it.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running, or not made from a repository), BackendError, SSHError.
+        """
+        record, repo = await self._repo_of(name, owner_uid)
+        return await self._ssh_call(
+            record, lambda t: gitflow.workspace_diff(self.ssh, t, repo, self.settings, stat_only)
+        )
+
+    async def git_fetch(
+        self, name: str, include_uncommitted: bool = False, *, owner_uid: int | None = None
+    ) -> FetchResult:
+        """The workspace's branch into its host repository as ``refs/heads/sandbox/NAME``, by the git protocol over
+        the exec channel, written by ``owner_uid``'s git (as root: the repository owner's). See :mod:`gitflow`.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running, not from a repository, no such branch), InvalidSpec (the
+            pack is over the bound), AccessDenied (the repository is not the caller's to write), BackendError.
+        """
+        record, repo = await self._repo_of(name, owner_uid)
+        user = hostgit.host_user(hostgit.run_uid(owner_uid, repo.path))
+        return await self._ssh_call(
+            record,
+            lambda t: gitflow.fetch_from(self.ssh, t, name, user, repo, self.settings,
+                                         include_uncommitted=include_uncommitted),
+        )  # fmt: skip
+
+    # Pause, snapshots, forks (the files' side: snapshots.py) -----------------------------------
+
+    def _recover_files(self, name: str) -> None:
+        """Finish or drop a restore, and drop half-taken snapshots, that a killed server left. Blocking."""
+        paths = self._paths(name)
+        if paths.root.is_dir():
+            snapshots.recover_restore(paths)
+            snapshots.SnapshotStore(paths, name).recover()
+
+    async def pause(self, name: str, *, owner_uid: int | None = None) -> Workspace:
+        """Freeze a running workspace: its processes stop where they are and keep their memory. Idempotent.
+
+        Raises:
+            WorkspaceNotFound (also: another owner's), InvalidState (not running), Unsupported, BackendError.
+        """
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            if record.state == "paused":
+                return self.view(record)
+            if record.state != "running":
+                raise InvalidState(f"workspace {name!r} is {record.state}; only a running workspace can be paused")
+            record = await self._pause(record, self._runtime_of(record))
+        return self.view(record)
+
+    async def _pause(self, record: WorkspaceRecord, runtime: Runtime) -> WorkspaceRecord:
+        # Recorded first: a server killed between the two leaves 'paused' on a running workspace, which
+        # resume sets right; the other order would leave a frozen one the registry calls running.
+        record.state = "paused"
+        await self.registry.put(record)
+        try:
+            await runtime.pause(record)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(SandboxError):
+                    await runtime.resume(record)
+                record.state = "running"
+                await self.registry.put(record)
+            raise
+        return record
+
+    async def resume(self, name: str, *, owner_uid: int | None = None) -> Workspace:
+        """Thaw a paused workspace. Idempotent on a running one.
+
+        Raises:
+            WorkspaceNotFound (also: another owner's), InvalidState (stopped: start_workspace it), BackendError.
+        """
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            if record.state == "running":
+                return self.view(record)
+            if record.state != "paused":
+                raise InvalidState(f"workspace {name!r} is {record.state}, not paused; call start_workspace")
+            record = await self._resume(record, self._runtime_of(record))
+        return self.view(record)
+
+    async def _resume(self, record: WorkspaceRecord, runtime: Runtime) -> WorkspaceRecord:
+        await runtime.resume(record)
+        record.state = "running"
+        await self.registry.put(record)
+        return record
+
+    @contextlib.asynccontextmanager
+    async def _held_still(self, record: WorkspaceRecord, runtime: Runtime) -> AsyncIterator[None]:
+        """Keep a running workspace paused while its files are copied (a consistent copy), then resume it.
+
+        A paused or stopped one stays as it is. The guest flushes its caches first where the runtime asks.
+        """
+        if record.state != "running":
+            yield
+            return
+        if runtime.sync_before_capture:
+            with contextlib.suppress(SandboxError):
+                await self.ssh.exec(self._target(record), "sync", timeout_s=60)
+        await self._pause(record, runtime)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._resume(record, runtime)
+
+    def _snapshots(self, name: str) -> snapshots.SnapshotStore:
+        return snapshots.SnapshotStore(self._paths(name), name)
+
+    def _capturable(self, record: WorkspaceRecord, what: str) -> None:
+        """Refuse ``what`` (a snapshot, restore, fork) before anything changes, saying why.
+
+        Raises:
+            Unsupported: the runtime has no snapshots. InvalidState: being created, starting, failed.
+        """
+        runtime = self._runtime_of(record)
+        if not runtime.has_snapshots:
+            raise Unsupported(
+                f"the {runtime.name} runtime cannot snapshot, restore or fork workspace {record.name!r} (type "
+                f"{record.type!r}); pause_workspace works, and the workspace dir survives stop/start. Containers "
+                "and VMs have snapshots"
+            )
+        if record.state not in ("running", "paused", "stopped"):
+            raise InvalidState(
+                f"workspace {record.name!r} is {record.state}; {what} needs a running, paused or stopped one"
+            )
+
+    async def _copy_parts(self, record: WorkspaceRecord, runtime: Runtime, dest: Callable[[str], Path]) -> None:
+        """Copy the workspace's parts (snapshots.PARTS) to ``dest(part)``: its dirs, and its root via the runtime."""
+        paths = self._paths(record.name)
+        await runtime.capture_root(record, dest("root"))
+        await snapshots.copy_tree(paths.workspace, dest("workspace"))
+        if paths.claude_config.is_dir():
+            await snapshots.copy_tree(paths.claude_config, dest("claude-config"))
+
+    async def snapshot(
+        self,
+        name: str,
+        snapshot: str,
+        memory: bool = False,
+        progress: Progress = no_progress,
+        *,
+        owner_uid: int | None = None,
+    ) -> SnapshotInfo:
+        """Save the workspace's files: its workspace dir, Claude config and writable root (installed packages).
+
+        A running workspace is paused for the copy and resumed; a stopped one gives the root it
+        would start from. Built aside and renamed into place: a crash leaves no half snapshot.
+
+        Raises:
+            InvalidSpec (bad name), WorkspaceNotFound, Conflict (the snapshot exists), InvalidState
+            (being created, or failed), Unsupported (memory, or a runtime without snapshots), BackendError.
+        """
+        snapshots.validate_snapshot_name(snapshot)
+        if memory:
+            # qemu saves a running VM by migrating it (to a file), and virtio-9p blocks migration while
+            # the guest has the share mounted, which ours always does (the workspace dir).
+            raise Unsupported(
+                "memory snapshots (memory=true) are not available: qemu cannot save a VM whose 9p shares (the "
+                "workspace dir) are mounted, and containers have none. Take a disk snapshot (memory=false): "
+                "after restore_workspace the workspace boots from its saved files; start processes again"
+            )
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            self._capturable(record, "a snapshot")
+            runtime = self._runtime_of(record)
+            store = self._snapshots(name)
+            await anyio.to_thread.run_sync(self._recover_files, name)
+            store.check_free(snapshot)
+            source_state = record.state
+            tmp = await anyio.to_thread.run_sync(store.aside, snapshot)
+            try:
+                async with self._held_still(record, runtime):
+                    await progress("copying the files", None)
+                    await self._copy_parts(record, runtime, lambda part: tmp / part)
+                method = await anyio.to_thread.run_sync(snapshots.copy_method, tmp)
+                size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)
+                info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
+                                    source_state=source_state, root_base=runtime.root_base(record))
+                await anyio.to_thread.run_sync(store.commit, tmp, info)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+                raise
+        return info
+
+    async def list_snapshots(self, name: str, *, owner_uid: int | None = None) -> SnapshotList:
+        """The workspace's snapshots, oldest first. Raises WorkspaceNotFound."""
+        await self._check_exists(name)
+        owned(await self.registry.get(name), owner_uid)
+        found = await anyio.to_thread.run_sync(self._snapshots(name).list)
+        return SnapshotList(name=name, snapshots=found)
+
+    async def delete_snapshot(self, name: str, snapshot: str, *, owner_uid: int | None = None) -> SnapshotDeleted:
+        """Remove one snapshot. Raises InvalidSpec, WorkspaceNotFound, InvalidState (no such snapshot)."""
+        snapshots.validate_snapshot_name(snapshot)
+        await self._check_exists(name)
+        async with self._locked(name):
+            owned(await self.registry.get(name), owner_uid)
+            await anyio.to_thread.run_sync(self._snapshots(name).delete, snapshot)
+        return SnapshotDeleted(snapshot=snapshot, deleted=True)
+
+    async def restore(
+        self, name: str, snapshot: str, progress: Progress = no_progress, *, owner_uid: int | None = None
+    ) -> Workspace:
+        """Put the workspace back to ``snapshot``: its files exactly (later ones are gone) and its root layer.
+
+        The copies are built beside the live parts while it still runs; then it stops, the parts are
+        swapped in by renames behind a journal (a crash finishes or drops the swap as a whole), and
+        it starts again from the restored root if it was running or the snapshot was of a running one.
+
+        Raises:
+            InvalidSpec, WorkspaceNotFound, InvalidState (no such snapshot; its image is gone), BackendError.
+        """
+        snapshots.validate_snapshot_name(snapshot)
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            self._capturable(record, "a restore")
+            runtime = self._runtime_of(record)
+            store = self._snapshots(name)
+            info = await anyio.to_thread.run_sync(store.get, snapshot)
+            runtime.with_root_base(record, info.root_base)  # refuses a layer whose image is gone, before any change
+            paths = self._paths(name)
+            await anyio.to_thread.run_sync(self._recover_files, name)
+            run_after = record.state in ("running", "paused") or info.source_state in ("running", "paused")
+            source = store.path(snapshot)
+            try:
+                await progress("copying the snapshot", None)
+                for part in snapshots.PARTS:
+                    if (source / part).is_dir():
+                        await snapshots.copy_tree(source / part, snapshots.staging(paths, part))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(snapshots.recover_restore, paths)
+                raise
+            runtime = await self._halt(record)
+            record = self._stopped(runtime, record, None)
+            await self.registry.put(record)
+            await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
+            record = runtime.with_root_base(record, info.root_base)
+            await self.registry.put(record)
+            try:
+                if run_after:
+                    record = await self._start(record, runtime, progress, time.monotonic())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(snapshots.drop_old, paths)
+        return self.view(record)
+
+    async def fork(
+        self,
+        name: str,
+        new_name: str,
+        snapshot: str | None = None,
+        progress: Progress = no_progress,
+        *,
+        owner_uid: int | None = None,
+    ) -> Workspace:
+        """A new workspace ``new_name`` holding ``name``'s files and root now (or at ``snapshot``), running.
+
+        It is made as create makes one (its own IP, MAC, host key, uid range); the files are copied
+        (reflinks where the filesystem has them) and given to its uid range. A running source is
+        paused for the copy. On failure or cancellation the new workspace is removed again.
+
+        Raises:
+            InvalidSpec (bad names), WorkspaceNotFound, WorkspaceExists, Conflict (kept data of that
+            name), InvalidState (no such snapshot; source not running/paused/stopped), BackendError.
+        """
+        t0 = time.monotonic()
+        validate_name(new_name)
+        if snapshot is not None:
+            snapshots.validate_snapshot_name(snapshot)
+        await self._check_exists(name)
+        if new_name == name:
+            raise WorkspaceExists(new_name)
+        async with contextlib.AsyncExitStack() as stack:
+            for n in sorted((name, new_name)):  # one order for every caller: no deadlock between forks
+                await stack.enter_async_context(self._locked(n))
+            source = owned(await self.registry.get(name), owner_uid)
+            self._capturable(source, "a fork")
+            runtime = self._runtime_of(source)
+            info = await anyio.to_thread.run_sync(self._snapshots(name).get, snapshot) if snapshot else None
+            paths = self._paths(new_name)
+            if new_name in (await self.registry.read()).workspaces:
+                raise WorkspaceExists(new_name)
+            if paths.root.exists():
+                raise Conflict(
+                    f"the host still has data kept from an earlier workspace {new_name!r} "
+                    f"({paths.root}); pick another name for the fork"
+                )
+            live = await runtime.addresses_in_use()
+            spec = CreateSpec(name=new_name, type=source.type, packages=source.packages, egress=source.egress)
+            record = await anyio.to_thread.run_sync(
+                self._register, spec, source.packages, live, runtime, source.limits,
+                source.owner_uid if owner_uid is None else owner_uid,
+            )  # fmt: skip
+            prepared = started = False
+            try:
+                fingerprint = await anyio.to_thread.run_sync(
+                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
+                )
+                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
+                await self.registry.put(record)
+                await progress("copying the files", None)
+
+                def staged(part: str) -> Path:
+                    return snapshots.staging(paths, part)
+
+                if info is not None:
+                    src = self._snapshots(name).path(info.snapshot)
+                    for part in snapshots.PARTS:
+                        if (src / part).is_dir():
+                            await snapshots.copy_tree(src / part, staged(part))
+                    base = info.root_base
+                else:
+                    async with self._held_still(source, runtime):
+                        await self._copy_parts(source, runtime, staged)
+                    base = runtime.root_base(source)
+                await runtime.adopt_files(source, record, [staged(p) for p in snapshots.PARTS if staged(p).exists()])
+                await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
+                await anyio.to_thread.run_sync(snapshots.drop_old, paths)  # the empty dirs provisioning made
+                record = await runtime.prepare(record, progress)
+                prepared = True
+                record = runtime.with_root_base(record, base)
+                record.state = "stopped"
+                record.timings = Timings(image_s=round(time.monotonic() - t0, 3))
+                await self.registry.put(record)
+                await self._sync_hosts()
+                started = True
+                record = await self._start(record, runtime, progress, t0)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_create(record, runtime, prepared, started, existed=False)
+                raise
+        return self.view(record)
 
 
 # A guest under emulation (a VM under TCG) answers an agent request slowly: on top of any wait.

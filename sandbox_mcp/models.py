@@ -17,10 +17,12 @@ __all__ = [
     "Check",
     "CreateSpec",
     "DestroyResult",
+    "DiffFile",
     "DirEntry",
     "DirListing",
     "Egress",
     "ExecResult",
+    "FetchResult",
     "FileContent",
     "Isolation",
     "Limits",
@@ -33,10 +35,15 @@ __all__ = [
     "ProcessStarted",
     "ProcessWait",
     "PublishedPort",
+    "RepoInfo",
     "RuntimeDetail",
     "SSHInfo",
+    "SnapshotDeleted",
+    "SnapshotInfo",
+    "SnapshotList",
     "Timings",
     "Workspace",
+    "WorkspaceDiff",
     "WorkspaceList",
     "WorkspaceRecord",
     "WorkspaceState",
@@ -50,7 +57,7 @@ __all__ = [
 WorkspaceType = str
 BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
 Egress = Literal["none", "internet"]
-WorkspaceState = Literal["creating", "stopped", "starting", "running", "stopping", "error"]
+WorkspaceState = Literal["creating", "stopped", "starting", "running", "paused", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
 
@@ -71,6 +78,11 @@ Name = Annotated[
         examples=["myproject", "test-2"],
     ),
 ]
+
+# A workspace's RLIMIT_NOFILE hard limit (soft: 1024): systemd's default for services, which a VM's own
+# systemd applies; containers get it from the runtime (nspawn --rlimit, Incus limits.kernel.nofile) so
+# that no limit of the server's own process reaches them.
+OPEN_FILES = 524288
 
 _LEGACY_RUNTIME_FIELDS = ("image", "pid", "pid_start_time", "leader_pid", "leader_start_time")
 
@@ -128,6 +140,23 @@ class CreateSpec(BaseModel):
         int | None,
         Field(description="Memory in MiB (exceeding it kills a process inside); omit for the server's default"),
     ] = None
+    repo: Annotated[
+        str | None,
+        Field(
+            description="Absolute path of a git repository on the host that you (the calling user) can read; "
+            "the workspace directory starts as a clone of it at `ref`, on branch 'sandbox/<name>'. No remotes, "
+            "hooks or credentials come along. Needs start=true",
+            examples=["/home/me/src/project"],
+            max_length=4096,
+        ),
+    ] = None
+    ref: Annotated[
+        str,
+        Field(
+            description="With repo: the branch, tag or commit to start from (e.g. 'main', 'v1.2', 'HEAD~1')",
+            pattern=r"^[A-Za-z0-9_.@/^~{}+:-]{1,256}$",
+        ),
+    ] = "HEAD"
 
 
 class SSHInfo(BaseModel):
@@ -144,11 +173,32 @@ class SSHInfo(BaseModel):
 
 
 class Limits(BaseModel):
-    """What a workspace may use; enforced with cgroups (containers) or the VM's size (microVMs)."""
+    """Every bound a workspace gets, as chosen and applied: cgroups (containers), the VM's size (microVMs),
+    Incus limits. Nothing else limits it (no resource limit is inherited from the host's processes)."""
 
     cpus: float = Field(gt=0, description="CPUs (fractions allowed): a quota of CPU time, not pinning")
     memory_mib: int = Field(gt=0, description="Memory in MiB, including the container's writable root layer")
     tasks: int = Field(gt=0, description="Processes and threads together")
+    disk_mib: int | None = Field(
+        default=None,
+        description="Size bound of the writable root file system in MiB (what is written outside the workspace "
+        "dir; a write past it fails with ENOSPC or EDQUOT): a container's root layer (a tmpfs whose pages count "
+        "against memory_mib, so at most half of it), a VM's root disk (the system's files included), an Incus "
+        "instance's root disk. null: no bound of ours (an Incus pool that cannot enforce one: the pool's free "
+        "space), or not started since it was created. The workspace dir is the host's: its free space is the bound",
+    )
+    file_size: Literal["unlimited"] = Field(
+        default="unlimited",
+        description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "
+        "only by the file system it is on",
+    )
+    open_files: int | None = Field(
+        default=OPEN_FILES,
+        description="Open files per process (RLIMIT_NOFILE): the hard limit; the soft one is 1024, raise it with "
+        "`ulimit -n` up to this. 524288 (systemd's default for services) in every type, unless the server may "
+        "not raise limits (no CAP_SYS_RESOURCE): a container then gets the server's own, and this says so. "
+        "null: a remote Incus server's own default (its limits are not known here)",
+    )
 
 
 class Timings(BaseModel):
@@ -167,6 +217,15 @@ class PublishedPort(BaseModel):
     host: str = Field(default="127.0.0.1", description="The host address it is reachable on (loopback only)")
     host_port: int = Field(ge=1, le=65535, description="The port on the host")
     url: str = Field(description="http://host:host_port, for convenience (the forward is plain TCP)")
+class RepoInfo(BaseModel):
+    """The host repository a workspace was cloned from, and where its work goes back to."""
+
+    path: str = Field(description="The host repository (its top level) the workspace directory was cloned from")
+    base: str = Field(description="The commit the clone started at (the `ref` given to create_workspace)")
+    branch: str = Field(
+        description="The branch inside the workspace, and the one fetch_workspace writes in the host repository "
+        "(refs/heads/<branch>), e.g. 'sandbox/myproject'"
+    )
 
 
 class WorkspaceRecord(BaseModel):
@@ -197,6 +256,7 @@ class WorkspaceRecord(BaseModel):
     )
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
+    repo: RepoInfo | None = None
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -235,6 +295,9 @@ class Workspace(BaseModel):
         default_factory=list,
         description="Ports published to the host's loopback (publish_port); they go when the workspace stops",
     )
+    repo: RepoInfo | None = Field(
+        default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
+    )
     created_at: datetime
     started_at: datetime | None = None
     last_error: str | None = None
@@ -255,6 +318,7 @@ class RuntimeDetail(BaseModel):
     )
     isolation: str | None = Field(default=None, description="'microvm' for VMs: the workspace has its own kernel")
     detail: str | None = None
+    paused: bool = Field(default=False, description="Frozen by pause_workspace: running, but nothing in it runs")
     cgroups: Literal["systemd", "direct"] | None = Field(
         default=None,
         description="Containers: who made the workspace's cgroup: a delegated systemd scope (named in unit) "
@@ -285,6 +349,11 @@ class ExecResult(BaseModel):
     timed_out: bool = False
     truncated: bool = Field(default=False, description="True when stdout or stderr was cut at the output cap")
     duration_ms: float
+    hint: str | None = Field(
+        default=None,
+        description="When the command ran into one of the workspace's limits (out of memory: the OOM killer "
+        "ended a process; a full file system): which limit, and what to do",
+    )
 
 
 class ProcessStarted(BaseModel):
@@ -377,6 +446,41 @@ class LogsResult(BaseModel):
     lines: int
 
 
+class DiffFile(BaseModel):
+    """One changed path in workspace_diff."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "type-changed", "unmerged"]
+    added: int | None = Field(description="Lines added; null for a binary file")
+    deleted: int | None = Field(description="Lines deleted; null for a binary file")
+
+
+class WorkspaceDiff(BaseModel):
+    """What changed in a workspace's clone since the commit it was created from."""
+
+    base: str = Field(description="The commit the workspace was created from")
+    head: str | None = Field(description="The workspace's current commit (null before the clone has one)")
+    commits: int = Field(description="Commits on the workspace's branch since base")
+    files: list[DiffFile] = Field(description="Every changed path: committed, staged, unstaged and untracked")
+    patch: str = Field(description="The unified diff (base against the working tree); empty with stat_only")
+    truncated: bool = Field(
+        description="True when the patch (or the file list) was cut at the server's bound; read single files "
+        "with read_file or run git diff with exec for the rest"
+    )
+
+
+class FetchResult(BaseModel):
+    """The workspace's branch, now in the host repository."""
+
+    ref: str = Field(description="The ref written in the host repository, e.g. 'refs/heads/sandbox/myproject'")
+    head: str = Field(description="The commit it points at: the same id as inside the workspace")
+    commits: int = Field(description="Commits on it since the base the workspace was created from")
+    repo: str = Field(description="The host repository")
+    committed: bool = Field(
+        default=False, description="True when include_uncommitted made a commit of the uncommitted work first"
+    )
+
+
 class Check(BaseModel):
     """One host prerequisite as ``sandbox-mcp doctor`` reports it: what was found and how to fix it."""
 
@@ -385,3 +489,29 @@ class Check(BaseModel):
     detail: str
     fix: str | None = None
     required: bool = True
+
+
+class SnapshotInfo(BaseModel):
+    """One snapshot of a workspace: its workspace dir, Claude config and writable root, as they were."""
+
+    name: str = Field(description="The workspace it belongs to")
+    snapshot: str
+    created_at: datetime
+    size_bytes: int = Field(description="Bytes it holds on the host (before sharing with reflinks)")
+    method: Literal["reflink", "copy"] = Field(
+        description="How its files were copied: 'reflink' (copy-on-write, near-instant; xfs, btrfs) or 'copy' "
+        "(a full copy: ext4 and other filesystems without reflinks)"
+    )
+    memory: bool = Field(default=False, description="True when it also holds the running state (VMs)")
+    source_state: WorkspaceState = Field(description="The workspace's state when it was taken")
+    root_base: str | None = Field(default=None, description="The root image its root layer applies to")
+
+
+class SnapshotList(BaseModel):
+    name: str
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotDeleted(BaseModel):
+    snapshot: str
+    deleted: bool = True

@@ -18,6 +18,7 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     PortUnpublished,
@@ -27,7 +28,11 @@ from .models import (
     ProcessStarted,
     ProcessWait,
     PublishedPort,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -164,3 +169,46 @@ class OwnedManager:
     async def unpublish_port(self, name: str, port: int) -> PortUnpublished:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         return await self.manager.unpublish_port(name, port, owner_uid=self._owner)
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.git_diff(name, stat_only, owner_uid=self._owner)
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult:
+        """Fetch as this user (root: as the repository's owner). Raises WorkspaceNotFound for another user's
+        workspace, else what the manager raises."""
+        return await self.manager.git_fetch(name, include_uncommitted, owner_uid=self._owner)
+
+    async def pause(self, name: str) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.pause(name, owner_uid=self._owner)
+
+    async def resume(self, name: str) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.resume(name, owner_uid=self._owner)
+
+    async def snapshot(
+        self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
+    ) -> SnapshotInfo:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.snapshot(name, snapshot, memory, progress, owner_uid=self._owner)
+
+    async def list_snapshots(self, name: str) -> SnapshotList:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.list_snapshots(name, owner_uid=self._owner)
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.delete_snapshot(name, snapshot, owner_uid=self._owner)
+
+    async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.restore(name, snapshot, progress, owner_uid=self._owner)
+
+    async def fork(
+        self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
+    ) -> Workspace:
+        """The fork is this user's. Raises WorkspaceNotFound for another user's workspace, else what the
+        manager raises."""
+        if self._owner is None:  # root forks in the source owner's name (as the manager does)
+            return await self.manager.fork(name, new_name, snapshot, progress)
+        return await self.manager.fork(name, new_name, snapshot, progress, owner_uid=self._owner)

@@ -47,6 +47,15 @@ class WorkspacePaths:
         return self.root / "claude-config"
 
     @property
+    def root_layer(self) -> Path:
+        """The writable root a start begins from, when a restore or fork left one (else the image's clean root)."""
+        return self.root / "root-layer"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
     def runtime(self) -> Path:
         return self.root / "runtime"
 

@@ -149,10 +149,11 @@ def uptime_s(ref: ProcessRef) -> float:
 def spawn_bounded_sink(log_path: Path, limit_bytes: int, *, tag: str | None = None) -> tuple[ProcessRef, int]:
     """A pipe whose output lands in ``log_path`` up to ``limit_bytes``; the rest is read and dropped.
 
-    For a log a workspace fills (a VM's serial console): the writer never blocks or fails past
-    the bound, and the host's disk holds at most ``limit_bytes`` of it. The copier (a few
-    lines of Python) is a tagged, detached process like the one it serves; it ends at
-    the pipe's EOF, when every writer has closed it. Blocking: call it from a worker thread.
+    For a log a workspace fills (a VM's serial console, a container's console as nspawn copies
+    it): the writer never blocks or fails past the bound, and the host's disk holds at most
+    ``limit_bytes`` of it. No limit is set on the writer, so none reaches the workspace. The
+    copier (a few lines of Python) is a tagged, detached process like the one it serves; it ends
+    at the pipe's EOF, when every writer has closed it. Blocking: call it from a worker thread.
 
     Returns:
         The copier and the pipe's write end (the caller passes it to the writer, then closes it).
@@ -181,9 +182,10 @@ def spawn(
     missing_hint: str = "",
     pass_fds: Sequence[int] = (),
     stdin: int | None = None,
+    stdout: int | None = None,
 ) -> ProcessRef:
     """Start ``argv`` detached (its own session, stdin from /dev/null or the fd ``stdin``, output to
-    ``log_path``, replaced).
+    ``log_path``, replaced, or to the fd ``stdout``: then ``log_path`` is only named in messages).
 
     It survives the server; a thread of ours reaps it if it exits while we run, so no zombie
     stays. ``tag`` (a :func:`workspace_tag`) goes into its environment, so :func:`tagged` finds it
@@ -196,7 +198,8 @@ def spawn(
     environment = dict(os.environ if env is None else env)
     if tag is not None:
         environment[TAG_ENV] = tag
-    with open(log_path, "wb") as log:
+    with contextlib.ExitStack() as files:
+        log = stdout if stdout is not None else files.enter_context(open(log_path, "wb"))
         try:
             proc = subprocess.Popen(
                 list(argv),

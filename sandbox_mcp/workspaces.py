@@ -17,6 +17,7 @@ from .models import (
     DestroyResult,
     DirListing,
     ExecResult,
+    FetchResult,
     FileContent,
     LogsResult,
     PortUnpublished,
@@ -26,7 +27,11 @@ from .models import (
     ProcessStarted,
     ProcessWait,
     PublishedPort,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
     Workspace,
+    WorkspaceDiff,
     WorkspaceList,
     WorkspaceStatus,
     WriteResult,
@@ -109,3 +114,24 @@ class Workspaces(Protocol):
     async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort: ...
 
     async def unpublish_port(self, name: str, port: int) -> PortUnpublished: ...
+    async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff: ...
+
+    async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult: ...
+
+    async def pause(self, name: str) -> Workspace: ...
+
+    async def resume(self, name: str) -> Workspace: ...
+
+    async def snapshot(
+        self, name: str, snapshot: str, memory: bool = False, progress: Progress = no_progress
+    ) -> SnapshotInfo: ...
+
+    async def list_snapshots(self, name: str) -> SnapshotList: ...
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> SnapshotDeleted: ...
+
+    async def restore(self, name: str, snapshot: str, progress: Progress = no_progress) -> Workspace: ...
+
+    async def fork(
+        self, name: str, new_name: str, snapshot: str | None = None, progress: Progress = no_progress
+    ) -> Workspace: ...

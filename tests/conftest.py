@@ -19,6 +19,7 @@ from sandbox_mcp.config import Settings
 from sandbox_mcp.images import DebianRoot, ImageStore
 
 TEST_BRIDGE = "sbxt-br"
+E2E_GIT_FETCH_MAX_BYTES = 4 << 20
 
 
 @pytest.fixture
@@ -39,8 +40,10 @@ def e2e_skip_reason() -> str | None:
 
 def e2e_settings(state_dir: Path) -> Settings:
     image_dir = Path(os.environ.get("SANDBOX_MCP_IMAGE_DIR", "/var/cache/sandbox-mcp/images"))
+    # git_fetch_max_bytes: lowered so a test can send a pack past it without writing gigabytes.
     return Settings(mode="direct", state_dir=state_dir, image_dir=image_dir, bridge=TEST_BRIDGE, boot_timeout_s=60,
-                    hosts_file=state_dir.parent / "hosts")  # never the host's /etc/hosts
+                    hosts_file=state_dir.parent / "hosts",  # never the host's /etc/hosts
+                    git_fetch_max_bytes=E2E_GIT_FETCH_MAX_BYTES)
 
 
 @pytest.fixture

@@ -115,7 +115,8 @@ class Daemon:
     def env(self) -> dict[str, str]:
         s = self.settings
         return {**self.client_env, "SANDBOX_MCP_STATE_DIR": str(s.state_dir), "SANDBOX_MCP_IMAGE_DIR": str(s.image_dir),
-                "SANDBOX_MCP_HOSTS_FILE": str(s.hosts_file), "SANDBOX_MCP_BOOT_TIMEOUT_S": f"{s.boot_timeout_s:g}"}  # fmt: skip
+                "SANDBOX_MCP_HOSTS_FILE": str(s.hosts_file), "SANDBOX_MCP_BOOT_TIMEOUT_S": f"{s.boot_timeout_s:g}",
+                "SANDBOX_MCP_GIT_FETCH_MAX_BYTES": str(s.git_fetch_max_bytes)}  # fmt: skip
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_mcp", "daemon"], env=self.env,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp.cli import build_parser
+from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.runtimes import runtime_class, runtime_names
 
 from .contract import tool_schemas
@@ -22,9 +23,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # tool -> (CLI subcommand, {tool argument: the CLI's dest for it}). Every argument of a mapped tool
 # must be here: a new one needs a flag (or an entry saying why not, in CLI_WITHOUT).
 CLI: dict[str, tuple[str, dict[str, str]]] = {
-    "create_workspace": ("create", {"name": "name", "type": "type", "packages": "package", "ip": "ip",
-                                    "start": "no_start", "egress": "egress", "cpus": "cpus",
-                                    "memory_mib": "memory_mib"}),
+    # create's flags are made from CreateSpec (one dest per field); test_workspaces_protocol holds that.
+    "create_workspace": ("create", {f: f for f in CreateSpec.model_fields}),
     "start_workspace": ("start", {"name": "name"}),
     "stop_workspace": ("stop", {"name": "name"}),
     "destroy_workspace": ("rm", {"name": "name", "keep_data": "keep_data"}),
@@ -33,6 +33,16 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "exec": ("exec", {"name": "name", "command": "command", "cwd": "cwd", "env": "env", "timeout_s": "timeout",
                       "stdin": "stdin"}),
     "workspace_logs": ("logs", {"name": "name", "lines": "lines"}),
+    # `sandbox-mcp git NAME diff|fetch` (merge and apply: fetch, then git on the host, CLI only)
+    "workspace_diff": ("git", {"name": "name", "stat_only": "stat"}),
+    "fetch_workspace": ("git", {"name": "name", "include_uncommitted": "include_uncommitted"}),
+    "pause_workspace": ("pause", {"name": "name"}),
+    "resume_workspace": ("resume", {"name": "name"}),
+    "snapshot_workspace": ("snapshot", {"name": "name", "snapshot": "snapshot", "memory": "memory"}),
+    "list_snapshots": ("snapshots", {"name": "name"}),
+    "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
+    "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
+    "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
 # pinned key), not a subcommand each. Processes: people run them in `sandbox-mcp ssh NAME` (nohup,

@@ -192,10 +192,15 @@ async def test_another_user_cannot_see_or_touch_it(daemon: Daemon, accounts: Acc
                 for tool, args in (("workspace_status", {}), ("exec", {"command": "true"}),
                                    ("read_file", {"path": "x"}), ("write_file", {"path": "x", "content": "y"}),
                                    ("list_dir", {}), ("workspace_logs", {}), ("stop_workspace", {}),
-                                   ("start_workspace", {}), ("destroy_workspace", {})):  # fmt: skip
+                                   ("start_workspace", {}), ("destroy_workspace", {}),
+                                   ("pause_workspace", {}), ("resume_workspace", {}), ("list_snapshots", {}),
+                                   ("snapshot_workspace", {"snapshot": "s"}), ("restore_workspace", {"snapshot": "s"}),
+                                   ("delete_snapshot", {"snapshot": "s"}),
+                                   ("fork_workspace", {"new_name": "dsteal"})):  # fmt: skip
                     text = await error(bob, tool, name="dmine", **args)
                     assert "'dmine' not found" in text, (tool, text)  # indistinguishable from a missing one
                 assert "already exists" in await error(bob, "create_workspace", name="dmine")  # names are global
+                assert "dsteal" not in registry(daemon) and not (daemon.settings.state_dir / "dsteal").exists()
                 await call(bob, "create_workspace", name="dbob", start=False)
                 assert [w["name"] for w in (await call(bob, "list_workspaces"))["workspaces"]] == ["dbob"]
                 await _ssh_is_per_user(daemon, accounts)

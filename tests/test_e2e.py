@@ -96,6 +96,7 @@ class InProcess:
         env = {**os.environ, "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_STATE_DIR": str(settings.state_dir),
                "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
                "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file),
+               "SANDBOX_MCP_GIT_FETCH_MAX_BYTES": str(settings.git_fetch_max_bytes),
                # never a daemon this host may run: the CLI works in process, as root
                "SANDBOX_MCP_DAEMON_SOCKET": str(settings.state_dir.parent / "no-daemon.sock")}  # fmt: skip
         # -W error: any warning (ours or a library's) would break the exact stderr checks anyway; this
@@ -188,6 +189,18 @@ def registry(settings: Settings) -> dict[str, WorkspaceRecord]:
     return Registry(settings.registry_path).read_sync().workspaces
 
 
+def console_copiers(name: str) -> list[str]:
+    """PIDs of processes writing a console log of a workspace ``name`` (the copier nspawn's output goes to)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (os.readlink(entry / "fd" / "1").endswith(f"/{name}/runtime/console.log")
+                        and b"left = int(sys.argv[1])" in (entry / "cmdline").read_bytes()):
+                    found.append(entry.name)
+    return found
+
+
 def host_leftovers(name: str) -> dict[str, Any]:
     """What of workspace ``name`` exists on the host: links, netns, processes, mounts."""
     host_veth, _ = veth_names(name)
@@ -198,7 +211,7 @@ def host_leftovers(name: str) -> dict[str, Any]:
     return {
         "link": host_veth in link_names,
         "netns": Path(f"/run/netns/{netns_name(name)}").exists(),
-        "processes": procs.split(),
+        "processes": procs.split() + console_copiers(name),
         "mounts": [line for line in mounts.splitlines() if netns_name(name) in line],
     }
 

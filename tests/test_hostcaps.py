@@ -69,3 +69,25 @@ def test_doctor_checks_say_whether_privileged_is_the_fallback(tmp_path: Path) ->
                                                 enforced={"memory": "v2", "pids": "v2", "cpu": "v2"},
                                                 proc=fake_proc(tmp_path / "ok"))}
     assert good["unprivileged containers"].ok and good["resource limits"].ok
+
+
+def test_open_files_ceiling_is_what_a_child_can_get() -> None:
+    """Where this process may not raise its hard RLIMIT_NOFILE (no CAP_SYS_RESOURCE, as in some
+    sandboxes), a container's runtime clamps the limit to ours: that is what is reported."""
+    import resource
+
+    from sandbox_mcp.runtimes.nspawn.hostcaps import open_files_ceiling
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 40
+    assert open_files_ceiling(min(hard, 1024)) == min(hard, 1024)
+    assert open_files_ceiling(hard + 1, status="CapEff:\t000001fffeffffff\n") == hard  # bit 24 cleared
+    assert open_files_ceiling(hard + 1, status="CapEff:\t000001ffffffffff\n") == hard + 1
+    try:  # the real thing: can this process raise it?
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard + 1))
+        raised = True
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (ValueError, OSError):
+        raised = False
+    assert open_files_ceiling(hard + 1) == (hard + 1 if raised else hard)

@@ -33,7 +33,7 @@ def test_registered() -> None:
 def test_instance_body_exact() -> None:
     body = instance_body(
         record=record(), fingerprint="ab" * 32, tag="t" * 20, pool="default",
-        limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096),
+        limits=Limits(cpus=1.5, memory_mib=1024, tasks=4096, disk_mib=3072),
         nic={"nictype": "bridged", "parent": "sandbox-br"},
         disks={"workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",
                              "shift": "true"}},
@@ -53,11 +53,13 @@ def test_instance_body_exact() -> None:
             "limits.cpu.allowance": "150ms/100ms",
             "limits.memory": "1024MiB",
             "limits.processes": "4096",
+            "limits.kernel.fsize": "unlimited",
+            "limits.kernel.nofile": "1024:524288",
             "user.sandbox-mcp.tag": "t" * 20,
             "user.sandbox-mcp.workspace": "ws1",
         },
         "devices": {
-            "root": {"type": "disk", "path": "/", "pool": "default"},
+            "root": {"type": "disk", "path": "/", "pool": "default", "size": "3072MiB"},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": "02:aa:bb:cc:dd:ee", "nictype": "bridged",
                      "parent": "sandbox-br"},
             "workspace": {"type": "disk", "source": "/s/ws1/workspace", "path": "/home/agent/workspace",

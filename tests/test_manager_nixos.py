@@ -77,10 +77,11 @@ async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path])
         assert (ws.state, ws.type) == ("stopped", "vm")
         registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
         entry = registry["workspaces"]["web"]
-        assert (entry["type"], entry["ip"], entry["config"]) == ("vm", ws.ip, "workspaces/web.nix")
+        # A VM's module would configure the host: the registry carries data only.
+        assert (entry["type"], entry["ip"], entry["config"], entry["egress"]) == ("vm", ws.ip, None, "none")
         assert entry["packages"] == ["python3Packages.requests", "ripgrep"]
         assert registry["authorizedKeys"] == [m.client_public_key.strip()]
-        assert (env["root"] / "flake" / "workspaces" / "web.nix").exists()
+        assert not (env["root"] / "flake" / "workspaces" / "web.nix").exists()
         assert calls(env) == [["doas", "-n", "nixos-rebuild", "switch", "--flake", f"{env['root']}/flake#fry"]]
         # The pinned host key and the seeded Claude config exist before the module's setup unit runs.
         state = env["root"] / "state" / "web"
@@ -89,7 +90,7 @@ async def test_create_declares_rebuilds_and_destroy_undoes(env: dict[str, Path])
         assert (state / "claude-config" / ".claude.json").exists()
 
         status = await m.status("web")
-        assert status.runtime.unit == "microvm@web" and status.runtime.running is False
+        assert status.runtime.unit == "microvm@sbx-web" and status.runtime.running is False
 
         await m.destroy("web")
         registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
@@ -118,34 +119,37 @@ async def test_a_failed_rebuild_restores_everything(env: dict[str, Path]) -> Non
         await m.close()
 
 
-async def test_container_names_are_limited_to_11_characters_in_nixos_mode(env: dict[str, Path]) -> None:
+async def test_container_names_are_limited_to_7_characters_in_nixos_mode(env: dict[str, Path]) -> None:
     m = await open_manager(env)
     try:
-        with pytest.raises(InvalidSpec, match=r"'twelve-chars' is 12 characters; NixOS containers allow at most 11"):
-            await m.create(CreateSpec(name="twelve-chars", start=False))
+        # The NixOS container is sbx-NAME, and nixpkgs' private-network containers allow 11 characters.
+        with pytest.raises(InvalidSpec, match=r"'eight-ch' is 8 characters; container workspaces allow at most 7"):
+            await m.create(CreateSpec(name="eight-ch", start=False))
         assert calls(env) == []  # nothing was rebuilt
         assert (await m.list()).workspaces == []
-        assert not (env["root"] / "state" / "twelve-chars").exists()
+        assert not (env["root"] / "state" / "eight-ch").exists()
         assert not (env["root"] / "flake" / "sandboxed-workspaces.json").exists()
-        # The limit is the containers': 11 characters pass, and so does a 12-character VM.
-        await m.create(CreateSpec(name="eleven-char", start=False))
+        # The limit is the containers': 7 characters pass, and so does a 12-character VM.
+        await m.create(CreateSpec(name="seven-c", start=False))
         await m.create(CreateSpec(name="twelve-chars", type="vm", start=False))
-        assert [w.name for w in (await m.list()).workspaces] == ["eleven-char", "twelve-chars"]
+        assert [w.name for w in (await m.list()).workspaces] == ["seven-c", "twelve-chars"]
     finally:
         await m.close()
 
 
 async def test_what_the_module_cannot_honour_is_refused_before_anything_changes(env: dict[str, Path]) -> None:
-    """egress has nowhere to go in nixos mode, and a VM below the VM minimum does not boot: both refused, the
-    minimum the same one the settings use (models.VM_MIN_MEMORY_MIB)."""
+    """A VM below the VM minimum does not boot: refused, the minimum the same one the settings use
+    (models.VM_MIN_MEMORY_MIB). egress is the module's to enforce: it goes into the registry."""
     m = await open_manager(env)
     try:
-        with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
-            await m.create(CreateSpec(name="out", egress="internet", start=False))
+        await m.create(CreateSpec(name="out", egress="internet", start=False))
+        registry = json.loads((env["root"] / "flake" / "sandboxed-workspaces.json").read_text())
+        assert registry["workspaces"]["out"]["egress"] == "internet"
+        await m.destroy("out")
         with pytest.raises(InvalidSpec, match="between 256 and 4194304 for a 'vm' workspace, got 128"):
             await m.create(CreateSpec(name="tiny", type="vm", memory_mib=128, start=False))
         await m.create(CreateSpec(name="small", memory_mib=128, start=False))  # a container may be that small
         assert calls(env) != [] and [w.name for w in (await m.list()).workspaces] == ["small"]
-        assert not (env["root"] / "state" / "out").exists() and not (env["root"] / "state" / "tiny").exists()
+        assert not (env["root"] / "state" / "tiny").exists()
     finally:
         await m.close()

@@ -317,69 +317,118 @@ def test_bad_user_name_is_rejected(tmp_path: Path) -> None:
 
 
 def test_container_backend(three: dict[str, Any]) -> None:
-    c = three["containers"]["web"]
+    # The workspace's container is sbx-web: never one the administrator declared.
+    assert set(three["containers"]) == {"sbx-web"}
+    c = three["containers"]["sbx-web"]
     assert c["privateNetwork"] is True and c["ephemeral"] is True and c["restartIfChanged"] is True
     assert c["hostBridge"] == "sandbox-br"
     assert c["localAddress"] == "192.168.83.10/24"
     assert c["localMacAddress"] == mac_for("web")
     assert c["autoStart"] is False
-    # Unprivileged: root inside is a uid range nspawn picks; the shares are idmapped through it.
+    # Unprivileged: root inside is a uid range nspawn picks. The writable shares map only the
+    # workspace user to the host owner (owneridmap); root inside reads the host key (rootidmap,
+    # read-only). Never ":idmap", which made root inside host root on the shares.
     assert c["privateUsers"] == "pick"
     assert c["bindMounts"] == {
         "/home/agent/workspace": {
             "hostPath": "/srv/sbx/web/workspace",
-            "mountPoint": "/home/agent/workspace:idmap",
+            "mountPoint": "/home/agent/workspace:owneridmap",
             "isReadOnly": False,
         },
         "/etc/ssh-host-keys": {
             "hostPath": "/srv/sbx/web/ssh-host-keys",
-            "mountPoint": "/etc/ssh-host-keys:idmap",
+            "mountPoint": "/etc/ssh-host-keys:rootidmap",
             "isReadOnly": True,
         },
         "/home/agent/claude-config": {
             "hostPath": "/srv/sbx/web/claude-config",
-            "mountPoint": "/home/agent/claude-config:idmap",
+            "mountPoint": "/home/agent/claude-config:owneridmap",
             "isReadOnly": False,
         },
     }
-    # What nixos-containers.nix hands systemd-nspawn for it (its /etc/nixos-containers/web.conf).
-    conf = three["containerConf"]["web"]
+    # What nixos-containers.nix hands systemd-nspawn for it (its /etc/nixos-containers/sbx-web.conf).
+    conf = three["containerConf"]["sbx-web"]
     assert "PRIVATE_USERS=pick\n" in conf
     assert "HOST_BRIDGE=sandbox-br\n" in conf and "LOCAL_ADDRESS=192.168.83.10/24\n" in conf
     assert f"LOCAL_MAC_ADDRESS={mac_for('web')}\n" in conf
     flags = conf.split('EXTRA_NSPAWN_FLAGS="', 1)[1].split('"', 1)[0].split()
     assert sorted(flags) == sorted(
         [
-            "--bind=/srv/sbx/web/workspace:/home/agent/workspace:idmap",
-            "--bind-ro=/srv/sbx/web/ssh-host-keys:/etc/ssh-host-keys:idmap",
-            "--bind=/srv/sbx/web/claude-config:/home/agent/claude-config:idmap",
+            "--bind=/srv/sbx/web/workspace:/home/agent/workspace:owneridmap",
+            "--bind-ro=/srv/sbx/web/ssh-host-keys:/etc/ssh-host-keys:rootidmap",
+            "--bind=/srv/sbx/web/claude-config:/home/agent/claude-config:owneridmap",
         ]
     )
-    assert set(three["containers"]) == {"web"}
-    unit = three["services"]["container@web"]
+    unit = three["services"]["container@sbx-web"]
     # The module-wide default limits on the container's unit (its cgroup holds the container).
     limits = {k: unit["serviceConfig"][k] for k in ("CPUQuota", "MemoryMax", "MemorySwapMax", "TasksMax")}
     assert limits == {"CPUQuota": "400%", "MemoryMax": "4096M", "MemorySwapMax": "0", "TasksMax": 4096}
     # ... merged into nixos-containers.nix's own unit, not replacing it.
     assert unit["serviceConfig"]["Delegate"] is True and unit["serviceConfig"]["Type"] == "notify"
-    assert unit["requires"] == ["sandboxed-workspace-setup-web.service"]
-    assert unit["after"] == ["sandboxed-workspace-setup-web.service"]
+    # After its state directories, and never before the network policy is loaded.
+    needs = ["sandboxed-workspace-setup-web.service", "sandboxed-workspace-firewall.service"]
+    assert unit["requires"] == unit["after"] == needs
     # Restarted on a rebuild even without autoStart (nixpkgs only triggers for autoStart).
     assert unit["restartIfChanged"] is True
     assert unit["restartTriggers"] == [c["path"]]
+    # owneridmap maps the mount point's owner: the unit makes the writable ones the workspace user's
+    # in the fresh root, after nixos-containers.nix's own preStart.
+    pre = unit["preStart"]
+    assert pre.index("machinectl terminate") < pre.index('mkdir -p "$root"/home/agent/workspace')
+    for target in ("/home/agent/workspace", "/home/agent/claude-config"):
+        assert f'mkdir -p "$root"{target}\nchown -h 1000:1000 "$root"{target}\n' in pre
+    assert "ssh-host-keys" not in pre
 
 
 @needs_eval
-def test_privileged_containers_only_when_asked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("private_users", ["no", "identity"])
+def test_root_on_the_host_only_when_asked_for_by_name(tmp_path: Path, private_users: str) -> None:
+    web = {"web": _ws("container", "192.168.83.10")}
+    out = evaluate(tmp_path, {"settings": settings(web, container={"privateUsers": private_users})})
+    (msg,) = out["failedAssertions"]
+    assert f'privateUsers = "{private_users}" makes root inside' in msg and "allowRootOnHost = true" in msg
     out = evaluate(
         tmp_path,
-        {"settings": settings({"web": _ws("container", "192.168.83.10")}, container={"privateUsers": "no"})},
+        {"settings": settings(web, container={"privateUsers": private_users, "allowRootOnHost": True})},
     )
-    c = out["containers"]["web"]
-    assert c["privateUsers"] == "no"
+    assert out["failedAssertions"] == []
+    c = out["containers"]["sbx-web"]
+    assert c["privateUsers"] == private_users
     assert c["bindMounts"]["/home/agent/workspace"]["mountPoint"] == "/home/agent/workspace"
-    conf = out["containerConf"]["web"]
-    assert "PRIVATE_USERS=no\n" in conf and ":idmap" not in conf
+    conf = out["containerConf"]["sbx-web"]
+    assert f"PRIVATE_USERS={private_users}\n" in conf and "idmap" not in conf
+
+
+@needs_eval
+def test_the_root_on_host_option_says_it_gives_root_away(tmp_path: Path) -> None:
+    text = (REPO / "nix" / "modules" / "options.nix").read_text()
+    block = text[text.index("container.allowRootOnHost"):text.index("vm = {")]
+    assert "GIVES ROOT ON THE HOST AWAY" in block
+
+
+@needs_eval
+@pytest.mark.parametrize(("value", "ok"), [(65536 * 1000, True), (65536 * 1000 + 5, False)])
+def test_a_fixed_uid_range(tmp_path: Path, value: int, ok: bool) -> None:
+    out = evaluate(
+        tmp_path, {"settings": settings({"web": _ws("container", "192.168.83.10")}, container={"privateUsers": value})}
+    )
+    if ok:
+        assert out["failedAssertions"] == []
+        assert out["containers"]["sbx-web"]["bindMounts"]["/home/agent/workspace"]["mountPoint"].endswith(
+            ":owneridmap"
+        )
+    else:
+        assert any("not a multiple of\n65536" in m for m in out["failedAssertions"])
+
+
+@needs_eval
+def test_owneridmap_needs_systemd_255(tmp_path: Path) -> None:
+    old = {"type": "derivation", "name": "systemd-254.10", "version": "254.10", "outPath": "/nix/store/x-systemd"}
+    out = evaluate(
+        tmp_path, {"settings": settings({"web": _ws("container", "192.168.83.10")}), "host": {"systemd": {"package": old}}}
+    )
+    (msg,) = out["failedAssertions"]
+    assert '"owneridmap" bind option, which needs systemd 255' in msg and "254.10" in msg
 
 
 @needs_eval
@@ -396,11 +445,11 @@ def test_limits_per_workspace(tmp_path: Path) -> None:
         {"settings": settings(workspaces, limits={"cpus": 6, "memoryMiB": 6144, "tasks": 9000})},
     )
     assert out["failedAssertions"] == []
-    small = out["services"]["container@small"]["serviceConfig"]
+    small = out["services"]["container@sbx-small"]["serviceConfig"]
     assert (small["CPUQuota"], small["MemoryMax"], small["TasksMax"]) == ("100%", "512M", 256)
-    big = out["services"]["container@big"]["serviceConfig"]
+    big = out["services"]["container@sbx-big"]["serviceConfig"]
     assert (big["CPUQuota"], big["MemoryMax"], big["TasksMax"]) == ("600%", "6144M", 9000)
-    vms = {n: out["guests"][n]["microvm"] for n in ("vm1", "vm2", "vm3")}
+    vms = {n: out["guests"][f"sbx-{n}"]["microvm"] for n in ("vm1", "vm2", "vm3")}
     assert [(v["vcpu"], v["mem"]) for v in vms.values()] == [(3, 3072), (2, 1536), (6, 6144)]
 
 
@@ -420,16 +469,17 @@ def test_limits_from_the_registry(tmp_path: Path) -> None:
         )
     )
     out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
-    unit = out["services"]["container@c1"]["serviceConfig"]
+    unit = out["services"]["container@sbx-c1"]["serviceConfig"]
     assert (unit["CPUQuota"], unit["MemoryMax"], unit["TasksMax"]) == ("200%", "1024M", 300)
-    assert (out["guests"]["v1"]["microvm"]["vcpu"], out["guests"]["v1"]["microvm"]["mem"]) == (2, 2048)
+    assert (out["guests"]["sbx-v1"]["microvm"]["vcpu"], out["guests"]["sbx-v1"]["microvm"]["mem"]) == (2, 2048)
 
 
 def test_vm_backend(three: dict[str, Any]) -> None:
-    assert set(three["vms"]) == {"vm1"}
-    assert three["vms"]["vm1"]["autostart"] is False
-    assert three["vms"]["vm1"]["restartIfChanged"] is True
-    mv = three["guests"]["vm1"]["microvm"]
+    assert set(three["vms"]) == {"sbx-vm1"}
+    assert three["vms"]["sbx-vm1"]["autostart"] is False
+    assert three["vms"]["sbx-vm1"]["restartIfChanged"] is True
+    assert three["guests"]["sbx-vm1"]["hostName"] == "vm1"  # the workspace's name, not the machine's
+    mv = three["guests"]["sbx-vm1"]["microvm"]
     assert mv["hypervisor"] == "cloud-hypervisor"
     assert mv["interfaces"] == [{"type": "tap", "id": "vm-vm1", "mac": mac_for("vm1")}]
     assert mv["vsock"] == {"cid": cid_for("vm1")}
@@ -439,25 +489,39 @@ def test_vm_backend(three: dict[str, Any]) -> None:
     shares = {s["tag"]: s for s in mv["shares"]}
     assert shares["ro-store"]["source"] == "/nix/store"
     assert shares["ro-store"]["mountPoint"] == "/nix/.ro-store"
+    assert shares["ro-store"]["readOnly"] is True and shares["ro-store"]["posixAcl"] is False
+    # virtiofsd (root on the host) lets the guest create and own files in a writable share only as
+    # the workspace user (uid and gid 1000, the host owner); every other guest id is refused. No
+    # ACLs or xattrs (file capabilities) either.
+    translate = [
+        f"--translate-{kind}={rule}"
+        for kind in ("uid", "gid")
+        for rule in ("forbid-guest:0:1000", "map:1000:1000:1", "forbid-guest:1001:4294966294")
+    ]
+    assert 1001 + 4294966294 == 2**32 - 1
     assert shares["workspace"] == {
         "proto": "virtiofs",
         "tag": "workspace",
         "source": "/srv/sbx/vm1/workspace",
         "mountPoint": "/home/agent/workspace",
         "readOnly": False,
+        "posixAcl": False,
+        "extraArgs": translate,
     }
+    assert shares["claude-config"]["extraArgs"] == translate and shares["claude-config"]["posixAcl"] is False
     assert shares["ssh-host-keys"]["mountPoint"] == "/etc/ssh-host-keys"
-    assert shares["ssh-host-keys"]["readOnly"] is True
+    assert shares["ssh-host-keys"]["readOnly"] is True and shares["ssh-host-keys"]["posixAcl"] is False
     assert shares["claude-config"]["mountPoint"] == "/home/agent/claude-config"
-    unit = three["services"]["microvm@vm1"]
+    unit = three["services"]["microvm@sbx-vm1"]
     assert unit["overrideStrategy"] == "asDropin"
-    assert unit["requires"] == ["sandboxed-workspace-setup-vm1.service"]
+    needs = ["sandboxed-workspace-setup-vm1.service", "sandboxed-workspace-firewall.service"]
+    assert unit["requires"] == needs
     # virtiofsd serves the shares: it starts only after the setup unit fixed their owner and mode.
-    virtiofsd = three["services"]["microvm-virtiofsd@vm1"]
+    virtiofsd = three["services"]["microvm-virtiofsd@sbx-vm1"]
     assert virtiofsd["overrideStrategy"] == "asDropin"
-    assert virtiofsd["requires"] == virtiofsd["after"] == ["sandboxed-workspace-setup-vm1.service"]
+    assert virtiofsd["requires"] == virtiofsd["after"] == needs
     setup = three["services"]["sandboxed-workspace-setup-vm1"]
-    assert "microvm-virtiofsd@vm1.service" in setup["before"]
+    assert "microvm-virtiofsd@sbx-vm1.service" in setup["before"]
     # microvm.nix's own template orders virtiofsd before the VM, so the chain is complete.
     assert "microvm-virtiofsd@%i.service" in three["services"]["microvm@"]["after"]
     # The host bridge enslaves exactly the VMs' TAPs.
@@ -469,6 +533,7 @@ def test_incus_backend(three: dict[str, Any]) -> None:
     unit = three["services"]["incus-workspace-inc"]
     assert unit["wantedBy"] == ["multi-user.target"]  # autoStart
     assert "incus.service" in unit["requires"] and "sandboxed-workspace-setup-inc.service" in unit["requires"]
+    assert "sandboxed-workspace-firewall.service" in unit["requires"]
     assert unit["serviceConfig"]["Type"] == "oneshot" and unit["serviceConfig"]["RemainAfterExit"] is True
     # The image is evaluated from this workspace's guest modules.
     assert [t.rsplit("-", 1)[-1] for t in unit["restartTriggers"]] == ["inc", "inc"]
@@ -497,7 +562,12 @@ def test_incus_backend(three: dict[str, Any]) -> None:
         "limits.memory.swap": "false",
         "limits.processes": "4096",
         "security.nesting": "true",
+        # A range of its own; only the workspace user passes through to the host owner.
+        "security.idmap.isolated": "true",
+        "raw.idmap": "both 1000 1000",
     }
+    # No `shift` on a writable share (it made root inside host root there); the read-only host key is
+    # shifted so that root inside can read it.
     assert profile["devices"] == {
         "eth0": {
             "type": "nic",
@@ -505,28 +575,32 @@ def test_incus_backend(three: dict[str, Any]) -> None:
             "parent": "sandbox-br",
             "hwaddr": mac_for("inc"),
             "name": "eth0",
+            "host_name": "vi-inc",  # the port the network policy filters
         },
         "workspace": {
             "type": "disk",
             "source": "/srv/sbx/inc/workspace",
             "path": "/home/agent/workspace",
-            "shift": "true",
             "readonly": "false",
         },
         "ssh-host-keys": {
             "type": "disk",
             "source": "/srv/sbx/inc/ssh-host-keys",
             "path": "/etc/ssh-host-keys",
-            "shift": "true",
             "readonly": "true",
+            "shift": "true",
         },
         "claude-config": {
             "type": "disk",
             "source": "/srv/sbx/inc/claude-config",
             "path": "/home/agent/claude-config",
-            "shift": "true",
             "readonly": "false",
         },
+    }
+    # raw.idmap needs root to be allowed to delegate that one id (/etc/subuid, /etc/subgid).
+    assert three["rootSubIds"] == {
+        "uids": [{"startUid": 1000, "count": 1}],
+        "gids": [{"startGid": 1000, "count": 1}],
     }
     # Every value is a string, as Incus wants them.
     assert all(isinstance(v, str) for v in profile["config"].values())
@@ -542,22 +616,28 @@ def test_hosts_aliases_and_setup_units(three: dict[str, Any]) -> None:
     }
     aliases = three["aliases"]
     assert aliases["workspace_web"] == "ssh agent@workspace-web"
-    assert aliases["workspace_web_start"] == "sudo systemctl start container@web"
-    assert aliases["workspace_vm1_stop"] == "sudo systemctl stop microvm@vm1"
+    assert aliases["workspace_web_start"] == "sudo systemctl start container@sbx-web"
+    assert aliases["workspace_vm1_stop"] == "sudo systemctl stop microvm@sbx-vm1"
     assert aliases["workspace_inc_restart"] == "sudo systemctl restart incus-workspace-inc"
     assert aliases["workspace_inc_status"] == "systemctl status incus-workspace-inc"
     assert len(aliases) == 15
-    for name, unit in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
+    for name, unit in [("web", "container@sbx-web"), ("vm1", "microvm@sbx-vm1"), ("inc", "incus-workspace-inc")]:
         setup = three["services"][f"sandboxed-workspace-setup-{name}"]
-        virtiofsd = [f"microvm-virtiofsd@{name}.service"] if name == "vm1" else []
+        virtiofsd = [f"microvm-virtiofsd@sbx-{name}.service"] if name == "vm1" else []
         assert setup["before"] == [f"{unit}.service", *virtiofsd]
+        assert setup["unitConfig"]["RequiresMountsFor"] == ["/srv/sbx"]  # after the nosuid mount
         script = setup["script"]
-        assert f"state=/srv/sbx/{name}\n" in script
-        assert 'ssh-keygen -q -t ed25519 -N "" -C ' + name in script
+        assert "root=$(realpath -e -- /srv/sbx)\n" in script and f"name={name}\n" in script
+        # The host key is made by its owner, not by root.
+        assert 'as "$keys_owner" "$keys_group" ssh-keygen -q -t ed25519 -N "" -C "$name"' in script
         assert 'if [ ! -e "$key" ]' in script  # only when missing: the server's key is kept
         assert "authorized_keys" in script
         assert "hostKey" not in script  # no pin declared
     assert three["knownHosts"] == {}
+    # The shares are nosuid,nodev on the host side too.
+    assert three["fileSystems"] == {
+        "/srv/sbx": {"device": "/srv/sbx", "fsType": "none", "options": ["nosuid", "nodev", "bind"]}
+    }
 
 
 def test_host_network(three: dict[str, Any]) -> None:
@@ -577,7 +657,7 @@ def test_host_network(three: dict[str, Any]) -> None:
 
 def test_guest_base_configuration(three: dict[str, Any]) -> None:
     for name, ip in [("web", "192.168.83.10"), ("vm1", "192.168.83.11")]:
-        g = three["guests"][name]
+        g = three["guests"][f"sbx-{name}"]
         assert g["hostName"] == name
         nw = g["network"]["10-sandboxed-workspace"]
         assert nw["matchConfig"] == {"MACAddress": mac_for(name)}
@@ -590,6 +670,8 @@ def test_guest_base_configuration(three: dict[str, Any]) -> None:
         assert ssh["settings"]["KbdInteractiveAuthentication"] is False
         user = g["users"]["agent"]
         assert user["uid"] == 1000 and user["home"] == "/home/agent" and user["isNormalUser"] is True
+        # Its own group with its uid as gid: the one id the shares map, for uid and gid alike.
+        assert user["group"] == "agent" and g["groups"]["agent"] == {"gid": 1000}
         assert g["doas"]["extraRules"] == [{"users": ["agent"], "noPass": True, "keepEnv": True}]
         assert g["variables"]["CLAUDE_CONFIG_DIR"] == "/home/agent/claude-config"
         assert "claude-bin" in g["packages"]  # the wrapper, not the bare package
@@ -599,7 +681,7 @@ def test_guest_base_configuration(three: dict[str, Any]) -> None:
         assert seeded["hasCompletedOnboarding"] is True
         assert seeded["projects"]["/home/agent/workspace"]["hasTrustDialogAccepted"] is True
         assert g["stateVersion"] == "25.05"
-    assert three["guests"]["web"]["packages"][:1] == ["ripgrep"]
+    assert three["guests"]["sbx-web"]["packages"][:1] == ["ripgrep"]
 
 
 @needs_eval
@@ -621,7 +703,7 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
             },
         },
     )
-    g = out["guests"]["dev"]
+    g = out["guests"]["sbx-dev"]
     assert g["users"]["alice"]["uid"] == 1001
     assert g["users"]["alice"]["openssh"]["authorizedKeys"]["keys"] == ["ssh-ed25519 AAAAuser alice@laptop"]
     assert g["packages"] == ["python3.12-requests-2.32.3", "git", "claude-code"]
@@ -631,16 +713,16 @@ def test_guest_options_user_keys_cache_and_claude(tmp_path: Path) -> None:
         "trusted-public-keys": ["k:1"],
         "netrc-file": "/var/lib/sandbox-secrets/netrc",
     }
-    assert out["containers"]["dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
+    assert out["containers"]["sbx-dev"]["bindMounts"]["/var/lib/sandbox-secrets"] == {
         "hostPath": "/run/sandboxed-workspace/dev",
-        "mountPoint": "/var/lib/sandbox-secrets:idmap",
+        "mountPoint": "/var/lib/sandbox-secrets:rootidmap",
         "isReadOnly": True,
     }
-    assert out["containers"]["dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
+    assert out["containers"]["sbx-dev"]["bindMounts"]["/home/alice/workspace"]["isReadOnly"] is False
     script = out["services"]["sandboxed-workspace-setup-dev"]["script"]
-    assert "install -m 0400 -o 0 -g 0 /run/agenix/netrc /run/sandboxed-workspace/dev/netrc" in script
-    assert 'dir "$state/workspace" 0755 1001:100' in script
-    assert out["aliases"]["workspace_dev_start"] == "doas systemctl start container@dev"
+    assert 'install -m 0400 -o 0 -g 0 /run/agenix/netrc "/run/sandboxed-workspace/$name/netrc"' in script
+    assert "dir workspace 0700 1001 1001\n" in script
+    assert out["aliases"]["workspace_dev_start"] == "doas systemctl start container@sbx-dev"
     assert out["aliases"]["workspace_dev"] == "ssh alice@workspace-dev"
 
 
@@ -676,7 +758,7 @@ def test_module_works_without_microvm_for_other_types(tmp_path: Path) -> None:
         {"microvm": False, "settings": settings({"web": {"type": "container", "ip": "192.168.83.10"}})},
     )
     assert out["failedAssertions"] == []
-    assert set(out["containers"]) == {"web"}
+    assert set(out["containers"]) == {"sbx-web"}
 
 
 # ---- assertions ------------------------------------------------------------------------------
@@ -700,9 +782,10 @@ ASSERTION_CASES = {
     "underscore": ({"a_b": _ws("vm", "192.168.83.10")}, ['workspace name "a_b" is invalid']),
     "trailing-dash": ({"ab-": _ws("vm", "192.168.83.10")}, ['workspace name "ab-" is invalid']),
     "13-chars": ({"abcdefghijklm": _ws("vm", "192.168.83.10")}, ["at most 12"]),
-    "container-12-chars": (
-        {"abcdefghijkl": _ws("container", "192.168.83.10")},
-        ['container workspace "abcdefghijkl" has 12', "at most\n11", 'use type "vm" or "incus"'],
+    "container-8-chars": (
+        {"abcdefgh": _ws("container", "192.168.83.10")},
+        ['container workspace "abcdefgh" has 8', 'container "sbx-abcdefgh" may have at most 11',
+         "has at most\n7", 'use type "vm" or "incus"'],
     ),
     "ip-outside-subnet": (
         {"a": _ws("container", "10.0.0.5")},
@@ -761,14 +844,8 @@ def test_the_real_backend_modules_check_their_options(tmp_path: Path) -> None:
     # The evaluation uses nixpkgs' and microvm.nix's own option declarations, not loose stubs.
     err = evaluate_error(tmp_path, {"host": {"containers": {"x": {"path": "/nix/store/x", "privateUsers": "everyone"}}}})
     assert "containers.x.privateUsers" in err
-    err = evaluate_error(
-        tmp_path,
-        {
-            "settings": settings({"v": _ws("vm", "192.168.83.10")}),
-            "host": {"microvm": {"vms": {"v": {"autostart": "yes"}}}},
-        },
-    )
-    assert "microvm.vms.v.autostart" in err
+    err = evaluate_error(tmp_path, {"host": {"microvm": {"vms": {"other": {"autostart": "yes", "config": {}}}}}})
+    assert "microvm.vms.other.autostart" in err
     module = tmp_path / "bad-share.nix"
     module.write_text('{ microvm.shares = [ { tag = "t"; source = "/s"; mountPoint = "/m"; proto = "nfs"; } ]; }')
     err = evaluate_error(
@@ -784,7 +861,33 @@ def test_the_real_backend_modules_check_their_options(tmp_path: Path) -> None:
         tmp_path,
         {"settings": settings({"v": {**_ws("vm", "192.168.83.10"), "config": str(module)}})},
     )
-    assert any('share tag "workspace" is used 2 > 1 times' in m for m in out["guests"]["v"]["failedAssertions"])
+    assert any('share tag "workspace" is used 2 > 1 times' in m for m in out["guests"]["sbx-v"]["failedAssertions"])
+
+
+@needs_eval
+@pytest.mark.parametrize(
+    ("type_", "host", "option"),
+    [
+        ("container", {"containers": {"sbx-web": {"path": "/nix/store/x-mine"}}}, 'containers."sbx-web"'),
+        ("vm", {"microvm": {"vms": {"sbx-web": {"autostart": True, "config": {}}}}}, 'microvm.vms."sbx-web"'),
+    ],
+)
+def test_a_machine_of_the_administrators_with_a_workspaces_name_is_refused(
+    tmp_path: Path, type_: str, host: dict[str, Any], option: str
+) -> None:
+    web = {"web": _ws(type_, "192.168.83.10")}
+    out = evaluate(tmp_path, {"settings": settings(web), "host": host})
+    (msg,) = out["failedAssertions"]
+    assert f"workspace web is the {'VM' if type_ == 'vm' else 'container'} sbx-web" in msg
+    assert f"({option})" in msg and "would merge into one" in msg
+    # The administrator's own machines under other names (even the bare workspace name) are theirs.
+    mine = {k: {"web": v["sbx-web"]} for k, v in host.items()} if type_ == "container" else {
+        "microvm": {"vms": {"web": {"autostart": True, "config": {}}}}
+    }
+    out = evaluate(tmp_path, {"settings": settings(web), "host": mine})
+    assert out["failedAssertions"] == []
+    machines = out["containers"] if type_ == "container" else out["vms"]
+    assert {"web", "sbx-web"} <= set(machines)
 
 
 @needs_eval
@@ -881,10 +984,10 @@ def test_registry_evaluates_like_the_declared_equivalent(tmp_path: Path) -> None
     for key in ("workspaces", "containers", "vms", "services", "hosts", "aliases", "network", "guests"):
         assert from_registry[key] == declared[key], key
     # The relative config path resolved against the registry's directory, and the server's key is in.
-    ws1 = from_registry["guests"]["ws1"]
+    ws1 = from_registry["guests"]["sbx-ws1"]
     assert "jq" in ws1["packages"] and "python3.12-requests-2.32.3" in ws1["packages"]
     assert ws1["users"]["agent"]["openssh"]["authorizedKeys"]["keys"] == [SERVER_KEY]
-    assert from_registry["guests"]["vm2"]["microvm"]["mem"] == 2048
+    assert from_registry["guests"]["sbx-vm2"]["microvm"]["mem"] == 2048
 
 
 @needs_eval
@@ -902,7 +1005,7 @@ def test_registry_and_declared_merge(tmp_path: Path) -> None:
     )
     assert out["failedAssertions"] == []
     assert set(out["workspaces"]) == {"mine", "ws1", "vm2"}
-    keys = out["guests"]["mine"]["users"]["agent"]["openssh"]["authorizedKeys"]["keys"]
+    keys = out["guests"]["sbx-mine"]["users"]["agent"]["openssh"]["authorizedKeys"]["keys"]
     assert keys == ["ssh-ed25519 AAAAMine me", SERVER_KEY]
 
 
@@ -939,6 +1042,29 @@ def test_registry_version_and_absolute_config_are_refused(tmp_path: Path) -> Non
     messages = "\n".join(out["failedAssertions"])
     assert "has version\n2; this module reads version 1" in messages
     assert "absolute config paths for\nvm2; they must be relative" in messages
+
+
+@needs_eval
+def test_the_registry_may_not_name_a_module_for_a_vm(tmp_path: Path) -> None:
+    # The server's user writes the registry; a VM's module would set microvm.nix's host-side
+    # options (microvm.binScripts, microvm.shares), which run as root on the host.
+    registry = _registry_tree(tmp_path)
+    (registry.parent / "workspaces" / "vm2.nix").write_text(
+        '{ microvm.shares = [ { proto = "virtiofs"; tag = "root"; source = "/"; mountPoint = "/host"; } ]; }\n'
+    )
+    data = json.loads(registry.read_text())
+    data["workspaces"]["vm2"]["config"] = "workspaces/vm2.nix"
+    registry.write_text(json.dumps(data))
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    (msg,) = out["failedAssertions"]
+    assert "names a config module for the\nVM workspaces vm2" in msg
+    assert "microvm.shares, microvm.binScripts" in msg and "runs on the host as root" in msg
+    assert out["workspaces"]["vm2"]["hasConfig"] is False  # not even imported
+    # The same module, declared by the administrator, is theirs to run.
+    declared = settings({"vm2": _ws("vm", "192.168.83.11", config=str(registry.parent / "workspaces" / "vm2.nix"))})
+    out = evaluate(tmp_path, {"settings": declared})
+    assert out["failedAssertions"] == []
+    assert any(s["source"] == "/" for s in out["guests"]["sbx-vm2"]["microvm"]["shares"])
 
 
 # ---- the server's registry writer and the module's reader, on one file -----------------------
@@ -991,29 +1117,33 @@ async def test_module_reads_the_registry_the_server_writes(tmp_path: Path) -> No
     assert out["failedAssertions"] == []
     assert set(out["workspaces"]) == {"web", "vm1", "inc"}
     for name in ("web", "vm1", "inc"):
-        # The per-workspace .nix template the server wrote is imported (relative to the registry).
-        assert out["workspaces"][name]["hasConfig"] is True
+        # The per-workspace .nix template the server wrote is imported (relative to the registry);
+        # a VM gets none, since its module would configure the host.
+        assert out["workspaces"][name]["hasConfig"] is (name != "vm1")
         assert out["workspaces"][name]["autoStart"] is False
+        assert out["workspaces"][name]["egress"] == "none"
 
-    web = out["containers"]["web"]
+    web = out["containers"]["sbx-web"]
     assert web["localAddress"] == "192.168.83.20/24" and web["localMacAddress"] == mac_for("web")
     assert web["hostBridge"] == "sandbox-br" and web["ephemeral"] is True
     assert web["bindMounts"]["/home/agent/workspace"]["hostPath"] == "/srv/sbx/web/workspace"
-    guest = out["guests"]["web"]
+    guest = out["guests"]["sbx-web"]
     assert {"ripgrep", "python3.12-requests-2.32.3"} <= set(guest["packages"])
     # The server's client key, from the registry, may log in.
     assert guest["users"]["agent"]["openssh"]["authorizedKeys"]["keys"] == [SERVER_KEY]
 
-    assert set(out["vms"]) == {"vm1"}
-    mv = out["guests"]["vm1"]["microvm"]
+    assert set(out["vms"]) == {"sbx-vm1"}
+    mv = out["guests"]["sbx-vm1"]["microvm"]
     assert mv["interfaces"] == [{"type": "tap", "id": "vm-vm1", "mac": mac_for("vm1")}]
     assert mv["vsock"] == {"cid": cid_for("vm1")}
-    assert out["guests"]["vm1"]["packages"][0] == "jq"
+    assert out["guests"]["sbx-vm1"]["packages"][0] == "jq"
 
     unit = out["services"]["incus-workspace-inc"]
     assert unit["wantedBy"] == []  # the server starts it
     assert out["hosts"]["192.168.83.22"] == ["workspace-inc"]
-    for name, unit_name in [("web", "container@web"), ("vm1", "microvm@vm1"), ("inc", "incus-workspace-inc")]:
+    for name, type_ in [("web", "container"), ("vm1", "vm"), ("inc", "incus")]:
+        # The units the module declares are the ones the server drives.
+        unit_name = unit_for(type_, name)  # type: ignore[arg-type]
         assert f"sandboxed-workspace-setup-{name}.service" in out["services"][unit_name]["requires"]
 
 
@@ -1031,11 +1161,38 @@ def _tmpfiles_lines(settings_: dict[str, Any], owner_map: dict[str, str]) -> lis
     return lines
 
 
+@pytest.fixture
+def open_dir(request: pytest.FixtureRequest) -> Path:
+    """A directory under /tmp that other uids may pass through (pytest's own is 0700), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-mcp-setup-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    path.chmod(0o755)
+    return path
+
+
+def _run_setup(out: dict[str, Any], name: str) -> subprocess.CompletedProcess[str]:
+    """The setup unit's script, as systemd runs it (bash -e; its `path` is on this host's PATH)."""
+    script = out["services"][f"sandboxed-workspace-setup-{name}"]["script"]
+    return subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+
+
+def _owner_mode(p: Path) -> tuple[int, int, str]:
+    st = p.lstat()
+    return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
+
+
+NOBODY = 65534
+def needs_root_tools(test: Any) -> Any:
+    """Root (the setup unit chowns) and setpriv (it acts as the owners)."""
+    test = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")(test)
+    return pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")(test)
+
+
 @needs_eval
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
 @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
-def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path) -> None:
-    state_root = tmp_path / "state"
+@needs_root_tools
+def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path, open_dir: Path) -> None:
+    state_root = open_dir / "state"
     out = evaluate(
         tmp_path,
         {"settings": settings({"vm1": _ws("vm", "192.168.83.11")}, stateDir=str(state_root))},
@@ -1052,49 +1209,148 @@ def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path) -> None:
     conf.write_text("\n".join(_tmpfiles_lines(ours, {":microvm": ":nobody", ":kvm": ":nogroup"})) + "\n")
     subprocess.run(["systemd-tmpfiles", "--create", str(conf)], check=True, capture_output=True)
     ws_dir = state_root / "vm1" / "workspace"
-    nobody = ws_dir.stat().st_uid
-    assert nobody != 1000 and oct(ws_dir.stat().st_mode & 0o7777) == "0o775"  # the bug's starting point
+    assert ws_dir.stat().st_uid != 1000 and oct(ws_dir.stat().st_mode & 0o7777) == "0o775"  # the bug's start
 
-    # Then the setup unit's script, as systemd would run it (bash -e, its `path` on PATH).
-    script = out["services"]["sandboxed-workspace-setup-vm1"]["script"]
-    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    proc = _run_setup(out, "vm1")
     assert proc.returncode == 0, proc.stderr
-
-    def owner_mode(p: Path) -> tuple[int, int, str]:
-        st = p.lstat()
-        return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
-
     root_st = state_root.stat()
-    assert owner_mode(ws_dir) == (1000, 100, "0o755")  # the agent can write ~/workspace
-    assert owner_mode(state_root / "vm1" / "claude-config") == (1000, 100, "0o700")
+    owner = (root_st.st_uid, root_st.st_gid)
+    # Only the workspace user (the host owner) reads the shares; the workspace's directory lets
+    # them pass without listing; the host key is its owner's alone.
+    assert _owner_mode(state_root / "vm1") == (*owner, "0o711")
+    assert _owner_mode(ws_dir) == (1000, 1000, "0o700")
+    assert _owner_mode(state_root / "vm1" / "claude-config") == (1000, 1000, "0o700")
     keys = state_root / "vm1" / "ssh-host-keys"
-    # Not group-writable any more: the kvm group cannot replace the pinned key.
-    assert owner_mode(keys) == (root_st.st_uid, root_st.st_gid, "0o755")
-    assert owner_mode(keys / "ssh_host_ed25519_key")[2] == "0o600"
-    assert owner_mode(keys / "authorized_keys")[2] == "0o644"
+    assert _owner_mode(keys) == (*owner, "0o700")  # not the kvm group's any more
+    assert _owner_mode(keys / "ssh_host_ed25519_key") == (*owner, "0o600")
+    assert _owner_mode(keys / "authorized_keys") == (*owner, "0o644")
 
-    # A second start keeps the key (the server pinned it) and the modes.
+    # A second start keeps the key (the server pinned it) and puts the modes back.
     key_before = (keys / "ssh_host_ed25519_key").read_bytes()
     os.chmod(ws_dir, 0o775)
-    subprocess.run(["bash", "-e", "-c", script], check=True, capture_output=True)
+    assert _run_setup(out, "vm1").returncode == 0
     assert (keys / "ssh_host_ed25519_key").read_bytes() == key_before
-    assert owner_mode(ws_dir) == (1000, 100, "0o755")
+    assert _owner_mode(ws_dir) == (1000, 1000, "0o700")
 
 
 @needs_eval
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the setup unit chowns directories")
-def test_setup_unit_refuses_a_symlinked_share(tmp_path: Path) -> None:
-    state_root = tmp_path / "state"
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the unit chowns")
+def test_container_unit_makes_the_mount_points_the_workspace_users(tmp_path: Path) -> None:
+    # owneridmap maps the owner of the mount point nspawn finds (nspawn's src/nspawn/nspawn-mount.c,
+    # mount_bind: dest_uid = the existing mount point's owner, else the container's root): the unit's
+    # preStart, run as systemd runs it, makes the writable ones the workspace user's in the fresh root.
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")},
+                                                   user={"name": "alice", "uid": 1001})})
+    root = tmp_path / "root"
+    root.mkdir()
+    pre = out["services"]["container@sbx-c1"]["preStart"]
+    env = {**os.environ, "root": str(root), "INSTANCE": "sbx-c1-not-running"}
+    proc = subprocess.run(["bash", "-e", "-c", pre], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for d in ("workspace", "claude-config"):
+        st = (root / "home" / "alice" / d).lstat()
+        assert (st.st_uid, st.st_gid) == (1001, 1001), d
+    assert not (root / "etc" / "ssh-host-keys").exists()  # read-only, rootidmap: root inside is its reader
+
+
+@needs_eval
+@needs_root_tools
+def test_setup_unit_makes_the_key_as_its_owner(tmp_path: Path, open_dir: Path) -> None:
+    # The server's user (here nobody) owns the state directory: the key is made by it, as it.
+    state_root = open_dir / "state"
+    state_root.mkdir()
+    os.chown(state_root, NOBODY, NOBODY)
     out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir=str(state_root))})
-    victim = tmp_path / "victim"
-    victim.mkdir(mode=0o700)
+    proc = _run_setup(out, "c1")
+    assert proc.returncode == 0, proc.stderr
+    keys = state_root / "c1" / "ssh-host-keys"
+    assert _owner_mode(state_root / "c1") == (NOBODY, NOBODY, "0o711")
+    assert _owner_mode(keys) == (NOBODY, NOBODY, "0o700")
+    for f, mode in (("ssh_host_ed25519_key", "0o600"), ("ssh_host_ed25519_key.pub", "0o644"),
+                    ("authorized_keys", "0o644")):
+        assert _owner_mode(keys / f) == (NOBODY, NOBODY, mode), f
+    assert _owner_mode(state_root / "c1" / "workspace") == (1000, 1000, "0o700")
+
+
+@needs_eval
+@needs_root_tools
+@pytest.mark.parametrize(
+    "planted",
+    ["workspace", "claude-config", "ssh-host-keys", "ssh-host-keys/ssh_host_ed25519_key",
+     "ssh-host-keys/authorized_keys"],
+)
+def test_setup_unit_never_acts_through_a_symlink(tmp_path: Path, open_dir: Path, planted: str) -> None:
+    # The server's user owns the state directory and plants a link to something of root's.
+    state_root = open_dir / "state"
     (state_root / "c1").mkdir(parents=True)
-    (state_root / "c1" / "workspace").symlink_to(victim)
-    script = out["services"]["sandboxed-workspace-setup-c1"]["script"]
-    proc = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, check=False)
+    for d in (state_root, state_root / "c1"):
+        os.chown(d, NOBODY, NOBODY)
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir=str(state_root))})
+    victim = open_dir / "victim"
+    if planted.startswith("ssh-host-keys/"):
+        assert _run_setup(out, "c1").returncode == 0  # a real key folder first
+        (state_root / "c1" / planted).unlink()
+        victim.write_text("root's\n")
+        victim.chmod(0o640)
+    else:
+        victim.mkdir(mode=0o700)
+    (state_root / "c1" / planted).symlink_to(victim)
+    proc = _run_setup(out, "c1")
     assert proc.returncode != 0
-    assert "workspace is a symbolic link; remove it" in proc.stderr
-    assert victim.stat().st_uid == 0 and oct(victim.stat().st_mode & 0o777) == "0o700"
+    assert f"{planted} is a symbolic link; remove it" in proc.stderr
+    want = "0o640" if victim.is_file() else "0o700"
+    assert _owner_mode(victim) == (0, 0, want)
+    if victim.is_file():
+        assert victim.read_text() == "root's\n"
+
+
+@needs_eval
+def test_a_state_directory_on_its_own_file_system_gets_nosuid_too(tmp_path: Path) -> None:
+    mine = {"fileSystems": {"/srv/sbx": {"device": "/dev/disk/by-label/sbx", "fsType": "ext4", "options": ["noatime"]}}}
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir="/srv/sbx"),
+                              "host": mine})
+    fs = out["fileSystems"]["/srv/sbx"]
+    assert (fs["device"], fs["fsType"]) == ("/dev/disk/by-label/sbx", "ext4")
+    assert sorted(fs["options"]) == ["noatime", "nodev", "nosuid"]  # no "bind" on a disk of its own
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir="/")})
+    assert any('stateDir = "/"' in m for m in out["failedAssertions"])
+
+
+@needs_eval
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_the_state_directory_is_nosuid_on_the_host(tmp_path: Path, open_dir: Path) -> None:
+    # A setuid-root program left in a workspace directory, run by another host user through the mount
+    # the module declares (fileSystems), does not run as root. ./scripts/test gives this test a mount
+    # namespace of its own; the mount goes with the test.
+    state_root = open_dir / "state"
+    out = evaluate(tmp_path, {"settings": settings({"c1": _ws("container", "192.168.83.12")}, stateDir=str(state_root))})
+    fs = out["fileSystems"][str(state_root)]
+    assert fs["device"] == str(state_root) and fs["fsType"] == "none"
+    (state_root / "c1" / "workspace").mkdir(parents=True)
+    prog = state_root / "c1" / "workspace" / "id"
+    shutil.copy("/usr/bin/id", prog)
+    os.chown(prog, 0, 0)
+    prog.chmod(0o4755)
+    os.chmod(state_root / "c1", 0o755)
+    os.chmod(state_root / "c1" / "workspace", 0o755)
+
+    def euid_of_nobody() -> str:
+        return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(prog), "-u"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert euid_of_nobody() == "0"  # the escape, without the mount
+    opts = ",".join(fs["options"])
+    subprocess.run(["mount", "--bind", fs["device"], str(state_root)], check=True)
+    try:
+        # util-linux applies bind + flags as mount(8) does for an fstab line of these options.
+        subprocess.run(["mount", "-o", f"remount,{opts}", str(state_root)], check=True)
+        assert euid_of_nobody() == str(NOBODY)
+        findmnt = subprocess.run(["findmnt", "-n", "-o", "OPTIONS", str(state_root)],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "nosuid" in findmnt and "nodev" in findmnt
+    finally:
+        subprocess.run(["umount", str(state_root)], check=False)
 
 
 @needs_eval
@@ -1377,7 +1633,7 @@ def test_flake_module_brings_microvm_and_the_daemon_package(tmp_path: Path) -> N
         },
     )
     assert out["failedAssertions"] == []
-    assert set(out["vms"]) == {"vm1"}  # microvm.nix's host module came with it
+    assert set(out["vms"]) == {"sbx-vm1"}  # microvm.nix's host module came with it
     exec_start = out["services"]["sandbox-mcp-daemon"]["serviceConfig"]["ExecStart"]
     assert exec_start.endswith("-sandbox-mcp-from-flake/bin/sandbox-mcp daemon")  # self's package
 

@@ -185,6 +185,9 @@ def test_kernel_cmdline_and_overlay() -> None:
         "systemd.show_status=1", "mitigations=off",
         "cryptomgr.notests", "net.ifnames=0", "fsck.mode=skip", "systemd.hostname=ws1", "sandbox_mcp.net=192.168.83.10/24,192.168.83.1",
     ]  # fmt: skip
+    # The tasks limit: the guest kernel's threads-max, set before its init runs.
+    assert kernel_cmdline(name="ws1", ip="192.168.83.10", prefixlen=24, gateway="192.168.83.1",
+                          tasks=4096).split()[-1] == "sysctl.kernel.threads-max=4096"
     assert overlay_argv(Path("/img/root.raw"), Path("/st/o.qcow2")) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/img/root.raw", "/st/o.qcow2",
     ]  # fmt: skip
@@ -288,6 +291,22 @@ def test_validate_refuses_a_vm_without_qemu(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("PATH", str(tmp_path))  # a host without qemu: an empty PATH, not a fake qemu
     with pytest.raises(InvalidSpec, match="apt-get install qemu-system-x86 qemu-utils"):
         rt.validate(rec)
+
+
+def test_a_vm_gets_whole_vcpus_and_its_disk_as_limits(tmp_path: Path) -> None:
+    """A fraction of a CPU would be reported but not held (the VM gets ceil(cpus) vCPUs): refused, saying
+    what to ask for; the root disk's size is reported as disk_mib."""
+    from sandbox_mcp.models import Limits
+    from sandbox_mcp.runtimes import RuntimeContext
+
+    s = Settings(state_dir=tmp_path, image_dir=tmp_path / "img", hosts_file="", vm_disk_gib=4)
+    rt = QemuRuntime(RuntimeContext.for_settings(s, "ssh-ed25519 AAAA test"))
+    rec = WorkspaceRecord(name="v", type="vm", runtime="qemu", ip="192.168.83.10", mac="02:00:00:00:00:01",
+                          cid=100, user="agent", limits=Limits(cpus=0.5, memory_mib=1024, tasks=64))
+    with pytest.raises(InvalidSpec, match="cpus=1"):
+        rt.validate(rec)
+    limits = rt.complete_limits(Limits(cpus=2, memory_mib=1024, tasks=64))
+    assert (limits.disk_mib, limits.file_size) == (4096, "unlimited")
 
 
 def test_doctor_says_which_accelerator(tmp_path: Path) -> None:

@@ -200,6 +200,9 @@ def test_git_argv() -> None:
     ]
     with pytest.raises(InvalidSpec):
         nixos_commands.git_intent_to_add_argv("/f", [])
+    assert nixos_commands.git_status_argv("/f") == [
+        "git", "-C", "/f", "status", "--porcelain=v1", "-z", "--untracked-files=no",
+    ]  # fmt: skip
 
 
 # ---- hostcmd.run: real processes -----------------------------------------------------------
@@ -331,8 +334,8 @@ async def test_run_missing_program(program: str, hint: str) -> None:
 @pytest.mark.parametrize(
     ("type_", "name", "unit"),
     [
-        ("container", "ws1", "container@ws1"),
-        ("vm", "ws1", "microvm@ws1"),
+        ("container", "ws1", "container@sbx-ws1"),
+        ("vm", "ws1", "microvm@sbx-ws1"),
         ("incus", "a-2", "incus-workspace-a-2"),
     ],
 )
@@ -458,7 +461,7 @@ def test_constructor_rejects(tmp_path: Path, nixos: dict[str, object], key: str,
 @pytest.mark.parametrize("escalation", ["sudo", "doas", "none"])
 @pytest.mark.parametrize(
     ("type_", "unit"),
-    [("container", "container@ws1"), ("vm", "microvm@ws1"), ("incus", "incus-workspace-ws1")],
+    [("container", "container@sbx-ws1"), ("vm", "microvm@sbx-ws1"), ("incus", "incus-workspace-ws1")],
 )
 def test_operation_argv(tmp_path: Path, escalation: str, type_: str, unit: str) -> None:
     rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path, escalation=escalation), KEY))
@@ -496,6 +499,8 @@ else:
 with open(here / "calls.jsonl", "a") as f:
     f.write(json.dumps(entry) + "\n")
 b = cfg.get(key, {})
+if key == "rebuild" and b.get("fail_with") in ((entry["registry"] or {}).get("workspaces") or {}):
+    b = {**b, "rc": 1, "stderr": ["error: " + b["fail_with"] + " is broken"]}
 for line in b.get("stdout", []):
     print(line, flush=True)
 for line in b.get("stderr", []):
@@ -556,9 +561,11 @@ def _entry(ip: str, packages: list[str], name: str, type_: str = "container") ->
     return {
         "type": type_,
         "ip": ip,
+        "egress": "none",
         "packages": packages,
         "autoStart": False,
-        "config": f"workspaces/{name}.nix",
+        # A VM's guest module would configure the host: the registry names none.
+        "config": None if type_ == "vm" else f"workspaces/{name}.nix",
         "cpus": None,
         "memoryMiB": None,
         "tasks": None,
@@ -575,15 +582,20 @@ def test_registry_entry_carries_the_limits_in_the_modules_units(tmp_path: Path) 
     assert rt.assign(_record(type_="vm"), []).isolation == "microvm"
 
 
-def test_egress_the_module_cannot_give_is_refused_not_dropped(tmp_path: Path) -> None:
+def test_egress_is_recorded_for_the_module_to_enforce(tmp_path: Path) -> None:
+    # The module's network policy is direct mode's, per workspace (tests/test_nix_firewall.py).
     rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
-    with pytest.raises(InvalidSpec, match="egress='internet' is not available in nixos mode"):
-        rt.validate(_record(egress="internet"))
-    rt.validate(_record(egress="none"))
+    assert rt.registry_entry(_record(egress="internet"))["egress"] == "internet"
+    assert rt.registry_entry(_record(egress="none"))["egress"] == "none"
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The flake's files, without the (empty) lock files."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 @pytest.mark.anyio
@@ -616,6 +628,7 @@ async def test_prepare_writes_registry_and_template_then_rebuilds(
     assert sorted(os.listdir(flake)) == [
         "sandboxed-workspaces.json",
         "sandboxed-workspaces.json.lock",
+        "sandboxed-workspaces.json.rebuild.lock",
         "workspaces",
     ]
 
@@ -716,7 +729,7 @@ async def test_registry_mode_is_kept(tmp_path: Path, flake: Path, host: Host) ->
     [
         (_record(packages=["ripgrep", "foo; rm -rf /"]), "not a valid nix package"),
         (_record(packages=["pkgs.${x}"]), "not a valid nix package"),
-        (_record("abcdefghijkl"), "at most 11"),
+        (_record("abcdefgh"), "at most 7"),
         (_record(ip="10.0.0.5"), "outside the workspace subnet"),
         (_record(ip="192.168.83.1"), "reserved"),
     ],
@@ -856,6 +869,82 @@ async def test_concurrent_prepares_keep_both(tmp_path: Path, flake: Path, host: 
     assert sorted(data["workspaces"]) == ["ws0", "ws1", "ws2"]
 
 
+@pytest.mark.anyio
+async def test_the_registry_is_free_while_a_rebuild_runs(tmp_path: Path, flake: Path, host: Host) -> None:
+    rt = _runtime(tmp_path, host)
+    host.set(rt.registry_path, rebuild={"sleep": 1.5})
+    registry = flake / "sandboxed-workspaces.json"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rt.prepare, _record("ws1"), Progress())
+        await wait_until(lambda: len(host.calls()) == 1, "the first rebuild to start")
+        # While it runs, the registry lock is free and a second create records its change.
+        fd = os.open(flake / "sandboxed-workspaces.json.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if it were held
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        tg.start_soon(rt.prepare, _record("ws2", ip="192.168.83.11"), Progress())
+        await wait_until(lambda: "ws2" in json.loads(registry.read_text())["workspaces"],
+                         "the second create to write the registry during the first rebuild")
+        assert len(host.calls()) == 1  # ... and its rebuild waits for the first one
+    calls = host.calls()
+    assert len(calls) == 2
+    assert sorted(calls[1]["registry"]["workspaces"]) == ["ws1", "ws2"]  # type: ignore[index]
+
+
+@pytest.mark.anyio
+async def test_a_failed_rebuild_takes_back_only_its_own_change(tmp_path: Path, flake: Path, host: Host) -> None:
+    rt = _runtime(tmp_path, host)
+    host.set(rt.registry_path, rebuild={"sleep": 1.0, "fail_with": "bad"})
+    registry = flake / "sandboxed-workspaces.json"
+    failed: list[BaseException] = []
+
+    async def create_bad() -> None:
+        try:
+            await rt.prepare(_record("bad"), Progress())
+        except CommandFailed as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create_bad)
+        await wait_until(lambda: len(host.calls()) == 1, "the failing rebuild to start")
+        tg.start_soon(rt.prepare, _record("good", ip="192.168.83.11"), Progress())
+    assert len(failed) == 1 and "bad is broken" in str(failed[0])
+    # The other create's entry, written while the failing rebuild ran, stays; the failed one is gone.
+    assert sorted(json.loads(registry.read_text())["workspaces"]) == ["good"]
+    assert not (flake / "workspaces" / "bad.nix").exists()
+    assert (flake / "workspaces" / "good.nix").exists()
+    assert sorted(host.calls()[-1]["registry"]["workspaces"]) == ["good"]  # type: ignore[index]
+
+
+@pytest.mark.anyio
+async def test_a_vm_gets_no_module_in_the_registry(tmp_path: Path, flake: Path, host: Host) -> None:
+    rt = _runtime(tmp_path, host)
+    await rt.prepare(_record("vm1", "vm", "192.168.83.11"), Progress())
+    entry = json.loads((flake / "sandboxed-workspaces.json").read_text())["workspaces"]["vm1"]
+    assert entry["config"] is None and entry["egress"] == "none"
+    assert not (flake / "workspaces" / "vm1.nix").exists()
+    inet = _record("web", ip="192.168.83.12").model_copy(update={"egress": "internet"})
+    assert rt.registry_entry(inet)["egress"] == "internet"
+
+
+@pytest.mark.anyio
+async def test_old_vm_entries_lose_their_module_at_the_next_write(tmp_path: Path, flake: Path, host: Host) -> None:
+    rt = _runtime(tmp_path, host)
+    old = {**_entry("192.168.83.11", [], "vm1", "vm"), "config": "workspaces/vm1.nix"}
+    del old["egress"]  # older servers wrote no egress either
+    registry = flake / "sandboxed-workspaces.json"
+    registry.write_text(json.dumps({"version": 1, "authorizedKeys": [KEY], "workspaces": {"vm1": old}}))
+    await rt.prepare(_record("ws1"), Progress())
+    data = json.loads(registry.read_text())
+    assert data["workspaces"]["vm1"] == _entry("192.168.83.11", [], "vm1", "vm")
+    # A retry for the old entry is the same workspace, not one "with other settings".
+    registry.write_text(json.dumps({"version": 1, "authorizedKeys": [KEY], "workspaces": {"vm1": old}}))
+    await rt.prepare(_record("vm1", "vm", "192.168.83.11"), Progress())
+    assert json.loads(registry.read_text())["workspaces"]["vm1"] == _entry("192.168.83.11", [], "vm1", "vm")
+
+
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
@@ -868,6 +957,7 @@ async def test_git_flake_gets_new_files_intended_and_forgotten(
     _git(flake, "init", "-q")
     (flake / "flake.nix").write_text("{ outputs = _: { }; }\n")
     _git(flake, "add", "flake.nix")
+    _git(flake, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "host")
     rt = _runtime(tmp_path, host)
     await rt.prepare(_record("ws1"), Progress())
     assert _git(flake, "ls-files").split() == ["flake.nix", "sandboxed-workspaces.json", "workspaces/ws1.nix"]
@@ -881,6 +971,33 @@ async def test_git_flake_gets_new_files_intended_and_forgotten(
     host.set(rt.registry_path)
     await rt.destroy(_record("ws1"))
     assert _git(flake, "ls-files").split() == ["flake.nix", "sandboxed-workspaces.json"]
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+async def test_someone_elses_uncommitted_changes_refuse_the_rebuild(
+    tmp_path: Path, flake: Path, host: Host
+) -> None:
+    _git(flake, "init", "-q")
+    for name in ("flake.nix", "configuration.nix"):
+        (flake / name).write_text("{ }\n")
+    _git(flake, "add", "flake.nix", "configuration.nix")
+    _git(flake, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "host")
+    rt = _runtime(tmp_path, host)
+    await rt.prepare(_record("ws1"), Progress())
+    # The server's own files, and edits of a workspace's module, are not someone else's.
+    (flake / "workspaces" / "ws1.nix").write_text("# edited\n{ ... }: { }\n")
+    await rt.prepare(_record("ws2", ip="192.168.83.11"), Progress())
+    assert len(host.calls()) == 2
+
+    # A half-done edit of the host's configuration: a rebuild would apply it.
+    (flake / "configuration.nix").write_text("{ services.openssh.enable = false; }\n")
+    before = _snapshot(flake)
+    with pytest.raises(Conflict, match=r"uncommitted changes to configuration\.nix.*Commit or stash"):
+        await rt.prepare(_record("ws3", ip="192.168.83.12"), Progress())
+    with pytest.raises(Conflict, match="configuration.nix"):
+        await rt.destroy(_record("ws1"))
+    assert _snapshot(flake) == before and len(host.calls()) == 2  # nothing written, nothing rebuilt
 
 
 @pytest.mark.anyio
@@ -913,19 +1030,19 @@ async def test_start_stop_status_logs_run_the_unit_commands(tmp_path: Path, flak
     after = time.monotonic()
     log = await rt.logs(rec, 20)
     assert [c["argv"] for c in host.calls()] == [
-        ["doas", "-n", "systemctl", "start", "microvm@ws1"],
-        ["doas", "-n", "systemctl", "stop", "microvm@ws1"],
+        ["doas", "-n", "systemctl", "start", "microvm@sbx-ws1"],
+        ["doas", "-n", "systemctl", "stop", "microvm@sbx-ws1"],
         [
             "systemctl",
             "show",
             "-p",
             "LoadState,ActiveState,SubState,MainPID,ActiveEnterTimestampMonotonic",
-            "microvm@ws1",
+            "microvm@sbx-ws1",
         ],
-        ["journalctl", "-u", "microvm@ws1", "-n", "20", "--no-pager", "-o", "short-iso"],
+        ["journalctl", "-u", "microvm@sbx-ws1", "-n", "20", "--no-pager", "-o", "short-iso"],
     ]
     assert (detail.unit, detail.running, detail.pid, detail.unit_state) == (
-        "microvm@ws1",
+        "microvm@sbx-ws1",
         True,
         777,
         "active (running)",

@@ -89,22 +89,20 @@ def test_scope_and_stop_argv_are_exact() -> None:
 
 
 def test_nspawn_launch_in_a_scope_is_exact() -> None:
-    # systemd-run --scope execs the console bound, which execs env, which execs nspawn: one PID.
+    # systemd-run --scope execs env, which execs nspawn: one PID.
     paths = WorkspacePaths.of(Path("/st"), "ws1")
     argv = nspawn_argv(name="ws1", image_root=Path("/img/k"), netns_path=None, paths=paths, user="agent",
                        uid_base=524288, mounts=RootMounts(paths.runtime / "mnt"), tag="0123abcd")
     assert "--keep-unit" in argv and "--register=no" in argv
     unit = "sandbox-mcp-ws1-0123abcd.scope"
-    launched = launch_argv(argv, [], user_namespaced=True, console_log_bytes=1024, scope=unit, limits=LIMITS)
+    launched = launch_argv(argv, [], user_namespaced=True, scope=unit, limits=LIMITS)
     assert launched == [
         "systemd-run", "--scope", "--quiet", "--collect", f"--unit={unit}", "-p", "Delegate=yes",
         "-p", "MemoryMax=512M", "-p", "MemorySwapMax=0", "-p", "TasksMax=4096", "-p", "CPUQuota=150%", "--",
-        "sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", "--fsize=1024", "--",
         "env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1", *argv,
     ]  # fmt: skip
     with pytest.raises(InvalidSpec):  # one way or the other, never both
-        launch_argv(argv, [Path("/cg/ws1/cgroup.procs")], user_namespaced=True, console_log_bytes=1024,
-                    scope=unit, limits=LIMITS)
+        launch_argv(argv, [Path("/cg/ws1/cgroup.procs")], user_namespaced=True, scope=unit, limits=LIMITS)
 
 
 def test_the_state_remembers_the_manager() -> None:

@@ -18,7 +18,7 @@ from sandbox_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 CONTRACT = {
-    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib"},
+    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref"},
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},
@@ -36,6 +36,15 @@ CONTRACT = {
     "list_processes": {"name"},
     "publish_port": {"name", "port", "host_port"},
     "unpublish_port": {"name", "port"},
+    "workspace_diff": {"name", "stat_only"},
+    "fetch_workspace": {"name", "include_uncommitted"},
+    "pause_workspace": {"name"},
+    "resume_workspace": {"name"},
+    "snapshot_workspace": {"name", "snapshot", "memory"},
+    "list_snapshots": {"name"},
+    "restore_workspace": {"name", "snapshot"},
+    "delete_snapshot": {"name", "snapshot"},
+    "fork_workspace": {"name", "new_name", "snapshot"},
 }
 
 
@@ -58,8 +67,10 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
     assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs",
-                         "process_output", "wait_process", "list_processes"}  # fmt: skip
-    assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {"destroy_workspace", "stop_process"}
+                         "process_output", "wait_process", "list_processes", "workspace_diff", "list_snapshots"}
+    # restore_workspace replaces the workspace's files with the snapshot's: destructive too; stop_process ends one.
+    assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {
+        "destroy_workspace", "restore_workspace", "delete_snapshot", "stop_process"}
     assert tools["create_workspace"].input_schema["required"] == ["name"]
     assert tools["exec"].input_schema["properties"]["timeout_s"]["default"] == 120
 
@@ -83,6 +94,13 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "is incusd running" in await error("create_workspace", name="a", type="incus")
         assert "cpus must be between 0.05 and" in await error("create_workspace", name="a", cpus=0)
         assert "memory_mib must be" in await error("create_workspace", name="a", memory_mib=64)
+        # A repository is checked before anything is made: a path, a ref that can only be a revision.
+        assert "absolute path" in await error("create_workspace", name="a", repo="relative/dir")
+        assert "pattern" in await error("create_workspace", name="a", repo="/tmp", ref="--upload-pack=x")
+        assert "not a git repository" in await error("create_workspace", name="a", repo=str(settings.state_dir))
+        assert "needs start=true" in await error("create_workspace", name="a", repo="/tmp", start=False)
+        assert "list_workspaces" in await error("workspace_diff", name="ghost")
+        assert "list_workspaces" in await error("fetch_workspace", name="ghost")
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
         # Processes and ports: bad input is refused before any workspace is looked at.
         assert "does not compile" in await error("wait_process", name="ghost", process_id="p", until="output:(")

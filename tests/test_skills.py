@@ -30,6 +30,7 @@ for _model in (
     models.SSHInfo,
     models.Timings,
     models.ExecResult,
+    models.Limits,
     models.FileContent,
     models.WriteResult,
     models.DirEntry,
@@ -40,6 +41,10 @@ for _model in (
     models.ProcessOutput,
     models.ProcessWait,
     models.PublishedPort,
+    models.RepoInfo,
+    models.WorkspaceDiff,
+    models.DiffFile,
+    models.FetchResult,
 ):
     _FIELD_NAMES |= set(_model.model_fields)
 _FIELD_NAMES |= set(Settings.model_fields) | set(NixosSettings.model_fields)

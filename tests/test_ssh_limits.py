@@ -22,6 +22,7 @@ from sandbox_mcp import processes
 from sandbox_mcp.errors import CommandTimeout, InvalidSpec, SSHError, clip, clip_repr
 from sandbox_mcp.ssh import EXEC_AGENT_PATH, SSHPool, SSHTarget, agent_command
 from sandbox_mcp.ssh.agent import reply_limit
+from sandbox_mcp.ssh.agent_ops import agent_op
 from sandbox_mcp.ssh.files import MAX_NAME_BYTES, entry_name
 from sandbox_mcp.ssh.lines import LineBuffer, LineTooLong
 from tests.test_ssh import AGENT, Sshd, _start_sshd
@@ -434,7 +435,7 @@ async def test_an_agent_without_processes_is_named(own_sshd: Sshd, target: SSHTa
     pool = SSHPool(agent_path=_fake_agent(tmp_path / "old-agent", "pass"))
     try:
         with pytest.raises(SSHError, match="older than this server.*stop_workspace, start_workspace"):
-            await pool.agent_op(target, processes.list_request(), timeout_s=10, reply_cap=1024, retry=True)
+            await agent_op(pool, target, processes.list_request(), timeout_s=10, reply_cap=1024, retry=True)
     finally:
         await pool.close()
 
@@ -458,8 +459,8 @@ async def test_malformed_process_replies_are_errors(
     pool = SSHPool(agent_path=fake)
     request = processes.read_request("web", 0, 100, 0)
     try:
-        ok = processes.check_reply("ws", "web", await pool.agent_op(
-            target, request, timeout_s=10, reply_cap=processes.reply_cap(request), retry=True))  # fmt: skip
+        reply = await agent_op(pool, target, request, timeout_s=10, reply_cap=processes.reply_cap(request), retry=True)
+        ok = processes.check_reply("ws", "web", reply)
         with pytest.raises(SSHError, match=match):
             processes.output_result("ws", ok, 0, 100)
     finally:
@@ -477,7 +478,7 @@ async def test_a_process_reply_past_its_bound_drops_the_connection(
         await pool.wait_ready(target, timeout_s=30)
         entry = pool._entries[target.key]
         with pytest.raises(SSHError, match="broke the protocol.*without a newline"):
-            await pool.agent_op(target, request, timeout_s=30, reply_cap=processes.reply_cap(request), retry=True)
+            await agent_op(pool, target, request, timeout_s=30, reply_cap=processes.reply_cap(request), retry=True)
         assert entry.agent is not None and entry.agent.lines.high_water <= reply_limit(processes.reply_cap(request))
         assert target.key not in pool._entries
     finally:

@@ -98,3 +98,29 @@ async def test_bounded_sink_keeps_the_bound_and_never_blocks_the_writer(tmp_path
     finally:
         if supervise.alive(copier):
             os.kill(copier.pid, signal.SIGKILL)
+
+
+async def test_a_process_writing_into_the_sink_gets_no_file_size_limit(tmp_path: Path) -> None:
+    """nspawn's way (issue 28): its output goes to the sink through ``spawn(stdout=)``. It and what it
+    starts keep the server's file-size limit (none here), can write a file far past the log's bound,
+    and its output past the bound is dropped while it keeps running."""
+    log = tmp_path / "console.log"
+    tag = supervise.workspace_tag(tmp_path, "sink2")
+    copier, write_end = supervise.spawn_bounded_sink(log, 4096, tag=tag)
+    big = tmp_path / "big.bin"
+    script = ("import resource, sys; print(resource.getrlimit(resource.RLIMIT_FSIZE), flush=True); "
+              f"open({str(big)!r}, 'wb').write(b'x' * (8 << 20)); sys.stdout.write('y' * 100000); "
+              "print('done', flush=True)")
+    try:
+        proc = supervise.spawn([sys.executable, "-c", script], log, tag=tag, stdout=write_end)
+    finally:
+        os.close(write_end)
+    try:
+        assert await supervise.wait_gone(proc, 60) and await supervise.wait_gone(copier, 30)
+        assert big.stat().st_size == 8 << 20
+        kept = log.read_text()
+        assert kept.startswith(f"{(-1, -1)}\n") and len(kept) == 4096 and "done" not in kept
+    finally:
+        for ref in (proc, copier):
+            if supervise.alive(ref):
+                os.kill(ref.pid, signal.SIGKILL)

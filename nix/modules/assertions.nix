@@ -3,6 +3,7 @@
 {
   config,
   lib,
+  options,
   pkgs,
   ...
 }:
@@ -28,7 +29,8 @@ let
         assertion = ws.type == "container" -> builtins.stringLength name <= wlib.maxContainerNameLength;
         message = ''
           sandboxed-workspace: container workspace "${name}" has ${toString (builtins.stringLength name)}
-          characters; NixOS containers with a private network allow at most
+          characters; its NixOS container "${wlib.machineFor name}" may have at most 11 (the host's
+          veth is "vb-" + its name), so a container workspace's name has at most
           ${toString wlib.maxContainerNameLength}. Pick a shorter name, or use type "vm" or "incus".
         '';
       }
@@ -102,6 +104,40 @@ let
   absoluteConfigs = lib.filterAttrs (
     _: ws: (ws.config or null) != null && lib.hasPrefix "/" ws.config
   ) (cfg.registry.workspaces or { });
+  # A VM's guest module also configures what microvm.nix runs on the host as
+  # root (virtiofsd and its shares, the TAP scripts, the packages they come
+  # from): the registry, which the server's user writes, may not name one.
+  registryVmConfigs = lib.attrNames (
+    lib.filterAttrs (_: ws: (ws.type or null) == "vm" && (ws.config or null) != null) (
+      cfg.registry.workspaces or { }
+    )
+  );
+
+  # Containers and VMs someone else declared (the administrator's own) under a
+  # workspace's `sbx-NAME`: the definitions would merge into one machine.
+  foreignNames =
+    option: ours:
+    lib.concatMap (d: lib.attrNames d.value) (
+      lib.filter (d: d.file != toString ours) (option.definitionsWithLocations or [ ])
+    );
+  machineClashes =
+    what: optionPath: option: ours: type:
+    let
+      theirs = foreignNames option ours;
+      clashing = lib.filterAttrs (
+        name: ws: ws.type == type && lib.elem (wlib.machineFor name) theirs
+      ) workspaces;
+    in
+    lib.mapAttrsToList (name: _: {
+      assertion = false;
+      message = ''
+        sandboxed-workspace: workspace ${name} is the ${what} ${wlib.machineFor name}, which another
+        module declares too (${optionPath}."${wlib.machineFor name}"); the two would merge into one. Rename
+        your own ${what} (names starting with "${wlib.namePrefix}" belong to the workspaces), or the workspace.
+      '';
+    }) clashing;
+  ipv4Nameservers = lib.filter (a: wlib.parseIPv4 a == null) net.nameservers;
+  egressWithoutNat = lib.attrNames (lib.filterAttrs (_: ws: ws.egress == "internet") workspaces);
 in
 {
   config = lib.mkIf cfg.enable {
@@ -139,6 +175,39 @@ in
           '';
         }
         {
+          assertion = cfg.stateDir != "/";
+          message = ''
+            sandboxed-workspace.stateDir = "/": the state directory is bind-mounted nosuid,nodev onto
+            itself; give the workspaces a directory of their own (e.g. "/var/lib/sandboxed-workspace").
+          '';
+        }
+        {
+          assertion = registryVmConfigs == [ ];
+          message = ''
+            sandboxed-workspace: the registry ${toString cfg.registryFile} names a config module for the
+            VM workspaces ${lib.concatStringsSep ", " registryVmConfigs}. A VM's module also sets what
+            microvm.nix runs on the host as root (microvm.shares, microvm.binScripts, nixpkgs.overlays),
+            and the registry is written by the server's user: set their "config" to null (an
+            up-to-date server writes none for VMs), and declare extra configuration for a VM in
+            sandboxed-workspace.workspaces yourself.
+          '';
+        }
+        {
+          assertion = ipv4Nameservers == [ ];
+          message = ''
+            sandboxed-workspace.network.nameservers has ${lib.concatStringsSep ", " ipv4Nameservers}, which
+            are not IPv4 addresses; the workspaces' network policy names IPv4 resolvers only.
+          '';
+        }
+        {
+          assertion = egressWithoutNat != [ ] -> net.nat;
+          message = ''
+            sandboxed-workspace: workspaces ${lib.concatStringsSep ", " egressWithoutNat} have egress
+            "internet", which goes out through NAT: set sandboxed-workspace.network.nat = true, or
+            egress = "none".
+          '';
+        }
+        {
           assertion = absoluteConfigs == { };
           message = ''
             sandboxed-workspace: the registry gives absolute config paths for
@@ -148,6 +217,8 @@ in
         }
       ]
       ++ lib.concatLists (lib.mapAttrsToList perWorkspace workspaces)
+      ++ machineClashes "container" "containers" (options.containers or { }) ./container.nix "container"
+      ++ machineClashes "VM" "microvm.vms" (options.microvm.vms or { }) ./vm.nix "vm"
       ++ clashAssertions "IP" "Give each workspace its own ip." (_: ws: ws.ip) workspaces
       ++ clashAssertions "MAC address" "MACs derive from the name: rename one of them." (
         name: _: wlib.macFor name

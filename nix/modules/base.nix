@@ -53,7 +53,9 @@ in
   config = lib.mkMerge [
     {
       system.stateVersion = lib.mkDefault cfg.stateVersion;
-      networking.hostName = lib.mkDefault name;
+      # Above nixos-containers.nix's and microvm.nix's mkDefault of the machine name
+      # (sbx-NAME), below a plain definition in the workspace's own module.
+      networking.hostName = lib.mkOverride 900 name;
 
       # Static address on the bridge, matched by the deterministic MAC every
       # backend gives the workspace's interface, so the name of that
@@ -90,9 +92,13 @@ in
         };
       };
 
+      # The user's own group, with its uid as gid: the shares map that one id (uid and
+      # gid alike) to the host owner, and no other.
+      users.groups.${user}.gid = cfg.user.uid;
       users.users.${user} = {
         isNormalUser = true;
         uid = cfg.user.uid;
+        group = user;
         inherit home;
         extraGroups = [ "wheel" ];
         openssh.authorizedKeys.keys = authorizedKeys;
@@ -123,8 +129,8 @@ in
 
       # Mount points exist with the right owner even before the first mount.
       systemd.tmpfiles.rules = [
-        "d ${workspaceDir} 0755 ${user} users -"
-        "d ${claudeDir} 0700 ${user} users -"
+        "d ${workspaceDir} 0700 ${user} ${user} -"
+        "d ${claudeDir} 0700 ${user} ${user} -"
       ];
     }
 

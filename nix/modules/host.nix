@@ -36,7 +36,7 @@ let
       units = [
         "${wlib.unitFor name ws}.service"
       ]
-      ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${name}.service";
+      ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${wlib.machineFor name}.service";
       uid = toString cfg.user.uid;
     in
     {
@@ -45,65 +45,84 @@ let
       before = units;
       # The bridge (systemd-networkd) exists before any workspace attaches to it.
       after = [ "network.target" ];
+      # The state directory's nosuid,nodev mount (fileSystems below) is in place first.
+      unitConfig.RequiresMountsFor = [ cfg.stateDir ];
       path = [
         pkgs.openssh
         pkgs.coreutils
+        pkgs.util-linux
       ];
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
       };
       # Owner and mode are set on every start, not only when this unit creates a directory:
-      # microvm.nix's tmpfiles rules create every share source as microvm:kvm 0775 at boot,
-      # which would leave ~/workspace unwritable for the agent and the pinned host key
-      # writable by the kvm group. The host key is made only when missing: the server may
-      # have made it already, and pins that one.
+      # microvm.nix's tmpfiles rules create every share source as microvm:kvm 0775 at boot.
+      # The host key is made only when missing: the server may have made it already, and pins
+      # that one.
+      #
+      # This runs as root in directories the server's user may own (the state directory's
+      # owner; the host keys are theirs): it never acts through a symbolic link. It works
+      # inside the workspace's directory once it has checked where that is, never follows a
+      # link with chown (-h), and what follows links (chmod, ssh-keygen, creating files) runs
+      # as the owner of what it touches (setpriv), who can change nothing of anyone else's.
       script = ''
         set -eu
-        root=${esc cfg.stateDir}
-        state=${esc "${cfg.stateDir}/${name}"}
-        install -d -m 0755 "$state"
-        # The host key folder belongs to whoever owns the state directory (root, or the
-        # server's user), so the server can still write authorized_keys there.
-        keys_owner=$(stat -c %u:%g "$root")
-        # dir PATH MODE OWNER:GROUP; never through a symbolic link, since this runs as root.
-        dir() {
+        [ -e ${esc cfg.stateDir} ] || install -d -m 0711 ${esc cfg.stateDir}
+        root=$(realpath -e -- ${esc cfg.stateDir})
+        name=${esc name}
+        refuse_link() {
           if [ -L "$1" ]; then
             echo "workspace ${name}: $1 is a symbolic link; remove it and start the workspace again" >&2
             exit 1
           fi
-          install -d -m "$2" -o "''${3%%:*}" -g "''${3##*:}" "$1"
         }
-        # gid 100 is the "users" group inside the workspaces.
-        dir "$state/workspace" 0755 ${uid}:100
-        dir "$state/claude-config" 0700 ${uid}:100
-        dir "$state/ssh-host-keys" 0755 "$keys_owner"
-        key="$state/ssh-host-keys/ssh_host_ed25519_key"
-        if [ ! -e "$key" ]; then
-          ssh-keygen -q -t ed25519 -N "" -C ${esc name} -f "$key"
+        # The host keys belong to whoever owns the state directory (root, or the server's user).
+        keys_owner=$(stat -c %u "$root")
+        keys_group=$(stat -c %g "$root")
+        as() { u=$1 g=$2; shift 2; setpriv --reuid="$u" --regid="$g" --clear-groups -- "$@"; }
+        # dir NAME MODE UID GID, inside the current directory (made by the directory's owner).
+        dir() {
+          refuse_link "$1"
+          [ -d "$1" ] || as "$(stat -c %u .)" "$(stat -c %g .)" mkdir -m 0700 -- "$1"
+          refuse_link "$1"
+          chown -h "$3:$4" -- "$1"
+          as "$3" "$4" chmod "$2" -- "$1"
+        }
+        cd -- "$root"
+        # 0711: the workspace's owner passes through to their workspace directory; nobody lists.
+        dir "$name" 0711 "$keys_owner" "$keys_group"
+        cd -P -- "$name"
+        if [ "$(pwd -P)" != "$root/$name" ]; then
+          echo "workspace ${name}: $root/$name moved while it was being prepared" >&2
+          exit 1
         fi
-        [ -e "$state/ssh-host-keys/authorized_keys" ] \
-          || install -m 0644 /dev/null "$state/ssh-host-keys/authorized_keys"
-        for f in "$key" "$key.pub" "$state/ssh-host-keys/authorized_keys"; do
-          if [ -L "$f" ]; then
-            echo "workspace ${name}: $f is a symbolic link; remove it and start the workspace again" >&2
-            exit 1
-          fi
-        done
-        chown "$keys_owner" "$key" "$key.pub" "$state/ssh-host-keys/authorized_keys"
-        chmod 0600 "$key"
-        chmod 0644 "$key.pub" "$state/ssh-host-keys/authorized_keys"
+        # The agent's (the host owner's) directories: nobody else on the host reads them.
+        dir workspace 0700 ${uid} ${uid}
+        dir claude-config 0700 ${uid} ${uid}
+        dir ssh-host-keys 0700 "$keys_owner" "$keys_group"
+        key=ssh-host-keys/ssh_host_ed25519_key
+        for f in "$key" "$key.pub" ssh-host-keys/authorized_keys; do refuse_link "$f"; done
+        if [ ! -e "$key" ]; then
+          as "$keys_owner" "$keys_group" ssh-keygen -q -t ed25519 -N "" -C "$name" -f "$key"
+        fi
+        [ -e ssh-host-keys/authorized_keys ] || as "$keys_owner" "$keys_group" touch ssh-host-keys/authorized_keys
+        for f in "$key" "$key.pub" ssh-host-keys/authorized_keys; do refuse_link "$f"; done
+        as "$keys_owner" "$keys_group" chmod 0600 -- "$key"
+        as "$keys_owner" "$keys_group" chmod 0644 -- "$key.pub" ssh-host-keys/authorized_keys
       ''
       + lib.optionalString (ws.hostKey != null) ''
         if [ "$(cut -d' ' -f1,2 "$key.pub")" != ${esc (keyTypeAndBlob ws.hostKey)} ]; then
-          echo "workspace ${name}: $key.pub differs from sandboxed-workspace.workspaces.${name}.hostKey;" \
+          echo "workspace ${name}: $root/$name/$key.pub differs from sandboxed-workspace.workspaces.${name}.hostKey;" \
             "restore the pinned key or update hostKey (and the server's pin)" >&2
           exit 1
         fi
       ''
       + lib.optionalString (cfg.binaryCache.netrcFile != null) ''
-        dir /run/sandboxed-workspace/${name} 0700 0:0
-        install -m 0400 -o 0 -g 0 ${esc cfg.binaryCache.netrcFile} /run/sandboxed-workspace/${name}/netrc
+        install -d -m 0700 -o 0 -g 0 /run/sandboxed-workspace
+        cd /run/sandboxed-workspace
+        dir "$name" 0700 0 0
+        install -m 0400 -o 0 -g 0 ${esc cfg.binaryCache.netrcFile} "/run/sandboxed-workspace/$name/netrc"
       '';
     };
 in
@@ -129,5 +148,19 @@ in
     systemd.services = lib.mapAttrs' (
       name: ws: lib.nameValuePair (wlib.setupUnitFor name) (setupUnit name ws)
     ) workspaces;
+
+    # The shares are nosuid,nodev on the host side too: a setuid program or a device node
+    # left in a workspace directory does nothing when run or opened on the host. Bind
+    # mounts of it (nspawn's) inherit the flags; virtiofsd and Incus serve from it. Where
+    # the administrator mounts a file system of their own there, it gets the two options.
+    fileSystems.${cfg.stateDir} = {
+      device = lib.mkDefault cfg.stateDir;
+      fsType = lib.mkDefault "none";
+      options = [
+        "nosuid"
+        "nodev"
+      ]
+      ++ lib.optional (config.fileSystems.${cfg.stateDir}.device == cfg.stateDir) "bind";
+    };
   };
 }

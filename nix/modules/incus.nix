@@ -45,6 +45,7 @@ let
     name: ws:
     let
       limits = wlib.limitsFor cfg ws;
+      uid = toString cfg.user.uid;
     in
     {
       name = profileFor name;
@@ -57,6 +58,11 @@ let
         "limits.processes" = toString limits.tasks;
         # The guest's systemd needs nesting to set up its own namespaces.
         "security.nesting" = "true";
+        # A uid range of its own, and only the workspace user passes through unshifted:
+        # the agent's files are the host owner's, root inside is an unprivileged uid that
+        # the shares do not know (never host root, as `shift` would make it).
+        "security.idmap.isolated" = "true";
+        "raw.idmap" = "both ${uid} ${uid}";
       };
       devices = {
         eth0 = {
@@ -65,20 +71,25 @@ let
           parent = cfg.network.bridge;
           hwaddr = wlib.macFor name;
           name = "eth0";
+          # The port the network policy filters.
+          host_name = wlib.portFor name ws;
         };
       }
       // lib.listToAttrs (
         map (
           share:
-          lib.nameValuePair share.tag {
-            type = "disk";
-            source = share.source;
-            path = share.target;
-            # Idmapped: the workspace user owns its files on both sides of the
-            # unprivileged container's uid shift.
-            shift = "true";
-            readonly = lib.boolToString share.readOnly;
-          }
+          lib.nameValuePair share.tag (
+            {
+              type = "disk";
+              source = share.source;
+              path = share.target;
+              readonly = lib.boolToString share.readOnly;
+            }
+            # A writable share is never shifted (root inside would write as host root there):
+            # raw.idmap maps its owner alone. A read-only one (the host key, the secrets) is,
+            # so root inside can read what belongs to root or the server's user on the host.
+            // lib.optionalAttrs share.readOnly { shift = "true"; }
+          )
         ) (wlib.sharesFor cfg name)
       );
     };
@@ -124,11 +135,13 @@ let
         "incus.service"
         "incus-preseed.service"
         "${wlib.setupUnitFor name}.service"
+        "sandboxed-workspace-firewall.service"
       ];
       after = [
         "incus.service"
         "incus-preseed.service"
         "${wlib.setupUnitFor name}.service"
+        "sandboxed-workspace-firewall.service"
       ];
       wantedBy = lib.optional ws.autoStart "multi-user.target";
       path = [
@@ -168,6 +181,19 @@ in
     # Profiles of removed workspaces stay in Incus (a preseed only creates and
     # updates); `incus profile delete sandboxed-workspace-NAME` removes one.
     virtualisation.incus.preseed.profiles = lib.mapAttrsToList mkProfile incusWorkspaces;
+    # raw.idmap maps a host id into a container only where root may delegate it.
+    users.users.root.subUidRanges = [
+      {
+        startUid = cfg.user.uid;
+        count = 1;
+      }
+    ];
+    users.users.root.subGidRanges = [
+      {
+        startGid = cfg.user.uid;
+        count = 1;
+      }
+    ];
     systemd.services = lib.mapAttrs' (
       name: ws: lib.nameValuePair "incus-workspace-${name}" (mkUnit name ws)
     ) incusWorkspaces;

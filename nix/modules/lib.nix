@@ -59,7 +59,15 @@ rec {
   inherit fromHex parseIPv4 parseSubnet;
 
   maxNameLength = 12; # "vm-" + 12 = 15, Linux's interface name limit
-  maxContainerNameLength = 11; # nixpkgs' containers with privateNetwork
+
+  # Every workspace's container, VM and unit carry this prefix, so a workspace
+  # can never merge into a container or VM the administrator declared under
+  # the same name. sandbox_mcp/runtimes/nixos.py uses the same one.
+  namePrefix = "sbx-";
+  # nixpkgs' containers with privateNetwork allow 11 characters (the host's
+  # veth is "vb-" + the container name, which the network policy names), and
+  # the container name is the prefix + the workspace name.
+  maxContainerNameLength = 11 - builtins.stringLength namePrefix;
 
   # Same rule as sandbox_mcp.naming.validate_name.
   validName =
@@ -116,12 +124,27 @@ rec {
   packagePath = p: lib.splitString "." p;
   hasPackage = pkgs: p: lib.hasAttrByPath (packagePath p) pkgs;
 
+  # `containers.<this>` / `microvm.vms.<this>` of a workspace.
+  machineFor = name: namePrefix + name;
+
   unitFor =
     name: ws:
     {
-      container = "container@${name}";
-      vm = "microvm@${name}";
+      container = "container@${machineFor name}";
+      vm = "microvm@${machineFor name}";
       incus = "incus-workspace-${name}";
+    }
+    .${ws.type};
+
+  # The host side of the workspace's link on the bridge: the port the
+  # network policy filters. nspawn names a bridged container's veth "vb-" +
+  # the machine name; microvm.nix's TAP and Incus's veth get their name here.
+  portFor =
+    name: ws:
+    {
+      container = "vb-${machineFor name}";
+      vm = tapFor name;
+      incus = "vi-${name}";
     }
     .${ws.type};
 

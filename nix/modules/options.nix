@@ -21,11 +21,12 @@ let
           ];
           example = "vm";
           description = ''
-            How the workspace runs: `container` (a NixOS container, systemd-nspawn, unit
-            `container@NAME`), `vm` (a microvm.nix virtual machine, unit `microvm@NAME`; needs
-            microvm.nix's host module) or `incus` (an Incus/LXC container, unit
-            `incus-workspace-NAME`; needs `virtualisation.incus.enable`). Containers share the
-            host kernel; VMs isolate it.
+            How the workspace runs: `container` (a NixOS container `sbx-NAME`, systemd-nspawn,
+            unit `container@sbx-NAME`), `vm` (a microvm.nix virtual machine `sbx-NAME`, unit
+            `microvm@sbx-NAME`; needs microvm.nix's host module) or `incus` (an Incus/LXC
+            container, unit `incus-workspace-NAME`; needs `virtualisation.incus.enable`).
+            Containers share the host kernel; VMs isolate it. The `sbx-` prefix keeps the
+            workspaces apart from containers and VMs you declare yourself.
           '';
         };
 
@@ -36,6 +37,22 @@ let
             The workspace's static IPv4 address. It must lie inside
             {option}`sandboxed-workspace.network.subnet`, differ from the host address and be
             unique among workspaces. The host resolves it as `workspace-NAME`.
+          '';
+        };
+
+        egress = lib.mkOption {
+          type = lib.types.enum [
+            "none"
+            "internet"
+          ];
+          default = "none";
+          example = "internet";
+          description = ''
+            What the workspace may reach beyond the host's SSH to it (the server's `egress`):
+            `none` reaches nothing outside, not even DNS; `internet` goes out through the host's
+            NAT (needs {option}`sandboxed-workspace.network.nat`) and may ask DNS, but never
+            private ranges, link-local (169.254.169.254), loopback, CGNAT or reserved space.
+            No workspace reaches another, nor any service of the host.
           '';
         };
 
@@ -60,7 +77,10 @@ let
           example = lib.literalExpression "./workspaces/${name}.nix";
           description = ''
             An extra NixOS module for the workspace (a path, an attribute set or a module
-            function), applied on top of the shared base configuration.
+            function), applied on top of the shared base configuration. A VM's module also
+            sets what microvm.nix runs on the host as root (`microvm.shares`,
+            `microvm.binScripts`, its `pkgs`): only declare modules you would run as root.
+            The server's registry may name one for containers and Incus workspaces only.
           '';
         };
 
@@ -175,12 +195,13 @@ let
       }
     else
       lib.importJSON cfg.registryFile;
-  # An absolute `config` is left out here and refused by an assertion.
+  # An absolute `config`, or a VM's, is left out here and refused by an assertion.
   registryDir = dirOf cfg.registryFile;
   fromRegistry =
     _name: ws:
     (removeAttrs ws [ "config" ])
-    // lib.optionalAttrs (ws.config or null != null && !lib.hasPrefix "/" ws.config) {
+    # Never a VM's (an assertion says why): it would configure the host.
+    // lib.optionalAttrs (ws.config or null != null && !lib.hasPrefix "/" ws.config && ws.type or null != "vm") {
       config = registryDir + "/${ws.config}";
     };
 in
@@ -305,11 +326,12 @@ in
       example = lib.literalExpression "./sandboxed-workspaces.json";
       description = ''
         JSON file maintained by the sandbox-mcp server:
-        `{"version": 1, "authorizedKeys": [...], "workspaces": {NAME: {type, ip, packages,
-        autoStart, config, cpus, memoryMiB, tasks, vcpu, memory, hostKey}}}` (each
+        `{"version": 1, "authorizedKeys": [...], "workspaces": {NAME: {type, ip, egress,
+        packages, autoStart, config, cpus, memoryMiB, tasks, vcpu, memory, hostKey}}}` (each
         workspace key optional but `type` and `ip`), where `config` is null or a path
-        relative to the file's directory. It is read as data with `lib.importJSON`. Use a
-        path literal inside your flake so pure evaluation can read it.
+        relative to the file's directory (containers and Incus only: a VM's module would set
+        what runs on the host as root, and is refused). It is read as data with
+        `lib.importJSON`. Use a path literal inside your flake so pure evaluation can read it.
       '';
     };
 
@@ -420,7 +442,7 @@ in
     };
 
     container.privateUsers = lib.mkOption {
-      type = lib.types.either lib.types.ints.u32 (
+      type = lib.types.either (lib.types.ints.between 65536 4294836224) (
         lib.types.enum [
           "no"
           "identity"
@@ -428,14 +450,27 @@ in
         ]
       );
       default = "pick";
-      example = "no";
+      example = 1879048192;
       description = ''
         `privateUsers` of the NixOS containers: with `"pick"` (the default) root inside a
-        container is an unprivileged uid range on the host, picked by systemd-nspawn, and
-        the shared directories are idmapped so files keep their owners on both sides
-        (needs Linux 5.12 and a file system with idmapped mounts, e.g. ext4, btrfs, xfs).
-        `"no"` makes root inside root on the host: an agent with sudo inside can then
-        reach the host. Only set it where user namespaces do not work.
+        container is an unprivileged uid range on the host, picked by systemd-nspawn; a number
+        fixes the range's first uid (a multiple of 65536). The shares are idmapped so that only
+        the workspace user's files are the host owner's (`owneridmap`, systemd 255+) and the
+        host key is readable by root inside (`rootidmap`, read-only); root inside writes
+        nothing there. `"no"` and `"identity"` make root inside root on the host and are refused
+        unless {option}`sandboxed-workspace.container.allowRootOnHost` is set.
+      '';
+    };
+
+    container.allowRootOnHost = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Allow {option}`sandboxed-workspace.container.privateUsers` `"no"` or `"identity"`.
+        This GIVES ROOT ON THE HOST AWAY: the agent has sudo inside, and root inside such a
+        container is host root (it can write a setuid-root program into the shared workspace
+        directory, or take over the host through /proc and /sys). Only for hosts where user
+        namespaces do not work, and only for agents you would give root.
       '';
     };
 

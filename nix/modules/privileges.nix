@@ -3,7 +3,7 @@
 # user need not be root-equivalent:
 #
 #   nixos-rebuild switch --flake FLAKE#HOST
-#   systemctl start|stop UNIT      (container@NAME, microvm@NAME, incus-workspace-NAME)
+#   systemctl start|stop UNIT      (container@sbx-NAME, microvm@sbx-NAME, incus-workspace-NAME)
 #
 # These are sandbox_mcp/hostcmd.py's argv (nixos_rebuild_argv, systemctl_argv)
 # word for word; tests/test_nix.py compares them. The server reads unit state

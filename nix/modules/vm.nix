@@ -1,4 +1,12 @@
-# Workspaces of type "vm": microvm.nix virtual machines, unit microvm@NAME.
+# Workspaces of type "vm": microvm.nix virtual machines `sbx-NAME`, unit
+# microvm@sbx-NAME.
+#
+# virtiofsd runs as root on the host (microvm.nix's microvm-virtiofsd@). It
+# translates ids so that the guest may create and own files in a writable
+# share only as the workspace user, which is the host owner; every other
+# guest id (root above all) is refused, so root in the VM cannot leave a
+# setuid-root program or a root-owned file there. POSIX ACLs and xattrs
+# (file capabilities) are off on the shares for the same reason.
 #
 # microvm.nix's host module declares `microvm.*`. This module stays
 # importable without it (and without flakes): it defines `microvm.*` only
@@ -19,6 +27,21 @@ let
   hostConfig = config;
   vmWorkspaces = lib.filterAttrs (_: ws: ws.type == "vm") cfg.allWorkspaces;
   haveMicrovm = options ? microvm.vms;
+  minVirtiofsd = "1.13"; # --translate-uid/--translate-gid
+
+  # virtiofsd's id translation for a writable share: the workspace user is the
+  # host owner both ways; every other guest id is refused ("forbid-guest:
+  # FIRST:COUNT"), up to the last id.
+  translate =
+    let
+      u = cfg.user.uid;
+      rules = [
+        "forbid-guest:0:${toString u}"
+        "map:${toString u}:${toString u}:1"
+        "forbid-guest:${toString (u + 1)}:${toString (4294967295 - u - 1)}"
+      ];
+    in
+    map (r: "--translate-uid=${r}") rules ++ map (r: "--translate-gid=${r}") rules;
 
   guestModule = name: ws: {
     microvm = {
@@ -43,12 +66,19 @@ let
             tag = "ro-store";
             source = "/nix/store";
             mountPoint = "/nix/.ro-store";
+            # Served read-only by virtiofsd too (not only by the host's read-only store mount).
+            readOnly = true;
+            posixAcl = false;
           }
         ]
         ++ map (share: {
           proto = "virtiofs";
           inherit (share) tag source readOnly;
           mountPoint = share.target;
+          # microvm.nix's default, --posix-acl --xattr, would let the guest set file
+          # capabilities and ACLs on the host; it also excludes id translation.
+          posixAcl = false;
+          extraArgs = lib.optionals (!share.readOnly) translate;
         }) (wlib.sharesFor cfg name);
 
       interfaces = [
@@ -65,6 +95,21 @@ let
     };
   };
 
+  guestChecks =
+    { config, ... }:
+    {
+      assertions = [
+        {
+          assertion = lib.versionAtLeast (lib.getVersion config.microvm.virtiofsd.package) minVirtiofsd;
+          message = ''
+            sandboxed-workspace: VM workspace shares need virtiofsd ${minVirtiofsd} or newer (id
+            translation); microvm.virtiofsd.package is ${lib.getVersion config.microvm.virtiofsd.package}.
+            Update nixpkgs.
+          '';
+        }
+      ];
+    };
+
   mkVm = name: ws: {
     autostart = ws.autoStart;
     restartIfChanged = true;
@@ -72,6 +117,7 @@ let
       imports = [
         (import ./base.nix { inherit hostConfig name ws; })
         (guestModule name ws)
+        guestChecks
       ];
     };
   };
@@ -92,7 +138,9 @@ in
       ];
     }
     (lib.optionalAttrs haveMicrovm {
-      microvm.vms = lib.mkIf cfg.enable (lib.mapAttrs mkVm vmWorkspaces);
+      microvm.vms = lib.mkIf cfg.enable (
+        lib.mapAttrs' (name: ws: lib.nameValuePair (wlib.machineFor name) (mkVm name ws)) vmWorkspaces
+      );
     })
     (lib.mkIf (cfg.enable && vmWorkspaces != { }) {
       # Drop-ins for microvm.nix's template instances, as microvm.nix itself
@@ -103,15 +151,19 @@ in
         lib.mapAttrsToList (
           name: _:
           let
+            needs = [
+              "${wlib.setupUnitFor name}.service"
+              "sandboxed-workspace-firewall.service"
+            ];
             afterSetup = {
               overrideStrategy = "asDropin";
-              requires = [ "${wlib.setupUnitFor name}.service" ];
-              after = [ "${wlib.setupUnitFor name}.service" ];
+              requires = needs;
+              after = needs;
             };
           in
           {
-            "microvm@${name}" = afterSetup;
-            "microvm-virtiofsd@${name}" = afterSetup;
+            "microvm@${wlib.machineFor name}" = afterSetup;
+            "microvm-virtiofsd@${wlib.machineFor name}" = afterSetup;
           }
         ) vmWorkspaces
       );

@@ -12,7 +12,8 @@ is touched, and deleting them removes everything we added):
 
 ``inet`` family, what is routed or delivered to the host:
   * ``input``: from the bridge only replies to connections the host opened (the server's SSH)
-    pass; a workspace reaches no service on any host address;
+    pass, and (where the host serves DNS on the bridge, as the NixOS module's dnsmasq does) DNS
+    from workspaces with egress; a workspace reaches no other service on any host address;
   * ``forward``: a workspace whose port chain marked its packets (egress ``internet``) may go
     out, except to private ranges, link-local (169.254.169.254 above all), loopback, CGNAT,
     multicast and reserved space; DNS to the host's own resolvers is let through for those
@@ -20,6 +21,10 @@ is touched, and deleting them removes everything we added):
     bridge; a packet's mark is cleared whenever it crosses network namespaces, so a workspace
     cannot forge it.)
   * ``postrouting``: masquerade what leaves the subnet, present only where settings allow NAT.
+
+Direct mode loads the tables and admits ports one by one; the NixOS module renders the same policy
+for every workspace it declares at once (:func:`ruleset`, through ``nix/modules/firewall-template.json``,
+which :mod:`sandbox_mcp.hostnet.nixtemplate` generates from these functions).
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from .. import hostcmd
 from ..errors import BackendError, InvalidSpec
 
 __all__ = [
     "CLOSED_RANGES",
     "EGRESS_MARK",
+    "Policy",
+    "PolicyPort",
     "admit_script",
     "admitted_ports",
     "base_script",
     "host_nameservers",
     "remove_tables",
     "revoke_script",
+    "ruleset",
     "run_script",
     "enable_forwarding",
     "table_exists",
@@ -89,8 +99,11 @@ def base_script(
     *,
     nat: bool,
     nameservers: Sequence[ipaddress.IPv4Address] = (),
+    local_dns: ipaddress.IPv4Address | None = None,
 ) -> str:
     """The nft script that (re)creates both tables empty of workspaces.
+
+    ``local_dns`` is a host address on the bridge serving DNS, which workspaces with egress may ask.
 
     Replacing a table drops its workspace ports, so callers load this only when the tables are
     missing (see :class:`~sandbox_mcp.hostnet.HostNetwork`) and then admit each running workspace.
@@ -104,6 +117,11 @@ def base_script(
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} udp dport 53 accept\n"
         f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {{ {dns} }} tcp dport 53 accept\n"
         if dns else ""
+    )
+    local_dns_rules = (
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {ipaddress.IPv4Address(local_dns)} udp dport 53 accept\n"
+        f"        iifname \"{br}\" meta mark {EGRESS_MARK:#x} ip daddr {ipaddress.IPv4Address(local_dns)} tcp dport 53 accept\n"
+        if local_dns is not None else ""
     )
     masquerade = (
         f"""    chain postrouting {{
@@ -139,7 +157,7 @@ table inet {t} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{br}" ct state established,related accept
-        iifname "{br}" drop
+{local_dns_rules}        iifname "{br}" drop
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
@@ -177,6 +195,39 @@ def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *,
         lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
     lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
     return "\n".join(lines) + "\n"
+
+
+class PolicyPort(BaseModel):
+    """One workspace's port on the bridge, as :func:`admit_script` admits it."""
+
+    model_config = ConfigDict(frozen=True)
+    port: str
+    mac: str
+    ip: ipaddress.IPv4Address
+    egress: bool = False
+
+
+class Policy(BaseModel):
+    """The whole network policy of one bridge: what :func:`ruleset` renders."""
+
+    model_config = ConfigDict(frozen=True)
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    nat: bool = False
+    nameservers: tuple[ipaddress.IPv4Address, ...] = ()
+    local_dns: ipaddress.IPv4Address | None = None
+    ports: tuple[PolicyPort, ...] = ()
+
+
+def ruleset(policy: Policy) -> str:
+    """The complete nft script for ``policy``: both tables with every port admitted. Pure.
+
+    Raises:
+        InvalidSpec: a bridge or port name nft could misread, or a malformed MAC.
+    """
+    base = base_script(policy.bridge, policy.subnet, nat=policy.nat, nameservers=policy.nameservers,
+                       local_dns=policy.local_dns)
+    return base + "".join(admit_script(policy.bridge, p.port, p.mac, p.ip, egress=p.egress) for p in policy.ports)
 
 
 def revoke_script(bridge: str, port: str, present: str) -> str:

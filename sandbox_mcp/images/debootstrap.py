@@ -62,6 +62,7 @@ BASE_PACKAGES = (
     "git",
     "curl",
     "python3",  # runs the exec agent (sandbox_mcp/exec_agent.py); agents want it anyway
+    "python3-venv",  # `python3 -m venv` (ensurepip and its bundled pip wheel): agents make venvs offline too
 )
 
 # Units that only slow a short-lived sandbox's boot down or touch the network outside.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
+from ..errors import Unsupported
 from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
@@ -114,7 +115,14 @@ class Runtime(ABC):
     package_flavour: ClassVar[PackageFlavour] = "debian"
     # True when the runtime's workspaces sit on this host's bridge (their names go into the hosts file).
     host_network: ClassVar[bool] = False
+    # True when the workspace runs a kernel of its own (a VM): its /proc/vmstat counts its OOM kills only.
+    own_kernel: ClassVar[bool] = False
     State: ClassVar[type[RuntimeState]] = RuntimeState
+    # True when a snapshot of a running workspace should first flush the guest's own caches (``sync``
+    # inside): a VM's page cache is invisible to the host; a container's is the host's.
+    sync_before_capture: ClassVar[bool] = False
+    # Whether capture_root works: snapshot, restore and fork are refused up front when it does not.
+    has_snapshots: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
@@ -162,6 +170,16 @@ class Runtime(ABC):
         """Where the workspace dir lives on its host, as tools report it (``host_workspace_dir``).
         ``local`` is its directory under this server's state dir, what most runtimes share."""
         return str(local)
+
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """How many processes the OOM killer has ended in running workspace ``record`` since it started,
+        as the host can tell (its cgroup's counters); None: not from here (see ``own_kernel``)."""
+        return None
+
+    def complete_limits(self, limits: Limits) -> Limits:
+        """``limits`` (cpus, memory, tasks as create chose them) with every other bound this runtime gives a
+        workspace filled in (``disk_mib``), as create records and reports them. Pure. Default: none."""
+        return limits
 
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
         """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
@@ -231,3 +249,59 @@ class Runtime(ABC):
 
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:  # noqa: B027 - optional hook
         """Clean up what a crashed server left behind (links, namespaces) for workspaces not running."""
+
+    # -- pause and snapshots (optional: the defaults refuse with a clear error) -----------------
+
+    def _cannot(self, what: str) -> Unsupported:
+        return Unsupported(
+            f"the {self.name} runtime cannot {what}; stop_workspace and start_workspace (the workspace dir "
+            "survives) or destroy_workspace are what it offers"
+        )
+
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """Freeze everything running in the workspace; it keeps its memory and network state, nothing runs.
+
+        Raises:
+            Unsupported: this runtime cannot pause.
+            BackendError: the freeze did not take.
+        """
+        raise self._cannot("pause a workspace")
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        """Undo :meth:`pause`; a no-op on a workspace that is not frozen.
+
+        Raises:
+            Unsupported, BackendError: as :meth:`pause`.
+        """
+        raise self._cannot("resume a workspace")
+
+    async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
+        """Copy the workspace's writable root into ``dest`` (which does not exist yet).
+
+        Running (the manager has paused it): the live layer. Stopped: the layer its next start
+        begins from (:attr:`WorkspacePaths.root_layer`, or an empty one). Blocking work is the
+        runtime's to put in a thread.
+
+        Raises:
+            Unsupported: this runtime (or this kind of workspace) has no root the server can copy.
+            BackendError: the copy failed.
+        """
+        raise self._cannot("snapshot a workspace's root filesystem")
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        """What a captured root layer applies to (the image key): kept with a snapshot, given back on restore."""
+        return None
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        """``record`` booting its root layer over ``base`` (see :meth:`root_base`).
+
+        Raises:
+            InvalidState: that base is gone (an image pruned since); the layer cannot be used.
+        """
+        return record
+
+    async def adopt_files(  # noqa: B027 - optional hook
+        self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]
+    ) -> None:
+        """Make ``trees`` copied from ``source``'s workspace right for ``target`` (a fork): e.g. shift owners
+        from one uid range to the other. Default: nothing to change."""

@@ -21,7 +21,7 @@ import asyncssh
 from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
-from . import agent_ops, files
+from . import files
 from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
 from .commands import EXEC_AGENT_PATH, SSHTarget, agent_command, build_exec_command, resolve_path
 from .connect import TCP_CONNECT_TIMEOUT_S, open_connection, poll_until_connected
@@ -34,6 +34,7 @@ from .errors import (
     sftp_timeout_error,
 )
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
+from .stream import StreamBlock, pool_stream
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
@@ -195,8 +196,7 @@ class SSHPool:
         ``truncated=True``); the command sees EOF on stdin after ``stdin``. A command killed by a
         signal has ``exit_code=None`` and a note naming the signal on stderr. After ``timeout_s`` the
         command's whole process group is killed and the result has ``timed_out=True`` and
-        ``exit_code=None``. If the awaiting task is cancelled, the process group is killed too and
-        the cancellation propagates. ``on_output(fd, data, skipped)``: the output as it runs (agent only).
+        ``exit_code=None``; a cancelled call kills it too. ``on_output(fd, data, skipped)``: live output.
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
@@ -251,9 +251,9 @@ class SSHPool:
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
 
-    async def agent_op(self, target: SSHTarget, request: dict[str, object], **kw: Any) -> dict[str, object]:
-        """One process request to the workspace's exec agent: :func:`.agent_ops.agent_op`, on this pool."""
-        return await agent_ops.agent_op(self, target, request, **kw)
+    def stream(self, target: SSHTarget, command: str, **kw: Any) -> StreamBlock:
+        """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
+        return pool_stream(self, target, command, **kw)
 
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""

@@ -39,9 +39,14 @@ def register(mcp: MCPServer) -> None:
         egress='internet' when the work needs downloads. Packages listed in `packages` are installed
         on the host side into a cached image and need no egress.
 
+        A host repository: pass repo='/path/to/repo' (and ref) to start from a clone of it on branch
+        'sandbox/<name>' (result field repo: path, base, branch). Commit there, check with workspace_diff,
+        and bring the work back with fetch_workspace (it appears in the host repository as that branch).
+
         Errors: a taken name -> pick another or reuse it; an IP conflict -> omit ip; egress='internet'
         refused -> the host has NAT off, work without it or ask the user; a boot failure includes the
-        last log lines (see also workspace_logs).
+        last log lines (see also workspace_logs); repo not readable or not a repository -> ask the user
+        for the right path.
         """
         return await workspaces(ctx).create(CreateSpec(**spec), progress=progress_of(ctx))
 

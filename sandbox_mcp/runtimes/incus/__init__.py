@@ -31,11 +31,13 @@ from urllib.parse import quote
 import anyio
 
 from ... import onboarding, supervise
-from ...errors import BackendError, InvalidSpec
-from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...errors import BackendError, InvalidSpec, InvalidState
+from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
 from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
+from ..nspawn import hostcaps  # the host's own limits (what LXC may raise a container's to)
+from ..nspawn.cgroups import CgroupHost
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
 
@@ -84,7 +86,10 @@ def instance_body(
 
     No profiles: every device is ours, so a server's default profile (its own NIC) never joins.
     ``cpus`` may be a fraction: the instance sees ``ceil(cpus)`` CPUs and gets a CFS quota of
-    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``.
+    ``cpus`` of them (``limits.cpu.allowance``), as nspawn's containers get ``CPUQuota``. The root
+    disk gets ``limits.disk_mib`` as its ``size`` where that is set, and its resource limits are
+    ours, not incusd's (``limits.kernel.fsize``, ``limits.kernel.nofile``): the limits reported are
+    all there are.
     """
     return {
         "name": instance_name(record.name),
@@ -102,15 +107,24 @@ def instance_body(
             "limits.cpu.allowance": f"{max(1, round(limits.cpus * 100))}ms/100ms",
             "limits.memory": f"{limits.memory_mib}MiB",
             "limits.processes": str(limits.tasks),
+            "limits.kernel.fsize": "unlimited",
+            # Not above what incusd may raise it to: LXC then fails the start (found where it lacks
+            # CAP_SYS_RESOURCE); complete_limits says what that is, or None (a remote server's own).
+            **({"limits.kernel.nofile": f"1024:{limits.open_files}"} if limits.open_files is not None else {}),
             TAG_KEY: tag,
             "user.sandbox-mcp.workspace": record.name,
         },
         "devices": {
-            "root": {"type": "disk", "path": "/", "pool": pool},
+            "root": {"type": "disk", "path": "/", "pool": pool,
+                     **({"size": f"{limits.disk_mib}MiB"} if limits.disk_mib is not None else {})},
             "eth0": {"type": "nic", "name": "eth0", "hwaddr": record.mac, **nic},
             **disks,
         },
     }
+
+
+# Instance states in which it still runs: a frozen one (pause_workspace) too.
+_ALIVE = ("Running", "Frozen")
 
 
 class IncusState(RuntimeState):
@@ -140,6 +154,7 @@ class IncusRuntime(Runtime):
         self.network = ctx.network
         self.images = IncusImage(ctx.settings, ctx.images)
         self._client: IncusClient | None = None
+        self._sizes_roots: bool | None = None
 
     def max_cpus(self) -> float | None:
         """This host's CPUs on the local daemon; a remote server's are its own (it refuses what it lacks)."""
@@ -236,9 +251,28 @@ class IncusRuntime(Runtime):
                                    "delete that image on the server and create again")
         return key, fingerprint
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
+        that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
+        limit to (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        remote server, its own default (what it may raise limits to is not known here)."""
+        if limits.disk_mib is not None:
+            return limits
+        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
+
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
-        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
+
+    async def _pool_sizes_roots(self) -> bool:
+        """Whether the storage pool enforces a root disk's ``size``. A ``dir`` pool does only on a file
+        system with project quotas, and Incus then skips the quota with a warning in its log: a size
+        it would not hold is neither set nor reported."""
+        if self._sizes_roots is None:
+            pool = await self.client().request("GET", f"/1.0/storage-pools/{quote(self.incus.storage_pool, safe='')}")
+            self._sizes_roots = pool.get("driver") != "dir"
+        return self._sizes_roots
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         # Incus maps root inside to an unprivileged uid range it chooses (security.privileged=false).
@@ -304,8 +338,11 @@ class IncusRuntime(Runtime):
             await progress("setting up the network", None)
             await self.network.ensure()
             await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet")
+        limits = self._limits(record)
+        if not await self._pool_sizes_roots():
+            limits = limits.model_copy(update={"disk_mib": None})
         body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
-                             pool=self.incus.storage_pool, limits=self._limits(record), nic=self._nic(record),
+                             pool=self.incus.storage_pool, limits=limits, nic=self._nic(record),
                              disks=self._disks(record))  # fmt: skip
         client = self.client()
         try:
@@ -320,6 +357,7 @@ class IncusRuntime(Runtime):
                 if not self.remote:
                     await self.network.revoke(self._port(record))
             raise
+        record = record.model_copy(update={"limits": limits})  # what this instance got, as reported
         return self.with_state(record, state.model_copy(update={"instance": instance_name(record.name)}))
 
     async def _push_boot_files(self, record: WorkspaceRecord) -> None:
@@ -344,8 +382,27 @@ class IncusRuntime(Runtime):
                 await client.make_dir(inst, f"{inside}/{parent}", uid=uid, gid=uid, mode=0o700)
             await client.push_file(inst, f"{inside}/{rel}", data, uid=uid, gid=uid, mode=0o600)
 
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """Incus's freeze (the cgroup freezer under the instance)."""
+        await self._set_state(record, "freeze")
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        await self._set_state(record, "unfreeze")
+
+    async def _set_state(self, record: WorkspaceRecord, action: str) -> None:
+        inst = await self._instance(record)
+        if inst is None or inst.get("status") not in _ALIVE:
+            raise InvalidState(f"workspace {record.name!r} is not running; call start_workspace")
+        if (action == "freeze") == (inst.get("status") == "Frozen"):
+            return
+        await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": action, "timeout": 30})
+
     async def stop(self, record: WorkspaceRecord) -> None:
         inst = await self._instance(record)
+        if inst is not None and inst.get("status") == "Frozen":  # a frozen container cannot power off
+            with contextlib.suppress(IncusAPIError):
+                await self.client().call("PUT", f"{self._instance_path(record)}/state", json={"action": "unfreeze"})
+            inst = await self._instance(record)
         if inst is not None and inst.get("status") == "Running":
             # A clean power-off first; past the grace time _delete kills it. Its root is thrown away
             # anyway and the workspace dir is a host directory or a volume, so a kill loses nothing.
@@ -367,7 +424,7 @@ class IncusRuntime(Runtime):
             while (inst := await self._instance(record)) is not None:
                 # Either may race with Incus deleting an ephemeral instance that just stopped.
                 with contextlib.suppress(IncusAPIError):
-                    if inst.get("status") == "Running":
+                    if inst.get("status") in _ALIVE:
                         await self.client().call("PUT", f"{path}/state", json={"action": "stop", "force": True})
                     else:
                         await self.client().call("DELETE", path)
@@ -386,9 +443,24 @@ class IncusRuntime(Runtime):
                 if exc.status != 404:
                     raise
 
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """Local daemon: from the instance's memory cgroup on this host (found through its init's PID).
+        Remote: None (its cgroups are on another host)."""
+        if self.remote:
+            return None
+        try:
+            state = await self.client().request("GET", f"{self._instance_path(record)}/state")
+        except IncusAPIError:
+            return None
+        pid = state.get("pid") if isinstance(state, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        top = f"lxc.payload.{instance_name(record.name)}"
+        return await anyio.to_thread.run_sync(lambda: CgroupHost().oom_kills_of(pid, top))
+
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         inst = await self._instance(record)
-        running = inst is not None and inst.get("status") == "Running"
+        running = inst is not None and inst.get("status") in _ALIVE
         uptime = None
         if running and inst and inst.get("last_used_at"):
             with contextlib.suppress(ValueError):
@@ -397,7 +469,7 @@ class IncusRuntime(Runtime):
         where = self.incus.url or "local incusd"
         location = f" on {inst.get('location')}" if inst and inst.get("location") not in (None, "", "none") else ""
         return RuntimeDetail(
-            runtime=self.name, running=running, uptime_s=uptime,
+            runtime=self.name, running=running, uptime_s=uptime, paused=bool(inst and inst.get("status") == "Frozen"),
             detail=f"Incus instance {instance_name(record.name)} ({where}{location}): "
                    f"{inst.get('status') if inst else 'absent'}",
         )  # fmt: skip
@@ -423,7 +495,7 @@ class IncusRuntime(Runtime):
         except (BackendError, InvalidSpec):
             return  # no daemon, nothing of ours can be running there
         by_tag = {self._tag(r): r for r in records}
-        running = {self._tag(r) for r in records if r.state in ("running", "starting")}
+        running = {self._tag(r) for r in records if r.state in ("running", "paused", "starting")}
         for inst in instances or []:
             tag = (inst.get("config") or {}).get(TAG_KEY)
             if tag in by_tag and tag not in running:

@@ -3,9 +3,16 @@
 The module (``nix/``) reads a JSON registry with ``lib.importJSON`` and merges its workspaces
 with the declared ones. Adding a workspace means: add it to the registry, write its
 ``<name>.nix`` template (once; people may edit it), let git know both files when the flake is
-a git repository, and run ``nixos-rebuild switch`` through the configured escalation. A
-failed rebuild puts the registry back byte for byte. Values from the user only ever reach
-Nix as JSON data, never as Nix code.
+a git repository, and run ``nixos-rebuild switch`` through the configured escalation. Values
+from the user only ever reach Nix as JSON data, never as Nix code.
+
+Two locks beside the registry: ``<registry>.lock`` is held only while the registry is read and
+written (milliseconds), ``<registry>.rebuild.lock`` while a rebuild runs (minutes), so other
+creates and destroys record their change meanwhile instead of waiting for the whole rebuild. A
+failed rebuild takes back its own change: byte for byte when nobody changed the registry since,
+else that workspace's entry alone. A rebuild of a git flake applies the working tree, so it is
+refused while tracked files other than the registry and the workspaces' ``.nix`` files have
+uncommitted changes: a create never applies someone's half-done edit of the host.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from . import commands
 
 __all__ = [
     "CONTAINER_NAME_MAX",
+    "NAME_PREFIX",
     "REGISTRY_VERSION",
     "SHOW_PROPERTIES",
     "WORKSPACE_TEMPLATE",
@@ -43,7 +51,12 @@ __all__ = [
 ]
 
 REGISTRY_VERSION = 1
-CONTAINER_NAME_MAX = 11  # nixpkgs' containers with privateNetwork refuse longer names (ve-NAME ≤ 15)
+# The module's containers and VMs are `sbx-NAME` (nix/modules/lib.nix: namePrefix), so a workspace
+# never merges into a container or VM the administrator declared.
+NAME_PREFIX = "sbx-"
+# nixpkgs' private-network containers allow 11 characters (the host's veth is "vb-" + the name,
+# which the network policy filters by name), prefix included.
+CONTAINER_NAME_MAX = 11 - len(NAME_PREFIX)
 SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ActiveEnterTimestampMonotonic")
 _QUERY_TIMEOUT_S = 30.0
 _GIT_TIMEOUT_S = 60.0
@@ -70,15 +83,15 @@ WORKSPACE_TEMPLATE = """\
 """
 
 _UNIT_PATTERNS: dict[str, str] = {
-    "container": "container@{}",
-    "vm": "microvm@{}",
+    "container": "container@" + NAME_PREFIX + "{}",
+    "vm": "microvm@" + NAME_PREFIX + "{}",
     "incus": "incus-workspace-{}",
 }
 
 
 def unit_for(type_: WorkspaceType, name: str) -> str:
-    """The systemd unit the module declares for a workspace: ``container@NAME``, ``microvm@NAME``
-    or ``incus-workspace-NAME``.
+    """The systemd unit the module declares for a workspace: ``container@sbx-NAME``,
+    ``microvm@sbx-NAME`` or ``incus-workspace-NAME``.
 
     Raises:
         InvalidSpec: an unknown type or an invalid name.
@@ -148,6 +161,21 @@ def _tail(lines: Sequence[str], n: int = _OUTPUT_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+_ABSENT: Any = object()
+
+
+def _current(spec: Any) -> Any:
+    """A registry entry in the current format: older servers wrote no ``egress`` (the module's
+    default is ``none``) and named a module for VMs, which the module now refuses (it would
+    configure the host)."""
+    if not isinstance(spec, dict):
+        return spec
+    spec = {**spec, "egress": spec.get("egress", "none")}
+    if spec.get("type") == "vm":
+        spec["config"] = None
+    return spec
+
+
 class _Snapshot:
     """The registry and per-workspace file as they were before a change, to put back on failure."""
 
@@ -156,6 +184,11 @@ class _Snapshot:
         self.registry_bytes = registry_bytes
         self.registry_mode = registry_mode
         self.created: list[Path] = []  # files this change created; removed on restore
+        self.written: bytes | None = None  # the registry as this change wrote it
+        # The one entry this change made or removed: its name, what it was and what it became.
+        self.name = ""
+        self.before: Any = _ABSENT
+        self.after: Any = _ABSENT
 
 
 class NixosRuntime(Runtime):
@@ -237,41 +270,40 @@ class NixosRuntime(Runtime):
         return VM_MIN_MEMORY_MIB if type_ == "vm" else MIN_MEMORY_MIB
 
     def validate(self, record: WorkspaceRecord) -> None:
-        """Refuse what the module would refuse (e.g. a container name over 11 characters). Pure."""
+        """Refuse what the module would refuse (e.g. a container name over 7 characters). Pure."""
         self.registry_entry(record)
 
     def registry_entry(self, record: WorkspaceRecord) -> dict[str, Any]:
         """The registry value for one workspace, in the module's fixed format.
 
         Raises:
-            InvalidSpec: the name, type, IP or a package attribute path is invalid, or egress is asked for,
-                which the module cannot give one workspace (nothing changed).
+            InvalidSpec: the name, type, IP or a package attribute path is invalid (nothing changed).
         """
         validate_name(record.name)
         if record.type not in self.types:
             raise InvalidSpec(f"workspace type {record.type!r} is not one of {sorted(self.types)}")
         if record.type == "container" and len(record.name) > CONTAINER_NAME_MAX:
             raise InvalidSpec(
-                f"workspace name {record.name!r} is {len(record.name)} characters; NixOS containers "
-                f"allow at most {CONTAINER_NAME_MAX} (nixpkgs' private-network containers cap it): "
-                f"pick a shorter name"
+                f"workspace name {record.name!r} is {len(record.name)} characters; container workspaces "
+                f"allow at most {CONTAINER_NAME_MAX} in nixos mode (the NixOS container is "
+                f"{NAME_PREFIX}NAME, and nixpkgs' private-network containers allow 11): pick a shorter name, "
+                f"or type 'vm' or 'incus'"
             )
         validate_ip(record.ip, self.settings.subnet)
-        if record.egress != "none":
-            # The module has no per-workspace egress: its network settings apply to the whole bridge.
-            # Refused rather than recorded and silently not enforced.
-            raise InvalidSpec(
-                f"egress={record.egress!r} is not available in nixos mode: the NixOS module has no per-workspace "
-                "network access yet (its own settings apply to every workspace on the bridge); create the "
-                "workspace without egress"
-            )
+        # egress is data the module enforces per workspace (its network policy is direct mode's); a host
+        # whose module has NAT off refuses "internet" at evaluation, and the rebuild's failure says so.
         limits = record.limits
         return {
             "type": record.type,
             "ip": record.ip,
+            "egress": record.egress,
             "packages": validate_packages(record.packages, "nix"),
             "autoStart": False,  # the server starts units itself
-            "config": os.path.relpath(self.workspace_file(record.name), self.registry_path.parent),
+            # A VM's module would also configure what microvm.nix runs on the host as root: the
+            # registry (which this server's user writes) names modules for containers and Incus only.
+            "config": None if record.type == "vm" else os.path.relpath(
+                self.workspace_file(record.name), self.registry_path.parent
+            ),
             # The module's options are whole CPUs (a VM's vCPUs; a container's CPUQuota, 100 % each).
             "cpus": math.ceil(limits.cpus) if limits else None,
             "memoryMiB": limits.memory_mib if limits else None,
@@ -287,23 +319,26 @@ class NixosRuntime(Runtime):
     # ---- the registry -----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _locked(self, progress: Progress | None = None) -> AsyncIterator[None]:
-        """Hold ``<registry>.lock`` (flock) across read, write and rebuild."""
-        lock_path = self.registry_path.with_name(self.registry_path.name + ".lock")
+    async def _locked(self, progress: Progress | None = None, *, rebuild: bool = False) -> AsyncIterator[None]:
+        """Hold ``<registry>.lock`` (reading and writing the registry) or, with ``rebuild``,
+        ``<registry>.rebuild.lock`` (one rebuild at a time); flock, so a lock dies with its holder."""
+        suffix = ".rebuild.lock" if rebuild else ".lock"
+        lock_path = self.registry_path.with_name(self.registry_path.name + suffix)
+        what = "rebuild" if rebuild else "change to the NixOS registry"
 
         async def told() -> None:
             if progress is not None:
-                await progress("waiting for another change to the NixOS registry to finish", None)
+                await progress(f"waiting for another {what} to finish", None)
 
         try:
             with anyio.fail_after(self.settings.nixos.rebuild_timeout_s):
                 lock = async_file_lock(lock_path, on_wait=told)
                 await lock.__aenter__()
         except TimeoutError as exc:
-            raise CommandTimeout(f"the registry lock {lock_path} stayed taken; is another rebuild stuck?") from exc
+            raise CommandTimeout(f"the lock {lock_path} stayed taken; is another rebuild stuck?") from exc
         except OSError as exc:
             raise BackendError(
-                f"cannot open the registry lock {lock_path}: {exc}; the server's user must be able to write "
+                f"cannot open the lock {lock_path}: {exc}; the server's user must be able to write "
                 f"to {self.registry_path.parent}"
             ) from exc
         try:
@@ -340,6 +375,8 @@ class NixosRuntime(Runtime):
         return data, snap
 
     def _write_registry(self, data: dict[str, Any], snap: _Snapshot) -> None:
+        # Each write brings older entries to the current format (_current).
+        data["workspaces"] = {k: _current(v) for k, v in data["workspaces"].items()}
         ordered = {
             "version": REGISTRY_VERSION,
             "authorizedKeys": data["authorizedKeys"],
@@ -351,6 +388,7 @@ class NixosRuntime(Runtime):
             atomic_write(self.registry_path, text.encode(), mode=snap.registry_mode)
         except OSError as exc:
             raise BackendError(f"cannot write the registry {self.registry_path}: {exc}") from exc
+        snap.written = text.encode()
         if snap.registry_bytes is None:
             snap.created.append(self.registry_path)
 
@@ -406,8 +444,46 @@ class NixosRuntime(Runtime):
             argv = commands.git_forget_argv(self.flake, inside)
             await hostcmd.run(argv, timeout_s=_GIT_TIMEOUT_S, check=False)
 
-    async def _rebuild_or_restore(self, snap: _Snapshot, progress: Progress, what: str) -> None:
-        """Rebuild; on any failure put the previous files back and raise with the rebuild's output tail."""
+    def _is_ours(self, root: Path, relative: str) -> bool:
+        """Is this flake file one the server manages: the registry or a workspace's ``.nix`` file?"""
+        path = (root / relative).absolute()
+        return path == self.registry_path or (path.parent == self.config_dir and path.suffix == ".nix")
+
+    async def _refuse_unrelated_changes(self) -> None:
+        """Refuse to rebuild a git flake whose tracked files have uncommitted changes of someone else's.
+
+        nixos-rebuild applies a git flake's working tree: without this, a create would switch the
+        host to whatever half-done edit of its configuration lies there.
+
+        Raises:
+            Conflict: such changes, named.
+            CommandFailed / BackendError: git could not be asked.
+        """
+        root = _git_root(self.flake)
+        if root is None:
+            return
+        done = await hostcmd.run(commands.git_status_argv(root), timeout_s=_GIT_TIMEOUT_S)
+        fields = done.stdout.split("\0")
+        changed, i = [], 0
+        while i < len(fields):
+            entry = fields[i]
+            i += 1
+            if len(entry) < 4:
+                continue
+            changed.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy names its source next
+                changed.append(fields[i])
+                i += 1
+        foreign = sorted({f for f in changed if not self._is_ours(root, f)})
+        if foreign:
+            shown = ", ".join(foreign[:8]) + (" …" if len(foreign) > 8 else "")
+            raise Conflict(
+                f"the flake {root} has uncommitted changes to {shown}; a rebuild would apply them to the "
+                f"host along with the workspace. Commit or stash them (git -C {root} stash), then try again"
+            )
+
+    async def _rebuild(self, progress: Progress, what: str) -> None:
+        """One rebuild at a time, with the registry free meanwhile; raises with the output's tail."""
         argv = self.rebuild_argv()
         output: list[str] = []
 
@@ -416,44 +492,73 @@ class NixosRuntime(Runtime):
             del output[:-_OUTPUT_TAIL_LINES]
             await progress(line, None)
 
-        await progress(f"{what}: running {' '.join(argv)}", None)
+        async with self._locked(progress, rebuild=True):
+            await self._refuse_unrelated_changes()
+            await progress(f"{what}: running {' '.join(argv)}", None)
+            try:
+                await hostcmd.run(argv, timeout_s=self.settings.nixos.rebuild_timeout_s, on_line=on_line)
+            except CommandFailed as exc:
+                raise CommandFailed(
+                    exc.argv,
+                    exc.exit_status,
+                    _tail(output) or exc.stderr,
+                    hint=f"the previous configuration was restored ({self.registry_path}); "
+                    f"fix the cause above and try again",
+                ) from exc
+
+    async def _undo(self, snap: _Snapshot) -> None:
+        """Take back one change whose rebuild failed; what others changed meanwhile stays."""
+        async with self._locked():
+            try:
+                current: bytes | None = self.registry_path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            if current == snap.written:
+                await self._restore(snap)  # nobody changed it since: byte for byte
+                return
+            data, now = self._read_registry()
+            workspaces = data["workspaces"]
+            if workspaces.get(snap.name, _ABSENT) == snap.after:  # still what this change made it
+                if snap.before is _ABSENT:
+                    workspaces.pop(snap.name, None)
+                else:
+                    workspaces[snap.name] = snap.before
+                self._write_registry(data, now)
+            snap.created = [p for p in snap.created if p != self.registry_path]
+            snap.registry_bytes = None  # the registry itself is done
+            await self._restore(snap)
+
+    async def _rebuild_or_undo(self, snap: _Snapshot, progress: Progress, what: str) -> None:
+        """Rebuild; on any failure (timeout, cancellation too) take this change back, then raise."""
         try:
-            await hostcmd.run(argv, timeout_s=self.settings.nixos.rebuild_timeout_s, on_line=on_line)
-        except CommandFailed as exc:
-            with anyio.CancelScope(shield=True):
-                await self._restore(snap)
-            raise CommandFailed(
-                exc.argv,
-                exc.exit_status,
-                _tail(output) or exc.stderr,
-                hint=f"the previous configuration was restored ({self.registry_path}); "
-                f"fix the cause above and try again",
-            ) from exc
+            await self._rebuild(progress, what)
         except BaseException:
-            # Timeout, cancellation, a missing program: the registry goes back all the same.
             with anyio.CancelScope(shield=True):
-                await self._restore(snap)
+                await self._undo(snap)
             raise
 
     # ---- Runtime ----------------------------------------------------------------------------
 
     async def prepare(self, record: WorkspaceRecord, progress: Progress) -> WorkspaceRecord:
-        """Add the workspace to the registry, write its ``.nix`` file if absent, and rebuild.
+        """Add the workspace to the registry, write its ``.nix`` file if absent (not for a VM), and rebuild.
 
         Raises:
-            InvalidSpec: invalid name/type/IP/packages, or a container name over 11 characters
-                (nothing is changed on disk).
-            Conflict: the registry already holds this name with other settings, or its IP.
+            InvalidSpec: invalid name/type/IP/packages, or a container name over 7 characters
+                (its NixOS container sbx-NAME would pass 11); nothing is changed on disk.
+            Conflict: the registry already holds this name with other settings, or its IP; or the
+                flake has someone's uncommitted changes a rebuild would apply (nothing changed).
             CommandFailed: the rebuild failed; the previous registry was restored and the
                 message ends with the rebuild's output.
             CommandTimeout: the rebuild took longer than nixos.rebuild_timeout_s (registry restored).
             BackendError: files could not be written, or a program is missing.
         """
         entry = self.registry_entry(record)
+        await self._refuse_unrelated_changes()  # before anything is written
         async with self._locked(progress):
             data, snap = self._read_registry()
             workspaces: dict[str, Any] = data["workspaces"]
             existing = workspaces.get(record.name)
+            existing = _current(existing)
             if existing is not None and existing != entry:
                 raise Conflict(
                     f"the NixOS registry {self.registry_path} already declares a workspace {record.name!r} "
@@ -462,18 +567,22 @@ class NixosRuntime(Runtime):
             for other, spec in workspaces.items():
                 if other != record.name and isinstance(spec, dict) and spec.get("ip") == record.ip:
                     raise Conflict(f"IP {record.ip} is already used by {other!r} in {self.registry_path}")
+            snap.name, snap.before, snap.after = record.name, workspaces.get(record.name, _ABSENT), entry
             workspaces[record.name] = entry
             if self.client_public_key not in data["authorizedKeys"]:
                 data["authorizedKeys"].append(self.client_public_key)
             try:
                 self._write_registry(data, snap)
-                ws_file = self._write_template(record.name, snap)
-                await self._git_intent_to_add([self.registry_path, ws_file])
+                files = [self.registry_path]
+                if entry["config"] is not None:
+                    files.append(self._write_template(record.name, snap))
+                await self._git_intent_to_add(files)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._restore(snap)
                 raise
-            await self._rebuild_or_restore(snap, progress, f"declaring workspace {record.name!r}")
+        # The registry is free again: other changes go in while this one rebuilds.
+        await self._rebuild_or_undo(snap, progress, f"declaring workspace {record.name!r}")
         await progress(f"workspace {record.name!r} is declared in the NixOS configuration", 1.0)
         return record
 
@@ -517,18 +626,23 @@ class NixosRuntime(Runtime):
             CommandFailed: the rebuild failed; the previous registry was restored.
             CommandTimeout: the rebuild took too long (registry restored).
             BackendError: files could not be written, or a program is missing.
+            Conflict: the flake has someone's uncommitted changes a rebuild would apply (nothing changed).
         """
+        await self._refuse_unrelated_changes()
         async with self._locked():
             data, snap = self._read_registry()
-            if record.name in data["workspaces"]:
-                del data["workspaces"][record.name]
+            declared = record.name in data["workspaces"]
+            if declared:
+                snap.name, snap.before = record.name, data["workspaces"].pop(record.name)
                 try:
                     self._write_registry(data, snap)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await self._restore(snap)
                     raise
-                await self._rebuild_or_restore(snap, no_progress, f"removing workspace {record.name!r}")
+        if declared:
+            await self._rebuild_or_undo(snap, no_progress, f"removing workspace {record.name!r}")
+        async with self._locked():
             ws_file = self.workspace_file(record.name)
             try:
                 pristine = ws_file.read_text() == WORKSPACE_TEMPLATE

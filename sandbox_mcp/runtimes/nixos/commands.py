@@ -10,7 +10,7 @@ from pathlib import Path
 from ...errors import InvalidSpec
 from ...hostcmd import Escalation, escalate
 
-__all__ = ["git_forget_argv", "git_intent_to_add_argv", "nixos_rebuild_argv"]
+__all__ = ["git_forget_argv", "git_intent_to_add_argv", "git_status_argv", "nixos_rebuild_argv"]
 
 _REBUILD_ACTIONS = frozenset({"switch", "boot", "test", "build", "dry-build"})
 # nixosConfigurations attribute: a host name, kept strict so it is never more than one attribute.
@@ -63,3 +63,9 @@ def git_forget_argv(repo: str | Path, files: Sequence[str | Path]) -> list[str]:
     if not files:
         raise InvalidSpec("git rm needs at least one file")
     return ["git", "-C", str(repo), "rm", "--cached", "--quiet", "--ignore-unmatch", "--", *map(str, files)]
+
+
+def git_status_argv(repo: str | Path) -> list[str]:
+    """``git -C <repo> status --porcelain=v1 -z --untracked-files=no``: the tracked files with uncommitted
+    changes, which a flake rebuild would apply (untracked files are invisible to flakes)."""
+    return ["git", "-C", str(repo), "status", "--porcelain=v1", "-z", "--untracked-files=no"]

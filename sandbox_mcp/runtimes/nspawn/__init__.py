@@ -23,12 +23,12 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from ... import onboarding, supervise, sysctls
+from ... import hostcmd, onboarding, snapshots, supervise, sysctls
 from ...checks import which_check
-from ...errors import BackendError, InvalidSpec
+from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...fsutil import atomic_write
 from ...images import DebianRoot
-from ...models import Check, Limits, RuntimeDetail, WorkspaceRecord
+from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
@@ -117,7 +117,10 @@ def nspawn_argv(
         f"--hostname={name}",
         *kind,
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
-        "--rlimit=RLIMIT_FSIZE=infinity",  # nspawn's own limit bounds the console log only
+        # The resource limits the container starts with are ours (Limits.file_size, open_files), not
+        # whatever the server runs under. The console log is bounded by its copier, not by a limit.
+        "--rlimit=RLIMIT_FSIZE=infinity",
+        f"--rlimit=RLIMIT_NOFILE=1024:{OPEN_FILES}",
         "--link-journal=no",
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
@@ -130,7 +133,6 @@ def launch_argv(
     argv: list[str],
     procs_files: list[Path],
     user_namespaced: bool,
-    console_log_bytes: int,
     *,
     scope: str | None = None,
     limits: Limits | None = None,
@@ -142,18 +144,18 @@ def launch_argv(
     and execs the rest in place, so the PID spawned is still nspawn's.
 
     User-namespaced: with ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``, so nspawn gives the container
-    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies). nspawn's
-    file-size limit bounds the console log (it is nspawn's stdout): SIGXFSZ ignored, a write past
-    it fails and nspawn stops the workspace, instead of a console flood filling the host's disk.
-    ``argv`` gives the container ``--rlimit=RLIMIT_FSIZE=infinity`` so the limit stays nspawn's.
+    the delegated unified cgroup (its systemd cannot use the host's v1 hierarchies).
+
+    No resource limit is set here: whatever nspawn runs under, every process in the container
+    inherits (a file-size limit meant for the console log once reached them all, issue 28). The
+    console log is bounded by the copier nspawn's output goes to (``NspawnRuntime.start``).
     """
     env = ["env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1"] if user_namespaced else []
-    bounded = ["sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit", f"--fsize={console_log_bytes}", "--"]
     if scope is not None:
         if limits is None or procs_files:
             raise InvalidSpec("a scope takes limits and no cgroup.procs files")
-        return scopes.scope_argv(scope, limits, [*bounded, *env, *argv])
-    return join_argv(procs_files, [*bounded, *env, *argv])
+        return scopes.scope_argv(scope, limits, [*env, *argv])
+    return join_argv(procs_files, [*env, *argv])
 
 
 class NspawnState(RuntimeState):
@@ -192,6 +194,7 @@ class NspawnRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    has_snapshots = True
     State = NspawnState
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -228,9 +231,22 @@ class NspawnRuntime(Runtime):
     def _mounts(self, record: WorkspaceRecord) -> RootMounts:
         return RootMounts(self._paths(record).runtime / "mnt")
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root layer's size: ``root_layer_mib``, at most half of ``memory_mib``; the open files nspawn
+        can give (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`).
+
+        The layer is a tmpfs whose pages count against the workspace's memory (no swap). Larger
+        than the memory left to it, filling it would not fail with ENOSPC but wake the OOM killer,
+        which ends some process of the workspace (whichever uses the most memory, not the writer).
+        """
+        if limits.disk_mib is not None:
+            return limits
+        return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2),
+                                         "open_files": hostcaps.open_files_ceiling(OPEN_FILES)})
+
     def _limits(self, record: WorkspaceRecord) -> Limits:
         s = self.settings
-        return record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max)
+        return self.complete_limits(record.limits or Limits(cpus=s.cpus, memory_mib=s.memory_mib, tasks=s.tasks_max))
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
@@ -356,7 +372,12 @@ class NspawnRuntime(Runtime):
                     self._cgroups().prepare, record.name, base, self._limits(record)
                 )
             state = state.model_copy(update={"cgroups": manager})
-            record = self.with_state(record, state)
+            # A record made before disk_mib existed gets it now (reported from this start on). A privileged
+            # container's root is nspawn's own --volatile tmpfs, which no bound of ours sizes: none reported.
+            limits = self._limits(record)
+            root_layer_mib = limits.disk_mib or self.settings.root_layer_mib
+            limits = limits.model_copy(update={"disk_mib": root_layer_mib if base is not None else None})
+            record = self.with_state(record, state).model_copy(update={"limits": limits})
             if base is not None:
                 await anyio.to_thread.run_sync(
                     lambda: rootfs.mount_all(
@@ -366,7 +387,8 @@ class NspawnRuntime(Runtime):
                         claude_config=paths.claude_config,
                         host_keys=paths.ssh_host_keys,
                         uid_base=base,
-                        root_layer_mib=self.settings.root_layer_mib,
+                        root_layer_mib=root_layer_mib,
+                        seed=paths.root_layer if paths.root_layer.is_dir() else None,
                     )
                 )
             argv = nspawn_argv(
@@ -380,18 +402,10 @@ class NspawnRuntime(Runtime):
                 tag=self._tag(record),
             )
             await progress("booting the container", None)
-            process = await anyio.to_thread.run_sync(
-                lambda: supervise.spawn(
-                    launch_argv(
-                        argv, procs, base is not None, self.settings.console_log_mib << 20,
-                        scope=self._scope(record) if manager == "systemd" else None,
-                        limits=self._limits(record),
-                    ),
-                    paths.console_log,
-                    tag=self._tag(record),
-                    missing_hint=_NSPAWN_MISSING,
-                )
-            )
+            launch = launch_argv(argv, procs, base is not None,
+                                 scope=self._scope(record) if manager == "systemd" else None,
+                                 limits=self._limits(record))  # fmt: skip
+            process = await anyio.to_thread.run_sync(lambda: self._spawn(record, launch))
             state = state.model_copy(update={"process": process})
             record = self.with_state(record, state)
             leader = await self._find_leader(process, self.settings.boot_timeout_s)
@@ -413,6 +427,21 @@ class NspawnRuntime(Runtime):
                 await self.stop(record)
             raise
         return record
+
+    def _spawn(self, record: WorkspaceRecord, argv: list[str]) -> ProcessRef:
+        """Start nspawn with its output (the container's console) in a pipe to the bounded log copier.
+
+        The log keeps the first ``console_log_mib`` MiB and the copier drops the rest, so a
+        container flooding its console neither fills the host's disk nor is stopped for it, and
+        no limit of the log's reaches the workspace. The copier carries the workspace's tag (stop,
+        destroy and the reconcile end it with nspawn) and ends by itself at EOF, when nspawn exits.
+        """
+        log = self._paths(record).console_log
+        _, write_end = supervise.spawn_bounded_sink(log, self.settings.console_log_mib << 20, tag=self._tag(record))
+        try:
+            return supervise.spawn(argv, log, tag=self._tag(record), missing_hint=_NSPAWN_MISSING, stdout=write_end)
+        finally:
+            os.close(write_end)  # nspawn holds the only write end now: its exit is the copier's EOF
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
@@ -449,6 +478,10 @@ class NspawnRuntime(Runtime):
 
     async def stop(self, record: WorkspaceRecord) -> None:
         state = self.state(record)
+        # A frozen nspawn cannot act on SIGTERM: thaw it, so the container powers off cleanly.
+        if state.cgroups != "systemd" and self._cgroups().is_frozen(record.name):
+            with contextlib.suppress(BackendError):
+                await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, False)
         # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not.
         await supervise.terminate(state.process, grace_s=self.settings.stop_timeout_s, marker=self._marker(record))
         # nspawn died without taking its container along: killing a PID namespace's init ends all of it.
@@ -475,6 +508,12 @@ class NspawnRuntime(Runtime):
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
 
+    async def oom_kills(self, record: WorkspaceRecord) -> int | None:
+        """From the cgroups this server made at its start (a systemd scope's are not read: None)."""
+        if self.state(record).cgroups == "systemd":
+            return None
+        return await anyio.to_thread.run_sync(self._cgroups().oom_kills, record.name)
+
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
         running = self._running(record)
@@ -486,10 +525,65 @@ class NspawnRuntime(Runtime):
             unit=self._scope(record) if manager == "systemd" else None,
             cgroups=manager,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
+            paused=running and manager != "systemd" and self._cgroups().is_frozen(record.name),
             detail=f"systemd-nspawn --machine={machine_name(record.name)}"
             + (f" image {state.image}" if state.image else "")
             + (f", uids {state.uid_base}+{UID_RANGE}" if state.uid_base is not None else ", privileged"),
         )
+
+    # -- pause and snapshots ----------------------------------------------------------------------
+
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """Freeze the container's cgroup (the v2 freezer; ``systemctl freeze`` on a systemd scope)."""
+        await self._freeze(record, True)
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        await self._freeze(record, False)
+
+    async def _freeze(self, record: WorkspaceRecord, frozen: bool) -> None:
+        if not self._running(record):
+            raise InvalidState(f"workspace {record.name!r} is not running; call start_workspace")
+        if self.state(record).cgroups == "systemd":
+            await hostcmd.run(scopes.freeze_scope_argv(self._scope(record), frozen), timeout_s=30)
+        else:
+            await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, frozen)
+
+    async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
+        """The overlay's upper dir (on its tmpfs) while it runs, else the saved layer it would start from.
+
+        Raises:
+            Unsupported: a privileged container (nspawn's own --volatile overlay, out of the server's reach).
+        """
+        if self.state(record).uid_base is None:
+            raise Unsupported(
+                f"workspace {record.name!r} is a privileged container, whose root layer nspawn keeps to itself; "
+                "only user-namespaced containers can be snapshotted or forked"
+            )
+        paths = self._paths(record)
+        src = self._mounts(record).rw / "upper" if self._running(record) else paths.root_layer
+        if src.is_dir():
+            await snapshots.copy_tree(src, dest)
+        else:
+            dest.mkdir(mode=0o755)  # never restored or forked: the clean root, an empty layer
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        return self.state(record).image
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        if base is None or base == self.state(record).image:
+            return record
+        if not self.images.exists(base):
+            raise InvalidState(
+                f"the root image this snapshot's root layer was made on ({base}) is gone (pruned or rebuilt); "
+                "the layer cannot be used. Restore the workspace dir by hand from another snapshot, or recreate"
+            )
+        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
+
+    async def adopt_files(self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]) -> None:
+        """Shift owners from the source's uid range to the fork's (root inside is another host uid)."""
+        old, new = self.state(source).uid_base, self.state(target).uid_base
+        if old is not None and new is not None:
+            await anyio.to_thread.run_sync(lambda: snapshots.shift_owners(trees, old, new, UID_RANGE))
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         path = self._paths(record).console_log

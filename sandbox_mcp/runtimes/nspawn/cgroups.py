@@ -268,6 +268,28 @@ class CgroupHost:
                     break
         return out
 
+    def oom_kills(self, name: str) -> int | None:
+        """OOM kills in workspace ``name``'s cgroups since they were made (at its start); None if unreadable."""
+        dirs = self.layout.workspace_dirs(name, self.group)
+        where = self.layout.where("memory")
+        if where == "v2":
+            return oom_kills_in(dirs["unified"], v2=True)
+        return oom_kills_in(dirs["memory"], v2=False) if where == "v1" else None
+
+    def oom_kills_of(self, pid: int, top: str) -> int | None:
+        """OOM kills under the cgroup named ``top`` among the ancestors of process ``pid``'s memory cgroup
+        (e.g. an Incus container's ``lxc.payload.NAME``); None when ``pid`` is gone or not under one."""
+        try:
+            own = parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+        except OSError:
+            return None
+        v2 = self.layout.where("memory") == "v2"
+        key, mount = ("", self.layout.unified) if v2 else ("memory", self.layout.v1.get("memory", (None, ""))[0])
+        parts = own.get(key, "").strip("/").split("/")
+        if mount is None or top not in parts:
+            return None
+        return oom_kills_in(mount.joinpath(*parts[: parts.index(top) + 1]), v2=v2)
+
     def remove(self, name: str, timeout_s: float = 10.0) -> None:
         """Kill whatever is left in workspace ``name``'s cgroups and remove them; nothing if absent.
 
@@ -292,6 +314,44 @@ class CgroupHost:
             with contextlib.suppress(OSError):
                 top.parent.rmdir()  # the group, once its last workspace is gone
 
+    def freeze(self, name: str, frozen: bool, timeout_s: float = 10.0) -> None:
+        """Freeze (or thaw) every process in workspace ``name``'s unified cgroup and below it.
+
+        cgroup v2's freezer (``cgroup.freeze``, Linux 5.2+): a core file, so it works on a hybrid host's
+        unified hierarchy without any controller. The file stays root's (not delegated), and a
+        frozen ancestor freezes every descendant whatever they write, so the container cannot thaw
+        itself. Returns once ``cgroup.events`` says the whole subtree is (un)frozen. Blocking.
+
+        Raises:
+            BackendError: the workspace has no cgroup here (not running), the kernel lacks the v2
+                freezer, or the subtree did not settle within ``timeout_s``.
+        """
+        unified = self.layout.workspace_dirs(name, self.group).get("unified")
+        if unified is None or not (unified / "cgroup.procs").exists():
+            raise BackendError(f"workspace {name!r} has no cgroup on this host; is it running?")
+        control = unified / "cgroup.freeze"
+        if not control.exists():
+            raise BackendError("this kernel has no cgroup v2 freezer (cgroup.freeze, Linux 5.2+); pause needs it")
+        try:
+            control.write_text("1" if frozen else "0")
+        except OSError as exc:
+            raise BackendError(f"{'freezing' if frozen else 'thawing'} workspace {name!r} failed: {exc}") from exc
+        want = f"frozen {int(frozen)}"
+        deadline = time.monotonic() + timeout_s
+        while want not in (unified / "cgroup.events").read_text().splitlines():
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"workspace {name!r} did not {'freeze' if frozen else 'thaw'} within {timeout_s:g} s"
+                )
+            time.sleep(0.001)
+
+    def is_frozen(self, name: str) -> bool:
+        """Whether workspace ``name``'s unified cgroup is frozen (False when it has none)."""
+        unified = self.layout.workspace_dirs(name, self.group).get("unified")
+        with contextlib.suppress(OSError):
+            return (unified / "cgroup.freeze").read_text().strip() == "1" if unified else False
+        return False
+
     def live_uid_bases(self) -> set[int]:
         """Owners of the delegated unified cgroups of every server's workspaces: uid bases in use here.
 
@@ -308,6 +368,34 @@ class CgroupHost:
                 if d.is_dir() and st.st_uid != 0:
                     out.add(st.st_uid)
         return out
+
+
+def oom_kills_in(top: Path, *, v2: bool) -> int | None:
+    """The OOM kills counted in memory cgroup ``top`` and below; None if it cannot be read.
+
+    v2's ``memory.events`` counts the subtree already; v1 counts a kill only in the victim's own
+    cgroup (``memory.oom_control``), so the subtree is summed (an Incus container's systemd makes
+    cgroups of its own in v1 too).
+    """
+    try:
+        if v2:
+            return _field((top / "memory.events").read_text(), "oom_kill")
+        total = 0
+        for dirpath, _, files in os.walk(top):
+            if "memory.oom_control" in files:
+                total += _field((Path(dirpath) / "memory.oom_control").read_text(), "oom_kill") or 0
+        return total if top.is_dir() else None
+    except OSError:
+        return None
+
+
+def _field(text: str, key: str) -> int | None:
+    """The value of ``key`` in a cgroup ``key value`` file (memory.events, memory.oom_control)."""
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key and v.strip().isdigit():
+            return int(v)
+    return None
 
 
 def _kill_all(top: Path) -> None:

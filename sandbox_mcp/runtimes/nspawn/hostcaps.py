@@ -7,6 +7,7 @@ silently) and for ``sandbox-mcp doctor``. Each finding says what is missing and 
 from __future__ import annotations
 
 import re
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from ... import sysctls
 from ...models import Check
 
-__all__ = ["KernelLimit", "isolation_checks", "kernel_limits", "userns_blockers"]
+__all__ = ["KernelLimit", "isolation_checks", "kernel_limits", "open_files_ceiling", "userns_blockers"]
 
 _RELEASE_RE = re.compile(r"^(\d+)\.(\d+)")
 IDMAP_KERNEL = (5, 12)  # mount_setattr(MOUNT_ATTR_IDMAP)
@@ -25,6 +26,24 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+def open_files_ceiling(wanted: int, status: str | None = None) -> int:
+    """The RLIMIT_NOFILE hard limit a process this server starts can get: ``wanted``, unless the server
+    may not raise its own hard limit (no CAP_SYS_RESOURCE, as in some sandboxes) and that is lower.
+
+    A container's runtime (nspawn, Incus's LXC on this host) then clamps it to the server's: the
+    limit the workspace really has, and so the one reported. ``status``: /proc/self/status's text.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= wanted:
+        return wanted
+    text = status if status is not None else (_read(Path("/proc/self/status")) or "")
+    eff = next((line.split()[1] for line in text.splitlines() if line.startswith("CapEff:")), "0")
+    return wanted if int(eff, 16) >> _CAP_SYS_RESOURCE & 1 else hard
 
 
 def userns_blockers(proc: Path = Path("/proc"), release: str | None = None) -> list[str]:

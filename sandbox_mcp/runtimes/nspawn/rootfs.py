@@ -20,11 +20,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ... import idmap
 from ...errors import BackendError, InvalidSpec
+from ...snapshots import copy_tree_argv
 
 __all__ = ["RootMounts", "mount_all", "mounted_under", "overlay_options", "unmount_all"]
 
@@ -98,8 +100,13 @@ def mount_all(
     host_keys: Path,
     uid_base: int,
     root_layer_mib: int,
+    seed: Path | None = None,
 ) -> None:
     """Make every mount of :class:`RootMounts` (after removing leftovers); undo them all on failure.
+
+    ``seed``: a root layer saved earlier (a restored snapshot, a fork's copy; owners already in
+    ``uid_base``'s range) copied into the fresh upper dir before the overlay is mounted, so the
+    container boots with what was installed then. Without it the root starts clean.
 
     Raises:
         InvalidSpec: a path holds a separator, or ``uid_base`` is not a 65536-aligned base.
@@ -116,6 +123,9 @@ def mount_all(
         for sub in ("upper", "work"):
             (m.rw / sub).mkdir()
             os.chown(m.rw / sub, uid_base, uid_base)  # the container's root owns its /
+        if seed is not None:
+            _seed_upper(seed, m.rw / "upper", root_layer_mib)
+            os.chown(m.rw / "upper", uid_base, uid_base)
         os.chmod(m.rw / "upper", root_mode)
         _mount("overlay", m.root, "overlay", 0, opts)
         share = idmap.share_map(uid_base)
@@ -126,6 +136,15 @@ def mount_all(
     except BaseException:
         unmount_all(m)
         raise
+
+
+def _seed_upper(seed: Path, upper: Path, root_layer_mib: int) -> None:
+    done = subprocess.run(copy_tree_argv(seed, upper), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BackendError(
+            f"copying the saved root layer into the workspace's {root_layer_mib} MiB root layer failed: "
+            f"{done.stderr.strip()[-500:]}; if it does not fit, raise SANDBOX_MCP_ROOT_LAYER_MIB"
+        )
 
 
 def mounted_under(top: Path, mountinfo: str | None = None) -> list[Path]:

@@ -33,6 +33,7 @@ from ...supervise import workspace_tag
 __all__ = [
     "CgroupManager",
     "cgroup_manager",
+    "freeze_scope_argv",
     "manager_check",
     "scope_argv",
     "scope_unit",
@@ -136,6 +137,15 @@ def scope_argv(unit: str, limits: Limits, argv: list[str]) -> list[str]:
         "--",
         *argv,
     ]  # fmt: skip
+
+
+def freeze_scope_argv(unit: str, frozen: bool) -> list[str]:
+    """``systemctl freeze|thaw UNIT``: systemd's own use of the cgroup freezer on the delegated scope.
+
+    Raises:
+        InvalidSpec: ``unit`` is not a sandbox-mcp scope name.
+    """
+    return ["systemctl", "freeze" if frozen else "thaw", "--", _check_scope(unit)]
 
 
 def stop_scope_argv(unit: str) -> list[str]:

@@ -72,7 +72,7 @@ from pydantic import Field
 
 from ... import hostcmd, idmap, supervise
 from ...checks import which_check
-from ...errors import BackendError, InvalidSpec
+from ...errors import BackendError, InvalidSpec, InvalidState
 from ...fsutil import atomic_write
 from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
@@ -124,8 +124,9 @@ class _Files:
         self.guest_meta = paths.runtime / "guest"
 
 
-def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
-    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address."""
+def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str, tasks: int | None = None) -> str:
+    """The guest kernel's command line: root disk, serial console, quiet fast boot, name and address, and
+    ``tasks`` as the guest's threads-max (the whole VM's processes and threads, as a container's pids.max)."""
     return " ".join([
         "console=ttyS0", "root=/dev/vda", "rw", "rootfstype=ext4", "panic=-1",
         "quiet", "systemd.show_status=1",  # the kernel's chatter off, the units' progress on: workspace_logs
@@ -133,6 +134,7 @@ def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str) -> str:
         "cryptomgr.notests",  # the crypto self-tests cost seconds of emulated CPU on every boot
         "net.ifnames=0",  # no udev in the guest: the NIC stays eth0, as vm-net expects
         "fsck.mode=skip", f"systemd.hostname={name}", f"sandbox_mcp.net={ip}/{prefixlen},{gateway}",
+        *([f"sysctl.kernel.threads-max={int(tasks)}"] if tasks is not None else []),
     ])  # fmt: skip
 
 
@@ -252,7 +254,10 @@ class QemuRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    own_kernel = True
+    has_snapshots = True
     State = QemuState
+    sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
@@ -323,6 +328,12 @@ class QemuRuntime(Runtime):
         """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
         return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
 
+    def complete_limits(self, limits: Limits) -> Limits:
+        """The root disk's size (``vm_disk_gib``): it bounds what the guest writes outside the workspace dir."""
+        if limits.disk_mib is not None:
+            return limits
+        return limits.model_copy(update={"disk_mib": self.settings.vm_disk_gib << 10})
+
     def assigned(self, record: WorkspaceRecord) -> bool:
         """A VM registered before qemu ran unprivileged has no uid of its own yet."""
         return self.state(record).uid is not None
@@ -342,9 +353,14 @@ class QemuRuntime(Runtime):
         """Refuse a VM on a host that cannot run one, before anything is made.
 
         Raises:
-            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install), or
+            InvalidSpec: qemu, qemu-img or /dev/net/tun is missing (the message says what to install),
+                ``cpus`` is a fraction (a VM has whole vCPUs; nothing would hold it to the fraction), or
                 egress is asked for where NAT is off.
         """
+        if record.limits is not None and not float(record.limits.cpus).is_integer():
+            raise InvalidSpec(f"cpus={record.limits.cpus:g}: a VM gets whole vCPUs; ask for "
+                              f"cpus={max(1, math.ceil(record.limits.cpus))}, or use type 'container' or 'incus' "
+                              "for a fraction of a CPU")
         missing = [p for p in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4") if shutil.which(p) is None]
         if missing:
             raise InvalidSpec(f"type 'vm' needs {', '.join(missing)} on this host; install them (Debian/Ubuntu: "
@@ -398,7 +414,11 @@ class QemuRuntime(Runtime):
         files.guest_meta.mkdir(parents=True, exist_ok=True)
         atomic_write(files.guest_meta / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
         self._remove_boot_files(files)
-        await hostcmd.run(overlay_argv(image.disk, files.overlay), timeout_s=60)
+        saved = paths.root_layer / "root.qcow2"
+        if saved.is_file():  # a restored snapshot's or a fork's layer: boot with what it holds
+            await hostcmd.run(["cp", "--reflink=auto", "--", str(saved), str(files.overlay)], timeout_s=3600)
+        else:
+            await hostcmd.run(overlay_argv(image.disk, files.overlay), timeout_s=60)
         await progress("setting up the network", None)
         await self.network.ensure()
         try:
@@ -415,9 +435,10 @@ class QemuRuntime(Runtime):
                 await self.network.detach_tap(record.name)
                 self._remove_boot_files(files)
             raise
-        return self.with_state(
-            record, state.model_copy(update={"process": process, "accelerator": accel.accelerator})
-        )
+        record = self.with_state(record, state.model_copy(update={"process": process, "accelerator": accel.accelerator}))
+        if record.limits is not None:  # a record made before disk_mib existed gets it now
+            record = record.model_copy(update={"limits": self.complete_limits(record.limits)})
+        return record
 
     def _spawn(self, record: WorkspaceRecord, uid: int, key: str, image: VmArtefacts, accelerator: Accelerator,
                groups: list[int]) -> ProcessRef:
@@ -462,7 +483,8 @@ class QemuRuntime(Runtime):
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
-                                       gateway=str(self.settings.host_ip)),
+                                       gateway=str(self.settings.host_ip),
+                                       tasks=record.limits.tasks if record.limits else self.settings.tasks_max),
                 firmware=qboot(),
             )
             userns = keep(idmap.userns_with_map([(inside, uid, 1)], [(inside, uid, 1), *((g, g, 1) for g in groups)]))
@@ -497,7 +519,8 @@ class QemuRuntime(Runtime):
         if supervise.alive(state.process, marker):
             asked = False
             with contextlib.suppress(BackendError):
-                await qmp.execute(files.qmp, [qmp.CTRL_ALT_DEL, {"execute": "system_powerdown"}])
+                # "cont" first: a paused guest would not see the power-off request.
+                await qmp.execute(files.qmp, [{"execute": "cont"}, qmp.CTRL_ALT_DEL, {"execute": "system_powerdown"}])
                 asked = True
             # The guest powers off cleanly and qemu exits; if it does not in time, SIGTERM, then SIGKILL.
             if not (asked and await supervise.wait_gone(state.process, self.settings.stop_timeout_s, marker)):
@@ -514,9 +537,15 @@ class QemuRuntime(Runtime):
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
         running = self._running(record)
+        paused = False
+        if running and record.state == "paused":  # a QMP round trip only where it may be so (status is polled)
+            with contextlib.suppress(BackendError):
+                (answer,) = await qmp.execute(_Files(self._paths(record)).qmp, [{"execute": "query-status"}], 2.0)
+                paused = isinstance(answer, dict) and answer.get("status") == "paused"
         return RuntimeDetail(
             runtime=self.name,
             running=running,
+            paused=paused,
             pid=state.process.pid if running and state.process else None,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
             accelerator=state.accelerator,
@@ -525,6 +554,43 @@ class QemuRuntime(Runtime):
             + (f" as uid {state.uid}" if state.uid is not None else "")
             + (f" image {state.image}" if state.image else ""),
         )
+
+    # -- pause and snapshots ----------------------------------------------------------------------
+
+    async def pause(self, record: WorkspaceRecord) -> None:
+        """QMP ``stop``: the vCPUs halt; qemu drains and flushes the disk layer as it stops them."""
+        await self._qmp_run_state(record, "stop")
+
+    async def resume(self, record: WorkspaceRecord) -> None:
+        await self._qmp_run_state(record, "cont")
+
+    async def _qmp_run_state(self, record: WorkspaceRecord, command: str) -> None:
+        if not self._running(record):
+            raise InvalidState(f"workspace {record.name!r} is not running; call start_workspace")
+        await qmp.execute(_Files(self._paths(record)).qmp, [{"execute": command}], timeout_s=30)
+
+    async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
+        """The VM's qcow2 layer (the manager paused it: QMP stop flushed qemu's caches to the file), else the
+        saved one its next start boots from. A disk state: like a power cut, the guest's journal replays."""
+        paths = self._paths(record)
+        live = _Files(paths).overlay
+        src = live if self._running(record) else paths.root_layer / "root.qcow2"
+        dest.mkdir(mode=0o700)
+        if src.is_file():
+            await hostcmd.run(["cp", "--reflink=auto", "--", str(src), str(dest / "root.qcow2")], timeout_s=3600)
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        return self.state(record).image
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        if base is None or base == self.state(record).image:
+            return record
+        if not self.images.exists(base):
+            raise InvalidState(
+                f"the VM image this snapshot's disk layer was made on ({base}) is gone (pruned or rebuilt); "
+                "the layer cannot be used"
+            )
+        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         files = _Files(self._paths(record))
