@@ -54,7 +54,7 @@ async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable
 
         async with RemoteManager(settings) as remote:
             return await fn(remote)
-    async with WorkspaceManager(settings) as manager:
+    async with WorkspaceManager(settings, serve_ports=False) as manager:  # a running server serves them
         return await fn(OwnedManager(manager, os.geteuid()))
 
 
@@ -240,7 +240,7 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
     else:  # root reads the state itself, daemon or not
 
         async def local() -> SSHTarget:
-            async with WorkspaceManager(settings) as manager:
+            async with WorkspaceManager(settings, serve_ports=False) as manager:
                 return await OwnedManager(manager, 0).ssh_target(args.name)
 
         target = anyio.run(local)
@@ -522,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many containers start at once (a ramp) and MiB per idle one; privileged too "
                    "with SANDBOX_MCP_ALLOW_PRIVILEGED=true")
     s.add_argument("--parallel-max", type=int, default=40, help="where the capacity ramp (10, 20, ...) stops")
+    s.add_argument("--process-runs", type=int, default=10,
+                   help="rounds of the processes section (start_process, long-poll; 0: no processes, ports "
+                   "and exec-progress figures)")
     s.add_argument("--git", choices=("also", "only", "no"), default="also",
                    help="the git section: create with repo= against a plain create, fetch_workspace of commits")
     s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")

@@ -153,6 +153,13 @@ class Settings(BaseModel):
         default=64, ge=0, le=1 << 14, description="An exec stream cut to fit a result is saved whole in the "
         "workspace (.sandbox-mcp/exec/) up to this many MiB; 0 saves nothing"
     )
+    process_output_cap: int = Field(
+        default=1 << 20,
+        ge=64 << 10,
+        le=64 << 20,
+        description="Bytes of output (both streams) kept per process started with start_process, inside the "
+        "workspace; older output is dropped first. The workspace's disk holds twice this per process",
+    )
     read_limit_max: int = Field(default=4 << 20, ge=1024, description="Largest read_file limit")
     result_budget_bytes: int = Field(
         default=60_000, ge=8192, le=64 << 20, description="Largest tool result on the wire (its JSON-RPC message, "

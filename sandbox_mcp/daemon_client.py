@@ -42,6 +42,13 @@ from .models import (
     FetchResult,
     FileContent,
     LogsResult,
+    PortUnpublished,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutput,
+    ProcessStarted,
+    ProcessWait,
+    PublishedPort,
     SnapshotDeleted,
     SnapshotInfo,
     SnapshotList,
@@ -276,10 +283,11 @@ class RemoteManager:
         return await self._call("workspace_logs", {"name": name, "lines": lines}, LogsResult)
 
     async def exec(self, name: str, command: str, cwd: str | None = None, env: dict[str, str] | None = None,
-                   timeout_s: float = 120, stdin: str | None = None) -> ExecResult:  # fmt: skip
-        """See :meth:`WorkspaceManager.exec`."""
+                   timeout_s: float = 120, stdin: str | None = None,
+                   progress: Progress | None = None) -> ExecResult:  # fmt: skip
+        """See :meth:`WorkspaceManager.exec`; with ``progress``, the daemon streams the output as progress."""
         args = {"name": name, "command": command, "cwd": cwd, "env": env, "timeout_s": timeout_s, "stdin": stdin}
-        return await self._call("exec", args, ExecResult)
+        return await self._call("exec", args, ExecResult, progress)
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
         """See :meth:`WorkspaceManager.read_file`."""
@@ -369,3 +377,38 @@ class RemoteManager:
         atomic_write(host_key, " ".join(ws.ssh.known_hosts.split()[1:3]) + "\n", mode=0o600)
         return SSHTarget(key=name, host=ws.ssh.host, port=ws.ssh.port, user=ws.ssh.user, host_key_path=host_key,
                          client_key_path=key, workspace_dir=ws.workspace_dir)  # fmt: skip
+
+    async def start_process(self, name: str, command: str, cwd: str | None = None, env: dict[str, str] | None = None,
+                            process_id: str | None = None) -> ProcessStarted:  # fmt: skip
+        """See :meth:`WorkspaceManager.start_process`."""
+        args = {"name": name, "command": command, "cwd": cwd, "env": env, "process_id": process_id}
+        return await self._call("start_process", args, ProcessStarted)
+
+    async def process_output(self, name: str, process_id: str, cursor: int = 0, wait_s: float = 0,
+                             max_bytes: int = 65536) -> ProcessOutput:  # fmt: skip
+        """See :meth:`WorkspaceManager.process_output`."""
+        args = {"name": name, "process_id": process_id, "cursor": cursor, "wait_s": wait_s, "max_bytes": max_bytes}
+        return await self._call("process_output", args, ProcessOutput)
+
+    async def wait_process(self, name: str, process_id: str, until: str = "exit", timeout_s: float = 60,
+                           cursor: int = 0) -> ProcessWait:  # fmt: skip
+        """See :meth:`WorkspaceManager.wait_process`."""
+        args = {"name": name, "process_id": process_id, "until": until, "timeout_s": timeout_s, "cursor": cursor}
+        return await self._call("wait_process", args, ProcessWait)
+
+    async def stop_process(self, name: str, process_id: str, signal: str = "TERM", grace_s: float = 5) -> ProcessInfo:
+        """See :meth:`WorkspaceManager.stop_process`."""
+        args = {"name": name, "process_id": process_id, "signal": signal, "grace_s": grace_s}
+        return await self._call("stop_process", args, ProcessInfo)
+
+    async def list_processes(self, name: str) -> ProcessList:
+        """See :meth:`WorkspaceManager.list_processes`."""
+        return await self._call("list_processes", {"name": name}, ProcessList)
+
+    async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort:
+        """See :meth:`WorkspaceManager.publish_port`: the daemon listens (and checks who connects)."""
+        return await self._call("publish_port", {"name": name, "port": port, "host_port": host_port}, PublishedPort)
+
+    async def unpublish_port(self, name: str, port: int) -> PortUnpublished:
+        """See :meth:`WorkspaceManager.unpublish_port`."""
+        return await self._call("unpublish_port", {"name": name, "port": port}, PortUnpublished)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from . import budget, gitflow, hostgit, limit_hints, onboarding, provision, snapshots, ssh
+from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -48,6 +48,13 @@ from .models import (
     FileContent,
     Limits,
     LogsResult,
+    PortUnpublished,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutput,
+    ProcessStarted,
+    ProcessWait,
+    PublishedPort,
     RepoInfo,
     SnapshotDeleted,
     SnapshotInfo,
@@ -64,11 +71,14 @@ from .models import (
     utcnow,
 )
 from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .output_relay import OutputRelay
 from .ownership import owned
 from .paths import WorkspacePaths
+from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
 from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .ssh.agent_ops import agent_op
 
 __all__ = ["WorkspaceManager", "parse_mode"]
 
@@ -121,7 +131,9 @@ class WorkspaceManager:
     mode; ``runtimes`` replaces them (tests pass a fake or a prepared one).
     """
 
-    def __init__(self, settings: Settings, runtimes: dict[str, Runtime] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, runtimes: dict[str, Runtime] | None = None, *, serve_ports: bool = True
+    ) -> None:
         self.settings = settings
         self.registry = Registry(settings.registry_path)
         self.client_key_path = settings.state_dir / ".server" / "client_ed25519_key"
@@ -135,15 +147,31 @@ class WorkspaceManager:
         # uid -> that user's own public key, authorised in their workspaces (the daemon sets it:
         # userkeys.UserKeys.public_key); in process, only the server's key is.
         self.owner_keys: Callable[[int], str] | None = None
+        # Published ports are served by this process while it runs (the server, the daemon); the
+        # CLI's short-lived managers leave them to that process.
+        self.ports = PortForwarder()
+        self._serve_ports = serve_ports
 
     # Set-up ------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> WorkspaceManager:
-        await self.open()
+        if self._serve_ports:
+            await self.ports.__aenter__()
+        try:
+            await self.open()
+            if self._serve_ports:
+                await self._restore_ports()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        try:
+            await self.close()
+        finally:
+            if self.ports.serving:
+                await self.ports.__aexit__(None, None, None)
 
     async def open(self) -> None:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""
@@ -254,6 +282,7 @@ class WorkspaceManager:
             egress=r.egress,
             isolation=r.isolation,
             limits=r.limits,
+            ports=r.ports,
             repo=r.repo,
             created_at=r.created_at,
             started_at=r.started_at,
@@ -319,6 +348,7 @@ class WorkspaceManager:
         """``record`` as stopped: the runtime forgets what only a running workspace has."""
         record = runtime.mark_stopped(record)
         record.state, record.last_error = "stopped", error
+        record.ports = []  # published ports go with the workspace's processes (not back on start)
         return record
 
     async def _sync_hosts(self) -> None:
@@ -341,6 +371,7 @@ class WorkspaceManager:
                     if record.state in ("running", "paused") and not (await runtime.status(record)).running:
                         await runtime.stop(record)
                         await self.ssh.drop(record.name)
+                        await self.ports.unpublish_all(record.name)
                         record = self._stopped(runtime, record, "the workspace exited")
                         await self.registry.put(record)
         return record
@@ -683,6 +714,7 @@ class WorkspaceManager:
         runtime = self._runtime_of(record)
         if record.state not in ("stopped", "error", "creating"):
             await self.registry.put(record.model_copy(update={"state": "stopping"}))
+        await self.ports.unpublish_all(record.name)
         await self.ssh.drop(record.name)
         await runtime.stop(record)
         return runtime
@@ -699,6 +731,7 @@ class WorkspaceManager:
             runtime = await self._halt(record)
             if record.state != "error":
                 record = self._stopped(runtime, record, None)
+            record.ports = []
             await self.registry.put(record)
         return self.view(record)
 
@@ -789,6 +822,7 @@ class WorkspaceManager:
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
         stdin: str | None = None,
+        progress: Progress | None = None,
         *,
         owner_uid: int | None = None,
     ) -> ExecResult:
@@ -796,18 +830,35 @@ class WorkspaceManager:
 
         Each stream keeps its head and tail within what a result carries (:func:`budget.exec_keep`,
         at most ``exec_output_cap``); a longer one is saved whole in the workspace (``exec_save_mib``).
+        ``progress``: the output also goes there while the command runs (see :mod:`output_relay`);
+        the result is the same either way.
         """
         record = await self._running(name, owner_uid)
         budget_bytes = self.settings.result_budget_bytes
         keep = min(self.settings.exec_output_cap, budget.exec_keep(budget_bytes))
-        result = await self._ssh_call(
-            record,
-            lambda t: self.ssh.exec(
+        relay = OutputRelay(progress) if progress is not None else None
+
+        def call(t: ssh.SSHTarget):  # type: ignore[no-untyped-def]
+            return self.ssh.exec(
                 t, command, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s, output_cap=keep,
                 save_max=self.settings.exec_save_mib << 20, save_over=min(keep, budget.exec_save_over(budget_bytes)),
-            ),
-        )  # fmt: skip
-        return await self._with_hint(record, result)
+                on_output=relay.feed if relay else None,
+            )  # fmt: skip
+
+        if relay is None:
+            return await self._with_hint(record, await self._ssh_call(record, call))
+        outcome: ExecResult | BaseException
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay.run)
+            try:
+                outcome = await self._ssh_call(record, call)
+            except Exception as exc:  # raised outside the task group, so not wrapped in a group
+                outcome = exc
+            tg.cancel_scope.cancel()
+        await relay.close()  # every notification before the result
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return await self._with_hint(record, outcome)
 
     async def _with_hint(self, record: WorkspaceRecord, result: ExecResult) -> ExecResult:
         """``result`` with a hint naming the limit the command ran into, if it did (:mod:`.limit_hints`)."""
@@ -879,6 +930,221 @@ class WorkspaceManager:
         record = await self._running(name, owner_uid)
         page = limit or ssh.DEFAULT_LIST_PAGE
         return await self._ssh_call(record, lambda t: self.ssh.list_dir(t, path, offset, page))
+
+    # Processes ---------------------------------------------------------------------------------
+
+    async def _agent_op(
+        self, record: WorkspaceRecord, process_id: str | None, request: dict, timeout_s: float, *, retry: bool
+    ) -> dict:
+        """One process request to the workspace's exec agent; its checked ``ok`` part (see processes.py)."""
+        reply = await self._ssh_call(
+            record,
+            lambda t: agent_op(self.ssh, t, request, timeout_s=timeout_s, reply_cap=processes.reply_cap(request),
+                               retry=retry),
+        )
+        return processes.check_reply(record.name, process_id, reply)
+
+    async def start_process(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        process_id: str | None = None,
+        *,
+        owner_uid: int | None = None,
+    ) -> ProcessStarted:
+        """Start ``command`` detached in the workspace (see :mod:`processes`); returns its id and PID.
+
+        Raises:
+            InvalidSpec: a bad command, cwd, env or process_id; an id in use; too many processes.
+            WorkspaceNotFound, InvalidState (not running), SSHError.
+        """
+        validate_name(name)
+        process_id = processes.validate_process_id(process_id) if process_id is not None else processes.new_process_id()
+        workspace_dir = onboarding.workspace_dir_inside(self.settings.user)
+        wd = ssh.resolve_path(workspace_dir, cwd) if cwd is not None else workspace_dir
+        if not command.strip():
+            raise InvalidSpec("command must not be empty")
+        ssh.build_exec_command(command, cwd=wd, env=env, timeout_s=1)  # validates command, cwd and env
+        record = await self._running(name, owner_uid)
+        request = processes.start_request(process_id, command, wd, dict(env or {}), self.settings.process_output_cap)
+        ok = await self._agent_op(record, process_id, request, 30 + _SLOW_GUEST_S, retry=False)
+        return processes.started_result(name, ok)
+
+    async def process_output(
+        self,
+        name: str,
+        process_id: str,
+        cursor: int = 0,
+        wait_s: float = 0,
+        max_bytes: int = 65536,
+        *,
+        owner_uid: int | None = None,
+    ) -> ProcessOutput:
+        """Output of a process from ``cursor`` (bytes of both streams in arrival order), waiting up to ``wait_s``.
+
+        Raises:
+            InvalidSpec (also ProcessNotFound), WorkspaceNotFound, InvalidState, SSHError.
+        """
+        validate_name(name)
+        processes.validate_process_id(process_id)
+        if cursor < 0:
+            raise InvalidSpec("cursor must be ≥ 0 (0 reads from the start; pass next_cursor to read on)")
+        if not 1 <= max_bytes <= processes.MAX_READ_BYTES:
+            raise InvalidSpec(f"max_bytes must be between 1 and {processes.MAX_READ_BYTES}")
+        processes.checked_wait_s(wait_s)
+        record = await self._running(name, owner_uid)
+        request = processes.read_request(process_id, cursor, max_bytes, wait_s)
+        ok = await self._agent_op(record, process_id, request, wait_s + _SLOW_GUEST_S, retry=True)
+        return processes.output_result(name, ok, cursor, max_bytes)
+
+    async def wait_process(
+        self,
+        name: str,
+        process_id: str,
+        until: str = "exit",
+        timeout_s: float = 60,
+        cursor: int = 0,
+        *,
+        owner_uid: int | None = None,
+    ) -> ProcessWait:
+        """Wait until the process exits, listens on a port, or prints a line matching a regex (``until``).
+
+        Raises:
+            InvalidSpec (a bad until or regex; ProcessNotFound), WorkspaceNotFound, InvalidState, SSHError.
+        """
+        validate_name(name)
+        processes.validate_process_id(process_id)
+        until = processes.parse_until(until)
+        if not 0 <= timeout_s <= processes.wire.WAIT_MAX_S:
+            raise InvalidSpec(f"timeout_s must be between 0 and {processes.wire.WAIT_MAX_S:g}")
+        if cursor < 0:
+            raise InvalidSpec("cursor must be ≥ 0")
+        record = await self._running(name, owner_uid)
+        request = processes.wait_request(process_id, until, cursor, timeout_s)
+        ok = await self._agent_op(record, process_id, request, timeout_s + _SLOW_GUEST_S, retry=True)
+        return processes.wait_result(name, ok)
+
+    async def stop_process(
+        self,
+        name: str,
+        process_id: str,
+        signal: str = "TERM",
+        grace_s: float = 5,
+        *,
+        owner_uid: int | None = None,
+    ) -> ProcessInfo:
+        """Send ``signal`` to the process's whole tree, then KILL what is left after ``grace_s``; its final state.
+
+        Raises:
+            InvalidSpec (a bad signal or grace; ProcessNotFound), WorkspaceNotFound, InvalidState, SSHError.
+        """
+        validate_name(name)
+        processes.validate_process_id(process_id)
+        sig = processes.checked_signal(signal)
+        if not 0 <= grace_s <= 300:
+            raise InvalidSpec("grace_s must be between 0 and 300 seconds")
+        record = await self._running(name, owner_uid)
+        request = processes.stop_request(process_id, sig, grace_s)
+        ok = await self._agent_op(record, process_id, request, grace_s + 5 + _SLOW_GUEST_S, retry=True)
+        return processes.info_result(name, ok)
+
+    async def list_processes(self, name: str, *, owner_uid: int | None = None) -> ProcessList:
+        """The workspace's processes (since it last started), running and exited.
+
+        Raises:
+            WorkspaceNotFound, InvalidState (not running: a stopped workspace has no processes), SSHError.
+        """
+        validate_name(name)
+        record = await self._running(name, owner_uid)
+        ok = await self._agent_op(record, None, processes.list_request(), _SLOW_GUEST_S, retry=True)
+        return processes.list_result(name, ok)
+
+    # Published ports ----------------------------------------------------------------------------
+
+    def _allowed_uids(self, record: WorkspaceRecord) -> frozenset[int]:
+        """Who may connect to its published ports: its owner (this process's user if none) and root."""
+        return frozenset({0, record.owner_uid if record.owner_uid is not None else os.geteuid()})
+
+    async def _restore_ports(self) -> None:
+        """Listen again on the published ports of running workspaces (after a server restart).
+
+        A host port that cannot be had again is dropped from the record: whoever holds it now (another
+        local user, perhaps) must not be taken for the workspace by its owner.
+        """
+        data = await self.registry.read()
+        for record in data.workspaces.values():
+            if record.state != "running" or not record.ports or record.runtime not in self.runtimes:
+                continue
+            host = self._runtime_of(record).endpoint(record)[0]
+            lost = []
+            for p in record.ports:
+                try:
+                    await self.ports.publish(record.name, p.port, p.host_port, host, self._allowed_uids(record))
+                except SandboxError as exc:
+                    lost.append(p.port)
+                    log.warning("%s: port %d is no longer published: host port %d: %s", record.name, p.port,
+                                p.host_port, exc)  # fmt: skip
+            if lost:
+                async with self._locked(record.name):
+                    current = await self.registry.get(record.name)
+                    current.ports = [p for p in current.ports if p.port not in lost]
+                    await self.registry.put(current)
+
+    async def publish_port(
+        self, name: str, port: int, host_port: int | None = None, *, owner_uid: int | None = None
+    ) -> PublishedPort:
+        """Make ``port`` of a running workspace reachable on the host's loopback (127.0.0.1:host_port).
+
+        Only the workspace's owner and root may connect. Publishing a published port again returns
+        it as it is. Raises:
+            InvalidSpec: a port outside 1-65535, a host_port outside 1024-65535.
+            Conflict: host_port is in use, or the port is published on another host port.
+            WorkspaceNotFound, InvalidState (not running), BackendError (this process serves no ports).
+        """
+        validate_name(name)
+        _check_port("port", port, 1)
+        if host_port is not None:
+            _check_port("host_port", host_port, 1024)
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = await self._running(name, owner_uid)
+            for p in record.ports:
+                if p.port == port and self.ports.host_port(name, port) == p.host_port:
+                    if host_port not in (None, p.host_port):
+                        raise Conflict(
+                            f"port {port} of {name!r} is already published on host port {p.host_port}; "
+                            "unpublish_port it first to move it"
+                        )
+                    return p
+            host = self._runtime_of(record).endpoint(record)[0]
+            bound = await self.ports.publish(name, port, host_port or 0, host, self._allowed_uids(record))
+            published = PublishedPort(port=port, host=LOOPBACK, host_port=bound, url=f"http://{LOOPBACK}:{bound}")
+            try:
+                record.ports = [p for p in record.ports if p.port != port] + [published]
+                await self.registry.put(record)
+            except BaseException:
+                await self.ports.unpublish(name, port)
+                raise
+        return published
+
+    async def unpublish_port(self, name: str, port: int, *, owner_uid: int | None = None) -> PortUnpublished:
+        """Close the host side of a published port (and its open connections). Idempotent.
+
+        Raises:
+            InvalidSpec (a port outside 1-65535), WorkspaceNotFound.
+        """
+        validate_name(name)
+        _check_port("port", port, 1)
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            await self.ports.unpublish(name, port)
+            if any(p.port == port for p in record.ports):
+                record.ports = [p for p in record.ports if p.port != port]
+                await self.registry.put(record)
+        return PortUnpublished(port=port, published=False)
 
     # git: a branch per workspace (see gitflow) ------------------------------------------------
 
@@ -1233,3 +1499,12 @@ class WorkspaceManager:
                     await self._undo_create(record, runtime, prepared, started, existed=False)
                 raise
         return self.view(record)
+
+
+# A guest under emulation (a VM under TCG) answers an agent request slowly: on top of any wait.
+_SLOW_GUEST_S = 30.0
+
+
+def _check_port(what: str, port: int, low: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise InvalidSpec(f"{what} must be a number from {low} to 65535, got {port!r}")

@@ -28,6 +28,13 @@ __all__ = [
     "Limits",
     "LogsResult",
     "Name",
+    "PortUnpublished",
+    "ProcessInfo",
+    "ProcessList",
+    "ProcessOutput",
+    "ProcessStarted",
+    "ProcessWait",
+    "PublishedPort",
     "RepoInfo",
     "RuntimeDetail",
     "SSHInfo",
@@ -203,6 +210,13 @@ class Timings(BaseModel):
     total_s: float | None = None
 
 
+class PublishedPort(BaseModel):
+    """A workspace port reachable from the host's loopback (publish_port)."""
+
+    port: int = Field(ge=1, le=65535, description="The port inside the workspace")
+    host: str = Field(default="127.0.0.1", description="The host address it is reachable on (loopback only)")
+    host_port: int = Field(ge=1, le=65535, description="The port on the host")
+    url: str = Field(description="http://host:host_port, for convenience (the forward is plain TCP)")
 class RepoInfo(BaseModel):
     """The host repository a workspace was cloned from, and where its work goes back to."""
 
@@ -250,6 +264,7 @@ class WorkspaceRecord(BaseModel):
     )
     isolation: Isolation | None = None
     limits: Limits | None = None
+    ports: list[PublishedPort] = Field(default_factory=list, description="Published while it runs")
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     last_error: str | None = None
@@ -276,6 +291,10 @@ class Workspace(BaseModel):
         "is (unprivileged) or is not (privileged) an unprivileged uid on the host"
     )
     limits: Limits | None = None
+    ports: list[PublishedPort] = Field(
+        default_factory=list,
+        description="Ports published to the host's loopback (publish_port); they go when the workspace stops",
+    )
     repo: RepoInfo | None = Field(
         default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
     )
@@ -371,6 +390,60 @@ class ExecResult(BaseModel):
 
     def set_saved(self, saved: dict[str, str]) -> None:
         self._saved = dict(saved)
+
+
+class ProcessStarted(BaseModel):
+    process_id: str = Field(description="Names the process in process_output, wait_process, stop_process")
+    pid: int = Field(description="Its PID inside the workspace (also its process group)")
+    state: Literal["running", "exited"]
+
+
+class ProcessInfo(BaseModel):
+    """A process started with start_process, as it is now."""
+
+    process_id: str
+    command: str = Field(description="The command line (the first 1000 characters)")
+    pid: int
+    running: bool
+    exit_code: int | None = Field(description="Its exit status once it exited; null while running or if killed")
+    signal: str | None = Field(default=None, description="The signal that ended it (e.g. 'TERM', 'KILL')")
+    started_at: datetime
+    ended_at: datetime | None = None
+    output_bytes: int = Field(default=0, description="Bytes of output (both streams) it has written so far")
+    dropped_bytes: int = Field(default=0, description="Of those, the oldest ones no longer kept (the buffer is bounded)")
+
+
+class ProcessList(BaseModel):
+    processes: list[ProcessInfo]
+
+
+class ProcessOutput(BaseModel):
+    stdout: str
+    stderr: str
+    next_cursor: int = Field(description="Pass as cursor to read on from here (counts bytes of both streams)")
+    running: bool
+    exit_code: int | None
+    signal: str | None = None
+    dropped_bytes: int = Field(
+        description="Bytes between your cursor and the oldest output still kept, skipped (the buffer holds the last "
+        "part of the output only)"
+    )
+    more: bool = Field(default=False, description="More output is already there: call again with next_cursor")
+
+
+class ProcessWait(BaseModel):
+    matched: bool = Field(description="The condition was met (false: timed out, or the process exited first)")
+    running: bool
+    exit_code: int | None
+    signal: str | None = None
+    next_cursor: int = Field(
+        description="For output:REGEX, just past the matching line; otherwise the end of the output so far"
+    )
+
+
+class PortUnpublished(BaseModel):
+    port: int
+    published: bool = False
 
 
 class FileContent(BaseModel):

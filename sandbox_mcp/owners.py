@@ -22,6 +22,13 @@ from .models import (
     FetchResult,
     FileContent,
     LogsResult,
+    PortUnpublished,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutput,
+    ProcessStarted,
+    ProcessWait,
+    PublishedPort,
     SnapshotDeleted,
     SnapshotInfo,
     SnapshotList,
@@ -109,10 +116,11 @@ class OwnedManager:
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
         stdin: str | None = None,
+        progress: Progress | None = None,
     ) -> ExecResult:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         with self._call():
-            return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, owner_uid=self._owner)
+            return await self.manager.exec(name, command, cwd, env, timeout_s, stdin, progress, owner_uid=self._owner)
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
@@ -142,6 +150,44 @@ class OwnedManager:
         with self._call():
             return await self.manager.ssh_target(name, owner_uid=self._owner)
 
+    async def start_process(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        process_id: str | None = None,
+    ) -> ProcessStarted:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.start_process(name, command, cwd, env, process_id, owner_uid=self._owner)
+
+    async def process_output(
+        self, name: str, process_id: str, cursor: int = 0, wait_s: float = 0, max_bytes: int = 65536
+    ) -> ProcessOutput:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.process_output(name, process_id, cursor, wait_s, max_bytes, owner_uid=self._owner)
+
+    async def wait_process(
+        self, name: str, process_id: str, until: str = "exit", timeout_s: float = 60, cursor: int = 0
+    ) -> ProcessWait:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.wait_process(name, process_id, until, timeout_s, cursor, owner_uid=self._owner)
+
+    async def stop_process(self, name: str, process_id: str, signal: str = "TERM", grace_s: float = 5) -> ProcessInfo:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.stop_process(name, process_id, signal, grace_s, owner_uid=self._owner)
+
+    async def list_processes(self, name: str) -> ProcessList:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.list_processes(name, owner_uid=self._owner)
+
+    async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.publish_port(name, port, host_port, owner_uid=self._owner)
+
+    async def unpublish_port(self, name: str, port: int) -> PortUnpublished:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.unpublish_port(name, port, owner_uid=self._owner)
     async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         with self._call():

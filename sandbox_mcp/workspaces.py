@@ -20,6 +20,13 @@ from .models import (
     FetchResult,
     FileContent,
     LogsResult,
+    PortUnpublished,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutput,
+    ProcessStarted,
+    ProcessWait,
+    PublishedPort,
     SnapshotDeleted,
     SnapshotInfo,
     SnapshotList,
@@ -64,6 +71,7 @@ class Workspaces(Protocol):
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
         stdin: str | None = None,
+        progress: Progress | None = None,
     ) -> ExecResult: ...
 
     async def read_file(self, name: str, path: str, offset: int = 0, limit: int | None = None) -> FileContent: ...
@@ -82,6 +90,30 @@ class Workspaces(Protocol):
 
     async def ssh_target(self, name: str) -> SSHTarget: ...
 
+    async def start_process(
+        self,
+        name: str,
+        command: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        process_id: str | None = None,
+    ) -> ProcessStarted: ...
+
+    async def process_output(
+        self, name: str, process_id: str, cursor: int = 0, wait_s: float = 0, max_bytes: int = 65536
+    ) -> ProcessOutput: ...
+
+    async def wait_process(
+        self, name: str, process_id: str, until: str = "exit", timeout_s: float = 60, cursor: int = 0
+    ) -> ProcessWait: ...
+
+    async def stop_process(self, name: str, process_id: str, signal: str = "TERM", grace_s: float = 5) -> ProcessInfo: ...
+
+    async def list_processes(self, name: str) -> ProcessList: ...
+
+    async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort: ...
+
+    async def unpublish_port(self, name: str, port: int) -> PortUnpublished: ...
     async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff: ...
 
     async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult: ...

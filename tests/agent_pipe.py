@@ -43,7 +43,7 @@ class AgentPipe:
                                      stderr=subprocess.PIPE)
         self.messages: list[dict[str, Any]] = []
         self._buf = b""
-        assert self.next_message() == {"ready": 1}, self.stderr_tail()
+        assert self.next_message().get("ready") == 1, self.stderr_tail()
 
     def send(self, *messages: dict[str, Any]) -> None:
         """Write ``messages`` in one write(2), so the agent reads them together."""

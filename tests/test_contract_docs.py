@@ -45,8 +45,11 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
-# pinned key), not a subcommand each.
-CLI_WITHOUT = {"read_file", "write_file", "list_dir"}
+# pinned key), not a subcommand each. Processes: people run them in `sandbox-mcp ssh NAME` (nohup,
+# tmux). Ports: a published port lives in the process that listens (the daemon or a server), so a
+# one-shot CLI in process could not keep it; no subcommand yet for the daemon's.
+CLI_WITHOUT = {"read_file", "write_file", "list_dir", "start_process", "process_output", "wait_process",
+               "stop_process", "list_processes", "publish_port", "unpublish_port"}
 
 
 def _table_rows() -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_mcp import exec_agent
 from sandbox_mcp.images.debootstrap import EXEC_AGENT_SOURCE, exec_agent_digest, image_key, install_exec_agent
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.ssh import EXEC_AGENT_PATH
@@ -62,7 +63,7 @@ def test_installed_agent_is_root_owned_and_answers(tmp_path: Path) -> None:
         watchdog.cancel()
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(timeout=30)
-    assert lines[0] == {"ready": 1}
+    assert lines[0] == {"ready": 1, "version": exec_agent.PROTOCOL_VERSION}
     reply = lines[-1]
     assert (reply["exit"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])) == (
         0, b"hi\n", b"err\n"

@@ -9,6 +9,7 @@ then a custom volume. Both check what is left on the host and in Incus after des
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,8 @@ from sandbox_mcp.runtimes.incus.image import IncusImage
 from sandbox_mcp.server import build_server
 
 from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason
+from .processes_flow import web_server_flow
+from .test_e2e import Session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -301,3 +304,21 @@ async def test_instances_get_uid_ranges_of_their_own(local: Any) -> None:
     assert maps[0][1] != maps[1][1] and "0" not in (maps[0][1], maps[1][1]), maps
     for name in ("idm1", "idm2"):
         await call(local, "destroy_workspace", name=name)
+
+
+async def test_processes_and_ports(local_settings: Settings) -> None:
+    """The web-server story (tests/processes_flow.py) in an Incus container; a new server after the restart."""
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[Session]:
+        async with Client(build_server(local_settings)) as client:
+            yield Session(client)
+
+    async def restart() -> None:
+        """Nothing more: the next session's server is a new one, which finds the process and the port again."""
+
+    try:
+        await web_server_flow(session, restart, "incweb", "incus")
+    finally:
+        async with WorkspaceManager(local_settings) as m:
+            await destroy_all(m)

@@ -10,12 +10,14 @@ and nothing of the VM left on the host after destroy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import stat
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from sandbox_mcp.runtimes.qemu.image import VmImage
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
+from .processes_flow import web_server_flow
 from .test_e2e import Session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.vm]
@@ -186,3 +189,21 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     assert not (settings.state_dir / "vm1").exists()
     assert "workspace-vm1" not in settings.hosts_file.read_text()  # type: ignore[union-attr]
     assert (await s.call("list_workspaces"))["workspaces"] == []
+
+
+async def test_vm_processes_and_ports(vm_settings: Settings) -> None:
+    """The web-server story (tests/processes_flow.py) in a VM; each session is a new server on the same state."""
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[Session]:
+        async with Client(build_server(vm_settings)) as client:
+            yield Session(client)
+
+    async def restart() -> None:
+        """Nothing more: the next session's server is a new one, which finds the process and the port again."""
+
+    try:
+        await web_server_flow(session, restart, "vmweb", "vm")
+    finally:
+        async with WorkspaceManager(vm_settings) as m:
+            await destroy_all(m)

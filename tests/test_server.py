@@ -29,6 +29,13 @@ CONTRACT = {
     "write_file": {"name", "path", "content", "encoding", "append", "mode"},
     "list_dir": {"name", "path", "offset", "limit"},
     "workspace_logs": {"name", "lines"},
+    "start_process": {"name", "command", "cwd", "env", "process_id"},
+    "process_output": {"name", "process_id", "cursor", "wait_s", "max_bytes"},
+    "wait_process": {"name", "process_id", "until", "timeout_s", "cursor"},
+    "stop_process": {"name", "process_id", "signal", "grace_s"},
+    "list_processes": {"name"},
+    "publish_port": {"name", "port", "host_port"},
+    "unpublish_port": {"name", "port"},
     "workspace_diff": {"name", "stat_only"},
     "fetch_workspace": {"name", "include_uncommitted"},
     "pause_workspace": {"name"},
@@ -63,10 +70,10 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
         assert tool.annotations is not None and tool.annotations.open_world_hint is False
     read_only = {n for n, t in tools.items() if t.annotations.read_only_hint}
     assert read_only == {"list_workspaces", "workspace_status", "read_file", "list_dir", "workspace_logs",
-                         "workspace_diff", "list_snapshots"}
-    # restore_workspace replaces the workspace's files with the snapshot's: destructive too.
+                         "process_output", "wait_process", "list_processes", "workspace_diff", "list_snapshots"}
+    # restore_workspace replaces the workspace's files with the snapshot's: destructive too; stop_process ends one.
     assert {n for n, t in tools.items() if t.annotations.destructive_hint} == {
-        "destroy_workspace", "restore_workspace", "delete_snapshot"}
+        "destroy_workspace", "restore_workspace", "delete_snapshot", "stop_process"}
     assert tools["create_workspace"].input_schema["required"] == ["name"]
     assert tools["exec"].input_schema["properties"]["timeout_s"]["default"] == 120
 
@@ -98,6 +105,19 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "list_workspaces" in await error("workspace_diff", name="ghost")
         assert "list_workspaces" in await error("fetch_workspace", name="ghost")
         assert "pattern" in await error("write_file", name="a", path="x", content="", mode="999")
+        # Processes and ports: bad input is refused before any workspace is looked at.
+        assert "does not compile" in await error("wait_process", name="ghost", process_id="p", until="output:(")
+        assert "port must be a number from 1 to 65535" in await error("wait_process", name="a", process_id="p",
+                                                                       until="port:70000")  # fmt: skip
+        assert "'exit', 'port:N' or 'output:REGEX'" in await error("wait_process", name="a", process_id="p",
+                                                                    until="soon")  # fmt: skip
+        assert "pattern" in await error("process_output", name="a", process_id="../x")
+        assert "less than or equal to 65535" in await error("publish_port", name="a", port=70000)
+        assert "greater than or equal to 1" in await error("publish_port", name="a", port=0)
+        assert "greater than or equal to 1024" in await error("publish_port", name="a", port=80, host_port=80)
+        assert "list_workspaces" in await error("start_process", name="ghost", command="sleep 1")
+        assert "list_workspaces" in await error("publish_port", name="ghost", port=8000)
+        assert "list_workspaces" in await error("list_processes", name="ghost")
         r = await client.call_tool("list_workspaces", {})
         assert r.structured_content["workspaces"] == []  # type: ignore[index]
     # Nothing was created by any of it.

@@ -18,9 +18,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from sandbox_mcp import processes
 from sandbox_mcp.errors import CommandTimeout, InvalidSpec, SSHError, clip, clip_repr
 from sandbox_mcp.ssh import EXEC_AGENT_PATH, SSHPool, SSHTarget, agent_command
 from sandbox_mcp.ssh.agent import reply_limit
+from sandbox_mcp.ssh.agent_ops import agent_op
 from sandbox_mcp.ssh.files import MAX_NAME_BYTES, entry_name
 from sandbox_mcp.ssh.lines import LineBuffer, LineTooLong
 from tests.test_ssh import AGENT, Sshd, _start_sshd
@@ -422,4 +424,87 @@ async def test_a_file_call_cancelled_midway_leaves_the_pool_usable(
     finally:
         with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the stuck sftp-server
+        await pool.close()
+
+
+# --- process requests (start_process and its siblings) to a hostile agent ----------------------------
+
+
+def _fake_agent_v2(path: Path, after_request: str) -> str:
+    """Like _fake_agent, but it says it speaks protocol 2 (process requests)."""
+    _fake_agent(path, after_request)
+    path.write_text(path.read_text().replace("{'ready': 1}", "{'ready': 1, 'version': 2}"))
+    return str(path)
+
+
+_INFO = {"process_id": "web", "command": "x", "pid": 7, "running": True, "exit": None, "signal": None,
+         "started_at": 1.0, "ended_at": None, "written": 3, "dropped": 0}  # fmt: skip
+
+
+async def test_an_agent_without_processes_is_named(own_sshd: Sshd, target: SSHTarget, tmp_path: Path) -> None:
+    pool = SSHPool(agent_path=_fake_agent(tmp_path / "old-agent", "pass"))
+    try:
+        with pytest.raises(SSHError, match="older than this server.*stop_workspace, start_workspace"):
+            await agent_op(pool, target, processes.list_request(), timeout_s=10, reply_cap=1024, retry=True)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "match"),
+    [
+        ({"start": 0, "end": 3, "runs": [[1, "QUFB"]], "info": {**_INFO, "pid": -1}}, "malformed reply"),
+        ({"start": 0, "end": 3, "runs": [[7, "QUFB"]], "info": _INFO}, "malformed reply"),
+        ({"start": 0, "end": 9, "runs": [[1, "QUFB"]], "info": _INFO}, "does not add up"),
+        ({"start": 0, "end": 3, "runs": [[1, "%%%%"]], "info": _INFO}, "not base64"),
+        ({"start": 0, "end": 3, "runs": [[1, "QUFB"]], "info": {**_INFO, "command": "c" * 100_000}}, "malformed reply"),
+    ],
+    ids=["bad-pid", "bad-stream", "bad-count", "bad-base64", "huge-command"],
+)
+async def test_malformed_process_replies_are_errors(
+    own_sshd: Sshd, target: SSHTarget, tmp_path: Path, reply: dict[str, object], match: str
+) -> None:
+    fake = _fake_agent_v2(tmp_path / "bad-agent", f"out.write(json.dumps({{'id': req['id'], 'ok': {reply!r}}})"
+                          ".encode() + b'\\n'); out.flush()")  # fmt: skip
+    pool = SSHPool(agent_path=fake)
+    request = processes.read_request("web", 0, 100, 0)
+    try:
+        reply = await agent_op(pool, target, request, timeout_s=10, reply_cap=processes.reply_cap(request), retry=True)
+        ok = processes.check_reply("ws", "web", reply)
+        with pytest.raises(SSHError, match=match):
+            processes.output_result("ws", ok, 0, 100)
+    finally:
+        await pool.close()
+
+
+async def test_a_process_reply_past_its_bound_drops_the_connection(
+    own_sshd: Sshd, target: SSHTarget, tmp_path: Path
+) -> None:
+    fake = _fake_agent_v2(tmp_path / "flood-agent", "try:\n    for _ in range(256):\n"
+                          "        out.write(b'A' * 65536); out.flush()\nexcept OSError:\n    sys.exit(0)")  # fmt: skip
+    pool = SSHPool(agent_path=fake)
+    request = processes.read_request("web", 0, 100, 0)
+    try:
+        await pool.wait_ready(target, timeout_s=30)
+        entry = pool._entries[target.key]
+        with pytest.raises(SSHError, match="broke the protocol.*without a newline"):
+            await agent_op(pool, target, request, timeout_s=30, reply_cap=processes.reply_cap(request), retry=True)
+        assert entry.agent is not None and entry.agent.lines.high_water <= reply_limit(processes.reply_cap(request))
+        assert target.key not in pool._entries
+    finally:
+        await pool.close()
+
+
+async def test_streamed_output_that_is_not_base64_breaks_the_protocol(
+    own_sshd: Sshd, target: SSHTarget, tmp_path: Path
+) -> None:
+    fake = _fake_agent_v2(tmp_path / "bad-stream", "out.write(json.dumps({'id': req['id'], 'out': '%%%', 'fd': 1})"
+                          ".encode() + b'\\n'); out.flush()")  # fmt: skip
+    pool = SSHPool(agent_path=fake)
+    got: list[bytes] = []
+    try:
+        with pytest.raises(SSHError, match="broke the protocol: .*malformed line"):
+            await pool.exec(target, "true", on_output=lambda fd, data, skipped: got.append(data))
+        assert got == []
+    finally:
         await pool.close()

@@ -24,9 +24,11 @@ def _params(cls: type, method: str) -> list[tuple[str, object, object, str]]:
 
 
 def test_the_protocol_has_every_operation() -> None:
-    assert METHODS == ["create", "delete_snapshot", "destroy", "exec", "fork", "git_diff", "git_fetch", "list", "list_dir",
-                       "list_snapshots", "logs", "pause", "read_file", "restore", "resume", "snapshot", "ssh_target",
-                       "start", "status", "stop", "write_file"]  # fmt: skip
+    assert METHODS == ["create", "delete_snapshot", "destroy", "exec", "fork", "git_diff", "git_fetch",
+                       "list", "list_dir", "list_processes", "list_snapshots", "logs", "pause",
+                       "process_output", "publish_port", "read_file", "restore", "resume", "snapshot",
+                       "ssh_target", "start", "start_process", "status", "stop", "stop_process",
+                       "unpublish_port", "wait_process", "write_file"]  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", [OwnedManager, RemoteManager])

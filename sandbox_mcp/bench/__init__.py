@@ -12,6 +12,9 @@
   same ``serve`` working in process;
 - Incus (:mod:`.incus`): create → first exec of ``type="incus"`` against a bare instance
   launch → sshd banner, on a private incusd (``--incus only|no``);
+- processes, published ports and exec progress (:mod:`.processes`): start_process → first
+  byte and the process_output long-poll against exec round trips, a published port against a
+  direct connection to the workspace IP, notifications per second during a chatty exec;
 - git (:mod:`.git`): create with ``repo=`` (10,000 files) against a plain create, and
   fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
 - pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
@@ -50,6 +53,7 @@ from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
 from .capacity import format_capacity, run_capacity
 from .incus import format_incus, run_incus
+from .processes import format_processes, run_processes
 from .snapshots import format_snapshots, run_snapshots
 
 __all__ = ["run_bench"]
@@ -134,6 +138,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None}
     )
     results: dict[str, dict[str, float]] = {}
+    proc_results: dict[str, dict[str, float]] = {}
     incus_mode = getattr(args, "incus", "no")
     capacity_mode = getattr(args, "capacity", "no")
     git_mode = getattr(args, "git", "no")
@@ -207,6 +212,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 if mib == args.file_mib:
                     results["file_s"] = figures
             results["daemon_hop_exec_true_ms"] = await _daemon_hop(bench_settings, state, args.execs, client)
+            if getattr(args, "process_runs", 0) > 0:
+                ws = await call("workspace_status", name="bench0")
+                proc_results = await run_processes(client, "bench0", Path(ws["host_workspace_dir"]), ws["ip"],
+                                                   args.process_runs)  # fmt: skip
             await call("destroy_workspace", name="bench0")
 
             # 4. VMs: create -> first exec, against a bare boot of the same qemu command.
@@ -234,6 +243,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await HostNetwork(bench_settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     _print(results)
+    if proc_results:
+        print(format_processes(proc_results))
+        print(json.dumps(proc_results))
     if git_mode == "also":
         await _git_section(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
     if snapshots_mode == "also":

@@ -13,6 +13,7 @@ import binascii
 import itertools
 import json
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import anyio
@@ -27,10 +28,12 @@ __all__ = [
     "AGENT_START_TIMEOUT_S",
     "AgentFault",
     "AgentGone",
+    "AgentOutdated",
     "AgentSession",
     "NotStarted",
     "reply_limit",
     "run_agent_command",
+    "run_agent_op",
     "start_agent",
 ]
 
@@ -61,6 +64,10 @@ class AgentFault(ConnectionError):
     """The exec agent broke the protocol (an unbounded or malformed line); its channel was closed."""
 
 
+class AgentOutdated(ConnectionError):
+    """The workspace's exec agent predates process requests (an image from before them)."""
+
+
 class AgentSession(asyncssh.SSHClientSession[bytes]):
     """The agent's channel: JSON lines out, replies routed to the tasks waiting for them."""
 
@@ -74,6 +81,8 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         self.stderr = bytearray()
         self.fault: str | None = None
         self.lines = LineBuffer(_REPLY_OVERHEAD)
+        self.version = 1  # the ready line's protocol version (1: exec only)
+        self.outputs: dict[int, Callable[[int, bytes, int], None]] = {}  # request id -> streamed output sink
         self._ids = itertools.count(1)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -96,18 +105,34 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         if not isinstance(msg, dict):
             raise ValueError("not a JSON object")
         if "ready" in msg:
+            version = msg.get("version", 1)
+            self.version = version if isinstance(version, int) and not isinstance(version, bool) else 1
             self.ready.set()
             return
         rid = msg.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool):
             raise ValueError("no request id")
-        if "started" in msg:
+        if "out" in msg:
+            self._output(rid, msg)
+        elif "started" in msg:
             if rid in self.waiters:
                 self.started.add(rid)
         elif (waiter := self.waiters.pop(rid, None)) is not None:
             self.replies[rid] = msg
             self.started.discard(rid)
             waiter.set()
+
+    def _output(self, rid: int, msg: dict[str, Any]) -> None:
+        """A chunk of a running command's output: checked, then handed to its sink (if it still has one)."""
+        sink = self.outputs.get(rid)
+        if sink is None:
+            return
+        fd, skipped, out = msg.get("fd"), msg.get("skipped", 0), msg.get("out")
+        if fd not in (1, 2) or not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+            raise ValueError("a malformed output message")
+        if not isinstance(out, str):
+            raise ValueError("output is not a string")
+        sink(fd, base64.b64decode(out, validate=True), skipped)
 
     def _fail(self, reason: str) -> None:
         self.fault = reason
@@ -121,11 +146,14 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         for waiter in self.waiters.values():
             waiter.set()  # no reply: the caller sees the channel is gone
 
-    def submit(self, request: dict[str, Any]) -> tuple[int, anyio.Event]:
-        """Send one command request; returns its id and the event set when its reply (or the end) comes."""
+    def submit(self, request: dict[str, Any], reply_cap: int | None = None) -> tuple[int, anyio.Event]:
+        """Send one request; returns its id and the event set when its reply (or the end) comes.
+
+        ``reply_cap``: the output bytes its reply may carry (an exec request's ``cap`` by default).
+        """
         assert self.chan is not None
         rid = next(self._ids)
-        self.lines.raise_limit(reply_limit(int(request["cap"])))
+        self.lines.raise_limit(reply_limit(int(request["cap"]) if reply_cap is None else reply_cap))
         waiter = self.waiters[rid] = anyio.Event()
         self.chan.write((json.dumps({"id": rid, **request}) + "\n").encode())
         return rid, waiter
@@ -134,6 +162,7 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         """Ask the agent to kill the command's process group; forget its reply."""
         self.waiters.pop(rid, None)
         self.replies.pop(rid, None)
+        self.outputs.pop(rid, None)
         self.started.discard(rid)
         if self.chan is not None and not self.closed.is_set():
             self.chan.write((json.dumps({"cancel": rid}) + "\n").encode())
@@ -252,12 +281,18 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, 
     return result
 
 
-async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeout_s: float) -> ExecResult:
+async def run_agent_command(
+    agent: AgentSession,
+    request: dict[str, Any],
+    timeout_s: float,
+    on_output: Callable[[int, bytes, int], None] | None = None,
+) -> ExecResult:
     """Run one command through the agent and wait for its result.
 
     The agent enforces ``timeout_s`` itself; a client deadline ``CLIENT_GRACE_S`` later catches a
     wedged agent (the result then says ``timed_out``). Cancelling the awaiting task makes the agent
-    kill the command's process group.
+    kill the command's process group. ``on_output(fd, data, skipped)``, when given, receives the
+    output while the command runs (the agent streams it), before the result.
 
     Raises:
         NotStarted: the channel closed before the command started: safe to retry elsewhere.
@@ -265,13 +300,19 @@ async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeou
         AgentFault: the agent broke the protocol; the channel is closed.
     """
     start = time.monotonic()
+    if on_output is not None:
+        request = {**request, "stream": True}
     rid, waiter = agent.submit(request)
+    if on_output is not None:
+        agent.outputs[rid] = on_output
     try:
         with anyio.move_on_after(timeout_s + CLIENT_GRACE_S) as deadline:
             await waiter.wait()
     except BaseException:
         agent.cancel(rid)  # cancellation: the agent kills the command's process group
         raise
+    finally:
+        agent.outputs.pop(rid, None)
     reply = agent.replies.pop(rid, None)
     started = rid in agent.started
     agent.started.discard(rid)
@@ -287,3 +328,32 @@ async def run_agent_command(agent: AgentSession, request: dict[str, Any], timeou
     save = request.get("save")
     paths = {s: f"{save['dir']}/{save['name']}.{s}" for s in ("stdout", "stderr")} if save else None
     return _result(reply, int(request["cap"]), time.monotonic() - start, paths)
+
+
+async def run_agent_op(agent: AgentSession, request: dict[str, Any], timeout_s: float, reply_cap: int) -> dict[str, Any]:
+    """Send one process request (``op``) and return the agent's reply, unchecked beyond being a dict.
+
+    Raises:
+        AgentOutdated: the workspace runs an agent from before process requests.
+        AgentGone: the channel closed before the reply (whether a start happened is unknown).
+        AgentFault: the agent broke the protocol; the channel is closed.
+        TimeoutError: no reply within ``timeout_s`` (the agent is asked to forget the request).
+    """
+    if agent.version < 2:
+        raise AgentOutdated(f"the workspace's exec agent speaks protocol {agent.version}; processes need 2")
+    rid, waiter = agent.submit(request, reply_cap)
+    try:
+        with anyio.move_on_after(timeout_s) as deadline:
+            await waiter.wait()
+    except BaseException:
+        agent.cancel(rid)
+        raise
+    reply = agent.replies.pop(rid, None)
+    if agent.fault is not None:
+        raise AgentFault(agent.fault)
+    if deadline.cancelled_caught:
+        agent.cancel(rid)
+        raise TimeoutError(f"no reply to {request.get('op')} within {timeout_s:g} s")
+    if reply is None:
+        raise AgentGone(agent.stderr_tail())
+    return reply

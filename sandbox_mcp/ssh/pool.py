@@ -196,6 +196,7 @@ class SSHPool:
         output_cap: int = 1 << 20,
         save_max: int = 0,
         save_over: int | None = None,
+        on_output: Callable[[int, bytes, int], None] | None = None,
     ) -> ExecResult:
         """Run ``command`` with ``sh -c`` in the workspace and collect its result.
 
@@ -207,6 +208,7 @@ class SSHPool:
         command killed by a signal has ``exit_code=None`` and a note naming it on stderr. After
         ``timeout_s`` its process group is killed (``timed_out=True``, ``exit_code=None``); so it is
         when the awaiting task is cancelled, and the cancellation propagates.
+        ``on_output(fd, data, skipped)``: live output (the agent streams it).
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
@@ -224,7 +226,7 @@ class SSHPool:
                 save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
                 request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
-                    return await run_agent_command(agent, request, timeout_s)
+                    return await run_agent_command(agent, request, timeout_s, on_output)
                 except NotStarted as exc:
                     # The connection died before the command started (the agent kills what it
                     # started when its channel closes, so nothing runs twice). Replace it, once.

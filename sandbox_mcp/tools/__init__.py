@@ -2,19 +2,20 @@
 
 Each module has a ``register(mcp)``: ``lifecycle`` (create, start, stop, destroy, list, status),
 ``exec``, ``files`` (read, write, list a directory), ``logs``, ``git`` (a workspace's branch: diff, fetch),
-``snapshots`` (pause, snapshot, restore, fork). A new concern is a new module listed in ``GROUPS``;
-:mod:`.base` has what every tool shares.
+``snapshots`` (pause, snapshot, restore, fork), ``processes`` (start_process and its siblings), ``ports``
+(publish_port, unpublish_port). A new concern is a new module listed in ``GROUPS``; :mod:`.base` has
+what every tool shares.
 """
 
 from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import exec, files, git, lifecycle, logs, snapshots
+from . import exec, files, git, lifecycle, logs, ports, processes, snapshots
 
 __all__ = ["GROUPS", "register"]
 
-GROUPS = (lifecycle, exec, files, logs, git, snapshots)
+GROUPS = (lifecycle, exec, files, logs, git, snapshots, processes, ports)
 
 
 def register(mcp: MCPServer) -> None:

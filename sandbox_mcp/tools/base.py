@@ -29,6 +29,7 @@ __all__ = [
     "PROGRESS_TOTAL",
     "ToolContext",
     "call_result",
+    "output_progress_of",
     "progress_of",
     "spec_parameters",
     "tool",
@@ -143,6 +144,30 @@ def call_result(result: Any, budget_bytes: int) -> Any:
         content=[TextContent(type="text", text=budget.text_rendering(result))],
         structured_content=result.model_dump(mode="json", by_alias=True),
     )
+
+
+def output_progress_of(ctx: ToolContext) -> Progress | None:
+    """Progress for a running command's output, when the client asked for progress (a progressToken).
+
+    Messages are numbered 1, 2, 3, ... without a total (a command's length is unknown; the 0-100
+    scale of :func:`progress_of` would stop rising). The SDK keeps the token in its dispatch
+    context, not in the request's ``_meta`` it hands us; where that context is not one whose token
+    we can see, the output is streamed anyway (progress without a token is a no-op), at a small cost.
+    """
+    dctx = getattr(ctx.request_context.session, "_request_outbound", None)
+    for _ in range(3):  # the runner wraps the transport's context
+        dctx = getattr(dctx, "_inner", dctx)
+    for attr in ("_progress_token", "_on_progress"):  # JSON-RPC transports; the in-memory one
+        if hasattr(dctx, attr) and getattr(dctx, attr) is None:
+            return None
+    sent = 0
+
+    async def report(message: str, fraction: float | None = None) -> None:
+        nonlocal sent
+        sent += 1
+        await ctx.report_progress(sent, None, message)
+
+    return report
 
 
 def workspaces(ctx: ToolContext) -> Workspaces:

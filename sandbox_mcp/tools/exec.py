@@ -8,7 +8,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
 from ..models import ExecResult, Name
-from .base import ToolContext, tool, workspaces
+from .base import ToolContext, output_progress_of, tool, workspaces
 
 __all__ = ["register"]
 
@@ -35,7 +35,8 @@ def register(mcp: MCPServer) -> None:
         stdin: Annotated[str | None, Field(description="Text fed to the command's standard input")] = None,
     ) -> ExecResult:
         """Run a shell command in a running workspace as the (non-root) workspace user, who has passwordless
-        sudo. The default cwd is the workspace directory. Not a login shell: no profile files are read.
+        sudo, and wait for it to end. The default cwd is the workspace directory. Not a login shell: no
+        profile files are read.
 
         Returns exit_code, stdout and stderr (separately), timed_out and duration_ms. Long output is cut to
         fit the result (about 24 KB at the default budget, 12 KB each when both streams are long):
@@ -43,6 +44,8 @@ def register(mcp: MCPServer) -> None:
         stdout_omitted/stderr_omitted count the bytes left out and stdout_path/stderr_path name a file in
         the workspace with the whole stream (page it with read_file, offset/next_offset).
         stdout_bytes/stderr_bytes are the whole sizes. On timeout the command and its children are killed
-        and timed_out=true. If the workspace is stopped, call start_workspace first.
+        and timed_out=true. When the request carries a progressToken, the output also arrives as progress
+        notifications while it runs. For a server or anything you want to leave running, watch or stop,
+        use start_process instead. If the workspace is stopped, call start_workspace first.
         """
-        return await workspaces(ctx).exec(name, command, cwd, env, timeout_s, stdin)
+        return await workspaces(ctx).exec(name, command, cwd, env, timeout_s, stdin, output_progress_of(ctx))
