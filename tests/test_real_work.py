@@ -229,7 +229,11 @@ import errno, os, sys
 step, root, total, err = 64 << 20, sys.argv[1], 0, None
 os.makedirs(root, exist_ok=True)
 while step >= 1 << 20:  # 64 MiB at a time, then smaller pieces into what is left, down to 1 MiB
-    fd = os.open(os.path.join(root, f"fill-{total >> 20}"), os.O_CREAT | os.O_WRONLY, 0o600)
+    try:  # a full btrfs quota (Incus) may refuse even the new file's metadata
+        fd = os.open(os.path.join(root, f"fill-{total >> 20}"), os.O_CREAT | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        err = errno.errorcode.get(exc.errno, str(exc.errno))
+        break
     try:
         os.posix_fallocate(fd, 0, step)
         total += step
