@@ -89,12 +89,17 @@ async def test_one_large_slot_per_user_and_a_small_line_needs_none() -> None:
         reader = MessageReader(stream, shares, 2000)
         peer.sendall(b"small\n" + b"L" * (200 << 10))
         assert await reader.receive_line() == b"small"
-        with anyio.move_on_after(0.5) as waiting:
-            await reader.receive_line()
-        assert waiting.cancelled_caught  # still waiting for the slot, reading nothing more
+        got: list[bytes] = []
+
+        async def read_large() -> None:
+            got.append(await reader.receive_line())
+
+        tg.start_soon(read_large)
+        await anyio.wait_all_tasks_blocked()  # every task waits on something: no timing involved
+        assert not got  # still waiting for the slot
         release.set()
-    peer.sendall(b"\n")
-    assert await reader.receive_line() == b"L" * (200 << 10)
+        peer.sendall(b"\n")
+    assert got == [b"L" * (200 << 10)]
     peer.close()
     await stream.aclose()
 
