@@ -7,7 +7,9 @@ The restore's swap itself (journal, renames) is killed at every step in tests/te
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -21,10 +23,20 @@ from .test_e2e import NOTHING_LEFT, host_leftovers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-# 64 MiB keep the copy busy for a while, small enough for a slow disk. In 4 MiB files: a container's
-# RLIMIT_FSIZE is its console log bound (16 MiB) today, so a bigger file cannot be written inside.
+# 64 MiB keep the copy busy for a while (unless the filesystem reflinks), small enough for a slow disk.
 _FILL = ("for i in $(seq 16); do head -c 4M /dev/urandom > big$i; done && echo kept > kept.txt && "
          "sudo sh -c 'echo r > /etc/root-mark'")
+
+
+@contextlib.asynccontextmanager
+async def _destroyed_at_exit(client: Client, settings: Settings, *names: str) -> AsyncIterator[None]:
+    """A failed check must not leave its workspaces (and their firewall ports) to later tests."""
+    try:
+        yield
+    finally:
+        for name in names:
+            if (settings.state_dir / name).exists():
+                await client.call_tool("destroy_workspace", {"name": name})
 
 
 def _snapshot_dirs(settings: Settings, name: str) -> list[str]:
@@ -63,11 +75,12 @@ async def test_killed_during_snapshot(settings: Settings) -> None:
                        at_progress="copying the files", before=lambda c: _running_with_files(c, "cks"))
     with anyio.fail_after(_UPPER_BOUND_S):
         async with Client(_params(settings, secrets.token_hex(8))) as client:
-            # No half snapshot: it is there whole (and restorable) or not at all, and no scratch copy stays.
-            assert _snapshot_dirs(settings, "cks") in ([], ["s1"])
-            listed = (await _call(client, "list_snapshots", name="cks"))["snapshots"]
-            assert [s["snapshot"] for s in listed] == _snapshot_dirs(settings, "cks")
-            print(await _check_usable_and_destroy(client, settings, "cks"))
+            async with _destroyed_at_exit(client, settings, "cks"):
+                # No half snapshot: it is there whole (and restorable) or not at all, and no scratch copy stays.
+                assert _snapshot_dirs(settings, "cks") in ([], ["s1"])
+                listed = (await _call(client, "list_snapshots", name="cks"))["snapshots"]
+                assert [s["snapshot"] for s in listed] == _snapshot_dirs(settings, "cks")
+                print(await _check_usable_and_destroy(client, settings, "cks"))
 
 
 async def test_killed_during_restore(settings: Settings) -> None:
@@ -80,16 +93,22 @@ async def test_killed_during_restore(settings: Settings) -> None:
                        at_progress="copying the snapshot", before=snapshot_then_change)
     with anyio.fail_after(_UPPER_BOUND_S):
         async with Client(_params(settings, secrets.token_hex(8))) as client:
-            root = settings.state_dir / "ckr"
-            assert not [p.name for p in root.iterdir() if p.name.endswith((".restoring", ".old"))]
-            assert not (root / "restore.json").exists()
-            # Killed before the swap: the old state, whole (later.txt still there), and the snapshot intact.
-            assert (root / "workspace" / "later.txt").exists()
-            assert _snapshot_dirs(settings, "ckr") == ["s1"]
-            restored = await _call(client, "restore_workspace", name="ckr", snapshot="s1")
-            assert restored["state"] == "running"
-            assert not (root / "workspace" / "later.txt").exists()
-            print(await _check_usable_and_destroy(client, settings, "ckr"))
+            async with _destroyed_at_exit(client, settings, "ckr"):
+                root = settings.state_dir / "ckr"
+                assert not [p.name for p in root.iterdir() if p.name.endswith((".restoring", ".old"))]
+                assert not (root / "restore.json").exists()
+                # The kill lands as the copy starts, but the copy may be a reflink that ends first (and the
+                # swap after it): either the old state, whole (later.txt still there), or the restored one,
+                # whole (kept.txt without later.txt). The snapshot is intact either way.
+                workspace = root / "workspace"
+                assert (workspace / "kept.txt").read_text() == "kept\n"
+                assert sorted(p.name for p in workspace.glob("big*")) == sorted(f"big{i}" for i in range(1, 17))
+                print({"swapped": not (workspace / "later.txt").exists()})
+                assert _snapshot_dirs(settings, "ckr") == ["s1"]
+                restored = await _call(client, "restore_workspace", name="ckr", snapshot="s1")
+                assert restored["state"] == "running"
+                assert not (workspace / "later.txt").exists()
+                print(await _check_usable_and_destroy(client, settings, "ckr"))
 
 
 async def test_killed_during_fork(settings: Settings) -> None:
@@ -97,12 +116,13 @@ async def test_killed_during_fork(settings: Settings) -> None:
                        at_progress="copying the files", before=lambda c: _running_with_files(c, "ckf"))
     with anyio.fail_after(_UPPER_BOUND_S):
         async with Client(_params(settings, secrets.token_hex(8))) as client:
-            listed = {w["name"]: w for w in (await _call(client, "list_workspaces"))["workspaces"]}
-            # The fork never finished: it is gone or marked error (destroy removes it), like a create.
-            fork = listed.get("ckf2")
-            assert fork is None or fork["state"] == "error", fork
-            if fork is not None:
-                await _call(client, "destroy_workspace", name="ckf2")
-            assert host_leftovers("ckf2") == NOTHING_LEFT
-            assert not (settings.state_dir / "ckf2").exists()
-            print(await _check_usable_and_destroy(client, settings, "ckf"))
+            async with _destroyed_at_exit(client, settings, "ckf", "ckf2"):
+                listed = {w["name"]: w for w in (await _call(client, "list_workspaces"))["workspaces"]}
+                # The fork never finished: it is gone or marked error (destroy removes it), like a create.
+                fork = listed.get("ckf2")
+                assert fork is None or fork["state"] == "error", fork
+                if fork is not None:
+                    await _call(client, "destroy_workspace", name="ckf2")
+                assert host_leftovers("ckf2") == NOTHING_LEFT
+                assert not (settings.state_dir / "ckf2").exists()
+                print(await _check_usable_and_destroy(client, settings, "ckf"))
