@@ -529,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the git section: create with repo= against a plain create, fetch_workspace of commits")
     s.add_argument("--git-files", type=int, default=10_000, help="files in the git section's repository")
     s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
+    s.add_argument("--concurrency", choices=("also", "only", "no"), default="also",
+                   help="many exec true at once over several workspaces: stdio serve, in process, raw ssh")
+    s.add_argument("--concurrent-calls", type=int, default=200, help="calls at once in the concurrency section")
+    s.add_argument("--concurrent-workspaces", type=int, default=10, help="workspaces the calls spread over")
+    s.add_argument("--concurrent-rounds", type=int, default=5, help="rounds of the concurrency section")
     s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
     s.add_argument("--snapshot-mib", default="100",

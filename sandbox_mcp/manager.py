@@ -786,7 +786,8 @@ class WorkspaceManager:
         # _ssh_call notices it then, keeping the runtime check off every exec. No per-name lock here
         # (a long exec must not hold up stop): the owner is checked on the record the call uses,
         # whose host key the SSH target pins (a successor under the same name has another).
-        record = owned(await self.registry.get(name), owner_uid)
+        # Shared, not copied (Registry.peek): callers read it; one that changes it copies it first.
+        record = owned(await self.registry.peek(name), owner_uid)
         if record.state == "paused":
             raise InvalidState(f"workspace {name!r} is paused (nothing in it runs); call resume_workspace first")
         if record.state != "running":
@@ -1109,7 +1110,7 @@ class WorkspaceManager:
             _check_port("host_port", host_port, 1024)
         await self._check_exists(name)
         async with self._locked(name):
-            record = await self._running(name, owner_uid)
+            record = (await self._running(name, owner_uid)).model_copy(deep=True)  # changed below
             for p in record.ports:
                 if p.port == port and self.ports.host_port(name, port) == p.host_port:
                     if host_port not in (None, p.host_port):

@@ -84,18 +84,32 @@ class Registry:
 
     # Async API ----------------------------------------------------------------------------------
 
-    async def read(self) -> RegistryData:
-        """A snapshot of the registry (the caller may modify it). Raises BackendError if the file is corrupt."""
+    async def _current(self) -> RegistryData:
+        """The parsed registry as it is on disk now, shared: never modified, never handed out whole."""
         cache = self._cache
         if cache is not None and cache[0] == self._raw():
-            return cache[1].model_copy(deep=True)
-        return await anyio.to_thread.run_sync(self.read_sync)
+            return cache[1]
+        return await anyio.to_thread.run_sync(self.read_sync)  # a fresh object (the cache keeps its own)
+
+    async def read(self) -> RegistryData:
+        """A snapshot of the registry (the caller may modify it). Raises BackendError if the file is corrupt."""
+        return (await self._current()).model_copy(deep=True)
 
     async def get(self, name: str) -> WorkspaceRecord:
-        """The record of ``name``. Raises WorkspaceNotFound."""
-        data = await self.read()
+        """The record of ``name``, a copy the caller may modify. Raises WorkspaceNotFound."""
+        return (await self.peek(name)).model_copy(deep=True)
+
+    async def peek(self, name: str) -> WorkspaceRecord:
+        """The record of ``name`` as parsed, shared with other callers: read it, never modify it.
+
+        The hot path (every exec looks its workspace up) copies nothing: a deep copy of the whole
+        registry per call was most of an ``exec true``'s cost in this process with ten workspaces.
+
+        Raises:
+            WorkspaceNotFound: no such workspace.
+        """
         try:
-            return data.workspaces[name]
+            return (await self._current()).workspaces[name]
         except KeyError:
             raise WorkspaceNotFound(name) from None
 

@@ -19,6 +19,9 @@
   fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
 - pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
   (:mod:`.snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
+- concurrency (:mod:`.concurrency`): 200 ``exec true`` at once over 10 workspaces through one stdio
+  ``serve``, the in-process client and the manager, against raw asyncssh to the same sshds
+  (``--concurrency only|no``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -52,6 +55,7 @@ from ..hostnet import HostNetwork
 from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
 from .capacity import format_capacity, run_capacity
+from .concurrency import format_concurrency, run_concurrency, serve_env
 from .incus import format_incus, run_incus
 from .processes import format_processes, run_processes
 from .snapshots import format_snapshots, run_snapshots
@@ -151,6 +155,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     snapshots_mode = getattr(args, "snapshots", "no")
     if snapshots_mode == "only":
         return await _snapshots(bench_settings, args, state)
+    concurrency_mode = getattr(args, "concurrency", "no")
+    if concurrency_mode == "only":
+        return await _concurrency(bench_settings, args, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -248,6 +255,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(proc_results))
     if git_mode == "also":
         await _git_section(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
+    if concurrency_mode == "also":
+        await _concurrency(bench_settings, args, state)
     if snapshots_mode == "also":
         await _snapshots(bench_settings, args, state)
     if capacity_mode == "also":
@@ -339,6 +348,20 @@ async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) 
     return 0
 
 
+async def _concurrency(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The concurrency section (:mod:`.concurrency`) in its own state dir; the bridge removed after."""
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        results = await run_concurrency(settings.model_copy(update={"state_dir": state}), state,
+                                        args.concurrent_workspaces, args.concurrent_calls, args.concurrent_rounds)
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_concurrency(results))
+    print(json.dumps(results))
+    return 0
+
+
 async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
     """The capacity section (:mod:`.capacity`) in its own state dir; the bridge removed after."""
     state.mkdir(parents=True, exist_ok=True)
@@ -383,13 +406,9 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
     from ..daemon_client import socket_transport
 
     sock = state / "run" / "daemon.sock"
-    env = {**os.environ, "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
-           "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_HOSTS_FILE": "", "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
-           "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
-           "SANDBOX_MCP_CONFIG": "/nonexistent"}  # fmt: skip
     serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
-    local_env = {**env, "SANDBOX_MCP_DAEMON_SOCKET": str(state / "run" / "none.sock")}  # no daemon: in process
-    env["SANDBOX_MCP_DAEMON_SOCKET"] = str(sock)
+    local_env = serve_env(settings, state / "run" / "none.sock")  # no daemon: in process
+    env = serve_env(settings, sock)
     # A client of the daemon gets only how to reach it (it refuses settings the daemon would ignore).
     client_env = {k: v for k, v in env.items() if not k.startswith("SANDBOX_MCP_")}
     client_env.update({k: env[k] for k in ("SANDBOX_MCP_DAEMON_SOCKET", "SANDBOX_MCP_DAEMON_GROUP", "SANDBOX_MCP_CONFIG")})

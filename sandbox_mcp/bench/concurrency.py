@@ -1,0 +1,165 @@
+"""The benchmark's concurrency section: many ``exec true`` at once over several workspaces.
+
+``--concurrent-calls`` (200) calls at once, spread round-robin over ``--concurrent-workspaces`` (10)
+running containers, ``--concurrent-rounds`` (5) rounds, each path in turn within a round so load that
+drifts during the run weighs on every path alike. The paths, from the wire down:
+
+- ``stdio``: one ``sandbox-mcp serve`` child over stdio, working in process (the issue's figure);
+- ``mcp``: the in-process MCP client on the server object (no transport);
+- ``manager``: :meth:`WorkspaceManager.exec` in this process (the pool, the agent; no MCP);
+- the baseline ``raw``: asyncssh on its own, a session per command (``conn.run``) on one connection
+  per workspace to the same sshd, with the same keys: what SSH itself allows at this concurrency.
+
+Per path: calls per second (the calls over the wall time of their round; the median round) and the
+p50/p95 of each call's own latency over every round.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..config import Settings
+from ..manager import WorkspaceManager
+
+__all__ = ["format_concurrency", "run_concurrency", "serve_env"]
+
+Call = Callable[[str], Awaitable[None]]
+
+
+def serve_env(settings: Settings, daemon_socket: Path) -> dict[str, str]:
+    """The environment of a ``sandbox-mcp serve`` child working on ``settings``' state and bridge
+    (in process unless a daemon listens on ``daemon_socket``)."""
+    return {**os.environ, "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_BRIDGE": settings.bridge,
+            "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_HOSTS_FILE": "", "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
+            "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
+            "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_DAEMON_SOCKET": str(daemon_socket)}  # fmt: skip
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _round(call: Call, names: list[str], calls: int) -> tuple[float, list[float]]:
+    """``calls`` calls at once over ``names``; the wall seconds and each call's milliseconds."""
+    latencies: list[float] = []
+    failures: list[BaseException] = []
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            await call(names[i % len(names)])
+        except Exception as exc:  # counted, reported after the round
+            failures.append(exc)
+            return
+        latencies.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(calls):
+            tg.start_soon(one, i)
+    wall = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {calls} concurrent execs failed; the first: {failures[0]!r}")
+    return wall, latencies
+
+
+def _mcp_call(client: Any) -> Call:
+    async def call(name: str) -> None:
+        r = await client.call_tool("exec", {"name": name, "command": "true"})
+        if r.is_error or (r.structured_content or {}).get("exit_code") != 0:
+            raise RuntimeError(f"exec on {name}: {r.content}")
+
+    return call
+
+
+async def run_concurrency(
+    settings: Settings, state: Path, workspaces: int = 10, calls: int = 200, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """Create ``workspaces`` containers, measure every path (see the module doc), destroy them.
+
+    Raises:
+        RuntimeError: a call failed (the figures would mean nothing).
+    """
+    from mcp import Client, StdioServerParameters
+
+    from ..server import build_server
+    from ..ssh.connect import open_connection
+
+    names = [f"conc{i}" for i in range(workspaces)]
+    serve = [sys.executable, "-m", "sandbox_mcp", "serve"]
+    env = serve_env(settings, state / "run" / "none.sock")  # no daemon there: serve works in process
+    raw_conns: dict[str, Any] = {}
+    try:
+        async with (
+            WorkspaceManager(settings) as manager,
+            Client(build_server(settings)) as client,
+        ):
+            for name in names:
+                r = await client.call_tool("create_workspace", {"name": name})
+                if r.is_error:
+                    raise RuntimeError(f"create {name}: {r.content}")
+            for name in names:
+                target = await manager.ssh_target(name)
+                raw_conns[name] = await open_connection(target, tcp_timeout_s=3, timeout_s=15,
+                                                        keepalive_interval_s=0)  # fmt: skip
+
+            async def raw(name: str) -> None:
+                r = await raw_conns[name].run("true", check=False)
+                if r.exit_status != 0:
+                    raise RuntimeError(f"raw exec on {name}: {r.exit_status} {r.stderr!r}")
+
+            async def direct(name: str) -> None:
+                r = await manager.exec(name, "true")
+                if r.exit_code != 0:
+                    raise RuntimeError(f"exec on {name}: {r}")
+
+            async with Client(StdioServerParameters(command=serve[0], args=serve[1:], env=env)) as stdio:
+                paths: dict[str, Call] = {"raw": raw, "manager": direct, "mcp": _mcp_call(client),
+                                          "stdio": _mcp_call(stdio)}  # fmt: skip
+                for call in paths.values():  # connections, agents, imports: warm before timing
+                    await _round(call, names, len(names))
+                walls: dict[str, list[float]] = {k: [] for k in paths}
+                lat: dict[str, list[float]] = {k: [] for k in paths}
+                for _ in range(rounds):
+                    for key, call in paths.items():
+                        wall, ms = await _round(call, names, calls)
+                        walls[key].append(wall)
+                        lat[key] += ms
+    finally:
+        for conn in raw_conns.values():
+            conn.close()
+        async with WorkspaceManager(settings) as m:
+            for name in names:
+                if name in (await m.registry.read()).workspaces:
+                    await m.destroy(name)
+    out: dict[str, dict[str, float]] = {}
+    for key in walls:
+        out[key] = {"per_s": calls / statistics.median(walls[key]), "p50_ms": statistics.median(lat[key]),
+                    "p95_ms": _pct(lat[key], 0.95), "wall_s": statistics.median(walls[key])}  # fmt: skip
+    out["setup"] = {"workspaces": float(workspaces), "calls": float(calls), "rounds": float(rounds)}
+    return out
+
+
+def format_concurrency(r: dict[str, dict[str, float]]) -> str:
+    """The section's lines: each path against the raw-SSH baseline of the same run."""
+    s = r["setup"]
+    raw = r["raw"]
+    lines = [f"{s['calls']:.0f} concurrent exec true over {s['workspaces']:.0f} workspaces "
+             f"({s['rounds']:.0f} rounds, median round):"]  # fmt: skip
+    names = {"stdio": "one stdio serve (in process)", "mcp": "in-process MCP client", "manager": "manager.exec (no MCP)",
+             "raw": "baseline, raw asyncssh session per command"}  # fmt: skip
+    for key in ("stdio", "mcp", "manager", "raw"):
+        f = r[key]
+        ratio = "" if key == "raw" else f"; {f['per_s'] / raw['per_s']:.2f}x the baseline's rate"
+        lines.append(f"  {names[key]}: {f['per_s']:.0f} per second, p50 {f['p50_ms']:.1f} ms, "
+                     f"p95 {f['p95_ms']:.1f} ms{ratio}")  # fmt: skip
+    return "\n".join(lines)
