@@ -112,17 +112,16 @@ def _killpg(proc, sig):
         pass
 
 
-class _Pump(threading.Thread):
-    """Reads one pipe to its end, keeping at most ``cap`` bytes (the rest is drained).
+class _Pump:
+    """What one pipe of a command delivered, keeping at most ``cap`` bytes (the rest is drained).
 
     Without ``tail``, the first ``cap`` bytes; with it, the head and the tail (``cap`` bytes
     together). With ``save`` (see _save_paths), once the stream outgrows its "over" all of it goes
     to the file too. With ``stream``, every chunk is also handed to it as it arrives
-    (exec output as progress notifications).
+    (exec output as progress notifications). The command's thread reads both pipes (_drain).
     """
 
     def __init__(self, fd, cap, tail=False, save=None, stream=None, stream_fd=1):
-        threading.Thread.__init__(self, daemon=True)
         self.fd, self.cap, self.keep_tail, self.save = fd, cap, tail, save
         self.head_cap = cap - cap // 2 if tail else cap
         self.data, self.tail, self.total, self.truncated = bytearray(), bytearray(), 0, False
@@ -130,19 +129,16 @@ class _Pump(threading.Thread):
         self.lock = threading.Lock()
         self.stream, self.stream_fd = stream, stream_fd
 
-    def run(self):
-        try:
-            while True:
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    break
-                if self.stream is not None:
-                    self.stream.add(self.stream_fd, chunk)
-                with self.lock:
-                    self._take(chunk)
-        except OSError:
-            pass
-        finally:
+    def feed(self, chunk):
+        """One chunk read from the pipe."""
+        if self.stream is not None:
+            self.stream.add(self.stream_fd, chunk)
+        with self.lock:
+            self._take(chunk)
+
+    def finish(self):
+        """The pipe ended."""
+        with self.lock:
             self._close()
 
     def _take(self, chunk):
@@ -307,14 +303,106 @@ def _feed(pipe, data):
             pass
 
 
-def _expire(proc, reply):
-    """The command ran out of time: TERM to its group, KILL two seconds later if it is still there."""
-    reply["timed_out"] = True
-    _killpg(proc, signal.SIGTERM)
+def _drain(proc, pumps, timeout, reply):
+    """Read the command's pipes until they end, enforcing its timeout; returns with it exited.
+
+    One thread per command (this one): both pipes in one poll loop, the timeout as the loop's
+    deadline (TERM to the group, KILL KILL_AFTER_S later). Threads for each pipe and a timer
+    were three thread starts per command, most of an ``exec true``'s cost in the agent.
+    A background process that keeps the pipes open after the command exited gets DETACH_GRACE_S,
+    then ``detached`` and a thread that drains what it still writes (so it never blocks on a
+    full pipe).
+    """
+    by_fd = {p.fd: p for p in pumps}
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    now = time.monotonic()
+    deadline, kill_at, exited_at = now + timeout, None, None
+    while by_fd:
+        now = time.monotonic()
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now >= exited_at + DETACH_GRACE_S:
+            reply["detached"] = True
+            threading.Thread(target=_drain_rest, args=(poller, by_fd), daemon=True).start()
+            break
+        if exited_at is None and not reply["timed_out"] and now >= deadline:
+            reply["timed_out"] = True
+            _killpg(proc, signal.SIGTERM)
+            kill_at = now + KILL_AFTER_S
+        if exited_at is None and kill_at is not None and now >= kill_at:
+            _killpg(proc, signal.SIGKILL)
+            kill_at = None
+        # Wake for the next deadline, and now and then to notice an exit while the pipes stay open.
+        wake = [now + _EXIT_CHECK_S]
+        if exited_at is not None:
+            wake.append(exited_at + DETACH_GRACE_S)
+        elif not reply["timed_out"]:
+            wake.append(deadline)
+        elif kill_at is not None:
+            wake.append(kill_at)
+        _read_ready(poller, by_fd, max(0.0, min(wake) - now))
+    _wait_exit(proc, deadline, reply)
+
+
+_EXIT_CHECK_S = 0.05
+
+
+def _read_ready(poller, by_fd, wait_s):
+    """One poll of the pipes: what is ready is read and fed; an ended pipe is finished and dropped."""
+    for fd, _ in poller.poll(wait_s * 1000):
+        pump = by_fd.get(fd)
+        if pump is None:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        if chunk:
+            pump.feed(chunk)
+        else:
+            pump.finish()
+            poller.unregister(fd)
+            del by_fd[fd]
+
+
+def _drain_rest(poller, by_fd):
+    while by_fd:
+        _read_ready(poller, by_fd, 1.0)
+
+
+def _exited_within(proc, wait_s):
+    """Whether ``proc`` exits within ``wait_s``: on a pidfd where there is one (woken at the exit),
+    else Popen.wait's polling (its growing sleeps would delay every short command otherwise)."""
+    if proc.poll() is not None:
+        return True
     try:
-        proc.wait(timeout=KILL_AFTER_S)
-    except subprocess.TimeoutExpired:
-        _killpg(proc, signal.SIGKILL)
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9, or a kernel < 5.3
+        try:
+            proc.wait(timeout=wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        select.select([pidfd], [], [], wait_s)
+    finally:
+        os.close(pidfd)
+    return proc.poll() is not None
+
+
+def _wait_exit(proc, deadline, reply):
+    """Wait for a command whose pipes have ended (it may still run: it closed them), timeout enforced."""
+    if _exited_within(proc, max(0.0, deadline - time.monotonic()) if not reply["timed_out"] else KILL_AFTER_S):
+        return
+    if not reply["timed_out"]:
+        reply["timed_out"] = True
+        _killpg(proc, signal.SIGTERM)
+        if _exited_within(proc, KILL_AFTER_S):
+            return
+    _killpg(proc, signal.SIGKILL)
+    proc.wait()
 
 
 def _run(req):
@@ -352,24 +440,13 @@ def _run(req):
     stream = _Stream(rid) if req.get("stream") is True else None
     pumps = [_Pump(proc.stdout.fileno(), cap, tail, saves[0], stream, 1),
              _Pump(proc.stderr.fileno(), cap, tail, saves[1], stream, 2)]
-    for p in pumps:
-        p.start()
     if stdin is not None:
         threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
-    # A timer enforces the timeout while this thread blocks in waitpid: Popen.wait(timeout=...)
-    # polls with growing sleeps, which would add a millisecond or more to every short command.
-    timer = threading.Timer(float(req["timeout"]), _expire, args=(proc, reply))
-    timer.daemon = True
-    timer.start()
-    proc.wait()
-    timer.cancel()
+    _drain(proc, pumps, float(req["timeout"]), reply)
     if reply["timed_out"]:
         _killpg(proc, signal.SIGKILL)  # what ignored TERM, or outlived the shell
     with _running_lock:
         _running.pop(rid, None)
-    for p in pumps:
-        p.join(DETACH_GRACE_S)
-        reply["detached"] = reply["detached"] or p.is_alive()
     code = proc.returncode
     if code is not None and code < 0:
         try:

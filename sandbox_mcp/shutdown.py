@@ -24,6 +24,8 @@ from typing import Any
 
 import anyio
 
+from .coalesce import Coalescer
+
 __all__ = [
     "MAX_LINE_BYTES",
     "PipeLines",
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 128 << 20  # one JSON-RPC message per line; write_file's base64 payload fits
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_HOLD_MAX = 1 << 20  # bytes of responses held for a shared write at most (a big read_file goes at once)
 
 
 async def cancel_on_signals(scope: anyio.CancelScope, what: str, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
@@ -109,22 +112,39 @@ class PipeLines:
 
 
 class PipeWriter:
-    """``write``/``flush`` onto a pipe, as the SDK's ``stdio_server`` expects of stdout."""
+    """``write``/``flush`` onto a pipe, as the SDK's ``stdio_server`` expects of stdout.
+
+    Messages close together share one write (:class:`~sandbox_mcp.coalesce.Coalescer`): the SDK
+    writes each response on its own, and under 200 calls at once every write woke the client.
+    """
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
+        self._out = Coalescer(self._send)
+
+    def _send(self, data: bytes) -> None:
+        if not self._writer.is_closing():  # else the client is gone; the session is being torn down
+            with contextlib.suppress(ConnectionError, OSError):
+                self._writer.write(data)
 
     async def write(self, text: str) -> None:
         if self._writer.is_closing():
-            return  # the client is gone; the session is being torn down
+            return
+        self._out.write(text.encode())
+        if self._out.pending_bytes > _HOLD_MAX:
+            self._out.flush()
         try:
-            self._writer.write(text.encode())
-            await self._writer.drain()
+            await self._writer.drain()  # waits only while the pipe's own buffer is full
         except (ConnectionError, OSError):
             pass
 
     async def flush(self) -> None:
+        """Nothing to do per message (a burst is sent together); :meth:`close` sends what is left."""
         return None
+
+    def close(self) -> None:
+        """Send what is held; the caller closes the pipe after."""
+        self._out.flush()
 
 
 @contextlib.asynccontextmanager
@@ -147,9 +167,11 @@ async def stdio_pipes(on_eof: Callable[[], None]) -> AsyncIterator[tuple[Any, Pi
             lines = _file_lines(fin, on_eof)
         transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, fout)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        pipe_writer = PipeWriter(writer)
         try:
-            yield lines, PipeWriter(writer)
+            yield lines, pipe_writer
         finally:
+            pipe_writer.close()
             transport.close()
             if read_transport is not None:
                 read_transport.close()

@@ -299,6 +299,43 @@ async def test_results_fit_a_claude_code_budget(served: Served, cleanup: None) -
         assert max(len(line) for line in wire.lines) <= BUDGET
 
 
+# --- calls at once ----------------------------------------------------------------------------------
+
+
+async def test_calls_through_one_serve_never_queue_behind_a_blocked_one(served: Served, cleanup: None) -> None:
+    """Through one stdio serve: an exec that blocks until a later call opens its gate ends, so neither the
+    calls to the other workspace nor those to its own queued behind it; and 20 execs on one workspace
+    meet at a barrier (each waits for all the others' marks). Order, never time, decides."""
+    async with serve(served) as wire:
+        for name in ("cona", "conb"):
+            await wire.call("create_workspace", name=name)
+        blocked = await wire.start_call(
+            "exec", {"name": "cona", "command": "touch started; while [ ! -e gate ]; do sleep 0.02; done; echo through",
+                     "timeout_s": HUNG_S})  # fmt: skip
+        with anyio.fail_after(HUNG_S):
+            # Polled through the same workspace, while the first exec blocks (the evidence is inside it).
+            while (await wire.call("exec", name="cona", command="test -e started && echo yes"))[0]["stdout"] != "yes\n":  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        r, _, _ = await wire.call("exec", name="conb", command="echo other")  # the other workspace, meanwhile
+        assert r["stdout"] == "other\n"
+        await wire.call("exec", name="cona", command="touch gate")
+        with anyio.fail_after(HUNG_S):
+            await wire._waiters[blocked].wait()
+        result = wire._replies.pop(blocked)[0]["result"]["structuredContent"]
+        assert (result["exit_code"], result["timed_out"], result["stdout"]) == (0, False, "through\n")
+
+        n = 20
+        barrier = f'touch "m.$I"; while [ "$(ls m.* | wc -l)" -lt {n} ]; do sleep 0.02; done; echo "$I"'
+        rids = [await wire.start_call("exec", {"name": "conb", "command": barrier, "env": {"I": str(i)},
+                                               "timeout_s": HUNG_S}) for i in range(n)]  # fmt: skip
+        with anyio.fail_after(HUNG_S * 2):
+            for rid in rids:
+                if rid in wire._waiters:
+                    await wire._waiters[rid].wait()
+        outs = [wire._replies.pop(rid)[0]["result"]["structuredContent"] for rid in rids]
+        assert [(o["exit_code"], o["timed_out"], o["stdout"]) for o in outs] == [(0, False, f"{i}\n") for i in range(n)]
+
+
 # --- shutdown mid-create ------------------------------------------------------------------------------
 
 

@@ -644,6 +644,52 @@ async def test_exec_more_concurrent_commands_than_sshd_sessions(pool: SSHPool, t
     assert results == {i: f"{i}\n" for i in range(15)}
 
 
+@pytest.mark.anyio
+async def test_execs_on_one_workspace_all_run_at_once(target: SSHTarget, workspace: Path) -> None:
+    """A barrier: each command marks itself and waits for all the others' marks, so it ends only if all
+    of them ran at the same time (more than sshd's sessions per connection, on the one connection)."""
+    n = 24
+    p = SSHPool(agent_path=AGENT)
+    barrier = f'touch "m.$I"; while [ "$(ls m.* | wc -l)" -lt {n} ]; do sleep 0.02; done; echo "$I"'
+    results: dict[int, tuple[int | None, bool, str]] = {}
+
+    async def one(i: int) -> None:
+        r = await p.exec(target, barrier, env={"I": str(i)}, timeout_s=HUNG_S)
+        results[i] = (r.exit_code, r.timed_out, r.stdout)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+    finally:
+        await p.close()
+    assert results == {i: (0, False, f"{i}\n") for i in range(n)}
+
+
+@pytest.mark.anyio
+async def test_an_exec_never_waits_for_one_on_another_workspace(pool: SSHPool, sshd: Sshd, tmp_path: Path) -> None:
+    """One workspace's command blocks until a file appears that only a later call on the other workspace
+    makes: it ends only if that call did not queue behind it (checked by order, not by time)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    ta, tb = sshd.target(a, key="wsa"), sshd.target(b, key="wsb")
+    gate = b / "gate"
+    outcome: list[tuple[int | None, bool, str]] = []
+
+    async def blocked() -> None:
+        r = await pool.exec(ta, f"touch started; while [ ! -e {gate} ]; do sleep 0.02; done; echo through",
+                            timeout_s=HUNG_S)  # fmt: skip
+        outcome.append((r.exit_code, r.timed_out, r.stdout))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(blocked)
+        await wait_until(lambda: (a / "started").exists(), what="the blocking command to start")
+        r = await pool.exec(tb, "touch gate && echo opened")  # the other workspace, while A's command blocks
+        assert (r.exit_code, r.stdout) == (0, "opened\n")
+    assert outcome == [(0, False, "through\n")]
+
+
 def test_exec_agent_behind_sshd_never_starts_a_command_cancelled_in_its_write(
     sshd: Sshd, workspace: Path, tmp_path: Path
 ) -> None:

@@ -8,7 +8,6 @@ closes the channel and fails the calls waiting on it with :class:`AgentFault`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import itertools
@@ -21,6 +20,7 @@ import anyio
 import asyncssh
 
 from .. import budget
+from ..coalesce import Coalescer
 from ..models import ExecResult
 from .commands import CLIENT_GRACE_S, DETACHED_NOTE, signal_note
 from .lines import LineBuffer, LineTooLong
@@ -85,7 +85,7 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         self.version = 1  # the ready line's protocol version (1: exec only)
         self.outputs: dict[int, Callable[[int, bytes, int], None]] = {}  # request id -> streamed output sink
         self._ids = itertools.count(1)
-        self._outbox: list[bytes] = []  # lines written this event-loop turn, sent together (see _send)
+        self._out = Coalescer(self._write, self._write_failed)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -161,26 +161,18 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         return rid, waiter
 
     def _send(self, line: str) -> None:
-        """Queue ``line``; the lines of one event-loop turn go out as one channel write.
+        """Queue ``line`` for the channel: a burst of requests shares writes (see :mod:`..coalesce`),
+        in order (a cancel after its request). asyncssh sends every channel write as an SSH packet of
+        its own, with an ignore packet before it: 200 execs started at once were 400 TCP segments."""
+        self._out.write(line.encode())
 
-        asyncssh sends every channel write as its own SSH packet (with an ignore packet before it),
-        each a TCP segment of its own (asyncio sets TCP_NODELAY): 200 execs started at once were 400
-        segments, each a trip through the veth into the workspace's stack on the sending thread. One
-        write per turn carries them all, in order (a cancel after its request).
-        """
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(line.encode())
-
-    def _flush(self) -> None:
-        data, self._outbox = b"".join(self._outbox), []
-        if self.chan is None or self.closed.is_set():
-            return  # the waiters have been woken; nothing to send
-        try:
+    def _write(self, data: bytes) -> None:
+        if self.chan is not None and not self.closed.is_set():  # else the waiters have been woken
             self.chan.write(data)
-        except (asyncssh.Error, OSError):
-            # The channel is closing: none of these requests reached the agent (NotStarted for them).
-            self.connection_lost(None)
+
+    def _write_failed(self, exc: Exception) -> None:
+        # The channel is closing: none of these requests reached the agent (NotStarted for them).
+        self.connection_lost(None)
 
     def cancel(self, rid: int) -> None:
         """Ask the agent to kill the command's process group; forget its reply."""
