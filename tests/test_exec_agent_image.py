@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp import exec_agent
-from sandbox_mcp.images.debootstrap import EXEC_AGENT_SOURCE, exec_agent_digest, image_key, install_exec_agent
+from sandbox_mcp.images.debootstrap import (
+    EXEC_AGENT_SOURCE,
+    MASKED_UNITS,
+    compile_exec_agent_argv,
+    exec_agent_digest,
+    image_key,
+    install_exec_agent,
+)
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.ssh import EXEC_AGENT_PATH
 
@@ -34,16 +41,21 @@ def test_image_key_changes_with_the_exec_agent(tmp_path: Path) -> None:
         assert image_key("bookworm", "agent", 1000, packages, other) != image_key("bookworm", "agent", 1000, packages)
 
 
-def test_installed_agent_is_root_owned_and_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["source", "bytecode"])
+def test_installed_agent_is_root_owned_and_answers(tmp_path: Path, compiled: bool) -> None:
     root = tmp_path / "root"
     dest = install_exec_agent(root)
     assert dest == root / EXEC_AGENT_PATH.lstrip("/")
     assert dest.read_bytes() == EXEC_AGENT_SOURCE.read_bytes()
+    python = shutil.which("python3")
+    assert python is not None
+    if compiled:  # as the recipe does with the image's python3 (here the host's, on the host path)
+        subprocess.run(compile_exec_agent_argv([python], str(dest)), check=True)
+        assert dest.with_name(dest.name + ".py").read_bytes() == EXEC_AGENT_SOURCE.read_bytes()
+        assert dest.read_bytes()[:16] != EXEC_AGENT_SOURCE.read_bytes()[:16]  # bytecode at the path it runs by
     st = dest.stat()
     assert stat.S_IMODE(st.st_mode) == 0o755 and (st.st_uid, st.st_gid) == (0, 0)
     assert stat.S_IMODE(dest.parent.stat().st_mode) == 0o755
-    python = shutil.which("python3")
-    assert python is not None
     # The copy is a working agent: ready line, then one command and its reply.
     request = {"id": 7, "command": "echo hi; echo err >&2", "cwd": str(tmp_path), "env": {}, "stdin": None,
                "timeout": 30, "cap": 1024}
@@ -86,3 +98,17 @@ async def test_workspace_runs_the_installed_agent(manager: object) -> None:
     assert agents == [[ws.user, f"/usr/bin/python3 -I -u {EXEC_AGENT_PATH}"]]
     assert not [line for line in procs if " -c " in line and "python3" in line]  # no source on a command line
     assert manager.ssh._entries[ws.name].agent is not None  # exec went through the agent
+    # The recipe left bytecode of the image's own python3 there (no compile per start), the source beside it.
+    check = "import importlib.util as u, sys; print(open(sys.argv[1], 'rb').read(4) == u.MAGIC_NUMBER)"
+    r = await manager.exec(ws.name, f'python3 -I -c "{check}" {EXEC_AGENT_PATH} && test -s {EXEC_AGENT_PATH}.py')
+    assert (r.exit_code, r.stdout) == (0, "True\n"), r.stderr
+    # The boot started only what a workspace uses: no dbus-daemon until someone asks for it, none of the
+    # masked units; and `systemctl` as the user still answers (dbus starts on its socket then).
+    r = await manager.exec(ws.name, "sudo systemctl list-units --no-legend --plain --state=active | cut -d' ' -f1; "
+                                    "echo ---; ps -eo comm")  # fmt: skip
+    units, ps = r.stdout.split("---\n")
+    assert "dbus-daemon" not in ps.split() and "dbus.service" not in units.split(), r.stdout
+    assert not set(MASKED_UNITS) & set(units.split()), r.stdout
+    assert {"ssh.service", "systemd-journald.service"} <= set(units.split()), r.stdout
+    r = await manager.exec(ws.name, "systemctl is-system-running; systemctl is-active dbus.service")
+    assert r.stdout.split() == ["running", "active"], (r.stdout, r.stderr)

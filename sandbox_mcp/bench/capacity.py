@@ -30,9 +30,10 @@ from ..runtimes.nspawn.cgroups import CgroupHost, group_for
 __all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
 _STEP = 10
-# Until systemd inside has finished booting. Polled: `is-system-running --wait` never returned in a
+# Until systemd inside has finished booting (asked as root: over systemd's own socket, so no dbus is started
+# just to answer). Polled: `is-system-running --wait` never returned in a
 # few of 40 workspaces started at once here, while polling saw every one "running".
-_BOOTED = ('while s=$(systemctl is-system-running); [ "$s" = starting ] || [ "$s" = initializing ]; do sleep 0.2; '
+_BOOTED = ('while s=$(sudo systemctl is-system-running); [ "$s" = starting ] || [ "$s" = initializing ]; do sleep 0.2; '
            'done; echo up')
 _SETTLE_S = 5  # after the last one booted, before memory is read
 

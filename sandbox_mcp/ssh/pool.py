@@ -152,7 +152,7 @@ class SSHPool:
     async def wait_ready(self, target: SSHTarget, timeout_s: float, progress: Progress | None = None) -> None:
         """Poll until sshd answers with the pinned key and our login works; keep that connection.
 
-        Attempts start ~20 ms apart and back off to 100 ms, each with a short TCP connect timeout.
+        Attempts are 10 ms apart for two seconds, then back off to 100 ms, each with a short TCP connect timeout.
 
         Raises:
             SSHError: the host key does not match the pinned one (at once, without retrying), or
