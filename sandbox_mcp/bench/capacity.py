@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 
 from ..config import Settings
+from ..host.cgroups import CgroupHost, group_for
 from ..manager import WorkspaceManager
 from ..models import CreateSpec
-from ..runtimes.nspawn.cgroups import CgroupHost, group_for
 
 __all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..errors import Unsupported
+from ..errors import InvalidState, Unsupported
 from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Endpoint",
+    "ImageRootRuntime",
+    "ImageRootState",
     "Mode",
     "PackageFlavour",
     "Progress",
@@ -313,3 +315,37 @@ class Runtime(ABC):
     ) -> None:
         """Make ``trees`` copied from ``source``'s workspace right for ``target`` (a fork): e.g. shift owners
         from one uid range to the other. Default: nothing to change."""
+
+
+class ImageRootState(RuntimeState):
+    """The state of a workspace whose writable root layer sits over an image of the store."""
+
+    image: str | None = None
+
+
+class ImageRootRuntime(Runtime):
+    """A runtime whose workspaces boot a writable root layer over a cached image (its store key in the
+    state's ``image``): a snapshot keeps that key, and a restore or fork boots the layer over it again."""
+
+    State: ClassVar[type[RuntimeState]] = ImageRootState
+    image_kind: ClassVar[str] = "root image"  # what its image is called in messages ("VM image")
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        return self._image_state(record).image
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        state = self._image_state(record)
+        if base is None or base == state.image:
+            return record
+        if not self.ctx.images.exists(base):
+            raise InvalidState(
+                f"the {self.image_kind} this snapshot's root layer was made on ({base}) is gone (pruned or "
+                "rebuilt); the layer cannot be used. Restore the workspace dir by hand from another snapshot, "
+                "or recreate"
+            )
+        return self.with_state(record, state.model_copy(update={"image": base}))
+
+    def _image_state(self, record: WorkspaceRecord) -> ImageRootState:
+        state = self.state(record)
+        assert isinstance(state, ImageRootState), f"{self.name}: State must subclass ImageRootState"
+        return state

@@ -48,13 +48,13 @@ import anyio
 
 from ... import idmap, onboarding, supervise
 from ...errors import BackendError, InvalidSpec, InvalidState
+from ...host import caps  # the host's own limits (what LXC may raise a container's to)
+from ...host.cgroups import CgroupHost
 from ...identity import host_identity
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
 from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
-from ..nspawn import hostcaps  # the host's own limits (what LXC may raise a container's to)
-from ..nspawn.cgroups import CgroupHost
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
 
@@ -276,11 +276,11 @@ class IncusRuntime(Runtime):
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
         that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
-        limit to (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        limit to (:func:`~sandbox_mcp.host.caps.open_files_ceiling`: LXC refuses to start past it); on a
         remote server, its own default (what it may raise limits to is not known here)."""
         if limits.disk_mib is not None:
             return limits
-        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        open_files = None if self.remote else caps.open_files_ceiling(OPEN_FILES)
         return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
     async def _pool_sizes_roots(self) -> bool:

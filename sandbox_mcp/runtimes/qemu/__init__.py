@@ -79,7 +79,7 @@ from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, Workspace
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
+from ..base import ImageRootRuntime, ImageRootState, Progress, RuntimeContext, hosts_file, log_tail_lines
 from . import qmp
 from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
 from .image import VmArtefacts, VmImage
@@ -237,17 +237,16 @@ def overlay_argv(disk: Path, overlay: Path) -> list[str]:
     return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(disk), str(overlay)]
 
 
-class QemuState(RuntimeState):
+class QemuState(ImageRootState):
     """What the qemu runtime remembers of a workspace: its VM image and qemu's uid, and while it runs,
     qemu and how."""
 
-    image: str | None = None
     uid: int | None = Field(default=None, description="qemu's host uid and gid (allocate_vm_uid)")
     process: ProcessRef | None = Field(default=None, description="qemu-system-x86_64")
     accelerator: Accelerator | None = None
 
 
-class QemuRuntime(Runtime):
+class QemuRuntime(ImageRootRuntime):
     """VMs booted by qemu on this host: KVM where it works, software emulation elsewhere."""
 
     name = "qemu"
@@ -258,6 +257,7 @@ class QemuRuntime(Runtime):
     own_kernel = True
     has_snapshots = True
     State = QemuState
+    image_kind = "VM image"
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
 
     def __init__(self, ctx: RuntimeContext) -> None:
@@ -582,19 +582,6 @@ class QemuRuntime(Runtime):
         dest.mkdir(mode=0o700)
         if src.is_file():
             await hostcmd.run(["cp", "--reflink=auto", "--", str(src), str(dest / "root.qcow2")], timeout_s=3600)
-
-    def root_base(self, record: WorkspaceRecord) -> str | None:
-        return self.state(record).image
-
-    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
-        if base is None or base == self.state(record).image:
-            return record
-        if not self.images.exists(base):
-            raise InvalidState(
-                f"the VM image this snapshot's disk layer was made on ({base}) is gone (pruned or rebuilt); "
-                "the layer cannot be used"
-            )
-        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         files = _Files(self._paths(record))
