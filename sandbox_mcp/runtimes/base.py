@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
-from ..errors import InvalidState, Unsupported
+from ..errors import BackendError, InvalidState, Unsupported
 from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
@@ -32,6 +32,8 @@ __all__ = [
     "ImageRootRuntime",
     "ImageRootState",
     "Mode",
+    "NetworkNeeds",
+    "ON_THE_SUBNET",
     "PackageFlavour",
     "Progress",
     "Runtime",
@@ -73,6 +75,18 @@ class Endpoint(NamedTuple):
 
     host: str
     port: int = 22
+
+
+class NetworkNeeds(NamedTuple):
+    """What a workspace needs of the workspace network, allocated by the manager on create (inside the
+    registry transaction, unique among the registered workspaces) and kept on its record."""
+
+    address: bool = False  # record.ip: an IPv4 address of the workspace subnet (settings.subnet)
+    mac: bool = False  # record.mac: the MAC derived from its name (naming.mac_for)
+    vsock_cid: bool = False  # record.cid: the vsock CID derived from its name (naming.cid_for)
+
+
+ON_THE_SUBNET = NetworkNeeds(address=True, mac=True)  # a NIC with a static address on the workspace subnet
 
 
 class RuntimeState(BaseModel):
@@ -188,8 +202,21 @@ class Runtime(ABC):
         workspace filled in (``disk_mib``), as create records and reports them. Pure. Default: none."""
         return limits
 
+    def network_needs(self, type_: WorkspaceType) -> NetworkNeeds:
+        """What a workspace of ``type_`` needs of the workspace network (its address, MAC, vsock CID); the
+        manager gives it that and nothing else (record fields it does not need stay None). Default: none,
+        for a runtime whose workspaces are reached some other way (then override :meth:`endpoint`)."""
+        return NetworkNeeds()
+
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
-        """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
+        """Where the manager reaches the workspace's sshd; by default its own address, port 22.
+
+        Raises:
+            BackendError: the workspace has no address (its runtime must then say where its sshd is).
+        """
+        if record.ip is None:
+            raise BackendError(f"the {self.name} runtime gives workspace {record.name!r} no address and does not "
+                               "say where its sshd is (Runtime.endpoint)")
         return Endpoint(record.ip, 22)
 
     # -- host -----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from ...identity import host_identity
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
+from ..base import ON_THE_SUBNET, NetworkNeeds, Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
 
@@ -166,6 +166,11 @@ class IncusRuntime(Runtime):
     package_flavour = "debian"
     host_network = True
     State = IncusState
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """Local or remote, its NIC has the name's MAC and the address pushed in network.env (a remote server's
+        instances are reached at it too, so the subnet must be routed or bridged there)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)

@@ -35,7 +35,7 @@ from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, Inv
 from ...fsutil import async_file_lock, atomic_write
 from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ...naming import validate_ip, validate_name, validate_packages
-from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from ..base import Mode, NetworkNeeds, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
 from . import commands
 
 __all__ = [
@@ -208,6 +208,11 @@ class NixosRuntime(Runtime):
     @classmethod
     def claims_host(cls, settings: Settings) -> bool:
         return nixos_mode_available(settings)
+
+    def network_needs(self, type_: WorkspaceType) -> NetworkNeeds:
+        """The module gives every workspace its address and the MAC derived from its name, and a microVM the
+        derived vsock CID too (``nix/modules/lib.nix``): the manager checks them against the others'."""
+        return NetworkNeeds(address=True, mac=True, vsock_cid=type_ == "vm")
 
     def __init__(self, ctx: RuntimeContext, *, command_prefix: Sequence[str] = ()) -> None:
         """Check the nixos settings and the key; nothing is touched on disk yet.

@@ -35,7 +35,16 @@ from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import ImageRootRuntime, ImageRootState, Progress, RuntimeContext, hosts_file, log_tail_lines
+from ..base import (
+    ON_THE_SUBNET,
+    ImageRootRuntime,
+    ImageRootState,
+    NetworkNeeds,
+    Progress,
+    RuntimeContext,
+    hosts_file,
+    log_tail_lines,
+)
 from . import rootfs, scopes
 from .rootfs import RootMounts
 
@@ -197,6 +206,10 @@ class NspawnRuntime(ImageRootRuntime):
     host_network = True
     has_snapshots = True
     State = NspawnState
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """A veth on the bridge: the name's MAC and an address on the subnet."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)

@@ -49,9 +49,9 @@ qemu runs in its own session and outlives the server; the registry keeps its PID
 time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
 so ``image prune`` leaves the image alone while it runs. KVM is used where a probe says it works
 and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.accel`).
-The vsock CID is derived and collision-checked like the MAC, but no vsock device is attached:
+No vsock device is attached, so a VM asks for no CID (``network``: an address and a MAC):
 readiness is the pinned SSH handshake, and hosts without ``vhost_vsock`` (like the project's)
-could not offer one.
+could not offer one. (The NixOS module's microVMs have one: the nixos runtime asks for it.)
 """
 
 from __future__ import annotations
@@ -79,7 +79,16 @@ from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, Workspace
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import ImageRootRuntime, ImageRootState, Progress, RuntimeContext, hosts_file, log_tail_lines
+from ..base import (
+    ON_THE_SUBNET,
+    ImageRootRuntime,
+    ImageRootState,
+    NetworkNeeds,
+    Progress,
+    RuntimeContext,
+    hosts_file,
+    log_tail_lines,
+)
 from . import qmp
 from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
 from .image import VmArtefacts, VmImage
@@ -259,6 +268,10 @@ class QemuRuntime(ImageRootRuntime):
     State = QemuState
     image_kind = "VM image"
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """A TAP on the bridge: the name's MAC and an address on the subnet (no vsock device, so no CID)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
