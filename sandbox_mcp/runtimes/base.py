@@ -14,12 +14,12 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..config import Settings
-from ..errors import BackendError, InvalidState, Unsupported
+from ..config import Settings, moved_name
+from ..errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
@@ -38,6 +38,7 @@ __all__ = [
     "Progress",
     "Runtime",
     "RuntimeContext",
+    "RuntimeSettings",
     "RuntimeState",
     "hosts_file",
     "log_tail_lines",
@@ -89,6 +90,40 @@ class NetworkNeeds(NamedTuple):
 ON_THE_SUBNET = NetworkNeeds(address=True, mac=True)  # a NIC with a static address on the workspace subnet
 
 
+class RuntimeSettings(BaseModel):
+    """A runtime's own settings: its section ``[runtimes.NAME]`` of the settings file (in the environment
+    ``SANDBOX_MCP_RUNTIMES_NAME_FIELD``). Subclass it per runtime (``Runtime.Config``); every field needs a
+    default that works, and unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    section: ClassVar[str] = ""  # the runtime name whose section it reads by default
+
+    @classmethod
+    def of(cls, settings: Settings, name: str | None = None) -> Self:
+        """Section ``[runtimes.NAME]`` of ``settings`` (``name`` or :attr:`section`), validated.
+
+        Raises:
+            InvalidSpec: a value fails validation, or a key is unknown (the message names section and field).
+        """
+        name = name or cls.section
+        try:
+            return cls.model_validate(settings.runtimes.get(name, {}))
+        except ValidationError as exc:
+            raise _settings_error(name, exc) from exc
+
+
+def _settings_error(runtime: str, exc: ValidationError) -> InvalidSpec:
+    """``exc`` as one message naming the section and each field (and the field's old name, if it had one)."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(the section)"
+        old = moved_name(runtime, str(err["loc"][0])) if err["loc"] else None
+        problems.append(f"{field}{f' (old name {old})' if old else ''}: {err['msg']}")
+    where = f"[runtimes.{runtime}] (SANDBOX_MCP_RUNTIMES_{runtime.upper()}_*)"
+    return InvalidSpec(f"invalid settings in {where}: " + "; ".join(problems))
+
+
 class RuntimeState(BaseModel):
     """A runtime's private state of one workspace. Subclass it per runtime; unknown keys are ignored."""
 
@@ -134,6 +169,8 @@ class Runtime(ABC):
     # True when the workspace runs a kernel of its own (a VM): its /proc/vmstat counts its OOM kills only.
     own_kernel: ClassVar[bool] = False
     State: ClassVar[type[RuntimeState]] = RuntimeState
+    # Its own settings section, [runtimes.<name>]: read into ``self.config`` when it is built.
+    Config: ClassVar[type[RuntimeSettings]] = RuntimeSettings
     # True when a snapshot of a running workspace should first flush the guest's own caches (``sync``
     # inside): a VM's page cache is invisible to the host; a container's is the host's.
     sync_before_capture: ClassVar[bool] = False
@@ -141,8 +178,19 @@ class Runtime(ABC):
     has_snapshots: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
+        """Raises: InvalidSpec: its settings section does not validate (the message names section, field)."""
         self.ctx = ctx
         self.settings = ctx.settings
+        self.config = self.config_of(ctx.settings)
+
+    @classmethod
+    def config_of(cls, settings: Settings) -> RuntimeSettings:
+        """This runtime's section of ``settings``, validated by :attr:`Config`.
+
+        Raises:
+            InvalidSpec: a value fails validation, or a key is unknown (the message names section and field).
+        """
+        return cls.Config.of(settings, cls.name)
 
     # -- choosing a runtime ---------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Direct-mode Incus runtime: ``type="incus"`` workspaces as ephemeral, unprivileged Incus containers.
 
 It talks to the Incus REST API (:mod:`.api`): the local daemon's unix socket by default,
-or a remote server or cluster over TLS with a pinned certificate (``[incus]`` settings), where
+or a remote server or cluster over TLS with a pinned certificate (``[runtimes.incus]``), where
 Incus places the instance. Per start it creates an ephemeral instance from the cached image
 (:mod:`.image`), pushes its address, hostname and hosts file, and starts it; a
 stop deletes it (ephemeral), so every start boots a clean root.
@@ -57,6 +57,7 @@ from ...paths import WorkspacePaths
 from ..base import ON_THE_SUBNET, NetworkNeeds, Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
+from .settings import IncusSettings
 
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
@@ -166,6 +167,8 @@ class IncusRuntime(Runtime):
     package_flavour = "debian"
     host_network = True
     State = IncusState
+    Config = IncusSettings
+    config: IncusSettings
 
     def network_needs(self, type_: str) -> NetworkNeeds:
         """Local or remote, its NIC has the name's MAC and the address pushed in network.env (a remote server's
@@ -174,7 +177,7 @@ class IncusRuntime(Runtime):
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
-        self.incus = ctx.settings.incus
+        self.incus = self.config
         self.remote = bool(self.incus.url)
         # A remote instance is not on this host's bridge: no hosts-file names, no local links.
         self.host_network = not self.remote
@@ -221,8 +224,8 @@ class IncusRuntime(Runtime):
     def checks(self) -> list[Check]:
         where = self.incus.url or str(self.incus.socket)
         fix = ("start incusd (apt-get install -t bookworm-backports incus-base; incus admin init)" if not self.remote
-               else "check incus.url, that this client certificate is trusted (incus config trust add-certificate) "
-                    "and that incus.server_cert is the server's certificate")  # fmt: skip
+               else "check url in [runtimes.incus], that this client certificate is trusted (incus config trust "
+                    "add-certificate) and that its server_cert is the server's certificate")  # fmt: skip
         try:
             info = probe(self.incus)
         except (BackendError, InvalidSpec) as exc:

@@ -47,6 +47,7 @@ from ..base import (
 )
 from . import rootfs, scopes
 from .rootfs import RootMounts
+from .settings import NspawnSettings
 
 __all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
@@ -206,6 +207,8 @@ class NspawnRuntime(ImageRootRuntime):
     host_network = True
     has_snapshots = True
     State = NspawnState
+    Config = NspawnSettings
+    config: NspawnSettings
 
     def network_needs(self, type_: str) -> NetworkNeeds:
         """A veth on the bridge: the name's MAC and an address on the subnet."""
@@ -236,7 +239,7 @@ class NspawnRuntime(ImageRootRuntime):
             BackendError: systemd is forced but is not PID 1 here.
         """
         if self._cg_manager is None:
-            self._cg_manager = scopes.cgroup_manager(self.settings.cgroups)
+            self._cg_manager = scopes.cgroup_manager(self.config.cgroups)
         return self._cg_manager
 
     def _scope(self, record: WorkspaceRecord) -> str:
@@ -265,11 +268,11 @@ class NspawnRuntime(ImageRootRuntime):
             BackendError: user-namespaced containers cannot run here (or are switched off) and
                 privileged ones are not allowed; the message says why and how to allow them.
         """
-        blockers = [] if self.settings.private_users else ["private_users is false in the settings"]
+        blockers = [] if self.config.private_users else ["private_users is false in the settings"]
         blockers = blockers or caps.userns_blockers()
         state = self.state(record)
         if blockers:
-            if not self.settings.allow_privileged:
+            if not self.config.allow_privileged:
                 raise BackendError(
                     "cannot run a user-namespaced container here: " + "; ".join(blockers) + ". Fix that, or "
                     "allow privileged containers (root inside is root on the host) with "
@@ -309,10 +312,10 @@ class NspawnRuntime(ImageRootRuntime):
             which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
-            scopes.manager_check(self.settings.cgroups),
+            scopes.manager_check(self.config.cgroups),
             *caps.isolation_checks(
-                private_users=self.settings.private_users,
-                allow_privileged=self.settings.allow_privileged,
+                private_users=self.config.private_users,
+                allow_privileged=self.config.allow_privileged,
                 enforced=self._cgroups().enforced(),
             ),
         ]

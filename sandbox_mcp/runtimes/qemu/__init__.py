@@ -90,8 +90,17 @@ from ..base import (
     log_tail_lines,
 )
 from . import qmp
-from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
+from .accel import (
+    AccelChoice,
+    Accelerator,
+    cached_choice,
+    choose_accelerator,
+    configured,
+    kvm_groups,
+    kvm_sign,
+)
 from .image import VmArtefacts, VmImage
+from .settings import QemuSettings
 
 __all__ = [
     "LAUNCHER",
@@ -266,6 +275,8 @@ class QemuRuntime(ImageRootRuntime):
     own_kernel = True
     has_snapshots = True
     State = QemuState
+    Config = QemuSettings
+    config: QemuSettings
     image_kind = "VM image"
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
 
@@ -276,7 +287,7 @@ class QemuRuntime(ImageRootRuntime):
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
         self.network = ctx.network
-        self.images = VmImage(ctx.settings, ctx.images)
+        self.images = VmImage(ctx.settings, ctx.images, config=self.config)
         self._accel: AccelChoice | None = None
 
     def min_memory_mib(self, type_: str) -> int:
@@ -315,8 +326,7 @@ class QemuRuntime(ImageRootRuntime):
             which_check("mkfs.ext4", "e2fsprogs", "writes the VM root disk once", required=False),
             which_check("nft", "nftables", "enforces the workspace network policy", required=False),
         ]
-        choice = self._accel or (kvm_sign() if self.settings.vm_accelerator == "auto" else AccelChoice(
-            accelerator=self.settings.vm_accelerator, reason="set by vm_accelerator"))
+        choice = self._accel or configured(self.config.accelerator) or kvm_sign()
         choice = choice or cached_choice(self._accel_cache)
         if choice is None:
             detail = "KVM is offered; a test boot on the first VM start decides between KVM and TCG"
@@ -339,14 +349,14 @@ class QemuRuntime(ImageRootRuntime):
         return checks
 
     def default_limits(self) -> Limits:
-        """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
-        return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
+        """A VM's size when create gives none: [runtimes.qemu] cpus and memory_mib (a kernel needs more)."""
+        return Limits(cpus=self.config.cpus, memory_mib=self.config.memory_mib, tasks=self.settings.tasks_max)
 
     def complete_limits(self, limits: Limits) -> Limits:
-        """The root disk's size (``vm_disk_gib``): it bounds what the guest writes outside the workspace dir."""
+        """The root disk's size (``disk_gib``): it bounds what the guest writes outside the workspace dir."""
         if limits.disk_mib is not None:
             return limits
-        return limits.model_copy(update={"disk_mib": self.settings.vm_disk_gib << 10})
+        return limits.model_copy(update={"disk_mib": self.config.disk_gib << 10})
 
     def assigned(self, record: WorkspaceRecord) -> bool:
         """A VM registered before qemu ran unprivileged has no uid of its own yet."""
@@ -393,7 +403,7 @@ class QemuRuntime(ImageRootRuntime):
 
     async def _accelerator(self, kernel: Path) -> AccelChoice:
         if self._accel is None:
-            self._accel = await choose_accelerator(self.settings, kernel, self._accel_cache)
+            self._accel = await choose_accelerator(self.config.accelerator, kernel, self._accel_cache)
         return self._accel
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -493,8 +503,8 @@ class QemuRuntime(ImageRootRuntime):
             argv = qemu_argv(
                 name=record.name,
                 accelerator=accelerator,
-                cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
-                memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
+                cpus=math.ceil(record.limits.cpus) if record.limits else self.config.cpus,
+                memory_mib=record.limits.memory_mib if record.limits else self.config.memory_mib,
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
