@@ -376,7 +376,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
-    from .claude_setup import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
+    from .claude_install import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
     from .daemon_client import daemon_available
 
     # With the daemon (running, or installed by scripts/setup) serve runs as the user: no sudo.

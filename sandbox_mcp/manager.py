@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
+from . import budget, claude_workspace, gitflow, hostgit, limit_hints, processes, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -271,7 +271,7 @@ class WorkspaceManager:
             state=r.state,
             ip=r.ip,
             user=r.user,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
             host_workspace_dir=(
                 runtime.host_workspace_dir(r, self._paths(r.name).workspace) if runtime is not None
                 else str(self._paths(r.name).workspace)
@@ -300,7 +300,7 @@ class WorkspaceManager:
             host_key_path=self._paths(r.name).host_key,
             host_key_fingerprint=r.host_key_fingerprint,  # this incarnation's, not a successor's
             client_key_path=self.client_key_path,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
         )
 
     # Reconcile ---------------------------------------------------------------------------------
@@ -968,7 +968,7 @@ class WorkspaceManager:
         """
         validate_name(name)
         process_id = processes.validate_process_id(process_id) if process_id is not None else processes.new_process_id()
-        workspace_dir = onboarding.workspace_dir_inside(self.settings.user)
+        workspace_dir = claude_workspace.workspace_dir_inside(self.settings.user)
         wd = ssh.resolve_path(workspace_dir, cwd) if cwd is not None else workspace_dir
         if not command.strip():
             raise InvalidSpec("command must not be empty")

@@ -20,7 +20,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp import onboarding
+from sandbox_mcp import claude_workspace
 from sandbox_mcp.config import Settings
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
@@ -229,7 +229,7 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     # The seeded Claude config was pushed into the fresh root, owned by the workspace user.
     host_config = WorkspacePaths.of(s.state_dir, "rem1").claude_config
     expected = sorted(p.name for p in host_config.iterdir() if p.is_file())
-    inside = onboarding.claude_config_dir_inside(s.user)
+    inside = claude_workspace.claude_config_dir_inside(s.user)
     r = await call(remote, "exec", name="rem1", command=f"cd {inside} && find . -maxdepth 1 -type f -user {s.user} "
                    "-printf '%f\\n' | sort")
     assert expected and r["stdout"].split() == expected, (r, expected)

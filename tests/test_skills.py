@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from sandbox_mcp import models
-from sandbox_mcp.claude_setup import skills_dir
+from sandbox_mcp.claude_install import skills_dir
 from sandbox_mcp.config import MOVED, Settings
 from sandbox_mcp.runtimes import runtime_class, runtime_names
 

@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 import anyio
 
-from ... import idmap, onboarding, supervise
+from ... import claude_workspace, idmap, supervise
 from ...errors import BackendError, InvalidSpec, InvalidState
 from ...host import caps  # the host's own limits (what LXC may raise a container's to)
 from ...host.cgroups import CgroupHost
@@ -308,15 +308,15 @@ class IncusRuntime(Runtime):
         user = record.user
         if self.remote:
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
-                                  "path": onboarding.workspace_dir_inside(user)}}
+                                  "path": claude_workspace.workspace_dir_inside(user)}}
         paths, shares = self._paths(record), self._shares_dir(record)
         # The read-write shares are idmapped mounts of our own (their owner only, see _bind_shares); the
         # keys are root's and read-only: shifted, so root inside reads them as root's.
         return {
             "workspace": {"type": "disk", "source": str(shares / "workspace"),
-                          "path": onboarding.workspace_dir_inside(user)},
+                          "path": claude_workspace.workspace_dir_inside(user)},
             "claude-config": {"type": "disk", "source": str(shares / "claude-config"),
-                              "path": onboarding.claude_config_dir_inside(user)},
+                              "path": claude_workspace.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
@@ -515,7 +515,7 @@ class IncusRuntime(Runtime):
         await client.push_file(inst, "/etc/ssh-host-keys/ssh_host_ed25519_key", _read_plain(paths.host_key),
                                mode=0o600)
         await client.push_file(inst, "/etc/ssh-host-keys/authorized_keys", _read_plain(paths.authorized_keys))
-        inside = onboarding.claude_config_dir_inside(record.user)
+        inside = claude_workspace.claude_config_dir_inside(record.user)
         uid = s.user_uid
         for rel, data in await anyio.to_thread.run_sync(_plain_files, paths.claude_config):
             parent = os.path.dirname(rel)

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from ... import hostcmd, onboarding, snapshots, supervise, sysctls
+from ... import claude_workspace, hostcmd, snapshots, supervise, sysctls
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...fsutil import atomic_write
@@ -92,8 +92,8 @@ def nspawn_argv(
         if netns_path is None:
             raise InvalidSpec("a privileged container needs its network namespace path")
         binds = [
-            ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
-            ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
+            ("--bind", paths.workspace, claude_workspace.workspace_dir_inside(user)),
+            ("--bind", paths.claude_config, claude_workspace.claude_config_dir_inside(user)),
             ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
         ]
         kind = [
@@ -105,8 +105,8 @@ def nspawn_argv(
         if mounts is None:
             raise InvalidSpec("a user-namespaced container needs its prepared mounts")
         binds = [
-            ("--bind", mounts.workspace, onboarding.workspace_dir_inside(user)),
-            ("--bind", mounts.claude, onboarding.claude_config_dir_inside(user)),
+            ("--bind", mounts.workspace, claude_workspace.workspace_dir_inside(user)),
+            ("--bind", mounts.claude, claude_workspace.claude_config_dir_inside(user)),
             ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
         ]
         kind = [

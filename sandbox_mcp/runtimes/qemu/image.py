@@ -33,7 +33,7 @@ from pathlib import Path
 
 import anyio
 
-from ... import hostcmd, onboarding
+from ... import claude_workspace, hostcmd
 from ...config import Settings
 from ...errors import BackendError
 from ...images.debootstrap import DebianRoot, apt_install_argv
@@ -165,8 +165,8 @@ def fstab(user: str) -> str:
     opts = "trans=virtio,version=9p2000.L,msize=262144"
     return (
         "# Written by sandbox-mcp: host directories shared over virtio-9p.\n"
-        f"workspace {onboarding.workspace_dir_inside(user)} 9p {opts} 0 0\n"
-        f"claude-config {onboarding.claude_config_dir_inside(user)} 9p {opts} 0 0\n"
+        f"workspace {claude_workspace.workspace_dir_inside(user)} 9p {opts} 0 0\n"
+        f"claude-config {claude_workspace.claude_config_dir_inside(user)} 9p {opts} 0 0\n"
         f"ssh-host-keys /etc/ssh-host-keys 9p {opts},ro 0 0\n"
         f"guest-meta {GUEST_META_DIR} 9p {opts},ro 0 0\n"
     )
