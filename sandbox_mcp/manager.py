@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
+from . import budget, claude_workspace, gitflow, hostgit, limit_hints, processes, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -260,7 +260,7 @@ class WorkspaceManager:
     def view(self, r: WorkspaceRecord) -> Workspace:
         """The workspace as tools report it."""
         runtime = self.runtimes.get(r.runtime)
-        host, port = runtime.endpoint(r) if runtime is not None else (r.ip, 22)
+        host, port = runtime.endpoint(r) if runtime is not None else (r.ip or "", 22)
         known_hosts = None
         with contextlib.suppress(SandboxError):  # no host key yet (being created)
             host_pub = self._paths(r.name).host_key
@@ -271,7 +271,7 @@ class WorkspaceManager:
             state=r.state,
             ip=r.ip,
             user=r.user,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
             host_workspace_dir=(
                 runtime.host_workspace_dir(r, self._paths(r.name).workspace) if runtime is not None
                 else str(self._paths(r.name).workspace)
@@ -300,7 +300,7 @@ class WorkspaceManager:
             host_key_path=self._paths(r.name).host_key,
             host_key_fingerprint=r.host_key_fingerprint,  # this incarnation's, not a successor's
             client_key_path=self.client_key_path,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
         )
 
     # Reconcile ---------------------------------------------------------------------------------
@@ -358,7 +358,8 @@ class WorkspaceManager:
             return
         data = await self.registry.read()
         names = {r.name for r in on_bridge}
-        entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime in names and r.state != "creating"}
+        entries = {n: r.ip for n, r in data.workspaces.items()
+                   if r.runtime in names and r.state != "creating" and r.ip is not None}  # fmt: skip
         await on_bridge[0].ctx.network.publish_names(entries)
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
@@ -503,16 +504,21 @@ class WorkspaceManager:
                 raise WorkspaceExists(name)
             if owner_uid not in (None, 0):
                 self._check_share(owner_uid, [r for r in data.workspaces.values() if r.owner_uid == owner_uid], limits)
-            check_identity_collisions(name, {n: (r.mac, r.cid) for n, r in data.workspaces.items()})
-            taken = {r.ip for r in data.workspaces.values()} | live
+            # Only what the runtime says its workspaces need of the network (an address, a MAC, a vsock CID).
+            needs = runtime.network_needs(spec.type)
+            if spec.ip is not None and not needs.address:
+                raise InvalidSpec(f"{spec.type!r} workspaces get no address on the workspace subnet; create without ip")
+            others = {n: (r.mac, r.cid) for n, r in data.workspaces.items()}
+            check_identity_collisions(name, others, mac=needs.mac, cid=needs.vsock_cid)
+            taken = {r.ip for r in data.workspaces.values() if r.ip is not None} | live
             record = WorkspaceRecord(
                 name=name,
                 type=spec.type,
                 state="creating",
                 runtime=runtime.name,
-                ip=allocate_ip(self.settings.subnet, taken, spec.ip),
-                mac=mac_for(name),
-                cid=cid_for(name),
+                ip=allocate_ip(self.settings.subnet, taken, spec.ip) if needs.address else None,
+                mac=mac_for(name) if needs.mac else None,
+                cid=cid_for(name) if needs.vsock_cid else None,
                 user=self.settings.user,
                 owner_uid=owner_uid,
                 packages=packages,
@@ -962,7 +968,7 @@ class WorkspaceManager:
         """
         validate_name(name)
         process_id = processes.validate_process_id(process_id) if process_id is not None else processes.new_process_id()
-        workspace_dir = onboarding.workspace_dir_inside(self.settings.user)
+        workspace_dir = claude_workspace.workspace_dir_inside(self.settings.user)
         wd = ssh.resolve_path(workspace_dir, cwd) if cwd is not None else workspace_dir
         if not command.strip():
             raise InvalidSpec("command must not be empty")

@@ -1,7 +1,7 @@
 """Direct-mode Incus runtime: ``type="incus"`` workspaces as ephemeral, unprivileged Incus containers.
 
 It talks to the Incus REST API (:mod:`.api`): the local daemon's unix socket by default,
-or a remote server or cluster over TLS with a pinned certificate (``[incus]`` settings), where
+or a remote server or cluster over TLS with a pinned certificate (``[runtimes.incus]``), where
 Incus places the instance. Per start it creates an ephemeral instance from the cached image
 (:mod:`.image`), pushes its address, hostname and hosts file, and starts it; a
 stop deletes it (ephemeral), so every start boots a clean root.
@@ -46,17 +46,18 @@ from urllib.parse import quote
 
 import anyio
 
-from ... import idmap, onboarding, supervise
+from ... import claude_workspace, idmap, supervise
 from ...errors import BackendError, InvalidSpec, InvalidState
+from ...host import caps  # the host's own limits (what LXC may raise a container's to)
+from ...host.cgroups import CgroupHost
 from ...identity import host_identity
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
-from ..nspawn import hostcaps  # the host's own limits (what LXC may raise a container's to)
-from ..nspawn.cgroups import CgroupHost
+from ..base import ON_THE_SUBNET, NetworkNeeds, Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
+from .settings import IncusSettings
 
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
@@ -166,10 +167,17 @@ class IncusRuntime(Runtime):
     package_flavour = "debian"
     host_network = True
     State = IncusState
+    Config = IncusSettings
+    config: IncusSettings
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """Local or remote, its NIC has the name's MAC and the address pushed in network.env (a remote server's
+        instances are reached at it too, so the subnet must be routed or bridged there)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
-        self.incus = ctx.settings.incus
+        self.incus = self.config
         self.remote = bool(self.incus.url)
         # A remote instance is not on this host's bridge: no hosts-file names, no local links.
         self.host_network = not self.remote
@@ -216,8 +224,8 @@ class IncusRuntime(Runtime):
     def checks(self) -> list[Check]:
         where = self.incus.url or str(self.incus.socket)
         fix = ("start incusd (apt-get install -t bookworm-backports incus-base; incus admin init)" if not self.remote
-               else "check incus.url, that this client certificate is trusted (incus config trust add-certificate) "
-                    "and that incus.server_cert is the server's certificate")  # fmt: skip
+               else "check url in [runtimes.incus], that this client certificate is trusted (incus config trust "
+                    "add-certificate) and that its server_cert is the server's certificate")  # fmt: skip
         try:
             info = probe(self.incus)
         except (BackendError, InvalidSpec) as exc:
@@ -276,11 +284,11 @@ class IncusRuntime(Runtime):
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
         that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
-        limit to (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        limit to (:func:`~sandbox_mcp.host.caps.open_files_ceiling`: LXC refuses to start past it); on a
         remote server, its own default (what it may raise limits to is not known here)."""
         if limits.disk_mib is not None:
             return limits
-        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        open_files = None if self.remote else caps.open_files_ceiling(OPEN_FILES)
         return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
     async def _pool_sizes_roots(self) -> bool:
@@ -300,15 +308,15 @@ class IncusRuntime(Runtime):
         user = record.user
         if self.remote:
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
-                                  "path": onboarding.workspace_dir_inside(user)}}
+                                  "path": claude_workspace.workspace_dir_inside(user)}}
         paths, shares = self._paths(record), self._shares_dir(record)
         # The read-write shares are idmapped mounts of our own (their owner only, see _bind_shares); the
         # keys are root's and read-only: shifted, so root inside reads them as root's.
         return {
             "workspace": {"type": "disk", "source": str(shares / "workspace"),
-                          "path": onboarding.workspace_dir_inside(user)},
+                          "path": claude_workspace.workspace_dir_inside(user)},
             "claude-config": {"type": "disk", "source": str(shares / "claude-config"),
-                              "path": onboarding.claude_config_dir_inside(user)},
+                              "path": claude_workspace.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
@@ -507,7 +515,7 @@ class IncusRuntime(Runtime):
         await client.push_file(inst, "/etc/ssh-host-keys/ssh_host_ed25519_key", _read_plain(paths.host_key),
                                mode=0o600)
         await client.push_file(inst, "/etc/ssh-host-keys/authorized_keys", _read_plain(paths.authorized_keys))
-        inside = onboarding.claude_config_dir_inside(record.user)
+        inside = claude_workspace.claude_config_dir_inside(record.user)
         uid = s.user_uid
         for rel, data in await anyio.to_thread.run_sync(_plain_files, paths.claude_config):
             parent = os.path.dirname(rel)

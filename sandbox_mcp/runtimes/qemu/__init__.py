@@ -49,9 +49,9 @@ qemu runs in its own session and outlives the server; the registry keeps its PID
 time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
 so ``image prune`` leaves the image alone while it runs. KVM is used where a probe says it works
 and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.accel`).
-The vsock CID is derived and collision-checked like the MAC, but no vsock device is attached:
+No vsock device is attached, so a VM asks for no CID (``network``: an address and a MAC):
 readiness is the pinned SSH handshake, and hosts without ``vhost_vsock`` (like the project's)
-could not offer one.
+could not offer one. (The NixOS module's microVMs have one: the nixos runtime asks for it.)
 """
 
 from __future__ import annotations
@@ -79,10 +79,28 @@ from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, Workspace
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
+from ..base import (
+    ON_THE_SUBNET,
+    ImageRootRuntime,
+    ImageRootState,
+    NetworkNeeds,
+    Progress,
+    RuntimeContext,
+    hosts_file,
+    log_tail_lines,
+)
 from . import qmp
-from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
+from .accel import (
+    AccelChoice,
+    Accelerator,
+    cached_choice,
+    choose_accelerator,
+    configured,
+    kvm_groups,
+    kvm_sign,
+)
 from .image import VmArtefacts, VmImage
+from .settings import QemuSettings
 
 __all__ = [
     "LAUNCHER",
@@ -237,17 +255,16 @@ def overlay_argv(disk: Path, overlay: Path) -> list[str]:
     return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(disk), str(overlay)]
 
 
-class QemuState(RuntimeState):
+class QemuState(ImageRootState):
     """What the qemu runtime remembers of a workspace: its VM image and qemu's uid, and while it runs,
     qemu and how."""
 
-    image: str | None = None
     uid: int | None = Field(default=None, description="qemu's host uid and gid (allocate_vm_uid)")
     process: ProcessRef | None = Field(default=None, description="qemu-system-x86_64")
     accelerator: Accelerator | None = None
 
 
-class QemuRuntime(Runtime):
+class QemuRuntime(ImageRootRuntime):
     """VMs booted by qemu on this host: KVM where it works, software emulation elsewhere."""
 
     name = "qemu"
@@ -258,12 +275,19 @@ class QemuRuntime(Runtime):
     own_kernel = True
     has_snapshots = True
     State = QemuState
+    Config = QemuSettings
+    config: QemuSettings
+    image_kind = "VM image"
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """A TAP on the bridge: the name's MAC and an address on the subnet (no vsock device, so no CID)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
         self.network = ctx.network
-        self.images = VmImage(ctx.settings, ctx.images)
+        self.images = VmImage(ctx.settings, ctx.images, config=self.config)
         self._accel: AccelChoice | None = None
 
     def min_memory_mib(self, type_: str) -> int:
@@ -302,8 +326,7 @@ class QemuRuntime(Runtime):
             which_check("mkfs.ext4", "e2fsprogs", "writes the VM root disk once", required=False),
             which_check("nft", "nftables", "enforces the workspace network policy", required=False),
         ]
-        choice = self._accel or (kvm_sign() if self.settings.vm_accelerator == "auto" else AccelChoice(
-            accelerator=self.settings.vm_accelerator, reason="set by vm_accelerator"))
+        choice = self._accel or configured(self.config.accelerator) or kvm_sign()
         choice = choice or cached_choice(self._accel_cache)
         if choice is None:
             detail = "KVM is offered; a test boot on the first VM start decides between KVM and TCG"
@@ -326,14 +349,14 @@ class QemuRuntime(Runtime):
         return checks
 
     def default_limits(self) -> Limits:
-        """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
-        return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
+        """A VM's size when create gives none: [runtimes.qemu] cpus and memory_mib (a kernel needs more)."""
+        return Limits(cpus=self.config.cpus, memory_mib=self.config.memory_mib, tasks=self.settings.tasks_max)
 
     def complete_limits(self, limits: Limits) -> Limits:
-        """The root disk's size (``vm_disk_gib``): it bounds what the guest writes outside the workspace dir."""
+        """The root disk's size (``disk_gib``): it bounds what the guest writes outside the workspace dir."""
         if limits.disk_mib is not None:
             return limits
-        return limits.model_copy(update={"disk_mib": self.settings.vm_disk_gib << 10})
+        return limits.model_copy(update={"disk_mib": self.config.disk_gib << 10})
 
     def assigned(self, record: WorkspaceRecord) -> bool:
         """A VM registered before qemu ran unprivileged has no uid of its own yet."""
@@ -380,7 +403,7 @@ class QemuRuntime(Runtime):
 
     async def _accelerator(self, kernel: Path) -> AccelChoice:
         if self._accel is None:
-            self._accel = await choose_accelerator(self.settings, kernel, self._accel_cache)
+            self._accel = await choose_accelerator(self.config.accelerator, kernel, self._accel_cache)
         return self._accel
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -480,8 +503,8 @@ class QemuRuntime(Runtime):
             argv = qemu_argv(
                 name=record.name,
                 accelerator=accelerator,
-                cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
-                memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
+                cpus=math.ceil(record.limits.cpus) if record.limits else self.config.cpus,
+                memory_mib=record.limits.memory_mib if record.limits else self.config.memory_mib,
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
@@ -582,19 +605,6 @@ class QemuRuntime(Runtime):
         dest.mkdir(mode=0o700)
         if src.is_file():
             await hostcmd.run(["cp", "--reflink=auto", "--", str(src), str(dest / "root.qcow2")], timeout_s=3600)
-
-    def root_base(self, record: WorkspaceRecord) -> str | None:
-        return self.state(record).image
-
-    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
-        if base is None or base == self.state(record).image:
-            return record
-        if not self.images.exists(base):
-            raise InvalidState(
-                f"the VM image this snapshot's disk layer was made on ({base}) is gone (pruned or rebuilt); "
-                "the layer cannot be used"
-            )
-        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         files = _Files(self._paths(record))
