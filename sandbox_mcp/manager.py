@@ -77,7 +77,7 @@ from .paths import WorkspacePaths
 from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
-from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .runtimes import GuestExec, Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
 from .ssh.agent_ops import agent_op
 
 __all__ = ["WorkspaceManager", "parse_mode"]
@@ -1289,6 +1289,30 @@ class WorkspaceManager:
                 f"workspace {record.name!r} is {record.state}; {what} needs a running, paused or stopped one"
             )
 
+    def _memory_capturable(self, record: WorkspaceRecord, runtime: Runtime) -> None:
+        """Refuse a memory snapshot where there is no running state to keep.
+
+        Raises:
+            Unsupported: the runtime keeps none. InvalidState: the workspace is not running.
+        """
+        if not runtime.has_memory_snapshots:
+            raise Unsupported(
+                f"the {runtime.name} runtime keeps no running state in a snapshot (memory=true is for type 'vm'); "
+                "take a disk snapshot (memory=false): after restore_workspace the workspace starts from its saved "
+                "files, then start its processes again"
+            )
+        if record.state != "running":
+            hint = "resume_workspace" if record.state == "paused" else "start_workspace"
+            raise InvalidState(
+                f"workspace {record.name!r} is {record.state}: a memory snapshot keeps running processes, so it "
+                f"needs a running workspace; call {hint} first, or take a disk snapshot (memory=false)"
+            )
+
+    def _guest_exec(self, record: WorkspaceRecord) -> GuestExec:
+        """Run a command in ``record`` as its user from "/" (for a runtime that acts inside the guest)."""
+        target = self._target(record)
+        return lambda command: self.ssh.exec(target, command, cwd="/", timeout_s=300)
+
     async def _copy_parts(self, record: WorkspaceRecord, runtime: Runtime, dest: Callable[[str], Path]) -> None:
         """Copy the workspace's parts (snapshots.PARTS) to ``dest(part)``: its dirs, and its root via the runtime."""
         paths = self._paths(record.name)
@@ -1316,32 +1340,38 @@ class WorkspaceManager:
             (being created, or failed), Unsupported (memory, or a runtime without snapshots), BackendError.
         """
         snapshots.validate_snapshot_name(snapshot)
-        if memory:
-            # qemu saves a running VM by migrating it (to a file), and virtio-9p blocks migration while
-            # the guest has the share mounted, which ours always does (the workspace dir).
-            raise Unsupported(
-                "memory snapshots (memory=true) are not available: qemu cannot save a VM whose 9p shares (the "
-                "workspace dir) are mounted, and containers have none. Take a disk snapshot (memory=false): "
-                "after restore_workspace the workspace boots from its saved files; start processes again"
-            )
         await self._check_exists(name)
         async with self._locked(name):
             record = owned(await self.registry.get(name), owner_uid)
             self._capturable(record, "a snapshot")
             runtime = self._runtime_of(record)
+            if memory:
+                self._memory_capturable(record, runtime)
             store = self._snapshots(name)
             await anyio.to_thread.run_sync(self._recover_files, name)
             store.check_free(snapshot)
             source_state = record.state
             tmp = await anyio.to_thread.run_sync(store.aside, snapshot)
             try:
-                async with self._held_still(record, runtime):
-                    await progress("copying the files", None)
-                    await self._copy_parts(record, runtime, lambda part: tmp / part)
+                ticket = None
+                if memory:
+                    await progress("unmounting the guest's shares", None)
+                    ticket = await runtime.prepare_memory(record, self._guest_exec(record))
+                try:
+                    async with self._held_still(record, runtime):
+                        await progress("copying the files", None)
+                        await self._copy_parts(record, runtime, lambda part: tmp / part)
+                        if memory:
+                            await progress("saving the memory", None)
+                            await runtime.save_memory(record, ticket, tmp / "root")
+                finally:
+                    if memory:
+                        with anyio.CancelScope(shield=True):
+                            await runtime.release_memory(record, ticket)
                 method = await anyio.to_thread.run_sync(snapshots.copy_method, tmp)
                 size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)
                 info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
-                                    source_state=source_state, root_base=runtime.root_base(record))
+                                    memory=memory, source_state=source_state, root_base=runtime.root_base(record))
                 await anyio.to_thread.run_sync(store.commit, tmp, info)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -1388,7 +1418,9 @@ class WorkspaceManager:
             runtime.with_root_base(record, info.root_base)  # refuses a layer whose image is gone, before any change
             paths = self._paths(name)
             await anyio.to_thread.run_sync(self._recover_files, name)
-            run_after = record.state in ("running", "paused") or info.source_state in ("running", "paused")
+            # A memory snapshot always runs afterwards: its processes carry on.
+            run_after = record.state in ("running", "paused") or info.source_state in ("running", "paused") \
+                or info.memory
             source = store.path(snapshot)
             try:
                 await progress("copying the snapshot", None)

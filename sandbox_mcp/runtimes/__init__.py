@@ -17,10 +17,11 @@ from importlib.metadata import entry_points
 from ..config import Settings
 from ..errors import InvalidSpec
 from ..models import BUILTIN_TYPES, WorkspaceType
-from .base import Endpoint, Mode, Progress, Runtime, RuntimeContext, RuntimeState, no_progress
+from .base import Endpoint, GuestExec, Mode, Progress, Runtime, RuntimeContext, RuntimeState, no_progress
 
 __all__ = [
     "Endpoint",
+    "GuestExec",
     "Mode",
     "Progress",
     "Runtime",
