@@ -136,6 +136,7 @@ class WorkspaceManager:
     ) -> None:
         self.settings = settings
         self.registry = Registry(settings.registry_path)
+        self._snapshot_budget = anyio.Lock()  # one owner-bound check and commit at a time
         self.client_key_path = settings.state_dir / ".server" / "client_ed25519_key"
         self.ssh = ssh.SSHPool()
         self._runtimes = runtimes
@@ -751,6 +752,7 @@ class WorkspaceManager:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
+                await self._collect_roots(runtime)  # its snapshots' roots, where the runtime keeps them
             await self.registry.remove(name)
             if runtime.host_network:
                 await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
@@ -771,7 +773,8 @@ class WorkspaceManager:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
         record = owned(await self._refresh(owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
-        return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
+        used = await anyio.to_thread.run_sync(self._snapshots(record.name).total_bytes)
+        return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail, snapshot_bytes=used)
 
     async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
@@ -1289,6 +1292,23 @@ class WorkspaceManager:
                 f"workspace {record.name!r} is {record.state}; {what} needs a running, paused or stopped one"
             )
 
+    async def _collect_roots(self, runtime: Runtime) -> None:
+        """Let the runtime free captured roots nothing names any more; a failure only leaves garbage for later."""
+        with contextlib.suppress(SandboxError):
+            await runtime.collect_roots()
+
+    def _snapshot_limit_bytes(self) -> int:
+        """The most one owner's snapshots may take: uid_max_snapshot_mib, else half the state filesystem. Blocking."""
+        if self.settings.uid_max_snapshot_mib is not None:
+            return self.settings.uid_max_snapshot_mib << 20
+        st = os.statvfs(self.settings.state_dir)
+        return st.f_blocks * st.f_frsize // 2
+
+    async def _owner_snapshot_bytes(self, owner_uid: int | None) -> int:
+        """What the snapshots of every workspace of ``owner_uid`` take (their recorded sizes)."""
+        names = [r.name for r in (await self.registry.read()).workspaces.values() if r.owner_uid == owner_uid]
+        return await anyio.to_thread.run_sync(lambda: sum(self._snapshots(n).total_bytes() for n in names))
+
     def _memory_capturable(self, record: WorkspaceRecord, runtime: Runtime) -> None:
         """Refuse a memory snapshot where there is no running state to keep.
 
@@ -1350,6 +1370,9 @@ class WorkspaceManager:
             store = self._snapshots(name)
             await anyio.to_thread.run_sync(self._recover_files, name)
             store.check_free(snapshot)
+            # Refused before any copy when the owner's snapshots fill their room already.
+            limit = await anyio.to_thread.run_sync(self._snapshot_limit_bytes)
+            snapshots.check_bound(name, snapshot, await self._owner_snapshot_bytes(record.owner_uid), 1, limit)
             source_state = record.state
             tmp = await anyio.to_thread.run_sync(store.aside, snapshot)
             try:
@@ -1372,27 +1395,38 @@ class WorkspaceManager:
                 size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)
                 info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
                                     memory=memory, source_state=source_state, root_base=runtime.root_base(record))
-                await anyio.to_thread.run_sync(store.commit, tmp, info)
+                # Checked again with the real size, and committed under one lock: two snapshots of one owner's
+                # workspaces cannot both fit in the same room.
+                async with self._snapshot_budget:
+                    used = await self._owner_snapshot_bytes(record.owner_uid)
+                    snapshots.check_bound(name, snapshot, used, size, limit)
+                    await anyio.to_thread.run_sync(store.commit, tmp, info)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+                    await self._collect_roots(runtime)
                 raise
         return info
 
     async def list_snapshots(self, name: str, *, owner_uid: int | None = None) -> SnapshotList:
         """The workspace's snapshots, oldest first. Raises WorkspaceNotFound."""
         await self._check_exists(name)
-        owned(await self.registry.get(name), owner_uid)
+        record = owned(await self.registry.get(name), owner_uid)
         found = await anyio.to_thread.run_sync(self._snapshots(name).list)
-        return SnapshotList(name=name, snapshots=found)
+        return SnapshotList(
+            name=name, snapshots=found, total_bytes=sum(i.size_bytes for i in found),
+            owner_bytes=await self._owner_snapshot_bytes(record.owner_uid),
+            owner_limit_bytes=await anyio.to_thread.run_sync(self._snapshot_limit_bytes),
+        )
 
     async def delete_snapshot(self, name: str, snapshot: str, *, owner_uid: int | None = None) -> SnapshotDeleted:
         """Remove one snapshot. Raises InvalidSpec, WorkspaceNotFound, InvalidState (no such snapshot)."""
         snapshots.validate_snapshot_name(snapshot)
         await self._check_exists(name)
         async with self._locked(name):
-            owned(await self.registry.get(name), owner_uid)
+            record = owned(await self.registry.get(name), owner_uid)
             await anyio.to_thread.run_sync(self._snapshots(name).delete, snapshot)
+            await self._collect_roots(self._runtime_of(record))
         return SnapshotDeleted(snapshot=snapshot, deleted=True)
 
     async def restore(
@@ -1443,6 +1477,7 @@ class WorkspaceManager:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(snapshots.drop_old, paths)
+                    await self._collect_roots(runtime)  # the replaced root layer's
         return self.view(record)
 
     async def fork(
@@ -1529,6 +1564,7 @@ class WorkspaceManager:
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed=False)
+                    await self._collect_roots(runtime)
                 raise
         return self.view(record)
 

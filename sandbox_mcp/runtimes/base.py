@@ -324,6 +324,10 @@ class Runtime(ABC):
     async def release_memory(self, record: WorkspaceRecord, ticket: Any) -> None:  # noqa: B027 - optional hook
         """Undo :meth:`prepare_memory` once the workspace runs again."""
 
+    async def collect_roots(self) -> None:  # noqa: B027 - optional hook
+        """Free what the runtime keeps for captured roots (e.g. server-side images) that no snapshot or root
+        layer under the state dir names any more. Called after deletes; must not fail loudly."""
+
     def root_base(self, record: WorkspaceRecord) -> str | None:
         """What a captured root layer applies to (the image key): kept with a snapshot, given back on restore."""
         return None
