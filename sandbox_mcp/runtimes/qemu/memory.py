@@ -237,7 +237,10 @@ async def migrate_to_fd(qmp_socket: Path, fd: int, timeout_s: float = _MIGRATE_T
 
 
 async def wait_incoming(qmp_socket: Path, alive: Callable[[], bool], timeout_s: float = _MIGRATE_TIMEOUT_S) -> None:
-    """Wait until a qemu started with ``-incoming`` has loaded its state and runs.
+    """Wait until a qemu started with ``-incoming`` has loaded its state, and let it run.
+
+    The state was saved from a paused VM, and qemu keeps the source's run state: once loaded, it is
+    'paused' until ``cont``.
 
     Raises:
         BackendError: qemu exited (the state did not fit these devices) or took longer than ``timeout_s``.
@@ -250,8 +253,12 @@ async def wait_incoming(qmp_socket: Path, alive: Callable[[], bool], timeout_s: 
                 (answer,) = await qmp.execute(qmp_socket, [{"execute": "query-status"}], timeout_s=10)
             except BackendError:
                 answer = None
-            if isinstance(answer, dict) and answer.get("status") == "running":
+            status = answer.get("status") if isinstance(answer, dict) else None
+            if status == "running":
                 return
+            if status == "paused":  # loaded (still loading is 'inmigrate')
+                await qmp.execute(qmp_socket, [{"execute": "cont"}], timeout_s=30)
+                continue
             await anyio.sleep(0.1)
     raise BackendError(f"loading the VM's saved memory took over {timeout_s:.0f} s")
 
