@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import shlex
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -270,7 +271,8 @@ async def remount(ip: str, ticket: MemoryTicket, timeout_s: float = 120.0) -> No
         BackendError: no answer within ``timeout_s`` (the shares come back by themselves after
             :data:`WAITER_TIMEOUT_S` of guest time).
     """
-    async with await anyio.create_udp_socket(family=2, local_host="0.0.0.0") as sock:  # AF_INET
+    # No local_host: anyio would resolve it with AI_ADDRCONFIG, which fails where only loopback has an address.
+    async with await anyio.create_udp_socket(family=socket.AF_INET) as sock:
         expected = b"mounted " + ticket.token.encode()
         with anyio.move_on_after(timeout_s):
             while True:
