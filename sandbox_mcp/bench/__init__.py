@@ -330,7 +330,8 @@ async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) 
     state.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
     try:
-        results = await run_snapshots(settings, state, sizes, max(1, args.runs))
+        results = await run_snapshots(settings, state, sizes, max(1, args.runs),
+                                      vm=bool(getattr(args, "snapshot_vm", False)))
     finally:
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
