@@ -123,6 +123,8 @@ class _Files:
         self.console = paths.console_log
         self.qemu_log = paths.runtime / "qemu.log"
         self.guest_meta = paths.runtime / "guest"
+        # A memory snapshot's ticket while the guest's shares are unmounted (see prepare_memory).
+        self.pending_ticket = paths.runtime / "memory-ticket.json"
 
 
 def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str, tasks: int | None = None) -> str:
@@ -595,6 +597,7 @@ class QemuRuntime(Runtime):
 
     async def resume(self, record: WorkspaceRecord) -> None:
         await self._qmp_run_state(record, "cont")
+        await self._wake_pending(record)  # shares a killed server's memory snapshot left unmounted, if any
 
     async def _qmp_run_state(self, record: WorkspaceRecord, command: str) -> None:
         if not self._running(record):
@@ -625,8 +628,15 @@ class QemuRuntime(Runtime):
             BackendError: the guest could not be readied.
         """
         ticket = memory.new_ticket(self.state(record).accelerator)
-        result = await guest(memory.helper_command(ticket, self._share_mounts(record)))
-        memory.parse_helper_reply(record.name, result.exit_code, result.stdout, result.stderr)
+        pending = _Files(self._paths(record)).pending_ticket
+        # Kept until the shares are back: a server killed meanwhile has the next resume or start-up wake them.
+        await anyio.to_thread.run_sync(lambda: atomic_write(pending, ticket.model_dump_json(), mode=0o600))
+        try:
+            result = await guest(memory.helper_command(ticket, self._share_mounts(record)))
+            memory.parse_helper_reply(record.name, result.exit_code, result.stdout, result.stderr)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
         return ticket
 
     async def save_memory(self, record: WorkspaceRecord, ticket: memory.MemoryTicket, dest: Path) -> None:
@@ -648,7 +658,21 @@ class QemuRuntime(Runtime):
         Raises:
             BackendError: it did not answer (it remounts by itself later).
         """
-        await memory.remount(record.ip, ticket)
+        pending = _Files(self._paths(record)).pending_ticket
+        if pending.exists():  # else the resume after the save woke the waiter already
+            await memory.remount(record.ip, ticket)
+            pending.unlink(missing_ok=True)
+
+    async def _wake_pending(self, record: WorkspaceRecord) -> None:
+        """Mount the shares a memory snapshot left unmounted when the server was killed during it."""
+        pending = _Files(self._paths(record)).pending_ticket
+        try:
+            ticket = memory.MemoryTicket.model_validate_json(pending.read_bytes())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(BackendError):
+            await memory.remount(record.ip, ticket, timeout_s=30)
+            pending.unlink(missing_ok=True)
 
     async def adopt_files(self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]) -> None:
         """A fork boots from the disk layer: a saved memory state belongs to the source's address and name."""
@@ -690,6 +714,9 @@ class QemuRuntime(Runtime):
         for r in records:
             if r.name not in running:
                 self._remove_boot_files(_Files(self._paths(r)))
+                _Files(self._paths(r)).pending_ticket.unlink(missing_ok=True)
+            elif r.state == "running":
+                await self._wake_pending(r)
 
 
 def _share_maps(source: Path, uid: int, readonly: bool) -> tuple[idmap.IdMap, idmap.IdMap]:
