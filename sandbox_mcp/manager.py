@@ -1392,7 +1392,8 @@ class WorkspaceManager:
                         with anyio.CancelScope(shield=True):
                             await runtime.release_memory(record, ticket)
                 method = await anyio.to_thread.run_sync(snapshots.copy_method, tmp)
-                size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)
+                size = await anyio.to_thread.run_sync(
+                    lambda: snapshots.tree_size(tmp) + runtime.held_elsewhere_bytes(tmp / "root"))
                 info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
                                     memory=memory, source_state=source_state, root_base=runtime.root_base(record))
                 # Checked again with the real size, and committed under one lock: two snapshots of one owner's

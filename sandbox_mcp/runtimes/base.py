@@ -324,6 +324,11 @@ class Runtime(ABC):
     async def release_memory(self, record: WorkspaceRecord, ticket: Any) -> None:  # noqa: B027 - optional hook
         """Undo :meth:`prepare_memory` once the workspace runs again."""
 
+    def held_elsewhere_bytes(self, root_part: Path) -> int:
+        """Bytes a captured root (``root_part``, a snapshot's root part) holds outside the state dir (e.g. an
+        image on the Incus server), counted with the snapshot's size. Blocking. Default: none."""
+        return 0
+
     async def collect_roots(self) -> None:  # noqa: B027 - optional hook
         """Free what the runtime keeps for captured roots (e.g. server-side images) that no snapshot or root
         layer under the state dir names any more. Called after deletes; must not fail loudly."""

@@ -693,7 +693,14 @@ class IncusRuntime(Runtime):
         fingerprint = str((meta or {}).get("fingerprint", ""))
         if not fingerprint:
             raise BackendError(f"Incus published workspace {record.name!r}'s root without a fingerprint")
-        await anyio.to_thread.run_sync(_write_root_ref, dest, {"id": root_id, "fingerprint": fingerprint}, True)
+        image = await client.request("GET", f"/1.0/images/{quote(fingerprint, safe='')}")
+        ref = {"id": root_id, "fingerprint": fingerprint, "size": int((image or {}).get("size") or 0)}
+        await anyio.to_thread.run_sync(_write_root_ref, dest, ref, True)
+
+    def held_elsewhere_bytes(self, root_part: Path) -> int:
+        """The size of the image the snapshot's root names (on the Incus server's disk, not in the state dir)."""
+        ref = _read_root_ref(root_part)
+        return int(ref.get("size") or 0) if ref else 0
 
     async def collect_roots(self) -> None:
         """Delete the images of ours (this server's captured roots) that no snapshot or root layer names."""
