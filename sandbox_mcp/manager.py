@@ -1396,9 +1396,10 @@ class WorkspaceManager:
                     lambda: snapshots.tree_size(tmp) + runtime.held_elsewhere_bytes(tmp / "root"))
                 info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
                                     memory=memory, source_state=source_state, root_base=runtime.root_base(record))
-                # Checked again with the real size, and committed under one lock: two snapshots of one owner's
-                # workspaces cannot both fit in the same room.
-                async with self._snapshot_budget:
+                # Checked again with the real size, and committed under one lock (this process's and the state
+                # dir's; no workspace name starts with '.'): two snapshots of one owner's workspaces cannot both
+                # fit in the same room.
+                async with self._snapshot_budget, async_file_lock(self.settings.state_dir / ".locks" / ".snapshot-budget.lock"):
                     used = await self._owner_snapshot_bytes(record.owner_uid)
                     snapshots.check_bound(name, snapshot, used, size, limit)
                     await anyio.to_thread.run_sync(store.commit, tmp, info)

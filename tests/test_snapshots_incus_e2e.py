@@ -98,6 +98,10 @@ async def test_incus_pause_and_resume(local: Any, local_settings: Settings,
     # Paused, then stopped: the stop unfreezes it first.
     await call(local, "pause_workspace", name="ipz")
     assert (await call(local, "stop_workspace", name="ipz"))["state"] == "stopped"
+    # A stopped workspace's snapshot names the root it would start from: the same image, no new one.
+    stopped = await call(local, "snapshot_workspace", name="ipz", snapshot="s2")
+    assert stopped["source_state"] == "stopped" and stopped["size_bytes"] >= snap["size_bytes"] - (1 << 20)
+    assert len(_our_images(incusd)) == 1
     assert (await call(local, "destroy_workspace", name="ipz"))["destroyed"]
     assert incus_leftovers(incusd, local_settings) == NOTHING
     assert not (local_settings.state_dir / "ipz").exists()

@@ -69,7 +69,11 @@ async def test_vm_pause_snapshot_restore_fork(vm_session: Session, vm_settings: 
     assert out == "before\nbefore.txt\ntick\nvm\nno-after\ndemo-ok\n", out
     assert not (host_dir / "after.txt").exists()
 
-    # A memory snapshot. A process with its cwd in the shared workspace dir holds the 9p share: refused,
+    # A memory snapshot needs the VM running: a paused one is refused, saying to resume it.
+    await s.call("pause_workspace", name="vs")
+    assert "resume_workspace" in await s.error("snapshot_workspace", name="vs", snapshot="m1", memory=True)
+    await s.call("resume_workspace", name="vs")
+    # A process with its cwd in the shared workspace dir holds the 9p share: refused,
     # naming it, and nothing changes (the share stays mounted, no snapshot appears).
     await _sh(s, "vs", "setsid nohup sleep 600 >/dev/null 2>&1 &")
     refusal = await s.error("snapshot_workspace", name="vs", snapshot="m1", memory=True)
