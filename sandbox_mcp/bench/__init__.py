@@ -17,7 +17,8 @@
   direct connection to the workspace IP, notifications per second during a chatty exec;
 - git (:mod:`.git`): create with ``repo=`` (10,000 files) against a plain create, and
   fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
-- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
+- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec,
+  and with ``--snapshot-vm`` a VM memory snapshot's save and restore against a disk snapshot's
   (:mod:`.snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
