@@ -464,6 +464,14 @@ class QemuRuntime(Runtime):
             await progress("loading the saved memory", None)
             await memory.wait_incoming(_Files(paths).qmp, lambda: self._running(record))
             await memory.remount(record.ip, ticket)
+        except BackendError as exc:
+            with anyio.CancelScope(shield=True):
+                await self.stop(record, force=True)
+            raise BackendError(
+                f"{exc}; the saved memory is dropped (it fits only the qemu, accelerator "
+                f"({ticket.accelerator or '?'}) and VM size it was taken with): start_workspace boots the "
+                "snapshot's disk state"
+            ) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop(record, force=True)
