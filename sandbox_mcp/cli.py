@@ -634,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
+    s.add_argument("--snapshot-vm", action="store_true",
+                   help="also a VM's memory snapshot save and restore against a disk snapshot's (two boots)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

@@ -158,6 +158,12 @@ class Settings(BaseModel):
         description="Sum of the memory_mib of one user's workspaces through the daemon; default: twice the host's "
         "memory (memory limits are caps, not reservations)",
     )
+    uid_max_snapshot_mib: int | None = Field(
+        default=None, ge=0,
+        description="Host disk one owner's snapshots may take, all their workspaces together (MiB, each snapshot "
+        "counted at its full size, clones too); a snapshot that would pass it is refused and removed. Default: "
+        "half the size of the filesystem holding the state dir. Applies to every owner, root too",
+    )
     uid_max_connections: int = Field(
         default=16, ge=1, description="Connections one user may hold open to the daemon at once (root: no limit)"
     )

@@ -331,6 +331,7 @@ class WorkspaceStatus(Workspace):
     """A workspace plus live runtime detail."""
 
     runtime: RuntimeDetail
+    snapshot_bytes: int = Field(default=0, description="Host disk its snapshots take (list_snapshots: each one)")
 
 
 class WorkspaceList(BaseModel):
@@ -555,6 +556,12 @@ class SnapshotInfo(BaseModel):
 class SnapshotList(BaseModel):
     name: str
     snapshots: list[SnapshotInfo]
+    total_bytes: int = Field(default=0, description="What this workspace's snapshots take on the host")
+    owner_bytes: int = Field(default=0, description="What all the owner's snapshots take, every workspace together")
+    owner_limit_bytes: int | None = Field(
+        default=None, description="The most the owner's snapshots may take (uid_max_snapshot_mib); a snapshot "
+        "past it is refused: delete_snapshot old ones to make room"
+    )
 
 
 class SnapshotDeleted(BaseModel):

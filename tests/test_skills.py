@@ -46,6 +46,8 @@ for _model in (
     models.WorkspaceDiff,
     models.DiffFile,
     models.FetchResult,
+    models.SnapshotInfo,
+    models.SnapshotList,
 ):
     _FIELD_NAMES |= set(_model.model_fields)
 _FIELD_NAMES |= set(Settings.model_fields) | set(MOVED)  # settings, and the old names of runtimes' ones

@@ -19,6 +19,7 @@ from ..errors import InvalidSpec
 from ..models import BUILTIN_TYPES, WorkspaceType
 from .base import (
     Endpoint,
+    GuestExec,
     Mode,
     NetworkNeeds,
     Progress,
@@ -31,6 +32,7 @@ from .base import (
 
 __all__ = [
     "Endpoint",
+    "GuestExec",
     "Mode",
     "NetworkNeeds",
     "Progress",

@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import Settings, moved_name
 from ..errors import BackendError, InvalidSpec, InvalidState, Unsupported
-from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..models import MIN_MEMORY_MIB, Check, ExecResult, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
     "Endpoint",
     "ImageRootRuntime",
     "ImageRootState",
+    "GuestExec",
     "Mode",
     "NetworkNeeds",
     "ON_THE_SUBNET",
@@ -46,6 +48,9 @@ __all__ = [
 ]
 
 Mode = Literal["direct", "nixos"]
+# Runs a shell command in the workspace as its user, from "/" (the manager's SSH pool): what a runtime is
+# handed when it must act inside the guest.
+GuestExec = Callable[[str], Awaitable[ExecResult]]
 PackageFlavour = Literal["debian", "nix"]
 
 
@@ -176,6 +181,8 @@ class Runtime(ABC):
     sync_before_capture: ClassVar[bool] = False
     # Whether capture_root works: snapshot, restore and fork are refused up front when it does not.
     has_snapshots: ClassVar[bool] = False
+    # Whether a snapshot can keep the running state too (prepare_memory, save_memory, release_memory).
+    has_memory_snapshots: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
         """Raises: InvalidSpec: its settings section does not validate (the message names section, field)."""
@@ -372,6 +379,36 @@ class Runtime(ABC):
             BackendError: the copy failed.
         """
         raise self._cannot("snapshot a workspace's root filesystem")
+
+    async def prepare_memory(self, record: WorkspaceRecord, guest: GuestExec) -> Any:
+        """Ready the running workspace for :meth:`save_memory`; returns what :meth:`release_memory` needs.
+        The manager calls release_memory after the save, whatever happened to it.
+
+        Raises:
+            Unsupported: no memory snapshots here. InvalidState: not now (the message says why). BackendError.
+        """
+        raise self._cannot("keep a workspace's running state in a snapshot (memory=true)")
+
+    async def save_memory(self, record: WorkspaceRecord, ticket: Any, dest: Path) -> None:
+        """Save the paused workspace's running state into the snapshot's root part ``dest`` (it exists):
+        the next start from a root layer holding it resumes from it instead of booting.
+
+        Raises:
+            BackendError: the save failed.
+        """
+        raise self._cannot("keep a workspace's running state in a snapshot (memory=true)")
+
+    async def release_memory(self, record: WorkspaceRecord, ticket: Any) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`prepare_memory` once the workspace runs again."""
+
+    def held_elsewhere_bytes(self, root_part: Path) -> int:
+        """Bytes a captured root (``root_part``, a snapshot's root part) holds outside the state dir (e.g. an
+        image on the Incus server), counted with the snapshot's size. Blocking. Default: none."""
+        return 0
+
+    async def collect_roots(self) -> None:  # noqa: B027 - optional hook
+        """Free what the runtime keeps for captured roots (e.g. server-side images) that no snapshot or root
+        layer under the state dir names any more. Called after deletes; must not fail loudly."""
 
     def root_base(self, record: WorkspaceRecord) -> str | None:
         """What a captured root layer applies to (the image key): kept with a snapshot, given back on restore."""
