@@ -14,7 +14,9 @@ the limit has to be raised instead.
 Per workspace (distinct instances, counted with kcmp(2) over ``anon_inode:inotify`` fds of the
 container's processes): 6 idle (5 systemd, 1 D-Bus) and 7 at the peak of a boot, the same
 privileged or not. Image recipe 8 also ran systemd-logind (7 idle, 8 booting); recipe 9 masks it,
-as no session reaches it (sshd runs without PAM). Watches: 19 to 23 per workspace.
+as no session reaches it (sshd runs without PAM). Watches: 19 to 23 per workspace. Recipe 11 masks
+the two password-prompt path units and starts D-Bus only on demand: 3 idle (systemd's, counted by
+fd); the constants below keep the earlier figures, an upper bound, until a boot's peak is measured again.
 With the limits raised, 80 workspaces created at once all came up here; nothing else capped them.
 """
 

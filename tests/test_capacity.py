@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 COUNT = 30
 # Instances host root's own processes and other runs' containers may hold meanwhile (the default limit).
 HOST_HEADROOM = 128
-MIB_PER_WORKSPACE = 64  # ~25 MiB measured per idle workspace; the rest is headroom for booting
+MIB_PER_WORKSPACE = 64  # ~16 MiB measured per idle workspace (recipe 11); the rest is headroom for booting
 
 
 def _proc_int(rel: str) -> int:
