@@ -125,6 +125,11 @@ class Settings(BaseModel):
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs, so at most half "
         "the workspace's memory_mib) and of an Incus instance's root disk, MiB"
     )
+    host_disk_mib: int | None = Field(
+        default=None, ge=32, description="Host disk one workspace may fill (its workspace dir, Claude config, a VM's "
+        "root layer, snapshots), MiB: its state directory becomes a loop-mounted ext4 image of that size "
+        "(the server must be root). Default: no bound (they share the state dir's file system)",
+    )
     console_log_mib: int = Field(
         default=16, ge=1, description="Size bound of a workspace's console log: its first MiB are kept, the rest "
         "is dropped by a copier process (containers and VMs alike); nothing limits the workspace for it"

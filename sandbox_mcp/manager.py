@@ -21,7 +21,18 @@ from pathlib import Path
 
 import anyio
 
-from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
+from . import (
+    budget,
+    diskimage,
+    gitflow,
+    hostgit,
+    limit_hints,
+    onboarding,
+    processes,
+    provision,
+    snapshots,
+    ssh,
+)
 from .config import Settings
 from .errors import (
     BackendError,
@@ -413,10 +424,7 @@ class WorkspaceManager:
             existed = paths.root.exists()
             prepared = started = False
             try:
-                fingerprint = await anyio.to_thread.run_sync(
-                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
-                )
-                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
+                record = await self._provision(record)
                 await self.registry.put(record)
                 t_image = time.monotonic()
                 await progress("preparing the root image (cached after the first time)", 0.0)
@@ -436,6 +444,16 @@ class WorkspaceManager:
                     await self._undo_create(record, runtime, prepared, started, existed)
                 raise
         return self.view(record)
+
+    async def _provision(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        """Make the workspace's host dirs (provision.py); the record gets its host key and disk bound."""
+        made = await anyio.to_thread.run_sync(
+            lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
+        )
+        update: dict[str, object] = {"host_key_fingerprint": made.fingerprint}
+        if record.limits is not None:
+            update["limits"] = record.limits.model_copy(update={"host_disk_mib": made.host_disk_mib})
+        return record.model_copy(update=update)
 
     async def _repo_source(
         self, spec: CreateSpec, owner_uid: int | None
@@ -486,7 +504,8 @@ class WorkspaceManager:
                 f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
                 f"workspace, got {memory_mib!r}"
             )
-        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
+        limits = Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max, host_disk_mib=s.host_disk_mib)
+        return runtime.complete_limits(limits)
 
     def _register(
         self,
@@ -599,6 +618,10 @@ class WorkspaceManager:
             with contextlib.suppress(Exception):
                 await runtime.destroy(record)
         await self.ssh.drop(record.name)
+        with contextlib.suppress(Exception):  # a new image goes; kept data's is unmounted again
+            await anyio.to_thread.run_sync(
+                lambda: diskimage.release(self.settings.state_dir, record.name, delete=not existed)
+            )
         if not existed:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(self._paths(record.name).root, ignore_errors=True))
         await self.registry.remove(record.name)
@@ -749,7 +772,9 @@ class WorkspaceManager:
             paths = self._paths(name)
             if keep_data:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
-            else:
+            # The disk image (if any) is unmounted first: kept, or gone with the rest.
+            await anyio.to_thread.run_sync(lambda: diskimage.release(self.settings.state_dir, name, delete=not keep_data))
+            if not keep_data:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
             await self.registry.remove(name)
             if runtime.host_network:
@@ -1189,8 +1214,14 @@ class WorkspaceManager:
     # Pause, snapshots, forks (the files' side: snapshots.py) -----------------------------------
 
     def _recover_files(self, name: str) -> None:
-        """Finish or drop a restore, and drop half-taken snapshots, that a killed server left. Blocking."""
+        """Mount the workspace's disk image again (after a reboot), finish or drop a restore, and drop
+        half-taken snapshots, that a killed server left. Blocking."""
         paths = self._paths(name)
+        if diskimage.unavailable() is None:
+            try:
+                diskimage.ensure(self.settings.state_dir, name, None)
+            except SandboxError as exc:
+                log.warning("reconcile: the disk image of %s: %s", name, exc)
         if paths.root.is_dir():
             snapshots.recover_restore(paths)
             snapshots.SnapshotStore(paths, name).recover()
@@ -1462,10 +1493,7 @@ class WorkspaceManager:
             )  # fmt: skip
             prepared = started = False
             try:
-                fingerprint = await anyio.to_thread.run_sync(
-                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
-                )
-                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
+                record = await self._provision(record)
                 await self.registry.put(record)
                 await progress("copying the files", None)
 

@@ -187,6 +187,13 @@ class Limits(BaseModel):
         "instance's root disk. null: no bound of ours (an Incus pool that cannot enforce one: the pool's free "
         "space), or not started since it was created. The workspace dir is the host's: its free space is the bound",
     )
+    host_disk_mib: int | None = Field(
+        default=None,
+        description="Size bound of everything the workspace keeps on the host's disk (the workspace dir, the "
+        "Claude config, a VM's root layer, snapshots) in MiB: a write past it fails with ENOSPC. null: no bound "
+        "of ours, they share the host's free space (HOST_DISK_MIB unset, or the server is not root; "
+        "`sandbox-mcp doctor` says which)",
+    )
     file_size: Literal["unlimited"] = Field(
         default="unlimited",
         description="The largest file a process may write (RLIMIT_FSIZE): unlimited in every type; a file is bounded "

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-from . import onboarding, ssh
+from . import diskimage, onboarding, ssh
 from .config import Settings
 from .fsutil import own_dir
 from .identity import host_identity
@@ -18,10 +19,17 @@ from .models import WorkspaceRecord
 from .ownership import claim_dir
 from .paths import WorkspacePaths
 
-__all__ = ["prepare_state_dirs"]
+__all__ = ["Provisioned", "prepare_state_dirs"]
 
 
-def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> str:
+class Provisioned(NamedTuple):
+    """What provisioning made: the pinned host key and the host disk bound (None: none)."""
+
+    fingerprint: str
+    host_disk_mib: int | None
+
+
+def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> Provisioned:
     """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
 
     Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
@@ -30,15 +38,22 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     reads nothing there, kept data included. The host key is made once and pinned; the Claude
     config is seeded as onboarding says, with the server's own Claude credentials only for a
     workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
-    would be root's). Returns the host key's fingerprint.
+    would be root's). With ``limits.host_disk_mib`` (and a root server), ``<state>/<name>`` is first
+    mounted from a disk image of that size (:mod:`sandbox_mcp.diskimage`), so all of this is on it; a
+    kept image is mounted again whatever the settings say. Returns the host key's fingerprint and the
+    bound applied.
 
     Raises:
+        BackendError: the disk image cannot be made or mounted.
         Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.ownership.claim_dir`).
         SSHError: the host key cannot be made.
         InvalidSpec: an ``authorized`` line is not one public key.
     """
     paths = WorkspacePaths.of(settings.state_dir, record.name)
     uid, gid = host_identity(settings, record)
+    paths.root.parent.mkdir(parents=True, exist_ok=True)
+    wanted = record.limits.host_disk_mib if record.limits is not None else None
+    host_disk_mib = diskimage.ensure(settings.state_dir, record.name, wanted) if diskimage.unavailable() is None else None
     paths.root.mkdir(mode=0o711, parents=True, exist_ok=True)
     claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
     own_dir(paths.root, 0, 0, 0o711)
@@ -55,5 +70,5 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
-    return fingerprint
+    return Provisioned(fingerprint, host_disk_mib)
 
