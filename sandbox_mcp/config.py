@@ -125,6 +125,12 @@ class Settings(BaseModel):
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs, so at most half "
         "the workspace's memory_mib) and of an Incus instance's root disk, MiB"
     )
+    agent_files: Literal["owner", "own-uid"] = Field(
+        default="owner", description="Whose the agent's files in the workspace dir are on the host: the owner's "
+        "(`owner`: everything that trusts your files trusts them, git included), or a uid of the workspace's own "
+        "that the owner reads and writes through ACLs and the owner's git refuses (`own-uid`, with a root server; "
+        "files the owner then makes there are read-only and undeletable for the agent)",
+    )
     host_disk_mib: int | None = Field(
         default=None, ge=32, description="Host disk one workspace may fill (its workspace dir, Claude config, a VM's "
         "root layer, snapshots), MiB: its state directory becomes a loop-mounted ext4 image of that size "

@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 
 from . import (
+    agentfiles,
     budget,
     diskimage,
     gitflow,
@@ -81,7 +82,15 @@ from .models import (
     WriteResult,
     utcnow,
 )
-from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .naming import (
+    agent_uid_for,
+    allocate_ip,
+    check_identity_collisions,
+    cid_for,
+    mac_for,
+    validate_name,
+    validate_packages,
+)
 from .output_relay import OutputRelay
 from .ownership import owned
 from .paths import WorkspacePaths
@@ -1511,6 +1520,11 @@ class WorkspaceManager:
                         await self._copy_parts(source, runtime, staged)
                     base = runtime.root_base(source)
                 await runtime.adopt_files(source, record, [staged(p) for p in snapshots.PARTS if staged(p).exists()])
+                # The agent's files are the fork's own uid's (agentfiles.py), not the source's.
+                trees = [staged(p) for p in ("workspace", "claude-config") if staged(p).exists()]
+                await anyio.to_thread.run_sync(
+                    lambda: agentfiles.adopt(trees, agent_uid_for(source.name), agent_uid_for(new_name))
+                )
                 await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
                 await anyio.to_thread.run_sync(snapshots.drop_old, paths)  # the empty dirs provisioning made
                 record = await runtime.prepare(record, progress)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from . import diskimage, onboarding, ssh
+from . import agentfiles, diskimage, onboarding, ssh
 from .config import Settings
 from .fsutil import own_dir
 from .identity import host_identity
@@ -33,9 +33,11 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
 
     Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
-    lists it), the host keys and runtime dirs 0755. The workspace dir and the Claude config belong
-    to the workspace's owner (:func:`~sandbox_mcp.identity.host_identity`), 0700: another local user
-    reads nothing there, kept data included. The host key is made once and pinned; the Claude
+    lists it), the host keys and runtime dirs 0755. The workspace dir and the Claude config hold the
+    agent's files: a uid of the workspace's own, with ACLs for its owner
+    (:func:`~sandbox_mcp.agentfiles.prepare_share`), or the owner's
+    (:func:`~sandbox_mcp.identity.host_identity`) 0700; another local user reads nothing there, kept
+    data included. The host key is made once and pinned; the Claude
     config is seeded as onboarding says, with the server's own Claude credentials only for a
     workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
     would be root's). With ``limits.host_disk_mib`` (and a root server), ``<state>/<name>`` is first
@@ -50,7 +52,7 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         InvalidSpec: an ``authorized`` line is not one public key.
     """
     paths = WorkspacePaths.of(settings.state_dir, record.name)
-    uid, gid = host_identity(settings, record)
+    owner_uid = host_identity(settings, record)[0]
     paths.root.parent.mkdir(parents=True, exist_ok=True)
     wanted = record.limits.host_disk_mib if record.limits is not None else None
     host_disk_mib = diskimage.ensure(settings.state_dir, record.name, wanted) if diskimage.unavailable() is None else None
@@ -59,7 +61,8 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     own_dir(paths.root, 0, 0, 0o711)
     for d in (paths.ssh_host_keys, paths.runtime):
         own_dir(d, 0, 0, 0o755)
-    own_dir(paths.workspace, uid, gid, 0o700)
+    uid, gid = agentfiles.files_identity(settings, record, paths.workspace)
+    agentfiles.prepare_share(paths.workspace, (uid, gid), owner_uid)
     fingerprint = ssh.ensure_host_key(paths.host_key)
     ssh.write_authorized_keys(paths.authorized_keys, authorized)
     credentials = onboarding.host_credentials_file(Path.home())
@@ -70,5 +73,6 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
+    agentfiles.prepare_share(paths.claude_config, (uid, gid), owner_uid)  # after the seeding's 0700
     return Provisioned(fingerprint, host_disk_mib)
 
