@@ -17,8 +17,9 @@ Why an image and not the file system's own quotas (measured on this project's CI
   need a kernel with ``CONFIG_QFMT_V2`` / ``CONFIG_XFS_QUOTA`` and the file system made and mounted
   for them; the image works on every file system that holds a sparse file.
 
-The server must be root (it mounts); in NixOS mode (a user service) the bound is not applied and
-``limits.host_disk_mib`` is null. Blocking: the manager calls these from a worker thread.
+The server must be root (it mounts); in NixOS mode the bound is not applied (the module's units
+use these directories at boot, before any server could mount them) and ``limits.host_disk_mib``
+is null. Blocking: the manager calls these from a worker thread.
 """
 
 from __future__ import annotations

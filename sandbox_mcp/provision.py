@@ -54,7 +54,8 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     paths = WorkspacePaths.of(settings.state_dir, record.name)
     owner_uid = host_identity(settings, record)[0]
     paths.root.parent.mkdir(parents=True, exist_ok=True)
-    wanted = record.limits.host_disk_mib if record.limits is not None else None
+    # Not under the NixOS module: its units make and use these dirs at boot, before any server mounts.
+    wanted = record.limits.host_disk_mib if record.limits is not None and record.runtime != "nixos" else None
     host_disk_mib = diskimage.ensure(settings.state_dir, record.name, wanted) if diskimage.unavailable() is None else None
     paths.root.mkdir(mode=0o711, parents=True, exist_ok=True)
     claim_dir(paths.root, record.name, record.owner_uid)  # kept data stays its owner's
