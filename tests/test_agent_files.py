@@ -14,19 +14,21 @@ import stat
 import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mcp import Client
 
 from sandbox_mcp import agentfiles
-from sandbox_mcp.config import Settings
+from sandbox_mcp.config import IncusSettings, Settings
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import AGENT_GID, agent_uid_for, cid_for, mac_for
+from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.server import build_server
 
-from .conftest import destroy_all
+from .conftest import destroy_all, e2e_skip_reason
 from .test_e2e import Session
 
 pytestmark = [pytest.mark.anyio]
@@ -148,3 +150,47 @@ def test_kept_data_of_the_owner_stays_the_owners(tmp_path: Path) -> None:
     assert agentfiles.files_identity(owner_only, record, tmp_path / "new") == (settings.user_uid, settings.user_uid)
     nixos = record.model_copy(update={"runtime": "nixos"})  # the module's setup unit owns those shares
     assert agentfiles.files_identity(settings, nixos, tmp_path / "new") == (settings.user_uid, settings.user_uid)
+
+
+@pytest.fixture(scope="module")
+def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
+    reason = e2e_skip_reason() or incus_daemon.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    daemon = incus_daemon.start()
+    try:
+        yield daemon
+    finally:
+        try:
+            daemon.cleanup_instances()
+        finally:
+            daemon.stop()
+            incus_daemon.remove(daemon)
+
+
+@pytest.mark.e2e
+async def test_an_incus_share_maps_the_agents_own_uid(incusd: incus_daemon.PrivateIncusd,
+                                                      session: tuple[Session, Settings]) -> None:
+    """Incus maps the share's owner on disk like the other types: the agent's uid, and nothing else."""
+    _, own = session
+    own = own.model_copy(update={"incus": IncusSettings(socket=incusd.socket), "boot_timeout_s": 90})
+    home = own.state_dir.parent / "home"
+    home.mkdir(mode=0o777)
+    home.chmod(0o777)
+    try:
+        async with Client(build_server(own)) as client:
+            s = Session(client)
+            ws = await s.call("create_workspace", name="ai", type="incus")
+            host_dir, agent = Path(ws["host_workspace_dir"]), agent_uid_for("ai")
+            r = await s.call("exec", name="ai", command="git init -q && echo hi > f && sudo -n touch by-root; "
+                                                         "ls -n f | cut -d' ' -f3-4")
+            assert r["stdout"].split() == ["1000", "1000"], r  # the workspace user's, inside
+            assert (host_dir / "f").stat().st_uid == agent and (host_dir / "f").stat().st_gid == AGENT_GID
+            assert not (host_dir / "by-root").exists()  # root inside has no id on the share
+            owner = own.user_uid
+            assert as_uid(owner, "cat", str(host_dir / "f"), home=home).stdout == "hi\n"
+            done = as_uid(owner, "git", "-C", str(host_dir), "status", home=home)
+            assert done.returncode != 0 and "dubious ownership" in done.stderr, done.stderr
+    finally:
+        async with WorkspaceManager(own) as m:
+            await destroy_all(m)
