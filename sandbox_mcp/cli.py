@@ -632,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
     s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--host-disk", choices=("only", "no"), default="no",
+                   help="what HOST_DISK_MIB costs: create -> first exec and a 64 MiB write, with and without it")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.set_defaults(fn=_cmd_bench)

@@ -151,6 +151,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     snapshots_mode = getattr(args, "snapshots", "no")
     if snapshots_mode == "only":
         return await _snapshots(bench_settings, args, state)
+    if getattr(args, "host_disk", "no") == "only":
+        return await _host_disk(bench_settings, args, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -335,6 +337,20 @@ async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) 
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     print(format_snapshots(results))
+    print(json.dumps(results))
+    return 0
+
+
+async def _host_disk(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The host-disk section (:mod:`.hostdisk`) in its own state dirs; the bridge removed after."""
+    from .hostdisk import format_host_disk, run_host_disk
+
+    try:
+        results = await run_host_disk(settings, state, max(1, args.runs))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_host_disk(results))
     print(json.dumps(results))
     return 0
 
