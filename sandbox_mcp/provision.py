@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from . import agentfiles, diskimage, onboarding, ssh
+from . import agentfiles, claude_workspace, diskimage, ssh
 from .config import Settings
 from .fsutil import own_dir
 from .identity import host_identity
@@ -66,10 +66,10 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     agentfiles.prepare_share(paths.workspace, (uid, gid), owner_uid)
     fingerprint = ssh.ensure_host_key(paths.host_key)
     ssh.write_authorized_keys(paths.authorized_keys, authorized)
-    credentials = onboarding.host_credentials_file(Path.home())
-    onboarding.seed_claude_config(
+    credentials = claude_workspace.host_credentials_file(Path.home())
+    claude_workspace.seed_claude_config(
         paths.claude_config,
-        workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
+        workspace_dir_inside=claude_workspace.workspace_dir_inside(record.user),
         uid=uid,
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,

@@ -21,7 +21,7 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp import agentfiles
-from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp.config import Settings
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import AGENT_GID, agent_uid_for, cid_for, mac_for
@@ -173,7 +173,7 @@ async def test_an_incus_share_maps_the_agents_own_uid(incusd: incus_daemon.Priva
                                                       session: tuple[Session, Settings]) -> None:
     """Incus maps the share's owner on disk like the other types: the agent's uid, and nothing else."""
     _, own = session
-    own = own.model_copy(update={"incus": IncusSettings(socket=incusd.socket), "boot_timeout_s": 90})
+    own = own.model_copy(update={"boot_timeout_s": 90}).with_runtime("incus", socket=incusd.socket)
     home = own.state_dir.parent / "home"
     home.mkdir(mode=0o777)
     home.chmod(0o777)
