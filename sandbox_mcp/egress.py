@@ -16,7 +16,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+
+from .errors import InvalidSpec
 
 __all__ = [
     "MAX_DOMAINS",
@@ -24,10 +26,12 @@ __all__ = [
     "DomainPattern",
     "Egress",
     "allows",
+    "check_nat",
     "describe",
     "domains_of",
     "needs_outside",
     "normalise_name",
+    "parse",
 ]
 
 MAX_DOMAINS = 64  # entries in one workspace's list: a policy, not a hosts file
@@ -104,6 +108,24 @@ DomainList = Annotated[list[DomainPattern], Field(min_length=1, max_length=MAX_D
 Egress = Annotated[Literal["none", "internet"] | DomainList, BeforeValidator(_check_egress)]
 
 
+_ADAPTER: TypeAdapter[Any] | None = None
+
+
+def parse(value: Any) -> Egress:
+    """``value`` as a checked, normalised policy.
+
+    Raises:
+        InvalidSpec: what is wrong with it and what to send instead.
+    """
+    global _ADAPTER
+    if _ADAPTER is None:
+        _ADAPTER = TypeAdapter(Egress)
+    try:
+        return _ADAPTER.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidSpec("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+
+
 def domains_of(egress: Egress | bool) -> list[str] | None:
     """The domain list of an egress policy, or None when it is ``none``/``internet`` (or a bool: the old form)."""
     return list(egress) if isinstance(egress, list) else None
@@ -130,6 +152,21 @@ def allows(patterns: list[str] | tuple[str, ...] | frozenset[str], name: str) ->
         elif name == p:
             return True
     return False
+
+
+def check_nat(egress: Egress, nat: bool) -> None:
+    """Refuse a policy that reaches outside where the host has NAT off.
+
+    Raises:
+        InvalidSpec: the message says who turns it on and what to do meanwhile.
+    """
+    if needs_outside(egress) and not nat:
+        what = "egress='internet'" if egress == "internet" else "egress by domain list"
+        raise InvalidSpec(
+            f"{what} needs outbound NAT, which is off on this host; the host's owner turns it on "
+            "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
+            "list the packages you need in create_workspace's packages"
+        )
 
 
 def describe(egress: Egress) -> str:

@@ -43,6 +43,7 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
     "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
     "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
+    "set_egress": ("egress", {"name": "name", "egress": "egress"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
 # pinned key), not a subcommand each. Processes: people run them in `sandbox-mcp ssh NAME` (nohup,

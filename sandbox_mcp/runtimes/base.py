@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Settings
+from ..egress import Egress
 from ..errors import Unsupported
 from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
@@ -36,6 +37,7 @@ __all__ = [
     "RuntimeContext",
     "RuntimeState",
     "hosts_file",
+    "resolv_conf",
     "log_tail_lines",
     "no_progress",
 ]
@@ -64,6 +66,16 @@ def log_tail_lines(path: Path) -> list[str] | None:
 def hosts_file(name: str, host_ip: str) -> str:
     """/etc/hosts for the workspace: its own name resolves (sudo needs that), and so does the host."""
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
+
+
+def resolv_conf(egress: Egress, host_ip: str) -> str:
+    """/etc/resolv.conf for the workspace: with a domain list, the egress resolver on the bridge (its DNS to any
+    address goes there anyway); otherwise the host's own resolvers, as the image had them."""
+    if isinstance(egress, list):
+        return f"# sandbox-mcp: the egress resolver (answers the names on this workspace's list)\nnameserver {host_ip}\n"
+    from ..hostnet.firewall import host_nameservers
+
+    return "".join(f"nameserver {a}\n" for a in host_nameservers()) or f"nameserver {host_ip}\n"
 
 
 class Endpoint(NamedTuple):
@@ -295,6 +307,16 @@ class Runtime(ABC):
             BackendError: the copy failed.
         """
         raise self._cannot("snapshot a workspace's root filesystem")
+
+    async def set_egress(self, record: WorkspaceRecord) -> None:
+        """Apply ``record.egress`` (already validated with :meth:`validate`) to the running workspace at once,
+        without a restart; the manager records it afterwards (a stopped workspace gets it at its next start).
+
+        Raises:
+            Unsupported: this runtime cannot change a running workspace's network policy.
+            BackendError: the firewall or the resolver refused.
+        """
+        raise self._cannot("change the network policy of a running workspace")
 
     def root_base(self, record: WorkspaceRecord) -> str | None:
         """What a captured root layer applies to (the image key): kept with a snapshot, given back on restore."""
