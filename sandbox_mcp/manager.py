@@ -24,6 +24,7 @@ import anyio
 from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
 from . import egress as egress_policy
 from .config import Settings
+from .egress import Egress
 from .errors import (
     BackendError,
     CommandTimeout,
@@ -36,7 +37,6 @@ from .errors import (
     WorkspaceExists,
     clip_repr,
 )
-from .egress import Egress
 from .fsutil import async_file_lock, lock_is_held, own_dir
 from .models import (
     MAX_CPUS,

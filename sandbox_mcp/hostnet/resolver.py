@@ -308,8 +308,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment] - a datagram endpoint's transport
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(self.tasks) >= _MAX_INFLIGHT * 2:
@@ -363,7 +362,7 @@ def _supervise(config_path: Path) -> int:
     backoff = 0.2
     while not stopping:
         started = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", __name__, "--worker", str(config_path)])
+        child = subprocess.Popen([sys.executable, "-m", "sandbox_mcp.hostnet.resolver", "--worker", str(config_path)])
         child.wait()
         if stopping:
             break
