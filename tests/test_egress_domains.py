@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sandbox_mcp import supervise
@@ -155,7 +156,7 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             assert "203.0.113.13" in _set_elements(s, port)
             deadline = time.monotonic() + 10
             while "203.0.113.13" in _set_elements(s, port) and time.monotonic() < deadline:
-                time.sleep(0.5)
+                await anyio.sleep(0.5)
             assert "203.0.113.13" not in _set_elements(s, port)
             assert await _get(m, "dom", "http://203.0.113.13/") == "failed"
 
@@ -199,7 +200,7 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             os.kill(workers[0], 9)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and await _resolves(m, "dom", "api.allowed.test") != "203.0.113.10":
-                time.sleep(0.2)
+                await anyio.sleep(0.2)
             assert await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10"
             assert service.process() == ref
         finally:
