@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,8 +153,9 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             # After the TTL (2 s) the address leaves the set, and a connection to it no longer opens.
             assert await _get(m, "dom", "http://short.allowed.test/") == "hello from 203.0.113.13"
             assert "203.0.113.13" in _set_elements(s, port)
-            deadline = time.monotonic() + 10
-            while "203.0.113.13" in _set_elements(s, port) and time.monotonic() < deadline:
+            for _ in range(20):  # the kernel drops it at expiry; polled, as nothing signals it
+                if "203.0.113.13" not in _set_elements(s, port):
+                    break
                 await anyio.sleep(0.5)
             assert "203.0.113.13" not in _set_elements(s, port)
             assert await _get(m, "dom", "http://203.0.113.13/") == "failed"
@@ -198,9 +198,10 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             workers = supervise.children(ref.pid)
             assert len(workers) == 1
             os.kill(workers[0], 9)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and await _resolves(m, "dom", "api.allowed.test") != "203.0.113.10":
-                await anyio.sleep(0.2)
+            for _ in range(60):
+                if await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10":
+                    break
+                await anyio.sleep(0.25)
             assert await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10"
             assert service.process() == ref
         finally:
