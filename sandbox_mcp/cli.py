@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--git-commits", type=int, default=100, help="commits fetch_workspace brings back")
     s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--egress", choices=("also", "only", "no"), default="also",
+                   help="the egress resolver's answer time against a direct query to a stand-in upstream")
+    s.add_argument("--dns-queries", type=int, default=200, help="queries per figure in the egress section")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.set_defaults(fn=_cmd_bench)
