@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from mcp import Client
 
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
@@ -25,6 +26,7 @@ from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.hostnet import egress_sets, firewall
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
+from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
 
@@ -174,8 +176,11 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             assert await _resolves(m, "dom", "web.other.test") == ""
             assert await _resolves(m, "dom", "www.allowed.test") == ""
             assert await _get(m, "dom", "http://api.allowed.test/") == "hello from 203.0.113.10"
-            # 'none', then 'internet' (NAT: the stand-in sees the host's address), then a list again.
-            await m.set_egress("dom", "none")
+            # 'none' through the MCP tool (a server of its own on the same state), then 'internet' (NAT), then
+            # a list again.
+            async with Client(build_server(s)) as client:
+                r = await client.call_tool("set_egress", {"name": "dom", "egress": "none"})
+                assert not r.is_error and r.structured_content["egress"] == "none", r.content
             assert await _get(m, "dom", "http://203.0.113.10/") == "failed"
             await m.set_egress("dom", "internet")
             assert await _get(m, "dom", "http://203.0.113.11/") == "hello from 203.0.113.11"
