@@ -69,14 +69,15 @@ def _write_temp(path: Path, data: bytes, mode: int, owner: tuple[int, int] | Non
     return tmp
 
 
-def write_in_place(path: Path, data: str) -> None:
+def write_in_place(path: Path, data: str, *, mode: int = 0o644) -> None:
     """Overwrite the file ``path`` keeping its inode, for a file bind-mounted into a workspace (a rename would
-    leave the bind on the old one). Never follows a symlink; a missing file is created 0644.
+    leave the bind on the old one) or read through a held fd. Never follows a symlink; a missing file is
+    created with ``mode``.
 
     Raises:
         OSError: it cannot be written (a symlink: ELOOP).
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         raw = data.encode()
         os.ftruncate(fd, 0)

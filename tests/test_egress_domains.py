@@ -202,6 +202,11 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             assert ref is not None
             workers = supervise.children(ref.pid)
             assert len(workers) == 1
+            # What parses the workspaces' DNS is not root: nobody, with CAP_NET_ADMIN alone (the sets), no way back.
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{workers[0]}/status").read_text().splitlines())
+            assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+            assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 1 << 12
+            assert status["NoNewPrivs"].strip() == "1"
             os.kill(workers[0], 9)
             for _ in range(60):
                 if await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10":

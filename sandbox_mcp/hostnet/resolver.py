@@ -20,7 +20,9 @@ when it changes (a stat per query), so a ``set_egress`` applies to the next quer
 
 Run as ``python -m sandbox_mcp.hostnet.resolver CONFIG``: a small supervisor that runs the worker
 (``--worker``) and starts it again if it dies (with a back-off); the worker dies with the supervisor
-(``PR_SET_PDEATHSIG``), so killing the supervisor leaves nothing behind. DNS wire format and upstream
+(``PR_SET_PDEATHSIG``), so killing the supervisor leaves nothing behind. The worker binds its sockets and
+opens the policy file as root, then becomes ``nobody`` holding only CAP_NET_ADMIN (for the sets; the
+bounding set and no_new_privs keep it so): what parses packets from workspaces is not root. DNS wire format and upstream
 queries are dnspython's; this module only decides.
 """
 
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +70,14 @@ _MAX_INFLIGHT_PER_SOURCE = 16
 _TCP_IDLE_S = 10.0
 _REFUSED_TYPES = {dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdatatype.IXFR}
 _PR_SET_PDEATHSIG = 1
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAP_NET_ADMIN = 12
+_CAP_LAST = 63  # past the kernel's last capability: dropping an unknown one just fails
+_CAPABILITY_VERSION_3 = 0x20080522
+_NOBODY = 65534
+_MAX_CONFIG = 8 << 20
 
 
 @dataclass
@@ -85,7 +96,11 @@ class ResolverConfig:
 
     @classmethod
     def load(cls, path: Path) -> ResolverConfig:
-        data = json.loads(path.read_text())
+        return cls.parse(path.read_bytes())
+
+    @classmethod
+    def parse(cls, raw: bytes) -> ResolverConfig:
+        data = json.loads(raw)
         data["upstreams"] = [(str(h), int(p)) for h, p in data.get("upstreams", [])]
         return cls(**data)
 
@@ -111,10 +126,12 @@ class _Bucket:
 class Resolver:
     """Answers workspace queries by their policies (see the module docstring). One per bridge."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, config_fd: int | None = None) -> None:
         self.config_path = config_path
+        self._fd = config_fd  # the worker's: it reads through an fd opened before it gave up root
         self._stamp: tuple[int, int] | None = None
-        self.config = self._reload()
+        self._raw: bytes | None = None
+        self.config = ResolverConfig.load(config_path) if config_fd is None else self._reload()
         self._buckets: dict[str, _Bucket] = {}
         self._inflight: dict[str, int] = {}
         self._tcp: dict[str, int] = {}
@@ -123,6 +140,15 @@ class Resolver:
         self._nft = _Libnftables()
 
     def _reload(self) -> ResolverConfig:
+        """The policy as the file has it now. Through the fd, the file is rewritten in place by the server:
+        the bytes are compared (a few KiB, no parse unless they changed; a half-written file is not valid
+        JSON, so it keeps the last good policy until the write is whole)."""
+        if self._fd is not None:
+            raw = os.pread(self._fd, min(os.fstat(self._fd).st_size, _MAX_CONFIG), 0)
+            if raw != self._raw:
+                self.config = ResolverConfig.parse(raw)
+                self._raw = raw
+            return self.config
         st = self.config_path.stat()
         stamp = (st.st_ino, st.st_mtime_ns)
         if stamp != self._stamp:
@@ -265,15 +291,26 @@ class Resolver:
 
     # -- transports -----------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Listen on UDP and TCP until cancelled."""
+    def bind(self) -> tuple[socket.socket, socket.socket]:
+        """The UDP and TCP sockets on the configured address (before privileges go: the port is below 1024)."""
+        cfg = self.config
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((cfg.listen, cfg.port))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((cfg.listen, cfg.port))
+        tcp.listen(64)
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        return udp, tcp
+
+    async def serve(self, udp: socket.socket, tcp: socket.socket) -> None:
+        """Answer on the sockets of :meth:`bind` until cancelled."""
         loop = asyncio.get_running_loop()
         cfg = self.config
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self), local_addr=(cfg.listen, cfg.port), reuse_port=False
-        )
-        server = await asyncio.start_server(self._tcp_client, cfg.listen, cfg.port, reuse_address=True, backlog=64)
-        log.warning("resolver listening on %s:%s (udp, tcp)", cfg.listen, cfg.port)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        server = await asyncio.start_server(self._tcp_client, sock=tcp)
+        log.warning("resolver listening on %s:%s (udp, tcp) as uid %s", cfg.listen, cfg.port, os.getuid())
         print("ready", flush=True)
         try:
             async with server:
@@ -375,12 +412,56 @@ def _find(message: dns.message.Message, name: dns.name.Name, rdtype: int) -> dns
 # -- the processes ------------------------------------------------------------------------------
 
 
+def _drop_privileges(libc: ctypes.CDLL) -> None:
+    """Become ``nobody`` holding CAP_NET_ADMIN alone (to update the sets), for good: what parses DNS from
+    workspaces must not be root. Before any thread exists (capabilities are per thread; threads made
+    later inherit these)."""
+    for cap in range(_CAP_LAST + 1):  # the bounding set: nothing else can be gained back, not by exec
+        if cap != _CAP_NET_ADMIN:
+            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_KEEPCAPS)")
+    os.setgroups([])
+    os.setresgid(_NOBODY, _NOBODY, _NOBODY)
+    os.setresuid(_NOBODY, _NOBODY, _NOBODY)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(1 << _CAP_NET_ADMIN, 1 << _CAP_NET_ADMIN, 0, 0, 0, 0)  # effective, permitted
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def _preload() -> None:
+    """Import now what would be imported on first use: as nobody the interpreter's own files may be out of
+    reach (a Python under /root), and a failed lazy import would fail every query after it."""
+    import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread's pool
+    import encodings.idna  # noqa: F401 - dnspython's names
+    import importlib
+    import pkgutil
+
+    import dns._asyncio_backend  # noqa: F401
+    import dns.asyncbackend
+    import dns.rdtypes.ANY
+    import dns.rdtypes.IN
+
+    dns.asyncbackend.get_backend("asyncio")
+    for package in (dns.rdtypes.ANY, dns.rdtypes.IN):  # every record type an upstream answer may carry
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+
+
 def _worker(config_path: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # gone with the supervisor, whatever kills it
+    fd = os.open(config_path, os.O_RDONLY | os.O_CLOEXEC)  # under root's 0700 dir: opened while still root
+    resolver = Resolver(config_path, fd)
+    udp, tcp = resolver.bind()
+    _preload()
+    _drop_privileges(libc)
+    # After the uid change, which clears it: gone with the supervisor, whatever kills it.
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         return
-    asyncio.run(Resolver(config_path).serve())
+    asyncio.run(resolver.serve(udp, tcp))
 
 
 def _supervise(config_path: Path) -> int:

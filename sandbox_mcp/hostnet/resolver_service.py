@@ -26,7 +26,7 @@ import anyio
 from .. import supervise
 from ..config import Settings, upstream_addresses
 from ..errors import BackendError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, write_in_place
 from .egress_sets import domain_set
 from .firewall import table_name
 
@@ -69,7 +69,8 @@ class ResolverService:
             "workspaces": workspaces,
         }
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.config_path, json.dumps(config, indent=1, sort_keys=True) + "\n")
+        # In place: the resolver, no longer root, reads it through the fd it opened at its start.
+        write_in_place(self.config_path, json.dumps(config, indent=1, sort_keys=True) + "\n", mode=0o600)
 
     async def set_policy(self, port: str, ip: str, domains: list[str] | None) -> None:
         """Record ``domains`` for the workspace behind ``port`` (None: it has no list any more), then start
