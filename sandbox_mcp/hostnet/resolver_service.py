@@ -79,9 +79,12 @@ class ResolverService:
         Raises:
             BackendError: the resolver did not start.
         """
-        current = {a: w for a, w in self.workspaces().items() if w.get("port") != port and a != ip}
+        before = self.workspaces()
+        current = {a: w for a, w in before.items() if w.get("port") != port and a != ip}
         if domains is not None:
             current[ip] = {"port": port, "set": domain_set(port), "domains": list(domains)}
+        elif current == before and not self.pid_path.exists():
+            return  # a workspace without a list going, with no resolver: the common stop costs a file read
         if current or self.config_path.exists():
             self._write(current)
         if current:
