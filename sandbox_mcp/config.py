@@ -13,6 +13,7 @@ into a section keep their old names (:data:`MOVED`: ``vm_cpus``, ``[incus]``, ``
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -34,7 +35,7 @@ from pydantic import (
 from .errors import InvalidSpec
 from .models import MAX_CPUS, MIN_MEMORY_MIB
 
-__all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name"]
+__all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name", "upstream_addresses"]
 
 ENV_PREFIX = "SANDBOX_MCP_"
 DEFAULT_CONFIG_FILE = Path("~/.config/sandbox-mcp/config.toml")
@@ -157,6 +158,32 @@ class Settings(BaseModel):
         description="Connections one workspace with egress may have open at once (new ones past it are dropped), "
         "so one workspace cannot fill the host's connection tracking table",
     )
+    egress_dns_upstreams: list[str] = Field(
+        default_factory=list,
+        description="Where the egress resolver (workspaces with a domain list) asks: IPv4 addresses, 'ADDR' or "
+        "'ADDR:PORT' (environment: comma-separated). Empty: the host's nameservers from /etc/resolv.conf",
+        examples=[["192.0.2.53", "198.51.100.53:5353"]],
+    )
+    egress_dns_port: int = Field(
+        default=53, ge=1, le=65535,
+        description="The port the egress resolver listens on, on the bridge's host address (workspaces' DNS to "
+        "any address on port 53 is redirected there); another port where something else holds 53 on it",
+    )
+    egress_ttl_min_s: int = Field(
+        default=5, ge=1, le=86400,
+        description="Shortest time an address a workspace's domain list resolved to stays allowed (seconds; "
+        "longer than the record's TTL when the TTL is shorter)",
+    )
+    egress_ttl_max_s: int = Field(
+        default=3600, ge=1, le=604800,
+        description="Longest time such an address stays allowed without being resolved again (seconds); the "
+        "TTLs the workspace sees are cut to it",
+    )
+    egress_dns_rate: float = Field(
+        default=50.0, gt=0, le=100000,
+        description="DNS queries per second one workspace may send the egress resolver (bursts of twice that); "
+        "past it the answer is REFUSED",
+    )
     uid_max_workspaces: int = Field(
         default=10, ge=1, description="Workspaces one user may have at once through the daemon (root: no limit)"
     )
@@ -273,6 +300,23 @@ class Settings(BaseModel):
                 raise ValueError(f"runtime_for_type must be a JSON object such as {{\"vm\": \"qemu\"}}: {exc}") from exc
         return v
 
+    @field_validator("egress_dns_upstreams", mode="before")
+    @classmethod
+    def _upstream_list(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            v = [p for p in v.replace(",", " ").split() if p]
+        if isinstance(v, list):
+            for item in v:
+                _split_upstream(str(item))
+        return v
+
+    @model_validator(mode="after")
+    def _ttl_bounds(self) -> Settings:
+        if self.egress_ttl_min_s > self.egress_ttl_max_s:
+            raise ValueError(f"egress_ttl_min_s ({self.egress_ttl_min_s}) is above egress_ttl_max_s "
+                             f"({self.egress_ttl_max_s})")
+        return self
+
     @field_validator("state_dir", "image_dir", "daemon_socket")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -297,6 +341,35 @@ class Settings(BaseModel):
     @property
     def registry_path(self) -> Path:
         return self.state_dir / "registry.json"
+
+
+def _split_upstream(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    """'ADDR' or 'ADDR:PORT' as (address, port); ValueError otherwise."""
+    host, _, port = text.partition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+        number = int(port) if port else 53
+    except ValueError:
+        raise ValueError(f"egress DNS upstream {text!r} is not 'ADDR' or 'ADDR:PORT' (an IPv4 address)") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"egress DNS upstream {text!r} has a port out of range")
+    return address, number
+
+
+def upstream_addresses(settings: Settings) -> list[tuple[ipaddress.IPv4Address, int]]:
+    """The egress resolver's upstreams: the setting, else the host's nameservers (loopback ones too: the
+    resolver runs on the host), never the resolver itself."""
+    if settings.egress_dns_upstreams:
+        found = [_split_upstream(u) for u in settings.egress_dns_upstreams]
+    else:
+        found = []
+        with contextlib.suppress(OSError):
+            for line in Path("/etc/resolv.conf").read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        found.append((ipaddress.IPv4Address(parts[1]), 53))
+    return [(a, p) for a, p in found if not (a == settings.host_ip and p == settings.egress_dns_port)]
 
 
 def moved_name(runtime: str, field: str) -> str | None:

@@ -34,7 +34,9 @@ from . import (
     snapshots,
     ssh,
 )
+from . import egress as egress_policy
 from .config import Settings
+from .egress import Egress
 from .errors import (
     BackendError,
     CommandTimeout,
@@ -1243,6 +1245,29 @@ class WorkspaceManager:
         if paths.root.is_dir():
             snapshots.recover_restore(paths)
             snapshots.SnapshotStore(paths, name).recover()
+
+    async def set_egress(self, name: str, egress: Egress, *, owner_uid: int | None = None) -> Workspace:
+        """Change a workspace's network policy: a running (or paused) one at once, without a restart; a stopped
+        one at its next start. ``egress`` is ``"none"``, ``"internet"`` or a list of domain names.
+
+        Raises:
+            InvalidSpec: a malformed policy, or one this host or runtime cannot give (nothing changed).
+            WorkspaceNotFound (also: another owner's), InvalidState (being created, started or stopped),
+            Unsupported (the runtime cannot change a running workspace's policy), BackendError.
+        """
+        policy = egress_policy.parse(egress)
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            runtime = self._runtime_of(record)
+            updated = record.model_copy(update={"egress": policy})
+            runtime.validate(updated)
+            if record.state in ("running", "paused"):
+                await runtime.set_egress(updated)
+            elif record.state not in ("stopped", "error"):
+                raise InvalidState(f"workspace {name!r} is {record.state}; try again once it is running or stopped")
+            await self.registry.put(updated)
+        return self.view(updated)
 
     async def pause(self, name: str, *, owner_uid: int | None = None) -> Workspace:
         """Freeze a running workspace: its processes stop where they are and keep their memory. Idempotent.

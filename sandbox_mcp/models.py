@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from .egress import Egress
+
 __all__ = [
     "BUILTIN_TYPES",
     "MAX_CPUS",
@@ -56,7 +58,6 @@ __all__ = [
 # a runtime from another package may add its own (see runtimes.known_types).
 WorkspaceType = str
 BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
-Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "paused", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
@@ -128,8 +129,11 @@ class CreateSpec(BaseModel):
         Field(
             description="Network access from inside: 'none' (the default) reaches nothing, not other "
             "workspaces, not the host, not the outside; 'internet' adds NAT to the outside (package "
-            "downloads, git clone) while private ranges, link-local and the host stay closed. "
-            "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
+            "downloads, git clone) while private ranges, link-local and the host stay closed; a list of "
+            "domain names (['pypi.org', '*.pythonhosted.org']) reaches only the addresses those names "
+            "resolve to (through the host's resolver, for their DNS TTL), every protocol, nothing else. "
+            "'internet' and lists work only where the host allows NAT (SANDBOX_MCP_NAT=true)",
+            examples=["none", "internet", ["pypi.org", "*.pythonhosted.org"]],
         ),
     ] = "none"
     cpus: Annotated[
@@ -292,7 +296,8 @@ class Workspace(BaseModel):
     ssh: SSHInfo
     packages: list[str] = Field(default_factory=list)
     egress: Egress = Field(
-        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges"
+        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges; "
+        "a list of domain names: only what those names resolve to (see set_egress)"
     )
     isolation: Isolation | None = Field(
         default=None, description="How the workspace is kept from the host: a microVM, or a container whose root "

@@ -617,6 +617,9 @@ def test_egress_is_recorded_for_the_module_to_enforce(tmp_path: Path) -> None:
     rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
     assert rt.registry_entry(_record(egress="internet"))["egress"] == "internet"
     assert rt.registry_entry(_record(egress="none"))["egress"] == "none"
+    # A domain list needs the egress resolver, which the module does not run: refused before anything changes.
+    with pytest.raises(InvalidSpec, match="not available in nixos mode"):
+        rt.validate(_record(egress=["pypi.org"]))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

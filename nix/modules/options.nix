@@ -52,7 +52,9 @@ let
             `none` reaches nothing outside, not even DNS; `internet` goes out through the host's
             NAT (needs {option}`sandboxed-workspace.network.nat`) and may ask DNS, but never
             private ranges, link-local (169.254.169.254), loopback, CGNAT or reserved space.
-            No workspace reaches another, nor any service of the host.
+            No workspace reaches another, nor any service of the host. The server's domain lists
+            (egress by domain, direct mode) are not available here: the module runs no egress
+            resolver, so this type refuses a list and the server refuses one in nixos mode.
           '';
         };
 

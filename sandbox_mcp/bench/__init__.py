@@ -20,6 +20,8 @@
 - pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec,
   and with ``--snapshot-vm`` a VM memory snapshot's save and restore against a disk snapshot's
   (:mod:`.snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
+- the egress resolver (:mod:`.egress`): its answer time for allowed (new and repeated) and refused
+  names against a direct query to the same stand-in upstream (``--egress only|no``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
@@ -53,6 +55,7 @@ from ..hostnet import HostNetwork
 from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
 from .capacity import format_capacity, run_capacity
+from .egress import format_egress, run_egress
 from .incus import format_incus, run_incus
 from .processes import format_processes, run_processes
 from .snapshots import format_snapshots, run_snapshots
@@ -154,6 +157,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return await _snapshots(bench_settings, args, state)
     if getattr(args, "host_disk", "no") == "only":
         return await _host_disk(bench_settings, args, state)
+    egress_mode = getattr(args, "egress", "no")
+    if egress_mode == "only":
+        return await _egress(bench_settings, args)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -253,6 +259,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await _git_section(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
     if snapshots_mode == "also":
         await _snapshots(bench_settings, args, state)
+    if egress_mode == "also":
+        await _egress(bench_settings, args)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -353,6 +361,19 @@ async def _host_disk(settings: Settings, args: argparse.Namespace, state: Path) 
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     print(format_host_disk(results))
+    return 0
+
+
+async def _egress(settings: Settings, args: argparse.Namespace) -> int:
+    """The egress resolver section (:mod:`.egress`) in a state dir of its own; the bridge removed after."""
+    state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
+    settings = settings.model_copy(update={"state_dir": state})
+    try:
+        results = await run_egress(settings, max(20, getattr(args, "dns_queries", 200)))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_egress(results))
     print(json.dumps(results))
     return 0
 

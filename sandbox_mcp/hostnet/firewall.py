@@ -231,10 +231,11 @@ def upgrade_script(bridge: str, present: str, *, max_connections: int = EGRESS_M
 
 
 def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool,
-                 owner: int | None = None) -> str:
+                 owner: int | None = None, mark: int | None = None) -> str:
     """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet;
     let host uid ``owner`` (besides root) connect to ``ip`` (tables with host access, see :func:`base_script`;
-    None: nobody but root there, and nothing to add where the tables have no host access).
+    None: nobody but root there, and nothing to add where the tables have no host access). ``mark`` marks the
+    port's packets with another value than egress's (a domain list: :mod:`.egress_sets`).
 
     Idempotent: the port's chains are flushed and refilled.
 
@@ -256,8 +257,8 @@ def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *,
         f"add rule bridge {t} {chain} ether type arp arp saddr ip != {ip} drop",
         f"add rule bridge {t} {chain} ether type != {{ ip, arp }} drop",
     ]
-    if egress:
-        lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
+    if egress or mark is not None:
+        lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK if mark is None else mark:#x}")
     lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
     if owner is not None:
         # Who on the host may connect to it: the chain accepts the owner; whatever returns is dropped.

@@ -301,6 +301,12 @@ class NixosRuntime(Runtime):
                 f"or type 'vm' or 'incus'"
             )
         validate_ip(record.ip, self.settings.subnet)
+        if isinstance(record.egress, list):
+            raise InvalidSpec(
+                "egress by domain list is not available in nixos mode: the NixOS module renders a fixed "
+                "policy at rebuild and runs no egress resolver. Use egress='internet' (where the host's module "
+                "has NAT on) or 'none', or a direct-mode server"
+            )
         # egress is data the module enforces per workspace (its network policy is direct mode's); a host
         # whose module has NAT off refuses "internet" at evaluation, and the rebuild's failure says so.
         limits = record.limits
