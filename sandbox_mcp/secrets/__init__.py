@@ -1,0 +1,20 @@
+"""Secrets a workspace can use but never read: placeholders inside, the values only in a host-side proxy.
+
+``settings`` (what the server's operator configures), ``rewrite`` (where a placeholder may become its
+value: pure), ``files`` (what the server tells the proxy), ``firewall`` (the proxy's port, open to
+workspaces with secrets), ``proxy`` (the proxy process: uvicorn in, httpcore out), ``service`` (what the
+manager calls).
+"""
+
+from .service import SecretsService, endpoint, workspace_environment
+from .settings import SecretName, SecretSpec, SecretsProxySettings, read_value
+
+__all__ = [
+    "SecretName",
+    "SecretSpec",
+    "SecretsProxySettings",
+    "SecretsService",
+    "endpoint",
+    "read_value",
+    "workspace_environment",
+]
