@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydantic import (
 
 from .errors import InvalidSpec
 from .models import MAX_CPUS, MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB
+from .secrets.settings import SECRET_NAME_PATTERN, SecretSpec, SecretsProxySettings
 
 __all__ = ["IncusSettings", "NixosSettings", "Settings", "load_settings"]
 
@@ -272,6 +274,12 @@ class Settings(BaseModel):
         "{vm = \"qemu\"} (a TOML table; in the environment, JSON). Two runtimes claiming a type without it "
         "stop the server at start-up",
     )
+    secrets: dict[str, SecretSpec] = Field(
+        default_factory=dict,
+        description="Secrets workspaces may use without reading them ([secrets.NAME] tables; in the environment, "
+        "SANDBOX_MCP_SECRETS as JSON): see sandbox_mcp.secrets.settings.SecretSpec and the README's Secrets section",
+    )
+    secrets_proxy: SecretsProxySettings = Field(default_factory=SecretsProxySettings)
     nixos: NixosSettings = Field(default_factory=NixosSettings)
     incus: IncusSettings = Field(default_factory=IncusSettings)
 
@@ -300,6 +308,24 @@ class Settings(BaseModel):
                 raise ValueError(f"runtime_for_type must be a JSON object such as {{\"vm\": \"qemu\"}}: {exc}") from exc
         return v
 
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets_json(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            try:
+                return json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"secrets must be a JSON object of secret tables: {exc}") from exc
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, SecretSpec]) -> dict[str, SecretSpec]:
+        bad = [n for n in v if not re.fullmatch(SECRET_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"secret names must match {SECRET_NAME_PATTERN}: {bad}")
+        return v
+
     @field_validator("state_dir", "image_dir", "daemon_socket")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -326,7 +352,7 @@ class Settings(BaseModel):
         return self.state_dir / "registry.json"
 
 
-_TABLES = ("nixos", "incus")  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
+_TABLES = ("nixos", "incus", "secrets_proxy")  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:

@@ -7,7 +7,7 @@ Blocking: the manager calls these from a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import onboarding, ssh
@@ -21,7 +21,8 @@ from .paths import WorkspacePaths
 __all__ = ["prepare_state_dirs"]
 
 
-def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> str:
+def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str],
+                       environment: Mapping[str, str] | None = None) -> str:
     """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
 
     Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
@@ -30,7 +31,8 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     reads nothing there, kept data included. The host key is made once and pinned; the Claude
     config is seeded as onboarding says, with the server's own Claude credentials only for a
     workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
-    would be root's). Returns the host key's fingerprint.
+    would be root's); ``environment`` (its secrets' placeholders, see sandbox_mcp.secrets) goes into that
+    config too. Returns the host key's fingerprint.
 
     Raises:
         Conflict: the directory is another user's kept data (see :func:`sandbox_mcp.ownership.claim_dir`).
@@ -55,5 +57,6 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
+    onboarding.seed_environment(paths.claude_config, environment or {}, uid=uid, gid=gid)
     return fingerprint
 

@@ -6,15 +6,8 @@ workspaces with secrets), ``proxy`` (the proxy process: uvicorn in, httpcore out
 manager calls).
 """
 
-from .service import SecretsService, endpoint, workspace_environment
+# Only the settings here: config.py imports them, and the service imports the network code, which
+# imports config (import sandbox_mcp.secrets.service for SecretsService).
 from .settings import SecretName, SecretSpec, SecretsProxySettings, read_value
 
-__all__ = [
-    "SecretName",
-    "SecretSpec",
-    "SecretsProxySettings",
-    "SecretsService",
-    "endpoint",
-    "read_value",
-    "workspace_environment",
-]
+__all__ = ["SecretName", "SecretSpec", "SecretsProxySettings", "read_value"]

@@ -147,6 +147,8 @@ class SecretsService:
         """The workspace at ``ip`` no longer uses the proxy; the proxy stops with the last one. Never raises
         for what is already gone."""
         had = self.paths.client(ip).exists()
+        if not had and not self.paths.process.exists():
+            return  # the common case: a workspace without secrets
         await anyio.to_thread.run_sync(self.paths.remove_client, ip)
         if had:
             with contextlib.suppress(SandboxError):
@@ -168,6 +170,7 @@ class SecretsService:
                 print(f"sandbox-mcp: secrets proxy for {name}: {exc}", file=sys.stderr)
         if not want:
             await self.stop_proxy()
+            await supervise.kill_tagged(self._tag)  # one a killed server never recorded
 
     async def _firewall(self, ip: str, *, open_: bool) -> None:
         bridge = self.settings.bridge
@@ -236,7 +239,7 @@ class SecretsService:
 
     async def stop_proxy(self) -> None:
         """End the proxy (and any worker of it) if it runs."""
-        if self.paths.process.exists() or supervise.tagged(self._tag):
+        if self.paths.process.exists():
             async with async_file_lock(self.paths.root / "lock"):
                 await self._stop(self._running())
 
