@@ -682,8 +682,8 @@ class WorkspaceManager:
         return record
 
     async def _provision_secrets(self, record: WorkspaceRecord) -> None:
-        """Write the workspace's placeholders and git configuration inside (as root, through sudo), then drop
-        the pooled connection so every later session starts with them (pam_env reads /etc/environment).
+        """Write the workspace's placeholders and git configuration inside (as root, through sudo), then
+        reconnect: sshd was reloaded with them, and every later session starts with them.
 
         Raises:
             SSHError: the script failed or the workspace could not be reached.
@@ -694,6 +694,7 @@ class WorkspaceManager:
         result = await self.ssh.exec(self._target(record), "sudo -n sh -c " + shlex.quote(script), timeout_s=60)
         check_script_result(result.exit_code, result.stderr)
         await self.ssh.drop(record.name)
+        await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
 
     async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
         """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.

@@ -83,6 +83,21 @@ async def _sh(client: Client, command: str) -> dict[str, Any]:
     return await _call(client, "exec", name="sec", command=command, timeout_s=60)
 
 
+SEARCH = (
+    "sudo -n bash -c 'n=$(cat); for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; "
+    "do tr \"\\0\" \"\\n\" < $f; done 2>/dev/null | grep -cFf <(printf \"%s\\n\" \"$n\"); "
+    "grep -rlsFf <(printf \"%s\\n\" \"$n\") /etc /home /root /tmp /var /run /usr/local /opt; "
+    "journalctl --no-pager -q | grep -cFf <(printf \"%s\\n\" \"$n\")'"
+)
+
+
+async def _search(client: Client, needles: Any) -> tuple[int, list[str], int]:
+    """Inside "sec", as root: (environ/cmdline lines, files, journal lines) holding any of ``needles``."""
+    r = await _call(client, "exec", name="sec", command=SEARCH, stdin="\n".join(needles) + "\n", timeout_s=120)
+    lines = r["stdout"].split()
+    return int(lines[0]), lines[1:-1], int(lines[-1])
+
+
 def _proxy_worker(ref: supervise.ProcessRef) -> int | None:
     kids = supervise.children(ref.pid)
     return kids[0] if kids else None
@@ -91,7 +106,7 @@ def _proxy_worker(ref: supervise.ProcessRef) -> int | None:
 async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
     settings: Settings, tmp_path: Path, net: Internet, values: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="sandbox_mcp")
     s = _settings(settings, tmp_path, net)
     proxy_url = f"http://{s.host_ip}:{s.secrets_proxy.port}"
     paths = s.state_dir / ".server" / "secrets-proxy"
@@ -154,12 +169,11 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
             assert not net.requests(EVIL)
 
             # The workspace holds placeholders only: every process's environment, its files, the Claude config.
-            needles = " ".join(f"-e {v}" for v in values.values())
-            r = await _sh(client, f"sudo -n sh -c 'cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null "
-                                  f"| tr \"\\0\" \"\\n\" | grep -cF {needles}; "
-                                  f"grep -rlsF {needles} /etc /home /root /tmp /var /run /usr/local /opt; "
-                                  "journalctl --no-pager -q | grep -cF " + needles + "'")
-            assert r["stdout"].split() == ["0", "0"], r  # no environ, no file, no journal line holds a value
+            # The values go in on stdin, into a shell variable: never in a command line, an environment or a file.
+            # The same search for the placeholders shows it finds what is there.
+            assert await _search(client, values.values()) == (0, [], 0)
+            found = await _search(client, placeholders.values())
+            assert found[0] > 0 and "/etc/environment" in found[1], found
             r = await _sh(client, "sudo -n sh -c 'cat /proc/[0-9]*/environ 2>/dev/null' | tr '\\0' '\\n' "
                                   "| grep -c ^ANTHROPIC_API_KEY=")
             assert int(r["stdout"]) >= 1, r  # the placeholder is there, in the processes' environment

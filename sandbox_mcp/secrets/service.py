@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import anyio
 
-from .. import supervise
+from .. import onboarding, supervise
 from ..errors import AccessDenied, BackendError, InvalidSpec, SandboxError, SSHError
 from ..fsutil import async_file_lock, atomic_write
 from ..hostnet import firewall as policy
@@ -35,6 +35,7 @@ __all__ = ["GITCONFIG_INSIDE", "SecretsService", "check_script_result", "endpoin
 _BEGIN = "# BEGIN sandbox-mcp secrets"
 _END = "# END sandbox-mcp secrets"
 GITCONFIG_INSIDE = "/etc/sandbox-mcp/secrets.gitconfig"
+SSHD_DROP_IN_INSIDE = "/etc/ssh/sshd_config.d/05-sandbox-mcp-secrets.conf"
 _READY_TIMEOUT_S = 15.0
 
 
@@ -256,6 +257,10 @@ class SecretsService:
             return None
         env = workspace_environment(self.specs, known, self.settings.host_ip, self.proxy.port)
         block = "\n".join([_BEGIN, *(f"{k}={v}" for k, v in env.items()), _END]) + "\n"
+        # sshd runs without PAM and takes a session's environment from SetEnv, whose first line wins whole:
+        # this drop-in sorts before the image's and repeats its variables.
+        base = onboarding.environment_lines(self.settings.user)
+        setenv = "SetEnv " + " ".join([*base, *(f"{k}={v}" for k, v in env.items())]) + "\n"
         git = _gitconfig(self.specs, known, self.settings.host_ip, self.proxy.port)
         b64 = base64.b64encode
         return "\n".join([
@@ -265,6 +270,9 @@ class SecretsService:
             f"sed -i '/^{_BEGIN}$/,/^{_END}$/d' /etc/environment",
             f"printf %s {b64(block.encode()).decode()} | base64 -d >> /etc/environment",
             f"printf %s {b64(git.encode()).decode()} | base64 -d > {GITCONFIG_INSIDE}",
+            f"printf %s {b64(setenv.encode()).decode()} | base64 -d > {SSHD_DROP_IN_INSIDE}",
+            "sshd -t",
+            "systemctl reload ssh.service",
             f"git config --system --get-all include.path | grep -qxF {GITCONFIG_INSIDE} || "
             f"git config --system --add include.path {GITCONFIG_INSIDE}",
         ])
