@@ -533,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
+    s.add_argument("--secrets", choices=("also", "only", "no"), default="also",
+                   help="the secrets proxy's added latency and throughput against direct HTTPS (on loopback)")
+    s.add_argument("--secrets-requests", type=int, default=300, help="small requests each way (secrets section)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")
