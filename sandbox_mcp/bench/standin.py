@@ -107,6 +107,7 @@ sys.stdin.read()
 
 def certificates(directory: Path, names: Sequence[str], ips: Sequence[str] = ()) -> tuple[Path, Path, Path]:
     """A CA, and a server certificate it signed for ``names`` (and ``ips``): (ca, cert, key) PEM files."""
+    directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandbox-mcp test internet CA")])

@@ -170,6 +170,11 @@ class ProxyApp:
             await _reply(send, 403, f"no secret of this workspace goes to {host_text!r}; endpoints: "
                                     f"{', '.join(sorted(client.hosts))}\n")
             return
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(raw) > self.s.max_header_bytes:
+            # h11 bounds a head that arrives in pieces; one that came whole is measured here.
+            _log("refused", **fields, reason="request head too large")
+            await _reply(send, 431, f"request head larger than {self.s.max_header_bytes} bytes\n")
+            return
         share = self._share(peer)
         if not share.take(self.s.rate_per_s, self.s.burst):
             _log("limited", **fields, reason="rate")
