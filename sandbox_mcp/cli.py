@@ -198,6 +198,57 @@ def _cmd_exec(args: argparse.Namespace, settings: Settings) -> int:
     return anyio.run(_with_manager, settings, run)
 
 
+def _cmd_start_process(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    env = dict(pair.split("=", 1) for pair in args.env) or None
+
+    async def run(m: Workspaces) -> int:
+        _dump(await m.start_process(args.name, command, args.cwd, env, args.process_id))
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _cmd_process_output(args: argparse.Namespace, settings: Settings) -> int:
+    """The output from ``--cursor`` on, raw: stdout to stdout, stderr to stderr; ``--follow`` until it ends.
+
+    The process keeps running inside the workspace whatever happens here, so following it can be
+    stopped (Ctrl-C) and picked up again with the cursor printed at the end.
+    """
+
+    async def run(m: Workspaces) -> int:
+        cursor = args.cursor
+        while True:
+            out = await m.process_output(args.name, args.process_id, cursor, args.wait if not args.follow else 30,
+                                         args.max_bytes)  # fmt: skip
+            if out.dropped_bytes:
+                print(f"[sandbox-mcp: {out.dropped_bytes} bytes before this were no longer kept]", file=sys.stderr)
+            sys.stdout.write(out.stdout)
+            sys.stdout.flush()
+            sys.stderr.write(out.stderr)
+            cursor = out.next_cursor
+            if not args.follow or (not out.running and not out.more):
+                break
+        if not out.running:
+            how = f"exit code {out.exit_code}" if out.signal is None else f"signal {out.signal}"
+            print(f"[sandbox-mcp: ended, {how}]", file=sys.stderr)
+        print(f"[sandbox-mcp: next cursor {cursor}]", file=sys.stderr)
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
+
+
+def _cmd_wait_process(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(m: Workspaces) -> int:
+        result = await m.wait_process(args.name, args.process_id, args.until, args.timeout, args.cursor)
+        _dump(result)
+        return 0 if result.matched else 1
+
+    return anyio.run(_with_manager, settings, run)
+
+
 def _env_pair(text: str) -> str:
     if "=" not in text or text.startswith("="):
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
@@ -439,6 +490,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-e", "--env", action="append", default=[], type=_env_pair, metavar="KEY=VALUE",
                    help="environment variable for the command (repeatable)")
     s.set_defaults(fn=_cmd_exec)
+
+    s = sub.add_parser("start-process", help="start a command in the background of a workspace (see ps, output)")
+    s.add_argument("name")
+    s.add_argument("command", nargs="+")
+    s.add_argument("--cwd")
+    s.add_argument("-e", "--env", action="append", default=[], type=_env_pair, metavar="KEY=VALUE",
+                   help="environment variable for the command (repeatable)")
+    s.add_argument("--id", dest="process_id", help="your name for it (default: one is made)")
+    s.set_defaults(fn=_cmd_start_process)
+
+    s = sub.add_parser("output", help="a background process's output (raw), from a cursor on")
+    s.add_argument("name")
+    s.add_argument("process_id")
+    s.add_argument("--cursor", type=int, default=0, help="where to start (the last call's next cursor)")
+    s.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for new output")
+    s.add_argument("--max-bytes", type=int, default=65536, help="at most this many bytes per read")
+    s.add_argument("-f", "--follow", action="store_true", help="keep reading until the process ends")
+    s.set_defaults(fn=_cmd_process_output)
+
+    s = sub.add_parser("wait-process", help="wait until a background process exits, listens or prints a line "
+                       "(exit status 1 when it did not)")
+    s.add_argument("name")
+    s.add_argument("process_id")
+    s.add_argument("--until", default="exit", help="exit, port:N or output:REGEX (default exit)")
+    s.add_argument("--timeout", type=float, default=60)
+    s.add_argument("--cursor", type=int, default=0, help="output:REGEX searches from here")
+    s.set_defaults(fn=_cmd_wait_process)
+
+    s = sub.add_parser("stop-process", help="stop a background process and what it started (signal, then KILL)")
+    s.add_argument("name")
+    s.add_argument("process_id")
+    s.add_argument("--signal", default="TERM", choices=["TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2"])
+    s.add_argument("--grace", dest="grace_s", type=float, default=5, help="seconds before KILL")
+    s.set_defaults(fn=_simple("stop_process", "process_id", "signal", "grace_s"))
+
+    s = sub.add_parser("ps", help="a workspace's background processes since it last started")
+    s.add_argument("name")
+    s.set_defaults(fn=_simple("list_processes"))
+
+    s = sub.add_parser("publish", help="reach a workspace's TCP port at 127.0.0.1:HOST_PORT (served by the "
+                       "daemon; not by a one-shot CLI in process)")
+    s.add_argument("name")
+    s.add_argument("port", type=int)
+    s.add_argument("--host-port", type=int, help="the host port (default: a free one)")
+    s.set_defaults(fn=_simple("publish_port", "port", "host_port"))
+
+    s = sub.add_parser("unpublish", help="close the host side of a published port")
+    s.add_argument("name")
+    s.add_argument("port", type=int)
+    s.set_defaults(fn=_simple("unpublish_port", "port"))
 
     s = sub.add_parser("ssh", help="interactive shell in a workspace (pinned host key)")
     s.add_argument("name")

@@ -43,13 +43,23 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
     "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
     "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
+    "start_process": ("start-process", {"name": "name", "command": "command", "cwd": "cwd", "env": "env",
+                                        "process_id": "process_id"}),
+    "process_output": ("output", {"name": "name", "process_id": "process_id", "cursor": "cursor", "wait_s": "wait",
+                                  "max_bytes": "max_bytes"}),
+    "wait_process": ("wait-process", {"name": "name", "process_id": "process_id", "until": "until",
+                                      "timeout_s": "timeout", "cursor": "cursor"}),
+    "stop_process": ("stop-process", {"name": "name", "process_id": "process_id", "signal": "signal",
+                                      "grace_s": "grace_s"}),
+    "list_processes": ("ps", {"name": "name"}),
+    # A published port lives in the process that listens: the daemon's CLI asks the daemon; a one-shot
+    # CLI in process says it cannot keep one.
+    "publish_port": ("publish", {"name": "name", "port": "port", "host_port": "host_port"}),
+    "unpublish_port": ("unpublish", {"name": "name", "port": "port"}),
 }
 # Tools people reach another way: the file tools through `sandbox-mcp ssh NAME` (or scp with the
-# pinned key), not a subcommand each. Processes: people run them in `sandbox-mcp ssh NAME` (nohup,
-# tmux). Ports: a published port lives in the process that listens (the daemon or a server), so a
-# one-shot CLI in process could not keep it; no subcommand yet for the daemon's.
-CLI_WITHOUT = {"read_file", "write_file", "list_dir", "start_process", "process_output", "wait_process",
-               "stop_process", "list_processes", "publish_port", "unpublish_port"}
+# pinned key), not a subcommand each.
+CLI_WITHOUT = {"read_file", "write_file", "list_dir"}
 
 
 def _table_rows() -> dict[str, str]:

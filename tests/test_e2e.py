@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import urllib.request
 import os
 import random
 import shutil
@@ -534,6 +535,28 @@ def test_cli_for_people(deployment: Deployment, settings: Settings) -> None:
             r = cli("ssh", "clitest", "hostname")
             assert r.stdout == "clitest\n"
         assert "Reached target" in cli("logs", "clitest", "-n", "500").stdout
+        # A background server: started, waited for, reached through a published port, read, stopped.
+        started = json.loads(cli("start-process", "clitest", "--id", "web", "-e", "WHO=people",
+                                 "echo hello $WHO; exec python3 -m http.server 8000").stdout)
+        assert started["process_id"] == "web"
+        assert json.loads(cli("wait-process", "clitest", "web", "--until", "port:8000").stdout)["matched"]
+        r = cli("wait-process", "clitest", "web", "--until", "output:never printed", "--timeout", "0.2", check=False)
+        assert r.returncode == 1 and not json.loads(r.stdout)["matched"]
+        assert [p["process_id"] for p in json.loads(cli("ps", "clitest").stdout)["processes"]] == ["web"]
+        published = cli("publish", "clitest", "8000", check=False)
+        if deployment.name == "daemon":  # the daemon keeps the listener; the test (root) may connect
+            url = json.loads(published.stdout)["url"]
+            with urllib.request.urlopen(url, timeout=30) as page:
+                assert page.status == 200
+            assert json.loads(cli("unpublish", "clitest", "8000").stdout)["published"] is False
+        else:  # a one-shot CLI in process could not keep a listener: it says so and publishes nothing
+            assert published.returncode == 2 and "does not forward ports" in published.stderr
+        out = cli("output", "clitest", "web")
+        assert out.stdout.startswith("hello people\n") and "[sandbox-mcp: next cursor" in out.stderr
+        stopped = json.loads(cli("stop-process", "clitest", "web", "--grace", "2").stdout)
+        assert stopped["running"] is False
+        followed = cli("output", "clitest", "web", "--follow")  # ended: follow returns at once
+        assert followed.stdout == out.stdout and "ended, signal TERM" in followed.stderr
         assert json.loads(cli("stop", "clitest").stdout)["state"] == "stopped"
         r = cli("exec", "clitest", "true", check=False)
         assert r.returncode == 2 and "start_workspace" in r.stderr

@@ -122,6 +122,21 @@ async def test_an_mcp_session_with_the_token(generated: HttpServer, tmp_path: Pa
         assert r.is_error and "list_workspaces" in r.content[0].text  # type: ignore[union-attr]
 
 
+async def test_sigint_ends_the_server_with_a_session_open(generated: HttpServer, tmp_path: Path) -> None:
+    """An open session (its event stream too) does not hold the server up: SIGINT, as Ctrl-C or a client
+    sends it, runs the lifespan's shutdown (the manager closes) and the process ends."""
+    token = (tmp_path / "state" / ".server" / "http-token").read_text().strip()
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+    async with http, Client(streamable_http_client(generated.url, http_client=http)) as client:
+        await client.list_tools()
+        generated.proc.send_signal(signal.SIGINT)
+        # A hang detector, not a timing: uvicorn's default waits for open requests for ever.
+        generated.proc.wait(60)
+    assert generated.proc.stderr is not None
+    log = generated.proc.stderr.read()
+    assert "Application shutdown complete" in log, log
+
+
 async def test_host_and_origin_are_checked(generated: HttpServer, tmp_path: Path) -> None:
     token = (tmp_path / "state" / ".server" / "http-token").read_text().strip()
     auth = {"Authorization": f"Bearer {token}"}
