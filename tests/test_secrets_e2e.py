@@ -208,8 +208,18 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
                                   '-H "x-api-key: $ANTHROPIC_API_KEY"')
             assert r["stdout"] == "200", r
 
+            # The proxy goes with the last running workspace that has secrets, and comes back with its start;
+            # a restarted workspace (a fresh root) gets its placeholders again.
+            await _call(client, "stop_workspace", name="sec")
+            assert not (paths / "process.json").exists() and not supervise.alive(again)
+            await _call(client, "start_workspace", name="sec")
+            r = await _sh(client, 'curl -sS -o /dev/null -w "%{http_code}" "$ANTHROPIC_BASE_URL/v1/models" '
+                                  '-H "x-api-key: $ANTHROPIC_API_KEY"')
+            assert r["stdout"] == "200", r
+            assert net.requests(ANTHROPIC)[-1]["headers"]["x-api-key"] == values["anthropic"]
+
             # No log holds a value: the proxy's, the server's (this process), the workspace's journal and console.
-            logs = (paths / "proxy.log").read_text() + (paths / "proxy.log.1").read_text()
+            logs = (paths / "proxy.log").read_text()
             assert '"event": "refused"' in logs and '"secret": "anthropic"' in logs
             console = (await _call(client, "workspace_logs", name="sec", lines=2000))["log"]
             for v in values.values():

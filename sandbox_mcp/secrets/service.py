@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ipaddress
+import os
 import secrets as token_source
 import socket
 import sys
@@ -212,12 +213,23 @@ class SecretsService:
                 return
             await supervise.kill_tagged(self._tag)  # a proxy whose PID was never recorded
             atomic_write(self.paths.config, config, mode=0o600)
-            with contextlib.suppress(OSError):
-                self.paths.log.replace(self.paths.log.with_name("proxy.log.1"))
-            argv = [sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(self.paths.root)]
-            ref = await anyio.to_thread.run_sync(lambda: supervise.spawn(argv, self.paths.log, tag=self._tag))
+            ref = await anyio.to_thread.run_sync(self._spawn)
             atomic_write(self.paths.process, ref.model_dump_json().encode(), mode=0o600)
             await self._wait_ready(ref)
+
+    def _spawn(self) -> supervise.ProcessRef:
+        """Start the proxy, its output appended to its log (kept across restarts; past the console log's
+        size the log starts afresh, the previous one kept as proxy.log.1)."""
+        log = self.paths.log
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > self.settings.console_log_mib << 20:
+                log.replace(log.with_name("proxy.log.1"))
+        argv = [sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(self.paths.root)]
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            return supervise.spawn(argv, log, tag=self._tag, stdout=fd)
+        finally:
+            os.close(fd)
 
     async def _wait_ready(self, ref: supervise.ProcessRef) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
