@@ -32,6 +32,23 @@ from .points import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
+CONNECTIONS = 6  # the proxy's per-workspace connection limit here
+PY_CONNECT = r"""
+import socket, sys
+held, refused = [], 0
+for _ in range(int(sys.argv[3])):
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        if not s.recv(100):
+            raise OSError("closed")
+        held.append(s)
+    except OSError:
+        refused += 1
+print(len(held), refused)
+"""
 PY_MESSAGES = r"""
 import json, os, urllib.request
 req = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", method="POST",
@@ -68,7 +85,7 @@ def _settings(settings: Settings, tmp_path: Path, net: Internet) -> Settings:
         "gittoken": SecretSpec(source=f"file:{tmp_path / 'gittoken'}", hosts=[GIT], send="basic", git=True,
                                env=["GIT_TOKEN"]),
     }
-    proxy = SecretsProxySettings(ca_bundle=net.ca, resolve=net.resolve)
+    proxy = SecretsProxySettings(ca_bundle=net.ca, resolve=net.resolve, max_connections=CONNECTIONS)
     return settings.model_copy(update={"secrets": specs, "secrets_proxy": proxy})
 
 
@@ -167,6 +184,10 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
             r = await _call(client, "exec", name="plain", command=f"curl -sS --max-time 3 {proxy_url}/{ANTHROPIC}/")
             assert r["exit_code"] != 0, r
             assert not net.requests(EVIL)
+
+            # At most CONNECTIONS of its connections are open at once; the firewall resets more.
+            r = await _sh(client, f"python3 -c '{PY_CONNECT}' {s.host_ip} {s.secrets_proxy.port} {CONNECTIONS + 3}")
+            assert r["stdout"].split() == [str(CONNECTIONS), "3"], r
 
             # The workspace holds placeholders only: every process's environment, its files, the Claude config.
             # The values go in on stdin, into a shell variable: never in a command line, an environment or a file.
