@@ -19,6 +19,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "BUILD_UID_BASE",
     "UID_RANGE",
+    "SECRETS_PROXY_UID",
     "VM_UID_BASE",
     "allocate_ip",
     "allocate_uid_base",
@@ -48,6 +49,8 @@ BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (ui
 # One range of single uids below the build's: a VM's qemu runs as one of them (never a container's range).
 VM_UID_BASE = BUILD_UID_BASE - UID_RANGE
 LAST_UID_BASE = VM_UID_BASE - UID_RANGE
+# The secrets proxy's worker (sandbox_mcp.secrets.proxy) runs as the VM range's last uid, never handed to a VM.
+SECRETS_PROXY_UID = VM_UID_BASE + UID_RANGE - 1
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
@@ -193,7 +196,7 @@ def allocate_uid_base(taken: Iterable[int]) -> int:
 
 
 def allocate_vm_uid(taken: Iterable[int]) -> int:
-    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65535``.
+    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65534`` (the last is the secrets proxy's).
 
     ``taken`` holds the uids of the registry's VMs and of qemu processes live on the host.
 
@@ -201,7 +204,7 @@ def allocate_vm_uid(taken: Iterable[int]) -> int:
         Conflict: all 65536 are taken.
     """
     used = set(taken)
-    for uid in range(VM_UID_BASE, VM_UID_BASE + UID_RANGE):
+    for uid in range(VM_UID_BASE, SECRETS_PROXY_UID):
         if uid not in used:
             return uid
     raise Conflict("no free uid left for a VM's qemu process; destroy unused VM workspaces")

@@ -9,12 +9,15 @@ certificate does not verify is not sent anything, and nothing it logs holds a va
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import httpx2 as httpx
 
+from sandbox_mcp import supervise
 from sandbox_mcp.bench.secrets import LoopbackProxy, loopback_proxy
 from sandbox_mcp.bench.standin import certificates
+from sandbox_mcp.naming import SECRETS_PROXY_UID
 
 
 def _get(lp: LoopbackProxy, path: str = "/v1/models", **headers: str) -> httpx.Response:
@@ -26,6 +29,11 @@ def test_values_bodies_and_refusals(tmp_path: Path):
     with loopback_proxy(tmp_path, bounds) as lp:
         r = _get(lp)
         assert r.status_code == 200 and "hello from the stand-in" in r.text
+        if os.geteuid() == 0:  # the worker, which parses what clients send, is not root and not dumpable
+            worker = supervise.children(lp.pid)[0]
+            uids = next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                        if line.startswith("Uid:")).split()[1:]
+            assert uids == [str(SECRETS_PROXY_UID)] * 4 and os.stat(f"/proc/{worker}/mem").st_uid == 0
         seen = lp.requests()
         assert seen[-1]["headers"]["authorization"] == f"Bearer {lp.value}"
         assert seen[-1]["headers"]["host"] == lp.host and seen[-1]["path"] == "/v1/models"

@@ -65,6 +65,7 @@ class LoopbackProxy:
     proxy_log: Path
     requests_log: Path
     paths: ProxyPaths
+    pid: int  # the supervisor's
 
     def requests(self) -> list[dict[str, Any]]:
         """What the stand-in received."""
@@ -106,7 +107,7 @@ def loopback_proxy(work: Path, proxy: dict[str, Any] | None = None, spec: dict[s
         _wait_listening(pp, proxy_proc, "the secrets proxy")
         yield LoopbackProxy(proxy_url=f"http://127.0.0.1:{pp}/{host}", direct_url=f"https://127.0.0.1:{up}",
                             host=host, ca=ca, placeholder=placeholder, value=value, proxy_log=paths.log,
-                            requests_log=requests_log, paths=paths)
+                            requests_log=requests_log, paths=paths, pid=proxy_proc.pid)
     finally:
         for proc in reversed(procs):  # the proxy first: SIGTERM ends its worker with it
             proc.terminate()

@@ -11,18 +11,27 @@ speaks to the upstreams; this module is the ASGI application between them. Per w
 address, which the firewall ties to its port) it keeps a token bucket (``rate_per_s``, ``burst``) and a
 slot count (``max_requests``); the firewall bounds its connections. Bodies are bounded both ways.
 
-The process started is a small supervisor that forks the worker and starts it again when it dies (the
-worker dies with it: PR_SET_PDEATHSIG). Its log says what was forwarded or refused; never a value (error
-texts are scrubbed of every value read, in case a library quotes a header).
+Two processes, privileges apart. The one started (root, like the server) binds the port, forks the
+worker and starts it again when it dies; it parses nothing a workspace sends. The worker, which does,
+drops to a uid of its own (``secrets_proxy.uid``: no groups, not dumpable, killed with its parent) right
+after fork, with everything it will import already loaded, and asks the supervisor over a socket pair for
+what only root may read: a workspace's client file, and a secret's value, only for a secret some
+current client file names. So a worker taken over by a request is an unprivileged process holding the
+values it is there to send, not root on the host. The log says what was forwarded or refused; never a
+value (error texts are scrubbed of every value read, in case a library quotes a header).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
+import selectors
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -42,6 +51,7 @@ from .settings import SecretsProxySettings, read_value, split_host
 __all__ = ["ProxyApp", "main"]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 
 
 def _log(event: str, **fields: Any) -> None:
@@ -93,37 +103,18 @@ class _TooLarge(Exception):
 class ProxyApp:
     """The ASGI application: one request from a workspace in, one to its upstream out."""
 
-    def __init__(self, paths: ProxyPaths, settings: SecretsProxySettings) -> None:
-        self.paths = paths
+    def __init__(self, keeper: _Keeper, settings: SecretsProxySettings) -> None:
+        self.keeper = keeper
         self.s = settings
         ctx = ssl.create_default_context(cafile=str(settings.ca_bundle) if settings.ca_bundle else None)
         self.pool = httpcore.AsyncConnectionPool(
             ssl_context=ctx, network_backend=_Resolving(settings.resolve), max_connections=512,
             max_keepalive_connections=64, keepalive_expiry=30,
         )
-        self._clients: dict[str, tuple[tuple[int, int], ClientFile]] = {}
         self._shares: dict[str, _Share] = {}
         self._values: set[str] = set()  # every value read, to scrub from error texts
 
     # The workspace ---------------------------------------------------------------------------------
-
-    def _client(self, ip: str) -> ClientFile | None:
-        path = self.paths.client(ip)
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError):
-            self._clients.pop(ip, None)
-            return None
-        key = (st.st_mtime_ns, st.st_size)
-        cached = self._clients.get(ip)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        try:
-            client = ClientFile.model_validate_json(path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        self._clients[ip] = (key, client)
-        return client
 
     def _share(self, ip: str) -> _Share:
         share = self._shares.get(ip)
@@ -131,10 +122,21 @@ class ProxyApp:
             share = self._shares[ip] = _Share(tokens=float(self.s.burst), slots=anyio.Semaphore(self.s.max_requests))
         return share
 
-    def _value(self, s: WorkspaceSecret) -> str:
-        value = read_value(s.name, s.spec)
-        self._values.add(value)
-        return value
+    async def _values_for(self, peer: str, host: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                          secrets: list[WorkspaceSecret]) -> dict[str, str]:
+        """The values the rewrite will put in, read now (from the supervisor): a first pass names them."""
+        wanted: list[str] = []
+
+        def note(s: WorkspaceSecret) -> str:
+            wanted.append(s.name)
+            return "x"
+
+        rewrite_headers(host, target, headers, secrets, note)  # raises Refused before anything is read
+        values = {}
+        for name in dict.fromkeys(wanted):
+            values[name] = await self.keeper.value(peer, name)
+            self._values.add(values[name])
+        return values
 
     def _scrub(self, text: str) -> str:
         for v in self._values:
@@ -155,7 +157,7 @@ class ProxyApp:
             return
         started = time.monotonic()
         peer = (scope.get("client") or ("?", 0))[0]
-        client = self._client(peer) if peer != "?" else None
+        client = await self.keeper.client(peer) if peer != "?" else None
         if client is None:
             _log("refused", peer=peer, reason="not a workspace with secrets")
             await _reply(send, 403, "this address is not a workspace with secrets\n")
@@ -183,7 +185,8 @@ class ProxyApp:
         secrets = [WorkspaceSecret(s.name, s.placeholder, s.spec) for s in client.secrets]
         async with share.slots:
             try:
-                headers = rewrite_headers(host_text, target, scope["headers"], secrets, self._value)
+                values = await self._values_for(peer, host_text, target, scope["headers"], secrets)
+                headers = rewrite_headers(host_text, target, scope["headers"], secrets, lambda s: values[s.name])
             except Refused as exc:
                 _log("refused", **fields, secret=exc.secret, reason=exc.reason)
                 await _reply(send, 403, f"refused by the sandbox secrets proxy: {exc.reason}\n")
@@ -265,24 +268,108 @@ async def _reply(send: Any, status: int, text: str, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
-def _serve(paths: ProxyPaths, config: ProxyConfig) -> None:
+class _Keeper:
+    """The worker's side of the socket pair: one JSON line out, one back, a request at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock: asyncio.Lock | None = None
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._streams is None:
+                self._streams = await asyncio.open_unix_connection(sock=self._sock, limit=_MAX_REPLY)
+            reader, writer = self._streams
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        if not line:
+            raise BackendError("the secrets proxy's supervisor is gone")
+        return json.loads(line)
+
+    async def client(self, ip: str) -> ClientFile | None:
+        reply = await self._ask({"op": "client", "ip": ip})
+        return ClientFile.model_validate(reply["client"]) if reply.get("client") else None
+
+    async def value(self, ip: str, secret: str) -> str:
+        reply = await self._ask({"op": "value", "ip": ip, "secret": secret})
+        if "value" not in reply:
+            raise BackendError(str(reply.get("error", "the secret could not be read")))
+        return str(reply["value"])
+
+
+_MAX_REPLY = 1 << 20
+_MAX_REQUEST = 4096
+
+
+def _answer(request: bytes, paths: ProxyPaths) -> dict[str, Any]:
+    """The supervisor's answer to one worker request: only what a current client file names."""
+    try:
+        r = json.loads(request)
+        ip = str(ipaddress.IPv4Address(r["ip"]))
+        path = paths.client(ip)
+        client = ClientFile.model_validate_json(path.read_bytes()) if path.exists() else None
+        if r["op"] == "client":
+            return {"client": client.model_dump(mode="json") if client else None}
+        if r["op"] == "value" and client is not None:
+            for secret in client.secrets:
+                if secret.name == r["secret"]:
+                    return {"value": read_value(secret.name, secret.spec)}
+        return {"error": "no such secret for this workspace"}
+    except BackendError as exc:
+        return {"error": str(exc)}
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return {"error": f"bad request: {type(exc).__name__}"}
+
+
+def _drop_privileges(uid: int) -> None:
+    """Become ``uid`` (its own group, no others), not dumpable (no ptrace, /proc/PID root's), killed with
+    the supervisor."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid: a change of credentials clears it
+
+
+def _worker(listener: socket.socket, channel: socket.socket, config: ProxyConfig, parent: int) -> None:
+    """The worker, in the forked child: load everything while still root, then drop and serve."""
+    import encodings.idna  # noqa: F401 - host names are encoded lazily; nothing is imported after the drop
+
     import uvicorn
 
     s = config.settings
-    server = uvicorn.Server(uvicorn.Config(
-        ProxyApp(paths, s), host=config.listen, port=s.port, http="h11", loop="asyncio", lifespan="on",
+    uconfig = uvicorn.Config(
+        ProxyApp(_Keeper(channel), s), http="h11", loop="asyncio", lifespan="on",
         access_log=False, server_header=False, date_header=False, proxy_headers=False, log_level="warning",
         h11_max_incomplete_event_size=s.max_header_bytes, limit_concurrency=max(64, 4 * s.max_connections),
         timeout_keep_alive=30, timeout_graceful_shutdown=3,
-    ))
-    server.run()
+    )
+    uconfig.load()  # imports the protocol, loop and lifespan modules now
+    server = uvicorn.Server(uconfig)
+    os.environ.clear()  # the server's environment (an env: secret) has no business here
+    if s.uid is not None and os.geteuid() == 0:  # (a proxy run by a user for a test has nothing to drop)
+        _drop_privileges(s.uid)
+    if os.getppid() != parent:
+        os._exit(1)
+    asyncio.run(server.serve(sockets=[listener]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Supervise the worker: fork it, and fork it again when it dies, until SIGTERM or SIGINT."""
+    """The supervisor: bind, fork the worker (again when it dies), answer its requests, until SIGTERM/SIGINT."""
     argv = sys.argv[1:] if argv is None else argv
     paths = ProxyPaths(Path(argv[0]))
     config = ProxyConfig.model_validate_json(paths.config.read_bytes())
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted sockets only when their proto says TCP (0 would
+    # leave Nagle on: a response's head and body 40 ms apart against the client's delayed ACK).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((config.listen, config.settings.port))
+    listener.listen(1024)
     stopping = False
     child = 0
 
@@ -299,23 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     backoff = 0.2
     while not stopping:
         started = time.monotonic()
+        ours, theirs = socket.socketpair()
         child = os.fork()
         if child == 0:
+            ours.close()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
             try:
-                _serve(paths, config)
+                _worker(listener, theirs, config, parent)
             finally:
                 os._exit(0)
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
+        theirs.close()
+        status = _supervise(child, ours, paths)
+        ours.close()
         child = 0
         if stopping:
             break
@@ -323,6 +406,40 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(backoff)
         backoff = 0.2 if time.monotonic() - started > 10 else min(backoff * 2, 5.0)
     return 0
+
+
+def _supervise(child: int, channel: socket.socket, paths: ProxyPaths) -> int:
+    """Answer the worker until it exits; its wait status."""
+    buffer = b""
+    channel.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(channel, selectors.EVENT_READ)
+        while True:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                return status
+            if not sel.select(timeout=0.2):
+                continue
+            try:
+                data = channel.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the worker closed its end: wait for it to go
+                sel.unregister(channel)
+                return os.waitpid(child, 0)[1]
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                reply = json.dumps(_answer(line, paths)).encode() + b"\n"
+                channel.setblocking(True)
+                channel.sendall(reply)
+                channel.setblocking(False)
+            if len(buffer) > _MAX_REQUEST:  # a worker gone wrong: start a fresh one
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+                buffer = b""
 
 
 if __name__ == "__main__":

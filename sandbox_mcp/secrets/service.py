@@ -217,6 +217,13 @@ class SecretsService:
             atomic_write(self.paths.process, ref.model_dump_json().encode(), mode=0o600)
             await self._wait_ready(ref)
 
+    def _proxy_environment(self) -> dict[str, str]:
+        """What the proxy inherits: the variables its env: sources name, and what Python needs; not the rest
+        of the server's environment (its HTTP token, other credentials)."""
+        names = {spec.source[4:] for spec in self.specs.values() if spec.source.startswith("env:")}
+        keep = names | {"PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+        return {k: v for k, v in os.environ.items() if k in keep}
+
     def _spawn(self) -> supervise.ProcessRef:
         """Start the proxy, its output appended to its log (kept across restarts; past the console log's
         size the log starts afresh, the previous one kept as proxy.log.1)."""
@@ -227,7 +234,7 @@ class SecretsService:
         argv = [sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(self.paths.root)]
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            return supervise.spawn(argv, log, tag=self._tag, stdout=fd)
+            return supervise.spawn(argv, log, env=self._proxy_environment(), tag=self._tag, stdout=fd)
         finally:
             os.close(fd)
 

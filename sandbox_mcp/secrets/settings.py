@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import BackendError
+from ..naming import SECRETS_PROXY_UID
 
 __all__ = [
     "SECRET_NAME_PATTERN",
@@ -157,6 +158,11 @@ class SecretsProxySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     port: int = Field(default=3129, ge=1, le=65535, description="Its port on the bridge's host address")
+    uid: int | None = Field(
+        default=SECRETS_PROXY_UID, ge=1, lt=2**31,
+        description="The uid (and gid) the proxy's worker, which parses what workspaces send, runs as: a uid of "
+        "its own, no files of its own; null keeps it root (for hosts where that uid cannot be used)",
+    )
     max_connections: int = Field(
         default=64, ge=1, le=4096,
         description="Connections one workspace may have open to the proxy at once (more are reset by the firewall)",
