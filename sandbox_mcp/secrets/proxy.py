@@ -195,7 +195,21 @@ class ProxyApp:
                 _log("error", **fields, reason=str(exc))
                 await _reply(send, 502, f"{exc}\n")
                 return
-            status, sent = await self._forward(scope, receive, send, host_text, target, headers)
+            began = False
+
+            async def tracked(message: dict[str, Any]) -> None:
+                nonlocal began
+                began = True
+                await send(message)
+
+            try:
+                status, sent = await self._forward(scope, receive, tracked, host_text, target, headers)
+            except Exception as exc:  # noqa: BLE001 - never let a library's text (a header?) reach uvicorn's log
+                if not isinstance(exc, _TooLarge):
+                    _log("error", **fields, reason=self._scrub(f"{type(exc).__name__}: {exc}"))
+                if not began:
+                    await _reply(send, 502, "the secrets proxy could not relay this request\n")
+                return  # a response begun and not finished: uvicorn closes the connection
         _log("forwarded", **fields, status=status, response_bytes=sent, ms=round((time.monotonic() - started) * 1000))
 
     async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, host: str, target: bytes,
@@ -234,12 +248,9 @@ class ProxyApp:
                 sent += len(chunk)
                 if sent > self.s.max_response_bytes:
                     _log("cut", host=host, reason=f"response past {self.s.max_response_bytes} bytes")
-                    raise _TooLarge  # uvicorn closes the connection: the client sees a cut response
+                    raise _TooLarge  # the connection is closed: the client sees a cut response
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as exc:
-            _log("upstream-error", host=host, reason=self._scrub(f"{type(exc).__name__}: {exc}"))
-            raise
         finally:
             await response.aclose()
         return response.status, sent
