@@ -102,11 +102,16 @@ class _Status:
         return False
 
 
-def test_rate_limit_per_workspace(tmp_path: Path):
-    with loopback_proxy(tmp_path, {"rate_per_s": 0.01, "burst": 3}) as lp:
+def test_rate_limit_per_workspace_and_a_bounded_log(tmp_path: Path):
+    with loopback_proxy(tmp_path, {"rate_per_s": 0.01, "burst": 3}, log_max_bytes=400) as lp:
         codes = [_get(lp).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         assert len(lp.requests()) == 3
+        logs = [lp.proxy_log, lp.proxy_log.with_name("proxy.log.1")]
+        # Moved aside past 400 bytes: the two files hold the last lines, neither grows past the bound
+        # by more than one write.
+        assert all(p.stat().st_size < 400 + 4096 for p in logs)
+        assert '"event": "limited"' in "".join(p.read_text() for p in logs)
 
 
 def test_upstream_tls_is_verified(tmp_path: Path):

@@ -75,7 +75,7 @@ class LoopbackProxy:
 
 @contextlib.contextmanager
 def loopback_proxy(work: Path, proxy: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
-                   ca_bundle: Path | None = None) -> Iterator[LoopbackProxy]:
+                   ca_bundle: Path | None = None, log_max_bytes: int = 16 << 20) -> Iterator[LoopbackProxy]:
     """Start the stand-in and the proxy (its settings updated with ``proxy``, the secret's with ``spec``;
     ``ca_bundle`` replaces the stand-in's CA as what upstreams are verified against); both end afterwards."""
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ def loopback_proxy(work: Path, proxy: dict[str, Any] | None = None, spec: dict[s
     paths.make()
     settings = SecretsProxySettings(port=pp, ca_bundle=ca_bundle or ca, resolve={NAME: "127.0.0.1"},
                                     **{"rate_per_s": 100000, "burst": 100000, **(proxy or {})})
-    paths.config.write_text(ProxyConfig(listen="127.0.0.1", settings=settings).model_dump_json())
+    paths.config.write_text(ProxyConfig(listen="127.0.0.1", settings=settings,
+                                        log_max_bytes=log_max_bytes).model_dump_json())
     secret = SecretSpec(source=f"env:{VALUE_ENV}", hosts=[host], **{"send": "bearer", **(spec or {})})
     paths.write_client("127.0.0.1", ClientFile(workspace="bench", secrets=[
         ClientSecret(name="bench", placeholder=placeholder, spec=secret)]))

@@ -26,6 +26,7 @@ class ProxyConfig(BaseModel):
 
     listen: str
     settings: SecretsProxySettings
+    log_max_bytes: int = 16 << 20
 
 
 class ClientSecret(BaseModel):

@@ -398,9 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping:
         started = time.monotonic()
         ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
         child = os.fork()
         if child == 0:
             ours.close()
+            os.close(out_r)
+            os.dup2(out_w, 1)  # its log lines go through the supervisor, which bounds the file
+            os.dup2(out_w, 2)
+            os.close(out_w)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             try:
@@ -408,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os._exit(0)
         theirs.close()
-        status = _supervise(child, ours, paths)
+        os.close(out_w)
+        status = _supervise(child, ours, out_r, paths, config.log_max_bytes)
         ours.close()
+        os.close(out_r)
         child = 0
         if stopping:
             break
@@ -419,17 +426,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _supervise(child: int, channel: socket.socket, paths: ProxyPaths) -> int:
-    """Answer the worker until it exits; its wait status."""
+def _copy_log(out: int, paths: ProxyPaths, log_max_bytes: int) -> None:
+    """Move what the worker wrote to our stdout (the log, opened for appending); past ``log_max_bytes`` the
+    log is moved to proxy.log.1 and a new one begun, so it never grows without bound."""
+    try:
+        data = os.read(out, 65536)
+    except (BlockingIOError, InterruptedError):
+        return
+    if data:
+        os.write(1, data)
+        if os.fstat(1).st_size > log_max_bytes:
+            with contextlib.suppress(OSError):
+                os.replace(paths.log, paths.log.with_name("proxy.log.1"))
+                fresh = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.dup2(fresh, 1, inheritable=False)
+                os.close(fresh)
+
+
+def _supervise(child: int, channel: socket.socket, out: int, paths: ProxyPaths, log_max_bytes: int) -> int:
+    """Answer the worker and copy its log lines until it exits; its wait status."""
     buffer = b""
     channel.setblocking(False)
+    os.set_blocking(out, False)
     with selectors.DefaultSelector() as sel:
         sel.register(channel, selectors.EVENT_READ)
+        sel.register(out, selectors.EVENT_READ)
         while True:
             pid, status = os.waitpid(child, os.WNOHANG)
             if pid:
+                _copy_log(out, paths, log_max_bytes)
                 return status
-            if not sel.select(timeout=0.2):
+            ready = {key.fileobj for key, _ in sel.select(timeout=0.2)}
+            if out in ready:
+                _copy_log(out, paths, log_max_bytes)
+            if channel not in ready:
                 continue
             try:
                 data = channel.recv(65536)
@@ -439,7 +469,9 @@ def _supervise(child: int, channel: socket.socket, paths: ProxyPaths) -> int:
                 data = b""
             if not data:  # the worker closed its end: wait for it to go
                 sel.unregister(channel)
-                return os.waitpid(child, 0)[1]
+                status = os.waitpid(child, 0)[1]
+                _copy_log(out, paths, log_max_bytes)
+                return status
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)

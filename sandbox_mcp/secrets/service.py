@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ipaddress
+import logging
 import os
 import secrets as token_source
 import socket
@@ -33,6 +34,7 @@ from .settings import SecretSpec
 
 __all__ = ["GITCONFIG_INSIDE", "SecretsService", "check_script_result", "endpoint", "workspace_environment"]
 
+log = logging.getLogger(__name__)
 _BEGIN = "# BEGIN sandbox-mcp secrets"
 _END = "# END sandbox-mcp secrets"
 GITCONFIG_INSIDE = "/etc/sandbox-mcp/secrets.gitconfig"
@@ -141,9 +143,11 @@ class SecretsService:
         if not placeholders:
             return
         await anyio.to_thread.run_sync(self.paths.make)
-        await anyio.to_thread.run_sync(self.paths.write_client, ip, self._client(name, placeholders))
         await self._firewall(ip, open_=True)
-        await self._ensure_proxy()
+        # Under the proxy's lock, as the last detach's check: a stop never ends a proxy just given a client.
+        async with async_file_lock(self.paths.root / "lock"):
+            await anyio.to_thread.run_sync(self.paths.write_client, ip, self._client(name, placeholders))
+            await self._ensure_proxy()
 
     async def detach(self, ip: str) -> None:
         """The workspace at ``ip`` no longer uses the proxy; the proxy stops with the last one. Never raises
@@ -155,8 +159,7 @@ class SecretsService:
         if had:
             with contextlib.suppress(SandboxError):
                 await self._firewall(ip, open_=False)
-        if not self.paths.client_ips():
-            await self.stop_proxy()
+        await self.stop_proxy(only_if_idle=True)
 
     async def sync(self, running: Mapping[str, tuple[str, Mapping[str, str]]]) -> None:
         """Match the proxy to ``running`` (name -> (ip, placeholders)) after a server (re)start."""
@@ -169,7 +172,7 @@ class SecretsService:
                 await self.attach(name, ip, ph)
             except SandboxError as exc:
                 # The workspace runs on without its proxy; its next start tries again.
-                print(f"sandbox-mcp: secrets proxy for {name}: {exc}", file=sys.stderr)
+                log.warning("secrets proxy for %s: %s", name, exc)
         if not want:
             await self.stop_proxy()
             await supervise.kill_tagged(self._tag)  # one a killed server never recorded
@@ -202,20 +205,21 @@ class SecretsService:
         return ref if supervise.alive(ref, self._marker()) else None
 
     async def _ensure_proxy(self) -> None:
-        config = ProxyConfig(listen=str(self.settings.host_ip), settings=self.proxy).model_dump_json().encode()
-        async with async_file_lock(self.paths.root / "lock"):
-            ref = self._running()
-            with contextlib.suppress(OSError):
-                if ref is not None and self.paths.config.read_bytes() != config:
-                    await self._stop(ref)  # the settings changed: start it afresh with the new ones
-                    ref = None
-            if ref is not None:
-                return
-            await supervise.kill_tagged(self._tag)  # a proxy whose PID was never recorded
-            atomic_write(self.paths.config, config, mode=0o600)
-            ref = await anyio.to_thread.run_sync(self._spawn)
-            atomic_write(self.paths.process, ref.model_dump_json().encode(), mode=0o600)
-            await self._wait_ready(ref)
+        """Start the proxy unless it runs with these settings (call under the proxy's lock)."""
+        config = ProxyConfig(listen=str(self.settings.host_ip), settings=self.proxy,
+                             log_max_bytes=self.settings.console_log_mib << 20).model_dump_json().encode()
+        ref = self._running()
+        with contextlib.suppress(OSError):
+            if ref is not None and self.paths.config.read_bytes() != config:
+                await self._stop(ref)  # the settings changed: start it afresh with the new ones
+                ref = None
+        if ref is not None:
+            return
+        await supervise.kill_tagged(self._tag)  # a proxy whose PID was never recorded
+        atomic_write(self.paths.config, config, mode=0o600)
+        ref = await anyio.to_thread.run_sync(self._spawn)
+        atomic_write(self.paths.process, ref.model_dump_json().encode(), mode=0o600)
+        await self._wait_ready(ref)
 
     def _proxy_environment(self) -> dict[str, str]:
         """What the proxy inherits: the variables its env: sources name, and what Python needs; not the rest
@@ -225,16 +229,13 @@ class SecretsService:
         return {k: v for k, v in os.environ.items() if k in keep}
 
     def _spawn(self) -> supervise.ProcessRef:
-        """Start the proxy, its output appended to its log (kept across restarts; past the console log's
-        size the log starts afresh, the previous one kept as proxy.log.1)."""
-        log = self.paths.log
-        with contextlib.suppress(OSError):
-            if log.stat().st_size > self.settings.console_log_mib << 20:
-                log.replace(log.with_name("proxy.log.1"))
+        """Start the proxy, its output appended to its log (kept across restarts; the proxy moves it to
+        proxy.log.1 whenever it passes the console log's size)."""
+        log_path = self.paths.log
         argv = [sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(self.paths.root)]
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            return supervise.spawn(argv, log, env=self._proxy_environment(), tag=self._tag, stdout=fd)
+            return supervise.spawn(argv, log_path, env=self._proxy_environment(), tag=self._tag, stdout=fd)
         finally:
             os.close(fd)
 
@@ -257,11 +258,12 @@ class SecretsService:
         await supervise.kill_tagged(self._tag)
         self.paths.process.unlink(missing_ok=True)
 
-    async def stop_proxy(self) -> None:
-        """End the proxy (and any worker of it) if it runs."""
+    async def stop_proxy(self, *, only_if_idle: bool = False) -> None:
+        """End the proxy (and its worker) if it runs; with ``only_if_idle``, only when no workspace uses it."""
         if self.paths.process.exists():
             async with async_file_lock(self.paths.root / "lock"):
-                await self._stop(self._running())
+                if not (only_if_idle and self.paths.client_ips()):
+                    await self._stop(self._running())
 
     def proxy_running(self) -> supervise.ProcessRef | None:
         """The proxy's supervisor process, if it runs."""
