@@ -124,6 +124,9 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
         "packages": lambda: p.add_argument("-p", "--package", dest="packages", metavar="PACKAGE", action="append",
                                            default=[], help="extra package (repeatable)"),
         "start": lambda: p.add_argument("--no-start", dest="start", action="store_false"),
+        "secrets": lambda: p.add_argument("--secret", dest="secrets", metavar="NAME", action="append", default=[],
+                                          help="a secret configured on the host, used through placeholders "
+                                          "(repeatable)"),
     }
     for name, field in CreateSpec.model_fields.items():
         if name in own:

@@ -174,3 +174,16 @@ def test_firewall_scripts():
     present = "set secrets_clients {\n type ipv4_addr\n elements = { 192.168.83.10, 192.168.83.11 }\n }"
     assert close_script("sbx-br", ip, present) == "delete element inet sandbox_mcp_sbx_br secrets_clients { 192.168.83.10 }\n"
     assert close_script("sbx-br", ipaddress.IPv4Address("192.168.83.12"), present) == ""
+
+
+def test_the_cli_takes_secrets_one_flag_each():
+    import argparse
+
+    from sandbox_mcp.cli import add_create_flags, create_spec
+
+    p = argparse.ArgumentParser()
+    add_create_flags(p)
+    assert create_spec(p.parse_args(["ws", "--secret", "anthropic", "--secret", "gh"])).secrets == ["anthropic", "gh"]
+    assert create_spec(p.parse_args(["ws"])).secrets == []
+    with pytest.raises(InvalidSpec, match="secrets"):
+        create_spec(p.parse_args(["ws", "--secret", "Not A Name"]))
