@@ -18,6 +18,7 @@ from sandbox_mcp import supervise
 from sandbox_mcp.bench.secrets import LoopbackProxy, loopback_proxy
 from sandbox_mcp.bench.standin import certificates
 from sandbox_mcp.naming import SECRETS_PROXY_UID
+from sandbox_mcp.secrets.files import ClientFile
 
 
 def _get(lp: LoopbackProxy, path: str = "/v1/models", **headers: str) -> httpx.Response:
@@ -76,6 +77,18 @@ def test_values_bodies_and_refusals(tmp_path: Path):
         r = httpx.get(other + "/", headers={"authorization": f"Bearer {lp.placeholder}"})
         assert r.status_code == 403 and "no secret of this workspace goes to 'evil.test'" in r.text
         assert len(lp.requests()) == n
+
+        # Another workspace (another address) with the same secret has its own placeholder: this one's is
+        # nothing to it, and goes on unchanged, never as the value.
+        other_ph = "sandbox-placeholder-bench-" + "0" * 32
+        mine = ClientFile.model_validate_json(lp.paths.client("127.0.0.1").read_bytes())
+        lp.paths.write_client("127.0.0.2", ClientFile(workspace="other", secrets=[
+            mine.secrets[0].model_copy(update={"placeholder": other_ph})]))
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other_ws:
+            r = other_ws.get(lp.proxy_url + "/v1/models", headers={"authorization": f"Bearer {lp.placeholder}"})
+            assert r.status_code == 200 and lp.requests()[-1]["headers"]["authorization"] == f"Bearer {lp.placeholder}"
+            r = other_ws.get(lp.proxy_url + "/v1/models", headers={"authorization": f"Bearer {other_ph}"})
+            assert r.status_code == 200 and lp.requests()[-1]["headers"]["authorization"] == f"Bearer {lp.value}"
 
         # An address that is no workspace with secrets gets nothing.
         lp.paths.remove_client("127.0.0.1")
