@@ -39,6 +39,16 @@ def test_values_bodies_and_refusals(tmp_path: Path):
         assert seen[-1]["headers"]["authorization"] == f"Bearer {lp.value}"
         assert seen[-1]["headers"]["host"] == lp.host and seen[-1]["path"] == "/v1/models"
 
+        # A stream (server-sent events, as the Messages API answers Claude Code) is relayed as it comes: the
+        # first event arrives while the upstream still holds the second back.
+        with httpx.stream("GET", lp.proxy_url + "/stream", timeout=30,
+                          headers={"authorization": f"Bearer {lp.placeholder}"}) as resp:
+            events = resp.iter_raw()
+            first = next(events)
+            assert first.startswith(b"event: one") and b"event: two" not in first
+            Path(str(lp.requests_log) + ".release").touch()
+            assert b"event: two" in first + b"".join(events)
+
         # A body goes through as it is (never searched or changed), up to the bound.
         body = b'{"placeholder-in-a-body": "' + lp.placeholder.encode() + b'"}'
         r = httpx.post(lp.proxy_url + "/v1/messages", content=body, headers={"authorization": f"Bearer {lp.placeholder}"})

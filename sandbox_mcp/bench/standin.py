@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 __all__ = ["SERVER", "certificates"]
 
 SERVER = r"""
-import base64, json, os, ssl, subprocess, sys, threading
+import base64, json, os, ssl, subprocess, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -58,6 +58,20 @@ class Handler(BaseHTTPRequestHandler):
         self._record(body)
         if self.server.name == "git.example.test":
             return self.git(body)
+        if self.path.startswith("/stream"):  # server-sent events; the second waits for LOG + ".release"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("connection", "close")
+            self.end_headers()
+            self.wfile.write(b"event: one\ndata: {}\n\n")
+            self.wfile.flush()
+            for _ in range(300):
+                if os.path.exists(log_path + ".release"):
+                    break
+                time.sleep(0.1)
+            self.wfile.write(b"event: two\ndata: {}\n\n")
+            self.close_connection = True
+            return
         if self.path.startswith("/bytes/"):
             return self._send(200, b"x" * int(self.path.split("/")[2]), "application/octet-stream")
         self._send(200, json.dumps({"type": "message", "role": "assistant",
