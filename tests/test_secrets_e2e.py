@@ -12,7 +12,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,8 @@ from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.secrets.settings import SecretSpec, SecretsProxySettings
 from sandbox_mcp.server import build_server
 
+from .conftest import destroy_all
+from .deploy import Daemon, as_user, cli_as, user_env
 from .internet import ANTHROPIC, EVIL, GIT, Internet, internet
 from .points import wait_until
 
@@ -254,3 +260,59 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
     assert not (paths / "process.json").exists() and not list((paths / "clients").iterdir())
     present = await firewall.table_exists(s.bridge)
     assert present is None or "elements" not in present.split("set secrets_clients", 1)[-1].split("}", 1)[0]
+
+
+class _DaemonWithSecrets(Daemon):
+    """The daemon with the operator's secrets in its environment, as a unit file would set them."""
+
+    extra: dict[str, str] = {}  # noqa: RUF012 - set per test before start
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**super().env, **self.extra}
+
+
+async def test_through_the_daemon_secrets_are_the_operators_and_per_user(
+    settings: Settings, tmp_path: Path, net: Internet, values: dict[str, str], accounts: Any
+) -> None:
+    s = _settings(settings, tmp_path, net)
+    specs = {**s.secrets, "gittoken": s.secrets["gittoken"].model_copy(update={"uids": [accounts.bob.uid]})}
+    run_dir = Path(tempfile.mkdtemp(prefix="sbxd-run-"))
+    os.chmod(run_dir, 0o755)
+    daemon = _DaemonWithSecrets(s, accounts.group, run_dir / "sandbox-mcp" / "daemon.sock")
+    daemon.extra = {
+        "SANDBOX_MCP_SECRETS": json.dumps({n: spec.model_dump(mode="json") for n, spec in specs.items()}),
+        "SANDBOX_MCP_SECRETS_PROXY_CA_BUNDLE": str(net.ca),
+        "SANDBOX_MCP_SECRETS_PROXY_RESOLVE": json.dumps(net.resolve),
+    }
+    paths = s.state_dir / ".server" / "secrets-proxy"
+    alice = accounts.alice
+    try:
+        daemon.start()
+        # A secret restricted to another user is refused, and so is one nobody configured.
+        r = cli_as(alice, daemon, "create", "dws", "--secret", "gittoken")
+        assert r.returncode != 0 and f"not offered to uid {alice.uid}" in r.stderr, r
+        r = cli_as(alice, daemon, "create", "dws", "--secret", "mine")
+        assert r.returncode != 0 and "unknown secret(s) 'mine'" in r.stderr, r
+        # A user's own settings cannot add one: the daemon's apply, and the CLI refuses to pass them.
+        r = subprocess.run(as_user(alice, sys.executable, "-m", "sandbox_mcp", "ls"), capture_output=True, text=True,
+                           env={**user_env(alice, daemon), "SANDBOX_MCP_SECRETS": daemon.extra["SANDBOX_MCP_SECRETS"]},
+                           cwd=str(alice.home), timeout=120)
+        assert r.returncode != 0 and "SANDBOX_MCP_SECRETS" in r.stderr, r
+
+        r = cli_as(alice, daemon, "create", "dws", "--secret", "anthropic")
+        assert r.returncode == 0, r
+        r = cli_as(alice, daemon, "exec", "dws", 'curl -sS --fail-with-body "$ANTHROPIC_BASE_URL/v1/models" '
+                                                   '-H "x-api-key: $ANTHROPIC_API_KEY"')
+        assert r.returncode == 0 and "hello from the stand-in" in r.stdout, r
+        assert net.requests(ANTHROPIC)[-1]["headers"]["x-api-key"] == values["anthropic"]
+        ref = supervise.ProcessRef.model_validate_json((paths / "process.json").read_bytes())
+        assert supervise.alive(ref)
+        assert cli_as(alice, daemon, "rm", "dws").returncode == 0
+        assert not supervise.alive(ref) and not (paths / "process.json").exists()
+        assert all(v not in daemon.tail(10_000) for v in values.values())
+    finally:
+        daemon.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        async with WorkspaceManager(s) as m:
+            await destroy_all(m)
