@@ -171,7 +171,7 @@ def _cmd_ls(args: argparse.Namespace, settings: Settings) -> int:
             _dump(result)
             return 0
         rows = [("NAME", "TYPE", "STATE", "IP", "HOST DIR")]
-        rows += [(w.name, w.type, w.state, w.ip, w.host_workspace_dir) for w in result.workspaces]
+        rows += [(w.name, w.type, w.state, w.ip or "-", w.host_workspace_dir) for w in result.workspaces]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -430,7 +430,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_install_claude(args: argparse.Namespace, settings: Settings) -> int:
-    from .claude_setup import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
+    from .claude_install import DAEMON_INSTALL, default_server_command, install_claude, skills_dir
     from .daemon_client import daemon_available
 
     # With the daemon (running, or installed by scripts/setup) serve runs as the user: no sudo.
@@ -637,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
+    s.add_argument("--snapshot-vm", action="store_true",
+                   help="also a VM's memory snapshot save and restore against a disk snapshot's (two boots)")
     s.add_argument("--secrets", choices=("also", "only", "no"), default="also",
                    help="the secrets proxy's added latency and throughput against direct HTTPS (on loopback)")
     s.add_argument("--secrets-requests", type=int, default=300, help="small requests each way (secrets section)")

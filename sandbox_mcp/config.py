@@ -2,8 +2,13 @@
 
 Precedence, lowest first: the defaults below, the TOML file
 (``$SANDBOX_MCP_CONFIG`` or ``~/.config/sandbox-mcp/config.toml``), then
-environment variables ``SANDBOX_MCP_<FIELD>`` (``SANDBOX_MCP_NIXOS_<FIELD>``
-for the ``[nixos]`` table).
+environment variables ``SANDBOX_MCP_<FIELD>``.
+
+Each runtime has a section of its own, ``[runtimes.NAME]`` in the file and
+``SANDBOX_MCP_RUNTIMES_<NAME>_<FIELD>`` in the environment, which that runtime's settings model
+(``Runtime.Config``) validates when the runtimes are built: the server's start. Settings that moved
+into a section keep their old names (:data:`MOVED`: ``vm_cpus``, ``[incus]``, ``SANDBOX_MCP_NIXOS_FLAKE``,
+...), read into the section they moved to.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,72 +33,27 @@ from pydantic import (
 )
 
 from .errors import InvalidSpec
-from .models import MAX_CPUS, MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB
+from .models import MAX_CPUS, MIN_MEMORY_MIB
 from .secrets.settings import SECRET_NAME_PATTERN, SecretSpec, SecretsProxySettings
 
-__all__ = ["IncusSettings", "NixosSettings", "Settings", "load_settings"]
+__all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name"]
 
 ENV_PREFIX = "SANDBOX_MCP_"
 DEFAULT_CONFIG_FILE = Path("~/.config/sandbox-mcp/config.toml")
 
-
-class NixosSettings(BaseModel):
-    """How the server drives a NixOS host (``mode = "nixos"``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    flake: str | None = Field(
-        default=None,
-        description="Flake directory holding the host configuration, e.g. /etc/nixos",
-    )
-    host: str | None = Field(default=None, description="nixosConfigurations attribute, e.g. 'fry'")
-    escalation: Literal["doas", "sudo", "none"] = Field(
-        default="sudo", description="How to run nixos-rebuild and systemctl as root"
-    )
-    registry_file: Path | None = Field(
-        default=None,
-        description="JSON file the module reads via sandboxed-workspace.registryFile; "
-        "default <flake>/sandboxed-workspaces.json",
-    )
-    workspace_config_dir: Path | None = Field(
-        default=None,
-        description="Where per-workspace .nix files are written; default <flake>/workspaces",
-    )
-    rebuild_timeout_s: float = Field(default=3600, gt=0)
-
-
-class IncusSettings(BaseModel):
-    """Where ``type="incus"`` workspaces run: the local daemon (default) or a remote server/cluster."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = Field(
-        default=None,
-        pattern=r"^https://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?$",
-        description="A remote Incus server or cluster, e.g. https://incus.example:8443; empty: the local unix socket",
-    )
-    socket: Path = Field(
-        default=Path("/var/lib/incus/unix.socket"), description="The local daemon's unix socket (url unset)"
-    )
-    client_cert: Path | None = Field(default=None, description="PEM client certificate the remote trusts")
-    client_key: Path | None = Field(default=None, description="PEM key of client_cert")
-    server_cert: Path | None = Field(
-        default=None, description="PEM certificate of the remote server, pinned: no other is accepted"
-    )
-    project: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-    storage_pool: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    network: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$",
-        description="A managed Incus network for the NIC (remote servers); empty: bridge to 'bridge' by name",
-    )
-    operation_timeout_s: float = Field(default=300, gt=0, description="How long to wait for an Incus operation")
-
-    @model_validator(mode="after")
-    def _remote_needs_certs(self) -> IncusSettings:
-        if self.url and not (self.client_cert and self.client_key and self.server_cert):
-            raise ValueError("incus.url needs incus.client_cert, incus.client_key and incus.server_cert")
-        return self
+# Settings that moved into a runtime's section, by their old (flat) name: still read from the file, the
+# environment and keywords, into the section they moved to. old name -> (runtime, field).
+MOVED: dict[str, tuple[str, str]] = {
+    "private_users": ("nspawn", "private_users"),
+    "allow_privileged": ("nspawn", "allow_privileged"),
+    "cgroups": ("nspawn", "cgroups"),
+    "vm_cpus": ("qemu", "cpus"),
+    "vm_memory_mib": ("qemu", "memory_mib"),
+    "vm_disk_gib": ("qemu", "disk_gib"),
+    "vm_accelerator": ("qemu", "accelerator"),
+}
+# Tables that became a runtime's section: [nixos] is [runtimes.nixos], SANDBOX_MCP_NIXOS_FLAKE its flake.
+MOVED_TABLES: dict[str, str] = {"nixos": "nixos", "incus": "incus"}
 
 
 class Settings(BaseModel):
@@ -130,22 +90,6 @@ class Settings(BaseModel):
     console_log_mib: int = Field(
         default=16, ge=1, description="Size bound of a workspace's console log: its first MiB are kept, the rest "
         "is dropped by a copier process (containers and VMs alike); nothing limits the workspace for it"
-    )
-    private_users: bool = Field(
-        default=True,
-        description="Run containers in a user namespace (root inside is an unprivileged uid on the host); "
-        "false asks for privileged containers, which also needs allow_privileged",
-    )
-    allow_privileged: bool = Field(
-        default=False,
-        description="Allow privileged containers (root inside is root on the host) where user-namespaced ones "
-        "cannot run or private_users is false",
-    )
-    cgroups: Literal["auto", "systemd", "direct"] = Field(
-        default="auto",
-        description="Who makes a container's cgroup: 'systemd' starts it in a delegated transient scope (needs "
-        "systemd as PID 1), 'direct' has the server write the cgroup tree itself, 'auto' picks systemd where "
-        "/run/systemd/system exists",
     )
     exec_output_cap: int = Field(
         default=1 << 20, ge=1024, description="Most bytes kept per stream per exec (its head and tail); the result "
@@ -187,19 +131,6 @@ class Settings(BaseModel):
         description="How long a workspace gets to power off cleanly before it is killed. Its root is thrown "
         "away and the workspace dir is on the host, so a kill loses nothing that was written",
     )
-    vm_cpus: int = Field(
-        default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)),
-        ge=1, le=64, description="vCPUs of a direct-mode VM (type 'vm'); default: the host's CPUs, at most 8",
-    )
-    vm_memory_mib: int = Field(default=2048, ge=VM_MIN_MEMORY_MIB, le=1 << 20, description="Memory of a direct-mode VM")
-    vm_disk_gib: int = Field(
-        default=8, ge=2, le=1024, description="Size of a VM's root disk, which bounds its throw-away writable layer"
-    )
-    vm_accelerator: Literal["auto", "kvm", "tcg"] = Field(
-        default="auto",
-        description="How VMs run: 'kvm' (hardware), 'tcg' (software emulation, slow) or 'auto' (KVM when a probe "
-        "shows it boots a guest, else TCG)",
-    )
     nat: bool = Field(
         default=False,
         description="Give direct-mode workspaces outbound access: IP forwarding plus an nftables masquerade "
@@ -228,6 +159,12 @@ class Settings(BaseModel):
         default=None, ge=128,
         description="Sum of the memory_mib of one user's workspaces through the daemon; default: twice the host's "
         "memory (memory limits are caps, not reservations)",
+    )
+    uid_max_snapshot_mib: int | None = Field(
+        default=None, ge=0,
+        description="Host disk one owner's snapshots may take, all their workspaces together (MiB, each snapshot "
+        "counted at its full size, clones too); a snapshot that would pass it is refused and removed. Default: "
+        "half the size of the filesystem holding the state dir. Applies to every owner, root too",
     )
     uid_max_connections: int = Field(
         default=16, ge=1, description="Connections one user may hold open to the daemon at once (root: no limit)"
@@ -268,6 +205,11 @@ class Settings(BaseModel):
         pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
         description="Group whose members may use the daemon's socket (besides root)",
     )
+    runtimes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Each runtime's own section, [runtimes.NAME] (in the environment "
+        "SANDBOX_MCP_RUNTIMES_NAME_FIELD), validated by that runtime's settings model when the runtimes are built",
+    )
     runtime_for_type: dict[str, str] = Field(
         default_factory=dict,
         description="Which runtime serves a workspace type where more than one of this mode claims it, e.g. "
@@ -280,8 +222,46 @@ class Settings(BaseModel):
         "SANDBOX_MCP_SECRETS as JSON): see sandbox_mcp.secrets.settings.SecretSpec and the README's Secrets section",
     )
     secrets_proxy: SecretsProxySettings = Field(default_factory=SecretsProxySettings)
-    nixos: NixosSettings = Field(default_factory=NixosSettings)
-    incus: IncusSettings = Field(default_factory=IncusSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_into_sections(cls, data: Any) -> Any:
+        return _fold_moved(data) if isinstance(data, dict) else data
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Settings:
+        """As pydantic's (no validation), with the old names of :data:`MOVED` and :data:`MOVED_TABLES` put
+        into their runtime's section, field by field, as the file and the environment have them."""
+        if update and any(k in MOVED or k in MOVED_TABLES for k in update):
+            moved = _fold_moved({k: v for k, v in update.items() if k in MOVED or k in MOVED_TABLES})["runtimes"]
+            sections = {**self.runtimes, **dict(update.get("runtimes", {}))}
+            for name, section in moved.items():
+                sections[name] = {**sections.get(name, {}), **section}
+            update = {**{k: v for k, v in update.items() if k not in MOVED and k not in MOVED_TABLES},
+                      "runtimes": sections}  # fmt: skip
+        return super().model_copy(update=update, deep=deep)
+
+    def with_runtime(self, name: str, **values: Any) -> Settings:
+        """A copy with ``values`` set in runtime ``name``'s section (checked when that runtime reads it)."""
+        section = {**self.runtimes.get(name, {}), **values}
+        return self.model_copy(update={"runtimes": {**self.runtimes, name: section}})
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets_json(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            try:
+                return json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"secrets must be a JSON object of secret tables: {exc}") from exc
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, SecretSpec]) -> dict[str, SecretSpec]:
+        bad = [n for n in v if not re.fullmatch(SECRET_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"secret names must match {SECRET_NAME_PATTERN}: {bad}")
+        return v
 
     @field_validator("http_token", mode="before")
     @classmethod
@@ -306,24 +286,6 @@ class Settings(BaseModel):
                 return json.loads(v) if v.strip() else {}
             except json.JSONDecodeError as exc:
                 raise ValueError(f"runtime_for_type must be a JSON object such as {{\"vm\": \"qemu\"}}: {exc}") from exc
-        return v
-
-    @field_validator("secrets", mode="before")
-    @classmethod
-    def _secrets_json(cls, v: object) -> object:
-        if isinstance(v, str):  # from the environment
-            try:
-                return json.loads(v) if v.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"secrets must be a JSON object of secret tables: {exc}") from exc
-        return v
-
-    @field_validator("secrets")
-    @classmethod
-    def _secret_names(cls, v: dict[str, SecretSpec]) -> dict[str, SecretSpec]:
-        bad = [n for n in v if not re.fullmatch(SECRET_NAME_PATTERN, n)]
-        if bad:
-            raise ValueError(f"secret names must match {SECRET_NAME_PATTERN}: {bad}")
         return v
 
     @field_validator("state_dir", "image_dir", "daemon_socket")
@@ -352,27 +314,85 @@ class Settings(BaseModel):
         return self.state_dir / "registry.json"
 
 
-_TABLES = ("nixos", "incus", "secrets_proxy")  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
+def moved_name(runtime: str, field: str) -> str | None:
+    """The old name of runtime ``runtime``'s ``field``, where it had one (for messages)."""
+    for old, where in MOVED.items():
+        if where == (runtime, field):
+            return old
+    table = next((t for t, r in MOVED_TABLES.items() if r == runtime), None)
+    return f"{table}.{field}" if table else None
+
+
+def _section(value: object, where: str) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a table of settings, got {value!r}")
+    return dict(value)
+
+
+def _fold_moved(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with the settings of :data:`MOVED` and :data:`MOVED_TABLES` put into their runtime's section.
+
+    Raises:
+        ValueError: a setting given both by its old name and in its section (one source says it twice).
+    """
+    out = dict(data)
+    raw = out.pop("runtimes", None) or {}
+    sections = {name: _section(v, f"[runtimes.{name}]") for name, v in _section(raw, "runtimes").items()}
+
+    def put(old: str, runtime: str, field: str, value: object) -> None:
+        section = sections.setdefault(runtime, {})
+        if field in section:
+            raise ValueError(f"{old} is the old name of [runtimes.{runtime}] {field}; set only one of them")
+        section[field] = value
+
+    for old, (runtime, field) in MOVED.items():
+        if old in out:
+            put(old, runtime, field, out.pop(old))
+    for table, runtime in MOVED_TABLES.items():
+        if table in out:
+            for field, value in _section(out.pop(table), f"[{table}]").items():
+                put(f"{table}.{field}", runtime, field, value)
+    if sections:
+        out["runtimes"] = sections
+    return out
+
+
+_TABLES = ("secrets_proxy",)  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
+    """The settings the environment gives: ``SANDBOX_MCP_<FIELD>``, ``SANDBOX_MCP_RUNTIMES_<NAME>_<FIELD>``
+    (NAME is the runtime's name, without ``_``), and the old names (``SANDBOX_MCP_VM_CPUS``,
+    ``SANDBOX_MCP_<TABLE>_<FIELD>`` of :data:`MOVED_TABLES`)."""
     out: dict[str, object] = {}
-    tables: dict[str, dict[str, object]] = {t: {} for t in _TABLES}
+    sections: dict[str, dict[str, object]] = {}
+    tables: dict[str, dict[str, object]] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         field = key[len(ENV_PREFIX) :].lower()
-        table = next((t for t in _TABLES if field.startswith(t + "_")), None)
-        if table is not None:
-            tables[table][field[len(table) + 1 :]] = value
-        elif field in Settings.model_fields and field not in _TABLES:
+        table = next((t for t in (*MOVED_TABLES, *_TABLES) if field.startswith(t + "_")), None)
+        if field.startswith("runtimes_"):
+            name, _, rest = field[len("runtimes_") :].partition("_")
+            if name and rest:
+                sections.setdefault(name, {})[rest] = value
+        elif table is not None:
+            tables.setdefault(table, {})[field[len(table) + 1 :]] = value
+        elif field in Settings.model_fields or field in MOVED:
             out[field] = value
-    out.update({t: v for t, v in tables.items() if v})
+    out.update(tables)
+    if sections:
+        out["runtimes"] = sections
     return out
 
 
 def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None = None) -> Settings:
     """Build the settings from the TOML file and the environment.
+
+    Runtime sections are merged field by field (the environment wins), and checked by their runtimes
+    when those are built (:func:`sandbox_mcp.runtimes.check_settings`).
 
     Raises:
         InvalidSpec: the file or a variable holds a value that fails validation
@@ -386,12 +406,20 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise InvalidSpec(f"config file {path} is not valid TOML: {exc}") from exc
-    overrides = _env_overrides(env)
-    for table in _TABLES:
-        merged = {**dict(data.get(table, {}) or {}), **dict(overrides.pop(table, {}) or {})}  # type: ignore[arg-type]
-        if merged:
-            data[table] = merged
+    try:
+        data = _fold_moved(data)
+        overrides = _fold_moved(_env_overrides(env))
+    except ValueError as exc:
+        raise InvalidSpec(f"invalid sandbox-mcp settings ({path} / {ENV_PREFIX}* variables): {exc}") from exc
+    sections: dict[str, dict[str, Any]] = dict(data.pop("runtimes", {}))  # type: ignore[arg-type]
+    for name, section in dict(overrides.pop("runtimes", {})).items():  # type: ignore[arg-type]
+        sections[name] = {**sections.get(name, {}), **section}
+    for table in _TABLES:  # merged field by field, the environment winning
+        if table in overrides:
+            overrides[table] = {**dict(data.get(table, {}) or {}), **dict(overrides[table])}  # type: ignore[arg-type]
     data.update(overrides)
+    if sections:
+        data["runtimes"] = sections
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

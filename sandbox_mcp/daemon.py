@@ -41,7 +41,6 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream  # _refuse's few small lines
-from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
 
@@ -50,13 +49,13 @@ from .errors import AccessDenied, InvalidSpec, InvalidState, LimitExceeded, Sand
 from .fairshare import LineTooLong, MessageReader, UserShares
 from .manager import WorkspaceManager
 from .owners import OwnedManager
+from .server import build_server, lowlevel_server
 from .userkeys import UserKeys
 
 __all__ = [
     "Peer",
     "authorize",
     "bind_socket",
-    "lowlevel_server",
     "peer_credentials",
     "run_daemon",
     "serve_connection",
@@ -173,18 +172,6 @@ async def _refuse(stream: anyio.abc.ByteStream, error: SandboxError) -> None:
                     reply = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32001, "message": str(error)}}
                     await stream.send(json.dumps(reply).encode() + b"\n")
     await stream.aclose()
-
-
-def lowlevel_server(server: MCPServer) -> Server[Any]:
-    """The SDK's low-level server under ``server``: the one thing that serves a given stream pair.
-
-    mcp 2.x has no public way to run an ``MCPServer`` session over streams of our own (``run`` and
-    ``run_stdio_async`` take the process's stdin/stdout; ``Server.run(read, write, options)`` is
-    public, but ``MCPServer`` keeps its ``Server`` private). The SDK's own in-memory client reaches
-    it the same way (``mcp/client/_memory.py``: "TODO: Make `lowlevel_server` public"), so this is
-    the one place we do; ``tests/test_daemon.py`` fails loudly if the SDK renames or changes it.
-    """
-    return server._lowlevel_server  # noqa: SLF001
 
 
 async def serve_connection(server: MCPServer, stream: anyio.abc.SocketStream, group_gid: int | None,
@@ -307,7 +294,6 @@ async def run_daemon(settings: Settings, *, ready: Callable[[], None] | None = N
         InvalidState: not root, or another daemon runs.
         InvalidSpec: the group does not exist, or the socket path is unusable.
     """
-    from .server import build_server
 
     if os.geteuid() != 0:
         raise InvalidState("the daemon runs as root: `sudo sandbox-mcp daemon` (or its systemd unit)")

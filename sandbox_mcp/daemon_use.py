@@ -32,7 +32,10 @@ def daemon_socket_present(settings: Settings) -> bool:
 def ignored_settings(settings: Settings) -> list[str]:
     """The settings given explicitly (environment or config file) that a daemon would ignore, as
     their ``SANDBOX_MCP_*`` names."""
-    return sorted(ENV_PREFIX + f.upper() for f in settings.model_fields_set - CLIENT_FIELDS)
+    named = [ENV_PREFIX + f.upper() for f in settings.model_fields_set - CLIENT_FIELDS - {"runtimes"}]
+    named += [f"{ENV_PREFIX}RUNTIMES_{name.upper()}_{field.upper()}"
+              for name, section in settings.runtimes.items() for field in section]  # fmt: skip
+    return sorted(named)
 
 
 def use_daemon(settings: Settings) -> bool:

@@ -179,8 +179,9 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
     )
     checks.append(disk_quota_check(existing, mountinfo))
     # The runtimes of this host's mode add theirs; a runtime that refuses the settings says why.
-    mode = resolve_mode(settings)
+    mode = settings.mode
     try:
+        mode = resolve_mode(settings)
         runtimes = build_runtimes(mode, RuntimeContext.for_settings(settings, client_public_key=""))
     except SandboxError as exc:
         checks.append(Check(name=f"{mode} mode", ok=False, detail=str(exc), fix="see the message"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from . import budget, gitflow, hostgit, limit_hints, onboarding, processes, provision, snapshots, ssh
+from . import budget, claude_workspace, gitflow, hostgit, limit_hints, processes, provision, snapshots, ssh
 from .config import Settings
 from .errors import (
     BackendError,
@@ -78,7 +78,7 @@ from .paths import WorkspacePaths
 from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
-from .runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .runtimes import GuestExec, Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
 from .secrets.service import SecretsService, check_script_result
 from .ssh.agent_ops import agent_op
 
@@ -138,6 +138,7 @@ class WorkspaceManager:
     ) -> None:
         self.settings = settings
         self.registry = Registry(settings.registry_path)
+        self._snapshot_budget = anyio.Lock()  # one owner-bound check and commit at a time
         self.client_key_path = settings.state_dir / ".server" / "client_ed25519_key"
         self.ssh = ssh.SSHPool()
         self._runtimes = runtimes
@@ -263,7 +264,7 @@ class WorkspaceManager:
     def view(self, r: WorkspaceRecord) -> Workspace:
         """The workspace as tools report it."""
         runtime = self.runtimes.get(r.runtime)
-        host, port = runtime.endpoint(r) if runtime is not None else (r.ip, 22)
+        host, port = runtime.endpoint(r) if runtime is not None else (r.ip or "", 22)
         known_hosts = None
         with contextlib.suppress(SandboxError):  # no host key yet (being created)
             host_pub = self._paths(r.name).host_key
@@ -274,7 +275,7 @@ class WorkspaceManager:
             state=r.state,
             ip=r.ip,
             user=r.user,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
             host_workspace_dir=(
                 runtime.host_workspace_dir(r, self._paths(r.name).workspace) if runtime is not None
                 else str(self._paths(r.name).workspace)
@@ -304,7 +305,7 @@ class WorkspaceManager:
             host_key_path=self._paths(r.name).host_key,
             host_key_fingerprint=r.host_key_fingerprint,  # this incarnation's, not a successor's
             client_key_path=self.client_key_path,
-            workspace_dir=onboarding.workspace_dir_inside(r.user),
+            workspace_dir=claude_workspace.workspace_dir_inside(r.user),
         )
 
     # Reconcile ---------------------------------------------------------------------------------
@@ -371,7 +372,8 @@ class WorkspaceManager:
             return
         data = await self.registry.read()
         names = {r.name for r in on_bridge}
-        entries = {n: r.ip for n, r in data.workspaces.items() if r.runtime in names and r.state != "creating"}
+        entries = {n: r.ip for n, r in data.workspaces.items()
+                   if r.runtime in names and r.state != "creating" and r.ip is not None}  # fmt: skip
         await on_bridge[0].ctx.network.publish_names(entries)
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
@@ -521,16 +523,21 @@ class WorkspaceManager:
                 raise WorkspaceExists(name)
             if owner_uid not in (None, 0):
                 self._check_share(owner_uid, [r for r in data.workspaces.values() if r.owner_uid == owner_uid], limits)
-            check_identity_collisions(name, {n: (r.mac, r.cid) for n, r in data.workspaces.items()})
-            taken = {r.ip for r in data.workspaces.values()} | live
+            # Only what the runtime says its workspaces need of the network (an address, a MAC, a vsock CID).
+            needs = runtime.network_needs(spec.type)
+            if spec.ip is not None and not needs.address:
+                raise InvalidSpec(f"{spec.type!r} workspaces get no address on the workspace subnet; create without ip")
+            others = {n: (r.mac, r.cid) for n, r in data.workspaces.items()}
+            check_identity_collisions(name, others, mac=needs.mac, cid=needs.vsock_cid)
+            taken = {r.ip for r in data.workspaces.values() if r.ip is not None} | live
             record = WorkspaceRecord(
                 name=name,
                 type=spec.type,
                 state="creating",
                 runtime=runtime.name,
-                ip=allocate_ip(self.settings.subnet, taken, spec.ip),
-                mac=mac_for(name),
-                cid=cid_for(name),
+                ip=allocate_ip(self.settings.subnet, taken, spec.ip) if needs.address else None,
+                mac=mac_for(name) if needs.mac else None,
+                cid=cid_for(name) if needs.vsock_cid else None,
                 user=self.settings.user,
                 owner_uid=owner_uid,
                 packages=packages,
@@ -790,6 +797,7 @@ class WorkspaceManager:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
             else:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
+                await self._collect_roots(runtime)  # its snapshots' roots, where the runtime keeps them
             await self.registry.remove(name)
             if runtime.host_network:
                 await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
@@ -810,7 +818,8 @@ class WorkspaceManager:
         """The workspace plus what its runtime reports right now. Raises WorkspaceNotFound."""
         record = owned(await self._refresh(owned(await self.registry.get(name), owner_uid)), owner_uid)
         detail = await self._runtime_of(record).status(record)
-        return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail)
+        used = await anyio.to_thread.run_sync(self._snapshots(record.name).total_bytes)
+        return WorkspaceStatus(**self.view(record).model_dump(), runtime=detail, snapshot_bytes=used)
 
     async def logs(self, name: str, lines: int = 200, *, owner_uid: int | None = None) -> LogsResult:
         """The tail of the workspace's boot log. Raises WorkspaceNotFound."""
@@ -1001,7 +1010,7 @@ class WorkspaceManager:
         """
         validate_name(name)
         process_id = processes.validate_process_id(process_id) if process_id is not None else processes.new_process_id()
-        workspace_dir = onboarding.workspace_dir_inside(self.settings.user)
+        workspace_dir = claude_workspace.workspace_dir_inside(self.settings.user)
         wd = ssh.resolve_path(workspace_dir, cwd) if cwd is not None else workspace_dir
         if not command.strip():
             raise InvalidSpec("command must not be empty")
@@ -1328,6 +1337,47 @@ class WorkspaceManager:
                 f"workspace {record.name!r} is {record.state}; {what} needs a running, paused or stopped one"
             )
 
+    async def _collect_roots(self, runtime: Runtime) -> None:
+        """Let the runtime free captured roots nothing names any more; a failure only leaves garbage for later."""
+        with contextlib.suppress(SandboxError):
+            await runtime.collect_roots()
+
+    def _snapshot_limit_bytes(self) -> int:
+        """The most one owner's snapshots may take: uid_max_snapshot_mib, else half the state filesystem. Blocking."""
+        if self.settings.uid_max_snapshot_mib is not None:
+            return self.settings.uid_max_snapshot_mib << 20
+        st = os.statvfs(self.settings.state_dir)
+        return st.f_blocks * st.f_frsize // 2
+
+    async def _owner_snapshot_bytes(self, owner_uid: int | None) -> int:
+        """What the snapshots of every workspace of ``owner_uid`` take (their recorded sizes)."""
+        names = [r.name for r in (await self.registry.read()).workspaces.values() if r.owner_uid == owner_uid]
+        return await anyio.to_thread.run_sync(lambda: sum(self._snapshots(n).total_bytes() for n in names))
+
+    def _memory_capturable(self, record: WorkspaceRecord, runtime: Runtime) -> None:
+        """Refuse a memory snapshot where there is no running state to keep.
+
+        Raises:
+            Unsupported: the runtime keeps none. InvalidState: the workspace is not running.
+        """
+        if not runtime.has_memory_snapshots:
+            raise Unsupported(
+                f"the {runtime.name} runtime keeps no running state in a snapshot (memory=true is for type 'vm'); "
+                "take a disk snapshot (memory=false): after restore_workspace the workspace starts from its saved "
+                "files, then start its processes again"
+            )
+        if record.state != "running":
+            hint = "resume_workspace" if record.state == "paused" else "start_workspace"
+            raise InvalidState(
+                f"workspace {record.name!r} is {record.state}: a memory snapshot keeps running processes, so it "
+                f"needs a running workspace; call {hint} first, or take a disk snapshot (memory=false)"
+            )
+
+    def _guest_exec(self, record: WorkspaceRecord) -> GuestExec:
+        """Run a command in ``record`` as its user from "/" (for a runtime that acts inside the guest)."""
+        target = self._target(record)
+        return lambda command: self.ssh.exec(target, command, cwd="/", timeout_s=300)
+
     async def _copy_parts(self, record: WorkspaceRecord, runtime: Runtime, dest: Callable[[str], Path]) -> None:
         """Copy the workspace's parts (snapshots.PARTS) to ``dest(part)``: its dirs, and its root via the runtime."""
         paths = self._paths(record.name)
@@ -1355,53 +1405,75 @@ class WorkspaceManager:
             (being created, or failed), Unsupported (memory, or a runtime without snapshots), BackendError.
         """
         snapshots.validate_snapshot_name(snapshot)
-        if memory:
-            # qemu saves a running VM by migrating it (to a file), and virtio-9p blocks migration while
-            # the guest has the share mounted, which ours always does (the workspace dir).
-            raise Unsupported(
-                "memory snapshots (memory=true) are not available: qemu cannot save a VM whose 9p shares (the "
-                "workspace dir) are mounted, and containers have none. Take a disk snapshot (memory=false): "
-                "after restore_workspace the workspace boots from its saved files; start processes again"
-            )
         await self._check_exists(name)
         async with self._locked(name):
             record = owned(await self.registry.get(name), owner_uid)
             self._capturable(record, "a snapshot")
             runtime = self._runtime_of(record)
+            if memory:
+                self._memory_capturable(record, runtime)
             store = self._snapshots(name)
             await anyio.to_thread.run_sync(self._recover_files, name)
             store.check_free(snapshot)
+            # Refused before any copy when the owner's snapshots fill their room already.
+            limit = await anyio.to_thread.run_sync(self._snapshot_limit_bytes)
+            snapshots.check_bound(name, snapshot, await self._owner_snapshot_bytes(record.owner_uid), 1, limit)
             source_state = record.state
             tmp = await anyio.to_thread.run_sync(store.aside, snapshot)
             try:
-                async with self._held_still(record, runtime):
-                    await progress("copying the files", None)
-                    await self._copy_parts(record, runtime, lambda part: tmp / part)
+                ticket = None
+                if memory:
+                    await progress("unmounting the guest's shares", None)
+                    ticket = await runtime.prepare_memory(record, self._guest_exec(record))
+                try:
+                    async with self._held_still(record, runtime):
+                        await progress("copying the files", None)
+                        await self._copy_parts(record, runtime, lambda part: tmp / part)
+                        if memory:
+                            await progress("saving the memory", None)
+                            await runtime.save_memory(record, ticket, tmp / "root")
+                finally:
+                    if memory:
+                        with anyio.CancelScope(shield=True):
+                            await runtime.release_memory(record, ticket)
                 method = await anyio.to_thread.run_sync(snapshots.copy_method, tmp)
-                size = await anyio.to_thread.run_sync(snapshots.tree_size, tmp)
+                size = await anyio.to_thread.run_sync(
+                    lambda: snapshots.tree_size(tmp) + runtime.held_elsewhere_bytes(tmp / "root"))
                 info = SnapshotInfo(name=name, snapshot=snapshot, created_at=utcnow(), size_bytes=size, method=method,
-                                    source_state=source_state, root_base=runtime.root_base(record))
-                await anyio.to_thread.run_sync(store.commit, tmp, info)
+                                    memory=memory, source_state=source_state, root_base=runtime.root_base(record))
+                # Checked again with the real size, and committed under one lock (this process's and the state
+                # dir's; no workspace name starts with '.'): two snapshots of one owner's workspaces cannot both
+                # fit in the same room.
+                async with self._snapshot_budget, async_file_lock(self.settings.state_dir / ".locks" / ".snapshot-budget.lock"):
+                    used = await self._owner_snapshot_bytes(record.owner_uid)
+                    snapshots.check_bound(name, snapshot, used, size, limit)
+                    await anyio.to_thread.run_sync(store.commit, tmp, info)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
+                    await self._collect_roots(runtime)
                 raise
         return info
 
     async def list_snapshots(self, name: str, *, owner_uid: int | None = None) -> SnapshotList:
         """The workspace's snapshots, oldest first. Raises WorkspaceNotFound."""
         await self._check_exists(name)
-        owned(await self.registry.get(name), owner_uid)
+        record = owned(await self.registry.get(name), owner_uid)
         found = await anyio.to_thread.run_sync(self._snapshots(name).list)
-        return SnapshotList(name=name, snapshots=found)
+        return SnapshotList(
+            name=name, snapshots=found, total_bytes=sum(i.size_bytes for i in found),
+            owner_bytes=await self._owner_snapshot_bytes(record.owner_uid),
+            owner_limit_bytes=await anyio.to_thread.run_sync(self._snapshot_limit_bytes),
+        )
 
     async def delete_snapshot(self, name: str, snapshot: str, *, owner_uid: int | None = None) -> SnapshotDeleted:
         """Remove one snapshot. Raises InvalidSpec, WorkspaceNotFound, InvalidState (no such snapshot)."""
         snapshots.validate_snapshot_name(snapshot)
         await self._check_exists(name)
         async with self._locked(name):
-            owned(await self.registry.get(name), owner_uid)
+            record = owned(await self.registry.get(name), owner_uid)
             await anyio.to_thread.run_sync(self._snapshots(name).delete, snapshot)
+            await self._collect_roots(self._runtime_of(record))
         return SnapshotDeleted(snapshot=snapshot, deleted=True)
 
     async def restore(
@@ -1427,7 +1499,9 @@ class WorkspaceManager:
             runtime.with_root_base(record, info.root_base)  # refuses a layer whose image is gone, before any change
             paths = self._paths(name)
             await anyio.to_thread.run_sync(self._recover_files, name)
-            run_after = record.state in ("running", "paused") or info.source_state in ("running", "paused")
+            # A memory snapshot always runs afterwards: its processes carry on.
+            run_after = record.state in ("running", "paused") or info.source_state in ("running", "paused") \
+                or info.memory
             source = store.path(snapshot)
             try:
                 await progress("copying the snapshot", None)
@@ -1450,6 +1524,7 @@ class WorkspaceManager:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(snapshots.drop_old, paths)
+                    await self._collect_roots(runtime)  # the replaced root layer's
         return self.view(record)
 
     async def fork(
@@ -1539,6 +1614,7 @@ class WorkspaceManager:
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed=False)
+                    await self._collect_roots(runtime)
                 raise
         return self.view(record)
 

@@ -258,9 +258,10 @@ class WorkspaceRecord(BaseModel):
     type: WorkspaceType = "container"
     state: WorkspaceState = "creating"
     runtime: str = Field(description="The runtime that realises it: 'nspawn', 'nixos', ...")
-    ip: str
-    mac: str
-    cid: int
+    # What its runtime asked for (Runtime.network_needs); None where it needs none.
+    ip: str | None = None
+    mac: str | None = None
+    cid: int | None = None
     user: str
     owner_uid: int | None = Field(
         default=None, description="Host uid that created it (the daemon's peer); None: created before owners existed"
@@ -289,7 +290,7 @@ class Workspace(BaseModel):
     name: str
     type: WorkspaceType
     state: WorkspaceState
-    ip: str
+    ip: str | None = Field(description="Its address on the workspace subnet; null where its runtime gives none")
     user: str
     workspace_dir: str = Field(description="The project directory inside the workspace; exec's default cwd")
     host_workspace_dir: str = Field(description="The same directory on the host; it survives restarts")
@@ -347,6 +348,7 @@ class WorkspaceStatus(Workspace):
     """A workspace plus live runtime detail."""
 
     runtime: RuntimeDetail
+    snapshot_bytes: int = Field(default=0, description="Host disk its snapshots take (list_snapshots: each one)")
 
 
 class WorkspaceList(BaseModel):
@@ -571,6 +573,12 @@ class SnapshotInfo(BaseModel):
 class SnapshotList(BaseModel):
     name: str
     snapshots: list[SnapshotInfo]
+    total_bytes: int = Field(default=0, description="What this workspace's snapshots take on the host")
+    owner_bytes: int = Field(default=0, description="What all the owner's snapshots take, every workspace together")
+    owner_limit_bytes: int | None = Field(
+        default=None, description="The most the owner's snapshots may take (uid_max_snapshot_mib); a snapshot "
+        "past it is refused: delete_snapshot old ones to make room"
+    )
 
 
 class SnapshotDeleted(BaseModel):

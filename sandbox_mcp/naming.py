@@ -121,22 +121,30 @@ def netns_name(name: str) -> str:
     return f"sbx-{name}"
 
 
-def check_identity_collisions(name: str, others: Mapping[str, tuple[str, int]]) -> None:
-    """Refuse a name whose derived MAC or CID equals another workspace's.
+def check_identity_collisions(
+    name: str, others: Mapping[str, tuple[str | None, int | None]], *, mac: bool = True, cid: bool = True
+) -> None:
+    """Refuse a name whose derived MAC (when ``mac``: the workspace gets one) or CID (when ``cid``) equals
+    another workspace's.
 
-    ``others`` maps existing workspace names to their ``(mac, cid)``.
+    ``others`` maps existing workspace names to their ``(mac, cid)``, None for what one has not.
 
     Raises:
         Conflict: naming the other workspace, so the user can pick another name.
     """
-    mac, cid = mac_for(name), cid_for(name)
+    mine_mac = mac_for(name) if mac else None
+    mine_cid = cid_for(name) if cid else None
     for other, (omac, ocid) in others.items():
         if other == name:
             continue
-        if omac == mac:
-            raise Conflict(f"workspace name {name!r} derives MAC {mac}, already used by {other!r}; pick another name")
-        if ocid == cid:
-            raise Conflict(f"workspace name {name!r} derives vsock CID {cid}, already used by {other!r}; pick another name")
+        if mine_mac is not None and omac == mine_mac:
+            raise Conflict(
+                f"workspace name {name!r} derives MAC {mine_mac}, already used by {other!r}; pick another name"
+            )
+        if mine_cid is not None and ocid == mine_cid:
+            raise Conflict(
+                f"workspace name {name!r} derives vsock CID {mine_cid}, already used by {other!r}; pick another name"
+            )
 
 
 def validate_ip(ip: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import onboarding, ssh
+from . import claude_workspace, ssh
 from .config import Settings
 from .fsutil import own_dir
 from .identity import host_identity
@@ -49,14 +49,14 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     own_dir(paths.workspace, uid, gid, 0o700)
     fingerprint = ssh.ensure_host_key(paths.host_key)
     ssh.write_authorized_keys(paths.authorized_keys, authorized)
-    credentials = onboarding.host_credentials_file(Path.home())
-    onboarding.seed_claude_config(
+    credentials = claude_workspace.host_credentials_file(Path.home())
+    claude_workspace.seed_claude_config(
         paths.claude_config,
-        workspace_dir_inside=onboarding.workspace_dir_inside(record.user),
+        workspace_dir_inside=claude_workspace.workspace_dir_inside(record.user),
         uid=uid,
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
-    onboarding.seed_environment(paths.claude_config, environment or {}, uid=uid, gid=gid)
+    claude_workspace.seed_environment(paths.claude_config, environment or {}, uid=uid, gid=gid)
     return fingerprint
 

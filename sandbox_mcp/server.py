@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
@@ -29,7 +30,7 @@ from .manager import WorkspaceManager
 from .owners import OwnedManager
 from .workspaces import Workspaces
 
-__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "serve_http", "serve_stdio"]
+__all__ = ["BearerTokenVerifier", "ManagerLifespan", "build_server", "lowlevel_server", "serve_http", "serve_stdio"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,18 @@ def build_server(
     return mcp
 
 
+def lowlevel_server(server: MCPServer) -> Server[Any]:
+    """The SDK's low-level server under ``server``: the one thing that serves a given stream pair.
+
+    mcp 2.x has no public way to run an ``MCPServer`` session over streams of our own (``run`` and
+    ``run_stdio_async`` take the process's stdin/stdout; ``Server.run(read, write, options)`` is
+    public, but ``MCPServer`` keeps its ``Server`` private). The SDK's own in-memory client reaches
+    it the same way (``mcp/client/_memory.py``: "TODO: Make `lowlevel_server` public"), so this is
+    the one place we do; ``tests/test_daemon.py`` fails loudly if the SDK renames or changes it.
+    """
+    return server._lowlevel_server  # noqa: SLF001
+
+
 async def serve_stdio(server: MCPServer) -> None:
     """Serve MCP on stdin/stdout until the client closes stdin or SIGINT/SIGTERM arrives.
 
@@ -112,8 +125,6 @@ async def serve_stdio(server: MCPServer) -> None:
     lifespan closes the manager; see :mod:`shutdown` for why not the SDK's ``run("stdio")``.
     """
     from mcp.server.stdio import stdio_server
-
-    from .daemon import lowlevel_server
 
     lowlevel = lowlevel_server(server)
     async with anyio.create_task_group() as tg:

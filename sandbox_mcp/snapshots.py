@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import hostcmd
-from .errors import Conflict, InvalidSpec, InvalidState
+from .errors import Conflict, InvalidSpec, InvalidState, LimitExceeded
 from .fsutil import atomic_write
 from .models import SnapshotInfo
 from .paths import WorkspacePaths
@@ -44,6 +44,7 @@ from .paths import WorkspacePaths
 __all__ = [
     "PARTS",
     "SnapshotStore",
+    "check_bound",
     "copy_method",
     "copy_tree",
     "copy_tree_argv",
@@ -211,6 +212,11 @@ class SnapshotStore:
                     out.append(SnapshotInfo.model_validate_json((Path(entry.path) / "meta.json").read_bytes()))
         return sorted(out, key=lambda i: (i.created_at, i.snapshot))
 
+    def total_bytes(self) -> int:
+        """What the finished snapshots take on the host, as each recorded it when taken. Blocking (reads
+        only their meta.json: cheap, unlike walking them)."""
+        return sum(i.size_bytes for i in self.list())
+
     def get(self, snapshot: str) -> SnapshotInfo:
         """A finished snapshot's record.
 
@@ -276,6 +282,26 @@ class SnapshotStore:
             for entry in os.scandir(self.root):
                 if entry.name.startswith(".tmp-"):
                     shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def check_bound(workspace: str, snapshot: str, owner_bytes: int, adding: int, limit_bytes: int) -> None:
+    """Refuse ``snapshot`` when the owner's snapshots (``owner_bytes``) plus its ``adding`` bytes pass the bound.
+
+    Raises:
+        LimitExceeded: with the sizes, the setting, and what to do.
+    """
+    if owner_bytes + adding <= limit_bytes:
+        return
+
+    def mib(n: int) -> str:
+        return f"{n / (1 << 20):.1f} MiB"
+
+    raise LimitExceeded(
+        f"snapshot {snapshot!r} of workspace {workspace!r} would take {mib(adding)} of host disk, and the owner's "
+        f"snapshots already take {mib(owner_bytes)} of the {mib(limit_bytes)} they may (uid_max_snapshot_mib); "
+        "delete_snapshot ones no longer needed (list_snapshots shows their sizes), or free space in the workspace, "
+        "then take it again"
+    )
 
 
 def _fsync_dir(directory: Path) -> None:

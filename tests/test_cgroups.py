@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp.errors import InvalidSpec
-from sandbox_mcp.runtimes.nspawn.cgroups import (
+from sandbox_mcp.host.cgroups import (
     CgroupHost,
     CgroupLayout,
     Limits,

@@ -57,14 +57,13 @@ def test_authorize_rules() -> None:
 
 
 async def test_the_sdk_still_serves_a_given_stream_pair() -> None:
-    """daemon.lowlevel_server reaches into the SDK (no public way exists): if mcp renames or reshapes
+    """server.lowlevel_server reaches into the SDK (no public way exists): if mcp renames or reshapes
     what it returns, this fails here rather than at the first connection to a deployed daemon."""
     import inspect
 
     from mcp.server.lowlevel import Server
 
-    from sandbox_mcp.daemon import lowlevel_server
-    from sandbox_mcp.server import build_server
+    from sandbox_mcp.server import build_server, lowlevel_server
 
     lowlevel = lowlevel_server(build_server(Settings()))
     assert isinstance(lowlevel, Server)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import urllib.request
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any

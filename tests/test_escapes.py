@@ -15,11 +15,11 @@ from mcp import Client
 
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
+from sandbox_mcp.host.caps import open_files_ceiling
+from sandbox_mcp.host.cgroups import CgroupHost, group_for
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import OPEN_FILES
 from sandbox_mcp.naming import UID_RANGE
-from sandbox_mcp.runtimes.nspawn.cgroups import CgroupHost, group_for
-from sandbox_mcp.runtimes.nspawn.hostcaps import open_files_ceiling
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all

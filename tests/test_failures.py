@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp import onboarding
+from sandbox_mcp import claude_workspace
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError, CommandTimeout
 from sandbox_mcp.fsutil import file_lock
@@ -52,7 +52,7 @@ def _copy_with_libraries(program: str, root: Path) -> None:
 
 
 def _broken_root(user: str):  # type: ignore[no-untyped-def]
-    go = f"{onboarding.workspace_dir_inside(user)}/go"
+    go = f"{claude_workspace.workspace_dir_inside(user)}/go"
 
     async def build(root: Path) -> None:
         for program in ("/bin/sh", "/bin/sleep"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandbox_mcp import sysctls
-from sandbox_mcp.runtimes.nspawn.hostcaps import isolation_checks, kernel_limits, userns_blockers
+from sandbox_mcp.host.caps import isolation_checks, kernel_limits, userns_blockers
 
 CGROUP2 = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
 
@@ -76,7 +76,7 @@ def test_open_files_ceiling_is_what_a_child_can_get() -> None:
     sandboxes), a container's runtime clamps the limit to ours: that is what is reported."""
     import resource
 
-    from sandbox_mcp.runtimes.nspawn.hostcaps import open_files_ceiling
+    from sandbox_mcp.host.caps import open_files_ceiling
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp.config import IncusSettings
 from sandbox_mcp.errors import BackendError
 from sandbox_mcp.runtimes.incus.api import RESPONSE_MAX, IncusClient
+from sandbox_mcp.runtimes.incus.settings import IncusSettings
 
 pytestmark = pytest.mark.anyio
 

@@ -20,8 +20,8 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp import onboarding
-from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp import claude_workspace
+from sandbox_mcp.config import Settings
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.images import ImageStore
 from sandbox_mcp.manager import WorkspaceManager
@@ -33,6 +33,7 @@ from sandbox_mcp.runtimes.incus import IncusRuntime, instance_name
 from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.runtimes.incus.api import probe
 from sandbox_mcp.runtimes.incus.image import IncusImage
+from sandbox_mcp.runtimes.incus.settings import IncusSettings
 from sandbox_mcp.server import build_server
 
 from .conftest import TEST_BRIDGE, destroy_all, e2e_settings, e2e_skip_reason
@@ -84,7 +85,7 @@ def client_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def incus_settings(tmp_path: Path, incus: IncusSettings) -> Settings:
     base = e2e_settings(tmp_path / "state")
-    return base.model_copy(update={"incus": incus, "boot_timeout_s": 90})
+    return base.model_copy(update={"boot_timeout_s": 90}).with_runtime("incus", **incus.model_dump(exclude_unset=True))
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def ws_mac(settings: Settings, name: str) -> str:
 
 async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: incus_daemon.PrivateIncusd) -> None:
     s = remote_settings
-    info = probe(s.incus)
+    info = probe(IncusSettings.of(s))
     assert info.auth == "trusted" and info.api_version == "1.0"
     checks = {c.name: c for c in IncusRuntime(RuntimeContext.for_settings(s, "")).checks()}
     assert checks["incus certificate pin"].ok, checks
@@ -228,7 +229,7 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
     # The seeded Claude config was pushed into the fresh root, owned by the workspace user.
     host_config = WorkspacePaths.of(s.state_dir, "rem1").claude_config
     expected = sorted(p.name for p in host_config.iterdir() if p.is_file())
-    inside = onboarding.claude_config_dir_inside(s.user)
+    inside = claude_workspace.claude_config_dir_inside(s.user)
     r = await call(remote, "exec", name="rem1", command=f"cd {inside} && find . -maxdepth 1 -type f -user {s.user} "
                    "-printf '%f\\n' | sort")
     assert expected and r["stdout"].split() == expected, (r, expected)
@@ -243,8 +244,8 @@ async def test_remote_lifecycle(remote: Any, remote_settings: Settings, incusd: 
 
 async def test_remote_refuses_another_certificate(remote_settings: Settings, client_cert: tuple[Path, Path]) -> None:
     # Pin the client's own certificate instead of the server's: the server must be refused.
-    wrong = remote_settings.incus.model_copy(update={"server_cert": client_cert[0]})
-    checks = IncusRuntime(RuntimeContext.for_settings(remote_settings.model_copy(update={"incus": wrong}), "")).checks()
+    wrong = remote_settings.with_runtime("incus", server_cert=client_cert[0])
+    checks = IncusRuntime(RuntimeContext.for_settings(wrong, "")).checks()
     assert [c.ok for c in checks] == [False]
     assert "certificate" in checks[0].detail.lower() or "ssl" in checks[0].detail.lower(), checks[0].detail
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp.config import IncusSettings, load_settings
+from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import Limits, WorkspaceRecord
-from sandbox_mcp.runtimes import runtime_class
+from sandbox_mcp.runtimes import check_settings, runtime_class
 from sandbox_mcp.runtimes.incus import IncusRuntime, instance_body, network_env
 from sandbox_mcp.runtimes.incus.api import cert_fingerprint, probe
 from sandbox_mcp.runtimes.incus.image import incus_image_key, metadata_yaml, pack_argv, setup_script
+from sandbox_mcp.runtimes.incus.settings import IncusSettings
 
 
 def record() -> WorkspaceRecord:
@@ -112,13 +113,17 @@ def test_setup_script_sources_only_our_file() -> None:
 
 
 def test_settings_from_env_and_remote_needs_certs() -> None:
-    s = load_settings({"SANDBOX_MCP_INCUS_PROJECT": "team", "SANDBOX_MCP_INCUS_STORAGE_POOL": "fast"},
-                      config_file=Path("/nonexistent"))
-    assert (s.incus.project, s.incus.storage_pool, s.incus.url) == ("team", "fast", None)
+    def incus(env: dict[str, str]) -> IncusSettings:
+        settings = load_settings(env, config_file=Path("/nonexistent"))
+        check_settings(settings)  # what start-up does: each runtime checks its section
+        return IncusSettings.of(settings)
+
+    s = incus({"SANDBOX_MCP_INCUS_PROJECT": "team", "SANDBOX_MCP_INCUS_STORAGE_POOL": "fast"})
+    assert (s.project, s.storage_pool, s.url) == ("team", "fast", None)
     with pytest.raises(InvalidSpec, match="client_cert"):
-        load_settings({"SANDBOX_MCP_INCUS_URL": "https://incus.example:8443"}, config_file=Path("/nonexistent"))
-    with pytest.raises(InvalidSpec):
-        load_settings({"SANDBOX_MCP_INCUS_PROJECT": "a b"}, config_file=Path("/nonexistent"))
+        incus({"SANDBOX_MCP_INCUS_URL": "https://incus.example:8443"})
+    with pytest.raises(InvalidSpec, match=r"\[runtimes.incus\].*project \(old name incus.project\)"):
+        incus({"SANDBOX_MCP_INCUS_PROJECT": "a b"})
 
 
 def test_probe_without_daemon_says_what_to_do(tmp_path: Path) -> None:

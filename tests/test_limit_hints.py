@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandbox_mcp import limit_hints
+from sandbox_mcp.host.cgroups import oom_kills_in
 from sandbox_mcp.models import ExecResult, Limits
-from sandbox_mcp.runtimes.nspawn.cgroups import oom_kills_in
 
 LIMITS = Limits(cpus=1, memory_mib=1024, tasks=64, disk_mib=512)
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp import ssh
-from sandbox_mcp.config import NixosSettings, Settings
+from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import CommandFailed, InvalidSpec
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.runtimes import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime
+from sandbox_mcp.runtimes.nixos.settings import NixosSettings
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp.config import Settings
 from sandbox_mcp.images import DebianRoot, ImageStore
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.runtimes.incus import SHARES_DIR
@@ -127,7 +127,7 @@ def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
 
 async def test_incus_share_maps_only_the_owner(incusd: incus_daemon.PrivateIncusd, settings: Settings) -> None:
     """Finding 1: `shift: true` let root inside write a setuid-root program into the host's workspace dir."""
-    settings = settings.model_copy(update={"incus": IncusSettings(socket=incusd.socket), "boot_timeout_s": 90})
+    settings = settings.model_copy(update={"boot_timeout_s": 90}).with_runtime("incus", socket=incusd.socket)
     try:
         async with Client(build_server(settings)) as client:
             s = Session(client)

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from sandbox_mcp import hostcmd, sysctls
-from sandbox_mcp.config import NixosSettings, Settings, load_settings
+from sandbox_mcp.config import Settings, load_settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for, validate_name
@@ -39,6 +39,7 @@ from sandbox_mcp.progress import no_progress
 from sandbox_mcp.runtimes.base import RuntimeContext
 from sandbox_mcp.runtimes.nixos import NixosRuntime, unit_for
 from sandbox_mcp.runtimes.nixos import commands as nixos_commands
+from sandbox_mcp.runtimes.nixos.settings import NixosSettings
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "nix"
@@ -1593,8 +1594,9 @@ def test_daemon_environment_matches_the_servers_settings(tmp_path: Path) -> None
         else:
             assert field in Settings.model_fields, key
     s = load_settings(env=settings_env, config_file=tmp_path / "none.toml")
-    assert s.mode == "nixos" and s.nixos.flake == "/etc/nixos" and s.nixos.host == "fry"
-    assert s.nixos.escalation == "none" and str(s.state_dir) == "/var/lib/sandboxed-workspace"
+    nixos = NixosSettings.of(s)  # SANDBOX_MCP_NIXOS_* are the old names of [runtimes.nixos]
+    assert s.mode == "nixos" and nixos.flake == "/etc/nixos" and nixos.host == "fry"
+    assert nixos.escalation == "none" and str(s.state_dir) == "/var/lib/sandboxed-workspace"
     assert s.bridge == "sandbox-br" and str(s.subnet) == "192.168.83.0/24" and s.user == "agent"
 
 

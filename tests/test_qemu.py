@@ -38,7 +38,14 @@ from sandbox_mcp.runtimes.qemu import (
     overlay_argv,
     qemu_argv,
 )
-from sandbox_mcp.runtimes.qemu.accel import choose_accelerator, kvm_groups, kvm_sign, probe_argv, probe_boot
+from sandbox_mcp.runtimes.qemu.accel import (
+    SET_BY,
+    choose_accelerator,
+    kvm_groups,
+    kvm_sign,
+    probe_argv,
+    probe_boot,
+)
 from sandbox_mcp.runtimes.qemu.image import (
     VmArtefacts,
     VmImage,
@@ -48,6 +55,7 @@ from sandbox_mcp.runtimes.qemu.image import (
     vm_image_key,
 )
 from sandbox_mcp.runtimes.qemu.qmp import CTRL_ALT_DEL, execute
+from sandbox_mcp.runtimes.qemu.settings import QemuSettings
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
@@ -243,9 +251,9 @@ def test_kvm_sign(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_choose_accelerator_honours_the_setting(tmp_path: Path) -> None:
     for accel in ("kvm", "tcg"):
-        s = Settings(vm_accelerator=accel)
-        choice = await choose_accelerator(s, tmp_path / "no-kernel", tmp_path / "cache.json")
-        assert (choice.accelerator, choice.reason) == (accel, "set by vm_accelerator")
+        s = Settings(vm_accelerator=accel)  # the old name of [runtimes.qemu] accelerator
+        choice = await choose_accelerator(QemuSettings.of(s).accelerator, tmp_path / "no-kernel", tmp_path / "cache.json")
+        assert (choice.accelerator, choice.reason) == (accel, SET_BY)
     assert not (tmp_path / "cache.json").exists()
 
 
@@ -317,7 +325,8 @@ def test_doctor_says_which_accelerator(tmp_path: Path) -> None:
         [check] = [c for c in run_checks(s) if c.name == "VM accelerator"]
         return check.detail
 
-    assert accel(vm_accelerator="kvm") == "KVM (set by vm_accelerator)"
+    assert accel(vm_accelerator="kvm") == f"KVM ({SET_BY})"
+    assert accel(runtimes={"qemu": {"accelerator": "kvm"}}) == f"KVM ({SET_BY})"
     assert accel(vm_accelerator="tcg").startswith("VMs run under TCG, software emulation")
     sign = kvm_sign()
     if sign is not None:  # on the project's machines: kvm_pvm, so TCG, and doctor says why

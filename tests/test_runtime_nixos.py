@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 from sandbox_mcp import hostcmd
-from sandbox_mcp.config import NixosSettings, Settings
+from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.naming import cid_for, mac_for
@@ -35,6 +35,7 @@ from sandbox_mcp.runtimes.nixos import (
     unit_for,
 )
 from sandbox_mcp.runtimes.nixos import commands as nixos_commands
+from sandbox_mcp.runtimes.nixos.settings import NixosSettings
 
 from .points import HUNG_S, process_alive, wait_until
 

@@ -11,9 +11,12 @@ import pytest
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.manager import WorkspaceManager
-from sandbox_mcp.models import RuntimeDetail, WorkspaceRecord
+from sandbox_mcp.models import CreateSpec, RuntimeDetail, WorkspaceRecord
+from sandbox_mcp.naming import mac_for
 from sandbox_mcp.registry import Registry
 from sandbox_mcp.runtimes import (
+    Endpoint,
+    NetworkNeeds,
     Runtime,
     RuntimeContext,
     RuntimeState,
@@ -56,6 +59,15 @@ class _Toy(Runtime):
 
     async def logs(self, record, lines):  # type: ignore[no-untyped-def]
         return ""
+
+
+class _Bare(_Toy):
+    """A runtime without a bridge: its workspaces are reached through a port of this host's loopback."""
+
+    name = "bare"
+
+    def endpoint(self, record):  # type: ignore[no-untyped-def]
+        return Endpoint("127.0.0.1", 2222)
 
 
 def _ctx(tmp_path: Path, **kw: object) -> RuntimeContext:
@@ -143,6 +155,36 @@ async def test_the_manager_refuses_to_start_with_an_undecided_type(tmp_path: Pat
         assert m._runtime_for_type("incus") is m.runtimes["toy"]
     finally:
         await m.close()
+
+
+@pytest.mark.anyio
+async def test_a_workspace_gets_only_the_network_its_runtime_asks_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime without a bridge asks for nothing: no address, MAC or CID; a container an address and a MAC."""
+    import sandbox_mcp.runtimes as registry
+
+    monkeypatch.setattr(registry, "_registered", {})
+    register("bare", _Bare)
+    settings = Settings(mode="direct", state_dir=tmp_path / "state", image_dir=tmp_path / "img", hosts_file="",
+                        runtime_for_type={"incus": "bare"})  # fmt: skip
+    async with WorkspaceManager(settings) as m:
+        assert m.runtimes["nspawn"].network_needs("container") == NetworkNeeds(address=True, mac=True)
+        assert m.runtimes["qemu"].network_needs("vm") == NetworkNeeds(address=True, mac=True)
+        ws = await m.create(CreateSpec(name="bare", type="incus", start=False))
+        assert (ws.type, ws.state, ws.ip, ws.ssh.host, ws.ssh.port) == ("incus", "stopped", None, "127.0.0.1", 2222)
+        record = await m.registry.get("bare")
+        assert (record.runtime, record.ip, record.mac, record.cid) == ("bare", None, None, None)
+        with pytest.raises(InvalidSpec, match="'incus' workspaces get no address on the workspace subnet"):
+            await m.create(CreateSpec(name="bare2", type="incus", start=False, ip="192.168.83.50"))
+        assert "bare2" not in (await m.registry.read()).workspaces
+        container = m._register(CreateSpec(name="c1"), [], set(), m.runtimes["nspawn"])
+        assert (container.ip, container.mac, container.cid) == ("192.168.83.10", mac_for("c1"), None)
+        await m.registry.remove("c1")
+        assert (await m.destroy("bare")).destroyed
+    ctx = RuntimeContext.for_settings(Settings(state_dir=tmp_path, nixos={"flake": str(tmp_path), "host": "h"}),
+                                      "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFzz me@laptop")
+    nixos = build_runtimes("nixos", ctx)["nixos"]
+    assert nixos.network_needs("vm") == NetworkNeeds(address=True, mac=True, vsock_cid=True)  # microvm.nix's vsock
+    assert nixos.network_needs("container") == NetworkNeeds(address=True, mac=True)
 
 
 @pytest.mark.anyio

@@ -15,8 +15,10 @@ from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import Limits
 from sandbox_mcp.paths import WorkspacePaths
+from sandbox_mcp.runtimes import check_settings
 from sandbox_mcp.runtimes.nspawn import NspawnState, launch_argv, nspawn_argv, scopes
 from sandbox_mcp.runtimes.nspawn.rootfs import RootMounts
+from sandbox_mcp.runtimes.nspawn.settings import NspawnSettings
 from sandbox_mcp.supervise import workspace_tag
 
 LIMITS = Limits(cpus=1.5, memory_mib=512, tasks=4096)
@@ -52,11 +54,16 @@ def test_forcing_systemd_without_it_says_what_to_do() -> None:
 
 def test_the_setting_is_validated(tmp_path: Path) -> None:
     none = tmp_path / "none.toml"
-    assert load_settings({}, none).cgroups == "auto"
-    assert load_settings({"SANDBOX_MCP_CGROUPS": "systemd"}, none).cgroups == "systemd"
-    assert load_settings({"SANDBOX_MCP_CGROUPS": "direct"}, none).cgroups == "direct"
-    with pytest.raises(InvalidSpec, match="cgroups"):
-        load_settings({"SANDBOX_MCP_CGROUPS": "cgroupfs"}, none)
+    def cgroups(env: dict[str, str]) -> str:
+        settings = load_settings(env, none)
+        check_settings(settings)  # what start-up does: each runtime checks its section
+        return NspawnSettings.of(settings).cgroups
+
+    assert cgroups({}) == "auto"
+    assert cgroups({"SANDBOX_MCP_CGROUPS": "systemd"}) == "systemd"
+    assert cgroups({"SANDBOX_MCP_RUNTIMES_NSPAWN_CGROUPS": "direct"}) == "direct"
+    with pytest.raises(InvalidSpec, match=r"\[runtimes.nspawn\].*cgroups \(old name cgroups\)"):
+        cgroups({"SANDBOX_MCP_CGROUPS": "cgroupfs"})
 
 
 def test_scope_unit_names() -> None:

@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 
 import sandbox_mcp
-from sandbox_mcp.config import IncusSettings, Settings
+from sandbox_mcp.config import Settings
 from sandbox_mcp.server import build_server
 
 pytestmark = pytest.mark.anyio
@@ -80,7 +80,7 @@ async def test_tools_match_the_contract(settings: Settings) -> None:
 
 
 async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) -> None:
-    settings = settings.model_copy(update={"incus": IncusSettings(socket=settings.state_dir / "no-incusd.socket")})
+    settings = settings.with_runtime("incus", socket=settings.state_dir / "no-incusd.socket")
     async with Client(build_server(settings)) as client:
 
         async def error(tool: str, **args: object) -> str:

@@ -10,8 +10,9 @@ import jsonschema
 import pytest
 
 from sandbox_mcp import models
-from sandbox_mcp.claude_setup import skills_dir
-from sandbox_mcp.config import NixosSettings, Settings
+from sandbox_mcp.claude_install import skills_dir
+from sandbox_mcp.config import MOVED, Settings
+from sandbox_mcp.runtimes import runtime_class, runtime_names
 
 from .contract import arguments, tool_schemas
 
@@ -45,9 +46,12 @@ for _model in (
     models.WorkspaceDiff,
     models.DiffFile,
     models.FetchResult,
+    models.SnapshotInfo,
+    models.SnapshotList,
 ):
     _FIELD_NAMES |= set(_model.model_fields)
-_FIELD_NAMES |= set(Settings.model_fields) | set(NixosSettings.model_fields)
+_FIELD_NAMES |= set(Settings.model_fields) | set(MOVED)  # settings, and the old names of runtimes' ones
+_FIELD_NAMES |= {f for n in runtime_names() for f in runtime_class(n).Config.model_fields}  # [runtimes.NAME]
 
 _SNAKE = re.compile(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`")
 _FENCE_OPEN = re.compile(r"^([ \t]*)```(\w*)[ \t]*$")

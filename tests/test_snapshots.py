@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_mcp import snapshots
-from sandbox_mcp.errors import Conflict, InvalidSpec, InvalidState
+from sandbox_mcp.errors import Conflict, InvalidSpec, InvalidState, LimitExceeded
 from sandbox_mcp.models import SnapshotInfo
 from sandbox_mcp.paths import WorkspacePaths
 from sandbox_mcp.snapshots import SnapshotStore
@@ -254,3 +254,25 @@ def test_freeze_scope_argv() -> None:
     assert freeze_scope_argv(unit, False) == ["systemctl", "thaw", "--", unit]
     with pytest.raises(InvalidSpec):
         freeze_scope_argv("other.scope", True)
+
+
+def test_check_bound_counts_the_owners_snapshots_and_the_new_one() -> None:
+    snapshots.check_bound("w", "s", owner_bytes=3 << 20, adding=1 << 20, limit_bytes=4 << 20)  # exactly fits
+    with pytest.raises(LimitExceeded) as refused:
+        snapshots.check_bound("w", "s", owner_bytes=3 << 20, adding=(1 << 20) + 1, limit_bytes=4 << 20)
+    message = str(refused.value)
+    assert "3.0 MiB" in message and "4.0 MiB" in message and "uid_max_snapshot_mib" in message
+    assert "delete_snapshot" in message
+
+
+def test_store_total_bytes_sums_the_recorded_sizes(tmp_path: Path) -> None:
+    paths = WorkspacePaths.of(tmp_path, "w")
+    paths.root.mkdir()
+    store = SnapshotStore(paths, "w")
+    assert store.total_bytes() == 0
+    for name, size in (("a", 100), ("b", 23)):
+        tmp = store.aside(name)
+        store.commit(tmp, SnapshotInfo(name="w", snapshot=name, created_at=datetime.now(UTC), size_bytes=size,
+                                       method="copy", source_state="stopped"))
+    store.aside("c")  # half-taken: not counted
+    assert store.total_bytes() == 123

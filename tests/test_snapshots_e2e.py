@@ -23,6 +23,7 @@ from sandbox_mcp.runtimes.nspawn import NspawnState
 
 from .test_e2e import (  # noqa: F401 - fixtures used by name
     NOTHING_LEFT,
+    Deployment,
     Session,
     deployment,
     host_leftovers,
@@ -101,7 +102,8 @@ async def _until(check, timeout_s: float = 30) -> None:  # type: ignore[no-untyp
         await anyio.sleep(0.02)
 
 
-async def test_snapshot_and_restore_put_files_and_root_back(mcp_session: Session, settings: Settings) -> None:
+async def test_snapshot_and_restore_put_files_and_root_back(mcp_session: Session, settings: Settings,
+                                                            deployment: Deployment) -> None:  # fmt: skip
     s = mcp_session
     ws = await s.call("create_workspace", name="sn")
     host_dir = Path(ws["host_workspace_dir"])
@@ -137,6 +139,22 @@ async def test_snapshot_and_restore_put_files_and_root_back(mcp_session: Session
     assert stopped["source_state"] == "stopped"
     listed = await s.call("list_snapshots", name="sn")
     assert [x["snapshot"] for x in listed["snapshots"]] == ["s1", "s2-stopped"]
+    # Their disk counts: per workspace (also in workspace_status) and for the owner, against its bound.
+    assert listed["total_bytes"] == sum(x["size_bytes"] for x in listed["snapshots"]) > 0
+    assert listed["owner_limit_bytes"] > listed["owner_bytes"] >= listed["total_bytes"]
+    assert (await s.call("workspace_status", name="sn"))["snapshot_bytes"] == listed["total_bytes"]
+    if deployment.settings is None:  # in process, the bound is this test's own setting: less than 1 MiB of room
+        settings.uid_max_snapshot_mib = -(-listed["owner_bytes"] // (1 << 20))
+        (host_dir / "big.bin").write_bytes(os.urandom(3 << 20))
+        try:
+            refused = await s.error("snapshot_workspace", name="sn", snapshot="too-big")
+            assert "uid_max_snapshot_mib" in refused and "delete_snapshot" in refused, refused
+        finally:
+            settings.uid_max_snapshot_mib = None
+            (host_dir / "big.bin").unlink()
+        after = await s.call("list_snapshots", name="sn")
+        assert [x["snapshot"] for x in after["snapshots"]] == ["s1", "s2-stopped"]
+        assert after["owner_bytes"] == listed["owner_bytes"]
     restored = await s.call("restore_workspace", name="sn", snapshot="s2-stopped")
     assert restored["state"] == "stopped"  # taken stopped, restored into a stopped workspace: stays stopped
 
@@ -144,7 +162,7 @@ async def test_snapshot_and_restore_put_files_and_root_back(mcp_session: Session
     assert "list_snapshots" in await s.error("restore_workspace", name="sn", snapshot="nope")
     assert "list_snapshots" in await s.error("fork_workspace", name="sn", new_name="sn2", snapshot="nope")
     assert "not found" in await s.error("snapshot_workspace", name="ghost", snapshot="x")
-    assert "memory" in await s.error("snapshot_workspace", name="sn", snapshot="m", memory=True)
+    assert "memory=true is for type 'vm'" in await s.error("snapshot_workspace", name="sn", snapshot="m", memory=True)
     bad = await s.error("snapshot_workspace", name="sn", snapshot="../etc")
     assert "snapshot" in bad.lower()
     assert (await s.call("delete_snapshot", name="sn", snapshot="s2-stopped")) == {"snapshot": "s2-stopped",

@@ -14,6 +14,7 @@ from sandbox_mcp.config import load_settings
 from sandbox_mcp.errors import BackendError, InvalidSpec
 from sandbox_mcp.models import WorkspaceRecord
 from sandbox_mcp.registry import Registry, RegistryData
+from sandbox_mcp.runtimes.nixos.settings import NixosSettings
 
 from .points import HUNG_S, wait_until_sync
 
@@ -111,7 +112,8 @@ def test_settings_from_env_and_file(tmp_path: Path) -> None:
     cfg.write_text('bridge = "br-file"\nuser = "dev"\n[nixos]\nhost = "fry"\n')
     s = load_settings({"SANDBOX_MCP_BRIDGE": "br-env", "SANDBOX_MCP_NIXOS_ESCALATION": "doas",
                        "SANDBOX_MCP_STATE_DIR": "~/x"}, cfg)
-    assert (s.bridge, s.user, s.nixos.host, s.nixos.escalation) == ("br-env", "dev", "fry", "doas")
+    nixos = NixosSettings.of(s)  # the [nixos] table and SANDBOX_MCP_NIXOS_* are [runtimes.nixos]'s old names
+    assert (s.bridge, s.user, nixos.host, nixos.escalation) == ("br-env", "dev", "fry", "doas")
     assert s.state_dir == Path(os.path.expanduser("~/x"))
     assert str(s.host_ip) == "192.168.83.1"
     with pytest.raises(InvalidSpec, match="bridge"):

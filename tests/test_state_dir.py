@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp import onboarding
+from sandbox_mcp import claude_workspace
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.fsutil import own_dir as _own_dir
@@ -48,19 +48,19 @@ def test_own_dir_sets_owner_and_mode(tmp_path: Path) -> None:
 def test_seeding_refuses_a_fifo_instead_of_hanging(tmp_path: Path) -> None:
     config = tmp_path / "claude-config"
     config.mkdir()
-    os.mkfifo(config / onboarding.CLAUDE_JSON)  # planted by the workspace user
+    os.mkfifo(config / claude_workspace.CLAUDE_JSON)  # planted by the workspace user
     with pytest.raises(InvalidSpec, match="not a regular file"):
-        onboarding.seed_claude_config(config, workspace_dir_inside="/home/agent/workspace", uid=os.getuid(),
+        claude_workspace.seed_claude_config(config, workspace_dir_inside="/home/agent/workspace", uid=os.getuid(),
                                       gid=os.getgid())
 
 
 def test_seeding_moves_a_huge_file_aside_unread(tmp_path: Path) -> None:
     config = tmp_path / "claude-config"
     config.mkdir()
-    huge = config / onboarding.SETTINGS_JSON
+    huge = config / claude_workspace.SETTINGS_JSON
     with open(huge, "wb") as f:
         f.truncate(64 << 20)  # sparse: 64 MiB that would be read whole before
-    onboarding.seed_claude_config(config, workspace_dir_inside="/home/agent/workspace", uid=os.getuid(),
+    claude_workspace.seed_claude_config(config, workspace_dir_inside="/home/agent/workspace", uid=os.getuid(),
                                   gid=os.getgid())
     assert huge.stat().st_size < 4096  # written afresh
-    assert any(p.name.startswith(f"{onboarding.SETTINGS_JSON}.corrupt-") for p in config.iterdir())
+    assert any(p.name.startswith(f"{claude_workspace.SETTINGS_JSON}.corrupt-") for p in config.iterdir())

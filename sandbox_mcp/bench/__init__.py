@@ -17,7 +17,8 @@
   direct connection to the workspace IP, notifications per second during a chatty exec;
 - git (:mod:`.git`): create with ``repo=`` (10,000 files) against a plain create, and
   fetch_workspace of 100 commits against a host-local fetch (``--git only|no``);
-- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec
+- pause/resume, snapshot/restore against ``cp -a`` (and reflinks on btrfs), fork → first exec,
+  and with ``--snapshot-vm`` a VM memory snapshot's save and restore against a disk snapshot's
   (:mod:`.snapshots`, ``--snapshots only|no``, ``--snapshot-mib``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
@@ -339,7 +340,8 @@ async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) 
     state.mkdir(parents=True, exist_ok=True)
     sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
     try:
-        results = await run_snapshots(settings, state, sizes, max(1, args.runs))
+        results = await run_snapshots(settings, state, sizes, max(1, args.runs),
+                                      vm=bool(getattr(args, "snapshot_vm", False)))
     finally:
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)

@@ -23,9 +23,10 @@ from typing import Any
 import anyio
 
 from ..config import Settings
+from ..host.cgroups import CgroupHost, group_for
 from ..manager import WorkspaceManager
 from ..models import CreateSpec
-from ..runtimes.nspawn.cgroups import CgroupHost, group_for
+from ..runtimes.nspawn.settings import NspawnSettings
 
 __all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
@@ -90,9 +91,9 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
 async def run_capacity(settings: Settings, parallel_max: int) -> dict[str, Any]:
     """The ramp for each isolation this host and its settings allow; figures as data."""
     inotify = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
-    kinds: dict[str, Settings | str] = {"unprivileged": settings.model_copy(update={"private_users": True})}
+    kinds: dict[str, Settings | str] = {"unprivileged": settings.with_runtime("nspawn", private_users=True)}
     kinds["privileged"] = (
-        settings.model_copy(update={"private_users": False}) if settings.allow_privileged
+        settings.with_runtime("nspawn", private_users=False) if NspawnSettings.of(settings).allow_privileged
         else "skipped: set SANDBOX_MCP_ALLOW_PRIVILEGED=true to compare"
     )
     out: dict[str, Any] = {"max_user_instances": inotify, "parallel_max": parallel_max}

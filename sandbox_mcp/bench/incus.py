@@ -41,7 +41,7 @@ async def run_incus(
         return reason
     daemon = incusd.start()
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-incus-"))
-    s = settings.model_copy(update={"state_dir": state, "incus": daemon.settings})
+    s = settings.model_copy(update={"state_dir": state}).with_runtime("incus", socket=daemon.socket)
     try:
         async with Client(build_server(s)) as client:
 

@@ -7,7 +7,9 @@
   --reflink=always`` where the filesystem has clones), on the state dir's own filesystem and, where
   ``mkfs.btrfs`` and loop devices work, on a btrfs loop file (reflinks);
 - restore_workspace → first exec against stop + start → first exec (the restart a restore includes);
-- fork_workspace → first exec in the fork, against create_workspace → first exec.
+- fork_workspace → first exec in the fork, against create_workspace → first exec;
+- with ``--snapshot-vm``: a VM's (512 MiB, 1 vCPU) memory snapshot and its restore → first exec,
+  against a disk snapshot of the same VM and its restore → first exec (a boot).
 
 Runs inside the benchmark's private namespaces (see :mod:`.bench`); every workspace and mount it
 makes is removed again.
@@ -123,8 +125,45 @@ async def _section(settings: Settings, sizes: list[int], label: str) -> dict[str
     return out
 
 
-async def run_snapshots(settings: Settings, state: Path, sizes: list[int], runs: int) -> dict[str, Figures]:
-    """Every figure of the section (see the module docstring)."""
+async def _vm_memory(settings: Settings) -> Figures:
+    """Memory snapshot save and restore of one small VM, against a disk snapshot's (see the module docstring)."""
+    from mcp import Client
+
+    from ..server import build_server
+
+    async with Client(build_server(settings)) as client:
+
+        async def call(tool: str, **kw: object) -> dict:  # type: ignore[type-arg]
+            r = await client.call_tool(tool, kw)
+            if r.is_error:
+                raise RuntimeError(f"{tool}: {r.content}")
+            return r.structured_content  # type: ignore[return-value]
+
+        ws = await call("create_workspace", name="vmem", type="vm", memory_mib=512, cpus=1)
+        try:
+            await call("exec", name="vmem", command="cd /tmp && setsid nohup sleep 100000 >/dev/null 2>&1 &",
+                       timeout_s=300)
+            timed: dict[str, float] = {}
+            for memory in (False, True):
+                snap = "mem" if memory else "disk"
+                t0 = time.monotonic()
+                info = await call("snapshot_workspace", name="vmem", snapshot=snap, memory=memory)
+                timed[f"{snap}_snapshot_s"] = time.monotonic() - t0
+                timed[f"{snap}_size_mb"] = info["size_bytes"] / 1e6
+            for snap in ("disk", "mem"):
+                t0 = time.monotonic()
+                await call("restore_workspace", name="vmem", snapshot=snap)
+                await call("exec", name="vmem", command="true", timeout_s=300)
+                timed[f"{snap}_restore_to_exec_s"] = time.monotonic() - t0
+            return {"accelerator": (await call("workspace_status", name="vmem"))["runtime"].get("accelerator") or "?",
+                    "memory_mib": float(ws["limits"]["memory_mib"]), **timed}  # fmt: skip
+        finally:
+            await call("destroy_workspace", name="vmem")
+
+
+async def run_snapshots(settings: Settings, state: Path, sizes: list[int], runs: int,
+                        vm: bool = False) -> dict[str, Figures]:
+    """Every figure of the section (see the module docstring); ``vm``: the VM memory figures too."""
     from mcp import Client
 
     from ..server import build_server
@@ -170,6 +209,8 @@ async def run_snapshots(settings: Settings, state: Path, sizes: list[int], runs:
                                            "runs": float(runs)}  # fmt: skip
         await call("destroy_workspace", name="pz")
 
+    if vm:
+        results["vm_memory_snapshot"] = await _vm_memory(settings)
     fstype = (await anyio.run_process(["stat", "-f", "-c", "%T", str(state)])).stdout.decode().strip()
     results |= await _section(settings, sizes, fstype or "statefs")
     async with WorkspaceManager(settings) as m:  # nothing may hold the loop mount below
@@ -196,6 +237,15 @@ def format_snapshots(results: dict[str, Figures]) -> str:
     lines += [f"fork_workspace -> first exec in the fork (container): p50 {f['p50']:.3f} s ({f['runs']:.0f} runs)",
               f"  baseline, create_workspace -> first exec: p50 {f['create_p50']:.3f} s; "
               f"ratio {float(f['p50']) / float(f['create_p50']):.2f}x"]
+    v = results.get("vm_memory_snapshot")
+    if v is not None:
+        lines += [f"VM ({v['accelerator']}, {float(v['memory_mib']):.0f} MiB) memory snapshot: save "
+                  f"{float(v['mem_snapshot_s']):.2f} s ({float(v['mem_size_mb']):.0f} MB), restore -> exec "
+                  f"{float(v['mem_restore_to_exec_s']):.2f} s (no boot)",
+                  f"  baseline, disk snapshot of the same VM: {float(v['disk_snapshot_s']):.2f} s "
+                  f"({float(v['disk_size_mb']):.0f} MB), restore -> exec {float(v['disk_restore_to_exec_s']):.2f} s "
+                  f"(a boot); memory restore / disk restore "
+                  f"{float(v['mem_restore_to_exec_s']) / float(v['disk_restore_to_exec_s']):.2f}x"]
     for key, r in results.items():
         if not key.endswith(tuple(f"_{n}" for n in range(1, 100000))) or "snapshot_s" not in r:
             continue

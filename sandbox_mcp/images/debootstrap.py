@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from .. import hostcmd, onboarding
+from .. import claude_workspace, hostcmd
 from ..config import Settings
 from ..errors import BackendError
 from ..naming import BUILD_UID_BASE, UID_RANGE
@@ -177,7 +177,7 @@ def recipe_digest() -> str:
     differently would otherwise share one cached image, and one of them would boot the other's.
     """
     h = hashlib.sha256()
-    for source in (Path(__file__), Path(onboarding.__file__)):
+    for source in (Path(__file__), Path(claude_workspace.__file__)):
         h.update(source.read_bytes())
     return h.hexdigest()[:16]
 
@@ -322,24 +322,24 @@ class DebianRoot:
         chroot("usermod", "--password", "*", user)  # no password, not locked: key-only login via sshd
         (root / "etc/sudoers.d/sandbox-mcp").write_text(f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
         os.chmod(root / "etc/sudoers.d/sandbox-mcp", 0o440)
-        for inside in (onboarding.workspace_dir_inside(user), onboarding.claude_config_dir_inside(user)):
+        for inside in (claude_workspace.workspace_dir_inside(user), claude_workspace.claude_config_dir_inside(user)):
             d = root / inside.lstrip("/")
             d.mkdir(exist_ok=True)
             os.chown(d, uid, uid)
         (root / "etc/ssh-host-keys").mkdir(exist_ok=True)
         for key in (root / "etc/ssh").glob("ssh_host_*"):
             key.unlink()  # the package's keys are never used; the server's pinned key is
-        env = onboarding.environment_lines(user)
+        env = claude_workspace.environment_lines(user)
         (root / "etc/ssh/sshd_config.d/10-sandbox-mcp.conf").write_text(
             SSHD_DROP_IN + "".join(f"SetEnv {line}\n" for line in env)
         )
         with open(root / "etc/environment", "a") as f:
             f.write("".join(line + "\n" for line in env))
-        wrapper = root / onboarding.CLAUDE_WRAPPER_PATH.lstrip("/")
-        wrapper.write_text(onboarding.CLAUDE_WRAPPER)
+        wrapper = root / claude_workspace.CLAUDE_WRAPPER_PATH.lstrip("/")
+        wrapper.write_text(claude_workspace.CLAUDE_WRAPPER)
         wrapper.chmod(0o755)
         install_exec_agent(root)
-        (root / onboarding.CLAUDE_PROFILE_SNIPPET_PATH.lstrip("/")).write_text(onboarding.CLAUDE_PROFILE_SNIPPET)
+        (root / claude_workspace.CLAUDE_PROFILE_SNIPPET_PATH.lstrip("/")).write_text(claude_workspace.CLAUDE_PROFILE_SNIPPET)
         (root / "etc/hostname").unlink(missing_ok=True)  # nspawn sets the workspace name
         (root / "etc/machine-id").write_text("")  # a fresh id on every boot
         for unit in MASKED_UNITS:

@@ -17,16 +17,31 @@ from importlib.metadata import entry_points
 from ..config import Settings
 from ..errors import InvalidSpec
 from ..models import BUILTIN_TYPES, WorkspaceType
-from .base import Endpoint, Mode, Progress, Runtime, RuntimeContext, RuntimeState, no_progress
+from .base import (
+    Endpoint,
+    GuestExec,
+    Mode,
+    NetworkNeeds,
+    Progress,
+    Runtime,
+    RuntimeContext,
+    RuntimeSettings,
+    RuntimeState,
+    no_progress,
+)
 
 __all__ = [
     "Endpoint",
+    "GuestExec",
     "Mode",
+    "NetworkNeeds",
     "Progress",
     "Runtime",
     "RuntimeContext",
+    "RuntimeSettings",
     "RuntimeState",
     "build_runtimes",
+    "check_settings",
     "known_types",
     "no_progress",
     "register",
@@ -93,12 +108,28 @@ def resolve_mode(settings: Settings) -> Mode:
     return "direct"
 
 
-def build_runtimes(mode: Mode, ctx: RuntimeContext) -> dict[str, Runtime]:
-    """One instance of every runtime that belongs to ``mode``, by name.
+def check_settings(settings: Settings) -> None:
+    """Check every runtime section of ``settings`` (``[runtimes.NAME]``) with its runtime's settings model,
+    whatever the mode: a mistake in one not used now still shows at start-up.
 
     Raises:
-        InvalidSpec: a runtime of that mode refuses the settings (its message says what to set).
+        InvalidSpec: a section names no known runtime, or a value fails (the message names section and field).
     """
+    for name in sorted(settings.runtimes):
+        if name not in runtime_names():
+            raise InvalidSpec(f"the settings have a section [runtimes.{name}], but no runtime is named "
+                              f"{name!r}; known: {', '.join(runtime_names())}")
+        runtime_class(name).config_of(settings)
+
+
+def build_runtimes(mode: Mode, ctx: RuntimeContext) -> dict[str, Runtime]:
+    """One instance of every runtime that belongs to ``mode``, by name, once all settings sections check.
+
+    Raises:
+        InvalidSpec: a settings section fails (:func:`check_settings`), or a runtime of that mode refuses the
+            settings (its message says what to set).
+    """
+    check_settings(ctx.settings)
     return {name: cls(ctx) for name in runtime_names() if mode in (cls := runtime_class(name)).modes}
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..config import Settings
-from ..errors import Unsupported
-from ..models import MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
+from ..config import Settings, moved_name
+from ..errors import BackendError, InvalidSpec, InvalidState, Unsupported
+from ..models import MIN_MEMORY_MIB, Check, ExecResult, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -29,11 +30,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Endpoint",
+    "ImageRootRuntime",
+    "ImageRootState",
+    "GuestExec",
     "Mode",
+    "NetworkNeeds",
+    "ON_THE_SUBNET",
     "PackageFlavour",
     "Progress",
     "Runtime",
     "RuntimeContext",
+    "RuntimeSettings",
     "RuntimeState",
     "hosts_file",
     "log_tail_lines",
@@ -41,6 +48,9 @@ __all__ = [
 ]
 
 Mode = Literal["direct", "nixos"]
+# Runs a shell command in the workspace as its user, from "/" (the manager's SSH pool): what a runtime is
+# handed when it must act inside the guest.
+GuestExec = Callable[[str], Awaitable[ExecResult]]
 PackageFlavour = Literal["debian", "nix"]
 
 
@@ -71,6 +81,52 @@ class Endpoint(NamedTuple):
 
     host: str
     port: int = 22
+
+
+class NetworkNeeds(NamedTuple):
+    """What a workspace needs of the workspace network, allocated by the manager on create (inside the
+    registry transaction, unique among the registered workspaces) and kept on its record."""
+
+    address: bool = False  # record.ip: an IPv4 address of the workspace subnet (settings.subnet)
+    mac: bool = False  # record.mac: the MAC derived from its name (naming.mac_for)
+    vsock_cid: bool = False  # record.cid: the vsock CID derived from its name (naming.cid_for)
+
+
+ON_THE_SUBNET = NetworkNeeds(address=True, mac=True)  # a NIC with a static address on the workspace subnet
+
+
+class RuntimeSettings(BaseModel):
+    """A runtime's own settings: its section ``[runtimes.NAME]`` of the settings file (in the environment
+    ``SANDBOX_MCP_RUNTIMES_NAME_FIELD``). Subclass it per runtime (``Runtime.Config``); every field needs a
+    default that works, and unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    section: ClassVar[str] = ""  # the runtime name whose section it reads by default
+
+    @classmethod
+    def of(cls, settings: Settings, name: str | None = None) -> Self:
+        """Section ``[runtimes.NAME]`` of ``settings`` (``name`` or :attr:`section`), validated.
+
+        Raises:
+            InvalidSpec: a value fails validation, or a key is unknown (the message names section and field).
+        """
+        name = name or cls.section
+        try:
+            return cls.model_validate(settings.runtimes.get(name, {}))
+        except ValidationError as exc:
+            raise _settings_error(name, exc) from exc
+
+
+def _settings_error(runtime: str, exc: ValidationError) -> InvalidSpec:
+    """``exc`` as one message naming the section and each field (and the field's old name, if it had one)."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(the section)"
+        old = moved_name(runtime, str(err["loc"][0])) if err["loc"] else None
+        problems.append(f"{field}{f' (old name {old})' if old else ''}: {err['msg']}")
+    where = f"[runtimes.{runtime}] (SANDBOX_MCP_RUNTIMES_{runtime.upper()}_*)"
+    return InvalidSpec(f"invalid settings in {where}: " + "; ".join(problems))
 
 
 class RuntimeState(BaseModel):
@@ -118,15 +174,30 @@ class Runtime(ABC):
     # True when the workspace runs a kernel of its own (a VM): its /proc/vmstat counts its OOM kills only.
     own_kernel: ClassVar[bool] = False
     State: ClassVar[type[RuntimeState]] = RuntimeState
+    # Its own settings section, [runtimes.<name>]: read into ``self.config`` when it is built.
+    Config: ClassVar[type[RuntimeSettings]] = RuntimeSettings
     # True when a snapshot of a running workspace should first flush the guest's own caches (``sync``
     # inside): a VM's page cache is invisible to the host; a container's is the host's.
     sync_before_capture: ClassVar[bool] = False
     # Whether capture_root works: snapshot, restore and fork are refused up front when it does not.
     has_snapshots: ClassVar[bool] = False
+    # Whether a snapshot can keep the running state too (prepare_memory, save_memory, release_memory).
+    has_memory_snapshots: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
+        """Raises: InvalidSpec: its settings section does not validate (the message names section, field)."""
         self.ctx = ctx
         self.settings = ctx.settings
+        self.config = self.config_of(ctx.settings)
+
+    @classmethod
+    def config_of(cls, settings: Settings) -> RuntimeSettings:
+        """This runtime's section of ``settings``, validated by :attr:`Config`.
+
+        Raises:
+            InvalidSpec: a value fails validation, or a key is unknown (the message names section and field).
+        """
+        return cls.Config.of(settings, cls.name)
 
     # -- choosing a runtime ---------------------------------------------------------------------
 
@@ -186,8 +257,21 @@ class Runtime(ABC):
         workspace filled in (``disk_mib``), as create records and reports them. Pure. Default: none."""
         return limits
 
+    def network_needs(self, type_: WorkspaceType) -> NetworkNeeds:
+        """What a workspace of ``type_`` needs of the workspace network (its address, MAC, vsock CID); the
+        manager gives it that and nothing else (record fields it does not need stay None). Default: none,
+        for a runtime whose workspaces are reached some other way (then override :meth:`endpoint`)."""
+        return NetworkNeeds()
+
     def endpoint(self, record: WorkspaceRecord) -> Endpoint:
-        """Where the manager reaches the workspace's sshd; by default its own address, port 22."""
+        """Where the manager reaches the workspace's sshd; by default its own address, port 22.
+
+        Raises:
+            BackendError: the workspace has no address (its runtime must then say where its sshd is).
+        """
+        if record.ip is None:
+            raise BackendError(f"the {self.name} runtime gives workspace {record.name!r} no address and does not "
+                               "say where its sshd is (Runtime.endpoint)")
         return Endpoint(record.ip, 22)
 
     # -- host -----------------------------------------------------------------------------------
@@ -296,6 +380,36 @@ class Runtime(ABC):
         """
         raise self._cannot("snapshot a workspace's root filesystem")
 
+    async def prepare_memory(self, record: WorkspaceRecord, guest: GuestExec) -> Any:
+        """Ready the running workspace for :meth:`save_memory`; returns what :meth:`release_memory` needs.
+        The manager calls release_memory after the save, whatever happened to it.
+
+        Raises:
+            Unsupported: no memory snapshots here. InvalidState: not now (the message says why). BackendError.
+        """
+        raise self._cannot("keep a workspace's running state in a snapshot (memory=true)")
+
+    async def save_memory(self, record: WorkspaceRecord, ticket: Any, dest: Path) -> None:
+        """Save the paused workspace's running state into the snapshot's root part ``dest`` (it exists):
+        the next start from a root layer holding it resumes from it instead of booting.
+
+        Raises:
+            BackendError: the save failed.
+        """
+        raise self._cannot("keep a workspace's running state in a snapshot (memory=true)")
+
+    async def release_memory(self, record: WorkspaceRecord, ticket: Any) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`prepare_memory` once the workspace runs again."""
+
+    def held_elsewhere_bytes(self, root_part: Path) -> int:
+        """Bytes a captured root (``root_part``, a snapshot's root part) holds outside the state dir (e.g. an
+        image on the Incus server), counted with the snapshot's size. Blocking. Default: none."""
+        return 0
+
+    async def collect_roots(self) -> None:  # noqa: B027 - optional hook
+        """Free what the runtime keeps for captured roots (e.g. server-side images) that no snapshot or root
+        layer under the state dir names any more. Called after deletes; must not fail loudly."""
+
     def root_base(self, record: WorkspaceRecord) -> str | None:
         """What a captured root layer applies to (the image key): kept with a snapshot, given back on restore."""
         return None
@@ -313,3 +427,37 @@ class Runtime(ABC):
     ) -> None:
         """Make ``trees`` copied from ``source``'s workspace right for ``target`` (a fork): e.g. shift owners
         from one uid range to the other. Default: nothing to change."""
+
+
+class ImageRootState(RuntimeState):
+    """The state of a workspace whose writable root layer sits over an image of the store."""
+
+    image: str | None = None
+
+
+class ImageRootRuntime(Runtime):
+    """A runtime whose workspaces boot a writable root layer over a cached image (its store key in the
+    state's ``image``): a snapshot keeps that key, and a restore or fork boots the layer over it again."""
+
+    State: ClassVar[type[RuntimeState]] = ImageRootState
+    image_kind: ClassVar[str] = "root image"  # what its image is called in messages ("VM image")
+
+    def root_base(self, record: WorkspaceRecord) -> str | None:
+        return self._image_state(record).image
+
+    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
+        state = self._image_state(record)
+        if base is None or base == state.image:
+            return record
+        if not self.ctx.images.exists(base):
+            raise InvalidState(
+                f"the {self.image_kind} this snapshot's root layer was made on ({base}) is gone (pruned or "
+                "rebuilt); the layer cannot be used. Restore the workspace dir by hand from another snapshot, "
+                "or recreate"
+            )
+        return self.with_state(record, state.model_copy(update={"image": base}))
+
+    def _image_state(self, record: WorkspaceRecord) -> ImageRootState:
+        state = self.state(record)
+        assert isinstance(state, ImageRootState), f"{self.name}: State must subclass ImageRootState"
+        return state

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 
 import anyio
 
-from .. import onboarding, supervise
+from .. import claude_workspace, supervise
 from ..errors import AccessDenied, BackendError, InvalidSpec, SandboxError, SSHError
 from ..fsutil import async_file_lock, atomic_write
 from ..hostnet import firewall as policy
@@ -280,7 +280,7 @@ class SecretsService:
         block = "\n".join([_BEGIN, *(f"{k}={v}" for k, v in env.items()), _END]) + "\n"
         # sshd runs without PAM and takes a session's environment from SetEnv, whose first line wins whole:
         # this drop-in sorts before the image's and repeats its variables.
-        base = onboarding.environment_lines(self.settings.user)
+        base = claude_workspace.environment_lines(self.settings.user)
         setenv = "SetEnv " + " ".join([*base, *(f"{k}={v}" for k, v in env.items())]) + "\n"
         git = _gitconfig(self.specs, known, self.settings.host_ip, self.proxy.port)
         b64 = base64.b64encode

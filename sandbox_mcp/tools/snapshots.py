@@ -48,8 +48,9 @@ def register(mcp: MCPServer) -> None:
         snapshot: SnapshotName,
         memory: Annotated[
             bool,
-            Field(description="Also keep the running processes: not available (qemu cannot save a VM whose 9p "
-                  "workspace share is mounted; containers have no such state); leave false"),
+            Field(description="VMs (type 'vm') only: also keep the running processes, which carry on after "
+                  "restore_workspace (no boot). Refused while a process holds a file in the workspace dir "
+                  "(the VM unmounts its shares for the save; the error names the processes)"),
         ] = False,
     ) -> SnapshotInfo:
         """Save the whole workspace under a name: the workspace directory, the Claude config and the writable
@@ -60,14 +61,18 @@ def register(mcp: MCPServer) -> None:
 
         Returns name, snapshot, created_at, size_bytes (host disk it takes) and method ('reflink': a
         copy-on-write clone, near-instant; 'copy': a full copy, on filesystems without reflinks).
-        Errors: the name is taken -> pick another or delete_snapshot it; type 'incus' or a privileged
-        container -> not supported, say so to the user."""
+        Snapshots count against the owner's disk (list_snapshots shows totals and the limit).
+        Errors: the name is taken -> pick another or delete_snapshot it; past the owner's snapshot limit
+        (uid_max_snapshot_mib) -> delete_snapshot old ones; memory=true with processes in the workspace dir
+        -> end them (or cd /tmp before starting them) or take memory=false; a privileged container or a
+        remote Incus server -> not supported, say so to the user."""
         return await workspaces(ctx).snapshot(name, snapshot, memory, progress=progress_of(ctx))
 
     @tool(mcp, title="List a workspace's snapshots", read_only=True, idempotent=True)
     async def list_snapshots(ctx: ToolContext, name: Name) -> SnapshotList:
-        """The workspace's snapshots, oldest first, with when they were taken, their size on the host and
-        the state the workspace was in."""
+        """The workspace's snapshots, oldest first, with when they were taken, their size on the host, whether
+        they hold memory and the state the workspace was in; total_bytes (this workspace's), owner_bytes
+        (all your workspaces' snapshots) and owner_limit_bytes (past it a snapshot is refused)."""
         return await workspaces(ctx).list_snapshots(name)
 
     @tool(mcp, title="Restore a workspace from a snapshot", destructive=True)
@@ -75,7 +80,7 @@ def register(mcp: MCPServer) -> None:
         """Put a workspace back exactly as it was at a snapshot: its workspace directory (files written since
         are gone), Claude config and root filesystem (packages installed before the snapshot are there,
         ones installed after are not). The workspace restarts to do it: running processes end, SSH
-        reconnects. It is running afterwards if it was running, or the snapshot was of a running one.
+        reconnects (a VM memory snapshot's processes carry on instead). It is running afterwards if it was running, or the snapshot was of a running one.
         The snapshot itself stays, for another restore. Errors: unknown snapshot -> list_snapshots."""
         return await workspaces(ctx).restore(name, snapshot, progress=progress_of(ctx))
 

@@ -1,10 +1,20 @@
 """Direct-mode Incus runtime: ``type="incus"`` workspaces as ephemeral, unprivileged Incus containers.
 
 It talks to the Incus REST API (:mod:`.api`): the local daemon's unix socket by default,
-or a remote server or cluster over TLS with a pinned certificate (``[incus]`` settings), where
+or a remote server or cluster over TLS with a pinned certificate (``[runtimes.incus]``), where
 Incus places the instance. Per start it creates an ephemeral instance from the cached image
 (:mod:`.image`), pushes its address, hostname and hosts file, and starts it; a
 stop deletes it (ephemeral), so every start boots a clean root.
+
+Snapshots (local daemon): the root is Incus's to copy. A capture takes an Incus snapshot of the
+(frozen) instance, publishes it as an image of our own (uncompressed, tagged with this server and
+a root id) and drops the Incus snapshot; the snapshot's ``root/incus.json`` names that image. A
+restore or fork puts that file in the workspace's root layer, and a start from it creates the
+instance from that image instead of the base one: a restored root stays across restarts, as a
+container's does. An image is freed once no snapshot and no root layer under the state dir names
+its root id (:meth:`IncusRuntime.collect_roots`, after deletes and at start-up); the id is
+written before the image is made, so a capture in flight is never collected. On a ``dir`` pool
+each capture and each start from one copies the whole root (``btrfs``/``zfs`` pools clone it).
 
 Local daemon: the NIC is bridged to our bridge with the workspace's MAC, and the workspace dir,
 the Claude config and the host keys are the host's directories as disk devices. The two
@@ -34,6 +44,7 @@ import ipaddress
 import json
 import math
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -46,17 +57,18 @@ from urllib.parse import quote
 
 import anyio
 
-from ... import idmap, onboarding, supervise
-from ...errors import BackendError, InvalidSpec, InvalidState
+from ... import claude_workspace, idmap, supervise
+from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
+from ...host import caps  # the host's own limits (what LXC may raise a container's to)
+from ...host.cgroups import CgroupHost
 from ...identity import host_identity
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import veth_names
 from ...paths import WorkspacePaths
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
-from ..nspawn import hostcaps  # the host's own limits (what LXC may raise a container's to)
-from ..nspawn.cgroups import CgroupHost
+from ..base import ON_THE_SUBNET, NetworkNeeds, Progress, Runtime, RuntimeContext, RuntimeState, hosts_file
 from .api import IncusAPIError, IncusClient, cert_fingerprint, probe
 from .image import NETWORK_ENV_PATH, IncusImage
+from .settings import IncusSettings
 
 __all__ = ["IncusRuntime", "IncusState", "instance_body", "instance_name", "network_env"]
 
@@ -165,11 +177,19 @@ class IncusRuntime(Runtime):
     modes = frozenset({"direct"})
     package_flavour = "debian"
     host_network = True
+    has_snapshots = True  # on the local daemon; capture_root refuses a remote server's (the dirs are there)
     State = IncusState
+    Config = IncusSettings
+    config: IncusSettings
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """Local or remote, its NIC has the name's MAC and the address pushed in network.env (a remote server's
+        instances are reached at it too, so the subnet must be routed or bridged there)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
-        self.incus = ctx.settings.incus
+        self.incus = self.config
         self.remote = bool(self.incus.url)
         # A remote instance is not on this host's bridge: no hosts-file names, no local links.
         self.host_network = not self.remote
@@ -216,8 +236,8 @@ class IncusRuntime(Runtime):
     def checks(self) -> list[Check]:
         where = self.incus.url or str(self.incus.socket)
         fix = ("start incusd (apt-get install -t bookworm-backports incus-base; incus admin init)" if not self.remote
-               else "check incus.url, that this client certificate is trusted (incus config trust add-certificate) "
-                    "and that incus.server_cert is the server's certificate")  # fmt: skip
+               else "check url in [runtimes.incus], that this client certificate is trusted (incus config trust "
+                    "add-certificate) and that its server_cert is the server's certificate")  # fmt: skip
         try:
             info = probe(self.incus)
         except (BackendError, InvalidSpec) as exc:
@@ -276,11 +296,11 @@ class IncusRuntime(Runtime):
     def complete_limits(self, limits: Limits) -> Limits:
         """The root disk's size: ``root_layer_mib``, as a container's root layer (start drops it on a pool
         that cannot enforce it). Open files: on the local daemon, what this host lets a process raise its
-        limit to (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`: LXC refuses to start past it); on a
+        limit to (:func:`~sandbox_mcp.host.caps.open_files_ceiling`: LXC refuses to start past it); on a
         remote server, its own default (what it may raise limits to is not known here)."""
         if limits.disk_mib is not None:
             return limits
-        open_files = None if self.remote else hostcaps.open_files_ceiling(OPEN_FILES)
+        open_files = None if self.remote else caps.open_files_ceiling(OPEN_FILES)
         return limits.model_copy(update={"disk_mib": self.settings.root_layer_mib, "open_files": open_files})
 
     async def _pool_sizes_roots(self) -> bool:
@@ -300,15 +320,15 @@ class IncusRuntime(Runtime):
         user = record.user
         if self.remote:
             return {"workspace": {"type": "disk", "pool": self.incus.storage_pool, "source": volume_name(record.name),
-                                  "path": onboarding.workspace_dir_inside(user)}}
+                                  "path": claude_workspace.workspace_dir_inside(user)}}
         paths, shares = self._paths(record), self._shares_dir(record)
         # The read-write shares are idmapped mounts of our own (their owner only, see _bind_shares); the
         # keys are root's and read-only: shifted, so root inside reads them as root's.
         return {
             "workspace": {"type": "disk", "source": str(shares / "workspace"),
-                          "path": onboarding.workspace_dir_inside(user)},
+                          "path": claude_workspace.workspace_dir_inside(user)},
             "claude-config": {"type": "disk", "source": str(shares / "claude-config"),
-                              "path": onboarding.claude_config_dir_inside(user)},
+                              "path": claude_workspace.claude_config_dir_inside(user)},
             "ssh-host-keys": {"type": "disk", "source": str(paths.ssh_host_keys), "path": "/etc/ssh-host-keys",
                               "readonly": "true", "shift": "true"},
         }  # fmt: skip
@@ -461,6 +481,7 @@ class IncusRuntime(Runtime):
             await self._delete(record)  # created but never started (a crash between the two)
         key, fingerprint = await self._ensure_image(record, progress)
         state = self.state(record).model_copy(update={"image": key, "fingerprint": fingerprint})
+        source = await self._root_source(record) or fingerprint
         if not self.remote:
             await progress("setting up the network", None)
             await self.network.ensure()
@@ -470,7 +491,7 @@ class IncusRuntime(Runtime):
         limits = self.limits_of(record)
         if not await self._pool_sizes_roots():
             limits = limits.model_copy(update={"disk_mib": None})
-        body = instance_body(record=record, fingerprint=fingerprint, tag=self._tag(record),
+        body = instance_body(record=record, fingerprint=source, tag=self._tag(record),
                              pool=self.incus.storage_pool, limits=limits, nic=self._nic(record),
                              disks=self._disks(record))  # fmt: skip
         client = self.client()
@@ -507,7 +528,7 @@ class IncusRuntime(Runtime):
         await client.push_file(inst, "/etc/ssh-host-keys/ssh_host_ed25519_key", _read_plain(paths.host_key),
                                mode=0o600)
         await client.push_file(inst, "/etc/ssh-host-keys/authorized_keys", _read_plain(paths.authorized_keys))
-        inside = onboarding.claude_config_dir_inside(record.user)
+        inside = claude_workspace.claude_config_dir_inside(record.user)
         uid = s.user_uid
         for rel, data in await anyio.to_thread.run_sync(_plain_files, paths.claude_config):
             parent = os.path.dirname(rel)
@@ -618,6 +639,95 @@ class IncusRuntime(Runtime):
         text = raw.decode("utf-8", "replace").replace("\r", "") if isinstance(raw, bytes) else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    # -- snapshots: roots as images of our own ---------------------------------------------------
+
+    def _server_tag(self) -> str:
+        return supervise.workspace_tag(self.settings.state_dir, "")
+
+    async def _root_source(self, record: WorkspaceRecord) -> str | None:
+        """The image of the root layer a restore or fork left (None: the base image).
+
+        Raises:
+            InvalidState: that image is gone from Incus.
+        """
+        ref = await anyio.to_thread.run_sync(_read_root_ref, self._paths(record).root_layer)
+        if ref is None or not ref.get("fingerprint"):
+            return None
+        fingerprint = str(ref["fingerprint"])
+        if not await self.client().exists(f"/1.0/images/{quote(fingerprint, safe='')}"):
+            raise InvalidState(
+                f"the Incus image holding workspace {record.name!r}'s restored root ({fingerprint[:12]}) is gone "
+                "from the server; restore_workspace another snapshot, or destroy and re-create the workspace"
+            )
+        return fingerprint
+
+    async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
+        """Running (frozen by the manager): an Incus snapshot of the instance, published as an image of ours
+        that ``dest/incus.json`` names. Stopped: the root layer's reference, if any (else the base image's).
+
+        Raises:
+            Unsupported: a remote server (the workspace dir is a volume there, not a host dir to copy).
+            BackendError, IncusAPIError: Incus could not snapshot or publish it.
+        """
+        if self.remote:
+            raise Unsupported(
+                "snapshots of Incus workspaces on a remote server are not available (the workspace dir is a volume "
+                "there); stop_workspace and start_workspace keep the workspace dir"
+            )
+        dest.mkdir(mode=0o700)
+        inst = await self._instance(record)
+        if inst is None or inst.get("status") not in _ALIVE:
+            ref = await anyio.to_thread.run_sync(_read_root_ref, self._paths(record).root_layer)
+            if ref is not None:
+                await anyio.to_thread.run_sync(_write_root_ref, dest, ref)
+            return
+        root_id = secrets.token_hex(8)
+        # Named before it exists: a collection running meanwhile keeps it.
+        await anyio.to_thread.run_sync(_write_root_ref, dest, {"id": root_id})
+        snap = f"sbx-capture-{root_id}"
+        path = self._instance_path(record)
+        client = self.client()
+        await client.call("POST", f"{path}/snapshots", json={"name": snap, "stateful": False})
+        try:
+            meta = await client.call("POST", "/1.0/images", json={
+                "source": {"type": "snapshot", "name": f"{instance_name(record.name)}/{snap}"},
+                "compression_algorithm": "none",  # a local image: packing it would only cost time
+                "properties": {_ROOT_KEY: root_id, _SERVER_KEY: self._server_tag(),
+                               "description": f"sandbox-mcp: root of workspace {record.name}"},
+            }, op_timeout_s=3600)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(IncusAPIError):
+                await client.call("DELETE", f"{path}/snapshots/{quote(snap, safe='')}")
+        fingerprint = str((meta or {}).get("fingerprint", ""))
+        if not fingerprint:
+            raise BackendError(f"Incus published workspace {record.name!r}'s root without a fingerprint")
+        image = await client.request("GET", f"/1.0/images/{quote(fingerprint, safe='')}")
+        ref = {"id": root_id, "fingerprint": fingerprint, "size": int((image or {}).get("size") or 0)}
+        await anyio.to_thread.run_sync(_write_root_ref, dest, ref, True)
+
+    def held_elsewhere_bytes(self, root_part: Path) -> int:
+        """The size of the image the snapshot's root names (on the Incus server's disk, not in the state dir)."""
+        ref = _read_root_ref(root_part)
+        return int(ref.get("size") or 0) if ref else 0
+
+    async def collect_roots(self) -> None:
+        """Delete the images of ours (this server's captured roots) that no snapshot or root layer names."""
+        if self.remote:
+            return
+        try:
+            images = await self.client().request("GET", "/1.0/images", params={"recursion": "1"})
+        except (BackendError, InvalidSpec):
+            return
+        ours = {str(i.get("fingerprint")): (i.get("properties") or {}).get(_ROOT_KEY) for i in images or []
+                if (i.get("properties") or {}).get(_SERVER_KEY) == self._server_tag()}
+        if not ours:
+            return
+        named = await anyio.to_thread.run_sync(_named_roots, self.settings.state_dir)
+        for fingerprint, root_id in ours.items():
+            if root_id not in named:
+                with contextlib.suppress(IncusAPIError):
+                    await self.client().call("DELETE", f"/1.0/images/{quote(fingerprint, safe='')}")
+
     async def reconcile(self, records: list[WorkspaceRecord]) -> None:
         """Delete instances of this server's workspaces that the registry does not have running.
 
@@ -640,6 +750,7 @@ class IncusRuntime(Runtime):
             for r in records:
                 if self._tag(r) not in running:
                     await anyio.to_thread.run_sync(self._unbind_shares, r)
+        await self.collect_roots()
 
 
 # Run in incusd's mount namespace (nsenter): place a detached mount (an inherited fd), or unmount.
@@ -674,6 +785,43 @@ def _in_mount_ns(ns: Path, op: str, target: Path, fd: int | None = None) -> None
         raise BackendError(f"cannot enter incusd's mount namespace to {op} {target}: {exc}") from exc
     if done.returncode != 0:
         raise BackendError(f"{op} of {target} in incusd's mount namespace failed: {done.stderr.strip()[-500:]}")
+
+
+_ROOT_KEY = "sandbox-mcp.root"  # image property: the root id a snapshot's incus.json names
+_SERVER_KEY = "sandbox-mcp.server"  # image property: which server's (state dir's) image it is
+_ROOT_REF = "incus.json"
+
+
+def _read_root_ref(directory: Path) -> dict[str, Any] | None:
+    """The captured-root reference in ``directory`` (a snapshot's root part or a root layer), if any. Blocking."""
+    try:
+        ref = json.loads((directory / _ROOT_REF).read_text())
+    except (OSError, ValueError):
+        return None
+    return ref if isinstance(ref, dict) else None
+
+
+def _write_root_ref(directory: Path, ref: dict[str, Any], replace: bool = False) -> None:
+    """Write ``ref`` as ``directory``'s captured-root reference. Blocking."""
+    target = directory / _ROOT_REF
+    tmp = target.with_name(target.name + ".new")
+    tmp.write_text(json.dumps(ref))
+    if not replace and target.exists():
+        raise BackendError(f"{target} exists already")
+    os.replace(tmp, target)
+
+
+def _named_roots(state_dir: Path) -> set[str]:
+    """Every root id a snapshot (finished, in flight or being deleted) or a root layer (live, staged or old)
+    under ``state_dir`` names. Blocking."""
+    named: set[str] = set()
+    patterns = ("*/root-layer*/" + _ROOT_REF, "*/snapshots/*/root/" + _ROOT_REF)
+    for pattern in patterns:
+        for path in state_dir.glob(pattern):
+            ref = _read_root_ref(path.parent)
+            if ref and ref.get("id"):
+                named.add(str(ref["id"]))
+    return named
 
 
 def _read_plain(path: Path) -> bytes:

@@ -33,8 +33,8 @@ from urllib.parse import quote
 import anyio
 import httpx2 as httpx
 
-from ...config import IncusSettings
 from ...errors import BackendError, InvalidSpec
+from .settings import IncusSettings
 
 __all__ = [
     "RESPONSE_MAX",
@@ -92,7 +92,9 @@ def cert_fingerprint(pem_path: Path) -> str:
     try:
         der = ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidSpec(f"cannot read the certificate {pem_path}: {exc}; set incus.server_cert to a PEM file") from exc
+        raise InvalidSpec(
+            f"cannot read the certificate {pem_path}: {exc}; set server_cert in [runtimes.incus] to a PEM file"
+        ) from exc
     return hashlib.sha256(der).hexdigest()
 
 
@@ -106,7 +108,7 @@ def _ssl_context(settings: IncusSettings) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise InvalidSpec(
             f"cannot load the Incus TLS files ({settings.client_cert}, {settings.client_key}, "
-            f"{settings.server_cert}): {exc}; check incus.client_cert/client_key/server_cert"
+            f"{settings.server_cert}): {exc}; check client_cert, client_key and server_cert in [runtimes.incus]"
         ) from exc
     return ctx
 
@@ -198,7 +200,7 @@ class IncusClient:
             raise BackendError(
                 f"{self.settings.url} presented certificate {seen} but {self.settings.server_cert} pins "
                 f"{self._pin}; refusing to talk to it. If the server's certificate changed on purpose, "
-                "replace incus.server_cert"
+                "replace server_cert in [runtimes.incus]"
             )
         self._pinned = True
 
@@ -358,7 +360,7 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
             with http.stream("GET", "/1.0", params={"project": settings.project}) as response:
                 seen = _peer_sha256(response)
                 if settings.url and settings.server_cert and seen != cert_fingerprint(settings.server_cert):
-                    raise BackendError(f"{settings.url} presented certificate {seen}, but incus.server_cert pins "
+                    raise BackendError(f"{settings.url} presented certificate {seen}, but [runtimes.incus] server_cert pins "
                                        f"{cert_fingerprint(settings.server_cert)}")
                 body = bytearray()
                 for chunk in response.iter_bytes():
@@ -371,7 +373,8 @@ def probe(settings: IncusSettings, timeout_s: float = 10.0) -> ServerInfo:
     if settings.url and settings.server_cert:
         pin = cert_fingerprint(settings.server_cert)
         if seen != pin:
-            raise BackendError(f"{settings.url} presented certificate {seen}, but incus.server_cert pins {pin}")
+            raise BackendError(f"{settings.url} presented certificate {seen}, but [runtimes.incus] server_cert pins "
+                               f"{pin}")
     return ServerInfo.from_metadata(meta, seen)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from ... import hostcmd, onboarding
+from ... import claude_workspace, hostcmd
 from ...config import Settings
 from ...images.debootstrap import DebianRoot
 from ...images.store import ImageStore
@@ -62,7 +62,7 @@ def setup_script(user: str) -> str:
 
     ``network.env`` holds three values the runtime wrote from validated addresses.
     """
-    ws = onboarding.workspace_dir_inside(user)
+    ws = claude_workspace.workspace_dir_inside(user)
     return f"""#!/bin/sh
 # Written by sandbox-mcp (Incus image): the address sandbox-mcp allocated, pushed before start.
 set -eu

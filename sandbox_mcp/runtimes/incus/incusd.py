@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...config import IncusSettings
 from ...errors import BackendError
 from .api import call_sync
+from .settings import IncusSettings
 
 __all__ = ["INCUSD", "PrivateIncusd", "default_driver", "missing_reason", "remove", "start"]
 

@@ -35,8 +35,9 @@ from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, Inv
 from ...fsutil import async_file_lock, atomic_write
 from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ...naming import validate_ip, validate_name, validate_packages
-from ..base import Mode, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
+from ..base import Mode, NetworkNeeds, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
 from . import commands
+from .settings import NixosSettings
 
 __all__ = [
     "CONTAINER_NAME_MAX",
@@ -146,7 +147,8 @@ def nixos_mode_available(settings: Settings, root: Path = Path("/")) -> bool:
     ``mode = "auto"`` picks the nixos runtime when this holds. ``root`` is for tests.
     """
     on_nixos = (root / "etc/NIXOS").exists() or (root / "run/current-system").exists()
-    return on_nixos and bool(settings.nixos.flake) and bool(settings.nixos.host)
+    cfg = NixosSettings.of(settings)
+    return on_nixos and bool(cfg.flake) and bool(cfg.host)
 
 
 def _git_root(path: Path) -> Path | None:
@@ -204,30 +206,38 @@ class NixosRuntime(Runtime):
     types: ClassVar[frozenset[WorkspaceType]] = frozenset({"container", "vm", "incus"})
     modes: ClassVar[frozenset[Mode]] = frozenset({"nixos"})
     package_flavour: ClassVar[PackageFlavour] = "nix"
+    Config = NixosSettings
+    config: NixosSettings
 
     @classmethod
     def claims_host(cls, settings: Settings) -> bool:
         return nixos_mode_available(settings)
 
+    def network_needs(self, type_: WorkspaceType) -> NetworkNeeds:
+        """The module gives every workspace its address and the MAC derived from its name, and a microVM the
+        derived vsock CID too (``nix/modules/lib.nix``): the manager checks them against the others'."""
+        return NetworkNeeds(address=True, mac=True, vsock_cid=type_ == "vm")
+
     def __init__(self, ctx: RuntimeContext, *, command_prefix: Sequence[str] = ()) -> None:
         """Check the nixos settings and the key; nothing is touched on disk yet.
 
         Raises:
-            InvalidSpec: nixos.flake or nixos.host is not set, the flake is not an absolute
+            InvalidSpec: [runtimes.nixos] flake or host is not set, the flake is not an absolute
                 directory path, the host is not a plain attribute name, or the key is not a
                 single public key line.
         """
         super().__init__(ctx)
-        settings, client_public_key = ctx.settings, ctx.client_public_key
-        cfg = settings.nixos
+        client_public_key = ctx.client_public_key
+        cfg = self.config
         if not cfg.flake or not cfg.host:
             raise InvalidSpec(
-                "nixos mode needs the flake directory and the host attribute: set nixos.flake and nixos.host "
-                "(SANDBOX_MCP_NIXOS_FLAKE=/etc/nixos SANDBOX_MCP_NIXOS_HOST=<nixosConfigurations name>)"
+                "nixos mode needs the flake directory and the host attribute: set flake and host in "
+                "[runtimes.nixos] (old names nixos.flake and nixos.host; SANDBOX_MCP_NIXOS_FLAKE=/etc/nixos "
+                "SANDBOX_MCP_NIXOS_HOST=<nixosConfigurations name>)"
             )
         flake = Path(cfg.flake).expanduser()
         if not flake.is_absolute():
-            raise InvalidSpec(f"nixos.flake must be an absolute directory path, got {cfg.flake!r}")
+            raise InvalidSpec(f"[runtimes.nixos] flake must be an absolute directory path, got {cfg.flake!r}")
         key = client_public_key.strip() if isinstance(client_public_key, str) else ""
         if not _KEY_RE.fullmatch(key):
             raise InvalidSpec(
@@ -246,13 +256,13 @@ class NixosRuntime(Runtime):
 
     def rebuild_argv(self) -> list[str]:
         """The rebuild this runtime runs (after the command prefix)."""
-        cfg = self.settings.nixos
+        cfg = self.config
         assert cfg.host is not None
         return self.command_prefix + commands.nixos_rebuild_argv(self.flake, cfg.host, cfg.escalation)
 
     def systemctl_argv(self, action: str, record: WorkspaceRecord) -> list[str]:
         return self.command_prefix + hostcmd.systemctl_argv(
-            action, unit_for(record.type, record.name), self.settings.nixos.escalation
+            action, unit_for(record.type, record.name), self.config.escalation
         )
 
     def status_argv(self, record: WorkspaceRecord) -> list[str]:
@@ -331,7 +341,7 @@ class NixosRuntime(Runtime):
                 await progress(f"waiting for another {what} to finish", None)
 
         try:
-            with anyio.fail_after(self.settings.nixos.rebuild_timeout_s):
+            with anyio.fail_after(self.config.rebuild_timeout_s):
                 lock = async_file_lock(lock_path, on_wait=told)
                 await lock.__aenter__()
         except TimeoutError as exc:
@@ -496,7 +506,7 @@ class NixosRuntime(Runtime):
             await self._refuse_unrelated_changes()
             await progress(f"{what}: running {' '.join(argv)}", None)
             try:
-                await hostcmd.run(argv, timeout_s=self.settings.nixos.rebuild_timeout_s, on_line=on_line)
+                await hostcmd.run(argv, timeout_s=self.config.rebuild_timeout_s, on_line=on_line)
             except CommandFailed as exc:
                 raise CommandFailed(
                     exc.argv,

@@ -23,20 +23,31 @@ from typing import Any
 import anyio
 from pydantic import Field, model_validator
 
-from ... import hostcmd, onboarding, snapshots, supervise, sysctls
+from ... import claude_workspace, hostcmd, snapshots, supervise, sysctls
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...fsutil import atomic_write
+from ...host import caps
+from ...host.cgroups import CgroupHost, group_for, join_argv
 from ...identity import host_identity
 from ...images import DebianRoot
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
-from . import hostcaps, rootfs, scopes
-from .cgroups import CgroupHost, group_for, join_argv
+from ..base import (
+    ON_THE_SUBNET,
+    ImageRootRuntime,
+    ImageRootState,
+    NetworkNeeds,
+    Progress,
+    RuntimeContext,
+    hosts_file,
+    log_tail_lines,
+)
+from . import rootfs, scopes
 from .rootfs import RootMounts
+from .settings import NspawnSettings
 
 __all__ = ["DROPPED_CAPABILITIES", "NspawnRuntime", "NspawnState", "hosts_file", "launch_argv", "nspawn_argv"]
 
@@ -81,8 +92,8 @@ def nspawn_argv(
         if netns_path is None:
             raise InvalidSpec("a privileged container needs its network namespace path")
         binds = [
-            ("--bind", paths.workspace, onboarding.workspace_dir_inside(user)),
-            ("--bind", paths.claude_config, onboarding.claude_config_dir_inside(user)),
+            ("--bind", paths.workspace, claude_workspace.workspace_dir_inside(user)),
+            ("--bind", paths.claude_config, claude_workspace.claude_config_dir_inside(user)),
             ("--bind-ro", paths.ssh_host_keys, "/etc/ssh-host-keys"),
         ]
         kind = [
@@ -94,8 +105,8 @@ def nspawn_argv(
         if mounts is None:
             raise InvalidSpec("a user-namespaced container needs its prepared mounts")
         binds = [
-            ("--bind", mounts.workspace, onboarding.workspace_dir_inside(user)),
-            ("--bind", mounts.claude, onboarding.claude_config_dir_inside(user)),
+            ("--bind", mounts.workspace, claude_workspace.workspace_dir_inside(user)),
+            ("--bind", mounts.claude, claude_workspace.claude_config_dir_inside(user)),
             ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
         ]
         kind = [
@@ -159,10 +170,9 @@ def launch_argv(
     return join_argv(procs_files, [*env, *argv])
 
 
-class NspawnState(RuntimeState):
+class NspawnState(ImageRootState):
     """What nspawn remembers of a workspace: its root image, and while it runs, the two processes."""
 
-    image: str | None = None
     uid_base: int | None = Field(
         default=None, description="First host uid of the container's user namespace; None: privileged"
     )
@@ -187,7 +197,7 @@ class NspawnState(RuntimeState):
         return data
 
 
-class NspawnRuntime(Runtime):
+class NspawnRuntime(ImageRootRuntime):
     """Containers booted by systemd-nspawn on this host."""
 
     name = "nspawn"
@@ -197,6 +207,12 @@ class NspawnRuntime(Runtime):
     host_network = True
     has_snapshots = True
     State = NspawnState
+    Config = NspawnSettings
+    config: NspawnSettings
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """A veth on the bridge: the name's MAC and an address on the subnet."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
@@ -223,7 +239,7 @@ class NspawnRuntime(Runtime):
             BackendError: systemd is forced but is not PID 1 here.
         """
         if self._cg_manager is None:
-            self._cg_manager = scopes.cgroup_manager(self.settings.cgroups)
+            self._cg_manager = scopes.cgroup_manager(self.config.cgroups)
         return self._cg_manager
 
     def _scope(self, record: WorkspaceRecord) -> str:
@@ -234,7 +250,7 @@ class NspawnRuntime(Runtime):
 
     def complete_limits(self, limits: Limits) -> Limits:
         """The root layer's size: ``root_layer_mib``, at most half of ``memory_mib``; the open files nspawn
-        can give (:func:`~sandbox_mcp.runtimes.nspawn.hostcaps.open_files_ceiling`).
+        can give (:func:`~sandbox_mcp.host.caps.open_files_ceiling`).
 
         The layer is a tmpfs whose pages count against the workspace's memory (no swap). Larger
         than the memory left to it, filling it would not fail with ENOSPC but wake the OOM killer,
@@ -243,7 +259,7 @@ class NspawnRuntime(Runtime):
         if limits.disk_mib is not None:
             return limits
         return limits.model_copy(update={"disk_mib": min(self.settings.root_layer_mib, limits.memory_mib // 2),
-                                         "open_files": hostcaps.open_files_ceiling(OPEN_FILES)})
+                                         "open_files": caps.open_files_ceiling(OPEN_FILES)})
 
     def assign(self, record: WorkspaceRecord, others: list[WorkspaceRecord]) -> WorkspaceRecord:
         """Pick the isolation and, for a user-namespaced container, a uid range no other workspace has.
@@ -252,11 +268,11 @@ class NspawnRuntime(Runtime):
             BackendError: user-namespaced containers cannot run here (or are switched off) and
                 privileged ones are not allowed; the message says why and how to allow them.
         """
-        blockers = [] if self.settings.private_users else ["private_users is false in the settings"]
-        blockers = blockers or hostcaps.userns_blockers()
+        blockers = [] if self.config.private_users else ["private_users is false in the settings"]
+        blockers = blockers or caps.userns_blockers()
         state = self.state(record)
         if blockers:
-            if not self.settings.allow_privileged:
+            if not self.config.allow_privileged:
                 raise BackendError(
                     "cannot run a user-namespaced container here: " + "; ".join(blockers) + ". Fix that, or "
                     "allow privileged containers (root inside is root on the host) with "
@@ -296,10 +312,10 @@ class NspawnRuntime(Runtime):
             which_check("nft", "nftables", "enforces the workspace network policy"),
             which_check("debootstrap", "debootstrap", "builds the root image once"),
             self._image_check(),
-            scopes.manager_check(self.settings.cgroups),
-            *hostcaps.isolation_checks(
-                private_users=self.settings.private_users,
-                allow_privileged=self.settings.allow_privileged,
+            scopes.manager_check(self.config.cgroups),
+            *caps.isolation_checks(
+                private_users=self.config.private_users,
+                allow_privileged=self.config.allow_privileged,
                 enforced=self._cgroups().enforced(),
             ),
         ]
@@ -565,19 +581,6 @@ class NspawnRuntime(Runtime):
             await snapshots.copy_tree(src, dest)
         else:
             dest.mkdir(mode=0o755)  # never restored or forked: the clean root, an empty layer
-
-    def root_base(self, record: WorkspaceRecord) -> str | None:
-        return self.state(record).image
-
-    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
-        if base is None or base == self.state(record).image:
-            return record
-        if not self.images.exists(base):
-            raise InvalidState(
-                f"the root image this snapshot's root layer was made on ({base}) is gone (pruned or rebuilt); "
-                "the layer cannot be used. Restore the workspace dir by hand from another snapshot, or recreate"
-            )
-        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
 
     async def adopt_files(self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]) -> None:
         """Shift owners from the source's uid range to the fork's (root inside is another host uid)."""

@@ -11,7 +11,7 @@ delegated subtree to the container's root itself. Stopping the scope by its exac
 (``systemctl stop``) ends whatever is left in it; ``--collect`` lets systemd forget it once empty,
 failed or not.
 
-Elsewhere (no systemd as PID 1, as on the dev machines) :mod:`.cgroups` makes the
+Elsewhere (no systemd as PID 1, as on the dev machines) :mod:`sandbox_mcp.host.cgroups` makes the
 cgroup in the unified hierarchy. ``SANDBOX_MCP_CGROUPS`` (``auto``, ``systemd``, ``direct``)
 forces either way; ``auto`` detects systemd as sd_booted(3) does.
 

@@ -49,9 +49,9 @@ qemu runs in its own session and outlives the server; the registry keeps its PID
 time (:mod:`sandbox_mcp.supervise`). It holds a shared lock on its image (``ImageStore.hold``),
 so ``image prune`` leaves the image alone while it runs. KVM is used where a probe says it works
 and qemu's uid may open ``/dev/kvm`` (its group is passed on), TCG otherwise (:mod:`.accel`).
-The vsock CID is derived and collision-checked like the MAC, but no vsock device is attached:
+No vsock device is attached, so a VM asks for no CID (``network``: an address and a MAC):
 readiness is the pinned SSH handshake, and hosts without ``vhost_vsock`` (like the project's)
-could not offer one.
+could not offer one. (The NixOS module's microVMs have one: the nixos runtime asks for it.)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from pathlib import Path
 import anyio
 from pydantic import Field
 
-from ... import hostcmd, idmap, supervise
+from ... import claude_workspace, hostcmd, idmap, supervise
 from ...checks import which_check
 from ...errors import BackendError, InvalidSpec, InvalidState
 from ...fsutil import atomic_write
@@ -79,10 +79,29 @@ from ...models import VM_MIN_MEMORY_MIB, Check, Limits, RuntimeDetail, Workspace
 from ...naming import UID_RANGE, VM_UID_BASE, allocate_vm_uid, tap_name
 from ...paths import WorkspacePaths
 from ...supervise import ProcessRef
-from ..base import Progress, Runtime, RuntimeContext, RuntimeState, hosts_file, log_tail_lines
-from . import qmp
-from .accel import AccelChoice, Accelerator, cached_choice, choose_accelerator, kvm_groups, kvm_sign
-from .image import VmArtefacts, VmImage
+from ..base import (
+    ON_THE_SUBNET,
+    GuestExec,
+    ImageRootRuntime,
+    ImageRootState,
+    NetworkNeeds,
+    Progress,
+    RuntimeContext,
+    hosts_file,
+    log_tail_lines,
+)
+from . import memory, qmp
+from .accel import (
+    AccelChoice,
+    Accelerator,
+    cached_choice,
+    choose_accelerator,
+    configured,
+    kvm_groups,
+    kvm_sign,
+)
+from .image import GUEST_META_DIR, VmArtefacts, VmImage
+from .settings import QemuSettings
 
 __all__ = [
     "LAUNCHER",
@@ -123,6 +142,8 @@ class _Files:
         self.console = paths.console_log
         self.qemu_log = paths.runtime / "qemu.log"
         self.guest_meta = paths.runtime / "guest"
+        # A memory snapshot's ticket while the guest's shares are unmounted (see prepare_memory).
+        self.pending_ticket = paths.runtime / "memory-ticket.json"
 
 
 def kernel_cmdline(*, name: str, ip: str, prefixlen: int, gateway: str, tasks: int | None = None) -> str:
@@ -162,6 +183,7 @@ class QemuFds:
     qmp: int  # the QMP socket, listening
     tap: int  # attached to the TAP vm-NAME
     shares: Mapping[str, int]  # 9p mount tag -> a detached idmapped mount of its directory
+    incoming: int | None = None  # a saved memory state to resume from, read-only (-incoming)
 
 
 def qemu_argv(
@@ -215,6 +237,8 @@ def qemu_argv(
             "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
         ]  # fmt: skip
     argv += ["-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+    if fds.incoming is not None:  # the same devices, their state loaded from a memory snapshot; runs once loaded
+        argv += ["-incoming", f"fd:{fds.incoming}"]
     return argv
 
 
@@ -237,17 +261,16 @@ def overlay_argv(disk: Path, overlay: Path) -> list[str]:
     return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(disk), str(overlay)]
 
 
-class QemuState(RuntimeState):
+class QemuState(ImageRootState):
     """What the qemu runtime remembers of a workspace: its VM image and qemu's uid, and while it runs,
     qemu and how."""
 
-    image: str | None = None
     uid: int | None = Field(default=None, description="qemu's host uid and gid (allocate_vm_uid)")
     process: ProcessRef | None = Field(default=None, description="qemu-system-x86_64")
     accelerator: Accelerator | None = None
 
 
-class QemuRuntime(Runtime):
+class QemuRuntime(ImageRootRuntime):
     """VMs booted by qemu on this host: KVM where it works, software emulation elsewhere."""
 
     name = "qemu"
@@ -257,13 +280,21 @@ class QemuRuntime(Runtime):
     host_network = True
     own_kernel = True
     has_snapshots = True
+    has_memory_snapshots = True
     State = QemuState
+    Config = QemuSettings
+    config: QemuSettings
+    image_kind = "VM image"
     sync_before_capture = True  # the guest's page cache holds what the host cannot see: flush it first
+
+    def network_needs(self, type_: str) -> NetworkNeeds:
+        """A TAP on the bridge: the name's MAC and an address on the subnet (no vsock device, so no CID)."""
+        return ON_THE_SUBNET
 
     def __init__(self, ctx: RuntimeContext) -> None:
         super().__init__(ctx)
         self.network = ctx.network
-        self.images = VmImage(ctx.settings, ctx.images)
+        self.images = VmImage(ctx.settings, ctx.images, config=self.config)
         self._accel: AccelChoice | None = None
 
     def min_memory_mib(self, type_: str) -> int:
@@ -302,8 +333,7 @@ class QemuRuntime(Runtime):
             which_check("mkfs.ext4", "e2fsprogs", "writes the VM root disk once", required=False),
             which_check("nft", "nftables", "enforces the workspace network policy", required=False),
         ]
-        choice = self._accel or (kvm_sign() if self.settings.vm_accelerator == "auto" else AccelChoice(
-            accelerator=self.settings.vm_accelerator, reason="set by vm_accelerator"))
+        choice = self._accel or configured(self.config.accelerator) or kvm_sign()
         choice = choice or cached_choice(self._accel_cache)
         if choice is None:
             detail = "KVM is offered; a test boot on the first VM start decides between KVM and TCG"
@@ -326,14 +356,14 @@ class QemuRuntime(Runtime):
         return checks
 
     def default_limits(self) -> Limits:
-        """A VM's size when create gives none: the vm_* settings (its own kernel needs more memory)."""
-        return Limits(cpus=self.settings.vm_cpus, memory_mib=self.settings.vm_memory_mib, tasks=self.settings.tasks_max)
+        """A VM's size when create gives none: [runtimes.qemu] cpus and memory_mib (a kernel needs more)."""
+        return Limits(cpus=self.config.cpus, memory_mib=self.config.memory_mib, tasks=self.settings.tasks_max)
 
     def complete_limits(self, limits: Limits) -> Limits:
-        """The root disk's size (``vm_disk_gib``): it bounds what the guest writes outside the workspace dir."""
+        """The root disk's size (``disk_gib``): it bounds what the guest writes outside the workspace dir."""
         if limits.disk_mib is not None:
             return limits
-        return limits.model_copy(update={"disk_mib": self.settings.vm_disk_gib << 10})
+        return limits.model_copy(update={"disk_mib": self.config.disk_gib << 10})
 
     def assigned(self, record: WorkspaceRecord) -> bool:
         """A VM registered before qemu ran unprivileged has no uid of its own yet."""
@@ -380,7 +410,7 @@ class QemuRuntime(Runtime):
 
     async def _accelerator(self, kernel: Path) -> AccelChoice:
         if self._accel is None:
-            self._accel = await choose_accelerator(self.settings, kernel, self._accel_cache)
+            self._accel = await choose_accelerator(self.config.accelerator, kernel, self._accel_cache)
         return self._accel
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -416,6 +446,7 @@ class QemuRuntime(Runtime):
         atomic_write(files.guest_meta / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
         self._remove_boot_files(files)
         saved = paths.root_layer / "root.qcow2"
+        ticket = memory.read_ticket(paths.root_layer) if saved.is_file() else None
         if saved.is_file():  # a restored snapshot's or a fork's layer: boot with what it holds
             await hostcmd.run(["cp", "--reflink=auto", "--", str(saved), str(files.overlay)], timeout_s=3600)
         else:
@@ -428,8 +459,9 @@ class QemuRuntime(Runtime):
             await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress == "internet",
                                      owner=host_identity(self.settings, record)[0])
             await progress(f"booting the VM ({accel.accelerator})", None)
+            incoming = paths.root_layer / memory.STATE_FILE if ticket is not None else None
             process = await anyio.to_thread.run_sync(
-                lambda: self._spawn(record, uid, key, image, accel.accelerator, groups)
+                lambda: self._spawn(record, uid, key, image, accel.accelerator, groups, incoming)
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -438,12 +470,41 @@ class QemuRuntime(Runtime):
                 self._remove_boot_files(files)
             raise
         record = self.with_state(record, state.model_copy(update={"process": process, "accelerator": accel.accelerator}))
+        if ticket is not None:
+            await self._resume_memory(record, ticket, progress)
         if record.limits is not None:  # a record made before disk_mib existed gets it now
             record = record.model_copy(update={"limits": self.complete_limits(record.limits)})
         return record
 
+    async def _resume_memory(self, record: WorkspaceRecord, ticket: memory.MemoryTicket, progress: Progress) -> None:
+        """After a start from a memory snapshot: wait until qemu has loaded it, then wake the guest's waiter
+        (it mounts this qemu's shares). The state is used once: the next start boots the disk layer.
+
+        Raises:
+            BackendError: the state did not load (qemu is stopped; start_workspace boots the snapshot's disk).
+        """
+        paths = self._paths(record)
+        try:
+            await progress("loading the saved memory", None)
+            await memory.wait_incoming(_Files(paths).qmp, lambda: self._running(record))
+            await memory.remount(record.ip, ticket)
+        except BackendError as exc:
+            with anyio.CancelScope(shield=True):
+                await self.stop(record, force=True)
+            raise BackendError(
+                f"{exc}; the saved memory is dropped (it fits only the qemu, accelerator "
+                f"({ticket.accelerator or '?'}) and VM size it was taken with): start_workspace boots the "
+                "snapshot's disk state"
+            ) from exc
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop(record, force=True)
+            raise
+        finally:
+            await anyio.to_thread.run_sync(memory.drop_state, paths.root_layer)
+
     def _spawn(self, record: WorkspaceRecord, uid: int, key: str, image: VmArtefacts, accelerator: Accelerator,
-               groups: list[int]) -> ProcessRef:
+               groups: list[int], incoming: Path | None = None) -> ProcessRef:
         """Open everything qemu needs, start it unprivileged through the launcher, close our copies."""
         paths = self._paths(record)
         files = _Files(paths)
@@ -474,14 +535,15 @@ class QemuRuntime(Runtime):
                 qmp=qmp.fileno(),
                 tap=keep(self.network.open_tap(record.name)),
                 shares=shares,
+                incoming=keep(os.open(incoming, ro)) if incoming is not None else None,
             )
             qmp.bind(str(files.qmp))
             qmp.listen(4)
             argv = qemu_argv(
                 name=record.name,
                 accelerator=accelerator,
-                cpus=math.ceil(record.limits.cpus) if record.limits else self.settings.vm_cpus,
-                memory_mib=record.limits.memory_mib if record.limits else self.settings.vm_memory_mib,
+                cpus=math.ceil(record.limits.cpus) if record.limits else self.config.cpus,
+                memory_mib=record.limits.memory_mib if record.limits else self.config.memory_mib,
                 fds=fds,
                 mac=record.mac,
                 cmdline=kernel_cmdline(name=record.name, ip=record.ip, prefixlen=self.settings.subnet.prefixlen,
@@ -567,6 +629,7 @@ class QemuRuntime(Runtime):
 
     async def resume(self, record: WorkspaceRecord) -> None:
         await self._qmp_run_state(record, "cont")
+        await self._wake_pending(record)  # shares a killed server's memory snapshot left unmounted, if any
 
     async def _qmp_run_state(self, record: WorkspaceRecord, command: str) -> None:
         if not self._running(record):
@@ -583,18 +646,70 @@ class QemuRuntime(Runtime):
         if src.is_file():
             await hostcmd.run(["cp", "--reflink=auto", "--", str(src), str(dest / "root.qcow2")], timeout_s=3600)
 
-    def root_base(self, record: WorkspaceRecord) -> str | None:
-        return self.state(record).image
+    def _share_mounts(self, record: WorkspaceRecord) -> list[str]:
+        """The guest's mount points of the 9p shares, in the order they are mounted (host keys first)."""
+        return ["/etc/ssh-host-keys", GUEST_META_DIR, claude_workspace.workspace_dir_inside(record.user),
+                claude_workspace.claude_config_dir_inside(record.user)]
 
-    def with_root_base(self, record: WorkspaceRecord, base: str | None) -> WorkspaceRecord:
-        if base is None or base == self.state(record).image:
-            return record
-        if not self.images.exists(base):
-            raise InvalidState(
-                f"the VM image this snapshot's disk layer was made on ({base}) is gone (pruned or rebuilt); "
-                "the layer cannot be used"
-            )
-        return self.with_state(record, self.state(record).model_copy(update={"image": base}))
+    async def prepare_memory(self, record: WorkspaceRecord, guest: GuestExec) -> memory.MemoryTicket:
+        """Unmount the guest's 9p shares (qemu migrates no VM with one mounted), leaving a waiter that mounts
+        them again when :meth:`release_memory` (or a restore) wakes it. See :mod:`.memory`.
+
+        Raises:
+            InvalidState: processes hold files under a share (the message names them).
+            BackendError: the guest could not be readied.
+        """
+        ticket = memory.new_ticket(self.state(record).accelerator)
+        pending = _Files(self._paths(record)).pending_ticket
+        # Kept until the shares are back: a server killed meanwhile has the next resume or start-up wake them.
+        await anyio.to_thread.run_sync(lambda: atomic_write(pending, ticket.model_dump_json(), mode=0o600))
+        try:
+            result = await guest(memory.helper_command(ticket, self._share_mounts(record)))
+            memory.parse_helper_reply(record.name, result.exit_code, result.stdout, result.stderr)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        return ticket
+
+    async def save_memory(self, record: WorkspaceRecord, ticket: memory.MemoryTicket, dest: Path) -> None:
+        """Save the paused VM's memory and device state into directory ``dest`` (with the ticket that wakes it).
+
+        Raises:
+            BackendError: qemu could not save it.
+        """
+        fd = os.open(dest / memory.STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            await memory.migrate_to_fd(_Files(self._paths(record)).qmp, fd)
+        finally:
+            os.close(fd)
+        await anyio.to_thread.run_sync(memory.write_ticket, dest, ticket)
+
+    async def release_memory(self, record: WorkspaceRecord, ticket: memory.MemoryTicket) -> None:
+        """Wake the guest's waiter after the save (the VM runs again): its shares are mounted again.
+
+        Raises:
+            BackendError: it did not answer (it remounts by itself later).
+        """
+        pending = _Files(self._paths(record)).pending_ticket
+        if pending.exists():  # else the resume after the save woke the waiter already
+            await memory.remount(record.ip, ticket)
+            pending.unlink(missing_ok=True)
+
+    async def _wake_pending(self, record: WorkspaceRecord) -> None:
+        """Mount the shares a memory snapshot left unmounted when the server was killed during it."""
+        pending = _Files(self._paths(record)).pending_ticket
+        try:
+            ticket = memory.MemoryTicket.model_validate_json(pending.read_bytes())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(BackendError):
+            await memory.remount(record.ip, ticket, timeout_s=30)
+            pending.unlink(missing_ok=True)
+
+    async def adopt_files(self, source: WorkspaceRecord, target: WorkspaceRecord, trees: list[Path]) -> None:
+        """A fork boots from the disk layer: a saved memory state belongs to the source's address and name."""
+        for tree in trees:
+            await anyio.to_thread.run_sync(memory.drop_state, tree)
 
     async def logs(self, record: WorkspaceRecord, lines: int) -> str:
         files = _Files(self._paths(record))
@@ -618,6 +733,9 @@ class QemuRuntime(Runtime):
         for r in records:
             if r.name not in running:
                 self._remove_boot_files(_Files(self._paths(r)))
+                _Files(self._paths(r)).pending_ticket.unlink(missing_ok=True)
+            elif r.state == "running":
+                await self._wake_pending(r)
 
 
 def _share_maps(source: Path, uid: int, readonly: bool) -> tuple[idmap.IdMap, idmap.IdMap]:

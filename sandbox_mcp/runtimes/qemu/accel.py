@@ -3,7 +3,7 @@
 ``/dev/kvm`` existing is not enough: on a PVM host (the ``kvm_pvm`` module, as on the project's
 own machines) ordinary guest kernels hang under it. So the choice is, in order:
 
-1. ``settings.vm_accelerator`` when it is ``kvm`` or ``tcg`` (the operator knows);
+1. the ``accelerator`` setting (``[runtimes.qemu]``) when it is ``kvm`` or ``tcg`` (the operator knows);
 2. a reliable sign read from the host: no ``/dev/kvm``, ``kvm_pvm`` loaded, or a ``/dev/kvm``
    only root may open (qemu runs unprivileged: :func:`kvm_groups`) mean TCG, without trying;
 3. otherwise a bounded test boot of the VM kernel under KVM (no root: it must reach the panic
@@ -22,11 +22,20 @@ from typing import Literal
 from pydantic import BaseModel
 
 from ... import hostcmd
-from ...config import Settings
 from ...errors import CommandFailed, CommandTimeout
 from ...fsutil import atomic_write
 
-__all__ = ["AccelChoice", "Accelerator", "choose_accelerator", "kvm_groups", "kvm_sign", "probe_argv", "probe_boot"]
+__all__ = [
+    "SET_BY",
+    "AccelChoice",
+    "Accelerator",
+    "choose_accelerator",
+    "configured",
+    "kvm_groups",
+    "kvm_sign",
+    "probe_argv",
+    "probe_boot",
+]
 
 Accelerator = Literal["kvm", "tcg"]
 
@@ -124,14 +133,26 @@ def cached_choice(cache: Path) -> AccelChoice | None:
         return None
 
 
-async def choose_accelerator(settings: Settings, kernel: Path, cache: Path) -> AccelChoice:
-    """The accelerator for VMs on this host (see the module docstring for the order of evidence).
+SET_BY = "set by [runtimes.qemu] accelerator"
+
+
+def configured(setting: Literal["auto", "kvm", "tcg"]) -> AccelChoice | None:
+    """The accelerator the setting names, or None for ``auto`` (the evidence decides)."""
+    return None if setting == "auto" else AccelChoice(accelerator=setting, reason=SET_BY)
+
+
+async def choose_accelerator(
+    setting: Literal["auto", "kvm", "tcg"], kernel: Path, cache: Path
+) -> AccelChoice:
+    """The accelerator for VMs on this host (see the module docstring for the order of evidence), given the
+    ``accelerator`` setting.
 
     Raises:
         BackendError: qemu-system-x86_64 is missing (only when a test boot is needed).
     """
-    if settings.vm_accelerator != "auto":
-        return AccelChoice(accelerator=settings.vm_accelerator, reason="set by vm_accelerator")
+    chosen = configured(setting)
+    if chosen is not None:
+        return chosen
     sign = kvm_sign()
     if sign is not None:
         return sign
@@ -146,7 +167,7 @@ async def choose_accelerator(settings: Settings, kernel: Path, cache: Path) -> A
         choice = AccelChoice(
             accelerator="tcg",
             reason=f"a test boot under KVM did not reach the root mount in {PROBE_TIMEOUT_S:.0f} s "
-            f"(see {console}); set vm_accelerator = 'kvm' to force it",
+            f"(see {console}); set accelerator = 'kvm' in [runtimes.qemu] to force it",
         )
     atomic_write(cache, json.dumps({**choice.model_dump(), "boot_id": _boot_id()}), mode=0o644)
     return choice

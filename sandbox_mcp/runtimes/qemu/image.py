@@ -8,7 +8,7 @@ What a qemu workspace boots (``<image_dir>/<key>/``):
 * ``initrd.cpio``: initramfs-tools with only the modules the root mount needs and no udev
   (the guest's devices are fixed: virtio block, net and 9p), uncompressed for the same reason;
 * ``root.raw``: an ext4 filesystem made from the tree with ``mkfs.ext4 -d`` (no loop mount, no
-  privileges beyond writing a file), sparse, ``vm_disk_gib`` large: that size bounds the
+  privileges beyond writing a file), sparse, ``disk_gib`` ([runtimes.qemu]) large: that size bounds the
   writable layer each boot gets (a fresh qcow2 overlay over this file, which is never written).
 
 The guest is the container image with a VM's differences: the shares mounted from ``/etc/fstab``
@@ -33,12 +33,13 @@ from pathlib import Path
 
 import anyio
 
-from ... import hostcmd, onboarding
+from ... import claude_workspace, hostcmd
 from ...config import Settings
 from ...errors import BackendError
 from ...images.debootstrap import DebianRoot, apt_install_argv
 from ...images.store import ImageStore
 from ...progress import Progress, no_progress
+from .settings import QemuSettings
 
 __all__ = [
     "GUEST_META_DIR",
@@ -164,8 +165,8 @@ def fstab(user: str) -> str:
     opts = "trans=virtio,version=9p2000.L,msize=262144"
     return (
         "# Written by sandbox-mcp: host directories shared over virtio-9p.\n"
-        f"workspace {onboarding.workspace_dir_inside(user)} 9p {opts} 0 0\n"
-        f"claude-config {onboarding.claude_config_dir_inside(user)} 9p {opts} 0 0\n"
+        f"workspace {claude_workspace.workspace_dir_inside(user)} 9p {opts} 0 0\n"
+        f"claude-config {claude_workspace.claude_config_dir_inside(user)} 9p {opts} 0 0\n"
         f"ssh-host-keys /etc/ssh-host-keys 9p {opts},ro 0 0\n"
         f"guest-meta {GUEST_META_DIR} 9p {opts},ro 0 0\n"
     )
@@ -217,14 +218,26 @@ class VmImage:
 
     RECIPE = "vm-disk"
 
-    def __init__(self, settings: Settings, store: ImageStore, root: DebianRoot | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ImageStore,
+        root: DebianRoot | None = None,
+        config: QemuSettings | None = None,
+    ) -> None:
+        """``config``: the qemu runtime's section; default ``[runtimes.qemu]`` of ``settings``.
+
+        Raises:
+            InvalidSpec: that section does not validate.
+        """
         self.settings = settings
         self.store = store
         self.root = root or DebianRoot(settings, store)
+        self.disk_gib = (config or QemuSettings.of(settings)).disk_gib
 
     def key(self, packages: Sequence[str]) -> str:
         """The store key of the VM image for ``packages``."""
-        return vm_image_key(self.root.key(packages), self.settings.vm_disk_gib)
+        return vm_image_key(self.root.key(packages), self.disk_gib)
 
     def exists(self, key: str) -> bool:
         return self.store.exists(key)
@@ -249,7 +262,7 @@ class VmImage:
             return key
         root_key = await self.root.ensure(packages, progress)
         meta = {"recipe": self.RECIPE, "version": VM_RECIPE_VERSION, "root": root_key,
-                "disk_gib": self.settings.vm_disk_gib, "packages": sorted(packages)}
+                "disk_gib": self.disk_gib, "packages": sorted(packages)}
         await self.store.ensure(key, lambda tmp: self._build(root_key, tmp, progress), meta)
         return key
 
@@ -267,7 +280,7 @@ class VmImage:
         await anyio.to_thread.run_sync(_export_boot_files, tree, release, tmp)
         await progress("building the VM image: writing the root disk (mkfs.ext4 -d)", 0.8)
         disk = VmArtefacts.at(tmp).disk
-        await anyio.to_thread.run_sync(_sparse_file, disk, self.settings.vm_disk_gib << 30)
+        await anyio.to_thread.run_sync(_sparse_file, disk, self.disk_gib << 30)
         await hostcmd.run(mkfs_argv(tree, disk), timeout_s=1800)
         disk.chmod(0o444)  # never written: every boot writes to its own overlay
         await anyio.to_thread.run_sync(shutil.rmtree, tree)

@@ -8,7 +8,7 @@ process we started but its answers come from a guest-facing program.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,15 @@ async def _read_reply(stream: Any, buffer: bytearray) -> dict[str, Any]:
             return message
 
 
-async def execute(socket_path: Path, commands: Sequence[dict[str, Any]], timeout_s: float = 5.0) -> list[Any]:
+async def execute(
+    socket_path: Path,
+    commands: Sequence[dict[str, Any]],
+    timeout_s: float = 5.0,
+    fds: Mapping[int, Sequence[int]] | None = None,
+) -> list[Any]:
     """Run QMP ``commands`` (``{"execute": ..., "arguments": ...}``) in order; return their results.
+
+    ``fds``: file descriptors sent along with command ``i`` (SCM_RIGHTS), e.g. for ``getfd``.
 
     Raises:
         BackendError: the socket cannot be reached, qemu answered with an error, or it did not
@@ -57,8 +64,12 @@ async def execute(socket_path: Path, commands: Sequence[dict[str, Any]], timeout
                 greeting = await _read_reply(stream, buffer)
                 if "QMP" not in greeting:
                     raise BackendError(f"QMP: unexpected greeting on {socket_path}")
-                for command in ({"execute": "qmp_capabilities"}, *commands):
-                    await stream.send(json.dumps(command).encode() + b"\n")
+                for i, command in enumerate(({"execute": "qmp_capabilities"}, *commands), -1):
+                    line = json.dumps(command).encode() + b"\n"
+                    if fds and fds.get(i):
+                        await stream.send_fds(line, fds[i])
+                    else:
+                        await stream.send(line)
                     reply = await _read_reply(stream, buffer)
                     if "error" in reply:
                         raise BackendError(f"QMP {command['execute']}: {reply['error'].get('desc', reply['error'])}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp.claude_setup import (
+from sandbox_mcp.claude_install import (
     SERVER_NAME,
     claude_mcp_add_argv,
     claude_mcp_remove_argv,
@@ -96,7 +96,7 @@ def test_default_server_command_with_script(needs_root, euid, expected):
 def _server_command_from(python: Path, path: str) -> list[str]:
     """default_server_command() as computed by an interpreter at ``python`` with ``PATH=path``."""
     env = {"PATH": path, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = "import json; from sandbox_mcp.claude_setup import default_server_command as d; " \
+    code = "import json; from sandbox_mcp.claude_install import default_server_command as d; " \
            "print(json.dumps(d(needs_root=False)))"
     out = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_mcp import onboarding
-from sandbox_mcp.errors import InvalidSpec
-from sandbox_mcp.onboarding import (
+from sandbox_mcp import claude_workspace
+from sandbox_mcp.claude_workspace import (
     CLAUDE_JSON,
     CLAUDE_WRAPPER,
     CREDENTIALS_JSON,
@@ -21,6 +20,7 @@ from sandbox_mcp.onboarding import (
     host_credentials_file,
     seed_claude_config,
 )
+from sandbox_mcp.errors import InvalidSpec
 
 WS = "/home/agent/workspace"
 IS_ROOT = os.geteuid() == 0
@@ -203,7 +203,7 @@ def test_user_credentials_survive_a_reseed(tmp_path: Path):
 def test_environment_lines_and_paths():
     assert environment_lines("agent") == ["CLAUDE_CONFIG_DIR=/home/agent/claude-config"]
     assert environment_lines("bob") == ["CLAUDE_CONFIG_DIR=/home/bob/claude-config"]
-    assert onboarding.workspace_dir_inside("agent") == WS
+    assert claude_workspace.workspace_dir_inside("agent") == WS
 
 
 def test_host_credentials_file(tmp_path: Path):
@@ -278,6 +278,6 @@ def test_wrapper_without_claude_says_so(tmp_path: Path):
 
 def test_profile_snippet_is_valid_sh(tmp_path: Path):
     snippet = tmp_path / "s.sh"
-    snippet.write_text(onboarding.CLAUDE_PROFILE_SNIPPET)
+    snippet.write_text(claude_workspace.CLAUDE_PROFILE_SNIPPET)
     assert subprocess.run(["sh", "-n", str(snippet)], capture_output=True).returncode == 0
     assert subprocess.run(["sh", "-n", "-c", CLAUDE_WRAPPER], capture_output=True).returncode == 0

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import sysctls
-from ...models import Check
+from .. import sysctls
+from ..models import Check
 
 __all__ = ["KernelLimit", "isolation_checks", "kernel_limits", "open_files_ceiling", "userns_blockers"]
 

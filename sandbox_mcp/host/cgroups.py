@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import BackendError, InvalidSpec
-from ...models import Limits
-from ...naming import validate_name
+from ..errors import BackendError, InvalidSpec
+from ..models import Limits
+from ..naming import validate_name
 
 __all__ = [
     "CONTROLLERS",
