@@ -134,13 +134,13 @@ class SecretsService:
             if n in self.specs
         ])
 
-    async def attach(self, name: str, ip: str, placeholders: Mapping[str, str]) -> None:
+    async def attach(self, name: str, ip: str | None, placeholders: Mapping[str, str]) -> None:
         """Make the proxy serve the workspace at ``ip``: its client file, the firewall, the proxy running.
 
         Raises:
             BackendError: nft refused, or the proxy did not start (the message has its log's tail).
         """
-        if not placeholders:
+        if not placeholders or ip is None:  # (a workspace without a network has no secrets: create refused them)
             return
         await anyio.to_thread.run_sync(self.paths.make)
         await self._firewall(ip, open_=True)
@@ -149,9 +149,11 @@ class SecretsService:
             await anyio.to_thread.run_sync(self.paths.write_client, ip, self._client(name, placeholders))
             await self._ensure_proxy()
 
-    async def detach(self, ip: str) -> None:
+    async def detach(self, ip: str | None) -> None:
         """The workspace at ``ip`` no longer uses the proxy; the proxy stops with the last one. Never raises
         for what is already gone."""
+        if ip is None:
+            return
         had = self.paths.client(ip).exists()
         if not had and not self.paths.process.exists():
             return  # the common case: a workspace without secrets
@@ -161,9 +163,9 @@ class SecretsService:
                 await self._firewall(ip, open_=False)
         await self.stop_proxy(only_if_idle=True)
 
-    async def sync(self, running: Mapping[str, tuple[str, Mapping[str, str]]]) -> None:
+    async def sync(self, running: Mapping[str, tuple[str | None, Mapping[str, str]]]) -> None:
         """Match the proxy to ``running`` (name -> (ip, placeholders)) after a server (re)start."""
-        want = {ip: (name, ph) for name, (ip, ph) in running.items() if ph}
+        want = {ip: (name, ph) for name, (ip, ph) in running.items() if ph and ip}
         for ip in self.paths.client_ips():
             if ip not in want:
                 await self.detach(ip)
