@@ -49,7 +49,7 @@ BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (ui
 # One range of single uids below the build's: a VM's qemu runs as one of them (never a container's range).
 VM_UID_BASE = BUILD_UID_BASE - UID_RANGE
 LAST_UID_BASE = VM_UID_BASE - UID_RANGE
-# The secrets proxy's worker (sandbox_mcp.secrets.proxy) runs as the VM range's last uid, never handed to a VM.
+# The secrets proxy's worker (sandbox_mcp.secrets.supervisor) runs as the VM range's last uid, never handed to a VM.
 SECRETS_PROXY_UID = VM_UID_BASE + UID_RANGE - 1
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 

@@ -102,7 +102,7 @@ def loopback_proxy(work: Path, proxy: dict[str, Any] | None = None, spec: dict[s
         procs.append(standin)
         _wait_listening(up, standin, "the stand-in")
         with open(paths.log, "wb") as log:
-            proxy_proc = subprocess.Popen([sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(paths.root)],
+            proxy_proc = subprocess.Popen([sys.executable, "-m", "sandbox_mcp.secrets.supervisor", str(paths.root)],
                                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, VALUE_ENV: value})
         procs.append(proxy_proc)
         _wait_listening(pp, proxy_proc, "the secrets proxy")

@@ -1,60 +1,42 @@
-"""The secrets proxy: a host process that sends requests on to the real services with the real values.
+"""The secrets proxy's worker: an ASGI application between a workspace's request and the real service.
 
-Run as ``python -m sandbox_mcp.secrets.proxy STATE`` (``STATE`` = ``<state>/.server/secrets-proxy``) by
-:mod:`sandbox_mcp.secrets.service`. It listens on the bridge's host address; a workspace calls
-``http://<host ip>:<port>/<host>/<path>`` (its ``ANTHROPIC_BASE_URL``, git's rewritten URLs), and the
-proxy sends ``https://<host>/<path>`` on with the placeholders in its headers replaced
-(:mod:`.rewrite`), over TLS verified against the system's store (or ``ca_bundle``).
+A workspace calls ``http://<host ip>:<port>/<host>/<path>`` (its ``ANTHROPIC_BASE_URL``, git's rewritten
+URLs); :class:`ProxyApp` sends ``https://<host>/<path>`` on with the placeholders in its headers replaced
+(:mod:`.rewrite`), over TLS verified against the system's store (or ``ca_bundle``). The HTTP parts are
+libraries': uvicorn (h11) parses what workspaces send, httpcore (httpx's transport) speaks to the
+upstreams. Per workspace (by source address, which the firewall ties to its port) it keeps a token
+bucket (``rate_per_s``, ``burst``) and a slot count (``max_requests``); the firewall bounds its
+connections. Bodies are bounded both ways.
 
-The HTTP parts are libraries': uvicorn (h11) parses what workspaces send, httpcore (httpx's transport)
-speaks to the upstreams; this module is the ASGI application between them. Per workspace (by source
-address, which the firewall ties to its port) it keeps a token bucket (``rate_per_s``, ``burst``) and a
-slot count (``max_requests``); the firewall bounds its connections. Bodies are bounded both ways.
-
-Two processes, privileges apart. The one started (root, like the server) binds the port, forks the
-worker and starts it again when it dies; it parses nothing a workspace sends. The worker, which does,
-drops to a uid of its own (``secrets_proxy.uid``: no groups, not dumpable, killed with its parent) right
-after fork, with everything it will import already loaded, and asks the supervisor over a socket pair for
-what only root may read: a workspace's client file, and a secret's value, only for a secret some
-current client file names. So a worker taken over by a request is an unprivileged process holding the
-values it is there to send, not root on the host. The log says what was forwarded or refused; never a
+It runs in the unprivileged worker :mod:`.supervisor` forks, and asks the supervisor (:class:`Keeper`)
+for a workspace's client file and a secret's value. Its log says what was forwarded or refused; never a
 value (error texts are scrubbed of every value read, in case a library quotes a header).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import ipaddress
 import json
-import os
-import selectors
-import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpcore2 as httpcore
 
 from ..errors import BackendError
-from .files import ClientFile, ProxyConfig, ProxyPaths
+from .files import ClientFile
 from .rewrite import HOP_BY_HOP, Refused, WorkspaceSecret, rewrite_headers
-from .settings import SecretsProxySettings, read_value, split_host
+from .settings import SecretsProxySettings, split_host
 
-__all__ = ["ProxyApp", "main"]
+__all__ = ["MAX_REPLY", "Keeper", "ProxyApp", "log_event"]
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
+MAX_REPLY = 1 << 20  # the longest answer the supervisor gives (a client file)
 
-
-def _log(event: str, **fields: Any) -> None:
+def log_event(event: str, **fields: Any) -> None:
     print(json.dumps({"t": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
@@ -103,7 +85,7 @@ class _TooLarge(Exception):
 class ProxyApp:
     """The ASGI application: one request from a workspace in, one to its upstream out."""
 
-    def __init__(self, keeper: _Keeper, settings: SecretsProxySettings) -> None:
+    def __init__(self, keeper: Keeper, settings: SecretsProxySettings) -> None:
         self.keeper = keeper
         self.s = settings
         ctx = ssl.create_default_context(cafile=str(settings.ca_bundle) if settings.ca_bundle else None)
@@ -159,7 +141,7 @@ class ProxyApp:
         peer = (scope.get("client") or ("?", 0))[0]
         client = await self.keeper.client(peer) if peer != "?" else None
         if client is None:
-            _log("refused", peer=peer, reason="not a workspace with secrets")
+            log_event("refused", peer=peer, reason="not a workspace with secrets")
             await _reply(send, 403, "this address is not a workspace with secrets\n")
             return
         raw = scope.get("raw_path") or scope["path"].encode()
@@ -168,18 +150,18 @@ class ProxyApp:
         target = b"/" + rest + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
         fields = {"ws": client.workspace, "method": scope["method"], "host": host_text}
         if host_text not in client.hosts:
-            _log("refused", **fields, reason="no endpoint for this host")
+            log_event("refused", **fields, reason="no endpoint for this host")
             await _reply(send, 403, f"no secret of this workspace goes to {host_text!r}; endpoints: "
                                     f"{', '.join(sorted(client.hosts))}\n")
             return
         if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(raw) > self.s.max_header_bytes:
             # h11 bounds a head that arrives in pieces; one that came whole is measured here.
-            _log("refused", **fields, reason="request head too large")
+            log_event("refused", **fields, reason="request head too large")
             await _reply(send, 431, f"request head larger than {self.s.max_header_bytes} bytes\n")
             return
         share = self._share(peer)
         if not share.take(self.s.rate_per_s, self.s.burst):
-            _log("limited", **fields, reason="rate")
+            log_event("limited", **fields, reason="rate")
             await _reply(send, 429, "too many requests from this workspace; slow down\n", [(b"retry-after", b"1")])
             return
         secrets = [WorkspaceSecret(s.name, s.placeholder, s.spec) for s in client.secrets]
@@ -188,11 +170,11 @@ class ProxyApp:
                 values = await self._values_for(peer, host_text, target, scope["headers"], secrets)
                 headers = rewrite_headers(host_text, target, scope["headers"], secrets, lambda s: values[s.name])
             except Refused as exc:
-                _log("refused", **fields, secret=exc.secret, reason=exc.reason)
+                log_event("refused", **fields, secret=exc.secret, reason=exc.reason)
                 await _reply(send, 403, f"refused by the sandbox secrets proxy: {exc.reason}\n")
                 return
             except BackendError as exc:
-                _log("error", **fields, reason=str(exc))
+                log_event("error", **fields, reason=str(exc))
                 await _reply(send, 502, f"{exc}\n")
                 return
             began = False
@@ -206,11 +188,11 @@ class ProxyApp:
                 status, sent = await self._forward(scope, receive, tracked, host_text, target, headers)
             except Exception as exc:  # noqa: BLE001 - never let a library's text (a header?) reach uvicorn's log
                 if not isinstance(exc, _TooLarge):
-                    _log("error", **fields, reason=self._scrub(f"{type(exc).__name__}: {exc}"))
+                    log_event("error", **fields, reason=self._scrub(f"{type(exc).__name__}: {exc}"))
                 if not began:
                     await _reply(send, 502, "the secrets proxy could not relay this request\n")
                 return  # a response begun and not finished: uvicorn closes the connection
-        _log("forwarded", **fields, status=status, response_bytes=sent, ms=round((time.monotonic() - started) * 1000))
+        log_event("forwarded", **fields, status=status, response_bytes=sent, ms=round((time.monotonic() - started) * 1000))
 
     async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, host: str, target: bytes,
                        headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
@@ -237,7 +219,7 @@ class ProxyApp:
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, ssl.SSLError,
                 OSError) as exc:
             reason = self._scrub(f"{type(exc).__name__}: {exc}")
-            _log("upstream-error", host=host, reason=reason)
+            log_event("upstream-error", host=host, reason=reason)
             await _reply(send, 502, f"cannot reach https://{host}/: {reason}\n")
             return 502, 0
         sent = 0
@@ -247,7 +229,7 @@ class ProxyApp:
             async for chunk in response.aiter_stream():
                 sent += len(chunk)
                 if sent > self.s.max_response_bytes:
-                    _log("cut", host=host, reason=f"response past {self.s.max_response_bytes} bytes")
+                    log_event("cut", host=host, reason=f"response past {self.s.max_response_bytes} bytes")
                     raise _TooLarge  # the connection is closed: the client sees a cut response
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -279,7 +261,7 @@ async def _reply(send: Any, status: int, text: str, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
-class _Keeper:
+class Keeper:
     """The worker's side of the socket pair: one JSON line out, one back, a request at a time."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -292,7 +274,7 @@ class _Keeper:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._streams is None:
-                self._streams = await asyncio.open_unix_connection(sock=self._sock, limit=_MAX_REPLY)
+                self._streams = await asyncio.open_unix_connection(sock=self._sock, limit=MAX_REPLY)
             reader, writer = self._streams
             writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()
@@ -311,179 +293,3 @@ class _Keeper:
             raise BackendError(str(reply.get("error", "the secret could not be read")))
         return str(reply["value"])
 
-
-_MAX_REPLY = 1 << 20
-_MAX_REQUEST = 4096
-
-
-def _answer(request: bytes, paths: ProxyPaths) -> dict[str, Any]:
-    """The supervisor's answer to one worker request: only what a current client file names."""
-    try:
-        r = json.loads(request)
-        ip = str(ipaddress.IPv4Address(r["ip"]))
-        path = paths.client(ip)
-        client = ClientFile.model_validate_json(path.read_bytes()) if path.exists() else None
-        if r["op"] == "client":
-            return {"client": client.model_dump(mode="json") if client else None}
-        if r["op"] == "value" and client is not None:
-            for secret in client.secrets:
-                if secret.name == r["secret"]:
-                    return {"value": read_value(secret.name, secret.spec)}
-        return {"error": "no such secret for this workspace"}
-    except BackendError as exc:
-        return {"error": str(exc)}
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        return {"error": f"bad request: {type(exc).__name__}"}
-
-
-def _drop_privileges(uid: int) -> None:
-    """Become ``uid`` (its own group, no others), not dumpable (no ptrace, /proc/PID root's), killed with
-    the supervisor."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid: a change of credentials clears it
-
-
-def _worker(listener: socket.socket, channel: socket.socket, config: ProxyConfig, parent: int) -> None:
-    """The worker, in the forked child: load everything while still root, then drop and serve."""
-    import encodings.idna  # noqa: F401 - host names are encoded lazily; nothing is imported after the drop
-
-    import uvicorn
-
-    s = config.settings
-    uconfig = uvicorn.Config(
-        ProxyApp(_Keeper(channel), s), http="h11", loop="asyncio", lifespan="on",
-        access_log=False, server_header=False, date_header=False, proxy_headers=False, log_level="warning",
-        h11_max_incomplete_event_size=s.max_header_bytes, limit_concurrency=max(64, 4 * s.max_connections),
-        timeout_keep_alive=30, timeout_graceful_shutdown=3,
-    )
-    uconfig.load()  # imports the protocol, loop and lifespan modules now
-    server = uvicorn.Server(uconfig)
-    os.environ.clear()  # the server's environment (an env: secret) has no business here
-    if s.uid is not None and os.geteuid() == 0:  # (a proxy run by a user for a test has nothing to drop)
-        _drop_privileges(s.uid)
-    if os.getppid() != parent:
-        os._exit(1)
-    asyncio.run(server.serve(sockets=[listener]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The supervisor: bind, fork the worker (again when it dies), answer its requests, until SIGTERM/SIGINT."""
-    argv = sys.argv[1:] if argv is None else argv
-    paths = ProxyPaths(Path(argv[0]))
-    config = ProxyConfig.model_validate_json(paths.config.read_bytes())
-    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted sockets only when their proto says TCP (0 would
-    # leave Nagle on: a response's head and body 40 ms apart against the client's delayed ACK).
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((config.listen, config.settings.port))
-    listener.listen(1024)
-    stopping = False
-    child = 0
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        if child:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    parent = os.getpid()
-    backoff = 0.2
-    while not stopping:
-        started = time.monotonic()
-        ours, theirs = socket.socketpair()
-        out_r, out_w = os.pipe()
-        child = os.fork()
-        if child == 0:
-            ours.close()
-            os.close(out_r)
-            os.dup2(out_w, 1)  # its log lines go through the supervisor, which bounds the file
-            os.dup2(out_w, 2)
-            os.close(out_w)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                _worker(listener, theirs, config, parent)
-            finally:
-                os._exit(0)
-        theirs.close()
-        os.close(out_w)
-        status = _supervise(child, ours, out_r, paths, config.log_max_bytes)
-        ours.close()
-        os.close(out_r)
-        child = 0
-        if stopping:
-            break
-        _log("worker-exited", status=status, restart_in_s=backoff)
-        time.sleep(backoff)
-        backoff = 0.2 if time.monotonic() - started > 10 else min(backoff * 2, 5.0)
-    return 0
-
-
-def _copy_log(out: int, paths: ProxyPaths, log_max_bytes: int) -> None:
-    """Move what the worker wrote to our stdout (the log, opened for appending); past ``log_max_bytes`` the
-    log is moved to proxy.log.1 and a new one begun, so it never grows without bound."""
-    try:
-        data = os.read(out, 65536)
-    except (BlockingIOError, InterruptedError):
-        return
-    if data:
-        os.write(1, data)
-        if os.fstat(1).st_size > log_max_bytes:
-            with contextlib.suppress(OSError):
-                os.replace(paths.log, paths.log.with_name("proxy.log.1"))
-                fresh = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                os.dup2(fresh, 1, inheritable=False)
-                os.close(fresh)
-
-
-def _supervise(child: int, channel: socket.socket, out: int, paths: ProxyPaths, log_max_bytes: int) -> int:
-    """Answer the worker and copy its log lines until it exits; its wait status."""
-    buffer = b""
-    channel.setblocking(False)
-    os.set_blocking(out, False)
-    with selectors.DefaultSelector() as sel:
-        sel.register(channel, selectors.EVENT_READ)
-        sel.register(out, selectors.EVENT_READ)
-        while True:
-            pid, status = os.waitpid(child, os.WNOHANG)
-            if pid:
-                _copy_log(out, paths, log_max_bytes)
-                return status
-            ready = {key.fileobj for key, _ in sel.select(timeout=0.2)}
-            if out in ready:
-                _copy_log(out, paths, log_max_bytes)
-            if channel not in ready:
-                continue
-            try:
-                data = channel.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the worker closed its end: wait for it to go
-                sel.unregister(channel)
-                status = os.waitpid(child, 0)[1]
-                _copy_log(out, paths, log_max_bytes)
-                return status
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                reply = json.dumps(_answer(line, paths)).encode() + b"\n"
-                channel.setblocking(True)
-                channel.sendall(reply)
-                channel.setblocking(False)
-            if len(buffer) > _MAX_REQUEST:  # a worker gone wrong: start a fresh one
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-                buffer = b""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -234,7 +234,7 @@ class SecretsService:
         """Start the proxy, its output appended to its log (kept across restarts; the proxy moves it to
         proxy.log.1 whenever it passes the console log's size)."""
         log_path = self.paths.log
-        argv = [sys.executable, "-m", "sandbox_mcp.secrets.proxy", str(self.paths.root)]
+        argv = [sys.executable, "-m", "sandbox_mcp.secrets.supervisor", str(self.paths.root)]
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             return supervise.spawn(argv, log_path, env=self._proxy_environment(), tag=self._tag, stdout=fd)
