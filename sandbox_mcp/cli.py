@@ -126,6 +126,9 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
                                            default=[], help="extra package (repeatable)"),
         "start": lambda: p.add_argument("--no-start", dest="start", action="store_false"),
         "egress": lambda: p.add_argument("--egress", type=egress_arg, help=_CREATE_HELP["egress"]),
+        "secrets": lambda: p.add_argument("--secret", dest="secrets", metavar="NAME", action="append", default=[],
+                                          help="a secret configured on the host, used through placeholders "
+                                          "(repeatable)"),
     }
     for name, field in CreateSpec.model_fields.items():
         if name in own:
@@ -662,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.add_argument("--snapshot-vm", action="store_true",
                    help="also a VM's memory snapshot save and restore against a disk snapshot's (two boots)")
+    s.add_argument("--secrets", choices=("also", "only", "no"), default="also",
+                   help="the secrets proxy's added latency and throughput against direct HTTPS (on loopback)")
+    s.add_argument("--secrets-requests", type=int, default=300, help="small requests each way (secrets section)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

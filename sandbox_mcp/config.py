@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from pydantic import (
 
 from .errors import InvalidSpec
 from .models import MAX_CPUS, MIN_MEMORY_MIB
+from .secrets.settings import SECRET_NAME_PATTERN, SecretSpec, SecretsProxySettings
 
 __all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name", "upstream_addresses"]
 
@@ -252,6 +254,12 @@ class Settings(BaseModel):
         "{vm = \"qemu\"} (a TOML table; in the environment, JSON). Two runtimes claiming a type without it "
         "stop the server at start-up",
     )
+    secrets: dict[str, SecretSpec] = Field(
+        default_factory=dict,
+        description="Secrets workspaces may use without reading them ([secrets.NAME] tables; in the environment, "
+        "SANDBOX_MCP_SECRETS as JSON): see sandbox_mcp.secrets.settings.SecretSpec and the README's Secrets section",
+    )
+    secrets_proxy: SecretsProxySettings = Field(default_factory=SecretsProxySettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -274,6 +282,24 @@ class Settings(BaseModel):
         """A copy with ``values`` set in runtime ``name``'s section (checked when that runtime reads it)."""
         section = {**self.runtimes.get(name, {}), **values}
         return self.model_copy(update={"runtimes": {**self.runtimes, name: section}})
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets_json(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            try:
+                return json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"secrets must be a JSON object of secret tables: {exc}") from exc
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, SecretSpec]) -> dict[str, SecretSpec]:
+        bad = [n for n in v if not re.fullmatch(SECRET_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"secret names must match {SECRET_NAME_PATTERN}: {bad}")
+        return v
 
     @field_validator("http_token", mode="before")
     @classmethod
@@ -417,6 +443,9 @@ def _fold_moved(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_TABLES = ("secrets_proxy",)  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
     """The settings the environment gives: ``SANDBOX_MCP_<FIELD>``, ``SANDBOX_MCP_RUNTIMES_<NAME>_<FIELD>``
     (NAME is the runtime's name, without ``_``), and the old names (``SANDBOX_MCP_VM_CPUS``,
@@ -428,7 +457,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         field = key[len(ENV_PREFIX) :].lower()
-        table = next((t for t in MOVED_TABLES if field.startswith(t + "_")), None)
+        table = next((t for t in (*MOVED_TABLES, *_TABLES) if field.startswith(t + "_")), None)
         if field.startswith("runtimes_"):
             name, _, rest = field[len("runtimes_") :].partition("_")
             if name and rest:
@@ -469,6 +498,9 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     sections: dict[str, dict[str, Any]] = dict(data.pop("runtimes", {}))  # type: ignore[arg-type]
     for name, section in dict(overrides.pop("runtimes", {})).items():  # type: ignore[arg-type]
         sections[name] = {**sections.get(name, {}), **section}
+    for table in _TABLES:  # merged field by field, the environment winning
+        if table in overrides:
+            overrides[table] = {**dict(data.get(table, {}) or {}), **dict(overrides[table])}  # type: ignore[arg-type]
     data.update(overrides)
     if sections:
         data["runtimes"] = sections

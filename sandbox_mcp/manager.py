@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -100,6 +101,7 @@ from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
 from .runtimes import GuestExec, Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .secrets.service import SecretsService, check_script_result
 from .ssh.agent_ops import agent_op
 
 __all__ = ["WorkspaceManager", "parse_mode"]
@@ -174,6 +176,7 @@ class WorkspaceManager:
         # CLI's short-lived managers leave them to that process.
         self.ports = PortForwarder()
         self._serve_ports = serve_ports
+        self.secrets = SecretsService(settings)
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -307,6 +310,7 @@ class WorkspaceManager:
             limits=r.limits,
             ports=r.ports,
             repo=r.repo,
+            secrets=r.secrets,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -366,6 +370,15 @@ class WorkspaceManager:
         for runtime in self.runtimes.values():
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
         await self._sync_hosts()
+        await self._sync_secrets()
+
+    async def _sync_secrets(self) -> None:
+        """The secrets proxy serves the running workspaces with secrets (started again if it died), no other."""
+        data = await self.registry.read()
+        running = {r.name: (r.ip, r.secrets) for r in data.workspaces.values()
+                   if r.secrets and r.state in ("running", "paused")}
+        if running or self.secrets.paths.root.exists():
+            await self.secrets.sync(running)
 
     def _stopped(self, runtime: Runtime, record: WorkspaceRecord, error: str | None) -> WorkspaceRecord:
         """``record`` as stopped: the runtime forgets what only a running workspace has."""
@@ -396,6 +409,7 @@ class WorkspaceManager:
                         await runtime.stop(record)
                         await self.ssh.drop(record.name)
                         await self.ports.unpublish_all(record.name)
+                        await self.secrets.detach(record.ip)
                         record = self._stopped(runtime, record, "the workspace exited")
                         await self.registry.put(record)
         return record
@@ -428,16 +442,17 @@ class WorkspaceManager:
         if packages:
             await anyio.to_thread.run_sync(self._check_image_variants, runtime, packages)
         source = await self._repo_source(spec, owner_uid)
+        placeholders = self.secrets.placeholders(spec.secrets, owner_uid, runtime.host_network)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, spec, packages, live, runtime, limits, owner_uid
+                self._register, spec, packages, live, runtime, limits, owner_uid, placeholders
             )
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
             try:
-                record = await self._provision(record)
+                record = await self._provision(record, self.secrets.environment(record.secrets))
                 await self.registry.put(record)
                 t_image = time.monotonic()
                 await progress("preparing the root image (cached after the first time)", 0.0)
@@ -458,10 +473,13 @@ class WorkspaceManager:
                 raise
         return self.view(record)
 
-    async def _provision(self, record: WorkspaceRecord) -> WorkspaceRecord:
-        """Make the workspace's host dirs (provision.py); the record gets its host key and disk bound."""
+    async def _provision(
+        self, record: WorkspaceRecord, environment: Mapping[str, str] | None = None
+    ) -> WorkspaceRecord:
+        """Make the workspace's host dirs (provision.py), with ``environment`` (its secrets' placeholders) in
+        its Claude config; the record gets its host key and disk bound."""
         made = await anyio.to_thread.run_sync(
-            lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
+            lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record), environment)
         )
         update: dict[str, object] = {"host_key_fingerprint": made.fingerprint}
         if record.limits is not None:
@@ -528,6 +546,7 @@ class WorkspaceManager:
         runtime: Runtime,
         limits: Limits | None = None,
         owner_uid: int | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> WorkspaceRecord:
         name = spec.name
         with self.registry.transaction_sync() as data:
@@ -555,6 +574,7 @@ class WorkspaceManager:
                 packages=packages,
                 egress=spec.egress,
                 limits=limits,
+                secrets=secrets or {},
             )
             runtime.validate(record)
             record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
@@ -680,16 +700,20 @@ class WorkspaceManager:
             await progress("starting the workspace", 0.0)
             record = await runtime.start(record, progress)
             await self.registry.put(record)
+            await self.secrets.attach(record.name, record.ip, record.secrets)
             timings.boot_s = round(time.monotonic() - t_boot, 3)
             await progress("waiting for SSH (pinned host key)", 0.5)
             t_ssh = time.monotonic()
             await self._wait_ssh(record, runtime)
+            await self._provision_secrets(record)
             timings.ssh_s = round(time.monotonic() - t_ssh, 3)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
                     await runtime.stop(record, force=True)  # it never ran for anyone: nothing to shut down cleanly
                 await self.ssh.drop(record.name)
+                with contextlib.suppress(Exception):
+                    await self.secrets.detach(record.ip)
                 record = self._stopped(runtime, record, str(exc)[-2000:] or type(exc).__name__)
                 await self.registry.put(record)
             raise
@@ -698,6 +722,21 @@ class WorkspaceManager:
         await self.registry.put(record)
         await progress("workspace running", 1.0)
         return record
+
+    async def _provision_secrets(self, record: WorkspaceRecord) -> None:
+        """Write the workspace's placeholders and git configuration inside (as root, through sudo), then
+        reconnect: sshd was reloaded with them, and every later session starts with them.
+
+        Raises:
+            SSHError: the script failed or the workspace could not be reached.
+        """
+        script = self.secrets.inside_script(record.secrets)
+        if script is None:
+            return
+        result = await self.ssh.exec(self._target(record), "sudo -n sh -c " + shlex.quote(script), timeout_s=60)
+        check_script_result(result.exit_code, result.stderr)
+        await self.ssh.drop(record.name)
+        await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
 
     async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
         """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.
@@ -758,6 +797,7 @@ class WorkspaceManager:
         await self.ports.unpublish_all(record.name)
         await self.ssh.drop(record.name)
         await runtime.stop(record)
+        await self.secrets.detach(record.ip)
         return runtime
 
     async def stop(self, name: str, *, owner_uid: int | None = None) -> Workspace:
@@ -1599,10 +1639,11 @@ class WorkspaceManager:
             record = await anyio.to_thread.run_sync(
                 self._register, spec, source.packages, live, runtime, source.limits,
                 source.owner_uid if owner_uid is None else owner_uid,
+                dict(source.secrets),  # the same placeholders: its files are the source's copies
             )  # fmt: skip
             prepared = started = False
             try:
-                record = await self._provision(record)
+                record = await self._provision(record, self.secrets.environment(record.secrets))
                 await self.registry.put(record)
                 await progress("copying the files", None)
 

@@ -161,6 +161,17 @@ class CreateSpec(BaseModel):
             pattern=r"^[A-Za-z0-9_.@/^~{}+:-]{1,256}$",
         ),
     ] = "HEAD"
+    secrets: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]],
+        Field(
+            description="Names of secrets configured on the host (by whoever runs the server) that the workspace "
+            "may use without reading them: it gets placeholders (environment variables such as ANTHROPIC_API_KEY, "
+            "git configuration) and a host-side proxy puts the real values into requests to the secrets' own "
+            "hosts only. An unknown name is an error that lists the configured ones",
+            examples=[["anthropic"], ["github"]],
+            max_length=16,
+        ),
+    ] = []  # noqa: RUF012 - pydantic copies defaults
 
 
 class SSHInfo(BaseModel):
@@ -269,6 +280,7 @@ class WorkspaceRecord(BaseModel):
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
     repo: RepoInfo | None = None
+    secrets: dict[str, str] = Field(default_factory=dict, description="Secret name -> its placeholder inside")
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -310,6 +322,11 @@ class Workspace(BaseModel):
     )
     repo: RepoInfo | None = Field(
         default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
+    )
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Secret name -> the placeholder the workspace holds for it (in its environment and config "
+        "files); the host's proxy swaps it for the value on requests to the secret's hosts only",
     )
     created_at: datetime
     started_at: datetime | None = None

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "BUILD_UID_BASE",
     "UID_RANGE",
+    "SECRETS_PROXY_UID",
     "VM_UID_BASE",
     "agent_uid_for",
     "allocate_ip",
@@ -56,6 +57,8 @@ VM_UID_BASE = BUILD_UID_BASE - UID_RANGE
 AGENT_UID_BASE = VM_UID_BASE - (1 << 24) - UID_RANGE
 AGENT_GID = AGENT_UID_BASE
 LAST_UID_BASE = AGENT_UID_BASE - UID_RANGE
+# The secrets proxy's worker (sandbox_mcp.secrets.supervisor) runs as the VM range's last uid, never handed to a VM.
+SECRETS_PROXY_UID = VM_UID_BASE + UID_RANGE - 1
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
@@ -214,7 +217,7 @@ def allocate_uid_base(taken: Iterable[int]) -> int:
 
 
 def allocate_vm_uid(taken: Iterable[int]) -> int:
-    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65535``.
+    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65534`` (the last is the secrets proxy's).
 
     ``taken`` holds the uids of the registry's VMs and of qemu processes live on the host.
 
@@ -222,7 +225,7 @@ def allocate_vm_uid(taken: Iterable[int]) -> int:
         Conflict: all 65536 are taken.
     """
     used = set(taken)
-    for uid in range(VM_UID_BASE, VM_UID_BASE + UID_RANGE):
+    for uid in range(VM_UID_BASE, SECRETS_PROXY_UID):
         if uid not in used:
             return uid
     raise Conflict("no free uid left for a VM's qemu process; destroy unused VM workspaces")

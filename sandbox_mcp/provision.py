@@ -7,7 +7,7 @@ Blocking: the manager calls these from a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,8 @@ class Provisioned(NamedTuple):
     host_disk_mib: int | None
 
 
-def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str]) -> Provisioned:
+def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: Sequence[str],
+                       environment: Mapping[str, str] | None = None) -> Provisioned:
     """Make (or adopt, for kept data) the workspace's persistent directories and seed them.
 
     Root owns the workspace's own dirs: ``<state>/<name>`` 0711 (its owner passes through, nobody
@@ -42,8 +43,8 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
     workspace without an owner (the daemon refuses ``copy_claude_credentials`` altogether: they
     would be root's). With ``limits.host_disk_mib`` (and a root server), ``<state>/<name>`` is first
     mounted from a disk image of that size (:mod:`sandbox_mcp.diskimage`), so all of this is on it; a
-    kept image is mounted again whatever the settings say. Returns the host key's fingerprint and the
-    bound applied.
+    kept image is mounted again whatever the settings say. ``environment`` (its secrets' placeholders, see
+    sandbox_mcp.secrets) goes into that config too. Returns the host key's fingerprint and the bound applied.
 
     Raises:
         BackendError: the disk image cannot be made or mounted.
@@ -74,6 +75,7 @@ def prepare_state_dirs(settings: Settings, record: WorkspaceRecord, authorized: 
         gid=gid,
         copy_credentials_from=credentials if settings.copy_claude_credentials and record.owner_uid in (None, 0) else None,
     )
+    claude_workspace.seed_environment(paths.claude_config, environment or {}, uid=uid, gid=gid)
     agentfiles.prepare_share(paths.claude_config, (uid, gid), owner_uid)  # after the seeding's 0700
     return Provisioned(fingerprint, host_disk_mib)
 

@@ -18,7 +18,8 @@ from sandbox_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 CONTRACT = {
-    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref"},
+    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref",
+                         "secrets"},
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},

@@ -25,6 +25,9 @@
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
+- the secrets proxy (:mod:`.secrets`): a small request's latency and a download's throughput through
+  the proxy against the same requests straight to a stand-in HTTPS service, on loopback
+  (``--secrets only|no``, ``--secrets-requests``).
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -58,6 +61,7 @@ from .capacity import format_capacity, run_capacity
 from .egress import format_egress, run_egress
 from .incus import format_incus, run_incus
 from .processes import format_processes, run_processes
+from .secrets import format_secrets, run_secrets_bench
 from .snapshots import format_snapshots, run_snapshots
 
 __all__ = ["run_bench"]
@@ -160,6 +164,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     egress_mode = getattr(args, "egress", "no")
     if egress_mode == "only":
         return await _egress(bench_settings, args)
+    secrets_mode = getattr(args, "secrets", "no")
+    if secrets_mode == "only":
+        return _secrets(args)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -261,6 +268,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await _snapshots(bench_settings, args, state)
     if egress_mode == "also":
         await _egress(bench_settings, args)
+    if secrets_mode == "also":
+        _secrets(args)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -387,6 +396,14 @@ async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     print(format_capacity(results))
+    print(json.dumps(results))
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    """The secrets proxy section (:mod:`.secrets`): loopback only, nothing of the bridge."""
+    results = run_secrets_bench(getattr(args, "secrets_requests", 300))
+    print(format_secrets(results))
     print(json.dumps(results))
     return 0
 
