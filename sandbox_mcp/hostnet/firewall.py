@@ -56,6 +56,7 @@ __all__ = [
     "admit_script",
     "admitted_ports",
     "base_script",
+    "claims_of_others",
     "host_nameservers",
     "remove_tables",
     "revoke_script",
@@ -314,6 +315,19 @@ def revoke_script(bridge: str, port: str, present: str) -> str:
     if f"chain {host} {{" in present:
         lines.append(f"delete chain inet {t} {host}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def claims_of_others(port: str, ip: ipaddress.IPv4Address, present: str) -> list[str]:
+    """The chains of other ports that ``present`` (``nft list`` text) maps ``ip`` to: the address is taken.
+
+    The registry gives an address to one workspace at a time, so such a claim is another server's
+    workspace on the same bridge (two state dirs sharing a bridge and subnet) or one left behind by a
+    server killed before it revoked its port. Either way admitting ``port`` must not overwrite it.
+    """
+    suffix = _port_chain(port).removeprefix("port_")
+    own = {f"{prefix}_{suffix}" for prefix in ("port", "host", "dom")}  # ours and egress_sets' chains
+    found = re.findall(rf"(?<![0-9.]){re.escape(str(ip))} : jump ([A-Za-z0-9_]+)", present)
+    return sorted(set(found) - own)
 
 
 def admitted_ports(present: str) -> list[str]:

@@ -157,6 +157,15 @@ class HostNetwork:
         mac = _validate_mac(mac)
         async with self._firewall_lock():
             present = await firewall.table_exists(self.bridge)
+            taken = firewall.claims_of_others(port, address, present or "")
+            if taken:
+                raise Conflict(
+                    f"address {address} is already admitted on bridge {self.bridge} for another workspace "
+                    f"({', '.join(taken)}): another sandbox-mcp server with its own state dir uses this bridge and "
+                    "subnet, or a server was killed before it removed that workspace's rules. Give each server its "
+                    "own bridge and subnet (SANDBOX_MCP_BRIDGE, SANDBOX_MCP_SUBNET); a server restarted on its "
+                    "state dir removes what its own dead workspaces left"
+                )
             script = await self._missing_tables(present, listed=True)
             script += firewall.admit_script(self.bridge, port, mac, address, egress=outside, owner=owner,
                                             mark=egress_sets.DOMAIN_MARK if domains is not None else None)
