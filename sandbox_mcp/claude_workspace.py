@@ -57,6 +57,7 @@ __all__ = [
     "environment_lines",
     "host_credentials_file",
     "seed_claude_config",
+    "seed_environment",
     "workspace_dir_inside",
 ]
 
@@ -310,3 +311,35 @@ def seed_claude_config(
     if credentials is not None:
         _write_private(config_dir / CREDENTIALS_JSON, credentials, uid, gid)
     return config_dir
+
+
+def seed_environment(config_dir: Path, env: Mapping[str, str], *, uid: int, gid: int) -> None:
+    """Give Claude Code inside the workspace ``env`` (its secrets' placeholders and base URLs). Idempotent.
+
+    ``settings.json``'s ``env`` gets the variables (Claude Code applies them to its own process, so they
+    hold even where a session lacks /etc/environment). Where ``ANTHROPIC_API_KEY`` is among them,
+    ``.claude.json``'s ``customApiKeyResponses.approved`` gets its last 20 characters: what Claude Code
+    records when a user accepts a key from the environment, so it does not ask. Only placeholders come
+    here, never a value (see sandbox_mcp.secrets).
+
+    Raises:
+        InvalidSpec, BackendError, OSError: as :func:`seed_claude_config`.
+    """
+    if not env:
+        return
+    _prepare_dir(config_dir, uid, gid)
+    settings = config_dir / SETTINGS_JSON
+    existing = _read_json_object(settings) or {}
+    _write_private(settings, _dump(_merge(existing, {"env": dict(env)})), uid, gid)
+    key = env.get("ANTHROPIC_API_KEY")
+    if key:
+        claude_json = config_dir / CLAUDE_JSON
+        existing = _read_json_object(claude_json) or {}
+        responses = existing.get("customApiKeyResponses")
+        responses = dict(responses) if isinstance(responses, dict) else {}
+        approved = [a for a in responses.get("approved", []) if isinstance(a, str)]
+        if key[-20:] not in approved:
+            approved.append(key[-20:])
+        responses["approved"] = approved[-20:]
+        responses.setdefault("rejected", [])
+        _write_private(claude_json, _dump({**existing, "customApiKeyResponses": responses}), uid, gid)

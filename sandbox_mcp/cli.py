@@ -109,7 +109,8 @@ def _cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 # Help for some flags shorter than the field's description (the tool's words, written for agents).
 _CREATE_HELP = {
-    "egress": "network access from inside (internet needs SANDBOX_MCP_NAT=true)",
+    "egress": "network access from inside: none, internet, or domain names separated by commas "
+              "(pypi.org,*.pythonhosted.org); internet and names need SANDBOX_MCP_NAT=true",
     "cpus": "CPUs it may use (default: the settings' cpus)",
     "memory_mib": "memory in MiB (default: the settings' memory_mib)",
     "repo": "a host git repository to clone into the workspace (on branch sandbox/NAME)",
@@ -124,6 +125,10 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
         "packages": lambda: p.add_argument("-p", "--package", dest="packages", metavar="PACKAGE", action="append",
                                            default=[], help="extra package (repeatable)"),
         "start": lambda: p.add_argument("--no-start", dest="start", action="store_false"),
+        "egress": lambda: p.add_argument("--egress", type=egress_arg, help=_CREATE_HELP["egress"]),
+        "secrets": lambda: p.add_argument("--secret", dest="secrets", metavar="NAME", action="append", default=[],
+                                          help="a secret configured on the host, used through placeholders "
+                                          "(repeatable)"),
     }
     for name, field in CreateSpec.model_fields.items():
         if name in own:
@@ -142,6 +147,19 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, choices=list(get_args(kind)), default=field.default, help=help_text)
         else:
             p.add_argument(flag, type=kind, help=help_text)
+
+
+def egress_arg(text: str) -> str | list[str]:
+    """``--egress``'s value: ``none``, ``internet`` or domain names separated by commas (checked by the spec)."""
+    return text if text in ("none", "internet") else [n for n in text.replace(" ", ",").split(",") if n]
+
+
+def _cmd_egress(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(m: Workspaces) -> int:
+        _dump(await m.set_egress(args.name, egress_arg(args.egress)))
+        return 0
+
+    return anyio.run(_with_manager, settings, run)
 
 
 def create_spec(args: argparse.Namespace) -> CreateSpec:
@@ -582,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot", help="fork from this snapshot instead of the current state")
     s.set_defaults(fn=_simple("fork", "new_name", "snapshot"))
 
+    s = sub.add_parser("egress", help="change a workspace's network access at once (no restart)")
+    s.add_argument("name")
+    s.add_argument("egress", metavar="POLICY",
+                   help="none, internet, or domain names separated by commas (pypi.org,*.pythonhosted.org)")
+    s.set_defaults(fn=_cmd_egress)
+
     s = sub.add_parser("rm", help="destroy a workspace")
     s.add_argument("name")
     s.add_argument("--keep-data", action="store_true", help="keep the host workspace directory")
@@ -637,10 +661,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrent-rounds", type=int, default=5, help="rounds of the concurrency section")
     s.add_argument("--snapshots", choices=("also", "only", "no"), default="also",
                    help="pause/resume, snapshot/restore against cp -a (and reflinks on btrfs), fork -> first exec")
+    s.add_argument("--host-disk", choices=("only", "no"), default="no",
+                   help="what HOST_DISK_MIB costs: create -> first exec and a 64 MiB write, with and without it")
+    s.add_argument("--egress", choices=("also", "only", "no"), default="also",
+                   help="the egress resolver's answer time against a direct query to a stand-in upstream")
+    s.add_argument("--dns-queries", type=int, default=200, help="queries per figure in the egress section")
     s.add_argument("--snapshot-mib", default="100",
                    help="workspace dir sizes in MiB for the snapshot figures, comma-separated (e.g. 100,1024)")
     s.add_argument("--snapshot-vm", action="store_true",
                    help="also a VM's memory snapshot save and restore against a disk snapshot's (two boots)")
+    s.add_argument("--secrets", choices=("also", "only", "no"), default="also",
+                   help="the secrets proxy's added latency and throughput against direct HTTPS (on loopback)")
+    s.add_argument("--secrets-requests", type=int, default=300, help="small requests each way (secrets section)")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

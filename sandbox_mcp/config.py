@@ -13,9 +13,11 @@ into a section keep their old names (:data:`MOVED`: ``vm_cpus``, ``[incus]``, ``
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,8 +35,9 @@ from pydantic import (
 
 from .errors import InvalidSpec
 from .models import MAX_CPUS, MIN_MEMORY_MIB
+from .secrets.settings import SECRET_NAME_PATTERN, SecretSpec, SecretsProxySettings
 
-__all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name"]
+__all__ = ["MOVED", "MOVED_TABLES", "Settings", "load_settings", "moved_name", "upstream_addresses"]
 
 ENV_PREFIX = "SANDBOX_MCP_"
 DEFAULT_CONFIG_FILE = Path("~/.config/sandbox-mcp/config.toml")
@@ -84,6 +87,17 @@ class Settings(BaseModel):
     root_layer_mib: int = Field(
         default=4096, ge=64, description="Size bound of a container's writable root layer (a tmpfs, so at most half "
         "the workspace's memory_mib) and of an Incus instance's root disk, MiB"
+    )
+    agent_files: Literal["owner", "own-uid"] = Field(
+        default="owner", description="Whose the agent's files in the workspace dir are on the host: the owner's "
+        "(`owner`: everything that trusts your files trusts them, git included), or a uid of the workspace's own "
+        "that the owner reads and writes through ACLs and the owner's git refuses (`own-uid`, with a root server; "
+        "files the owner then makes there are read-only and undeletable for the agent)",
+    )
+    host_disk_mib: int | None = Field(
+        default=None, ge=32, description="Host disk one workspace may fill (its workspace dir, Claude config, a VM's "
+        "root layer, snapshots), MiB: its state directory becomes a loop-mounted ext4 image of that size "
+        "(the server must be root). Default: no bound (they share the state dir's file system)",
     )
     console_log_mib: int = Field(
         default=16, ge=1, description="Size bound of a workspace's console log: its first MiB are kept, the rest "
@@ -145,6 +159,32 @@ class Settings(BaseModel):
         default=512, ge=1, le=1 << 20,
         description="Connections one workspace with egress may have open at once (new ones past it are dropped), "
         "so one workspace cannot fill the host's connection tracking table",
+    )
+    egress_dns_upstreams: list[str] = Field(
+        default_factory=list,
+        description="Where the egress resolver (workspaces with a domain list) asks: IPv4 addresses, 'ADDR' or "
+        "'ADDR:PORT' (environment: comma-separated). Empty: the host's nameservers from /etc/resolv.conf",
+        examples=[["192.0.2.53", "198.51.100.53:5353"]],
+    )
+    egress_dns_port: int = Field(
+        default=53, ge=1, le=65535,
+        description="The port the egress resolver listens on, on the bridge's host address (workspaces' DNS to "
+        "any address on port 53 is redirected there); another port where something else holds 53 on it",
+    )
+    egress_ttl_min_s: int = Field(
+        default=5, ge=1, le=86400,
+        description="Shortest time an address a workspace's domain list resolved to stays allowed (seconds; "
+        "longer than the record's TTL when the TTL is shorter)",
+    )
+    egress_ttl_max_s: int = Field(
+        default=3600, ge=1, le=604800,
+        description="Longest time such an address stays allowed without being resolved again (seconds); the "
+        "TTLs the workspace sees are cut to it",
+    )
+    egress_dns_rate: float = Field(
+        default=50.0, gt=0, le=100000,
+        description="DNS queries per second one workspace may send the egress resolver (bursts of twice that); "
+        "past it the answer is REFUSED",
     )
     uid_max_workspaces: int = Field(
         default=10, ge=1, description="Workspaces one user may have at once through the daemon (root: no limit)"
@@ -214,6 +254,12 @@ class Settings(BaseModel):
         "{vm = \"qemu\"} (a TOML table; in the environment, JSON). Two runtimes claiming a type without it "
         "stop the server at start-up",
     )
+    secrets: dict[str, SecretSpec] = Field(
+        default_factory=dict,
+        description="Secrets workspaces may use without reading them ([secrets.NAME] tables; in the environment, "
+        "SANDBOX_MCP_SECRETS as JSON): see sandbox_mcp.secrets.settings.SecretSpec and the README's Secrets section",
+    )
+    secrets_proxy: SecretsProxySettings = Field(default_factory=SecretsProxySettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -236,6 +282,24 @@ class Settings(BaseModel):
         """A copy with ``values`` set in runtime ``name``'s section (checked when that runtime reads it)."""
         section = {**self.runtimes.get(name, {}), **values}
         return self.model_copy(update={"runtimes": {**self.runtimes, name: section}})
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets_json(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            try:
+                return json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"secrets must be a JSON object of secret tables: {exc}") from exc
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, SecretSpec]) -> dict[str, SecretSpec]:
+        bad = [n for n in v if not re.fullmatch(SECRET_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"secret names must match {SECRET_NAME_PATTERN}: {bad}")
+        return v
 
     @field_validator("http_token", mode="before")
     @classmethod
@@ -262,6 +326,23 @@ class Settings(BaseModel):
                 raise ValueError(f"runtime_for_type must be a JSON object such as {{\"vm\": \"qemu\"}}: {exc}") from exc
         return v
 
+    @field_validator("egress_dns_upstreams", mode="before")
+    @classmethod
+    def _upstream_list(cls, v: object) -> object:
+        if isinstance(v, str):  # from the environment
+            v = [p for p in v.replace(",", " ").split() if p]
+        if isinstance(v, list):
+            for item in v:
+                _split_upstream(str(item))
+        return v
+
+    @model_validator(mode="after")
+    def _ttl_bounds(self) -> Settings:
+        if self.egress_ttl_min_s > self.egress_ttl_max_s:
+            raise ValueError(f"egress_ttl_min_s ({self.egress_ttl_min_s}) is above egress_ttl_max_s "
+                             f"({self.egress_ttl_max_s})")
+        return self
+
     @field_validator("state_dir", "image_dir", "daemon_socket")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -286,6 +367,35 @@ class Settings(BaseModel):
     @property
     def registry_path(self) -> Path:
         return self.state_dir / "registry.json"
+
+
+def _split_upstream(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    """'ADDR' or 'ADDR:PORT' as (address, port); ValueError otherwise."""
+    host, _, port = text.partition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+        number = int(port) if port else 53
+    except ValueError:
+        raise ValueError(f"egress DNS upstream {text!r} is not 'ADDR' or 'ADDR:PORT' (an IPv4 address)") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"egress DNS upstream {text!r} has a port out of range")
+    return address, number
+
+
+def upstream_addresses(settings: Settings) -> list[tuple[ipaddress.IPv4Address, int]]:
+    """The egress resolver's upstreams: the setting, else the host's nameservers (loopback ones too: the
+    resolver runs on the host), never the resolver itself."""
+    if settings.egress_dns_upstreams:
+        found = [_split_upstream(u) for u in settings.egress_dns_upstreams]
+    else:
+        found = []
+        with contextlib.suppress(OSError):
+            for line in Path("/etc/resolv.conf").read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        found.append((ipaddress.IPv4Address(parts[1]), 53))
+    return [(a, p) for a, p in found if not (a == settings.host_ip and p == settings.egress_dns_port)]
 
 
 def moved_name(runtime: str, field: str) -> str | None:
@@ -333,6 +443,9 @@ def _fold_moved(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_TABLES = ("secrets_proxy",)  # [table] in the TOML file, SANDBOX_MCP_<TABLE>_<FIELD> in the environment
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
     """The settings the environment gives: ``SANDBOX_MCP_<FIELD>``, ``SANDBOX_MCP_RUNTIMES_<NAME>_<FIELD>``
     (NAME is the runtime's name, without ``_``), and the old names (``SANDBOX_MCP_VM_CPUS``,
@@ -344,7 +457,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         field = key[len(ENV_PREFIX) :].lower()
-        table = next((t for t in MOVED_TABLES if field.startswith(t + "_")), None)
+        table = next((t for t in (*MOVED_TABLES, *_TABLES) if field.startswith(t + "_")), None)
         if field.startswith("runtimes_"):
             name, _, rest = field[len("runtimes_") :].partition("_")
             if name and rest:
@@ -385,6 +498,9 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: Path | None
     sections: dict[str, dict[str, Any]] = dict(data.pop("runtimes", {}))  # type: ignore[arg-type]
     for name, section in dict(overrides.pop("runtimes", {})).items():  # type: ignore[arg-type]
         sections[name] = {**sections.get(name, {}), **section}
+    for table in _TABLES:  # merged field by field, the environment winning
+        if table in overrides:
+            overrides[table] = {**dict(data.get(table, {}) or {}), **dict(overrides[table])}  # type: ignore[arg-type]
     data.update(overrides)
     if sections:
         data["runtimes"] = sections

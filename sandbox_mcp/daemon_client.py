@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 from .config import Settings
 from .daemon_use import daemon_socket_present
+from .egress import Egress
 from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 from .fsutil import atomic_write
 from .models import (
@@ -408,6 +409,10 @@ class RemoteManager:
     async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort:
         """See :meth:`WorkspaceManager.publish_port`: the daemon listens (and checks who connects)."""
         return await self._call("publish_port", {"name": name, "port": port, "host_port": host_port}, PublishedPort)
+
+    async def set_egress(self, name: str, egress: Egress) -> Workspace:
+        """See :meth:`WorkspaceManager.set_egress`."""
+        return await self._call("set_egress", {"name": name, "egress": egress}, Workspace)
 
     async def unpublish_port(self, name: str, port: int) -> PortUnpublished:
         """See :meth:`WorkspaceManager.unpublish_port`."""

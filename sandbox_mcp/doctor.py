@@ -8,6 +8,7 @@ import pwd
 import socket
 from pathlib import Path
 
+from . import diskimage
 from .checks import which_check
 from .config import Settings
 from .errors import SandboxError
@@ -80,34 +81,21 @@ def daemon_checks(settings: Settings, *, uid: int | None = None) -> list[Check]:
     return checks
 
 
-def disk_quota_check(path: Path, mountinfo: str) -> Check:
-    """Whether the file system under ``path`` (the state dir) could bound a workspace dir's disk use.
-
-    Workspace dirs share that file system, so one workspace can fill it for every other and for
-    the host, unless project quotas are on (ext4 or xfs mounted with ``prjquota``). sandbox-mcp does
-    not set per-workspace project quotas yet; this says where the file system would allow it.
-    """
-    mount, fstype, options = "/", "?", ""
-    where = str(path.resolve())
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        point = fields[4].replace("\\040", " ")
-        inside = where == point or where.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(mount):
-            tail = line.split(" - ", 1)[1].split()
-            mount, fstype, options = point, tail[0], (tail[2] if len(tail) > 2 else "")
-    opts = set(options.split(","))
-    supported = fstype in ("ext4", "xfs") and bool(opts & {"prjquota", "pquota", "pqnoenforce"})
-    detail = (f"{mount} ({fstype}) has project quotas; sandbox-mcp does not set per-workspace ones yet"
-              if supported else
-              f"{mount} ({fstype}) has no project quotas: a workspace's files are limited only by the free space "
-              "there, so one workspace can fill it for the others and the host")  # fmt: skip
+def host_disk_check(settings: Settings, unavailable: str | None) -> Check:
+    """Whether a workspace's host files are bounded (``host_disk_mib``, see :mod:`sandbox_mcp.diskimage`),
+    and why not. ``unavailable``: :func:`sandbox_mcp.diskimage.unavailable`'s answer for this server."""
+    limit = settings.host_disk_mib
+    if limit is not None and unavailable is None:
+        return Check(name="workspace host disk", ok=True, required=False,
+                     detail=f"each workspace's state dir is a {limit} MiB disk image of its own (HOST_DISK_MIB)")
+    why = ("HOST_DISK_MIB is not set" if limit is None else
+           f"HOST_DISK_MIB={limit} is set, but {unavailable}")  # fmt: skip
     return Check(
-        name="workspace disk quota", ok=supported, detail=detail, required=False,
-        fix="put the state dir on a file system of its own (SANDBOX_MCP_STATE_DIR), ideally ext4 or xfs mounted "
-        "with prjquota, so a full workspace dir fills only that",
+        name="workspace host disk", ok=False, required=False,
+        detail=f"{why}: a workspace's files are limited only by the free space under {settings.state_dir}, so "
+        "one workspace can fill it for the others and the host (limits.host_disk_mib is null)",
+        fix="set SANDBOX_MCP_HOST_DISK_MIB (e.g. 20480) with a root server, or put the state dir on a file "
+        "system of its own",
     )  # fmt: skip
 
 
@@ -177,7 +165,7 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
             fix="set SANDBOX_MCP_STATE_DIR to a writable directory",
         )
     )
-    checks.append(disk_quota_check(existing, mountinfo))
+    checks.append(host_disk_check(settings, diskimage.unavailable()))
     # The runtimes of this host's mode add theirs; a runtime that refuses the settings says why.
     mode = settings.mode
     try:

@@ -27,7 +27,7 @@ import anyio
 from .errors import InvalidSpec
 
 __all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "own_dir", "shared_lock_fd",
-           "try_file_lock", "write_new"]
+           "try_file_lock", "write_in_place", "write_new"]
 
 _LOCK_POLL_MIN_S = 0.005
 _LOCK_POLL_MAX_S = 0.1
@@ -67,6 +67,23 @@ def _write_temp(path: Path, data: bytes, mode: int, owner: tuple[int, int] | Non
         raise
     os.close(fd)
     return tmp
+
+
+def write_in_place(path: Path, data: str, *, mode: int = 0o644) -> None:
+    """Overwrite the file ``path`` keeping its inode, for a file bind-mounted into a workspace (a rename would
+    leave the bind on the old one) or read through a held fd. Never follows a symlink; a missing file is
+    created with ``mode``.
+
+    Raises:
+        OSError: it cannot be written (a symlink: ELOOP).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        raw = data.encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, raw, 0)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(

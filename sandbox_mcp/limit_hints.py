@@ -47,8 +47,14 @@ def disk_hint(stderr: str, limits: Limits | None) -> str | None:
     if not any(s in stderr for s in _DISK_FULL):
         return None
     root = f"disk_mib={limits.disk_mib} MiB" if limits and limits.disk_mib else "its disk"
+    if limits and limits.host_disk_mib:
+        here = (f"the workspace dir, with the Claude config and snapshots, holds host_disk_mib={limits.host_disk_mib} "
+                "MiB of the host's disk")
+        elsewhere = "keep big files where there is room"
+    else:
+        here, elsewhere = "the workspace dir is on the host's disk", "keep big files in the workspace dir (the host's disk)"
     return (
         f"a file system is full. The root file system (everything outside the workspace dir) holds {root}; "
-        "`df -h / .` shows which is full. Delete what you no longer need (caches, build output, /tmp, "
-        "/var/tmp), keep big files in the workspace dir (the host's disk), or create a workspace with more room"
+        f"{here}. `df -h / .` shows which is full. Delete what you no longer need (caches, build output, /tmp, "
+        f"/var/tmp, old snapshots), {elsewhere}, or create a workspace with more room"
     )

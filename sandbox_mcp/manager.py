@@ -13,16 +13,31 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
 import anyio
 
-from . import budget, claude_workspace, gitflow, hostgit, limit_hints, processes, provision, snapshots, ssh
+from . import (
+    agentfiles,
+    budget,
+    claude_workspace,
+    diskimage,
+    gitflow,
+    hostgit,
+    limit_hints,
+    processes,
+    provision,
+    snapshots,
+    ssh,
+)
+from . import egress as egress_policy
 from .config import Settings
+from .egress import Egress
 from .errors import (
     BackendError,
     CommandTimeout,
@@ -70,7 +85,15 @@ from .models import (
     WriteResult,
     utcnow,
 )
-from .naming import allocate_ip, check_identity_collisions, cid_for, mac_for, validate_name, validate_packages
+from .naming import (
+    agent_uid_for,
+    allocate_ip,
+    check_identity_collisions,
+    cid_for,
+    mac_for,
+    validate_name,
+    validate_packages,
+)
 from .output_relay import OutputRelay
 from .ownership import owned
 from .paths import WorkspacePaths
@@ -78,6 +101,7 @@ from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
 from .runtimes import GuestExec, Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
+from .secrets.service import SecretsService, check_script_result
 from .ssh.agent_ops import agent_op
 
 __all__ = ["WorkspaceManager", "parse_mode"]
@@ -152,6 +176,7 @@ class WorkspaceManager:
         # CLI's short-lived managers leave them to that process.
         self.ports = PortForwarder()
         self._serve_ports = serve_ports
+        self.secrets = SecretsService(settings)
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -285,6 +310,7 @@ class WorkspaceManager:
             limits=r.limits,
             ports=r.ports,
             repo=r.repo,
+            secrets=r.secrets,
             created_at=r.created_at,
             started_at=r.started_at,
             last_error=r.last_error,
@@ -344,6 +370,15 @@ class WorkspaceManager:
         for runtime in self.runtimes.values():
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
         await self._sync_hosts()
+        await self._sync_secrets()
+
+    async def _sync_secrets(self) -> None:
+        """The secrets proxy serves the running workspaces with secrets (started again if it died), no other."""
+        data = await self.registry.read()
+        running = {r.name: (r.ip, r.secrets) for r in data.workspaces.values()
+                   if r.secrets and r.state in ("running", "paused")}
+        if running or self.secrets.paths.root.exists():
+            await self.secrets.sync(running)
 
     def _stopped(self, runtime: Runtime, record: WorkspaceRecord, error: str | None) -> WorkspaceRecord:
         """``record`` as stopped: the runtime forgets what only a running workspace has."""
@@ -374,6 +409,7 @@ class WorkspaceManager:
                         await runtime.stop(record)
                         await self.ssh.drop(record.name)
                         await self.ports.unpublish_all(record.name)
+                        await self.secrets.detach(record.ip)
                         record = self._stopped(runtime, record, "the workspace exited")
                         await self.registry.put(record)
         return record
@@ -406,19 +442,17 @@ class WorkspaceManager:
         if packages:
             await anyio.to_thread.run_sync(self._check_image_variants, runtime, packages)
         source = await self._repo_source(spec, owner_uid)
+        placeholders = self.secrets.placeholders(spec.secrets, owner_uid, runtime.host_network)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, spec, packages, live, runtime, limits, owner_uid
+                self._register, spec, packages, live, runtime, limits, owner_uid, placeholders
             )
             paths = self._paths(name)
             existed = paths.root.exists()
             prepared = started = False
             try:
-                fingerprint = await anyio.to_thread.run_sync(
-                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
-                )
-                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
+                record = await self._provision(record, self.secrets.environment(record.secrets))
                 await self.registry.put(record)
                 t_image = time.monotonic()
                 await progress("preparing the root image (cached after the first time)", 0.0)
@@ -438,6 +472,19 @@ class WorkspaceManager:
                     await self._undo_create(record, runtime, prepared, started, existed)
                 raise
         return self.view(record)
+
+    async def _provision(
+        self, record: WorkspaceRecord, environment: Mapping[str, str] | None = None
+    ) -> WorkspaceRecord:
+        """Make the workspace's host dirs (provision.py), with ``environment`` (its secrets' placeholders) in
+        its Claude config; the record gets its host key and disk bound."""
+        made = await anyio.to_thread.run_sync(
+            lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record), environment)
+        )
+        update: dict[str, object] = {"host_key_fingerprint": made.fingerprint}
+        if record.limits is not None:
+            update["limits"] = record.limits.model_copy(update={"host_disk_mib": made.host_disk_mib})
+        return record.model_copy(update=update)
 
     async def _repo_source(
         self, spec: CreateSpec, owner_uid: int | None
@@ -488,7 +535,8 @@ class WorkspaceManager:
                 f"memory_mib must be a whole number of MiB between {least} and {MAX_MEMORY_MIB} for a {type_!r} "
                 f"workspace, got {memory_mib!r}"
             )
-        return runtime.complete_limits(Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max))
+        limits = Limits(cpus=float(cpus), memory_mib=memory_mib, tasks=s.tasks_max, host_disk_mib=s.host_disk_mib)
+        return runtime.complete_limits(limits)
 
     def _register(
         self,
@@ -498,6 +546,7 @@ class WorkspaceManager:
         runtime: Runtime,
         limits: Limits | None = None,
         owner_uid: int | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> WorkspaceRecord:
         name = spec.name
         with self.registry.transaction_sync() as data:
@@ -525,6 +574,7 @@ class WorkspaceManager:
                 packages=packages,
                 egress=spec.egress,
                 limits=limits,
+                secrets=secrets or {},
             )
             runtime.validate(record)
             record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
@@ -606,6 +656,10 @@ class WorkspaceManager:
             with contextlib.suppress(Exception):
                 await runtime.destroy(record)
         await self.ssh.drop(record.name)
+        with contextlib.suppress(Exception):  # a new image goes; kept data's is unmounted again
+            await anyio.to_thread.run_sync(
+                lambda: diskimage.release(self.settings.state_dir, record.name, delete=not existed)
+            )
         if not existed:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(self._paths(record.name).root, ignore_errors=True))
         await self.registry.remove(record.name)
@@ -646,16 +700,20 @@ class WorkspaceManager:
             await progress("starting the workspace", 0.0)
             record = await runtime.start(record, progress)
             await self.registry.put(record)
+            await self.secrets.attach(record.name, record.ip, record.secrets)
             timings.boot_s = round(time.monotonic() - t_boot, 3)
             await progress("waiting for SSH (pinned host key)", 0.5)
             t_ssh = time.monotonic()
             await self._wait_ssh(record, runtime)
+            await self._provision_secrets(record)
             timings.ssh_s = round(time.monotonic() - t_ssh, 3)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
                     await runtime.stop(record, force=True)  # it never ran for anyone: nothing to shut down cleanly
                 await self.ssh.drop(record.name)
+                with contextlib.suppress(Exception):
+                    await self.secrets.detach(record.ip)
                 record = self._stopped(runtime, record, str(exc)[-2000:] or type(exc).__name__)
                 await self.registry.put(record)
             raise
@@ -664,6 +722,21 @@ class WorkspaceManager:
         await self.registry.put(record)
         await progress("workspace running", 1.0)
         return record
+
+    async def _provision_secrets(self, record: WorkspaceRecord) -> None:
+        """Write the workspace's placeholders and git configuration inside (as root, through sudo), then
+        reconnect: sshd was reloaded with them, and every later session starts with them.
+
+        Raises:
+            SSHError: the script failed or the workspace could not be reached.
+        """
+        script = self.secrets.inside_script(record.secrets)
+        if script is None:
+            return
+        result = await self.ssh.exec(self._target(record), "sudo -n sh -c " + shlex.quote(script), timeout_s=60)
+        check_script_result(result.exit_code, result.stderr)
+        await self.ssh.drop(record.name)
+        await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
 
     async def _wait_ssh(self, record: WorkspaceRecord, runtime: Runtime) -> None:
         """Wait for SSH, failing fast (with the log tail) if the workspace dies while booting.
@@ -724,6 +797,7 @@ class WorkspaceManager:
         await self.ports.unpublish_all(record.name)
         await self.ssh.drop(record.name)
         await runtime.stop(record)
+        await self.secrets.detach(record.ip)
         return runtime
 
     async def stop(self, name: str, *, owner_uid: int | None = None) -> Workspace:
@@ -756,7 +830,9 @@ class WorkspaceManager:
             paths = self._paths(name)
             if keep_data:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
-            else:
+            # The disk image (if any) is unmounted first: kept, or gone with the rest.
+            await anyio.to_thread.run_sync(lambda: diskimage.release(self.settings.state_dir, name, delete=not keep_data))
+            if not keep_data:
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
                 await self._collect_roots(runtime)  # its snapshots' roots, where the runtime keeps them
             await self.registry.remove(name)
@@ -1199,11 +1275,40 @@ class WorkspaceManager:
     # Pause, snapshots, forks (the files' side: snapshots.py) -----------------------------------
 
     def _recover_files(self, name: str) -> None:
-        """Finish or drop a restore, and drop half-taken snapshots, that a killed server left. Blocking."""
+        """Mount the workspace's disk image again (after a reboot), finish or drop a restore, and drop
+        half-taken snapshots, that a killed server left. Blocking."""
         paths = self._paths(name)
+        if diskimage.unavailable() is None:
+            try:
+                diskimage.ensure(self.settings.state_dir, name, None)
+            except SandboxError as exc:
+                log.warning("reconcile: the disk image of %s: %s", name, exc)
         if paths.root.is_dir():
             snapshots.recover_restore(paths)
             snapshots.SnapshotStore(paths, name).recover()
+
+    async def set_egress(self, name: str, egress: Egress, *, owner_uid: int | None = None) -> Workspace:
+        """Change a workspace's network policy: a running (or paused) one at once, without a restart; a stopped
+        one at its next start. ``egress`` is ``"none"``, ``"internet"`` or a list of domain names.
+
+        Raises:
+            InvalidSpec: a malformed policy, or one this host or runtime cannot give (nothing changed).
+            WorkspaceNotFound (also: another owner's), InvalidState (being created, started or stopped),
+            Unsupported (the runtime cannot change a running workspace's policy), BackendError.
+        """
+        policy = egress_policy.parse(egress)
+        await self._check_exists(name)
+        async with self._locked(name):
+            record = owned(await self.registry.get(name), owner_uid)
+            runtime = self._runtime_of(record)
+            updated = record.model_copy(update={"egress": policy})
+            runtime.validate(updated)
+            if record.state in ("running", "paused"):
+                await runtime.set_egress(updated)
+            elif record.state not in ("stopped", "error"):
+                raise InvalidState(f"workspace {name!r} is {record.state}; try again once it is running or stopped")
+            await self.registry.put(updated)
+        return self.view(updated)
 
     async def pause(self, name: str, *, owner_uid: int | None = None) -> Workspace:
         """Freeze a running workspace: its processes stop where they are and keep their memory. Idempotent.
@@ -1535,13 +1640,11 @@ class WorkspaceManager:
             record = await anyio.to_thread.run_sync(
                 self._register, spec, source.packages, live, runtime, source.limits,
                 source.owner_uid if owner_uid is None else owner_uid,
+                dict(source.secrets),  # the same placeholders: its files are the source's copies
             )  # fmt: skip
             prepared = started = False
             try:
-                fingerprint = await anyio.to_thread.run_sync(
-                    lambda: provision.prepare_state_dirs(self.settings, record, self._authorized_keys(record))
-                )
-                record = record.model_copy(update={"host_key_fingerprint": fingerprint})
+                record = await self._provision(record, self.secrets.environment(record.secrets))
                 await self.registry.put(record)
                 await progress("copying the files", None)
 
@@ -1559,6 +1662,11 @@ class WorkspaceManager:
                         await self._copy_parts(source, runtime, staged)
                     base = runtime.root_base(source)
                 await runtime.adopt_files(source, record, [staged(p) for p in snapshots.PARTS if staged(p).exists()])
+                # The agent's files are the fork's own uid's (agentfiles.py), not the source's.
+                trees = [staged(p) for p in ("workspace", "claude-config") if staged(p).exists()]
+                await anyio.to_thread.run_sync(
+                    lambda: agentfiles.adopt(trees, agent_uid_for(source.name), agent_uid_for(new_name))
+                )
                 await anyio.to_thread.run_sync(snapshots.restore_swap, paths)
                 await anyio.to_thread.run_sync(snapshots.drop_old, paths)  # the empty dirs provisioning made
                 record = await runtime.prepare(record, progress)

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from .egress import Egress
+
 __all__ = [
     "BUILTIN_TYPES",
     "MAX_CPUS",
@@ -56,7 +58,6 @@ __all__ = [
 # a runtime from another package may add its own (see runtimes.known_types).
 WorkspaceType = str
 BUILTIN_TYPES: tuple[WorkspaceType, ...] = ("container", "vm", "incus")
-Egress = Literal["none", "internet"]
 WorkspaceState = Literal["creating", "stopped", "starting", "running", "paused", "stopping", "error"]
 Isolation = Literal["microvm", "unprivileged-container", "privileged-container"]
 
@@ -128,8 +129,11 @@ class CreateSpec(BaseModel):
         Field(
             description="Network access from inside: 'none' (the default) reaches nothing, not other "
             "workspaces, not the host, not the outside; 'internet' adds NAT to the outside (package "
-            "downloads, git clone) while private ranges, link-local and the host stay closed. "
-            "'internet' works only where the host allows NAT (SANDBOX_MCP_NAT=true)"
+            "downloads, git clone) while private ranges, link-local and the host stay closed; a list of "
+            "domain names (['pypi.org', '*.pythonhosted.org']) reaches only the addresses those names "
+            "resolve to (through the host's resolver, for their DNS TTL), every protocol, nothing else. "
+            "'internet' and lists work only where the host allows NAT (SANDBOX_MCP_NAT=true)",
+            examples=["none", "internet", ["pypi.org", "*.pythonhosted.org"]],
         ),
     ] = "none"
     cpus: Annotated[
@@ -157,6 +161,17 @@ class CreateSpec(BaseModel):
             pattern=r"^[A-Za-z0-9_.@/^~{}+:-]{1,256}$",
         ),
     ] = "HEAD"
+    secrets: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]],
+        Field(
+            description="Names of secrets configured on the host (by whoever runs the server) that the workspace "
+            "may use without reading them: it gets placeholders (environment variables such as ANTHROPIC_API_KEY, "
+            "git configuration) and a host-side proxy puts the real values into requests to the secrets' own "
+            "hosts only. An unknown name is an error that lists the configured ones",
+            examples=[["anthropic"], ["github"]],
+            max_length=16,
+        ),
+    ] = []  # noqa: RUF012 - pydantic copies defaults
 
 
 class SSHInfo(BaseModel):
@@ -186,6 +201,13 @@ class Limits(BaseModel):
         "against memory_mib, so at most half of it), a VM's root disk (the system's files included), an Incus "
         "instance's root disk. null: no bound of ours (an Incus pool that cannot enforce one: the pool's free "
         "space), or not started since it was created. The workspace dir is the host's: its free space is the bound",
+    )
+    host_disk_mib: int | None = Field(
+        default=None,
+        description="Size bound of everything the workspace keeps on the host's disk (the workspace dir, the "
+        "Claude config, a VM's root layer, snapshots) in MiB: a write past it fails with ENOSPC. null: no bound "
+        "of ours, they share the host's free space (HOST_DISK_MIB unset, or the server is not root; "
+        "`sandbox-mcp doctor` says which)",
     )
     file_size: Literal["unlimited"] = Field(
         default="unlimited",
@@ -258,6 +280,7 @@ class WorkspaceRecord(BaseModel):
     packages: list[str] = Field(default_factory=list)
     egress: Egress = "none"
     repo: RepoInfo | None = None
+    secrets: dict[str, str] = Field(default_factory=dict, description="Secret name -> its placeholder inside")
     host_key_fingerprint: str = ""
     runtime_state: dict[str, Any] = Field(
         default_factory=dict,
@@ -285,7 +308,8 @@ class Workspace(BaseModel):
     ssh: SSHInfo
     packages: list[str] = Field(default_factory=list)
     egress: Egress = Field(
-        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges"
+        default="none", description="'none': reaches nothing; 'internet': NAT to the outside, never private ranges; "
+        "a list of domain names: only what those names resolve to (see set_egress)"
     )
     isolation: Isolation | None = Field(
         default=None, description="How the workspace is kept from the host: a microVM, or a container whose root "
@@ -298,6 +322,11 @@ class Workspace(BaseModel):
     )
     repo: RepoInfo | None = Field(
         default=None, description="Set when it was created from a host repository (create_workspace repo=...)"
+    )
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Secret name -> the placeholder the workspace holds for it (in its environment and config "
+        "files); the host's proxy swaps it for the value on requests to the secret's hosts only",
     )
     created_at: datetime
     started_at: datetime | None = None

@@ -14,12 +14,16 @@ from collections.abc import Iterable, Mapping
 from .errors import Conflict, InvalidSpec, clip_repr
 
 __all__ = [
+    "AGENT_GID",
+    "AGENT_UID_BASE",
     "CID_OFFSET",
     "FIRST_HOST_OFFSET",
     "MAX_NAME_LEN",
     "BUILD_UID_BASE",
     "UID_RANGE",
+    "SECRETS_PROXY_UID",
     "VM_UID_BASE",
+    "agent_uid_for",
     "allocate_ip",
     "allocate_uid_base",
     "allocate_vm_uid",
@@ -47,7 +51,14 @@ FIRST_UID_BASE = 8 * UID_RANGE  # 524288: above the ranges useradd hands out in 
 BUILD_UID_BASE = 0x7FFF0000  # the image build container's range; below 2^31 (uids read as signed ints)
 # One range of single uids below the build's: a VM's qemu runs as one of them (never a container's range).
 VM_UID_BASE = BUILD_UID_BASE - UID_RANGE
-LAST_UID_BASE = VM_UID_BASE - UID_RANGE
+# Below those, the agent's files on the host: one uid per workspace (AGENT_UID_BASE + 1 + 24 bits of the
+# name's digest, as the CID: unique among registered workspaces) and one group for all (AGENT_GID), so
+# the host's git refuses the agent's repositories as another user's (sandbox_mcp/agentfiles.py).
+AGENT_UID_BASE = VM_UID_BASE - (1 << 24) - UID_RANGE
+AGENT_GID = AGENT_UID_BASE
+LAST_UID_BASE = AGENT_UID_BASE - UID_RANGE
+# The secrets proxy's worker (sandbox_mcp.secrets.supervisor) runs as the VM range's last uid, never handed to a VM.
+SECRETS_PROXY_UID = VM_UID_BASE + UID_RANGE - 1
 FIRST_HOST_OFFSET = 10  # automatic IPs start at .10 of the subnet; lower ones are left for the host's use
 
 
@@ -108,6 +119,11 @@ def cid_for(name: str) -> int:
 def veth_names(name: str) -> tuple[str, str]:
     """The host-side and container-side names of a container's veth pair (≤ 15 characters)."""
     return f"sb-{name}", f"sc-{name}"
+
+
+def agent_uid_for(name: str) -> int:
+    """The host uid of workspace ``name``'s files (see AGENT_UID_BASE): unique where its CID is."""
+    return AGENT_UID_BASE + 1 + int(_digest(name)[:6], 16)
 
 
 def tap_name(name: str) -> str:
@@ -201,7 +217,7 @@ def allocate_uid_base(taken: Iterable[int]) -> int:
 
 
 def allocate_vm_uid(taken: Iterable[int]) -> int:
-    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65535``.
+    """The lowest free host uid (also its gid) for a VM's qemu process, one of ``VM_UID_BASE..+65534`` (the last is the secrets proxy's).
 
     ``taken`` holds the uids of the registry's VMs and of qemu processes live on the host.
 
@@ -209,7 +225,7 @@ def allocate_vm_uid(taken: Iterable[int]) -> int:
         Conflict: all 65536 are taken.
     """
     used = set(taken)
-    for uid in range(VM_UID_BASE, VM_UID_BASE + UID_RANGE):
+    for uid in range(VM_UID_BASE, SECRETS_PROXY_UID):
         if uid not in used:
             return uid
     raise Conflict("no free uid left for a VM's qemu process; destroy unused VM workspaces")

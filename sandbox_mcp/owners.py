@@ -14,6 +14,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from .config import Settings
+from .egress import Egress
 from .models import (
     CreateSpec,
     DestroyResult,
@@ -184,6 +185,10 @@ class OwnedManager:
     async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
         return await self.manager.publish_port(name, port, host_port, owner_uid=self._owner)
+
+    async def set_egress(self, name: str, egress: Egress) -> Workspace:
+        """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""
+        return await self.manager.set_egress(name, egress, owner_uid=self._owner)
 
     async def unpublish_port(self, name: str, port: int) -> PortUnpublished:
         """Raises WorkspaceNotFound for another user's workspace, else what the manager raises."""

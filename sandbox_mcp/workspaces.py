@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Settings
+from .egress import Egress
 from .models import (
     CreateSpec,
     DestroyResult,
@@ -114,6 +115,8 @@ class Workspaces(Protocol):
     async def publish_port(self, name: str, port: int, host_port: int | None = None) -> PublishedPort: ...
 
     async def unpublish_port(self, name: str, port: int) -> PortUnpublished: ...
+
+    async def set_egress(self, name: str, egress: Egress) -> Workspace: ...
     async def git_diff(self, name: str, stat_only: bool = False) -> WorkspaceDiff: ...
 
     async def git_fetch(self, name: str, include_uncommitted: bool = False) -> FetchResult: ...

@@ -43,6 +43,7 @@ CLI: dict[str, tuple[str, dict[str, str]]] = {
     "restore_workspace": ("restore", {"name": "name", "snapshot": "snapshot"}),
     "delete_snapshot": ("rm-snapshot", {"name": "name", "snapshot": "snapshot"}),
     "fork_workspace": ("fork", {"name": "name", "new_name": "new_name", "snapshot": "snapshot"}),
+    "set_egress": ("egress", {"name": "name", "egress": "egress"}),
     "start_process": ("start-process", {"name": "name", "command": "command", "cwd": "cwd", "env": "env",
                                         "process_id": "process_id"}),
     "process_output": ("output", {"name": "name", "process_id": "process_id", "cursor": "cursor", "wait_s": "wait",

@@ -44,6 +44,7 @@ def test_nspawn_argv_exact() -> None:
         "--bind=/st/ws1/claude-config:/home/agent/claude-config",
         "--bind-ro=/st/ws1/ssh-host-keys:/etc/ssh-host-keys",
         "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
+        "--bind-ro=/st/ws1/runtime/resolv.conf:/etc/resolv.conf",
     ]  # fmt: skip
 
 
@@ -64,6 +65,7 @@ def test_nspawn_argv_user_namespaced_exact() -> None:
         "--bind=/st/ws1/runtime/mnt/claude:/home/agent/claude-config",
         "--bind-ro=/st/ws1/runtime/mnt/keys:/etc/ssh-host-keys",
         "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
+        "--bind-ro=/st/ws1/runtime/resolv.conf:/etc/resolv.conf",
     ]  # fmt: skip
     # No resource limit on nspawn (issue 28: a file-size limit there reached every process inside).
     launched = launch_argv(argv, [Path("/cg/ws1/cgroup.procs")], user_namespaced=True)

@@ -65,16 +65,3 @@ def test_daemon_checks(tmp_path: Path) -> None:
     assert not other["daemon group"].ok and "usermod -aG root nobody" in (other["daemon group"].fix or "")
     missing = {c.name: c for c in daemon_checks(settings.model_copy(update={"daemon_group": "no-such-grp"}), uid=4321)}
     assert not missing["daemon group"].ok and "groupadd" in (missing["daemon group"].fix or "")
-
-
-def test_disk_quota_check_reads_the_state_dirs_file_system(tmp_path: Path) -> None:
-    from sandbox_mcp.doctor import disk_quota_check
-
-    info = ("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n"
-            "40 22 8:2 / /srv/sbx rw shared:2 - xfs /dev/sdb1 rw,attr2,inode64,prjquota\n"
-            "41 22 8:3 / /srv/sbx2 rw shared:3 - ext4 /dev/sdc1 rw\n")  # fmt: skip
-    root = disk_quota_check(Path("/home/someone/sandboxed"), info)
-    assert not root.ok and not root.required and "/ (ext4) has no project quotas" in root.detail
-    own = disk_quota_check(Path("/srv/sbx/state"), info)
-    assert own.ok and "/srv/sbx (xfs) has project quotas" in own.detail
-    assert not disk_quota_check(Path("/srv/sbx2"), info).ok

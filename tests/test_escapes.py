@@ -70,7 +70,7 @@ async def test_root_inside_is_an_unprivileged_host_uid(mcp_session: Session, set
     # The root layer: root_layer_mib, at most half the memory (its tmpfs pages count as memory).
     open_files = open_files_ceiling(OPEN_FILES)  # 524288, or the server's own where it may not raise it
     assert ws["limits"] == {"cpus": 1.0, "memory_mib": 512, "tasks": settings.tasks_max, "disk_mib": 256,
-                            "file_size": "unlimited", "open_files": open_files}
+                            "host_disk_mib": None, "file_size": "unlimited", "open_files": open_files}
     r = await s.call("exec", name="esc", command="df -m --output=size / | tail -1; ulimit -f; ulimit -Hn")
     assert r["stdout"].split() == ["256", "unlimited", str(open_files)], r
     status = await s.call("workspace_status", name="esc")

@@ -30,6 +30,8 @@ def test_hints_name_the_limit() -> None:
     assert hint is not None and "disk_mib=512" in hint
     assert limit_hints.disk_hint("cp: Disk quota exceeded", None) is not None
     assert limit_hints.disk_hint("permission denied", LIMITS) is None
+    bounded = limit_hints.disk_hint("No space left on device", LIMITS.model_copy(update={"host_disk_mib": 64}))
+    assert bounded is not None and "host_disk_mib=64 MiB" in bounded and "(the host's disk)" not in bounded
 
 
 def test_the_vm_probe_is_parsed_strictly() -> None:

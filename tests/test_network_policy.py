@@ -16,13 +16,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from sandbox_mcp.config import Settings
+from sandbox_mcp.errors import Conflict
 from sandbox_mcp.hostnet import firewall
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
+from sandbox_mcp.naming import veth_names
 from sandbox_mcp.runtimes.nspawn import NspawnState
 
 from .conftest import destroy_all
@@ -256,3 +259,24 @@ async def test_an_egress_workspace_keeps_at_most_its_connection_limit_open(
             assert await _curl(m, "conns", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
         finally:
             await destroy_all(m)
+
+
+async def test_an_address_admitted_for_another_servers_workspace_is_refused_clearly(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two servers with their own state dirs on one bridge and subnet hand out the same first address;
+    the second create is refused, naming the cause, and changes nothing of the first's rules."""
+    other = settings.model_copy(update={"state_dir": tmp_path / "other-state"})
+    async with WorkspaceManager(settings) as first:
+        try:
+            ws = await first.create(CreateSpec(name="first"))
+            async with WorkspaceManager(other) as second:
+                with pytest.raises(Conflict, match=rf"address {ws.ip} is already admitted .*own bridge and subnet"):
+                    await second.create(CreateSpec(name="second"))
+                assert (await second.registry.read()).workspaces == {}
+            present = await firewall.table_exists(settings.bridge)
+            assert present is not None and firewall.admitted_ports(present) == [veth_names("first")[0]]
+            r = await first.exec("first", "true")
+            assert r.exit_code == 0
+        finally:
+            await destroy_all(first)

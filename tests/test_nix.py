@@ -565,7 +565,7 @@ def test_incus_backend(three: dict[str, Any]) -> None:
         "security.nesting": "true",
         # A range of its own; only the workspace user passes through to the host owner.
         "security.idmap.isolated": "true",
-        "raw.idmap": "both 1000 1000",
+        "raw.idmap": "uid 1000 1000\ngid 1000 1000",
     }
     # No `shift` on a writable share (it made root inside host root there); the read-only host key is
     # shifted so that root inside can read it.
@@ -1232,6 +1232,87 @@ def test_setup_unit_fixes_what_microvm_tmpfiles_created(tmp_path: Path, open_dir
     assert _run_setup(out, "vm1").returncode == 0
     assert (keys / "ssh_host_ed25519_key").read_bytes() == key_before
     assert _owner_mode(ws_dir) == (1000, 1000, "0o700")
+
+
+OWNERS = {  # two daemon members' workspaces (ownerUid/ownerGid, as the server's registry writes them) and one without
+    "c1": _ws("container", "192.168.83.12", ownerUid=NOBODY, ownerGid=NOBODY),
+    "v1": _ws("vm", "192.168.83.13", ownerUid=4242, ownerGid=100),
+    "i1": _ws("incus", "192.168.83.14", ownerUid=4242, ownerGid=100),
+    "i2": _ws("incus", "192.168.83.15"),
+}
+
+
+@needs_eval
+def test_every_share_maps_the_workspaces_owner_alone(tmp_path: Path) -> None:
+    # Direct mode's owner chain (identity.host_identity): the owner's uid and group are the workspace
+    # user's inside, in each type's mapping, and nobody else's; no owner: user.uid, as before.
+    out = evaluate(tmp_path, {"settings": settings(OWNERS, stateDir="/srv/sbx"), "host": INCUS_HOST})
+    shares = {s["tag"]: s for s in out["guests"]["sbx-v1"]["microvm"]["shares"]}
+    for tag in ("workspace", "claude-config"):
+        args = shares[tag]["extraArgs"]
+        assert "--translate-uid=map:1000:4242:1" in args and "--translate-gid=map:1000:100:1" in args, args
+        assert "--translate-uid=forbid-guest:0:1000" in args and "--translate-uid=map:1000:1000:1" not in args
+    assert shares["ssh-host-keys"]["extraArgs"] == []
+    profiles = {p["name"]: p["config"]["raw.idmap"] for p in out["incusPreseed"]["profiles"]}
+    assert profiles == {"sandboxed-workspace-i1": "uid 4242 1000\ngid 100 1000",
+                        "sandboxed-workspace-i2": "uid 1000 1000\ngid 1000 1000"}
+    # Root may delegate exactly those ids to Incus, once each.
+    assert sorted(r["startUid"] for r in out["rootSubIds"]["uids"]) == [1000, 4242]
+    assert sorted(r["startGid"] for r in out["rootSubIds"]["gids"]) == [100, 1000]
+    assert all(r["count"] == 1 for r in out["rootSubIds"]["uids"] + out["rootSubIds"]["gids"])
+    for name, ids in (("c1", f"{NOBODY} {NOBODY}"), ("v1", "4242 100"), ("i2", "1000 1000")):
+        script = out["services"][f"sandboxed-workspace-setup-{name}"]["script"]
+        assert f"dir workspace 0700 {ids}\n" in script and f"dir claude-config 0700 {ids}\n" in script
+
+
+@needs_eval
+def test_a_registry_owner_reaches_the_module(tmp_path: Path) -> None:
+    # What NixosRuntime.registry_entry writes for a daemon member's workspace is accepted as is.
+    registry = _write_json(tmp_path, {"version": 1, "authorizedKeys": [], "workspaces": {
+        "c1": {"type": "container", "ip": "192.168.83.12", "ownerUid": 4242, "ownerGid": 100, "hostKey": None}}})
+    out = evaluate(tmp_path, {"settings": settings({}, registryFile=str(registry))})
+    assert "dir workspace 0700 4242 100\n" in out["services"]["sandboxed-workspace-setup-c1"]["script"]
+    bad = _write_json(tmp_path, {"version": 1, "authorizedKeys": [], "workspaces": {
+        "c1": {"type": "container", "ip": "192.168.83.12", "ownerUid": 0}}})
+    assert "ownerUid" in evaluate_error(tmp_path, {"settings": settings({}, registryFile=str(bad))})
+
+
+@needs_eval
+@needs_root_tools
+def test_setup_unit_gives_each_workspace_to_its_owner_alone(tmp_path: Path, open_dir: Path) -> None:
+    # Run for real: the state root as its user left it (0755) is narrowed to 0711; each workspace's
+    # shares are its owner's, 0700; the other owner (here uid 1000, the default) can neither list the
+    # state root nor enter another's workspace, and each owner can use their own.
+    state_root = open_dir / "state"
+    state_root.mkdir(mode=0o755)
+    state_root.chmod(0o755)
+    out = evaluate(tmp_path, {"settings": settings({k: OWNERS[k] for k in ("c1", "i2")}, stateDir=str(state_root)),
+                              "host": INCUS_HOST})
+    for name in ("c1", "i2"):
+        proc = _run_setup(out, name)
+        assert proc.returncode == 0, proc.stderr
+    assert _owner_mode(state_root) == (0, 0, "0o711")
+    assert _owner_mode(state_root / "c1") == (0, 0, "0o711")
+    assert _owner_mode(state_root / "c1" / "workspace") == (NOBODY, NOBODY, "0o700")
+    assert _owner_mode(state_root / "c1" / "claude-config") == (NOBODY, NOBODY, "0o700")
+    assert _owner_mode(state_root / "i2" / "workspace") == (1000, 1000, "0o700")
+
+    def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                              capture_output=True, text=True, check=False)
+
+    (state_root / "c1" / "workspace" / "plan.txt").write_text("nobody's\n")
+    assert as_user(1000, "ls", str(state_root)).returncode != 0  # nobody lists whose workspaces are here
+    assert as_user(1000, "cat", str(state_root / "c1" / "workspace" / "plan.txt")).returncode != 0
+    assert as_user(1000, "touch", str(state_root / "c1" / "workspace" / "planted")).returncode != 0
+    assert as_user(NOBODY, "cat", str(state_root / "c1" / "workspace" / "plan.txt")).stdout == "nobody's\n"
+    assert as_user(NOBODY, "ls", str(state_root / "i2" / "workspace")).returncode != 0
+    assert as_user(1000, "touch", str(state_root / "i2" / "workspace" / "mine")).returncode == 0
+    # A second start puts a widened mode back.
+    (state_root / "c1" / "workspace").chmod(0o755)
+    state_root.chmod(0o755)
+    assert _run_setup(out, "c1").returncode == 0
+    assert _owner_mode(state_root / "c1" / "workspace")[2] == "0o700" and _owner_mode(state_root)[2] == "0o711"
 
 
 @needs_eval

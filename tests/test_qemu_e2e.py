@@ -35,6 +35,7 @@ from sandbox_mcp.server import build_server
 from .conftest import destroy_all
 from .processes_flow import web_server_flow
 from .test_e2e import Session
+from .test_egress_domains import world  # noqa: F401 - the stand-in internet, a fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.vm]
 
@@ -47,7 +48,9 @@ def vm_settings(settings: Settings) -> Settings:
     if not vm.exists(vm.key([])):
         pytest.skip("the VM image is not cached; ./scripts/test builds it (sandbox-mcp image build --vm)")
     # A slow emulated boot on a busy machine must not fail the test; the bound only stops a hang.
-    return settings.model_copy(update={"boot_timeout_s": 600, "stop_timeout_s": 120})
+    # NAT and the stand-in internet's DNS (tests/test_egress_domains.py's world) for the egress-by-domain check.
+    return settings.model_copy(update={"boot_timeout_s": 600, "stop_timeout_s": 120, "nat": True,
+                                       "egress_dns_upstreams": ["203.0.113.53"]})
 
 
 @pytest.fixture
@@ -84,6 +87,7 @@ def _proc_status(pid: int) -> dict[str, list[str]]:
     return {key: rest.split() for key, _, rest in (line.partition(":") for line in lines)}
 
 
+@pytest.mark.usefixtures("world")
 async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     s, settings, user = vm_session, vm_settings, vm_settings.user
 
@@ -157,6 +161,18 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
         with pytest.raises(BlockingIOError):
             service.accept()
     assert r["stdout"] == "closed\n", r
+
+    # Egress by domain, set on the running VM: its DNS goes to the egress resolver whatever its resolv.conf
+    # names (the firewall redirects it), and only what a listed name resolved to connects.
+    await s.call("set_egress", name="vm1", egress=["*.allowed.test"])
+    r = await s.call("exec", name="vm1", command="getent ahostsv4 api.allowed.test | awk 'NR==1{print $1}'; "
+                     "curl -s --max-time 3 http://api.allowed.test/; echo; "
+                     "getent ahostsv4 web.other.test || echo unresolved; "
+                     "curl -s --max-time 3 http://203.0.113.11/ || echo failed")
+    assert r["stdout"].splitlines() == ["203.0.113.10", "hello from 203.0.113.10", "unresolved", "failed"], r
+    assert (await s.call("set_egress", name="vm1", egress="none"))["egress"] == "none"
+    r = await s.call("exec", name="vm1", command="curl -s --max-time 3 http://203.0.113.10/ || echo failed")
+    assert r["stdout"] == "failed\n", r
 
     # A timeout kills the remote command, not only the wait.
     r = await s.call("exec", name="vm1", command="echo started; exec sleep 3600", timeout_s=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -570,6 +571,8 @@ def _entry(ip: str, packages: list[str], name: str, type_: str = "container") ->
         "cpus": None,
         "memoryMiB": None,
         "tasks": None,
+        "ownerUid": None,
+        "ownerGid": None,
         "hostKey": None,
     }
 
@@ -583,11 +586,40 @@ def test_registry_entry_carries_the_limits_in_the_modules_units(tmp_path: Path) 
     assert rt.assign(_record(type_="vm"), []).isolation == "microvm"
 
 
+def test_registry_entry_names_a_daemon_members_workspace_owner(tmp_path: Path) -> None:
+    # The module makes the shares the owner's and maps them alone (tests/test_nix.py): the same
+    # identity as direct mode's host_identity (the primary group; a uid without an entry, its own id).
+    rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
+    nobody = pwd.getpwnam("nobody")
+    entry = rt.registry_entry(_record(owner_uid=nobody.pw_uid))
+    assert (entry["ownerUid"], entry["ownerGid"]) == (nobody.pw_uid, nobody.pw_gid)
+    unknown = next(u for u in range(4242424, 4243424) if not _has_entry(u))
+    assert _owner_ids(rt, unknown) == (unknown, unknown)
+    for none in (None, 0):  # the server's own (or root's): the module's user.uid
+        assert _owner_ids(rt, none) == (None, None)
+
+
+def _has_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def _owner_ids(rt: NixosRuntime, owner_uid: int | None) -> tuple[object, object]:
+    entry = rt.registry_entry(_record(owner_uid=owner_uid))
+    return entry["ownerUid"], entry["ownerGid"]
+
+
 def test_egress_is_recorded_for_the_module_to_enforce(tmp_path: Path) -> None:
     # The module's network policy is direct mode's, per workspace (tests/test_nix_firewall.py).
     rt = NixosRuntime(RuntimeContext.for_settings(_settings(tmp_path), KEY))
     assert rt.registry_entry(_record(egress="internet"))["egress"] == "internet"
     assert rt.registry_entry(_record(egress="none"))["egress"] == "none"
+    # A domain list needs the egress resolver, which the module does not run: refused before anything changes.
+    with pytest.raises(InvalidSpec, match="not available in nixos mode"):
+        rt.validate(_record(egress=["pypi.org"]))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

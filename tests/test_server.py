@@ -18,7 +18,8 @@ from sandbox_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 CONTRACT = {
-    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref"},
+    "create_workspace": {"name", "type", "packages", "ip", "start", "egress", "cpus", "memory_mib", "repo", "ref",
+                         "secrets"},
     "start_workspace": {"name"},
     "stop_workspace": {"name"},
     "destroy_workspace": {"name", "keep_data"},
@@ -45,6 +46,7 @@ CONTRACT = {
     "restore_workspace": {"name", "snapshot"},
     "delete_snapshot": {"name", "snapshot"},
     "fork_workspace": {"name", "new_name", "snapshot"},
+    "set_egress": {"name", "egress"},
 }
 
 
@@ -97,6 +99,12 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
         assert "is incusd running" in await error("create_workspace", name="a", type="incus")
         assert "cpus must be between 0.05 and" in await error("create_workspace", name="a", cpus=0)
         assert "memory_mib must be" in await error("create_workspace", name="a", memory_mib=64)
+        # Egress: one clear message per mistake, before anything is made.
+        assert "is an address, not a domain name" in await error("create_workspace", name="a", egress=["10.0.0.1"])
+        assert "empty list" in await error("create_workspace", name="a", egress=[])
+        assert "twice" in await error("set_egress", name="a", egress=["a.org", "A.org."])
+        assert "list_workspaces" in await error("set_egress", name="ghost", egress=["pypi.org"])
+        assert "needs outbound NAT" in await error("create_workspace", name="a", egress=["pypi.org"])
         # A repository is checked before anything is made: a path, a ref that can only be a revision.
         assert "absolute path" in await error("create_workspace", name="a", repo="relative/dir")
         assert "pattern" in await error("create_workspace", name="a", repo="/tmp", ref="--upload-pack=x")

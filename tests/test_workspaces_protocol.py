@@ -26,7 +26,7 @@ def _params(cls: type, method: str) -> list[tuple[str, object, object, str]]:
 def test_the_protocol_has_every_operation() -> None:
     assert METHODS == ["create", "delete_snapshot", "destroy", "exec", "fork", "git_diff", "git_fetch",
                        "list", "list_dir", "list_processes", "list_snapshots", "logs", "pause",
-                       "process_output", "publish_port", "read_file", "restore", "resume", "snapshot",
+                       "process_output", "publish_port", "read_file", "restore", "resume", "set_egress", "snapshot",
                        "ssh_target", "start", "start_process", "status", "stop", "stop_process",
                        "unpublish_port", "wait_process", "write_file"]  # fmt: skip
 

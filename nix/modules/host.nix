@@ -37,7 +37,9 @@ let
         "${wlib.unitFor name ws}.service"
       ]
       ++ lib.optional (ws.type == "vm") "microvm-virtiofsd@${wlib.machineFor name}.service";
-      uid = toString cfg.user.uid;
+      owner = wlib.ownerFor cfg ws;
+      uid = toString owner.uid;
+      gid = toString owner.gid;
     in
     {
       description = "Prepare the state directories and SSH host key of workspace ${name}";
@@ -60,6 +62,10 @@ let
       # microvm.nix's tmpfiles rules create every share source as microvm:kvm 0775 at boot.
       # The host key is made only when missing: the server may have made it already, and pins
       # that one.
+      #
+      # The layout is direct mode's (sandbox_mcp/provision.py): the state directory 0711 (owners
+      # pass through to their own workspace, nobody lists whose workspaces are there), each
+      # workspace's directory 0711, and its shares 0700 for its owner alone.
       #
       # This runs as root in directories the server's user may own (the state directory's
       # owner; the host keys are theirs): it never acts through a symbolic link. It works
@@ -90,6 +96,8 @@ let
           as "$3" "$4" chmod "$2" -- "$1"
         }
         cd -- "$root"
+        # Its owner narrows it (a home directory's subdirectory may have been made 0755).
+        as "$keys_owner" "$keys_group" chmod 0711 .
         # 0711: the workspace's owner passes through to their workspace directory; nobody lists.
         dir "$name" 0711 "$keys_owner" "$keys_group"
         cd -P -- "$name"
@@ -97,9 +105,9 @@ let
           echo "workspace ${name}: $root/$name moved while it was being prepared" >&2
           exit 1
         fi
-        # The agent's (the host owner's) directories: nobody else on the host reads them.
-        dir workspace 0700 ${uid} ${uid}
-        dir claude-config 0700 ${uid} ${uid}
+        # The agent's (the workspace owner's) directories: nobody else on the host reads them.
+        dir workspace 0700 ${uid} ${gid}
+        dir claude-config 0700 ${uid} ${gid}
         dir ssh-host-keys 0700 "$keys_owner" "$keys_group"
         key=ssh-host-keys/ssh_host_ed25519_key
         for f in "$key" "$key.pub" ssh-host-keys/authorized_keys; do refuse_link "$f"; done

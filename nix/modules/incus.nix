@@ -46,6 +46,7 @@ let
     let
       limits = wlib.limitsFor cfg ws;
       uid = toString cfg.user.uid;
+      owner = wlib.ownerFor cfg ws;
     in
     {
       name = profileFor name;
@@ -62,7 +63,8 @@ let
         # the agent's files are the host owner's, root inside is an unprivileged uid that
         # the shares do not know (never host root, as `shift` would make it).
         "security.idmap.isolated" = "true";
-        "raw.idmap" = "both ${uid} ${uid}";
+        # "uid HOST INSIDE": the workspace's owner on the host is the workspace user inside.
+        "raw.idmap" = "uid ${toString owner.uid} ${uid}\ngid ${toString owner.gid} ${uid}";
       };
       devices = {
         eth0 = {
@@ -182,18 +184,15 @@ in
     # updates); `incus profile delete sandboxed-workspace-NAME` removes one.
     virtualisation.incus.preseed.profiles = lib.mapAttrsToList mkProfile incusWorkspaces;
     # raw.idmap maps a host id into a container only where root may delegate it.
-    users.users.root.subUidRanges = [
-      {
-        startUid = cfg.user.uid;
-        count = 1;
-      }
-    ];
-    users.users.root.subGidRanges = [
-      {
-        startGid = cfg.user.uid;
-        count = 1;
-      }
-    ];
+    # One id each for every owner (the same id twice is one range).
+    users.users.root.subUidRanges = map (uid: {
+      startUid = uid;
+      count = 1;
+    }) (lib.unique (lib.mapAttrsToList (_: ws: (wlib.ownerFor cfg ws).uid) incusWorkspaces));
+    users.users.root.subGidRanges = map (gid: {
+      startGid = gid;
+      count = 1;
+    }) (lib.unique (lib.mapAttrsToList (_: ws: (wlib.ownerFor cfg ws).gid) incusWorkspaces));
     systemd.services = lib.mapAttrs' (
       name: ws: lib.nameValuePair "incus-workspace-${name}" (mkUnit name ws)
     ) incusWorkspaces;

@@ -150,6 +150,18 @@ rec {
 
   # A workspace's effective limits: its own, else (VMs) the older vcpu/memory
   # and the vm defaults, else the module-wide defaults.
+  # The host identity a workspace's shared files belong to (sandbox_mcp/identity.py's host_identity):
+  # its owner, else the workspace user's uid; the group is the owner's, else the uid as a gid.
+  ownerFor =
+    cfg: ws:
+    let
+      uid = if ws.ownerUid != null then ws.ownerUid else cfg.user.uid;
+    in
+    {
+      inherit uid;
+      gid = if ws.ownerGid != null then ws.ownerGid else uid;
+    };
+
   limitsFor =
     cfg: ws:
     let

@@ -52,7 +52,9 @@ let
             `none` reaches nothing outside, not even DNS; `internet` goes out through the host's
             NAT (needs {option}`sandboxed-workspace.network.nat`) and may ask DNS, but never
             private ranges, link-local (169.254.169.254), loopback, CGNAT or reserved space.
-            No workspace reaches another, nor any service of the host.
+            No workspace reaches another, nor any service of the host. The server's domain lists
+            (egress by domain, direct mode) are not available here: the module runs no egress
+            resolver, so this type refuses a list and the server refuses one in nixos mode.
           '';
         };
 
@@ -165,6 +167,31 @@ let
             Memory of the VM in MiB (type `vm` only); `null` takes
             {option}`sandboxed-workspace.vm.memory`. The older name of
             {option}`sandboxed-workspace.workspaces.<name>.memoryMiB`; set only one of them.
+          '';
+        };
+
+        ownerUid = lib.mkOption {
+          type = lib.types.nullOr (lib.types.ints.between 1 4294967294);
+          default = null;
+          defaultText = lib.literalExpression "config.sandboxed-workspace.user.uid";
+          example = 1001;
+          description = ''
+            The host user the workspace's files belong to (direct mode's owner): its
+            `workspace` and `claude-config` directories are theirs, mode 0700, and the shares
+            map exactly this uid to the workspace user inside (no other id inside is any host
+            id). The server's registry sets it to the member of the daemon who created the
+            workspace; `null` takes {option}`sandboxed-workspace.user.uid`.
+          '';
+        };
+
+        ownerGid = lib.mkOption {
+          type = lib.types.nullOr (lib.types.ints.between 1 4294967294);
+          default = null;
+          defaultText = lib.literalMD "the owner's uid as a gid";
+          example = 100;
+          description = ''
+            The group of the workspace's files on the host (the owner's primary group), mapped
+            to the workspace user's group inside. `null` takes the owner's uid as the gid.
           '';
         };
 
@@ -327,7 +354,7 @@ in
       description = ''
         JSON file maintained by the sandbox-mcp server:
         `{"version": 1, "authorizedKeys": [...], "workspaces": {NAME: {type, ip, egress,
-        packages, autoStart, config, cpus, memoryMiB, tasks, vcpu, memory, hostKey}}}` (each
+        packages, autoStart, config, cpus, memoryMiB, tasks, vcpu, memory, ownerUid, ownerGid, hostKey}}}` (each
         workspace key optional but `type` and `ip`), where `config` is null or a path
         relative to the file's directory (containers and Incus only: a VM's module would set
         what runs on the host as root, and is refused). It is read as data with

@@ -29,19 +29,21 @@ let
   haveMicrovm = options ? microvm.vms;
   minVirtiofsd = "1.13"; # --translate-uid/--translate-gid
 
-  # virtiofsd's id translation for a writable share: the workspace user is the
-  # host owner both ways; every other guest id is refused ("forbid-guest:
-  # FIRST:COUNT"), up to the last id.
+  # virtiofsd's id translation for a writable share: the workspace user (guest
+  # id u) is the workspace's host owner both ways ("map:GUEST:HOST:COUNT"); every
+  # other guest id is refused ("forbid-guest:FIRST:COUNT"), up to the last id.
   translate =
+    ws:
     let
       u = cfg.user.uid;
-      rules = [
+      owner = wlib.ownerFor cfg ws;
+      rules = host: [
         "forbid-guest:0:${toString u}"
-        "map:${toString u}:${toString u}:1"
+        "map:${toString u}:${toString host}:1"
         "forbid-guest:${toString (u + 1)}:${toString (4294967295 - u - 1)}"
       ];
     in
-    map (r: "--translate-uid=${r}") rules ++ map (r: "--translate-gid=${r}") rules;
+    map (r: "--translate-uid=${r}") (rules owner.uid) ++ map (r: "--translate-gid=${r}") (rules owner.gid);
 
   guestModule = name: ws: {
     microvm = {
@@ -78,7 +80,7 @@ let
           # microvm.nix's default, --posix-acl --xattr, would let the guest set file
           # capabilities and ACLs on the host; it also excludes id translation.
           posixAcl = false;
-          extraArgs = lib.optionals (!share.readOnly) translate;
+          extraArgs = lib.optionals (!share.readOnly) (translate ws);
         }) (wlib.sharesFor cfg name);
 
       interfaces = [

@@ -23,9 +23,14 @@
 - concurrency (:mod:`.concurrency`): 200 ``exec true`` at once over 10 workspaces through one stdio
   ``serve``, the in-process client and the manager, against raw asyncssh to the same sshds
   (``--concurrency only|no``);
+- the egress resolver (:mod:`.egress`): its answer time for allowed (new and repeated) and refused
+  names against a direct query to the same stand-in upstream (``--egress only|no``);
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
+- the secrets proxy (:mod:`.secrets`): a small request's latency and a download's throughput through
+  the proxy against the same requests straight to a stand-in HTTPS service, on loopback
+  (``--secrets only|no``, ``--secrets-requests``).
 
 It runs in a private network and mount namespace (re-executing itself under ``unshare``), with
 its own state directory and bridge, so it neither touches the host's workspaces nor sends
@@ -57,8 +62,10 @@ from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
 from .capacity import format_capacity, run_capacity
 from .concurrency import format_concurrency, run_concurrency, serve_env
+from .egress import format_egress, run_egress
 from .incus import format_incus, run_incus
 from .processes import format_processes, run_processes
+from .secrets import format_secrets, run_secrets_bench
 from .snapshots import format_snapshots, run_snapshots
 
 __all__ = ["run_bench"]
@@ -159,6 +166,14 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     concurrency_mode = getattr(args, "concurrency", "no")
     if concurrency_mode == "only":
         return await _concurrency(bench_settings, args, state)
+    if getattr(args, "host_disk", "no") == "only":
+        return await _host_disk(bench_settings, args, state)
+    egress_mode = getattr(args, "egress", "no")
+    if egress_mode == "only":
+        return await _egress(bench_settings, args)
+    secrets_mode = getattr(args, "secrets", "no")
+    if secrets_mode == "only":
+        return _secrets(args)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -260,6 +275,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await _concurrency(bench_settings, args, state)
     if snapshots_mode == "also":
         await _snapshots(bench_settings, args, state)
+    if egress_mode == "also":
+        await _egress(bench_settings, args)
+    if secrets_mode == "also":
+        _secrets(args)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -364,6 +383,33 @@ async def _concurrency(settings: Settings, args: argparse.Namespace, state: Path
     return 0
 
 
+async def _host_disk(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The host-disk section (:mod:`.hostdisk`) in its own state dirs; the bridge removed after."""
+    from .hostdisk import format_host_disk, run_host_disk
+
+    try:
+        results = await run_host_disk(settings, state, max(1, args.runs))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_host_disk(results))
+    return 0
+
+
+async def _egress(settings: Settings, args: argparse.Namespace) -> int:
+    """The egress resolver section (:mod:`.egress`) in a state dir of its own; the bridge removed after."""
+    state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
+    settings = settings.model_copy(update={"state_dir": state})
+    try:
+        results = await run_egress(settings, max(20, getattr(args, "dns_queries", 200)))
+    finally:
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(format_egress(results))
+    print(json.dumps(results))
+    return 0
+
+
 async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
     """The capacity section (:mod:`.capacity`) in its own state dir; the bridge removed after."""
     state.mkdir(parents=True, exist_ok=True)
@@ -373,6 +419,14 @@ async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
     print(format_capacity(results))
+    print(json.dumps(results))
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    """The secrets proxy section (:mod:`.secrets`): loopback only, nothing of the bridge."""
+    results = run_secrets_bench(getattr(args, "secrets_requests", 300))
+    print(format_secrets(results))
     print(json.dumps(results))
     return 0
 

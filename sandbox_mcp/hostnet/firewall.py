@@ -56,6 +56,7 @@ __all__ = [
     "admit_script",
     "admitted_ports",
     "base_script",
+    "claims_of_others",
     "host_nameservers",
     "remove_tables",
     "revoke_script",
@@ -231,10 +232,11 @@ def upgrade_script(bridge: str, present: str, *, max_connections: int = EGRESS_M
 
 
 def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *, egress: bool,
-                 owner: int | None = None) -> str:
+                 owner: int | None = None, mark: int | None = None) -> str:
     """Let workspace port ``port`` send as ``mac``/``ip`` only, and (with ``egress``) out to the internet;
     let host uid ``owner`` (besides root) connect to ``ip`` (tables with host access, see :func:`base_script`;
-    None: nobody but root there, and nothing to add where the tables have no host access).
+    None: nobody but root there, and nothing to add where the tables have no host access). ``mark`` marks the
+    port's packets with another value than egress's (a domain list: :mod:`.egress_sets`).
 
     Idempotent: the port's chains are flushed and refilled.
 
@@ -256,8 +258,8 @@ def admit_script(bridge: str, port: str, mac: str, ip: ipaddress.IPv4Address, *,
         f"add rule bridge {t} {chain} ether type arp arp saddr ip != {ip} drop",
         f"add rule bridge {t} {chain} ether type != {{ ip, arp }} drop",
     ]
-    if egress:
-        lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK:#x}")
+    if egress or mark is not None:
+        lines.append(f"add rule bridge {t} {chain} meta mark set {EGRESS_MARK if mark is None else mark:#x}")
     lines.append(f'add element bridge {t} ports {{ "{port}" : jump {chain} }}')
     if owner is not None:
         # Who on the host may connect to it: the chain accepts the owner; whatever returns is dropped.
@@ -313,6 +315,19 @@ def revoke_script(bridge: str, port: str, present: str) -> str:
     if f"chain {host} {{" in present:
         lines.append(f"delete chain inet {t} {host}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def claims_of_others(port: str, ip: ipaddress.IPv4Address, present: str) -> list[str]:
+    """The chains of other ports that ``present`` (``nft list`` text) maps ``ip`` to: the address is taken.
+
+    The registry gives an address to one workspace at a time, so such a claim is another server's
+    workspace on the same bridge (two state dirs sharing a bridge and subnet) or one left behind by a
+    server killed before it revoked its port. Either way admitting ``port`` must not overwrite it.
+    """
+    suffix = _port_chain(port).removeprefix("port_")
+    own = {f"{prefix}_{suffix}" for prefix in ("port", "host", "dom")}  # ours and egress_sets' chains
+    found = re.findall(rf"(?<![0-9.]){re.escape(str(ip))} : jump ([A-Za-z0-9_]+)", present)
+    return sorted(set(found) - own)
 
 
 def admitted_ports(present: str) -> list[str]:

@@ -52,10 +52,12 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..config import Settings
+from ..egress import domains_of
 from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
 from ..fsutil import async_file_lock
 from ..naming import mac_for, netns_name, tap_name, validate_ip, validate_name, veth_names
-from . import firewall, hostsfile
+from . import egress_sets, firewall, hostsfile
+from .resolver_service import ResolverService
 
 __all__ = ["NETNS_DIR", "HostNetwork"]
 
@@ -96,6 +98,7 @@ class HostNetwork:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.resolver = ResolverService(settings)
 
     def _firewall_lock(self) -> AbstractAsyncContextManager[None]:
         # One change to our nft tables at a time, across the server processes of this state dir.
@@ -113,39 +116,82 @@ class HostNetwork:
         await self.ensure_bridge()
         async with self._firewall_lock():
             await firewall.run_script(await self._missing_tables())
+            if self.resolver.workspaces():
+                await self.resolver.ensure_running()  # found dead (or the host rebooted): started again
         if self.settings.nat:
             await firewall.enable_forwarding()
 
-    async def _missing_tables(self) -> str:
-        """The script that loads our tables if they are missing, else nothing (call under the lock)."""
-        present = await firewall.table_exists(self.bridge)
+    async def _missing_tables(self, present: str | None = None, *, listed: bool = False) -> str:
+        """The script that loads our tables if they are missing, else nothing (call under the lock).
+
+        ``present``: the tables as listed already (``listed``), so they are not listed twice.
+        """
+        if not listed:
+            present = await firewall.table_exists(self.bridge)
         limit = self.settings.egress_max_connections
+        s = self.settings
+        domains = egress_sets.domain_base_script(self.bridge, s.host_ip, s.egress_dns_port, present or "")
         if present is not None:
-            return firewall.upgrade_script(self.bridge, present, max_connections=limit)
+            return firewall.upgrade_script(self.bridge, present, max_connections=limit) + domains
         nameservers = firewall.host_nameservers() if self.settings.nat else []
         return firewall.base_script(self.bridge, self.settings.subnet, nat=self.settings.nat, nameservers=nameservers,
-                                    max_connections=limit)
+                                    max_connections=limit) + domains
 
-    async def admit(self, port: str, ip: str, mac: str, *, egress: bool, owner: int | None = None) -> None:
-        """Let the workspace behind bridge port ``port`` send as ``mac``/``ip`` only; with ``egress``, out too;
+    async def admit(self, port: str, ip: str, mac: str, *, egress: bool | str | list[str],
+                    owner: int | None = None) -> None:
+        """Let the workspace behind bridge port ``port`` send as ``mac``/``ip`` only; out as ``egress`` says
+        (``"none"``/False, ``"internet"``/True, or a list of domain names: only what our resolver hands it);
         host uid ``owner`` (besides root) may connect to it.
 
-        Call before the workspace runs; the tables are (re)loaded first if they went missing.
+        Call before the workspace runs; the tables are (re)loaded first if they went missing. Called again
+        on a running workspace, it applies a new policy at once: a domain list that only grew keeps the
+        addresses and connections allowed so far; any other change cuts the workspace's open connections
+        (:mod:`.egress_sets`).
 
         Raises:
-            InvalidSpec: malformed arguments. BackendError: nft refused.
+            InvalidSpec: malformed arguments. BackendError: nft refused, or the resolver did not start.
         """
         address = validate_ip(ip, self.settings.subnet)
-        script = firewall.admit_script(self.bridge, port, _validate_mac(mac), address, egress=egress, owner=owner)
+        domains = domains_of(egress)
+        outside = egress is True or egress == "internet"
+        mac = _validate_mac(mac)
         async with self._firewall_lock():
-            await firewall.run_script(await self._missing_tables() + script)
+            present = await firewall.table_exists(self.bridge)
+            taken = firewall.claims_of_others(port, address, present or "")
+            if taken:
+                raise Conflict(
+                    f"address {address} is already admitted on bridge {self.bridge} for another workspace "
+                    f"({', '.join(taken)}): another sandbox-mcp server with its own state dir uses this bridge and "
+                    "subnet, or a server was killed before it removed that workspace's rules. Give each server its "
+                    "own bridge and subnet (SANDBOX_MCP_BRIDGE, SANDBOX_MCP_SUBNET); a server restarted on its "
+                    "state dir removes what its own dead workspaces left"
+                )
+            script = await self._missing_tables(present, listed=True)
+            script += firewall.admit_script(self.bridge, port, mac, address, egress=outside, owner=owner,
+                                            mark=egress_sets.DOMAIN_MARK if domains is not None else None)
+            if domains is None:
+                script += egress_sets.revoke_domains_script(self.bridge, port, present or "")
+            else:
+                before = self.resolver.workspaces().get(str(address), {})
+                epoch = egress_sets.current_epoch(port, present or "")
+                grew = before.get("port") == port and set(before.get("domains", ())) <= set(domains)
+                keep = grew and epoch is not None
+                script += egress_sets.admit_domains_script(
+                    self.bridge, port, address, epoch=epoch if keep and epoch else egress_sets.new_epoch(),
+                    keep_addresses=keep, max_connections=self.settings.egress_max_connections,
+                )
+            await firewall.run_script(script)
+            # Set and chain first, so every address the resolver hands out has its set to go into.
+            await self.resolver.set_policy(port, str(address), domains)
 
     async def revoke(self, port: str) -> None:
         """Remove what :meth:`admit` added for ``port``; nothing happens where it is absent."""
         async with self._firewall_lock():
             present = await firewall.table_exists(self.bridge)
             if present is not None:
-                await firewall.run_script(firewall.revoke_script(self.bridge, port, present))
+                await firewall.run_script(firewall.revoke_script(self.bridge, port, present)
+                                          + egress_sets.revoke_domains_script(self.bridge, port, present))
+            await self.resolver.set_policy(port, "", None)
 
     async def retire(self) -> bool:
         """Remove our firewall tables once no workspace port is admitted any more; True when removed.
@@ -156,10 +202,12 @@ class HostNetwork:
         async with self._firewall_lock():
             present = await firewall.table_exists(self.bridge)
             if present is None:
+                await self.resolver.stop()
                 return True
             if firewall.admitted_ports(present):
                 return False
             await firewall.remove_tables(self.bridge)
+            await self.resolver.stop()
             return True
 
     async def publish_names(self, entries: Mapping[str, str]) -> None:

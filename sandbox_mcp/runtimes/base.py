@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Self
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import Settings, moved_name
+from ..egress import Egress
 from ..errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ..models import MIN_MEMORY_MIB, Check, ExecResult, Limits, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ..progress import Progress, no_progress
@@ -43,6 +44,7 @@ __all__ = [
     "RuntimeSettings",
     "RuntimeState",
     "hosts_file",
+    "resolv_conf",
     "log_tail_lines",
     "no_progress",
 ]
@@ -74,6 +76,16 @@ def log_tail_lines(path: Path) -> list[str] | None:
 def hosts_file(name: str, host_ip: str) -> str:
     """/etc/hosts for the workspace: its own name resolves (sudo needs that), and so does the host."""
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n{host_ip}\tsandbox-host\n::1\tlocalhost ip6-localhost\n"
+
+
+def resolv_conf(egress: Egress, host_ip: str) -> str:
+    """/etc/resolv.conf for the workspace: with a domain list, the egress resolver on the bridge (its DNS to any
+    address goes there anyway); otherwise the host's own resolvers, as the image had them."""
+    if isinstance(egress, list):
+        return f"# sandbox-mcp: the egress resolver (answers the names on this workspace's list)\nnameserver {host_ip}\n"
+    from ..hostnet.firewall import host_nameservers
+
+    return "".join(f"nameserver {a}\n" for a in host_nameservers()) or f"nameserver {host_ip}\n"
 
 
 class Endpoint(NamedTuple):
@@ -379,6 +391,16 @@ class Runtime(ABC):
             BackendError: the copy failed.
         """
         raise self._cannot("snapshot a workspace's root filesystem")
+
+    async def set_egress(self, record: WorkspaceRecord) -> None:
+        """Apply ``record.egress`` (already validated with :meth:`validate`) to the running workspace at once,
+        without a restart; the manager records it afterwards (a stopped workspace gets it at its next start).
+
+        Raises:
+            Unsupported: this runtime cannot change a running workspace's network policy.
+            BackendError: the firewall or the resolver refused.
+        """
+        raise self._cannot("change the network policy of a running workspace")
 
     async def prepare_memory(self, record: WorkspaceRecord, guest: GuestExec) -> Any:
         """Ready the running workspace for :meth:`save_memory`; returns what :meth:`release_memory` needs.

@@ -37,7 +37,8 @@ def register(mcp: MCPServer) -> None:
         'microvm') and limits (cpus, memory_mib, tasks).
 
         Network: by default a workspace reaches nothing (the server still reaches it over SSH); pass
-        egress='internet' when the work needs downloads. Packages listed in `packages` are installed
+        egress='internet' when the work needs downloads, or a list of the domain names it needs
+        (egress=['pypi.org', 'files.pythonhosted.org']) to reach only those; set_egress changes it later. Packages listed in `packages` are installed
         on the host side into a cached image and need no egress.
 
         A host repository: pass repo='/path/to/repo' (and ref) to start from a clone of it on branch

@@ -58,6 +58,7 @@ from urllib.parse import quote
 import anyio
 
 from ... import claude_workspace, idmap, supervise
+from ...egress import check_nat
 from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
 from ...host import caps  # the host's own limits (what LXC may raise a container's to)
 from ...host.cgroups import CgroupHost
@@ -454,16 +455,21 @@ class IncusRuntime(Runtime):
         return veth_names(record.name)[0]
 
     def validate(self, record: WorkspaceRecord) -> None:
-        if record.egress != "internet":
+        if record.egress == "none":
             return
         if self.remote:
-            raise InvalidSpec("egress='internet' is not available on a remote Incus server: its network policy is "
+            what = "egress='internet'" if record.egress == "internet" else "egress by domain list"
+            raise InvalidSpec(f"{what} is not available on a remote Incus server: its network policy is "
                               "the server's (Incus network ACLs); create with egress='none'")
-        if not self.settings.nat:
-            raise InvalidSpec(
-                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
-                "with SANDBOX_MCP_NAT=true. Use egress='none', or list the packages you need in packages"
-            )
+        check_nat(record.egress, self.settings.nat)
+
+    async def set_egress(self, record: WorkspaceRecord) -> None:
+        """A local instance's port on our bridge gets the new policy (its DNS is redirected to the egress
+        resolver when it has a list); a remote server's network policy is its own."""
+        if self.remote:
+            raise self._cannot("change the network policy of an instance on a remote Incus server")
+        await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress,
+                                 owner=host_identity(self.settings, record)[0])
 
     async def _instance(self, record: WorkspaceRecord) -> dict[str, Any] | None:
         try:
@@ -485,7 +491,7 @@ class IncusRuntime(Runtime):
         if not self.remote:
             await progress("setting up the network", None)
             await self.network.ensure()
-            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress == "internet",
+            await self.network.admit(self._port(record), record.ip, record.mac, egress=record.egress,
                                      owner=host_identity(self.settings, record)[0])
             await anyio.to_thread.run_sync(self._make_share_points, record)
         limits = self.limits_of(record)

@@ -33,6 +33,7 @@ from ... import hostcmd
 from ...config import Settings
 from ...errors import BackendError, CommandFailed, CommandTimeout, Conflict, InvalidSpec
 from ...fsutil import async_file_lock, atomic_write
+from ...identity import host_identity
 from ...models import MIN_MEMORY_MIB, VM_MIN_MEMORY_MIB, RuntimeDetail, WorkspaceRecord, WorkspaceType
 from ...naming import validate_ip, validate_name, validate_packages
 from ..base import Mode, NetworkNeeds, PackageFlavour, Progress, Runtime, RuntimeContext, no_progress
@@ -300,9 +301,18 @@ class NixosRuntime(Runtime):
                 f"or type 'vm' or 'incus'"
             )
         validate_ip(record.ip, self.settings.subnet)
+        if isinstance(record.egress, list):
+            raise InvalidSpec(
+                "egress by domain list is not available in nixos mode: the NixOS module renders a fixed "
+                "policy at rebuild and runs no egress resolver. Use egress='internet' (where the host's module "
+                "has NAT on) or 'none', or a direct-mode server"
+            )
         # egress is data the module enforces per workspace (its network policy is direct mode's); a host
         # whose module has NAT off refuses "internet" at evaluation, and the rebuild's failure says so.
         limits = record.limits
+        # The workspace's owner through the daemon (direct mode's host_identity): the module makes its
+        # shares theirs, 0700, and maps exactly them to the workspace user. None: the module's user.uid.
+        owner = host_identity(self.settings, record) if record.owner_uid not in (None, 0) else (None, None)
         return {
             "type": record.type,
             "ip": record.ip,
@@ -318,6 +328,8 @@ class NixosRuntime(Runtime):
             "cpus": math.ceil(limits.cpus) if limits else None,
             "memoryMiB": limits.memory_mib if limits else None,
             "tasks": limits.tasks if limits else None,
+            "ownerUid": owner[0],
+            "ownerGid": owner[1],
             "hostKey": None,  # the module's setup unit makes the host key; the server pins what it made
         }
 

@@ -25,8 +25,9 @@ from pydantic import Field, model_validator
 
 from ... import claude_workspace, hostcmd, snapshots, supervise, sysctls
 from ...checks import which_check
+from ...egress import check_nat
 from ...errors import BackendError, InvalidSpec, InvalidState, Unsupported
-from ...fsutil import atomic_write
+from ...fsutil import atomic_write, write_in_place
 from ...host import caps
 from ...host.cgroups import CgroupHost, group_for, join_argv
 from ...identity import host_identity
@@ -44,6 +45,7 @@ from ..base import (
     RuntimeContext,
     hosts_file,
     log_tail_lines,
+    resolv_conf,
 )
 from . import rootfs, scopes
 from .rootfs import RootMounts
@@ -116,6 +118,8 @@ def nspawn_argv(
             "--private-network",
         ]
     binds.append(("--bind-ro", paths.runtime / "hosts", "/etc/hosts"))
+    # Rewritten in place by set_egress (a bind follows the inode), so DNS follows the policy without a restart.
+    binds.append(("--bind-ro", paths.runtime / "resolv.conf", "/etc/resolv.conf"))
     for _, src, _ in binds:
         if ":" in str(src) or "," in str(src):
             raise InvalidSpec(f"state path {src} contains ':' or ','; set SANDBOX_MCP_STATE_DIR to a plain path")
@@ -299,12 +303,7 @@ class NspawnRuntime(ImageRootRuntime):
         return self.with_state(record, self.state(record).model_copy(update={"process": None, "leader": None}))
 
     def validate(self, record: WorkspaceRecord) -> None:
-        if record.egress == "internet" and not self.settings.nat:
-            raise InvalidSpec(
-                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
-                "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
-                "list the packages you need in create_workspace's packages"
-            )
+        check_nat(record.egress, self.settings.nat)
 
     def checks(self) -> list[Check]:
         return [
@@ -366,6 +365,7 @@ class NspawnRuntime(ImageRootRuntime):
         paths = self._paths(record)
         paths.runtime.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip)))
+        atomic_write(paths.runtime / "resolv.conf", resolv_conf(record.egress, str(self.settings.host_ip)))
         base = state.uid_base
         mounts = self._mounts(record)
         image_root = self.images.path(state.image)
@@ -459,8 +459,16 @@ class NspawnRuntime(ImageRootRuntime):
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
-        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress == "internet",
+        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress,
                                  owner=host_identity(self.settings, record)[0])
+
+    async def set_egress(self, record: WorkspaceRecord) -> None:
+        """The firewall and resolver first, then the container's resolv.conf (rewritten in place: it is a bind)."""
+        await self._admit(record)
+        await anyio.to_thread.run_sync(
+            write_in_place, self._paths(record).runtime / "resolv.conf",
+            resolv_conf(record.egress, str(self.settings.host_ip)),
+        )
 
     @staticmethod
     async def _own_netns(leader: ProcessRef, timeout_s: float) -> bool:

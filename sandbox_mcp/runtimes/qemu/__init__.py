@@ -72,6 +72,7 @@ from pydantic import Field
 
 from ... import claude_workspace, hostcmd, idmap, supervise
 from ...checks import which_check
+from ...egress import check_nat
 from ...errors import BackendError, InvalidSpec, InvalidState
 from ...fsutil import atomic_write
 from ...identity import host_identity
@@ -398,12 +399,13 @@ class QemuRuntime(ImageRootRuntime):
                               f"apt-get install qemu-system-x86 qemu-utils e2fsprogs) or use type 'container'")
         if not Path("/dev/net/tun").exists():
             raise InvalidSpec("type 'vm' needs /dev/net/tun for its network (modprobe tun), or use type 'container'")
-        if record.egress == "internet" and not self.settings.nat:
-            raise InvalidSpec(
-                "egress='internet' needs outbound NAT, which is off on this host; the host's owner turns it on "
-                "with SANDBOX_MCP_NAT=true (IP forwarding plus an nftables masquerade). Use egress='none', or "
-                "list the packages you need in create_workspace's packages"
-            )
+        check_nat(record.egress, self.settings.nat)
+
+    async def set_egress(self, record: WorkspaceRecord) -> None:
+        """The VM's port gets the new policy; its DNS to any address goes to the egress resolver when it has a
+        list (redirected by the firewall), so nothing inside changes."""
+        await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress,
+                                 owner=host_identity(self.settings, record)[0])
 
     async def addresses_in_use(self) -> set[str]:
         return await self.network.live_addresses()
@@ -456,7 +458,7 @@ class QemuRuntime(ImageRootRuntime):
         try:
             await self.network.attach_tap(record.name)
             # The same policy as a container's: this port may send only as the VM's MAC and IP.
-            await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress == "internet",
+            await self.network.admit(tap_name(record.name), record.ip, record.mac, egress=record.egress,
                                      owner=host_identity(self.settings, record)[0])
             await progress(f"booting the VM ({accel.accelerator})", None)
             incoming = paths.root_layer / memory.STATE_FILE if ticket is not None else None

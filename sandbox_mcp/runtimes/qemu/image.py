@@ -51,6 +51,7 @@ __all__ = [
     "VmImage",
     "extract_vmlinux",
     "fstab",
+    "initramfs_argv",
     "mkfs_argv",
     "vm_image_key",
 ]
@@ -158,6 +159,17 @@ def vm_image_key(root_key: str, disk_gib: int) -> str:
     spec = {"recipe": VM_RECIPE_VERSION, "root": root_key, "disk_gib": disk_gib, "kernel": KERNEL_PACKAGE}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"vm-{digest}"
+
+
+def initramfs_argv(tree: Path, release: str) -> list[str]:
+    """Rebuild the guest's module index and initrd for kernel ``release`` inside the build container:
+    apt's flags (:func:`~sandbox_mcp.images.debootstrap.apt_install_argv`: a throwaway nspawn in the
+    ``BUILD_UID_BASE`` user namespace on an idmapped mount of the tree, never host root in a chroot),
+    without a network (nothing is fetched). The release is ``$1``, never part of the script."""
+    flags = apt_install_argv(tree, [])
+    flags = flags[: flags.index("--")]
+    return [*flags, "--private-network", "--", "sh", "-c", 'depmod -a "$1" && update-initramfs -u -k "$1"', "sh",
+            release]
 
 
 def fstab(user: str) -> str:
@@ -275,8 +287,9 @@ class VmImage:
         await hostcmd.run(apt_install_argv(tree, [KERNEL_PACKAGE]), timeout_s=1800)
         await progress("building the VM image: configuring the guest", 0.6)
         release = await anyio.to_thread.run_sync(self._customise, tree)
-        await hostcmd.run(["chroot", str(tree), "depmod", "-a", release], timeout_s=300)
-        await hostcmd.run(["chroot", str(tree), "update-initramfs", "-u", "-k", release], timeout_s=600)
+        # In the user-namespaced build container, as apt ran the kernel's own hooks: initramfs-tools runs
+        # the image's hook scripts, which must never run as host root (a plain chroot would).
+        await hostcmd.run(initramfs_argv(tree, release), timeout_s=900)
         await anyio.to_thread.run_sync(_export_boot_files, tree, release, tmp)
         await progress("building the VM image: writing the root disk (mkfs.ext4 -d)", 0.8)
         disk = VmArtefacts.at(tmp).disk
