@@ -266,6 +266,28 @@ def test_admit_and_revoke_a_port_exactly() -> None:
                      ipaddress.IPv4Address("192.168.83.10"), egress=False)
 
 
+def test_an_address_another_port_holds_is_found() -> None:
+    """What admit refuses as taken (nft list's layout): another port's anti-spoofing rule or map element."""
+    import ipaddress
+
+    from sandbox_mcp.hostnet.firewall import claims_of_others
+
+    listed = (
+        "table bridge t {\n\tmap ports {\n\t\telements = { \"sb-old\" : jump port_sb_old,\n"
+        "\t\t\t     \"sb-ws1\" : jump port_sb_ws1 }\n\t}\n"
+        "\tchain port_sb_old {\n\t\tether saddr != 02:aa:bb:cc:dd:01 drop\n"
+        "\t\tether type ip ip saddr != 192.168.83.10 drop\n\t}\n"
+        "\tchain port_sb_ws1 {\n\t\tether type ip ip saddr != 192.168.83.10 drop\n\t}\n}\n"
+        "table inet t {\n\tmap owners {\n\t\telements = { 192.168.83.100 : jump host_sb_x }\n\t}\n}\n"
+    )
+    ten, one, hundred = (ipaddress.IPv4Address(f"192.168.83.{n}") for n in (10, 1, 100))
+    assert claims_of_others("sb-ws1", ten, listed) == ["port_sb_old"]
+    assert claims_of_others("sb-old", ten, listed) == ["port_sb_ws1"]
+    assert claims_of_others("sb-ws1", one, listed) == []  # .1 is not a prefix match of .10
+    assert claims_of_others("sb-ws1", hundred, listed) == ["host_sb_x"]
+    assert claims_of_others("sb-x", hundred, listed) == []  # its own
+
+
 _UPGRADE = """
 import ipaddress, re, subprocess, sys
 from sandbox_mcp.hostnet import firewall as fw

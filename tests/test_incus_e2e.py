@@ -206,7 +206,7 @@ async def test_local_lifecycle(local: Any, local_settings: Settings, incusd: inc
     # Egress by domain on the running local instance (its port is on our bridge): DNS redirected to the
     # egress resolver, only what a listed name resolved to connects.
     await call(local, "set_egress", name="inc1", egress=["api.allowed.test"])
-    r = await call(local, "exec", name="inc1", command="curl -s --max-time 3 http://api.allowed.test/; echo; "
+    r = await call(local, "exec", name="inc1", command="curl -s --max-time 30 http://api.allowed.test/; echo; "
                    "curl -s --max-time 3 http://203.0.113.11/ || echo failed")
     assert r["stdout"].splitlines() == ["hello from 203.0.113.10", "failed"], r
 

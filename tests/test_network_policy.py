@@ -280,3 +280,5 @@ async def test_an_address_admitted_for_another_servers_workspace_is_refused_clea
             assert r.exit_code == 0
         finally:
             await destroy_all(first)
+            async with WorkspaceManager(other) as second:  # should the refusal not come, nothing is left
+                await destroy_all(second)

@@ -166,7 +166,7 @@ async def test_vm_lifecycle(vm_session: Session, vm_settings: Settings) -> None:
     # names (the firewall redirects it), and only what a listed name resolved to connects.
     await s.call("set_egress", name="vm1", egress=["*.allowed.test"])
     r = await s.call("exec", name="vm1", command="getent ahostsv4 api.allowed.test | awk 'NR==1{print $1}'; "
-                     "curl -s --max-time 3 http://api.allowed.test/; echo; "
+                     "curl -s --max-time 30 http://api.allowed.test/; echo; "
                      "getent ahostsv4 web.other.test || echo unresolved; "
                      "curl -s --max-time 3 http://203.0.113.11/ || echo failed")
     assert r["stdout"].splitlines() == ["203.0.113.10", "hello from 203.0.113.10", "unresolved", "failed"], r

@@ -326,8 +326,14 @@ def claims_of_others(port: str, ip: ipaddress.IPv4Address, present: str) -> list
     """
     suffix = _port_chain(port).removeprefix("port_")
     own = {f"{prefix}_{suffix}" for prefix in ("port", "host", "dom")}  # ours and egress_sets' chains
-    found = re.findall(rf"(?<![0-9.]){re.escape(str(ip))} : jump ([A-Za-z0-9_]+)", present)
-    return sorted(set(found) - own)
+    address = re.escape(str(ip))
+    # Maps from the address (the owner's host chain, a domain list's chain) and the anti-spoofing rule of
+    # every port's own chain (the one claim a root-owned workspace without a domain list has).
+    found = set(re.findall(rf"(?<![0-9.]){address} : jump ([A-Za-z0-9_]+)", present))
+    for chain, body in re.findall(r"chain (port_[A-Za-z0-9_]+) \{(.*?)\n\s*\}", present, re.S):
+        if re.search(rf"ip saddr != {address} drop", body):
+            found.add(chain)
+    return sorted(found - own)
 
 
 def admitted_ports(present: str) -> list[str]:
