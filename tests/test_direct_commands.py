@@ -270,7 +270,7 @@ def test_an_address_another_port_holds_is_found() -> None:
     """What admit refuses as taken (nft list's layout): another port's anti-spoofing rule or map element."""
     import ipaddress
 
-    from sandbox_mcp.hostnet.firewall import claims_of_others
+    from sandbox_mcp.hostnet.firewall import claimed_addresses, claims_of_others
 
     listed = (
         "table bridge t {\n\tmap ports {\n\t\telements = { \"sb-old\" : jump port_sb_old,\n"
@@ -286,6 +286,7 @@ def test_an_address_another_port_holds_is_found() -> None:
     assert claims_of_others("sb-ws1", one, listed) == []  # .1 is not a prefix match of .10
     assert claims_of_others("sb-ws1", hundred, listed) == ["host_sb_x"]
     assert claims_of_others("sb-x", hundred, listed) == []  # its own
+    assert claimed_addresses(listed) == {ten, hundred}  # what the allocator skips
 
 
 _UPGRADE = """

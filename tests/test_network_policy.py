@@ -16,16 +16,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import Conflict
-from sandbox_mcp.hostnet import firewall
+from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
-from sandbox_mcp.naming import veth_names
+from sandbox_mcp.naming import FIRST_HOST_OFFSET
 from sandbox_mcp.runtimes.nspawn import NspawnState
 
 from .conftest import destroy_all
@@ -261,24 +260,23 @@ async def test_an_egress_workspace_keeps_at_most_its_connection_limit_open(
             await destroy_all(m)
 
 
-async def test_an_address_admitted_for_another_servers_workspace_is_refused_clearly(
-    settings: Settings, tmp_path: Path
-) -> None:
-    """Two servers with their own state dirs on one bridge and subnet hand out the same first address;
-    the second create is refused, naming the cause, and changes nothing of the first's rules."""
-    other = settings.model_copy(update={"state_dir": tmp_path / "other-state"})
-    async with WorkspaceManager(settings) as first:
-        try:
-            ws = await first.create(CreateSpec(name="first"))
-            async with WorkspaceManager(other) as second:
-                with pytest.raises(Conflict, match=rf"address {ws.ip} is already admitted .*own bridge and subnet"):
-                    await second.create(CreateSpec(name="second"))
-                assert (await second.registry.read()).workspaces == {}
-            present = await firewall.table_exists(settings.bridge)
-            assert present is not None and firewall.admitted_ports(present) == [veth_names("first")[0]]
-            r = await first.exec("first", "true")
-            assert r.exit_code == 0
-        finally:
-            await destroy_all(first)
-            async with WorkspaceManager(other) as second:  # should the refusal not come, nothing is left
-                await destroy_all(second)
+async def test_an_address_left_in_the_rules_by_a_killed_server_is_not_handed_out(settings: Settings) -> None:
+    """A server killed before it revoked a workspace's port leaves its rules (and the address they hold)
+    behind; a new workspace gets another address and works, and asking for that one is refused clearly."""
+    network = HostNetwork(settings)
+    left = str(settings.subnet.network_address + FIRST_HOST_OFFSET)  # what the allocator hands out first
+    await network.ensure()
+    await network.admit("sb-ghost", left, "02:00:00:00:00:0a", egress="none", owner=1000)
+    try:
+        async with WorkspaceManager(settings) as m:
+            try:
+                ws = await m.create(CreateSpec(name="next"))
+                assert ws.ip != left
+                assert (await m.exec("next", "true")).exit_code == 0
+                with pytest.raises(Conflict, match=rf"IP {left} is already in use"):
+                    await m.create(CreateSpec(name="asks", ip=left))
+                assert set((await m.registry.read()).workspaces) == {"next"}
+            finally:
+                await destroy_all(m)
+    finally:
+        await network.revoke("sb-ghost")

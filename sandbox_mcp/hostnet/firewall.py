@@ -56,6 +56,7 @@ __all__ = [
     "admit_script",
     "admitted_ports",
     "base_script",
+    "claimed_addresses",
     "claims_of_others",
     "host_nameservers",
     "remove_tables",
@@ -315,6 +316,15 @@ def revoke_script(bridge: str, port: str, present: str) -> str:
     if f"chain {host} {{" in present:
         lines.append(f"delete chain inet {t} {host}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def claimed_addresses(present: str) -> set[ipaddress.IPv4Address]:
+    """Every workspace address ``present`` (``nft list`` text) holds rules for: a port's anti-spoofing rule
+    and the maps from addresses (owners, domain lists). Rules outlive a workspace whose server was killed,
+    so the allocator skips these addresses as it skips live ones."""
+    found = re.findall(r"ip saddr != ([0-9.]+) drop", present)
+    found += re.findall(r"(?<![0-9.])([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+) : jump ", present)
+    return {ipaddress.IPv4Address(a) for a in found}
 
 
 def claims_of_others(port: str, ip: ipaddress.IPv4Address, present: str) -> list[str]:

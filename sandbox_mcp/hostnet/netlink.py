@@ -337,7 +337,8 @@ class HostNetwork:
             await _delete_link(ipr, link, f"bridge {self.bridge}")
 
     async def live_addresses(self) -> set[str]:
-        """The subnet's IPv4 addresses in use here: on any host interface, or answering ARP on the bridge.
+        """The subnet's IPv4 addresses in use here: on any host interface, answering ARP on the bridge, or
+        held by our firewall rules (a workspace whose server was killed before it revoked its port).
 
         Neighbours whose resolution is incomplete or failed are not counted.
 
@@ -345,8 +346,10 @@ class HostNetwork:
             BackendError: netlink refused the dump.
         """
         subnet = self.settings.subnet
+        present = await firewall.table_exists(self.bridge)
+        claimed = {str(a) for a in firewall.claimed_addresses(present or "") if a in subnet}
         async with _iproute() as ipr:
-            used = {str(a.interface.ip) for a in await _ipv4_addresses(ipr) if a.interface.ip in subnet}
+            used = claimed | {str(a.interface.ip) for a in await _ipv4_addresses(ipr) if a.interface.ip in subnet}
             link = await _get_link(ipr, self.bridge)
             if link is None:
                 return used
