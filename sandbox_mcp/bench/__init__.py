@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -354,44 +356,47 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
     return 0
 
 
-async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) -> int:
-    """The pause/snapshot/fork section (:mod:`.snapshots`) in its own state dir; the bridge removed after."""
+@contextlib.asynccontextmanager
+async def _own_state(settings: Settings, state: Path) -> AsyncIterator[Path]:
+    """A section's state dir, removed after with the bridge, whatever the section did."""
     state.mkdir(parents=True, exist_ok=True)
-    sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
     try:
-        results = await run_snapshots(settings, state, sizes, max(1, args.runs),
-                                      vm=bool(getattr(args, "snapshot_vm", False)))
+        yield state
     finally:
         await HostNetwork(settings).remove_bridge()
         shutil.rmtree(state, ignore_errors=True)
-    print(format_snapshots(results))
+
+
+def _report(text: str, results: object) -> int:
+    """A section's table, then its figures as one JSON line (for scripts that compare runs)."""
+    print(text)
     print(json.dumps(results))
     return 0
+
+
+async def _snapshots(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The pause/snapshot/fork section (:mod:`.snapshots`) in its own state dir; the bridge removed after."""
+    sizes = [int(x) for x in str(getattr(args, "snapshot_mib", "100")).split(",") if x.strip()]
+    async with _own_state(settings, state):
+        results = await run_snapshots(settings, state, sizes, max(1, args.runs),
+                                      vm=bool(getattr(args, "snapshot_vm", False)))
+    return _report(format_snapshots(results), results)
 
 
 async def _concurrency(settings: Settings, args: argparse.Namespace, state: Path) -> int:
     """The concurrency section (:mod:`.concurrency`) in its own state dir; the bridge removed after."""
-    state.mkdir(parents=True, exist_ok=True)
-    try:
+    async with _own_state(settings, state):
         results = await run_concurrency(settings.model_copy(update={"state_dir": state}), state,
                                         args.concurrent_workspaces, args.concurrent_calls, args.concurrent_rounds)
-    finally:
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
-    print(format_concurrency(results))
-    print(json.dumps(results))
-    return 0
+    return _report(format_concurrency(results), results)
 
 
 async def _host_disk(settings: Settings, args: argparse.Namespace, state: Path) -> int:
     """The host-disk section (:mod:`.hostdisk`) in its own state dirs; the bridge removed after."""
     from .hostdisk import format_host_disk, run_host_disk
 
-    try:
+    async with _own_state(settings, state):
         results = await run_host_disk(settings, state, max(1, args.runs))
-    finally:
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
     print(format_host_disk(results))
     return 0
 
@@ -400,35 +405,22 @@ async def _egress(settings: Settings, args: argparse.Namespace) -> int:
     """The egress resolver section (:mod:`.egress`) in a state dir of its own; the bridge removed after."""
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
     settings = settings.model_copy(update={"state_dir": state})
-    try:
+    async with _own_state(settings, state):
         results = await run_egress(settings, max(20, getattr(args, "dns_queries", 200)))
-    finally:
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
-    print(format_egress(results))
-    print(json.dumps(results))
-    return 0
+    return _report(format_egress(results), results)
 
 
 async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
     """The capacity section (:mod:`.capacity`) in its own state dir; the bridge removed after."""
-    state.mkdir(parents=True, exist_ok=True)
-    try:
+    async with _own_state(settings, state):
         results = await run_capacity(settings, parallel_max)
-    finally:
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
-    print(format_capacity(results))
-    print(json.dumps(results))
-    return 0
+    return _report(format_capacity(results), results)
 
 
 def _secrets(args: argparse.Namespace) -> int:
     """The secrets proxy section (:mod:`.secrets`): loopback only, nothing of the bridge."""
     results = run_secrets_bench(getattr(args, "secrets_requests", 300))
-    print(format_secrets(results))
-    print(json.dumps(results))
-    return 0
+    return _report(format_secrets(results), results)
 
 
 def _print_incus(results: dict[str, dict[str, float]] | str) -> int:
