@@ -26,7 +26,7 @@ import anyio
 
 from .errors import InvalidSpec
 
-__all__ = ["async_file_lock", "atomic_write", "file_lock", "lock_is_held", "own_dir", "shared_lock_fd",
+__all__ = ["async_file_lock", "atomic_write", "file_lock", "fsync_dir", "lock_is_held", "own_dir", "shared_lock_fd",
            "try_file_lock", "write_in_place", "write_new"]
 
 _LOCK_POLL_MIN_S = 0.005
@@ -47,7 +47,8 @@ def _write_fd(fd: int, data: bytes, mode: int, owner: tuple[int, int] | None) ->
     os.fsync(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -103,7 +104,7 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_new(path: Path, data: bytes, mode: int) -> bool:

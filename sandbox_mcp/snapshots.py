@@ -37,7 +37,7 @@ from typing import Literal
 
 from . import hostcmd
 from .errors import Conflict, InvalidSpec, InvalidState, LimitExceeded
-from .fsutil import atomic_write
+from .fsutil import atomic_write, fsync_dir
 from .models import SnapshotInfo
 from .paths import WorkspacePaths
 
@@ -262,7 +262,7 @@ class SnapshotStore:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 self.check_free(info.snapshot)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def delete(self, snapshot: str) -> None:
         """Remove ``snapshot``: renamed out of sight first, so a crash never leaves half of one. Blocking.
@@ -273,7 +273,7 @@ class SnapshotStore:
         self.get(snapshot)
         doomed = self.root / f".tmp-deleting-{secrets.token_hex(4)}"
         os.rename(self.path(snapshot), doomed)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def recover(self) -> None:
@@ -302,14 +302,6 @@ def check_bound(workspace: str, snapshot: str, owner_bytes: int, adding: int, li
         "delete_snapshot ones no longer needed (list_snapshots shows their sizes), or free space in the workspace, "
         "then take it again"
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def staging(paths: WorkspacePaths, part: str) -> Path:
@@ -341,11 +333,11 @@ def _apply_journal(paths: WorkspacePaths) -> None:
                     shutil.rmtree(old)
                 os.rename(dst_p, old)
             os.rename(new_p, dst_p)
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
     # The new state is whole: the journal goes, and the old parts are garbage that drop_old (or, after
     # a crash, recover_restore) removes, once the workspace runs again.
     journal.unlink()
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
 
 
 def drop_old(paths: WorkspacePaths) -> None:

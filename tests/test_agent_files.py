@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - tests take test_incus_e2e's incusd fixture by name
 """The agent's files on the host are a uid of their own (sandbox_mcp/agentfiles.py), tried for real.
 
 The agent plants what would run as the host user in a directory they own (a git fsmonitor hook);
@@ -14,7 +15,6 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +28,9 @@ from sandbox_mcp.naming import AGENT_GID, agent_uid_for, cid_for, mac_for
 from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.server import build_server
 
-from .conftest import destroy_all, e2e_skip_reason
+from .conftest import destroy_all
 from .test_e2e import Session
+from .test_incus_e2e import incusd  # noqa: F401 - the private incusd, a module fixture
 
 pytestmark = [pytest.mark.anyio]
 NOBODY = 65534
@@ -152,20 +153,6 @@ def test_kept_data_of_the_owner_stays_the_owners(tmp_path: Path) -> None:
     assert agentfiles.files_identity(settings, nixos, tmp_path / "new") == (settings.user_uid, settings.user_uid)
 
 
-@pytest.fixture(scope="module")
-def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
-    reason = e2e_skip_reason() or incus_daemon.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    daemon = incus_daemon.start()
-    try:
-        yield daemon
-    finally:
-        try:
-            daemon.cleanup_instances()
-        finally:
-            daemon.stop()
-            incus_daemon.remove(daemon)
 
 
 @pytest.mark.e2e

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - tests take test_incus_e2e's incusd fixture by name
 """One user against another, and root inside a workspace against the host user: tried for real.
 
 Escapes through the MCP tools (in process): root inside a container or an Incus instance must not
@@ -33,9 +34,10 @@ from sandbox_mcp.runtimes.incus import SHARES_DIR
 from sandbox_mcp.runtimes.incus import incusd as incus_daemon
 from sandbox_mcp.server import build_server
 
-from .conftest import destroy_all, e2e_skip_reason
+from .conftest import destroy_all
 from .deploy import Account, Accounts, Daemon, as_user, mcp_as, running_daemon
 from .test_e2e import Session
+from .test_incus_e2e import incusd  # noqa: F401 - the private incusd, a module fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -110,20 +112,6 @@ async def test_other_local_users_cannot_reach_a_workspace(session: Session, sett
 # --- Incus ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def incusd() -> Iterator[incus_daemon.PrivateIncusd]:
-    reason = e2e_skip_reason() or incus_daemon.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    daemon = incus_daemon.start()
-    try:
-        yield daemon
-    finally:
-        try:
-            daemon.cleanup_instances()
-        finally:
-            daemon.stop()
-            incus_daemon.remove(daemon)
 
 
 async def test_incus_share_maps_only_the_owner(incusd: incus_daemon.PrivateIncusd, settings: Settings) -> None:

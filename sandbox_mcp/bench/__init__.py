@@ -62,6 +62,7 @@ from ..config import Settings
 from ..hostnet import HostNetwork
 from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
+from .calls import tool_caller
 from .capacity import format_capacity, run_capacity
 from .concurrency import format_concurrency, run_concurrency, serve_env
 from .egress import format_egress, run_egress
@@ -179,11 +180,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with Client(build_server(bench_settings)) as client:
 
-            async def call(tool: str, **kw: object) -> dict:
-                r = await client.call_tool(tool, kw)
-                if r.is_error:
-                    raise RuntimeError(f"{tool}: {r.content}")
-                return r.structured_content  # type: ignore[return-value]
+            call = tool_caller(client)
 
             # 1. create -> first exec, against a bare boot of the same image.
             creates, bares, stops, destroys = [], [], [], []
@@ -338,11 +335,7 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
     try:
         async with Client(build_server(settings)) as client:
 
-            async def call(tool: str, **kw: object) -> dict:
-                r = await client.call_tool(tool, kw)
-                if r.is_error:
-                    raise RuntimeError(f"{tool}: {r.content}")
-                return r.structured_content  # type: ignore[return-value]
+            call = tool_caller(client)
 
             results = await run_git_bench(call, settings, max(1, args.runs), args.git_files, args.git_commits)
     finally:

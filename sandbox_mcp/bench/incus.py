@@ -19,11 +19,11 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from ..config import Settings
 from ..manager import WorkspaceManager
 from ..runtimes.incus import incusd
+from .calls import tool_caller
 
 __all__ = ["format_incus", "run_incus"]
 
@@ -45,11 +45,7 @@ async def run_incus(
     try:
         async with Client(build_server(s)) as client:
 
-            async def call(tool: str, **kw: object) -> Any:
-                r = await client.call_tool(tool, kw)
-                if r.is_error:
-                    raise RuntimeError(f"{tool}: {r.content}")
-                return r.structured_content
+            call = tool_caller(client)
 
             # Warm-up, not timed: packs the image (once per recipe) and imports it into this daemon.
             await call("create_workspace", name="biw", type="incus")

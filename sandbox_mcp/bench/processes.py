@@ -24,6 +24,8 @@ from typing import Any
 
 import anyio
 
+from .calls import tool_caller
+
 __all__ = ["format_processes", "run_processes"]
 
 Call = Callable[..., Awaitable[dict[str, Any]]]
@@ -87,11 +89,7 @@ def _ping_ms(host: str, port: int, rounds: int) -> tuple[float, list[float]]:
 async def run_processes(client: Any, name: str, host_dir: Path, ip: str, runs: int) -> dict[str, dict[str, float]]:
     """The figures above, on the running container ``name`` (``host_dir``: its workspace dir on the host)."""
 
-    async def call(tool: str, progress: Any = None, **kw: object) -> dict[str, Any]:
-        r = await client.call_tool(tool, kw, progress_callback=progress)
-        if r.is_error:
-            raise RuntimeError(f"{tool}: {r.content}")
-        return r.structured_content
+    call = tool_caller(client)
 
     out: dict[str, dict[str, float]] = {}
 

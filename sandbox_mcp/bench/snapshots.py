@@ -30,6 +30,7 @@ import anyio
 
 from ..config import Settings
 from ..manager import WorkspaceManager
+from .calls import tool_caller
 
 __all__ = ["format_snapshots", "run_snapshots"]
 
@@ -82,11 +83,7 @@ async def _section(settings: Settings, sizes: list[int], label: str) -> dict[str
     out: dict[str, Figures] = {}
     async with Client(build_server(settings)) as client:
 
-        async def call(tool: str, **kw: object) -> dict:  # type: ignore[type-arg]
-            r = await client.call_tool(tool, kw)
-            if r.is_error:
-                raise RuntimeError(f"{tool}: {r.content}")
-            return r.structured_content  # type: ignore[return-value]
+        call = tool_caller(client)
 
         for mib in sizes:
             name = f"snap{mib}"
@@ -133,11 +130,7 @@ async def _vm_memory(settings: Settings) -> Figures:
 
     async with Client(build_server(settings)) as client:
 
-        async def call(tool: str, **kw: object) -> dict:  # type: ignore[type-arg]
-            r = await client.call_tool(tool, kw)
-            if r.is_error:
-                raise RuntimeError(f"{tool}: {r.content}")
-            return r.structured_content  # type: ignore[return-value]
+        call = tool_caller(client)
 
         ws = await call("create_workspace", name="vmem", type="vm", memory_mib=512, cpus=1)
         try:
@@ -171,11 +164,7 @@ async def run_snapshots(settings: Settings, state: Path, sizes: list[int], runs:
     results: dict[str, Figures] = {}
     async with Client(build_server(settings)) as client:
 
-        async def call(tool: str, **kw: object) -> dict:  # type: ignore[type-arg]
-            r = await client.call_tool(tool, kw)
-            if r.is_error:
-                raise RuntimeError(f"{tool}: {r.content}")
-            return r.structured_content  # type: ignore[return-value]
+        call = tool_caller(client)
 
         await call("create_workspace", name="pz")
         pauses, resumes, noops = [], [], []
