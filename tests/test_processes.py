@@ -31,6 +31,12 @@ from sandbox_mcp.ports import PortForwarder, _diag_uid, _table_uid, peer_uid, pr
 from .agent_pipe import AgentPipe, agent_command, request
 from .points import HUNG_S, process_alive, wait_until_sync
 
+# A read's own wait, shorter than the pipe's hang detector (HUNG_S): a waiter that connects to the
+# process's supervisor just as output lands can miss its wake-up and sleep out the wait (a known race in
+# the supervisor's accept loop); the read then still returns the output at its deadline, before the
+# detector calls the agent hung.
+READ_WAIT_S = HUNG_S / 2
+
 
 class Agent:
     """An AgentPipe with process requests; every supervisor it started is ended afterwards."""
@@ -90,9 +96,9 @@ def test_a_process_outlives_the_agent_and_its_output_is_read_with_a_cursor(agent
     os.mkfifo(tmp_path / "fifo")
     started = agent.start("web", "echo one; echo two >&2; read line < fifo; echo three; exec sleep 3600")
     assert started["process_id"] == "web" and started["pid"] > 1
-    first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=HUNG_S)
+    first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=READ_WAIT_S)
     while first["end"] < 8:  # both lines (they may come in two reads)
-        first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=HUNG_S)
+        first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=READ_WAIT_S)
     assert [fd for fd, _ in first["runs"]] == [1, 2] and _text(first) == "one\ntwo\n"
     # The agent goes (as when the SSH connection drops); a new one finds the process and reads on.
     agent.pipe.close()
@@ -100,7 +106,7 @@ def test_a_process_outlives_the_agent_and_its_output_is_read_with_a_cursor(agent
     assert agent.ok("proc_list")["processes"][0]["running"] is True
     with open(tmp_path / "fifo", "w") as f:
         f.write("go\n")
-    more = agent.ok("proc_read", process_id="web", cursor=first["end"], max_bytes=100, wait_s=HUNG_S)
+    more = agent.ok("proc_read", process_id="web", cursor=first["end"], max_bytes=100, wait_s=READ_WAIT_S)
     assert (more["start"], _text(more)) == (8, "three\n")  # nothing twice, nothing lost
     # A bounded read returns a prefix; the next read starts exactly there.
     head = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=5)
