@@ -36,16 +36,16 @@ which :mod:`sandbox_mcp.hostnet.nixtemplate` generates from these functions).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .. import hostcmd
 from ..errors import BackendError, InvalidSpec
+from . import nft
 
 __all__ = [
     "CLOSED_RANGES",
@@ -371,35 +371,30 @@ def host_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[ipadd
 
 
 async def run_script(script: str) -> None:
-    """Load an nft script as one transaction.
+    """Load an nft script as one transaction (in process where libnftables is there, :mod:`.nft`).
 
     Raises:
         BackendError: nft is missing or refused the script (the message says why).
     """
-    if script:
-        await hostcmd.run(["nft", "-f", "-"], timeout_s=30, stdin=script.encode())
+    await nft.run(script)
 
 
 async def table_exists(bridge: str) -> str | None:
     """Both tables as ``nft list`` prints them, or None when either is missing (or nft is not installed:
     then no table of ours can exist, and stop/destroy need not fail for it)."""
     t = table_name(bridge)
-    if shutil.which("nft") is None:
+    out = await nft.list_tables([("bridge", t), ("inet", t)])
+    if any(text is None for text in out):
         return None
-    out = []
-    for family in ("bridge", "inet"):
-        done = await hostcmd.run(["nft", "list", "table", family, t], timeout_s=30, check=False)
-        if done.returncode != 0:
-            return None
-        out.append(done.stdout)
-    return "\n".join(out)
+    return "\n".join(text for text in out if text is not None)
 
 
 async def remove_tables(bridge: str) -> None:
     """Delete both tables (IP forwarding is left as it is: other software may rely on it)."""
     t = table_name(bridge)
     for family in ("bridge", "inet"):
-        await hostcmd.run(["nft", "delete", "table", family, t], timeout_s=30, check=False)
+        with contextlib.suppress(BackendError):
+            await nft.run(f"delete table {family} {t}")
 
 
 async def enable_forwarding(proc_sys: Path = Path("/proc/sys")) -> None:

@@ -57,6 +57,7 @@ import dns.rrset
 
 from ..egress import allows
 from .egress_sets import add_addresses_script
+from .nft import Nft
 
 __all__ = ["Resolver", "ResolverConfig", "main"]
 
@@ -137,7 +138,7 @@ class Resolver:
         self._tcp: dict[str, int] = {}
         self._upstream_slots = asyncio.Semaphore(_MAX_INFLIGHT)
         self._nft_lock = asyncio.Lock()
-        self._nft = _Libnftables()
+        self._nft = Nft()  # its own context: this runs in the resolver's process
 
     def _reload(self) -> ResolverConfig:
         """The policy as the file has it now. Through the fd, the file is rewritten in place by the server:
@@ -277,7 +278,8 @@ class Resolver:
         script = add_addresses_script(self.config.table, str(policy["set"]), addresses)
         async with self._nft_lock:  # one change at a time: a burst of answers is a queue
             if self._nft.available:
-                error = await asyncio.to_thread(self._nft.run, script)
+                ok, _, err_text = await asyncio.to_thread(self._nft.run, script)
+                error = None if ok else err_text or "failed"
             else:
                 proc = await asyncio.create_subprocess_exec(
                     "nft", "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -341,39 +343,6 @@ class Resolver:
             if not self._tcp[source]:
                 del self._tcp[source]
             writer.close()
-
-
-class _Libnftables:
-    """nft's own library (``libnftables.so.1``, what the ``nft`` program is a front end of), in process: a set
-    update costs no fork and exec (about 30 ms on a busy host, against a few here). Where the library
-    is missing, :attr:`available` is False and the resolver runs ``nft -f -``."""
-
-    def __init__(self) -> None:
-        self.available = False
-        try:
-            lib = ctypes.CDLL("libnftables.so.1")
-        except OSError:
-            return
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = (ctypes.c_uint32,)
-        lib.nft_ctx_buffer_output.argtypes = (ctypes.c_void_p,)
-        lib.nft_ctx_buffer_error.argtypes = (ctypes.c_void_p,)
-        lib.nft_run_cmd_from_buffer.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-        lib.nft_ctx_get_error_buffer.argtypes = (ctypes.c_void_p,)
-        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-        ctx = lib.nft_ctx_new(0)
-        if not ctx:
-            return
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        self._lib, self._ctx, self.available = lib, ctx, True
-
-    def run(self, script: str) -> str | None:
-        """Run ``script`` as one transaction; None, or nft's error text."""
-        if self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode()) == 0:
-            return None
-        return (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"failed").decode(errors="replace")
 
 
 class _Udp(asyncio.DatagramProtocol):

@@ -32,6 +32,7 @@ from .store import ImageStore
 
 __all__ = [
     "BASE_PACKAGES",
+    "CONTAINER_SKIPPED_UNITS",
     "DISABLED_GENERATORS",
     "IMAGE_RECIPE_VERSION",
     "MASKED_UNITS",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 11
+IMAGE_RECIPE_VERSION = 12
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -97,7 +98,46 @@ MASKED_UNITS = (
     "systemd-ask-password-console.path",
     "systemd-ask-password-wall.path",
     "systemd-initctl.socket",
+    # Never applicable in a container nor in our VMs (which mask them too, runtimes/qemu/image.py): no
+    # kernel modules, binfmt, pstore, TPM, repartitioning, seeds or first-boot questions. Each is
+    # skipped by its conditions anyway, but masked its unit file is not even parsed on every boot.
+    "systemd-random-seed.service",
+    "systemd-machine-id-commit.service",
+    "systemd-firstboot.service",
+    "systemd-update-done.service",
+    "ldconfig.service",
+    "systemd-repart.service",
+    "systemd-pcrphase.service",
+    "systemd-pcrphase-sysinit.service",
+    "systemd-pstore.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "systemd-modules-load.service",
+    "kmod-static-nodes.service",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount",
+    "dev-hugepages.mount",
 )
+
+# Units that ran on every container boot for nothing a container can use, skipped there (a condition in a
+# drop-in, so a VM made from the same root still runs them): sysctls (/proc/sys is read-only in a
+# container), static device nodes (no CAP_MKNOD), and removing /run/nologin, which is never made
+# (NOLOGIN_TMPFILES) and which sshd without PAM does not read anyway.
+CONTAINER_SKIPPED_UNITS = (
+    "systemd-sysctl.service",
+    "systemd-tmpfiles-setup-dev.service",
+    "systemd-user-sessions.service",
+)
+CONTAINER_SKIP_DROP_IN = """\
+# Written by sandbox-mcp: nothing for this unit to do in a container.
+[Unit]
+ConditionVirtualization=!container
+"""
+# /run/nologin ("System is booting up") is made by tmpfiles and removed by systemd-user-sessions; neither
+# is wanted: the file would only stay behind for PAM logins nobody makes.
+NOLOGIN_TMPFILES = "systemd-nologin.conf"
 
 # Generators systemd runs before any unit on every boot (a process each) that a workspace does not
 # need: no crypt, verity or integrity devices, no gettys, no SysV scripts without units, no GPT
@@ -115,6 +155,16 @@ JOURNALD_DROP_IN = """\
 [Journal]
 Storage=volatile
 RuntimeMaxUse=16M
+# The active file is allocated whole in /run, a tmpfs charged to the workspace: 512K (journald's least)
+# rather than 2M per idle workspace; a busy one rotates through files up to RuntimeMaxUse.
+RuntimeMaxFileSize=512K
+"""
+
+# sshd's configuration is fixed in the image: no config test (one more sshd run) on every boot.
+SSH_SERVICE_DROP_IN = """\
+# Written by sandbox-mcp.
+[Service]
+ExecStartPre=
 """
 
 SSHD_DROP_IN = """\
@@ -398,6 +448,16 @@ class DebianRoot:
             link = root / "etc/systemd/system" / unit
             link.unlink(missing_ok=True)
             link.symlink_to("/dev/null")
+        for unit in CONTAINER_SKIPPED_UNITS:
+            drop_in = root / "etc/systemd/system" / f"{unit}.d"
+            drop_in.mkdir(parents=True, exist_ok=True)
+            (drop_in / "10-sandbox-mcp-container.conf").write_text(CONTAINER_SKIP_DROP_IN)
+        (root / "etc/tmpfiles.d").mkdir(parents=True, exist_ok=True)
+        nologin = root / "etc/tmpfiles.d" / NOLOGIN_TMPFILES
+        nologin.unlink(missing_ok=True)
+        nologin.symlink_to("/dev/null")
+        (root / "etc/systemd/system/ssh.service.d").mkdir(parents=True, exist_ok=True)
+        (root / "etc/systemd/system/ssh.service.d/10-sandbox-mcp.conf").write_text(SSH_SERVICE_DROP_IN)
         generators = root / "etc/systemd/system-generators"
         generators.mkdir(parents=True, exist_ok=True)
         for generator in DISABLED_GENERATORS:
