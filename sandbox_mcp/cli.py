@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=5, help="create/destroy cycles")
     s.add_argument("--execs", type=int, default=200, help="exec calls for the latency percentiles")
     s.add_argument("--file-mib", type=int, default=16)
+    s.add_argument("--create", choices=("also", "only"), default="also",
+                   help="only: just create -> first exec against a bare boot (and stop, destroy), --runs times")
     s.add_argument("--incus", choices=("also", "only", "no"), default="also",
                    help="the Incus section (a private incusd; skipped where Incus is not installed)")
     s.add_argument("--vm-runs", type=int, default=2, help="VM create/destroy cycles (0: no VM figures)")

@@ -51,6 +51,7 @@ from .errors import (
     clip_repr,
 )
 from .fsutil import async_file_lock, lock_is_held, own_dir
+from .hostnet.listening import wait_listening
 from .models import (
     MAX_CPUS,
     MAX_MEMORY_MIB,
@@ -764,7 +765,12 @@ class WorkspaceManager:
 
             tg.start_soon(watch)
             try:
-                await self.ssh.wait_ready(self._target(record), self.settings.boot_timeout_s)
+                # Refused connects first (a SYN and a RST each), one login once sshd listens: a login attempt
+                # per poll was most of this process's CPU with 30 workspaces booting (hostnet/listening.py).
+                target, waited = self._target(record), time.monotonic()
+                await wait_listening(target.host, target.port, self.settings.boot_timeout_s)
+                left = self.settings.boot_timeout_s - (time.monotonic() - waited)
+                await self.ssh.wait_ready(target, max(1.0, left))
             except SandboxError as exc:
                 # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which
                 # the tools do not recognise: the agent would lose the message that says what to do.

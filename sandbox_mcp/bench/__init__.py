@@ -163,6 +163,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     if capacity_mode == "only":
         return await _capacity(bench_settings, args.parallel_max, state)
+    if getattr(args, "create", "also") == "only":
+        return await _create_only(bench_settings, args.runs, state)
     snapshots_mode = getattr(args, "snapshots", "no")
     if snapshots_mode == "only":
         return await _snapshots(bench_settings, args, state)
@@ -183,28 +185,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             call = tool_caller(client)
 
             # 1. create -> first exec, against a bare boot of the same image.
-            creates, bares, stops, destroys = [], [], [], []
-            for i in range(args.runs):
-                t0 = time.monotonic()
-                await call("create_workspace", name=f"bench{i}")
-                await call("exec", name=f"bench{i}", command="true")
-                creates.append(time.monotonic() - t0)
-                t0 = time.monotonic()
-                await call("stop_workspace", name=f"bench{i}")
-                stops.append(time.monotonic() - t0)
-                async with WorkspaceManager(bench_settings) as m:
-                    bares.append(await _bare_boot(m, f"bench{i}"))
-                if i:
-                    await call("start_workspace", name=f"bench{i}")
-                    t0 = time.monotonic()
-                    await call("destroy_workspace", name=f"bench{i}")
-                    destroys.append(time.monotonic() - t0)
-            results["create_to_first_exec_s"] = {"p50": statistics.median(creates), "min": min(creates),
-                                                 "max": max(creates), "runs": float(len(creates))}
-            results["bare_boot_to_sshd_s"] = {"p50": statistics.median(bares), "min": min(bares)}
-            results["stop_s"] = {"p50": statistics.median(stops), "max": max(stops)}
-            if destroys:
-                results["destroy_running_s"] = {"p50": statistics.median(destroys), "max": max(destroys)}
+            results.update(await _create_section(call, bench_settings, args.runs))
 
             # 2. exec latency: the MCP tool on the pooled connection vs an ssh process per command.
             await call("start_workspace", name="bench0")
@@ -283,6 +264,70 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if incus_mode == "also":
         return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
     return 0
+
+
+async def _create_section(call: Any, settings: Settings, runs: int) -> dict[str, dict[str, float]]:
+    """create -> first exec through the tools, ``runs`` times, each against a bare boot of the same workspace
+    (stopped for it); stop and destroy of a running one too. Leaves ``bench0`` stopped, the others destroyed."""
+    creates, bares, stops, destroys = [], [], [], []
+    for i in range(runs):
+        t0 = time.monotonic()
+        await call("create_workspace", name=f"bench{i}")
+        await call("exec", name=f"bench{i}", command="true")
+        creates.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await call("stop_workspace", name=f"bench{i}")
+        stops.append(time.monotonic() - t0)
+        async with WorkspaceManager(settings) as m:
+            bares.append(await _bare_boot(m, f"bench{i}"))
+        if i:
+            await call("start_workspace", name=f"bench{i}")
+            t0 = time.monotonic()
+            await call("destroy_workspace", name=f"bench{i}")
+            destroys.append(time.monotonic() - t0)
+    results = {
+        "create_to_first_exec_s": {"p50": statistics.median(creates), "min": min(creates), "max": max(creates),
+                                   "runs": float(len(creates))},
+        "bare_boot_to_sshd_s": {"p50": statistics.median(bares), "min": min(bares)},
+        "stop_s": {"p50": statistics.median(stops), "max": max(stops)},
+    }
+    if destroys:
+        results["destroy_running_s"] = {"p50": statistics.median(destroys), "max": max(destroys)}
+    return results
+
+
+async def _create_only(settings: Settings, runs: int, state: Path) -> int:
+    """The create section alone (``--create only``): its figures, then everything removed."""
+    from mcp import Client
+
+    from ..server import build_server
+
+    try:
+        async with Client(build_server(settings)) as client:
+            results = await _create_section(tool_caller(client), settings, max(1, runs))
+    finally:
+        async with WorkspaceManager(settings) as m:
+            for name in list((await m.registry.read()).workspaces):
+                await m.destroy(name)
+        await HostNetwork(settings).remove_bridge()
+        shutil.rmtree(state, ignore_errors=True)
+    print(_format_create(results))
+    print(json.dumps(results))
+    return 0
+
+
+def _format_create(results: dict[str, dict[str, float]]) -> str:
+    c, b, st = results["create_to_first_exec_s"], results["bare_boot_to_sshd_s"], results["stop_s"]
+    lines = [
+        f"create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, max {c['max']:.3f}, "
+        f"{c['runs']:.0f} runs)",
+        f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; ratio {c['p50'] / b['p50']:.2f}x",
+        f"stop_workspace (running, idle): p50 {st['p50']:.3f} s, max {st['max']:.3f} s",
+    ]
+    if "destroy_running_s" in results:
+        d = results["destroy_running_s"]
+        lines.append(f"destroy_workspace (running, idle): p50 {d['p50']:.3f} s, max {d['max']:.3f} s")
+    return "\n".join(lines)
 
 
 async def _file_figures(call: Any, ssh_argv: list[str], name: str, mib: int) -> dict[str, float]:
@@ -491,17 +536,8 @@ async def _ssh_argv(settings: Settings, name: str) -> list[str]:
 
 
 def _print(results: dict[str, dict[str, float]]) -> None:
-    c, b = results["create_to_first_exec_s"], results["bare_boot_to_sshd_s"]
     e = results["exec_true_ms"]
-    print(f"create -> first exec (cached image): p50 {c['p50']:.3f} s  (min {c['min']:.3f}, max {c['max']:.3f}, "
-          f"{c['runs']:.0f} runs)")
-    print(f"  baseline, bare nspawn boot -> sshd banner: p50 {b['p50']:.3f} s; "
-          f"ratio {c['p50'] / b['p50']:.2f}x")
-    st = results["stop_s"]
-    print(f"stop_workspace (running, idle): p50 {st['p50']:.3f} s, max {st['max']:.3f} s")
-    if "destroy_running_s" in results:
-        d = results["destroy_running_s"]
-        print(f"destroy_workspace (running, idle): p50 {d['p50']:.3f} s, max {d['max']:.3f} s")
+    print(_format_create(results))
     print(f"exec true via MCP tool: p50 {e['tool_p50']:.2f} ms, p95 {e['tool_p95']:.2f} ms")
     print(f"  baseline, ssh process per command: p50 {e['ssh_p50']:.2f} ms, p95 {e['ssh_p95']:.2f} ms; "
           f"tool is {e['ssh_over_tool_p50']:.1f}x faster")

@@ -10,12 +10,20 @@ For unprivileged containers, and privileged ones in the same run when the settin
   all its workspaces have finished booting (``systemctl is-system-running`` inside says so) and a
   few seconds more, divided by their number, at each passing step; and, less disturbed by whatever
   else runs on the host, the mean memory charged to each workspace's cgroup then;
+- creates per second: the workspaces over the seconds until the last create returned (it had
+  answered over SSH), next to "all running" (until systemd inside had finished booting too);
+- the CPU it took, since on a small host CPU is what sets the pace: seconds of CPU per workspace in
+  its cgroup (its whole boot: nspawn, systemd, sshd, the bench's polls), in this server process
+  (per create: registry, network, SSH), and the host's busy CPU over the step against what its cores
+  could give (all of it: a step that used every core was CPU-bound);
 - the host's ``fs.inotify.max_user_instances`` next to it, since that is what caps the ramp where
   ``scripts/setup`` has not raised it (:mod:`sandbox_mcp.sysctls`).
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,19 @@ def ramp_steps(cap: int, step: int = _STEP) -> list[int]:
     return out
 
 
+def busy_cpu_s(stat: Path = Path("/proc/stat")) -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host since boot, all cores (``/proc/stat``'s first line)."""
+    fields = [int(x) for x in stat.read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def mem_available_mib(meminfo: Path = Path("/proc/meminfo")) -> float:
     """``MemAvailable`` in MiB."""
     for line in meminfo.read_text().splitlines():
@@ -59,13 +80,17 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
     """Create ``n`` workspaces at once; which failed, the seconds until all ran, MiB per idle one."""
     errors: dict[str, str] = {}
     names = [f"cap{i}" for i in range(n)]
+    created: list[float] = []
     async with WorkspaceManager(settings) as m:
         before = mem_available_mib()
+        busy0, total0 = busy_cpu_s()
+        own0 = _own_cpu_s()
         t0 = time.monotonic()
 
         async def one(name: str) -> None:
             try:
                 await m.create(CreateSpec(name=name))
+                created.append(time.monotonic() - t0)
                 r = await m.exec(name, _BOOTED, timeout_s=300)
                 if r.stdout.strip() != "up":
                     errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"
@@ -77,16 +102,24 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
                 for name in names:
                     tg.start_soon(one, name)
             elapsed = time.monotonic() - t0
+            busy1, total1 = busy_cpu_s()
+            own_s = _own_cpu_s() - own0
             await anyio.sleep(_SETTLE_S)
             per_ws = (before - mem_available_mib()) / n
             cg = CgroupHost(group_for(settings.state_dir))
             charged = [u["memory_bytes"] for name in names if "memory_bytes" in (u := cg.usage(name))]
             cgroup_mib = sum(charged) / len(charged) / (1 << 20) if charged else None
+            cpu = [u["cpu_s"] for name in names if "cpu_s" in (u := cg.usage(name))]
         finally:
             for ws in list((await m.registry.read()).workspaces):
                 await m.destroy(ws)
     return {"n": n, "failed": len(errors), "first_error": next(iter(errors.values()), None),
-            "all_running_s": elapsed, "mib_per_idle_workspace": per_ws, "cgroup_mib_per_workspace": cgroup_mib}
+            "all_running_s": elapsed, "mib_per_idle_workspace": per_ws, "cgroup_mib_per_workspace": cgroup_mib,
+            "all_created_s": max(created) if len(created) == n else None,
+            "creates_per_s": n / max(created) if len(created) == n else None,
+            "cgroup_cpu_s_per_workspace": sum(cpu) / len(cpu) if cpu else None,
+            "server_cpu_s_per_create": own_s / n,
+            "host_busy_cpu_s": busy1 - busy0, "host_cpu_s": total1 - total0}
 
 
 async def run_capacity(settings: Settings, parallel_max: int) -> dict[str, Any]:
@@ -132,4 +165,14 @@ def format_capacity(results: dict[str, Any]) -> str:
                          f"{s['mib_per_idle_workspace']:.1f} MiB of host memory per idle workspace (MemAvailable)"
                          + (f", {s['cgroup_mib_per_workspace']:.1f} MiB charged to its cgroup"
                             if s.get("cgroup_mib_per_workspace") is not None else ""))
+            if s.get("creates_per_s") is not None:
+                lines.append(f"        all created (SSH answering) in {s['all_created_s']:.1f} s: "
+                             f"{s['creates_per_s']:.1f} creates per second")
+            if s.get("host_cpu_s"):
+                cgroup = s.get("cgroup_cpu_s_per_workspace")
+                lines.append(
+                    "        CPU: " + (f"{cgroup:.3f} s per workspace in its cgroup, " if cgroup is not None else "")
+                    + f"{s['server_cpu_s_per_create']:.3f} s per create in this process; the host was busy "
+                    f"{s['host_busy_cpu_s']:.1f} of {s['host_cpu_s']:.1f} CPU-seconds "
+                    f"({100 * s['host_busy_cpu_s'] / s['host_cpu_s']:.0f}%, every process on it)")
     return "\n".join(lines)

@@ -254,8 +254,9 @@ class CgroupHost:
         for d in (unified, parent):
             (d / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
 
-    def usage(self, name: str) -> dict[str, int]:
-        """Current memory bytes and task count of workspace ``name`` (what can be read)."""
+    def usage(self, name: str) -> dict[str, float]:
+        """Current memory bytes, task count and CPU seconds used so far of workspace ``name`` (what can be
+        read; the CPU from the unified hierarchy's ``cpu.stat``, there with or without its controller)."""
         dirs = self.layout.workspace_dirs(name, self.group)
         out: dict[str, int] = {}
         for key, candidates in (
@@ -266,6 +267,10 @@ class CgroupHost:
                 with contextlib.suppress(OSError, KeyError, ValueError):
                     out[key] = int((dirs[hierarchy] / fname).read_text())
                     break
+        with contextlib.suppress(OSError, KeyError, ValueError, IndexError):
+            first = (dirs["unified"] / "cpu.stat").read_text().split("\n", 1)[0].split()
+            if first[0] == "usage_usec":
+                out["cpu_s"] = int(first[1]) / 1e6
         return out
 
     def oom_kills(self, name: str) -> int | None:

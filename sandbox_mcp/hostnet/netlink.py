@@ -114,10 +114,14 @@ class HostNetwork:
             Conflict, BackendError: see :meth:`ensure_bridge`; nft is missing or refused the tables.
         """
         await self.ensure_bridge()
-        async with self._firewall_lock():
-            await firewall.run_script(await self._missing_tables())
-            if self.resolver.workspaces():
-                await self.resolver.ensure_running()  # found dead (or the host rebooted): started again
+        # Every start asks; the tables are nearly always complete, and then nothing needs the lock every
+        # create and admit on the host queues for (found by listing them, in process: a millisecond).
+        needed = await self._missing_tables()
+        if needed or self.resolver.workspaces():
+            async with self._firewall_lock():
+                await firewall.run_script(await self._missing_tables())  # again: another may have loaded them
+                if self.resolver.workspaces():
+                    await self.resolver.ensure_running()  # found dead (or the host rebooted): started again
         if self.settings.nat:
             await firewall.enable_forwarding()
 
