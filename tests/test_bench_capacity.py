@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from sandbox_mcp.bench.capacity import format_capacity, mem_available_mib, ramp_steps
+from sandbox_mcp.bench.capacity import busy_cpu_s, format_capacity, mem_available_mib, private_mib, ramp_steps
 
 
 def test_ramp_steps() -> None:
@@ -36,3 +37,31 @@ def test_format_says_where_the_ramp_stopped() -> None:
     assert ("   20 at once: all running in 12.5 s, 24.6 MiB of host memory per idle workspace (MemAvailable), "
             "20.2 MiB charged to its cgroup") in text
     assert "privileged: skipped: set SANDBOX_MCP_ALLOW_PRIVILEGED=true" in text
+
+
+def test_busy_cpu(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: idle and iowait are the idle part
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n")
+    busy, total = busy_cpu_s(stat)
+    assert (busy, total) == (150 / os.sysconf("SC_CLK_TCK"), 1000 / os.sysconf("SC_CLK_TCK"))
+    real_busy, real_total = busy_cpu_s()
+    assert 0 <= real_busy <= real_total
+
+
+def test_format_gives_creates_per_second_and_the_cpu_it_took() -> None:
+    step = {"n": 30, "failed": 0, "first_error": None, "all_running_s": 8.0, "mib_per_idle_workspace": 14.0,
+            "cgroup_mib_per_workspace": 12.5, "all_created_s": 7.5, "creates_per_s": 4.0,
+            "cgroup_cpu_s_per_workspace": 0.2, "server_cpu_s_per_create": 0.05, "outside_mib_per_workspace": 0.25,
+            "host_busy_cpu_s": 15.0, "host_cpu_s": 16.0}
+    text = format_capacity({"max_user_instances": 1024, "parallel_max": 30, "unprivileged": [step],
+                            "privileged": "skipped"})
+    assert "all created (SSH answering) in 7.5 s: 4.0 creates per second" in text
+    assert "12.8 MiB per idle workspace in its cgroup and its host processes outside it (0.25 MiB of those)" in text
+    assert ("CPU: 0.200 s per workspace in its cgroup, 0.050 s per create in this process; the host was busy "
+            "15.0 of 16.0 CPU-seconds (94%") in text
+
+
+def test_private_memory_of_a_process() -> None:
+    assert private_mib(os.getpid()) > 1  # this interpreter's own heap
+    assert private_mib(2**22 + 12345) == 0  # above pid_max: no such process

@@ -18,6 +18,7 @@ import pytest
 
 from sandbox_mcp import exec_agent
 from sandbox_mcp.images.debootstrap import (
+    CONTAINER_SKIPPED_UNITS,
     EXEC_AGENT_SOURCE,
     MASKED_UNITS,
     compile_exec_agent_argv,
@@ -112,3 +113,11 @@ async def test_workspace_runs_the_installed_agent(manager: object) -> None:
     assert {"ssh.service", "systemd-journald.service"} <= set(units.split()), r.stdout
     r = await manager.exec(ws.name, "systemctl is-system-running; systemctl is-active dbus.service")
     assert r.stdout.split() == ["running", "active"], (r.stdout, r.stderr)
+    # Nothing a container cannot use ran (sysctls, device nodes, nologin), the journal's active file is
+    # journald's least (it is allocated whole, in memory), and sshd does not re-execute per connection.
+    assert not set(CONTAINER_SKIPPED_UNITS) & set(units.split()), r.stdout
+    r = await manager.exec(ws.name, "sudo sh -c 'stat -c %s /run/log/journal/*/system.journal; "
+                                    "test -e /run/nologin && echo nologin; ps -o args= -p $(cat /run/sshd.pid)'")
+    size, title = r.stdout.split("\n", 1)
+    assert int(size) <= 512 * 1024 and "nologin" not in r.stdout, r.stdout
+    assert "/usr/sbin/sshd -D -r [listener]" in title, (r.stdout, r.stderr)

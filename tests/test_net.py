@@ -466,3 +466,81 @@ def test_cancelled_setup_leaves_nothing_behind():
     seen = isolated(scenario_cancelled_setup)
     assert set(seen) <= {"done", "cancelled"}, seen  # a workspace name here is a leftover
     assert "cancelled" in seen and seen[-1] == "done", seen
+
+
+# -- nftables in process, and the firewall lock ----------------------------------------------------
+
+
+def scenario_nft_in_process(state: str) -> dict[str, Any]:
+    """Our tables loaded and listed through libnftables in this (forked, unshared) process, against what
+    the nft program lists; a refused script; the lock ensure() leaves alone when the tables are whole."""
+    import fcntl
+
+    from sandbox_mcp.hostnet import firewall, nft
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {"library": nft.shared().available}
+        net = HostNetwork(Settings(bridge=BRIDGE, subnet=SUBNET, state_dir=Path(state)))
+        await net.ensure()  # loads the tables (they were missing)
+        await net.admit("sb-tnet1", "10.77.0.9", mac_for("tnet1"), egress="none", owner=1234)
+        table = firewall.table_name(BRIDGE)
+        out["ours"] = await firewall.table_exists(BRIDGE)
+        out["program"] = "\n".join(sh("nft", "list", "table", family, table) for family in ("bridge", "inet"))
+        out["refused"] = await outcome(firewall.run_script(f"add rule inet {table} nosuchchain drop\n"))
+        out["after_refusal"] = await firewall.table_exists(BRIDGE)
+        # Another process holds the firewall lock: a start with the tables in place does not wait for it ...
+        lock_path = Path(state) / ".server" / f"firewall-{BRIDGE}.lock"
+        holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with anyio.move_on_after(5) as waited:
+            await net.ensure()
+        out["ensure_waited_with_tables"] = waited.cancelled_caught
+        # ... and one that must load them does (loading replaces the tables: one at a time).
+        await firewall.remove_tables(BRIDGE)
+        with anyio.move_on_after(1) as waited:
+            await net.ensure()
+        out["ensure_waited_without_tables"] = waited.cancelled_caught
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        await net.ensure()
+        out["reloaded"] = await firewall.table_exists(BRIDGE) is not None
+        await firewall.remove_tables(BRIDGE)
+        out["removed"] = await firewall.table_exists(BRIDGE)
+        await net.remove_bridge()
+        return out
+
+    return asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables")
+def test_nft_in_process_is_what_the_program_does_and_ensure_skips_the_lock(tmp_path: Path) -> None:
+    (tmp_path / ".server").mkdir()
+    r = isolated(scenario_nft_in_process, str(tmp_path))
+    assert r["ours"] == r["program"]  # the library's listing is the program's, byte for byte
+    assert 'ether saddr != 02:' in r["ours"] and "meta skuid 1234 accept" in r["ours"]
+    kind, message = r["refused"]
+    assert kind in ("BackendError", "CommandFailed") and "nosuchchain" in message
+    assert r["after_refusal"] == r["ours"]  # a refused script changes nothing
+    assert not r["ensure_waited_with_tables"]
+    assert r["ensure_waited_without_tables"]
+    assert r["reloaded"] and r["removed"] is None
+
+
+@pytest.mark.anyio
+async def test_wait_listening_on_loopback() -> None:
+    """True once a port accepts connections (the listener only ever sees a connect and a close); False for a
+    port nobody listens on, once the time is up."""
+    from sandbox_mcp.hostnet.listening import wait_listening
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = listener.getsockname()[1]
+        assert await wait_listening("127.0.0.1", port, 5)
+        conn, _ = listener.accept()
+        assert conn.recv(1) == b""  # closed at once, nothing sent
+        conn.close()
+    finally:
+        listener.close()
+    t0 = time.monotonic()
+    assert not await wait_listening("127.0.0.1", port, 0.3)
+    assert time.monotonic() - t0 >= 0.3

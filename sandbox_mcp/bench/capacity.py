@@ -8,8 +8,10 @@ For unprivileged containers, and privileged ones in the same run when the settin
   answers an exec, and the ramp stops at the first step that does not;
 - MiB of host memory per idle workspace: the drop of ``MemAvailable`` from before a step to when
   all its workspaces have finished booting (``systemctl is-system-running`` inside says so) and a
-  few seconds more, divided by their number, at each passing step; and, less disturbed by whatever
-  else runs on the host, the mean memory charged to each workspace's cgroup then;
+  few seconds more, divided by their number, at each passing step; and, not disturbed by whatever
+  else runs on the host (which moves MemAvailable by more than a workspace's worth on a shared
+  machine), the mean memory charged to each workspace's cgroup then plus the private memory of its
+  host processes outside that cgroup (the console-log copier; nspawn itself is in the cgroup);
 - creates per second: the workspaces over the seconds until the last create returned (it had
   answered over SSH), next to "all running" (until systemd inside had finished booting too);
 - the CPU it took, since on a small host CPU is what sets the pace: seconds of CPU per workspace in
@@ -22,6 +24,7 @@ For unprivileged containers, and privileged ones in the same run when the settin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -30,6 +33,7 @@ from typing import Any
 
 import anyio
 
+from .. import supervise
 from ..config import Settings
 from ..host.cgroups import CgroupHost, group_for
 from ..manager import WorkspaceManager
@@ -66,6 +70,28 @@ def busy_cpu_s(stat: Path = Path("/proc/stat")) -> tuple[float, float]:
 def _own_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def private_mib(pid: int) -> float:
+    """A process's private memory (``Private_Clean`` + ``Private_Dirty`` of its smaps_rollup) in MiB; 0 if it is gone."""
+    kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                kib += int(line.split()[1])
+    return kib / 1024
+
+
+def _outside_mib(state_dir: Path, group: str, name: str) -> float:
+    """Private MiB of workspace ``name``'s tagged host processes that are not in its memory cgroup."""
+    total = 0.0
+    for ref in supervise.tagged(supervise.workspace_tag(state_dir, name)):
+        with contextlib.suppress(OSError):
+            memory = next((line for line in Path(f"/proc/{ref.pid}/cgroup").read_text().splitlines()
+                           if ":memory:" in line or line.startswith("0::")), "")
+            if f"/{group}/{name}" not in memory:
+                total += private_mib(ref.pid)
+    return total
 
 
 def mem_available_mib(meminfo: Path = Path("/proc/meminfo")) -> float:
@@ -110,6 +136,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             charged = [u["memory_bytes"] for name in names if "memory_bytes" in (u := cg.usage(name))]
             cgroup_mib = sum(charged) / len(charged) / (1 << 20) if charged else None
             cpu = [u["cpu_s"] for name in names if "cpu_s" in (u := cg.usage(name))]
+            outside = [_outside_mib(settings.state_dir, cg.group, name) for name in names]
         finally:
             for ws in list((await m.registry.read()).workspaces):
                 await m.destroy(ws)
@@ -118,6 +145,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             "all_created_s": max(created) if len(created) == n else None,
             "creates_per_s": n / max(created) if len(created) == n else None,
             "cgroup_cpu_s_per_workspace": sum(cpu) / len(cpu) if cpu else None,
+            "outside_mib_per_workspace": sum(outside) / n,
             "server_cpu_s_per_create": own_s / n,
             "host_busy_cpu_s": busy1 - busy0, "host_cpu_s": total1 - total0}
 
@@ -165,6 +193,10 @@ def format_capacity(results: dict[str, Any]) -> str:
                          f"{s['mib_per_idle_workspace']:.1f} MiB of host memory per idle workspace (MemAvailable)"
                          + (f", {s['cgroup_mib_per_workspace']:.1f} MiB charged to its cgroup"
                             if s.get("cgroup_mib_per_workspace") is not None else ""))
+            if s.get("cgroup_mib_per_workspace") is not None and s.get("outside_mib_per_workspace") is not None:
+                lines.append(f"        {s['cgroup_mib_per_workspace'] + s['outside_mib_per_workspace']:.1f} MiB per idle "
+                             f"workspace in its cgroup and its host processes outside it "
+                             f"({s['outside_mib_per_workspace']:.2f} MiB of those)")
             if s.get("creates_per_s") is not None:
                 lines.append(f"        all created (SSH answering) in {s['all_created_s']:.1f} s: "
                              f"{s['creates_per_s']:.1f} creates per second")

@@ -6,13 +6,17 @@ see that the tables are there, two more and a load to admit the port), four of t
 lock that every create on the host queues for: with 30 creates at once the lock's queue, not the work,
 set the pace. In process a listing or a load of our small tables takes about a millisecond and no fork.
 
-One context per process, used by one thread at a time (the library's contexts are not thread-safe);
-blocking: call :meth:`Nft.run` from a worker thread (:func:`run` and :func:`list_table` do).
+A context's netlink socket belongs to the network namespace it was made in, and a forked child
+inherits its parent's: so there is one context per process and network namespace (a bench or a test
+that unshares one, a child forked into another, gets its own), used by one thread at a time (the
+library's contexts are not thread-safe). Blocking: :func:`run` and :func:`list_tables` call it from a
+worker thread.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import threading
 
@@ -21,7 +25,7 @@ import anyio
 from .. import hostcmd
 from ..errors import BackendError
 
-__all__ = ["Nft", "list_table", "run"]
+__all__ = ["Nft", "list_tables", "run", "shared"]
 
 
 class Nft:
@@ -63,17 +67,26 @@ class Nft:
         return ok, out, err
 
 
-_shared: Nft | None = None
-_shared_lock = threading.Lock()
+_contexts: dict[tuple[int, int], Nft] = {}
+_contexts_lock = threading.Lock()
 
 
 def shared() -> Nft:
-    """This process's context (made on first use)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = Nft()
-        return _shared
+    """The context of this process in the calling thread's network namespace (made on first use)."""
+    key = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+    with _contexts_lock:
+        nft = _contexts.get(key)
+        if nft is None:
+            nft = _contexts[key] = Nft()
+        return nft
+
+
+def _in_thread(commands: list[str]) -> list[tuple[bool, str, str]] | None:
+    """Run ``commands`` one by one with the context of this thread's namespace; None without the library."""
+    nft = shared()
+    if not nft.available:
+        return None
+    return [nft.run(command) for command in commands]
 
 
 async def run(script: str) -> None:
@@ -84,40 +97,26 @@ async def run(script: str) -> None:
     """
     if not script:
         return
-    nft = shared()
-    if not nft.available:
+    done = await anyio.to_thread.run_sync(_in_thread, [script])
+    if done is None:
         await hostcmd.run(["nft", "-f", "-"], timeout_s=30, stdin=script.encode())
         return
-    ok, _, err = await anyio.to_thread.run_sync(nft.run, script)
+    ok, _, err = done[0]
     if not ok:
         raise BackendError(f"nft refused the firewall rules: {err.strip()[-2000:] or 'no reason given'}")
 
 
-async def list_table(family: str, table: str) -> str | None:
-    """``nft list table FAMILY TABLE`` as nft prints it, or None when the table is missing (or neither the
-    library nor the program is installed: then no table of ours can exist)."""
-    command = f"list table {family} {table}"
-    nft = shared()
-    if nft.available:
-        ok, out, _ = await anyio.to_thread.run_sync(nft.run, command)
-        return out if ok else None
-    if shutil.which("nft") is None:
-        return None
-    done = await hostcmd.run(["nft", *command.split()], timeout_s=30, check=False)
-    return done.stdout if done.returncode == 0 else None
-
-
 async def list_tables(tables: list[tuple[str, str]]) -> list[str | None]:
-    """Several tables in one trip to a worker thread (see :func:`list_table`)."""
-    nft = shared()
-    if not nft.available:
-        return [await list_table(f, t) for f, t in tables]
-
-    def _all() -> list[str | None]:
-        out: list[str | None] = []
-        for family, table in tables:
-            ok, text, _ = nft.run(f"list table {family} {table}")
-            out.append(text if ok else None)
-        return out
-
-    return await anyio.to_thread.run_sync(_all)
+    """``nft list table FAMILY TABLE`` for each of ``tables`` as nft prints it, None for one that is missing (or
+    when neither the library nor the program is installed: then no table of ours can exist)."""
+    commands = [f"list table {family} {table}" for family, table in tables]
+    done = await anyio.to_thread.run_sync(_in_thread, commands)
+    if done is not None:
+        return [out if ok else None for ok, out, _ in done]
+    if shutil.which("nft") is None:
+        return [None for _ in tables]
+    out: list[str | None] = []
+    for command in commands:
+        listed = await hostcmd.run(["nft", *command.split()], timeout_s=30, check=False)
+        out.append(listed.stdout if listed.returncode == 0 else None)
+    return out
