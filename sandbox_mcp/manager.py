@@ -97,6 +97,7 @@ from .naming import (
 from .output_relay import OutputRelay
 from .ownership import owned
 from .paths import WorkspacePaths
+from .pool import WarmPool
 from .ports import LOOPBACK, PortForwarder
 from .progress import Progress, no_progress
 from .registry import Registry
@@ -156,7 +157,8 @@ class WorkspaceManager:
     """
 
     def __init__(
-        self, settings: Settings, runtimes: dict[str, Runtime] | None = None, *, serve_ports: bool = True
+        self, settings: Settings, runtimes: dict[str, Runtime] | None = None, *, serve_ports: bool = True,
+        keep_pool: bool | None = None,
     ) -> None:
         self.settings = settings
         self.registry = Registry(settings.registry_path)
@@ -177,6 +179,10 @@ class WorkspaceManager:
         self.ports = PortForwarder()
         self._serve_ports = serve_ports
         self.secrets = SecretsService(settings)
+        # Like published ports, the warm pool is refilled by the long-running process (the server, the
+        # daemon); the CLI's short-lived managers only claim from it.
+        self.pool = WarmPool(self, keep=serve_ports if keep_pool is None else keep_pool)
+        self._pool_tasks: anyio.abc.TaskGroup | None = None
 
     # Set-up ------------------------------------------------------------------------------------
 
@@ -187,6 +193,12 @@ class WorkspaceManager:
             await self.open()
             if self._serve_ports:
                 await self._restore_ports()
+            if self.pool.keep and self.settings.pool_size > 0:
+                self._pool_tasks = anyio.create_task_group()
+                await self._pool_tasks.__aenter__()
+                self._pool_tasks.start_soon(self.pool.run)
+            elif self.pool.keep:
+                await self.pool.close()  # slots of an earlier run with a pool: nobody refills or claims them now
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -194,6 +206,12 @@ class WorkspaceManager:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            if self._pool_tasks is not None:
+                tasks, self._pool_tasks = self._pool_tasks, None
+                tasks.cancel_scope.cancel()
+                await tasks.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await self.pool.close()
             await self.close()
         finally:
             if self.ports.serving:
@@ -395,7 +413,7 @@ class WorkspaceManager:
         data = await self.registry.read()
         names = {r.name for r in on_bridge}
         entries = {n: r.ip for n, r in data.workspaces.items()
-                   if r.runtime in names and r.state != "creating" and r.ip is not None}  # fmt: skip
+                   if r.runtime in names and r.state != "creating" and r.ip is not None and not r.pooled}  # fmt: skip
         await on_bridge[0].ctx.network.publish_names(entries)
 
     async def _refresh(self, record: WorkspaceRecord) -> WorkspaceRecord:
@@ -434,19 +452,43 @@ class WorkspaceManager:
             BackendError: building, declaring or booting failed (the message has the log tail).
         """
         t0 = time.monotonic()
-        name = spec.name
-        validate_name(name)
+        validate_name(spec.name)
         runtime = self._runtime_for_type(spec.type)
         packages = validate_packages(spec.packages, runtime.package_flavour)
         limits = self._limits(runtime, spec.type, spec.cpus, spec.memory_mib)
         if packages:
             await anyio.to_thread.run_sync(self._check_image_variants, runtime, packages)
         source = await self._repo_source(spec, owner_uid)
+        if self.pool.fits(spec, runtime, packages, limits, owner_uid):
+            record = await self.pool.claim(spec, runtime, owner_uid, progress)
+            if record is not None:
+                if source is not None:
+                    record = await self._clone(record, *source, progress)
+                return self.view(record)
+        record = await self._create(spec, runtime, packages, limits, progress, owner_uid, t0, source)
+        return self.view(record)
+
+    async def _create(
+        self,
+        spec: CreateSpec,
+        runtime: Runtime,
+        packages: list[str],
+        limits: Limits,
+        progress: Progress,
+        owner_uid: int | None,
+        t0: float,
+        source: tuple[hostgit.HostUser, hostgit.ResolvedRepo] | None,
+        *,
+        pooled: bool = False,
+    ) -> WorkspaceRecord:
+        """Register, provision, prepare and start a workspace the slow way (a boot); ``pooled``: as a warm pool
+        slot (see :mod:`sandbox_mcp.pool`), whose name no user can give."""
+        name = spec.name
         placeholders = self.secrets.placeholders(spec.secrets, owner_uid, runtime.host_network)
         live = await runtime.addresses_in_use()
         async with self._locked(name):
             record = await anyio.to_thread.run_sync(
-                self._register, spec, packages, live, runtime, limits, owner_uid, placeholders
+                self._register, spec, packages, live, runtime, limits, owner_uid, placeholders, pooled
             )
             paths = self._paths(name)
             existed = paths.root.exists()
@@ -471,7 +513,7 @@ class WorkspaceManager:
                 with anyio.CancelScope(shield=True):
                     await self._undo_create(record, runtime, prepared, started, existed)
                 raise
-        return self.view(record)
+        return record
 
     async def _provision(
         self, record: WorkspaceRecord, environment: Mapping[str, str] | None = None
@@ -547,6 +589,7 @@ class WorkspaceManager:
         limits: Limits | None = None,
         owner_uid: int | None = None,
         secrets: dict[str, str] | None = None,
+        pooled: bool = False,
     ) -> WorkspaceRecord:
         name = spec.name
         with self.registry.transaction_sync() as data:
@@ -575,6 +618,7 @@ class WorkspaceManager:
                 egress=spec.egress,
                 limits=limits,
                 secrets=secrets or {},
+                pooled=pooled,
             )
             runtime.validate(record)
             record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])
@@ -824,30 +868,48 @@ class WorkspaceManager:
         """
         await self._check_exists(name)
         async with self._locked(name):
-            record = owned(await self.registry.get(name), owner_uid)
-            runtime = await self._halt(record)
-            await runtime.destroy(record)
-            paths = self._paths(name)
-            if keep_data:
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
-            # The disk image (if any) is unmounted first: kept, or gone with the rest.
-            await anyio.to_thread.run_sync(lambda: diskimage.release(self.settings.state_dir, name, delete=not keep_data))
-            if not keep_data:
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
-                await self._collect_roots(runtime)  # its snapshots' roots, where the runtime keeps them
-            await self.registry.remove(name)
-            if runtime.host_network:
-                await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
+            await self._destroy_locked(owned(await self.registry.get(name), owner_uid), keep_data)
+        await self._forget(name)
+        return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
+
+    async def _destroy_slot(self, slot: str) -> None:
+        """Destroy a warm pool slot (if it is still one: a claim may have taken it meanwhile)."""
+        async with self._locked(slot):
+            record = (await self.registry.read()).workspaces.get(slot)
+            if record is None or not record.pooled:
+                return
+            await self._destroy_locked(record, keep_data=False)
+        await self._forget(slot)
+
+    async def _destroy_locked(self, record: WorkspaceRecord, keep_data: bool) -> None:
+        """Stop ``record`` and remove its runtime parts, registry entry and (unless ``keep_data``) host dirs;
+        the caller holds its lock."""
+        name = record.name
+        runtime = await self._halt(record)
+        await runtime.destroy(record)
+        paths = self._paths(name)
+        if keep_data:
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.runtime, ignore_errors=True))
+        # The disk image (if any) is unmounted first: kept, or gone with the rest.
+        await anyio.to_thread.run_sync(lambda: diskimage.release(self.settings.state_dir, name, delete=not keep_data))
+        if not keep_data:
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(paths.root, ignore_errors=True))
+            await self._collect_roots(runtime)  # its snapshots' roots, where the runtime keeps them
+        await self.registry.remove(name)
+        if runtime.host_network:
+            await runtime.ctx.network.retire()  # our firewall tables go with the last workspace
+
+    async def _forget(self, name: str) -> None:
+        """After a destroy, outside its lock: the hosts file, the lock file."""
         await self._sync_hosts()
         with contextlib.suppress(FileNotFoundError):
             self._lock_path(name).unlink()
         self._locks.pop(name, None)
-        return DestroyResult(name=name, destroyed=True, kept_data=keep_data)
 
     async def list(self, *, owner_uid: int | None = None) -> WorkspaceList:
         """All registered workspaces (those of ``owner_uid`` if given), with dead ones noticed."""
         data = await self.registry.read()
-        mine = [r for r in data.workspaces.values() if owner_uid is None or r.owner_uid == owner_uid]
+        mine = [r for r in data.workspaces.values() if not r.pooled and (owner_uid is None or r.owner_uid == owner_uid)]
         records = [await self._refresh(r) for r in mine]
         return WorkspaceList(workspaces=[self.view(r) for r in sorted(records, key=lambda r: r.name)])
 

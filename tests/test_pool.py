@@ -1,0 +1,116 @@
+"""The warm pool (issue 26): a create of the default spec claims a booted slot and gets its own identity.
+
+Real nspawn containers in the test namespace: the slot boots in the background, the create claims it
+(``timings.from_pool``), and the workspace then has its name inside (host name, /etc/hosts), its own host
+dirs under its name, the slot's address and pinned host key, and works like any other; the pool refills;
+a spec the pool does not hold boots; stop and start, and destroy, work on a claimed workspace; nothing is
+left when the pool's process exits. No time is asserted (the bench measures the claim).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from sandbox_mcp.config import Settings
+from sandbox_mcp.errors import WorkspaceExists, WorkspaceNotFound
+from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.models import CreateSpec, WorkspaceRecord
+from sandbox_mcp.naming import is_pool_slot, veth_names
+
+from .conftest import destroy_all
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def ready_slots(m: WorkspaceManager, n: int, other_than: set[str] = frozenset(), timeout_s: float = 120) -> list[WorkspaceRecord]:
+    """Wait until ``n`` slots (none of ``other_than``) are booted and unclaimed."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            data = await m.registry.read()
+            ready = [r for r in data.workspaces.values()
+                     if r.pooled and r.state == "running" and r.name not in other_than]
+            if len(ready) >= n:
+                return ready
+            await anyio.sleep(0.05)
+
+
+def links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def nspawn_machines() -> set[str]:
+    """--machine= arguments of the systemd-nspawn processes running now."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"systemd-nspawn"):
+            out |= {a.split(b"=", 1)[1].decode() for a in argv if a.startswith(b"--machine=")}
+    return out
+
+
+async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settings: Settings) -> None:
+    s = settings.model_copy(update={"pool_size": 1})
+    async with WorkspaceManager(s) as m:
+        try:
+            [slot] = await ready_slots(m, 1)
+            assert is_pool_slot(slot.name)
+            assert (await m.list()).workspaces == [], "a slot is nobody's workspace: list shows none"
+            with pytest.raises(WorkspaceNotFound):
+                await m.status(slot.name)
+
+            ws = await m.create(CreateSpec(name="claimed"))
+            assert ws.timings is not None and ws.timings.from_pool, ws.timings
+            print(f"claimed in {ws.timings.total_s} s")
+            assert ws.ip == slot.ip
+            assert ws.ssh.host_key_fingerprint == slot.host_key_fingerprint != ""
+            assert ws.host_workspace_dir == str(s.state_dir / "claimed" / "workspace")
+            assert not (s.state_dir / slot.name).exists(), "the slot's dir became the workspace's"
+
+            r = await m.exec("claimed", "hostname; grep -c claimed /etc/hosts; pwd; echo hi > made-inside; id -un")
+            assert r.exit_code == 0, r.stderr
+            hostname, hosts, cwd, user = r.stdout.split()
+            assert (hostname, hosts, user) == ("claimed", "1", s.user)
+            made = Path(ws.host_workspace_dir) / "made-inside"
+            assert made.read_text() == "hi\n"
+            assert made.stat().st_uid == s.user_uid, "the agent's files are the host user's, as in a booted one"
+            assert [w.name for w in (await m.list()).workspaces] == ["claimed"]
+            status = await m.status("claimed")
+            assert status.runtime.running and status.timings is not None and status.timings.from_pool
+
+            # The name is taken: the slot stays a slot (another claim does not steal it either).
+            [refill] = await ready_slots(m, 1, other_than={slot.name})
+            with pytest.raises(WorkspaceExists):
+                await m.create(CreateSpec(name="claimed"))
+            assert (await m.registry.get(refill.name)).pooled
+
+            # A spec the pool does not hold boots, with a uid range of its own.
+            other = await m.create(CreateSpec(name="sized", memory_mib=1024))
+            assert other.timings is not None and not other.timings.from_pool
+            bases = {n: r.runtime_state.get("uid_base") for n, r in (await m.registry.read()).workspaces.items()}
+            assert len(set(bases.values())) == len(bases) == 3, bases
+
+            # Stopped and started, it boots again (under the slot's host-side names) with its own name inside.
+            await m.stop("claimed")
+            assert f"sb-{slot.name}" not in links()
+            await m.start("claimed")
+            r = await m.exec("claimed", "hostname; cat made-inside")
+            assert r.stdout.split() == ["claimed", "hi"], r
+
+            await m.destroy("claimed")
+            assert not (s.state_dir / "claimed").exists()
+            assert veth_names(slot.name)[0] not in links()
+            assert f"sbx-{slot.name}" not in nspawn_machines()
+        finally:
+            await destroy_all(m)  # the users' workspaces; the slots go with the manager
+        slots = {r.name for r in (await m.registry.read()).workspaces.values() if r.pooled}
+    assert slots, "a slot was ready while the manager ran"
+    assert not any(r.pooled for r in (await m.registry.read()).workspaces.values()), "its slots went with it"
+    assert not {f"sb-{n}" for n in slots} & links()
+    assert not {f"sbx-{n}" for n in slots} & nspawn_machines()
