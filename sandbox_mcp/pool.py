@@ -47,6 +47,9 @@ __all__ = ["PoolStatus", "WarmPool"]
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S = 60.0  # longest pause between refills that fail (a host out of room, a broken image)
+# A refill waits this long after a claim: a boot takes a core for a while, and the workspace just claimed
+# is about to get its first commands.
+_SETTLE_S = 0.5
 
 
 class PoolStatus:
@@ -94,7 +97,8 @@ class WarmPool:
              owner_uid: int | None) -> bool:
         """Whether a slot can become the workspace ``spec`` asks for: what a slot was booted with (the
         default type, no packages, the default limits), no static address or secrets, a name with no
-        kept data, and files of the host identity a slot's shares map (see :mod:`sandbox_mcp.identity`)."""
+        kept data, files of the host identity a slot's shares map (see :mod:`sandbox_mcp.identity`), and
+        a Claude config the owner may have (a slot's is seeded as a workspace without owner's)."""
         if self.size == 0 or not runtime.has_pool or self.why_not() is not None:
             return False
         if spec.type != "container" or packages or spec.ip is not None or spec.secrets or not spec.start:
@@ -107,6 +111,8 @@ class WarmPool:
                                 owner_uid=owner_uid)
         slot = probe.model_copy(update={"owner_uid": None})
         settings = self.manager.settings
+        if owner_uid not in (None, 0) and settings.copy_claude_credentials:
+            return False  # a slot's Claude config holds the server's credentials, which only root's may get
         return agentfiles.files_identity(settings, probe) == agentfiles.files_identity(settings, slot) and (
             not agentfiles.own_uid(settings, probe))
 
@@ -222,12 +228,17 @@ class WarmPool:
                     pause = min(pause * 2, _RETRY_MAX_S)
                     continue
             await self._wanted.wait()
+            await anyio.sleep(_SETTLE_S)
 
     async def _fill(self, runtime: Runtime) -> None:
         slot = pool_slot_name()
         spec = CreateSpec.model_construct(name=slot)  # the defaults, under a name no user can give
-        await self.manager._create(spec, runtime, [], self._default_limits(runtime), no_progress, None,
-                                   time.monotonic(), None, pooled=True)
+        m = self.manager
+        record = await m._create(spec, runtime, [], self._default_limits(runtime), no_progress, None,
+                                 time.monotonic(), None, pooled=True)
+        # The exec agent starts on a connection's first command (a Python start inside, tens of ms): done
+        # now, the claimer's first exec finds it running.
+        await m.ssh.exec(m._target(record), "true", timeout_s=30)
 
     async def _drop_stale(self, runtime: Runtime) -> None:
         """Slots a killed holder left: keep the running ones of today's spec and image, destroy the rest."""

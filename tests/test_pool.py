@@ -114,3 +114,37 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
     assert not any(r.pooled for r in (await m.registry.read()).workspaces.values()), "its slots went with it"
     assert not {f"sb-{n}" for n in slots} & links()
     assert not {f"sbx-{n}" for n in slots} & nspawn_machines()
+
+
+async def test_through_an_mcp_session_and_from_a_second_process_that_keeps_no_pool(settings: Settings) -> None:
+    """The server keeps the pool; create_workspace over MCP claims a slot and says so, and a manager that keeps
+    none (the CLI's) claims the other slot from the same registry, connecting afresh with the pinned key."""
+    from mcp import Client
+
+    from sandbox_mcp.bench.calls import tool_caller
+    from sandbox_mcp.server import build_server
+
+    s = settings.model_copy(update={"pool_size": 2})
+    async with Client(build_server(s)) as client:
+        call = tool_caller(client)
+        async with WorkspaceManager(s, serve_ports=False) as cli:
+            try:
+                await ready_slots(cli, 2)
+                ws = await call("create_workspace", name="viamcp")
+                assert ws["timings"]["from_pool"] is True
+                status = await call("workspace_status", name="viamcp")
+                assert status["timings"]["from_pool"] is True and status["runtime"]["running"]
+                r = await call("exec", name="viamcp", command="hostname")
+                assert r["stdout"].strip() == "viamcp"
+                listed = await call("list_workspaces")
+                assert [w["name"] for w in listed["workspaces"]] == ["viamcp"]
+
+                other = await cli.create(CreateSpec(name="viacli"))
+                assert other.timings is not None and other.timings.from_pool
+                r2 = await cli.exec("viacli", "hostname")
+                assert r2.stdout.strip() == "viacli"
+                assert other.ip != ws["ip"]
+            finally:
+                await destroy_all(cli)
+        # The CLI's manager closed without touching the server's slots: the server refills and keeps them.
+        await ready_slots(cli, 2)
