@@ -215,6 +215,7 @@ class WarmPool:
         pause = 1.0
         while True:
             self._wanted = anyio.Event()
+            await self._drop_dead()
             if self.why_not() is None and len(await self._ready_slots(runtime)) < self.size:
                 try:
                     await self._fill(runtime)
@@ -251,6 +252,13 @@ class WarmPool:
             if fresh and (await runtime.status(r)).running and runtime.root_base(r) == runtime.default_root_base():
                 continue
             await self._destroy(name)
+
+    async def _drop_dead(self) -> None:
+        """Slots found stopped (a reconcile saw them die) or left half-made: nobody will claim them."""
+        data = await self.manager.registry.read()
+        for name, r in data.workspaces.items():
+            if r.pooled and r.state in ("stopped", "error"):
+                await self._destroy(name)
 
     async def _destroy(self, slot: str) -> None:
         with contextlib.suppress(SandboxError):

@@ -86,6 +86,9 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
 
             # The name is taken: the slot stays a slot (another claim does not steal it either).
             [refill] = await ready_slots(m, 1, other_than={slot.name})
+            # A slot is as walled off as any workspace: the claimed one cannot reach it.
+            probe = await m.exec("claimed", f"timeout 3 bash -c '</dev/tcp/{refill.ip}/22' && echo reached")
+            assert probe.exit_code != 0 and "reached" not in probe.stdout, probe
             with pytest.raises(WorkspaceExists):
                 await m.create(CreateSpec(name="claimed"))
             assert (await m.registry.get(refill.name)).pooled
