@@ -5,15 +5,17 @@ its own uid range, cgroup, veth and firewall port, egress ``none``, no owner, ma
 the registry, which hides it from every tool (:func:`~sandbox_mcp.ownership.owned`, ``list``).
 
 A create the pool can serve (:meth:`WarmPool.fits`: the default type, packages and limits, no
-static address, no secrets, files of the same host identity) claims one:
+static address, no secrets) claims one, whoever its owner:
 
 1. its state directory ``<state>/<slot>`` is renamed to ``<state>/<name>`` (the mounts the
    running container uses are below it and move along);
 2. one registry transaction renames the record and gives it its owner and egress (two claims
    of one slot, or of one name, cannot both win);
-3. the directories are provisioned again for the new record (authorized keys, Claude config);
-4. the runtime sets the host name and ``/etc/hosts`` inside, the firewall takes the egress asked
-   for, and the SSH connection opened when the slot booted is kept under the new name.
+3. the directories are provisioned again for the new record (authorized keys, Claude config, the
+   owner's ids);
+4. the runtime mounts the shares in for that owner and sets the host name and ``/etc/hosts`` inside
+   (:meth:`~sandbox_mcp.runtimes.base.Runtime.claim`), the firewall takes the egress asked for, and
+   the SSH connection (and exec agent) opened when the slot booted is kept under the new name.
 
 What the runtime made on the host from the slot's name (machine name, veth, cgroup, tag) keeps it
 (:meth:`~sandbox_mcp.runtimes.base.Runtime.slot_claimed`). A claim that fails half-way destroys the
@@ -97,8 +99,8 @@ class WarmPool:
              owner_uid: int | None) -> bool:
         """Whether a slot can become the workspace ``spec`` asks for: what a slot was booted with (the
         default type, no packages, the default limits), no static address or secrets, a name with no
-        kept data, files of the host identity a slot's shares map (see :mod:`sandbox_mcp.identity`), and
-        a Claude config the owner may have (a slot's is seeded as a workspace without owner's)."""
+        kept data, and a Claude config the owner may have (a slot's is seeded as a workspace without owner's).
+        Another owner's files are fine: the claim maps the shares anew (see :meth:`Runtime.claim`)."""
         if self.size == 0 or not runtime.has_pool or self.why_not() is not None:
             return False
         if spec.type != "container" or packages or spec.ip is not None or spec.secrets or not spec.start:
@@ -107,14 +109,8 @@ class WarmPool:
             return False
         if self.manager._paths(spec.name).root.exists():  # kept data: adopted by a cold create
             return False
-        probe = WorkspaceRecord(name=spec.name, runtime=runtime.name, user=self.manager.settings.user,
-                                owner_uid=owner_uid)
-        slot = probe.model_copy(update={"owner_uid": None})
-        settings = self.manager.settings
-        if owner_uid not in (None, 0) and settings.copy_claude_credentials:
-            return False  # a slot's Claude config holds the server's credentials, which only root's may get
-        return agentfiles.files_identity(settings, probe) == agentfiles.files_identity(settings, slot) and (
-            not agentfiles.own_uid(settings, probe))
+        # A slot's Claude config holds the server's credentials when configured, which only root's may get.
+        return owner_uid in (None, 0) or not self.manager.settings.copy_claude_credentials
 
     # -- claim ------------------------------------------------------------------------------------
 
@@ -130,12 +126,13 @@ class WarmPool:
         m = self.manager
         for slot in await self._ready_slots(runtime):
             async with m._locked(slot), m._locked(spec.name):
-                record = await self._take(slot, spec, runtime, owner_uid)
-                if record is None:
+                taken = await self._take(slot, spec, runtime, owner_uid)
+                if taken is None:
                     continue
+                record, remap = taken
                 try:
                     await progress("claiming a booted workspace from the warm pool", 0.5)
-                    record = await self._hand_over(slot, record, runtime, t0)
+                    record = await self._hand_over(slot, record, runtime, remap, t0)
                 except BaseException as exc:
                     with anyio.CancelScope(shield=True):
                         log.warning("pool: claiming %s as %s failed, destroying it: %s", slot, spec.name, exc)
@@ -156,13 +153,17 @@ class WarmPool:
         return sorted(n for n, r in data.workspaces.items()
                       if r.pooled and r.state == "running" and r.runtime == runtime.name and r.limits == limits)
 
-    async def _take(self, slot: str, spec: CreateSpec, runtime: Runtime, owner_uid: int | None) -> WorkspaceRecord | None:
-        """Rename the slot's directory and record to ``spec.name`` (None: the slot went meanwhile)."""
+    async def _take(self, slot: str, spec: CreateSpec, runtime: Runtime,
+                    owner_uid: int | None) -> tuple[WorkspaceRecord, bool] | None:
+        """Rename the slot's directory and record to ``spec.name``; and whether its shares must be mapped
+        anew (the new owner's files are another host identity's). None: the slot went meanwhile, or it
+        cannot map its shares anew (a privileged container)."""
         m = self.manager
+        settings = m.settings
         new_root = m._paths(spec.name).root
         old_root = m._paths(slot).root
 
-        def take() -> WorkspaceRecord | None:
+        def take() -> tuple[WorkspaceRecord, bool] | None:
             with m.registry.transaction_sync() as data:
                 found = data.workspaces.get(slot)
                 if found is None or not found.pooled or found.state != "running" or new_root.exists():
@@ -177,19 +178,23 @@ class WarmPool:
                     "state": "starting", "created_at": utcnow(), "last_error": None,
                 })
                 runtime.validate(record)  # the egress asked for is allowed here (NAT)
+                remap = agentfiles.files_identity(settings, record) != agentfiles.files_identity(settings, found)
+                if remap and found.isolation != "unprivileged-container":
+                    return None  # a privileged container's binds show host ids as they are: boot one
                 record = runtime.slot_claimed(record, slot)
                 os.rename(old_root, new_root)  # before the registry is written: it names the new place
                 del data.workspaces[slot]
                 data.workspaces[spec.name] = record
-                return record
+                return record, remap
 
         return await anyio.to_thread.run_sync(take)
 
-    async def _hand_over(self, slot: str, record: WorkspaceRecord, runtime: Runtime, t0: float) -> WorkspaceRecord:
+    async def _hand_over(self, slot: str, record: WorkspaceRecord, runtime: Runtime, remap: bool,
+                         t0: float) -> WorkspaceRecord:
         """Provision the renamed slot for its new record and give it its name inside (see the module doc)."""
         m = self.manager
-        record = await m._provision(record)
-        await runtime.claim(record)
+        record = await m._provision(record)  # the shares become the new owner's (or its own uid's) here
+        await runtime.claim(record, remap_shares=remap)
         if record.egress != "none":
             await runtime.set_egress(record)
         m.ssh.rekey(slot, m._target(record))

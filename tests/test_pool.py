@@ -151,3 +151,34 @@ async def test_through_an_mcp_session_and_from_a_second_process_that_keeps_no_po
                 await destroy_all(cli)
         # The CLI's manager closed without touching the server's slots: the server refills and keeps them.
         await ready_slots(cli, 2)
+
+
+async def test_another_owners_create_gets_the_shares_mapped_for_them(settings: Settings, accounts: object) -> None:
+    """A daemon user's create (owner_uid, as the daemon passes it) claims a slot booted for nobody: the
+    workspace dir and Claude config become the owner's, the slot's binds are replaced (not covered) by
+    mounts that map the owner to the workspace user, and what the agent writes is the owner's on the host."""
+    alice = accounts.alice  # type: ignore[attr-defined]
+    s = settings.model_copy(update={"pool_size": 1})
+    async with WorkspaceManager(s) as m:
+        try:
+            await ready_slots(m, 1)
+            ws = await m.create(CreateSpec(name="hers"), owner_uid=alice.uid)
+            assert ws.timings is not None and ws.timings.from_pool, ws.timings
+            r = await m.exec("hers", "echo x > by-agent && stat -c '%u %U' . by-agent "
+                             "&& stat -c '%U' ~/claude-config/settings.json",
+                             owner_uid=alice.uid)
+            assert r.exit_code == 0, r.stderr
+            lines = r.stdout.split("\n")
+            assert lines[0].split()[1] == lines[1].split()[1] == lines[2] == s.user, r.stdout  # the agent's own
+            config = Path(ws.host_workspace_dir).parent / "claude-config" / "settings.json"
+            assert config.stat().st_uid == alice.uid
+            made = Path(ws.host_workspace_dir) / "by-agent"
+            assert (made.stat().st_uid, made.stat().st_gid) == (alice.uid, alice.gid)
+            # root inside finds no old bind under the new one to unmount and write through as the slot's user
+            r = await m.exec("hers", "sudo -n umount ~/workspace; echo > ~/workspace/after-umount; echo $?",
+                             owner_uid=alice.uid)
+            stray = [p for p in Path(ws.host_workspace_dir).iterdir() if p.name == "after-umount"]
+            assert all(p.stat().st_uid == alice.uid for p in stray), r
+            assert "0" in r.stdout.split(), r  # it wrote somewhere: the image's empty dir, if the umount worked
+        finally:
+            await destroy_all(m)

@@ -414,8 +414,9 @@ class Runtime(ABC):
         host-side names its parts were made with. Called in the registry transaction of the claim."""
         raise self._cannot("keep a warm pool")
 
-    async def claim(self, record: WorkspaceRecord) -> None:
-        """Give the running, renamed ``record`` its name inside (host name, /etc/hosts) and its egress.
+    async def claim(self, record: WorkspaceRecord, *, remap_shares: bool = False) -> None:
+        """Give the running, renamed ``record`` its name inside (host name, /etc/hosts); with ``remap_shares``,
+        mount its shared directories anew for the identity that owns them now (another owner's).
 
         Raises:
             BackendError: the slot is gone or the kernel refused; the manager destroys it and boots instead.

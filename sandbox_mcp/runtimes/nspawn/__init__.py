@@ -47,8 +47,7 @@ from ..base import (
     log_tail_lines,
     resolv_conf,
 )
-from . import rootfs, scopes
-from .hostname import set_hostname
+from . import handover, rootfs, scopes
 from .rootfs import RootMounts
 from .settings import NspawnSettings
 
@@ -80,6 +79,7 @@ def nspawn_argv(
     mounts: RootMounts | None = None,
     tag: str,
     hostname: str | None = None,
+    shares: bool = True,
 ) -> list[str]:
     """The exact systemd-nspawn command that boots workspace ``name`` (its machine name; ``hostname``
     inside, default ``name``: a claimed pool slot boots under its slot's name).
@@ -88,6 +88,8 @@ def nspawn_argv(
     prepared ``netns_path``. User-namespaced: ``--private-users=BASE:65536`` on the host-made
     ``mounts`` (:mod:`.rootfs`: the root overlay and idmapped binds), and a network
     namespace of nspawn's own (``--private-network``; the host adds the veth after start).
+    ``shares=False`` (a user-namespaced warm pool slot) leaves out the workspace dir and the Claude
+    config: nspawn's binds could never be unmounted again, and the claim mounts the owner's in.
 
     Raises:
         InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
@@ -112,8 +114,8 @@ def nspawn_argv(
         binds = [
             ("--bind", mounts.workspace, claude_workspace.workspace_dir_inside(user)),
             ("--bind", mounts.claude, claude_workspace.claude_config_dir_inside(user)),
-            ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
-        ]
+        ] if shares else []
+        binds.append(("--bind-ro", mounts.keys, "/etc/ssh-host-keys"))
         kind = [
             f"--directory={mounts.root}",
             f"--private-users={uid_base}:{UID_RANGE}",
@@ -427,6 +429,7 @@ class NspawnRuntime(ImageRootRuntime):
                 uid_base=base,
                 mounts=mounts if base is not None else None,
                 tag=self._tag(record),
+                shares=not record.pooled,
             )
             await progress("booting the container", None)
             launch = launch_argv(argv, procs, base is not None,
@@ -490,13 +493,23 @@ class NspawnRuntime(ImageRootRuntime):
         state = self.state(record)
         return self.with_state(record, state.model_copy(update={"slot": state.slot or slot}))
 
-    async def claim(self, record: WorkspaceRecord) -> None:
+    async def claim(self, record: WorkspaceRecord, *, remap_shares: bool = False) -> None:
         """The host name (set in its UTS namespace), /etc/hosts (a bind of a host file, rewritten in place), and
-        the egress the create asked for when it is not the slot's."""
-        leader = self.state(record).leader
+        (user-namespaced: a slot boots without them) the workspace dir and Claude config mounted into its mount
+        namespace, mapping their owner now (:func:`.handover.mount_shares`). A privileged slot has its binds
+        from boot, showing host ids as they are: it cannot take another owner (``remap_shares``)."""
+        state = self.state(record)
+        leader = state.leader
         if leader is None or not self._running(record):
             raise BackendError(f"the pool slot claimed for {record.name!r} is not running")
-        await set_hostname(leader, record.name)
+        if state.uid_base is None and remap_shares:
+            raise BackendError("a privileged container's shares cannot be mapped anew")
+        if state.uid_base is not None:
+            paths = self._paths(record)
+            shares = [(paths.workspace, claude_workspace.workspace_dir_inside(record.user)),
+                      (paths.claude_config, claude_workspace.claude_config_dir_inside(record.user))]
+            await handover.mount_shares(leader, shares, state.uid_base, (self.settings.user_uid, self.settings.user_uid))
+        await handover.set_hostname(leader, record.name)
         await anyio.to_thread.run_sync(
             write_in_place, self._paths(record).runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip))
         )
