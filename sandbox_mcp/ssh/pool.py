@@ -170,21 +170,15 @@ class SSHPool:
         await poll_until_connected(target, timeout_s, attempt, progress)
 
     def rekey(self, old_key: str, target: SSHTarget) -> bool:
-        """Keep ``old_key``'s live connection as ``target``'s: the same sshd, address and pinned host key under
-        another name (a claimed warm pool slot), so the first call after the claim needs no handshake.
-        False (and nothing kept) when there is none that matches; the next call connects."""
+        """Keep ``old_key``'s connection for ``target`` if :meth:`SSHTarget.same_sshd` (a claimed pool slot)."""
         entry = self._entries.pop(old_key, None)
-        if entry is None:
-            return False
-        old = entry.target
-        same = (old.host, old.port, old.user, old.host_key_fingerprint) == (
-            target.host, target.port, target.user, target.host_key_fingerprint)
-        if not (same and target.host_key_fingerprint and entry.alive()):
+        if entry is not None and entry.alive() and entry.target.same_sshd(target):
+            entry.target = target
+            self._install(entry)
+            return True
+        if entry is not None:
             entry.conn.close()
-            return False
-        entry.target = target
-        self._install(entry)
-        return True
+        return False
 
     async def drop(self, key: str) -> None:
         """Close and forget the pooled connection of ``key`` (when its workspace stops). Never raises."""
