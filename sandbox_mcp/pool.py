@@ -168,6 +168,9 @@ class WarmPool:
                 found = data.workspaces.get(slot)
                 if found is None or not found.pooled or found.state != "running" or new_root.exists():
                     return None
+                if not old_root.is_dir():  # a holder killed mid-claim moved it: the refill loop drops the slot
+                    data.workspaces[slot] = found.model_copy(update={"state": "error"})
+                    return None
                 if spec.name in data.workspaces:
                     raise WorkspaceExists(spec.name)
                 if owner_uid not in (None, 0):
