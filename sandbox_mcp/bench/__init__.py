@@ -293,8 +293,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _file_figures(call: Any, ssh_argv: list[str], name: str, mib: int) -> dict[str, float]:
-    """Write and read back ``mib`` MiB through the file tools (write_file in chunks under its payload cap,
-    read_file in 4 MiB pages) and through ``ssh cat``; seconds of each, and the ratios.
+    """Write and read back ``mib`` MiB through the file tools (write_file in chunks under its payload cap;
+    read_file asked for 4 MiB at a time, of which each call returns what fits one result, RESULT_BUDGET_BYTES:
+    tens of KB of base64, so thousands of calls for a large file: large files belong to `sandbox-mcp ssh`
+    or scp) and through ``ssh cat``; seconds of each, and the ratios.
 
     Raises:
         RuntimeError: a tool failed (a file-size bound in the workspace fails here), or what came back differs.
