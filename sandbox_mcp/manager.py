@@ -193,12 +193,12 @@ class WorkspaceManager:
             await self.open()
             if self._serve_ports:
                 await self._restore_ports()
+            if self.pool.keep:
+                await self.pool.take_over()  # what a killed keeper left
             if self.pool.keep and self.settings.pool_size > 0:
                 self._pool_tasks = anyio.create_task_group()
                 await self._pool_tasks.__aenter__()
                 self._pool_tasks.start_soon(self.pool.run)
-            elif self.pool.keep:
-                await self.pool.close()  # slots of an earlier run with a pool: nobody refills or claims them now
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -619,6 +619,7 @@ class WorkspaceManager:
                 limits=limits,
                 secrets=secrets or {},
                 pooled=pooled,
+                pool_holder=self.pool.holder if pooled else None,
             )
             runtime.validate(record)
             record = runtime.assign(record, [r for n, r in data.workspaces.items() if n != name])

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .egress import Egress
+from .supervise import ProcessRef
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -299,6 +300,9 @@ class WorkspaceRecord(BaseModel):
     timings: Timings | None = None
     pooled: bool = Field(
         default=False, description="A warm pool's slot, booted and unclaimed: no tool shows or reaches it"
+    )
+    pool_holder: ProcessRef | None = Field(
+        default=None, description="The server process keeping this slot (it refills and, at exit, destroys it)"
     )
 
 

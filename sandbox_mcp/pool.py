@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import agentfiles
+from . import agentfiles, supervise
 from .errors import SandboxError, WorkspaceExists
 from .models import CreateSpec, Limits, Timings, WorkspaceRecord, utcnow
 from .naming import pool_slot_name
@@ -67,6 +67,7 @@ class WarmPool:
     def __init__(self, manager: WorkspaceManager, *, keep: bool) -> None:
         self.manager = manager
         self.keep = keep  # this process refills the pool and destroys its slots at exit
+        self.holder = supervise.identify(os.getpid())  # what its slots record as their keeper
         self._wanted = anyio.Event()
         self.last_error: str | None = None
 
@@ -147,11 +148,13 @@ class WarmPool:
         self.wake()
         return None
 
-    async def _ready_slots(self, runtime: Runtime) -> list[str]:
+    async def _ready_slots(self, runtime: Runtime, *, mine: bool = False) -> list[str]:
+        """Slots ready to claim (anyone's; ``mine``: those this process keeps)."""
         data = await self.manager.registry.read()
         limits = self._default_limits(runtime)
         return sorted(n for n, r in data.workspaces.items()
-                      if r.pooled and r.state == "running" and r.runtime == runtime.name and r.limits == limits)
+                      if r.pooled and r.state == "running" and r.runtime == runtime.name and r.limits == limits
+                      and (not mine or r.pool_holder == self.holder))
 
     async def _take(self, slot: str, spec: CreateSpec, runtime: Runtime,
                     owner_uid: int | None) -> tuple[WorkspaceRecord, bool] | None:
@@ -219,12 +222,11 @@ class WarmPool:
         runtime = self.runtime()
         if not self.keep or runtime is None:
             return
-        await self._drop_stale(runtime)
         pause = 1.0
         while True:
             self._wanted = anyio.Event()
             await self._drop_dead()
-            if self.why_not() is None and len(await self._ready_slots(runtime)) < self.size:
+            if self.why_not() is None and len(await self._ready_slots(runtime, mine=True)) < self.size:
                 try:
                     await self._fill(runtime)
                     pause, self.last_error = 1.0, None
@@ -249,17 +251,35 @@ class WarmPool:
         # now, the claimer's first exec finds it running.
         await m.ssh.exec(m._target(record), "true", timeout_s=30)
 
-    async def _drop_stale(self, runtime: Runtime) -> None:
-        """Slots a killed holder left: keep the running ones of today's spec and image, destroy the rest."""
+    def _orphaned(self, r: WorkspaceRecord) -> bool:
+        """A slot whose keeper is gone (killed, or of before keepers were recorded)."""
+        return r.pooled and r.pool_holder != self.holder and not supervise.alive(r.pool_holder)
+
+    async def take_over(self) -> None:
+        """At the keeper's start: slots a killed keeper left are adopted when they run and are of today's spec
+        and image, destroyed otherwise (all of them when this server keeps no pool). Another live server's
+        slots are its own business."""
+        runtime = self.runtime()
+        limits = self._default_limits(runtime) if runtime is not None else None
         data = await self.manager.registry.read()
-        limits = self._default_limits(runtime)
         for name, r in data.workspaces.items():
-            if not r.pooled:
+            if not self._orphaned(r):
                 continue
-            fresh = r.runtime == runtime.name and r.limits == limits and r.state == "running"
-            if fresh and (await runtime.status(r)).running and runtime.root_base(r) == runtime.default_root_base():
-                continue
-            await self._destroy(name)
+            fresh = runtime is not None and self.size > 0 and r.runtime == runtime.name and r.limits == limits
+            if fresh and r.state == "running" and runtime is not None and (await runtime.status(r)).running and (
+                    runtime.root_base(r) == runtime.default_root_base()):
+                await self._adopt(name)
+            else:
+                await self._destroy(name)
+
+    async def _adopt(self, slot: str) -> None:
+        def adopt() -> None:
+            with self.manager.registry.transaction_sync() as data:
+                r = data.workspaces.get(slot)
+                if r is not None and self._orphaned(r):
+                    data.workspaces[slot] = r.model_copy(update={"pool_holder": self.holder})
+
+        await anyio.to_thread.run_sync(adopt)
 
     async def _drop_dead(self) -> None:
         """Slots found stopped (a reconcile saw them die) or left half-made: nobody will claim them."""
@@ -273,11 +293,12 @@ class WarmPool:
             await self.manager._destroy_slot(slot)
 
     async def close(self) -> None:
-        """The holder destroys its slots (they would idle unseen otherwise); others leave them."""
+        """The keeper destroys its slots (they would idle unseen otherwise), and those a killed keeper left;
+        another live server's stay."""
         if not self.keep:
             return
         data = await self.manager.registry.read()
-        slots = [n for n, r in data.workspaces.items() if r.pooled]
+        slots = [n for n, r in data.workspaces.items() if r.pooled and (r.pool_holder == self.holder or self._orphaned(r))]
         async with anyio.create_task_group() as tg:
             for slot in slots:
                 tg.start_soon(self._destroy, slot)

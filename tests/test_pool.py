@@ -182,3 +182,25 @@ async def test_another_owners_create_gets_the_shares_mapped_for_them(settings: S
             assert "0" in r.stdout.split(), r  # it wrote somewhere: the image's empty dir, if the umount worked
         finally:
             await destroy_all(m)
+
+
+async def test_slots_a_killed_keeper_left_are_adopted_not_booted_again(settings: Settings) -> None:
+    """A slot whose keeper process is gone (its registry entry names a dead PID) is adopted by the next
+    keeper when it still runs and fits; while its keeper lives, another server leaves it alone."""
+    from sandbox_mcp.supervise import ProcessRef
+
+    s = settings.model_copy(update={"pool_size": 1})
+    async with WorkspaceManager(s) as first:
+        [slot] = await ready_slots(first, 1)
+        async with WorkspaceManager(s, keep_pool=False) as bystander:  # keeps no pool: touches no slot
+            assert (await bystander.registry.get(slot.name)).pool_holder == first.pool.holder
+        with first.registry.transaction_sync() as data:  # as if its keeper had been killed
+            data.workspaces[slot.name] = data.workspaces[slot.name].model_copy(
+                update={"pool_holder": ProcessRef(pid=2**22 + 1, start_time=1)})
+        async with WorkspaceManager(s) as second:
+            adopted = await second.registry.get(slot.name)
+            assert adopted.pooled and adopted.pool_holder == second.pool.holder, adopted
+            assert adopted.ip == slot.ip and (await second.runtime_of(adopted).status(adopted)).running
+            ws = await second.create(CreateSpec(name="adoptee"))
+            assert ws.timings is not None and ws.timings.from_pool and ws.ip == slot.ip
+            await second.destroy("adoptee")
