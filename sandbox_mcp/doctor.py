@@ -106,7 +106,7 @@ def host_disk_check(settings: Settings, unavailable: str | None) -> Check:
 
 
 def pool_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check:
-    """The warm pool (:mod:`sandbox_mcp.pool`): its size, the slots ready now, or why there is none."""
+    """The warm pool (:mod:`sandbox_mcp.manager.pool`): its size, the slots ready now, or why there is none."""
     size = settings.pool_size
     keeper = next((r for r in runtimes.values() if "container" in r.types and r.has_pool), None)
     fix = ("set SANDBOX_MCP_POOL_SIZE (e.g. 2) for the server (serve, the daemon): a create of the default spec then "

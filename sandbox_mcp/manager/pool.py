@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import agentfiles, supervise
-from .errors import SandboxError, WorkspaceExists
-from .models import CreateSpec, Limits, Timings, WorkspaceRecord, utcnow
-from .naming import pool_slot_name
-from .progress import Progress, no_progress
-from .runtimes.base import Runtime
+from .. import agentfiles, supervise
+from ..errors import SandboxError, WorkspaceExists
+from ..models import CreateSpec, Limits, Timings, WorkspaceRecord, utcnow
+from ..naming import pool_slot_name
+from ..progress import Progress, no_progress
+from ..runtimes.base import Runtime
 
 if TYPE_CHECKING:
-    from .manager import WorkspaceManager
+    from . import WorkspaceManager
 
 __all__ = ["PoolStatus", "WarmPool"]
 
