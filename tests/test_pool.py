@@ -72,6 +72,7 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
             assert ws.ssh.host_key_fingerprint == slot.host_key_fingerprint != ""
             assert ws.host_workspace_dir == str(s.state_dir / "claimed" / "workspace")
             assert not (s.state_dir / slot.name).exists(), "the slot's dir became the workspace's"
+            assert not (s.state_dir / ".locks" / f"{slot.name}.lock").exists(), "no lock file of the slot stays"
 
             r = await m.exec("claimed", "hostname; grep -c claimed /etc/hosts; pwd; echo hi > made-inside; id -un")
             assert r.exit_code == 0, r.stderr
