@@ -616,7 +616,11 @@ class _Proc:
         return start, end, runs
 
     def wait_change(self, written, deadline):
-        """Block until output past ``written`` or the end, or ``deadline`` (time.monotonic)."""
+        """Block until output past ``written`` or the end, or ``deadline`` (time.monotonic).
+
+        Returns why: "seen" (the change was there after connecting), "poked" (the supervisor
+        woke us), "polled" (no socket, or the supervisor had too many waiters) or "deadline".
+        """
         sock = None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -628,19 +632,23 @@ class _Proc:
         try:
             # Checked after connecting: what happened before it is seen here, what after wakes us.
             if self.header()[0] != written or self.exit() is not None or not self.supervisor_alive():
-                return
+                return "seen"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                return "deadline"
             if sock is None:
                 time.sleep(min(0.1, remaining))  # no socket (a long path): poll
-            elif select.select([sock], [], [], remaining)[0]:
-                try:
-                    poked = sock.recv(1) == b"!"
-                except OSError:  # reset: the supervisor ended with us still in its backlog
-                    poked = True
-                if not poked:  # closed unpoked: the supervisor has too many waiters; poll
-                    time.sleep(min(0.1, remaining))
+                return "polled"
+            if not select.select([sock], [], [], remaining)[0]:
+                return "deadline"
+            try:
+                poked = sock.recv(1) == b"!"
+            except OSError:  # reset: the supervisor ended with us still in its backlog
+                poked = True
+            if not poked:  # closed unpoked: the supervisor has too many waiters; poll
+                time.sleep(min(0.1, remaining))
+                return "polled"
+            return "poked"
         finally:
             if sock is not None:
                 sock.close()
@@ -1008,6 +1016,7 @@ def supervise(d, report_fd):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(sock_path)
         listener.listen(_WAITERS_MAX)
+        listener.setblocking(False)  # notify() takes what is queued without waiting for more
     started_at = time.time()
     _write_json(os.path.join(d, "state.json"), {
         "process_id": spec["process_id"], "command": spec["command"], "pid": child.pid,
@@ -1020,7 +1029,24 @@ def supervise(d, report_fd):
     waiters = []
     ended = False
 
+    def accept(limit):
+        """Take every queued waiter; beyond ``limit`` held, one is closed unpoked (it polls instead)."""
+        while listener is not None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # nothing queued (BlockingIOError), or an aborted connect
+                return
+            if len(waiters) >= limit:
+                conn.close()
+            else:
+                waiters.append(conn)
+
     def notify():
+        # A waiter connects, then checks the ring's header; one that connected before this change
+        # reached the header (or exit.json) may still sit in the listener's queue, because select
+        # returned with the output before it connected. It is poked too: every connection made
+        # before the change is queued by now, and one made after it sees the change itself.
+        accept(float("inf"))
         for w in waiters:
             try:
                 w.send(b"!")
@@ -1035,11 +1061,7 @@ def supervise(d, report_fd):
         changed = False
         for r in ready:
             if r is listener:
-                conn, _ = listener.accept()
-                if len(waiters) >= _WAITERS_MAX:
-                    conn.close()  # the reader falls back to waiting out its timeout
-                else:
-                    waiters.append(conn)
+                accept(_WAITERS_MAX)
             elif r == wake_r:
                 try:
                     os.read(wake_r, 512)
@@ -1074,13 +1096,13 @@ def supervise(d, report_fd):
                 _write_json(os.path.join(d, "exit.json"), {"exit": code, "signal": sig, "ended_at": time.time()})
         if changed:
             notify()
+    notify()  # the queued waiters too; one that connects after this finds exit.json
     if listener is not None:
         listener.close()
         try:
             os.unlink(sock_path)
         except OSError:
             pass
-    notify()
 
 
 def _cancel(rid):
