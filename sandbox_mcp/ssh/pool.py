@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 import asyncssh
 
-from ..errors import InvalidSpec, SSHError
+from ..errors import InvalidSpec, LimitExceeded, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
 from . import files
@@ -43,12 +43,15 @@ from .errors import (
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
 from .stream import StreamBlock, pool_stream
 
-__all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
+__all__ = ["DEFAULT_MAX_EXECS", "DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
 T = TypeVar("T")
 
 # sshd's default MaxSessions is 10 per connection; keep one for SFTP and room for kill channels.
 DEFAULT_MAX_SESSIONS = 7
+# Commands one workspace runs at once through its exec agent (a process and an agent thread each);
+# more wait their turn, in order, within their own timeout. Other workspaces' calls never wait on them.
+DEFAULT_MAX_EXECS = 64
 # One SFTP request (a read of up to 4 MiB, a write of up to the write limit) on a live workspace
 # takes well under a second; this only catches an sftp-server that blocks (a FIFO swapped in after
 # the type check, a hung mount).
@@ -63,6 +66,7 @@ class _Entry:
     target: SSHTarget
     conn: asyncssh.SSHClientConnection
     sessions: anyio.Semaphore
+    execs: anyio.Semaphore  # the agent's commands running at once
     sftp: asyncssh.SFTPClient | None = None
     sftp_lock: anyio.Lock = field(default_factory=anyio.Lock)
     agent: AgentSession | None = None
@@ -78,7 +82,8 @@ class SSHPool:
 
     ``agent_path`` is where the exec agent is installed inside workspaces (image recipes put it
     at :data:`~sandbox_mcp.ssh.EXEC_AGENT_PATH`); ``exec_agent=False`` always uses a session per
-    command. All methods are coroutines for the asyncio backend (asyncssh is asyncio-only).
+    command (at most ``max_sessions`` at once per workspace). Through the agent, one workspace runs
+    at most ``max_execs`` commands at once. All methods are coroutines for the asyncio backend (asyncssh is asyncio-only).
 
     Raises:
         InvalidSpec: ``agent_path`` is not a plain absolute path.
@@ -90,6 +95,7 @@ class SSHPool:
         connect_timeout_s: float = 15.0,
         keepalive_interval_s: float = 15.0,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_execs: int = DEFAULT_MAX_EXECS,
         exec_agent: bool = True,
         agent_path: str = EXEC_AGENT_PATH,
         sftp_timeout_s: float = SFTP_TIMEOUT_S,
@@ -99,6 +105,7 @@ class SSHPool:
         self._agent_command = agent_command(agent_path)
         self._keepalive_interval_s = keepalive_interval_s
         self._max_sessions = max_sessions
+        self._max_execs = max_execs
         self._sftp_timeout_s = sftp_timeout_s
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -116,7 +123,7 @@ class SSHPool:
         conn = await open_connection(
             target, tcp_timeout_s=tcp_timeout_s, timeout_s=timeout_s, keepalive_interval_s=self._keepalive_interval_s
         )
-        return _Entry(target, conn, anyio.Semaphore(self._max_sessions))
+        return _Entry(target, conn, anyio.Semaphore(self._max_sessions), anyio.Semaphore(self._max_execs))
 
     def _install(self, entry: _Entry) -> None:
         old = self._entries.get(entry.target.key)
@@ -212,6 +219,7 @@ class SSHPool:
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
+            LimitExceeded: the workspace ran ``max_execs`` commands for all of ``timeout_s`` (agent only).
             SSHError: the workspace cannot be reached, the connection broke while the command ran
                 (whether it completed is then unknown), or the workspace's exec agent broke the
                 protocol (the connection is then dropped).
@@ -226,7 +234,8 @@ class SSHPool:
                 save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
                 request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
-                    return await run_agent_command(agent, request, timeout_s, on_output)
+                    async with self._exec_slot(entry, timeout_s):
+                        return await run_agent_command(agent, request, timeout_s, on_output)
                 except NotStarted as exc:
                     # The connection died before the command started (the agent kills what it
                     # started when its channel closes, so nothing runs twice). Replace it, once.
@@ -261,6 +270,28 @@ class SSHPool:
                     self._discard(entry)
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _exec_slot(self, entry: _Entry, timeout_s: float) -> AsyncIterator[None]:
+        """One of the workspace's ``max_execs`` places for a running command, waited for (in order) at most
+        ``timeout_s``. The wait happens before the request is sent: a call cancelled meanwhile runs nothing.
+
+        Raises:
+            LimitExceeded: no place came free within ``timeout_s``.
+        """
+        acquired = False
+        with anyio.move_on_after(timeout_s):
+            await entry.execs.acquire()
+            acquired = True
+        if not acquired:
+            raise LimitExceeded(
+                f"workspace {entry.target.key!r} already runs {self._max_execs} commands at once and none ended "
+                f"within this call's timeout_s ({timeout_s:g} s); wait for them, or run long work with start_process"
+            )
+        try:
+            yield
+        finally:
+            entry.execs.release()
 
     def stream(self, target: SSHTarget, command: str, **kw: Any) -> StreamBlock:
         """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
