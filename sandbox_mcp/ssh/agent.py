@@ -13,7 +13,8 @@ import binascii
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 import anyio
@@ -21,6 +22,7 @@ import asyncssh
 
 from .. import budget
 from ..coalesce import Coalescer
+from ..errors import LimitExceeded
 from ..models import ExecResult
 from .commands import CLIENT_GRACE_S, DETACHED_NOTE, signal_note
 from .lines import LineBuffer, LineTooLong
@@ -32,6 +34,7 @@ __all__ = [
     "AgentOutdated",
     "AgentSession",
     "NotStarted",
+    "exec_slot",
     "reply_limit",
     "run_agent_command",
     "run_agent_op",
@@ -295,6 +298,29 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, 
     result.set_saved({s: p for s, p in (("stdout", out.path), ("stderr", err.path)) if p})
     result.set_splits({"stdout": out.split, "stderr": err.split})
     return result
+
+
+@asynccontextmanager
+async def exec_slot(slots: anyio.Semaphore, bound: int, key: str, timeout_s: float) -> AsyncIterator[None]:
+    """One of workspace ``key``'s ``bound`` places for a running command (``slots``), waited for in order
+    for at most ``timeout_s``; before the request is sent, so a call cancelled meanwhile runs nothing.
+
+    Raises:
+        LimitExceeded: no place came free within ``timeout_s``.
+    """
+    acquired = False
+    with anyio.move_on_after(timeout_s):
+        await slots.acquire()
+        acquired = True
+    if not acquired:
+        raise LimitExceeded(
+            f"workspace {key!r} already runs {bound} commands at once and none ended within this call's "
+            f"timeout_s ({timeout_s:g} s); wait for them, or run long work with start_process"
+        )
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 async def run_agent_command(

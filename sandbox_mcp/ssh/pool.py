@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 import asyncssh
 
-from ..errors import InvalidSpec, LimitExceeded, SSHError
+from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
 from . import files
-from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
+from .agent import AgentFault, AgentGone, AgentSession, NotStarted, exec_slot, run_agent_command, start_agent
 from .commands import (
     EXEC_AGENT_PATH,
     SSHTarget,
@@ -234,7 +234,7 @@ class SSHPool:
                 save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
                 request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
-                    async with self._exec_slot(entry, timeout_s):
+                    async with exec_slot(entry.execs, self._max_execs, target.key, timeout_s):
                         return await run_agent_command(agent, request, timeout_s, on_output)
                 except NotStarted as exc:
                     # The connection died before the command started (the agent kills what it
@@ -270,28 +270,6 @@ class SSHPool:
                     self._discard(entry)
                     raise lost_error(target, "exec (the command's outcome is unknown)", exc) from exc
         raise AssertionError("unreachable")
-
-    @contextlib.asynccontextmanager
-    async def _exec_slot(self, entry: _Entry, timeout_s: float) -> AsyncIterator[None]:
-        """One of the workspace's ``max_execs`` places for a running command, waited for (in order) at most
-        ``timeout_s``. The wait happens before the request is sent: a call cancelled meanwhile runs nothing.
-
-        Raises:
-            LimitExceeded: no place came free within ``timeout_s``.
-        """
-        acquired = False
-        with anyio.move_on_after(timeout_s):
-            await entry.execs.acquire()
-            acquired = True
-        if not acquired:
-            raise LimitExceeded(
-                f"workspace {entry.target.key!r} already runs {self._max_execs} commands at once and none ended "
-                f"within this call's timeout_s ({timeout_s:g} s); wait for them, or run long work with start_process"
-            )
-        try:
-            yield
-        finally:
-            entry.execs.release()
 
     def stream(self, target: SSHTarget, command: str, **kw: Any) -> StreamBlock:
         """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
