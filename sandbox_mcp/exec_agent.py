@@ -13,7 +13,8 @@ Protocol (one JSON object per line, both ways; bytes as base64):
      "save": {"dir": "/abs", "name": "ID", "max": N, "keep": 8, "over": N}}
   → {"cancel": 1}                    (kills the command; one not started yet never starts)
   ← {"ready": 1}                     (once, at start)
-  ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
+  ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice; left out
+                                      when the reply goes out in the same write, see _send)
   ← {"id": 1, "exit": 0 | null, "signal": "TERM" | null, "stdout": "b64", "stderr": "b64",
      "truncated": false, "timed_out": false, "detached": false, "cancelled": false}
      with "tail" in the request, per stream also: "stdout_tail": "b64", "stdout_total": N,
