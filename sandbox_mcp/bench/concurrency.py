@@ -179,9 +179,9 @@ async def run_concurrency(
                                           "stdio": _mcp_call(stdio)}  # fmt: skip
                 for call in paths.values():  # connections, agents, imports: warm before timing
                     await _round(call, names, len(names))
-                layout = CgroupHost(group_for(settings.state_dir)).layout
-                cpu = _Cpu(_serve_child(), [layout.workspace_dirs(n)["unified"] / "cpu.stat" for n in names
-                                            if layout.unified is not None])  # fmt: skip
+                cg = CgroupHost(group_for(settings.state_dir))
+                cpu = _Cpu(_serve_child(), [cg.layout.workspace_dirs(n, cg.group)["unified"] / "cpu.stat"
+                                            for n in names if cg.layout.unified is not None])  # fmt: skip
                 walls: dict[str, list[float]] = {k: [] for k in paths}
                 lat: dict[str, list[float]] = {k: [] for k in paths}
                 used: dict[str, list[float | None]] = {k: [0.0, 0.0, 0.0] for k in paths}
