@@ -308,10 +308,14 @@ async def exec_slot(slots: anyio.Semaphore, bound: int, key: str, timeout_s: flo
     Raises:
         LimitExceeded: no place came free within ``timeout_s``.
     """
-    acquired = False
-    with anyio.move_on_after(timeout_s):
-        await slots.acquire()
+    try:
+        slots.acquire_nowait()  # the usual case, without a timer
         acquired = True
+    except anyio.WouldBlock:
+        acquired = False
+        with anyio.move_on_after(timeout_s):
+            await slots.acquire()
+            acquired = True
     if not acquired:
         raise LimitExceeded(
             f"workspace {key!r} already runs {bound} commands at once and none ended within this call's "
