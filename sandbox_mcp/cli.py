@@ -673,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--secrets", choices=("also", "only", "no"), default="also",
                    help="the secrets proxy's added latency and throughput against direct HTTPS (on loopback)")
     s.add_argument("--secrets-requests", type=int, default=300, help="small requests each way (secrets section)")
+    s.add_argument("--pool", choices=("also", "only", "no"), default="also",
+                   help="the warm pool: create -> first exec claiming a booted slot against the cold path and a "
+                   "bare boot, the refill time and a slot's memory")
+    s.add_argument("--pool-creates", type=int, default=20, help="creates from the pool (pool section)")
+    s.add_argument("--pool-size", type=int, default=2, help="pool_size of the pool section's server")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("install-claude", help="register the server with Claude Code and install the skills")

@@ -137,6 +137,12 @@ class Settings(BaseModel):
         default=600, gt=0, description="How long one clone into, or fetch from, a workspace may take, seconds"
     )
     boot_timeout_s: float = Field(default=90, gt=0, description="How long to wait for SSH after boot")
+    pool_size: int = Field(
+        default=0, ge=0, le=32,
+        description="Warm pool: booted, unclaimed containers of the default spec that a long-running server (serve, "
+        "the daemon) keeps ready, so a create_workspace of that spec is a claim of tens of ms, not a boot. Each one "
+        "costs an idle container's memory (about 16 MiB). 0 (the default) keeps none",
+    )
     stop_timeout_s: float = Field(
         default=3,
         gt=0,

@@ -6,15 +6,21 @@ import grp
 import os
 import pwd
 import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import diskimage
 from .checks import which_check
 from .config import Settings
 from .errors import SandboxError
 from .models import Check
+from .registry import Registry
 
-__all__ = ["Check", "daemon_checks", "run_checks", "serve_check", "which_check"]
+if TYPE_CHECKING:
+    from .runtimes import Runtime
+
+__all__ = ["Check", "daemon_checks", "pool_check", "run_checks", "serve_check", "which_check"]
 
 
 def serve_check(settings: Settings) -> Check:
@@ -99,6 +105,27 @@ def host_disk_check(settings: Settings, unavailable: str | None) -> Check:
     )  # fmt: skip
 
 
+def pool_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check:
+    """The warm pool (:mod:`sandbox_mcp.manager.pool`): its size, the slots ready now, or why there is none."""
+    size = settings.pool_size
+    keeper = next((r for r in runtimes.values() if "container" in r.types and r.has_pool), None)
+    fix = ("set SANDBOX_MCP_POOL_SIZE (e.g. 2) for the server (serve, the daemon): a create of the default spec then "
+           "claims a booted container in about 10 ms instead of booting one; each slot costs an idle container's "
+           "memory (about 16 MiB)")
+    if size == 0 or keeper is None or settings.host_disk_mib is not None:
+        why = ("pool_size is 0" if size == 0 else "host_disk_mib is set" if keeper is not None
+               else "this mode's containers cannot be pooled")  # fmt: skip
+        return Check(name="warm pool", ok=False, required=False, detail=f"{why}: every create boots", fix=fix)
+    try:
+        records = Registry(settings.registry_path).read_sync().workspaces.values()
+    except SandboxError as exc:
+        return Check(name="warm pool", ok=False, required=False, detail=f"the registry cannot be read: {exc}", fix=fix)
+    ready = sum(1 for r in records if r.pooled and r.state == "running")
+    return Check(name="warm pool", ok=True, required=False,
+                 detail=f"{ready} of {size} slots ready now ({keeper.name}; the running server refills them); a "
+                 "create that claimed one says timings.from_pool")
+
+
 def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
     """Check what this host needs: the general prerequisites, then each runtime's own. Pure reads."""
     from .runtimes import RuntimeContext, build_runtimes, resolve_mode
@@ -176,6 +203,7 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
         runtimes = {}
     for runtime in runtimes.values():
         checks.extend(runtime.checks())
+    checks.append(pool_check(settings, runtimes))
     checks.append(which_check("ssh", "openssh-client", "only for 'sandbox-mcp ssh' and the benchmark",
                               name="ssh client", required=False))
     return checks

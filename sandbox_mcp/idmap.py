@@ -46,6 +46,7 @@ __all__ = [
     "detached_idmapped_tree",
     "format_map",
     "idmapped_mount",
+    "move_tree",
     "root_map",
     "share_map",
     "userns_with_map",
@@ -203,6 +204,17 @@ def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid
         os.close(nsfd)
 
 
+def move_tree(fd: int, target: Path) -> None:
+    """Attach the detached mount ``fd`` (:func:`detached_idmapped_tree`) at ``target`` in the caller's mount
+    namespace (the calling thread's, when it joined another).
+
+    Raises:
+        BackendError: the kernel refused.
+    """
+    if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH):
+        raise _syscall_fail("move_mount", target)
+
+
 def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0,
                    gid_map: IdMap | None = None) -> None:
     """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied (gids:
@@ -215,7 +227,6 @@ def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 
     """
     fd = detached_idmapped_tree(source, idmap, extra_attrs, gid_map)
     try:
-        if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH):
-            raise _syscall_fail("move_mount", target)
+        move_tree(fd, target)
     finally:
         os.close(fd)

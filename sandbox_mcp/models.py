@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .egress import Egress
+from .supervise import ProcessRef
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -230,6 +231,10 @@ class Timings(BaseModel):
     boot_s: float | None = Field(default=None, description="From launching the runtime until it runs")
     ssh_s: float | None = Field(default=None, description="Until SSH answered with the pinned key")
     total_s: float | None = None
+    from_pool: bool = Field(
+        default=False, description="The create claimed a booted workspace from the warm pool (pool_size) "
+        "instead of booting one"
+    )
 
 
 class PublishedPort(BaseModel):
@@ -293,6 +298,12 @@ class WorkspaceRecord(BaseModel):
     started_at: datetime | None = None
     last_error: str | None = None
     timings: Timings | None = None
+    pooled: bool = Field(
+        default=False, description="A warm pool's slot, booted and unclaimed: no tool shows or reaches it"
+    )
+    pool_holder: ProcessRef | None = Field(
+        default=None, description="The server process keeping this slot (it refills and, at exit, destroys it)"
+    )
 
 
 class Workspace(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 
 from .errors import Conflict, InvalidSpec, clip_repr
@@ -30,8 +31,11 @@ __all__ = [
     "check_identity_collisions",
     "cid_for",
     "mac_for",
+    "is_pool_slot",
     "netns_name",
+    "pool_slot_name",
     "tap_name",
+    "validate_ident",
     "validate_ip",
     "validate_name",
     "validate_packages",
@@ -83,6 +87,33 @@ def validate_name(name: str) -> str:
     if name.endswith("-"):
         raise InvalidSpec(f"workspace name {name!r} must not end with '-'")
     return name
+
+
+_SLOT_RE = re.compile(r"^0p[0-9a-f]{8}$")
+
+
+def pool_slot_name() -> str:
+    """A fresh name for a warm pool's slot: ``0p`` and 8 hex digits.
+
+    It starts with a digit, which :func:`validate_name` refuses, so no workspace a user names
+    can ever take a slot's machine name, veth or cgroup, before or after the slot is claimed.
+    """
+    return "0p" + secrets.token_hex(4)
+
+
+def is_pool_slot(name: str) -> bool:
+    """Whether ``name`` is one :func:`pool_slot_name` makes."""
+    return bool(_SLOT_RE.fullmatch(name))
+
+
+def validate_ident(name: str) -> str:
+    """Check a name host-side parts are made from (veth, netns, cgroup, scope): a workspace's
+    (:func:`validate_name`) or a warm pool slot's (:func:`pool_slot_name`).
+
+    Raises:
+        InvalidSpec: it is neither.
+    """
+    return name if isinstance(name, str) and is_pool_slot(name) else validate_name(name)
 
 
 def validate_packages(packages: Iterable[str], flavour: str = "debian") -> list[str]:

@@ -23,10 +23,12 @@ def owned(record: WorkspaceRecord, owner_uid: int | None) -> WorkspaceRecord:
     The manager checks the record it acts on, under the workspace's lock where the operation takes
     it, so a workspace destroyed and re-created by another user in between is never acted on.
 
+    A warm pool's unclaimed slot is nobody's workspace: no one may see it.
+
     Raises:
-        WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one).
+        WorkspaceNotFound: it belongs to another user (indistinguishable from a missing one), or is a pool slot.
     """
-    if owner_uid is not None and record.owner_uid != owner_uid:
+    if record.pooled or (owner_uid is not None and record.owner_uid != owner_uid):
         raise WorkspaceNotFound(record.name)
     return record
 

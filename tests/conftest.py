@@ -77,7 +77,9 @@ async def destroy_all(m: object) -> None:
     from sandbox_mcp.manager import WorkspaceManager
 
     assert isinstance(m, WorkspaceManager)
-    for ws in (await m.registry.read()).workspaces:
+    for ws, record in (await m.registry.read()).workspaces.items():
+        if record.pooled:  # a warm pool's slot: its manager destroys it on exit
+            continue
         try:
             await m.destroy(ws)
         except Exception as exc:  # keep cleaning the others

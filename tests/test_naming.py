@@ -12,8 +12,11 @@ from sandbox_mcp.naming import (
     allocate_ip,
     check_identity_collisions,
     cid_for,
+    is_pool_slot,
     mac_for,
+    pool_slot_name,
     tap_name,
+    validate_ident,
     validate_name,
     validate_packages,
     veth_names,
@@ -148,3 +151,18 @@ def test_no_validator_accepts_a_trailing_newline() -> None:
         build_exec_command("true", cwd="/", env={"PATH\n": "x"}, timeout_s=1)
     with pytest.raises(InvalidSpec):
         agent_command("/usr/lib/agent.py\n")
+
+
+def test_pool_slot_names_are_unique_and_no_user_can_give_one() -> None:
+    slots = {pool_slot_name() for _ in range(200)}
+    assert len(slots) == 200
+    for slot in slots:
+        assert is_pool_slot(slot) and validate_ident(slot) == slot
+        with pytest.raises(InvalidSpec):
+            validate_name(slot)  # so a user's workspace never takes a slot's veth, machine or cgroup name
+        assert len(veth_names(slot)[0]) <= 15
+    assert validate_ident("web-2") == "web-2"
+    for bad in ("0p1234567", "0p123456789", "0P12345678", "0p1234567g", "../0p12345678", "0p12345678\n"):
+        assert not is_pool_slot(bad)
+        with pytest.raises(InvalidSpec):
+            validate_ident(bad)

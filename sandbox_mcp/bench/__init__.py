@@ -28,6 +28,8 @@
 - capacity (:mod:`.capacity`): how many containers start at once (a ramp up to
   ``--parallel-max``) and MiB of host memory per idle one, unprivileged and, where allowed,
   privileged (``--capacity only|no``).
+- the warm pool (:mod:`.pool`): create → first exec claiming a booted slot, against the cold path and a bare
+  boot, the refill's time and a slot's memory (``--pool only|no``, ``--pool-creates``, ``--pool-size``);
 - the secrets proxy (:mod:`.secrets`): a small request's latency and a download's throughput through
   the proxy against the same requests straight to a stand-in HTTPS service, on loopback
   (``--secrets only|no``, ``--secrets-requests``).
@@ -177,6 +179,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     secrets_mode = getattr(args, "secrets", "no")
     if secrets_mode == "only":
         return _secrets(args)
+    pool_mode = getattr(args, "pool", "no")
+    if pool_mode == "only":
+        return await _pool(bench_settings, args, state)
     try:
         async with Client(build_server(bench_settings)) as client:
 
@@ -278,6 +283,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await _egress(bench_settings, args)
     if secrets_mode == "also":
         _secrets(args)
+    if pool_mode == "also":
+        await _pool(bench_settings, args, state)
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
@@ -286,8 +293,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _file_figures(call: Any, ssh_argv: list[str], name: str, mib: int) -> dict[str, float]:
-    """Write and read back ``mib`` MiB through the file tools (write_file in chunks under its payload cap,
-    read_file in 4 MiB pages) and through ``ssh cat``; seconds of each, and the ratios.
+    """Write and read back ``mib`` MiB through the file tools (write_file in chunks under its payload cap;
+    read_file asked for 4 MiB at a time, of which each call returns what fits one result, RESULT_BUDGET_BYTES:
+    tens of KB of base64, so thousands of calls for a large file: large files belong to `sandbox-mcp ssh`
+    or scp) and through ``ssh cat``; seconds of each, and the ratios.
 
     Raises:
         RuntimeError: a tool failed (a file-size bound in the workspace fails here), or what came back differs.
@@ -408,6 +417,16 @@ async def _capacity(settings: Settings, parallel_max: int, state: Path) -> int:
     async with _own_state(settings, state):
         results = await run_capacity(settings, parallel_max)
     return _report(format_capacity(results), results)
+
+
+async def _pool(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The warm pool section (:mod:`.pool`) in its own state dirs; the bridge removed after."""
+    from .pool import format_pool, run_pool
+
+    async with _own_state(settings, state):
+        results = await run_pool(settings, state, max(1, getattr(args, "pool_creates", 20)),
+                                 max(1, getattr(args, "pool_size", 2)), max(1, args.runs), _bare_boot)
+    return _report(format_pool(results), results)
 
 
 def _secrets(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import BackendError, InvalidSpec
 from ..models import Limits
-from ..naming import validate_name
+from ..naming import validate_ident
 
 __all__ = [
     "CONTROLLERS",
@@ -87,7 +87,7 @@ class CgroupLayout:
         Raises:
             InvalidSpec: ``name`` is not a valid workspace name.
         """
-        validate_name(name)
+        validate_ident(name)
         out: dict[str, Path] = {}
         if self.unified is not None:
             out["unified"] = self.unified / group / name
@@ -99,7 +99,7 @@ class CgroupLayout:
 
     def mirror_dir(self, name: str, group: str = _GROUP) -> Path | None:
         """Where nspawn mirrors workspace ``name``'s cgroup in the v1 ``name=systemd`` hierarchy, if mounted."""
-        validate_name(name)
+        validate_ident(name)
         if _SYSTEMD_NAMED not in self.v1:
             return None
         mount, own = self.v1[_SYSTEMD_NAMED]

@@ -55,7 +55,7 @@ from ..config import Settings
 from ..egress import domains_of
 from ..errors import BackendError, Conflict, InvalidSpec, SandboxError
 from ..fsutil import async_file_lock
-from ..naming import mac_for, netns_name, tap_name, validate_ip, validate_name, veth_names
+from ..naming import mac_for, netns_name, tap_name, validate_ident, validate_ip, veth_names
 from . import egress_sets, firewall, hostsfile
 from .resolver_service import ResolverService
 
@@ -382,7 +382,7 @@ class HostNetwork:
                 to remove, or the bridge conflicts (see :meth:`ensure_bridge`).
             BackendError: netlink or the namespace mount failed.
         """
-        validate_name(name)
+        validate_ident(name)
         address = validate_ip(ip, self.settings.subnet)
         mac = _validate_mac(mac)
         host_if, ws_if = veth_names(name)
@@ -443,7 +443,7 @@ class HostNetwork:
             InvalidSpec: ``name`` is malformed.
             BackendError: netlink refused the deletion, or the namespace could not be unmounted.
         """
-        validate_name(name)
+        validate_ident(name)
         with anyio.CancelScope(shield=True):  # half a teardown is worse than a late one
             async with _iproute() as ipr:
                 await self._teardown(ipr, name)
@@ -466,7 +466,7 @@ class HostNetwork:
             Conflict: ``vm-NAME`` exists and is not a TAP, or the bridge conflicts.
             BackendError: netlink or /dev/net/tun refused.
         """
-        validate_name(name)
+        validate_ident(name)
         tap = tap_name(name)
         async with _iproute() as ipr:
             with anyio.CancelScope(shield=True):
@@ -493,7 +493,7 @@ class HostNetwork:
             InvalidSpec: ``name`` is malformed.
             BackendError: the TAP is missing or the kernel refused.
         """
-        validate_name(name)
+        validate_ident(name)
         tap = tap_name(name)
         try:
             socket.if_nametoindex(tap)  # TUNSETIFF would make a missing one: a TAP on no bridge
@@ -518,7 +518,7 @@ class HostNetwork:
             InvalidSpec: ``name`` is malformed.
             BackendError: netlink refused the deletion.
         """
-        validate_name(name)
+        validate_ident(name)
         with anyio.CancelScope(shield=True):
             async with _iproute() as ipr:
                 await self._teardown_tap(ipr, name)
@@ -658,7 +658,7 @@ def _workspace_of(name: str, derive: Callable[[str], str]) -> str | None:
         return None
     candidate = name[len(prefix) :]
     try:
-        validate_name(candidate)
+        validate_ident(candidate)
     except InvalidSpec:
         return None
     return candidate if derive(candidate) == name else None

@@ -195,6 +195,8 @@ class Runtime(ABC):
     has_snapshots: ClassVar[bool] = False
     # Whether a snapshot can keep the running state too (prepare_memory, save_memory, release_memory).
     has_memory_snapshots: ClassVar[bool] = False
+    # Whether a running workspace can be renamed and handed over (a warm pool's claim: slot_claimed, claim).
+    has_pool: ClassVar[bool] = False
 
     def __init__(self, ctx: RuntimeContext) -> None:
         """Raises: InvalidSpec: its settings section does not validate (the message names section, field)."""
@@ -401,6 +403,25 @@ class Runtime(ABC):
             BackendError: the firewall or the resolver refused.
         """
         raise self._cannot("change the network policy of a running workspace")
+
+    def default_root_base(self) -> str | None:
+        """What a new workspace of the default spec would boot over today (see :meth:`root_base`): a pool slot
+        over anything else is stale."""
+        return None
+
+    def slot_claimed(self, record: WorkspaceRecord, slot: str) -> WorkspaceRecord:
+        """``record``, a running pool slot just renamed from ``slot`` to its workspace's name, keeping the
+        host-side names its parts were made with. Called in the registry transaction of the claim."""
+        raise self._cannot("keep a warm pool")
+
+    async def claim(self, record: WorkspaceRecord, *, remap_shares: bool = False) -> None:
+        """Give the running, renamed ``record`` its name inside (host name, /etc/hosts); with ``remap_shares``,
+        mount its shared directories anew for the identity that owns them now (another owner's).
+
+        Raises:
+            BackendError: the slot is gone or the kernel refused; the manager destroys it and boots instead.
+        """
+        raise self._cannot("keep a warm pool")
 
     async def prepare_memory(self, record: WorkspaceRecord, guest: GuestExec) -> Any:
         """Ready the running workspace for :meth:`save_memory`; returns what :meth:`release_memory` needs.

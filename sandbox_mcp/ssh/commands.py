@@ -84,6 +84,11 @@ class SSHTarget:
         if not 0 < self.port < 65536:
             raise InvalidSpec(f"port out of range: {self.port}")
 
+    def same_sshd(self, other: SSHTarget) -> bool:
+        """The same sshd, user and pinned host key (a fingerprint, not empty), whatever the key's path or name."""
+        return bool(self.host_key_fingerprint) and (self.host, self.port, self.user, self.host_key_fingerprint) == (
+            other.host, other.port, other.user, other.host_key_fingerprint)
+
     @property
     def where(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"

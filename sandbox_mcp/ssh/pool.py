@@ -176,6 +176,17 @@ class SSHPool:
 
         await poll_until_connected(target, timeout_s, attempt, progress)
 
+    def rekey(self, old_key: str, target: SSHTarget) -> bool:
+        """Keep ``old_key``'s connection for ``target`` if :meth:`SSHTarget.same_sshd` (a claimed pool slot)."""
+        entry = self._entries.pop(old_key, None)
+        if entry is not None and entry.alive() and entry.target.same_sshd(target):
+            entry.target = target
+            self._install(entry)
+            return True
+        if entry is not None:
+            entry.conn.close()
+        return False
+
     async def drop(self, key: str) -> None:
         """Close and forget the pooled connection of ``key`` (when its workspace stops). Never raises."""
         entry = self._entries.pop(key, None)

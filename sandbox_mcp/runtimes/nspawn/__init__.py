@@ -47,7 +47,7 @@ from ..base import (
     log_tail_lines,
     resolv_conf,
 )
-from . import rootfs, scopes
+from . import handover, rootfs, scopes
 from .rootfs import RootMounts
 from .settings import NspawnSettings
 
@@ -78,13 +78,18 @@ def nspawn_argv(
     uid_base: int | None = None,
     mounts: RootMounts | None = None,
     tag: str,
+    hostname: str | None = None,
+    shares: bool = True,
 ) -> list[str]:
-    """The exact systemd-nspawn command that boots workspace ``name``.
+    """The exact systemd-nspawn command that boots workspace ``name`` (its machine name; ``hostname``
+    inside, default ``name``: a claimed pool slot boots under its slot's name).
 
     Privileged (``uid_base`` None): the image with a fresh overlay per boot, joining the
     prepared ``netns_path``. User-namespaced: ``--private-users=BASE:65536`` on the host-made
     ``mounts`` (:mod:`.rootfs`: the root overlay and idmapped binds), and a network
     namespace of nspawn's own (``--private-network``; the host adds the veth after start).
+    ``shares=False`` (a user-namespaced warm pool slot) leaves out the workspace dir and the Claude
+    config: nspawn's binds could never be unmounted again, and the claim mounts the owner's in.
 
     Raises:
         InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
@@ -109,8 +114,8 @@ def nspawn_argv(
         binds = [
             ("--bind", mounts.workspace, claude_workspace.workspace_dir_inside(user)),
             ("--bind", mounts.claude, claude_workspace.claude_config_dir_inside(user)),
-            ("--bind-ro", mounts.keys, "/etc/ssh-host-keys"),
-        ]
+        ] if shares else []
+        binds.append(("--bind-ro", mounts.keys, "/etc/ssh-host-keys"))
         kind = [
             f"--directory={mounts.root}",
             f"--private-users={uid_base}:{UID_RANGE}",
@@ -130,7 +135,7 @@ def nspawn_argv(
         "--register=no",  # no machined/system bus needed (hosts without systemd as PID 1)
         "--keep-unit",
         f"--machine={machine_name(name)}",
-        f"--hostname={name}",
+        f"--hostname={hostname or name}",
         *kind,
         f"--drop-capability={','.join(DROPPED_CAPABILITIES)}",
         # The resource limits the container starts with are ours (Limits.file_size, open_files), not
@@ -185,6 +190,10 @@ class NspawnState(ImageRootState):
     cgroups: scopes.CgroupManager | None = Field(
         default=None, description="who made its cgroup at the last start: a systemd scope or the server"
     )
+    slot: str | None = Field(
+        default=None, description="The warm pool slot's name it was booted and claimed under: its machine name, "
+        "veth, cgroup and tag keep it for good. None: its own name"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +219,7 @@ class NspawnRuntime(ImageRootRuntime):
     package_flavour = "debian"
     host_network = True
     has_snapshots = True
+    has_pool = True
     State = NspawnState
     Config = NspawnSettings
     config: NspawnSettings
@@ -246,8 +256,13 @@ class NspawnRuntime(ImageRootRuntime):
             self._cg_manager = scopes.cgroup_manager(self.config.cgroups)
         return self._cg_manager
 
+    def _ident(self, record: WorkspaceRecord) -> str:
+        """The name its host-side parts carry (machine, veth, netns, cgroup, scope, tag): its own, or the
+        pool slot's it was claimed from (those parts were made before the workspace had its name)."""
+        return self.state(record).slot or record.name
+
     def _scope(self, record: WorkspaceRecord) -> str:
-        return scopes.scope_unit(self.settings.state_dir, record.name)
+        return scopes.scope_unit(self.settings.state_dir, self._ident(record))
 
     def _mounts(self, record: WorkspaceRecord) -> RootMounts:
         return RootMounts(self._paths(record).runtime / "mnt")
@@ -289,12 +304,11 @@ class NspawnRuntime(ImageRootRuntime):
         record = record.model_copy(update={"isolation": "unprivileged-container"})
         return self.with_state(record, state.model_copy(update={"uid_base": base}))
 
-    @staticmethod
-    def _marker(record: WorkspaceRecord) -> bytes:
-        return f"--machine={machine_name(record.name)}".encode()
+    def _marker(self, record: WorkspaceRecord) -> bytes:
+        return f"--machine={machine_name(self._ident(record))}".encode()
 
     def _tag(self, record: WorkspaceRecord) -> str:
-        return supervise.workspace_tag(self.settings.state_dir, record.name)
+        return supervise.workspace_tag(self.settings.state_dir, self._ident(record))
 
     def _running(self, record: WorkspaceRecord) -> bool:
         return supervise.alive(self.state(record).process, self._marker(record))
@@ -374,7 +388,7 @@ class NspawnRuntime(ImageRootRuntime):
         try:
             netns = None
             if base is None:
-                netns = await self.network.attach_veth(record.name, record.ip, record.mac)
+                netns = await self.network.attach_veth(self._ident(record), record.ip, record.mac)
                 await self._admit(record)
             manager = self._cgroup_manager()
             procs: list[Path] = []
@@ -382,7 +396,7 @@ class NspawnRuntime(ImageRootRuntime):
                 await scopes.stop_scope(self._scope(record))  # what an earlier run may have left in it
             else:
                 procs = await anyio.to_thread.run_sync(
-                    self._cgroups().prepare, record.name, base, self.limits_of(record)
+                    self._cgroups().prepare, self._ident(record), base, self.limits_of(record)
                 )
             state = state.model_copy(update={"cgroups": manager})
             # A record made before disk_mib existed gets it now (reported from this start on). A privileged
@@ -406,7 +420,8 @@ class NspawnRuntime(ImageRootRuntime):
                     )
                 )
             argv = nspawn_argv(
-                name=record.name,
+                name=self._ident(record),
+                hostname=record.name,
                 image_root=image_root,
                 netns_path=netns,
                 paths=paths,
@@ -414,6 +429,7 @@ class NspawnRuntime(ImageRootRuntime):
                 uid_base=base,
                 mounts=mounts if base is not None else None,
                 tag=self._tag(record),
+                shares=not record.pooled,
             )
             await progress("booting the container", None)
             launch = launch_argv(argv, procs, base is not None,
@@ -434,7 +450,7 @@ class NspawnRuntime(ImageRootRuntime):
                 # veth would land in our own namespace (seen with 30 creates at once).
                 if not await self._own_netns(leader, self.settings.boot_timeout_s):
                     raise BackendError(f"the container got no network namespace; see {paths.console_log}")
-                await self.network.attach_veth(record.name, record.ip, record.mac, pid=leader.pid)
+                await self.network.attach_veth(self._ident(record), record.ip, record.mac, pid=leader.pid)
                 await self._admit(record)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -459,7 +475,7 @@ class NspawnRuntime(ImageRootRuntime):
 
     async def _admit(self, record: WorkspaceRecord) -> None:
         """Let the workspace's veth through the host's policy (egress as the record asks)."""
-        await self.network.admit(veth_names(record.name)[0], record.ip, record.mac, egress=record.egress,
+        await self.network.admit(veth_names(self._ident(record))[0], record.ip, record.mac, egress=record.egress,
                                  owner=host_identity(self.settings, record)[0])
 
     async def set_egress(self, record: WorkspaceRecord) -> None:
@@ -468,6 +484,34 @@ class NspawnRuntime(ImageRootRuntime):
         await anyio.to_thread.run_sync(
             write_in_place, self._paths(record).runtime / "resolv.conf",
             resolv_conf(record.egress, str(self.settings.host_ip)),
+        )
+
+    def default_root_base(self) -> str | None:
+        return self.images.key(())
+
+    def slot_claimed(self, record: WorkspaceRecord, slot: str) -> WorkspaceRecord:
+        state = self.state(record)
+        return self.with_state(record, state.model_copy(update={"slot": state.slot or slot}))
+
+    async def claim(self, record: WorkspaceRecord, *, remap_shares: bool = False) -> None:
+        """The host name (set in its UTS namespace), /etc/hosts (a bind of a host file, rewritten in place), and
+        (user-namespaced: a slot boots without them) the workspace dir and Claude config mounted into its mount
+        namespace, mapping their owner now (:func:`.handover.mount_shares`). A privileged slot has its binds
+        from boot, showing host ids as they are: it cannot take another owner (``remap_shares``)."""
+        state = self.state(record)
+        leader = state.leader
+        if leader is None or not self._running(record):
+            raise BackendError(f"the pool slot claimed for {record.name!r} is not running")
+        if state.uid_base is None and remap_shares:
+            raise BackendError("a privileged container's shares cannot be mapped anew")
+        if state.uid_base is not None:
+            paths = self._paths(record)
+            shares = [(paths.workspace, claude_workspace.workspace_dir_inside(record.user)),
+                      (paths.claude_config, claude_workspace.claude_config_dir_inside(record.user))]
+            await handover.mount_shares(leader, shares, state.uid_base, (self.settings.user_uid, self.settings.user_uid))
+        await handover.set_hostname(leader, record.name)
+        await anyio.to_thread.run_sync(
+            write_in_place, self._paths(record).runtime / "hosts", hosts_file(record.name, str(self.settings.host_ip))
         )
 
     @staticmethod
@@ -502,9 +546,9 @@ class NspawnRuntime(ImageRootRuntime):
     async def stop(self, record: WorkspaceRecord, *, force: bool = False) -> None:
         state = self.state(record)
         # A frozen nspawn cannot act on SIGTERM: thaw it, so the container powers off cleanly.
-        if state.cgroups != "systemd" and self._cgroups().is_frozen(record.name):
+        if state.cgroups != "systemd" and self._cgroups().is_frozen(self._ident(record)):
             with contextlib.suppress(BackendError):
-                await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, False)
+                await anyio.to_thread.run_sync(self._cgroups().freeze, self._ident(record), False)
         # SIGTERM makes nspawn power the container off cleanly; SIGKILL if it will not (at once if forced).
         grace_s = 0.0 if force else self.settings.stop_timeout_s
         await supervise.terminate(state.process, grace_s=grace_s, marker=self._marker(record))
@@ -512,14 +556,14 @@ class NspawnRuntime(ImageRootRuntime):
         await supervise.kill(state.leader)
         # What a server killed between spawn and record never wrote down: found by the workspace's tag.
         await supervise.kill_tagged(self._tag(record))
-        await self.network.revoke(veth_names(record.name)[0])
+        await self.network.revoke(veth_names(self._ident(record))[0])
         await self._release(record)
 
     async def _release(self, record: WorkspaceRecord) -> None:
         """What a stopped container leaves: its cgroups or scope (and stragglers in them), mounts, veth/netns."""
         await self._release_cgroup(record)
         await anyio.to_thread.run_sync(rootfs.unmount_all, self._mounts(record))
-        await self.network.detach(record.name)
+        await self.network.detach(self._ident(record))
 
     async def _release_cgroup(self, record: WorkspaceRecord) -> None:
         """Stop its scope, or remove the cgroups this server made: the way its last start went."""
@@ -527,7 +571,7 @@ class NspawnRuntime(ImageRootRuntime):
         if self.state(record).cgroups == "systemd":
             await scopes.stop_scope(self._scope(record))
         else:
-            await anyio.to_thread.run_sync(self._cgroups().remove, record.name)
+            await anyio.to_thread.run_sync(self._cgroups().remove, self._ident(record))
 
     async def destroy(self, record: WorkspaceRecord) -> None:
         await self._release(record)  # before the manager removes the state dir: nothing mounted under it
@@ -536,7 +580,7 @@ class NspawnRuntime(ImageRootRuntime):
         """From the cgroups this server made at its start (a systemd scope's are not read: None)."""
         if self.state(record).cgroups == "systemd":
             return None
-        return await anyio.to_thread.run_sync(self._cgroups().oom_kills, record.name)
+        return await anyio.to_thread.run_sync(self._cgroups().oom_kills, self._ident(record))
 
     async def status(self, record: WorkspaceRecord) -> RuntimeDetail:
         state = self.state(record)
@@ -549,8 +593,8 @@ class NspawnRuntime(ImageRootRuntime):
             unit=self._scope(record) if manager == "systemd" else None,
             cgroups=manager,
             uptime_s=supervise.uptime_s(state.process) if running and state.process else None,
-            paused=running and manager != "systemd" and self._cgroups().is_frozen(record.name),
-            detail=f"systemd-nspawn --machine={machine_name(record.name)}"
+            paused=running and manager != "systemd" and self._cgroups().is_frozen(self._ident(record)),
+            detail=f"systemd-nspawn --machine={machine_name(self._ident(record))}"
             + (f" image {state.image}" if state.image else "")
             + (f", uids {state.uid_base}+{UID_RANGE}" if state.uid_base is not None else ", privileged"),
         )
@@ -570,7 +614,7 @@ class NspawnRuntime(ImageRootRuntime):
         if self.state(record).cgroups == "systemd":
             await hostcmd.run(scopes.freeze_scope_argv(self._scope(record), frozen), timeout_s=30)
         else:
-            await anyio.to_thread.run_sync(self._cgroups().freeze, record.name, frozen)
+            await anyio.to_thread.run_sync(self._cgroups().freeze, self._ident(record), frozen)
 
     async def capture_root(self, record: WorkspaceRecord, dest: Path) -> None:
         """The overlay's upper dir (on its tmpfs) while it runs, else the saved layer it would start from.
@@ -610,8 +654,8 @@ class NspawnRuntime(ImageRootRuntime):
         Only names in our registry: links and namespaces of another server on this host (another
         state directory) are not ours to remove.
         """
-        running = {r.name for r in records if self._running(r)}
-        ours = {r.name for r in records}
+        running = {self._ident(r) for r in records if self._running(r)}
+        ours = {self._ident(r) for r in records}
         for name in await self.network.leftovers():
             if name in ours and name not in running:
                 await self.network.detach(name)

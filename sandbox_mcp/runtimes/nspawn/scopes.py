@@ -27,7 +27,7 @@ from typing import Literal
 from ... import hostcmd
 from ...errors import BackendError, InvalidSpec
 from ...models import Check, Limits
-from ...naming import validate_name
+from ...naming import validate_ident
 from ...supervise import workspace_tag
 
 __all__ = [
@@ -100,7 +100,7 @@ def scope_unit(state_dir: Path, name: str) -> str:
     Raises:
         InvalidSpec: ``name`` is not a valid workspace name.
     """
-    validate_name(name)
+    validate_ident(name)
     unit = f"sandbox-mcp-{name}-{workspace_tag(state_dir, name)[:8]}.scope"
     return _check_scope(unit)
 
