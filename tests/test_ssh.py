@@ -1028,10 +1028,11 @@ async def test_one_workspace_runs_at_most_max_execs_at_once_and_the_rest_in_turn
             for i in range(5):
                 tg.start_soon(one, i)
             await wait_until(lambda: len(list(workspace.glob("m.*"))) == 2, what="two commands to start")
-            entry = p._entries[target.key]  # noqa: SLF001 - the waiting calls are only visible there
-            await wait_until(lambda: entry.execs.statistics().tasks_waiting == 3, what="three calls to wait")
+            agent = p._entries[target.key].agent  # noqa: SLF001 - the waiting calls are only visible there
+            assert agent is not None
+            await wait_until(lambda: agent.slots.statistics().tasks_waiting == 3, what="three calls to wait")
             assert len(list(workspace.glob("m.*"))) == 2
-            with pytest.raises(LimitExceeded, match="already runs 2 commands at once"):
+            with pytest.raises(LimitExceeded, match="the workspace already runs 2 commands at once"):
                 await p.exec(target, "touch never", timeout_s=0.2)
             (workspace / "gate").touch()
         assert results == [0] * 5 and len(list(workspace.glob("m.*"))) == 5

@@ -21,7 +21,7 @@ from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
 from ..progress import Progress
 from . import files
-from .agent import AgentFault, AgentGone, AgentSession, NotStarted, exec_slot, run_agent_command, start_agent
+from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command, start_agent
 from .commands import (
     EXEC_AGENT_PATH,
     SSHTarget,
@@ -43,15 +43,12 @@ from .errors import (
 from .session import OPEN_TIMEOUT_S, SessionLost, open_session, run_session
 from .stream import StreamBlock, pool_stream
 
-__all__ = ["DEFAULT_MAX_EXECS", "DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
+__all__ = ["DEFAULT_MAX_SESSIONS", "SFTP_TIMEOUT_S", "SSHPool"]
 
 T = TypeVar("T")
 
 # sshd's default MaxSessions is 10 per connection; keep one for SFTP and room for kill channels.
 DEFAULT_MAX_SESSIONS = 7
-# Commands one workspace runs at once through its exec agent (a process and an agent thread each);
-# more wait their turn, in order, within their own timeout. Other workspaces' calls never wait on them.
-DEFAULT_MAX_EXECS = 64
 # One SFTP request (a read of up to 4 MiB, a write of up to the write limit) on a live workspace
 # takes well under a second; this only catches an sftp-server that blocks (a FIFO swapped in after
 # the type check, a hung mount).
@@ -66,7 +63,6 @@ class _Entry:
     target: SSHTarget
     conn: asyncssh.SSHClientConnection
     sessions: anyio.Semaphore
-    execs: anyio.Semaphore  # the agent's commands running at once
     sftp: asyncssh.SFTPClient | None = None
     sftp_lock: anyio.Lock = field(default_factory=anyio.Lock)
     agent: AgentSession | None = None
@@ -82,8 +78,7 @@ class SSHPool:
 
     ``agent_path`` is where the exec agent is installed inside workspaces (image recipes put it
     at :data:`~sandbox_mcp.ssh.EXEC_AGENT_PATH`); ``exec_agent=False`` always uses a session per
-    command (at most ``max_sessions`` at once per workspace). Through the agent, one workspace runs
-    at most ``max_execs`` commands at once. All methods are coroutines for the asyncio backend (asyncssh is asyncio-only).
+    command; a workspace's agent runs ``max_execs`` at once (default 64). Coroutines on asyncio (asyncssh).
 
     Raises:
         InvalidSpec: ``agent_path`` is not a plain absolute path.
@@ -95,7 +90,7 @@ class SSHPool:
         connect_timeout_s: float = 15.0,
         keepalive_interval_s: float = 15.0,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
-        max_execs: int = DEFAULT_MAX_EXECS,
+        max_execs: int | None = None,
         exec_agent: bool = True,
         agent_path: str = EXEC_AGENT_PATH,
         sftp_timeout_s: float = SFTP_TIMEOUT_S,
@@ -113,17 +108,14 @@ class SSHPool:
     # connections
 
     def _lock(self, key: str) -> anyio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        return lock
+        return self._locks.setdefault(key, anyio.Lock())
 
     async def _connect(self, target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float) -> _Entry:
         """Open one authenticated connection; raises what asyncssh/socket raise (untranslated)."""
         conn = await open_connection(
             target, tcp_timeout_s=tcp_timeout_s, timeout_s=timeout_s, keepalive_interval_s=self._keepalive_interval_s
         )
-        return _Entry(target, conn, anyio.Semaphore(self._max_sessions), anyio.Semaphore(self._max_execs))
+        return _Entry(target, conn, anyio.Semaphore(self._max_sessions))
 
     def _install(self, entry: _Entry) -> None:
         old = self._entries.get(entry.target.key)
@@ -245,8 +237,7 @@ class SSHPool:
                 save = save_request(target.workspace_dir, save_max, save_over) if save_max > 0 else None
                 request = agent_request(command, wd, env, timeout_s, data, output_cap, save)
                 try:
-                    async with exec_slot(entry.execs, self._max_execs, target.key, timeout_s):
-                        return await run_agent_command(agent, request, timeout_s, on_output)
+                    return await run_agent_command(agent, request, timeout_s, on_output)
                 except NotStarted as exc:
                     # The connection died before the command started (the agent kills what it
                     # started when its channel closes, so nothing runs twice). Replace it, once.
@@ -296,7 +287,7 @@ class SSHPool:
             if entry.agent is not None and not entry.agent.closed.is_set():
                 return entry.agent
             try:
-                agent = await start_agent(entry.conn, self._agent_command)
+                agent = await start_agent(entry.conn, self._agent_command, self._max_execs)
             except (asyncssh.Error, OSError, TimeoutError):
                 if not entry.alive():
                     raise
