@@ -72,6 +72,7 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
             assert ws.ssh.host_key_fingerprint == slot.host_key_fingerprint != ""
             assert ws.host_workspace_dir == str(s.state_dir / "claimed" / "workspace")
             assert not (s.state_dir / slot.name).exists(), "the slot's dir became the workspace's"
+            assert not (s.state_dir / ".locks" / f"{slot.name}.lock").exists(), "no lock file of the slot stays"
 
             r = await m.exec("claimed", "hostname; grep -c claimed /etc/hosts; pwd; echo hi > made-inside; id -un")
             assert r.exit_code == 0, r.stderr
@@ -204,3 +205,43 @@ async def test_slots_a_killed_keeper_left_are_adopted_not_booted_again(settings:
             ws = await second.create(CreateSpec(name="adoptee"))
             assert ws.timings is not None and ws.timings.from_pool and ws.ip == slot.ip
             await second.destroy("adoptee")
+
+
+async def test_stdio_serve_keeping_a_pool_ends_on_eof_and_leaves_nothing(settings: Settings) -> None:
+    """What Claude Code runs: `serve` over stdio with POOL_SIZE=1 boots a slot, a create claims it, and when
+    stdin closes the server exits with its slots destroyed: no process, link, netns or mount of theirs."""
+    import sys
+
+    from sandbox_mcp.registry import Registry
+
+    from .test_e2e import NOTHING_LEFT, host_leftovers
+    from .test_serve_stdio import Served, serve
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_MCP_")}
+    env.update({
+        "SANDBOX_MCP_STATE_DIR": str(settings.state_dir), "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
+        "SANDBOX_MCP_BRIDGE": settings.bridge, "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_CONFIG": "/nonexistent",
+        "SANDBOX_MCP_HOSTS_FILE": str(settings.hosts_file), "SANDBOX_MCP_BOOT_TIMEOUT_S": "60",
+        "SANDBOX_MCP_DAEMON_SOCKET": str(settings.state_dir.parent / "no-daemon.sock"), "SANDBOX_MCP_POOL_SIZE": "1",
+    })  # fmt: skip
+    registry = Registry(settings.registry_path)
+
+    async def slots() -> set[str]:
+        with anyio.fail_after(120):
+            while True:  # the slots are another process's: its registry is what shows them
+                found = {n for n, r in (await registry.read()).workspaces.items() if r.pooled and r.state == "running"}
+                if found:
+                    return found
+                await anyio.sleep(0.05)
+
+    seen: set[str] = set()
+    async with serve(Served("in-process", [sys.executable, "-m", "sandbox_mcp", "serve"], env, settings)) as wire:
+        seen |= await slots()
+        ws, _, _ = await wire.call("create_workspace", name="fromstdio")
+        assert ws["timings"]["from_pool"] is True
+        await wire.call("destroy_workspace", name="fromstdio")
+        seen |= await slots()  # the refill
+    assert wire.proc.returncode == 0, wire.stderr_text()[-2000:]
+    assert not (await registry.read()).workspaces, "the server's slots went with it"
+    for slot in seen:
+        assert host_leftovers(slot) == NOTHING_LEFT, slot

@@ -83,17 +83,25 @@ class ManagerCore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        cancelled: BaseException | None = None
         try:
             if self._pool_tasks is not None:
                 tasks, self._pool_tasks = self._pool_tasks, None
                 tasks.cancel_scope.cancel()
-                await tasks.__aexit__(None, None, None)
+                try:
+                    await tasks.__aexit__(None, None, None)
+                except anyio.get_cancelled_exc_class() as exc:
+                    # A server stops by cancellation (stdin closed, a signal): its slots must go all the same,
+                    # or they would run on, unseen.
+                    cancelled = exc
             with anyio.CancelScope(shield=True):
                 await self.pool.close()
             await self.close()
         finally:
             if self.ports.serving:
                 await self.ports.__aexit__(None, None, None)
+        if cancelled is not None:
+            raise cancelled
 
     async def open(self) -> None:
         """Create the state dir and client key, pick the runtimes, reconcile the registry with reality."""

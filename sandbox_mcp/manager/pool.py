@@ -44,7 +44,7 @@ from ..runtimes.base import Runtime
 if TYPE_CHECKING:
     from . import WorkspaceManager
 
-__all__ = ["PoolStatus", "WarmPool"]
+__all__ = ["WarmPool"]
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,6 @@ _RETRY_MAX_S = 60.0  # longest pause between refills that fail (a host out of ro
 # A refill waits this long after a claim: a boot takes a core for a while, and the workspace just claimed
 # is about to get its first commands.
 _SETTLE_S = 0.5
-
-
-class PoolStatus:
-    """What :meth:`WarmPool.status` reports (for doctor)."""
-
-    def __init__(self, size: int, ready: int, runtime: str | None, why_not: str | None) -> None:
-        self.size, self.ready, self.runtime, self.why_not = size, ready, runtime, why_not
 
 
 class WarmPool:
@@ -69,7 +62,6 @@ class WarmPool:
         self.keep = keep  # this process refills the pool and destroys its slots at exit
         self.holder = supervise.identify(os.getpid())  # what its slots record as their keeper
         self._wanted = anyio.Event()
-        self.last_error: str | None = None
 
     @property
     def size(self) -> int:
@@ -137,14 +129,16 @@ class WarmPool:
                 except BaseException as exc:
                     with anyio.CancelScope(shield=True):
                         log.warning("pool: claiming %s as %s failed, destroying it: %s", slot, spec.name, exc)
-                        self.last_error = f"claim of {slot} as {spec.name}: {exc}"
                         await m._undo_create(record, runtime, prepared=True, started=True, existed=False)
                     if not isinstance(exc, Exception):
                         raise
                     return None
                 finally:
                     self.wake()
-                return record
+            with contextlib.suppress(FileNotFoundError):  # the slot's name is gone for good
+                m._lock_path(slot).unlink()
+            m._locks.pop(slot, None)
+            return record
         self.wake()
         return None
 
@@ -229,11 +223,10 @@ class WarmPool:
             if self.why_not() is None and len(await self._ready_slots(runtime, mine=True)) < self.size:
                 try:
                     await self._fill(runtime)
-                    pause, self.last_error = 1.0, None
+                    pause = 1.0
                     continue
                 except Exception as exc:  # noqa: BLE001 - a refill failure must not end the server
-                    self.last_error = str(exc)[-500:] or type(exc).__name__
-                    log.warning("pool: booting a slot failed (again in %.0f s): %s", pause, self.last_error)
+                    log.warning("pool: booting a slot failed (again in %.0f s): %s", pause, str(exc)[-500:] or exc)
                     with anyio.move_on_after(pause):
                         await self._wanted.wait()
                     pause = min(pause * 2, _RETRY_MAX_S)
@@ -302,9 +295,3 @@ class WarmPool:
         async with anyio.create_task_group() as tg:
             for slot in slots:
                 tg.start_soon(self._destroy, slot)
-
-    async def status(self) -> PoolStatus:
-        """The setting, the slots ready now, and why there is no pool (if there is none)."""
-        runtime = self.runtime()
-        ready = len(await self._ready_slots(runtime)) if runtime is not None else 0
-        return PoolStatus(self.size, ready, runtime.name if runtime else None, self.why_not())
