@@ -35,6 +35,7 @@ from sandbox_mcp.ssh import (
     ssh_argv,
     write_authorized_keys,
 )
+from sandbox_mcp.ssh.connect import ENCRYPTION_ALGS, open_connection
 
 from . import agent_pipe
 from .points import HUNG_S, cancel_after_points, wait_until
@@ -1039,3 +1040,16 @@ async def test_one_workspace_runs_at_most_max_execs_at_once_and_the_rest_in_turn
         assert not (workspace / "never").exists()
     finally:
         await p.close()
+
+
+@pytest.mark.anyio
+async def test_connections_use_aes_gcm(target: SSHTarget) -> None:
+    """OpenSSH offers ChaCha20-Poly1305 first; we ask for AES-GCM first (one OpenSSL call a packet in
+    asyncssh, not several), and the real sshd agrees on it both ways."""
+    conn = await open_connection(target, tcp_timeout_s=3, timeout_s=15, keepalive_interval_s=0)
+    try:
+        assert conn.get_extra_info("send_cipher") == conn.get_extra_info("recv_cipher") == ENCRYPTION_ALGS[0]
+        assert ENCRYPTION_ALGS[0] == "aes128-gcm@openssh.com"
+    finally:
+        conn.close()
+        await conn.wait_closed()
