@@ -13,7 +13,8 @@ Protocol (one JSON object per line, both ways; bytes as base64):
      "save": {"dir": "/abs", "name": "ID", "max": N, "keep": 8, "over": N}}
   → {"cancel": 1}                    (kills the command; one not started yet never starts)
   ← {"ready": 1}                     (once, at start)
-  ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice)
+  ← {"id": 1, "started": 1}          (the command runs: a retry could now run it twice; left out
+                                      when the reply goes out in the same write, see _send)
   ← {"id": 1, "exit": 0 | null, "signal": "TERM" | null, "stdout": "b64", "stderr": "b64",
      "truncated": false, "timed_out": false, "detached": false, "cancelled": false}
      with "tail" in the request, per stream also: "stdout_tail": "b64", "stdout_total": N,
@@ -61,6 +62,7 @@ self-contained.
 import base64
 import json
 import os
+import queue
 import re
 import select
 import signal
@@ -89,16 +91,47 @@ DETACH_GRACE_S = 0.5  # how long to keep reading after exit while a background p
 CANCELLED_MAX = 1024  # cancelled ids remembered; the pool numbers requests upwards, so old ids never return
 
 _out_lock = threading.Lock()
+_out_pending = []  # [(request id or None, "started" | "final" | None, bytes)], not written yet
+_out_writing = [False]  # a thread is writing them (it writes all that queue up meanwhile)
 _running = {}  # request id -> Popen
 _cancelled = {}  # request ids cancelled while not running, oldest first (a dict keeps insertion order)
 _running_lock = threading.Lock()  # guards both: a start and a cancel never interleave
 
 
-def _send(message):
+def _send(message, kind=None):
+    """Queue one line for stdout, in order, and write it unless another thread is writing.
+
+    That thread takes it along: lines queued while a write is under way go out together in the next
+    write, so a burst of replies makes a few SSH packets rather than one per line (sshd sends what one
+    read of our pipe returns). A command's ``started`` line that goes out in the same write as its
+    reply is left out: the reply says as much, and the host reads one line less. ``kind`` marks those
+    two ("started", "final").
+    """
     data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
     with _out_lock:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _out_pending.append((message.get("id"), kind, data))
+        if _out_writing[0]:
+            return
+        _out_writing[0] = True
+    while True:
+        with _out_lock:
+            batch = _out_pending[:]
+            del _out_pending[:]
+            if not batch:
+                _out_writing[0] = False
+                return
+        if len(batch) > 1:
+            final = set(rid for rid, kind, _ in batch if kind == "final")
+            data = b"".join(d for rid, kind, d in batch if kind != "started" or rid not in final)
+        else:
+            data = batch[0][2]
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BaseException:
+            with _out_lock:
+                _out_writing[0] = False
+            raise
 
 
 def _b64(data):
@@ -347,6 +380,7 @@ def _drain(proc, pumps, timeout, reply):
 
 
 _EXIT_CHECK_S = 0.05
+_ENVB = dict(os.environb)  # the agent's environment (sshd's for the user), read once
 
 
 def _read_ready(poller, by_fd, wait_s):
@@ -409,8 +443,9 @@ def _run(req):
     rid, cwd, cap = req["id"], req["cwd"], int(req["cap"])
     reply = {"id": rid, "exit": None, "signal": None, "stdout": "", "stderr": "", "truncated": False,
              "timed_out": False, "detached": False, "cancelled": False}
-    env = dict(os.environ)
-    env.update(req.get("env") or {})
+    env = _ENVB.copy()  # bytes, as Popen passes them: no encoding of the whole environment per command
+    for key, value in (req.get("env") or {}).items():
+        env[os.fsencode(key)] = os.fsencode(value)
     stdin = base64.b64decode(req["stdin"]) if req.get("stdin") is not None else None
     # The cancel check, the start and the registration under one lock: a cancel handled before
     # this block stops the start; one handled after it finds the process to kill.
@@ -418,10 +453,10 @@ def _run(req):
         if rid in _cancelled:
             del _cancelled[rid]
             reply["cancelled"] = True
-            return _send(reply)
+            return _send(reply, "final")
         if not os.path.isdir(cwd):
             reply.update(exit=1, stderr=_b64(f"sh: cd: {cwd}: No such file or directory\n".encode()))
-            return _send(reply)
+            return _send(reply, "final")
         try:
             proc = subprocess.Popen(
                 ["sh", "-c", req["command"]], cwd=cwd, env=env,
@@ -431,9 +466,9 @@ def _run(req):
             )
         except OSError as exc:
             reply.update(exit=126, stderr=_b64(f"sh: {exc}\n".encode()))
-            return _send(reply)
+            return _send(reply, "final")
         _running[rid] = proc
-    _send({"id": rid, "started": 1})
+    _send({"id": rid, "started": 1}, "started")
     tail = req.get("tail") is True
     saves = (_save_paths(req["save"]) if tail and req.get("save") else None) or [None, None]
     saves = [s and s[:4] + (cap if s[4] is None else min(s[4], cap),) for s in saves]
@@ -460,7 +495,7 @@ def _run(req):
     reply["truncated"] = out_cut or err_cut
     if stream is not None:
         stream.close()
-    _send(reply)
+    _send(reply, "final")
 
 
 # Processes ----------------------------------------------------------------------------------
@@ -616,7 +651,11 @@ class _Proc:
         return start, end, runs
 
     def wait_change(self, written, deadline):
-        """Block until output past ``written`` or the end, or ``deadline`` (time.monotonic)."""
+        """Block until output past ``written`` or the end, or ``deadline`` (time.monotonic).
+
+        Returns why: "seen" (the change was there after connecting), "poked" (the supervisor
+        woke us), "polled" (no socket, or the supervisor had too many waiters) or "deadline".
+        """
         sock = None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -628,19 +667,23 @@ class _Proc:
         try:
             # Checked after connecting: what happened before it is seen here, what after wakes us.
             if self.header()[0] != written or self.exit() is not None or not self.supervisor_alive():
-                return
+                return "seen"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                return "deadline"
             if sock is None:
                 time.sleep(min(0.1, remaining))  # no socket (a long path): poll
-            elif select.select([sock], [], [], remaining)[0]:
-                try:
-                    poked = sock.recv(1) == b"!"
-                except OSError:  # reset: the supervisor ended with us still in its backlog
-                    poked = True
-                if not poked:  # closed unpoked: the supervisor has too many waiters; poll
-                    time.sleep(min(0.1, remaining))
+                return "polled"
+            if not select.select([sock], [], [], remaining)[0]:
+                return "deadline"
+            try:
+                poked = sock.recv(1) == b"!"
+            except OSError:  # reset: the supervisor ended with us still in its backlog
+                poked = True
+            if not poked:  # closed unpoked: the supervisor has too many waiters; poll
+                time.sleep(min(0.1, remaining))
+                return "polled"
+            return "poked"
         finally:
             if sock is not None:
                 sock.close()
@@ -1008,6 +1051,7 @@ def supervise(d, report_fd):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(sock_path)
         listener.listen(_WAITERS_MAX)
+        listener.setblocking(False)  # notify() takes what is queued without waiting for more
     started_at = time.time()
     _write_json(os.path.join(d, "state.json"), {
         "process_id": spec["process_id"], "command": spec["command"], "pid": child.pid,
@@ -1020,7 +1064,24 @@ def supervise(d, report_fd):
     waiters = []
     ended = False
 
+    def accept(limit):
+        """Take every queued waiter; beyond ``limit`` held, one is closed unpoked (it polls instead)."""
+        while listener is not None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # nothing queued (BlockingIOError), or an aborted connect
+                return
+            if len(waiters) >= limit:
+                conn.close()
+            else:
+                waiters.append(conn)
+
     def notify():
+        # A waiter connects, then checks the ring's header; one that connected before this change
+        # reached the header (or exit.json) may still sit in the listener's queue, because select
+        # returned with the output before it connected. It is poked too: every connection made
+        # before the change is queued by now, and one made after it sees the change itself.
+        accept(float("inf"))
         for w in waiters:
             try:
                 w.send(b"!")
@@ -1035,11 +1096,7 @@ def supervise(d, report_fd):
         changed = False
         for r in ready:
             if r is listener:
-                conn, _ = listener.accept()
-                if len(waiters) >= _WAITERS_MAX:
-                    conn.close()  # the reader falls back to waiting out its timeout
-                else:
-                    waiters.append(conn)
+                accept(_WAITERS_MAX)
             elif r == wake_r:
                 try:
                     os.read(wake_r, 512)
@@ -1074,13 +1131,13 @@ def supervise(d, report_fd):
                 _write_json(os.path.join(d, "exit.json"), {"exit": code, "signal": sig, "ended_at": time.time()})
         if changed:
             notify()
+    notify()  # the queued waiters too; one that connects after this finds exit.json
     if listener is not None:
         listener.close()
         try:
             os.unlink(sock_path)
         except OSError:
             pass
-    notify()
 
 
 def _cancel(rid):
@@ -1109,8 +1166,49 @@ def _handle(lines):
     for msg in messages:
         if "cancel" in msg:
             continue
-        target = _op if msg.get("op") in _OP_FUNCS else _run
-        threading.Thread(target=target, args=(msg,), daemon=True).start()
+        _start(_op if msg.get("op") in _OP_FUNCS else _run, msg)
+
+
+# Threads that finished a request wait a while for the next one: a thread start costs about as much
+# as the rest of an ``exec true`` in this process. Every request still starts at once (a new thread
+# when none is idle), so a long command never holds up another.
+_IDLE_S = 10.0
+_tasks = queue.Queue()  # (function, request) handed to an idle thread
+_idle = [0]  # idle threads not promised a task yet
+_idle_lock = threading.Lock()
+
+
+def _start(fn, msg):
+    with _idle_lock:
+        reuse = _idle[0] > 0
+        if reuse:
+            _idle[0] -= 1
+    if reuse:
+        _tasks.put((fn, msg))
+    else:
+        threading.Thread(target=_worker, args=(fn, msg), daemon=True).start()
+
+
+def _worker(fn, msg):
+    while True:
+        try:
+            fn(msg)
+        except Exception:  # as an uncaught exception in a thread of its own would: said on stderr
+            import traceback
+
+            traceback.print_exc()
+        with _idle_lock:
+            _idle[0] += 1
+        while True:
+            try:
+                fn, msg = _tasks.get(timeout=_IDLE_S)
+                break
+            except queue.Empty:
+                with _idle_lock:
+                    if _idle[0] > 0:  # no task was promised to the idle threads: one fewer of them
+                        _idle[0] -= 1
+                        return
+                # a task was promised (and is on its way to the queue): wait for it
 
 
 def main():

@@ -1,4 +1,5 @@
-"""The exec agent as a real process, driven over its pipes: cancels that overtake their request.
+"""The exec agent as a real process, driven over its pipes: cancels that overtake their request, a
+burst of requests; and how its replies share writes.
 
 The SSH pool writes a request and, when the caller is cancelled, a cancel right behind it; the
 agent may read both before the request's thread reached ``Popen``. These tests put the cancel
@@ -8,17 +9,22 @@ which the command would have created, that it never ran.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from sandbox_mcp import exec_agent
 from sandbox_mcp.exec_agent import CANCELLED_MAX
 
 from .agent_pipe import AgentPipe, agent_command, request
-from .points import process_alive, wait_until_sync
+from .points import HUNG_S, process_alive, wait_until_sync
 
 
 @pytest.fixture
@@ -93,3 +99,68 @@ def test_closing_the_channel_kills_what_runs(tmp_path: Path) -> None:
     finally:
         if process_alive(pid):
             os.kill(pid, signal.SIGKILL)  # the test's own command, left behind
+
+
+def test_a_burst_all_runs_at_once_and_each_started_line_comes_before_its_reply(
+    agent: AgentPipe, tmp_path: Path
+) -> None:
+    # One command blocks until the others are answered: they never wait for it (a thread each, or an
+    # idle one reused), and every line of one command keeps its order.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    agent.send(request(1, f"read x < {gate}; echo late", tmp_path), *(request(i, f"echo {i}", tmp_path)
+                                                                      for i in range(2, 21)))  # fmt: skip
+    for i in range(2, 21):
+        reply = agent.reply(i)
+        assert (reply["exit"], reply["stdout"]) == (0, base64.b64encode(f"{i}\n".encode()).decode())
+    assert not any(m.get("id") == 1 and "exit" in m for m in agent.messages)
+    with open(gate, "w") as f:
+        f.write("go\n")
+    assert agent.reply(1)["exit"] == 0
+    for i in range(1, 21):
+        lines = [("started" in m) for m in agent.messages if m.get("id") == i]
+        assert lines in ([True, False], [False]), (i, lines)  # a started line, if any, before the reply
+    # Twice over, one after another: the threads of the burst serve them.
+    for i in range(21, 31):
+        agent.send(request(i, "true", tmp_path))
+        assert agent.reply(i)["exit"] == 0
+
+
+def test_lines_queued_during_a_write_go_out_together_without_started_lines_already_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The agent's stdout as a writer whose first write blocks until released: the lines sent meanwhile
+    # (from the calling thread, which returns at once) go out in one more write, in order, and a started
+    # line whose command's reply is among them is left out.
+    writes: list[bytes] = []
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        def write(self, data: bytes) -> None:
+            writes.append(bytes(data))
+            if len(writes) == 1:
+                entered.set()
+                release.wait(HUNG_S)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(exec_agent, "sys", SimpleNamespace(stdout=SimpleNamespace(buffer=Blocking())))
+    first = threading.Thread(target=exec_agent._send, args=({"id": 1, "started": 1}, "started"))
+    first.start()
+    assert entered.wait(HUNG_S)
+    exec_agent._send({"id": 2, "started": 1}, "started")
+    exec_agent._send({"id": 3, "started": 1}, "started")
+    exec_agent._send({"id": 2, "out": "eA==", "fd": 1, "skipped": 0})
+    exec_agent._send({"id": 1, "exit": 0}, "final")
+    exec_agent._send({"id": 2, "exit": 0}, "final")
+    assert len(writes) == 1  # all queued behind the write under way
+    release.set()
+    first.join(HUNG_S)
+    assert [json.loads(line) for line in writes[1].splitlines()] == [
+        {"id": 3, "started": 1}, {"id": 2, "out": "eA==", "fd": 1, "skipped": 0}, {"id": 1, "exit": 0},
+        {"id": 2, "exit": 0},
+    ]  # fmt: skip
+    assert len(writes) == 2
+    exec_agent._send({"id": 4, "started": 1}, "started")  # nothing under way now: written at once
+    assert writes[2] == b'{"id":4,"started":1}\n'

@@ -12,11 +12,15 @@ import base64
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -30,12 +34,6 @@ from sandbox_mcp.ports import PortForwarder, _diag_uid, _table_uid, peer_uid, pr
 
 from .agent_pipe import AgentPipe, agent_command, request
 from .points import HUNG_S, process_alive, wait_until_sync
-
-# A read's own wait, shorter than the pipe's hang detector (HUNG_S): a waiter that connects to the
-# process's supervisor just as output lands can miss its wake-up and sleep out the wait (a known race in
-# the supervisor's accept loop); the read then still returns the output at its deadline, before the
-# detector calls the agent hung.
-READ_WAIT_S = HUNG_S / 2
 
 
 class Agent:
@@ -96,9 +94,9 @@ def test_a_process_outlives_the_agent_and_its_output_is_read_with_a_cursor(agent
     os.mkfifo(tmp_path / "fifo")
     started = agent.start("web", "echo one; echo two >&2; read line < fifo; echo three; exec sleep 3600")
     assert started["process_id"] == "web" and started["pid"] > 1
-    first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=READ_WAIT_S)
+    first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=HUNG_S)
     while first["end"] < 8:  # both lines (they may come in two reads)
-        first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=READ_WAIT_S)
+        first = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=100, wait_s=HUNG_S)
     assert [fd for fd, _ in first["runs"]] == [1, 2] and _text(first) == "one\ntwo\n"
     # The agent goes (as when the SSH connection drops); a new one finds the process and reads on.
     agent.pipe.close()
@@ -106,11 +104,70 @@ def test_a_process_outlives_the_agent_and_its_output_is_read_with_a_cursor(agent
     assert agent.ok("proc_list")["processes"][0]["running"] is True
     with open(tmp_path / "fifo", "w") as f:
         f.write("go\n")
-    more = agent.ok("proc_read", process_id="web", cursor=first["end"], max_bytes=100, wait_s=READ_WAIT_S)
+    more = agent.ok("proc_read", process_id="web", cursor=first["end"], max_bytes=100, wait_s=HUNG_S)
     assert (more["start"], _text(more)) == (8, "three\n")  # nothing twice, nothing lost
     # A bounded read returns a prefix; the next read starts exactly there.
     head = agent.ok("proc_read", process_id="web", cursor=0, max_bytes=5)
     assert (head["end"], _text(head)) == (5, "one\nt")
+
+
+def test_a_waiter_queued_while_the_supervisor_takes_output_is_woken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lost wake-up: the supervisor's select returns with output, a waiter connects and finds the
+    ring's header unchanged, then the supervisor appends and pokes the waiters it has. The one still in
+    the listener's queue must be poked too, not left to sleep out its wait.
+
+    Driven in this order with a hook: the supervisor runs forked from this test (``_op_start`` in process)
+    with ``select`` wrapped, so it stops right after the select that returned the output, until the waiter
+    (a thread here) has connected, checked the header and gone to sleep on its socket.
+    """
+    monkeypatch.setenv("SANDBOX_MCP_PROCESS_DIR", str(tmp_path / "procs"))
+    for name in ("in", "paused", "go"):
+        os.mkfifo(tmp_path / name)
+    real_select = exec_agent.select.select
+    test_pid = os.getpid()
+    asleep = threading.Event()
+    held = []
+
+    def select_hook(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | None = None) -> Any:
+        if os.getpid() == test_pid:  # here: the waiter's select on its socket, after it checked the header
+            if any(isinstance(r, socket.socket) for r in rlist):
+                asleep.set()
+            return real_select(rlist, wlist, xlist, timeout)
+        ready = real_select(rlist, wlist, xlist, timeout)  # the supervisor (its fds 3+ are closed: fifos)
+        if not held and ready[0] and not any(isinstance(r, socket.socket) for r in ready[0]):
+            held.append(1)  # the first turn with something ready: the output, the waiter not yet queued
+            with open(tmp_path / "paused", "w") as f:
+                f.write("1")
+            with open(tmp_path / "go") as f:
+                f.read()
+        return ready
+
+    monkeypatch.setattr(exec_agent, "select", SimpleNamespace(select=select_hook, poll=select.poll))
+    started = exec_agent._op_start({"process_id": "race", "command": "read x < in; echo out; exec sleep 3600",
+                                    "cwd": str(tmp_path), "env": {}, "cap": 1 << 20})  # fmt: skip
+    proc = exec_agent._Proc("race")
+    try:
+        with open(tmp_path / "in", "w") as f:
+            f.write("go\n")
+        with open(tmp_path / "paused") as f:
+            assert f.read() == "1"  # the supervisor holds the output, its header still at 0
+        assert proc.header()[0] == 0
+        why: list[str] = []
+        waiter = threading.Thread(target=lambda: why.append(proc.wait_change(0, time.monotonic() + HUNG_S)))
+        waiter.start()
+        assert asleep.wait(HUNG_S), "the waiter never went to sleep"
+        with open(tmp_path / "go", "w") as f:
+            f.write("1")
+        waiter.join(HUNG_S)
+        assert why == ["poked"]  # not "deadline": woken by the output it had not seen
+        assert proc.read(0, 100)[2] == [[1, b"out\n"]]
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(started["pid"], signal.SIGKILL)
+        with contextlib.suppress(OSError, TypeError):
+            os.kill(proc.state["supervisor"], signal.SIGKILL)
 
 
 def test_the_ring_keeps_the_last_bytes_and_counts_the_rest(agent: Agent) -> None:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from sandbox_mcp import exec_agent
-from sandbox_mcp.errors import CommandTimeout, InvalidSpec, SSHError
+from sandbox_mcp.errors import CommandTimeout, InvalidSpec, LimitExceeded, SSHError
 from sandbox_mcp.ssh import (
     SSHPool,
     SSHTarget,
@@ -35,6 +35,7 @@ from sandbox_mcp.ssh import (
     ssh_argv,
     write_authorized_keys,
 )
+from sandbox_mcp.ssh.connect import ENCRYPTION_ALGS, open_connection
 
 from . import agent_pipe
 from .points import HUNG_S, cancel_after_points, wait_until
@@ -1007,3 +1008,48 @@ async def test_list_dir_pages_and_bounds_what_it_keeps(pool: SSHPool, target: SS
     assert bounded.total is None and bounded.truncated and len(bounded.entries) == 100
     with pytest.raises(InvalidSpec, match="offset must be >= 0"):
         await pool.list_dir(target, "many", -1)
+
+
+@pytest.mark.anyio
+async def test_one_workspace_runs_at_most_max_execs_at_once_and_the_rest_in_turn(
+    target: SSHTarget, workspace: Path
+) -> None:
+    """Five calls on a pool that runs two at once: two start and block on a gate, three wait in the pool
+    (counted there, not run: no marker); with the gate open all five end. A sixth call that finds no place
+    within its timeout_s is refused, saying why."""
+    p = SSHPool(agent_path=AGENT, max_execs=2)
+    results: list[int | None] = []
+
+    async def one(i: int) -> None:
+        r = await p.exec(target, f"touch m.{i}; while [ ! -e gate ]; do sleep 0.02; done", timeout_s=HUNG_S)
+        results.append(r.exit_code)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(one, i)
+            await wait_until(lambda: len(list(workspace.glob("m.*"))) == 2, what="two commands to start")
+            agent = p._entries[target.key].agent  # noqa: SLF001 - the waiting calls are only visible there
+            assert agent is not None
+            await wait_until(lambda: agent.slots.statistics().tasks_waiting == 3, what="three calls to wait")
+            assert len(list(workspace.glob("m.*"))) == 2
+            with pytest.raises(LimitExceeded, match="the workspace already runs 2 commands at once"):
+                await p.exec(target, "touch never", timeout_s=0.2)
+            (workspace / "gate").touch()
+        assert results == [0] * 5 and len(list(workspace.glob("m.*"))) == 5
+        assert not (workspace / "never").exists()
+    finally:
+        await p.close()
+
+
+@pytest.mark.anyio
+async def test_connections_use_aes_gcm(target: SSHTarget) -> None:
+    """OpenSSH offers ChaCha20-Poly1305 first; we ask for AES-GCM first (one OpenSSL call a packet in
+    asyncssh, not several), and the real sshd agrees on it both ways."""
+    conn = await open_connection(target, tcp_timeout_s=3, timeout_s=15, keepalive_interval_s=0)
+    try:
+        assert conn.get_extra_info("send_cipher") == conn.get_extra_info("recv_cipher") == ENCRYPTION_ALGS[0]
+        assert ENCRYPTION_ALGS[0] == "aes128-gcm@openssh.com"
+    finally:
+        conn.close()
+        await conn.wait_closed()

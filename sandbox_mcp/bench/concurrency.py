@@ -11,7 +11,10 @@ drifts during the run weighs on every path alike. The paths, from the wire down:
   per workspace to the same sshd, with the same keys: what SSH itself allows at this concurrency.
 
 Per path: calls per second (the calls over the wall time of their round; the median round) and the
-p50/p95 of each call's own latency over every round.
+p50/p95 of each call's own latency over every round; and where the CPU went, in milliseconds per call:
+this process (the client, and the server when in process), the stdio ``serve`` child, and the
+workspaces (their cgroups: sshd, the exec agent, ``sh``). On a machine of N cores a path cannot
+exceed N / (their sum) calls per millisecond, and one process not 1 / its own share.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import anyio
 
 from ..config import Settings
+from ..host.cgroups import CgroupHost, group_for
 from ..manager import WorkspaceManager
 
 __all__ = ["format_concurrency", "run_concurrency", "serve_env"]
@@ -41,6 +45,54 @@ def serve_env(settings: Settings, daemon_socket: Path) -> dict[str, str]:
             "SANDBOX_MCP_MODE": "direct", "SANDBOX_MCP_HOSTS_FILE": "", "SANDBOX_MCP_IMAGE_DIR": str(settings.image_dir),
             "SANDBOX_MCP_SUBNET": str(settings.subnet), "SANDBOX_MCP_DAEMON_GROUP": "root",
             "SANDBOX_MCP_CONFIG": "/nonexistent", "SANDBOX_MCP_DAEMON_SOCKET": str(daemon_socket)}  # fmt: skip
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _serve_child() -> int | None:
+    """The PID of this process's ``sandbox-mcp serve`` child (the stdio path's server)."""
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == me and b"serve" in argv:
+            return int(entry.name)
+    return None
+
+
+def _workspaces_cpu_s(cpu_stats: list[Path]) -> float | None:
+    """CPU seconds the workspaces' cgroups used so far (cgroup2 ``cpu.stat``); None where unreadable."""
+    total = 0
+    for path in cpu_stats:
+        try:
+            usage = next(line for line in path.read_text().splitlines() if line.startswith("usage_usec "))
+        except (OSError, StopIteration):
+            return None
+        total += int(usage.split()[1])
+    return total / 1e6
+
+
+class _Cpu:
+    """CPU used by this process, the serve child and the workspaces between two readings."""
+
+    def __init__(self, serve_pid: int | None, cpu_stats: list[Path]) -> None:
+        self.serve_pid, self.cpu_stats = serve_pid, cpu_stats
+
+    def read(self) -> tuple[float, float, float | None]:
+        serve = _proc_cpu_s(self.serve_pid) if self.serve_pid is not None else 0.0
+        return time.process_time(), serve, _workspaces_cpu_s(self.cpu_stats)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -127,13 +179,21 @@ async def run_concurrency(
                                           "stdio": _mcp_call(stdio)}  # fmt: skip
                 for call in paths.values():  # connections, agents, imports: warm before timing
                     await _round(call, names, len(names))
+                cg = CgroupHost(group_for(settings.state_dir))
+                cpu = _Cpu(_serve_child(), [cg.layout.workspace_dirs(n, cg.group)["unified"] / "cpu.stat"
+                                            for n in names if cg.layout.unified is not None])  # fmt: skip
                 walls: dict[str, list[float]] = {k: [] for k in paths}
                 lat: dict[str, list[float]] = {k: [] for k in paths}
+                used: dict[str, list[float | None]] = {k: [0.0, 0.0, 0.0] for k in paths}
                 for _ in range(rounds):
                     for key, call in paths.items():
+                        before = cpu.read()
                         wall, ms = await _round(call, names, calls)
+                        after = cpu.read()
                         walls[key].append(wall)
                         lat[key] += ms
+                        used[key] = [None if u is None or a is None or b is None else u + a - b
+                                     for u, a, b in zip(used[key], after, before, strict=True)]  # fmt: skip
     finally:
         for conn in raw_conns.values():
             conn.close()
@@ -145,6 +205,9 @@ async def run_concurrency(
     for key in walls:
         out[key] = {"per_s": calls / statistics.median(walls[key]), "p50_ms": statistics.median(lat[key]),
                     "p95_ms": _pct(lat[key], 0.95), "wall_s": statistics.median(walls[key])}  # fmt: skip
+        for name, seconds in zip(("cpu_self_ms", "cpu_serve_ms", "cpu_workspaces_ms"), used[key], strict=True):
+            if seconds is not None and (name != "cpu_serve_ms" or key == "stdio"):
+                out[key][name] = 1000 * seconds / (rounds * calls)
     out["setup"] = {"workspaces": float(workspaces), "calls": float(calls), "rounds": float(rounds)}
     return out
 
@@ -162,4 +225,8 @@ def format_concurrency(r: dict[str, dict[str, float]]) -> str:
         ratio = "" if key == "raw" else f"; {f['per_s'] / raw['per_s']:.2f}x the baseline's rate"
         lines.append(f"  {names[key]}: {f['per_s']:.0f} per second, p50 {f['p50_ms']:.1f} ms, "
                      f"p95 {f['p95_ms']:.1f} ms{ratio}")  # fmt: skip
+        shares = [f"{label} {f[k]:.2f}" for label, k in (("this process", "cpu_self_ms"), ("serve", "cpu_serve_ms"),
+                                                        ("workspaces", "cpu_workspaces_ms")) if k in f]  # fmt: skip
+        if shares:
+            lines.append(f"    CPU ms per call: {', '.join(shares)}")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import binascii
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 import anyio
@@ -21,12 +22,14 @@ import asyncssh
 
 from .. import budget
 from ..coalesce import Coalescer
+from ..errors import LimitExceeded
 from ..models import ExecResult
 from .commands import CLIENT_GRACE_S, DETACHED_NOTE, signal_note
 from .lines import LineBuffer, LineTooLong
 
 __all__ = [
     "AGENT_START_TIMEOUT_S",
+    "DEFAULT_MAX_EXECS",
     "AgentFault",
     "AgentGone",
     "AgentOutdated",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 AGENT_START_TIMEOUT_S = 5.0
+# Commands one agent (one workspace) runs at once (a process and an agent thread each); more wait their
+# turn, in order, within their own timeout. Other workspaces' calls never wait on them.
+DEFAULT_MAX_EXECS = 64
 _REPLY_OVERHEAD = 64 * 1024  # JSON keys, exit status, signal name: far less than this
 _STDERR_TAIL = 4096  # the agent's own stderr (why it failed to start), for the error message
 _SIGNAL_NAME_MAX = 32
@@ -86,6 +92,8 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         self.outputs: dict[int, Callable[[int, bytes, int], None]] = {}  # request id -> streamed output sink
         self._ids = itertools.count(1)
         self._out = Coalescer(self._write, self._write_failed)
+        self.max_execs = DEFAULT_MAX_EXECS
+        self.slots = anyio.Semaphore(DEFAULT_MAX_EXECS)  # places for running commands (exec_slot)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -187,8 +195,11 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
         return self.stderr.decode(errors="replace").strip()[-500:]
 
 
-async def start_agent(conn: asyncssh.SSHClientConnection, command: str) -> AgentSession | None:
-    """Start the agent with ``command`` on ``conn`` and wait for its ready line.
+async def start_agent(
+    conn: asyncssh.SSHClientConnection, command: str, max_execs: int | None = None
+) -> AgentSession | None:
+    """Start the agent with ``command`` on ``conn`` and wait for its ready line; it runs at most
+    ``max_execs`` (default DEFAULT_MAX_EXECS) commands at once (:func:`run_agent_command` waits for a place).
 
     Returns None where it cannot run: the channel closed before it said it was ready (no python3,
     or no agent installed: a nixos-mode guest or a hand-made image).
@@ -202,6 +213,8 @@ async def start_agent(conn: asyncssh.SSHClientConnection, command: str) -> Agent
         with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
             chan, agent = await conn.create_session(AgentSession, command, encoding=None)
             agent.chan = chan
+            if max_execs is not None:
+                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
             await agent.ready.wait()
     except BaseException:
         if chan is not None:
@@ -297,6 +310,33 @@ def _result(reply: dict[str, Any], cap: int, duration_s: float, save: dict[str, 
     return result
 
 
+@asynccontextmanager
+async def exec_slot(agent: AgentSession, timeout_s: float) -> AsyncIterator[None]:
+    """One of the agent's ``max_execs`` places for a running command, waited for in order for at most
+    ``timeout_s``; before the request is sent, so a call cancelled meanwhile runs nothing.
+
+    Raises:
+        LimitExceeded: no place came free within ``timeout_s``.
+    """
+    try:
+        agent.slots.acquire_nowait()  # the usual case, without a timer
+        acquired = True
+    except anyio.WouldBlock:
+        acquired = False
+        with anyio.move_on_after(timeout_s):
+            await agent.slots.acquire()
+            acquired = True
+    if not acquired:
+        raise LimitExceeded(
+            f"the workspace already runs {agent.max_execs} commands at once and none ended within this call's "
+            f"timeout_s ({timeout_s:g} s); wait for them, or run long work with start_process"
+        )
+    try:
+        yield
+    finally:
+        agent.slots.release()
+
+
 async def run_agent_command(
     agent: AgentSession,
     request: dict[str, Any],
@@ -311,10 +351,18 @@ async def run_agent_command(
     output while the command runs (the agent streams it), before the result.
 
     Raises:
+        LimitExceeded: the agent ran ``max_execs`` commands for all of ``timeout_s`` (nothing was sent).
         NotStarted: the channel closed before the command started: safe to retry elsewhere.
         AgentGone: the channel closed while the command ran.
         AgentFault: the agent broke the protocol; the channel is closed.
     """
+    async with exec_slot(agent, timeout_s):
+        return await _run_command(agent, request, timeout_s, on_output)
+
+
+async def _run_command(
+    agent: AgentSession, request: dict[str, Any], timeout_s: float, on_output: Callable[[int, bytes, int], None] | None
+) -> ExecResult:
     start = time.monotonic()
     if on_output is not None:
         request = {**request, "stream": True}

@@ -78,7 +78,7 @@ class SSHPool:
 
     ``agent_path`` is where the exec agent is installed inside workspaces (image recipes put it
     at :data:`~sandbox_mcp.ssh.EXEC_AGENT_PATH`); ``exec_agent=False`` always uses a session per
-    command. All methods are coroutines for the asyncio backend (asyncssh is asyncio-only).
+    command; a workspace's agent runs ``max_execs`` at once (default 64). Coroutines on asyncio (asyncssh).
 
     Raises:
         InvalidSpec: ``agent_path`` is not a plain absolute path.
@@ -90,6 +90,7 @@ class SSHPool:
         connect_timeout_s: float = 15.0,
         keepalive_interval_s: float = 15.0,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_execs: int | None = None,
         exec_agent: bool = True,
         agent_path: str = EXEC_AGENT_PATH,
         sftp_timeout_s: float = SFTP_TIMEOUT_S,
@@ -99,6 +100,7 @@ class SSHPool:
         self._agent_command = agent_command(agent_path)
         self._keepalive_interval_s = keepalive_interval_s
         self._max_sessions = max_sessions
+        self._max_execs = max_execs
         self._sftp_timeout_s = sftp_timeout_s
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -106,10 +108,7 @@ class SSHPool:
     # connections
 
     def _lock(self, key: str) -> anyio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        return lock
+        return self._locks.setdefault(key, anyio.Lock())
 
     async def _connect(self, target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float) -> _Entry:
         """Open one authenticated connection; raises what asyncssh/socket raise (untranslated)."""
@@ -223,6 +222,7 @@ class SSHPool:
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
+            LimitExceeded: the workspace ran ``max_execs`` commands for all of ``timeout_s`` (agent only).
             SSHError: the workspace cannot be reached, the connection broke while the command ran
                 (whether it completed is then unknown), or the workspace's exec agent broke the
                 protocol (the connection is then dropped).
@@ -287,7 +287,7 @@ class SSHPool:
             if entry.agent is not None and not entry.agent.closed.is_set():
                 return entry.agent
             try:
-                agent = await start_agent(entry.conn, self._agent_command)
+                agent = await start_agent(entry.conn, self._agent_command, self._max_execs)
             except (asyncssh.Error, OSError, TimeoutError):
                 if not entry.alive():
                     raise
