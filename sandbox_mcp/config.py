@@ -141,7 +141,7 @@ class Settings(BaseModel):
         default=0, ge=0, le=32,
         description="Warm pool: booted, unclaimed containers of the default spec that a long-running server (serve, "
         "the daemon) keeps ready, so a create_workspace of that spec is a claim of tens of ms, not a boot. Each one "
-        "costs an idle container's memory (about 16 MiB). 0 (the default) keeps none",
+        "costs an idle container's memory (about 14 MiB). 0 (the default) keeps none",
     )
     stop_timeout_s: float = Field(
         default=3,

@@ -111,7 +111,7 @@ def pool_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check:
     keeper = next((r for r in runtimes.values() if "container" in r.types and r.has_pool), None)
     fix = ("set SANDBOX_MCP_POOL_SIZE (e.g. 2) for the server (serve, the daemon): a create of the default spec then "
            "claims a booted container in about 10 ms instead of booting one; each slot costs an idle container's "
-           "memory (about 16 MiB)")
+           "memory (about 14 MiB)")
     if size == 0 or keeper is None or settings.host_disk_mib is not None:
         why = ("pool_size is 0" if size == 0 else "host_disk_mib is set" if keeper is not None
                else "this mode's containers cannot be pooled")  # fmt: skip

@@ -102,8 +102,10 @@ async def _resolves(m: WorkspaceManager, name: str, host: str) -> str:
     return (await _sh(m, name, f"getent ahostsv4 {host} | awk 'NR==1{{print $1}}'"))[1]
 
 
-async def _get(m: WorkspaceManager, name: str, url: str) -> str:
-    code, out = await _sh(m, name, f"curl -s --max-time 3 {url} || echo failed")
+async def _get(m: WorkspaceManager, name: str, url: str, max_time_s: float = 30) -> str:
+    """The body of ``url`` fetched inside, or 'failed'. An allowed fetch gets 30 s (a loaded CI machine);
+    one meant to be dropped is asked with a short ``max_time_s`` (a dropped SYN waits it out)."""
+    code, out = await _sh(m, name, f"curl -s --max-time {max_time_s:g} {url} || echo failed")
     return out
 
 
@@ -140,7 +142,7 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             _queries(world)
             assert await _resolves(m, "dom", "web.other.test") == ""
             assert not any("other.test" in q for q in _queries(world))
-            assert await _get(m, "dom", "http://203.0.113.11/") == "failed"
+            assert await _get(m, "dom", "http://203.0.113.11/", max_time_s=3) == "failed"
             # DNS to any address goes to our resolver: asked directly, the stand-in's own server "answers"
             # NXDOMAIN (3) for the name it knows.
             assert (await _sh(m, "dom", f"python3 -c '{_RAW_QUERY}' web.other.test"))[1] == "3 0"
@@ -148,9 +150,9 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             # A CNAME into an allowed name works; one out of the list does not (not even its target's address).
             assert await _resolves(m, "dom", "www.allowed.test") == "203.0.113.10"
             assert await _resolves(m, "dom", "out.allowed.test") == ""
-            assert await _get(m, "dom", "http://203.0.113.11/") == "failed"
+            assert await _get(m, "dom", "http://203.0.113.11/", max_time_s=3) == "failed"
             # Private ranges and the host stay closed whatever resolves.
-            assert await _get(m, "dom", f"http://{s.host_ip}:22/") == "failed"
+            assert await _get(m, "dom", f"http://{s.host_ip}:22/", max_time_s=3) == "failed"
 
             # After the TTL (2 s) the address leaves the set, and a connection to it no longer opens.
             assert await _get(m, "dom", "http://short.allowed.test/") == "hello from 203.0.113.13"
@@ -160,7 +162,7 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
                     break
                 await anyio.sleep(0.5)
             assert "203.0.113.13" not in _set_elements(s, port)
-            assert await _get(m, "dom", "http://203.0.113.13/") == "failed"
+            assert await _get(m, "dom", "http://203.0.113.13/", max_time_s=3) == "failed"
 
             # set_egress on the running workspace: no restart (a file on its ephemeral root stays).
             await _sh(m, "dom", "echo kept > /tmp/marker")
@@ -172,7 +174,7 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             assert "203.0.113.10" in _set_elements(s, port)  # it only grew: what was allowed stays
             narrowed = await m.set_egress("dom", ["api.allowed.test"])
             assert narrowed.egress == ["api.allowed.test"]
-            assert await _get(m, "dom", "http://203.0.113.11/") == "failed"  # emptied: resolve again
+            assert await _get(m, "dom", "http://203.0.113.11/", max_time_s=3) == "failed"  # emptied: resolve again
             assert await _resolves(m, "dom", "web.other.test") == ""
             assert await _resolves(m, "dom", "www.allowed.test") == ""
             assert await _get(m, "dom", "http://api.allowed.test/") == "hello from 203.0.113.10"
@@ -181,12 +183,12 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
             async with Client(build_server(s)) as client:
                 r = await client.call_tool("set_egress", {"name": "dom", "egress": "none"})
                 assert not r.is_error and r.structured_content["egress"] == "none", r.content
-            assert await _get(m, "dom", "http://203.0.113.10/") == "failed"
+            assert await _get(m, "dom", "http://203.0.113.10/", max_time_s=3) == "failed"
             await m.set_egress("dom", "internet")
             assert await _get(m, "dom", "http://203.0.113.11/") == "hello from 203.0.113.11"
             assert (await _sh(m, "dom", "cat /etc/resolv.conf"))[1] != f"nameserver {s.host_ip}"
             await m.set_egress("dom", ["api.allowed.test"])
-            assert await _get(m, "dom", "http://203.0.113.11/") == "failed"
+            assert await _get(m, "dom", "http://203.0.113.11/", max_time_s=3) == "failed"
             assert await _get(m, "dom", "http://api.allowed.test/") == "hello from 203.0.113.10"
             assert (await _sh(m, "dom", "cat /tmp/marker"))[1] == "kept"
             assert (await m.registry.get("dom")).started_at == before

@@ -213,9 +213,9 @@ async def test_privileged_only_when_allowed(settings: Settings) -> None:
 
 
 def _is_copier(pid: int) -> bool:
-    """The console copier: supervise's bounded sink (python running its -c program)."""
+    """The console copier: supervise's bounded sink (a shell running its program)."""
     try:
-        return b"left = int(sys.argv[1])" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return supervise._SINK.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
 
