@@ -152,8 +152,9 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     from ..server import build_server
 
     state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
+    # No warm pool but the pool section's own: the other figures are of the cold path, on a quiet host.
     bench_settings = settings.model_copy(
-        update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None}
+        update={"state_dir": state, "bridge": "sbxbench-br", "mode": "direct", "hosts_file": None, "pool_size": 0}
     )
     results: dict[str, dict[str, float]] = {}
     proc_results: dict[str, dict[str, float]] = {}
@@ -178,9 +179,10 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return await _host_disk(bench_settings, args, state)
     egress_mode = getattr(args, "egress", "no")
     if egress_mode == "only":
-        return await _egress(bench_settings, args)
+        return await _egress(bench_settings, args, state)
     secrets_mode = getattr(args, "secrets", "no")
     if secrets_mode == "only":
+        state.rmdir()  # loopback only: no state dir
         return _secrets(args)
     pool_mode = getattr(args, "pool", "no")
     if pool_mode == "only":
@@ -246,11 +248,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 results["vm_bare_boot_to_sshd_s"] = {"p50": statistics.median(vbares), "min": min(vbares),
                                                      "tcg": float(accel == "tcg")}
     finally:
-        async with WorkspaceManager(bench_settings) as m:
-            for name in list((await m.registry.read()).workspaces):
-                await m.destroy(name)
-        await HostNetwork(bench_settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
+        await _tear_down(bench_settings, state)
     _print(results)
     if proc_results:
         print(format_processes(proc_results))
@@ -262,7 +260,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if snapshots_mode == "also":
         await _snapshots(bench_settings, args, state)
     if egress_mode == "also":
-        await _egress(bench_settings, args)
+        await _egress(bench_settings, args, Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-")))
     if secrets_mode == "also":
         _secrets(args)
     if pool_mode == "also":
@@ -315,11 +313,7 @@ async def _create_only(settings: Settings, runs: int, state: Path) -> int:
         async with Client(build_server(settings)) as client:
             results = await _create_section(tool_caller(client), settings, max(1, runs))
     finally:
-        async with WorkspaceManager(settings) as m:
-            for name in list((await m.registry.read()).workspaces):
-                await m.destroy(name)
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
+        await _tear_down(settings, state)
     print(_format_create(results))
     print(json.dumps(results))
     return 0
@@ -395,14 +389,21 @@ async def _git_section(settings: Settings, args: argparse.Namespace, state: Path
 
             results = await run_git_bench(call, settings, max(1, args.runs), args.git_files, args.git_commits)
     finally:
-        async with WorkspaceManager(settings) as m:
-            for name in list((await m.registry.read()).workspaces):
-                await m.destroy(name)
-        await HostNetwork(settings).remove_bridge()
-        shutil.rmtree(state, ignore_errors=True)
+        await _tear_down(settings, state)
     print(format_git(results))
     print(json.dumps(results))
     return 0
+
+
+async def _tear_down(settings: Settings, state: Path) -> None:
+    """After a section: every workspace it left destroyed (a pool's slots go with the manager that keeps them,
+    or with this one's start), the bridge and the state dir removed."""
+    async with WorkspaceManager(settings) as m:
+        for name, record in (await m.registry.read()).workspaces.items():
+            if not record.pooled:
+                await m.destroy(name)
+    await HostNetwork(settings).remove_bridge()
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -450,9 +451,8 @@ async def _host_disk(settings: Settings, args: argparse.Namespace, state: Path) 
     return 0
 
 
-async def _egress(settings: Settings, args: argparse.Namespace) -> int:
-    """The egress resolver section (:mod:`.egress`) in a state dir of its own; the bridge removed after."""
-    state = Path(tempfile.mkdtemp(prefix="sandbox-mcp-bench-"))
+async def _egress(settings: Settings, args: argparse.Namespace, state: Path) -> int:
+    """The egress resolver section (:mod:`.egress`) in the state dir ``state``; it and the bridge removed after."""
     settings = settings.model_copy(update={"state_dir": state})
     async with _own_state(settings, state):
         results = await run_egress(settings, max(20, getattr(args, "dns_queries", 200)))
