@@ -69,6 +69,7 @@ from .calls import tool_caller
 from .capacity import format_capacity, run_capacity
 from .concurrency import format_concurrency, run_concurrency, serve_env
 from .egress import format_egress, run_egress
+from .figures import pct
 from .incus import format_incus, run_incus
 from .processes import format_processes, run_processes
 from .secrets import format_secrets, run_secrets_bench
@@ -77,11 +78,6 @@ from .snapshots import format_snapshots, run_snapshots
 __all__ = ["run_bench"]
 
 _ISOLATED = "SANDBOX_MCP_BENCH_ISOLATED"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _reexec_isolated() -> int:
@@ -210,8 +206,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                 await anyio.run_process([*ssh_argv, "true"])
                 ssh_ms.append((time.perf_counter() - t0) * 1000)
             results["exec_true_ms"] = {
-                "tool_p50": statistics.median(tool_ms), "tool_p95": _pct(tool_ms, 0.95),
-                "ssh_p50": statistics.median(ssh_ms), "ssh_p95": _pct(ssh_ms, 0.95),
+                "tool_p50": statistics.median(tool_ms), "tool_p95": pct(tool_ms, 0.95),
+                "ssh_p50": statistics.median(ssh_ms), "ssh_p95": pct(ssh_ms, 0.95),
                 "ssh_over_tool_p50": statistics.median(ssh_ms) / statistics.median(tool_ms),
             }
 
@@ -539,7 +535,7 @@ async def _daemon_hop(settings: Settings, state: Path, n: int, in_process: objec
         daemon.terminate()
         await daemon.wait()
     out = {f"{k}_p50": statistics.median(v) for k, v in ms.items()}
-    out |= {f"{k}_p95": _pct(v, 0.95) for k, v in ms.items()}
+    out |= {f"{k}_p95": pct(v, 0.95) for k, v in ms.items()}
     out["hop_p50"] = out["stdio_daemon_p50"] - out["stdio_local_p50"]
     return out
 

@@ -32,6 +32,7 @@ import anyio
 from ..config import Settings
 from ..host.cgroups import CgroupHost, group_for
 from ..manager import WorkspaceManager
+from .figures import pct
 
 __all__ = ["format_concurrency", "run_concurrency", "serve_env"]
 
@@ -93,11 +94,6 @@ class _Cpu:
     def read(self) -> tuple[float, float, float | None]:
         serve = _proc_cpu_s(self.serve_pid) if self.serve_pid is not None else 0.0
         return time.process_time(), serve, _workspaces_cpu_s(self.cpu_stats)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _round(call: Call, names: list[str], calls: int) -> tuple[float, list[float]]:
@@ -204,7 +200,7 @@ async def run_concurrency(
     out: dict[str, dict[str, float]] = {}
     for key in walls:
         out[key] = {"per_s": calls / statistics.median(walls[key]), "p50_ms": statistics.median(lat[key]),
-                    "p95_ms": _pct(lat[key], 0.95), "wall_s": statistics.median(walls[key])}  # fmt: skip
+                    "p95_ms": pct(lat[key], 0.95), "wall_s": statistics.median(walls[key])}  # fmt: skip
         for name, seconds in zip(("cpu_self_ms", "cpu_serve_ms", "cpu_workspaces_ms"), used[key], strict=True):
             if seconds is not None and (name != "cpu_serve_ms" or key == "stdio"):
                 out[key][name] = 1000 * seconds / (rounds * calls)

@@ -23,23 +23,13 @@ import anyio
 from ..config import Settings
 from ..manager import WorkspaceManager
 from .calls import tool_caller
+from .capacity import mem_available_mib
+from .figures import pct
 
 __all__ = ["format_pool", "run_pool"]
 
 Figures = dict[str, float]
 BareBoot = Callable[[WorkspaceManager, str], Awaitable[float]]
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _mem_available_mib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 async def _ready(settings: Settings, n: int, timeout_s: float = 300) -> float:
@@ -78,11 +68,11 @@ async def run_pool(settings: Settings, state: Path, creates: int, size: int, col
     pooled = settings.model_copy(update={"state_dir": state / "pool", "pool_size": size})
     cold = settings.model_copy(update={"state_dir": state / "cold", "pool_size": 0})
     claims, creates_ms, server_ms, refills = [], [], [], []
-    before = _mem_available_mib()
+    before = mem_available_mib()
     async with Client(build_server(pooled)) as client:
         call = tool_caller(client)
         fill_s = await _ready(pooled, size)
-        slot_mib = (before - _mem_available_mib()) / size
+        slot_mib = (before - mem_available_mib()) / size
         for i in range(creates):
             ms, create_ms, own_ms, from_pool = await _create_exec_ms(call, f"pool{i}")
             if not from_pool:
@@ -107,7 +97,7 @@ async def run_pool(settings: Settings, state: Path, creates: int, size: int, col
         "pool_size": float(size),
         "creates": float(creates),
         "claim_p50_ms": round(claim_p50, 1),
-        "claim_p95_ms": round(_pct(claims, 0.95), 1),
+        "claim_p95_ms": round(pct(claims, 0.95), 1),
         "claim_max_ms": round(max(claims), 1),
         "claim_create_call_p50_ms": round(statistics.median(creates_ms), 1),
         "claim_in_manager_p50_ms": round(statistics.median(server_ms), 1),

@@ -94,7 +94,7 @@ class WarmPool:
         default type, no packages, the default limits), no static address or secrets, a name with no
         kept data, and a Claude config the owner may have (a slot's is seeded as a workspace without owner's).
         Another owner's files are fine: the claim maps the shares anew (see :meth:`Runtime.claim`)."""
-        if self.size == 0 or not runtime.has_pool or self.why_not() is not None:
+        if not runtime.has_pool or self.why_not() is not None:
             return False
         if spec.type != "container" or packages or spec.ip is not None or spec.secrets or not spec.start:
             return False
