@@ -1090,6 +1090,25 @@ def supervise(d, report_fd):
             w.close()
         del waiters[:]
 
+    def take(r):
+        data = os.read(r, 65536)
+        if data:
+            ring.append(pipes[r], data)
+        else:
+            os.close(r)
+            del pipes[r]
+
+    def drain():
+        # What the process wrote before it exited is in the pipes by now: into the ring before its exit
+        # is told, or a wait for the exit would return without its last output. Bounded: a descendant
+        # still writing must not hold the exit back.
+        for _ in range(256):
+            ready = select.select(list(pipes), [], [], 0)[0] if pipes else []
+            if not ready:
+                return
+            for r in ready:
+                take(r)
+
     while pipes or not ended:
         watched = list(pipes) + [wake_r] + ([listener] if listener is not None else [])
         ready = select.select(watched, [], [], 1.0)[0]
@@ -1103,12 +1122,7 @@ def supervise(d, report_fd):
                 except OSError:
                     pass
             else:
-                data = os.read(r, 65536)
-                if data:
-                    ring.append(pipes[r], data)
-                else:
-                    os.close(r)
-                    del pipes[r]
+                take(r)
                 changed = True
         while True:  # reap: the process, and orphans of its tree (we are their subreaper)
             try:
@@ -1128,6 +1142,7 @@ def supervise(d, report_fd):
                         sig = str(os.WTERMSIG(status))
                 else:
                     code = os.WEXITSTATUS(status)
+                drain()
                 _write_json(os.path.join(d, "exit.json"), {"exit": code, "signal": sig, "ended_at": time.time()})
         if changed:
             notify()
