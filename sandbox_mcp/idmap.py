@@ -29,6 +29,7 @@ Two maps (BASE = the workspace's first host uid, see :func:`naming.allocate_uid_
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -43,6 +44,7 @@ __all__ = [
     "MOUNT_ATTR_NOSUID",
     "MOUNT_ATTR_RDONLY",
     "IdMap",
+    "UserNamespaces",
     "detached_idmapped_tree",
     "format_map",
     "idmapped_mount",
@@ -166,6 +168,33 @@ def userns_with_map(idmap: IdMap, gid_map: IdMap | None = None) -> int:
             proc.stderr.close()
 
 
+class UserNamespaces:
+    """User namespaces made for id maps, one per distinct pair of maps, all closed together: the mounts of
+    one workspace share them (its image and host keys use one map, its shared directories another), and
+    each costs a child process (``unshare``) to make."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[tuple[tuple[int, int, int], ...], ...], int] = {}
+
+    def fd(self, idmap: IdMap, gid_map: IdMap | None = None) -> int:
+        """An fd of a user namespace with these maps (see :func:`userns_with_map`); this object closes it."""
+        key = (tuple(idmap), tuple(idmap if gid_map is None else gid_map))
+        if key not in self._fds:
+            self._fds[key] = userns_with_map(idmap, gid_map)
+        return self._fds[key]
+
+    def close(self) -> None:
+        fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __enter__(self) -> UserNamespaces:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _syscall_fail(what: str, path: Path) -> BackendError:
     err = ctypes.get_errno()
     return BackendError(
@@ -174,34 +203,35 @@ def _syscall_fail(what: str, path: Path) -> BackendError:
     )
 
 
-def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid_map: IdMap | None = None) -> int:
+def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid_map: IdMap | None = None,
+                           namespaces: UserNamespaces | None = None) -> int:
     """An fd of a copy of ``source``'s mount with ``idmap`` (gids: ``gid_map``, default the same) applied,
     attached nowhere. The caller closes it.
 
     The copy lives while the fd (or anything opened through it, e.g. ``/proc/self/fd/N`` in a
     process that inherited it) does, and is gone with the last one: nothing to unmount.
-    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``.
+    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``. ``namespaces``: where the user namespace
+    of the maps comes from (and stays, for the next mount with them); by default one made for this call.
 
     Raises:
         BackendError: the kernel or the file system refused (the message says which step).
     """
-    nsfd = userns_with_map(idmap, gid_map)
+    with contextlib.nullcontext(namespaces) if namespaces is not None else UserNamespaces() as owned:
+        return _idmapped_tree(source, owned.fd(idmap, gid_map), extra_attrs)
+
+
+def _idmapped_tree(source: Path, nsfd: int, extra_attrs: int) -> int:
+    fd = _libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(source), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        raise _syscall_fail("open_tree", source)
     try:
-        fd = _libc.syscall(
-            _SYS_OPEN_TREE, -100, os.fsencode(source), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
-        )
-        if fd < 0:
-            raise _syscall_fail("open_tree", source)
-        try:
-            attr = _MountAttr(MOUNT_ATTR_IDMAP | extra_attrs, 0, 0, nsfd)
-            if _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)):
-                raise _syscall_fail("mount_setattr", source)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-    finally:
-        os.close(nsfd)
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | extra_attrs, 0, 0, nsfd)
+        if _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)):
+            raise _syscall_fail("mount_setattr", source)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def move_tree(fd: int, target: Path) -> None:
@@ -216,16 +246,17 @@ def move_tree(fd: int, target: Path) -> None:
 
 
 def idmapped_mount(source: Path, target: Path, idmap: IdMap, extra_attrs: int = 0,
-                   gid_map: IdMap | None = None) -> None:
+                   gid_map: IdMap | None = None, namespaces: UserNamespaces | None = None) -> None:
     """Mount a copy of ``source`` at ``target`` (an existing directory) with ``idmap`` applied (gids:
     ``gid_map``, default the same).
 
-    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``. Unmount with ``umount``.
+    ``extra_attrs`` adds ``MOUNT_ATTR_RDONLY``/``NOSUID``/``NODEV``; ``namespaces`` as for
+    :func:`detached_idmapped_tree`. Unmount with ``umount``.
 
     Raises:
         BackendError: the kernel or the file system refused (the message says which step).
     """
-    fd = detached_idmapped_tree(source, idmap, extra_attrs, gid_map)
+    fd = detached_idmapped_tree(source, idmap, extra_attrs, gid_map, namespaces)
     try:
         move_tree(fd, target)
     finally:

@@ -81,3 +81,37 @@ def _check_shared_dir(top: Path) -> None:
         assert ((src / "by-agent").stat().st_uid, (src / "by-agent").stat().st_gid) == (1234, 1235)
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_mounts_with_the_same_maps_share_one_user_namespace() -> None:
+    """UserNamespaces (a workspace's mounts): one namespace per distinct pair of maps, each mount still
+    shifted by its own maps, and every namespace fd closed at the end."""
+    top = Path(tempfile.mkdtemp(prefix="sbx-idmap-"))
+    top.chmod(0o755)
+    mounted: list[Path] = []
+    try:
+        src = top / "src"
+        src.mkdir()
+        (src / "f").write_text("x")
+        os.chown(src / "f", 1234, 1235)
+        share, root = idmap.share_map(BASE, (1234, 1235), (1000, 1000)), idmap.root_map(BASE)
+        with idmap.UserNamespaces() as userns:
+            first = userns.fd(*share)
+            for i, (uids, gids) in enumerate((share, share, (root, root))):
+                target = top / f"mnt{i}"
+                target.mkdir()
+                idmap.idmapped_mount(src, target, uids, gid_map=gids, namespaces=userns)
+                mounted.append(target)
+            assert userns.fd(*share) == first
+            fds = [first, userns.fd(root)]
+            assert fds[0] != fds[1] and os.readlink(f"/proc/self/fd/{fds[0]}") != os.readlink(f"/proc/self/fd/{fds[1]}")
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed
+        owners = [((t / "f").stat().st_uid, (t / "f").stat().st_gid) for t in mounted]
+        assert owners == [(BASE + 1000, BASE + 1000), (BASE + 1000, BASE + 1000), (1234 + BASE, 1235 + BASE)]
+    finally:
+        for target in mounted:
+            subprocess.run(["umount", str(target)], check=False)
+        shutil.rmtree(top)

@@ -217,6 +217,7 @@ def scenario_bridge_idempotent() -> dict[str, Any]:
         first = ip_json("-d", "addr", "show", BRIDGE)[0]
         await net.ensure_bridge()
         second = ip_json("-d", "addr", "show", BRIDGE)[0]
+        routes = ip_json("-d", "route", "show", "dev", BRIDGE)
         # a port with any MAC must not change the bridge's MAC (it would stale other workspaces' ARP)
         await net.attach_veth("tnet1", "10.77.0.10", mac_for("tnet1"))
         with_port = ip_json("link", "show", BRIDGE)[0]
@@ -228,8 +229,10 @@ def scenario_bridge_idempotent() -> dict[str, Any]:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         await net.ensure_bridge()
         completed = ip_json("addr", "show", BRIDGE)[0]
+        completed_routes = ip_json("-d", "route", "show", "dev", BRIDGE)
         await net.remove_bridge()
-        return {"first": first, "second": second, "with_port": with_port, "gone": gone, "completed": completed}
+        return {"first": first, "second": second, "with_port": with_port, "gone": gone, "completed": completed,
+                "routes": routes, "completed_routes": completed_routes}  # fmt: skip
 
     return asyncio.run(main())
 
@@ -250,6 +253,12 @@ def test_ensure_bridge_creates_bridge_with_address_and_is_idempotent():
     assert [(a["local"], a["prefixlen"]) for a in completed["addr_info"] if a["family"] == "inet"] == [
         ("10.77.0.1", 24)
     ]
+    # One route to the subnet (the kernel's, replaced in place after two ensures), and it ACKs at once:
+    # no reply of a workspace's sshd waits for a delayed ACK of ours.
+    for routes in (r["routes"], r["completed_routes"]):
+        assert [(x["dst"], x.get("prefsrc"), x.get("metrics")) for x in routes] == [
+            ("10.77.0.0/24", "10.77.0.1", [{"quickack": 1}])
+        ], routes
 
 
 def scenario_conflicts() -> dict[str, tuple[str, str]]:

@@ -174,6 +174,28 @@ async def test_agent_runs_by_absolute_path(pool: SSHPool, own_sshd: Sshd, target
     assert [_cmdline(p) for p in agents] == [["/usr/bin/python3", "-I", "-u", AGENT]]  # no `-c SOURCE`
 
 
+async def test_the_agent_can_start_ahead_of_the_first_command(
+    pool: SSHPool, own_sshd: Sshd, target: SSHTarget
+) -> None:
+    """start_agent_soon (a create calls it once SSH answers): the agent runs before any command is sent,
+    and the first command uses that one; without a connection, or twice, it starts nothing more."""
+    pool.start_agent_soon(target)  # no connection yet: nothing to start on
+    assert not pool._starting
+    await pool.wait_ready(target, 10)
+    pool.start_agent_soon(target)
+    pool.start_agent_soon(target)  # the second finds the first under way
+    entry = pool._entries[target.key]
+    with anyio.fail_after(10):
+        while entry.agent is None:
+            await anyio.sleep(0.01)
+    started = entry.agent
+    assert (await pool.exec(target, "echo first")).stdout == "first\n"
+    assert pool._entries[target.key].agent is started
+    agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:3] == ["/usr/bin/python3", "-I", "-u"]]
+    assert len(agents) == 1
+    assert not pool._starting  # the task is gone once done
+
+
 async def test_missing_agent_falls_back_to_a_session_per_command(own_sshd: Sshd, target: SSHTarget) -> None:
     pool = SSHPool(agent_path="/nonexistent/sandbox-mcp/exec-agent")
     try:

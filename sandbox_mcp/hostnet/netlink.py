@@ -298,6 +298,12 @@ class HostNetwork:
                 )
             if not link["flags"] & 1:  # IFF_UP
                 await ipr.link("set", index=index, state="up")
+            # The host ACKs workspaces at once. sshd keeps Nagle on for sessions without a pty, so a reply
+            # written while its last packet awaits our delayed ACK (up to 40 ms) waits with it: an agent
+            # channel opened right after login took 40 ms longer than one opened 10 ms later. This is the
+            # kernel's own route for the bridge address (same key), so it is replaced, not doubled.
+            await ipr.route("replace", dst=str(want.network), oif=index, prefsrc=str(want.ip), scope=253,
+                            proto=2, table=254, metrics={"quickack": 1})  # fmt: skip
         except NetlinkError as exc:
             raise _translate(exc, f"setting up bridge {self.bridge} ({want})") from exc
         return index

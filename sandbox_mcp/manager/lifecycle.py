@@ -410,6 +410,7 @@ class LifecycleOps(_Manager):
             t_ssh = time.monotonic()
             await self._wait_ssh(record, runtime)
             await self._provision_secrets(record)
+            self.ssh.start_agent_soon(self._target(record))  # while this call finishes and the next arrives
             timings.ssh_s = round(time.monotonic() - t_ssh, 3)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

@@ -215,7 +215,7 @@ async def write_data(
 
 
 def check_page(offset: int, limit: int) -> None:
-    """Raises InvalidSpec for a listing page that cannot be: a negative offset, a limit below 1."""
+    """Raises InvalidSpec for a page (of a file or a listing) that cannot be: a negative offset, a limit below 1."""
     if offset < 0:
         raise InvalidSpec(f"offset must be >= 0, got {offset}")
     if limit < 1:

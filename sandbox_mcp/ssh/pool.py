@@ -8,6 +8,7 @@ and one SFTP channel for the file tools (:mod:`.files`), replaced when a call on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -104,6 +105,7 @@ class SSHPool:
         self._sftp_timeout_s = sftp_timeout_s
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self._starting: set[asyncio.Task[None]] = set()  # agents started ahead of their first command
 
     # connections
 
@@ -154,8 +156,7 @@ class SSHPool:
         Attempts are 10 ms apart for two seconds, then back off to 100 ms, each with a short TCP connect timeout.
 
         Raises:
-            SSHError: the host key does not match the pinned one (at once, without retrying), or
-                the key files cannot be read.
+            SSHError: the host key does not match the pinned one (at once, no retry), or a key file is unreadable.
             CommandTimeout: no successful login within ``timeout_s``; the message has the last error.
         """
         if self._current(target) is not None:
@@ -189,6 +190,8 @@ class SSHPool:
 
     async def close(self) -> None:
         """Close every pooled connection. Never raises."""
+        for task in self._starting:
+            task.cancel()
         for key in list(self._entries):
             await self.drop(key)
 
@@ -210,22 +213,20 @@ class SSHPool:
     ) -> ExecResult:
         """Run ``command`` with ``sh -c`` in the workspace and collect its result.
 
-        ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and
-        stderr are kept apart, each its head and tail, ``output_cap`` bytes together (the middle is
-        drained; ``truncated``, a marker line). With ``save_max`` the exec agent saves a stream past
-        ``save_over`` (default ``output_cap``) whole, up to ``save_max`` bytes (see
-        :func:`.commands.save_request`; no agent, no saving). stdin gets EOF after ``stdin``. A
-        command killed by a signal has ``exit_code=None`` and a note naming it on stderr. After
-        ``timeout_s`` its process group is killed (``timed_out=True``, ``exit_code=None``); so it is
-        when the awaiting task is cancelled, and the cancellation propagates.
+        ``cwd`` defaults to the workspace directory; a relative one resolves against it. stdout and stderr
+        are kept apart, each its head and tail, ``output_cap`` bytes together (the middle is drained;
+        ``truncated``, a marker line). With ``save_max`` the exec agent saves a stream past ``save_over``
+        (default ``output_cap``) whole, up to ``save_max`` bytes (:func:`.commands.save_request`; no agent,
+        no saving). stdin gets EOF after ``stdin``. A command killed by a signal has ``exit_code=None`` and
+        a note naming it on stderr. After ``timeout_s`` its process group is killed (``timed_out=True``,
+        ``exit_code=None``); so it is when the awaiting task is cancelled, and the cancellation propagates.
         ``on_output(fd, data, skipped)``: live output (the agent streams it).
 
         Raises:
             InvalidSpec: a bad env name, NUL bytes, a non-positive timeout, an empty cwd.
             LimitExceeded: the workspace ran ``max_execs`` commands for all of ``timeout_s`` (agent only).
-            SSHError: the workspace cannot be reached, the connection broke while the command ran
-                (whether it completed is then unknown), or the workspace's exec agent broke the
-                protocol (the connection is then dropped).
+            SSHError: the workspace cannot be reached, the connection broke while the command ran (whether
+                it completed is then unknown), or its exec agent broke the protocol (the connection is dropped).
         """
         wd = resolve_path(target.workspace_dir, cwd) if cwd is not None else target.workspace_dir
         remote = build_exec_command(command, cwd=wd, env=env, timeout_s=timeout_s)  # validates all inputs
@@ -277,6 +278,16 @@ class SSHPool:
         """``command`` with byte-stream stdin/stdout (git's protocol): see :func:`.stream.pool_stream`."""
         return pool_stream(self, target, command, **kw)
 
+    def start_agent_soon(self, target: SSHTarget) -> None:
+        """Start the exec agent of ``target``'s connection in the background (a Python start: tens of ms, seconds
+        in an emulated VM), so the first command finds it running; a failure is left to that command."""
+        entry = self._current(target)
+        if entry is not None and self._use_agent and entry.agent is None and not entry.agent_unavailable:
+            task = asyncio.get_running_loop().create_task(self._agent(entry))
+            self._starting.add(task)
+            # Its exception is taken here (not logged as never retrieved): the first command meets it again.
+            task.add_done_callback(lambda t: self._starting.discard(t) or t.cancelled() or t.exception())
+
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""
         if not self._use_agent or entry.agent_unavailable:
@@ -327,10 +338,9 @@ class SSHPool:
     ) -> T:
         """Run ``op`` with the pooled SFTP client, bounded by the SFTP timeout (longer by ``size`` bytes moved).
 
-        A dead connection is replaced and ``op`` retried once (unless it may have had an effect
-        and is not idempotent); a lost SFTP channel on a live connection is replaced likewise. On
-        a timeout the SFTP channel is closed, so one blocked request cannot wedge later calls.
-        ``op`` translates file-level SFTP errors itself.
+        A dead connection is replaced and ``op`` retried once (unless it may have had an effect and is not
+        idempotent); a lost SFTP channel on a live connection is replaced likewise. On a timeout the SFTP
+        channel is closed, so one blocked request cannot wedge later calls. ``op`` translates file errors.
         """
         timeout_s = self._sftp_timeout_s + size * _SFTP_SECONDS_PER_BYTE
         for attempt in (1, 2):
@@ -366,9 +376,8 @@ class SSHPool:
     ) -> FileContent:
         """Read up to ``limit`` bytes of a regular workspace file from ``offset``.
 
-        Content is UTF-8 text when the chunk decodes as UTF-8 (a multibyte character cut at the
-        end is left for the next chunk), else base64. ``truncated``/``next_offset`` say whether
-        and where to continue.
+        Content is UTF-8 text when the chunk decodes as UTF-8 (a multibyte character cut at the end is
+        left for the next chunk), else base64. ``truncated``/``next_offset`` say whether and where to go on.
 
         Raises:
             InvalidSpec: a bad path/offset/limit, no such file, a directory, a FIFO, socket or
@@ -376,10 +385,7 @@ class SSHPool:
             CommandTimeout: the SFTP call did not finish within the SFTP timeout.
             SSHError: the workspace cannot be reached or the connection broke.
         """
-        if offset < 0:
-            raise InvalidSpec(f"offset must be >= 0, got {offset}")
-        if limit < 1:
-            raise InvalidSpec(f"limit must be >= 1, got {limit}")
+        files.check_page(offset, limit)
         abspath = resolve_path(target.workspace_dir, path)
         return await self._with_sftp(
             target, "read", abspath, lambda sftp: files.read_chunk(sftp, target, abspath, offset, limit), size=limit
@@ -397,9 +403,9 @@ class SSHPool:
     ) -> WriteResult:
         """Write (or append) ``data`` to a regular workspace file.
 
-        Without ``append`` the file is replaced atomically (written under a temporary name in the
-        same directory, then renamed over the target); an existing file keeps its permission bits
-        unless ``mode`` is given. Missing parent directories are created with ``make_parents``.
+        Without ``append`` the file is replaced atomically (written under a temporary name in the same
+        directory, then renamed over it); an existing file keeps its permission bits unless ``mode`` is
+        given. Missing parent directories are created with ``make_parents``.
 
         Raises:
             InvalidSpec: a bad path or mode, a missing parent without ``make_parents``, the path is
@@ -412,16 +418,10 @@ class SSHPool:
         abspath = resolve_path(target.workspace_dir, path)
         if abspath == "/":
             raise InvalidSpec("cannot write to /; give a file path")
-        return await self._with_sftp(
-            target,
-            "write",
-            abspath,
-            lambda sftp: files.write_data(
-                sftp, target, abspath, data, append=append, mode=mode, make_parents=make_parents
-            ),
-            idempotent=not append,
-            size=len(data),
+        write = lambda sftp: files.write_data(  # noqa: E731
+            sftp, target, abspath, data, append=append, mode=mode, make_parents=make_parents
         )
+        return await self._with_sftp(target, "write", abspath, write, idempotent=not append, size=len(data))
 
     async def list_dir(
         self, target: SSHTarget, path: str = ".", offset: int = 0, limit: int = files.DEFAULT_PAGE

@@ -122,21 +122,24 @@ def mount_all(
     try:
         for d in m.order():
             d.mkdir(parents=True, exist_ok=True)
-        idmap.idmapped_mount(image, m.lower, idmap.root_map(uid_base), idmap.MOUNT_ATTR_RDONLY)
-        _mount("tmpfs", m.rw, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={root_layer_mib}m,mode=0755")
-        for sub in ("upper", "work"):
-            (m.rw / sub).mkdir()
-            os.chown(m.rw / sub, uid_base, uid_base)  # the container's root owns its /
-        if seed is not None:
-            _seed_upper(seed, m.rw / "upper", root_layer_mib)
-            os.chown(m.rw / "upper", uid_base, uid_base)
-        os.chmod(m.rw / "upper", root_mode)
-        _mount("overlay", m.root, "overlay", 0, opts)
-        nosuid = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
-        for source, target in ((workspace, m.workspace), (claude_config, m.claude)):
-            uids, gids = idmap.share_map(uid_base, _owner_of(source), user_ids)
-            idmap.idmapped_mount(source, target, uids, nosuid, gid_map=gids)
-        idmap.idmapped_mount(host_keys, m.keys, idmap.root_map(uid_base), nosuid | idmap.MOUNT_ATTR_RDONLY)
+        # Two id maps (the image's and host keys', the shared directories'): a user namespace each, not a mount each.
+        with idmap.UserNamespaces() as userns:
+            root_map = idmap.root_map(uid_base)
+            idmap.idmapped_mount(image, m.lower, root_map, idmap.MOUNT_ATTR_RDONLY, namespaces=userns)
+            _mount("tmpfs", m.rw, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={root_layer_mib}m,mode=0755")
+            for sub in ("upper", "work"):
+                (m.rw / sub).mkdir()
+                os.chown(m.rw / sub, uid_base, uid_base)  # the container's root owns its /
+            if seed is not None:
+                _seed_upper(seed, m.rw / "upper", root_layer_mib)
+                os.chown(m.rw / "upper", uid_base, uid_base)
+            os.chmod(m.rw / "upper", root_mode)
+            _mount("overlay", m.root, "overlay", 0, opts)
+            nosuid = idmap.MOUNT_ATTR_NOSUID | idmap.MOUNT_ATTR_NODEV
+            for source, target in ((workspace, m.workspace), (claude_config, m.claude)):
+                uids, gids = idmap.share_map(uid_base, _owner_of(source), user_ids)
+                idmap.idmapped_mount(source, target, uids, nosuid, gid_map=gids, namespaces=userns)
+            idmap.idmapped_mount(host_keys, m.keys, root_map, nosuid | idmap.MOUNT_ATTR_RDONLY, namespaces=userns)
     except BaseException:
         unmount_all(m)
         raise
