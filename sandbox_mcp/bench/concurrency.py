@@ -14,7 +14,9 @@ Per path: calls per second (the calls over the wall time of their round; the med
 p50/p95 of each call's own latency over every round; and where the CPU went, in milliseconds per call:
 this process (the client, and the server when in process), the stdio ``serve`` child, and the
 workspaces (their cgroups: sshd, the exec agent, ``sh``). On a machine of N cores a path cannot
-exceed N / (their sum) calls per millisecond, and one process not 1 / its own share.
+exceed N / (their sum) calls per millisecond, and one process not 1 / its own share: the section
+prints that ceiling per path, and the floor under every call, the CPU one ``sh -c true`` started
+on this host costs (each call starts one).
 """
 
 from __future__ import annotations
@@ -205,13 +207,25 @@ async def run_concurrency(
             if seconds is not None and (name != "cpu_serve_ms" or key == "stdio"):
                 out[key][name] = 1000 * seconds / (rounds * calls)
     out["setup"] = {"workspaces": float(workspaces), "calls": float(calls), "rounds": float(rounds)}
+    out["floor"] = {"sh_cpu_ms": await anyio.to_thread.run_sync(_spawn_cpu_ms), "cores": float(os.cpu_count() or 1)}
     return out
+
+
+def _spawn_cpu_ms(n: int = 200) -> float:
+    """CPU milliseconds (its own, and the spawning) of one ``sh -c true`` started and reaped on this host."""
+    sh = "/bin/sh"
+    before, t0 = os.times(), time.process_time()
+    for _ in range(n):
+        os.waitpid(os.posix_spawn(sh, [sh, "-c", "true"], {}), 0)
+    after = os.times()
+    children = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    return 1000 * (children + time.process_time() - t0) / n
 
 
 def format_concurrency(r: dict[str, dict[str, float]]) -> str:
     """The section's lines: each path against the raw-SSH baseline of the same run."""
-    s = r["setup"]
-    raw = r["raw"]
+    s, raw, floor = r["setup"], r["raw"], r.get("floor")
+    cores = floor["cores"] if floor else float(os.cpu_count() or 1)
     lines = [f"{s['calls']:.0f} concurrent exec true over {s['workspaces']:.0f} workspaces "
              f"({s['rounds']:.0f} rounds, median round):"]  # fmt: skip
     names = {"stdio": "one stdio serve (in process)", "mcp": "in-process MCP client", "manager": "manager.exec (no MCP)",
@@ -223,6 +237,11 @@ def format_concurrency(r: dict[str, dict[str, float]]) -> str:
                      f"p95 {f['p95_ms']:.1f} ms{ratio}")  # fmt: skip
         shares = [f"{label} {f[k]:.2f}" for label, k in (("this process", "cpu_self_ms"), ("serve", "cpu_serve_ms"),
                                                         ("workspaces", "cpu_workspaces_ms")) if k in f]  # fmt: skip
-        if shares:
-            lines.append(f"    CPU ms per call: {', '.join(shares)}")
+        total = sum(f[k] for k in ("cpu_self_ms", "cpu_serve_ms", "cpu_workspaces_ms") if k in f)
+        if shares and total > 0:
+            lines.append(f"    CPU ms per call: {', '.join(shares)}; ceiling on {cores:.0f} cores "
+                         f"{1000 * cores / total:.0f} per second")  # fmt: skip
+    if floor:
+        lines.append(f"  floor: one `sh -c true` started on this host costs {floor['sh_cpu_ms']:.2f} ms of CPU "
+                     f"(each call starts one in its workspace)")  # fmt: skip
     return "\n".join(lines)
