@@ -48,7 +48,8 @@ class Registry:
     def _locked(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.lock_path, exclusive)
 
-    def _read_unlocked(self) -> RegistryData:
+    def _read_unlocked(self, *, shared: bool = False) -> RegistryData:
+        """The registry on disk, a fresh object; ``shared``: also the cache's (then never modified)."""
         raw = self._raw()
         if raw is None:
             return RegistryData()
@@ -59,8 +60,8 @@ class Registry:
                 f"registry {self.path} is corrupt ({exc.error_count()} errors); "
                 f"move it aside and run 'sandbox-mcp doctor'"
             ) from exc
-        # The cache's own object: parsed again (in pydantic's core, a third of a deep copy's cost).
-        self._cache = (raw, RegistryData.model_validate_json(raw))
+        if shared:
+            self._cache = (raw, data)
         return data
 
     def _write_unlocked(self, data: RegistryData) -> None:
@@ -90,11 +91,24 @@ class Registry:
         cache = self._cache
         if cache is not None and cache[0] == self._raw():
             return cache[1]
-        return await anyio.to_thread.run_sync(self.read_sync)  # a fresh object (the cache keeps its own)
+        # Parsed once, for the cache and this caller alike: a transaction's own read (which it modifies and
+        # writes, changing the file) never fills the cache, the next read here does.
+        return await anyio.to_thread.run_sync(self._shared_sync)
+
+    def _shared_sync(self) -> RegistryData:
+        with self._locked(exclusive=False):
+            return self._read_unlocked(shared=True)
 
     async def read(self) -> RegistryData:
         """A snapshot of the registry (the caller may modify it). Raises BackendError if the file is corrupt."""
-        return (await self._current()).model_copy(deep=True)
+        shared, cache = await self._current(), self._cache
+        if cache is not None and cache[1] is shared:
+            return RegistryData.model_validate_json(cache[0])  # the same bytes again: a third of a deep copy's cost
+        return shared.model_copy(deep=True)
+
+    async def peek_all(self) -> RegistryData:
+        """The registry as parsed, shared with other callers: read it, never modify it (no copy made)."""
+        return await self._current()
 
     async def get(self, name: str) -> WorkspaceRecord:
         """The record of ``name``, a copy the caller may modify. Raises WorkspaceNotFound."""

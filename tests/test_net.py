@@ -261,6 +261,49 @@ def test_ensure_bridge_creates_bridge_with_address_and_is_idempotent():
         ], routes
 
 
+def scenario_bridge_checked_once_per_burst() -> dict[str, Any]:
+    from sandbox_mcp.hostnet import netlink
+
+    async def main() -> dict[str, Any]:
+        net, dumps = _net(), []
+        real = netlink._ipv4_addresses
+
+        async def counted(ipr: Any) -> Any:
+            dumps.append(1)
+            return await real(ipr)
+
+        netlink._ipv4_addresses = counted
+        try:
+            await net.ensure_bridge()
+            first = len(dumps)
+            await net.ensure_bridge()
+            await net.attach_veth("tnet3", "10.77.0.13", mac_for("tnet3"))  # a start: checks the bridge too
+            burst = len(dumps) - first
+            await net.detach("tnet3")
+            # Deleted by hand: another link (index) under the name, so the next ensure checks and rebuilds it.
+            sh("ip", "link", "del", BRIDGE)
+            await net.ensure_bridge()
+            rebuilt = ip_json("addr", "show", BRIDGE)[0]
+            # Past the window a change by hand (the address removed) is seen and mended.
+            netlink.BRIDGE_RECHECK_S = 0.0
+            sh("ip", "addr", "flush", "dev", BRIDGE)
+            await net.ensure_bridge()
+            mended = ip_json("addr", "show", BRIDGE)[0]
+            await net.remove_bridge()
+        finally:
+            netlink._ipv4_addresses = real
+        return {"first": first, "burst": burst, "rebuilt": rebuilt, "mended": mended}
+
+    return asyncio.run(main())
+
+
+def test_the_bridge_is_checked_once_per_burst_of_starts() -> None:
+    r = isolated(scenario_bridge_checked_once_per_burst)
+    assert r["first"] == 1 and r["burst"] == 0  # the second ensure and the start took the first's word
+    for link in (r["rebuilt"], r["mended"]):
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [("10.77.0.1", 24)]
+
+
 def scenario_conflicts() -> dict[str, tuple[str, str]]:
     async def main() -> dict[str, tuple[str, str]]:
         net, out = _net(), {}
@@ -485,7 +528,9 @@ def scenario_nft_in_process(state: str) -> dict[str, Any]:
     the nft program lists; a refused script; the lock ensure() leaves alone when the tables are whole."""
     import fcntl
 
-    from sandbox_mcp.hostnet import firewall, nft
+    from sandbox_mcp.hostnet import firewall, netlink, nft
+
+    netlink.BRIDGE_RECHECK_S = 0.0  # every ensure looks at the tables (the window: see the end)
 
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {"library": nft.shared().available}
@@ -513,6 +558,23 @@ def scenario_nft_in_process(state: str) -> dict[str, Any]:
         os.close(holder)
         await net.ensure()
         out["reloaded"] = await firewall.table_exists(BRIDGE) is not None
+        # Within the window a burst of starts lists the tables once; a retire that removes them ends it.
+        netlink.BRIDGE_RECHECK_S, listed, real = 60.0, [], firewall.table_exists
+
+        async def counted(bridge: str) -> str | None:
+            listed.append(bridge)
+            return await real(bridge)
+
+        firewall.table_exists = counted
+        try:
+            for _ in range(3):
+                await net.ensure()
+            await net.revoke("sb-tnet1")
+            out["retired"] = await net.retire()
+            await net.ensure()
+        finally:
+            firewall.table_exists = real
+        out["listed"] = len(listed)
         await firewall.remove_tables(BRIDGE)
         out["removed"] = await firewall.table_exists(BRIDGE)
         await net.remove_bridge()
@@ -533,6 +595,10 @@ def test_nft_in_process_is_what_the_program_does_and_ensure_skips_the_lock(tmp_p
     assert not r["ensure_waited_with_tables"]
     assert r["ensure_waited_without_tables"]
     assert r["reloaded"] and r["removed"] is None
+    # The three ensures in the window: no listing (the one before them looked). Then revoke and retire list
+    # (under the lock), and the ensure after the retire looks again, and once more under the lock, where it
+    # loads them: 4 (7 had the three looked).
+    assert r["retired"] and r["listed"] == 4
 
 
 @pytest.mark.anyio

@@ -185,10 +185,12 @@ async def test_the_agent_can_start_ahead_of_the_first_command(
     pool.start_agent_soon(target)
     pool.start_agent_soon(target)  # the second finds the first under way
     entry = pool._entries[target.key]
+    assert len(pool._starting) == 2
     with anyio.fail_after(10):
-        while entry.agent is None:
-            await anyio.sleep(0.01)
+        for task in list(pool._starting):
+            await task
     started = entry.agent
+    assert started is not None
     assert (await pool.exec(target, "echo first")).stdout == "first\n"
     assert pool._entries[target.key].agent is started
     agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:3] == ["/usr/bin/python3", "-I", "-u"]]

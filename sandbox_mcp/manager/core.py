@@ -294,7 +294,7 @@ class ManagerCore:
         on_bridge = [r for r in self.runtimes.values() if r.host_network]
         if not on_bridge:
             return
-        data = await self.registry.read()
+        data = await self.registry.peek_all()  # read only: every create and destroy calls this
         names = {r.name for r in on_bridge}
         entries = {n: r.ip for n, r in data.workspaces.items()
                    if r.runtime in names and r.state != "creating" and r.ip is not None and not r.pooled}  # fmt: skip
