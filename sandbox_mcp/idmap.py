@@ -216,8 +216,8 @@ def detached_idmapped_tree(source: Path, idmap: IdMap, extra_attrs: int = 0, gid
     Raises:
         BackendError: the kernel or the file system refused (the message says which step).
     """
-    with contextlib.nullcontext(namespaces) if namespaces is not None else UserNamespaces() as owned:
-        return _idmapped_tree(source, owned.fd(idmap, gid_map), extra_attrs)
+    with contextlib.nullcontext(namespaces) if namespaces is not None else UserNamespaces() as userns:
+        return _idmapped_tree(source, userns.fd(idmap, gid_map), extra_attrs)
 
 
 def _idmapped_tree(source: Path, nsfd: int, extra_attrs: int) -> int:

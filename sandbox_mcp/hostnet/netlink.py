@@ -91,6 +91,7 @@ _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
 
+
 class HostNetwork:
     """The bridge and the per-workspace network namespaces of direct mode, on this host.
 
