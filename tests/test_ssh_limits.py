@@ -183,7 +183,7 @@ async def test_the_agent_can_start_ahead_of_the_first_command(
     assert not pool._starting
     await pool.wait_ready(target, 10)
     pool.start_agent_soon(target)
-    pool.start_agent_soon(target)  # the second finds the first under way
+    pool.start_agent_soon(target)  # the second waits for the first's agent and starts none of its own
     entry = pool._entries[target.key]
     assert len(pool._starting) == 2
     with anyio.fail_after(10):
