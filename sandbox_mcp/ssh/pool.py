@@ -80,9 +80,7 @@ class SSHPool:
     ``agent_path`` is where the exec agent is installed inside workspaces (image recipes put it
     at :data:`~sandbox_mcp.ssh.EXEC_AGENT_PATH`); ``exec_agent=False`` always uses a session per
     command; a workspace's agent runs ``max_execs`` at once (default 64). Coroutines on asyncio (asyncssh).
-
-    Raises:
-        InvalidSpec: ``agent_path`` is not a plain absolute path.
+    Raises InvalidSpec if ``agent_path`` is not a plain absolute path.
     """
 
     def __init__(
@@ -283,10 +281,13 @@ class SSHPool:
         in an emulated VM), so the first command finds it running; a failure is left to that command."""
         entry = self._current(target)
         if entry is not None and self._use_agent and entry.agent is None and not entry.agent_unavailable:
-            task = asyncio.get_running_loop().create_task(self._agent(entry))
+            task = asyncio.get_running_loop().create_task(self._agent_ahead(entry))
             self._starting.add(task)
-            # Its exception is taken here (not logged as never retrieved): the first command meets it again.
-            task.add_done_callback(lambda t: self._starting.discard(t) or t.cancelled() or t.exception())
+            task.add_done_callback(self._starting.discard)
+
+    async def _agent_ahead(self, entry: _Entry) -> None:
+        with contextlib.suppress(Exception):  # what failed here, the first command meets again and reports
+            await self._agent(entry)
 
     async def _agent(self, entry: _Entry) -> AgentSession | None:
         """The connection's exec agent, started on first use; None where it cannot run."""
@@ -303,9 +304,7 @@ class SSHPool:
                 if not entry.alive():
                     raise
                 agent = None
-            if agent is None:
-                entry.agent_unavailable = True
-            entry.agent = agent
+            entry.agent, entry.agent_unavailable = agent, agent is None  # None: a session per command from now on
             return agent
 
     # SFTP
