@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the tests take secrets_flow's fixtures by name
 """Secrets for real: a container uses them through the host's proxy and never holds a value.
 
 The "internet" is tests/internet.py: a namespace of this test's own with its CA and HTTPS stand-ins for
@@ -11,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,16 @@ from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.hostnet import firewall
 from sandbox_mcp.manager import WorkspaceManager
-from sandbox_mcp.secrets.settings import SecretSpec, SecretsProxySettings
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
 from .deploy import Daemon, as_user, cli_as, user_env
-from .internet import ANTHROPIC, EVIL, GIT, Internet, internet
+from .internet import ANTHROPIC, EVIL, GIT, Internet
 from .points import wait_until
+from .secrets_flow import CONNECTIONS, SEARCH, net, values, with_secrets  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-CONNECTIONS = 6  # the proxy's per-workspace connection limit here
 PY_CONNECT = r"""
 import socket, sys
 held, refused = [], 0
@@ -65,36 +63,6 @@ print(json.load(urllib.request.urlopen(req, timeout=20))["content"][0]["text"])
 """
 
 
-@pytest.fixture
-def values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
-    """The real values: one in the server's environment, two in files."""
-    v = {name: f"REAL-{name}-{secrets.token_hex(20)}" for name in ("anthropic", "oauth", "gittoken")}
-    monkeypatch.setenv("SBXT_ANTHROPIC_KEY", v["anthropic"])
-    for name in ("oauth", "gittoken"):
-        (tmp_path / name).write_text(v[name] + "\n")
-        (tmp_path / name).chmod(0o600)
-    return v
-
-
-@pytest.fixture
-def net(settings: Settings, tmp_path: Path, values: dict[str, str]) -> Iterator[Internet]:
-    with internet(tmp_path / "internet", values["gittoken"]) as made:
-        yield made
-
-
-def _settings(settings: Settings, tmp_path: Path, net: Internet) -> Settings:
-    specs = {
-        "anthropic": SecretSpec(source="env:SBXT_ANTHROPIC_KEY", hosts=[ANTHROPIC], send="header", header="x-api-key",
-                                env=["ANTHROPIC_API_KEY"], base_url_env=["ANTHROPIC_BASE_URL"]),
-        "oauth": SecretSpec(source=f"file:{tmp_path / 'oauth'}", hosts=[ANTHROPIC], send="bearer",
-                            env=["CLAUDE_CODE_OAUTH_TOKEN"]),
-        "gittoken": SecretSpec(source=f"file:{tmp_path / 'gittoken'}", hosts=[GIT], send="basic", git=True,
-                               env=["GIT_TOKEN"]),
-    }
-    proxy = SecretsProxySettings(ca_bundle=net.ca, resolve=net.resolve, max_connections=CONNECTIONS)
-    return settings.model_copy(update={"secrets": specs, "secrets_proxy": proxy})
-
-
 async def _call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
     result = await client.call_tool(tool, args)
     assert not result.is_error, f"{tool}: {result.content}"
@@ -104,14 +72,6 @@ async def _call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
 
 async def _sh(client: Client, command: str) -> dict[str, Any]:
     return await _call(client, "exec", name="sec", command=command, timeout_s=60)
-
-
-SEARCH = (
-    "sudo -n bash -c 'n=$(cat); for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; "
-    "do tr \"\\0\" \"\\n\" < $f; done 2>/dev/null | grep -cFf <(printf \"%s\\n\" \"$n\"); "
-    "grep -rlsFf <(printf \"%s\\n\" \"$n\") /etc /home /root /tmp /var /run /usr/local /opt; "
-    "journalctl --no-pager -q | grep -cFf <(printf \"%s\\n\" \"$n\")'"
-)
 
 
 async def _search(client: Client, needles: Any) -> tuple[int, list[str], int]:
@@ -130,7 +90,7 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
     settings: Settings, tmp_path: Path, net: Internet, values: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="sandbox_mcp")
-    s = _settings(settings, tmp_path, net)
+    s = with_secrets(settings, tmp_path, net)
     proxy_url = f"http://{s.host_ip}:{s.secrets_proxy.port}"
     paths = s.state_dir / ".server" / "secrets-proxy"
     async with Client(build_server(s)) as client:
@@ -275,7 +235,7 @@ class _DaemonWithSecrets(Daemon):
 async def test_through_the_daemon_secrets_are_the_operators_and_per_user(
     settings: Settings, tmp_path: Path, net: Internet, values: dict[str, str], accounts: Any
 ) -> None:
-    s = _settings(settings, tmp_path, net)
+    s = with_secrets(settings, tmp_path, net)
     specs = {**s.secrets, "gittoken": s.secrets["gittoken"].model_copy(update={"uids": [accounts.bob.uid]})}
     run_dir = Path(tempfile.mkdtemp(prefix="sbxd-run-"))
     os.chmod(run_dir, 0o755)
