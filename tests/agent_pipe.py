@@ -1,6 +1,6 @@
 """Drive the exec agent (sandbox_mcp/exec_agent.py) over its stdin/stdout, as the SSH pool does.
 
-The agent runs as a real process: locally (``python3 -I -u PATH``) or behind a real sshd
+The agent runs as a real process: locally (``python3 -I -S -u PATH``) or behind a real sshd
 (the same command through the OpenSSH client). Tests write JSON lines, several in one write
 when the order in which the agent sees them matters, and read its replies with an upper bound
 that only stops a hung test.
@@ -26,7 +26,7 @@ __all__ = ["AgentPipe", "agent_command", "request"]
 
 def agent_command(python: str = sys.executable) -> list[str]:
     """The argv that runs the agent as the pool runs it (isolated, unbuffered, by path): here from this checkout."""
-    return [python, "-I", "-u", str(Path(exec_agent.__file__).resolve())]
+    return [python, "-I", "-S", "-u", str(Path(exec_agent.__file__).resolve())]
 
 
 def request(rid: int, command: str, cwd: Path | str, *, timeout: float = 60.0, **extra: Any) -> dict[str, Any]:

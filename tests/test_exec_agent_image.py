@@ -60,7 +60,7 @@ def test_installed_agent_is_root_owned_and_answers(tmp_path: Path, compiled: boo
     # The copy is a working agent: ready line, then one command and its reply.
     request = {"id": 7, "command": "echo hi; echo err >&2", "cwd": str(tmp_path), "env": {}, "stdin": None,
                "timeout": 30, "cap": 1024}
-    proc = subprocess.Popen([python, "-I", "-u", str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([python, "-I", "-S", "-u", str(dest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     watchdog = threading.Timer(60, proc.kill)  # a broken agent fails the test instead of hanging it
     watchdog.start()
     lines = []
@@ -96,7 +96,7 @@ async def test_workspace_runs_the_installed_agent(manager: object) -> None:
     assert first == "root 755"
     rows = [line.split(None, 1) + [""] for line in procs]
     agents = [[user, args] for user, args, *_ in rows if args.startswith("/usr/bin/python3")]
-    assert agents == [[ws.user, f"/usr/bin/python3 -I -u {EXEC_AGENT_PATH}"]]
+    assert agents == [[ws.user, f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH}"]]
     assert not [line for line in procs if " -c " in line and "python3" in line]  # no source on a command line
     assert manager.ssh._entries[ws.name].agent is not None  # exec went through the agent
     # The recipe left bytecode of the image's own python3 there (no compile per start), the source beside it.

@@ -2,7 +2,7 @@
 checks of its replies (malformed ones are refused), the output relay of exec's progress, and the port
 forwarder on loopback with the peer-uid check.
 
-The agent runs here as in a workspace (``python3 -I -u exec_agent.py``) with its process directory
+The agent runs here as in a workspace (``python3 -I -S -u exec_agent.py``) with its process directory
 under a temp dir; supervisors are real detached processes, ended by PID at the end of each test.
 """
 

@@ -694,7 +694,7 @@ async def test_an_exec_never_waits_for_one_on_another_workspace(pool: SSHPool, s
 def test_exec_agent_behind_sshd_never_starts_a_command_cancelled_in_its_write(
     sshd: Sshd, workspace: Path, tmp_path: Path
 ) -> None:
-    """The agent as the pool runs it (python3 -I -u PATH over an SSH session), driven over the OpenSSH client."""
+    """The agent as the pool runs it (python3 -I -S -u PATH over an SSH session), driven over the OpenSSH client."""
     if not shutil.which("ssh"):
         pytest.skip("OpenSSH client not installed")
     t = sshd.target(workspace)

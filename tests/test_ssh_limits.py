@@ -119,7 +119,7 @@ def test_reply_limit_fits_the_largest_honest_reply() -> None:
 
 
 def test_agent_command_is_absolute_and_exact() -> None:
-    assert agent_command() == f"exec /usr/bin/python3 -I -u {EXEC_AGENT_PATH}"
+    assert agent_command() == f"exec /usr/bin/python3 -I -S -u {EXEC_AGENT_PATH}"
     assert EXEC_AGENT_PATH == "/usr/local/libexec/sandbox-mcp/exec-agent"
     for bad in ["exec-agent", "/a b", "/a;reboot", "/x/../../etc/agent", "$HOME/agent", ""]:
         with pytest.raises(InvalidSpec, match="plain absolute path"):
@@ -170,8 +170,8 @@ def test_public_surface_and_asyncssh_stays_inside() -> None:
 async def test_agent_runs_by_absolute_path(pool: SSHPool, own_sshd: Sshd, target: SSHTarget) -> None:
     assert (await pool.exec(target, "echo via-agent")).stdout == "via-agent\n"
     assert pool._entries[target.key].agent is not None  # the agent ran it, not a session
-    agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:3] == ["/usr/bin/python3", "-I", "-u"]]
-    assert [_cmdline(p) for p in agents] == [["/usr/bin/python3", "-I", "-u", AGENT]]  # no `-c SOURCE`
+    agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:4] == ["/usr/bin/python3", "-I", "-S", "-u"]]
+    assert [_cmdline(p) for p in agents] == [["/usr/bin/python3", "-I", "-S", "-u", AGENT]]  # no `-c SOURCE`
 
 
 async def test_the_agent_can_start_ahead_of_the_first_command(
@@ -193,7 +193,7 @@ async def test_the_agent_can_start_ahead_of_the_first_command(
     assert started is not None
     assert (await pool.exec(target, "echo first")).stdout == "first\n"
     assert pool._entries[target.key].agent is started
-    agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:3] == ["/usr/bin/python3", "-I", "-u"]]
+    agents = [p for p in _descendants(own_sshd.proc.pid) if _cmdline(p)[:4] == ["/usr/bin/python3", "-I", "-S", "-u"]]
     assert len(agents) == 1
     assert not pool._starting  # the task is gone once done
 

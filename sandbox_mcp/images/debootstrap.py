@@ -251,7 +251,7 @@ def exec_agent_digest(source: Path = EXEC_AGENT_SOURCE) -> str:
 def install_exec_agent(root: Path, source: Path = EXEC_AGENT_SOURCE) -> Path:
     """Copy the exec agent into the image at ``root`` (EXEC_AGENT_PATH, root-owned, 0755); returns its path.
 
-    The pool runs it as ``/usr/bin/python3 -I -u EXEC_AGENT_PATH``; root ownership keeps the
+    The pool runs it as ``/usr/bin/python3 -I -S -u EXEC_AGENT_PATH``; root ownership keeps the
     workspace user from replacing it.
     """
     dest = root / EXEC_AGENT_PATH.lstrip("/")

@@ -212,8 +212,9 @@ def agent_command(agent_path: str = EXEC_AGENT_PATH, python: str = PYTHON_PATH) 
     """The remote command that starts the exec agent installed at ``agent_path``.
 
     Both paths are absolute and plain, so the user's shell only ``exec``s them: no PATH lookup,
-    no quoting. ``-I`` keeps the user's site-packages and PYTHON* variables out; ``-u`` makes
-    every reply line leave at once.
+    no quoting. ``-I`` keeps the user's site-packages and PYTHON* variables out; ``-S`` skips
+    ``site`` altogether (the agent needs the standard library only; 1.5–3 ms of every start here);
+    ``-u`` makes every reply line leave at once.
 
     Raises:
         InvalidSpec: a path is relative or holds characters other than letters, digits and ``_./+-``.
@@ -221,7 +222,7 @@ def agent_command(agent_path: str = EXEC_AGENT_PATH, python: str = PYTHON_PATH) 
     for what, path in (("exec agent path", agent_path), ("python path", python)):
         if not _SAFE_REMOTE_PATH_RE.fullmatch(path) or "/../" in f"{path}/":
             raise InvalidSpec(f"{what} must be a plain absolute path, got {clip_repr(path)}")
-    return f"exec {python} -I -u {agent_path}"
+    return f"exec {python} -I -S -u {agent_path}"
 
 
 def signal_note(signal: str) -> str:
