@@ -24,11 +24,12 @@ from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.hostnet import egress_sets, firewall
-from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.manager import WorkspaceManager, watchdog
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
+from .points import HUNG_S, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -216,6 +217,15 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
                 await anyio.sleep(0.25)
             assert await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10"
             assert service.process() == ref
+            # Its supervisor killed too, the manager's watchdog starts it again: no start or admit needed.
+            os.kill(ref.pid, 9)
+            await wait_until(lambda: service.process() not in (None, ref), "the resolver started again",
+                             limit_s=HUNG_S + watchdog.CHECK_INTERVAL_S)
+            for _ in range(60):  # recorded before it listens: asked until it answers
+                if await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10":
+                    break
+                await anyio.sleep(0.25)
+            assert await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10"
         finally:
             await destroy_all(m)
         # Gone with the last workspace: no resolver process (by its tag), no files, no tables.

@@ -26,13 +26,13 @@ from mcp import Client
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.hostnet import firewall
-from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.manager import WorkspaceManager, watchdog
 from sandbox_mcp.server import build_server
 
 from .conftest import destroy_all
 from .deploy import Daemon, as_user, cli_as, user_env
 from .internet import ANTHROPIC, EVIL, GIT, Internet
-from .points import wait_until
+from .points import HUNG_S, wait_until
 from .secrets_flow import CONNECTIONS, SEARCH, net, values, with_secrets  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -177,7 +177,8 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
             claude_json = json.loads((await _sh(client, "cat ~/claude-config/.claude.json"))["stdout"])
             assert placeholders["anthropic"][-20:] in claude_json["customApiKeyResponses"]["approved"]
 
-            # The proxy is supervised: a killed worker is replaced, a killed proxy started again on reconcile.
+            # The proxy is supervised: a killed worker is replaced, a killed proxy started again by the server's
+            # watchdog, and by a server starting (its reconcile).
             ref = supervise.ProcessRef.model_validate_json((paths / "process.json").read_bytes())
             worker = _proxy_worker(ref)
             assert worker is not None
@@ -188,11 +189,16 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
             assert r["stdout"] == "200", r
             os.kill(ref.pid, signal.SIGKILL)
             await wait_until(lambda: not supervise.alive(ref), "the proxy gone")
-            async with WorkspaceManager(s) as m:  # a server starting (its reconcile) starts it again
+            async with WorkspaceManager(s, serve_ports=False) as m:  # a server starting (its reconcile), no watchdog
                 again = m.secrets.proxy_running()
                 assert again is not None and again != ref
-            r = await _sh(client, 'curl -sS -o /dev/null -w "%{http_code}" "$ANTHROPIC_BASE_URL/v1/models" '
-                                  '-H "x-api-key: $ANTHROPIC_API_KEY"')
+            os.kill(again.pid, signal.SIGKILL)
+            await wait_until(lambda: m.secrets.proxy_running() not in (None, again), "the proxy started again",
+                             limit_s=HUNG_S + watchdog.CHECK_INTERVAL_S)
+            again = m.secrets.proxy_running()
+            # Recorded before it listens: curl retries a refused connection.
+            r = await _sh(client, 'curl -sS --retry 20 --retry-connrefused --retry-delay 0 -o /dev/null '
+                                  '-w "%{http_code}" "$ANTHROPIC_BASE_URL/v1/models" -H "x-api-key: $ANTHROPIC_API_KEY"')
             assert r["stdout"] == "200", r
 
             # The proxy goes with the last running workspace that has secrets, and comes back with its start;

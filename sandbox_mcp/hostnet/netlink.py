@@ -135,6 +135,22 @@ class HostNetwork:
             await firewall.enable_forwarding()
         self._tables_checked = time.monotonic()
 
+    async def revive(self) -> bool:
+        """Start the egress resolver again if a workspace has a domain list and it is not running (its
+        supervisor was killed; the supervisor itself restarts a dead worker). True if it was started. Cheap
+        when all is well: the policy file, a PID file and /proc, no lock.
+
+        Raises:
+            BackendError: it did not start (the message has its log).
+        """
+        if not self.resolver.workspaces() or self.resolver.process() is not None:
+            return False
+        async with self._firewall_lock():  # as admit: one start, never one over the last workspace's stop
+            if not self.resolver.workspaces() or self.resolver.process() is not None:
+                return False
+            await self.resolver.ensure_running()
+            return True
+
     async def _missing_tables(self, present: str | None = None, *, listed: bool = False) -> str:
         """The script that loads our tables if they are missing, else nothing (call under the lock).
 

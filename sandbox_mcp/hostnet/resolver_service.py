@@ -5,7 +5,8 @@ One resolver per bridge (:mod:`.resolver`) serves every workspace with a domain 
 address its nftables set and list) is the record of which workspaces have lists; :class:`ResolverService`
 rewrites it (atomically: the resolver reads it again on its next query) whenever a workspace is admitted,
 changes policy or goes. The process is started with the first workspace that has a list, started again
-when it is found dead (every admit checks; its own supervisor restarts a dead worker at once), and
+when it is found dead (every admit checks, and the server's watchdog every few seconds:
+:mod:`sandbox_mcp.manager.watchdog`; its own supervisor restarts a dead worker at once), and
 stopped with the last such workspace. It is a tagged, detached process (:mod:`sandbox_mcp.supervise`),
 so it outlives a server restart, as the workspaces do, and a later server finds it by its PID file or
 its tag, never leaving an orphan. Call everything under :class:`~.netlink.HostNetwork`'s firewall lock.

@@ -11,7 +11,8 @@ undoes a create or start that fails or is cancelled. One class, one part per mod
 - :mod:`.processes`: background processes;
 - :mod:`.ports`: published ports;
 - :mod:`.git`: a branch per workspace (diff, fetch);
-- :mod:`.snapshots`: pause, snapshots, restores, forks.
+- :mod:`.snapshots`: pause, snapshots, restores, forks;
+- :mod:`.watchdog`: the host services (egress resolver, secrets proxy) started again when found dead.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from ..registry import Registry
 from ..runtimes import Mode, Runtime, RuntimeContext, build_runtimes, resolve_mode, type_table
 from ..secrets.service import SecretsService
 from .pool import WarmPool
+from .watchdog import watch_host_services
 
 __all__ = ["ManagerCore"]
 
@@ -62,7 +63,8 @@ class ManagerCore:
         # Like published ports, the warm pool is refilled by the long-running process (the server, the
         # daemon); the CLI's short-lived managers only claim from it.
         self.pool = WarmPool(self, keep=serve_ports if keep_pool is None else keep_pool)
-        self._pool_tasks: anyio.abc.TaskGroup | None = None
+        # The long-running process's own work: the pool's refills, the host services' watchdog.
+        self._background: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
         if self._serve_ports:
@@ -73,10 +75,15 @@ class ManagerCore:
                 await self._restore_ports()
             if self.pool.keep:
                 await self.pool.take_over()  # what a killed keeper left
-            if self.pool.keep and self.settings.pool_size > 0:
-                self._pool_tasks = anyio.create_task_group()
-                await self._pool_tasks.__aenter__()
-                self._pool_tasks.start_soon(self.pool.run)
+            refill = self.pool.keep and self.settings.pool_size > 0
+            if refill or self._serve_ports:
+                self._background = anyio.create_task_group()
+                await self._background.__aenter__()
+                if refill:
+                    self._background.start_soon(self.pool.run)
+                if self._serve_ports:
+                    networks = {id(r.ctx.network): r.ctx.network for r in self.runtimes.values() if r.host_network}
+                    self._background.start_soon(watch_host_services, networks.values(), self.secrets)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -85,8 +92,8 @@ class ManagerCore:
     async def __aexit__(self, *exc: object) -> None:
         cancelled: BaseException | None = None
         try:
-            if self._pool_tasks is not None:
-                tasks, self._pool_tasks = self._pool_tasks, None
+            if self._background is not None:
+                tasks, self._background = self._background, None
                 tasks.cancel_scope.cancel()
                 try:
                     await tasks.__aexit__(None, None, None)

@@ -179,6 +179,22 @@ class SecretsService:
             await self.stop_proxy()
             await supervise.kill_tagged(self._tag)  # one a killed server never recorded
 
+    async def revive(self) -> bool:
+        """Start the proxy again if a workspace uses it and it is not running (its supervisor was killed, by
+        hand or by the OOM killer; the supervisor itself restarts a dead worker). True if it was started.
+        Cheap when all is well: a PID file and /proc, no lock.
+
+        Raises:
+            BackendError: it did not start (the message has its log's tail).
+        """
+        if self._running() is not None or not self.paths.client_ips():
+            return False
+        async with async_file_lock(self.paths.root / "lock"):  # as attach: one start, never one over a stop
+            if self._running() is not None or not self.paths.client_ips():
+                return False
+            await self._ensure_proxy()
+            return True
+
     async def _firewall(self, ip: str, *, open_: bool) -> None:
         bridge = self.settings.bridge
         # The same lock HostNetwork takes for its changes to these tables.
