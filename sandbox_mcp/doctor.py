@@ -20,7 +20,7 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .runtimes import Runtime
 
-__all__ = ["Check", "daemon_checks", "pool_check", "run_checks", "serve_check", "which_check"]
+__all__ = ["Check", "daemon_checks", "host_services_check", "pool_check", "run_checks", "serve_check", "which_check"]
 
 
 def serve_check(settings: Settings) -> Check:
@@ -126,6 +126,38 @@ def pool_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check:
                  "create that claimed one says timings.from_pool")
 
 
+def host_services_check(settings: Settings) -> Check:
+    """The host's own services for running workspaces: the egress resolver (workspaces with a domain list)
+    and the secrets proxy (workspaces with secrets); each running, not needed, or down."""
+    from .hostnet.resolver_service import ResolverService
+    from .manager.watchdog import CHECK_INTERVAL_S
+    from .secrets.service import SecretsService
+
+    name = "host services"
+    server_dir = settings.state_dir / ".server"
+    if server_dir.exists() and not os.access(server_dir, os.R_OK | os.X_OK):
+        return Check(name=name, ok=True, required=False, detail=f"{server_dir} is not readable by this user (the "
+                     "daemon's): ask whoever runs it, or run doctor as root")  # fmt: skip
+    resolver, secrets = ResolverService(settings), SecretsService(settings)
+    services = [
+        ("egress resolver", len(resolver.workspaces()), resolver.process(), "with a domain list", resolver.log_path),
+        ("secrets proxy", len(secrets.paths.client_ips()), secrets.proxy_running(), "with secrets", secrets.paths.log),
+    ]
+    parts, down = [], []
+    for what, users, ref, having, log_path in services:
+        if ref is not None:
+            parts.append(f"{what} running (pid {ref.pid}) for {users} workspace(s) {having}")
+        elif users:
+            parts.append(f"{what} DOWN: {users} workspace(s) {having} go without it (its log: {log_path})")
+            down.append(what)
+        else:
+            parts.append(f"{what} not needed (no running workspace {having})")
+    return Check(name=name, ok=not down, required=False, detail="; ".join(parts),
+                 fix=f"a running server or daemon starts {' and '.join(down) or 'them'} again within "
+                 f"{CHECK_INTERVAL_S:g} s; with none running, start one (sandbox-mcp serve, the daemon), or "
+                 "start_workspace a workspace that needs it")
+
+
 def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
     """Check what this host needs: the general prerequisites, then each runtime's own. Pure reads."""
     from .runtimes import RuntimeContext, build_runtimes, resolve_mode
@@ -204,6 +236,7 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
     for runtime in runtimes.values():
         checks.extend(runtime.checks())
     checks.append(pool_check(settings, runtimes))
+    checks.append(host_services_check(settings))
     checks.append(which_check("ssh", "openssh-client", "only for 'sandbox-mcp ssh' and the benchmark",
                               name="ssh client", required=False))
     return checks

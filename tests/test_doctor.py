@@ -65,3 +65,25 @@ def test_daemon_checks(tmp_path: Path) -> None:
     assert not other["daemon group"].ok and "usermod -aG root nobody" in (other["daemon group"].fix or "")
     missing = {c.name: c for c in daemon_checks(settings.model_copy(update={"daemon_group": "no-such-grp"}), uid=4321)}
     assert not missing["daemon group"].ok and "groupadd" in (missing["daemon group"].fix or "")
+
+
+def test_host_services_down_or_not_needed(tmp_path: Path) -> None:
+    from sandbox_mcp.doctor import host_services_check
+    from sandbox_mcp.hostnet.resolver_service import ResolverService
+    from sandbox_mcp.secrets.files import ClientFile
+    from sandbox_mcp.secrets.service import SecretsService
+
+    settings = Settings(state_dir=tmp_path / "state", image_dir=tmp_path / "img")
+    check = host_services_check(settings)
+    assert check.ok and check.detail.count("not needed") == 2, check
+    # A workspace with a domain list and one with secrets, as the server records them, and neither process.
+    ResolverService(settings)._write({"10.0.0.2": {"port": "sb-a", "set": "a", "domains": ["pypi.org"]}})
+    paths = SecretsService(settings).paths
+    paths.make()
+    paths.write_client("10.0.0.3", ClientFile(workspace="b", secrets=[]))
+    check = host_services_check(settings)
+    assert not check.ok and not check.required, check
+    assert "egress resolver DOWN: 1 workspace(s) with a domain list" in check.detail
+    assert "secrets proxy DOWN: 1 workspace(s) with secrets" in check.detail
+    assert check.fix is not None and "starts egress resolver and secrets proxy again within 5 s" in check.fix
+    assert not (settings.state_dir / ".server" / f"resolver-{settings.bridge}.pid.json").exists()  # only reads

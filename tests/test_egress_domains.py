@@ -22,6 +22,7 @@ from mcp import Client
 
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
+from sandbox_mcp.doctor import host_services_check
 from sandbox_mcp.errors import InvalidSpec
 from sandbox_mcp.hostnet import egress_sets, firewall
 from sandbox_mcp.manager import WorkspaceManager, watchdog
@@ -226,6 +227,8 @@ async def test_egress_by_domain(settings: Settings, world: subprocess.Popen[str]
                     break
                 await anyio.sleep(0.25)
             assert await _resolves(m, "dom", "api.allowed.test") == "203.0.113.10"
+            check = host_services_check(s)  # what doctor says
+            assert check.ok and f"egress resolver running (pid {service.process().pid}) for 1 workspace" in check.detail
         finally:
             await destroy_all(m)
         # Gone with the last workspace: no resolver process (by its tag), no files, no tables.

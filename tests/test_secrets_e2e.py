@@ -25,6 +25,7 @@ from mcp import Client
 
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
+from sandbox_mcp.doctor import host_services_check
 from sandbox_mcp.hostnet import firewall
 from sandbox_mcp.manager import WorkspaceManager, watchdog
 from sandbox_mcp.server import build_server
@@ -196,6 +197,8 @@ async def test_secrets_reach_only_their_hosts_and_never_the_workspace(
             await wait_until(lambda: m.secrets.proxy_running() not in (None, again), "the proxy started again",
                              limit_s=HUNG_S + watchdog.CHECK_INTERVAL_S)
             again = m.secrets.proxy_running()
+            assert again is not None and f"secrets proxy running (pid {again.pid}) for 1 workspace" in \
+                host_services_check(s).detail  # what doctor says
             # Recorded before it listens: curl retries a refused connection.
             r = await _sh(client, 'curl -sS --retry 20 --retry-connrefused --retry-delay 0 -o /dev/null '
                                   '-w "%{http_code}" "$ANTHROPIC_BASE_URL/v1/models" -H "x-api-key: $ANTHROPIC_API_KEY"')
