@@ -59,14 +59,13 @@ back to a session per command where there is none. The image recipe installs thi
 self-contained.
 """
 
-import base64
+import binascii
 import json
 import os
 import queue
 import re
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -135,7 +134,7 @@ def _send(message, kind=None):
 
 
 def _b64(data):
-    return base64.b64encode(bytes(data)).decode("ascii")
+    return binascii.b2a_base64(bytes(data), newline=False).decode("ascii")
 
 
 def _killpg(proc, sig):
@@ -446,7 +445,7 @@ def _run(req):
     env = _ENVB.copy()  # bytes, as Popen passes them: no encoding of the whole environment per command
     for key, value in (req.get("env") or {}).items():
         env[os.fsencode(key)] = os.fsencode(value)
-    stdin = base64.b64decode(req["stdin"]) if req.get("stdin") is not None else None
+    stdin = binascii.a2b_base64(req["stdin"]) if req.get("stdin") is not None else None
     # The cancel check, the start and the registration under one lock: a cancel handled before
     # this block stops the start; one handled after it finds the process to kill.
     with _running_lock:
@@ -656,6 +655,8 @@ class _Proc:
         Returns why: "seen" (the change was there after connecting), "poked" (the supervisor
         woke us), "polled" (no socket, or the supervisor had too many waiters) or "deadline".
         """
+        import socket  # here, not at the top: only process waits use it, and it is 1 ms of every start
+
         sock = None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1048,6 +1049,8 @@ def supervise(d, report_fd):
     listener = None
     sock_path = os.path.join(d, "sock")
     if len(sock_path) < 100:
+        import socket
+
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(sock_path)
         listener.listen(_WAITERS_MAX)
