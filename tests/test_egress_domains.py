@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,8 +24,8 @@ from mcp import Client
 from sandbox_mcp import supervise
 from sandbox_mcp.config import Settings
 from sandbox_mcp.doctor import host_services_check
-from sandbox_mcp.errors import InvalidSpec
-from sandbox_mcp.hostnet import egress_sets, firewall
+from sandbox_mcp.errors import BackendError, InvalidSpec
+from sandbox_mcp.hostnet import HostNetwork, egress_sets, firewall, resolver_service
 from sandbox_mcp.manager import WorkspaceManager, watchdog
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.server import build_server
@@ -244,3 +245,35 @@ async def test_a_domain_list_needs_nat(settings: Settings) -> None:
         with pytest.raises(InvalidSpec, match="egress by domain list needs outbound NAT"):
             await m.create(CreateSpec(name="nonat", egress=["pypi.org"]))
         assert (await m.registry.read()).workspaces == {}
+
+
+async def test_a_resolver_that_cannot_start_keeps_the_lists(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its port taken (a UDP socket of this test's on the bridge address): the start fails, says why, and
+    # the workspaces' lists stay recorded, so the watchdog's next look (revive) starts it once the port is free.
+    monkeypatch.setattr(resolver_service, "_READY_TIMEOUT_S", 2.0)  # only how long a failing start waits
+    network = HostNetwork(settings)
+    await network.ensure()
+    resolver = network.resolver
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        taken.bind((str(settings.host_ip), settings.egress_dns_port))
+        with pytest.raises(BackendError, match="egress resolver did not start"):
+            await resolver.set_policy("sb-kept", "10.99.0.2", ["pypi.org"])
+        assert resolver.process() is None and supervise.tagged(resolver.tag) == []
+        assert resolver.workspaces()["10.99.0.2"]["domains"] == ["pypi.org"]
+        with pytest.raises(BackendError, match="egress resolver did not start"):
+            await network.revive()  # the watchdog's look, the port still taken: the same, the list still kept
+        assert resolver.workspaces()["10.99.0.2"]["domains"] == ["pypi.org"]
+        # A second list, then its workspace gone: that removal does not fail on the resolver being down.
+        with pytest.raises(BackendError, match="egress resolver did not start"):
+            await resolver.set_policy("sb-gone", "10.99.0.3", ["example.org"])
+        await resolver.set_policy("sb-gone", "", None)
+        assert list(resolver.workspaces()) == ["10.99.0.2"] and resolver.process() is None
+        taken.close()
+        assert await network.revive()
+        assert resolver.process() is not None and not await network.revive()  # running: nothing to do
+    finally:
+        taken.close()
+        await resolver.set_policy("sb-kept", "10.99.0.2", None)  # the last list gone: stopped, files removed
+        await network.retire()
+    assert resolver.process() is None and not resolver.config_path.exists()

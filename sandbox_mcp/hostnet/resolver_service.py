@@ -75,10 +75,10 @@ class ResolverService:
 
     async def set_policy(self, port: str, ip: str, domains: list[str] | None) -> None:
         """Record ``domains`` for the workspace behind ``port`` (None: it has no list any more), then start
-        or stop the resolver as the file now needs.
+        the resolver (a list given) or stop it (no list left).
 
         Raises:
-            BackendError: the resolver did not start.
+            BackendError: the resolver did not start (the lists stay recorded).
         """
         before = self.workspaces()
         current = {a: w for a, w in before.items() if w.get("port") != port and a != ip}
@@ -88,10 +88,12 @@ class ResolverService:
             return  # a workspace without a list going, with no resolver: the common stop costs a file read
         if current or self.config_path.exists():
             self._write(current)
-        if current:
-            await self.ensure_running()
-        else:
+        if not current:
             await self.stop()
+        elif domains is not None:
+            await self.ensure_running()
+        # else a list went and others stay: their resolver runs on, or (found dead) the watchdog or the next
+        # admit starts it again; a workspace's removal never fails on it
 
     # -- the process ----------------------------------------------------------------------------
 
@@ -118,7 +120,7 @@ class ResolverService:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while not await anyio.to_thread.run_sync(self._listening):
             if not supervise.alive(ref) or time.monotonic() > deadline:
-                await self.stop()
+                await self._end()  # the policy file stays: the workspaces' lists, for the next try
                 raise BackendError(
                     f"the egress resolver did not start on {self.settings.host_ip}:{self.settings.egress_dns_port}: "
                     f"{_tail(self.log_path)}; if something else holds that port, set egress_dns_port"
@@ -134,13 +136,18 @@ class ResolverService:
 
     async def stop(self) -> None:
         """End the resolver (supervisor and worker) if it runs; remove its files."""
+        await self._end()
+        with contextlib.suppress(FileNotFoundError):
+            self.config_path.unlink()
+
+    async def _end(self) -> None:
+        """End the resolver's processes, if any, and its PID file; the policy file stays."""
         ref = self.process()
         if ref is not None:
             await supervise.terminate(ref, grace_s=2.0)
         await supervise.kill_tagged(self.tag)
-        for path in (self.pid_path, self.config_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
 
 
 def _is_resolver(pid: int) -> bool:
