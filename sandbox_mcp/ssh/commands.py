@@ -213,7 +213,7 @@ def agent_command(agent_path: str = EXEC_AGENT_PATH, python: str = PYTHON_PATH) 
 
     Both paths are absolute and plain, so the user's shell only ``exec``s them: no PATH lookup,
     no quoting. ``-I`` keeps the user's site-packages and PYTHON* variables out; ``-S`` skips
-    ``site`` altogether (the agent needs the standard library only; 1.5–3 ms of every start here);
+    ``site`` altogether (the agent needs the standard library only; ~1.3 ms of every start here);
     ``-u`` makes every reply line leave at once.
 
     Raises:
