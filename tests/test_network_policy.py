@@ -17,17 +17,19 @@ import sys
 import threading
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import Conflict
 from sandbox_mcp.hostnet import HostNetwork, firewall
-from sandbox_mcp.manager import WorkspaceManager
+from sandbox_mcp.manager import WorkspaceManager, watchdog
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.naming import FIRST_HOST_OFFSET
 from sandbox_mcp.runtimes.nspawn import NspawnState
 
 from .conftest import destroy_all
+from .points import HUNG_S
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -90,10 +92,10 @@ def upstream() -> Iterator[subprocess.Popen[str]]:
 class _HostService:
     """A TCP service of the host's, on the bridge address: no workspace may reach it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, port: int = 8081) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((address, 8081))
+        self.sock.bind((address, port))
         self.sock.listen(8)
         self.accepted: list[str] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -280,3 +282,52 @@ async def test_an_address_left_in_the_rules_by_a_killed_server_is_not_handed_out
                 await destroy_all(m)
     finally:
         await network.revoke("sb-ghost")
+
+
+async def _admitted_within(settings: Settings, count: int) -> list[str]:
+    """The admitted ports once ``count`` are (a watchdog's look is due within 5 s; only a hang waits longer)."""
+    ports: list[str] = []
+    for _ in range(int((HUNG_S + watchdog.CHECK_INTERVAL_S) / 0.1)):
+        present = await firewall.table_exists(settings.bridge)
+        ports = firewall.admitted_ports(present) if present is not None else []
+        if len(ports) == count:
+            break
+        await anyio.sleep(0.1)
+    return ports
+
+
+async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
+    settings: Settings, upstream: subprocess.Popen[str]
+) -> None:
+    """`nft flush ruleset` (Debian's nftables.service runs it on every restart) takes our tables, and with them
+    every workspace's isolation. A long-running server's watchdog loads them again and admits the running
+    workspaces anew: the policy holds again, and what was allowed works again, with no start or stop."""
+    nat_settings = settings.model_copy(update={"nat": True})
+    async with WorkspaceManager(nat_settings, serve_ports=False) as m:  # short-lived, as the CLI's: no watchdog
+        try:
+            out = await m.create(CreateSpec(name="fout", egress="internet"))
+            shut = await m.create(CreateSpec(name="fshut"))
+            service = _HostService(str(settings.host_ip), 8082)  # on the bridge's address, there now
+            subprocess.run(["nft", "flush", "ruleset"], check=True)  # this test namespace's ruleset only
+            assert await firewall.table_exists(settings.bridge) is None
+            # A start loads the tables again and admits itself only: the others are cut off (closed, not open).
+            await m.create(CreateSpec(name="fthird"))
+            assert len(firewall.admitted_ports(await firewall.table_exists(settings.bridge) or "")) == 1
+            assert (await _curl(m, "fout", "http://198.51.100.2:8080/"))[0] != 0
+
+            async with WorkspaceManager(nat_settings):  # a server: its watchdog looks every 5 s
+                ports = await _admitted_within(settings, 3)
+                assert len(ports) == len(set(ports)) == 3, ports
+                subprocess.run(["nft", "flush", "ruleset"], check=True)  # and again, under the running server
+                ports = await _admitted_within(settings, 3)
+                assert len(ports) == len(set(ports)) == 3, ports
+
+            assert await _curl(m, "fout", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
+            assert (await _curl(m, "fshut", "http://198.51.100.2:8080/"))[0] != 0
+            for name, other in (("fout", shut.ip), ("fshut", out.ip)):
+                assert (await _curl(m, name, f"http://{settings.host_ip}:8082/"))[0] != 0
+                r = await m.exec(name, f"timeout 4 bash -c '</dev/tcp/{other}/22' && echo open || echo closed")
+                assert r.stdout.strip() == "closed", (name, r)
+            assert service.accepted == []
+        finally:
+            await destroy_all(m)

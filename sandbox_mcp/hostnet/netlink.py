@@ -135,6 +135,24 @@ class HostNetwork:
             await firewall.enable_forwarding()
         self._tables_checked = time.monotonic()
 
+    async def restore_tables(self, running: int) -> bool:
+        """Whether the ``running`` workspaces of this bridge must be admitted anew, loading our firewall tables
+        again first if they went missing (``nft flush ruleset``, a firewall service restarted; without them
+        every workspace reaches the host and the others; loaded, every port is closed until admitted).
+
+        True when the tables were missing, or hold fewer admitted ports than ``running`` (a start that loaded
+        them again admitted only itself). Admitting a workspace again is harmless, so a count is enough.
+
+        Raises:
+            Conflict, BackendError: as :meth:`ensure`.
+        """
+        present = await firewall.table_exists(self.bridge)
+        if present is not None:
+            return len(firewall.admitted_ports(present)) < running
+        self._tables_checked = None  # whatever a start saw a moment ago: look now
+        await self.ensure()
+        return True
+
     async def revive(self) -> bool:
         """Start the egress resolver again if a workspace has a domain list and it is not running (its
         supervisor was killed; the supervisor itself restarts a dead worker). True if it was started. Cheap

@@ -12,7 +12,8 @@ undoes a create or start that fails or is cancelled. One class, one part per mod
 - :mod:`.ports`: published ports;
 - :mod:`.git`: a branch per workspace (diff, fetch);
 - :mod:`.snapshots`: pause, snapshots, restores, forks;
-- :mod:`.watchdog`: the host services (egress resolver, secrets proxy) started again when found dead.
+- :mod:`.watchdog`: what running workspaces need put back when it goes (our firewall tables, the egress
+  resolver, the secrets proxy).
 """
 
 from __future__ import annotations

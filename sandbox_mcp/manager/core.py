@@ -16,7 +16,7 @@ import anyio
 
 from .. import claude_workspace, ssh
 from ..config import Settings
-from ..errors import InvalidSpec, InvalidState, SandboxError
+from ..errors import InvalidSpec, InvalidState, SandboxError, WorkspaceNotFound
 from ..fsutil import async_file_lock, lock_is_held, own_dir
 from ..models import SSHInfo, Workspace, WorkspaceRecord, WorkspaceType
 from ..naming import validate_name
@@ -83,7 +83,8 @@ class ManagerCore:
                     self._background.start_soon(self.pool.run)
                 if self._serve_ports:
                     networks = {id(r.ctx.network): r.ctx.network for r in self.runtimes.values() if r.host_network}
-                    self._background.start_soon(watch_host_services, networks.values(), self.secrets)
+                    self._background.start_soon(watch_host_services, networks.values(), self.secrets,
+                                                self._restore_firewall)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -280,6 +281,38 @@ class ManagerCore:
             await runtime.reconcile([r for r in data.workspaces.values() if r.runtime == runtime.name])
         await self._sync_hosts()
         await self._sync_secrets()
+
+    async def _restore_firewall(self) -> list[str]:
+        """If our firewall tables went missing while workspaces of this host's bridge run (or hold fewer ports
+        than run), load them again and admit each running workspace anew (under its lock: a stop or start
+        meanwhile has the last word); the names admitted again. Never raises for one workspace: it is logged,
+        and the others go on.
+
+        Raises:
+            Conflict, BackendError: the tables could not be loaded.
+        """
+        on_bridge = {name: r for name, r in self.runtimes.items() if r.host_network}
+        if not on_bridge:
+            return []
+        data = await self.registry.peek_all()
+        running = [r.name for r in data.workspaces.values()
+                   if r.runtime in on_bridge and r.state in ("running", "paused")]
+        # One network for all of this manager's runtimes (RuntimeContext).
+        if not running or not await next(iter(on_bridge.values())).ctx.network.restore_tables(len(running)):
+            return []
+        admitted = []
+        for name in running:
+            async with self._locked(name):
+                with contextlib.suppress(WorkspaceNotFound):  # destroyed meanwhile
+                    record = await self.registry.get(name)
+                    if record.state not in ("running", "paused"):
+                        continue  # stopped meanwhile
+                    try:
+                        await on_bridge[record.runtime].set_egress(record)
+                        admitted.append(name)
+                    except SandboxError as exc:
+                        log.warning("firewall tables loaded again, but %s could not be admitted: %s", name, exc)
+        return admitted
 
     async def _sync_secrets(self) -> None:
         """The secrets proxy serves the running workspaces with secrets (started again if it died), no other."""
