@@ -163,6 +163,14 @@ async def _curl(m: WorkspaceManager, name: str, url: str, *extra: str) -> tuple[
     return r.exit_code, r.stdout
 
 
+async def _kept_apart(m: WorkspaceManager, others: dict[str, str | None], host_url: str) -> None:
+    """Each workspace named reaches neither ``host_url`` (a host service) nor its other's sshd."""
+    for name, other in others.items():
+        assert (await _curl(m, name, host_url))[0] != 0, name
+        r = await m.exec(name, f"timeout 4 bash -c '</dev/tcp/{other}/22' && echo open || echo closed")
+        assert r.stdout.strip() == "closed", (name, r)
+
+
 async def test_default_policy_egress_and_anti_spoofing(settings: Settings, upstream: subprocess.Popen[str]) -> None:
     nat_settings = settings.model_copy(update={"nat": True})
     table = firewall.table_name(settings.bridge)
@@ -181,10 +189,7 @@ async def test_default_policy_egress_and_anti_spoofing(settings: Settings, upstr
             # egress 'none': nothing outside.
             assert (await _curl(m, "shut", "http://198.51.100.2:8080/"))[0] != 0
             # Neither reaches a host service nor the other workspace's sshd.
-            for name, other in (("out", shut.ip), ("shut", out.ip)):
-                assert (await _curl(m, name, f"http://{settings.host_ip}:8081/"))[0] != 0
-                r = await m.exec(name, f"timeout 4 bash -c '</dev/tcp/{other}/22' && echo open || echo closed")
-                assert r.stdout.strip() == "closed", (name, r)
+            await _kept_apart(m, {"out": shut.ip, "shut": out.ip}, f"http://{settings.host_ip}:8081/")
             assert service.accepted == []
 
             # Anti-spoofing. Root in a container has no CAP_NET_ADMIN, but root in a VM (or a container
@@ -324,10 +329,7 @@ async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
 
             assert await _curl(m, "fout", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
             assert (await _curl(m, "fshut", "http://198.51.100.2:8080/"))[0] != 0
-            for name, other in (("fout", shut.ip), ("fshut", out.ip)):
-                assert (await _curl(m, name, f"http://{settings.host_ip}:8082/"))[0] != 0
-                r = await m.exec(name, f"timeout 4 bash -c '</dev/tcp/{other}/22' && echo open || echo closed")
-                assert r.stdout.strip() == "closed", (name, r)
+            await _kept_apart(m, {"fout": shut.ip, "fshut": out.ip}, f"http://{settings.host_ip}:8082/")
             assert service.accepted == []
         finally:
             await destroy_all(m)
