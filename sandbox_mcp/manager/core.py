@@ -18,6 +18,7 @@ from .. import claude_workspace, ssh
 from ..config import Settings
 from ..errors import InvalidSpec, InvalidState, SandboxError, WorkspaceNotFound
 from ..fsutil import async_file_lock, lock_is_held, own_dir
+from ..hostnet import HostNetwork
 from ..models import SSHInfo, Workspace, WorkspaceRecord, WorkspaceType
 from ..naming import validate_name
 from ..ownership import owned
@@ -82,8 +83,8 @@ class ManagerCore:
                 if refill:
                     self._background.start_soon(self.pool.run)
                 if self._serve_ports:
-                    networks = {id(r.ctx.network): r.ctx.network for r in self.runtimes.values() if r.host_network}
-                    self._background.start_soon(watch_host_services, networks.values(), self.secrets,
+                    network = self._host_network()
+                    self._background.start_soon(watch_host_services, [network] if network else [], self.secrets,
                                                 self._restore_firewall)
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -282,6 +283,11 @@ class ManagerCore:
         await self._sync_hosts()
         await self._sync_secrets()
 
+    def _host_network(self) -> HostNetwork | None:
+        """This host's bridge and firewall, one for all of this manager's runtimes (RuntimeContext); None where
+        no runtime puts workspaces on it."""
+        return next((r.ctx.network for r in self.runtimes.values() if r.host_network), None)
+
     async def _restore_firewall(self) -> list[str]:
         """If our firewall tables went missing while workspaces of this host's bridge run (or hold fewer ports
         than run), load them again and admit each running workspace anew (under its lock: a stop or start
@@ -291,14 +297,14 @@ class ManagerCore:
         Raises:
             Conflict, BackendError: the tables could not be loaded.
         """
-        on_bridge = {name: r for name, r in self.runtimes.items() if r.host_network}
-        if not on_bridge:
+        network = self._host_network()
+        if network is None:
             return []
+        on_bridge = {name: r for name, r in self.runtimes.items() if r.host_network}
         data = await self.registry.peek_all()
         running = [r.name for r in data.workspaces.values()
                    if r.runtime in on_bridge and r.state in ("running", "paused")]
-        # One network for all of this manager's runtimes (RuntimeContext).
-        if not running or not await next(iter(on_bridge.values())).ctx.network.restore_tables(len(running)):
+        if not running or not await network.restore_tables(len(running)):
             return []
         admitted = []
         for name in running:
