@@ -7,6 +7,7 @@ The only package that imports asyncssh. One concern per module:
   command, the exec agent's start command, path resolution, file chunk encoding.
 * :mod:`.errors`: asyncssh's exceptions translated into :mod:`sandbox_mcp.errors`.
 * :mod:`.lines`: bounded line framing for what a workspace sends.
+* :mod:`.connect` and :mod:`.login`: one authenticated connection (its login one userauth request).
 * :mod:`.agent` and :mod:`.session`: the two ways to run a command (the exec agent on one
   long-lived channel; a session per command where the agent is missing).
 * :mod:`.agent_ops`: process requests (start_process and its siblings) to the exec agent.

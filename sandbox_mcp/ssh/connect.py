@@ -16,6 +16,7 @@ from ..progress import Progress
 from .commands import SSHTarget
 from .errors import describe, host_key_mismatch
 from .keys import load_private_key, load_public_key
+from .login import direct_login_client
 
 __all__ = ["ENCRYPTION_ALGS", "TCP_CONNECT_TIMEOUT_S", "open_connection", "poll_until_connected"]
 
@@ -34,7 +35,7 @@ async def open_connection(
     """Connect to ``target`` and log in with our client key, accepting only its pinned host key.
 
     Nothing else is offered or read: no SSH agent, no ``~/.ssh/config``, no passwords, no
-    certificates. The TCP connect has its own short timeout so a caller polling a booting
+    certificates; the key's signature is the login's first request (:mod:`.login`). The TCP connect has its own short timeout so a caller polling a booting
     workspace retries quickly; the SSH handshake may take up to ``timeout_s``.
 
     Raises:
@@ -62,6 +63,7 @@ async def open_connection(
             target.port,
             sock=sock,
             config=[],
+            client_factory=direct_login_client(),  # one userauth request per login, see .login
             username=target.user,
             known_hosts=([host_key], [], []),
             # Only the pinned key's own algorithm (ed25519): nothing else, DSA least of all, is offered.
