@@ -20,7 +20,10 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .runtimes import Runtime
 
-__all__ = ["Check", "daemon_checks", "host_services_check", "pool_check", "run_checks", "serve_check", "which_check"]
+__all__ = [
+    "Check", "daemon_checks", "firewall_check", "host_services_check", "pool_check", "run_checks", "serve_check",
+    "which_check",
+]
 
 
 def serve_check(settings: Settings) -> Check:
@@ -158,6 +161,48 @@ def host_services_check(settings: Settings) -> Check:
                  "start_workspace a workspace that needs it")
 
 
+def firewall_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check | None:
+    """Our nft tables, where this mode's workspaces run on the host's bridge: loaded with a port for each running
+    workspace, or MISSING (``nft flush ruleset``, a firewall service restarted): then every running workspace
+    reaches the host's services and the others until a server puts them back. None where no runtime uses the
+    bridge."""
+    from .hostnet import firewall
+    from .manager.watchdog import CHECK_INTERVAL_S
+
+    on_bridge = {r.name for r in runtimes.values() if r.host_network}
+    if not on_bridge:
+        return None
+    name, bridge = "firewall", settings.bridge
+    if os.geteuid() != 0:
+        return Check(name=name, ok=True, required=False, detail="only root can list the host's nft tables: run "
+                     "doctor as root to check them")  # fmt: skip
+    fix = (f"a running server or daemon loads the tables again and admits every running workspace within "
+           f"{CHECK_INTERVAL_S:g} s; with none running, start one (sandbox-mcp serve, the daemon), or stop the "
+           "workspaces (sandbox-mcp stop NAME)")  # fmt: skip
+    try:
+        # Read only where there is a registry: opening one makes its lock file, and doctor changes nothing.
+        exists = settings.registry_path.exists()
+        records = list(Registry(settings.registry_path).read_sync().workspaces.values()) if exists else []
+        present = firewall.table_exists_sync(bridge)
+    except SandboxError as exc:
+        return Check(name=name, ok=False, required=False, detail=f"cannot check: {exc}", fix=fix)
+    running = sum(1 for r in records if r.runtime in on_bridge and r.state in ("running", "paused"))
+    if present is None:
+        if not running:
+            return Check(name=name, ok=True, required=False,
+                         detail=f"no tables for {bridge} and no workspace running on it (a start loads them)")
+        return Check(name=name, ok=False, detail=f"the tables for {bridge} are MISSING while {running} "
+                     "workspace(s) run on it: they reach the host's services and each other (someone ran nft "
+                     "flush ruleset, or a firewall service restarted)", fix=fix)  # fmt: skip
+    admitted = len(firewall.admitted_ports(present))
+    if admitted < running:
+        return Check(name=name, ok=False, detail=f"the tables for {bridge} admit {admitted} port(s) for {running} "
+                     "running workspace(s): the others are cut off (the tables were loaded again under them)",
+                     fix=fix)  # fmt: skip
+    return Check(name=name, ok=True, required=False,
+                 detail=f"the tables for {bridge} are loaded: {admitted} port(s) admitted, {running} workspace(s) running")
+
+
 def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]:
     """Check what this host needs: the general prerequisites, then each runtime's own. Pure reads."""
     from .runtimes import RuntimeContext, build_runtimes, resolve_mode
@@ -237,6 +282,8 @@ def run_checks(settings: Settings, *, proc: Path = Path("/proc")) -> list[Check]
         checks.extend(runtime.checks())
     checks.append(pool_check(settings, runtimes))
     checks.append(host_services_check(settings))
+    if (fw := firewall_check(settings, runtimes)) is not None:
+        checks.append(fw)
     checks.append(which_check("ssh", "openssh-client", "only for 'sandbox-mcp ssh' and the benchmark",
                               name="ssh client", required=False))
     return checks

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
+from sandbox_mcp import doctor
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import Conflict
 from sandbox_mcp.hostnet import HostNetwork, firewall
 from sandbox_mcp.manager import WorkspaceManager, watchdog
-from sandbox_mcp.models import CreateSpec
+from sandbox_mcp.models import Check, CreateSpec
 from sandbox_mcp.naming import FIRST_HOST_OFFSET
 from sandbox_mcp.runtimes.nspawn import NspawnState
 
@@ -301,6 +302,13 @@ async def _admitted_within(settings: Settings, count: int) -> list[str]:
     return ports
 
 
+async def _doctor_firewall(settings: Settings, m: WorkspaceManager) -> Check:
+    """What ``sandbox-mcp doctor`` says of the firewall now."""
+    check = await anyio.to_thread.run_sync(doctor.firewall_check, settings, m.runtimes)
+    assert check is not None
+    return check
+
+
 async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
     settings: Settings, upstream: subprocess.Popen[str]
 ) -> None:
@@ -315,10 +323,14 @@ async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
             service = _HostService(str(settings.host_ip), 8082)  # on the bridge's address, there now
             subprocess.run(["nft", "flush", "ruleset"], check=True)  # this test namespace's ruleset only
             assert await firewall.table_exists(settings.bridge) is None
+            check = await _doctor_firewall(settings, m)
+            assert not check.ok and check.required and "MISSING while 2 workspace(s) run" in check.detail, check
             # A start loads the tables again and admits itself only: the others are cut off (closed, not open).
             await m.create(CreateSpec(name="fthird"))
             assert len(firewall.admitted_ports(await firewall.table_exists(settings.bridge) or "")) == 1
             assert (await _curl(m, "fout", "http://198.51.100.2:8080/"))[0] != 0
+            check = await _doctor_firewall(settings, m)
+            assert not check.ok and "admit 1 port(s) for 3 running" in check.detail, check
 
             async with WorkspaceManager(nat_settings):  # a server: its watchdog looks every 5 s
                 ports = await _admitted_within(settings, 3)
@@ -326,6 +338,8 @@ async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
                 subprocess.run(["nft", "flush", "ruleset"], check=True)  # and again, under the running server
                 ports = await _admitted_within(settings, 3)
                 assert len(ports) == len(set(ports)) == 3, ports
+            check = await _doctor_firewall(settings, m)
+            assert check.ok and "3 port(s) admitted, 3 workspace(s) running" in check.detail, check
 
             assert await _curl(m, "fout", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
             assert (await _curl(m, "fshut", "http://198.51.100.2:8080/"))[0] != 0

@@ -65,6 +65,7 @@ __all__ = [
     "run_script",
     "enable_forwarding",
     "table_exists",
+    "table_exists_sync",
     "table_name",
     "upgrade_script",
 ]
@@ -382,8 +383,20 @@ async def run_script(script: str) -> None:
 async def table_exists(bridge: str) -> str | None:
     """Both tables as ``nft list`` prints them, or None when either is missing (or nft is not installed:
     then no table of ours can exist, and stop/destroy need not fail for it)."""
+    return _both(await nft.list_tables(_tables(bridge)))
+
+
+def table_exists_sync(bridge: str) -> str | None:
+    """:func:`table_exists`, blocking (for ``doctor``)."""
+    return _both(nft.list_tables_sync(_tables(bridge)))
+
+
+def _tables(bridge: str) -> list[tuple[str, str]]:
     t = table_name(bridge)
-    out = await nft.list_tables([("bridge", t), ("inet", t)])
+    return [("bridge", t), ("inet", t)]
+
+
+def _both(out: list[str | None]) -> str | None:
     if any(text is None for text in out):
         return None
     return "\n".join(text for text in out if text is not None)

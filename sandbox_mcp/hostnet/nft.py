@@ -18,14 +18,15 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import subprocess
 import threading
 
 import anyio
 
 from .. import hostcmd
-from ..errors import BackendError
+from ..errors import BackendError, CommandTimeout
 
-__all__ = ["Nft", "list_tables", "run", "shared"]
+__all__ = ["Nft", "list_tables", "list_tables_sync", "run", "shared"]
 
 
 class Nft:
@@ -106,17 +107,27 @@ async def run(script: str) -> None:
         raise BackendError(f"nft refused the firewall rules: {err.strip()[-2000:] or 'no reason given'}")
 
 
-async def list_tables(tables: list[tuple[str, str]]) -> list[str | None]:
+def list_tables_sync(tables: list[tuple[str, str]]) -> list[str | None]:
     """``nft list table FAMILY TABLE`` for each of ``tables`` as nft prints it, None for one that is missing (or
-    when neither the library nor the program is installed: then no table of ours can exist)."""
+    when neither the library nor the program is installed: then no table of ours can exist). Blocking."""
     commands = [f"list table {family} {table}" for family, table in tables]
-    done = await anyio.to_thread.run_sync(_in_thread, commands)
+    done = _in_thread(commands)
     if done is not None:
         return [out if ok else None for ok, out, _ in done]
     if shutil.which("nft") is None:
         return [None for _ in tables]
     out: list[str | None] = []
     for command in commands:
-        listed = await hostcmd.run(["nft", *command.split()], timeout_s=30, check=False)
+        try:
+            listed = subprocess.run(["nft", *command.split()], capture_output=True, text=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandTimeout(f"nft {command} did not finish within 30 s") from exc
+        except OSError as exc:
+            raise BackendError(f"cannot run nft: {exc}") from exc
         out.append(listed.stdout if listed.returncode == 0 else None)
     return out
+
+
+async def list_tables(tables: list[tuple[str, str]]) -> list[str | None]:
+    """:func:`list_tables_sync` in a worker thread."""
+    return await anyio.to_thread.run_sync(list_tables_sync, tables)
