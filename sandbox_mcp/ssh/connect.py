@@ -35,8 +35,9 @@ async def open_connection(
     """Connect to ``target`` and log in with our client key, accepting only its pinned host key.
 
     Nothing else is offered or read: no SSH agent, no ``~/.ssh/config``, no passwords, no
-    certificates; the key's signature is the login's first request (:mod:`.login`). The TCP connect has its own short timeout so a caller polling a booting
-    workspace retries quickly; the SSH handshake may take up to ``timeout_s``.
+    certificates; the key's signature is the login's first request (:mod:`.login`). The TCP connect
+    has its own short timeout so a caller polling a booting workspace retries quickly; the SSH
+    handshake may take up to ``timeout_s``.
 
     Raises:
         SSHError: a key file cannot be read.

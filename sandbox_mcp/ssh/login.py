@@ -81,5 +81,5 @@ def direct_login_client() -> type[asyncssh.SSHClient] | None:
 
 
 def in_use(conn: asyncssh.SSHClientConnection) -> bool:
-    """Whether ``conn`` logged in (or is logging in) the direct way: for tests and ``doctor``."""
+    """Whether ``conn`` logged in (or is logging in) the direct way (for tests)."""
     return conn in _direct
