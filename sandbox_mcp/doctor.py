@@ -194,6 +194,14 @@ def firewall_check(settings: Settings, runtimes: Mapping[str, Runtime]) -> Check
         return Check(name=name, ok=False, detail=f"the tables for {bridge} are MISSING while {running} "
                      "workspace(s) run on it: they reach the host's services and each other (someone ran nft "
                      "flush ruleset, or a firewall service restarted)", fix=fix)  # fmt: skip
+    if (missing := firewall.missing_guards(bridge, present)) and not running:
+        return Check(name=name, ok=True, required=False, detail=f"the tables for {bridge} lack rules, and no "
+                     "workspace runs on it (a start loads them whole again)")  # fmt: skip
+    if missing:
+        return Check(name=name, ok=False, detail=f"the tables for {bridge} lack {len(missing)} of the rules that "
+                     f"hold the policy ({'; '.join(missing[:3])}{'; ...' if len(missing) > 3 else ''}): workspaces "
+                     "reach the host's services and each other (someone ran nft flush table, or deleted rules)",
+                     fix=fix)  # fmt: skip
     admitted = len(firewall.admitted_ports(present))
     if admitted < running:
         return Check(name=name, ok=False, detail=f"the tables for {bridge} admit {admitted} port(s) for {running} "

@@ -313,8 +313,9 @@ async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
     settings: Settings, upstream: subprocess.Popen[str]
 ) -> None:
     """`nft flush ruleset` (Debian's nftables.service runs it on every restart) takes our tables, and with them
-    every workspace's isolation. A long-running server's watchdog loads them again and admits the running
-    workspaces anew: the policy holds again, and what was allowed works again, with no start or stop."""
+    every workspace's isolation; `nft flush table` empties them, to the same effect. A long-running server's
+    watchdog loads them again and admits the running workspaces anew: the policy holds again, and what was
+    allowed works again, with no start or stop. `doctor` says which it is at each step."""
     nat_settings = settings.model_copy(update={"nat": True})
     async with WorkspaceManager(nat_settings, serve_ports=False) as m:  # short-lived, as the CLI's: no watchdog
         try:
@@ -340,6 +341,28 @@ async def test_a_flushed_ruleset_under_running_workspaces_is_put_back(
                 assert len(ports) == len(set(ports)) == 3, ports
             check = await _doctor_firewall(settings, m)
             assert check.ok and "3 port(s) admitted, 3 workspace(s) running" in check.detail, check
+
+            # Emptied rather than removed (nft flush table): the chains stay, all `policy accept`, and let
+            # everything through. Tried for real; doctor says so; a server loads them whole and admits anew.
+            for family in ("bridge", "inet"):
+                subprocess.run(["nft", "flush", "table", family, firewall.table_name(settings.bridge)], check=True)
+            leak = _HostService(str(settings.host_ip), 8083)
+            await _curl(m, "fshut", f"http://{settings.host_ip}:8083/")
+            assert leak.accepted == [shut.ip]
+            r = await m.exec("fshut", f"timeout 4 bash -c '</dev/tcp/{out.ip}/22' && echo open || echo closed")
+            assert r.stdout.strip() == "open", r
+            check = await _doctor_firewall(settings, m)
+            assert not check.ok and "lack 9 of the rules that hold the policy" in check.detail, check
+            async with WorkspaceManager(nat_settings):
+                for _ in range(int((HUNG_S + watchdog.CHECK_INTERVAL_S) / 0.1)):
+                    present = await firewall.table_exists(settings.bridge) or ""
+                    if not firewall.missing_guards(settings.bridge, present) and len(firewall.admitted_ports(present)) == 3:
+                        break
+                    await anyio.sleep(0.1)
+            check = await _doctor_firewall(settings, m)
+            assert check.ok and "3 port(s) admitted, 3 workspace(s) running" in check.detail, check
+            await _curl(m, "fshut", f"http://{settings.host_ip}:8083/")
+            assert leak.accepted == [shut.ip]  # no second time
 
             assert await _curl(m, "fout", "http://198.51.100.2:8080/") == (0, "seen-from 198.51.100.1")
             assert (await _curl(m, "fshut", "http://198.51.100.2:8080/"))[0] != 0

@@ -64,6 +64,7 @@ __all__ = [
     "ruleset",
     "run_script",
     "enable_forwarding",
+    "missing_guards",
     "table_exists",
     "table_exists_sync",
     "table_name",
@@ -345,6 +346,43 @@ def claims_of_others(port: str, ip: ipaddress.IPv4Address, present: str) -> list
         if re.search(rf"ip saddr != {address} drop", body):
             found.add(chain)
     return sorted(found - own)
+
+
+def missing_guards(bridge: str, present: str) -> list[str]:
+    """The rules that hold the policy which ``present`` (both tables as ``nft list`` prints them) lacks; none
+    when intact. They are each base chain's closing drop, the bridge's jump to each port's chain, and each
+    admitted port's own filter. A table emptied with ``nft flush table`` (or a chain flushed) keeps its
+    chains, all ``policy accept``: without these rules it lets every workspace reach the host and the others.
+    """
+    br = _ifname(bridge)
+    chains = _chains(present)
+    guards = [("bridge", "prerouting", "iifname vmap @ports"), ("bridge", "forward", "iifname @ports oifname @ports drop"),
+              ("inet", "input", f'iifname "{br}" drop'), ("inet", "forward", f'iifname "{br}" drop'),
+              ("inet", "forward", f'oifname "{br}" drop')]  # fmt: skip
+    if ("inet", "output") in chains:  # tables an older version loaded may lack it: upgrade_script adds it whole
+        guards.append(("inet", "output", f'oifname "{br}" drop'))
+    missing = [f"{family} {chain}: {rule}" for family, chain, rule in guards if rule not in chains.get((family, chain), [])]
+    for port in admitted_ports(present):
+        if not any(r.startswith("ether saddr != ") for r in chains.get(("bridge", _port_chain(port)), [])):
+            missing.append(f"bridge {_port_chain(port)}: its source filter")
+    return missing
+
+
+def _chains(present: str) -> dict[tuple[str, str], list[str]]:
+    """Each chain's rules in ``nft list`` text, by (family, chain name)."""
+    chains: dict[tuple[str, str], list[str]] = {}
+    family, rules = "", None
+    for line in present.splitlines():
+        words = line.split()
+        if line.startswith("table ") and len(words) >= 2:
+            family, rules = words[1], None
+        elif len(words) == 3 and words[0] == "chain" and words[2] == "{":
+            rules = chains.setdefault((family, words[1]), [])
+        elif rules is not None and words == ["}"]:
+            rules = None
+        elif rules is not None and words and words[0] != "type":
+            rules.append(" ".join(words))
+    return chains
 
 
 def admitted_ports(present: str) -> list[str]:

@@ -137,17 +137,18 @@ class HostNetwork:
 
     async def restore_tables(self, running: int) -> bool:
         """Whether the ``running`` workspaces of this bridge must be admitted anew, loading our firewall tables
-        again first if they went missing (``nft flush ruleset``, a firewall service restarted; without them
-        every workspace reaches the host and the others; loaded, every port is closed until admitted).
+        again first if they went missing (``nft flush ruleset``, a firewall service restarted) or lost a rule
+        that holds the policy (``nft flush table``: see :func:`firewall.missing_guards`). Without them every
+        workspace reaches the host and the others; loaded, every port is closed until admitted.
 
-        True when the tables were missing, or hold fewer admitted ports than ``running`` (a start that loaded
+        True when the tables were reloaded, or hold fewer admitted ports than ``running`` (a start that loaded
         them again admitted only itself). Admitting a workspace again is harmless, so a count is enough.
 
         Raises:
             Conflict, BackendError: as :meth:`ensure`.
         """
         present = await firewall.table_exists(self.bridge)
-        if present is not None:
+        if present is not None and not firewall.missing_guards(self.bridge, present):
             return len(firewall.admitted_ports(present)) < running
         self._tables_checked = None  # whatever a start saw a moment ago: look now
         await self.ensure()
@@ -176,6 +177,8 @@ class HostNetwork:
         """
         if not listed:
             present = await firewall.table_exists(self.bridge)
+        if present is not None and firewall.missing_guards(self.bridge, present):
+            present = None  # emptied (nft flush table) or a guard deleted: loaded whole again, as if missing
         limit = self.settings.egress_max_connections
         s = self.settings
         domains = egress_sets.domain_base_script(self.bridge, s.host_ip, s.egress_dns_port, present or "")

@@ -49,7 +49,8 @@ async def revive_host_services(networks: Iterable[HostNetwork], secrets: Secrets
         else:
             if admitted:
                 revived.append("the firewall tables")
-                log.warning("the firewall tables were gone: loaded again, and %s admitted anew", ", ".join(admitted))
+                log.warning("the firewall tables were gone, emptied or short of ports: loaded again where needed, and %s "
+                            "admitted anew", ", ".join(admitted))
     services = [(f"the egress resolver of {n.bridge}", n.revive) for n in networks]
     services.append(("the secrets proxy", secrets.revive))
     for what, revive in services:
