@@ -5,8 +5,8 @@ The resolver and the proxy each run under a supervisor of their own that restart
 supervisor found dead (killed by hand, or by the OOM killer) was started again only by the next start or
 admit on the host, so until then every workspace with a domain list resolved nothing and every secret went
 unanswered. Our nftables tables go with ``nft flush ruleset`` (Debian's ``nftables.service`` runs it on every
-restart) or a firewall service reloading; without them every running workspace reaches the host's services
-and the other workspaces, until the next start. The server (and the daemon) look every
+restart) or a firewall service reloading, and ``nft flush table`` empties them; either way every running
+workspace reaches the host's services and the other workspaces, until the next start. The server (and the daemon) look every
 :data:`CHECK_INTERVAL_S`; the CLI's short-lived managers leave it to them.
 """
 
@@ -49,8 +49,8 @@ async def revive_host_services(networks: Iterable[HostNetwork], secrets: Secrets
         else:
             if admitted:
                 revived.append("the firewall tables")
-                log.warning("the firewall tables were gone, emptied or short of ports: loaded again where needed, and %s "
-                            "admitted anew", ", ".join(admitted))
+                log.warning("the firewall tables were gone, emptied or short of ports: loaded again where needed, "
+                            "and %s admitted anew", ", ".join(admitted))
     services = [(f"the egress resolver of {n.bridge}", n.revive) for n in networks]
     services.append(("the secrets proxy", secrets.revive))
     for what, revive in services:
