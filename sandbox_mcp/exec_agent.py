@@ -59,16 +59,44 @@ back to a session per command where there is none. The image recipe installs thi
 self-contained.
 """
 
+import os
+import sys
+
+# Started at boot (the image's sandbox-mcp-agent.service), the agent waits at LISTEN_PATH for the
+# server's first connection: see listen() at the end. It binds the socket before the imports below
+# (~13 ms of its start here), so a connection that comes meanwhile waits for it in the backlog rather
+# than finding nothing there and starting an agent of its own.
+LISTEN_PATH = "/run/sandbox-mcp-agent/agent.sock"
+
+
+def _bind(path):
+    import _socket
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # the socket is this user's alone (root inside may connect anyway)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(umask)
+    listener.listen(8)
+    return listener
+
+
+_LISTENING = sys.argv[1:2] == ["--listen"] and __name__ == "__main__"
+_LISTENER = _bind(sys.argv[2] if len(sys.argv) > 2 else LISTEN_PATH) if _LISTENING else None
+
 import binascii
 import json
-import os
 import queue
 import re
 import select
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 
@@ -1229,10 +1257,13 @@ def _worker(fn, msg):
                 # a task was promised (and is on its way to the queue): wait for it
 
 
-def main():
+def main(pending=b""):
+    """Serve requests on stdin/stdout until stdin ends; ``pending``: request bytes already read."""
     _send({"ready": 1, "version": PROTOCOL_VERSION})
-    pending = b""
     try:
+        if b"\n" in pending:
+            *lines, pending = pending.split(b"\n")
+            _handle(lines)
         while True:
             # Everything that has arrived, at once: a request and the cancel right behind it are
             # handled together, so the cancel wins without the command ever starting.
@@ -1250,5 +1281,100 @@ def main():
         os._exit(0)
 
 
+# The agent started at boot: the Python start and the imports above, two thirds of an agent's start,
+# are over before the server's first connection, which reaches this process through an SSH
+# direct-streamlocal channel to LISTEN_PATH instead of a session running a new interpreter. The
+# connection brings the environment sshd gives a session (the server reads it with a session running
+# ``env -0``), so the commands run as they would under one. One connection only: this process then is
+# that connection's agent, and later connections start the agent the usual way.
+LISTEN_WAIT_S = 120.0  # unused by then (a server that came too early, or none), it leaves
+ENVIRON_LINE_MAX = 1 << 20  # the first line: {"environ": base64 of ``env -0``}
+
+
+def _read_environ_line(conn):
+    """The connection's first line, and the bytes read past it; None if it broke the rules."""
+    data = b""
+    while b"\n" not in data:
+        chunk = conn.recv(1 << 16)
+        if not chunk or len(data) + len(chunk) > ENVIRON_LINE_MAX:
+            return None
+        data += chunk
+    line, rest = data.split(b"\n", 1)
+    try:
+        raw = binascii.a2b_base64(json.loads(line)["environ"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None
+    return raw, rest
+
+
+def _take_environ(raw):
+    """Become the session's environment: ``raw`` is ``env -0``'s output from a session of this user."""
+    global _ENVB
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if key and sep:
+            env[key] = value
+    if b"_" in env:  # the shell sets it to what it runs: there ``env``, for a session's agent python3
+        env[b"_"] = os.fsencode(sys.executable)
+    os.environb.clear()
+    os.environb.update(env)
+    _ENVB = dict(os.environb)
+    try:
+        os.chdir(os.environ.get("HOME") or "/")  # where sshd starts a session
+    except OSError:
+        os.chdir("/")
+
+
+def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
+    """Wait on ``listener`` (bound at ``path``) for one connection of this user's, then serve it as
+    ``main`` does.
+
+    Exits quietly when none comes within ``wait_s`` seconds, or when the one that comes sends no
+    environment line. The socket is removed first either way: later connections find nothing there
+    and start the agent the usual way.
+    """
+    import socket
+
+    listener = socket.socket(fileno=listener.detach())
+    deadline = time.monotonic() + wait_s
+    conn = None
+    try:
+        while conn is None:
+            listener.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:  # noqa: UP041 - not TimeoutError before Python 3.10
+                return
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != os.getuid():
+                conn.close()
+                conn = None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        listener.close()
+    conn.settimeout(10.0)  # the environment line follows the connection at once
+    try:
+        first = _read_environ_line(conn)
+    except OSError:
+        first = None
+    if first is None:
+        conn.close()
+        return
+    conn.settimeout(None)
+    _take_environ(first[0])
+    fd = conn.detach()
+    os.dup2(fd, 0)
+    os.dup2(fd, 1)
+    os.close(fd)
+    main(first[1])
+
+
 if __name__ == "__main__":
-    main()
+    if _LISTENER is not None:
+        listen(_LISTENER, *sys.argv[2:3])
+    else:
+        main()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EXEC_AGENT_PATH", "WorkspacePaths"]
+__all__ = ["AGENT_LISTEN_PATH", "EXEC_AGENT_PATH", "WorkspacePaths"]
 
 # Where image recipes install sandbox_mcp/exec_agent.py. Absolute: starting the agent involves no
 # PATH lookup in the workspace user's environment.
 EXEC_AGENT_PATH = "/usr/local/libexec/sandbox-mcp/exec-agent"
+# Where the agent an image starts at boot waits for the server's first connection (exec_agent.LISTEN_PATH).
+AGENT_LISTEN_PATH = "/run/sandbox-mcp-agent/agent.sock"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from .. import claude_workspace, hostcmd
 from ..config import Settings
 from ..errors import BackendError
 from ..naming import BUILD_UID_BASE, UID_RANGE
-from ..paths import EXEC_AGENT_PATH
+from ..paths import AGENT_LISTEN_PATH, EXEC_AGENT_PATH
 from ..progress import Progress, no_progress
 from .store import ImageStore
 
@@ -36,7 +36,9 @@ __all__ = [
     "DISABLED_GENERATORS",
     "IMAGE_RECIPE_VERSION",
     "MASKED_UNITS",
+    "POOL_SLOT_ENV",
     "DebianRoot",
+    "agent_service",
     "compile_exec_agent_argv",
     "debootstrap_argv",
     "detect_debian_mirror",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 # Bump when the recipe below changes, so cached images are rebuilt.
-IMAGE_RECIPE_VERSION = 12
+IMAGE_RECIPE_VERSION = 13
 # Installed into every image (EXEC_AGENT_PATH); its digest is part of the image key, so a changed
 # agent is never run from an image built with an older one.
 EXEC_AGENT_SOURCE = Path(__file__).resolve().parents[1] / "exec_agent.py"
@@ -196,6 +198,39 @@ UsePAM no
 MaxSessions 64
 MaxStartups 64:30:128
 """
+
+# Set in a warm pool slot's init (nspawn --setenv): the slot boots without the agent service below.
+POOL_SLOT_ENV = "SANDBOX_MCP_POOL_SLOT"
+AGENT_SERVICE = "sandbox-mcp-agent.service"
+
+
+def agent_service(user: str) -> str:
+    """The unit that starts the exec agent at boot, to wait for the server's first connection.
+
+    The agent's start (a Python interpreter and its imports, ~20 ms here) then happens while the
+    workspace boots instead of after the server logs in: ``exec_agent.listen`` and
+    :func:`sandbox_mcp.ssh.agent.start_listening_agent` say how the two meet.
+    """
+    return f"""\
+# Written by sandbox-mcp: the exec agent, started ahead of the server's first SSH connection.
+[Unit]
+Description=sandbox-mcp exec agent (waits for the server's first connection)
+# A warm pool slot has no workspace yet, and may wait long for one: its claim starts the agent as usual.
+ConditionEnvironment=!{POOL_SLOT_ENV}=1
+
+[Service]
+User={user}
+ExecStart=/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH} --listen {AGENT_LISTEN_PATH}
+RuntimeDirectory={AGENT_LISTEN_PATH.split("/")[2]}
+RuntimeDirectoryMode=0700
+# It becomes its connection's agent and ends with it; what that connection's commands left running
+# (a start_process) stays, as it does when an sshd session ends (ssh.service is KillMode=process too).
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 
 _PROGRESS_RE = re.compile(r"^I: (Retrieving|Validating|Extracting|Unpacking|Configuring|Installing) ?(.*)$")
 _PHASES = {"Retrieving": 0.05, "Validating": 0.1, "Extracting": 0.35, "Installing": 0.45, "Unpacking": 0.5,
@@ -451,6 +486,11 @@ class DebianRoot:
         wrapper.chmod(0o755)
         install_exec_agent(root)
         chroot(*compile_exec_agent_argv(["/usr/bin/python3"]))
+        (root / "etc/systemd/system" / AGENT_SERVICE).write_text(agent_service(user))
+        wants = root / "etc/systemd/system/multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / AGENT_SERVICE).unlink(missing_ok=True)
+        (wants / AGENT_SERVICE).symlink_to(f"/etc/systemd/system/{AGENT_SERVICE}")
         (root / claude_workspace.CLAUDE_PROFILE_SNIPPET_PATH.lstrip("/")).write_text(claude_workspace.CLAUDE_PROFILE_SNIPPET)
         (root / "etc/hostname").unlink(missing_ok=True)  # nspawn sets the workspace name
         (root / "etc/machine-id").write_text("")  # a fresh id on every boot

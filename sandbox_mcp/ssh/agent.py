@@ -39,6 +39,7 @@ __all__ = [
     "run_agent_command",
     "run_agent_op",
     "start_agent",
+    "start_listening_agent",
 ]
 
 AGENT_START_TIMEOUT_S = 5.0
@@ -79,7 +80,7 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
     """The agent's channel: JSON lines out, replies routed to the tasks waiting for them."""
 
     def __init__(self) -> None:
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.chan: asyncssh.SSHClientChannel[bytes] | asyncssh.SSHUnixChannel[bytes] | None = None
         self.ready = anyio.Event()
         self.closed = anyio.Event()
         self.waiters: dict[int, anyio.Event] = {}
@@ -221,6 +222,77 @@ async def start_agent(
             chan.close()
         raise
     if agent.closed.is_set():  # e.g. "python3: command not found", "can't open file"
+        return None
+    return agent
+
+
+# A session's environment as sshd makes it, for the agent started at boot (start_listening_agent).
+ENVIRON_COMMAND = "exec /usr/bin/env -0"
+_ENVIRON_MAX = 256 * 1024
+
+
+class _Environ(asyncssh.SSHClientSession[bytes]):
+    """``env -0``'s output, up to ``_ENVIRON_MAX`` bytes (past it the channel is closed and it is void)."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.data = bytearray()
+        self.over = False
+        self.done = anyio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype is not None or self.over:
+            return
+        self.data += data
+        if len(self.data) > _ENVIRON_MAX:
+            self.over = True
+            self.data.clear()
+            if self.chan is not None:
+                self.chan.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set()
+
+
+async def start_listening_agent(
+    conn: asyncssh.SSHClientConnection, path: str, max_execs: int | None = None
+) -> AgentSession | None:
+    """The agent the workspace started at boot and that waits at the socket ``path`` for one connection
+    (``exec_agent.listen``), reached over a direct-streamlocal channel, and given the environment of a
+    session of this connection (read with :data:`ENVIRON_COMMAND`): it then serves as :func:`start_agent`'s.
+
+    It saves the agent's Python start (two thirds of :func:`start_agent`'s time). Returns None where
+    nothing listens at ``path`` (the image has no such agent, or it served a connection already, or
+    left unused) or the environment could not be read: the caller starts the agent the usual way.
+
+    Raises:
+        asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`; the caller tells a dead connection.
+    """
+    chan: asyncssh.SSHUnixChannel[bytes] | None = None
+    env_chan: asyncssh.SSHClientChannel[bytes] | None = None
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
+            try:
+                chan, agent = await conn.create_unix_connection(AgentSession, path, encoding=None)
+            except asyncssh.ChannelOpenError:
+                return None  # nothing listens there (or sshd forwards no sockets)
+            agent.chan = chan
+            if max_execs is not None:
+                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
+            env_chan, env = await conn.create_session(_Environ, ENVIRON_COMMAND, encoding=None)
+            env.chan = env_chan
+            await env.done.wait()
+            if env.over or env_chan.get_exit_status() != 0:
+                chan.close()
+                return None
+            chan.write(json.dumps({"environ": base64.b64encode(env.data).decode()}).encode() + b"\n")
+            await agent.ready.wait()
+    except BaseException:
+        for c in (chan, env_chan):
+            if c is not None:
+                c.close()
+        raise
+    if agent.closed.is_set():
         return None
     return agent
 

@@ -32,6 +32,7 @@ from ...host import caps
 from ...host.cgroups import CgroupHost, group_for, join_argv
 from ...identity import host_identity
 from ...images import DebianRoot
+from ...images.debootstrap import POOL_SLOT_ENV
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
@@ -89,7 +90,8 @@ def nspawn_argv(
     ``mounts`` (:mod:`.rootfs`: the root overlay and idmapped binds), and a network
     namespace of nspawn's own (``--private-network``; the host adds the veth after start).
     ``shares=False`` (a user-namespaced warm pool slot) leaves out the workspace dir and the Claude
-    config: nspawn's binds could never be unmounted again, and the claim mounts the owner's in.
+    config: nspawn's binds could never be unmounted again, and the claim mounts the owner's in; nor
+    does its init start the exec agent at boot (``POOL_SLOT_ENV``).
 
     Raises:
         InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
@@ -146,6 +148,8 @@ def nspawn_argv(
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
         f"--setenv={supervise.TAG_ENV}={tag}",
+        # A pool slot boots without the exec agent waiting at boot (its claim may be hours away).
+        *([] if shares else [f"--setenv={POOL_SLOT_ENV}=1"]),
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
     ]
 
