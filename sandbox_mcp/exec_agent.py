@@ -1317,6 +1317,7 @@ def _take_environ(raw):
             env[key] = value
     if b"_" in env:  # the shell sets it to what it runs: there ``env``, for a session's agent python3
         env[b"_"] = os.fsencode(sys.executable)
+    _coerce_c_locale(env)
     os.environb.clear()
     os.environb.update(env)
     _ENVB = dict(os.environb)
@@ -1326,9 +1327,37 @@ def _take_environ(raw):
         os.chdir("/")
 
 
+def _coerce_c_locale(env):
+    """Do to ``env`` what Python's start does to its own (PEP 538), as it did to an agent's under sshd,
+    whose commands inherit it: where LC_ALL is unset and LC_CTYPE resolves to the C locale (unset,
+    C, POSIX, or one not installed), LC_CTYPE becomes the first of C.UTF-8, C.utf8, UTF-8 there is."""
+    import locale
+
+    if env.get(b"LC_ALL"):
+        return
+    name = (env.get(b"LC_CTYPE") or env.get(b"LANG") or b"").decode("ascii", "replace")
+    own = locale.setlocale(locale.LC_CTYPE)
+    try:
+        try:
+            resolved = locale.setlocale(locale.LC_CTYPE, name or "C")
+        except locale.Error:
+            resolved = "C"
+        if resolved not in ("C", "POSIX"):
+            return
+        for target in ("C.UTF-8", "C.utf8", "UTF-8"):
+            try:
+                locale.setlocale(locale.LC_CTYPE, target)
+            except locale.Error:
+                continue
+            env[b"LC_CTYPE"] = target.encode()
+            return
+    finally:
+        locale.setlocale(locale.LC_CTYPE, own)  # this process's own, as it was
+
+
 def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
     """Wait on ``listener`` (bound at ``path``) for one connection of this user's, then serve it as
-    ``main`` does.
+    ``main`` does (``exec-agent --listen [PATH [WAIT_S]]``).
 
     Exits quietly when none comes within ``wait_s`` seconds, or when the one that comes sends no
     environment line. The socket is removed first either way: later connections find nothing there
@@ -1337,7 +1366,7 @@ def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
     import socket
 
     listener = socket.socket(fileno=listener.detach())
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + float(wait_s)
     conn = None
     try:
         while conn is None:
@@ -1375,6 +1404,6 @@ def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
 
 if __name__ == "__main__":
     if _LISTENER is not None:
-        listen(_LISTENER, *sys.argv[2:3])
+        listen(_LISTENER, *sys.argv[2:4])
     else:
         main()

@@ -67,6 +67,14 @@ def test_nspawn_argv_user_namespaced_exact() -> None:
         "--bind-ro=/st/ws1/runtime/hosts:/etc/hosts",
         "--bind-ro=/st/ws1/runtime/resolv.conf:/etc/resolv.conf",
     ]  # fmt: skip
+    # A warm pool slot: no shares, and its init is told (the agent that waits at boot stays off there).
+    slot = nspawn_argv(name="ws1", image_root=Path("/img/k"), netns_path=None, paths=paths, user="agent",
+                       uid_base=524288, mounts=mounts, tag="0123abcd", shares=False)
+    assert [a for a in slot if a not in argv] == ["sandbox-mcp.pool-slot"] == slot[-1:]
+    assert [a for a in argv if a not in slot] == [
+        "--bind=/st/ws1/runtime/mnt/workspace:/home/agent/workspace",
+        "--bind=/st/ws1/runtime/mnt/claude:/home/agent/claude-config",
+    ]
     # No resource limit on nspawn (issue 28: a file-size limit there reached every process inside).
     launched = launch_argv(argv, [Path("/cg/ws1/cgroup.procs")], user_namespaced=True)
     assert launched[3:] == ["sh", "/cg/ws1/cgroup.procs", "--", "env", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1", *argv]

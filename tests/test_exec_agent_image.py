@@ -27,6 +27,7 @@ from sandbox_mcp.images.debootstrap import (
     install_exec_agent,
 )
 from sandbox_mcp.models import CreateSpec
+from sandbox_mcp.paths import AGENT_LISTEN_PATH
 from sandbox_mcp.ssh import EXEC_AGENT_PATH
 
 
@@ -96,7 +97,8 @@ async def test_workspace_runs_the_installed_agent(manager: object) -> None:
     assert first == "root 755"
     rows = [line.split(None, 1) + [""] for line in procs]
     agents = [[user, args] for user, args, *_ in rows if args.startswith("/usr/bin/python3")]
-    assert agents == [[ws.user, f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH}"]]
+    # The one the image started at boot, which this connection met (tests/test_agent_at_boot.py).
+    assert agents == [[ws.user, f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH} --listen {AGENT_LISTEN_PATH}"]]
     assert not [line for line in procs if " -c " in line and "python3" in line]  # no source on a command line
     assert manager.ssh._entries[ws.name].agent is not None  # exec went through the agent
     # The recipe left bytecode of the image's own python3 there (no compile per start), the source beside it.

@@ -17,6 +17,7 @@ import pytest
 
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import WorkspaceExists, WorkspaceNotFound
+from sandbox_mcp.images.debootstrap import AGENT_SERVICE
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec, WorkspaceRecord
 from sandbox_mcp.naming import is_pool_slot, veth_names
@@ -78,6 +79,11 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
             assert r.exit_code == 0, r.stderr
             hostname, hosts, cwd, user = r.stdout.split()
             assert (hostname, hosts, user) == ("claimed", "1", s.user)
+            # The slot booted without the agent that waits at boot for a first connection (the claim may
+            # come hours later): the pool's connection started one the usual way, below sshd.
+            r = await m.exec("claimed", f"systemctl show -p ConditionResult --value {AGENT_SERVICE}; "
+                                        "ps -o comm= -p $(ps -o ppid= -p $PPID)")  # fmt: skip
+            assert r.stdout.split() == ["no", "sshd"], r
             made = Path(ws.host_workspace_dir) / "made-inside"
             assert made.read_text() == "hi\n"
             assert made.stat().st_uid == s.user_uid, "the agent's files are the host user's, as in a booted one"
@@ -104,8 +110,9 @@ async def test_a_create_claims_a_booted_slot_which_becomes_that_workspace(settin
             await m.stop("claimed")
             assert f"sb-{slot.name}" not in links()
             await m.start("claimed")
-            r = await m.exec("claimed", "hostname; cat made-inside")
-            assert r.stdout.split() == ["claimed", "hi"], r
+            r = await m.exec("claimed", "hostname; cat made-inside; ps -o args= -p $PPID")
+            assert r.stdout.split("\n", 2)[:2] == ["claimed", "hi"], r
+            assert "--listen" in r.stdout.split("\n")[2], "booted as itself, it had the agent waiting at boot"
 
             await m.destroy("claimed")
             assert not (s.state_dir / "claimed").exists()

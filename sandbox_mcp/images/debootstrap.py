@@ -35,8 +35,9 @@ __all__ = [
     "CONTAINER_SKIPPED_UNITS",
     "DISABLED_GENERATORS",
     "IMAGE_RECIPE_VERSION",
+    "AGENT_SERVICE",
     "MASKED_UNITS",
-    "POOL_SLOT_ENV",
+    "POOL_SLOT_ARG",
     "DebianRoot",
     "agent_service",
     "compile_exec_agent_argv",
@@ -199,9 +200,11 @@ MaxSessions 64
 MaxStartups 64:30:128
 """
 
-# Set in a warm pool slot's init (nspawn --setenv): the slot boots without the agent service below.
-POOL_SLOT_ENV = "SANDBOX_MCP_POOL_SLOT"
 AGENT_SERVICE = "sandbox-mcp-agent.service"
+# Given to a warm pool slot's init (nspawn_argv), which systemd reads as its kernel command line: the
+# agent service does not start there. A slot has no workspace yet and may wait hours for one; its
+# claim starts the agent the usual way.
+POOL_SLOT_ARG = "sandbox-mcp.pool-slot"
 
 
 def agent_service(user: str) -> str:
@@ -215,8 +218,7 @@ def agent_service(user: str) -> str:
 # Written by sandbox-mcp: the exec agent, started ahead of the server's first SSH connection.
 [Unit]
 Description=sandbox-mcp exec agent (waits for the server's first connection)
-# A warm pool slot has no workspace yet, and may wait long for one: its claim starts the agent as usual.
-ConditionEnvironment=!{POOL_SLOT_ENV}=1
+ConditionKernelCommandLine=!{POOL_SLOT_ARG}
 
 [Service]
 User={user}

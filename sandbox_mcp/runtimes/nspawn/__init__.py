@@ -32,7 +32,7 @@ from ...host import caps
 from ...host.cgroups import CgroupHost, group_for, join_argv
 from ...identity import host_identity
 from ...images import DebianRoot
-from ...images.debootstrap import POOL_SLOT_ENV
+from ...images.debootstrap import POOL_SLOT_ARG
 from ...models import OPEN_FILES, Check, Limits, RuntimeDetail, WorkspaceRecord
 from ...naming import UID_RANGE, allocate_uid_base, veth_names
 from ...paths import WorkspacePaths
@@ -91,7 +91,7 @@ def nspawn_argv(
     namespace of nspawn's own (``--private-network``; the host adds the veth after start).
     ``shares=False`` (a user-namespaced warm pool slot) leaves out the workspace dir and the Claude
     config: nspawn's binds could never be unmounted again, and the claim mounts the owner's in; nor
-    does its init start the exec agent at boot (``POOL_SLOT_ENV``).
+    does its init start the exec agent at boot (``POOL_SLOT_ARG``).
 
     Raises:
         InvalidSpec: a host path contains ':' or ',' (nspawn's separators), or the arguments
@@ -148,9 +148,10 @@ def nspawn_argv(
         "--console=read-only",
         # The container's init carries the workspace tag, so an orphaned container is found by it.
         f"--setenv={supervise.TAG_ENV}={tag}",
-        # A pool slot boots without the exec agent waiting at boot (its claim may be hours away).
-        *([] if shares else [f"--setenv={POOL_SLOT_ENV}=1"]),
         *(f"{opt}={src}:{dst}" for opt, src, dst in binds),
+        # Arguments for the container's init, which systemd reads as its kernel command line: a pool
+        # slot boots without the exec agent that waits at boot (its claim may be hours away).
+        *([] if shares else [POOL_SLOT_ARG]),
     ]
 
 
