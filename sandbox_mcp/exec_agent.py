@@ -57,6 +57,13 @@ Standard library only, Python ≥ 3.7: it runs on the workspace's python3, and t
 back to a session per command where there is none. The image recipe installs this file as
 /usr/local/libexec/sandbox-mcp/exec-agent and the pool runs it by that path, so it must stay
 self-contained.
+
+Two ways it starts. The pool runs it in an SSH session (one per connection), or, for the first
+connection after a boot, it is already running: the image's ``sandbox-mcp-agent.service`` starts it
+with ``--listen`` as the workspace user, and it waits on LISTEN_PATH for that connection, which
+reaches it through sshd's direct-streamlocal forwarding and sends, before anything else, the
+environment a session of that connection gets ({"environ": base64 of ``env -0``}). It takes that
+environment and HOME as its own and serves the connection as above (see ``listen``).
 """
 
 import os

@@ -1,6 +1,8 @@
 """The client end of the exec agent (:mod:`sandbox_mcp.exec_agent`): one channel, many commands.
 
-The agent is installed in the image and started by absolute path (:func:`.commands.agent_command`).
+The agent is installed in the image and started by absolute path (:func:`.commands.agent_command`),
+or, for a connection's first agent after a boot, met where the image started it at boot
+(:func:`start_listening_agent`), which saves the Python start.
 It speaks JSON lines; everything it sends is read with a bound (:class:`.lines.LineBuffer`) and
 checked before use, since a workspace's root can replace it with anything. A protocol violation
 closes the channel and fails the calls waiting on it with :class:`AgentFault`.
