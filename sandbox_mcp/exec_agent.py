@@ -1320,7 +1320,7 @@ def _take_environ(raw):
     env = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
-        if key and sep:
+        if key and sep and b"\n" not in key:  # not a name: something printed before env's output
             env[key] = value
     if b"_" in env:  # the shell sets it to what it runs: there ``env``, for a session's agent python3
         env[b"_"] = os.fsencode(sys.executable)

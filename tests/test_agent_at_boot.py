@@ -35,6 +35,7 @@ def test_the_paths_agree_and_the_unit_starts_the_installed_agent_as_the_user() -
     assert "User=agent\n" in unit and "RuntimeDirectory=sandbox-mcp-agent\n" in unit
     assert f"ConditionKernelCommandLine=!{POOL_SLOT_ARG}\n" in unit  # what a pool slot's init is given
     assert "KillMode=process\n" in unit  # a start_process outlives the agent, as under sshd
+    assert "OOMPolicy=continue\n" in unit  # an OOM-killed command does not stop the unit (its agent)
 
 
 def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:

@@ -228,6 +228,9 @@ RuntimeDirectoryMode=0700
 # It becomes its connection's agent and ends with it; what that connection's commands left running
 # (a start_process) stays, as it does when an sshd session ends (ssh.service is KillMode=process too).
 KillMode=process
+# A command the kernel's OOM killer ends is that command's end, not the agent's: by default systemd
+# would stop the unit, its main process being the agent (ssh.service restarts sshd instead).
+OOMPolicy=continue
 
 [Install]
 WantedBy=multi-user.target

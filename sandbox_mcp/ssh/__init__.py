@@ -9,8 +9,9 @@ The only package that imports asyncssh. One concern per module:
 * :mod:`.lines`: bounded line framing for what a workspace sends.
 * :mod:`.connect` and :mod:`.login`: one authenticated connection (its login one userauth request).
 * :mod:`.agent` and :mod:`.session`: the two ways to run a command (the exec agent on one
-  long-lived channel, met where the image started it at boot or started in a session; a session
-  per command where the agent is missing).
+  long-lived channel; a session per command where the agent is missing).
+* :mod:`.agent_start`: a connection's agent, met where the image started it at boot, or started
+  in a session.
 * :mod:`.agent_ops`: process requests (start_process and its siblings) to the exec agent.
 * :mod:`.files`: read, write and list over SFTP, regular files only.
 * :mod:`.pool`: :class:`SSHPool`, one connection per workspace, tying the rest together.

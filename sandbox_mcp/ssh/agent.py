@@ -1,8 +1,7 @@
 """The client end of the exec agent (:mod:`sandbox_mcp.exec_agent`): one channel, many commands.
 
-The agent is installed in the image and started by absolute path (:func:`.commands.agent_command`),
-or, for a connection's first agent after a boot, met where the image started it at boot
-(:func:`start_listening_agent`), which saves the Python start.
+The agent is installed in the image; :mod:`.agent_start` starts it in a session by absolute path
+(:func:`.commands.agent_command`) or meets the one the image started at boot.
 It speaks JSON lines; everything it sends is read with a bound (:class:`.lines.LineBuffer`) and
 checked before use, since a workspace's root can replace it with anything. A protocol violation
 closes the channel and fails the calls waiting on it with :class:`AgentFault`.
@@ -40,8 +39,6 @@ __all__ = [
     "reply_limit",
     "run_agent_command",
     "run_agent_op",
-    "start_agent",
-    "start_listening_agent",
 ]
 
 AGENT_START_TIMEOUT_S = 5.0
@@ -196,107 +193,6 @@ class AgentSession(asyncssh.SSHClientSession[bytes]):
 
     def stderr_tail(self) -> str:
         return self.stderr.decode(errors="replace").strip()[-500:]
-
-
-async def start_agent(
-    conn: asyncssh.SSHClientConnection, command: str, max_execs: int | None = None
-) -> AgentSession | None:
-    """Start the agent with ``command`` on ``conn`` and wait for its ready line; it runs at most
-    ``max_execs`` (default DEFAULT_MAX_EXECS) commands at once (:func:`run_agent_command` waits for a place).
-
-    Returns None where it cannot run: the channel closed before it said it was ready (no python3,
-    or no agent installed: a nixos-mode guest or a hand-made image).
-
-    Raises:
-        asyncssh.Error, OSError, TimeoutError: opening the channel failed or the agent did not get
-            ready within AGENT_START_TIMEOUT_S; the caller tells a dead connection from a refusal.
-    """
-    chan: asyncssh.SSHClientChannel[bytes] | None = None
-    try:
-        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
-            chan, agent = await conn.create_session(AgentSession, command, encoding=None)
-            agent.chan = chan
-            if max_execs is not None:
-                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
-            await agent.ready.wait()
-    except BaseException:
-        if chan is not None:
-            chan.close()
-        raise
-    if agent.closed.is_set():  # e.g. "python3: command not found", "can't open file"
-        return None
-    return agent
-
-
-# A session's environment as sshd makes it, for the agent started at boot (start_listening_agent).
-ENVIRON_COMMAND = "exec /usr/bin/env -0"
-_ENVIRON_MAX = 256 * 1024
-
-
-class _Environ(asyncssh.SSHClientSession[bytes]):
-    """``env -0``'s output, up to ``_ENVIRON_MAX`` bytes (past it the channel is closed and it is void)."""
-
-    def __init__(self) -> None:
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.data = bytearray()
-        self.over = False
-        self.done = anyio.Event()
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if datatype is not None or self.over:
-            return
-        self.data += data
-        if len(self.data) > _ENVIRON_MAX:
-            self.over = True
-            self.data.clear()
-            if self.chan is not None:
-                self.chan.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.done.set()
-
-
-async def start_listening_agent(
-    conn: asyncssh.SSHClientConnection, path: str, max_execs: int | None = None
-) -> AgentSession | None:
-    """The agent the workspace started at boot and that waits at the socket ``path`` for one connection
-    (``exec_agent.listen``), reached over a direct-streamlocal channel, and given the environment of a
-    session of this connection (read with :data:`ENVIRON_COMMAND`): it then serves as :func:`start_agent`'s.
-
-    It saves the agent's Python start (two thirds of :func:`start_agent`'s time). Returns None where
-    nothing listens at ``path`` (the image has no such agent, or it served a connection already, or
-    left unused) or the environment could not be read: the caller starts the agent the usual way.
-
-    Raises:
-        asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`; the caller tells a dead connection.
-    """
-    chan: asyncssh.SSHUnixChannel[bytes] | None = None
-    env_chan: asyncssh.SSHClientChannel[bytes] | None = None
-    try:
-        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
-            try:
-                chan, agent = await conn.create_unix_connection(AgentSession, path, encoding=None)
-            except asyncssh.ChannelOpenError:
-                return None  # nothing listens there (or sshd forwards no sockets)
-            agent.chan = chan
-            if max_execs is not None:
-                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
-            env_chan, env = await conn.create_session(_Environ, ENVIRON_COMMAND, encoding=None)
-            env.chan = env_chan
-            await env.done.wait()
-            if env.over or env_chan.get_exit_status() != 0:
-                chan.close()
-                return None
-            chan.write(json.dumps({"environ": base64.b64encode(env.data).decode()}).encode() + b"\n")
-            await agent.ready.wait()
-    except BaseException:
-        for c in (chan, env_chan):
-            if c is not None:
-                c.close()
-        raise
-    if agent.closed.is_set():
-        return None
-    return agent
 
 
 def _b64_field(reply: dict[str, Any], key: str) -> bytes:

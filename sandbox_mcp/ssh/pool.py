@@ -20,18 +20,10 @@ import asyncssh
 
 from ..errors import InvalidSpec, SSHError
 from ..models import DirListing, ExecResult, FileContent, WriteResult
-from ..paths import AGENT_LISTEN_PATH
 from ..progress import Progress
 from . import files
-from .agent import (
-    AgentFault,
-    AgentGone,
-    AgentSession,
-    NotStarted,
-    run_agent_command,
-    start_agent,
-    start_listening_agent,
-)
+from .agent import AgentFault, AgentGone, AgentSession, NotStarted, run_agent_command
+from .agent_start import open_agent
 from .commands import (
     EXEC_AGENT_PATH,
     SSHTarget,
@@ -77,7 +69,6 @@ class _Entry:
     sftp_lock: anyio.Lock = field(default_factory=anyio.Lock)
     agent: AgentSession | None = None
     agent_unavailable: bool = False  # no agent there: a session per command
-    agent_listening: bool = True  # the agent started at boot may still wait for this connection
     agent_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def alive(self) -> bool:
@@ -107,8 +98,6 @@ class SSHPool:
         self._connect_timeout_s = connect_timeout_s
         self._use_agent = exec_agent
         self._agent_command = agent_command(agent_path)
-        # The agent an image starts at boot is the one at the default path; another path means another agent.
-        self._agent_listens = agent_path == EXEC_AGENT_PATH
         self._keepalive_interval_s = keepalive_interval_s
         self._max_sessions = max_sessions
         self._max_execs = max_execs
@@ -310,14 +299,8 @@ class SSHPool:
         async with entry.agent_lock:
             if entry.agent is not None and not entry.agent.closed.is_set():
                 return entry.agent
-            agent = None
             try:
-                if entry.agent_listening and self._agent_listens:  # once per connection: later, nothing listens there any more
-                    entry.agent_listening = False
-                    with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
-                        agent = await start_listening_agent(entry.conn, AGENT_LISTEN_PATH, self._max_execs)
-                if agent is None:
-                    agent = await start_agent(entry.conn, self._agent_command, self._max_execs)
+                agent = await open_agent(entry.conn, self._agent_command, self._max_execs)
             except (asyncssh.Error, OSError, TimeoutError):
                 if not entry.alive():
                     raise

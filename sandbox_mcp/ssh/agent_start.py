@@ -1,0 +1,148 @@
+"""The two ways a connection gets its exec agent: met where the image started it at boot, or started in a session.
+
+An agent started in a session costs a session, a Python start and the agent's imports (~25 ms here,
+seconds in an emulated VM). The image therefore starts one at boot (``sandbox-mcp-agent.service``,
+``exec_agent.listen``) that waits on a Unix socket for the first connection; :func:`open_agent` meets
+it over sshd's direct-streamlocal forwarding (~6 ms to its ready line) and starts one in a session
+where there is none: later connections, pool slots, images without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import weakref
+
+import anyio
+import asyncssh
+
+from ..paths import AGENT_LISTEN_PATH
+from .agent import AGENT_START_TIMEOUT_S, AgentSession
+from .commands import agent_command
+
+__all__ = ["ENVIRON_COMMAND", "open_agent", "start_agent", "start_listening_agent"]
+
+
+# Connections that looked for the agent started at boot: it serves one connection's first agent only.
+_looked: weakref.WeakSet[asyncssh.SSHClientConnection] = weakref.WeakSet()
+
+
+async def open_agent(conn: asyncssh.SSHClientConnection, command: str, max_execs: int | None) -> AgentSession | None:
+    """``conn``'s agent: on its first call, the one the image started at boot if it waits (and ``command``
+    is the default agent's), else one started in a session with ``command``.
+
+    Returns None where no agent can run (see :func:`start_agent`).
+
+    Raises:
+        asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`.
+    """
+    if conn not in _looked and command == agent_command():
+        _looked.add(conn)
+        # Whatever goes wrong meeting it, a session may still start one (a dead connection fails there).
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+            agent = await start_listening_agent(conn, AGENT_LISTEN_PATH, max_execs)
+            if agent is not None:
+                return agent
+    return await start_agent(conn, command, max_execs)
+
+
+async def start_agent(
+    conn: asyncssh.SSHClientConnection, command: str, max_execs: int | None = None
+) -> AgentSession | None:
+    """Start the agent with ``command`` on ``conn`` and wait for its ready line; it runs at most
+    ``max_execs`` (default DEFAULT_MAX_EXECS) commands at once (:func:`.agent.run_agent_command` waits for a place).
+
+    Returns None where it cannot run: the channel closed before it said it was ready (no python3,
+    or no agent installed: a nixos-mode guest or a hand-made image).
+
+    Raises:
+        asyncssh.Error, OSError, TimeoutError: opening the channel failed or the agent did not get
+            ready within AGENT_START_TIMEOUT_S; the caller tells a dead connection from a refusal.
+    """
+    chan: asyncssh.SSHClientChannel[bytes] | None = None
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
+            chan, agent = await conn.create_session(AgentSession, command, encoding=None)
+            agent.chan = chan
+            if max_execs is not None:
+                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
+            await agent.ready.wait()
+    except BaseException:
+        if chan is not None:
+            chan.close()
+        raise
+    if agent.closed.is_set():  # e.g. "python3: command not found", "can't open file"
+        return None
+    return agent
+
+
+# A session's environment as sshd makes it, for the agent started at boot (start_listening_agent).
+ENVIRON_COMMAND = "exec /usr/bin/env -0"
+_ENVIRON_MAX = 256 * 1024
+
+
+class _Environ(asyncssh.SSHClientSession[bytes]):
+    """``env -0``'s output, up to ``_ENVIRON_MAX`` bytes (past it the channel is closed and it is void)."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.data = bytearray()
+        self.over = False
+        self.done = anyio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype is not None or self.over:
+            return
+        self.data += data
+        if len(self.data) > _ENVIRON_MAX:
+            self.over = True
+            self.data.clear()
+            if self.chan is not None:
+                self.chan.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set()
+
+
+async def start_listening_agent(
+    conn: asyncssh.SSHClientConnection, path: str, max_execs: int | None = None
+) -> AgentSession | None:
+    """The agent the workspace started at boot and that waits at the socket ``path`` for one connection
+    (``exec_agent.listen``), reached over a direct-streamlocal channel, and given the environment of a
+    session of this connection (read with :data:`ENVIRON_COMMAND`): it then serves as :func:`start_agent`'s.
+
+    It saves the agent's Python start (two thirds of :func:`start_agent`'s time). Returns None where
+    nothing listens at ``path`` (the image has no such agent, or it served a connection already, or
+    left unused) or the environment could not be read: the caller starts the agent the usual way.
+
+    Raises:
+        asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`; the caller tells a dead connection.
+    """
+    chan: asyncssh.SSHUnixChannel[bytes] | None = None
+    env_chan: asyncssh.SSHClientChannel[bytes] | None = None
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
+            try:
+                chan, agent = await conn.create_unix_connection(AgentSession, path, encoding=None)
+            except asyncssh.ChannelOpenError:
+                return None  # nothing listens there (or sshd forwards no sockets)
+            agent.chan = chan
+            if max_execs is not None:
+                agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
+            env_chan, env = await conn.create_session(_Environ, ENVIRON_COMMAND, encoding=None)
+            env.chan = env_chan
+            await env.done.wait()
+            if env.over or env_chan.get_exit_status() != 0:
+                chan.close()
+                return None
+            chan.write(json.dumps({"environ": base64.b64encode(env.data).decode()}).encode() + b"\n")
+            await agent.ready.wait()
+    except BaseException:
+        for c in (chan, env_chan):
+            if c is not None:
+                c.close()
+        raise
+    if agent.closed.is_set():
+        return None
+    return agent
