@@ -105,6 +105,16 @@ class _Environ(asyncssh.SSHClientSession[bytes]):
         self.done.set()
 
 
+async def _read_environ(conn: asyncssh.SSHClientConnection, env: _Environ) -> None:
+    """Run :data:`ENVIRON_COMMAND` into ``env``; a failure leaves it void (``over``)."""
+    try:
+        env.chan, _ = await conn.create_session(lambda: env, ENVIRON_COMMAND, encoding=None)
+    except (asyncssh.Error, OSError):
+        env.over = True
+        return
+    await env.done.wait()
+
+
 async def start_listening_agent(
     conn: asyncssh.SSHClientConnection, path: str, max_execs: int | None = None
 ) -> AgentSession | None:
@@ -120,29 +130,37 @@ async def start_listening_agent(
         asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`; the caller tells a dead connection.
     """
     chan: asyncssh.SSHUnixChannel[bytes] | None = None
-    env_chan: asyncssh.SSHClientChannel[bytes] | None = None
+    env = _Environ()
     try:
         with anyio.CancelScope(shield=True), anyio.fail_after(AGENT_START_TIMEOUT_S):
-            try:
-                chan, agent = await conn.create_unix_connection(AgentSession, path, encoding=None)
-            except asyncssh.ChannelOpenError:
-                return None  # nothing listens there (or sshd forwards no sockets)
+            failed: Exception | None = None  # raised past the task group, which would wrap it in a group
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_read_environ, conn, env)  # at the same time: two round trips become one
+                try:
+                    chan, agent = await conn.create_unix_connection(AgentSession, path, encoding=None)
+                except asyncssh.ChannelOpenError:
+                    pass  # nothing listens there (or sshd forwards no sockets)
+                except (asyncssh.Error, OSError) as exc:
+                    failed = exc
+            if failed is not None:
+                raise failed
+            if chan is None:
+                return None
             agent.chan = chan
             if max_execs is not None:
                 agent.max_execs, agent.slots = max_execs, anyio.Semaphore(max_execs)
-            env_chan, env = await conn.create_session(_Environ, ENVIRON_COMMAND, encoding=None)
-            env.chan = env_chan
-            await env.done.wait()
-            if env.over or env_chan.get_exit_status() != 0:
+            if env.over or env.chan is None or env.chan.get_exit_status() != 0:
                 chan.close()
                 return None
             chan.write(json.dumps({"environ": base64.b64encode(env.data).decode()}).encode() + b"\n")
             await agent.ready.wait()
     except BaseException:
-        for c in (chan, env_chan):
-            if c is not None:
-                c.close()
+        if chan is not None:
+            chan.close()
         raise
+    finally:
+        if env.chan is not None:
+            env.chan.close()
     if agent.closed.is_set():
         return None
     return agent
