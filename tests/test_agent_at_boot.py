@@ -98,13 +98,17 @@ def test_it_serves_one_connection_with_the_environment_it_brings(
     lines = _lines(conn)
     assert next(lines) == {"ready": 1, "version": exec_agent.PROTOCOL_VERSION}
     assert not sock.exists(), "one connection only: the socket is gone once it is taken"
-    command = "echo \"$GREETING\"; echo \"${OUTER_ONLY:-unset}\"; readlink /proc/$PPID/cwd; env"
+    command = ("echo \"$GREETING\"; echo \"${OUTER_ONLY:-unset}\"; readlink /proc/$PPID/cwd; "
+               "cut -d' ' -f41 /proc/$$/stat; grep 'Max nice' /proc/$$/limits | tr -s ' ' | cut -d' ' -f4,5; env")
     request = {"id": 1, "command": command, "cwd": str(tmp_path), "env": {}, "stdin": None, "timeout": 30, "cap": 65536}
     conn.sendall(json.dumps(request).encode() + b"\n")
     reply = next(m for m in lines if m.get("id") == 1 and "exit" in m)
     assert reply["exit"] == 0, base64.b64decode(str(reply["stderr"]))
-    greeting, outer_only, agent_cwd, *agent_env = base64.b64decode(str(reply["stdout"])).decode().splitlines()
+    greeting, outer_only, agent_cwd, policy, nice_limit, *agent_env = (
+        base64.b64decode(str(reply["stdout"])).decode().splitlines()
+    )
     assert (greeting, outer_only) == ("hello there", "unset"), "the session's environment, not the unit's"
+    assert (policy, nice_limit) == ("0", "0 0"), "the usual CPU policy (SCHED_OTHER) and RLIMIT_NICE"
     assert agent_cwd == str(home), "it works from HOME, where sshd starts a session"
     # The command's environment is what an agent started with the session's has (Python's start sets
     # LC_CTYPE where the locale is C: PEP 538), and no more; sh adds the directory it works in.
@@ -184,9 +188,13 @@ async def test_the_first_connection_meets_the_agent_started_at_boot(manager: obj
     assert isinstance(manager, WorkspaceManager)
     ws = await manager.create(CreateSpec(name="bootagent"))
     who = "ps -o ppid=,args= -p $PPID; readlink /proc/$PPID/cwd; id -un"
+    # Its commands are scheduled as under sshd (a unit could have set a policy or a limit of its own).
+    scheduling = "cut -d' ' -f41 /proc/$$/stat; grep 'Max nice' /proc/$$/limits"
     first = await manager.exec(ws.name, f"{who}; test -e {AGENT_LISTEN_PATH} && echo left; setsid -f sleep 300")
     assert first.exit_code == 0, first.stderr
     agent, cwd, user = first.stdout.splitlines()
+    sched_boot = (await manager.exec(ws.name, scheduling)).stdout
+    assert sched_boot.split()[0] == "0", sched_boot  # SCHED_OTHER
     ppid, args = agent.split(None, 1)
     assert (ppid, args) == ("1", f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH} --listen {AGENT_LISTEN_PATH}")
     assert (cwd, user) == (f"/home/{ws.user}", ws.user), "the user's agent, from HOME, as sshd starts it"
@@ -200,6 +208,7 @@ async def test_the_first_connection_meets_the_agent_started_at_boot(manager: obj
     assert ppid != "1" and args == f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH}", "started the usual way now"
     assert (cwd, user, state, kept) == (f"/home/{ws.user}", ws.user, "inactive", "kept"), second.stdout
     env_sshd = await manager.exec(ws.name, "env -0")
+    assert (await manager.exec(ws.name, scheduling)).stdout == sched_boot
     # The same environment as a command under an agent sshd started (but for the client's port).
     assert _normalised(env_boot.stdout) == _normalised(env_sshd.stdout)
     assert "CLAUDE_CONFIG_DIR=" in env_boot.stdout and "SSH_CONNECTION=" in env_boot.stdout
