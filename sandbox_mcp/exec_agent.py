@@ -77,19 +77,24 @@ LISTEN_PATH = "/run/sandbox-mcp-agent/agent.sock"
 
 
 def _bind(path):
+    """A listening socket at ``path``, there only once it listens (bound aside, then renamed into place:
+    a connection never finds the path and is refused)."""
     import _socket
 
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    aside = path + ".new"
+    for stale in (path, aside):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     umask = os.umask(0o177)  # the socket is this user's alone (root inside may connect anyway)
     try:
-        listener.bind(path)
+        listener.bind(aside)
     finally:
         os.umask(umask)
     listener.listen(8)
+    os.rename(aside, path)
     return listener
 
 
@@ -1380,8 +1385,8 @@ def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
             listener.settimeout(max(0.0, deadline - time.monotonic()))
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:  # noqa: UP041 - not TimeoutError before Python 3.10
-                return
+            except (socket.timeout, BlockingIOError):  # noqa: UP041 - not TimeoutError before 3.10
+                return  # (a timeout of 0, at the deadline, makes the socket non-blocking)
             _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != os.getuid():
                 conn.close()

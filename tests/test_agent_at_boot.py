@@ -123,8 +123,9 @@ def test_it_serves_one_connection_with_the_environment_it_brings(
     assert proc.wait(timeout=30) == 0, "it ends with its connection, as an agent sshd started does"
 
 
-def test_unused_it_leaves_in_time_and_takes_its_socket_along(tmp_path: Path, started: list) -> None:
-    proc, sock = _start(tmp_path, "0.5")
+@pytest.mark.parametrize("wait_s", ["0.5", "0"])  # 0: the deadline is met at the first look
+def test_unused_it_leaves_in_time_and_takes_its_socket_along(tmp_path: Path, started: list, wait_s: str) -> None:
+    proc, sock = _start(tmp_path, wait_s)
     started.append(proc)
     assert proc.wait(timeout=30) == 0
     assert not sock.exists()
@@ -152,8 +153,9 @@ def test_another_users_connection_is_turned_away(started: list) -> None:
     sock.chmod(0o666)  # past the file mode (0600): the agent checks who connects itself
     stranger = subprocess.run(
         ["python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(30); "
-         "s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode())\n"
-         "try: print(repr(s.recv(100)))\nexcept ConnectionResetError: print(repr(b''))",
+         "s.connect(sys.argv[1])\n"
+         "try: s.sendall(sys.argv[2].encode()); print(repr(s.recv(100)))\n"
+         "except (BrokenPipeError, ConnectionResetError): print(repr(b''))",
          str(sock), _environ_line({"HOME": "/"}).decode()],
         user=65534, group=65534, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

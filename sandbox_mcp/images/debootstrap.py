@@ -31,11 +31,11 @@ from ..progress import Progress, no_progress
 from .store import ImageStore
 
 __all__ = [
+    "AGENT_SERVICE",
     "BASE_PACKAGES",
     "CONTAINER_SKIPPED_UNITS",
     "DISABLED_GENERATORS",
     "IMAGE_RECIPE_VERSION",
-    "AGENT_SERVICE",
     "MASKED_UNITS",
     "POOL_SLOT_ARG",
     "DebianRoot",
@@ -212,7 +212,7 @@ def agent_service(user: str) -> str:
 
     The agent's start (a Python interpreter and its imports, ~20 ms here) then happens while the
     workspace boots instead of after the server logs in: ``exec_agent.listen`` and
-    :func:`sandbox_mcp.ssh.agent.start_listening_agent` say how the two meet.
+    :func:`sandbox_mcp.ssh.agent_start.start_listening_agent` say how the two meet.
     """
     return f"""\
 # Written by sandbox-mcp: the exec agent, started ahead of the server's first SSH connection.
