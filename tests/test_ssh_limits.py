@@ -207,6 +207,12 @@ async def test_missing_agent_falls_back_to_a_session_per_command(own_sshd: Sshd,
         assert entry.agent is None and entry.agent_unavailable
         r = await pool.exec(target, "sleep 30", timeout_s=0.5)
         assert r.timed_out
+        # Processes need the agent: the error names it, and where NixOS turns it on, and what works instead.
+        with pytest.raises(SSHError) as caught:
+            await agent_op(pool, target, processes.list_request(), timeout_s=10, reply_cap=1024, retry=True)
+        message = str(caught.value)
+        assert EXEC_AGENT_PATH in message and "sandboxed-workspace.execAgent.enable" in message
+        assert "redirects its output to a file" in message
     finally:
         await pool.close()
 

@@ -37,6 +37,13 @@ let
     else
       cfg.claude.package;
 
+  # The server's exec agent, as bytecode of the guest's python3 (exec-agent.nix).
+  agentPython = pkgs.python3;
+  execAgent = import ./exec-agent.nix {
+    inherit pkgs;
+    python = agentPython;
+  };
+
   onboardingJson = pkgs.writeText "claude.json" (
     builtins.toJSON {
       hasCompletedOnboarding = true;
@@ -133,6 +140,37 @@ in
         "d ${claudeDir} 0700 ${user} ${user} -"
       ];
     }
+
+    (lib.mkIf cfg.execAgent.enable {
+      # Where the server starts it in a session (sandbox_mcp/paths.py EXEC_AGENT_PATH,
+      # sandbox_mcp/ssh/commands.py PYTHON_PATH), as in the Debian images: the host's code is one
+      # for every image.
+      systemd.tmpfiles.rules = [
+        "d /usr/local/libexec/sandbox-mcp 0755 root root -"
+        "L+ /usr/local/libexec/sandbox-mcp/exec-agent - - - - ${execAgent}"
+        "L+ /usr/bin/python3 - - - - ${agentPython.interpreter}"
+      ];
+
+      # Started at boot to wait for the server's first connection, which meets it through sshd's
+      # socket forwarding (sandbox_mcp/ssh/agent_start.py): the Python start and its imports happen
+      # while the workspace boots, not after the login. The same unit as the Debian images'
+      # (sandbox_mcp/images/debootstrap.py agent_service).
+      systemd.services.sandbox-mcp-agent = {
+        description = "sandbox-mcp exec agent (waits for the server's first connection)";
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          User = user;
+          ExecStart = "${agentPython.interpreter} -I -S -u ${execAgent} --listen /run/sandbox-mcp-agent/agent.sock";
+          RuntimeDirectory = "sandbox-mcp-agent";
+          RuntimeDirectoryMode = "0700";
+          # What the connection's commands left running (a start_process) outlives the agent, as an
+          # sshd session's do.
+          KillMode = "process";
+          # A command the OOM killer ends is that command's end, not the agent's.
+          OOMPolicy = "continue";
+        };
+      };
+    })
 
     (lib.mkIf cfg.binaryCache.fromHost {
       nix.settings.substituters = hostConfig.nix.settings.substituters or [ ];

@@ -38,7 +38,8 @@ async def agent_op(
         if agent is None:
             raise SSHError(
                 f"{target.where} has no exec agent ({EXEC_AGENT_PATH} with /usr/bin/python3), which processes "
-                "need; use exec with a command that redirects its output to a file instead"
+                "need (a NixOS workspace has it unless the module sets sandboxed-workspace.execAgent.enable = "
+                "false); use exec with a command that redirects its output to a file instead"
             )
         try:
             return await run_agent_op(agent, request, timeout_s, reply_cap)
