@@ -6,14 +6,16 @@ is also what they check), so they run anywhere; the e2e tests cover the happy pa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from mcp import Client
+from mcp.server.mcpserver import MCPServer
 
 import sandbox_mcp
 from sandbox_mcp.config import Settings
-from sandbox_mcp.server import build_server
+from sandbox_mcp.server import build_server, schema_without_titles
 
 pytestmark = pytest.mark.anyio
 
@@ -131,6 +133,57 @@ async def test_mistakes_are_tool_errors_that_say_what_to_do(settings: Settings) 
     # Nothing was created by any of it.
     workspace_dirs = [p for p in settings.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert workspace_dirs == []
+
+
+def _titles(schema: object, path: str = "") -> list[str]:
+    """Where ``schema`` has a string ``title`` (outside defaults and examples)."""
+    if isinstance(schema, list):
+        return [hit for i, item in enumerate(schema) for hit in _titles(item, f"{path}[{i}]")]
+    if not isinstance(schema, dict):
+        return []
+    hits = [path] if isinstance(schema.get("title"), str) else []
+    for key, value in schema.items():
+        if key not in ("default", "examples", "const", "enum"):
+            hits += _titles(value, f"{path}/{key}")
+    return hits
+
+
+async def test_input_schemas_are_listed_without_generated_titles(settings: Settings) -> None:
+    server = build_server(settings)
+    as_generated = {t.name: t.input_schema for t in await MCPServer.list_tools(server)}
+    assert sum(len(_titles(schema)) for schema in as_generated.values()) > 100  # pydantic's, one per property
+    async with Client(server) as client:
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(listed) == set(as_generated)
+    for name, tool in listed.items():
+        assert _titles(tool.input_schema) == [], name
+        assert tool.input_schema == schema_without_titles(as_generated[name]), name  # nothing else changed
+        assert tool.title or tool.annotations.title, name  # the tool's own title is not a schema's
+    sent = sum(len(json.dumps(t.input_schema)) for t in listed.values())
+    assert sent < 0.92 * sum(len(json.dumps(s)) for s in as_generated.values())
+    # The arguments are still checked against the full models.
+    async with Client(server) as client:
+        result = await client.call_tool("exec", {"name": "UPPER", "command": "true"})
+    assert result.is_error and "name" in result.content[0].text
+
+
+def test_schema_without_titles_keeps_a_property_called_title_and_data() -> None:
+    schema = {
+        "title": "Args", "type": "object",
+        "properties": {
+            "title": {"title": "Title", "type": "string", "default": "x"},
+            "meta": {"title": "Meta", "type": "object", "default": {"title": "kept"}, "examples": [{"title": "kept"}]},
+        },
+        "$defs": {"Inner": {"title": "Inner", "anyOf": [{"title": "A", "type": "string"}, {"type": "null"}]}},
+    }  # fmt: skip
+    assert schema_without_titles(schema) == {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "default": "x"},
+            "meta": {"type": "object", "default": {"title": "kept"}, "examples": [{"title": "kept"}]},
+        },
+        "$defs": {"Inner": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+    }
 
 
 def test_public_surface() -> None:

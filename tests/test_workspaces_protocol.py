@@ -57,11 +57,11 @@ def test_create_tool_cli_and_spec_agree() -> None:
 
     from sandbox_mcp.cli import build_parser, create_spec
     from sandbox_mcp.models import CreateSpec
-    from sandbox_mcp.server import build_server
+    from sandbox_mcp.server import build_server, schema_without_titles
 
     tools = anyio.run(build_server().list_tools)
     schema = next(t for t in tools if t.name == "create_workspace").input_schema
-    spec_schema = CreateSpec.model_json_schema()
+    spec_schema = schema_without_titles(CreateSpec.model_json_schema())  # as listed to clients
     assert list(schema["properties"]) == list(CreateSpec.model_fields)
     # The same, but that the tool offers only the types some runtime realises.
     tool_type = schema["properties"].pop("type")
