@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sandbox_mcp.bench.capacity import busy_cpu_s, format_capacity, mem_available_mib, private_mib, ramp_steps
+from sandbox_mcp.bench.capacity import (
+    REST,
+    busy_cpu_s,
+    cpu_by_part,
+    format_capacity,
+    mem_available_mib,
+    private_mib,
+    ramp_steps,
+)
 
 
 def test_ramp_steps() -> None:
@@ -60,6 +68,37 @@ def test_format_gives_creates_per_second_and_the_cpu_it_took() -> None:
     assert "12.8 MiB per idle workspace in its cgroup and its host processes outside it (0.25 MiB of those)" in text
     assert ("CPU: 0.200 s per workspace in its cgroup, 0.050 s per create in this process; the host was busy "
             "15.0 of 16.0 CPU-seconds (94%") in text
+    assert "by part" not in text  # none read: no line
+    step["cgroup_cpu_s_by_part"] = {"init.scope": 0.04, "ssh.service": 0.021, REST: 0.09,
+                                    "sandbox-mcp-agent.service": 0.025}  # fmt: skip
+    text = format_capacity({"max_user_instances": 1024, "parallel_max": 30, "unprivileged": [step],
+                            "privileged": "skipped"})
+    assert ("CPU per workspace by part: init.scope 40 ms, sandbox-mcp-agent.service 25 ms, ssh.service 21 ms, "
+            "the rest 90 ms (") in text
+
+
+def _cpu_stat(d: Path, usec: int) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cpu.stat").write_text(f"usage_usec {usec}\nuser_usec {usec // 2}\nsystem_usec {usec // 2}\n")
+
+
+def test_cpu_by_part_names_systemd_and_running_units_and_counts_the_rest(tmp_path: Path) -> None:
+    # The shape of a container's tree in the unified hierarchy (tests/test_capacity.py reads a real one).
+    ws = tmp_path / "ws1"
+    _cpu_stat(ws, 170_000)
+    _cpu_stat(ws / "supervisor", 1_000)
+    _cpu_stat(ws / "payload", 160_000)
+    _cpu_stat(ws / "payload" / "init.scope", 35_000)
+    _cpu_stat(ws / "payload" / "system.slice", 75_000)
+    _cpu_stat(ws / "payload" / "system.slice" / "ssh.service", 21_000)
+    _cpu_stat(ws / "payload" / "system.slice" / "sandbox-mcp-agent.service", 25_000)
+    _cpu_stat(ws / "payload" / "system.slice" / "system-getty.slice" / "getty@tty1.service", 2_000)
+    parts = {k: round(v, 6) for k, v in cpu_by_part(ws).items()}
+    # The getty's CPU is in the rest (a slice deeper), as are the supervisor's and what no cgroup holds now.
+    assert parts == {"init.scope": 0.035, "ssh.service": 0.021, "sandbox-mcp-agent.service": 0.025, REST: 0.089}
+    assert cpu_by_part(tmp_path / "gone") == {}
+    (ws / "cpu.stat").write_text("nr_periods 0\n")  # not the format: nothing rather than a wrong figure
+    assert cpu_by_part(ws) == {}
 
 
 def test_private_memory_of_a_process() -> None:

@@ -16,8 +16,10 @@ import pytest
 from mcp import Client
 
 from sandbox_mcp import sysctls
+from sandbox_mcp.bench.capacity import REST, cpu_by_part
 from sandbox_mcp.config import Settings
 from sandbox_mcp.errors import BackendError
+from sandbox_mcp.host.cgroups import CgroupHost, group_for
 from sandbox_mcp.manager import WorkspaceManager
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.server import build_server
@@ -88,6 +90,12 @@ async def test_thirty_workspaces_created_at_once(wide_settings: Settings) -> Non
             status = await s.call("workspace_status", name=names[0])
             # No systemd as PID 1 here: the server made the cgroup itself (scopes.py is the other way).
             assert (status["runtime"]["cgroups"], status["runtime"]["unit"]) == ("direct", None)
+            # What `bench --capacity` splits a workspace's CPU by, read from a real tree: systemd, the units
+            # that run (the agent the image started at boot among them), and the rest (nspawn's setup, ...).
+            cg = CgroupHost(group_for(settings.state_dir))
+            parts = cpu_by_part(cg.layout.workspace_dirs(names[0], cg.group)["unified"])
+            assert {"init.scope", "ssh.service", "sandbox-mcp-agent.service", REST} <= set(parts), parts
+            assert all(seconds > 0 for seconds in parts.values()), parts
             listed = (await s.call("list_workspaces"))["workspaces"]
             assert sorted(w["name"] for w in listed) == sorted(names)
             assert {w["state"] for w in listed} == {"running"}

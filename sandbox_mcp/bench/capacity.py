@@ -13,11 +13,13 @@ For unprivileged containers, and privileged ones in the same run when the settin
   machine), the mean memory charged to each workspace's cgroup then plus the private memory of its
   host processes outside that cgroup (the console-log copier; nspawn itself is in the cgroup);
 - creates per second: the workspaces over the seconds until the last create returned (it had
-  answered over SSH), next to "all running" (until systemd inside had finished booting too);
+  answered over SSH), next to "all running" (until systemd inside had finished booting too, polled
+  only once every create has returned, so the polls take no CPU from the creates);
 - the CPU it took, since on a small host CPU is what sets the pace: seconds of CPU per workspace in
   its cgroup (its whole boot: nspawn, systemd, sshd, the bench's polls), in this server process
-  (per create: registry, network, SSH), and the host's busy CPU over the step against what its cores
-  could give (all of it: a step that used every core was CPU-bound);
+  (per create: registry, network, SSH) and the host's busy CPU against what its cores could give
+  while the creates ran (all of it: a step that used every core was CPU-bound); and the workspace's CPU by part
+  (:func:`cpu_by_part`: systemd as PID 1, each unit still running, the rest);
 - the host's ``fs.inotify.max_user_instances`` next to it, since that is what caps the ramp where
   ``scripts/setup`` has not raised it (:mod:`sandbox_mcp.sysctls`).
 """
@@ -40,7 +42,7 @@ from ..manager import WorkspaceManager
 from ..models import CreateSpec
 from ..runtimes.nspawn.settings import NspawnSettings
 
-__all__ = ["format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
+__all__ = ["cpu_by_part", "format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
 _STEP = 10
 # Until systemd inside has finished booting (asked as root: over systemd's own socket, so no dbus is started
@@ -94,6 +96,45 @@ def _outside_mib(state_dir: Path, group: str, name: str) -> float:
     return total
 
 
+# What cpu_by_part calls the CPU no unit's cgroup holds any more.
+REST = "the rest"
+
+
+def _usage_s(cpu_stat: Path) -> float:
+    first = cpu_stat.read_text().split("\n", 1)[0].split()
+    if first[0] != "usage_usec":
+        raise ValueError(f"{cpu_stat} does not start with usage_usec")
+    return int(first[1]) / 1e6
+
+
+def cpu_by_part(unified: Path) -> dict[str, float]:
+    """CPU seconds of a workspace's cgroup (``unified``: its directory in the unified hierarchy) by part:
+    ``init.scope`` (systemd as PID 1), each unit of ``system.slice`` still running (by unit name), and
+    :data:`REST`: the total less those, which is nspawn's own setup, what ran before systemd moved itself
+    into ``init.scope`` (its generators), and units that already finished (their cgroups are gone, their
+    CPU stays in their parents'). Empty where the tree cannot be read."""
+    try:
+        total = _usage_s(unified / "cpu.stat")
+        parts: dict[str, float] = {}
+        for stat in unified.rglob("cpu.stat"):
+            where = stat.parent
+            if where.name == "init.scope":
+                parts["init.scope"] = parts.get("init.scope", 0.0) + _usage_s(stat)
+            elif where.parent.name == "system.slice":
+                parts[where.name] = parts.get(where.name, 0.0) + _usage_s(stat)
+    except (OSError, ValueError, IndexError):
+        return {}
+    parts[REST] = max(0.0, total - sum(parts.values()))
+    return parts
+
+
+def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each part over the workspaces (one that lacks a part counts as 0 there)."""
+    readable = [p for p in parts if p]
+    keys = {k for p in readable for k in p}
+    return {k: sum(p.get(k, 0.0) for p in readable) / len(readable) for k in keys} if readable else {}
+
+
 def mem_available_mib(meminfo: Path = Path("/proc/meminfo")) -> float:
     """``MemAvailable`` in MiB."""
     for line in meminfo.read_text().splitlines():
@@ -113,29 +154,41 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
         own0 = _own_cpu_s()
         t0 = time.monotonic()
 
-        async def one(name: str) -> None:
+        async def create(name: str) -> None:
             try:
                 await m.create(CreateSpec(name=name))
                 created.append(time.monotonic() - t0)
-                r = await m.exec(name, _BOOTED, timeout_s=300)
-                if r.stdout.strip() != "up":
-                    errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"
             except Exception as exc:  # a figure: how many failed, and the first reason
                 errors[name] = str(exc)[:300]
 
+        async def booted(name: str) -> None:
+            try:
+                r = await m.exec(name, _BOOTED, timeout_s=300)
+                if r.stdout.strip() != "up":
+                    errors[name] = f"exec said {r.stdout!r} {r.stderr[-200:]!r}"
+            except Exception as exc:
+                errors[name] = str(exc)[:300]
+
         try:
+            # The creates alone first: the polls for "booted" (a sudo and a systemctl each, five times a second
+            # per workspace) would otherwise take CPU from the creates still running, and the figure with it.
             async with anyio.create_task_group() as tg:
                 for name in names:
-                    tg.start_soon(one, name)
-            elapsed = time.monotonic() - t0
+                    tg.start_soon(create, name)
             busy1, total1 = busy_cpu_s()
             own_s = _own_cpu_s() - own0
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    if name not in errors:
+                        tg.start_soon(booted, name)
+            elapsed = time.monotonic() - t0
             await anyio.sleep(_SETTLE_S)
             per_ws = (before - mem_available_mib()) / n
             cg = CgroupHost(group_for(settings.state_dir))
             charged = [u["memory_bytes"] for name in names if "memory_bytes" in (u := cg.usage(name))]
             cgroup_mib = sum(charged) / len(charged) / (1 << 20) if charged else None
             cpu = [u["cpu_s"] for name in names if "cpu_s" in (u := cg.usage(name))]
+            parts = _mean_parts([cpu_by_part(cg.layout.workspace_dirs(name, cg.group)["unified"]) for name in names])
             outside = [_outside_mib(settings.state_dir, cg.group, name) for name in names]
         finally:
             for ws in list((await m.registry.read()).workspaces):
@@ -145,6 +198,7 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             "all_created_s": max(created) if len(created) == n else None,
             "creates_per_s": n / max(created) if len(created) == n else None,
             "cgroup_cpu_s_per_workspace": sum(cpu) / len(cpu) if cpu else None,
+            "cgroup_cpu_s_by_part": parts,
             "outside_mib_per_workspace": sum(outside) / n,
             "server_cpu_s_per_create": own_s / n,
             "host_busy_cpu_s": busy1 - busy0, "host_cpu_s": total1 - total0}
@@ -207,4 +261,11 @@ def format_capacity(results: dict[str, Any]) -> str:
                     + f"{s['server_cpu_s_per_create']:.3f} s per create in this process; the host was busy "
                     f"{s['host_busy_cpu_s']:.1f} of {s['host_cpu_s']:.1f} CPU-seconds "
                     f"({100 * s['host_busy_cpu_s'] / s['host_cpu_s']:.0f}%, every process on it)")
+            if parts := s.get("cgroup_cpu_s_by_part"):
+                rest = parts.get(REST, 0.0)
+                named = sorted(((k, v) for k, v in parts.items() if k != REST), key=lambda kv: -kv[1])
+                lines.append("        CPU per workspace by part: " + ", ".join(
+                    f"{k} {1000 * v:.0f} ms" for k, v in named)
+                    + f", {REST} {1000 * rest:.0f} ms (nspawn's setup, systemd's generators, units that finished;"
+                    " the agent's part includes this bench's commands)")
     return "\n".join(lines)
