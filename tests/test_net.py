@@ -621,3 +621,43 @@ async def test_wait_listening_on_loopback() -> None:
     t0 = time.monotonic()
     assert not await wait_listening("127.0.0.1", port, 0.3)
     assert time.monotonic() - t0 >= 0.3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["::1", "localhost"])
+async def test_wait_listening_on_ipv6_and_by_name(host: str) -> None:
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    try:
+        listener = socket.create_server(("::1" if host == "::1" else "127.0.0.1", 0), family=family)
+    except OSError as exc:
+        pytest.skip(f"no {host} here: {exc}")
+    with listener:
+        from sandbox_mcp.hostnet.listening import wait_listening
+
+        assert await wait_listening(host, listener.getsockname()[1], 5)
+
+
+@pytest.mark.anyio
+async def test_wait_listening_polls_less_often_once_a_boot_takes_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast at first (an idle host's boot listens in ~0.1 s), then each wait grows up to a bound: with many
+    workspaces booting, every refused connect is this process's CPU."""
+    from sandbox_mcp.hostnet import listening
+
+    with socket.socket() as probe:  # a port nobody listens on: every connect is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        real, at = listening._connects, []
+
+        async def counted(host: str, port_: int, timeout_s: float) -> bool:
+            at.append(time.monotonic())
+            return await real(host, port_, timeout_s)
+
+        monkeypatch.setattr(listening, "_connects", counted)
+        assert not await listening.wait_listening("127.0.0.1", port, 1.5)
+    start = at[0]
+    early = [t for t in at if t - start < listening._FAST_FOR_S]
+    late = [b - a for a, b in zip(at, at[1:], strict=False) if a - start > 1.0]
+    # The first polls at the fast pace (give or take a slow machine), the late ones at the bound.
+    assert len(early) >= listening._FAST_FOR_S / listening._POLL_S / 3
+    assert late and min(late) >= listening._POLL_MAX_S * 0.9
+    assert len(at) < 1.5 / listening._POLL_S / 2  # half the polls a fixed fast pace would make, or fewer
