@@ -519,7 +519,8 @@ class HostNetwork:
 
     async def _teardown(self, ipr: AsyncIPRoute, name: str) -> None:
         host_if, _ = veth_names(name)
-        link = await _get_link(ipr, host_if)
+        # Usually absent (every attach looks first): an ioctl says so for less than a netlink lookup.
+        link = await _get_link(ipr, host_if) if _index_of(host_if) is not None else None
         if link is not None and _kind(link) == "veth":
             await _delete_link(ipr, link, f"veth {host_if}")  # takes the peer inside the netns along
         _remove_netns(self.netns_path(name))
