@@ -23,7 +23,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import shutdown
-from .daemon_client import connect_error
+from .daemon_use import connect_error  # not daemon_client: this path loads no MCP client
 
 __all__ = ["LOST_CODE", "Bridge", "bridge_stdio"]
 

@@ -18,10 +18,8 @@ from . import __version__, shutdown
 from .config import Settings, load_settings
 from .errors import InvalidSpec, SandboxError
 from .fsutil import atomic_write
-from .manager import WorkspaceManager
 from .models import CreateSpec
 from .naming import validate_name
-from .owners import OwnedManager
 from .runtimes import known_types
 
 if TYPE_CHECKING:
@@ -54,18 +52,23 @@ async def _with_manager(settings: Settings, fn: Callable[[Workspaces], Awaitable
 
         async with RemoteManager(settings) as remote:
             return await fn(remote)
+    # Imported here: the daemon's clients never load the manager (pyroute2, asyncssh, ...).
+    from .manager import WorkspaceManager
+    from .owners import OwnedManager
+
     async with WorkspaceManager(settings, serve_ports=False) as manager:  # a running server serves them
         return await fn(OwnedManager(manager, os.geteuid()))
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .server import build_server, serve_http
-
+    # Through the daemon over stdio, serve is a byte bridge: it loads neither the MCP server nor the manager
+    # (~1 s of imports), so the client's session starts that much sooner.
     if _use_daemon(settings):
         if args.http:
             from contextlib import asynccontextmanager
 
             from .daemon_client import RemoteManager
+            from .server import serve_http
 
             @asynccontextmanager
             async def remote(server: object):  # type: ignore[no-untyped-def]
@@ -82,9 +85,11 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             anyio.run(bridge_stdio, settings.daemon_socket, settings.daemon_group)
             shutdown.exit_now(0)
     elif args.http:
+        from .server import serve_http
+
         serve_http(settings, args.host, args.port)
     else:
-        from .server import serve_stdio
+        from .server import build_server, serve_stdio
 
         anyio.run(serve_stdio, build_server(settings))
         shutdown.exit_now(0)  # the client waits for the exit; the work is all done and closed
@@ -307,6 +312,9 @@ def _cmd_ssh(args: argparse.Namespace, settings: Settings) -> int:
         target = anyio.run(remote)
         known_hosts = target.client_key_path.with_name(f"known_hosts-{args.name}")
     else:  # root reads the state itself, daemon or not
+
+        from .manager import WorkspaceManager
+        from .owners import OwnedManager
 
         async def local() -> SSHTarget:
             async with WorkspaceManager(settings, serve_ports=False) as manager:

@@ -10,9 +10,6 @@ since a create or exec must not run twice.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import grp
 import logging
 import os
 import re
@@ -31,7 +28,7 @@ from mcp.shared.message import SessionMessage
 from pydantic import BaseModel
 
 from .config import Settings
-from .daemon_use import daemon_socket_present
+from .daemon_use import connect_error, daemon_socket_present
 from .egress import Egress
 from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 from .fsutil import atomic_write
@@ -87,24 +84,6 @@ class DaemonLost(BackendError):
 
 
 daemon_available = daemon_socket_present  # where the daemon's socket is (see daemon_use)
-
-
-def connect_error(path: Path, exc: OSError, group: str) -> SandboxError:
-    """The error (with what to do) for a failed connect to the daemon socket.
-
-    The group named is the socket's own (what the kernel checked), ``group`` only if that is unknown.
-    """
-    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
-        with contextlib.suppress(OSError, KeyError):
-            group = grp.getgrgid(path.stat().st_gid).gr_name
-        return AccessDenied(
-            f"permission denied on the sandbox-mcp daemon socket {path}: only root and members of group "
-            f"{group!r} may use it. Ask an administrator to run `usermod -aG {group} <your user>`, then log in again"
-        )
-    return BackendError(
-        f"cannot reach the sandbox-mcp daemon at {path} ({exc.strerror or exc}); start it "
-        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`) and call again"
-    )
 
 
 @asynccontextmanager

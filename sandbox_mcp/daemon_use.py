@@ -10,12 +10,23 @@ as root). Only the settings that say how to reach the daemon belong to its clien
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import grp
 import os
+from pathlib import Path
 
 from .config import ENV_PREFIX, Settings
-from .errors import InvalidState
+from .errors import AccessDenied, BackendError, InvalidState, SandboxError
 
-__all__ = ["CLIENT_FIELDS", "daemon_socket_present", "ignored_settings", "use_daemon", "where_serve_goes"]
+__all__ = [
+    "CLIENT_FIELDS",
+    "connect_error",
+    "daemon_socket_present",
+    "ignored_settings",
+    "use_daemon",
+    "where_serve_goes",
+]
 
 # Settings a client of the daemon uses itself; every other one is the daemon's to decide.
 CLIENT_FIELDS = frozenset({"daemon_socket", "daemon_group", "use_daemon", "http_token"})
@@ -73,3 +84,21 @@ def where_serve_goes(settings: Settings) -> str:
     if daemon_socket_present(settings):
         return f"through the daemon at {settings.daemon_socket}: the daemon's settings apply"
     return f"in process (no daemon at {settings.daemon_socket}): this user's settings apply; needs root"
+
+
+def connect_error(path: Path, exc: OSError, group: str) -> SandboxError:
+    """The error (with what to do) for a failed connect to the daemon socket.
+
+    The group named is the socket's own (what the kernel checked), ``group`` only if that is unknown.
+    """
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        with contextlib.suppress(OSError, KeyError):
+            group = grp.getgrgid(path.stat().st_gid).gr_name
+        return AccessDenied(
+            f"permission denied on the sandbox-mcp daemon socket {path}: only root and members of group "
+            f"{group!r} may use it. Ask an administrator to run `usermod -aG {group} <your user>`, then log in again"
+        )
+    return BackendError(
+        f"cannot reach the sandbox-mcp daemon at {path} ({exc.strerror or exc}); start it "
+        "(`sudo systemctl start sandbox-mcp`, or `sudo scripts/serve --daemon`) and call again"
+    )
