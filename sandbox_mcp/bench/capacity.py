@@ -37,7 +37,7 @@ import anyio
 
 from .. import supervise
 from ..config import Settings
-from ..host.cgroups import CgroupHost, group_for
+from ..host.cgroups import CgroupHost, cpu_usage_s, group_for
 from ..manager import WorkspaceManager
 from ..models import CreateSpec
 from ..runtimes.nspawn.settings import NspawnSettings
@@ -100,13 +100,6 @@ def _outside_mib(state_dir: Path, group: str, name: str) -> float:
 REST = "the rest"
 
 
-def _usage_s(cpu_stat: Path) -> float:
-    first = cpu_stat.read_text().split("\n", 1)[0].split()
-    if first[0] != "usage_usec":
-        raise ValueError(f"{cpu_stat} does not start with usage_usec")
-    return int(first[1]) / 1e6
-
-
 def cpu_by_part(unified: Path) -> dict[str, float]:
     """CPU seconds of a workspace's cgroup (``unified``: its directory in the unified hierarchy) by part:
     ``init.scope`` (systemd as PID 1), each unit of ``system.slice`` still running (by unit name), and
@@ -114,15 +107,15 @@ def cpu_by_part(unified: Path) -> dict[str, float]:
     into ``init.scope`` (its generators), and units that already finished (their cgroups are gone, their
     CPU stays in their parents'). Empty where the tree cannot be read."""
     try:
-        total = _usage_s(unified / "cpu.stat")
+        total = cpu_usage_s(unified / "cpu.stat")
         parts: dict[str, float] = {}
         for stat in unified.rglob("cpu.stat"):
             where = stat.parent
             if where.name == "init.scope":
-                parts["init.scope"] = parts.get("init.scope", 0.0) + _usage_s(stat)
+                parts["init.scope"] = parts.get("init.scope", 0.0) + cpu_usage_s(stat)
             elif where.parent.name == "system.slice":
-                parts[where.name] = parts.get(where.name, 0.0) + _usage_s(stat)
-    except (OSError, ValueError, IndexError):
+                parts[where.name] = parts.get(where.name, 0.0) + cpu_usage_s(stat)
+    except (OSError, ValueError):
         return {}
     parts[REST] = max(0.0, total - sum(parts.values()))
     return parts

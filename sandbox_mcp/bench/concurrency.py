@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 
 from ..config import Settings
-from ..host.cgroups import CgroupHost, group_for
+from ..host.cgroups import CgroupHost, cpu_usage_s, group_for
 from ..manager import WorkspaceManager
 from .figures import pct
 
@@ -77,14 +77,10 @@ def _serve_child() -> int | None:
 
 def _workspaces_cpu_s(cpu_stats: list[Path]) -> float | None:
     """CPU seconds the workspaces' cgroups used so far (cgroup2 ``cpu.stat``); None where unreadable."""
-    total = 0
-    for path in cpu_stats:
-        try:
-            usage = next(line for line in path.read_text().splitlines() if line.startswith("usage_usec "))
-        except (OSError, StopIteration):
-            return None
-        total += int(usage.split()[1])
-    return total / 1e6
+    try:
+        return sum(cpu_usage_s(path) for path in cpu_stats)
+    except (OSError, ValueError):
+        return None
 
 
 class _Cpu:

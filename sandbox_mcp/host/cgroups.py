@@ -45,6 +45,7 @@ __all__ = [
     "CgroupHost",
     "CgroupLayout",
     "Limits",
+    "cpu_usage_s",
     "join_argv",
     "limit_writes",
     "parse_mounts",
@@ -267,10 +268,8 @@ class CgroupHost:
                 with contextlib.suppress(OSError, KeyError, ValueError):
                     out[key] = int((dirs[hierarchy] / fname).read_text())
                     break
-        with contextlib.suppress(OSError, KeyError, ValueError, IndexError):
-            first = (dirs["unified"] / "cpu.stat").read_text().split("\n", 1)[0].split()
-            if first[0] == "usage_usec":
-                out["cpu_s"] = int(first[1]) / 1e6
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            out["cpu_s"] = cpu_usage_s(dirs["unified"] / "cpu.stat")
         return out
 
     def oom_kills(self, name: str) -> int | None:
@@ -392,6 +391,20 @@ def oom_kills_in(top: Path, *, v2: bool) -> int | None:
         return total if top.is_dir() else None
     except OSError:
         return None
+
+
+def cpu_usage_s(cpu_stat: Path) -> float:
+    """CPU seconds a cgroup used so far: ``usage_usec`` of its cgroup2 ``cpu.stat`` (there with or without
+    the cpu controller).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it has no ``usage_usec``.
+    """
+    usec = _field(cpu_stat.read_text(), "usage_usec")
+    if usec is None:
+        raise ValueError(f"{cpu_stat} has no usage_usec")
+    return usec / 1e6
 
 
 def _field(text: str, key: str) -> int | None:
