@@ -114,9 +114,9 @@ def test_the_guests_tmpfiles_lines_make_the_links(guests: dict[str, Any], tmp_pa
     assert oct(libexec.parent.stat().st_mode & 0o7777) == "0o755" and libexec.parent.stat().st_uid == 0
 
 
-def _build_script(tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    """exec-agent.nix evaluated with stand-ins for the two builders and this host's python3: the
-    build script and the source it is given."""
+def _derivation(tmp_path: Path) -> dict[str, Any]:
+    """exec-agent.nix evaluated with stand-ins for the two builders and this host's python3: its name,
+    build script (``text``) and the source it is given."""
     assert NIX_INSTANTIATE is not None
     expr = """{ file, interpreter }:
       let
@@ -134,13 +134,12 @@ def _build_script(tmp_path: Path) -> tuple[str, dict[str, Any]]:
         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    drv = json.loads(proc.stdout)
-    return drv["text"], drv
+    return json.loads(proc.stdout)
 
 
 @pytest.mark.skipif(NIX_INSTANTIATE is None, reason="nix-instantiate not found (Debian package nix-bin)")
 def test_the_derivation_compiles_this_checkouts_agent_and_it_answers(tmp_path: Path) -> None:
-    script, drv = _build_script(tmp_path)
+    drv = _derivation(tmp_path)
     assert drv["name"] == "sandbox-mcp-exec-agent"
     assert drv["source"]["text"] == EXEC_AGENT_SOURCE.read_text(), "the guest's agent is this checkout's"
     # Run the build script as the builder would: bash -e, a scratch directory, $source and $out set.
@@ -149,7 +148,7 @@ def test_the_derivation_compiles_this_checkouts_agent_and_it_answers(tmp_path: P
     build, out = tmp_path / "build", tmp_path / "out"
     build.mkdir()
     env = {"PATH": os.environ["PATH"], "source": str(source), "out": str(out)}
-    subprocess.run(["bash", "-e", "-c", script], cwd=build, env=env, check=True, timeout=120)
+    subprocess.run(["bash", "-e", "-c", drv["text"]], cwd=build, env=env, check=True, timeout=120)
     assert out.read_bytes()[:4] == importlib.util.MAGIC_NUMBER, "bytecode of the python3 that built it"
     # On a pipe, as the server's session start runs it.
     pipe = AgentPipe([sys.executable, "-I", "-S", "-u", str(out)])
