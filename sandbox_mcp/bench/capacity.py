@@ -178,9 +178,10 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             await anyio.sleep(_SETTLE_S)
             per_ws = (before - mem_available_mib()) / n
             cg = CgroupHost(group_for(settings.state_dir))
-            charged = [u["memory_bytes"] for name in names if "memory_bytes" in (u := cg.usage(name))]
+            usages = [cg.usage(name) for name in names]
+            charged = [u["memory_bytes"] for u in usages if "memory_bytes" in u]
             cgroup_mib = sum(charged) / len(charged) / (1 << 20) if charged else None
-            cpu = [u["cpu_s"] for name in names if "cpu_s" in (u := cg.usage(name))]
+            cpu = [u["cpu_s"] for u in usages if "cpu_s" in u]
             parts = _mean_parts([cpu_by_part(cg.layout.workspace_dirs(name, cg.group)["unified"]) for name in names])
             outside = [_outside_mib(settings.state_dir, cg.group, name) for name in names]
         finally:
