@@ -69,6 +69,17 @@ def test_format_gives_creates_per_second_and_the_cpu_it_took() -> None:
     assert ("CPU: 0.200 s per workspace in its cgroup, 0.050 s per create in this process; the host was busy "
             "15.0 of 16.0 CPU-seconds (94%") in text
     assert "by part" not in text  # none read: no line
+    assert "baseline" not in text  # none measured: no line
+    step.update({"bare_all_answering_s": 2.5, "bare_per_s": 12.0, "bare_host_busy_cpu_s": 4.5, "bare_host_cpu_s": 5.0})
+    text = format_capacity({"max_user_instances": 1024, "parallel_max": 30, "unprivileged": [step],
+                            "privileged": "skipped"})
+    assert ("baseline, the same 30 booted bare at once (network, nspawn, until sshd's banner): 2.5 s, 12.0 per "
+            "second, host busy 90%; creates at 0.33x its rate") in text
+    failed = {k: v for k, v in step.items() if not k.startswith("bare_")}
+    failed.update({"bare_failed": 2, "bare_first_error": "no sshd banner from 10.0.0.3"})
+    text = format_capacity({"max_user_instances": 1024, "parallel_max": 30, "unprivileged": [failed],
+                            "privileged": "skipped"})
+    assert "baseline, the same 30 booted bare at once: 2 failed (no sshd banner from 10.0.0.3)" in text
     step["cgroup_cpu_s_by_part"] = {"init.scope": 0.04, "ssh.service": 0.021, REST: 0.09,
                                     "sandbox-mcp-agent.service": 0.025}  # fmt: skip
     text = format_capacity({"max_user_instances": 1024, "parallel_max": 30, "unprivileged": [step],

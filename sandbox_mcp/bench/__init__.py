@@ -49,7 +49,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from ..config import Settings
 from ..hostnet import HostNetwork
 from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
+from .bare import bare_boot
 from .calls import tool_caller
 from .capacity import format_capacity, run_capacity
 from .concurrency import format_concurrency, run_concurrency, serve_env
@@ -89,38 +89,11 @@ def _reexec_isolated() -> int:
                             "sh", *argv])
 
 
-async def _banner(ip: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((ip, 22), timeout=0.2) as s:
-                s.settimeout(1)
-                if s.recv(4).startswith(b"SSH-"):
-                    return
-        except OSError:
-            pass
-        await anyio.sleep(0.01)
-    raise TimeoutError(f"no sshd banner from {ip}")
-
-
 def _vm_ready(settings: Settings) -> bool:
     from ..runtimes.qemu.image import VmImage
 
     vm = VmImage(settings, ImageStore(settings.image_dir))
     return bool(shutil.which("qemu-system-x86_64")) and vm.exists(vm.key(()))
-
-
-async def _bare_boot(manager: WorkspaceManager, name: str, timeout_s: float = 60) -> float:
-    """Baseline: the runtime's own start (network, the same nspawn/qemu command) until sshd answers;
-    no registry, keys or SSH authentication."""
-    record = await manager.registry.get(name)
-    runtime = manager.runtime_of(record)
-    t0 = time.monotonic()
-    record = await runtime.start(record, _quiet)
-    try:
-        await _banner(record.ip, time.monotonic() + timeout_s)
-        return time.monotonic() - t0
-    finally:
-        await runtime.stop(record)
 
 
 async def _quiet(message: str, fraction: float | None = None) -> None:
@@ -160,7 +133,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if git_mode == "only":
         return await _git_section(bench_settings, args, state)
     if incus_mode == "only":
-        return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+        return _print_incus(await run_incus(bench_settings, args.runs))
     if capacity_mode == "only":
         return await _capacity(bench_settings, args.parallel_max, state)
     if getattr(args, "create", "also") == "only":
@@ -237,7 +210,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
                     accel = (await call("workspace_status", name=name))["runtime"].get("accelerator") or ""
                     await call("stop_workspace", name=name)
                     async with WorkspaceManager(bench_settings) as m:
-                        vbares.append(await _bare_boot(m, name, timeout_s=600))
+                        vbares.append(await bare_boot(m, name, timeout_s=600))
                     await call("destroy_workspace", name=name)
                 results["vm_create_to_first_exec_s"] = {"p50": statistics.median(vcreates), "min": min(vcreates),
                                                         "max": max(vcreates), "runs": float(len(vcreates))}
@@ -264,7 +237,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if capacity_mode == "also":
         await _capacity(bench_settings, args.parallel_max, state)
     if incus_mode == "also":
-        return _print_incus(await run_incus(bench_settings, args.runs, _bare_boot))
+        return _print_incus(await run_incus(bench_settings, args.runs))
     return 0
 
 
@@ -281,7 +254,7 @@ async def _create_section(call: Any, settings: Settings, runs: int) -> dict[str,
         await call("stop_workspace", name=f"bench{i}")
         stops.append(time.monotonic() - t0)
         async with WorkspaceManager(settings) as m:
-            bares.append(await _bare_boot(m, f"bench{i}"))
+            bares.append(await bare_boot(m, f"bench{i}"))
         if i:
             await call("start_workspace", name=f"bench{i}")
             t0 = time.monotonic()
@@ -468,7 +441,7 @@ async def _pool(settings: Settings, args: argparse.Namespace, state: Path) -> in
 
     async with _own_state(settings, state):
         results = await run_pool(settings, state, max(1, getattr(args, "pool_creates", 20)),
-                                 max(1, getattr(args, "pool_size", 2)), max(1, args.runs), _bare_boot)
+                                 max(1, getattr(args, "pool_size", 2)), max(1, args.runs))
     return _report(format_pool(results), results)
 
 

@@ -14,7 +14,10 @@ For unprivileged containers, and privileged ones in the same run when the settin
   host processes outside that cgroup (the console-log copier; nspawn itself is in the cgroup);
 - creates per second: the workspaces over the seconds until the last create returned (it had
   answered over SSH), next to "all running" (until systemd inside had finished booting too, polled
-  only once every create has returned, so the polls take no CPU from the creates);
+  only once every create has returned, so the polls take no CPU from the creates), against the
+  baseline: the same number booted bare at once (:func:`.bare.bare_burst`: the network and the
+  nspawn command until sshd's banner, without the registry, keys or the login), what this host's
+  cores allow before anything of ours;
 - the CPU it took, since on a small host CPU is what sets the pace: seconds of CPU per workspace in
   its cgroup (its whole boot: nspawn, systemd, sshd, the bench's polls), in this server process
   (per create: registry, network, SSH) and the host's busy CPU against what its cores could give
@@ -41,6 +44,7 @@ from ..host.cgroups import CgroupHost, cpu_usage_s, group_for
 from ..manager import WorkspaceManager
 from ..models import CreateSpec
 from ..runtimes.nspawn.settings import NspawnSettings
+from .bare import bare_burst
 
 __all__ = ["cpu_by_part", "format_capacity", "mem_available_mib", "ramp_steps", "run_capacity"]
 
@@ -187,7 +191,8 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
         finally:
             for ws in list((await m.registry.read()).workspaces):
                 await m.destroy(ws)
-    return {"n": n, "failed": len(errors), "first_error": next(iter(errors.values()), None),
+    bare = await _bare_step(settings, names)
+    return {"n": n, "failed": len(errors), "first_error": next(iter(errors.values()), None), **bare,
             "all_running_s": elapsed, "mib_per_idle_workspace": per_ws, "cgroup_mib_per_workspace": cgroup_mib,
             "all_created_s": max(created) if len(created) == n else None,
             "creates_per_s": n / max(created) if len(created) == n else None,
@@ -196,6 +201,27 @@ async def _step(settings: Settings, n: int) -> dict[str, Any]:
             "outside_mib_per_workspace": sum(outside) / n,
             "server_cpu_s_per_create": own_s / n,
             "host_busy_cpu_s": busy1 - busy0, "host_cpu_s": total1 - total0}
+
+
+async def _bare_step(settings: Settings, names: list[str]) -> dict[str, Any]:
+    """The baseline of a step: the same workspaces registered (not timed), then their runtimes started bare,
+    all at once (:func:`.bare.bare_burst`: network and nspawn until sshd's banner; no registry, keys or
+    login). What booting that many at once costs this host, against which the creates are measured."""
+    async with WorkspaceManager(settings) as m:
+        try:
+            for name in names:
+                await m.create(CreateSpec(name=name, start=False))
+            busy0, total0 = busy_cpu_s()
+            async with bare_burst(m, names) as burst:
+                busy1, total1 = busy_cpu_s()  # before the stops
+            wall_s, errors = burst
+        finally:
+            for ws in list((await m.registry.read()).workspaces):
+                await m.destroy(ws)
+    if errors:
+        return {"bare_failed": len(errors), "bare_first_error": next(iter(errors.values()))}
+    return {"bare_all_answering_s": wall_s, "bare_per_s": len(names) / wall_s,
+            "bare_host_busy_cpu_s": busy1 - busy0, "bare_host_cpu_s": total1 - total0}
 
 
 async def run_capacity(settings: Settings, parallel_max: int) -> dict[str, Any]:
@@ -248,6 +274,16 @@ def format_capacity(results: dict[str, Any]) -> str:
             if s.get("creates_per_s") is not None:
                 lines.append(f"        all created (SSH answering) in {s['all_created_s']:.1f} s: "
                              f"{s['creates_per_s']:.1f} creates per second")
+            if s.get("bare_per_s") is not None:
+                busy = s["bare_host_busy_cpu_s"] / s["bare_host_cpu_s"] if s.get("bare_host_cpu_s") else None
+                lines.append(f"        baseline, the same {s['n']} booted bare at once (network, nspawn, until sshd's "
+                             f"banner): {s['bare_all_answering_s']:.1f} s, {s['bare_per_s']:.1f} per second"
+                             + (f", host busy {100 * busy:.0f}%" if busy is not None else "")
+                             + (f"; creates at {s['creates_per_s'] / s['bare_per_s']:.2f}x its rate"
+                                if s.get("creates_per_s") else ""))
+            elif s.get("bare_failed"):
+                lines.append(f"        baseline, the same {s['n']} booted bare at once: {s['bare_failed']} failed "
+                             f"({s['bare_first_error']})")
             if s.get("host_cpu_s"):
                 cgroup = s.get("cgroup_cpu_s_per_workspace")
                 lines.append(

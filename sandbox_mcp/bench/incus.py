@@ -17,21 +17,19 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..config import Settings
 from ..manager import WorkspaceManager
 from ..runtimes.incus import incusd
+from .bare import bare_boot
 from .calls import tool_caller
 
 __all__ = ["format_incus", "run_incus"]
 
 
-async def run_incus(
-    settings: Settings, runs: int, bare_boot: Callable[[WorkspaceManager, str], Awaitable[float]]
-) -> dict[str, dict[str, float]] | str:
-    """The Incus figures (seconds), or why they were skipped. ``bare_boot`` is the bench's own baseline."""
+async def run_incus(settings: Settings, runs: int) -> dict[str, dict[str, float]] | str:
+    """The Incus figures (seconds), or why they were skipped; the baseline is :func:`.bare.bare_boot`."""
     from mcp import Client
 
     from ..server import build_server

@@ -5,7 +5,7 @@ and a bare boot, all through the MCP tools of an in-process server in the same r
   ``pool_size = --pool-size``, each one with the pool full again first (the claim is measured, not the
   refill; the refill's own time is reported beside it);
 - the cold path: the same create → first exec on a server without a pool;
-- the baseline: a bare boot of the same nspawn command until sshd's banner (``_bare_boot``);
+- the baseline: a bare boot of the same nspawn command until sshd's banner (:func:`.bare.bare_boot`);
 - what a ready slot costs: the drop of MemAvailable while the pool fills, per slot.
 
 Runs inside the benchmark's private namespaces (see :mod:`.bench`); every workspace is destroyed again.
@@ -22,6 +22,7 @@ import anyio
 
 from ..config import Settings
 from ..manager import WorkspaceManager
+from .bare import bare_boot
 from .calls import tool_caller
 from .capacity import mem_available_mib
 from .figures import pct
@@ -29,7 +30,6 @@ from .figures import pct
 __all__ = ["format_pool", "run_pool"]
 
 Figures = dict[str, float]
-BareBoot = Callable[[WorkspaceManager, str], Awaitable[float]]
 
 
 async def _ready(settings: Settings, n: int, timeout_s: float = 300) -> float:
@@ -58,8 +58,7 @@ async def _create_exec_ms(call: Callable[..., Awaitable[dict]], name: str) -> tu
     return (t2 - t0) * 1000, (t1 - t0) * 1000, (timings.get("total_s") or 0.0) * 1000, bool(timings.get("from_pool"))
 
 
-async def run_pool(settings: Settings, state: Path, creates: int, size: int, cold_runs: int,
-                   bare_boot: BareBoot) -> Figures:
+async def run_pool(settings: Settings, state: Path, creates: int, size: int, cold_runs: int) -> Figures:
     """The figures (ms, MiB) of the section; raises if a create meant to claim a slot booted instead."""
     from mcp import Client
 
