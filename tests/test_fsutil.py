@@ -79,3 +79,64 @@ async def test_async_lock_waits_for_another_process_and_a_cancelled_wait_leaves_
     assert not lock_is_held(lock)  # neither the holder nor the cancelled waiter keeps it
     async with async_file_lock(lock):
         assert lock_is_held(lock)  # flock is per open file: our own second open sees it taken
+
+
+@pytest.mark.anyio
+async def test_async_lock_hands_over_in_order_within_a_process_and_still_excludes_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox_mcp import fsutil
+
+    lock = tmp_path / "fw.lock"
+    tries = 0
+    real_try = fsutil._try_flock
+
+    def counted(fd: int, exclusive: bool) -> bool:
+        nonlocal tries
+        tries += 1
+        return real_try(fd, exclusive)
+
+    monkeypatch.setattr(fsutil, "_try_flock", counted)
+    order: list[int] = []
+    inside = 0
+    told: list[int] = []
+
+    async def take(i: int) -> None:
+        nonlocal inside
+
+        async def on_wait() -> None:
+            told.append(i)
+
+        async with async_file_lock(lock, on_wait=on_wait):
+            inside += 1
+            assert inside == 1  # one holder at a time
+            if i == 0:
+                assert lock_is_held(lock)  # the flock itself is taken (one more try): another process would wait
+            order.append(i)
+            await anyio.sleep(0.005)  # others arrive and queue meanwhile
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for i in range(12):
+            tg.start_soon(take, i)
+            await anyio.sleep(0)  # each asks in turn
+    # Handed over in the order asked, the moment the last let go (polling flock alone left it idle until the
+    # next poll, and let whichever woke first take it), and every waiter but the first was told it waited.
+    assert order == list(range(12))
+    assert tries == 12 + 1  # each took the flock at its first try: handed over, not polled for
+    assert sorted(told) == list(range(1, 12))
+    assert not lock_is_held(lock)
+    assert fsutil._QUEUES.get({}) == {}  # the path's queue went with its last user
+
+    # Another process holding it: a waiter here still waits for that process (the queue is this loop's only).
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with anyio.move_on_after(0.3) as scope:
+            async with async_file_lock(lock):
+                pytest.fail("took a lock another process holds")
+        assert scope.cancelled_caught
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)

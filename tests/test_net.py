@@ -574,9 +574,18 @@ def scenario_nft_in_process(state: str) -> dict[str, Any]:
             await net.revoke("sb-tnet1")
             out["retired"] = await net.retire()
             await net.ensure()
+            out["listed"] = len(listed)
+            # Five starts at once find the tables missing: all queue for the lock, the first loads them, and
+            # the rest, handed the lock after it, see that it just did and list nothing more.
+            await firewall.remove_tables(BRIDGE)
+            net._tables_checked, listed[:] = None, []
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(net.ensure)
+            out["burst_listed"] = len(listed)
+            out["burst_loaded"] = await real(BRIDGE) is not None
         finally:
             firewall.table_exists = real
-        out["listed"] = len(listed)
         await firewall.remove_tables(BRIDGE)
         out["removed"] = await firewall.table_exists(BRIDGE)
         await net.remove_bridge()
@@ -601,6 +610,7 @@ def test_nft_in_process_is_what_the_program_does_and_ensure_skips_the_lock(tmp_p
     # (under the lock), and the ensure after the retire looks again, and once more under the lock, where it
     # loads them: 4 (7 had the three looked).
     assert r["retired"] and r["listed"] == 4
+    assert r["burst_loaded"] and r["burst_listed"] == 5 + 1  # each looked once, one under the lock (10 before)
 
 
 @pytest.mark.anyio

@@ -123,17 +123,22 @@ class HostNetwork:
         # create and admit on the host queues for (found by listing them, in process: a millisecond with
         # one workspace, several with thirty). Within BRIDGE_RECHECK_S of the last look, none: a burst of
         # starts looks once, and admit reloads tables that went missing all the same.
-        if self._tables_checked is not None and time.monotonic() - self._tables_checked < BRIDGE_RECHECK_S:
+        if self._tables_recently_checked():
             return
         needed = await self._missing_tables()
         if needed or self.resolver.workspaces():
             async with self._firewall_lock():
+                if self._tables_recently_checked():  # another start of this server did it while this one waited
+                    return
                 await firewall.run_script(await self._missing_tables())  # again: another may have loaded them
                 if self.resolver.workspaces():
                     await self.resolver.ensure_running()  # found dead (or the host rebooted): started again
         if self.settings.nat:
             await firewall.enable_forwarding()
         self._tables_checked = time.monotonic()
+
+    def _tables_recently_checked(self) -> bool:
+        return self._tables_checked is not None and time.monotonic() - self._tables_checked < BRIDGE_RECHECK_S
 
     async def restore_tables(self, running: int) -> bool:
         """Whether the ``running`` workspaces of this bridge must be admitted anew, loading our firewall tables
