@@ -1287,19 +1287,30 @@ def main(pending=b""):
     finally:
         # The channel closed (the server went away): nothing we started may outlive it.
         with _running_lock:
-            for proc in list(_running.values()):
+            killed = list(_running.values())
+            for proc in killed:
                 _killpg(proc, signal.SIGKILL)
         sys.stdout.flush()
+        if _relisten is not None:
+            _relisten(killed)
         os._exit(0)
+
+
+_relisten = None  # set by listen(): what the agent started at boot does once its connection is gone
 
 
 # The agent started at boot: the Python start and the imports above, two thirds of an agent's start,
 # are over before the server's first connection, which reaches this process through an SSH
 # direct-streamlocal channel to LISTEN_PATH instead of a session running a new interpreter. The
 # connection brings the environment sshd gives a session (the server reads it with a session running
-# ``env -0``), so the commands run as they would under one. One connection only: this process then is
-# that connection's agent, and later connections start the agent the usual way.
+# ``env -0``), so the commands run as they would under one. One connection at a time: this process then
+# is that connection's agent (others meanwhile start the agent the usual way), and waits again after it.
 LISTEN_WAIT_S = 120.0  # unused by then (a server that came too early, or none), it leaves
+# Its connection gone, it starts afresh as such an agent (the same process: the unit stays active) and
+# waits this long for the next one: a server started again (each Claude Code session starts its own) or a
+# connection dropped and made again meets an agent ready, not one started in a session (~30 ms here, and
+# seconds in an emulated VM). 0: it ends with its connection.
+RELISTEN_WAIT_S = 900.0
 ENVIRON_LINE_MAX = 1 << 20  # the first line: {"environ": base64 of ``env -0``}
 
 
@@ -1367,16 +1378,19 @@ def _coerce_c_locale(env):
         locale.setlocale(locale.LC_CTYPE, own)  # this process's own, as it was
 
 
-def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
+def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S, relisten_s=RELISTEN_WAIT_S):
     """Wait on ``listener`` (bound at ``path``) for one connection of this user's, then serve it as
-    ``main`` does (``exec-agent --listen [PATH [WAIT_S]]``).
+    ``main`` does (``exec-agent --listen [PATH [WAIT_S [RELISTEN_S]]]``); when it closes, start again
+    as such an agent that waits ``relisten_s`` seconds (:func:`_listen_again`; 0: end instead).
 
     Exits quietly when none comes within ``wait_s`` seconds, or when the one that comes sends no
-    environment line. The socket is removed first either way: later connections find nothing there
-    and start the agent the usual way.
+    environment line. The socket is removed first either way: while a connection is served, others
+    find nothing there and start the agent the usual way.
     """
     import socket
 
+    unit_environ = dict(os.environb)  # before the connection's replaces it: the next start's own
+    script = os.path.abspath(sys.argv[0])  # before it moves to the session's HOME
     listener = socket.socket(fileno=listener.detach())
     deadline = time.monotonic() + float(wait_s)
     conn = None
@@ -1407,6 +1421,10 @@ def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
         return
     conn.settimeout(None)
     _take_environ(first[0])
+    global _relisten
+    if float(relisten_s) > 0:
+        own = (os.dup(0), os.dup(1))  # the unit's stdin and stdout (the journal), for the next start
+        _relisten = lambda killed: _listen_again(killed, own, unit_environ, script, path, relisten_s)  # noqa: E731
     fd = conn.detach()
     os.dup2(fd, 0)
     os.dup2(fd, 1)
@@ -1414,8 +1432,27 @@ def listen(listener, path=LISTEN_PATH, wait_s=LISTEN_WAIT_S):
     main(first[1])
 
 
+def _listen_again(killed, own, environ, script, path, wait_s):
+    """Become a new agent waiting at ``path`` for ``wait_s`` seconds (``main`` calls this when the
+    connection is gone and its commands, ``killed``, have been killed). The same process, so the unit
+    stays active: an exec of this file with the unit's environment and standard streams (``own``)."""
+    for proc in killed:  # reaped here: the new start would never wait for them
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            pass
+    try:
+        os.dup2(own[0], 0)
+        os.dup2(own[1], 1)
+        os.chdir("/")
+        argv = [sys.executable, "-I", "-S", "-u", script, "--listen", path, str(wait_s), str(wait_s)]
+        os.execve(sys.executable, argv, environ)
+    except OSError:
+        pass  # then it ends, as it did before it started again: the next connection starts one in a session
+
+
 if __name__ == "__main__":
     if _LISTENER is not None:
-        listen(_LISTENER, *sys.argv[2:4])
+        listen(_LISTENER, *sys.argv[2:5])
     else:
         main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sandbox_mcp import exec_agent
+from sandbox_mcp.errors import SSHError
 from sandbox_mcp.images.debootstrap import AGENT_SERVICE, EXEC_AGENT_SOURCE, POOL_SLOT_ARG, agent_service
 from sandbox_mcp.models import CreateSpec
 from sandbox_mcp.paths import AGENT_LISTEN_PATH, EXEC_AGENT_PATH
@@ -119,8 +122,60 @@ def test_it_serves_one_connection_with_the_environment_it_brings(
     expected = {**reference, "_": python, "PWD": str(tmp_path)}  # ``_``: what sh ran under sshd, python3
     assert ("LC_CTYPE" in expected) == (locale_env in ({}, {"LANG": "xx_NOWHERE.UTF-8"})), expected
     assert sorted(agent_env) == sorted(f"{k}={v}" for k, v in expected.items())
+    # A command still running when the connection goes is killed with it, as under an agent sshd started.
+    request = {"id": 2, "command": "sleep 300", "cwd": str(tmp_path), "env": {}, "stdin": None, "timeout": 600, "cap": 64}
+    conn.sendall(json.dumps(request).encode() + b"\n")
+    deadline = time.monotonic() + 30
+    while not _children(proc.pid):
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.01)
     conn.close()
+    # Then the same process waits again, as started: the unit's environment and streams, the socket back.
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "it did not wait again"
+        time.sleep(0.01)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert cmdline[-4:] == [b"--listen", str(sock).encode(), b"900.0", b"900.0"]
+    assert [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1)] == ["/dev/null", "/dev/null"]
+    assert not _children(proc.pid), "the killed command was reaped, not left a zombie of the next start"
+    with socket.socket(socket.AF_UNIX) as again:
+        again.settimeout(30)
+        again.connect(str(sock))
+        again.sendall(_environ_line({"HOME": str(tmp_path), "PATH": os.environ["PATH"]}))
+        lines = _lines(again)
+        assert next(lines) == {"ready": 1, "version": exec_agent.PROTOCOL_VERSION}
+        request = {"id": 1, "command": 'echo "${GREETING:-unset} ${OUTER_ONLY:-unset}" $PPID; pwd', "cwd": str(home),
+                   "env": {}, "stdin": None, "timeout": 30, "cap": 65536}  # fmt: skip
+        again.sendall(json.dumps(request).encode() + b"\n")
+        reply = next(m for m in lines if m.get("id") == 1 and "exit" in m)
+        out = base64.b64decode(str(reply["stdout"])).decode().splitlines()
+        # This connection's environment alone (neither the last one's nor the unit's), served by the same process.
+        assert out == [f"unset unset {proc.pid}", str(home)]
+
+
+def _children(pid: int) -> list[str]:
+    """The processes whose parent is ``pid`` (zombies too)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(stat.parent.name)
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def test_with_relisten_0_it_ends_with_its_connection(tmp_path: Path, started: list) -> None:
+    proc, sock = _start(tmp_path, "120", "0")
+    started.append(proc)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(30)
+        conn.connect(str(sock))
+        conn.sendall(_environ_line({"HOME": str(tmp_path)}))
+        assert next(_lines(conn)) == {"ready": 1, "version": exec_agent.PROTOCOL_VERSION}
     assert proc.wait(timeout=30) == 0, "it ends with its connection, as an agent sshd started does"
+    assert not sock.exists()
 
 
 @pytest.mark.parametrize("wait_s", ["0.5", "0"])  # 0: the deadline is met at the first look
@@ -148,7 +203,7 @@ def test_another_users_connection_is_turned_away(started: list) -> None:
     tmp_path = Path(tempfile.mkdtemp(prefix="sandbox-mcp-listen-"))  # pytest's own is root's alone (0700)
     started.append(tmp_path)
     tmp_path.chmod(0o755)
-    proc, sock = _start(tmp_path)
+    proc, sock = _start(tmp_path, "120", "0")  # ends with the connection it serves
     started.append(proc)
     sock.chmod(0o666)  # past the file mode (0600): the agent checks who connects itself
     stranger = subprocess.run(
@@ -202,7 +257,31 @@ async def test_the_first_connection_meets_the_agent_started_at_boot(manager: obj
     assert (cwd, user) == (f"/home/{ws.user}", ws.user), "the user's agent, from HOME, as sshd starts it"
     env_boot = await manager.exec(ws.name, "env -0")
 
-    # Its connection gone, the agent it became ends; what its commands left running stays (as under sshd).
+    main_pid = (await manager.exec(ws.name, f"systemctl show -P MainPID {AGENT_SERVICE}")).stdout.strip()
+    assert main_pid == (await manager.exec(ws.name, "echo $PPID")).stdout.strip()  # the unit's own process
+
+    # Its connection gone, the same process waits again, and the next connection (a server started again)
+    # meets it; what the last connection's commands left running stays (as under sshd).
+    await manager.ssh.drop(ws.name)
+    again = await manager.exec(ws.name, f"{who}; echo $PPID; systemctl is-active {AGENT_SERVICE}; "
+                                        "pgrep -x sleep >/dev/null && echo kept")  # fmt: skip
+    agent, cwd, user, pid, state, kept = again.stdout.splitlines()
+    ppid, args = agent.split(None, 1)
+    assert (ppid, args) == ("1", f"/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH} --listen {AGENT_LISTEN_PATH} "
+                                 "900.0 900.0")  # fmt: skip
+    assert (cwd, user, pid, state, kept) == (f"/home/{ws.user}", ws.user, main_pid, "active", "kept"), again.stdout
+    assert _normalised((await manager.exec(ws.name, "env -0")).stdout) == _normalised(env_boot.stdout)
+
+    # With no agent waiting (its unit stopped), a connection starts one in a session, the usual way. The stop
+    # ends the agent that runs it, so it runs detached, a moment later; the pool starts a session's agent then.
+    stop = f"setsid -f sh -c 'sleep 0.5; sudo systemctl stop {AGENT_SERVICE}' </dev/null >/dev/null 2>&1"
+    assert (await manager.exec(ws.name, stop)).exit_code == 0
+    state, deadline = "", time.monotonic() + 60
+    while state != "inactive":
+        assert time.monotonic() < deadline, f"the unit did not stop: {state!r}"
+        await anyio.sleep(0.2)
+        with contextlib.suppress(SSHError):  # the agent that ran it, ended mid-command
+            state = (await manager.exec(ws.name, f"systemctl is-active {AGENT_SERVICE}")).stdout.strip()
     await manager.ssh.drop(ws.name)
     second = await manager.exec(ws.name, f"{who}; systemctl is-active {AGENT_SERVICE}; pgrep -x sleep >/dev/null && echo kept")
     agent, cwd, user, state, kept = second.stdout.splitlines()

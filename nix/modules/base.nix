@@ -151,12 +151,12 @@ in
         "L+ /usr/bin/python3 - - - - ${agentPython.interpreter}"
       ];
 
-      # Started at boot to wait for the server's first connection, which meets it through sshd's
+      # Started at boot to wait for the server's connection (and the next, once it is gone), met through sshd's
       # socket forwarding (sandbox_mcp/ssh/agent_start.py): the Python start and its imports happen
       # while the workspace boots, not after the login. The same unit as the Debian images'
       # (sandbox_mcp/images/debootstrap.py agent_service).
       systemd.services.sandbox-mcp-agent = {
-        description = "sandbox-mcp exec agent (waits for the server's first connection)";
+        description = "sandbox-mcp exec agent (waits for the server's connection)";
         wantedBy = [ "multi-user.target" ];
         serviceConfig = {
           User = user;

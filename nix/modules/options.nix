@@ -426,7 +426,7 @@ in
         Whether every workspace carries the MCP server's exec agent (`python3` and
         `sandbox_mcp/exec_agent.py` of this checkout, as bytecode), linked at
         `/usr/local/libexec/sandbox-mcp/exec-agent` and `/usr/bin/python3`, and starts it
-        at boot as the workspace user to wait for the server's first connection. It runs
+        at boot as the workspace user to wait for the server's connection. It runs
         many commands over one SSH channel and kills a timed-out command's process group.
         Without it every command costs an SSH session, and `start_process` and the other
         process tools do not work.

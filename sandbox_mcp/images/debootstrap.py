@@ -208,7 +208,8 @@ POOL_SLOT_ARG = "sandbox-mcp.pool-slot"
 
 
 def agent_service(user: str) -> str:
-    """The unit that starts the exec agent at boot, to wait for the server's first connection.
+    """The unit that starts the exec agent at boot, to wait for the server's connection (and, once that
+    connection is gone, for the next: ``exec_agent.RELISTEN_WAIT_S``).
 
     The agent's start (a Python interpreter and its imports, ~20 ms here) then happens while the
     workspace boots instead of after the server logs in: ``exec_agent.listen`` and
@@ -217,7 +218,7 @@ def agent_service(user: str) -> str:
     return f"""\
 # Written by sandbox-mcp: the exec agent, started ahead of the server's first SSH connection.
 [Unit]
-Description=sandbox-mcp exec agent (waits for the server's first connection)
+Description=sandbox-mcp exec agent (waits for the server's connection)
 ConditionKernelCommandLine=!{POOL_SLOT_ARG}
 
 [Service]
@@ -225,7 +226,7 @@ User={user}
 ExecStart=/usr/bin/python3 -I -S -u {EXEC_AGENT_PATH} --listen {AGENT_LISTEN_PATH}
 RuntimeDirectory={AGENT_LISTEN_PATH.split("/")[2]}
 RuntimeDirectoryMode=0700
-# It becomes its connection's agent and ends with it; what that connection's commands left running
+# It becomes its connection's agent, then waits for the next (the same process); what its commands left running
 # (a start_process) stays, as it does when an sshd session ends (ssh.service is KillMode=process too).
 KillMode=process
 # A command the kernel's OOM killer ends is that command's end, not the agent's: by default systemd

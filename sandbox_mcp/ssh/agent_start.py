@@ -2,9 +2,11 @@
 
 An agent started in a session costs a session, a Python start and the agent's imports (~25 ms here,
 seconds in an emulated VM). The image therefore starts one at boot (``sandbox-mcp-agent.service``,
-``exec_agent.listen``) that waits on a Unix socket for the first connection; :func:`open_agent` meets
+``exec_agent.listen``) that waits on a Unix socket for a connection; :func:`open_agent` meets
 it over sshd's direct-streamlocal forwarding (ready 5-7 ms after the login, 12-17 ms right after a
-boot) and starts one in a session where there is none: later connections, pool slots, images without it.
+boot) and starts one in a session where there is none: a connection while another holds it, pool slots,
+images without it. Once its connection is gone the agent waits again (``exec_agent.RELISTEN_WAIT_S``), so a
+server started again, or a connection made again, meets one ready.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .commands import agent_command
 __all__ = ["ENVIRON_COMMAND", "open_agent", "start_agent", "start_listening_agent"]
 
 
-# Connections that looked for the agent started at boot: it serves one connection's first agent only.
+# Connections that looked for the agent started at boot: it serves a connection's first agent only.
 _looked: weakref.WeakSet[asyncssh.SSHClientConnection] = weakref.WeakSet()
 
 
@@ -118,13 +120,13 @@ async def _read_environ(conn: asyncssh.SSHClientConnection, env: _Environ) -> No
 async def start_listening_agent(
     conn: asyncssh.SSHClientConnection, path: str, max_execs: int | None = None
 ) -> AgentSession | None:
-    """The agent the workspace started at boot and that waits at the socket ``path`` for one connection
+    """The agent the workspace started at boot and that waits at the socket ``path`` for a connection
     (``exec_agent.listen``), reached over a direct-streamlocal channel, and given the environment of a
     session of this connection (read with :data:`ENVIRON_COMMAND`): it then serves as :func:`start_agent`'s.
 
     It saves the agent's Python start (two thirds of :func:`start_agent`'s time). Returns None where
-    nothing listens at ``path`` (the image has no such agent, or it served a connection already, or
-    left unused) or the environment could not be read: the caller starts the agent the usual way.
+    nothing listens at ``path`` (the image has no such agent, it serves another connection, or it was
+    left unused and ended) or the environment could not be read: the caller starts the agent the usual way.
 
     Raises:
         asyncssh.Error, OSError, TimeoutError: as :func:`start_agent`; the caller tells a dead connection.
