@@ -119,7 +119,7 @@ async def test_async_lock_hands_over_in_order_within_a_process_and_still_exclude
     async with anyio.create_task_group() as tg:
         for i in range(12):
             tg.start_soon(take, i)
-            await anyio.sleep(0)  # each asks in turn
+            await anyio.lowlevel.checkpoint()  # each asks in turn
     # Handed over in the order asked, the moment the last let go (polling flock alone left it idle until the
     # next poll, and let whichever woke first take it), and every waiter but the first was told it waited.
     assert order == list(range(12))
