@@ -12,7 +12,7 @@ import re
 
 from .models import ExecResult, Limits
 
-__all__ = ["OOM_PROBE", "disk_hint", "maybe_oom_killed", "oom_hint", "parse_oom_probe"]
+__all__ = ["OOM_PROBE", "disk_hint", "maybe_oom_killed", "oom_hint", "parse_oom_probe", "timeout_hint"]
 
 # Read inside a workspace with a kernel of its own (a VM): its /proc/vmstat counts only its own OOM kills.
 OOM_PROBE = "grep -m1 '^oom_kill ' /proc/vmstat"
@@ -39,6 +39,15 @@ def oom_hint(new_kills: int, limits: Limits | None) -> str:
         f"out of memory: the kernel's OOM killer ended {new_kills} process(es) in this workspace, which reached "
         f"{limit}. The rest of the workspace still runs. Use less memory at once (fewer parallel jobs, e.g. "
         "make -j1, smaller inputs), or create a workspace with a larger memory_mib"
+    )
+
+
+def timeout_hint(timeout_s: float) -> str:
+    """The hint for a command the exec's own timeout killed: what the agent can do instead of retrying as is."""
+    return (
+        f"timed out after {timeout_s:g} s (timeout_s): the command and everything it started were killed. "
+        "Pass a larger timeout_s (up to 86400), or start it with start_process and follow it with "
+        "process_output or wait_process, which keeps it running between calls"
     )
 
 

@@ -400,8 +400,8 @@ class ExecResult(BaseModel):
     duration_ms: float
     hint: str | None = Field(
         default=None,
-        description="When the command ran into one of the workspace's limits (out of memory: the OOM killer "
-        "ended a process; a full file system): which limit, and what to do",
+        description="When the command ran into a limit (its timeout_s; out of memory: the OOM killer ended a "
+        "process; a full file system): which limit, and what to do",
     )
     stdout_bytes: int | None = Field(default=None, description="Size of the command's whole stdout in bytes")
     stderr_bytes: int | None = Field(default=None, description="Size of the command's whole stderr in bytes")

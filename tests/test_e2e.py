@@ -335,7 +335,9 @@ async def test_exec_timeout_kills_and_output_is_capped(mcp_session: Session) -> 
     await s.call("create_workspace", name="limits")
     r = await s.call("exec", name="limits", command="sleep 300 & sleep 301; echo never", timeout_s=1.5)
     assert r["timed_out"] is True and "never" not in r["stdout"]
+    assert r["hint"].startswith("timed out after 1.5 s (timeout_s)") and "start_process" in r["hint"], r["hint"]
     r = await s.call("exec", name="limits", command="pgrep -f 'sleep 30[01]' || echo none")
+    assert r["hint"] is None  # a command that ended on its own has none
     assert r["stdout"].strip() == "none", "the timed-out command is still running"
 
     r = await s.call("exec", name="limits", command="head -c 5000000 /dev/zero | tr '\\0' x; echo tail >&2")

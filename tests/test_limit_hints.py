@@ -34,6 +34,13 @@ def test_hints_name_the_limit() -> None:
     assert bounded is not None and "host_disk_mib=64 MiB" in bounded and "(the host's disk)" not in bounded
 
 
+def test_the_timeout_hint_says_what_to_do_instead() -> None:
+    hint = limit_hints.timeout_hint(1.5)
+    assert hint.startswith("timed out after 1.5 s (timeout_s)")
+    assert "larger timeout_s" in hint and "start_process" in hint and "wait_process" in hint
+    assert "after 120 s" in limit_hints.timeout_hint(120.0)
+
+
 def test_the_vm_probe_is_parsed_strictly() -> None:
     assert limit_hints.parse_oom_probe("oom_kill 3\n") == 3
     assert limit_hints.parse_oom_probe("") is None

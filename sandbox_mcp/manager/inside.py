@@ -75,7 +75,7 @@ class InsideOps(_Manager):
             )  # fmt: skip
 
         if relay is None:
-            return await self._with_hint(record, await self._ssh_call(record, call))
+            return await self._with_hint(record, await self._ssh_call(record, call), timeout_s)
         outcome: ExecResult | BaseException
         async with anyio.create_task_group() as tg:
             tg.start_soon(relay.run)
@@ -87,11 +87,11 @@ class InsideOps(_Manager):
         await relay.close()  # every notification before the result
         if isinstance(outcome, BaseException):
             raise outcome
-        return await self._with_hint(record, outcome)
+        return await self._with_hint(record, outcome, timeout_s)
 
-    async def _with_hint(self, record: WorkspaceRecord, result: ExecResult) -> ExecResult:
+    async def _with_hint(self, record: WorkspaceRecord, result: ExecResult, timeout_s: float) -> ExecResult:
         """``result`` with a hint naming the limit the command ran into, if it did (:mod:`.limit_hints`)."""
-        hint = None
+        hint = limit_hints.timeout_hint(timeout_s) if result.timed_out else None
         if limit_hints.maybe_oom_killed(result):
             runtime = self._runtime_of(record)
             kills = await runtime.oom_kills(record)

@@ -44,8 +44,9 @@ def register(mcp: MCPServer) -> None:
         stdout_omitted/stderr_omitted count the bytes left out and stdout_path/stderr_path name a file in
         the workspace with the whole stream (page it with read_file, offset/next_offset).
         stdout_bytes/stderr_bytes are the whole sizes. On timeout the command and its children are killed
-        and timed_out=true. When the request carries a progressToken, the output also arrives as progress
-        notifications while it runs. For a server or anything you want to leave running, watch or stop,
+        and timed_out=true. hint, when set, names the limit the command ran into (its timeout, memory, a
+        full disk) and what to do. When the request carries a progressToken, the output also arrives as
+        progress notifications while it runs. For a server or anything you want to leave running, watch or stop,
         use start_process instead. If the workspace is stopped, call start_workspace first.
         """
         return await workspaces(ctx).exec(name, command, cwd, env, timeout_s, stdin, output_progress_of(ctx))
