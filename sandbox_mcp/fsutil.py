@@ -231,8 +231,9 @@ async def async_file_lock(
     finally:
         # The last one out drops the path's queue (a workspace's lock path is not kept for ever). The flock
         # is what excludes; a task that took this queue just before it went only polls like another process.
-        if queue is not None and not queue.locked() and not queue.statistics().tasks_waiting and queues.get(key) is queue:
-            del queues[key]
+        if queue is not None and queues.get(key) is queue and not queue.locked():
+            if not queue.statistics().tasks_waiting:
+                del queues[key]
 
 
 def shared_lock_fd(path: Path) -> int | None:
