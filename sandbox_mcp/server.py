@@ -20,10 +20,11 @@ import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.lowlevel import Server
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import Tool
-from pydantic import AnyHttpUrl
+from mcp.types import CallToolResult, InputRequiredResult, Tool
+from pydantic import AnyHttpUrl, ValidationError
 
 from . import __version__, http_auth, shutdown, tools
 from .config import Settings, load_settings
@@ -36,6 +37,7 @@ __all__ = [
     "ManagerLifespan",
     "SandboxServer",
     "build_server",
+    "invalid_arguments",
     "lowlevel_server",
     "schema_without_titles",
     "serve_http",
@@ -84,9 +86,35 @@ def schema_without_titles(schema: Any) -> Any:
     }
 
 
+_INPUT_SHOWN = 80  # characters of a rejected value's repr in the message
+
+
+def invalid_arguments(exc: ValidationError, schema: dict[str, Any] | None) -> str:
+    """What a tool's rejected arguments were, for the agent that sent them: each bad field, what is wrong,
+    the value given, and the field's description from the input schema, without pydantic's model name,
+    error codes and documentation links."""
+    properties = (schema or {}).get("properties", {})
+    parts, described = [], set()
+    for err in exc.errors(include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        field = loc[0] if loc else "arguments"
+        where = field + "".join(f"[{part}]" for part in loc[1:])
+        text = f"{where}: {err['msg'].removeprefix('Value error, ')}"  # our validators' own words
+        if err["type"] != "missing":
+            given = repr(err.get("input"))
+            text += f" (got {given if len(given) <= _INPUT_SHOWN else given[:_INPUT_SHOWN] + '...'})"
+        description = properties.get(field, {}).get("description") if isinstance(properties, dict) else None
+        if description and field not in described:
+            described.add(field)
+            text += f"; {field} is: {description}"
+        parts.append(text)
+    return "invalid arguments: " + "; ".join(parts) + ". Correct them and call again."
+
+
 class SandboxServer(MCPServer):
     """The SDK's server, listing each tool's input schema without pydantic's generated titles
-    (about 2.5 KB of the 22 KB of input schemas; validation still uses the full models)."""
+    (about 2.5 KB of the 22 KB of input schemas; validation still uses the full models), and saying
+    what was wrong with rejected arguments in a line the agent can act on."""
 
     async def list_tools(self) -> list[Tool]:
         """Every tool, as the SDK lists it, input schemas without titles."""
@@ -94,6 +122,21 @@ class SandboxServer(MCPServer):
             tool.model_copy(update={"input_schema": schema_without_titles(tool.input_schema)})
             for tool in await super().list_tools()
         ]
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        """The SDK's call; arguments that fail validation raise a :class:`ToolError` worded by
+        :func:`invalid_arguments` (the SDK's is pydantic's own text, with a documentation link per field)."""
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            schema = next((tool.input_schema for tool in await super().list_tools() if tool.name == name), None)
+            message = invalid_arguments(cause, schema)
+            raise ToolError(f"Error executing tool {name}: {message}") from cause
 
 
 # What a lifespan yields to the tools: the caller's Workspaces (the daemon hands each connection a

@@ -186,6 +186,49 @@ def test_schema_without_titles_keeps_a_property_called_title_and_data() -> None:
     }
 
 
+async def test_rejected_arguments_say_which_what_and_what_the_field_is(settings: Settings) -> None:
+    async with Client(build_server(settings)) as client:
+
+        async def error(tool: str, **args: object) -> str:
+            r = await client.call_tool(tool, args)
+            assert r.is_error
+            return " ".join(getattr(c, "text", "") for c in r.content)
+
+        text = await error("create_workspace", name="Bad_Name")
+        assert text == (
+            "Error executing tool create_workspace: invalid arguments: name: String should match pattern "
+            "'^[a-z][a-z0-9-]{0,11}$' (got 'Bad_Name'); name is: Workspace name: lowercase letters, digits and '-', "
+            "starting with a letter, at most 12 chars. Correct them and call again."
+        )
+        assert "name: Field required; name is: Workspace name" in await error("create_workspace")
+        # Two bad fields, each named; a long value shown in part; no pydantic model name, codes or links.
+        text = await error("exec", name="a", command="", timeout_s="x" * 500)
+        assert "command: String should have at least 1 character (got '')" in text
+        assert f"timeout_s: Input should be a valid number, unable to parse string as a number (got '{'x' * 79}...)" in text
+        assert "Arguments" not in text and "errors.pydantic.dev" not in text and "type=" not in text
+        # Our own validators' words come through without pydantic's "Value error, ".
+        text = await error("create_workspace", name="a", egress=["BAD!"])
+        assert "egress: 'bad!' is not a domain name" in text and "Value error" not in text
+
+
+def test_invalid_arguments_names_nested_places() -> None:
+    from pydantic import BaseModel, ValidationError
+
+    from sandbox_mcp.server import invalid_arguments
+
+    class Args(BaseModel):
+        ports: list[int]
+
+    with pytest.raises(ValidationError) as caught:
+        Args.model_validate({"ports": [1, "two"]})
+    schema = {"properties": {"ports": {"description": "TCP ports"}}}
+    assert invalid_arguments(caught.value, schema) == (
+        "invalid arguments: ports[1]: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'two'); ports is: TCP ports. Correct them and call again."
+    )
+    assert invalid_arguments(caught.value, None).startswith("invalid arguments: ports[1]: Input should be")
+
+
 def test_public_surface() -> None:
     assert set(sandbox_mcp.__all__) == {
         "BackendError", "CommandFailed", "CommandTimeout", "Conflict", "InvalidSpec", "InvalidState",
