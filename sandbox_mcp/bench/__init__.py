@@ -64,6 +64,7 @@ from ..config import Settings
 from ..hostnet import HostNetwork
 from ..images import DebianRoot, ImageStore
 from ..manager import WorkspaceManager
+from ..progress import no_progress
 from .bare import bare_boot
 from .calls import tool_caller
 from .capacity import format_capacity, run_capacity
@@ -96,24 +97,20 @@ def _vm_ready(settings: Settings) -> bool:
     return bool(shutil.which("qemu-system-x86_64")) and vm.exists(vm.key(()))
 
 
-async def _quiet(message: str, fraction: float | None = None) -> None:
-    pass
-
-
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the benchmark and print its figures. Needs root and systemd-nspawn."""
     if os.environ.get(_ISOLATED) != "1":
         root = DebianRoot(settings, ImageStore(settings.image_dir))
         if not root.exists(root.key(())):
             print("building the root image first (network needed once)...", file=sys.stderr)
-            await root.ensure((), _quiet)
+            await root.ensure((), no_progress)
         if args.vm_runs > 0 and shutil.which("qemu-system-x86_64"):
             from ..runtimes.qemu.image import VmImage
 
             vm = VmImage(settings, ImageStore(settings.image_dir))
             if not vm.exists(vm.key(())):
                 print("building the VM image first (network needed once)...", file=sys.stderr)
-                await vm.ensure((), _quiet)
+                await vm.ensure((), no_progress)
         return _reexec_isolated()
 
     from mcp import Client

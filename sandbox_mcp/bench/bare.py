@@ -16,6 +16,7 @@ from typing import NamedTuple
 import anyio
 
 from ..manager import WorkspaceManager
+from ..progress import no_progress
 
 __all__ = ["Burst", "bare_boot", "bare_burst", "wait_banner"]
 
@@ -50,17 +51,13 @@ async def wait_banner(ip: str, deadline: float, port: int = 22) -> None:
     raise TimeoutError(f"no sshd banner from {ip}")
 
 
-async def _quiet(message: str, fraction: float | None = None) -> None:
-    pass
-
-
 async def bare_boot(manager: WorkspaceManager, name: str, timeout_s: float = 60) -> float:
     """Start registered, stopped workspace ``name`` bare and return the seconds until its sshd's banner;
     it is stopped again after."""
     record = await manager.registry.get(name)
     runtime = manager.runtime_of(record)
     t0 = time.monotonic()
-    record = await runtime.start(record, _quiet)
+    record = await runtime.start(record, no_progress)
     try:
         await wait_banner(record.ip, time.monotonic() + timeout_s)
         return time.monotonic() - t0
@@ -82,7 +79,7 @@ async def bare_burst(manager: WorkspaceManager, names: list[str], timeout_s: flo
     async def one(name: str) -> None:
         try:
             record = await manager.registry.get(name)
-            record = await manager.runtime_of(record).start(record, _quiet)
+            record = await manager.runtime_of(record).start(record, no_progress)
             started.append(record)
             await wait_banner(record.ip, deadline)
             done.append(time.monotonic() - t0)
