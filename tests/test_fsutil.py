@@ -128,14 +128,29 @@ async def test_async_lock_hands_over_in_order_within_a_process_and_still_exclude
     assert not lock_is_held(lock)
     assert fsutil._QUEUES.get({}) == {}  # the path's queue went with its last user
 
-    # Another process holding it: a waiter here still waits for that process (the queue is this loop's only).
+    # Another process holding it: the first waiter here polls for that process, the second queues behind it
+    # (the queue is this loop's only); both say they wait, and neither takes it. Cancelled once both said so.
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
-        with anyio.move_on_after(0.3) as scope:
-            async with async_file_lock(lock):
+        waiting = [anyio.Event(), anyio.Event()]
+
+        async def wait_for_it(i: int) -> None:
+            async def on_wait() -> None:
+                waiting[i].set()
+
+            async with async_file_lock(lock, on_wait=on_wait):
                 pytest.fail("took a lock another process holds")
+
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_it, 0)
+                await waiting[0].wait()
+                tg.start_soon(wait_for_it, 1)
+                await waiting[1].wait()
+                scope.cancel()
         assert scope.cancelled_caught
+        assert fsutil._QUEUES.get({}) == {}  # the cancelled waiters left no queue behind
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
