@@ -133,10 +133,10 @@ def tagged(tag: str) -> list[ProcessRef]:
 
 
 def uptime_s(ref: ProcessRef) -> float:
-    """Seconds since the process started."""
+    """Seconds since the process started, to the hundredth /proc/uptime gives (not 1.42999999999995)."""
     ticks = os.sysconf("SC_CLK_TCK")
     boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return max(0.0, boot_uptime - ref.start_time / ticks)
+    return round(max(0.0, boot_uptime - ref.start_time / ticks), 2)
 
 
 def spawn_bounded_sink(log_path: Path, limit_bytes: int, *, tag: str | None = None) -> tuple[ProcessRef, int]:

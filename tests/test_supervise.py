@@ -67,6 +67,8 @@ async def test_spawn_of_a_missing_program_says_how_to_fix_it(tmp_path: Path) -> 
 def test_identify_and_children_of_this_process() -> None:
     me = supervise.identify(os.getpid())
     assert me is not None and supervise.alive(me) and supervise.uptime_s(me) >= 0
+    # Reported to the hundredth /proc/uptime has, without float noise (1.42999999999995).
+    assert all(len(repr(supervise.uptime_s(me)).partition(".")[2]) <= 2 for _ in range(20))
     assert supervise.identify(2**22 + 12345) is None  # above pid_max: never a process
 
 

@@ -89,6 +89,7 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_SIOCGIFINDEX = 0x8933
 _LOOPBACK_INDEX = 1  # the kernel registers lo first in every network namespace
 
 
@@ -483,7 +484,7 @@ class HostNetwork:
                             peer={"ifname": ws_if, "address": mac, "net_ns_fd": nsfd},
                         )
                         step = f"configuring {ws_if} ({address}/{prefixlen}, {mac}) in {path}"
-                        ws_index = (await nsr.link("get", ifname=ws_if))[0]["index"]
+                        ws_index = _index_via(nsr.fileno(), ws_if)
                         await nsr.link("set", index=_LOOPBACK_INDEX, state="up")
                         await nsr.addr(
                             "add",
@@ -494,7 +495,7 @@ class HostNetwork:
                         )
                         await nsr.link("set", index=ws_index, state="up")
                         await nsr.route("add", dst="0.0.0.0/0", gateway=str(self.settings.host_ip))
-                    except NetlinkError as exc:
+                    except (NetlinkError, OSError) as exc:
                         raise _translate(exc, step) from exc
                     finally:
                         os.close(nsfd)
@@ -697,6 +698,17 @@ def _index_of(ifname: str) -> int | None:
         return socket.if_nametoindex(ifname)
     except OSError:
         return None
+
+
+def _index_via(fd: int, ifname: str) -> int:
+    """The index of the link called ``ifname`` in the network namespace of socket ``fd`` (``SIOCGIFINDEX``:
+    a netlink ``get`` would decode the whole link, ~0.5 ms of this process's CPU per start).
+
+    Raises:
+        OSError: no such link there (``ENODEV``).
+    """
+    request = struct.pack("16si20x", ifname.encode(), 0)
+    return int(struct.unpack("16si20x", fcntl.ioctl(fd, _SIOCGIFINDEX, request))[1])
 
 
 async def _get_link(ipr: AsyncIPRoute, ifname: str) -> Any | None:

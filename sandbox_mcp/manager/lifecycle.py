@@ -166,10 +166,11 @@ class LifecycleOps(_Manager):
                 prepared = True
                 record.state = "stopped"
                 record.timings = Timings(image_s=round(time.monotonic() - t_image, 3))
-                await self.registry.put(record)
-                if spec.start:
+                if spec.start:  # _start writes the record ("starting") first: one registry write here, not two
                     started = True
                     record = await self._start(record, runtime, _span(progress, _PREPARED, 1.0), t0)
+                else:
+                    await self.registry.put(record)
                 # After the boot, not before it: the name resolves on the host before anyone can use it
                 # either way, and a cold create waits ~1 ms less.
                 await self._sync_hosts()
