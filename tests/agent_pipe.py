@@ -38,9 +38,9 @@ def request(rid: int, command: str, cwd: Path | str, *, timeout: float = 60.0, *
 class AgentPipe:
     """A running agent process and the replies read from it so far."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, pass_fds=tuple(pass_fds))
         self.messages: list[dict[str, Any]] = []
         self._buf = b""
         assert self.next_message().get("ready") == 1, self.stderr_tail()
@@ -86,6 +86,13 @@ class AgentPipe:
         if self.proc.poll() is None or self.proc.stderr is None:
             return "(still running)"
         return self.proc.stderr.read().decode(errors="replace")[-2000:]
+
+    def stderr_after_exit(self) -> str:
+        """Close the agent's stdin, wait for it to end and return all it wrote to stderr."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.close()
+        self.proc.wait(HUNG_S)
+        return self.proc.stderr.read().decode(errors="replace")
 
     def close(self) -> None:
         """Close the agent's stdin (as a closed channel does) and wait for it; kill it if it hangs."""

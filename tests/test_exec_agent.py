@@ -10,6 +10,7 @@ which the command would have created, that it never ran.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import signal
@@ -164,3 +165,106 @@ def test_lines_queued_during_a_write_go_out_together_without_started_lines_alrea
     assert len(writes) == 2
     exec_agent._send({"id": 4, "started": 1}, "started")  # nothing under way now: written at once
     assert writes[2] == b'{"id":4,"started":1}\n'
+
+
+# How commands start (os.posix_spawn, not subprocess.Popen): what Popen did must still hold.
+
+
+def _out(reply: dict[str, object], name: str = "stdout") -> str:
+    return base64.b64decode(str(reply[name])).decode()
+
+
+def test_the_agent_starts_commands_without_importing_subprocess(tmp_path: Path) -> None:
+    # ~3 ms of every agent's start and ~0.7 MiB of its memory: this catches an import that brings it back.
+    python, *rest = agent_command()
+    pipe = AgentPipe([python, "-X", "importtime", *rest])
+    try:
+        pipe.send(request(1, "echo hi", tmp_path))
+        assert _out(pipe.reply(1)) == "hi\n"
+        err = pipe.stderr_after_exit()
+    finally:
+        pipe.close()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")]
+    assert "json" in imported, err[-500:]  # the listing is there at all
+    assert "subprocess" not in imported and "selectors" not in imported
+
+
+def test_a_command_gets_sigpipe_as_the_default(agent: AgentPipe, tmp_path: Path) -> None:
+    # Python ignores SIGPIPE; a command must not inherit that, or `yes | head` ends in write errors.
+    agent.send(request(1, "yes | head -n 2", tmp_path))
+    reply = agent.reply(1)
+    assert (reply["exit"], _out(reply), _out(reply, "stderr")) == (0, "y\ny\n", "")
+
+
+def test_concurrent_commands_each_run_in_their_own_directory(agent: AgentPipe, tmp_path: Path) -> None:
+    # The start sets the agent's working directory for a moment, under a lock: 24 at once, each in a
+    # directory of its own, each reports its own twice (before and after the others started), and the
+    # agent's own is what it was.
+    before = os.readlink(f"/proc/{agent.proc.pid}/cwd")
+    dirs = [tmp_path / f"d{i}" for i in range(24)]
+    for d in dirs:
+        d.mkdir()
+    agent.send(*(request(i, "pwd; sleep 0.2; pwd", dirs[i]) for i in range(12)))
+    agent.send(*(request(i, "pwd; sleep 0.2; pwd", dirs[i]) for i in range(12, 24)))
+    for i, d in enumerate(dirs):
+        assert _out(agent.reply(i)) == f"{d}\n{d}\n"
+    assert os.readlink(f"/proc/{agent.proc.pid}/cwd") == before
+
+
+def test_sh_is_found_on_the_commands_own_path(agent: AgentPipe, tmp_path: Path) -> None:
+    # As Popen looked it up: the PATH of the command's environment, not the agent's.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sh"
+    fake.write_text("#!/bin/sh\necho this-sh \"$@\"\n")
+    fake.chmod(0o755)
+    agent.send(request(1, "echo real", tmp_path, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}))
+    assert _out(agent.reply(1)) == "this-sh -c echo real\n"
+    agent.send(request(2, "echo real", tmp_path))
+    assert _out(agent.reply(2)) == "real\n"
+    # None there: the command does not start (a ./sh in its directory is never taken instead).
+    (tmp_path / "sh").write_text(fake.read_text())
+    (tmp_path / "sh").chmod(0o755)
+    agent.send(request(3, "echo real", tmp_path, env={"PATH": str(tmp_path / "nothing-here")}))
+    reply = agent.reply(3)
+    assert (reply["exit"], _out(reply)) == (126, "")
+    assert "No such file or directory" in _out(reply, "stderr")
+
+
+def test_a_command_inherits_no_descriptor_of_the_agents(tmp_path: Path) -> None:
+    # Popen closed every descriptor above 2 in the child; posix_spawn closes only close-on-exec ones,
+    # so the agent makes all it was given close-on-exec. Here it is given an inheritable one.
+    r, w = os.pipe()
+    given = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 20)  # above what the shell below opens itself
+    try:
+        pipe = AgentPipe(agent_command(), pass_fds=(given,))
+    finally:
+        for fd in (r, w, given):
+            os.close(fd)
+    try:
+        assert str(given) in os.listdir(f"/proc/{pipe.proc.pid}/fd")  # the agent holds it
+        # The shell's own descriptors, listed by the shell (3: the directory its glob reads).
+        pipe.send(request(1, 'for f in /proc/$$/fd/*; do printf "%s " "${f##*/}"; done', tmp_path))
+        assert _out(pipe.reply(1)).split() == ["0", "1", "2", "3"]
+    finally:
+        pipe.close()
+
+
+def test_a_detached_commands_pipes_stay_open_until_they_end(agent: AgentPipe, tmp_path: Path) -> None:
+    # A background process holding the pipes: the reply says "detached" and a thread drains them. The
+    # agent keeps both pipes open until they end (then closes them), so that thread never polls numbers a
+    # later command's pipes may have taken; the later commands' output is all theirs.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    fds = lambda: len(os.listdir(f"/proc/{agent.proc.pid}/fd"))  # noqa: E731
+    baseline = fds()
+    agent.send(request(1, f"(read x < {gate}; echo late) & echo first", tmp_path))
+    reply = agent.reply(1)
+    assert (reply["detached"], _out(reply)) == (True, "first\n")
+    assert fds() == baseline + 2
+    for i in range(2, 12):
+        agent.send(request(i, f"echo out-{i}", tmp_path))
+        assert _out(agent.reply(i)) == f"out-{i}\n"
+    with open(gate, "w") as f:
+        f.write("go\n")
+    wait_until_sync(lambda: fds() == baseline, "the detached command's pipes closed at their end")
