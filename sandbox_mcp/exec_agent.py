@@ -186,7 +186,7 @@ def _killpg(proc, sig):
 
 # Commands start with os.posix_spawn (a vfork and an exec in C) rather than subprocess.Popen: ~60 us of
 # this process's CPU per start instead of ~150, and no ``subprocess`` import (with its locale, selectors,
-# warnings and contextlib: ~3 ms of every agent's start and ~0.7 MiB of its memory). What Popen did for
+# warnings and contextlib: ~2 ms of every agent's start and 0.3-0.7 MiB of its memory). What Popen did for
 # us is done here alike: ``sh`` found on the command's own PATH, a session of its own, SIGPIPE and
 # SIGXFSZ back to their defaults (Python ignores them), no descriptor of ours inherited (all of them are
 # close-on-exec), and the working directory. posix_spawn has no working directory of its own, so the
@@ -1477,7 +1477,10 @@ def _coerce_c_locale(env):
     """Do to ``env`` what Python's start does to its own (PEP 538), as it did to an agent's under sshd,
     whose commands inherit it: where LC_ALL is unset and LC_CTYPE resolves to the C locale (unset,
     C, POSIX, or one not installed), LC_CTYPE becomes the first of C.UTF-8, C.utf8, UTF-8 there is."""
-    import locale
+    try:
+        import _locale as locale  # its C half: ``locale`` itself (its alias tables) is ~0.4 MiB of an idle agent
+    except ImportError:
+        import locale
 
     if env.get(b"LC_ALL"):
         return

@@ -175,7 +175,7 @@ def _out(reply: dict[str, object], name: str = "stdout") -> str:
 
 
 def test_the_agent_starts_commands_without_importing_subprocess(tmp_path: Path) -> None:
-    # ~3 ms of every agent's start and ~0.7 MiB of its memory: this catches an import that brings it back.
+    # ~2 ms of every agent's start and 0.3-0.7 MiB of its memory: this catches an import that brings it back.
     python, *rest = agent_command()
     pipe = AgentPipe([python, "-X", "importtime", *rest])
     try:
