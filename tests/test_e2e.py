@@ -246,6 +246,12 @@ async def test_full_lifecycle(mcp_session: Session, settings: Settings) -> None:
     assert r["stdout"].split() == [settings.user, "life", f"/home/{settings.user}/workspace", "0"]
     assert r["stderr"] == ""
 
+    # The boot's poll found sshd listening on a connection and the login went on on it: sshd saw that one,
+    # not first a connection closed at once (which it logged as an error on every start).
+    r = await s.call("exec", name="life", command="sudo -n journalctl -u ssh --no-pager -o cat")
+    assert r["stdout"].count("Accepted publickey") == 1, r["stdout"]
+    assert "Connection closed" not in r["stdout"] and "kex_exchange_identification" not in r["stdout"]
+
     r = await s.call("exec", name="life", command="echo out; echo err >&2; exit 3")
     assert (r["exit_code"], r["stdout"], r["stderr"]) == (3, "out\n", "err\n")
 

@@ -634,6 +634,25 @@ async def test_wait_listening_on_loopback() -> None:
 
 
 @pytest.mark.anyio
+async def test_connect_when_listening_hands_over_the_connection() -> None:
+    """The connection that found the port listening is the caller's (the SSH login goes on on it); None for
+    a port nobody listens on, once the time is up."""
+    from sandbox_mcp.hostnet.listening import connect_when_listening
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        sock = await connect_when_listening("127.0.0.1", port, 5)
+        assert sock is not None
+        with sock:
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getpeername() == sock.getsockname()
+                sock.send(b"SSH-2.0-test\r\n")
+                assert conn.recv(100) == b"SSH-2.0-test\r\n"
+    assert await connect_when_listening("127.0.0.1", port, 0.2) is None
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("host", ["::1", "localhost"])
 async def test_wait_listening_on_ipv6_and_by_name(host: str) -> None:
     family = socket.AF_INET6 if host == "::1" else socket.AF_INET
@@ -658,7 +677,7 @@ async def test_wait_listening_polls_less_often_once_a_boot_takes_long(monkeypatc
         port = probe.getsockname()[1]
         real, at = listening._connects, []
 
-        async def counted(host: str, port_: int, timeout_s: float) -> bool:
+        async def counted(host: str, port_: int, timeout_s: float) -> socket.socket | None:
             at.append(time.monotonic())
             return await real(host, port_, timeout_s)
 

@@ -852,6 +852,58 @@ async def test_wait_ready_keeps_trying_until_sshd_listens(tmp_path: Path, worksp
             server.stop()
 
 
+@pytest.mark.anyio
+async def test_wait_ready_logs_in_on_the_connection_it_is_given(own_sshd: Sshd, workspace: Path) -> None:
+    """A boot's poll (hostnet.listening) found sshd listening on a connection: the login goes on on that one,
+    so sshd sees a single connection, not one dropped at once and then the login's."""
+    from sandbox_mcp.hostnet.listening import connect_when_listening
+
+    t = own_sshd.target(workspace)
+    pool = SSHPool(agent_path=AGENT)
+    try:
+        sock = await connect_when_listening(t.host, t.port, HUNG_S)
+        assert sock is not None
+        local = sock.getsockname()
+        await pool.wait_ready(t, HUNG_S, sock=sock)
+        assert pool._entries[t.key].conn.get_extra_info("sockname") == local
+        assert len(own_sshd.connection_pids()) == 1
+        # And it stays the pooled one: the next command runs on it, not on a connection made again.
+        assert (await pool.exec(t, "echo on-it")).stdout == "on-it\n"
+        assert pool._entries[t.key].conn.get_extra_info("sockname") == local
+        assert len(own_sshd.connection_pids()) == 1
+        # With a connection there already, one given is closed unused.
+        spare = await connect_when_listening(t.host, t.port, HUNG_S)
+        assert spare is not None
+        await pool.wait_ready(t, HUNG_S, sock=spare)
+        assert spare.fileno() == -1
+    finally:
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_wait_ready_falls_back_to_a_new_connection_when_the_given_one_fails(
+    sshd: Sshd, workspace: Path
+) -> None:
+    """The given connection leads nowhere SSH answers (here: a listener that hangs up): the next attempt
+    connects afresh, and the given one is closed."""
+    from sandbox_mcp.hostnet.listening import connect_when_listening
+
+    t = sshd.target(workspace, key="fallback")
+    pool = SSHPool(agent_path=AGENT)
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        try:
+            sock = await connect_when_listening("127.0.0.1", other.getsockname()[1], HUNG_S)
+            assert sock is not None
+            conn, _ = other.accept()
+            conn.close()  # hangs up before any banner
+            with anyio.fail_after(HUNG_S):
+                await pool.wait_ready(t, HUNG_S, sock=sock)
+            assert sock.fileno() == -1
+            assert (await pool.exec(t, "echo fresh")).stdout == "fresh\n"
+        finally:
+            await pool.close()
+
+
 # --- SFTP -----------------------------------------------------------------------------------------
 
 

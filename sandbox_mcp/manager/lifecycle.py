@@ -28,7 +28,7 @@ from ..errors import (
     SandboxError,
     WorkspaceExists,
 )
-from ..hostnet.listening import wait_listening
+from ..hostnet.listening import connect_when_listening
 from ..models import (
     MAX_CPUS,
     MAX_MEMORY_MIB,
@@ -477,12 +477,13 @@ class LifecycleOps(_Manager):
 
             tg.start_soon(watch)
             try:
-                # Refused connects first (a SYN and a RST each), one login once sshd listens: a login attempt
-                # per poll was most of this process's CPU with 30 workspaces booting (hostnet/listening.py).
+                # Refused connects first (a SYN and a RST each), one login once sshd listens, on the connection
+                # that found it listening: a login attempt per poll was most of this process's CPU with 30
+                # workspaces booting (hostnet/listening.py).
                 target, waited = self._target(record), time.monotonic()
-                await wait_listening(target.host, target.port, self.settings.boot_timeout_s)
+                sock = await connect_when_listening(target.host, target.port, self.settings.boot_timeout_s)
                 left = self.settings.boot_timeout_s - (time.monotonic() - waited)
-                await self.ssh.wait_ready(target, max(1.0, left))
+                await self.ssh.wait_ready(target, max(1.0, left), sock=sock)
             except SandboxError as exc:
                 # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which
                 # the tools do not recognise: the agent would lose the message that says what to do.

@@ -4,9 +4,11 @@ for one while the workspace boots."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import asyncssh
@@ -30,9 +32,15 @@ _FAST_POLL_FOR_S = 2.0
 
 
 async def open_connection(
-    target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float, keepalive_interval_s: float
+    target: SSHTarget,
+    *,
+    tcp_timeout_s: float,
+    timeout_s: float,
+    keepalive_interval_s: float,
+    sock: socket.socket | None = None,
 ) -> asyncssh.SSHClientConnection:
-    """Connect to ``target`` and log in with our client key, accepting only its pinned host key.
+    """Connect to ``target`` (or go on on ``sock``, a TCP connection to it already made, which is then
+    ours to close) and log in with our client key, accepting only its pinned host key.
 
     Nothing else is offered or read: no SSH agent, no ``~/.ssh/config``, no passwords, no
     certificates; the key's signature is the login's first request (:mod:`.login`). The TCP connect
@@ -44,21 +52,16 @@ async def open_connection(
         asyncssh.Error, OSError, TimeoutError: untranslated, for the caller to judge (a refused
             port while booting is normal; see :mod:`.errors`).
     """
-    host_key = load_public_key(target.host_key_path)
-    if target.host_key_fingerprint and host_key.get_fingerprint("sha256") != target.host_key_fingerprint:
-        raise SSHError(
-            f"workspace {target.key!r} was replaced (its host key changed) since this call looked it up; "
-            "call list_workspaces, then call again"
-        )
-    client_key = load_private_key(target.client_key_path)
-    aloop = asyncio.get_running_loop()  # asyncssh runs on asyncio only
-    infos = await aloop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    family, socktype, proto, _, addr = infos[0]
-    sock = socket.socket(family, socktype, proto)
     try:
-        sock.setblocking(False)
-        with anyio.fail_after(tcp_timeout_s):
-            await aloop.sock_connect(sock, addr)
+        host_key = load_public_key(target.host_key_path)
+        if target.host_key_fingerprint and host_key.get_fingerprint("sha256") != target.host_key_fingerprint:
+            raise SSHError(
+                f"workspace {target.key!r} was replaced (its host key changed) since this call looked it up; "
+                "call list_workspaces, then call again"
+            )
+        client_key = load_private_key(target.client_key_path)
+        if sock is None:
+            sock = await _connected(target, tcp_timeout_s)
         return await asyncssh.connect(
             target.host,
             target.port,
@@ -80,26 +83,70 @@ async def open_connection(
             connect_timeout=timeout_s,
         )
     except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+
+
+async def _connected(target: SSHTarget, timeout_s: float) -> socket.socket:
+    """A TCP connection to ``target``, made within ``timeout_s`` (an address is not looked up: asyncio's
+    getaddrinfo is a worker thread's turn).
+
+    Raises:
+        OSError, TimeoutError: refused, unreachable, or no answer in time.
+    """
+    aloop = asyncio.get_running_loop()  # asyncssh runs on asyncio only
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(target.host).version == 6 else socket.AF_INET
+        addr: tuple[Any, ...] = (target.host, target.port)
+    except ValueError:
+        infos = await aloop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        with anyio.fail_after(timeout_s):
+            await aloop.sock_connect(sock, addr)
+    except BaseException:
         sock.close()
         raise
+    return sock
 
 
 async def poll_until_connected(
     target: SSHTarget,
     timeout_s: float,
-    attempt: Callable[[float], Awaitable[None]],
+    attempt: Callable[[float, socket.socket | None], Awaitable[None]],
     progress: Progress | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Call ``attempt(remaining_s)`` until it connects, for at most ``timeout_s`` (a workspace booting).
+    """Call ``attempt(remaining_s, sock)`` until it connects, for at most ``timeout_s`` (a workspace booting).
 
-    Attempts are 10 ms apart for the first two seconds (a container's sshd listens ~0.3 s after
-    its start; backing off from the first attempt left up to 100 ms between sshd listening and the
-    login), then back off to 100 ms; ``progress`` hears about it once a second.
+    ``sock``, a TCP connection to ``target`` made already (a boot's poll found sshd listening on it,
+    ``hostnet.listening``), goes to the first attempt, which logs in on it (and closes it if that fails);
+    later attempts get None and connect afresh. Attempts are 10 ms apart for the first two seconds (a
+    container's sshd listens ~0.3 s after its start; backing off from the first attempt left up to 100 ms
+    between sshd listening and the login), then back off to 100 ms; ``progress`` hears about it once a second.
 
     Raises:
         SSHError: the host key does not match the pinned one (at once, without retrying).
         CommandTimeout: no attempt succeeded within ``timeout_s``; the message has the last error.
     """
+    given = [sock]  # until the first attempt takes it
+    try:
+        await _poll(target, timeout_s, attempt, progress, given)
+    finally:
+        if given[0] is not None:
+            given[0].close()  # a cancel came before the first attempt
+
+
+async def _poll(
+    target: SSHTarget,
+    timeout_s: float,
+    attempt: Callable[[float, socket.socket | None], Awaitable[None]],
+    progress: Progress | None,
+    given: list[socket.socket | None],
+) -> None:
     start = time.monotonic()
     deadline = start + timeout_s
     delay = _FAST_POLL_S
@@ -115,7 +162,8 @@ async def poll_until_connected(
             )
         attempts += 1
         try:
-            await attempt(remaining)
+            sock, given[0] = given[0], None
+            await attempt(remaining, sock)
             return
         except asyncssh.HostKeyNotVerifiable as exc:
             raise host_key_mismatch(target, exc) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,11 +112,13 @@ class SSHPool:
     def _lock(self, key: str) -> anyio.Lock:
         return self._locks.setdefault(key, anyio.Lock())
 
-    async def _connect(self, target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float) -> _Entry:
-        """Open one authenticated connection; raises what asyncssh/socket raise (untranslated)."""
-        conn = await open_connection(
-            target, tcp_timeout_s=tcp_timeout_s, timeout_s=timeout_s, keepalive_interval_s=self._keepalive_interval_s
-        )
+    async def _connect(
+        self, target: SSHTarget, *, tcp_timeout_s: float, timeout_s: float, sock: socket.socket | None = None
+    ) -> _Entry:
+        """Open one authenticated connection (on ``sock`` if given); raises what asyncssh/socket raise (untranslated)."""
+        keepalive_interval_s = self._keepalive_interval_s
+        conn = await open_connection(target, tcp_timeout_s=tcp_timeout_s, timeout_s=timeout_s, sock=sock,
+                                     keepalive_interval_s=keepalive_interval_s)  # fmt: skip
         return _Entry(target, conn, anyio.Semaphore(self._max_sessions))
 
     def _install(self, entry: _Entry) -> None:
@@ -149,8 +152,11 @@ class SSHPool:
             del self._entries[entry.target.key]
         entry.conn.close()
 
-    async def wait_ready(self, target: SSHTarget, timeout_s: float, progress: Progress | None = None) -> None:
-        """Poll until sshd answers with the pinned key and our login works; keep that connection.
+    async def wait_ready(
+        self, target: SSHTarget, timeout_s: float, progress: Progress | None = None, *, sock: socket.socket | None = None
+    ) -> None:
+        """Poll until sshd answers with the pinned key and our login works (the first time on ``sock``, a TCP
+        connection to ``target`` made already, if given: closed in any case); keep that connection.
 
         Attempts are 10 ms apart for two seconds, then back off to 100 ms, each with a short TCP connect timeout.
 
@@ -158,15 +164,16 @@ class SSHPool:
             SSHError: the host key does not match the pinned one (at once, no retry), or a key file is unreadable.
             CommandTimeout: no successful login within ``timeout_s``; the message has the last error.
         """
-        if self._current(target) is not None:
-            return
 
-        async def attempt(remaining: float) -> None:
+        async def attempt(remaining: float, given: socket.socket | None) -> None:
             async with self._lock(target.key):
                 tcp_timeout_s = min(TCP_CONNECT_TIMEOUT_S, remaining)
-                self._install(await self._connect(target, tcp_timeout_s=tcp_timeout_s, timeout_s=remaining))
+                self._install(await self._connect(target, tcp_timeout_s=tcp_timeout_s, timeout_s=remaining, sock=given))
 
-        await poll_until_connected(target, timeout_s, attempt, progress)
+        if self._current(target) is None:
+            await poll_until_connected(target, timeout_s, attempt, progress, sock)
+        elif sock is not None:
+            sock.close()
 
     def rekey(self, old_key: str, target: SSHTarget) -> bool:
         """Keep ``old_key``'s connection for ``target`` if :meth:`SSHTarget.same_sshd` (a claimed pool slot)."""
