@@ -33,29 +33,30 @@ _CONNECT_TIMEOUT_S = 1.0  # one SYN retransmit: a workspace on the local bridge 
 
 
 async def _connects(host: str, port: int, timeout_s: float) -> socket.socket | None:
-    """One TCP connect to ``host``:``port`` within ``timeout_s``: the connected socket, or None."""
+    """One TCP connect to ``host``:``port`` within ``timeout_s`` (to each address of a name, in turn): the
+    connected socket, or None."""
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        addr: tuple[str, int] = (host, port)
+        addresses = [(socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET, host)]
     except ValueError:  # a name: resolved first (an address never is: resolving made a poll ~140 us, not ~50)
         try:
             with anyio.fail_after(timeout_s):
                 infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError):
             return None
-        family, _, _, _, sockaddr = infos[0]
-        addr = (str(sockaddr[0]), port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        with contextlib.suppress(OSError), anyio.move_on_after(timeout_s):
-            await asyncio.get_running_loop().sock_connect(sock, addr)
-            connected, sock = sock, None
-            return connected
-        return None
-    finally:
-        if sock is not None:
-            sock.close()
+        addresses = [(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
+    with anyio.move_on_after(timeout_s):
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    await asyncio.get_running_loop().sock_connect(sock, (address, port))
+                    connected, sock = sock, None
+                    return connected
+            finally:
+                if sock is not None:
+                    sock.close()
+    return None
 
 
 async def connect_when_listening(host: str, port: int, timeout_s: float) -> socket.socket | None:

@@ -123,7 +123,7 @@ async def poll_until_connected(
     """Call ``attempt(remaining_s, sock)`` until it connects, for at most ``timeout_s`` (a workspace booting).
 
     ``sock``, a TCP connection to ``target`` made already (a boot's poll found sshd listening on it,
-    ``hostnet.listening``), goes to the first attempt, which logs in on it (and closes it if that fails);
+    ``hostnet.listening``), goes to the first attempt, which logs in on it (it is closed if that fails);
     later attempts get None and connect afresh. Attempts are 10 ms apart for the first two seconds (a
     container's sshd listens ~0.3 s after its start; backing off from the first attempt left up to 100 ms
     between sshd listening and the login), then back off to 100 ms; ``progress`` hears about it once a second.
@@ -163,7 +163,12 @@ async def _poll(
         attempts += 1
         try:
             sock, given[0] = given[0], None
-            await attempt(remaining, sock)
+            try:
+                await attempt(remaining, sock)
+            except BaseException:
+                if sock is not None:
+                    sock.close()  # whatever stopped that attempt (a cancel too), it has no use any more
+                raise
             return
         except asyncssh.HostKeyNotVerifiable as exc:
             raise host_key_mismatch(target, exc) from exc
