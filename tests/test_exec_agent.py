@@ -198,16 +198,26 @@ def test_a_command_gets_sigpipe_as_the_default(agent: AgentPipe, tmp_path: Path)
 
 def test_concurrent_commands_each_run_in_their_own_directory(agent: AgentPipe, tmp_path: Path) -> None:
     # The start sets the agent's working directory for a moment, under a lock: 24 at once, each in a
-    # directory of its own, each reports its own twice (before and after the others started), and the
+    # directory of its own, each reports its own twice (once all of them have started, and after), and the
     # agent's own is what it was.
     before = os.readlink(f"/proc/{agent.proc.pid}/cwd")
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    os.mkfifo(gate)
+    marks.mkdir()
     dirs = [tmp_path / f"d{i}" for i in range(24)]
     for d in dirs:
         d.mkdir()
-    agent.send(*(request(i, "pwd; sleep 0.2; pwd", dirs[i]) for i in range(12)))
-    agent.send(*(request(i, "pwd; sleep 0.2; pwd", dirs[i]) for i in range(12, 24)))
-    for i, d in enumerate(dirs):
-        assert _out(agent.reply(i)) == f"{d}\n{d}\n"
+    command = f"pwd; touch {marks}/$$; read x < {gate}; pwd"
+    agent.send(*(request(i, command, dirs[i]) for i in range(12)))
+    agent.send(*(request(i, command, dirs[i]) for i in range(12, 24)))
+    wait_until_sync(lambda: len(os.listdir(marks)) == 24, "all 24 commands started")
+    writer = os.open(gate, os.O_WRONLY)  # open once a reader is there; held until all have read their line
+    try:
+        os.write(writer, b"go\n" * 24)  # `read` takes one line each, whenever each comes to it
+        for i, d in enumerate(dirs):
+            assert _out(agent.reply(i)) == f"{d}\n{d}\n"
+    finally:
+        os.close(writer)
     assert os.readlink(f"/proc/{agent.proc.pid}/cwd") == before
 
 
