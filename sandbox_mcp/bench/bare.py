@@ -25,10 +25,15 @@ _CONNECT_TIMEOUT_S = 0.2
 
 
 class Burst(NamedTuple):
-    """What :func:`bare_burst` saw: seconds until the last banner, and why any failed (by name)."""
+    """What :func:`bare_burst` saw, by name: the seconds until each banner came, and why any failed."""
 
-    wall_s: float
+    answered: dict[str, float]
     errors: dict[str, str]
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds until the last banner (0.0 when none came)."""
+        return max(self.answered.values(), default=0.0)
 
 
 async def wait_banner(ip: str, deadline: float, port: int = 22) -> None:
@@ -74,7 +79,7 @@ async def bare_burst(manager: WorkspaceManager, names: list[str], timeout_s: flo
     errors: dict[str, str] = {}
     t0 = time.monotonic()
     deadline = t0 + timeout_s
-    done: list[float] = []
+    answered: dict[str, float] = {}
 
     async def one(name: str) -> None:
         try:
@@ -82,7 +87,7 @@ async def bare_burst(manager: WorkspaceManager, names: list[str], timeout_s: flo
             record = await manager.runtime_of(record).start(record, no_progress)
             started.append(record)
             await wait_banner(record.ip, deadline)
-            done.append(time.monotonic() - t0)
+            answered[name] = time.monotonic() - t0
         except Exception as exc:  # a figure: how many failed, and why
             errors[name] = str(exc)[:300]
 
@@ -90,7 +95,7 @@ async def bare_burst(manager: WorkspaceManager, names: list[str], timeout_s: flo
         async with anyio.create_task_group() as tg:
             for name in names:
                 tg.start_soon(one, name)
-        yield Burst(max(done) if done else 0.0, errors)
+        yield Burst(answered, errors)
     finally:
         with anyio.CancelScope(shield=True):
             for record in started:

@@ -214,7 +214,7 @@ async def _bare_step(settings: Settings, names: list[str]) -> dict[str, Any]:
             busy0, total0 = busy_cpu_s()
             async with bare_burst(m, names) as burst:
                 busy1, total1 = busy_cpu_s()  # before the stops
-            wall_s, errors = burst
+            wall_s, errors = burst.wall_s, burst.errors
         finally:
             for ws in list((await m.registry.read()).workspaces):
                 await m.destroy(ws)
